@@ -1,0 +1,1 @@
+"""The jupyter_client provisioner for remote kernels and its local end of the tunnel."""
