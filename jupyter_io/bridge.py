@@ -188,4 +188,3 @@ class Bridge:
                     await ws.send(self.tunnel.ack_frame())
                 except ConnectionClosed:
                     return
-

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BufferOverflow, FrameTooLarge, ProtocolError, VersionMismatch
+from .errors import BufferOverflow, FrameTooLarge, ProtocolError
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
@@ -267,8 +267,11 @@ class Tunnel:
 
     def send_data(self, channel: Channel, parts: Sequence[bytes]) -> bytes:
         """Sequence the ZMQ ``parts`` of one message on ``channel``; return the frame bytes."""
-        return self._keep(encode_frame(FrameKind.DATA, parts, channel=channel,
-                                       seq=self.sent + 1, ack=self.received))
+        return self._keep(
+            encode_frame(
+                FrameKind.DATA, parts, channel=channel, seq=self.sent + 1, ack=self.received
+            )
+        )
 
     def send_control(self, kind: FrameKind, body: dict[str, Any] | None = None) -> bytes:
         """Sequence a reliable control frame (LAUNCH, SIGNAL, STARTED, EXITED, END)."""
@@ -371,4 +374,3 @@ class Tunnel:
     def handshake_state(self) -> dict[str, int]:
         """What this end reports in HELLO/WELCOME so the peer knows where to resume."""
         return {"received": self.received}
-
