@@ -1,0 +1,1 @@
+"""The marketplace coordinator: provider registry, offers, scheduling, leases, relay, store."""

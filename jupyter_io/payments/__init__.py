@@ -1,0 +1,1 @@
+"""Payments: ledger access (embedded LiteSVM or any Solana RPC), SOL escrow, metering."""
