@@ -1,0 +1,225 @@
+"""Kernelspecs that run a Python kernel on a jupyter-io provider.
+
+A jupyter-io kernelspec is an ordinary ``kernel.json`` whose ``metadata.kernel_provisioner``
+names the ``io-remote`` provisioner (:mod:`kernel_provisioner`) and passes it, as traits, the
+provider's tunnel URL and the path of the user's keypair. The ``argv`` is a plain ipykernel
+command line: Jupyter needs one, but the provider host decides what really runs.
+
+Call :func:`install_kernelspec` to write one (it validates the URL and the keypair first),
+:func:`find_kernelspecs` to list the installed ones, :func:`remove_kernelspec` to delete one.
+``jupyter io kernelspec install|list|remove`` (:mod:`jupyter_io.app`) wraps these.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+from .errors import ConfigError
+from .identity import load_keypair
+
+__all__ = [
+    "KERNEL_ARGV",
+    "PROVISIONER_NAME",
+    "InstalledKernelspec",
+    "find_kernelspecs",
+    "install_kernelspec",
+    "kernel_json",
+    "remove_kernelspec",
+    "validate_provider_url",
+]
+
+#: Entry point name of the provisioner in ``jupyter_client.kernel_provisioners``.
+PROVISIONER_NAME = "io-remote"
+#: What kernel.json says to run. The provider host runs its own kernel command; this line
+#: only tells Jupyter (and the reader) that the kernel is an ipykernel.
+KERNEL_ARGV = ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+
+_LOGOS = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg")
+
+
+@dataclass(frozen=True)
+class InstalledKernelspec:
+    """One installed jupyter-io kernelspec, as :func:`find_kernelspecs` reports it."""
+
+    name: str
+    display_name: str
+    provider_url: str
+    keypair_path: str
+    resource_dir: str
+
+
+def validate_provider_url(url: str) -> str:
+    """Return ``url`` if it is a ``ws://`` or ``wss://`` URL with a host; else ConfigError."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss"):
+        raise ConfigError(
+            f"provider URL {url!r} must start with ws:// or wss:// (the provider prints it: "
+            f"'jupyter-io provider listening on ws://HOST:PORT/tunnel')"
+        )
+    try:
+        port_ok = parts.port != 0  # None (no port) is fine; a bad port raises ValueError
+    except ValueError:
+        port_ok = False
+    if not parts.hostname or not port_ok:
+        raise ConfigError(
+            f"provider URL {url!r} needs a host and a valid port, e.g. ws://HOST:PORT/tunnel"
+        )
+    return url
+
+
+def kernel_json(provider_url: str, keypair_path: str, display_name: str) -> dict[str, Any]:
+    """The kernel.json of a kernelspec that runs on the provider at ``provider_url``."""
+    return {
+        "argv": list(KERNEL_ARGV),
+        "display_name": display_name,
+        "language": "python",
+        "interrupt_mode": "signal",
+        "metadata": {
+            "kernel_provisioner": {
+                "provisioner_name": PROVISIONER_NAME,
+                "config": {"provider_url": provider_url, "keypair_path": keypair_path},
+            }
+        },
+    }
+
+
+def install_kernelspec(
+    name: str,
+    provider_url: str,
+    keypair_path: str | os.PathLike[str],
+    *,
+    display_name: str = "",
+    user: bool = False,
+    prefix: str | None = None,
+    replace: bool = False,
+    kernel_spec_manager: KernelSpecManager | None = None,
+) -> str:
+    """Validate, then install a jupyter-io kernelspec; return the directory it went to.
+
+    Where it goes follows ``jupyter kernelspec install``: the per-user kernels directory with
+    ``user``, ``PREFIX/share/jupyter/kernels`` with ``prefix`` (``sys.prefix`` for this
+    environment), the system-wide one otherwise. The keypair path is stored absolute, since
+    the server that reads the kernelspec may run from another directory.
+
+    An existing kernelspec of the same name is replaced when it is a jupyter-io one; any other
+    is left alone unless ``replace`` is set (a typo of ``--name python3`` must not clobber
+    the user's local Python kernel). Raises :class:`ConfigError` with what to fix.
+    """
+    validate_provider_url(provider_url)
+    keypair = Path(keypair_path).expanduser().absolute()
+    load_keypair(keypair)  # fail now, not when the first kernel starts
+    if user and prefix:
+        raise ConfigError("choose one of --user and --prefix/--sys-prefix, not both")
+    ksm = kernel_spec_manager or KernelSpecManager()
+    name = name.lower()
+    if not display_name:
+        host = urlsplit(provider_url).netloc
+        display_name = f"Python 3 · jupyter-io ({host})"
+
+    destination = Path(ksm._get_destination_dir(name, user=user, prefix=prefix))
+    existing = _read_kernel_json(destination)
+    if existing is not None and _provisioner_config(existing) is None and not replace:
+        raise ConfigError(
+            f"a kernelspec named {name!r} already exists in {destination} and is not a "
+            f"jupyter-io one; pick another --name or pass --replace to overwrite it"
+        )
+
+    spec = kernel_json(provider_url, str(keypair), display_name)
+    with tempfile.TemporaryDirectory(prefix="jupyter-io-kernelspec-") as tmp:
+        source = Path(tmp, name)
+        source.mkdir()
+        (source / "kernel.json").write_text(json.dumps(spec, indent=1) + "\n")
+        _copy_logos(source)
+        try:
+            return ksm.install_kernel_spec(str(source), kernel_name=name, user=user, prefix=prefix)
+        except ValueError as exc:  # jupyter_client's word for an invalid kernel name
+            raise ConfigError(str(exc)) from None
+        except PermissionError as exc:
+            raise ConfigError(
+                f"cannot write the kernelspec to {destination}: {exc.strerror}; "
+                f"install with --user or --sys-prefix instead"
+            ) from None
+
+
+def find_kernelspecs(
+    kernel_spec_manager: KernelSpecManager | None = None,
+) -> list[InstalledKernelspec]:
+    """Every installed kernelspec that runs on a jupyter-io provider, sorted by name."""
+    ksm = kernel_spec_manager or KernelSpecManager()
+    found = []
+    for name, info in sorted(ksm.get_all_specs().items()):
+        spec = info.get("spec", {})
+        config = _provisioner_config(spec)
+        if config is None:
+            continue
+        found.append(
+            InstalledKernelspec(
+                name=name,
+                display_name=spec.get("display_name", name),
+                provider_url=str(config.get("provider_url", "")),
+                keypair_path=str(config.get("keypair_path", "")),
+                resource_dir=info.get("resource_dir", ""),
+            )
+        )
+    return found
+
+
+def remove_kernelspec(name: str, kernel_spec_manager: KernelSpecManager | None = None) -> str:
+    """Remove the jupyter-io kernelspec ``name``; return the directory that was deleted.
+
+    Refuses (ConfigError) to remove a kernelspec that is not a jupyter-io one: use
+    ``jupyter kernelspec remove`` for those.
+    """
+    ksm = kernel_spec_manager or KernelSpecManager()
+    try:
+        spec = ksm.get_kernel_spec(name)
+    except NoSuchKernel:
+        raise ConfigError(
+            f"no kernelspec named {name!r}; `jupyter io kernelspec list` shows the installed ones"
+        ) from None
+    if _provisioner_config(spec.to_dict()) is None:
+        raise ConfigError(
+            f"kernelspec {name!r} ({spec.resource_dir}) is not a jupyter-io kernelspec; "
+            f"remove it with `jupyter kernelspec remove {name}` if you mean to"
+        )
+    return ksm.remove_kernel_spec(name)
+
+
+def _provisioner_config(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The io-remote provisioner config of a kernel.json dict, or None if it is not ours."""
+    provisioner = (spec.get("metadata") or {}).get("kernel_provisioner") or {}
+    if provisioner.get("provisioner_name") != PROVISIONER_NAME:
+        return None
+    config = provisioner.get("config") or {}
+    return config if isinstance(config, dict) else {}
+
+
+def _read_kernel_json(directory: Path) -> dict[str, Any] | None:
+    try:
+        spec = json.loads((directory / "kernel.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # something is there that we did not write: treat it as foreign
+    return spec if isinstance(spec, dict) else {}
+
+
+def _copy_logos(destination: Path) -> None:
+    """Give the kernelspec ipykernel's Python logos, so Lab's launcher shows one."""
+    try:
+        from ipykernel.kernelspec import RESOURCES
+    except ImportError:  # the logos are a nicety; a kernelspec works without them
+        return
+    for logo in _LOGOS:
+        source = Path(RESOURCES, logo)
+        if source.is_file():
+            shutil.copyfile(source, destination / logo)
