@@ -1,0 +1,291 @@
+"""The ``jupyter io`` command line: a traitlets application with one sub-command per job.
+
+The commands here only parse options and call the module that does the work
+(:mod:`jupyter_io.kernelspec`, :mod:`jupyter_io.demo`, :mod:`provider_host`). Sub-commands
+are named by import string and imported only when run, so ``jupyter io kernelspec`` never
+imports the provider's code (nor torch). To add one, add a line to :data:`SUBCOMMANDS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+from jupyter_core.application import JupyterApp, base_aliases, base_flags
+from traitlets import Bool, Unicode
+
+from . import __version__
+from .demo import Demo
+from .errors import JupyterIOError
+from .identity import DEFAULT_KEYPAIR_PATH
+
+__all__ = [
+    "SUBCOMMANDS",
+    "DemoApp",
+    "IOCommand",
+    "InstallKernelspecApp",
+    "JupyterIOApp",
+    "KernelspecApp",
+    "ListKernelspecsApp",
+    "RemoveKernelspecApp",
+    "main",
+]
+
+#: ``jupyter io NAME``: (the application class, as an import string; one line of help).
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "provider": (
+        "provider_host.app.ProviderApp",
+        "Run a provider host: serve kernels on this machine's GPUs (or CPU) over tunnels.",
+    ),
+    "kernelspec": (
+        "jupyter_io.app.KernelspecApp",
+        "Install, list or remove kernelspecs whose kernels run on a provider.",
+    ),
+    "demo": (
+        "jupyter_io.app.DemoApp",
+        "Run a provider, its kernelspec and JupyterLab on this machine, all in one.",
+    ),
+}
+
+
+class _CommandGroup(JupyterApp):
+    """A command whose only job is to dispatch to its sub-commands."""
+
+    version = __version__
+    aliases: dict[str, Any] = {}
+    flags: dict[str, Any] = {}
+
+    def start(self) -> None:
+        if self.subapp is None:
+            print(f"No sub-command given. Use one of: {', '.join(self.subcommands)}\n")
+            self.print_description()
+            self.print_subcommands()
+            self.exit(1)
+        else:
+            self.subapp.start()
+
+
+class IOCommand(JupyterApp):
+    """Base of the commands that do something: :meth:`run` does it; a
+    :class:`~jupyter_io.errors.JupyterIOError` becomes its message and exit status 1."""
+
+    version = __version__
+
+    def run(self) -> int | None:
+        """Do the command's work; return its exit status (None for 0)."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        try:
+            status = self.run()
+        except JupyterIOError as exc:
+            print(f"{self.name}: error: {exc}", file=sys.stderr)
+            self.exit(1)
+        if status:
+            self.exit(status)
+
+
+class InstallKernelspecApp(IOCommand):
+    """``jupyter io kernelspec install``"""
+
+    name = "jupyter io kernelspec install"
+    description = "Install a kernelspec whose kernels run on a jupyter-io provider."
+    examples = (
+        "jupyter io kernelspec install --name gpu-box --provider-url ws://gpu-box:8765/tunnel "
+        "--keypair ~/.config/solana/id.json --user"
+    )
+
+    kernel_name = Unicode("jupyter-io", help="Name of the kernelspec.").tag(config=True)
+    display_name = Unicode(
+        "", help="Name shown in Jupyter's launcher (default: from the provider's address)."
+    ).tag(config=True)
+    provider_url = Unicode(
+        "", help="The provider's tunnel URL, ws://HOST:PORT/tunnel or wss://..."
+    ).tag(config=True)
+    keypair_path = Unicode(
+        DEFAULT_KEYPAIR_PATH,
+        help="Your Solana keypair file; the provider must allow its public key.",
+    ).tag(config=True)
+    user = Bool(False, help="Install for the current user only.").tag(config=True)
+    prefix = Unicode(
+        "", help="Install under PREFIX/share/jupyter/kernels (e.g. an environment)."
+    ).tag(config=True)
+    replace = Bool(
+        False, help="Overwrite a kernelspec of the same name that is not a jupyter-io one."
+    ).tag(config=True)
+
+    aliases = {
+        "name": "InstallKernelspecApp.kernel_name",
+        "display-name": "InstallKernelspecApp.display_name",
+        "provider-url": "InstallKernelspecApp.provider_url",
+        "keypair": "InstallKernelspecApp.keypair_path",
+        "prefix": "InstallKernelspecApp.prefix",
+    }
+    flags = {
+        "user": ({"InstallKernelspecApp": {"user": True}}, "Install for the current user only."),
+        "sys-prefix": (
+            {"InstallKernelspecApp": {"prefix": sys.prefix}},
+            "Install into this Python environment (sys.prefix).",
+        ),
+        "replace": (
+            {"InstallKernelspecApp": {"replace": True}},
+            "Overwrite a same-named kernelspec that is not a jupyter-io one.",
+        ),
+        "debug": base_flags["debug"],
+    }
+
+    def run(self) -> None:
+        from .kernelspec import install_kernelspec
+
+        if not self.provider_url:
+            raise JupyterIOError(
+                "--provider-url is required: the ws://HOST:PORT/tunnel URL the provider prints"
+            )
+        path = install_kernelspec(
+            self.kernel_name,
+            self.provider_url,
+            self.keypair_path,
+            display_name=self.display_name,
+            user=self.user,
+            prefix=self.prefix or None,
+            replace=self.replace,
+        )
+        print(f"Installed kernelspec {self.kernel_name.lower()} in {path}")
+
+
+class ListKernelspecsApp(IOCommand):
+    """``jupyter io kernelspec list``"""
+
+    name = "jupyter io kernelspec list"
+    description = "List the installed kernelspecs whose kernels run on a jupyter-io provider."
+    aliases: dict[str, Any] = {}
+    flags = {"debug": base_flags["debug"]}
+
+    def run(self) -> None:
+        from .kernelspec import find_kernelspecs
+
+        specs = find_kernelspecs()
+        if not specs:
+            print(
+                "No jupyter-io kernelspecs installed; add one with `jupyter io kernelspec install`."
+            )
+        for spec in specs:
+            print(f"{spec.name}\t{spec.display_name}\t{spec.provider_url}\t{spec.resource_dir}")
+
+
+class RemoveKernelspecApp(IOCommand):
+    """``jupyter io kernelspec remove NAME...``"""
+
+    name = "jupyter io kernelspec remove"
+    description = "Remove jupyter-io kernelspecs by name (others are left alone)."
+    examples = "jupyter io kernelspec remove gpu-box"
+    aliases: dict[str, Any] = {}
+    flags = {"debug": base_flags["debug"]}
+
+    def run(self) -> int | None:
+        from .kernelspec import remove_kernelspec
+
+        if not self.extra_args:
+            raise JupyterIOError("name the kernelspec(s) to remove; `jupyter io kernelspec list`")
+        for name in self.extra_args:
+            print(f"Removed {remove_kernelspec(name)}")
+        return None
+
+
+class KernelspecApp(_CommandGroup):
+    """``jupyter io kernelspec``"""
+
+    name = "jupyter io kernelspec"
+    description = "Manage kernelspecs whose kernels run on a jupyter-io provider."
+    subcommands = {
+        "install": (InstallKernelspecApp, InstallKernelspecApp.description),
+        "list": (ListKernelspecsApp, ListKernelspecsApp.description),
+        "remove": (RemoveKernelspecApp, RemoveKernelspecApp.description),
+    }
+
+
+class DemoApp(IOCommand):
+    """``jupyter io demo``"""
+
+    name = "jupyter io demo"
+    description = (
+        "Run a provider host on loopback, install the jupyter-io-demo kernelspec for it and "
+        "start JupyterLab; Ctrl-C stops them all and removes the kernelspec. Options this "
+        "command does not know (e.g. --no-browser) are passed on to JupyterLab, and so is "
+        "everything after --."
+    )
+    examples = """jupyter io demo
+jupyter io demo --no-browser --port 8890
+jupyter io demo --no-lab --data-dir /tmp/io-demo"""
+
+    aliases = {
+        **base_aliases,
+        "data-dir": "Demo.data_dir",
+        "port": "Demo.port",
+        "provider-port": "Demo.provider_port",
+    }
+    flags = {
+        "no-lab": ({"Demo": {"lab": False}}, "Run only the provider and the kernelspec."),
+        "debug": base_flags["debug"],
+    }
+
+    classes = [Demo]
+
+    def parse_command_line(self, argv: Any = None) -> None:
+        ours, self.lab_args = _split_argv(
+            list(sys.argv[1:] if argv is None else argv), self.aliases, self.flags
+        )
+        super().parse_command_line(ours)
+
+    def run(self) -> int:
+        demo = Demo(parent=self)
+        demo.lab_args = [*demo.lab_args, *self.lab_args]
+        return asyncio.run(demo.run())
+
+
+class JupyterIOApp(_CommandGroup):
+    """``jupyter io``"""
+
+    name = "jupyter-io"
+    description = (
+        "jupyter-io: remote GPU kernels for Jupyter, rented from GPU providers. "
+        "Run `jupyter io COMMAND --help` for a command's options."
+    )
+    examples = """jupyter io demo
+jupyter io provider --listen 0.0.0.0:8765 --allow USER_PUBKEY --keypair provider.json
+jupyter io kernelspec install --provider-url ws://HOST:8765/tunnel --user"""
+    subcommands = dict(SUBCOMMANDS)
+
+
+def _split_argv(
+    argv: list[str], aliases: dict[str, Any], flags: dict[str, Any]
+) -> tuple[list[str], list[str]]:
+    """Split ``argv`` into the options a command knows and the rest (for a child program).
+
+    Known: our aliases (``--port 1`` or ``--port=1``), flags, help and version switches, and
+    ``--Demo.trait=value`` style config. Anything else, and all after ``--``, is the rest.
+    """
+    known = {"help", "help-all", "version", "h"} | set(flags)
+    ours: list[str] = []
+    rest: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            rest.extend(args)
+            break
+        name, has_value, _ = arg.lstrip("-").partition("=")
+        if not arg.startswith("-"):
+            rest.append(arg)
+        elif name in aliases:
+            ours.append(arg)
+            if not has_value:
+                ours.append(next(args, ""))
+        elif name in known or name.split(".")[0] in ("Demo", "DemoApp", "Application"):
+            ours.append(arg)
+        else:
+            rest.append(arg)
+    return ours, rest
+
+
+main = launch_new_instance = JupyterIOApp.launch_instance

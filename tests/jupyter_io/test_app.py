@@ -1,0 +1,138 @@
+"""The ``jupyter io`` command line (jupyter_io.app), run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from solders.keypair import Keypair
+
+from jupyter_io.app import DemoApp, _split_argv
+from jupyter_io.identity import write_keypair
+
+JUPYTER = str(Path(sys.executable).with_name("jupyter"))
+
+
+def jupyter_io(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [JUPYTER, "io", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_help_lists_the_sub_commands() -> None:
+    result = jupyter_io("--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("provider", "kernelspec", "demo"):
+        assert f"\n{command}\n" in result.stdout
+
+
+def test_no_sub_command_says_which_exist_and_fails() -> None:
+    result = jupyter_io()
+    assert result.returncode == 1
+    assert "Use one of: provider, kernelspec, demo" in result.stdout
+
+
+def test_client_commands_do_not_import_the_provider() -> None:
+    code = (
+        "import sys\n"
+        "from jupyter_io.app import main\n"
+        "try:\n    main(['kernelspec', 'install', '--help'])\n"
+        "except SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('provider_host', 'torch')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_provider_sub_command_reaches_the_provider_app() -> None:
+    pytest.importorskip("provider_host.app", reason="provider_host.app is not there yet")
+    result = jupyter_io("provider", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--listen" in result.stdout
+
+
+def test_kernelspec_install_list_remove(jupyter_env: Path, tmp_path: Path) -> None:
+    key = write_keypair(Keypair(), tmp_path / "id.json")
+    result = jupyter_io(
+        "kernelspec", "install", "--name", "gpu-box", "--display-name", "Python 3 · box",
+        "--provider-url", "ws://127.0.0.1:8765/tunnel", "--keypair", str(key),
+        "--prefix", str(jupyter_env),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    kernel_dir = jupyter_env / "share" / "jupyter" / "kernels" / "gpu-box"
+    assert f"Installed kernelspec gpu-box in {kernel_dir}" in result.stdout
+    spec = json.loads((kernel_dir / "kernel.json").read_text())
+    assert spec["display_name"] == "Python 3 · box"
+    assert spec["metadata"]["kernel_provisioner"] == {
+        "provisioner_name": "io-remote",
+        "config": {"provider_url": "ws://127.0.0.1:8765/tunnel", "keypair_path": str(key)},
+    }
+
+    listed = jupyter_io("kernelspec", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "gpu-box\tPython 3 · box\tws://127.0.0.1:8765/tunnel" in listed.stdout
+    # Jupyter's own listing finds it too.
+    jupyter_list = subprocess.run(
+        [JUPYTER, "kernelspec", "list", "--json"], capture_output=True, text=True, timeout=60
+    )
+    assert "gpu-box" in json.loads(jupyter_list.stdout)["kernelspecs"]
+
+    removed = jupyter_io("kernelspec", "remove", "gpu-box")
+    assert removed.returncode == 0, removed.stderr
+    assert not kernel_dir.exists()
+
+
+def test_kernelspec_install_user_goes_to_the_user_data_dir(
+    jupyter_env: Path, tmp_path: Path
+) -> None:
+    key = write_keypair(Keypair(), tmp_path / "id.json")
+    result = jupyter_io(
+        "kernelspec",
+        "install",
+        "--user",
+        "--provider-url",
+        "ws://h:1/tunnel",
+        "--keypair",
+        str(key),
+    )
+    assert result.returncode == 0, result.stderr
+    data_dir = jupyter_env.parent / "data"
+    assert (data_dir / "kernels" / "jupyter-io" / "kernel.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--provider-url", "http://127.0.0.1:8765/tunnel"], "must start with ws:// or wss://"),
+        (["--provider-url", "ws://127.0.0.1:8765/tunnel", "--keypair", "/nonexistent/id.json"],
+         "keypair file /nonexistent/id.json does not exist"),
+        ([], "--provider-url is required"),
+    ],
+)  # fmt: skip
+def test_kernelspec_install_refuses_bad_input_with_a_clear_message(
+    jupyter_env: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    key = write_keypair(Keypair(), tmp_path / "id.json")
+    if "--keypair" not in args:
+        args = [*args, "--keypair", str(key)]
+    result = jupyter_io("kernelspec", "install", "--prefix", str(jupyter_env), *args)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (jupyter_env / "share" / "jupyter" / "kernels").exists()
+
+
+def test_demo_passes_unknown_options_on_to_jupyterlab() -> None:
+    ours, lab = _split_argv(
+        ["--no-lab", "--port", "9999", "--no-browser", "--data-dir=/d", "--Demo.stop_timeout=3",
+         "--ServerApp.token=abc", "--", "--port", "1"],
+        DemoApp.aliases,
+        DemoApp.flags,
+    )  # fmt: skip
+    assert ours == ["--no-lab", "--port", "9999", "--data-dir=/d", "--Demo.stop_timeout=3"]
+    assert lab == ["--no-browser", "--ServerApp.token=abc", "--port", "1"]
