@@ -1,0 +1,284 @@
+"""``jupyter io demo`` (jupyter_io.demo): services up in order, down in reverse, nothing left.
+
+Most tests run the demo with a stand-in provider: a real process that prints the provider
+host's listening line and waits for SIGTERM, so the demo's own lifecycle is tested apart
+from provider_host. The last tests run the real provider host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+
+from jupyter_io.demo import READY_LINE, ProviderService
+from jupyter_io.errors import JupyterIOError
+
+JUPYTER = str(Path(sys.executable).with_name("jupyter"))
+TIMEOUT = 60
+
+FAKE_PROVIDER = textwrap.dedent(
+    """
+    import signal, sys, threading
+    def bye(*_):
+        print("fake provider: stopped cleanly", flush=True)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, bye)
+    print("args " + " ".join(sys.argv[1:]), flush=True)
+    if "--exit-early" in sys.argv:
+        sys.exit(3)
+    if "--silent" not in sys.argv:
+        print("jupyter-io provider offering cpu (no GPU)", flush=True)
+        print("jupyter-io provider listening on ws://127.0.0.1:9/tunnel", flush=True)
+    threading.Event().wait()
+    """
+)
+
+
+@pytest.fixture
+def fake_provider(tmp_path: Path) -> list[str]:
+    script = tmp_path / "fake_provider.py"
+    script.write_text(FAKE_PROVIDER)
+    return [sys.executable, str(script)]
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+async def wait_gone(pids: set[int], timeout: float = 15) -> set[int]:
+    """Poll until none of ``pids`` is alive or ``timeout`` passes; return the survivors."""
+    deadline = time.monotonic() + timeout
+    # Not our children (a kernel is the provider's), so there is nothing to await but /proc.
+    while (survivors := {p for p in pids if alive(p)}) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    return survivors
+
+
+async def read_until(stream: asyncio.StreamReader, marker: str, timeout: float = TIMEOUT) -> str:
+    """Lines from ``stream`` up to and including the one containing ``marker``."""
+    seen: list[str] = []
+
+    async def read() -> str:
+        while raw := await stream.readline():
+            seen.append(raw.decode())
+            if marker in seen[-1]:
+                return "".join(seen)
+        raise AssertionError(f"stream ended before {marker!r}:\n{''.join(seen)}")
+
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"no {marker!r} within {timeout} s:\n{''.join(seen)}") from None
+
+
+async def start_demo(*args: str) -> tuple[asyncio.subprocess.Process, str]:
+    proc = await asyncio.create_subprocess_exec(
+        JUPYTER, "io", "demo", *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        out = await read_until(proc.stdout, READY_LINE)
+    except BaseException:
+        proc.kill()
+        _, err = await proc.communicate()
+        print(err.decode(), file=sys.stderr)
+        raise
+    out += (await read_until(proc.stdout, "Ctrl-C stops everything")).split(READY_LINE, 1)[-1]
+    return proc, out
+
+
+async def stop_demo(proc: asyncio.subprocess.Process, signum: int) -> tuple[str, str]:
+    proc.send_signal(signum)
+    out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    return out.decode(), err.decode()
+
+
+def demo_args(jupyter_env: Path, tmp_path: Path, provider: list[str] | None = None) -> list[str]:
+    args = [
+        "--data-dir", str(tmp_path / "demo"),
+        f"--Demo.kernelspec_prefix={jupyter_env}",
+        "--Demo.stop_timeout=10",
+    ]  # fmt: skip
+    if provider is not None:
+        args.append(f"--Demo.provider_command={provider!r}")
+    return args
+
+
+# -- the provider service on its own -------------------------------------------------------
+
+
+async def test_provider_service_reads_url_and_offer_and_stops_cleanly(
+    fake_provider: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+
+    service = ProviderService(
+        fake_provider, start_timeout=TIMEOUT, stop_timeout=10, log=logging.getLogger("t")
+    )
+    await service.start()
+    assert service.url == "ws://127.0.0.1:9/tunnel"
+    assert service.offer == "cpu (no GPU)"
+    assert service.proc is not None
+    await service.stop(asyncio.Event())
+    assert service.proc.returncode == 0  # it got SIGTERM and exited by itself
+    assert "fake provider: stopped cleanly" in capsys.readouterr().out
+    await service.stop(asyncio.Event())  # idempotent
+
+
+async def test_provider_exiting_before_it_listens_is_reported(fake_provider: list[str]) -> None:
+    import logging
+
+    service = ProviderService(
+        [*fake_provider, "--exit-early"], start_timeout=TIMEOUT, stop_timeout=10,
+        log=logging.getLogger("t"),
+    )  # fmt: skip
+    with pytest.raises(JupyterIOError, match="exited with code 3 before listening"):
+        await service.start()
+
+
+async def test_provider_that_never_listens_times_out_and_is_killed(
+    fake_provider: list[str],
+) -> None:
+    import logging
+
+    service = ProviderService(
+        [*fake_provider, "--silent"], start_timeout=0.5, stop_timeout=10,
+        log=logging.getLogger("t"),
+    )  # fmt: skip
+    with pytest.raises(JupyterIOError, match=r"did not report listening within 0.5 s"):
+        await service.start()
+    assert service.proc is not None
+    await service.stop(asyncio.Event())
+    assert not alive(service.proc.pid)
+
+
+# -- the whole demo, with the stand-in provider --------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_demo_installs_the_kernelspec_and_stops_in_reverse_order(
+    jupyter_env: Path, tmp_path: Path, fake_provider: list[str], signum: int
+) -> None:
+    proc, out = await start_demo("--no-lab", *demo_args(jupyter_env, tmp_path, fake_provider))
+    kernel_dir = jupyter_env / "share" / "jupyter" / "kernels" / "jupyter-io-demo"
+    children = descendants(proc.pid)
+    try:
+        # The provider got fresh demo keys, the user's public key on its allow-list.
+        data = tmp_path / "demo"
+        from jupyter_io.identity import load_keypair
+
+        user = load_keypair(data / "user-keypair.json").pubkey()
+        assert f"--allow {user} --keypair {data / 'provider-keypair.json'}" in out
+        assert f"--workspace {data / 'workspace'}" in out
+        assert "--listen 127.0.0.1:0" in out
+        # The kernelspec points at it, under the name the provider's offer gave.
+        spec = KernelSpecManager().get_kernel_spec("jupyter-io-demo")
+        assert spec.display_name == "Python 3 · jupyter-io demo provider (cpu (no GPU))"
+        assert spec.metadata["kernel_provisioner"]["config"] == {
+            "provider_url": "ws://127.0.0.1:9/tunnel",
+            "keypair_path": str(data / "user-keypair.json"),
+        }
+        assert Path(spec.resource_dir) == kernel_dir
+        assert len(children) == 1
+    finally:
+        out, err = await stop_demo(proc, signum)
+    assert proc.returncode == 0, err
+    assert "fake provider: stopped cleanly" in out
+    assert not kernel_dir.exists()
+    assert not await wait_gone(children, timeout=0)
+    # Reverse order: the kernelspec goes before its provider stops.
+    assert err.index("kernelspec: removed") < err.index("provider: stopping")
+
+
+async def test_demo_stops_when_the_provider_dies(
+    jupyter_env: Path, tmp_path: Path, fake_provider: list[str]
+) -> None:
+    proc, _ = await start_demo("--no-lab", *demo_args(jupyter_env, tmp_path, fake_provider))
+    (provider,) = descendants(proc.pid)
+    os.kill(provider, signal.SIGKILL)
+    _, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    assert proc.returncode == 1
+    assert "provider exited unexpectedly" in err.decode()
+    assert not (jupyter_env / "share" / "jupyter" / "kernels" / "jupyter-io-demo").exists()
+
+
+async def test_demo_reports_a_provider_that_fails_to_start(
+    jupyter_env: Path, tmp_path: Path, fake_provider: list[str]
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        JUPYTER, "io", "demo", "--no-lab",
+        *demo_args(jupyter_env, tmp_path, [*fake_provider, "--exit-early"]),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    assert proc.returncode == 1
+    assert "error: the provider host exited with code 3 before listening" in err.decode()
+    assert "Traceback" not in err.decode()
+    assert not (jupyter_env / "share" / "jupyter" / "kernels" / "jupyter-io-demo").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jupyterlab") is None, reason="needs JupyterLab")
+async def test_demo_with_lab_serves_the_kernelspec_and_stops_lab_first(
+    jupyter_env: Path, tmp_path: Path, fake_provider: list[str], unused_tcp_port: int
+) -> None:
+    import json
+    import urllib.request
+
+    token = "demo-test-token"
+    proc, _ = await start_demo(
+        *demo_args(jupyter_env, tmp_path, fake_provider),
+        "--port", str(unused_tcp_port),
+        # passed through to JupyterLab:
+        "--no-browser", f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={tmp_path}", f"--LabApp.workspaces_dir={tmp_path / 'ws'}",
+    )  # fmt: skip
+    children = descendants(proc.pid)
+    try:
+        assert proc.stderr is not None
+        await read_until(proc.stderr, f"http://127.0.0.1:{unused_tcp_port}/lab")
+        url = f"http://127.0.0.1:{unused_tcp_port}/api/kernelspecs?token={token}"
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
+        specs = json.loads(body)["kernelspecs"]
+        assert specs["jupyter-io-demo"]["spec"]["display_name"] == (
+            "Python 3 · jupyter-io demo provider (cpu (no GPU))"
+        )
+    finally:
+        _, err = await stop_demo(proc, signal.SIGINT)
+    assert proc.returncode == 0, err
+    assert not await wait_gone(children, timeout=0)
+    assert err.index("jupyterlab: stopping") < err.index("provider: stopping")
