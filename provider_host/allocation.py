@@ -1,0 +1,43 @@
+"""Which session holds which GPU: each session gets one real GPU of its own.
+
+Call :meth:`GpuPool.acquire` when a session is created (None means every GPU is taken: refuse
+with ``capacity``) and :meth:`GpuPool.release` when it ends. A host without real GPUs hands out
+``()``, i.e. CPU-only sessions, without limit (``max_sessions`` still applies). Later, the
+coordinator's lease token will name the GPU instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["GpuPool"]
+
+
+class GpuPool:
+    """Exclusive assignment of real GPU indices to sessions."""
+
+    def __init__(self, indices: Sequence[int]) -> None:
+        self._free = list(indices)
+        self._held: dict[str, tuple[int, ...]] = {}
+        self._has_gpus = bool(indices)
+
+    def acquire(self, holder: str) -> tuple[int, ...] | None:
+        """GPU indices for ``holder``: one GPU, ``()`` on a CPU host, None when all are taken."""
+        if not self._has_gpus:
+            self._held[holder] = ()
+            return ()
+        if not self._free:
+            return None
+        gpus = (self._free.pop(0),)
+        self._held[holder] = gpus
+        return gpus
+
+    def release(self, holder: str) -> None:
+        """Give ``holder``'s GPUs back (idempotent)."""
+        for index in self._held.pop(holder, ()):
+            self._free.append(index)
+        self._free.sort()
+
+    def available(self) -> bool:
+        """True when :meth:`acquire` would succeed."""
+        return not self._has_gpus or bool(self._free)

@@ -1,0 +1,196 @@
+"""The provider host's configuration: every knob is a ``config=True`` trait.
+
+:class:`ProviderConfig` is what the CLI (:mod:`provider_host.app`) fills from flags and config
+files, and what :class:`provider_host.server.ProviderServer` reads. It does no I/O until asked:
+call :meth:`ProviderConfig.listen_address`, :meth:`ProviderConfig.load_keypair`,
+:meth:`ProviderConfig.load_allowlist` and :meth:`ProviderConfig.ssl_context` when starting up;
+each raises :class:`~jupyter_io.errors.ConfigError` naming the setting to fix.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from jupyter_core.paths import jupyter_data_dir
+from solders.keypair import Keypair
+from solders.pubkey import Pubkey
+from traitlets import Float, Integer, List, TraitError, Unicode, default, validate
+from traitlets.config import Configurable
+
+from jupyter_io.errors import ConfigError
+from jupyter_io.identity import DEFAULT_KEYPAIR_PATH, load_allowlist, load_keypair
+from jupyter_io.protocol import DEFAULT_MAX_FRAME_SIZE
+
+from .isolation import ResourceLimits
+
+__all__ = ["ProviderConfig", "parse_listen"]
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6; a bare ``PORT`` means loopback).
+
+    Port 0 asks the OS for a free port. Raises :class:`ConfigError` on anything else.
+    """
+    value = text.strip()
+    if value.isdigit():
+        host, port_text = "127.0.0.1", value
+    elif value.startswith("["):
+        host, sep, port_text = value[1:].partition("]:")
+        if not sep:
+            raise ConfigError(f"listen address {text!r} must look like [::1]:8765")
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(f"listen address {text!r} must look like 127.0.0.1:8765")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"listen address {text!r} has no valid port number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"listen port {port} is outside 0..65535")
+    return host, port
+
+
+class ProviderConfig(Configurable):
+    """Everything the provider host needs to know before it listens."""
+
+    listen = Unicode(
+        "127.0.0.1:8765",
+        config=True,
+        help="Address the tunnel endpoint listens on, HOST:PORT ([::1]:PORT for IPv6). "
+        "Port 0 picks a free port (printed at startup). Only loopback unless you say otherwise.",
+    )
+    allow = List(
+        Unicode(),
+        config=True,
+        help="Base58 public keys allowed to open kernel sessions (repeatable).",
+    )
+    allow_file = List(
+        Unicode(),
+        config=True,
+        help="Files of base58 public keys, one per line, '#' comments (repeatable).",
+    )
+    certfile = Unicode(
+        "", config=True, help="TLS certificate (PEM); serve wss:// when set (with keyfile)."
+    )
+    keyfile = Unicode("", config=True, help="TLS private key (PEM) for certfile.")
+    keypair_path = Unicode(
+        DEFAULT_KEYPAIR_PATH,
+        config=True,
+        help="The host's identity: a Solana CLI keypair file (JSON array of 64 bytes).",
+    )
+    workspace_root = Unicode(
+        config=True,
+        help="Directory under which each session gets its own working directory.",
+    )
+    grace_period = Float(
+        120.0,
+        config=True,
+        help="Seconds a session whose websocket dropped keeps its kernel, waiting for a resume.",
+    )
+    handshake_timeout = Float(
+        10.0, config=True, help="Seconds a new connection has to answer the CHALLENGE."
+    )
+    max_sessions = Integer(64, config=True, help="Most kernel sessions hosted at once.")
+    mem_limit = Integer(
+        0, config=True, help="Address-space limit per kernel in bytes (RLIMIT_AS); 0 = none."
+    )
+    max_open_files = Integer(
+        0, config=True, help="Open-file limit per kernel (RLIMIT_NOFILE); 0 = inherit."
+    )
+    max_processes = Integer(
+        0,
+        config=True,
+        help="Process limit per kernel (RLIMIT_NPROC; counted per user, ignored for root); "
+        "0 = inherit.",
+    )
+    max_file_size = Integer(
+        0, config=True, help="Largest file a kernel may write, bytes (RLIMIT_FSIZE); 0 = none."
+    )
+    env_keep = List(
+        Unicode(),
+        config=True,
+        help="Extra variables of the provider's environment passed to kernels (e.g. "
+        "LD_LIBRARY_PATH, CUDA_HOME). Never put secrets here.",
+    )
+    max_frame_size = Integer(
+        DEFAULT_MAX_FRAME_SIZE, config=True, help="Largest tunnel frame accepted, bytes."
+    )
+    max_unacked_bytes = Integer(
+        256 * 1024 * 1024,
+        config=True,
+        help="Bytes of kernel output kept per session for replay while the client is away.",
+    )
+    ping_interval = Float(10.0, config=True, help="Websocket keepalive ping interval, seconds.")
+    ping_timeout = Float(10.0, config=True, help="Websocket keepalive ping timeout, seconds.")
+    simulate_gpu = List(
+        Unicode(),
+        config=True,
+        help="Simulated GPUs as MODEL:VRAM_GB (repeatable); always labelled simulated.",
+    )
+
+    @default("workspace_root")
+    def _workspace_root_default(self) -> str:
+        return str(Path(jupyter_data_dir()) / "io" / "provider")
+
+    @validate("listen")
+    def _validate_listen(self, proposal: dict[str, object]) -> str:
+        value = str(proposal["value"])
+        try:
+            parse_listen(value)
+        except ConfigError as exc:
+            raise TraitError(str(exc)) from None
+        return value
+
+    @validate("grace_period", "handshake_timeout", "ping_interval", "ping_timeout")
+    def _validate_non_negative(self, proposal: dict[str, object]) -> float:
+        value = float(proposal["value"])  # type: ignore[arg-type]
+        if value < 0:
+            raise TraitError(f"{proposal['trait'].name} must not be negative")  # type: ignore[attr-defined]
+        return value
+
+    @validate("max_sessions", "max_frame_size", "max_unacked_bytes")
+    def _validate_positive(self, proposal: dict[str, object]) -> int:
+        value = int(proposal["value"])  # type: ignore[call-overload]
+        if value <= 0:
+            raise TraitError(f"{proposal['trait'].name} must be positive")  # type: ignore[attr-defined]
+        return value
+
+    # -- derived values (no side effects) --------------------------------------------------
+
+    def listen_address(self) -> tuple[str, int]:
+        """The ``(host, port)`` to bind; port 0 means any free port."""
+        return parse_listen(self.listen)
+
+    def load_keypair(self) -> Keypair:
+        """The host's keypair. Raises :class:`ConfigError` naming a missing or bad file."""
+        return load_keypair(self.keypair_path)
+
+    def load_allowlist(self) -> frozenset[Pubkey]:
+        """Public keys from ``allow`` and ``allow_file``."""
+        return load_allowlist(self.allow, self.allow_file)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A server TLS context when ``certfile`` is set, else None (plain ws://)."""
+        if not self.certfile:
+            if self.keyfile:
+                raise ConfigError("keyfile is set but certfile is not; set both to serve wss://")
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.certfile, self.keyfile or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot load TLS certificate {self.certfile!r} / key {self.keyfile!r}: {exc}"
+            ) from None
+        return context
+
+    def resource_limits(self) -> ResourceLimits:
+        """The per-kernel resource limits."""
+        return ResourceLimits(
+            address_space=self.mem_limit,
+            open_files=self.max_open_files,
+            processes=self.max_processes,
+            file_size=self.max_file_size,
+        )

@@ -1,0 +1,213 @@
+"""One kernel process: launched through jupyter_client, signalled, watched and killed.
+
+:class:`KernelProcess` is one *generation* of a session's kernel: a LAUNCH creates one, a
+restart kills it and creates the next. It uses jupyter_client's ``AsyncKernelManager`` with the
+IPC transport, so the kernel's five sockets are unix sockets in the session's private runtime
+directory at fixed names (:func:`kernel_endpoints`): the session's ZMQ sockets stay connected
+across restarts, exactly as a local Jupyter client's do.
+
+Call :meth:`KernelProcess.start`, then await :meth:`KernelProcess.wait` (it returns the exit
+code whenever the process ends), :meth:`KernelProcess.signal` to interrupt, and
+:meth:`KernelProcess.kill` to end it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import zmq.asyncio
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from traitlets import TraitError
+
+from jupyter_io.errors import KernelLaunchError
+from jupyter_io.protocol import Channel
+
+from .isolation import ResourceLimits, limits_preexec
+
+__all__ = ["KERNEL_PORTS", "KernelProcess", "kernel_endpoints"]
+
+#: Fixed IPC "ports" (socket file suffixes) of every kernel generation.
+KERNEL_PORTS = {
+    Channel.SHELL: 1,
+    Channel.IOPUB: 2,
+    Channel.STDIN: 3,
+    Channel.CONTROL: 4,
+    Channel.HB: 5,
+}
+_PORT_TRAITS = {
+    Channel.SHELL: "shell_port",
+    Channel.IOPUB: "iopub_port",
+    Channel.STDIN: "stdin_port",
+    Channel.CONTROL: "control_port",
+    Channel.HB: "hb_port",
+}
+
+
+def kernel_endpoints(runtime_dir: str | os.PathLike[str]) -> dict[Channel, str]:
+    """The ZMQ endpoints of the kernel whose connection file lives in ``runtime_dir``."""
+    base = Path(runtime_dir) / "kernel-ipc"
+    return {channel: f"ipc://{base}-{port}" for channel, port in KERNEL_PORTS.items()}
+
+
+class _ProviderKernelSpecs(KernelSpecManager):
+    """Always this interpreter's ipykernel, whatever kernelspecs the host has installed."""
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        return KernelSpec(
+            argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            display_name="Python 3 (jupyter-io)",
+            language="python",
+            interrupt_mode="signal",
+        )
+
+
+class KernelProcess:
+    """One generation of a session's kernel process."""
+
+    def __init__(
+        self,
+        *,
+        generation: int,
+        runtime_dir: Path,
+        context: zmq.asyncio.Context,
+        log: logging.Logger | logging.LoggerAdapter[Any],
+    ) -> None:
+        self.generation = generation
+        self.runtime_dir = runtime_dir
+        self.log = log
+        self._manager = AsyncKernelManager(
+            transport="ipc",
+            connection_file=str(runtime_dir / "kernel.json"),
+            kernel_spec_manager=_ProviderKernelSpecs(),
+            context=context,
+            log=log,
+            **{trait: KERNEL_PORTS[channel] for channel, trait in _PORT_TRAITS.items()},
+        )
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log_file: Path = runtime_dir / f"kernel-{generation}.log"
+        self.exit_code: int | None = None
+        #: True once :meth:`kill` was called: the exit was the host's doing, not the kernel's.
+        self.killed = False
+
+    def _open_log(self) -> IO[bytes]:
+        # The kernel's stdout/stderr go to a file: inherited, they would pollute the host's
+        # stdout (which launchers parse) or block on a pipe nobody reads.
+        return open(self._log_file, "ab")
+
+    @property
+    def pid(self) -> int:
+        """The kernel's process id (also its process group id)."""
+        assert self._process is not None, "start() first"
+        return self._process.pid
+
+    async def start(
+        self,
+        *,
+        key: str,
+        signature_scheme: str,
+        env: dict[str, str],
+        cwd: str,
+        limits: ResourceLimits,
+    ) -> None:
+        """Write the connection file with the client's ``key`` and start the kernel.
+
+        Returns once the process exists (not when the kernel answers). Raises
+        :class:`KernelLaunchError` with what went wrong.
+        """
+        session = self._manager.session
+        try:
+            session.signature_scheme = signature_scheme
+        except TraitError:
+            raise KernelLaunchError(
+                f"unsupported signature_scheme {signature_scheme!r}; use 'hmac-sha256'"
+            ) from None
+        session.key = key.encode()
+        with self._open_log() as out:
+            try:
+                await self._manager.start_kernel(
+                    env=env,
+                    cwd=cwd,
+                    preexec_fn=limits_preexec(limits),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            except Exception as exc:
+                raise KernelLaunchError(f"could not start the kernel: {exc}") from exc
+        provisioner = self._manager.provisioner
+        process = getattr(provisioner, "process", None)
+        if not isinstance(process, subprocess.Popen):
+            raise KernelLaunchError("jupyter_client started no local kernel process")
+        self._process = process
+
+    async def wait(self) -> int:
+        """Wait until the kernel process ends; return its exit code (negative: signal)."""
+        process = self._process
+        assert process is not None, "start() first"
+        if process.returncode is None:
+            await _process_exited(process)
+        self.exit_code = process.wait()
+        return self.exit_code
+
+    def signal(self, signum: int) -> None:
+        """Deliver ``signum`` to the kernel's process group (its children included)."""
+        if self._process is None or self._process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._process.pid, signum)
+
+    def kill_group(self) -> None:
+        """SIGKILL whatever is left of the kernel's process group (children it left behind)."""
+        if self._process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._process.pid, signal.SIGKILL)
+
+    async def kill(self) -> int | None:
+        """Kill the kernel and its process group now, wait for it, clean up its files."""
+        self.killed = True
+        self.kill_group()
+        with contextlib.suppress(Exception):
+            await self._manager.shutdown_kernel(now=True)
+        if self._process is None:
+            return None
+        return await self.wait()
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The end of the kernel's stdout/stderr (for the host's log when it dies)."""
+        try:
+            text = self._log_file.read_bytes()[-8192:].decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+async def _process_exited(process: subprocess.Popen[bytes]) -> None:
+    """Return when ``process`` has exited (without reaping it)."""
+    try:
+        fd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):
+        # No pidfd (not Linux, or already reaped): poll, the way jupyter_client does.
+        while process.poll() is None:  # noqa: ASYNC110 - no event exists to await here
+            await asyncio.sleep(0.1)
+        return
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await exited
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)

@@ -1,0 +1,402 @@
+"""One kernel session: its workspace, its kernel, and the provider end of its tunnel.
+
+A :class:`KernelSession` is created by the server after a successful HELLO for a new session
+and lives until END, grace expiry or host shutdown, across any number of websocket
+connections. It owns:
+
+- a working directory under ``workspace_root`` (the kernel's cwd and HOME), and a short private
+  runtime directory (``/tmp/jio-*``, mode 0700) for the connection file and IPC sockets (unix
+  socket paths must stay under ~100 characters);
+- ZMQ sockets connected to the kernel's IPC endpoints: DEALER for shell, control and stdin
+  (shell and stdin share one identity so input_request finds its way back), DEALER to the
+  heartbeat, SUB to iopub; they stay connected across kernel restarts;
+- a :class:`~jupyter_io.protocol.Tunnel` and a :class:`~jupyter_io.bridge.Bridge` that keep
+  output while no websocket is attached and replay it on resume;
+- the current :class:`~provider_host.kernel.KernelProcess`, watched so that EXITED goes out
+  whenever it ends.
+
+Call :meth:`KernelSession.open`, then :meth:`KernelSession.serve` with each handshaken
+websocket, and :meth:`KernelSession.end` to finish it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from solders.pubkey import Pubkey
+from websockets.asyncio.connection import Connection
+from websockets.exceptions import ConnectionClosed
+
+from jupyter_io.bridge import Bridge
+from jupyter_io.errors import JupyterIOError, KernelLaunchError, ProtocolError
+from jupyter_io.protocol import Channel, CloseCode, Frame, FrameKind, Tunnel, encode_control
+
+from .config import ProviderConfig
+from .isolation import kernel_env
+from .kernel import KernelProcess, kernel_endpoints
+
+__all__ = ["KernelSession", "SessionBridge"]
+
+# Unix socket paths are limited to ~107 bytes; the longest we make is <runtime>/kernel-ipc-N.
+_MAX_RUNTIME_DIR = 80
+
+
+class SessionBridge(Bridge):
+    """The shared :class:`Bridge`, plus two things a long-lived host session needs.
+
+    - :meth:`attach` replays without letting live output overtake the replay: the base class
+      adopts the websocket *before* replaying, so a pump that runs while a replayed send waits
+      for the socket to drain writes a newer frame ahead of older ones, and the peer sees a
+      sequence gap. Here the websocket is adopted only once everything kept has gone out.
+    - a buffer overflow is reported to the session (``on_failure``) even while no websocket
+      is attached, so the session ends instead of silently stalling.
+    """
+
+    def __init__(self, *args: Any, on_failure: Callable[[JupyterIOError], None], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._on_failure = on_failure
+
+    async def attach(self, ws: Connection, peer_received: int) -> None:
+        """Replay what the peer has not received, then adopt ``ws`` for live traffic."""
+        self.detach()
+        pending = self.tunnel.replay(peer_received)
+        while pending:
+            before = self.tunnel.sent
+            for frame in pending:
+                await ws.send(frame)
+            produced = self.tunnel.sent - before
+            # Frames made while we awaited were kept (no websocket): they are the newest.
+            pending = self.tunnel.replay(self.tunnel.peer_acked)[-produced:] if produced else []
+        self.ws = ws
+
+    def _fail(self, exc: JupyterIOError) -> None:
+        super()._fail(exc)
+        self._on_failure(exc)
+
+
+class KernelSession:
+    """One client's kernel session on this host (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        owner: Pubkey,
+        config: ProviderConfig,
+        context: zmq.asyncio.Context,
+        gpus: tuple[int, ...],
+        on_end: Callable[[KernelSession], None],
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.id = secrets.token_urlsafe(16)
+        self.owner = owner
+        self.gpus = gpus
+        self.config = config
+        self.workspace = Path(config.workspace_root).expanduser().resolve() / self.id
+        self.runtime_dir: Path | None = None
+        self.log = logging.LoggerAdapter(log or logging.getLogger(__name__), {"session": self.id})
+        #: Kernel generation: 0 before the first LAUNCH, +1 per (re)start.
+        self.generation = 0
+        self.state = "none"
+        self.exit_code: int | None = None
+        self.kernel: KernelProcess | None = None
+        #: Set once the session has ended and its resources are gone.
+        self.ended = asyncio.Event()
+        self.tunnel = Tunnel(
+            max_frame_size=config.max_frame_size, max_unacked_bytes=config.max_unacked_bytes
+        )
+        self._context = context
+        self._on_end = on_end
+        self._sockets: dict[Channel, zmq.asyncio.Socket] = {}
+        self._bridge: SessionBridge | None = None
+        self._ws: Connection | None = None
+        self._ending = False
+        self._grace: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._kernel_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the workspace, runtime directory and kernel sockets; start pumping.
+
+        On failure nothing is left behind and the error propagates.
+        """
+        try:
+            self._open()
+        except BaseException:
+            for sock in self._sockets.values():
+                sock.close(linger=0)
+            shutil.rmtree(self.workspace, ignore_errors=True)
+            if self.runtime_dir is not None:
+                shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            raise
+
+    def _open(self) -> None:
+        self.workspace.mkdir(mode=0o700, parents=True)
+        (self.workspace / ".tmp").mkdir(mode=0o700)
+        runtime = Path(tempfile.mkdtemp(prefix="jio-"))
+        if len(str(runtime)) > _MAX_RUNTIME_DIR:
+            runtime.rmdir()
+            runtime = Path(tempfile.mkdtemp(prefix="jio-", dir="/tmp"))
+        self.runtime_dir = runtime
+        endpoints = kernel_endpoints(runtime)
+        identity = f"jio-{self.id}".encode()
+        for channel in Channel:
+            kind = zmq.SUB if channel is Channel.IOPUB else zmq.DEALER
+            sock = self._context.socket(kind)
+            sock.linger = 0
+            # Kernels (re)start often; find them fast rather than at the default 100 ms.
+            sock.reconnect_ivl = 20
+            if channel in (Channel.SHELL, Channel.STDIN):
+                sock.identity = identity
+            if channel is Channel.IOPUB:
+                sock.subscribe(b"")
+            sock.connect(endpoints[channel])
+            self._sockets[channel] = sock
+        inbound = {ch: s for ch, s in self._sockets.items() if ch is not Channel.IOPUB}
+        self._bridge = SessionBridge(
+            self.tunnel,
+            outbound=self._sockets,
+            inbound=inbound,
+            on_control=self._on_control,
+            on_failure=self._bridge_failed,
+            log=self.log,
+        )
+        self._bridge.start()
+
+    @property
+    def bridge(self) -> SessionBridge:
+        """The session's bridge (after :meth:`open`)."""
+        assert self._bridge is not None, "open() first"
+        return self._bridge
+
+    def kernel_info(self) -> dict[str, Any]:
+        """The WELCOME ``kernel`` field."""
+        return {"state": self.state, "generation": self.generation, "exit_code": self.exit_code}
+
+    @property
+    def attached(self) -> bool:
+        """True while a websocket is connected to this session."""
+        return self._ws is not None
+
+    async def serve(self, ws: Connection, peer_received: int, *, resumed: bool) -> None:
+        """Send WELCOME on ``ws``, replay, and pump until it closes; then start the grace timer.
+
+        A newer connection to the same session replaces an older one (closed with 1000).
+        """
+        old = self._ws
+        if old is not None:
+            self.bridge.detach(old)
+            self._spawn(old.close(CloseCode.NORMAL, "replaced by a newer connection"))
+        if self._ending:
+            await ws.close(CloseCode.UNKNOWN_SESSION, "session ended")
+            return
+        self._cancel_grace()
+        self._ws = ws
+        try:
+            await ws.send(
+                encode_control(
+                    FrameKind.WELCOME,
+                    {
+                        "session": self.id,
+                        "received": self.tunnel.received,
+                        "resumed": resumed,
+                        "kernel": self.kernel_info(),
+                    },
+                )
+            )
+            await self.bridge.attach(ws, peer_received)
+            await self.bridge.serve(ws)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.bridge.detach(ws)
+            if self._ws is ws:
+                self._ws = None
+                if not self._ending:
+                    self.log.info("connection lost; keeping the kernel %.0f s", self._grace_s)
+                    self._grace = asyncio.create_task(self._grace_expiry())
+
+    async def end(
+        self, code: int = CloseCode.SESSION_ENDED, reason: str = "session ended"
+    ) -> None:
+        """Kill the kernel, close the websocket with ``code``, delete the workspace. Idempotent."""
+        if self._ending:
+            await self.ended.wait()
+            return
+        self._ending = True
+        self._cancel_grace()
+        try:
+            async with self._kernel_lock:
+                await self._stop_kernel()
+            if self._bridge is not None:
+                await self._bridge.stop()
+            ws = self._ws
+            self._ws = None
+            if ws is not None:
+                self.bridge.detach(ws)
+                with contextlib.suppress(Exception):
+                    await ws.close(code, reason)
+            for sock in self._sockets.values():
+                sock.close(linger=0)
+            shutil.rmtree(self.workspace, ignore_errors=True)
+            if self.runtime_dir is not None:
+                shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            self.log.info("session ended: %s", reason)
+        finally:
+            self.ended.set()
+            self._on_end(self)
+
+    # -- control frames from the client ----------------------------------------------------
+
+    async def _on_control(self, frame: Frame) -> None:
+        kind = frame.kind
+        if kind is FrameKind.LAUNCH:
+            await self._launch(frame.body)
+        elif kind is FrameKind.SIGNAL:
+            self._signal(frame.body)
+        elif kind is FrameKind.END:
+            await self.end()
+        else:
+            raise ProtocolError(f"{kind.name} frames do not travel from client to host")
+
+    async def _launch(self, body: dict[str, Any]) -> None:
+        async with self._kernel_lock:
+            if self._ending:
+                return
+            await self._stop_kernel()
+            self.generation += 1
+            generation = self.generation
+            try:
+                kernel = await self._start_kernel(generation, body)
+            except KernelLaunchError as exc:
+                self.state, self.exit_code = "exited", None
+                self.log.warning("kernel generation %d failed to start: %s", generation, exc)
+                await self._send(
+                    FrameKind.EXITED,
+                    {"generation": generation, "exit_code": None, "error": str(exc)},
+                )
+                return
+            self.kernel = kernel
+            self.state, self.exit_code = "running", None
+            # STARTED is sequenced before the watcher can ever queue this kernel's EXITED.
+            await self._send(FrameKind.STARTED, {"generation": generation, "pid": kernel.pid})
+            self._watcher = asyncio.create_task(self._watch(kernel))
+
+    async def _start_kernel(self, generation: int, body: dict[str, Any]) -> KernelProcess:
+        key = body.get("key")
+        scheme = body.get("signature_scheme", "hmac-sha256")
+        requested = body.get("env") or {}
+        if not isinstance(key, str) or not isinstance(scheme, str):
+            raise KernelLaunchError("LAUNCH needs a string 'key' and 'signature_scheme'")
+        if not isinstance(requested, dict):
+            raise KernelLaunchError("LAUNCH 'env' must be an object of strings")
+        env, refused = kernel_env(
+            host_env=os.environ,
+            client_env=requested,
+            gpus=self.gpus,
+            workspace=str(self.workspace),
+            keep=self.config.env_keep,
+        )
+        if refused:
+            self.log.warning("ignored environment variables the client may not set: %s", refused)
+        assert self.runtime_dir is not None, "open() first"
+        kernel = KernelProcess(
+            generation=generation, runtime_dir=self.runtime_dir, context=self._context,
+            log=self.log,
+        )
+        await kernel.start(
+            key=key,
+            signature_scheme=scheme,
+            env=env,
+            cwd=str(self.workspace),
+            limits=self.config.resource_limits(),
+        )
+        self.log.info("kernel generation %d started, pid %d", generation, kernel.pid)
+        return kernel
+
+    def _signal(self, body: dict[str, Any]) -> None:
+        signum = body.get("signum")
+        if not isinstance(signum, int) or isinstance(signum, bool):
+            raise ProtocolError("SIGNAL needs an integer 'signum'")
+        try:
+            valid = signum in {int(s) for s in signal.valid_signals()}
+        except ValueError:
+            valid = False
+        if not valid:
+            self.log.warning("ignoring SIGNAL with invalid signal number %d", signum)
+            return
+        if self.kernel is None or self.state != "running":
+            self.log.info("ignoring signal %d: no kernel is running", signum)
+            return
+        self.kernel.signal(signum)
+
+    # -- the kernel process ----------------------------------------------------------------
+
+    async def _watch(self, kernel: KernelProcess) -> None:
+        code = await kernel.wait()
+        kernel.kill_group()  # whatever it spawned dies with it
+        if self.kernel is kernel:
+            self.state, self.exit_code = "exited", code
+        if not kernel.killed:
+            self.log.warning(
+                "kernel generation %d exited with %d; its last output:\n%s",
+                kernel.generation, code, kernel.log_tail(),
+            )
+        await self._send(FrameKind.EXITED, {"generation": kernel.generation, "exit_code": code})
+
+    async def _stop_kernel(self) -> None:
+        """Kill the current kernel (if any) and wait until its EXITED is queued."""
+        kernel, watcher = self.kernel, self._watcher
+        if kernel is None:
+            return
+        await kernel.kill()
+        if watcher is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        self._watcher = None
+        self.kernel = None
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _send(self, kind: FrameKind, body: dict[str, Any]) -> None:
+        try:
+            await self.bridge.send_control(kind, body)
+        except JupyterIOError as exc:
+            self._bridge_failed(exc)
+
+    def _bridge_failed(self, exc: JupyterIOError) -> None:
+        if not self._ending:
+            self._spawn(self.end(CloseCode.BUFFER_OVERFLOW, str(exc)[:120]))
+
+    @property
+    def _grace_s(self) -> float:
+        return self.config.grace_period
+
+    async def _grace_expiry(self) -> None:
+        await asyncio.sleep(self._grace_s)
+        self._grace = None  # end() must not cancel the task running it
+        await self.end(CloseCode.GOING_AWAY, "grace period expired")
+
+    def _cancel_grace(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
