@@ -1,0 +1,424 @@
+"""``io-remote``: a jupyter_client kernel provisioner whose kernels run on a provider host.
+
+To Jupyter the kernel looks local: :meth:`RemoteKernelProvisioner.launch_kernel` returns
+connection info for a :class:`~kernel_provisioner.facade.Facade` on 127.0.0.1, and a
+:class:`~kernel_provisioner.connection.TunnelClient` carries the facade's frames over one
+websocket to the provider host, which runs the real ipykernel. Select it in a kernelspec::
+
+    "metadata": {"kernel_provisioner": {"provisioner_name": "io-remote",
+                 "config": {"provider_url": "ws://host:8765/tunnel",
+                            "keypair_path": "~/.config/solana/id.json"}}}
+
+Each method's docstring names the KernelManager method that calls it and what happens on
+the provider. The provisioner needs a running event loop between calls (it pumps frames in
+background tasks), so use it through :class:`jupyter_client.manager.AsyncKernelManager`
+(as Jupyter Server does), not the blocking KernelManager.
+"""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+from traitlets import Float, Int, Unicode, validate
+
+from jupyter_io.errors import ConfigError, JupyterIOError, KernelLaunchError
+from jupyter_io.identity import DEFAULT_KEYPAIR_PATH, load_keypair, parse_pubkey
+from jupyter_io.protocol import DEFAULT_MAX_FRAME_SIZE
+
+from .connection import LOST_EXIT_CODE, KernelState, TunnelClient
+from .facade import CHANNEL_PORT_NAMES, Facade
+
+__all__ = ["RemoteKernelProvisioner"]
+
+#: Environment variables forwarded to the remote kernel besides the kernelspec's own ``env``.
+#: The rest of the local environment (tokens, paths of this machine) stays here.
+FORWARDED_ENV = ("JPY_SESSION_NAME",)
+
+
+class RemoteKernelProvisioner(KernelProvisionerBase):
+    """Runs the kernel on a provider host and exposes it through a local ZMQ facade.
+
+    One provisioner holds one tunnel session. Restarts reuse it (same provider, same
+    facade ports, same session key), so they are as fast as the kernel's own start; a
+    full shutdown ends the session and the provider deletes the kernel's workspace.
+    """
+
+    provider_url = Unicode(
+        "",
+        config=True,
+        help="Tunnel URL of the provider host, e.g. ws://gpu-box:8765/tunnel.",
+    )
+    keypair_path = Unicode(
+        DEFAULT_KEYPAIR_PATH,
+        config=True,
+        help="Solana keypair file (JSON array of 64 bytes) that proves who you are.",
+    )
+    provider_pubkey = Unicode(
+        "",
+        config=True,
+        help="Expected base58 public key of the provider host; empty accepts any host.",
+    )
+    grace_period = Float(
+        120.0,
+        config=True,
+        help="Seconds to keep resuming a dropped tunnel before the kernel is declared dead.",
+    )
+    connect_timeout = Float(
+        10.0, config=True, help="Seconds allowed for one connection and handshake."
+    )
+    launch_timeout = Float(
+        60.0, config=True, help="Seconds the provider may take to start the kernel."
+    )
+    refused_limit = Float(
+        5.0,
+        config=True,
+        help="Seconds of refused connections after which the provider counts as down.",
+    )
+    max_frame_size = Int(
+        DEFAULT_MAX_FRAME_SIZE,
+        config=True,
+        help="Largest tunnel frame (one Jupyter message) in bytes, both directions.",
+    )
+    ping_interval = Float(10.0, config=True, help="Seconds between websocket keepalive pings.")
+    ping_timeout = Float(10.0, config=True, help="Seconds to wait for a keepalive pong.")
+    end_timeout = Float(
+        5.0, config=True, help="Seconds to wait for the provider to confirm the session's end."
+    )
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # Instance state only: the base class's class-level ``connection_info = {}`` would
+        # otherwise be shared by every provisioner.
+        self.connection_info: KernelConnectionInfo = {}
+        self._facade: Facade | None = None
+        self._client: TunnelClient | None = None
+        self._key: str | None = None
+        self._remote_env: dict[str, str] = {}
+        self._launched = False
+        self._last_exit_code: int | None = None
+
+    @validate("provider_url")
+    def _check_provider_url(self, proposal: Any) -> str:
+        url = str(proposal["value"]).strip()
+        if url and not url.startswith(("ws://", "wss://")):
+            raise ConfigError(
+                f"provider_url {url!r} must be a ws:// or wss:// URL, e.g. ws://gpu-box:8765/tunnel"
+            )
+        return url
+
+    # -- what callers may inspect ----------------------------------------------------------
+
+    @property
+    def session_id(self) -> str | None:
+        """The provider's id of this provisioner's tunnel session (None before launch)."""
+        return self._client.session_id if self._client is not None else None
+
+    @property
+    def kernel_pid(self) -> int | None:
+        """The kernel's process id on the provider host (as the host reported it)."""
+        return self._client.kernel.pid if self._client is not None else None
+
+    @property
+    def tunnel(self) -> TunnelClient | None:
+        """The tunnel session, for progress and diagnostics (None before launch)."""
+        return self._client
+
+    @property
+    def has_process(self) -> bool:
+        """True from a successful :meth:`launch_kernel` until :meth:`wait` reaps the kernel.
+
+        KernelManager.has_kernel reads it (it asserts it right after launch_kernel).
+        """
+        return self._launched
+
+    # -- start ----------------------------------------------------------------------------
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Prepare the launch; called from ``KernelManager.pre_start_kernel()``.
+
+        Locally: check the configuration and choose the environment to send. Nothing is
+        written to a connection file yet (the facade's ports are the truth, and the kernel
+        manager writes them after :meth:`launch_kernel`). Remotely: nothing. The kernelspec's
+        ``argv`` is not run here: the provider decides how it starts ipykernel.
+        """
+        if not self.provider_url:
+            raise ConfigError(
+                "the io-remote provisioner needs provider_url in the kernelspec's "
+                "kernel_provisioner.config, e.g. ws://gpu-box:8765/tunnel"
+            )
+        extra_arguments = kwargs.pop("extra_arguments", [])
+        cmd = [*self.kernel_spec.argv, *extra_arguments] if self.kernel_spec else []
+        kwargs = await super().pre_launch(cmd=cmd, **kwargs)
+        env: Mapping[str, str] = kwargs.get("env") or {}
+        wanted = set(self.kernel_spec.env if self.kernel_spec else ()) | set(FORWARDED_ENV)
+        self._remote_env = {k: str(env[k]) for k in sorted(wanted) if k in env}
+        return kwargs
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        """Start the kernel on the provider; called from ``KernelManager.launch_kernel()``.
+
+        Opens the tunnel session (unless a restart reuses it), binds the local facade, and
+        sends LAUNCH with the session key (the same key on every restart, so clients keep
+        working); the provider starts ipykernel, killing a previous one of the session
+        first. Returns connection info pointing at the facade once the provider says
+        STARTED; raises :class:`KernelLaunchError` with the provider's reason otherwise.
+        """
+        if self._key is None:
+            self._key = str(uuid.uuid4())
+        client = await self._ensure_session()
+        self.log.info("jupyter-io: launching the kernel on %s", self.provider_url)
+        try:
+            started = await client.launch(self._key, self._remote_env, self.launch_timeout)
+        except KernelLaunchError:
+            if not client.alive:
+                await self._drop_session()
+            raise
+        self._launched = True
+        self._last_exit_code = None
+        self.log.info(
+            "jupyter-io: kernel ready on %s (session %s, generation %d, pid %s)",
+            self.provider_url,
+            client.session_id,
+            started.generation,
+            started.pid,
+        )
+        assert self._facade is not None
+        self.connection_info = self._connection_info()
+        return self.connection_info
+
+    async def _ensure_session(self) -> TunnelClient:
+        if self._client is not None and self._client.alive:
+            return self._client
+        await self._drop_session()
+        keypair = load_keypair(self.keypair_path)
+        facade = self._facade
+        if facade is None or not facade.bound:
+            facade = self._facade = Facade()
+            facade.bind()
+        client = self._new_client(keypair, facade)
+        self.log.info("jupyter-io: connecting to provider %s", self.provider_url)
+        try:
+            await client.open()
+        except JupyterIOError as exc:
+            if not self.connection_info:
+                # No client was ever given these ports; do not hold them for nothing.
+                facade.close()
+                self._facade = None
+            raise KernelLaunchError(str(exc)) from exc
+        self.log.info("jupyter-io: tunnel session %s open", client.session_id)
+        self._client = client
+        return client
+
+    def _new_client(self, keypair: Any, facade: Facade) -> TunnelClient:
+        return TunnelClient(
+            self.provider_url,
+            keypair,
+            outbound=facade.outbound,
+            inbound=facade.inbound,
+            host_pubkey=parse_pubkey(self.provider_pubkey) if self.provider_pubkey else None,
+            grace_period=self.grace_period,
+            connect_timeout=self.connect_timeout,
+            refused_limit=self.refused_limit,
+            max_frame_size=self.max_frame_size,
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            log=self.log,
+        )
+
+    async def _drop_session(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    def _connection_info(self) -> KernelConnectionInfo:
+        assert self._facade is not None and self._key is not None
+        kernel_name = self.kernel_spec.name if self.kernel_spec is not None else ""
+        info = self._facade.connection_info(self._key.encode(), kernel_name or "")
+        return info  # type: ignore[return-value]
+
+    # -- running --------------------------------------------------------------------------
+
+    async def poll(self) -> int | None:
+        """Is the kernel running? Called from ``KernelManager.is_alive()`` (and the restarter).
+
+        None while the kernel runs *and* while the tunnel is down (unknown is not dead:
+        jupyter_client restarts, and wipes, a kernel whose poll() reports an exit). An exit
+        code only once the provider reported EXITED, or once the provider is declared lost
+        (:data:`~kernel_provisioner.connection.LOST_EXIT_CODE`). Nothing is sent remotely.
+        """
+        client = self._client
+        if client is None or not self._launched:
+            return self._last_exit_code if self._last_exit_code is not None else 0
+        return client.exit_code
+
+    async def wait(self) -> int | None:
+        """Wait for the kernel to end; called from ``KernelManager.finish_shutdown()`` and
+        ``KernelManager.kill_kernel()`` (which bound it with timeouts).
+
+        Returns once the provider reported EXITED (or was declared lost), then forgets the
+        process, so ``has_process`` turns False. Nothing is sent remotely.
+        """
+        client = self._client
+        if client is None or not self._launched:
+            return await self.poll()
+        code = await client.wait_exited()
+        self._last_exit_code = code
+        self._launched = False
+        return code
+
+    async def send_signal(self, signum: int) -> None:
+        """Signal the kernel; called from ``KernelManager.signal_kernel()`` (and so from
+        ``interrupt_kernel()`` with SIGINT when the kernelspec's interrupt_mode is signal).
+
+        Sends SIGNAL; the provider delivers it to the kernel's process group. While the
+        tunnel is down the signal is queued and delivered on resume.
+        """
+        client = self._client
+        if client is not None and self._launched:
+            await client.signal(signum)
+
+    async def kill(self, restart: bool = False) -> None:
+        """Kill the kernel; called from ``KernelManager.kill_kernel()`` (shutdown with
+        ``now=True``, or a graceful shutdown that timed out).
+
+        Sends SIGNAL SIGKILL; the provider kills the kernel's process group and reports
+        EXITED. The tunnel session stays (a restart follows when ``restart`` is True).
+        """
+        await self.send_signal(signal.SIGKILL)
+
+    async def terminate(self, restart: bool = False) -> None:
+        """Terminate the kernel; called from ``KernelManager.finish_shutdown()`` when the
+        kernel did not exit after its shutdown_request.
+
+        Sends SIGNAL SIGTERM to the kernel's process group on the provider.
+        """
+        await self.send_signal(signal.SIGTERM)
+
+    # -- stop -----------------------------------------------------------------------------
+
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        """Note a shutdown; called from ``KernelManager.request_shutdown()``.
+
+        The shutdown_request itself travels to the kernel on the control channel through
+        the facade; nothing else is sent remotely.
+        """
+        self.log.info(
+            "jupyter-io: %s requested for the kernel on %s",
+            "restart" if restart else "shutdown",
+            self.provider_url,
+        )
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """Release resources; called from ``KernelManager.cleanup_resources()``.
+
+        ``restart=True``: keep the tunnel session and the facade, so the next
+        :meth:`launch_kernel` reuses them (same provider, same ports). ``restart=False``:
+        send END (the provider kills whatever is left of the kernel, deletes the session's
+        workspace and forgets the session), then close the tunnel and the facade.
+        """
+        client = self._client
+        if restart:
+            if client is not None and not client.alive:
+                await self._drop_session()  # the next launch opens a new session
+            return
+        self._client = None
+        self._launched = False
+        if client is not None:
+            if client.alive and not await client.end(self.end_timeout):
+                self.log.warning(
+                    "jupyter-io: provider %s did not confirm the end of session %s; it "
+                    "ends the session itself after its grace period",
+                    self.provider_url,
+                    client.session_id,
+                )
+            await client.close()
+        if self._facade is not None:
+            self._facade.close()
+            self._facade = None
+
+    async def detach(self) -> None:
+        """Release the local side and leave the remote session running.
+
+        Not called by jupyter_client: for applications that persist
+        :meth:`get_provisioner_info` and let another process :meth:`load_provisioner_info`
+        within the provider's grace period.
+        """
+        await self._drop_session()
+        self._launched = False
+        if self._facade is not None:
+            self._facade.close()
+            self._facade = None
+
+    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        """Time for a graceful shutdown; called from ``KernelManager.finish_shutdown()``.
+
+        At least 5 s: the kernel's exit has to travel back over the network as EXITED
+        before the kernel manager escalates to SIGTERM and SIGKILL.
+        """
+        return max(recommended, 5.0)
+
+    # -- persistence ----------------------------------------------------------------------
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        """What another process needs to reattach; JSON-serialisable.
+
+        Called by applications through ``KernelManager.provisioner`` (jupyter_client itself
+        does not). Holds the provider URL, the session id, the facade's ports and the
+        session key (as text): store it as carefully as a connection file.
+        """
+        info = await super().get_provisioner_info()
+        connection = dict(self.connection_info)
+        key = connection.get("key")
+        if isinstance(key, bytes):
+            connection["key"] = key.decode()
+        client = self._client
+        info.update(
+            {
+                "connection_info": connection,
+                "provider_url": self.provider_url,
+                "session_id": client.session_id if client else None,
+                "received": client.tunnel.received if client else 0,
+                "generation": client.kernel.generation if client else 0,
+                "pid": client.kernel.pid if client else None,
+                "key": self._key,
+                "launched": self._launched,
+            }
+        )
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        """Reattach to a session described by :meth:`get_provisioner_info`.
+
+        Rebinds the facade on the same ports (clients' connection files stay valid) and
+        resumes the tunnel session with HELLO.session. If the provider no longer has the
+        session, the kernel counts as lost: :meth:`poll` reports an exit code.
+        """
+        await super().load_provisioner_info(provisioner_info)
+        connection = dict(provisioner_info["connection_info"])
+        if isinstance(connection.get("key"), str):
+            connection["key"] = connection["key"].encode()
+        self.connection_info = connection  # type: ignore[assignment]
+        self.provider_url = provisioner_info["provider_url"]
+        self._key = provisioner_info.get("key")
+        session = provisioner_info.get("session_id")
+        if not provisioner_info.get("launched") or session is None:
+            return
+        facade = self._facade = Facade()
+        facade.bind({ch: int(connection[name]) for ch, name in CHANNEL_PORT_NAMES.items()})
+        client = self._new_client(load_keypair(self.keypair_path), facade)
+        client.kernel.generation = int(provisioner_info.get("generation") or 0)
+        client.kernel.pid = provisioner_info.get("pid")
+        client.kernel.state = KernelState.RUNNING
+        self._launched = True
+        self._client = client
+        try:
+            await client.open(resume=session, received=int(provisioner_info.get("received", 0)))
+        except JupyterIOError as exc:
+            self.log.error("jupyter-io: cannot reattach to session %s: %s", session, exc)
+            client.dead_reason = str(exc)
+            self._last_exit_code = LOST_EXIT_CODE
