@@ -1,0 +1,248 @@
+"""The coordinator's durable tables: providers, their GPU offers, leases and usage reports.
+
+SQLAlchemy 2 declarative models, one class per table. Nothing here opens a database: the
+schema is created and upgraded by the Alembic migrations next to this module
+(``migrations/versions``), which :meth:`jupyter_io.coordinator.store.Store.open` runs, and
+every read and write goes through :class:`~jupyter_io.coordinator.store.Store`. When you change
+a model, add a migration that makes the same change (``tests/coordinator/test_migrations.py``
+fails while the two disagree).
+
+Conventions:
+
+* Public keys are base58 text (at most 44 characters), the form Solana prints.
+* SOL amounts are integer lamports (``BigInteger``): money is never a float.
+* Every timestamp is timezone-aware UTC (:class:`UTCDateTime`); naive datetimes are refused.
+* States are short strings with a CHECK constraint, not native enums, so a new state is a
+  one-line migration on both SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "LIVE_LEASE_STATES",
+    "Base",
+    "Lease",
+    "LeaseState",
+    "Offer",
+    "Provider",
+    "ProviderStatus",
+    "UTCDateTime",
+    "UsageReportRow",
+    "metadata",
+]
+
+# Explicit constraint names, so migrations can drop or alter them by name on every backend.
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+PUBKEY_LENGTH = 44  # the longest base58 encoding of 32 bytes
+
+
+class ProviderStatus(str, enum.Enum):
+    """Whether a provider is connected: ``online`` heartbeats, ``lost`` stopped heartbeating
+    (its leases failed), ``offline`` said goodbye."""
+
+    ONLINE = "online"
+    LOST = "lost"
+    OFFLINE = "offline"
+
+
+class LeaseState(str, enum.Enum):
+    """A lease's life: ``requested`` → ``active`` → ``ended``, or ``failed`` from either."""
+
+    REQUESTED = "requested"
+    ACTIVE = "active"
+    ENDED = "ended"
+    FAILED = "failed"
+
+
+#: States in which a lease holds its GPUs (and counts against the provider's capacity).
+LIVE_LEASE_STATES: tuple[LeaseState, ...] = (LeaseState.REQUESTED, LeaseState.ACTIVE)
+
+
+def _in_check(column: str, values: type[enum.Enum]) -> str:
+    return f"{column} IN ({', '.join(repr(member.value) for member in values)})"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend.
+
+    PostgreSQL stores ``timestamptz``. SQLite has no time zone type, so UTC is stored as
+    naive ISO text (which sorts chronologically) and the zone is put back on read. Binding a
+    naive datetime raises ``ValueError``: guessing its zone is how billing goes wrong.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware (UTC) datetime")
+        value = value.astimezone(timezone.utc)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the coordinator's tables; ``Base.metadata`` is what Alembic
+    compares the migrations against."""
+
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime()}
+
+
+#: The coordinator's schema, for Alembic's ``target_metadata``.
+metadata = Base.metadata
+
+
+class Provider(Base):
+    """A GPU provider, keyed by the public key it authenticated with.
+
+    ``last_heartbeat`` is deliberately not indexed: it is rewritten thousands of times a
+    second, and an index on it would turn each of those writes into an index update (and on
+    PostgreSQL rule out HOT updates). Failure detection runs on the coordinator's in-memory
+    copy of the heartbeats, not on this column.
+
+    Reliability counters, for the scheduler's score: ``sessions_ok`` / ``sessions_failed``
+    count leases that ended / failed; ``heartbeats_missed`` and ``times_lost`` grow each time
+    the provider is marked lost; ``online_seconds`` accumulates closed online stretches
+    (``online_since`` → last heartbeat) and ``online_since`` marks the open one.
+    """
+
+    __tablename__ = "providers"
+    __table_args__ = (
+        sa.CheckConstraint(_in_check("status", ProviderStatus), name="status"),
+        sa.Index(None, "status"),
+    )
+
+    pubkey: Mapped[str] = mapped_column(sa.String(PUBKEY_LENGTH), primary_key=True)
+    display_name: Mapped[str] = mapped_column(sa.String(200), server_default="")
+    region: Mapped[str] = mapped_column(sa.String(64), server_default="")
+    reachable_url: Mapped[str | None] = mapped_column(sa.String(2048))
+    status: Mapped[str] = mapped_column(sa.String(16))
+    first_seen: Mapped[datetime]
+    last_heartbeat: Mapped[datetime]
+    online_since: Mapped[datetime | None]
+    sessions_ok: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
+    sessions_failed: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
+    heartbeats_missed: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
+    times_lost: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
+    online_seconds: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+
+
+class Offer(Base):
+    """One group of identical GPUs a provider offers at one price.
+
+    ``gpu_indices`` are the device indices (as ``CUDA_VISIBLE_DEVICES`` counts them) that make
+    up the group; a lease is assigned a subset of them. ``max_kernels`` caps how many leases
+    may run on the group at once, whatever the number of free GPUs.
+    """
+
+    __tablename__ = "offers"
+    __table_args__ = (
+        sa.CheckConstraint("count >= 1", name="count_positive"),
+        sa.CheckConstraint("vram_bytes >= 0", name="vram_not_negative"),
+        sa.CheckConstraint("price_lamports_per_hour >= 0", name="price_not_negative"),
+        sa.CheckConstraint("max_kernels >= 1", name="max_kernels_positive"),
+        sa.Index(None, "provider_pubkey"),
+        sa.Index(None, "gpu_model"),
+    )
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    provider_pubkey: Mapped[str] = mapped_column(
+        sa.String(PUBKEY_LENGTH), sa.ForeignKey("providers.pubkey", ondelete="CASCADE")
+    )
+    gpu_model: Mapped[str] = mapped_column(sa.String(128))
+    vram_bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    count: Mapped[int] = mapped_column(sa.Integer)
+    gpu_indices: Mapped[list[int]] = mapped_column(sa.JSON)
+    price_lamports_per_hour: Mapped[int] = mapped_column(sa.BigInteger)
+    simulated: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
+    benchmark_tflops: Mapped[float | None] = mapped_column(sa.Float)
+    driver_version: Mapped[str | None] = mapped_column(sa.String(64))
+    cuda_version: Mapped[str | None] = mapped_column(sa.String(32))
+    max_kernels: Mapped[int] = mapped_column(sa.Integer)
+    published_at: Mapped[datetime]
+
+
+class Lease(Base):
+    """A user's lease of GPUs on one provider, with its whole life persisted.
+
+    ``end_of_service`` is when billing stops: the end time for an ended lease, the provider's
+    last heartbeat for a lease that failed because its provider was lost.
+    ``price_lamports_per_hour`` is copied from the offer when the lease is made, so a later
+    price change never re-prices a running session.
+    """
+
+    __tablename__ = "leases"
+    __table_args__ = (
+        sa.CheckConstraint(_in_check("state", LeaseState), name="state"),
+        sa.CheckConstraint("price_lamports_per_hour >= 0", name="price_not_negative"),
+        sa.Index(None, "provider_pubkey", "state"),
+        sa.Index(None, "user_pubkey", "requested_at"),
+        sa.Index(None, "state"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    user_pubkey: Mapped[str] = mapped_column(sa.String(PUBKEY_LENGTH))
+    provider_pubkey: Mapped[str] = mapped_column(
+        sa.String(PUBKEY_LENGTH), sa.ForeignKey("providers.pubkey")
+    )
+    gpu_model: Mapped[str] = mapped_column(sa.String(128))
+    gpu_indices: Mapped[list[int]] = mapped_column(sa.JSON)
+    price_lamports_per_hour: Mapped[int] = mapped_column(sa.BigInteger)
+    state: Mapped[str] = mapped_column(sa.String(16))
+    requested_at: Mapped[datetime]
+    active_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    end_of_service: Mapped[datetime | None]
+    failure_reason: Mapped[str | None] = mapped_column(sa.Text)
+    token_expires_at: Mapped[datetime | None]
+    relay: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
+
+
+class UsageReportRow(Base):
+    """A provider's signed usage report for one lease: ``seconds_delivered`` since its
+    previous report. ``(lease_id, seq)`` is the primary key, so a report delivered twice is
+    stored once."""
+
+    __tablename__ = "usage_reports"
+    __table_args__ = (
+        sa.CheckConstraint("seconds_delivered >= 0", name="seconds_not_negative"),
+        sa.CheckConstraint("seq >= 0", name="seq_not_negative"),
+    )
+
+    lease_id: Mapped[str] = mapped_column(
+        sa.String(64), sa.ForeignKey("leases.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=False)
+    seconds_delivered: Mapped[int] = mapped_column(sa.Integer)
+    gpu_utilisation: Mapped[float | None] = mapped_column(sa.Float)
+    signature: Mapped[str] = mapped_column(sa.Text)
+    reported_at: Mapped[datetime]
+    received_at: Mapped[datetime]
