@@ -281,7 +281,7 @@ class KernelSession:
             self.generation += 1
             generation = self.generation
             try:
-                kernel = await self._start_kernel(generation, body)
+                kernel, refused = await self._start_kernel(generation, body)
             except KernelLaunchError as exc:
                 self.state, self.exit_code = "exited", None
                 self.log.warning("kernel generation %d failed to start: %s", generation, exc)
@@ -293,10 +293,15 @@ class KernelSession:
             self.kernel = kernel
             self.state, self.exit_code = "running", None
             # STARTED is sequenced before the watcher can ever queue this kernel's EXITED.
-            await self._send(FrameKind.STARTED, {"generation": generation, "pid": kernel.pid})
+            started: dict[str, Any] = {"generation": generation, "pid": kernel.pid}
+            if refused:
+                started["ignored_env"] = refused  # so the client can tell its user
+            await self._send(FrameKind.STARTED, started)
             self._watcher = asyncio.create_task(self._watch(kernel))
 
-    async def _start_kernel(self, generation: int, body: dict[str, Any]) -> KernelProcess:
+    async def _start_kernel(
+        self, generation: int, body: dict[str, Any]
+    ) -> tuple[KernelProcess, list[str]]:
         key = body.get("key")
         scheme = body.get("signature_scheme", "hmac-sha256")
         requested = body.get("env") or {}
@@ -326,7 +331,7 @@ class KernelSession:
             limits=self.config.resource_limits(),
         )
         self.log.info("kernel generation %d started, pid %d", generation, kernel.pid)
-        return kernel
+        return kernel, refused
 
     def _signal(self, body: dict[str, Any]) -> None:
         signum = body.get("signum")

@@ -55,6 +55,8 @@ class Refused(Exception):
 class TunnelClient:
     """A minimal client end of the tunnel, for tests."""
 
+    Refused = Refused
+
     def __init__(self, url: str, keypair: Keypair, **connect_kwargs: Any) -> None:
         self.url = url
         self.keypair = keypair
@@ -278,7 +280,7 @@ class TunnelClient:
         return msg_id, reply
 
     async def outputs(self, msg_id: str, timeout: float = DEFAULT_TIMEOUT) -> list[dict[str, Any]]:
-        """iopub messages for ``msg_id`` up to its ``status: idle`` (excluded)."""
+        """iopub messages for ``msg_id`` up to its ``status: idle`` (status messages left out)."""
         collected = []
         while True:
             msg = await self.message(
@@ -286,7 +288,8 @@ class TunnelClient:
             )
             if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
                 return collected
-            collected.append(msg)
+            if msg["msg_type"] != "status":
+                collected.append(msg)
 
     async def evaluate(self, expr: str, timeout: float = DEFAULT_TIMEOUT) -> Any:
         """The value of a Python expression in the kernel (via JSON on stdout)."""
