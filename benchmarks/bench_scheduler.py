@@ -25,7 +25,6 @@ from datetime import date
 
 from jupyter_io.coordinator.scheduler import (
     DEFAULT_CANDIDATES,
-    LAMPORTS_PER_SOL,
     LeaseRequest,
     Offer,
     OfferIndex,
@@ -36,6 +35,7 @@ from jupyter_io.coordinator.scheduler import (
 from jupyter_io.errors import LeaseError
 
 GIB = 1024**3
+LAMPORTS_PER_SOL = 1_000_000_000
 LAMPORTS_PER_USD = LAMPORTS_PER_SOL // 150  # ~150 USD per SOL
 
 # (NVML-style name, VRAM bytes, typical USD per GPU-hour, share of hosts, TFLOP/s fp16-ish)

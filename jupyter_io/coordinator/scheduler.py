@@ -29,12 +29,11 @@ shelves that can match and stops after ``K`` eligible offers.
 
 Updates (:meth:`OfferIndex.upsert`, :meth:`~OfferIndex.update`,
 :meth:`~OfferIndex.set_capacity`, :meth:`~OfferIndex.remove`) cost O(1) when the price,
-model, VRAM and region are unchanged and capacity stays in the same tier (the common
-heartbeat), and O(log n) amortised otherwise. :meth:`OfferIndex.summary` answers the offers
-API from incrementally kept aggregates.
+model, VRAM and region are unchanged and the offer stays in the same capacity tier and
+latency band (the common heartbeat), and O(log n) amortised otherwise.
+:meth:`OfferIndex.summary` answers the offers API from incrementally kept aggregates.
 
-Prices are exact integers of lamports (1 SOL = :data:`LAMPORTS_PER_SOL` lamports);
-:func:`format_sol` renders them for people.
+Prices are exact integers of lamports (1 SOL = 10**9 lamports), per GPU-hour.
 """
 
 from __future__ import annotations
@@ -55,7 +54,6 @@ from ..errors import LeaseError
 __all__ = [
     "DEFAULT_CANDIDATES",
     "DEFAULT_WEIGHTS",
-    "LAMPORTS_PER_SOL",
     "LATENCY_BANDS",
     "TIERS",
     "GpuTypeSummary",
@@ -64,18 +62,13 @@ __all__ = [
     "OfferIndex",
     "Weights",
     "display_gpu_name",
-    "format_sol",
     "gpu_vram_hint",
     "is_eligible",
     "normalise_gpu_name",
     "normalise_region",
     "schedule",
     "score",
-    "sol_to_lamports",
 ]
-
-#: Lamports in one SOL. Prices and balances are kept as exact integers of lamports.
-LAMPORTS_PER_SOL = 1_000_000_000
 
 #: How many of the cheapest eligible offers a decision scores (see the module docstring).
 DEFAULT_CANDIDATES = 32
@@ -89,35 +82,6 @@ TIERS = (1, 2, 4, 8)
 #: sit on a shelf per band, so a request with ``max_latency_ms`` walks only the bands that
 #: can satisfy it instead of skipping every offer that is too far away.
 LATENCY_BANDS = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0, float("inf"))
-
-
-# --------------------------------------------------------------------------------------------
-# SOL amounts
-
-
-def format_sol(lamports: int) -> str:
-    """Render an exact lamport amount as SOL for messages: ``120_000_000`` → ``"0.12 SOL"``."""
-    amount = (Decimal(lamports) / LAMPORTS_PER_SOL).normalize()
-    return f"{amount:f} SOL"
-
-
-def sol_to_lamports(sol: str | int | Decimal) -> int:
-    """Convert a SOL amount (``"0.12"``, ``Decimal("0.12")`` or whole SOL) to exact lamports.
-
-    Floats are refused: ``0.1`` has no exact binary value and money must not drift. Raises
-    :class:`ValueError` for negative amounts or amounts finer than one lamport.
-    """
-    if isinstance(sol, float) or isinstance(sol, bool):
-        raise TypeError("pass SOL amounts as str, int or Decimal, not float, to keep them exact")
-    try:
-        amount = Decimal(sol) * LAMPORTS_PER_SOL
-    except ArithmeticError:
-        raise ValueError(f"{sol!r} is not a SOL amount") from None
-    if not amount.is_finite() or amount < 0:
-        raise ValueError(f"{sol!r} is not a non-negative SOL amount")
-    if amount != amount.to_integral_value():
-        raise ValueError(f"{sol!r} SOL is finer than one lamport (1e-9 SOL)")
-    return int(amount)
 
 
 # --------------------------------------------------------------------------------------------
@@ -618,13 +582,17 @@ class OfferIndex:
             self._insert(offer)
         return old
 
-    def update(self, provider: str, gpu: str, **changes: Any) -> Offer:
+    def update(self, provider: str, gpu: str, /, **changes: Any) -> Offer:
         """Change fields of an existing offer (``load=0.3``, ``reliability=...``); return it.
 
-        Raises :class:`KeyError` when the provider has no offer of ``gpu``.
+        Raises :class:`KeyError` when the provider has no offer of ``gpu``, and
+        :class:`ValueError` for a change of provider or GPU model (that is another offer:
+        :meth:`remove` this one and :meth:`upsert` the new one).
         """
         old = self._offers[(provider, normalise_gpu_name(gpu))]
         new = replace(old, **changes)
+        if new.key != old.key:
+            raise ValueError(f"update() cannot turn offer {old.key} into {new.key}")
         self.upsert(new)
         return new
 
@@ -826,9 +794,10 @@ class OfferIndex:
         cap = request.max_price_lamports_per_hour
         price = cheapest.price_lamports_per_hour
         if cap is not None and price > cap:
+            near = f" within {request.max_latency_ms:g} ms" if request.max_latency_ms else ""
             return LeaseError(
-                f"cheapest available {what} is {format_sol(price)}/h per GPU, above your cap "
-                f"of {format_sol(cap)}/h; raise max_price_per_hour"
+                f"cheapest available {what}{near} is {_sol(price)}/h per GPU, above your cap "
+                f"of {_sol(cap)}/h; raise max_price_per_hour"
             )
         return LeaseError(f"no {what} matches the request")  # pragma: no cover - defensive
 
@@ -983,6 +952,13 @@ class OfferIndex:
 
 def _gb(nbytes: int) -> str:
     return f"{nbytes / 1e9:.3g} GB"
+
+
+def _sol(lamports: int) -> str:
+    # Exact, for messages: 120_000_000 -> "0.12 SOL". jupyter_io.payments owns SOL amounts;
+    # this stays private so the scheduler does not grow a second public money API.
+    whole, frac = divmod(lamports, 1_000_000_000)
+    return f"{whole}.{frac:09d}".rstrip("0").rstrip(".") + " SOL"
 
 
 def schedule(

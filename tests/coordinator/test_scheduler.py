@@ -4,32 +4,29 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
-from decimal import Decimal
 from typing import Any
 
 import pytest
 
 from jupyter_io.coordinator.scheduler import (
     DEFAULT_CANDIDATES,
-    LAMPORTS_PER_SOL,
     LeaseRequest,
     Offer,
     OfferIndex,
     Weights,
+    _sol,
     _SortedKeys,
     display_gpu_name,
-    format_sol,
     gpu_vram_hint,
     is_eligible,
     normalise_gpu_name,
     schedule,
     score,
-    sol_to_lamports,
 )
 from jupyter_io.errors import LeaseError
 
 GB = 10**9
-SOL = LAMPORTS_PER_SOL
+SOL = 1_000_000_000  # lamports
 
 
 def make(provider: str, gpu: str = "RTX 4090", **fields: Any) -> Offer:
@@ -84,22 +81,11 @@ def test_memory_size_in_a_name_is_a_vram_floor_in_decimal_gigabytes() -> None:
     assert 24_564 * 1024**2 >= LeaseRequest(gpu="RTX 4090 24GB").vram_floor
 
 
-def test_sol_amounts_are_exact() -> None:
-    assert format_sol(120_000_000) == "0.12 SOL"
-    assert format_sol(10 * SOL) == "10 SOL"
-    assert format_sol(1) == "0.000000001 SOL"
-    assert format_sol(0) == "0 SOL"
-    assert sol_to_lamports("0.12") == 120_000_000
-    assert sol_to_lamports(Decimal("1.000000001")) == SOL + 1
-    assert sol_to_lamports(3) == 3 * SOL
-    with pytest.raises(TypeError, match="float"):
-        sol_to_lamports(0.1)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="finer than one lamport"):
-        sol_to_lamports("0.0000000001")
-    with pytest.raises(ValueError, match="non-negative"):
-        sol_to_lamports("-1")
-    with pytest.raises(ValueError, match="not a SOL amount"):
-        sol_to_lamports("lots")
+def test_prices_in_messages_are_exact_sol() -> None:
+    assert _sol(120_000_000) == "0.12 SOL"
+    assert _sol(10 * SOL) == "10 SOL"
+    assert _sol(1) == "0.000000001 SOL"
+    assert _sol(0) == "0 SOL"
 
 
 def test_offers_and_requests_validate_their_fields() -> None:
@@ -302,6 +288,9 @@ def test_updates_that_move_an_offer_reorder_it() -> None:
     assert schedule(index, request).provider == "a"
     with pytest.raises(KeyError):
         index.update("nobody", "RTX 4090", load=0.5)
+    with pytest.raises(ValueError, match="cannot turn offer"):
+        index.update("a", "RTX 4090", gpu="RTX 4080")
+    assert index.update("a", "RTX 4090", gpu="NVIDIA GeForce RTX 4090").gpu_key == "rtx4090"
 
 
 def test_a_lost_provider_takes_all_its_offers_with_it() -> None:
@@ -367,6 +356,10 @@ def test_max_latency_needs_a_measurement_within_it() -> None:
         schedule(index, request, latencies={"c-near": 80.0})
     index.update("b-far", "RTX 4090", latency_ms=40.0)
     assert schedule(index, request).provider == "b-far"
+    with pytest.raises(
+        LeaseError, match=r"cheapest available RTX 4090 within 50 ms is 0\.000000002 SOL/h"
+    ):
+        schedule(index, replace(request, max_price_lamports_per_hour=1))
 
 
 def test_candidates_are_the_cheapest_eligible_in_order() -> None:
