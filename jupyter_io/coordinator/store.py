@@ -410,11 +410,14 @@ class Store:
         self._postgres = engine.dialect.name == "postgresql"
 
     @classmethod
-    async def open(cls, url: str | os.PathLike[str] | URL, *, migrate: bool = True) -> Store:
+    async def open(
+        cls, url: str | os.PathLike[str] | URL, *, migrate: bool = True, **engine_kw: Any
+    ) -> Store:
         """Connect to ``url`` (a SQLite path or URL, or ``postgresql://...``) and upgrade its
         schema to the newest revision, creating it in an empty database. Pass
-        ``migrate=False`` only when something else has already migrated it."""
-        engine = make_engine(url)
+        ``migrate=False`` only when something else has already migrated it. Extra keyword
+        arguments configure the engine (``pool_size=`` for a busy PostgreSQL coordinator)."""
+        engine = make_engine(url, **engine_kw)
         try:
             if migrate:
                 await _upgrade(engine, "head")

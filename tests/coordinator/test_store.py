@@ -8,6 +8,7 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,8 +22,9 @@ from jupyter_io.coordinator.store import (
     ProviderProfile,
     Store,
     UsageReport,
+    normalise_url,
 )
-from jupyter_io.errors import LeaseError
+from jupyter_io.errors import ConfigError, LeaseError
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -87,6 +89,7 @@ async def test_upsert_provider_registers_then_updates_keeping_history(store: Sto
     assert again.first_seen == T0
     assert again.online_since == T0  # still the same online stretch
     assert again.last_heartbeat == at(60)
+    assert again.online_seconds_total() == 60
     assert again == await store.get_provider(pubkey)
     assert await store.get_provider(new_key()) is None
 
@@ -126,6 +129,28 @@ async def test_replace_offers_replaces_inventory_and_numbers_gpus(store: Store) 
                 OfferSpec("A100", 80 * GIB, 1, 1, gpu_indices=(0,)),
             ],
         )
+
+
+async def test_provider_saying_goodbye_goes_offline_keeping_its_leases(store: Store) -> None:
+    provider = await add_provider(store, when=T0)
+    running = await lease(store, provider, at=at(5))
+    await store.record_heartbeats({provider: at(30)})
+    assert await store.mark_provider_offline(provider, at=at(40))
+    assert not await store.mark_provider_offline(provider, at=at(41))
+    offline = await store.get_provider(provider)
+    assert offline is not None and offline.status is ProviderStatus.OFFLINE
+    assert (offline.last_heartbeat, offline.online_seconds, offline.online_since) == (
+        at(40),
+        40,
+        None,
+    )
+    assert offline.times_lost == 0 and offline.heartbeats_missed == 0
+    assert [lease.id for lease in await store.live_leases()] == [running.id]
+    assert await store.load_live_offers() == []
+    with pytest.raises(LeaseError, match="is offline"):
+        await lease(store, provider)
+    back = await store.upsert_provider(ProviderProfile(provider), at=at(100))
+    assert back.online_since == at(100) and back.online_seconds_total() == 40
 
 
 async def test_heartbeats_of_10k_providers_in_one_statement(store: Store) -> None:
@@ -460,3 +485,25 @@ async def test_naive_datetimes_are_refused(store: Store) -> None:
     other_zone = timezone(timedelta(hours=2))
     leased = await lease(store, provider, at=T0.astimezone(other_zone))
     assert leased.requested_at == T0 and leased.requested_at.tzinfo is timezone.utc
+
+
+async def test_urls_users_type_become_async_urls(tmp_path: Path) -> None:
+    assert normalise_url(tmp_path / "c.db").render_as_string() == (
+        f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
+    )
+    assert normalise_url("sqlite:///c.db").drivername == "sqlite+aiosqlite"
+    pg = normalise_url("postgresql://coord:secret@db.internal:5432/jupyter_io")
+    assert (pg.drivername, pg.host, pg.database) == (
+        "postgresql+asyncpg",
+        "db.internal",
+        "jupyter_io",
+    )
+    for wrong in ("sqlite://", "sqlite:///:memory:", "mysql://u@h/db", "not a url://"):
+        with pytest.raises(ConfigError):
+            normalise_url(wrong)
+    store = await Store.open(tmp_path / "nested" / "dir" / "c.db")  # a plain path will do
+    try:
+        assert store.dialect == "sqlite"
+        assert (tmp_path / "nested" / "dir" / "c.db").exists()
+    finally:
+        await store.close()
