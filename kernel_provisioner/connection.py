@@ -32,6 +32,7 @@ import zmq.asyncio
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.typing import Subprotocol
 
@@ -111,6 +112,8 @@ class Started:
 
     generation: int
     pid: int | None
+    #: Environment variables the provider refused to set for the kernel.
+    ignored_env: tuple[str, ...] = ()
 
 
 class _AdoptingTunnel(Tunnel):
@@ -140,6 +143,27 @@ class _AdoptingTunnel(Tunnel):
                 if seq > self.received + 1:
                     self.received = seq - 1
         return super().receive(data)
+
+
+class _ResumingBridge(Bridge):
+    """The shared :class:`Bridge` with a replay that live traffic cannot overtake.
+
+    ``Bridge.attach`` adopts the websocket *before* replaying, so a pump that runs while a
+    replayed send awaits the socket writes a newer frame ahead of older ones and the host
+    sees a sequence gap (it closes with 1002 and the resume starts over). Here the websocket
+    is adopted only once everything kept, including what was produced meanwhile, went out.
+    """
+
+    async def attach(self, ws: Connection, peer_received: int) -> None:
+        self.detach()
+        pending = self.tunnel.replay(peer_received)
+        while pending:
+            before = self.tunnel.sent
+            for frame in pending:
+                await ws.send(frame)
+            produced = self.tunnel.sent - before
+            pending = self.tunnel.replay(self.tunnel.peer_acked)[-produced:] if produced else []
+        self.ws = ws
 
 
 class TunnelClient:
@@ -177,7 +201,7 @@ class TunnelClient:
         self.ping_timeout = ping_timeout
         self.log = log or logging.getLogger(__name__)
         self.tunnel = _AdoptingTunnel(max_frame_size=max_frame_size)
-        self.bridge = Bridge(
+        self.bridge = _ResumingBridge(
             self.tunnel,
             outbound=outbound,
             inbound=inbound,
@@ -275,8 +299,15 @@ class TunnelClient:
             self.tunnel.adopt(int(welcome.get("received", 0)), received)
         self.session_id = str(welcome["session"])
         self._apply_kernel_report(welcome.get("kernel"))
+        try:
+            await self._attach(ws, welcome)
+        except ConnectionClosed:
+            self._ws = None
+            raise TunnelError(
+                f"the tunnel to {self.url} closed right after the handshake; try again"
+            ) from None
         self.bridge.start()
-        self._supervisor = asyncio.create_task(self._supervise(ws, welcome))
+        self._supervisor = asyncio.create_task(self._supervise(ws))
         return welcome
 
     async def _connect_once(self, resume: str | None) -> tuple[ClientConnection, dict[str, Any]]:
@@ -362,13 +393,15 @@ class TunnelClient:
 
     # -- the session -----------------------------------------------------------------------
 
-    async def _supervise(self, ws: ClientConnection, welcome: dict[str, Any]) -> None:
+    async def _attach(self, ws: ClientConnection, welcome: dict[str, Any]) -> None:
+        """Adopt a handshaken websocket: replay what the host missed, then go live."""
+        self._ws = ws
+        await self.bridge.attach(ws, int(welcome.get("received", 0)))
+        self._notify()
+
+    async def _supervise(self, ws: ClientConnection) -> None:
         try:
             while True:
-                self._ws = ws
-                self.session_id = str(welcome["session"])
-                await self.bridge.attach(ws, int(welcome.get("received", 0)))
-                self._notify()
                 await self.bridge.serve(ws)
                 self._ws = None
                 self._notify()
@@ -380,10 +413,16 @@ class TunnelClient:
                     _close_text(ws),
                     self.session_id,
                 )
-                reconnected = await self._reconnect()
-                if reconnected is None:
-                    return
-                ws, welcome = reconnected
+                while True:
+                    reconnected = await self._reconnect()
+                    if reconnected is None:
+                        return
+                    ws, welcome = reconnected
+                    try:
+                        await self._attach(ws, welcome)
+                    except ConnectionClosed:
+                        continue  # dropped again during the replay: resume again
+                    break
                 self.resumes += 1
                 self._apply_kernel_report(welcome.get("kernel"))
                 self.log.info("tunnel session %s resumed", self.session_id)
@@ -548,7 +587,8 @@ class TunnelClient:
                 f"provider at {self.url} could not start the kernel: "
                 f"{body.get('error') or 'it exited during start-up'}"
             )
-        return Started(int(body.get("generation", 0)), body.get("pid"))
+        ignored = body.get("ignored_env") or ()
+        return Started(int(body.get("generation", 0)), body.get("pid"), tuple(map(str, ignored)))
 
     async def signal(self, signum: int) -> None:
         """Deliver ``signum`` to the kernel's process group (queued while disconnected)."""

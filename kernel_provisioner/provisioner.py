@@ -180,6 +180,12 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             raise
         self._launched = True
         self._last_exit_code = None
+        if started.ignored_env:
+            self.log.warning(
+                "jupyter-io: the provider did not set these environment variables for the "
+                "kernel: %s",
+                ", ".join(started.ignored_env),
+            )
         self.log.info(
             "jupyter-io: kernel ready on %s (session %s, generation %d, pid %s)",
             self.provider_url,

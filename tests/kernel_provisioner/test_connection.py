@@ -1,0 +1,84 @@
+"""TunnelClient against a real provider host: the handshake's refusals, the session's end,
+and what counts as 'the host is down'."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from solders.keypair import Keypair
+from websockets.exceptions import InvalidMessage
+
+from jupyter_io.errors import AuthError, TunnelError
+from jupyter_io.identity import load_keypair
+from kernel_provisioner.connection import TunnelClient, _is_refusal
+from kernel_provisioner.facade import Facade
+
+
+@pytest.fixture
+async def make_client(provider_host: Any) -> AsyncIterator[Callable[..., TunnelClient]]:
+    made: list[tuple[TunnelClient, Facade]] = []
+
+    def make(keypair: Keypair | None = None, **kwargs: Any) -> TunnelClient:
+        facade = Facade()
+        facade.bind()
+        client = TunnelClient(
+            provider_host.url,
+            keypair or load_keypair(provider_host.user_keypair_path),
+            outbound=facade.outbound,
+            inbound=facade.inbound,
+            **kwargs,
+        )
+        made.append((client, facade))
+        return client
+
+    yield make
+    for client, facade in made:
+        await client.close()
+        facade.close()
+
+
+async def test_a_key_off_the_allow_list_is_refused(make_client: Any) -> None:
+    stranger = Keypair()
+    with pytest.raises(AuthError, match=f"refused key {stranger.pubkey()}"):
+        await make_client(stranger).open()
+
+
+async def test_a_pinned_host_key_must_match(make_client: Any) -> None:
+    with pytest.raises(AuthError, match="not the expected"):
+        await make_client(host_pubkey=Keypair().pubkey()).open()
+
+
+async def test_resuming_an_unknown_session_is_refused(make_client: Any) -> None:
+    with pytest.raises(TunnelError, match="no longer has this session"):
+        await make_client().open(resume="no-such-session")
+
+
+async def test_end_is_confirmed_and_the_session_is_gone(make_client: Any) -> None:
+    client = make_client()
+    welcome = await client.open()
+    assert welcome["resumed"] is False and client.session_id == welcome["session"]
+    assert client.connected and client.alive and client.exit_code is None
+    assert await client.end(timeout=10)
+    assert client.ended and not client.alive
+    with pytest.raises(TunnelError, match="no longer has this session"):
+        await make_client().open(resume=client.session_id)
+
+
+def test_only_refused_connections_count_as_a_dead_host() -> None:
+    assert _is_refusal(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
+    both = OSError(
+        "Multiple exceptions: [Errno 111] Connect call failed ('::1', 9, 0, 0), "
+        "[Errno 111] Connect call failed ('127.0.0.1', 9)"
+    )
+    assert _is_refusal(both)
+    mixed = OSError(
+        "Multiple exceptions: [Errno 111] Connect call failed ('127.0.0.1', 9), "
+        "[Errno 101] Network is unreachable"
+    )
+    assert not _is_refusal(mixed)
+    # A connection accepted and dropped during the handshake is a broken path, not a dead host.
+    assert not _is_refusal(InvalidMessage("did not receive a valid HTTP response"))
+    assert not _is_refusal(TimeoutError())

@@ -1,0 +1,273 @@
+"""RemoteKernelProvisioner end to end: AsyncKernelManager and AsyncKernelClient, through the
+io-remote kernelspec, the local facade and the tunnel, to a real provider host running a
+real ipykernel."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+from solders.keypair import Keypair
+
+from jupyter_io.errors import KernelLaunchError
+from jupyter_io.identity import write_keypair
+from kernel_provisioner.provisioner import RemoteKernelProvisioner
+
+
+async def test_outputs_display_data_and_errors(
+    remote_spec: str, start_kernel: Any, cells: Any
+) -> None:
+    km = await start_kernel(remote_spec)
+    assert isinstance(km.provisioner, RemoteKernelProvisioner)
+    info = km.get_connection_info()
+    assert info["ip"] == "127.0.0.1" and info["transport"] == "tcp"
+    assert info["signature_scheme"] == "hmac-sha256"
+    kc = await cells.connect(km)
+    try:
+        ex = await cells.run(
+            kc,
+            "import sys\n"
+            "from IPython.display import display, HTML\n"
+            "print('hello out')\n"
+            "print('hello err', file=sys.stderr)\n"
+            "display(HTML('<b>rich</b>'))\n"
+            "6 * 7",
+        )
+        assert ex.status == "ok"
+        assert ex.stream("stdout") == "hello out\n"
+        assert ex.stream("stderr") == "hello err\n"
+        [display] = ex.of_type("display_data")
+        assert display["content"]["data"]["text/html"] == "<b>rich</b>"
+        [result] = ex.of_type("execute_result")
+        assert result["content"]["data"]["text/plain"] == "42"
+
+        ex = await cells.run(kc, "1 / 0")
+        assert ex.status == "error"
+        assert ex.reply is not None and ex.reply["content"]["ename"] == "ZeroDivisionError"
+        [error] = ex.of_type("error")
+        assert error["content"]["ename"] == "ZeroDivisionError"
+    finally:
+        kc.stop_channels()
+
+
+async def test_input_over_stdin(remote_spec: str, start_kernel: Any, cells: Any) -> None:
+    km = await start_kernel(remote_spec)
+    kc = await cells.connect(km)
+    try:
+        msg_id = kc.execute("name = input('who? ')\nprint('hi', name)", allow_stdin=True)
+        request = await kc.get_stdin_msg(timeout=30)
+        assert request["msg_type"] == "input_request"
+        assert request["content"]["prompt"] == "who? "
+        assert request["parent_header"]["msg_id"] == msg_id
+        kc.input("ada")
+        ex = await cells.collect(kc, msg_id)
+        assert ex.status == "ok"
+        assert ex.stream() == "hi ada\n"
+    finally:
+        kc.stop_channels()
+
+
+async def _interrupt_sleep(km: AsyncKernelManager, cells: Any) -> float:
+    kc = await cells.connect(km)
+    try:
+        msg_id = kc.execute("import time; time.sleep(60)")
+        await cells.next_iopub(kc, msg_id, "execute_input")
+        start = time.monotonic()
+        await km.interrupt_kernel()
+        ex = await cells.collect(kc, msg_id, timeout=10)
+        elapsed = time.monotonic() - start
+        assert ex.status == "error"
+        assert ex.reply is not None and ex.reply["content"]["ename"] == "KeyboardInterrupt"
+        # The kernel survives an interrupt and keeps its state.
+        ex = await cells.run(kc, "print('still here')")
+        assert ex.stream() == "still here\n"
+        return elapsed
+    finally:
+        kc.stop_channels()
+
+
+async def test_interrupt_by_signal(remote_spec: str, start_kernel: Any, cells: Any) -> None:
+    km = await start_kernel(remote_spec)
+    assert km.kernel_spec.interrupt_mode == "signal"
+    assert await _interrupt_sleep(km, cells) < 2.0
+
+
+async def test_interrupt_by_message(
+    kernelspecs: Any, provider_host: Any, start_kernel: Any, cells: Any
+) -> None:
+    name = kernelspecs.install(
+        "io-remote-msg",
+        provider_host.url,
+        provider_host.user_keypair_path,
+        interrupt_mode="message",
+    )
+    km = await start_kernel(name)
+    assert km.kernel_spec.interrupt_mode == "message"
+    assert await _interrupt_sleep(km, cells) < 2.0
+
+
+async def test_restart_clears_state_and_keeps_the_session(
+    remote_spec: str, start_kernel: Any, cells: Any, processes: Any
+) -> None:
+    km = await start_kernel(remote_spec)
+    prov = km.provisioner
+    session, old_pid, ports = prov.session_id, prov.kernel_pid, km.get_connection_info()
+    assert session and old_pid
+    kc = await cells.connect(km)
+    try:
+        assert (await cells.run(kc, "x = 'before'")).status == "ok"
+        await asyncio.wait_for(km.restart_kernel(), 60)
+        assert km.provisioner is prov
+        assert prov.session_id == session, "a restart must reuse the provider session"
+        assert prov.kernel_pid != old_pid
+        assert await processes.wait_gone(old_pid, 10), "the old kernel survived the restart"
+        # Same facade, ports and key: the already-connected client carries on.
+        assert km.get_connection_info() == ports
+        await kc.wait_for_ready(timeout=30)
+        ex = await cells.run(kc, "x")
+        assert ex.status == "error"
+        assert ex.reply is not None and ex.reply["content"]["ename"] == "NameError"
+        assert (await cells.run(kc, "print('new kernel')")).stream() == "new kernel\n"
+    finally:
+        kc.stop_channels()
+
+
+async def test_shutdown_leaves_no_process(
+    remote_spec: str, provider_host: Any, processes: Any
+) -> None:
+    km = AsyncKernelManager(kernel_name=remote_spec)
+    await asyncio.wait_for(km.start_kernel(), 60)
+    prov = km.provisioner
+    pid, tunnel = prov.kernel_pid, prov.tunnel
+    assert pid is not None and not processes.gone(pid)
+    await asyncio.wait_for(km.shutdown_kernel(), 30)
+    assert tunnel.ended, "the provider must confirm END"
+    assert await processes.wait_gone(pid, 10)
+    assert not km.has_kernel
+    assert not any(p.pid == pid for p in provider_host.descendants())
+
+
+async def test_comm_with_a_10_mb_buffer_arrives_intact(
+    remote_spec: str, start_kernel: Any, cells: Any
+) -> None:
+    km = await start_kernel(remote_spec)
+    kc = await cells.connect(km)
+    try:
+        ex = await cells.run(
+            kc,
+            "def _echo(comm, open_msg):\n"
+            "    comm.send({'echo': True}, buffers=open_msg['buffers'])\n"
+            "get_ipython().kernel.comm_manager.register_target('echo', _echo)",
+        )
+        assert ex.status == "ok"
+        payload = os.urandom(10 * 1024 * 1024)
+        msg = kc.session.msg("comm_open", {"comm_id": "c-10mb", "target_name": "echo", "data": {}})
+        kc.session.send(kc.shell_channel.socket, msg, buffers=[payload])
+        echoed = await cells.next_iopub(kc, msg["header"]["msg_id"], "comm_msg")
+        assert echoed["content"]["data"] == {"echo": True}
+        [buffer] = echoed["buffers"]
+        received = bytes(buffer)
+        assert len(received) == len(payload)
+        assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    finally:
+        kc.stop_channels()
+
+
+async def test_two_clients_get_their_own_replies(
+    remote_spec: str, start_kernel: Any, cells: Any
+) -> None:
+    km = await start_kernel(remote_spec)
+    a = await cells.connect(km, own_session=True)
+    b = await cells.connect(km, own_session=True)
+    try:
+        assert a.session.bsession != b.session.bsession
+        sent_a = [a.execute(f"a{i} = {i}") for i in range(5)]
+        sent_b = [b.execute(f"b{i} = {i}") for i in range(5)]
+        got_a = [(await a.get_shell_msg(timeout=30))["parent_header"]["msg_id"] for _ in sent_a]
+        got_b = [(await b.get_shell_msg(timeout=30))["parent_header"]["msg_id"] for _ in sent_b]
+        assert got_a == sent_a
+        assert got_b == sent_b
+        # The control channel routes by identity too.
+        ka, kb = a.session.msg("kernel_info_request"), b.session.msg("kernel_info_request")
+        a.control_channel.send(ka)
+        b.control_channel.send(kb)
+        reply_a = await a.get_control_msg(timeout=30)
+        reply_b = await b.get_control_msg(timeout=30)
+        assert reply_a["parent_header"]["msg_id"] == ka["header"]["msg_id"]
+        assert reply_b["parent_header"]["msg_id"] == kb["header"]["msg_id"]
+    finally:
+        a.stop_channels()
+        b.stop_channels()
+
+
+async def test_provisioner_info_round_trip_reattaches(
+    remote_spec: str, provider_host: Any, start_kernel: Any, cells: Any, processes: Any
+) -> None:
+    km = await start_kernel(remote_spec)
+    prov = km.provisioner
+    kc = await cells.connect(km)
+    assert (await cells.run(kc, "survivor = 'kept'")).status == "ok"
+    kc.stop_channels()
+    info = json.loads(json.dumps(await prov.get_provisioner_info()))
+    assert info["provider_url"] == provider_host.url
+    assert info["session_id"] == prov.session_id
+    assert info["connection_info"]["shell_port"] == km.get_connection_info()["shell_port"]
+    pid = prov.kernel_pid
+
+    # Another process takes over: the old provisioner lets go without ending the session.
+    await prov.detach()
+    km2 = AsyncKernelManager(kernel_name=remote_spec)
+    prov2 = RemoteKernelProvisioner(
+        kernel_id=info["kernel_id"],
+        kernel_spec=km2.kernel_spec,
+        provider_url=info["provider_url"],
+        keypair_path=str(provider_host.user_keypair_path),
+    )
+    await prov2.load_provisioner_info(info)
+    try:
+        assert prov2.session_id == info["session_id"]
+        assert prov2.has_process and await prov2.poll() is None
+        km2.provisioner = prov2
+        km2.load_connection_info(prov2.connection_info)
+        kc2 = await cells.connect(km2)
+        try:
+            ex = await cells.run(kc2, "print(survivor)")
+            assert ex.stream() == "kept\n"
+        finally:
+            kc2.stop_channels()
+        assert prov2.kernel_pid == pid
+    finally:
+        await prov2.cleanup(restart=False)
+    assert await processes.wait_gone(pid, 10)
+    km.provisioner = None  # nothing left for the fixture to shut down
+
+
+async def test_unknown_key_is_refused_with_a_clear_error(
+    kernelspecs: Any, provider_host: Any, tmp_path: Any
+) -> None:
+    stranger = write_keypair(Keypair(), tmp_path / "stranger.json")
+    name = kernelspecs.install("io-remote-stranger", provider_host.url, stranger)
+    km = AsyncKernelManager(kernel_name=name)
+    with pytest.raises(KernelLaunchError, match="refused key"):
+        await asyncio.wait_for(km.start_kernel(), 30)
+    assert not km.has_kernel
+
+
+async def test_unreachable_provider_fails_the_launch(kernelspecs: Any, provider_host: Any) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    name = kernelspecs.install(
+        "io-remote-nowhere", f"ws://127.0.0.1:{port}/tunnel", provider_host.user_keypair_path
+    )
+    km = AsyncKernelManager(kernel_name=name)
+    with pytest.raises(KernelLaunchError, match="cannot open a tunnel"):
+        await asyncio.wait_for(km.start_kernel(), 30)
