@@ -1,0 +1,993 @@
+"""SOL escrow per session: a wrapped-SOL account that only 2 of {user, provider, arbiter} can move.
+
+No custom on-chain program: the escrow is an SPL Token account of the native mint (wSOL)
+owned by an SPL Token **2-of-3 multisig** of the user, the provider and the coordinator (the
+arbiter). Both live at addresses derived from the user's key with ``create_account_with_seed``:
+
+- the multisig per (user, provider, arbiter) triple — its rent cannot be reclaimed (SPL Token
+  has no instruction to close a multisig), so it is created once and reused by every session of
+  that triple;
+- the escrow per session (the seed binds the session id, provider and arbiter).
+
+Lifecycle, each step one transaction, the same code against the embedded ledger or any cluster:
+
+1. :meth:`EscrowClient.open_escrow` — signed by the user only: creates the multisig if missing,
+   creates the escrow funded with the deposit and initialises it (fee 5,000 lamports).
+2. :meth:`EscrowClient.verify_escrow` — the coordinator checks on-chain, before activating the
+   lease, that the escrow is a wSOL account owned by the right 2-of-3 multisig and holds enough.
+3. :meth:`EscrowClient.settle` — signed by arbiter + provider: pays the metered amount into the
+   provider's wSOL account (its associated token account, created if missing *at the provider's
+   expense*: the rent stays the provider's and comes back when it unwraps) and closes the escrow
+   to the user (refund plus the escrow's rent). Fee 10,000 lamports, paid by the provider by
+   default. Idempotent: settling a closed escrow is a no-op.
+   :meth:`EscrowClient.refund` — signed by user + arbiter when the provider failed: pays the
+   provider its delivered share (wSOL if it has a wSOL account, otherwise native SOL from the
+   refund, in the same transaction) and closes the escrow to the user.
+4. :meth:`EscrowClient.unwrap` — the provider turns its wSOL back into SOL.
+
+Conservation: every escrowed lamport ends with the provider, with the user, or stays in the
+escrow; the only other movements are the fees (5,000 lamports per signature, reported on each
+result) and the multisig's one-time rent.
+
+For co-signing across machines (arbiter on the coordinator, provider on its host), build the
+message with :func:`settlement_message` / :func:`refund_message`, have each party sign
+``bytes(message)``, and :meth:`EscrowClient.submit` the signatures (``Presigner``).
+Start with ``async with EscrowClient.connect(url) as escrow: ...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Literal, TypeVar
+
+from solana.exceptions import SolanaRpcException
+from solana.rpc.async_api import AsyncClient
+from solana.rpc.commitment import Commitment, Confirmed
+from solana.rpc.core import RPCException
+from solana.rpc.models import TxOpts
+from solders.account import Account
+from solders.hash import Hash
+from solders.instruction import Instruction
+from solders.keypair import Keypair
+from solders.message import MessageV0
+from solders.presigner import Presigner
+from solders.pubkey import Pubkey
+from solders.signature import Signature
+from solders.system_program import (
+    CreateAccountWithSeedParams,
+    TransferParams,
+    create_account_with_seed,
+    transfer,
+)
+from solders.transaction import VersionedTransaction
+from solders.transaction_status import TransactionStatus
+from spl.token.constants import TOKEN_PROGRAM_ID
+from spl.token.instructions import (
+    close_account,
+    create_idempotent_associated_token_account,
+    get_associated_token_address,
+    initialize_account3,
+    initialize_multisig2,
+    transfer_checked,
+)
+from spl.token.models import (
+    CloseAccountParams,
+    InitializeAccount3Params,
+    InitializeMultisig2Params,
+    TransferCheckedParams,
+)
+
+from ..errors import InsufficientFunds, PaymentError
+from .amounts import FEE_PER_SIGNATURE, format_sol
+from .token_accounts import (
+    ACCOUNT_LEN,
+    MULTISIG_LEN,
+    NATIVE_DECIMALS,
+    NATIVE_MINT,
+    TokenAccount,
+    TokenAccountState,
+    decode_multisig,
+    decode_token_account,
+)
+
+__all__ = [
+    "MULTISIG_THRESHOLD",
+    "EscrowClient",
+    "EscrowError",
+    "EscrowReceipt",
+    "EscrowState",
+    "EscrowTerms",
+    "Settlement",
+    "Signer",
+    "TransactionFailed",
+    "escrow_seed",
+    "multisig_seed",
+    "refund_message",
+    "settlement_message",
+    "setup_message",
+]
+
+#: Signatures of the {user, provider, arbiter} multisig needed to move escrowed funds.
+MULTISIG_THRESHOLD = 2
+
+#: A party's signature: its keypair here, or a ``Presigner`` carrying a signature made elsewhere.
+Signer = Keypair | Presigner
+
+_SEED_DOMAIN = b"jupyter-io/escrow/v1/"
+_T = TypeVar("_T")
+
+
+class EscrowError(PaymentError):
+    """The escrow is missing or is not what the session agreed (wrong owner, mint, amount)."""
+
+
+class TransactionFailed(PaymentError):
+    """The cluster refused or failed a transaction. ``err`` is the RPC's error JSON."""
+
+    def __init__(self, message: str, err: Any = None, logs: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.err = err
+        self.logs = list(logs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Addresses
+
+
+def _seed(kind: str, *parts: bytes) -> str:
+    digest = hashlib.sha256(_SEED_DOMAIN + kind.encode() + b"".join(parts)).digest()
+    # 7 + 25 characters: the 32-byte limit of a seed; 25 base64url characters are 150 bits.
+    return f"jio-{kind[:2]}-" + base64.urlsafe_b64encode(digest).decode()[:25]
+
+
+def multisig_seed(provider: Pubkey, arbiter: Pubkey) -> str:
+    """Seed (under the user's key) of the multisig shared by every session of this triple."""
+    return _seed("ms", bytes(provider), bytes(arbiter))
+
+
+def escrow_seed(provider: Pubkey, arbiter: Pubkey, session_id: str) -> str:
+    """Seed (under the user's key) of one session's escrow account."""
+    return _seed("es", bytes(provider), bytes(arbiter), session_id.encode())
+
+
+@dataclass(frozen=True)
+class EscrowTerms:
+    """Who is party to a session's escrow; every address follows from these four values
+    (derived once per object: a program address costs a curve check)."""
+
+    user: Pubkey
+    provider: Pubkey
+    arbiter: Pubkey
+    session_id: str
+
+    def __post_init__(self) -> None:
+        if len({self.user, self.provider, self.arbiter}) != 3:
+            raise EscrowError("user, provider and arbiter must be three different keys")
+        if not self.session_id:
+            raise EscrowError("an escrow needs a session id (the lease id)")
+
+    @cached_property
+    def multisig(self) -> Pubkey:
+        """The 2-of-3 multisig that owns the escrow."""
+        seed = multisig_seed(self.provider, self.arbiter)
+        return Pubkey.create_with_seed(self.user, seed, TOKEN_PROGRAM_ID)
+
+    @cached_property
+    def escrow(self) -> Pubkey:
+        """The session's wSOL escrow account."""
+        seed = escrow_seed(self.provider, self.arbiter, self.session_id)
+        return Pubkey.create_with_seed(self.user, seed, TOKEN_PROGRAM_ID)
+
+    @cached_property
+    def provider_wsol(self) -> Pubkey:
+        """The provider's wSOL (associated token) account, where it is paid."""
+        return get_associated_token_address(self.provider, NATIVE_MINT)
+
+    @property
+    def signers(self) -> tuple[Pubkey, Pubkey, Pubkey]:
+        """The multisig's members, in the order they are registered on-chain."""
+        return (self.user, self.provider, self.arbiter)
+
+
+@dataclass(frozen=True, slots=True)
+class EscrowState:
+    """An escrow as verified on-chain. ``amount`` is the wSOL balance in lamports."""
+
+    address: Pubkey
+    amount: int
+    lamports: int
+    rent_exempt_reserve: int
+
+
+@dataclass(frozen=True, slots=True)
+class EscrowReceipt:
+    """Result of :meth:`EscrowClient.open_escrow`. ``signature`` is None when the escrow
+    already existed (a retried setup); then ``fee`` and rents are 0."""
+
+    terms: EscrowTerms
+    state: EscrowState
+    signature: Signature | None
+    fee: int
+    multisig_created: bool
+    #: Lamports the user spent on rent: the escrow's (returned at settlement) and, the first
+    #: time for this triple, the multisig's (never returned).
+    escrow_rent: int
+    multisig_rent: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """Result of :meth:`EscrowClient.settle` or :meth:`EscrowClient.refund`.
+
+    ``already_settled`` means the escrow was found closed (or never opened): nothing moved,
+    ``signature`` is None. Otherwise the provider received ``paid_to_provider`` (as ``payout``:
+    wSOL into its token account, or native SOL), the user ``refunded_to_user`` (unspent
+    deposit plus the escrow's rent, before its share of fees), and ``fee_payer`` paid ``fee``.
+    """
+
+    terms: EscrowTerms
+    signature: Signature | None
+    paid_to_provider: int
+    refunded_to_user: int
+    fee: int
+    fee_payer: Pubkey | None
+    payout: Literal["wsol", "sol", "none"]
+    already_settled: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure message builders (no I/O): what each party signs
+
+
+def setup_message(
+    terms: EscrowTerms,
+    deposit: int,
+    *,
+    escrow_rent: int,
+    multisig_rent: int | None,
+    blockhash: Hash,
+) -> MessageV0:
+    """The setup transaction's message, paid and signed by the user alone.
+
+    ``multisig_rent`` None means the multisig already exists; otherwise it is created and
+    initialised first, with that rent.
+    """
+    user = terms.user
+    instructions: list[Instruction] = []
+    if multisig_rent is not None:
+        instructions += [
+            create_account_with_seed(
+                CreateAccountWithSeedParams(
+                    from_pubkey=user,
+                    to_pubkey=terms.multisig,
+                    base=user,
+                    seed=multisig_seed(terms.provider, terms.arbiter),
+                    lamports=multisig_rent,
+                    space=MULTISIG_LEN,
+                    owner=TOKEN_PROGRAM_ID,
+                )
+            ),
+            initialize_multisig2(
+                InitializeMultisig2Params(
+                    program_id=TOKEN_PROGRAM_ID,
+                    multisig=terms.multisig,
+                    m=MULTISIG_THRESHOLD,
+                    signers=list(terms.signers),
+                )
+            ),
+        ]
+    instructions += [
+        create_account_with_seed(
+            CreateAccountWithSeedParams(
+                from_pubkey=user,
+                to_pubkey=terms.escrow,
+                base=user,
+                seed=escrow_seed(terms.provider, terms.arbiter, terms.session_id),
+                lamports=escrow_rent + deposit,
+                space=ACCOUNT_LEN,
+                owner=TOKEN_PROGRAM_ID,
+            )
+        ),
+        # A native account's amount is its lamports above the rent reserve: no SyncNative.
+        initialize_account3(
+            InitializeAccount3Params(
+                program_id=TOKEN_PROGRAM_ID,
+                account=terms.escrow,
+                mint=NATIVE_MINT,
+                owner=terms.multisig,
+            )
+        ),
+    ]
+    return MessageV0.try_compile(user, instructions, [], blockhash)
+
+
+def _move_and_close(
+    terms: EscrowTerms,
+    amount: int,
+    cosigners: Sequence[Pubkey],
+    *,
+    create_payout_for: Pubkey | None,
+) -> list[Instruction]:
+    instructions: list[Instruction] = []
+    if amount > 0:
+        if create_payout_for is not None:
+            instructions.append(
+                create_idempotent_associated_token_account(
+                    payer=create_payout_for, owner=terms.provider, mint=NATIVE_MINT
+                )
+            )
+        instructions.append(
+            transfer_checked(
+                TransferCheckedParams(
+                    program_id=TOKEN_PROGRAM_ID,
+                    source=terms.escrow,
+                    mint=NATIVE_MINT,
+                    dest=terms.provider_wsol,
+                    owner=terms.multisig,
+                    amount=amount,
+                    decimals=NATIVE_DECIMALS,
+                    signers=list(cosigners),
+                )
+            )
+        )
+    instructions.append(
+        close_account(
+            CloseAccountParams(
+                program_id=TOKEN_PROGRAM_ID,
+                account=terms.escrow,
+                dest=terms.user,
+                owner=terms.multisig,
+                signers=list(cosigners),
+            )
+        )
+    )
+    return instructions
+
+
+def settlement_message(
+    terms: EscrowTerms,
+    amount: int,
+    *,
+    blockhash: Hash,
+    fee_payer: Pubkey | None = None,
+    create_payout_account: bool = True,
+) -> MessageV0:
+    """The normal settlement's message, to be signed by the arbiter and the provider.
+
+    Pays ``amount`` lamports of wSOL to the provider's associated token account (created in
+    the same transaction if needed, rent paid by the provider, who recovers it by unwrapping)
+    and closes the escrow to the user. ``fee_payer`` defaults to the provider; it may be the
+    arbiter.
+    """
+    payer = fee_payer or terms.provider
+    if payer not in (terms.provider, terms.arbiter):
+        raise EscrowError("the settlement's fee payer must be the provider or the arbiter")
+    instructions = _move_and_close(
+        terms,
+        amount,
+        (terms.arbiter, terms.provider),
+        create_payout_for=terms.provider if create_payout_account else None,
+    )
+    return MessageV0.try_compile(payer, instructions, [], blockhash)
+
+
+def refund_message(
+    terms: EscrowTerms,
+    provider_share: int,
+    *,
+    blockhash: Hash,
+    provider_has_wsol_account: bool,
+    fee_payer: Pubkey | None = None,
+) -> MessageV0:
+    """The refund's message (provider failed), to be signed by the user and the arbiter.
+
+    The provider still gets ``provider_share`` for the time it delivered: as wSOL into its
+    token account when it has one, otherwise in native SOL that the user passes on from the
+    refund in the same transaction (the provider is not there to pay for a token account).
+    ``fee_payer`` defaults to the user; it may be the arbiter.
+    """
+    payer = fee_payer or terms.user
+    if payer not in (terms.user, terms.arbiter):
+        raise EscrowError("the refund's fee payer must be the user or the arbiter")
+    cosigners = (terms.user, terms.arbiter)
+    if provider_share == 0 or provider_has_wsol_account:
+        instructions = _move_and_close(terms, provider_share, cosigners, create_payout_for=None)
+    else:
+        instructions = _move_and_close(terms, 0, cosigners, create_payout_for=None)
+        instructions.append(
+            transfer(
+                TransferParams(
+                    from_pubkey=terms.user, to_pubkey=terms.provider, lamports=provider_share
+                )
+            )
+        )
+    return MessageV0.try_compile(payer, instructions, [], blockhash)
+
+
+# ----------------------------------------------------------------------------------------------
+# The client
+
+
+def _err_json(err: Any) -> Any:
+    """A solders ``TransactionError`` as the JSON a node sends (``"BlockhashNotFound"``,
+    ``{"InstructionError": [0, {"Custom": 1}]}``), so callers can compare plain values."""
+    if err is None:
+        return None
+    try:
+        return json.loads(TransactionStatus(0, None, None, err, None).to_json())["err"]
+    except (TypeError, ValueError):
+        return str(err)
+
+
+def _is_panic(exc: BaseException) -> bool:
+    return type(exc).__name__ == "PanicException"
+
+
+class EscrowClient:
+    """Escrow operations over any Solana JSON-RPC endpoint (solana-py ``AsyncClient``).
+
+    Caches what cannot change between calls: rent amounts, multisigs known to exist (they can
+    never be closed), and a blockhash for ``blockhash_ttl`` seconds (re-fetched and retried
+    once if the cluster has expired it).
+    """
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        *,
+        commitment: Commitment = Confirmed,
+        confirm_timeout: float = 90.0,
+        blockhash_ttl: float = 20.0,
+        owns_client: bool = False,
+    ) -> None:
+        self.client = client
+        self.commitment = commitment
+        self.confirm_timeout = confirm_timeout
+        self.blockhash_ttl = blockhash_ttl
+        self._owns_client = owns_client
+        self._rent: dict[int, int] = {}
+        self._multisigs: set[Pubkey] = set()
+        self._blockhash: tuple[Hash, int, float] | None = None
+        self._required_rank = {"processed": 0, "confirmed": 1, "finalized": 2}[str(commitment)]
+
+    @classmethod
+    def connect(cls, url: str, **options: Any) -> EscrowClient:
+        """A client of its own for ``url`` (closed with the EscrowClient)."""
+        return cls(AsyncClient(url, timeout=30.0), owns_client=True, **options)
+
+    async def close(self) -> None:
+        """Close the HTTP client if this object created it."""
+        if self._owns_client:
+            await self.client.close()
+
+    async def __aenter__(self) -> EscrowClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    # -- RPC plumbing ----------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The RPC endpoint this client talks to."""
+        return str(self.client._provider.endpoint_uri)
+
+    async def _call(self, what: str, request: Awaitable[_T]) -> _T:
+        try:
+            return await request
+        except RPCException as exc:
+            raise self._rejected(what, exc) from None
+        except SolanaRpcException as exc:
+            cause = exc.__cause__ or exc
+            raise PaymentError(
+                f"cannot reach the Solana RPC at {self.url} while {what} ({cause!r}); check the "
+                f"Solana URL setting, or start the coordinator that serves the embedded ledger"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise PaymentError(f"the Solana RPC at {self.url} failed while {what}: {exc}") from None
+
+    def _rejected(self, what: str, exc: RPCException) -> TransactionFailed:
+        detail = exc.args[0] if exc.args else exc
+        message = getattr(detail, "message", str(detail))
+        data = getattr(detail, "data", None)
+        err = _err_json(getattr(data, "err", None)) if data is not None else None
+        logs = list(getattr(data, "logs", None) or [])
+        tail = f"; program logs: {' | '.join(logs[-4:])}" if logs else ""
+        return TransactionFailed(f"{what}: the cluster refused it: {message}{tail}", err, logs)
+
+    async def _rent_for(self, sizes: Sequence[int]) -> None:
+        missing = [s for s in sizes if s not in self._rent]
+        if not missing:
+            return
+        values = await asyncio.gather(
+            *(
+                self._call("reading rent", self.client.get_minimum_balance_for_rent_exemption(s))
+                for s in missing
+            )
+        )
+        for size, resp in zip(missing, values, strict=True):
+            self._rent[size] = resp.value
+
+    async def _latest_blockhash(self, *, fresh: bool = False) -> Hash:
+        cached = self._blockhash
+        if not fresh and cached is not None and time.monotonic() - cached[2] < self.blockhash_ttl:
+            return cached[0]
+        resp = await self._call(
+            "fetching a blockhash", self.client.get_latest_blockhash(self.commitment)
+        )
+        value = resp.value
+        self._blockhash = (value.blockhash, value.last_valid_block_height, time.monotonic())
+        return value.blockhash
+
+    async def _accounts(self, what: str, keys: Sequence[Pubkey]) -> list[Account | None]:
+        resp = await self._call(
+            what, self.client.get_multiple_accounts(list(keys), self.commitment, "base64")
+        )
+        return [a if a is not None and a.lamports > 0 else None for a in resp.value]
+
+    async def submit(
+        self, message: MessageV0, signers: Sequence[Signer], *, what: str = "sending"
+    ) -> Signature:
+        """Sign ``message`` with ``signers`` (keypairs or presigners), send it with preflight,
+        wait for the client's commitment and return the signature.
+
+        Raises :class:`TransactionFailed` when the cluster refuses the transaction or it lands
+        with an error (``confirm_transaction`` alone would not say), :class:`PaymentError` when
+        the RPC is unreachable or confirmation times out.
+        """
+        try:
+            tx = VersionedTransaction(message, list(signers))
+        except BaseException as exc:  # SignerError, or a pyo3 PanicException (BaseException)
+            if not (isinstance(exc, Exception) or _is_panic(exc)):
+                raise
+            needed = list(message.account_keys)[: message.header.num_required_signatures]
+            given = [s.pubkey() for s in signers]
+            missing = [str(k) for k in needed if k not in given]
+            raise PaymentError(
+                f"{what}: cannot sign ({exc}); required signers {[str(k) for k in needed]}, "
+                f"missing {missing or 'none (a signer does not match its key)'}"
+            ) from None
+        opts = TxOpts(
+            skip_confirmation=True, skip_preflight=False, preflight_commitment=self.commitment
+        )
+        resp = await self._call(what, self.client.send_raw_transaction(bytes(tx), opts))
+        await self._confirm(resp.value, what)
+        return resp.value
+
+    async def _confirm(self, signature: Signature, what: str) -> None:
+        deadline = time.monotonic() + self.confirm_timeout
+        delay = 0.0
+        while True:
+            resp = await self._call(
+                "confirming a transaction", self.client.get_signature_statuses([signature])
+            )
+            status = resp.value[0]
+            if status is not None:
+                if status.err is not None:
+                    err = _err_json(status.err)
+                    raise TransactionFailed(f"{what}: transaction {signature} failed: {err}", err)
+                level = status.confirmation_status
+                if level is not None and int(level) >= self._required_rank:
+                    return
+            if time.monotonic() >= deadline:
+                raise PaymentError(
+                    f"{what}: transaction {signature} not confirmed after "
+                    f"{self.confirm_timeout:.0f} s; it may still land — check it before retrying"
+                )
+            await asyncio.sleep(delay)
+            delay = min(0.5, delay + 0.1)
+
+    async def _submit_fresh(self, build: Any, signers: Sequence[Signer], what: str) -> Signature:
+        """Build with a (cached) blockhash and submit; on an expired blockhash, rebuild once."""
+        message = build(await self._latest_blockhash())
+        try:
+            return await self.submit(message, signers, what=what)
+        except TransactionFailed as exc:
+            if exc.err != "BlockhashNotFound" or any(isinstance(s, Presigner) for s in signers):
+                raise
+        message = build(await self._latest_blockhash(fresh=True))
+        return await self.submit(message, signers, what=what)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    async def balance(self, pubkey: Pubkey) -> int:
+        """Lamports held by a wallet."""
+        request = self.client.get_balance(pubkey, self.commitment)
+        resp = await self._call("reading a balance", request)
+        return resp.value
+
+    async def wsol_balance(self, owner: Pubkey) -> int:
+        """Lamports of wSOL in ``owner``'s associated wSOL account (0 if it has none)."""
+        address = get_associated_token_address(owner, NATIVE_MINT)
+        (account,) = await self._accounts("reading a wSOL account", [address])
+        token = decode_token_account(bytes(account.data)) if account is not None else None
+        return token.amount if token is not None else 0
+
+    async def airdrop(self, pubkey: Pubkey, lamports: int) -> Signature:
+        """Request an airdrop (embedded ledger, devnet, testnet) and wait until it lands."""
+        resp = await self._call(
+            f"requesting an airdrop of {format_sol(lamports)}",
+            self.client.request_airdrop(pubkey, lamports, self.commitment),
+        )
+        await self._confirm(resp.value, "airdrop")
+        return resp.value
+
+    def _check_escrow(
+        self, terms: EscrowTerms, escrow: Account | None, multisig: Account | None
+    ) -> EscrowState | None:
+        if escrow is None:
+            return None
+        address = terms.escrow
+        token = (
+            decode_token_account(bytes(escrow.data)) if escrow.owner == TOKEN_PROGRAM_ID else None
+        )
+        if token is None:
+            raise EscrowError(f"{address} is not an SPL Token account; it is no escrow")
+        self._check_token(terms, token)
+        self._check_multisig(terms, multisig)
+        assert token.rent_exempt_reserve is not None
+        return EscrowState(
+            address=address,
+            amount=token.amount,
+            lamports=escrow.lamports,
+            rent_exempt_reserve=token.rent_exempt_reserve,
+        )
+
+    @staticmethod
+    def _check_token(terms: EscrowTerms, token: TokenAccount) -> None:
+        problems = []
+        if token.mint != NATIVE_MINT or not token.is_native:
+            problems.append(f"its mint is {token.mint}, not wrapped SOL")
+        if token.owner != terms.multisig:
+            problems.append(f"it is owned by {token.owner}, not the multisig {terms.multisig}")
+        if token.state != TokenAccountState.INITIALIZED:
+            problems.append("it is frozen")
+        if token.delegate is not None:
+            problems.append(f"it has a delegate ({token.delegate})")
+        if token.close_authority is not None:
+            problems.append(f"it has a close authority ({token.close_authority})")
+        if problems:
+            raise EscrowError(f"escrow {terms.escrow} is not as agreed: " + "; ".join(problems))
+
+    def _check_multisig(self, terms: EscrowTerms, account: Account | None) -> None:
+        if terms.multisig in self._multisigs:
+            return
+        if account is None:
+            raise EscrowError(f"the escrow's multisig {terms.multisig} does not exist")
+        multisig = (
+            decode_multisig(bytes(account.data)) if account.owner == TOKEN_PROGRAM_ID else None
+        )
+        if multisig is None:
+            raise EscrowError(f"{terms.multisig} is not an SPL Token multisig")
+        if multisig.m != MULTISIG_THRESHOLD or set(multisig.signers) != set(terms.signers):
+            raise EscrowError(
+                f"multisig {terms.multisig} is {multisig.m}-of-{multisig.n} "
+                f"{[str(s) for s in multisig.signers]}, not 2-of-3 user, provider, arbiter"
+            )
+        self._multisigs.add(terms.multisig)
+
+    async def escrow_state(self, terms: EscrowTerms) -> EscrowState | None:
+        """The escrow as it is on-chain, None if closed (settled) or never opened.
+
+        Raises :class:`EscrowError` if an account exists there but is not a proper escrow.
+        """
+        escrow, multisig = await self._accounts(
+            "reading the escrow", [terms.escrow, terms.multisig]
+        )
+        return self._check_escrow(terms, escrow, multisig)
+
+    async def verify_escrow(self, terms: EscrowTerms, min_amount: int) -> EscrowState:
+        """Check on-chain that the session's escrow is funded: call before activating a lease.
+
+        The escrow must be a wSOL token account owned by the 2-of-3 multisig of exactly
+        {user, provider, arbiter}, with no delegate or close authority, holding at least
+        ``min_amount`` lamports. Raises :class:`EscrowError` otherwise.
+        """
+        state = await self.escrow_state(terms)
+        if state is None:
+            raise EscrowError(
+                f"no escrow for session {terms.session_id} at {terms.escrow}; the user's wallet "
+                f"must open it before the kernel starts"
+            )
+        if state.amount < min_amount:
+            raise EscrowError(
+                f"escrow {terms.escrow} holds {format_sol(state.amount)}, the session needs "
+                f"{format_sol(min_amount)}"
+            )
+        return state
+
+    # -- setup -------------------------------------------------------------------------------
+
+    async def open_escrow(
+        self,
+        user: Keypair,
+        provider: Pubkey,
+        arbiter: Pubkey,
+        session_id: str,
+        deposit: int,
+    ) -> EscrowReceipt:
+        """Fund the session's escrow from the user's wallet in one transaction (user signs).
+
+        Creates the (user, provider, arbiter) multisig the first time. Idempotent: if the
+        escrow already exists and holds at least ``deposit``, returns it without a transaction.
+        Raises :class:`InsufficientFunds` (nothing moved) when the wallet cannot cover the
+        deposit, the rents and the fee. Next: the coordinator calls :meth:`verify_escrow`.
+        """
+        if deposit <= 0:
+            raise EscrowError("an escrow deposit must be a positive number of lamports")
+        terms = EscrowTerms(user.pubkey(), provider, arbiter, session_id)
+        await self._rent_for([ACCOUNT_LEN, MULTISIG_LEN])
+        escrow_rent = self._rent[ACCOUNT_LEN]
+        multisig_rent: int | None = None
+        if terms.multisig not in self._multisigs:
+            # First session of this triple seen by this client: look before creating. Later
+            # ones skip the read (a multisig can never be closed) and let preflight object.
+            wallet, multisig, escrow = await self._accounts(
+                "reading the wallet and escrow", [terms.user, terms.multisig, terms.escrow]
+            )
+            existing = self._existing(terms, escrow, multisig, deposit)
+            if existing is not None:
+                return existing
+            if multisig is not None:
+                self._check_multisig(terms, multisig)
+            else:
+                multisig_rent = self._rent[MULTISIG_LEN]
+            needed = deposit + escrow_rent + (multisig_rent or 0) + FEE_PER_SIGNATURE
+            held = wallet.lamports if wallet is not None else 0
+            if held < needed:
+                raise self._insufficient(terms.user, needed, held, deposit)
+        needed = deposit + escrow_rent + (multisig_rent or 0) + FEE_PER_SIGNATURE
+
+        def build(blockhash: Hash) -> MessageV0:
+            return setup_message(
+                terms,
+                deposit,
+                escrow_rent=escrow_rent,
+                multisig_rent=multisig_rent,
+                blockhash=blockhash,
+            )
+
+        what = f"opening the escrow for session {session_id}"
+        try:
+            signature = await self._submit_fresh(build, [user], what)
+        except TransactionFailed as exc:
+            # An earlier identical setup may have landed (a retry), or the wallet is short.
+            wallet, multisig, escrow = await self._accounts(
+                what, [terms.user, terms.multisig, terms.escrow]
+            )
+            existing = self._existing(terms, escrow, multisig, deposit)
+            if existing is not None:
+                return existing
+            held = wallet.lamports if wallet is not None else 0
+            if self._looks_like_funds(exc) or held < needed:
+                raise self._insufficient(terms.user, needed, held, deposit) from None
+            raise
+        self._multisigs.add(terms.multisig)
+        state = EscrowState(terms.escrow, deposit, escrow_rent + deposit, escrow_rent)
+        return EscrowReceipt(
+            terms=terms,
+            state=state,
+            signature=signature,
+            fee=FEE_PER_SIGNATURE,
+            multisig_created=multisig_rent is not None,
+            escrow_rent=escrow_rent,
+            multisig_rent=multisig_rent or 0,
+        )
+
+    def _existing(
+        self, terms: EscrowTerms, escrow: Account | None, multisig: Account | None, deposit: int
+    ) -> EscrowReceipt | None:
+        state = self._check_escrow(terms, escrow, multisig)
+        if state is None:
+            return None
+        if state.amount < deposit:
+            raise EscrowError(
+                f"escrow {terms.escrow} for session {terms.session_id} already exists with "
+                f"{format_sol(state.amount)}, less than the {format_sol(deposit)} asked"
+            )
+        return EscrowReceipt(terms, state, None, 0, False, 0, 0)
+
+    @staticmethod
+    def _looks_like_funds(exc: TransactionFailed) -> bool:
+        err = exc.err
+        if err in ("AccountNotFound", "InsufficientFundsForFee"):
+            return True
+        if isinstance(err, dict) and "InsufficientFundsForRent" in err:
+            return True
+        return any("insufficient lamports" in line for line in exc.logs)
+
+    @staticmethod
+    def _insufficient(wallet: Pubkey, needed: int, held: int, deposit: int) -> InsufficientFunds:
+        return InsufficientFunds(
+            f"escrow needs {format_sol(needed)} ({format_sol(deposit)} deposit plus rent and "
+            f"fee), wallet {wallet} holds {format_sol(held)}; run `jupyter io wallet airdrop` "
+            f"on the local ledger or fund it"
+        )
+
+    # -- settlement ----------------------------------------------------------------------------
+
+    async def settle(
+        self,
+        terms: EscrowTerms,
+        amount: int,
+        *,
+        arbiter: Signer,
+        provider: Signer,
+        fee_payer: Pubkey | None = None,
+    ) -> Settlement:
+        """Pay the provider ``amount`` (the metered lamports) and refund the rest to the user.
+
+        One transaction signed by the arbiter and the provider. A second call after success
+        finds the escrow closed and returns ``already_settled`` without sending anything.
+        Raises :class:`EscrowError` if ``amount`` exceeds the escrow.
+        """
+        self._check_parties(terms, {"arbiter": arbiter, "provider": provider})
+        payer = fee_payer or terms.provider
+        what = f"settling session {terms.session_id}"
+        escrow, multisig, payout = await self._accounts(
+            what, [terms.escrow, terms.multisig, terms.provider_wsol]
+        )
+        state = self._check_escrow(terms, escrow, multisig)
+        if state is None:
+            return self._no_op(terms)
+        self._check_amount(terms, state, amount)
+
+        def build(blockhash: Hash) -> MessageV0:
+            return settlement_message(
+                terms,
+                amount,
+                blockhash=blockhash,
+                fee_payer=payer,
+                create_payout_account=payout is None,
+            )
+
+        return await self._close(
+            terms,
+            state,
+            amount,
+            build,
+            [arbiter, provider],
+            payer,
+            "wsol" if amount else "none",
+            what,
+        )
+
+    async def refund(
+        self,
+        terms: EscrowTerms,
+        provider_share: int = 0,
+        *,
+        user: Signer,
+        arbiter: Signer,
+        fee_payer: Pubkey | None = None,
+    ) -> Settlement:
+        """Close the escrow to the user when the provider failed (user + arbiter sign).
+
+        ``provider_share`` is what the provider earned before it failed (0 for a full refund);
+        it goes to the provider's wSOL account if it has one, else in native SOL. Idempotent
+        like :meth:`settle`.
+        """
+        self._check_parties(terms, {"user": user, "arbiter": arbiter})
+        payer = fee_payer or terms.user
+        what = f"refunding session {terms.session_id}"
+        escrow, multisig, payout = await self._accounts(
+            what, [terms.escrow, terms.multisig, terms.provider_wsol]
+        )
+        state = self._check_escrow(terms, escrow, multisig)
+        if state is None:
+            return self._no_op(terms)
+        self._check_amount(terms, state, provider_share)
+        has_wsol = payout is not None
+
+        def build(blockhash: Hash) -> MessageV0:
+            return refund_message(
+                terms,
+                provider_share,
+                blockhash=blockhash,
+                provider_has_wsol_account=has_wsol,
+                fee_payer=payer,
+            )
+
+        kind: Literal["wsol", "sol", "none"] = (
+            "none" if provider_share == 0 else "wsol" if has_wsol else "sol"
+        )
+        return await self._close(
+            terms, state, provider_share, build, [user, arbiter], payer, kind, what
+        )
+
+    async def _close(
+        self,
+        terms: EscrowTerms,
+        state: EscrowState,
+        amount: int,
+        build: Any,
+        signers: Sequence[Signer],
+        payer: Pubkey,
+        payout: Literal["wsol", "sol", "none"],
+        what: str,
+    ) -> Settlement:
+        try:
+            signature = await self._submit_fresh(build, signers, what)
+        except TransactionFailed:
+            # A duplicate that raced us (or an earlier attempt we lost track of) may have
+            # closed it: then this request is a no-op, never a second payment.
+            if await self.escrow_state(terms) is None:
+                return self._no_op(terms)
+            raise
+        return Settlement(
+            terms=terms,
+            signature=signature,
+            paid_to_provider=amount,
+            refunded_to_user=state.lamports - amount,
+            fee=FEE_PER_SIGNATURE * len(signers),
+            fee_payer=payer,
+            payout=payout,
+        )
+
+    @staticmethod
+    def _no_op(terms: EscrowTerms) -> Settlement:
+        return Settlement(terms, None, 0, 0, 0, None, "none", already_settled=True)
+
+    @staticmethod
+    def _check_amount(terms: EscrowTerms, state: EscrowState, amount: int) -> None:
+        if not 0 <= amount <= state.amount:
+            raise EscrowError(
+                f"cannot pay {format_sol(amount)} from escrow {terms.escrow}, which holds "
+                f"{format_sol(state.amount)}"
+            )
+
+    @staticmethod
+    def _check_parties(terms: EscrowTerms, signers: dict[str, Signer]) -> None:
+        for role, signer in signers.items():
+            expected = getattr(terms, role)
+            if signer.pubkey() != expected:
+                raise EscrowError(
+                    f"the {role} signer is {signer.pubkey()}, but this escrow's {role} "
+                    f"is {expected}"
+                )
+
+    # -- provider ------------------------------------------------------------------------------
+
+    async def unwrap(
+        self, provider: Keypair, *, keep_account: bool = False
+    ) -> tuple[Signature | None, int]:
+        """Turn the provider's wSOL into SOL: close its wSOL account to its wallet.
+
+        Returns the signature (None if there was no account) and the lamports that came back
+        (earnings plus the account's rent). With ``keep_account`` the account is recreated in
+        the same transaction, so the next settlement need not pay for it (its rent stays
+        locked there).
+        """
+        owner = provider.pubkey()
+        address = get_associated_token_address(owner, NATIVE_MINT)
+        (account,) = await self._accounts("reading the wSOL account", [address])
+        if account is None:
+            return None, 0
+        instructions = [
+            close_account(
+                CloseAccountParams(
+                    program_id=TOKEN_PROGRAM_ID, account=address, dest=owner, owner=owner
+                )
+            )
+        ]
+        returned = account.lamports
+        if keep_account:
+            instructions.append(
+                create_idempotent_associated_token_account(owner, owner, NATIVE_MINT)
+            )
+            token = decode_token_account(bytes(account.data))
+            returned = token.amount if token is not None else 0
+
+        def build(blockhash: Hash) -> MessageV0:
+            return MessageV0.try_compile(owner, instructions, [], blockhash)
+
+        signature = await self._submit_fresh(build, [provider], "unwrapping wSOL")
+        return signature, returned
