@@ -19,10 +19,12 @@ Every method is one transaction. Results are frozen dataclasses (:class:`LeaseRe
 detached from the database. Timestamps are timezone-aware UTC; each write method takes an
 ``at=`` for the time of the event (default: now).
 
-Concurrency: on PostgreSQL every write that touches a provider's leases first locks the
-provider's row (``SELECT ... FOR UPDATE``), always before any lease row, so capacity checks
-cannot race and transactions cannot deadlock on each other. On SQLite every write transaction
-is ``BEGIN IMMEDIATE``: one writer at a time, across processes too.
+Concurrency: on PostgreSQL every write that changes a provider's capacity, inventory or
+counters first locks the provider's row (``SELECT ... FOR UPDATE``), always before any lease
+row, so capacity checks cannot race and these transactions cannot deadlock on each other.
+(Heartbeat flushes lock many provider rows; a deadlock between two flushes is retried.) On
+SQLite every write transaction is ``BEGIN IMMEDIATE``: one writer at a time, across
+processes too.
 """
 
 from __future__ import annotations
@@ -341,8 +343,8 @@ def make_engine(url: str | os.PathLike[str] | URL, **engine_kw: Any) -> AsyncEng
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
         # A deferred transaction that reads and then writes fails at once with SQLITE_BUSY
-        # when another writer got in between (the busy timeout does not apply to upgrades).
-        # Taking the write lock at BEGIN makes writers queue instead.
+        # when another writer got in between (the busy timeout does not cover upgrading a
+        # read lock to a write lock). Taking the write lock at BEGIN makes writers queue.
         immediate = conn.get_execution_options().get(_WRITE, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
@@ -520,12 +522,21 @@ class Store:
         self, profiles: Iterable[ProviderProfile], *, at: datetime | None = None
     ) -> int:
         """:meth:`upsert_provider` for many providers in one transaction (a coordinator
-        restart with thousands reconnecting, or a simulation). Returns how many were given."""
+        restart with thousands reconnecting, or a simulation); the last profile of a public key
+        given twice wins. Returns how many providers were upserted."""
         at = _when(at)
-        rows = [self._provider_values(profile, at) for profile in profiles]
-        if rows:
+        # One row per provider (PostgreSQL refuses to upsert a row twice in one statement),
+        # sorted like heartbeat batches so concurrent multi-row writes lock in one order.
+        latest = {profile.pubkey: profile for profile in profiles}
+        rows = [self._provider_values(latest[pubkey], at) for pubkey in sorted(latest)]
+        if not rows:
+            return 0
+
+        async def upsert() -> None:
             async with self._write() as conn:
                 await conn.execute(self._provider_upsert(), rows)
+
+        await self._retrying(upsert)
         return len(rows)
 
     async def mark_provider_offline(self, pubkey: str, *, at: datetime | None = None) -> bool:

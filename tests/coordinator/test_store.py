@@ -91,6 +91,11 @@ async def test_upsert_provider_registers_then_updates_keeping_history(store: Sto
     assert again.last_heartbeat == at(60)
     assert again.online_seconds_total() == 60
     assert again == await store.get_provider(pubkey)
+    assert (
+        await store.upsert_providers([ProviderProfile(pubkey, "x"), ProviderProfile(pubkey)]) == 1
+    )
+    renamed = await store.get_provider(pubkey)
+    assert renamed is not None and renamed.display_name == "" and renamed.first_seen == T0
     assert await store.get_provider(new_key()) is None
 
 
