@@ -53,6 +53,20 @@ __all__ = ["KernelSession", "SessionBridge"]
 _MAX_RUNTIME_DIR = 80
 
 
+class _HostTunnel(Tunnel):
+    """The shared :class:`Tunnel`, refusing DATA frames without parts.
+
+    ``Bridge._receive`` indexes ``frame.parts[-1]``; an empty DATA frame would raise
+    IndexError there and end the connection with 1011 instead of a 1002 protocol error.
+    """
+
+    def receive(self, data: bytes) -> Frame | None:
+        frame = super().receive(data)
+        if frame is not None and frame.kind is FrameKind.DATA and not frame.parts:
+            raise ProtocolError(f"{frame.channel.name} DATA frame with no parts")
+        return frame
+
+
 class SessionBridge(Bridge):
     """The shared :class:`Bridge`, plus two things a long-lived host session needs.
 
@@ -113,7 +127,7 @@ class KernelSession:
         self.kernel: KernelProcess | None = None
         #: Set once the session has ended and its resources are gone.
         self.ended = asyncio.Event()
-        self.tunnel = Tunnel(
+        self.tunnel: Tunnel = _HostTunnel(
             max_frame_size=config.max_frame_size, max_unacked_bytes=config.max_unacked_bytes
         )
         self._context = context

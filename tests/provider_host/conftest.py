@@ -69,6 +69,8 @@ class TunnelClient:
         #: Every raw frame received on the current connection (before dedup), for seq checks.
         self.raw: list[Frame] = []
         self._inbox: list[Frame] = []
+        #: What broke the reader (a protocol violation by the host), if anything.
+        self.error: Exception | None = None
         self._decoded: dict[int, dict[str, Any]] = {}
         self._arrived = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
@@ -132,7 +134,7 @@ class TunnelClient:
         return welcome
 
     async def _read(self, ws: ClientConnection) -> None:
-        with contextlib.suppress(ConnectionClosed):
+        try:
             async for message in ws:
                 assert isinstance(message, bytes)
                 self.raw.append(decode_frame(message))
@@ -143,6 +145,10 @@ class TunnelClient:
                         self._decoded[id(frame)] = self._decode(frame)
                     self._inbox.append(frame)
                     self._arrived.set()
+        except ConnectionClosed:
+            pass
+        except Exception as exc:  # e.g. a sequence gap: fail the waiting test at once
+            self.error = exc
         self._arrived.set()
 
     async def _flush(self, ws: ClientConnection) -> None:
@@ -194,6 +200,8 @@ class TunnelClient:
                 if match(frame):
                     del self._inbox[i]
                     return frame
+            if self.error is not None:
+                raise AssertionError(f"the host broke the protocol: {self.error}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise asyncio.TimeoutError(f"no matching frame within {timeout} s")

@@ -24,12 +24,17 @@ def _iopub_from_client(client) -> bytes:
     return client.tunnel.send_data(Channel.IOPUB, [b"not", b"allowed"])
 
 
+def _empty_data(client) -> bytes:
+    return client.tunnel.send_data(Channel.SHELL, [])
+
+
 CASES = {
     "malformed": (lambda client: b"\x00\x00\x01\x00garbage", 1002, "truncated"),
     "text": (lambda client: "a text message", 1002, "text message"),
     "oversize": (_oversize, 1009, "exceeds"),
     "sequence gap": (_gap, 1002, "sequence gap"),
     "iopub from client": (_iopub_from_client, 1002, "IOPUB"),
+    "data without parts": (_empty_data, 1002, "no parts"),
 }
 
 

@@ -163,3 +163,13 @@ async def test_tls_serves_wss(make_host, make_client, tmp_path):
     client = make_client(host, ssl=trust)
     welcome = await client.connect()
     assert welcome["session"] in host.sessions
+
+
+async def test_silent_client_is_dropped_after_the_handshake_timeout(make_host, workspace_root):
+    host = await make_host(handshake_timeout=0.2)
+    async with connect(host.url, subprotocols=[SUBPROTOCOL], compression=None) as ws:
+        await ws.recv()  # CHALLENGE, then say nothing
+        await asyncio.wait_for(ws.wait_closed(), 10)
+    assert ws.close_code == 1008
+    assert "HELLO" in ws.close_reason
+    assert_nothing_created(host, workspace_root)

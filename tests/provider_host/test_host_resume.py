@@ -125,3 +125,61 @@ async def test_resume_within_grace_keeps_the_kernel(make_host, make_client):
         await asyncio.wait_for(session.ended.wait(), 1.5)
     assert pid_alive(started["pid"])
     assert await client.evaluate("kept") == 7
+
+
+BURST_CODE = """
+import os, sys, time
+while not os.path.exists('go'):
+    time.sleep(0.005)
+chunk = 'x' * (256 * 1024)
+for i in range(64):
+    print(i, chunk, flush=True)
+open('burst-done', 'w').close()
+for i in range(3000):
+    print('live', i, flush=True)
+"""
+
+
+async def test_live_output_never_overtakes_a_long_replay(host, client):
+    # 16 MiB replayed while the kernel keeps printing: the replay must finish before live
+    # frames go out, or the client sees a sequence gap and the connection breaks.
+    await client.connect()
+    await client.launch()
+    await client.wait_ready()
+    session = host.sessions[client.session_id]
+    msg_id, _ = await client.execute(BURST_CODE, wait=False)
+    await client.message(
+        Channel.IOPUB,
+        lambda m: m["msg_type"] == "execute_input" and m["parent_header"]["msg_id"] == msg_id,
+    )
+    await client.disconnect()
+    await wait_until(lambda: not session.attached, what="the host to notice the disconnect")
+    (session.workspace / "go").touch()
+    await wait_until(lambda: (session.workspace / "burst-done").exists(), what="the burst")
+    await wait_until(
+        lambda: session.tunnel.unacked_bytes > 16 * 1024 * 1024, what="the burst on the host"
+    )
+    await client.connect(resume=True)
+    outputs = await client.outputs(msg_id, timeout=40)
+    text = "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream")
+    lines = text.splitlines()
+    assert [line.split(" ", 1)[0] for line in lines[:64]] == [str(i) for i in range(64)]
+    assert lines[64:] == [f"live {i}" for i in range(3000)]
+    assert client.ws is not None and client.ws.close_code is None
+
+
+async def test_output_beyond_the_replay_bound_ends_the_session(make_host, make_client):
+    host = await make_host(max_unacked_bytes=1024 * 1024)
+    client = make_client(host)
+    await client.connect()
+    started = await client.launch()
+    await client.wait_ready()
+    session = host.sessions[client.session_id]
+    await client.execute(WAITING_CODE.replace("'line', i", "'x' * 65536"), wait=False)
+    await client.disconnect()
+    await wait_until(lambda: not session.attached, what="the host to notice the disconnect")
+    (session.workspace / "go").touch()
+    # 200 x 64 KiB cannot be kept for a replay: the session ends rather than lose output.
+    await asyncio.wait_for(session.ended.wait(), 20)
+    assert not pid_alive(started["pid"])
+    assert client.session_id not in host.sessions
