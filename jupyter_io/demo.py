@@ -26,6 +26,7 @@ import re
 import shutil
 import signal
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -50,10 +51,11 @@ __all__ = [
 #: The demo prints this line (then details) once every service is up.
 READY_LINE = "jupyter-io demo ready"
 
-# What the provider host prints once it accepts tunnels, and (optionally, before it) what it
-# offers. The URL is the part the kernelspec needs.
-_LISTENING = re.compile(r"jupyter-io provider listening on (?P<url>wss?://\S+)")
-_OFFERING = re.compile(r"jupyter-io provider offering (?P<offer>.+?)\s*$")
+# What the provider host prints on stdout before it accepts tunnels: its inventory, one
+# device a line ("  gpu 0: MODEL, 80.0 GiB VRAM" or "  cpu: cpu (no GPU), 2 cores"), then the
+# listening line, whose URL the kernelspec needs.
+_LISTENING = re.compile(r"^jupyter-io provider listening on (?P<url>wss?://\S+)")
+_DEVICE = re.compile(r"^\s+(?P<kind>cpu|gpu \d+): (?P<model>.+), [^,]+$")
 
 
 class Service:
@@ -122,7 +124,7 @@ class _Process(Service):
 
 class ProviderService(_Process):
     """A provider host on loopback. After :meth:`start`, :attr:`url` is its tunnel URL and
-    :attr:`offer` what it says it offers (e.g. ``cpu (no GPU)``), if it said."""
+    :attr:`offer` what its inventory lists (e.g. ``cpu (no GPU)``, ``2 x A100``)."""
 
     name = "provider"
 
@@ -163,6 +165,7 @@ class ProviderService(_Process):
         return [f"  provider:   {self.url}{offer}"]
 
     async def _read_until_listening(self, stream: asyncio.StreamReader) -> None:
+        devices: list[tuple[bool, str]] = []  # (is the CPU, model)
         while True:
             raw = await stream.readline()
             if not raw:
@@ -174,10 +177,11 @@ class ProviderService(_Process):
             line = raw.decode(errors="replace")
             self.echo.write(line)
             self.echo.flush()
-            if offering := _OFFERING.search(line):
-                self.offer = offering["offer"]
-            if listening := _LISTENING.search(line):
+            if device := _DEVICE.match(line):
+                devices.append((device["kind"] == "cpu", device["model"]))
+            if listening := _LISTENING.match(line):
                 self.url = listening["url"]
+                self.offer = _describe_offer(devices)
                 return
 
     async def _echo_rest(self, stream: asyncio.StreamReader) -> None:
@@ -424,6 +428,14 @@ class Demo(LoggingConfigurable):
             else "Running without JupyterLab; Ctrl-C stops everything."
         )
         print("\n".join(lines), flush=True)
+
+
+def _describe_offer(devices: list[tuple[bool, str]]) -> str:
+    """``2 x A100, RTX 4090`` for GPUs; the CPU's label only when there is no GPU."""
+    gpus = Counter(model for is_cpu, model in devices if not is_cpu)
+    if not gpus:
+        return ", ".join(model for _, model in devices)
+    return ", ".join(f"{n} x {model}" if n > 1 else model for model, n in gpus.items())
 
 
 async def _first(

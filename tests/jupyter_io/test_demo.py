@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
+import re
 import signal
 import sys
 import textwrap
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -36,7 +40,8 @@ FAKE_PROVIDER = textwrap.dedent(
     if "--exit-early" in sys.argv:
         sys.exit(3)
     if "--silent" not in sys.argv:
-        print("jupyter-io provider offering cpu (no GPU)", flush=True)
+        print("jupyter-io provider inventory:", flush=True)
+        print("  cpu: cpu (no GPU), 2 cores", flush=True)
         print("jupyter-io provider listening on ws://127.0.0.1:9/tunnel", flush=True)
     threading.Event().wait()
     """
@@ -190,7 +195,7 @@ async def test_provider_that_never_listens_times_out_and_is_killed(
 # -- the whole demo, with the stand-in provider --------------------------------------------
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 async def test_demo_installs_the_kernelspec_and_stops_in_reverse_order(
     jupyter_env: Path, tmp_path: Path, fake_provider: list[str], signum: int
 ) -> None:
@@ -252,17 +257,28 @@ async def test_demo_reports_a_provider_that_fails_to_start(
     assert not (jupyter_env / "share" / "jupyter" / "kernels" / "jupyter-io-demo").exists()
 
 
+def http_get(url: str | urllib.request.Request, timeout: float = TIMEOUT) -> bytes:
+    """Fetch ``url``, retrying while the connection is refused: Jupyter Server prints its URL
+    just before its event loop binds the port."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.read()  # type: ignore[no-any-return]
+        except urllib.error.URLError as exc:
+            if not isinstance(exc.reason, ConnectionRefusedError) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("jupyterlab") is None, reason="needs JupyterLab")
 async def test_demo_with_lab_serves_the_kernelspec_and_stops_lab_first(
-    jupyter_env: Path, tmp_path: Path, fake_provider: list[str], unused_tcp_port: int
+    jupyter_env: Path, tmp_path: Path, fake_provider: list[str]
 ) -> None:
-    import json
-    import urllib.request
-
     token = "demo-test-token"
     proc, _ = await start_demo(
         *demo_args(jupyter_env, tmp_path, fake_provider),
-        "--port", str(unused_tcp_port),
+        "--port", "0",
         # passed through to JupyterLab:
         "--no-browser", f"--IdentityProvider.token={token}",
         f"--ServerApp.root_dir={tmp_path}", f"--LabApp.workspaces_dir={tmp_path / 'ws'}",
@@ -270,15 +286,123 @@ async def test_demo_with_lab_serves_the_kernelspec_and_stops_lab_first(
     children = descendants(proc.pid)
     try:
         assert proc.stderr is not None
-        await read_until(proc.stderr, f"http://127.0.0.1:{unused_tcp_port}/lab")
-        url = f"http://127.0.0.1:{unused_tcp_port}/api/kernelspecs?token={token}"
-        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
-        specs = json.loads(body)["kernelspecs"]
+        lab_log = await read_until(proc.stderr, "/lab?token=")
+        port = re.findall(r"http://127\.0\.0\.1:(\d+)/lab\?token=", lab_log)[-1]
+        url = f"http://127.0.0.1:{port}/api/kernelspecs?token={token}"
+        specs = json.loads(await asyncio.to_thread(http_get, url))["kernelspecs"]
         assert specs["jupyter-io-demo"]["spec"]["display_name"] == (
             "Python 3 · jupyter-io demo provider (cpu (no GPU))"
         )
-    finally:
+    except BaseException:
         _, err = await stop_demo(proc, signal.SIGINT)
+        print(err, file=sys.stderr)
+        raise
+    _, err = await stop_demo(proc, signal.SIGINT)
     assert proc.returncode == 0, err
     assert not await wait_gone(children, timeout=0)
     assert err.index("jupyterlab: stopping") < err.index("provider: stopping")
+    assert "did not stop in time" not in err
+
+
+# -- the whole demo, with the real provider host -------------------------------------------
+
+needs_real_stack = pytest.mark.skipif(
+    importlib.util.find_spec("provider_host.app") is None
+    or importlib.util.find_spec("kernel_provisioner.provisioner") is None,
+    reason="needs provider_host and kernel_provisioner",
+)
+
+NOTEBOOK = Path(__file__).parents[2] / "examples" / "gpu_check.ipynb"
+
+
+def notebook_code() -> list[str]:
+    cells = json.loads(NOTEBOOK.read_text())["cells"]
+    return ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+
+
+@needs_real_stack
+async def test_demo_kernel_runs_the_example_notebook_and_nothing_outlives_the_demo(
+    jupyter_env: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("torch", reason="the example notebook needs torch on the provider")
+    from jupyter_client.manager import AsyncKernelManager
+
+    proc, out = await start_demo("--no-lab", *demo_args(jupyter_env, tmp_path))
+    assert "jupyter-io provider listening on ws://127.0.0.1:" in out
+    km = AsyncKernelManager(kernel_name="jupyter-io-demo")
+    try:
+        await asyncio.wait_for(km.start_kernel(), TIMEOUT)
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=TIMEOUT)
+        printed: list[str] = []
+
+        def on_output(msg: dict[str, object]) -> None:
+            content = msg["content"]
+            assert isinstance(content, dict)
+            if msg["msg_type"] == "stream":
+                printed.append(content["text"])
+            elif msg["msg_type"] == "error":
+                printed.append("\n".join(content["traceback"]))
+
+        for code in notebook_code():
+            reply = await kc.execute_interactive(code, timeout=120, output_hook=on_output)
+            assert reply["content"]["status"] == "ok", "".join(printed)
+        output = "".join(printed)
+        assert "device: " in output
+        assert "ok: the model learned" in output
+        kc.stop_channels()
+
+        # The kernel runs under the provider, below the demo; Ctrl-C with it still running.
+        running = descendants(proc.pid)
+        assert len(running) >= 2  # the provider host and at least the kernel
+        _, err = await stop_demo(proc, signal.SIGINT)
+        assert proc.returncode == 0, err
+        assert not await wait_gone(running), f"left running: {running}\n{err}"
+        assert "did not stop in time" not in err
+        kernels = jupyter_env / "share" / "jupyter" / "kernels"
+        assert not (kernels / "jupyter-io-demo").exists()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        # Our end of the tunnel: its provider is gone, so this must give up, not hang.
+        await asyncio.wait_for(km.shutdown_kernel(now=True), TIMEOUT)
+
+
+@needs_real_stack
+@pytest.mark.skipif(importlib.util.find_spec("jupyterlab") is None, reason="needs JupyterLab")
+async def test_demo_lab_shuts_its_remote_kernel_down_before_the_provider_stops(
+    jupyter_env: Path, tmp_path: Path
+) -> None:
+    token = "demo-test-token"
+    proc, _ = await start_demo(
+        *demo_args(jupyter_env, tmp_path),
+        "--port", "0", "--no-browser", f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={tmp_path}", f"--LabApp.workspaces_dir={tmp_path / 'ws'}",
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        lab_log = await read_until(proc.stderr, "/lab?token=")
+        port = re.findall(r"http://127\.0\.0\.1:(\d+)/lab\?token=", lab_log)[-1]
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/kernels?token={token}",
+            data=json.dumps({"name": "jupyter-io-demo"}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        kernel = json.loads(await asyncio.to_thread(http_get, request))
+        assert kernel["name"] == "jupyter-io-demo"
+        running = descendants(proc.pid)
+        assert len(running) >= 3  # JupyterLab, the provider host, the kernel below it
+    except BaseException:
+        _, err = await stop_demo(proc, signal.SIGINT)
+        print(err, file=sys.stderr)
+        raise
+    _, err = await stop_demo(proc, signal.SIGINT)
+    assert proc.returncode == 0, err
+    assert not await wait_gone(running), f"left running: {running}\n{err}"
+    assert "did not stop in time" not in err
+    # Lab ended the remote kernel itself, through the tunnel, while the provider still ran.
+    assert f"Kernel shutdown: {kernel['id']}" in err
+    assert err.index(f"Kernel shutdown: {kernel['id']}") < err.index("provider: stopping")
