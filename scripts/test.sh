@@ -9,10 +9,11 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# System packages, installed only when missing (one `apt-get update` at most). Later issues
-# add theirs here: chromium and chromium-driver for the Lab browser tests, postgresql for the
-# coordinator's store at scale.
-APT_PACKAGES=()
+# System packages, installed only when missing (one `apt-get update` at most):
+#   postgresql  the coordinator store's tests run on a throwaway cluster from its binaries
+#               (with CI set they must not be skipped)
+# Lab browser tests will add chromium and chromium-driver here.
+APT_PACKAGES=(postgresql)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
