@@ -493,6 +493,14 @@ class EscrowClient:
             ) from None
         except (OSError, ValueError) as exc:
             raise PaymentError(f"the Solana RPC at {self.url} failed while {what}: {exc}") from None
+        except BaseException as exc:
+            # solders' response parsers panic (pyo3 PanicException, a BaseException) on JSON
+            # they do not expect, e.g. a node's error without its usual data.
+            if not _is_panic(exc):
+                raise
+            raise PaymentError(
+                f"the Solana RPC at {self.url} sent an unreadable answer while {what}: {exc}"
+            ) from None
 
     def _rejected(self, what: str, exc: RPCException) -> TransactionFailed:
         detail = exc.args[0] if exc.args else exc

@@ -172,6 +172,11 @@ def error_text(err: Any) -> str:
     return json.dumps(value)
 
 
+def _unhealthy(detail: str) -> TransactionRejected:
+    # A node sends data.numSlotsBehind with -32005; solders' parser panics without it.
+    return TransactionRejected(-32005, f"Node is unhealthy: {detail}", {"numSlotsBehind": None})
+
+
 def _is_fatal(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit | asyncio.CancelledError)
 
@@ -523,7 +528,8 @@ class EmbeddedLedger:
     @property
     def slot(self) -> int:
         """The current slot: advances every 400 ms and never goes back, even across restarts."""
-        return self._base_slot + int((self._clock() - self._t0) / self._slot_seconds)
+        elapsed = self._clock() - self._t0
+        return self._base_slot + int(elapsed / self._slot_seconds + 1e-9)  # 0.4 is inexact
 
     def latest_blockhash(self) -> tuple[Hash, int]:
         """A blockhash to sign with and the last block height at which it is still accepted."""
@@ -547,13 +553,12 @@ class EmbeddedLedger:
 
     def _runtime(self) -> LiteSVM:
         if self._failure is not None:
-            raise TransactionRejected(
-                -32005,
-                f"Node is unhealthy: the ledger store failed ({self._failure}); restart the "
-                f"coordinator to resume from the last committed state",
+            raise _unhealthy(
+                f"the ledger store failed ({self._failure}); restart the coordinator to resume "
+                f"from the last committed state"
             )
         if self._svm is None:
-            raise TransactionRejected(-32005, "Node is unhealthy: the ledger is closed")
+            raise _unhealthy("the ledger is closed")
         return self._svm
 
     @property
@@ -719,9 +724,7 @@ class EmbeddedLedger:
             self._failure = exc
             if _is_fatal(exc):
                 raise
-            raise TransactionRejected(
-                -32005, f"Node is unhealthy: the ledger store failed ({exc})"
-            ) from None
+            raise _unhealthy(f"the ledger store failed ({exc})") from None
         self._history[record.signature] = record
         self._trim_history()
 
@@ -756,7 +759,7 @@ class EmbeddedLedger:
                 replacement = self.latest_blockhash()
             elif not self.is_blockhash_valid(tx.message.recent_blockhash):
                 return SimulationOutcome(TransactionErrorFieldless.BlockhashNotFound, [], 0, 0)
-            if tx.signatures[0] in self._history:
+            elif tx.signatures[0] in self._history:
                 return SimulationOutcome(TransactionErrorFieldless.AlreadyProcessed, [], 0, 0)
             self._sync_clock(svm, self.slot)
             try:

@@ -361,7 +361,7 @@ class LedgerRpc:
 
     async def get_health(self, params: list[Any]) -> Any:
         if not self.ledger.healthy:
-            raise _RpcError(-32005, "Node is unhealthy")
+            raise _RpcError(-32005, "Node is unhealthy", {"numSlotsBehind": None})
         return "ok"
 
     async def get_version(self, params: list[Any]) -> Any:
