@@ -172,6 +172,11 @@ class KernelSession:
             kind = zmq.SUB if channel is Channel.IOPUB else zmq.DEALER
             sock = self._context.socket(kind)
             sock.linger = 0
+            # No high-water marks: a PUB (or ROUTER) facing a full queue drops messages, and
+            # the tunnel promises no output is lost; the Tunnel's own bound limits memory.
+            # Toward the kernel, a full queue would stall the receive loop, SIGNAL included.
+            sock.rcvhwm = 0
+            sock.sndhwm = 0
             # Kernels (re)start often; find them fast rather than at the default 100 ms.
             sock.reconnect_ivl = 20
             if channel in (Channel.SHELL, Channel.STDIN):

@@ -273,12 +273,22 @@ class TunnelClient:
         )
 
     async def execute(
-        self, code: str, timeout: float = DEFAULT_TIMEOUT, *, wait: bool = True
+        self,
+        code: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        wait: bool = True,
+        stop_on_error: bool = True,
     ) -> tuple[str, dict[str, Any] | None]:
-        """Run ``code``; return its msg_id and (when ``wait``) the execute_reply."""
+        """Run ``code``; return its msg_id and (when ``wait``) the execute_reply.
+
+        Pass ``stop_on_error=False`` for code expected to fail when more requests follow at
+        once: otherwise ipykernel aborts requests that arrive right after the error.
+        """
         msg_id = await self.request(
             Channel.SHELL, "execute_request",
-            {"code": code, "silent": False, "store_history": True, "allow_stdin": True},
+            {"code": code, "silent": False, "store_history": True, "allow_stdin": True,
+             "stop_on_error": stop_on_error},
         )
         if not wait:
             return msg_id, None
