@@ -42,7 +42,7 @@ import base64
 import hashlib
 import json
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal, TypeVar
@@ -122,6 +122,7 @@ Signer = Keypair | Presigner
 
 _SEED_DOMAIN = b"jupyter-io/escrow/v1/"
 _T = TypeVar("_T")
+_Build = Callable[[Hash], MessageV0]  # a message for a given blockhash
 
 
 class EscrowError(PaymentError):
@@ -478,7 +479,8 @@ class EscrowClient:
     @property
     def url(self) -> str:
         """The RPC endpoint this client talks to."""
-        return str(self.client._provider.endpoint_uri)
+        provider = getattr(self.client, "_provider", None)
+        return str(getattr(provider, "endpoint_uri", "the configured endpoint"))
 
     async def _call(self, what: str, request: Awaitable[_T]) -> _T:
         try:
@@ -593,7 +595,7 @@ class EscrowClient:
             await asyncio.sleep(delay)
             delay = min(0.5, delay + 0.1)
 
-    async def _submit_fresh(self, build: Any, signers: Sequence[Signer], what: str) -> Signature:
+    async def _submit_fresh(self, build: _Build, signers: Sequence[Signer], what: str) -> Signature:
         """Build with a (cached) blockhash and submit; on an expired blockhash, rebuild once."""
         message = build(await self._latest_blockhash())
         try:
@@ -916,7 +918,7 @@ class EscrowClient:
         terms: EscrowTerms,
         state: EscrowState,
         amount: int,
-        build: Any,
+        build: _Build,
         signers: Sequence[Signer],
         payer: Pubkey,
         payout: Literal["wsol", "sol", "none"],
