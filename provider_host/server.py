@@ -84,6 +84,8 @@ class ProviderServer:
         self.inventory: Inventory | None = None
         self.host_keypair: Keypair | None = None
         self.should_exit = asyncio.Event()
+        #: Set once :meth:`startup` is done and the listening line is out.
+        self.started = asyncio.Event()
         self._allowed: frozenset[Pubkey] = frozenset()
         self._gpus = GpuPool(())
         self._context: zmq.asyncio.Context | None = None
@@ -151,6 +153,7 @@ class ProviderServer:
         for line in render_inventory(self.inventory):
             self._print(line)
         self._print(f"{LISTENING_PREFIX}{self.url}")
+        self.started.set()
 
     async def main_loop(self) -> None:
         """Wait until asked to exit."""

@@ -49,6 +49,12 @@ from .kernel import KernelProcess, kernel_endpoints
 
 __all__ = ["KernelSession", "SessionBridge"]
 
+# ZMQ's default high-water mark (1000 messages) is far too low here: the kernel's PUB drops
+# iopub messages once its queue to us is full, which a burst of prints does while the host is
+# busy replaying, and the tunnel promises no output is lost. Unlimited would let a kernel
+# printing faster than the network carries it grow the host's memory without bound.
+_HWM = 100_000
+
 # Unix socket paths are limited to ~107 bytes; the longest we make is <runtime>/kernel-ipc-N.
 _MAX_RUNTIME_DIR = 80
 
@@ -172,11 +178,7 @@ class KernelSession:
             kind = zmq.SUB if channel is Channel.IOPUB else zmq.DEALER
             sock = self._context.socket(kind)
             sock.linger = 0
-            # No high-water marks: a PUB (or ROUTER) facing a full queue drops messages, and
-            # the tunnel promises no output is lost; the Tunnel's own bound limits memory.
-            # Toward the kernel, a full queue would stall the receive loop, SIGNAL included.
-            sock.rcvhwm = 0
-            sock.sndhwm = 0
+            sock.rcvhwm = sock.sndhwm = _HWM
             # Kernels (re)start often; find them fast rather than at the default 100 ms.
             sock.reconnect_ivl = 20
             if channel in (Channel.SHELL, Channel.STDIN):

@@ -96,3 +96,50 @@ async def test_missing_keypair_is_a_clear_error(tmp_path: Path, jupyter_env: Pat
     assert str(missing) in stderr.decode()
     assert "solana-keygen" in stderr.decode()
     assert "listening" not in stdout.decode()
+
+
+async def test_serve_captures_sigterm_and_restores_the_previous_handler(
+    tmp_path: Path, client_keypair: Keypair, host_keypair_file: Path
+):
+    import io
+
+    from provider_host.config import ProviderConfig
+    from provider_host.server import ProviderServer
+
+    received: list[int] = []
+
+    def sentinel(signum: int, frame: object) -> None:  # stands in for pytest's own handler
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, sentinel)
+    try:
+        out = io.StringIO()
+        server = ProviderServer(
+            ProviderConfig(
+                listen="127.0.0.1:0",
+                allow=[str(client_keypair.pubkey())],
+                keypair_path=str(host_keypair_file),
+                workspace_root=str(tmp_path / "ws"),
+            ),
+            stdout=out,
+        )
+        serving = asyncio.create_task(server.serve())
+        await asyncio.wait_for(server.started.wait(), 30)
+        client = TunnelClient(server.url, client_keypair)
+        await client.connect()
+        started = await client.launch()
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(serving, 30)
+        assert received == []  # the server's handler took it...
+        assert signal.getsignal(signal.SIGTERM) is sentinel  # ...and gave the old one back
+        assert not pid_alive(started["pid"])
+        assert server.sessions == {}
+        lines = out.getvalue().splitlines()
+        assert [line for line in lines if "listening on" in line] == [
+            f"jupyter-io provider listening on {server.url}"
+        ]
+        assert lines[-1] == f"jupyter-io provider listening on {server.url}"
+        assert f"host key {server.host_keypair.pubkey()}" in lines[0]
+        await client.disconnect()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
