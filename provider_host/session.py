@@ -223,7 +223,11 @@ class KernelSession:
             self.bridge.detach(old)
             self._spawn(old.close(CloseCode.NORMAL, "replaced by a newer connection"))
         if self._ending:
-            await ws.close(CloseCode.UNKNOWN_SESSION, "session ended")
+            reason = "this session is ending; its kernel is gone"
+            await ws.send(
+                encode_control(FrameKind.ERROR, {"code": "unknown_session", "reason": reason})
+            )
+            await ws.close(CloseCode.UNKNOWN_SESSION, reason)
             return
         self._cancel_grace()
         self._ws = ws

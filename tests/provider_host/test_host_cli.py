@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from solders.keypair import Keypair
 
-from .conftest import TunnelClient, pid_alive
+from .conftest import TunnelClient, pid_alive, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -143,3 +143,29 @@ async def test_serve_captures_sigterm_and_restores_the_previous_handler(
         await client.disconnect()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+async def test_kernels_die_with_a_killed_host(
+    tmp_path: Path, client_keypair: Keypair, host_keypair_file: Path, jupyter_env: Path
+):
+    proc, lines = await _start_host(
+        "--listen", "127.0.0.1:0",
+        "--allow", str(client_keypair.pubkey()),
+        "--keypair", str(host_keypair_file),
+        "--workspace", str(tmp_path / "ws"),
+    )
+    try:
+        match = LISTENING.match(lines[-1])
+        assert match
+        client = TunnelClient(match.group(1), client_keypair)
+        await client.connect()
+        started = await client.launch()
+        await client.wait_ready()
+        proc.kill()  # no chance to clean up
+        await proc.wait()
+        await wait_until(lambda: not pid_alive(started["pid"]), 10, "the orphaned kernel to die")
+        await client.disconnect()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
