@@ -8,8 +8,10 @@ from provider_host. The last tests run the real provider host.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import signal
@@ -18,6 +20,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 
 from jupyter_io.demo import READY_LINE, ProviderService
 from jupyter_io.errors import JupyterIOError
+from jupyter_io.identity import load_keypair
 
 JUPYTER = str(Path(sys.executable).with_name("jupyter"))
 TIMEOUT = 60
@@ -147,14 +151,16 @@ def demo_args(jupyter_env: Path, tmp_path: Path, provider: list[str] | None = No
 # -- the provider service on its own -------------------------------------------------------
 
 
+def provider_service(argv: list[str], start_timeout: float = TIMEOUT) -> ProviderService:
+    return ProviderService(
+        argv, start_timeout=start_timeout, stop_timeout=10, log=logging.getLogger(__name__)
+    )
+
+
 async def test_provider_service_reads_url_and_offer_and_stops_cleanly(
     fake_provider: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import logging
-
-    service = ProviderService(
-        fake_provider, start_timeout=TIMEOUT, stop_timeout=10, log=logging.getLogger("t")
-    )
+    service = provider_service(fake_provider)
     await service.start()
     assert service.url == "ws://127.0.0.1:9/tunnel"
     assert service.offer == "cpu (no GPU)"
@@ -166,12 +172,7 @@ async def test_provider_service_reads_url_and_offer_and_stops_cleanly(
 
 
 async def test_provider_exiting_before_it_listens_is_reported(fake_provider: list[str]) -> None:
-    import logging
-
-    service = ProviderService(
-        [*fake_provider, "--exit-early"], start_timeout=TIMEOUT, stop_timeout=10,
-        log=logging.getLogger("t"),
-    )  # fmt: skip
+    service = provider_service([*fake_provider, "--exit-early"])
     with pytest.raises(JupyterIOError, match="exited with code 3 before listening"):
         await service.start()
 
@@ -179,12 +180,7 @@ async def test_provider_exiting_before_it_listens_is_reported(fake_provider: lis
 async def test_provider_that_never_listens_times_out_and_is_killed(
     fake_provider: list[str],
 ) -> None:
-    import logging
-
-    service = ProviderService(
-        [*fake_provider, "--silent"], start_timeout=0.5, stop_timeout=10,
-        log=logging.getLogger("t"),
-    )  # fmt: skip
+    service = provider_service([*fake_provider, "--silent"], start_timeout=0.5)
     with pytest.raises(JupyterIOError, match=r"did not report listening within 0.5 s"):
         await service.start()
     assert service.proc is not None
@@ -205,8 +201,6 @@ async def test_demo_installs_the_kernelspec_and_stops_in_reverse_order(
     try:
         # The provider got fresh demo keys, the user's public key on its allow-list.
         data = tmp_path / "demo"
-        from jupyter_io.identity import load_keypair
-
         user = load_keypair(data / "user-keypair.json").pubkey()
         assert f"--allow {user} --keypair {data / 'provider-keypair.json'}" in out
         assert f"--workspace {data / 'workspace'}" in out
@@ -271,32 +265,50 @@ def http_get(url: str | urllib.request.Request, timeout: float = TIMEOUT) -> byt
         time.sleep(0.05)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jupyterlab") is None, reason="needs JupyterLab")
-async def test_demo_with_lab_serves_the_kernelspec_and_stops_lab_first(
-    jupyter_env: Path, tmp_path: Path, fake_provider: list[str]
-) -> None:
-    token = "demo-test-token"
-    proc, _ = await start_demo(
-        *demo_args(jupyter_env, tmp_path, fake_provider),
-        "--port", "0",
-        # passed through to JupyterLab:
-        "--no-browser", f"--IdentityProvider.token={token}",
+TOKEN = "demo-test-token"
+
+
+def lab_args(tmp_path: Path) -> list[str]:
+    """Options for JupyterLab (the demo passes them on): any free port, a known token."""
+    return [
+        "--port", "0", "--no-browser", f"--IdentityProvider.token={TOKEN}",
         f"--ServerApp.root_dir={tmp_path}", f"--LabApp.workspaces_dir={tmp_path / 'ws'}",
-    )  # fmt: skip
-    children = descendants(proc.pid)
+    ]  # fmt: skip
+
+
+async def lab_url(proc: asyncio.subprocess.Process, path: str) -> str:
+    """``path`` on the demo's JupyterLab, once Lab has said where it runs."""
+    assert proc.stderr is not None
+    log = await read_until(proc.stderr, "/lab?token=")
+    port = re.findall(r"http://127\.0\.0\.1:(\d+)/lab\?token=", log)[-1]
+    return f"http://127.0.0.1:{port}{path}?token={TOKEN}"
+
+
+@contextlib.asynccontextmanager
+async def shown_on_failure(proc: asyncio.subprocess.Process) -> AsyncIterator[None]:
+    """If the block fails, stop the demo and print its log before the failure propagates."""
     try:
-        assert proc.stderr is not None
-        lab_log = await read_until(proc.stderr, "/lab?token=")
-        port = re.findall(r"http://127\.0\.0\.1:(\d+)/lab\?token=", lab_log)[-1]
-        url = f"http://127.0.0.1:{port}/api/kernelspecs?token={token}"
-        specs = json.loads(await asyncio.to_thread(http_get, url))["kernelspecs"]
-        assert specs["jupyter-io-demo"]["spec"]["display_name"] == (
-            "Python 3 · jupyter-io demo provider (cpu (no GPU))"
-        )
+        yield
     except BaseException:
         _, err = await stop_demo(proc, signal.SIGINT)
         print(err, file=sys.stderr)
         raise
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jupyterlab") is None, reason="needs JupyterLab")
+async def test_demo_with_lab_serves_the_kernelspec_and_stops_lab_first(
+    jupyter_env: Path, tmp_path: Path, fake_provider: list[str]
+) -> None:
+    proc, _ = await start_demo(
+        *demo_args(jupyter_env, tmp_path, fake_provider), *lab_args(tmp_path)
+    )
+    children = descendants(proc.pid)
+    async with shown_on_failure(proc):
+        url = await lab_url(proc, "/api/kernelspecs")
+        specs = json.loads(await asyncio.to_thread(http_get, url))["kernelspecs"]
+        assert specs["jupyter-io-demo"]["spec"]["display_name"] == (
+            "Python 3 · jupyter-io demo provider (cpu (no GPU))"
+        )
     _, err = await stop_demo(proc, signal.SIGINT)
     assert proc.returncode == 0, err
     assert not await wait_gone(children, timeout=0)
@@ -375,18 +387,10 @@ async def test_demo_kernel_runs_the_example_notebook_and_nothing_outlives_the_de
 async def test_demo_lab_shuts_its_remote_kernel_down_before_the_provider_stops(
     jupyter_env: Path, tmp_path: Path
 ) -> None:
-    token = "demo-test-token"
-    proc, _ = await start_demo(
-        *demo_args(jupyter_env, tmp_path),
-        "--port", "0", "--no-browser", f"--IdentityProvider.token={token}",
-        f"--ServerApp.root_dir={tmp_path}", f"--LabApp.workspaces_dir={tmp_path / 'ws'}",
-    )  # fmt: skip
-    try:
-        assert proc.stderr is not None
-        lab_log = await read_until(proc.stderr, "/lab?token=")
-        port = re.findall(r"http://127\.0\.0\.1:(\d+)/lab\?token=", lab_log)[-1]
+    proc, _ = await start_demo(*demo_args(jupyter_env, tmp_path), *lab_args(tmp_path))
+    async with shown_on_failure(proc):
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/api/kernels?token={token}",
+            await lab_url(proc, "/api/kernels"),
             data=json.dumps({"name": "jupyter-io-demo"}).encode(),
             headers={"Content-Type": "application/json"},
             method="POST",
@@ -395,10 +399,6 @@ async def test_demo_lab_shuts_its_remote_kernel_down_before_the_provider_stops(
         assert kernel["name"] == "jupyter-io-demo"
         running = descendants(proc.pid)
         assert len(running) >= 3  # JupyterLab, the provider host, the kernel below it
-    except BaseException:
-        _, err = await stop_demo(proc, signal.SIGINT)
-        print(err, file=sys.stderr)
-        raise
     _, err = await stop_demo(proc, signal.SIGINT)
     assert proc.returncode == 0, err
     assert not await wait_gone(running), f"left running: {running}\n{err}"
