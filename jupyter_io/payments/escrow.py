@@ -569,13 +569,26 @@ class EscrowClient:
             skip_confirmation=True, skip_preflight=False, preflight_commitment=self.commitment
         )
         resp = await self._call(what, self.client.send_raw_transaction(bytes(tx), opts))
-        await self._confirm(resp.value, what)
+        cached = self._blockhash
+        last_valid = cached[1] if cached and cached[0] == message.recent_blockhash else None
+        await self._confirm(resp.value, what, last_valid_block_height=last_valid)
         return resp.value
 
-    async def _confirm(self, signature: Signature, what: str) -> None:
+    async def _confirm(
+        self, signature: Signature, what: str, *, last_valid_block_height: int | None = None
+    ) -> None:
         deadline = time.monotonic() + self.confirm_timeout
         delay = 0.0
+        polls = 0
+        expired = False
         while True:
+            polls += 1
+            if last_valid_block_height is not None and polls % 4 == 0:
+                # Past its blockhash's last valid height a transaction can no longer land:
+                # one more status read settles it either way.
+                request = self.client.get_block_height()
+                height = await self._call("reading the block height", request)
+                expired = height.value > last_valid_block_height
             resp = await self._call(
                 "confirming a transaction", self.client.get_signature_statuses([signature])
             )
@@ -587,6 +600,11 @@ class EscrowClient:
                 level = status.confirmation_status
                 if level is not None and int(level) >= self._required_rank:
                     return
+            elif expired:
+                raise PaymentError(
+                    f"{what}: transaction {signature} expired without landing (its blockhash "
+                    f"is too old); nothing moved, it is safe to retry"
+                )
             if time.monotonic() >= deadline:
                 raise PaymentError(
                     f"{what}: transaction {signature} not confirmed after "
@@ -832,20 +850,33 @@ class EscrowClient:
         arbiter: Signer,
         provider: Signer,
         fee_payer: Pubkey | None = None,
+        verified: EscrowState | None = None,
     ) -> Settlement:
         """Pay the provider ``amount`` (the metered lamports) and refund the rest to the user.
 
         One transaction signed by the arbiter and the provider. A second call after success
         finds the escrow closed and returns ``already_settled`` without sending anything.
         Raises :class:`EscrowError` if ``amount`` exceeds the escrow.
+
+        ``verified`` is the state :meth:`verify_escrow` returned when the lease started; with
+        it the escrow is not read again (only its owners can take from it, so it cannot have
+        shrunk; preflight still guards every case, and a refused settlement is re-examined).
+        Lamports third parties may have sent to the escrow since also go to the user, beyond
+        the ``refunded_to_user`` then reported. Without it (e.g. after a coordinator restart)
+        the escrow is read first.
         """
         self._check_parties(terms, {"arbiter": arbiter, "provider": provider})
         payer = fee_payer or terms.provider
         what = f"settling session {terms.session_id}"
-        escrow, multisig, payout = await self._accounts(
-            what, [terms.escrow, terms.multisig, terms.provider_wsol]
-        )
-        state = self._check_escrow(terms, escrow, multisig)
+        create_payout = True
+        if verified is not None and verified.address == terms.escrow:
+            state: EscrowState | None = verified
+        else:
+            escrow, multisig, payout = await self._accounts(
+                what, [terms.escrow, terms.multisig, terms.provider_wsol]
+            )
+            state = self._check_escrow(terms, escrow, multisig)
+            create_payout = payout is None
         if state is None:
             return self._no_op(terms)
         self._check_amount(terms, state, amount)
@@ -856,7 +887,7 @@ class EscrowClient:
                 amount,
                 blockhash=blockhash,
                 fee_payer=payer,
-                create_payout_account=payout is None,
+                create_payout_account=create_payout,
             )
 
         return await self._close(
@@ -929,8 +960,10 @@ class EscrowClient:
         except TransactionFailed:
             # A duplicate that raced us (or an earlier attempt we lost track of) may have
             # closed it: then this request is a no-op, never a second payment.
-            if await self.escrow_state(terms) is None:
+            current = await self.escrow_state(terms)
+            if current is None:
                 return self._no_op(terms)
+            self._check_amount(terms, current, amount)
             raise
         return Settlement(
             terms=terms,

@@ -6,6 +6,7 @@ Every scenario ends with the conservation check of :class:`Books`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from solders.keypair import Keypair
 from solders.message import MessageV0
 from solders.null_signer import NullSigner
 from solders.pubkey import Pubkey
+from solders.signature import Signature
 from solders.system_program import CreateAccountWithSeedParams, create_account_with_seed
 from solders.transaction import VersionedTransaction
 from spl.token.constants import TOKEN_PROGRAM_ID
@@ -75,7 +77,7 @@ async def test_normal_settlement_pays_provider_and_refunds_user(
     )
 
     settlement = await chain.escrow.settle(
-        terms, METERED, arbiter=parties.arbiter, provider=parties.provider
+        terms, METERED, arbiter=parties.arbiter, provider=parties.provider, verified=state
     )
     assert settlement.payout == "wsol" and not settlement.already_settled
     assert settlement.paid_to_provider == METERED
@@ -344,12 +346,15 @@ async def test_duplicated_settlement_is_a_no_op(
     receipt = await chain.escrow.open_escrow(
         parties.user, terms.provider, terms.arbiter, terms.session_id, DEPOSIT
     )
+    verified = await chain.escrow.verify_escrow(terms, DEPOSIT)
     first, second = await asyncio.gather(
         chain.escrow.settle(terms, METERED, arbiter=parties.arbiter, provider=parties.provider),
-        chain.escrow.settle(terms, METERED, arbiter=parties.arbiter, provider=parties.provider),
+        chain.escrow.settle(
+            terms, METERED, arbiter=parties.arbiter, provider=parties.provider, verified=verified
+        ),
     )
     third = await chain.escrow.settle(
-        terms, METERED, arbiter=parties.arbiter, provider=parties.provider
+        terms, METERED, arbiter=parties.arbiter, provider=parties.provider, verified=verified
     )
     refund = await chain.escrow.refund(terms, 0, user=parties.user, arbiter=parties.arbiter)
     results = [first, second, third, refund]
@@ -529,6 +534,16 @@ async def test_settling_more_than_escrowed_is_refused(chain: Chain, parties: Par
         await chain.escrow.settle(
             terms, DEPOSIT + 1, arbiter=parties.arbiter, provider=parties.provider
         )
+    # A stale or wrong "verified" state does not fool it: preflight refuses, and the
+    # client re-reads the escrow to explain why.
+    real = await chain.escrow.verify_escrow(terms, DEPOSIT)
+    inflated = dataclasses.replace(real, amount=10 * DEPOSIT, lamports=real.lamports * 10)
+    with pytest.raises(EscrowError, match=r"which holds 0\.05 SOL"):
+        await chain.escrow.settle(
+            terms, 2 * DEPOSIT, arbiter=parties.arbiter, provider=parties.provider,
+            verified=inflated,
+        )  # fmt: skip
+    assert (await chain.escrow.verify_escrow(terms, DEPOSIT)).amount == DEPOSIT
     with pytest.raises(EscrowError, match="provider signer is"):
         await chain.escrow.settle(terms, 1, arbiter=parties.arbiter, provider=parties.user)
 
@@ -564,3 +579,9 @@ async def test_expired_blockhash_is_refetched(tmp_path: Path) -> None:
         assert receipt.signature is not None
     finally:
         await chain.stop()
+
+
+async def test_a_transaction_that_never_lands_expires_cleanly(chain: Chain) -> None:
+    slot = (await chain.client.get_block_height()).value
+    with pytest.raises(PaymentError, match="expired without landing"):
+        await chain.escrow._confirm(Signature.default(), "paying", last_valid_block_height=slot - 1)
