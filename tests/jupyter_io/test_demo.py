@@ -363,6 +363,7 @@ async def test_demo_kernel_runs_the_example_notebook_and_nothing_outlives_the_de
         output = "".join(printed)
         assert "device: " in output
         assert "ok: the model learned" in output
+        assert "Failed to initialize NumPy" not in output  # the provider extra brings numpy
         kc.stop_channels()
 
         # The kernel runs under the provider, below the demo; Ctrl-C with it still running.
