@@ -752,15 +752,19 @@ class EscrowClient:
         if deposit <= 0:
             raise EscrowError("an escrow deposit must be a positive number of lamports")
         terms = EscrowTerms(user.pubkey(), provider, arbiter, session_id)
-        await self._rent_for([ACCOUNT_LEN, MULTISIG_LEN])
-        escrow_rent = self._rent[ACCOUNT_LEN]
         multisig_rent: int | None = None
         if terms.multisig not in self._multisigs:
             # First session of this triple seen by this client: look before creating. Later
             # ones skip the read (a multisig can never be closed) and let preflight object.
-            wallet, multisig, escrow = await self._accounts(
-                "reading the wallet and escrow", [terms.user, terms.multisig, terms.escrow]
+            # A fresh client also needs rents and a blockhash: ask for all at once.
+            _, (wallet, multisig, escrow), _ = await asyncio.gather(
+                self._rent_for([ACCOUNT_LEN, MULTISIG_LEN]),
+                self._accounts(
+                    "reading the wallet and escrow", [terms.user, terms.multisig, terms.escrow]
+                ),
+                self._latest_blockhash(),
             )
+            escrow_rent = self._rent[ACCOUNT_LEN]
             existing = self._existing(terms, escrow, multisig, deposit)
             if existing is not None:
                 return existing
@@ -772,6 +776,9 @@ class EscrowClient:
             held = wallet.lamports if wallet is not None else 0
             if held < needed:
                 raise self._insufficient(terms.user, needed, held, deposit)
+        else:
+            await self._rent_for([ACCOUNT_LEN])  # cached after the first session
+            escrow_rent = self._rent[ACCOUNT_LEN]
         needed = deposit + escrow_rent + (multisig_rent or 0) + FEE_PER_SIGNATURE
 
         def build(blockhash: Hash) -> MessageV0:
@@ -872,8 +879,9 @@ class EscrowClient:
         if verified is not None and verified.address == terms.escrow:
             state: EscrowState | None = verified
         else:
-            escrow, multisig, payout = await self._accounts(
-                what, [terms.escrow, terms.multisig, terms.provider_wsol]
+            (escrow, multisig, payout), _ = await asyncio.gather(
+                self._accounts(what, [terms.escrow, terms.multisig, terms.provider_wsol]),
+                self._latest_blockhash(),
             )
             state = self._check_escrow(terms, escrow, multisig)
             create_payout = payout is None
