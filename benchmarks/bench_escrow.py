@@ -188,11 +188,15 @@ async def main() -> None:
         if i % 2:
             base_t.append(baseline.lifecycle())  # interleave: B A A B B A A ...
 
-    # Fresh clients each session (a provisioner or coordinator that just started).
+    # Fresh escrow clients each session (a provisioner or coordinator that just started):
+    # empty caches. The HTTP client's own first request (~15-20 ms here: httpx sets up its
+    # connection machinery) is paid once per process and left out with a health check.
     cold_t: list[float] = []
     for i in range(args.cold):
         u = EscrowClient(AsyncClient(server.url))
         c = EscrowClient(AsyncClient(server.url))
+        await u.client.is_connected()
+        await c.client.is_connected()
         t0 = time.perf_counter()
         receipt = await u.open_escrow(user, provider.pubkey(), arbiter.pubkey(), f"c{i}", DEPOSIT)
         await c.verify_escrow(receipt.terms, DEPOSIT)
