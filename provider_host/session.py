@@ -74,24 +74,45 @@ class _HostTunnel(Tunnel):
 
 
 class SessionBridge(Bridge):
-    """The shared :class:`Bridge`, plus two things a long-lived host session needs.
+    """The shared :class:`Bridge`, plus what a long-lived host session needs.
 
-    - :meth:`attach` replays without letting live output overtake the replay: the base class
-      adopts the websocket *before* replaying, so a pump that runs while a replayed send waits
-      for the socket to drain writes a newer frame ahead of older ones, and the peer sees a
-      sequence gap. Here the websocket is adopted only once everything kept has gone out.
-    - a buffer overflow is reported to the session (``on_failure``) even while no websocket
+    - Live output never overtakes a replay. The base class adopts the websocket *before*
+      replaying, so a pump that runs while a replayed send waits for the socket to drain
+      writes a newer frame ahead of older ones, and the peer sees a sequence gap. Here the
+      websocket is adopted for live traffic only once everything kept has gone out.
+    - The peer is heard during a replay. The base class replays inside :meth:`attach`,
+      before :meth:`serve` reads anything: a replay that outlasts the keepalive timeout (a few
+      hundred MB on a slow link) never reads the peer's pongs and acks, so the host drops the
+      connection and the next resume replays it all again. Here :meth:`attach` only takes the
+      resume point and :meth:`serve` replays while it receives.
+    - A buffer overflow is reported to the session (``on_failure``) even while no websocket
       is attached, so the session ends instead of silently stalling.
     """
 
     def __init__(self, *args: Any, on_failure: Callable[[JupyterIOError], None], **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._on_failure = on_failure
+        self._pending: list[bytes] = []
+        self._latest: Connection | None = None
 
     async def attach(self, ws: Connection, peer_received: int) -> None:
-        """Replay what the peer has not received, then adopt ``ws`` for live traffic."""
+        """Take the peer's resume point; :meth:`serve` sends the replay."""
         self.detach()
-        pending = self.tunnel.replay(peer_received)
+        self._latest = ws
+        self._pending = self.tunnel.replay(peer_received)
+
+    async def serve(self, ws: Connection) -> None:
+        """Replay, then adopt ``ws`` for live frames, receiving all along; return on close."""
+        replay = asyncio.create_task(self._replay(ws, self._pending))
+        self._pending = []
+        try:
+            await super().serve(ws)
+        finally:
+            replay.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await replay
+
+    async def _replay(self, ws: Connection, pending: list[bytes]) -> None:
         while pending:
             before = self.tunnel.sent
             for frame in pending:
@@ -99,7 +120,8 @@ class SessionBridge(Bridge):
             produced = self.tunnel.sent - before
             # Frames made while we awaited were kept (no websocket): they are the newest.
             pending = self.tunnel.replay(self.tunnel.peer_acked)[-produced:] if produced else []
-        self.ws = ws
+        if self._latest is ws:  # not replaced by a newer connection meanwhile
+            self.ws = ws
 
     def _fail(self, exc: JupyterIOError) -> None:
         super()._fail(exc)

@@ -128,15 +128,18 @@ async def test_resume_within_grace_keeps_the_kernel(make_host, make_client):
 
 
 BURST_CODE = """
-import os, sys, time
+import os, time
 while not os.path.exists('go'):
     time.sleep(0.005)
 chunk = 'x' * (256 * 1024)
-for i in range(64):
+for i in range({chunks}):
     print(i, chunk, flush=True)
 open('burst-done', 'w').close()
-for i in range(3000):
+while not os.path.exists('resumed'):
+    time.sleep(0.005)
+for i in range({live}):
     print('live', i, flush=True)
+    time.sleep(0.001)  # paced: a flood would overrun the kernel's own iopub queue
 """
 
 
@@ -147,7 +150,7 @@ async def test_live_output_never_overtakes_a_long_replay(host, client):
     await client.launch()
     await client.wait_ready()
     session = host.sessions[client.session_id]
-    msg_id, _ = await client.execute(BURST_CODE, wait=False)
+    msg_id, _ = await client.execute(BURST_CODE.format(chunks=64, live=1000), wait=False)
     await client.message(
         Channel.IOPUB,
         lambda m: m["msg_type"] == "execute_input" and m["parent_header"]["msg_id"] == msg_id,
@@ -160,11 +163,12 @@ async def test_live_output_never_overtakes_a_long_replay(host, client):
         lambda: session.tunnel.unacked_bytes > 16 * 1024 * 1024, what="the burst on the host"
     )
     await client.connect(resume=True)
+    (session.workspace / "resumed").touch()  # live output while the replay goes out
     outputs = await client.outputs(msg_id, timeout=40)
     text = "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream")
     lines = text.splitlines()
     assert [line.split(" ", 1)[0] for line in lines[:64]] == [str(i) for i in range(64)]
-    assert lines[64:] == [f"live {i}" for i in range(3000)]
+    assert lines[64:] == [f"live {i}" for i in range(1000)]
     assert client.ws is not None and client.ws.close_code is None
 
 
@@ -183,3 +187,44 @@ async def test_output_beyond_the_replay_bound_ends_the_session(make_host, make_c
     await asyncio.wait_for(session.ended.wait(), 20)
     assert not pid_alive(started["pid"])
     assert client.session_id not in host.sessions
+
+
+async def test_the_host_keeps_listening_while_a_replay_is_stuck(host, client):
+    # A replay larger than every socket buffer on the way, to a client that stops reading:
+    # the host must still hear the client (acks, pongs, requests) instead of waiting for
+    # the replay to finish, or its keepalive would drop the connection mid-replay.
+    await client.connect()
+    await client.launch()
+    await client.wait_ready()
+    session = host.sessions[client.session_id]
+    msg_id, _ = await client.execute(BURST_CODE.format(chunks=160, live=3), wait=False)
+    await client.message(
+        Channel.IOPUB,
+        lambda m: m["msg_type"] == "execute_input" and m["parent_header"]["msg_id"] == msg_id,
+    )
+    await client.disconnect()
+    await wait_until(lambda: not session.attached, what="the host to notice the disconnect")
+    (session.workspace / "go").touch()
+    await wait_until(
+        lambda: session.tunnel.unacked_bytes > 40 * 1024 * 1024, what="40 MiB on the host"
+    )
+    (session.workspace / "resumed").touch()
+
+    await client.connect(resume=True)
+    assert client._reader is not None
+    client._reader.cancel()  # stop reading: the host's replay blocks on a full socket
+    info_id = await client.request(Channel.SHELL, "kernel_info_request", {})
+    await wait_until(
+        lambda: session.tunnel.received == client.tunnel.sent,
+        what="the host to receive a request in the middle of its replay",
+    )
+    assert session.bridge.ws is None  # the replay is indeed still going on
+
+    client._reader = asyncio.create_task(client._read(client.ws))  # read again
+    reply = await client.message(
+        Channel.SHELL, lambda m: m["parent_header"].get("msg_id") == info_id, timeout=40
+    )
+    assert reply["msg_type"] == "kernel_info_reply"
+    outputs = await client.outputs(msg_id, timeout=40)
+    text = "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream")
+    assert text.splitlines()[-4:] == ["159 " + "x" * 256 * 1024, "live 0", "live 1", "live 2"]
