@@ -94,7 +94,11 @@ class ProviderConfig(Configurable):
     )
     max_sessions = Integer(64, config=True, help="Most kernel sessions hosted at once.")
     mem_limit = Integer(
-        0, config=True, help="Address-space limit per kernel in bytes (RLIMIT_AS); 0 = none."
+        0,
+        config=True,
+        help="Address-space limit per kernel in bytes (RLIMIT_AS); 0 = none. It counts "
+        "virtual memory, and CUDA reserves virtual ranges larger than RAM + VRAM, so on GPU "
+        "hosts leave it at 0 or far above that sum.",
     )
     max_open_files = Integer(
         0, config=True, help="Open-file limit per kernel (RLIMIT_NOFILE); 0 = inherit."

@@ -210,3 +210,32 @@ def test_gpu_pool_hands_out_each_gpu_to_one_session():
     cpu_only = GpuPool([])
     assert [cpu_only.acquire(str(i)) for i in range(3)] == [(), (), ()]
     assert cpu_only.available()
+
+
+def test_cli_flags_fill_the_config(tmp_path):
+    from provider_host.app import ProviderApp
+
+    app = ProviderApp()
+    app.initialize([
+        "--listen", "127.0.0.1:0",
+        "--allow", "A", "--allow", "B",
+        "--allow-file", "keys.txt",
+        "--keypair", "id.json",
+        "--certfile", "cert.pem", "--keyfile", "key.pem",
+        "--workspace", str(tmp_path),
+        "--grace-period", "5",
+        "--max-sessions", "3",
+        "--mem-limit", "1024",
+        "--simulate-gpu", "A100:80", "--simulate-gpu", "L4:24",
+    ])
+    config = ProviderConfig(parent=app)
+    assert config.listen == "127.0.0.1:0"
+    assert config.allow == ["A", "B"]
+    assert config.allow_file == ["keys.txt"]
+    assert config.keypair_path == "id.json"
+    assert (config.certfile, config.keyfile) == ("cert.pem", "key.pem")
+    assert config.workspace_root == str(tmp_path)
+    assert config.grace_period == 5.0
+    assert config.max_sessions == 3
+    assert config.resource_limits().address_space == 1024
+    assert config.simulate_gpu == ["A100:80", "L4:24"]
