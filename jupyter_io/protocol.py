@@ -225,6 +225,8 @@ def decode_frame(data: bytes, max_size: int = DEFAULT_MAX_FRAME_SIZE) -> Frame:
     for length in lengths:
         parts.append(view[pos : pos + length].tobytes() if length else b"")
         pos += length
+    if kind is FrameKind.DATA and not parts:
+        raise ProtocolError(f"{channel.name} DATA frame with no parts")
     if kind is not FrameKind.DATA and len(parts) > 1:
         raise ProtocolError(f"{kind.name} frame must have at most one part, not {len(parts)}")
     return Frame(kind, channel, seq, ack, tuple(parts))

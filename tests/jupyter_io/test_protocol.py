@@ -108,6 +108,11 @@ def test_sequencing_rules_are_enforced() -> None:
         decode_frame(encode_frame(FrameKind.DATA, [b"x"]))
 
 
+def test_data_frame_without_parts_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="DATA frame with no parts"):
+        decode_frame(encode_frame(FrameKind.DATA, [], channel=Channel.SHELL, seq=1))
+
+
 def test_control_frames_have_at_most_one_part() -> None:
     data = encode_frame(FrameKind.LAUNCH, [b"{}", b"{}"], seq=1)
     with pytest.raises(ProtocolError, match="at most one part"):
