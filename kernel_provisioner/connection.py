@@ -33,7 +33,7 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.connection import Connection
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.typing import Subprotocol
 
 from jupyter_io.bridge import Bridge
@@ -66,6 +66,7 @@ __all__ = [
     "KernelStatus",
     "Started",
     "TunnelClient",
+    "UnknownSession",
 ]
 
 #: The exit code reported for a kernel whose host was lost (it died with the host, or the
@@ -86,6 +87,10 @@ _FATAL_CLOSES = frozenset(
         CloseCode.BUFFER_OVERFLOW,
     }
 )
+
+
+class UnknownSession(TunnelError):
+    """The provider does not know the session (it ended, expired, or the host restarted)."""
 
 
 class KernelState(str, enum.Enum):
@@ -287,7 +292,7 @@ class TunnelClient:
             ws, welcome = await self._connect_once(resume)
         except JupyterIOError:
             raise
-        except (OSError, asyncio.TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
+        except (OSError, asyncio.TimeoutError, WebSocketException) as exc:
             raise TunnelError(
                 f"cannot open a tunnel to the provider at {self.url}: {_describe(exc)}; check "
                 f"that the provider host is running and provider_url is right"
@@ -295,7 +300,7 @@ class TunnelClient:
         if resume is not None:
             if not welcome.get("resumed"):
                 await ws.close()
-                raise TunnelError(f"provider at {self.url} no longer has session {resume}")
+                raise UnknownSession(f"provider at {self.url} no longer has session {resume}")
             self.tunnel.adopt(int(welcome.get("received", 0)), received)
         self.session_id = str(welcome["session"])
         self._apply_kernel_report(welcome.get("kernel"))
@@ -386,7 +391,7 @@ class TunnelClient:
         if code == "version_mismatch":
             return VersionMismatch(f"{where}: {reason}; upgrade the older side")
         if code == "unknown_session":
-            return TunnelError(f"{where} no longer has this session: {reason}")
+            return UnknownSession(f"{where} no longer has this session: {reason}")
         if code == "capacity":
             return TunnelError(f"{where} is full: {reason}; try again later or another one")
         return TunnelError(f"{where} refused the tunnel ({code}): {reason}")
@@ -459,20 +464,16 @@ class TunnelClient:
         while True:
             try:
                 ws, welcome = await self._connect_once(self.session_id)
-            except (AuthError, VersionMismatch) as exc:
+            except (AuthError, VersionMismatch, UnknownSession) as exc:
                 self._declare_dead(str(exc))
                 return None
             except TunnelError as exc:
-                if "no longer has this session" in str(exc):
-                    self._declare_dead(str(exc))
-                    return None
                 refused_since = None
                 self.log.info("resume refused: %s", exc)
             except (
                 OSError,
                 asyncio.TimeoutError,
-                InvalidHandshake,
-                ConnectionClosed,
+                WebSocketException,
                 ProtocolError,
             ) as exc:
                 now = loop.time()

@@ -190,18 +190,25 @@ async def test_jupyter_server_session_runs_code_over_the_kernel_websocket(
         assert ws.subprotocol == KERNEL_WS_PROTOCOL
 
         async def reply_to(msg: dict[str, Any], channel: str = "shell") -> list[Any]:
-            """Send ``msg`` and gather (channel, message) pairs until its shell reply."""
+            """Send ``msg``; gather (channel, message) pairs until both its shell reply and
+            its idle status arrived (the two channels are not ordered with each other)."""
             await ws.send(_encode(msg, channel))
             seen = []
-            while True:
+            replied = idle = False
+            while not (replied and idle):
                 raw = await asyncio.wait_for(ws.recv(), 60)
                 assert isinstance(raw, bytes)
                 chan, got = _decode(raw)
                 if got["parent_header"].get("msg_id") != msg["header"]["msg_id"]:
                     continue
                 seen.append((chan, got))
-                if chan == "shell" and got["msg_type"].endswith("_reply"):
-                    return seen
+                replied |= chan == "shell" and got["msg_type"].endswith("_reply")
+                idle |= (
+                    chan == "iopub"
+                    and got["msg_type"] == "status"
+                    and got["content"]["execution_state"] == "idle"
+                )
+            return seen
 
         # What Lab sends first on a new kernel connection.
         seen = await reply_to(_message("kernel_info_request", {}, client_session))

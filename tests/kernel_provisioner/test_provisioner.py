@@ -76,8 +76,10 @@ async def test_input_over_stdin(remote_spec: str, start_kernel: Any, cells: Any)
 async def _interrupt_sleep(km: AsyncKernelManager, cells: Any) -> float:
     kc = await cells.connect(km)
     try:
-        msg_id = kc.execute("import time; time.sleep(60)")
-        await cells.next_iopub(kc, msg_id, "execute_input")
+        # Interrupt once user code runs: an interrupt landing in ipykernel's own dispatch,
+        # before the cell starts, is a different (local kernels share it) story.
+        msg_id = kc.execute("import time\nprint('sleeping', flush=True)\ntime.sleep(60)")
+        await cells.next_iopub(kc, msg_id, "stream")
         start = time.monotonic()
         await km.interrupt_kernel()
         ex = await cells.collect(kc, msg_id, timeout=10)
@@ -179,6 +181,21 @@ async def test_comm_with_a_10_mb_buffer_arrives_intact(
         kc.stop_channels()
 
 
+async def _own_replies(kc: Any, get: Any, wanted: list[str]) -> list[str]:
+    """Replies on one client until all of ``wanted`` answered; each must answer this client.
+
+    A client's message ids start with its session id, so a reply to the other client is
+    cross-talk. (wait_for_ready may leave a late kernel_info_reply of its own: skipped.)
+    """
+    got: list[str] = []
+    while not set(wanted) <= set(got):
+        parent = (await get(timeout=30))["parent_header"]["msg_id"]
+        assert parent.startswith(kc.session.session), f"cross-talk: {parent} reached {kc}"
+        if parent in wanted:
+            got.append(parent)
+    return got
+
+
 async def test_two_clients_get_their_own_replies(
     remote_spec: str, start_kernel: Any, cells: Any
 ) -> None:
@@ -189,18 +206,14 @@ async def test_two_clients_get_their_own_replies(
         assert a.session.bsession != b.session.bsession
         sent_a = [a.execute(f"a{i} = {i}") for i in range(5)]
         sent_b = [b.execute(f"b{i} = {i}") for i in range(5)]
-        got_a = [(await a.get_shell_msg(timeout=30))["parent_header"]["msg_id"] for _ in sent_a]
-        got_b = [(await b.get_shell_msg(timeout=30))["parent_header"]["msg_id"] for _ in sent_b]
-        assert got_a == sent_a
-        assert got_b == sent_b
+        assert await _own_replies(a, a.get_shell_msg, sent_a) == sent_a
+        assert await _own_replies(b, b.get_shell_msg, sent_b) == sent_b
         # The control channel routes by identity too.
         ka, kb = a.session.msg("kernel_info_request"), b.session.msg("kernel_info_request")
         a.control_channel.send(ka)
         b.control_channel.send(kb)
-        reply_a = await a.get_control_msg(timeout=30)
-        reply_b = await b.get_control_msg(timeout=30)
-        assert reply_a["parent_header"]["msg_id"] == ka["header"]["msg_id"]
-        assert reply_b["parent_header"]["msg_id"] == kb["header"]["msg_id"]
+        assert await _own_replies(a, a.get_control_msg, [ka["header"]["msg_id"]])
+        assert await _own_replies(b, b.get_control_msg, [kb["header"]["msg_id"]])
     finally:
         a.stop_channels()
         b.stop_channels()
@@ -213,12 +226,14 @@ async def test_provisioner_info_round_trip_reattaches(
     prov = km.provisioner
     kc = await cells.connect(km)
     assert (await cells.run(kc, "survivor = 'kept'")).status == "ok"
-    kc.stop_channels()
     info = json.loads(json.dumps(await prov.get_provisioner_info()))
     assert info["provider_url"] == provider_host.url
     assert info["session_id"] == prov.session_id
     assert info["connection_info"]["shell_port"] == km.get_connection_info()["shell_port"]
     pid = prov.kernel_pid
+    # Traffic after the snapshot: the new owner must skip what the old one already consumed.
+    assert (await cells.run(kc, "late = 'after'; print(late)")).stream() == "after\n"
+    kc.stop_channels()
 
     # Another process takes over: the old provisioner lets go without ending the session.
     await prov.detach()
@@ -235,15 +250,18 @@ async def test_provisioner_info_round_trip_reattaches(
         assert prov2.has_process and await prov2.poll() is None
         km2.provisioner = prov2
         km2.load_connection_info(prov2.connection_info)
+        assert km2.get_connection_info() == km.get_connection_info()
         kc2 = await cells.connect(km2)
         try:
-            ex = await cells.run(kc2, "print(survivor)")
-            assert ex.stream() == "kept\n"
+            ex = await cells.run(kc2, "print(survivor, late)")
+            assert ex.stream() == "kept after\n"
         finally:
             kc2.stop_channels()
         assert prov2.kernel_pid == pid
     finally:
+        tunnel = prov2.tunnel
         await prov2.cleanup(restart=False)
+    assert tunnel is not None and tunnel.ended
     assert await processes.wait_gone(pid, 10)
     km.provisioner = None  # nothing left for the fixture to shut down
 
@@ -271,3 +289,26 @@ async def test_unreachable_provider_fails_the_launch(kernelspecs: Any, provider_
     km = AsyncKernelManager(kernel_name=name)
     with pytest.raises(KernelLaunchError, match="cannot open a tunnel"):
         await asyncio.wait_for(km.start_kernel(), 30)
+
+
+async def test_a_kernel_that_exits_reports_its_exit_code_and_restarts(
+    remote_spec: str, start_kernel: Any, cells: Any, processes: Any
+) -> None:
+    km = await start_kernel(remote_spec)
+    prov = km.provisioner
+    pid = prov.kernel_pid
+    kc = await cells.connect(km)
+    try:
+        kc.execute("import os; os._exit(3)")
+        assert await prov.tunnel.wait_exited(timeout=10) == 3
+        assert await prov.poll() == 3
+        assert not await km.is_alive()
+        assert await processes.wait_gone(pid, 10)
+        # What jupyter_client's restarter does next: a restart on the same session.
+        session = prov.session_id
+        await asyncio.wait_for(km.restart_kernel(now=True), 60)
+        assert prov.session_id == session and await prov.poll() is None
+        await kc.wait_for_ready(timeout=30)
+        assert (await cells.run(kc, "print('back')")).stream() == "back\n"
+    finally:
+        kc.stop_channels()
