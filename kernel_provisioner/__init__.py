@@ -1,1 +1,13 @@
-"""The jupyter_client provisioner for remote kernels and its local end of the tunnel."""
+"""The jupyter_client provisioner for remote kernels and its local end of the tunnel.
+
+- :mod:`kernel_provisioner.provisioner`: ``io-remote``, the
+  :class:`~kernel_provisioner.provisioner.RemoteKernelProvisioner` a kernelspec selects;
+- :mod:`kernel_provisioner.connection`: one resumable tunnel session to a provider host;
+- :mod:`kernel_provisioner.facade`: the local ZMQ sockets Jupyter clients connect to.
+
+Nothing is imported here, so that listing entry points stays cheap.
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []

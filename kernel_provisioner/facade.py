@@ -8,9 +8,10 @@ over the tunnel. Frames are never parsed, so the ROUTER's routing identity (the 
 travels with each request, the remote kernel echoes it, and the reply is routed back to the
 client that asked: several clients on one kernel each get their own replies.
 
-Call :meth:`Facade.bind` (or :meth:`Facade.bind` with the ports of an earlier facade, to
-reattach), then :meth:`Facade.connection_info` for what the kernel manager writes to the
-connection file, and :meth:`Facade.close` when the kernel session ends.
+Call :meth:`Facade.bind` (given the ports of an earlier facade when reattaching, so that
+clients' connection files stay valid), then :meth:`Facade.connection_info` for what the
+kernel manager writes to the connection file, and :meth:`Facade.close` when the kernel
+session ends.
 """
 
 from __future__ import annotations

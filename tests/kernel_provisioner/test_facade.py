@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import zmq
@@ -15,7 +16,7 @@ from kernel_provisioner.facade import CHANNEL_PORT_NAMES, Facade
 
 
 @pytest.fixture
-async def facade():
+async def facade() -> AsyncIterator[Facade]:
     f = Facade()
     f.bind()
     yield f
@@ -23,7 +24,7 @@ async def facade():
 
 
 @pytest.fixture
-def ctx():
+def ctx() -> Iterator[zmq.asyncio.Context]:
     c = zmq.asyncio.Context()
     yield c
     c.destroy(linger=0)
@@ -45,7 +46,7 @@ async def test_connection_info_names_five_local_ports(facade: Facade) -> None:
     assert set(facade.inbound) == set(Channel)
 
 
-async def test_router_keeps_each_clients_identity(facade: Facade, ctx: zmq.asyncio.Context):
+async def test_router_keeps_each_clients_identity(facade: Facade, ctx: zmq.asyncio.Context) -> None:
     port = facade.ports[Channel.SHELL]
     clients = {}
     for name in (b"client-a", b"client-b"):
