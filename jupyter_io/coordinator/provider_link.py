@@ -1,0 +1,599 @@
+"""The provider link: typed messages and the coordinator's side of one connection.
+
+A provider opens ``GET /api/v1/providers/connect`` (a websocket of JSON text messages,
+``docs/coordinator-contract.md`` section 1) and keeps it open. This module holds
+
+* the messages, as frozen dataclasses with ``parse()`` (from the decoded JSON object, checked
+  field by field; :class:`~jupyter_io.errors.ProtocolError` on anything malformed) and
+  ``to_json()``; :func:`parse_message` dispatches on ``type``. Providers import the same
+  classes to build what they send;
+* :class:`ProviderLinkSession`, the state machine of one connection on the coordinator:
+  :meth:`~ProviderLinkSession.open` sends the challenge, :meth:`~ProviderLinkSession.receive`
+  takes each text message (checks the hello's signature, then hands inventory, heartbeats,
+  session events and usage reports to the :class:`~jupyter_io.coordinator.registry.Registry`)
+  and :meth:`~ProviderLinkSession.closed` reports the end. The websocket handler only moves
+  text between the socket and this object.
+
+A bad hello signature is answered with an ``error`` message (``code: "auth"``) and close 1008
+before anything is stored; a malformed message with ``code: "protocol"`` and close 1002.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from solders.pubkey import Pubkey
+
+from ..errors import AuthError, ProtocolError
+from ..identity import new_nonce
+from .auth import verify_provider_hello
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+__all__ = [
+    "CLOSE_BAD_SIGNATURE",
+    "CLOSE_PROTOCOL",
+    "LINK_VERSION",
+    "MAX_LEASE_ID_LENGTH",
+    "MAX_OFFERS",
+    "MAX_SESSIONS",
+    "Challenge",
+    "Dial",
+    "End",
+    "ErrorMessage",
+    "Heartbeat",
+    "Hello",
+    "Inventory",
+    "LinkMessage",
+    "LinkPort",
+    "OfferGroup",
+    "ProviderLinkSession",
+    "SessionEvent",
+    "Usage",
+    "Welcome",
+    "parse_message",
+]
+
+#: Version of the provider link, carried in ``challenge`` and ``hello``.
+LINK_VERSION = 1
+#: Close codes of the link (RFC 6455).
+CLOSE_BAD_SIGNATURE = 1008
+CLOSE_PROTOCOL = 1002
+#: Bounds on what a provider may send (hostile input costs bounded work).
+MAX_OFFERS = 64
+MAX_SESSIONS = 10_000
+MAX_LEASE_ID_LENGTH = 64
+_MAX_TEXT = 2048
+
+
+# --------------------------------------------------------------------------------------------
+# Field checks
+
+
+def _fail(what: str) -> ProtocolError:
+    return ProtocolError(f"provider link: {what}")
+
+
+def _str(body: Mapping[str, Any], name: str, *, optional: bool = False, limit: int = _MAX_TEXT
+         ) -> Any:  # fmt: skip
+    value = body.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or len(value) > limit:
+        raise _fail(f"{name!r} must be a string of at most {limit} characters, not {value!r:.60}")
+    return value
+
+
+def _int(body: Mapping[str, Any], name: str, *, minimum: int = 0) -> int:
+    value = body.get(name)
+    if type(value) is not int or value < minimum:
+        raise _fail(f"{name!r} must be an integer >= {minimum}, not {value!r:.60}")
+    return value
+
+
+def _float(body: Mapping[str, Any], name: str, *, optional: bool = False) -> Any:
+    value: Any = body.get(name)
+    if value is None and optional:
+        return None
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise _fail(f"{name!r} must be a finite number, not {value!r:.60}")
+    return float(value)
+
+
+def _lease_id(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_LEASE_ID_LENGTH:
+        raise _fail(f"{where} must be a lease id (1..{MAX_LEASE_ID_LENGTH} characters)")
+    return value
+
+
+def _lease_ids(body: Mapping[str, Any], name: str) -> frozenset[str]:
+    value = body.get(name, [])
+    if not isinstance(value, list) or len(value) > MAX_SESSIONS:
+        raise _fail(f"{name!r} must be a list of at most {MAX_SESSIONS} lease ids")
+    return frozenset(_lease_id(item, f"each of {name!r}") for item in value)
+
+
+def _dumps(body: dict[str, Any]) -> str:
+    return json.dumps(body, separators=(",", ":"))
+
+
+# --------------------------------------------------------------------------------------------
+# Messages
+
+
+@dataclass(frozen=True, slots=True)
+class OfferGroup:
+    """One group of identical GPUs in an inventory (one per GPU model)."""
+
+    gpu: str
+    vram_bytes: int
+    count: int
+    gpu_indices: tuple[int, ...]
+    price_lamports_per_hour: int
+    simulated: bool = False
+    driver: str | None = None
+    cuda: str | None = None
+    benchmark_tflops: float | None = None
+
+    @classmethod
+    def parse(cls, body: Any) -> OfferGroup:
+        if not isinstance(body, dict):
+            raise _fail("each inventory offer must be an object")
+        indices = body.get("gpu_indices")
+        count = _int(body, "count", minimum=1)
+        if (
+            not isinstance(indices, list)
+            or len(indices) != count
+            or not all(type(i) is int and i >= 0 for i in indices)
+            or len(set(indices)) != count
+        ):
+            raise _fail(f"'gpu_indices' must list {count} distinct device indices")
+        simulated = body.get("simulated", False)
+        if type(simulated) is not bool:
+            raise _fail("'simulated' must be true or false")
+        return cls(
+            gpu=_str(body, "gpu", limit=128),
+            vram_bytes=_int(body, "vram_bytes"),
+            count=count,
+            gpu_indices=tuple(indices),
+            price_lamports_per_hour=_int(body, "price_lamports_per_hour"),
+            simulated=simulated,
+            driver=_str(body, "driver", optional=True, limit=64),
+            cuda=_str(body, "cuda", optional=True, limit=32),
+            benchmark_tflops=_float(body, "benchmark_tflops", optional=True),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gpu": self.gpu,
+            "vram_bytes": self.vram_bytes,
+            "count": self.count,
+            "gpu_indices": list(self.gpu_indices),
+            "price_lamports_per_hour": self.price_lamports_per_hour,
+            "simulated": self.simulated,
+            "driver": self.driver,
+            "cuda": self.cuda,
+            "benchmark_tflops": self.benchmark_tflops,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """What a provider offers (the hello's ``inventory``)."""
+
+    name: str
+    region: str
+    reachable_url: str | None
+    max_kernels: int
+    offers: tuple[OfferGroup, ...]
+
+    @classmethod
+    def parse(cls, body: Any) -> Inventory:
+        if not isinstance(body, dict):
+            raise _fail("'inventory' must be an object")
+        offers = body.get("offers")
+        if not isinstance(offers, list) or not 1 <= len(offers) <= MAX_OFFERS:
+            raise _fail(f"'inventory.offers' must list 1..{MAX_OFFERS} offers")
+        url = _str(body, "reachable_url", optional=True)
+        if url is not None and not url.startswith(("ws://", "wss://")):
+            raise _fail(f"'reachable_url' must be a ws:// or wss:// URL, not {url!r:.60}")
+        return cls(
+            name=_str(body, "name", limit=200),
+            region=_str(body, "region", limit=64),
+            reachable_url=url,
+            max_kernels=_int(body, "max_kernels", minimum=1),
+            offers=tuple(OfferGroup.parse(offer) for offer in offers),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "region": self.region,
+            "reachable_url": self.reachable_url,
+            "max_kernels": self.max_kernels,
+            "offers": [offer.to_dict() for offer in self.offers],
+        }
+
+
+class _Message:
+    """What every link message has: a ``type`` and ``to_json()``."""
+
+    __slots__ = ()
+    type: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_json(self) -> str:
+        """The JSON text to send."""
+        return _dumps(self.to_dict())
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge(_Message):
+    """coordinator → provider, first: sign ``nonce`` (with the coordinator's key)."""
+
+    type: ClassVar[str] = "challenge"
+    nonce: bytes
+    coordinator: str
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> Challenge:
+        if body.get("version") != LINK_VERSION:
+            raise _fail(f"link version {body.get('version')!r}, expected {LINK_VERSION}")
+        try:
+            nonce = bytes.fromhex(_str(body, "nonce", limit=64))
+        except ValueError:
+            raise _fail("'nonce' must be 32 bytes of hex") from None
+        if len(nonce) != 32:
+            raise _fail("'nonce' must be 32 bytes of hex")
+        return cls(nonce=nonce, coordinator=_str(body, "coordinator", limit=44))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "version": LINK_VERSION,
+            "nonce": self.nonce.hex(),
+            "coordinator": self.coordinator,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(_Message):
+    """provider → coordinator, answering the challenge: who it is, what it offers, which
+    leases it still hosts."""
+
+    type: ClassVar[str] = "hello"
+    pubkey: str
+    signature: str
+    inventory: Inventory
+    sessions: frozenset[str] = frozenset()
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> Hello:
+        if body.get("version") != LINK_VERSION:
+            raise _fail(f"link version {body.get('version')!r}, expected {LINK_VERSION}")
+        return cls(
+            pubkey=_str(body, "pubkey", limit=44),
+            signature=_str(body, "signature", limit=100),
+            inventory=Inventory.parse(body.get("inventory")),
+            sessions=_lease_ids(body, "sessions"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "version": LINK_VERSION,
+            "pubkey": self.pubkey,
+            "signature": self.signature,
+            "inventory": self.inventory.to_dict(),
+            "sessions": sorted(self.sessions),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(_Message):
+    """coordinator → provider: linked; heartbeat every ``heartbeat_interval`` seconds."""
+
+    type: ClassVar[str] = "welcome"
+    heartbeat_interval: float
+    coordinator: str
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> Welcome:
+        return cls(_float(body, "heartbeat_interval"), _str(body, "coordinator", limit=44))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "heartbeat_interval": self.heartbeat_interval,
+            "coordinator": self.coordinator,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorMessage(_Message):
+    """coordinator → provider, just before closing the link: why."""
+
+    type: ClassVar[str] = "error"
+    code: str
+    message: str
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> ErrorMessage:
+        return cls(_str(body, "code", limit=64), _str(body, "message"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "code": self.code, "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(_Message):
+    """provider → coordinator, every ``heartbeat_interval``: load (0..1), hosted leases."""
+
+    type: ClassVar[str] = "heartbeat"
+    load: float = 0.0
+    sessions: frozenset[str] = frozenset()
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> Heartbeat:
+        load = body.get("load", 0.0)
+        if type(load) not in (int, float) or not 0.0 <= load <= 1.0:
+            raise _fail(f"heartbeat 'load' must be a number in 0..1, not {load!r:.40}")
+        sessions = body.get("sessions")
+        if not sessions:  # the common case: nothing to build
+            return cls(float(load))
+        return cls(float(load), _lease_ids(body, "sessions"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "load": self.load, "sessions": sorted(self.sessions)}
+
+
+@dataclass(frozen=True, slots=True)
+class Usage(_Message):
+    """provider → coordinator: signed seconds delivered on a lease so far (cumulative).
+
+    ``raw`` is the object as received, which the signature covers (see
+    :func:`~jupyter_io.coordinator.auth.verify_usage`); build outgoing reports with
+    :func:`~jupyter_io.coordinator.auth.sign_usage` instead.
+    """
+
+    type: ClassVar[str] = "usage"
+    lease: str
+    seq: int
+    seconds: int
+    gpu_utilisation: float | None
+    at: float
+    signature: str
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> Usage:
+        utilisation = _float(body, "gpu_utilisation", optional=True)
+        return cls(
+            lease=_lease_id(body.get("lease"), "'lease'"),
+            seq=_int(body, "seq"),
+            seconds=_int(body, "seconds"),
+            gpu_utilisation=utilisation,
+            at=_float(body, "at"),
+            signature=_str(body, "signature", limit=100),
+            raw=dict(body),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "lease": self.lease,
+            "seq": self.seq,
+            "seconds": self.seconds,
+            "gpu_utilisation": self.gpu_utilisation,
+            "at": self.at,
+            "signature": self.signature,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent(_Message):
+    """provider → coordinator: a lease's tunnel session attached its kernel, or ended."""
+
+    type: ClassVar[str] = "session"
+    lease: str
+    state: str
+    at: float
+
+    STATES: ClassVar[frozenset[str]] = frozenset({"active", "ended"})
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> SessionEvent:
+        state = body.get("state")
+        if state not in cls.STATES:
+            raise _fail(f"session 'state' must be 'active' or 'ended', not {state!r:.40}")
+        return cls(_lease_id(body.get("lease"), "'lease'"), str(state), _float(body, "at"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "lease": self.lease, "state": self.state, "at": self.at}
+
+
+@dataclass(frozen=True, slots=True)
+class Dial(_Message):
+    """coordinator → provider: open a websocket to ``url`` and serve a tunnel on it."""
+
+    type: ClassVar[str] = "dial"
+    lease: str
+    url: str
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> Dial:
+        return cls(_lease_id(body.get("lease"), "'lease'"), _str(body, "url"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "lease": self.lease, "url": self.url}
+
+
+@dataclass(frozen=True, slots=True)
+class End(_Message):
+    """coordinator → provider: the lease is over; stop its session."""
+
+    type: ClassVar[str] = "end"
+    lease: str
+    reason: str
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> End:
+        return cls(_lease_id(body.get("lease"), "'lease'"), _str(body, "reason"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "lease": self.lease, "reason": self.reason}
+
+
+LinkMessage = (
+    Challenge | Hello | Welcome | ErrorMessage | Heartbeat | Usage | SessionEvent | Dial | End
+)
+
+_PARSERS: dict[str, Callable[[Mapping[str, Any]], LinkMessage]] = {
+    cls.type: cls.parse
+    for cls in (Challenge, Hello, Welcome, ErrorMessage, Heartbeat, Usage, SessionEvent, Dial, End)
+}
+
+
+def parse_message(text: str | bytes) -> LinkMessage:
+    """Decode one link message; :class:`ProtocolError` if it is not one."""
+    if isinstance(text, bytes):
+        raise _fail("binary message; the link speaks JSON text")
+    try:
+        body = json.loads(text)
+    except ValueError:
+        raise _fail("a message is not JSON") from None
+    if not isinstance(body, dict):
+        raise _fail("a message must be a JSON object")
+    parser = _PARSERS.get(body.get("type"))  # type: ignore[arg-type]
+    if parser is None:
+        raise _fail(f"unknown message type {body.get('type')!r:.40}")
+    return parser(body)
+
+
+# --------------------------------------------------------------------------------------------
+# One connection, coordinator side
+
+
+class LinkPort(Protocol):
+    """What :class:`ProviderLinkSession` needs of the websocket it runs on."""
+
+    def send(self, text: str) -> None:
+        """Queue one text message (never blocks; a closed socket drops it)."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the websocket with ``code``."""
+
+
+class ProviderLinkSession:
+    """The coordinator's side of one provider link (see the module docstring).
+
+    Made per websocket by the handler; :meth:`open`, then :meth:`receive` for every text
+    message (awaiting what it returns before reading the next one), then :meth:`closed`.
+    Once the hello is verified the :class:`~jupyter_io.coordinator.registry.Registry` owns
+    the provider's state; this object only routes the link's messages to it.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        port: LinkPort,
+        *,
+        coordinator: Pubkey,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.registry = registry
+        self.port = port
+        self.coordinator = coordinator
+        self.log = log or logging.getLogger("jupyter_io.coordinator")
+        #: The provider's key once its hello is verified.
+        self.provider: str | None = None
+        self._nonce = new_nonce()
+        self._closing = False
+
+    def open(self) -> None:
+        """Send the challenge."""
+        self.port.send(Challenge(self._nonce, str(self.coordinator)).to_json())
+
+    def send(self, message: LinkMessage) -> None:
+        """Send a coordinator → provider message (``dial``, ``end``)."""
+        if not self._closing:
+            self.port.send(message.to_json())
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the link (the registry calls this when it replaces or drops the link)."""
+        self._closing = True
+        self.port.close(code, reason)
+
+    def receive(self, text: str | bytes) -> Awaitable[None] | None:
+        """Handle one message; returns an awaitable when it has I/O to do (the caller awaits
+        it before the next message, so a provider's messages are handled in order).
+
+        Heartbeats, the bulk of the traffic, are handled synchronously.
+        """
+        if self._closing:
+            return None
+        try:
+            message = parse_message(text)
+        except ProtocolError as exc:
+            self._refuse("protocol", str(exc), CLOSE_PROTOCOL)
+            return None
+        if self.provider is None:
+            if not isinstance(message, Hello):
+                self._refuse("protocol", "the first message must be a hello", CLOSE_PROTOCOL)
+                return None
+            return self._hello(message)
+        provider = self.provider
+        if isinstance(message, Heartbeat):
+            self.registry.heartbeat(provider, self, message)
+            return None
+        if isinstance(message, SessionEvent):
+            return self.registry.session_event(provider, message)
+        if isinstance(message, Usage):
+            return self._usage(provider, message)
+        self._refuse(
+            "protocol", f"a provider may not send {message.type!r} messages", CLOSE_PROTOCOL
+        )
+        return None
+
+    async def _hello(self, hello: Hello) -> None:
+        try:
+            key = verify_provider_hello(
+                hello.pubkey, hello.signature, self.coordinator, self._nonce
+            )
+        except AuthError as exc:
+            self.log.warning("provider link refused: %s", exc)
+            self._refuse("auth", str(exc), CLOSE_BAD_SIGNATURE)
+            return
+        try:
+            welcome, follow_up = await self.registry.connect(str(key), self, hello)
+        except ProtocolError as exc:
+            self._refuse("protocol", str(exc), CLOSE_PROTOCOL)
+            return
+        self.provider = str(key)
+        self.port.send(welcome.to_json())
+        for message in follow_up:
+            self.send(message)
+
+    async def _usage(self, provider: str, usage: Usage) -> None:
+        try:
+            await self.registry.usage_report(provider, usage)
+        except AuthError as exc:
+            self.log.warning("usage report refused from %s: %s", provider, exc)
+
+    def closed(self, code: int | None) -> None:
+        """The websocket closed (``code`` as the provider sent it, if any)."""
+        self._closing = True
+        if self.provider is not None:
+            self.registry.disconnected(self.provider, self, code)
+
+    def _refuse(self, code: str, message: str, close_code: int) -> None:
+        self.port.send(ErrorMessage(code, message).to_json())
+        self.close(close_code, message.encode()[:120].decode(errors="ignore"))

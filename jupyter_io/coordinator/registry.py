@@ -1,0 +1,762 @@
+"""Live providers: who is linked, what they offer, what they host, and who went quiet.
+
+The :class:`Registry` is the coordinator's in-memory view of its providers, kept in step with
+the durable :class:`~jupyter_io.coordinator.store.Store` and the scheduler's
+:class:`~jupyter_io.coordinator.scheduler.OfferIndex`:
+
+* :meth:`Registry.start` rebuilds the index from :meth:`Store.load_live_offers` (a restarted
+  coordinator knows every live offer and lease at once; each provider then has a full
+  ``heartbeat_misses`` x ``heartbeat_interval`` window to reconnect) and starts two tasks:
+  the heartbeat flush (every ``flush_interval``, one :meth:`Store.record_heartbeats` for all
+  heartbeats since the last flush) and the sweep (loss detection and token expiry);
+* :meth:`Registry.connect` takes a verified hello: provider and inventory to the store
+  (:meth:`Store.upsert_provider`, :meth:`Store.replace_offers`), one
+  :class:`~jupyter_io.coordinator.scheduler.Offer` per offer group into the index, and the
+  provider's ``sessions`` reconciled with its live leases (kept; active leases it no longer
+  hosts fail; sessions of leases that are not live get an ``end``);
+* :meth:`Registry.heartbeat` is the hot path: no I/O, no allocation beyond the batch entry;
+* a provider silent for ``heartbeat_misses`` intervals is lost (:meth:`Store.mark_provider_lost`:
+  its live leases fail with ``end_of_service`` = its last heartbeat) and its offers leave the
+  index; a provider that reconnects in time keeps the leases it lists in ``sessions``.
+
+The lease service calls :meth:`lease_created`, :meth:`lease_over` and :meth:`resync` to keep
+capacity exact; the relay subscribes to :attr:`lease_listeners` to close the sockets of
+leases that end. With several coordinators on one PostgreSQL, a coordinator only schedules on
+providers linked to it (and, right after its start, on those the store says are online); before
+marking a provider lost it re-reads the store, so a provider heartbeating through another
+coordinator is never failed by this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from solders.pubkey import Pubkey
+
+from ..errors import AuthError, ProtocolError
+from .auth import verify_usage
+from .models import LeaseState
+from .provider_link import End, Heartbeat, Hello, LinkMessage, SessionEvent, Usage, Welcome
+from .scheduler import Offer, OfferIndex, normalise_gpu_name
+from .store import (
+    LeaseRecord,
+    OfferRecord,
+    OfferSpec,
+    ProviderProfile,
+    ProviderRecord,
+    Store,
+    UsageReport,
+)
+
+__all__ = [
+    "RELIABILITY_PRIOR",
+    "ProviderState",
+    "Registry",
+    "RegistryStats",
+    "TrackedLease",
+    "reliability",
+]
+
+#: Sessions a new provider is credited with in :func:`reliability` (a prior, see there).
+RELIABILITY_PRIOR = 4
+#: Close code for a link the coordinator drops because the provider went quiet, or because
+#: the same provider linked again (RFC 6455 "going away" / normal).
+_CLOSE_LOST = 1001
+_CLOSE_REPLACED = 1000
+#: Region shown for a provider that did not name one (the index needs some region).
+_NO_REGION = "unknown"
+#: Load changes smaller than this are not worth re-indexing an offer for.
+_LOAD_STEP = 0.05
+
+
+def reliability(sessions_ok: int, sessions_failed: int, times_lost: int) -> float:
+    """How reliable a provider has been, 0..1, from its store counters.
+
+    ``(ok + P) / (ok + failed + lost + P)`` with ``P`` = :data:`RELIABILITY_PRIOR`: a new
+    provider starts at 1.0; each failed lease and each time it was lost lowers it, each lease
+    that ended well raises it back. The prior keeps one early failure from ruining a newcomer
+    (one failure: 0.8) while a long record dominates it.
+    """
+    good = sessions_ok + RELIABILITY_PRIOR
+    return good / (good + sessions_failed + times_lost)
+
+
+def _utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+@dataclass(slots=True)
+class TrackedLease:
+    """A live lease as the registry tracks it (for capacity and token expiry)."""
+
+    id: str
+    user: str
+    gpu_model: str
+    indices: frozenset[int]
+    state: LeaseState
+    token_expires_at: float | None
+
+    @classmethod
+    def of(cls, record: LeaseRecord) -> TrackedLease:
+        expires = record.token_expires_at
+        return cls(
+            id=record.id,
+            user=record.user_pubkey,
+            gpu_model=record.gpu_model,
+            indices=frozenset(record.gpu_indices),
+            state=record.state,
+            token_expires_at=None if expires is None else expires.timestamp(),
+        )
+
+
+@dataclass(slots=True)
+class ProviderState:
+    """One provider as this coordinator sees it."""
+
+    pubkey: str
+    name: str
+    region: str
+    reachable_url: str | None
+    offers: list[OfferRecord]
+    leases: dict[str, TrackedLease]
+    sessions_ok: int
+    sessions_failed: int
+    times_lost: int
+    #: The link's session object while linked here, else None.
+    link: Any = None
+    #: ``time.monotonic()`` of the last heartbeat (or of the link, or of the restart).
+    last_seen: float = 0.0
+    #: Wall-clock time of the last heartbeat received here.
+    last_beat: float = 0.0
+    load: float = 0.0
+    sessions: frozenset[str] = frozenset()
+    #: Loaded from the store at start-up and not linked since.
+    restored: bool = False
+
+    @property
+    def linked(self) -> bool:
+        return self.link is not None
+
+    @property
+    def reliability(self) -> float:
+        return reliability(self.sessions_ok, self.sessions_failed, self.times_lost)
+
+    def free_gpus(self, group: OfferRecord) -> int:
+        """GPUs of ``group`` a new lease could get, counted as the store counts them."""
+        devices = frozenset(group.gpu_indices)
+        holding = [held for lease in self.leases.values() if (held := lease.indices & devices)]
+        if len(holding) >= group.max_kernels:
+            return 0
+        return group.count - len(frozenset().union(*holding))
+
+
+@dataclass(slots=True)
+class RegistryStats:
+    """Counters for the status endpoint and the benchmark."""
+
+    heartbeats: int = 0
+    heartbeats_flushed: int = 0
+    flushes: int = 0
+    flush_seconds: float = 0.0
+    providers_lost: int = 0
+    providers_offline: int = 0
+    links: int = 0
+    usage_received: int = 0
+    usage_stored: int = 0
+    usage_refused: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Registry:
+    """Live providers (see the module docstring). Use from the coordinator's event loop."""
+
+    def __init__(
+        self,
+        store: Store,
+        index: OfferIndex,
+        *,
+        coordinator: Pubkey,
+        heartbeat_interval: float = 5.0,
+        heartbeat_misses: int = 3,
+        flush_interval: float = 1.0,
+        log: logging.Logger | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if heartbeat_interval <= 0 or heartbeat_misses < 1 or flush_interval <= 0:
+            raise ValueError("intervals must be positive and heartbeat_misses at least 1")
+        self.store = store
+        self.index = index
+        self.coordinator = coordinator
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_misses = heartbeat_misses
+        self.flush_interval = flush_interval
+        self.log = log or logging.getLogger("jupyter_io.coordinator")
+        self.clock = clock
+        self.monotonic = monotonic
+        self.stats = RegistryStats()
+        #: Called with ``(lease_id, reason)`` whenever a live lease ends or fails.
+        self.lease_listeners: list[Callable[[str, str], None]] = []
+        self._providers: dict[str, ProviderState] = {}
+        self._pending: dict[str, float] = {}  # heartbeats since the last flush
+        self._undelivered: dict[str, list[tuple[float, LinkMessage]]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+        self._waiters = 0  # wait_for() callers: only then do heartbeats notify
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def loss_window(self) -> float:
+        """Seconds of silence after which a provider is lost."""
+        return self.heartbeat_interval * self.heartbeat_misses
+
+    async def start(self) -> None:
+        """Rebuild the index from the store, then start the flush and sweep tasks."""
+        offers = await self.store.load_live_offers()
+        leases = await self.store.live_leases()
+        now = self.monotonic()
+        records: dict[str, ProviderRecord] = {}
+        groups: dict[str, list[OfferRecord]] = {}
+        for live in offers:
+            records[live.offer.provider_pubkey] = live.provider
+            groups.setdefault(live.offer.provider_pubkey, []).append(live.offer)
+        for pubkey, record in records.items():
+            self._providers[pubkey] = ProviderState(
+                pubkey=pubkey,
+                name=record.display_name,
+                region=record.region,
+                reachable_url=record.reachable_url,
+                offers=groups[pubkey],
+                leases={},
+                sessions_ok=record.sessions_ok,
+                sessions_failed=record.sessions_failed,
+                times_lost=record.times_lost,
+                last_seen=now,  # a full window to reconnect after the restart
+                last_beat=record.last_heartbeat.timestamp(),
+                restored=True,
+            )
+        for lease in leases:
+            state = self._providers.get(lease.provider_pubkey)
+            if state is not None:
+                state.leases[lease.id] = TrackedLease.of(lease)
+        for state in self._providers.values():
+            self._reindex(state)
+        self.log.info(
+            "registry: %d live offers of %d providers and %d live leases restored",
+            len(self.index),
+            len(self._providers),
+            len(leases),
+        )
+        self._tasks = [
+            asyncio.create_task(self._every(self.flush_interval, self.flush), name="flush"),
+            asyncio.create_task(self._every(self._sweep_period(), self.sweep), name="sweep"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the tasks, close every link with 1001 (providers reconnect to the next
+        coordinator) and flush the last heartbeats. Nothing is marked lost or offline."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        for state in self._providers.values():
+            if state.link is not None:
+                state.link.close(_CLOSE_LOST, "coordinator shutting down; reconnect shortly")
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.flush()
+
+    def _sweep_period(self) -> float:
+        return min(1.0, max(0.02, self.heartbeat_interval / 2))
+
+    async def _every(self, period: float, job: Callable[[], Any]) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.log.exception("registry: %s failed; retrying", getattr(job, "__name__", job))
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def provider(self, pubkey: str) -> ProviderState | None:
+        """The provider's state, or None if it is neither linked nor being watched."""
+        return self._providers.get(pubkey)
+
+    def providers(self) -> list[ProviderState]:
+        """Every provider linked here or being watched."""
+        return list(self._providers.values())
+
+    def linked_count(self) -> int:
+        return sum(1 for state in self._providers.values() if state.link is not None)
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Wait until ``predicate()`` holds, re-checking after every change the registry makes
+        (links, heartbeats, losses, lease changes, flushes). Raises
+        :class:`asyncio.TimeoutError`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._waiters += 1
+        try:
+            while True:
+                event = self._changed
+                if predicate():
+                    return
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError(f"condition not met within {timeout} s")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(event.wait(), remaining)
+        finally:
+            self._waiters -= 1
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- the provider link -----------------------------------------------------------------
+
+    def _lock(self, pubkey: str) -> asyncio.Lock:
+        lock = self._locks.get(pubkey)
+        if lock is None:
+            lock = self._locks[pubkey] = asyncio.Lock()
+        return lock
+
+    async def connect(
+        self, pubkey: str, link: Any, hello: Hello
+    ) -> tuple[Welcome, list[LinkMessage]]:
+        """A provider proved its key: store it and its inventory, reconcile its sessions,
+        index its offers. Returns the ``welcome`` and the messages to send after it (``end``
+        for sessions of leases that are not live, ``dial`` queued while it was away).
+
+        Raises :class:`ProtocolError` for an inventory the store cannot take (two offers of
+        one GPU model, or overlapping device indices), before writing anything.
+        """
+        inventory = hello.inventory
+        specs = _offer_specs(inventory)
+        async with self._lock(pubkey):
+            wall = self.clock()
+            at = _utc(wall)
+            previous = await self.store.get_provider(pubkey)
+            profile = ProviderProfile(
+                pubkey, inventory.name, inventory.region, inventory.reachable_url
+            )
+            record = await self.store.upsert_provider(profile, at=at)
+            offers = await self.store.replace_offers(pubkey, specs, at=at)
+            live = await self.store.live_leases(provider_pubkey=pubkey)
+            # Billing of a session the provider lost stops at its last heartbeat before now.
+            end_of_service = previous.last_heartbeat if previous is not None else at
+            kept: dict[str, TrackedLease] = {}
+            failed: list[str] = []
+            for lease in live:
+                if lease.state is LeaseState.ACTIVE and lease.id not in hello.sessions:
+                    reason = (
+                        f"provider {pubkey} reconnected without the session of lease "
+                        f"{lease.id} (its kernel is gone)"
+                    )
+                    if await self.store.fail_lease(
+                        lease.id, reason, at=at, end_of_service=end_of_service
+                    ):
+                        failed.append(lease.id)
+                else:
+                    kept[lease.id] = TrackedLease.of(lease)
+            follow_up: list[LinkMessage] = [
+                End(lease_id, "this lease is not live (ended, failed or unknown); stop it")
+                for lease_id in sorted(hello.sessions - kept.keys())
+            ]
+            old = self._providers.get(pubkey)
+            if old is not None and old.link is not None and old.link is not link:
+                old.link.close(_CLOSE_REPLACED, "replaced by a newer link from this provider")
+            state = ProviderState(
+                pubkey=pubkey,
+                name=inventory.name,
+                region=inventory.region,
+                reachable_url=inventory.reachable_url,
+                offers=offers,
+                leases=kept,
+                sessions_ok=record.sessions_ok,
+                sessions_failed=record.sessions_failed + len(failed),
+                times_lost=record.times_lost,
+                link=link,
+                last_seen=self.monotonic(),
+                last_beat=wall,
+                sessions=hello.sessions,
+            )
+            self._providers[pubkey] = state
+            self._reindex(state)
+            now = self.monotonic()
+            for deadline, message in self._undelivered.pop(pubkey, ()):
+                if deadline > now:
+                    follow_up.append(message)
+            self.stats.links += 1
+        self.log.info(
+            "provider %s linked (%s, %d offer group(s), %d live lease(s) kept)",
+            pubkey,
+            inventory.region or "no region",
+            len(offers),
+            len(kept),
+        )
+        for lease_id in failed:
+            self._lease_gone(lease_id, "failed: the provider no longer hosts its session")
+        self._notify()
+        return Welcome(self.heartbeat_interval, str(self.coordinator)), follow_up
+
+    def heartbeat(self, pubkey: str, link: Any, beat: Heartbeat) -> None:
+        """A heartbeat from a linked provider: remember it for the next flush."""
+        state = self._providers.get(pubkey)
+        if state is None or state.link is not link:
+            return  # a replaced link's late message
+        state.last_seen = self.monotonic()
+        state.last_beat = self._pending[pubkey] = self.clock()
+        self.stats.heartbeats += 1
+        state.sessions = beat.sessions
+        if abs(beat.load - state.load) >= _LOAD_STEP or (
+            beat.load != state.load and beat.load in (0.0, 1.0)
+        ):
+            state.load = beat.load
+            self._reindex(state)
+        if self._waiters:
+            self._notify()
+
+    async def session_event(self, pubkey: str, event: SessionEvent) -> None:
+        """A lease's session attached (``active``) or ended on the provider."""
+        state = self._providers.get(pubkey)
+        tracked = state.leases.get(event.lease) if state is not None else None
+        if tracked is None:
+            record = await self.store.get_lease(event.lease)
+            if record is None or record.provider_pubkey != pubkey:
+                self.log.warning(
+                    "provider %s reported a session for lease %s, which is not its lease",
+                    pubkey,
+                    event.lease,
+                )
+                return
+            if not record.live:
+                if event.state == "active" and state is not None and state.link is not None:
+                    state.link.send(End(event.lease, f"lease is {record.state.value}; stop it"))
+                return
+            tracked = TrackedLease.of(record)  # made by another coordinator: track it
+            if state is not None:
+                state.leases[tracked.id] = tracked
+        at = _utc(self.clock())
+        if event.state == "active":
+            if await self.store.activate_lease(event.lease, at=at):
+                tracked.state = LeaseState.ACTIVE
+            self._notify()
+            return
+        if await self.store.end_lease(event.lease, at=at):
+            self.lease_over(pubkey, event.lease, ok=True, reason="the provider ended the session")
+        else:
+            self._forget_lease(pubkey, event.lease)
+            self._notify()
+
+    async def usage_report(self, pubkey: str, usage: Usage) -> bool:
+        """Store a signed usage report (``seconds`` is the total delivered so far).
+
+        The store keeps increments: the report is stored with ``seconds`` minus what earlier
+        reports of the lease already account for (never negative), so the store's sum is the
+        largest total reported, whatever the order or duplication of reports. Idempotent by
+        ``(lease, seq)``. Raises :class:`AuthError` for a bad signature or a lease that is not
+        this provider's. Returns whether the report was new.
+        """
+        try:
+            verify_usage(Pubkey.from_string(pubkey), usage.raw)
+            lease = await self.store.get_lease(usage.lease)
+            if lease is None or lease.provider_pubkey != pubkey:
+                raise AuthError(f"lease {usage.lease!r} is not hosted by provider {pubkey}")
+        except AuthError:
+            self.stats.usage_received += 1
+            self.stats.usage_refused += 1
+            self._notify()
+            raise
+        so_far = await self.store.usage_for_lease(usage.lease)
+        report = UsageReport(
+            lease_id=usage.lease,
+            seq=usage.seq,
+            seconds_delivered=max(0, usage.seconds - so_far),
+            signature=usage.signature,
+            reported_at=_utc(usage.at),
+            gpu_utilisation=usage.gpu_utilisation,
+            received_at=_utc(self.clock()),
+        )
+        stored = await self.store.add_usage_report(report)
+        self.stats.usage_received += 1
+        self.stats.usage_stored += stored
+        self._notify()
+        return stored
+
+    def disconnected(self, pubkey: str, link: Any, code: int | None) -> None:
+        """The link closed. The provider stops being scheduled; it is watched for the rest of
+        its loss window (a reconnect keeps its leases). A provider that said goodbye
+        (1000/1001) with no live lease is marked offline at once."""
+        state = self._providers.get(pubkey)
+        if self._stopping or state is None or state.link is not link:
+            return
+        state.link = None
+        self.index.remove_provider(pubkey)
+        if code in (1000, 1001) and not state.leases:
+            del self._providers[pubkey]
+            self._spawn(self._goodbye(pubkey))
+        self.log.info("provider %s link closed (code %s)", pubkey, code)
+        self._notify()
+
+    async def _goodbye(self, pubkey: str) -> None:
+        async with self._lock(pubkey):
+            if pubkey in self._providers:
+                return  # it came back meanwhile
+            beat = self._pending.pop(pubkey, None)
+            if beat is not None:
+                await self.store.record_heartbeats({pubkey: _utc(beat)})
+            await self.store.mark_provider_offline(pubkey, at=_utc(self.clock()))
+            self.stats.providers_offline += 1
+        self._notify()
+
+    def deliver(self, pubkey: str, message: LinkMessage, *, ttl: float) -> bool:
+        """Send ``message`` to a provider now if it is linked here, else when it links within
+        ``ttl`` seconds. Returns whether it was sent now."""
+        state = self._providers.get(pubkey)
+        if state is not None and state.link is not None:
+            state.link.send(message)
+            return True
+        queue = self._undelivered.setdefault(pubkey, [])
+        now = self.monotonic()
+        queue[:] = [(deadline, m) for deadline, m in queue if deadline > now]
+        queue.append((now + ttl, message))
+        return False
+
+    # -- heartbeats and loss -----------------------------------------------------------------
+
+    async def flush(self) -> int:
+        """Write the heartbeats received since the last flush, in one statement."""
+        if not self._pending:
+            return 0
+        batch, self._pending = self._pending, {}
+        started = time.perf_counter()
+        try:
+            await self.store.record_heartbeats({k: _utc(v) for k, v in batch.items()})
+        except Exception:
+            for pubkey, beat in batch.items():  # keep them for the next try
+                self._pending[pubkey] = max(beat, self._pending.get(pubkey, beat))
+            raise
+        self.stats.flushes += 1
+        self.stats.heartbeats_flushed += len(batch)
+        self.stats.flush_seconds += time.perf_counter() - started
+        self._notify()
+        return len(batch)
+
+    async def sweep(self) -> None:
+        """Mark providers silent for the loss window lost; end requested leases whose token
+        expired unused. The sweep task calls this; tests may too."""
+        now = self.monotonic()
+        window = self.loss_window
+        for state in list(self._providers.values()):
+            if now - state.last_seen > window:
+                await self._check_silent(state.pubkey)
+        wall = self.clock()
+        for state in list(self._providers.values()):
+            for lease in list(state.leases.values()):
+                if (
+                    lease.state is LeaseState.REQUESTED
+                    and lease.token_expires_at is not None
+                    and lease.token_expires_at <= wall
+                ):
+                    await self._expire(state.pubkey, lease.id)
+
+    async def _check_silent(self, pubkey: str) -> None:
+        async with self._lock(pubkey):
+            state = self._providers.get(pubkey)
+            if state is None or self.monotonic() - state.last_seen <= self.loss_window:
+                return  # reconnected or heartbeated meanwhile
+            record = await self.store.get_provider(pubkey)
+            wall = self.clock()
+            if record is None or not record.online:
+                self._drop(state, "not online in the store")
+                return
+            stored_beat = record.last_heartbeat.timestamp()
+            if stored_beat > max(state.last_beat, wall - self.loss_window):
+                # Another coordinator flushed a fresher heartbeat: it is linked there.
+                self._drop(state, "linked to another coordinator")
+                return
+            beat = self._pending.pop(pubkey, None)
+            if beat is not None:
+                await self.store.record_heartbeats({pubkey: _utc(beat)})
+            failed = await self.store.mark_provider_lost(
+                pubkey, at=_utc(wall), heartbeats_missed=self.heartbeat_misses
+            )
+            self._drop(state, "lost")
+            self.stats.providers_lost += 1
+            if state.link is not None:
+                state.link.close(
+                    _CLOSE_LOST, f"no heartbeat for {self.loss_window:g} s: marked lost"
+                )
+        self.log.warning(
+            "provider %s lost: no heartbeat for %g s; %d lease(s) failed",
+            pubkey,
+            self.loss_window,
+            len(failed),
+        )
+        for lease in failed:
+            self._lease_gone(lease.id, "failed: its provider was lost")
+        self._notify()
+
+    def _drop(self, state: ProviderState, why: str) -> None:
+        self._providers.pop(state.pubkey, None)
+        self._pending.pop(state.pubkey, None)
+        self.index.remove_provider(state.pubkey)
+        self.log.debug("registry: stopped watching %s (%s)", state.pubkey, why)
+
+    async def _expire(self, pubkey: str, lease_id: str) -> None:
+        if await self.store.end_lease(lease_id, at=_utc(self.clock())):
+            reason = "the lease token expired before the lease was used"
+            self.deliver(pubkey, End(lease_id, reason), ttl=0)
+            self.lease_over(pubkey, lease_id, ok=True, reason=reason)
+        else:
+            self._forget_lease(pubkey, lease_id)
+
+    # -- leases (called by the lease service) ----------------------------------------------
+
+    def lease_created(self, lease: LeaseRecord) -> None:
+        """A lease was stored: hold its GPUs in the index."""
+        state = self._providers.get(lease.provider_pubkey)
+        if state is not None:
+            state.leases[lease.id] = TrackedLease.of(lease)
+            self._reindex(state)
+        self._notify()
+
+    def lease_token_renewed(self, lease: LeaseRecord) -> None:
+        """A live lease got a fresh token (its expiry moved)."""
+        state = self._providers.get(lease.provider_pubkey)
+        if state is not None and lease.id in state.leases:
+            state.leases[lease.id] = TrackedLease.of(lease)
+
+    def lease_over(self, pubkey: str, lease_id: str, *, ok: bool, reason: str) -> None:
+        """A live lease ended (``ok``) or failed: free its GPUs and tell the listeners."""
+        state = self._providers.get(pubkey)
+        if state is not None:
+            if ok:
+                state.sessions_ok += 1
+            else:
+                state.sessions_failed += 1
+        self._forget_lease(pubkey, lease_id)
+        self._lease_gone(lease_id, reason)
+        self._notify()
+
+    def _forget_lease(self, pubkey: str, lease_id: str) -> None:
+        state = self._providers.get(pubkey)
+        if state is not None and state.leases.pop(lease_id, None) is not None:
+            self._reindex(state)
+
+    def _lease_gone(self, lease_id: str, reason: str) -> None:
+        for listener in list(self.lease_listeners):
+            try:
+                listener(lease_id, reason)
+            except Exception:
+                self.log.exception("lease listener failed for %s", lease_id)
+
+    async def resync(self, pubkey: str) -> None:
+        """Reload a provider's live leases from the store (after the store refused a lease
+        the index thought possible: another coordinator took the GPUs)."""
+        live = await self.store.live_leases(provider_pubkey=pubkey)
+        state = self._providers.get(pubkey)
+        if state is not None:
+            state.leases = {lease.id: TrackedLease.of(lease) for lease in live}
+            self._reindex(state)
+
+    # -- the index -------------------------------------------------------------------------
+
+    def _reindex(self, state: ProviderState) -> None:
+        """Put the provider's offers in the index as they are now (or take them out)."""
+        if state.link is None and not state.restored:
+            self.index.remove_provider(state.pubkey)
+            return
+        region = state.region.strip() or _NO_REGION
+        rel = state.reliability
+        for group in state.offers:
+            self.index.upsert(
+                Offer(
+                    provider=state.pubkey,
+                    gpu=group.gpu_model,
+                    # The index needs a positive size; a CPU offer may say 0 bytes of VRAM.
+                    vram_bytes=max(1, group.vram_bytes),
+                    gpus_total=group.count,
+                    gpus_free=state.free_gpus(group),
+                    price_lamports_per_hour=group.price_lamports_per_hour,
+                    region=region,
+                    reliability=rel,
+                    load=state.load,
+                    benchmark_tflops=group.benchmark_tflops,
+                    simulated=group.simulated,
+                    reachable_url=state.reachable_url,
+                )
+            )
+
+    def group_of(self, pubkey: str, gpu: str) -> OfferRecord | None:
+        """The provider's offer group of GPU model ``gpu`` (any spelling), or None."""
+        state = self._providers.get(pubkey)
+        if state is None:
+            return None
+        key = normalise_gpu_name(gpu)
+        return next((g for g in state.offers if normalise_gpu_name(g.gpu_model) == key), None)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._log_failure)
+
+    def _log_failure(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("registry task failed", exc_info=task.exception())
+
+
+def _offer_specs(inventory: Any) -> list[OfferSpec]:
+    """The store's offer specs for an inventory; :class:`ProtocolError` if the store or the
+    index could not take it (checked before anything is written)."""
+    seen: dict[str, str] = {}
+    devices: set[int] = set()
+    specs: list[OfferSpec] = []
+    for group in inventory.offers:
+        key = normalise_gpu_name(group.gpu)
+        if not key:
+            raise ProtocolError(f"provider link: {group.gpu!r} does not name a GPU model")
+        if key in seen:
+            raise ProtocolError(
+                f"provider link: two offers of one GPU model ({seen[key]!r} and {group.gpu!r}); "
+                f"publish one offer per model"
+            )
+        seen[key] = group.gpu
+        overlap = devices & set(group.gpu_indices)
+        if overlap:
+            raise ProtocolError(f"provider link: GPU indices {sorted(overlap)} in two offers")
+        devices.update(group.gpu_indices)
+        specs.append(
+            OfferSpec(
+                gpu_model=group.gpu,
+                vram_bytes=group.vram_bytes,
+                count=group.count,
+                price_lamports_per_hour=group.price_lamports_per_hour,
+                simulated=group.simulated,
+                benchmark_tflops=group.benchmark_tflops,
+                driver_version=group.driver,
+                cuda_version=group.cuda,
+                max_kernels=inventory.max_kernels,
+                gpu_indices=group.gpu_indices,
+            )
+        )
+    return specs
