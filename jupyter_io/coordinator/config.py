@@ -1,0 +1,204 @@
+"""The coordinator's configuration: every knob is a ``config=True`` trait.
+
+:class:`CoordinatorConfig` is what ``jupyter io coordinator``
+(:class:`~jupyter_io.coordinator.app.CoordinatorApp`) fills from flags and config files, and
+what :class:`~jupyter_io.coordinator.server.CoordinatorServer` reads. It does no I/O until
+asked: at start-up call :meth:`~CoordinatorConfig.listen_address`,
+:meth:`~CoordinatorConfig.database_url`, :meth:`~CoordinatorConfig.load_keypair` (creates the
+coordinator's own keypair in the data directory on first use) and
+:meth:`~CoordinatorConfig.ssl_context`; each raises :class:`~jupyter_io.errors.ConfigError`
+naming the setting to fix.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from jupyter_core.paths import jupyter_data_dir
+from solders.keypair import Keypair
+from traitlets import Float, Integer, TraitError, Unicode, default, validate
+from traitlets.config import Configurable
+
+from ..errors import ConfigError
+from ..identity import load_keypair, load_or_create_keypair
+from ..protocol import DEFAULT_MAX_FRAME_SIZE
+
+__all__ = ["DEFAULT_LISTEN", "DEFAULT_PORT", "CoordinatorConfig", "parse_listen"]
+
+DEFAULT_PORT = 8700
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6; a bare ``PORT`` means loopback).
+
+    Port 0 asks the OS for a free port. Raises :class:`ConfigError` on anything else.
+    """
+    value = text.strip()
+    if value.isdigit():
+        host, port_text = "127.0.0.1", value
+    elif value.startswith("["):
+        host, sep, port_text = value[1:].partition("]:")
+        if not sep:
+            raise ConfigError(f"listen address {text!r} must look like [::1]:{DEFAULT_PORT}")
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(f"listen address {text!r} must look like {DEFAULT_LISTEN}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"listen address {text!r} has no valid port number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"listen port {port} is outside 0..65535")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (nothing beyond this machine can connect)."""
+    return host.startswith(_LOOPBACK)
+
+
+class CoordinatorConfig(Configurable):
+    """Everything the coordinator needs to know before it listens."""
+
+    listen = Unicode(
+        DEFAULT_LISTEN,
+        config=True,
+        help="Address to listen on, HOST:PORT ([::1]:PORT for IPv6); port 0 picks a free one. "
+        "Loopback unless you say otherwise (providers and users elsewhere need 0.0.0.0:PORT "
+        "and, beyond a trusted network, TLS).",
+    )
+    public_url = Unicode(
+        "",
+        config=True,
+        help="The http(s)://HOST:PORT others reach this coordinator at (behind a proxy, or "
+        "when listening on 0.0.0.0); default: the listening address.",
+    )
+    data_dir = Unicode(
+        config=True, help="Directory of the coordinator's database and keypair by default."
+    )
+    db = Unicode(
+        "",
+        config=True,
+        help="Database: a SQLite file path or sqlite:///path (default: DATA_DIR/coordinator.db), "
+        "or postgresql://user@host/dbname for several coordinators sharing one database.",
+    )
+    keypair_path = Unicode(
+        "",
+        config=True,
+        help="The coordinator's own Solana keypair file, which signs lease tokens (default: "
+        "DATA_DIR/coordinator-keypair.json, created if missing).",
+    )
+    certfile = Unicode("", config=True, help="TLS certificate (PEM); serve https/wss when set.")
+    keyfile = Unicode("", config=True, help="TLS private key (PEM) for certfile.")
+    heartbeat_interval = Float(
+        5.0, config=True, help="Seconds between provider heartbeats (told to each provider)."
+    )
+    heartbeat_misses = Integer(
+        3, config=True, help="Heartbeat intervals a provider may miss before it is lost."
+    )
+    flush_interval = Float(
+        1.0, config=True, help="Seconds between writes of the batched heartbeats to the database."
+    )
+    token_ttl = Float(
+        3600.0,
+        config=True,
+        help="Seconds a lease token is valid; a lease never used by then ends, a running one "
+        "renews its token (POST /api/v1/leases/ID/token).",
+    )
+    relay_pair_timeout = Float(
+        10.0, config=True, help="Seconds a relay client waits for its provider to connect."
+    )
+    relay_max_message_size = Integer(
+        DEFAULT_MAX_FRAME_SIZE + (1 << 20),
+        config=True,
+        help="Largest websocket message the relay passes on, bytes (above the tunnel's frame "
+        "limit).",
+    )
+    hello_timeout = Float(
+        10.0, config=True, help="Seconds a new provider link has to answer the challenge."
+    )
+    offers_cache_ttl = Float(2.0, config=True, help="Seconds the offers list is cached.")
+    request_max_skew = Float(
+        60.0, config=True, help="Seconds a signed request's timestamp may differ from ours."
+    )
+
+    @default("data_dir")
+    def _data_dir_default(self) -> str:
+        return str(Path(jupyter_data_dir()) / "io" / "coordinator")
+
+    @validate("listen")
+    def _validate_listen(self, proposal: dict[str, object]) -> str:
+        value = str(proposal["value"])
+        try:
+            parse_listen(value)
+        except ConfigError as exc:
+            raise TraitError(str(exc)) from None
+        return value
+
+    @validate(
+        "heartbeat_interval",
+        "flush_interval",
+        "token_ttl",
+        "relay_pair_timeout",
+        "hello_timeout",
+        "request_max_skew",
+    )
+    def _validate_positive_float(self, proposal: dict[str, object]) -> float:
+        value = float(proposal["value"])  # type: ignore[arg-type]
+        if value <= 0:
+            raise TraitError(f"{proposal['trait'].name} must be positive")  # type: ignore[attr-defined]
+        return value
+
+    @validate("heartbeat_misses", "relay_max_message_size")
+    def _validate_positive_int(self, proposal: dict[str, object]) -> int:
+        value = int(proposal["value"])  # type: ignore[call-overload]
+        if value < 1:
+            raise TraitError(f"{proposal['trait'].name} must be at least 1")  # type: ignore[attr-defined]
+        return value
+
+    @validate("offers_cache_ttl")
+    def _validate_non_negative(self, proposal: dict[str, object]) -> float:
+        value = float(proposal["value"])  # type: ignore[arg-type]
+        if value < 0:
+            raise TraitError("offers_cache_ttl must not be negative")
+        return value
+
+    # -- derived values --------------------------------------------------------------------
+
+    def listen_address(self) -> tuple[str, int]:
+        """The ``(host, port)`` to bind; port 0 means any free port."""
+        return parse_listen(self.listen)
+
+    def database_url(self) -> str:
+        """The database to open (a SQLite file in the data directory by default)."""
+        if self.db:
+            return self.db
+        return str(Path(self.data_dir).expanduser() / "coordinator.db")
+
+    def load_keypair(self) -> Keypair:
+        """The coordinator's keypair: ``keypair_path`` if set (it must exist), else the one
+        in the data directory, created (owner-only) on first use."""
+        if self.keypair_path:
+            return load_keypair(self.keypair_path)
+        path = Path(self.data_dir).expanduser() / "coordinator-keypair.json"
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return load_or_create_keypair(path)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A server TLS context when ``certfile`` is set, else None (plain http/ws)."""
+        if not self.certfile:
+            if self.keyfile:
+                raise ConfigError("keyfile is set but certfile is not; set both to serve https")
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.certfile, self.keyfile or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot load TLS certificate {self.certfile!r} / key {self.keyfile!r}: {exc}"
+            ) from None
+        return context

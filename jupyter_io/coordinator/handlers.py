@@ -1,0 +1,503 @@
+"""Tornado handlers of the coordinator: thin, the work is done by the services.
+
+Routes (``docs/coordinator-contract.md``; every REST error is
+``{"error": {"code", "message"}}``):
+
+====================================  ========================================================
+``GET  /api/v1/info``                 coordinator key, version, relay base URL
+``GET  /api/v1/status``               counters (providers linked, heartbeats, leases, relay)
+``GET  /api/v1/offers``               offers by GPU type and per provider (cached briefly)
+``POST /api/v1/leases``               signed: lease GPUs → 201 grant, 409 ``no_offer``
+``GET  /api/v1/leases/{id}``          signed, owner only: the lease record
+``DELETE /api/v1/leases/{id}``        signed, owner only: end it (idempotent)
+``POST /api/v1/leases/{id}/token``    signed, owner only: a fresh token for a live lease
+``GET  /api/v1/providers/connect``    websocket: the provider link
+``GET  /relay/{lease}``               websocket: the relay (``?side=client|provider``)
+====================================  ========================================================
+
+:func:`make_app` builds the application from a :class:`Services` bundle. Handlers parse,
+authenticate and serialise; :class:`~jupyter_io.coordinator.leasing.LeaseService`,
+:class:`~jupyter_io.coordinator.registry.Registry`,
+:class:`~jupyter_io.coordinator.provider_link.ProviderLinkSession` and
+:class:`~jupyter_io.coordinator.relay.Relay` decide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from solders.pubkey import Pubkey
+from tornado import web
+from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketClosedError, WebSocketHandler
+
+from ..errors import AuthError, JupyterIOError, LeaseError
+from ..protocol import SUBPROTOCOL
+from .auth import HEADER_LEASE_TOKEN, ReplayGuard, SignedRequest, verify_request
+from .leasing import LeaseGone, LeaseNotFound, LeaseService, NotLeaseOwner, lease_json
+from .offers import OffersCache
+from .provider_link import ProviderLinkSession
+from .registry import Registry
+from .relay import Relay, RelayConnection
+from .scheduler import LeaseRequest
+
+__all__ = [
+    "API_PREFIX",
+    "LINK_MAX_MESSAGE_SIZE",
+    "LINK_PATH",
+    "RELAY_PREFIX",
+    "Services",
+    "make_app",
+]
+
+API_PREFIX = "/api/v1"
+LINK_PATH = f"{API_PREFIX}/providers/connect"
+RELAY_PREFIX = "/relay"
+#: Largest provider-link message (an inventory is a few KiB).
+LINK_MAX_MESSAGE_SIZE = 1 << 20
+#: Largest REST request body.
+MAX_BODY_SIZE = 64 * 1024
+
+_LOG = logging.getLogger("jupyter_io.coordinator")
+
+
+@dataclass
+class Services:
+    """What the handlers need; :class:`~.server.CoordinatorServer` builds it."""
+
+    coordinator: Pubkey
+    registry: Registry
+    leases: LeaseService
+    relay: Relay
+    offers: OffersCache
+    replay_guard: ReplayGuard
+    hello_timeout: float = 10.0
+    request_max_skew: float = 60.0
+    relay_max_message_size: int = 65 << 20
+    log: logging.Logger = _LOG
+
+
+# --------------------------------------------------------------------------------------------
+# REST
+
+
+class _ApiHandler(web.RequestHandler):
+    """JSON in, JSON out, errors as ``{"error": {"code", "message"}}``."""
+
+    services: Services
+
+    def initialize(self, services: Services) -> None:
+        self.services = services
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+
+    def send_json(self, body: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(body, separators=(",", ":")))
+
+    def fail(self, status: int, code: str, message: str) -> None:
+        self.send_json({"error": {"code": code, "message": message}}, status)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        reason = (
+            HTTPStatus(status_code).phrase if status_code in HTTPStatus._value2member_map_ else ""
+        )
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        message = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else reason
+        code = "internal" if status_code >= 500 else reason.lower().replace(" ", "_")
+        self.finish(json.dumps({"error": {"code": code, "message": message}}))
+
+    def signed(self, *, once: bool = False) -> Pubkey | None:
+        """The key that signed this request, or None after answering 401 (``once``: refuse
+        a replay too)."""
+        services = self.services
+        request = self.request
+        now = time.time()
+        try:
+            signed: SignedRequest = verify_request(
+                request.headers,
+                request.method or "",
+                request.uri or "",
+                request.body or b"",
+                now=now,
+                max_skew=services.request_max_skew,
+            )
+            if once:
+                services.replay_guard.check(signed, now=now)
+        except AuthError as exc:
+            self.fail(401, "unauthorized", str(exc))
+            return None
+        return signed.pubkey
+
+    def lease_failure(self, exc: JupyterIOError) -> None:
+        """Answer a lease service error with its status."""
+        if isinstance(exc, LeaseNotFound):
+            self.fail(404, "not_found", str(exc))
+        elif isinstance(exc, NotLeaseOwner):
+            self.fail(403, "forbidden", str(exc))
+        elif isinstance(exc, LeaseGone):
+            self.fail(410, "gone", str(exc))
+        elif isinstance(exc, AuthError):
+            self.fail(401, "unauthorized", str(exc))
+        else:
+            self.fail(409, "no_offer", str(exc))
+
+
+class InfoHandler(_ApiHandler):
+    def get(self) -> None:
+        services = self.services
+        self.send_json(
+            {
+                "coordinator": str(services.coordinator),
+                "version": 1,
+                "relay": services.relay.base_url,
+            }
+        )
+
+
+class StatusHandler(_ApiHandler):
+    def get(self) -> None:
+        registry = self.services.registry
+        stats = registry.stats
+        relay = self.services.relay
+        self.send_json(
+            {
+                "providers_linked": registry.linked_count(),
+                "providers_watched": len(registry.providers()),
+                "offers": len(registry.index),
+                "heartbeats": stats.heartbeats,
+                "heartbeats_flushed": stats.heartbeats_flushed,
+                "flushes": stats.flushes,
+                "flush_seconds": round(stats.flush_seconds, 6),
+                "providers_lost": stats.providers_lost,
+                "live_leases": sum(len(p.leases) for p in registry.providers()),
+                "relay_connections": relay.active(),
+                "relay_pairs": relay.stats.pairs,
+                "uptime_s": round(time.monotonic() - stats.started, 3),
+            }
+        )
+
+
+class OffersHandler(_ApiHandler):
+    def get(self) -> None:
+        self.set_status(200)
+        self.finish(self.services.offers.body())
+
+
+def _lease_request(body: Any) -> LeaseRequest:
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    known = {"gpu", "min_vram_bytes", "gpus", "max_price_lamports_per_hour", "region"}
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise ValueError(f"unknown fields {unknown}; expected some of {sorted(known)}")
+    gpu, region = body.get("gpu"), body.get("region")
+    if gpu is not None and not isinstance(gpu, str):
+        raise ValueError("'gpu' must be a GPU model name or null")
+    if region is not None and not isinstance(region, str):
+        raise ValueError("'region' must be a string or null")
+    numbers: dict[str, int | None] = {}
+    for name in ("min_vram_bytes", "max_price_lamports_per_hour", "gpus"):
+        value = body.get(name)
+        if value is not None and (type(value) is not int or value < 0):
+            raise ValueError(f"{name!r} must be a non-negative integer or null")
+        numbers[name] = value
+    gpus = numbers["gpus"] if numbers["gpus"] is not None else 1
+    if not 1 <= gpus <= 64:
+        raise ValueError("'gpus' must be between 1 and 64")
+    return LeaseRequest(
+        gpu=gpu or None,
+        min_vram_bytes=numbers["min_vram_bytes"],
+        gpus=gpus,
+        max_price_lamports_per_hour=numbers["max_price_lamports_per_hour"],
+        region=region or None,
+    )
+
+
+class LeasesHandler(_ApiHandler):
+    async def post(self) -> None:
+        user = self.signed(once=True)
+        if user is None:
+            return
+        try:
+            request = _lease_request(json.loads(self.request.body or b"{}"))
+        except ValueError as exc:
+            self.fail(400, "bad_request", f"lease request: {exc}")
+            return
+        try:
+            grant = await self.services.leases.request(user, request)
+        except LeaseError as exc:
+            self.fail(409, "no_offer", str(exc))
+            return
+        self.send_json(grant.to_json(), 201)
+
+
+class LeaseHandler(_ApiHandler):
+    async def get(self, lease_id: str) -> None:
+        user = self.signed()
+        if user is None:
+            return
+        leases = self.services.leases
+        try:
+            lease = await leases.get(user, lease_id)
+        except JupyterIOError as exc:
+            self.lease_failure(exc)
+            return
+        self.send_json(lease_json(lease, await leases.tunnel_url(lease)))
+
+    async def delete(self, lease_id: str) -> None:
+        user = self.signed()
+        if user is None:
+            return
+        try:
+            lease = await self.services.leases.end(user, lease_id)
+        except JupyterIOError as exc:
+            self.lease_failure(exc)
+            return
+        self.send_json(lease_json(lease))
+
+
+class LeaseTokenHandler(_ApiHandler):
+    async def post(self, lease_id: str) -> None:
+        user = self.signed(once=True)
+        if user is None:
+            return
+        try:
+            grant = await self.services.leases.renew(user, lease_id)
+        except JupyterIOError as exc:
+            self.lease_failure(exc)
+            return
+        self.send_json(grant.to_json())
+
+
+# --------------------------------------------------------------------------------------------
+# The provider link
+
+
+class ProviderLinkHandler(WebSocketHandler):
+    """Moves text between the provider's websocket and its :class:`ProviderLinkSession`."""
+
+    services: Services
+    session: ProviderLinkSession
+
+    def initialize(self, services: Services) -> None:
+        self.services = services
+
+    @property
+    def max_message_size(self) -> int:
+        return LINK_MAX_MESSAGE_SIZE
+
+    def open(self, *args: str, **kwargs: str) -> None:
+        services = self.services
+        self.session = ProviderLinkSession(
+            services.registry, self, coordinator=services.coordinator, log=services.log
+        )
+        self.set_nodelay(True)
+        self.session.open()
+        loop = asyncio.get_running_loop()
+        self._hello_timer = loop.call_later(services.hello_timeout, self._no_hello)
+
+    def _no_hello(self) -> None:
+        if self.session.provider is None:
+            self.close(1008, "no hello in time")
+
+    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
+        return self.session.receive(message)
+
+    def on_close(self) -> None:
+        timer = getattr(self, "_hello_timer", None)
+        if timer is not None:
+            timer.cancel()
+        session = getattr(self, "session", None)
+        if session is not None:
+            session.closed(self.close_code)
+
+    # LinkPort
+    def send(self, text: str) -> None:
+        try:
+            future = self.write_message(text)
+        except WebSocketClosedError:
+            return
+        future.add_done_callback(_consume)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # a closed socket: the close handler deals with it
+
+
+# --------------------------------------------------------------------------------------------
+# The relay
+
+
+class RelayHandler(WebSocketHandler):
+    """One side of a relayed connection: checks who connects before the upgrade, then copies
+    each message to the other side as it came."""
+
+    services: Services
+    side: str
+    connection: RelayConnection | None = None
+
+    def initialize(self, services: Services) -> None:
+        self.services = services
+
+    @property
+    def max_message_size(self) -> int:
+        return self.services.relay_max_message_size
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        return SUBPROTOCOL if SUBPROTOCOL in subprotocols else None
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        lease_id = args[0]
+        side = self.get_query_argument("side", "")
+        try:
+            if side == "client":
+                await self._admit_client(lease_id)
+            elif side == "provider":
+                await self._admit_provider(lease_id)
+            else:
+                raise web.HTTPError(400, "side must be client or provider")
+        except web.HTTPError as exc:
+            self.set_status(exc.status_code)
+            self.finish(json.dumps({"error": {"code": "relay", "message": exc.log_message}}))
+            return
+        self.side = side
+        self.lease_id = lease_id
+        await super().get(*args, **kwargs)
+
+    async def _admit_client(self, lease_id: str) -> None:
+        token = self.request.headers.get(HEADER_LEASE_TOKEN)
+        if not token:
+            raise web.HTTPError(401, f"send the lease token in {HEADER_LEASE_TOKEN}")
+        try:
+            lease = await self.services.leases.admit_relay_client(lease_id, token)
+        except JupyterIOError as exc:
+            raise web.HTTPError(_status(exc), str(exc)) from None
+        self.provider_pubkey = lease.provider_pubkey
+
+    async def _admit_provider(self, lease_id: str) -> None:
+        try:
+            conn = int(self.get_query_argument("conn", ""))
+        except ValueError:
+            raise web.HTTPError(400, "conn must be the number the dial named") from None
+        services = self.services
+        request = self.request
+        try:
+            signed = verify_request(
+                request.headers,
+                "GET",
+                request.uri or "",
+                b"",
+                now=time.time(),
+                max_skew=services.request_max_skew,
+            )
+            lease = await services.leases.admit_relay_provider(lease_id, signed.pubkey)
+        except JupyterIOError as exc:
+            raise web.HTTPError(_status(exc), str(exc)) from None
+        if not services.relay.expects(lease_id, conn, lease.provider_pubkey):
+            raise web.HTTPError(404, f"no client waits on connection {conn} of lease {lease_id}")
+        self.conn = conn
+
+    def open(self, *args: str, **kwargs: str) -> None:
+        self.set_nodelay(True)
+        relay = self.services.relay
+        if self.side == "client":
+            self.connection = relay.open_client(self.lease_id, self.provider_pubkey, self)
+        else:
+            self.connection = relay.open_provider(self.lease_id, self.conn, self)
+            if self.connection is None:
+                self.close(1001, "the client of this connection has gone")
+
+    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
+        connection = self.connection
+        if connection is None:
+            return None
+        peer = connection.peer_of(self.side)
+        if peer is None:
+            return self._forward_when_paired(connection, message)
+        return peer.forward(message)
+
+    async def _forward_when_paired(self, connection: RelayConnection, message: str | bytes) -> None:
+        try:
+            await connection.paired
+        except asyncio.CancelledError:
+            return  # closed before the provider came
+        peer = connection.peer_of(self.side)
+        if peer is not None:
+            pending = peer.forward(message)
+            if pending is not None:
+                await pending
+
+    def forward(self, message: bytes | str) -> Awaitable[None] | None:
+        """Send as it came; hand back an awaitable only while the socket buffer drains."""
+        try:
+            future = self.write_message(message, binary=type(message) is bytes)
+        except WebSocketClosedError:
+            return None
+        if future.done():
+            _consume(future)
+            return None
+        return _drained(future)
+
+    def on_close(self) -> None:
+        connection = self.connection
+        if connection is not None:
+            self.services.relay.closed(connection, self.side, self.close_code, self.close_reason)
+
+
+async def _drained(future: Awaitable[None]) -> None:
+    try:
+        await future
+    except (StreamClosedError, WebSocketClosedError):
+        pass
+
+
+def _status(exc: JupyterIOError) -> int:
+    if isinstance(exc, LeaseNotFound):
+        return 404
+    if isinstance(exc, NotLeaseOwner):
+        return 403
+    if isinstance(exc, LeaseGone):
+        return 410
+    return 401
+
+
+def make_app(services: Services, **settings: Any) -> web.Application:
+    """The tornado application serving every route of the module docstring."""
+    init = {"services": services}
+    return web.Application(
+        [
+            (rf"{API_PREFIX}/info", InfoHandler, init),
+            (rf"{API_PREFIX}/status", StatusHandler, init),
+            (rf"{API_PREFIX}/offers", OffersHandler, init),
+            (rf"{API_PREFIX}/leases", LeasesHandler, init),
+            (rf"{API_PREFIX}/leases/([A-Za-z0-9_-]{{1,64}})", LeaseHandler, init),
+            (rf"{API_PREFIX}/leases/([A-Za-z0-9_-]{{1,64}})/token", LeaseTokenHandler, init),
+            (LINK_PATH, ProviderLinkHandler, init),
+            (rf"{RELAY_PREFIX}/([A-Za-z0-9_-]{{1,64}})", RelayHandler, init),
+        ],
+        default_handler_class=_NotFound,
+        default_handler_args=init,
+        websocket_ping_interval=20,
+        websocket_ping_timeout=20,
+        **settings,
+    )
+
+
+class _NotFound(_ApiHandler):
+    def prepare(self) -> None:
+        self.fail(
+            404,
+            "not_found",
+            f"no such endpoint {self.request.path}; the API is under {API_PREFIX}/",
+        )

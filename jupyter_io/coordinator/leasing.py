@@ -1,0 +1,275 @@
+"""Leases for users: schedule, claim atomically, sign; look up, end, renew; relay admission.
+
+:class:`LeaseService` is what the REST handlers and the relay call. A lease request runs::
+
+    offer = schedule(index, request)            # pure, over the live offers
+    index.reserve(offer.provider, offer.gpu, n) # no await in between: no double booking here
+    lease = await store.create_lease(...)       # atomic capacity, across coordinators too
+    token = issue_token(keypair, claims)        # lease id, user, provider, GPUs, price, expiry
+
+and answers with a :class:`LeaseGrant` (the 201 of ``POST /api/v1/leases``). When the store
+refuses (another coordinator took the GPUs meanwhile) the provider's capacity is reloaded and
+the request scheduled again, up to :data:`ATTEMPTS` times. Only the user who requested a lease
+may read, end or renew it (:class:`NotLeaseOwner`, a 403).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from solders.keypair import Keypair
+from solders.pubkey import Pubkey
+
+from ..errors import AuthError, LeaseError
+from ..leases import LeaseClaims, issue_token, verify_token
+from .provider_link import End
+from .registry import Registry
+from .relay import Relay
+from .scheduler import LeaseRequest, OfferIndex, schedule
+from .store import LeaseRecord, Store
+
+__all__ = [
+    "ATTEMPTS",
+    "LeaseGone",
+    "LeaseGrant",
+    "LeaseNotFound",
+    "LeaseService",
+    "NotLeaseOwner",
+    "lease_json",
+]
+
+#: How many times a request is scheduled again after the store refused the chosen offer.
+ATTEMPTS = 3
+
+
+class LeaseNotFound(LeaseError):
+    """No lease has that id (404)."""
+
+
+class LeaseGone(LeaseError):
+    """The lease has ended or failed (410 where a live lease is needed)."""
+
+
+class NotLeaseOwner(AuthError):
+    """The signed-in key is not the lease's user (403)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGrant:
+    """A granted lease: its record, the signed token, and where the client connects."""
+
+    lease: LeaseRecord
+    token: str
+    tunnel_url: str
+    expires_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The body of ``201 Created`` (``docs/coordinator-contract.md`` section 2)."""
+        lease = self.lease
+        return {
+            "lease": lease.id,
+            "token": self.token,
+            "provider": lease.provider_pubkey,
+            "tunnel_url": self.tunnel_url,
+            "relay": lease.relay,
+            "gpu": lease.gpu_model,
+            "gpu_indices": list(lease.gpu_indices),
+            "price_lamports_per_hour": lease.price_lamports_per_hour,
+            "expires_at": self.expires_at,
+        }
+
+
+def _seconds(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def lease_json(lease: LeaseRecord, tunnel_url: str | None = None) -> dict[str, Any]:
+    """A lease record as the API shows it (times as Unix seconds)."""
+    return {
+        "lease": lease.id,
+        "user": lease.user_pubkey,
+        "provider": lease.provider_pubkey,
+        "gpu": lease.gpu_model,
+        "gpu_indices": list(lease.gpu_indices),
+        "price_lamports_per_hour": lease.price_lamports_per_hour,
+        "state": lease.state.value,
+        "relay": lease.relay,
+        "tunnel_url": tunnel_url,
+        "requested_at": _seconds(lease.requested_at),
+        "active_at": _seconds(lease.active_at),
+        "ended_at": _seconds(lease.ended_at),
+        "end_of_service": _seconds(lease.end_of_service),
+        "failure_reason": lease.failure_reason,
+        "expires_at": _seconds(lease.token_expires_at),
+    }
+
+
+class LeaseService:
+    """Lease operations for users and the relay (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        index: OfferIndex,
+        relay: Relay,
+        keypair: Keypair,
+        *,
+        token_ttl: float = 3600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if token_ttl <= 0:
+            raise ValueError("token_ttl must be positive")
+        self.store = store
+        self.registry = registry
+        self.index = index
+        self.relay = relay
+        self.keypair = keypair
+        self.coordinator = keypair.pubkey()
+        self.token_ttl = token_ttl
+        self.clock = clock
+
+    # -- users -----------------------------------------------------------------------------
+
+    async def request(self, user: Pubkey, request: LeaseRequest) -> LeaseGrant:
+        """Lease GPUs for ``user``; :class:`LeaseError` (the scheduler's message: GPU types
+        on offer, the cheapest price against the cap, capacity) when none can be had."""
+        error: LeaseError | None = None
+        for _ in range(ATTEMPTS):
+            offer = schedule(self.index, request)
+            self.index.reserve(offer.provider, offer.gpu, request.gpus)
+            now = self.clock()
+            expires = now + self.token_ttl
+            try:
+                lease = await self.store.create_lease(
+                    user_pubkey=str(user),
+                    provider_pubkey=offer.provider,
+                    gpu_model=offer.gpu,
+                    gpu_count=request.gpus,
+                    max_price_lamports_per_hour=request.max_price_lamports_per_hour,
+                    relay=offer.reachable_url is None,
+                    token_expires_at=_utc(expires),
+                    at=_utc(now),
+                )
+            except LeaseError as exc:
+                error = exc
+                await self.registry.resync(offer.provider)
+                continue
+            self.registry.lease_created(lease)
+            return self._grant(lease, now, expires, offer.reachable_url)
+        assert error is not None
+        raise error
+
+    async def get(self, user: Pubkey, lease_id: str) -> LeaseRecord:
+        """The lease, if ``user`` owns it."""
+        lease = await self.store.get_lease(lease_id)
+        if lease is None:
+            raise LeaseNotFound(f"no lease {lease_id!r}; check the id the lease request returned")
+        if lease.user_pubkey != str(user):
+            raise NotLeaseOwner(f"lease {lease_id} belongs to another user")
+        return lease
+
+    async def end(self, user: Pubkey, lease_id: str) -> LeaseRecord:
+        """End ``user``'s lease (idempotent: an ended or failed lease is returned as is). The
+        provider is told to stop the session; relayed connections are closed."""
+        lease = await self.get(user, lease_id)
+        if lease.live and await self.store.end_lease(lease_id, at=_utc(self.clock())):
+            provider = lease.provider_pubkey
+            self.registry.deliver(provider, End(lease_id, "ended by the user"), ttl=0)
+            self.registry.lease_over(provider, lease_id, ok=True, reason="ended by the user")
+            ended = await self.store.get_lease(lease_id)
+            assert ended is not None
+            return ended
+        return await self.get(user, lease_id)
+
+    async def renew(self, user: Pubkey, lease_id: str) -> LeaseGrant:
+        """A fresh token for ``user``'s live lease, valid ``token_ttl`` from now (a session
+        that outlives its token resumes with the new one)."""
+        lease = await self.get(user, lease_id)
+        now = self.clock()
+        expires = now + self.token_ttl
+        if not lease.live or not await self.store.set_token_expiry(lease_id, _utc(expires)):
+            raise LeaseGone(f"lease {lease_id} is {lease.state.value}; request a new lease")
+        renewed = await self.get(user, lease_id)
+        self.registry.lease_token_renewed(renewed)
+        return self._grant(renewed, now, expires, await self.reachable_url(renewed))
+
+    async def reachable_url(self, lease: LeaseRecord) -> str | None:
+        """The provider's direct tunnel URL for a direct lease (None for a relayed one)."""
+        if lease.relay:
+            return None
+        state = self.registry.provider(lease.provider_pubkey)
+        if state is not None:
+            return state.reachable_url
+        record = await self.store.get_provider(lease.provider_pubkey)
+        return record.reachable_url if record is not None else None
+
+    async def tunnel_url(self, lease: LeaseRecord) -> str | None:
+        """Where the lease's client connects: the relay or the provider's URL."""
+        if lease.relay:
+            return self.relay.client_url(lease.id)
+        return await self.reachable_url(lease)
+
+    # -- the relay -------------------------------------------------------------------------
+
+    async def admit_relay_client(self, lease_id: str, token: str) -> LeaseRecord:
+        """Check the token a relay client presents for ``lease_id``: signed by this
+        coordinator, for this lease, its user and provider, unexpired, lease live."""
+        lease = await self.store.get_lease(lease_id)
+        if lease is None:
+            raise LeaseNotFound(f"no lease {lease_id!r}")
+        claims = verify_token(
+            token,
+            coordinator=self.coordinator,
+            user=Pubkey.from_string(lease.user_pubkey),
+            provider=Pubkey.from_string(lease.provider_pubkey),
+            now=self.clock(),
+        )
+        if claims.lease_id != lease_id:
+            raise AuthError(f"this token is for lease {claims.lease_id}, not {lease_id}")
+        if not lease.live:
+            raise LeaseGone(f"lease {lease_id} is {lease.state.value}; request a new lease")
+        return lease
+
+    async def admit_relay_provider(self, lease_id: str, provider: Pubkey) -> LeaseRecord:
+        """Check that ``provider`` (whose signature the handler verified) hosts the lease."""
+        lease = await self.store.get_lease(lease_id)
+        if lease is None:
+            raise LeaseNotFound(f"no lease {lease_id!r}")
+        if lease.provider_pubkey != str(provider):
+            raise NotLeaseOwner(f"lease {lease_id} is not hosted by {provider}")
+        if not lease.live:
+            raise LeaseGone(f"lease {lease_id} is {lease.state.value}")
+        return lease
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _grant(
+        self, lease: LeaseRecord, now: float, expires: float, reachable_url: str | None
+    ) -> LeaseGrant:
+        claims = LeaseClaims(
+            lease_id=lease.id,
+            user=Pubkey.from_string(lease.user_pubkey),
+            provider=Pubkey.from_string(lease.provider_pubkey),
+            gpu=lease.gpu_model,
+            gpu_indices=tuple(lease.gpu_indices),
+            price_lamports_per_hour=lease.price_lamports_per_hour,
+            issued_at=now,
+            expires_at=expires,
+            coordinator=self.coordinator,
+            relay=lease.relay,
+        )
+        token = issue_token(self.keypair, claims)
+        url = self.relay.client_url(lease.id) if lease.relay or not reachable_url else reachable_url
+        return LeaseGrant(lease, token, url, expires)
+
+
+def _utc(seconds: float) -> datetime:
+    if not math.isfinite(seconds):
+        raise ValueError("time must be finite")
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)

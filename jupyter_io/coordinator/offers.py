@@ -1,0 +1,141 @@
+"""What is on offer: the body of ``GET /api/v1/offers`` and the ``jupyter io offers`` table.
+
+:func:`offers_json` reads the scheduler's :class:`~jupyter_io.coordinator.scheduler.OfferIndex`
+(aggregates by GPU type come from :meth:`OfferIndex.summary`, kept incrementally; the per
+provider rows are one pass over the offers). :class:`OffersCache` serves the same encoded body
+for ``ttl`` seconds, so a crowd of pickers costs one pass per ``ttl``.
+:func:`format_offers_table` renders a body for people; simulated GPUs are always marked.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..payments.amounts import format_sol
+from .scheduler import OfferIndex
+
+__all__ = ["OffersCache", "format_offers_table", "offers_json"]
+
+
+def offers_json(index: OfferIndex) -> dict[str, Any]:
+    """``{"types": [...], "providers": [...]}`` as ``docs/coordinator-contract.md`` says.
+
+    ``types`` per GPU model (``gpu`` is the model key a lease request can name, ``display``
+    the name for people; ``available`` / ``total`` count GPUs; prices are lamports per
+    GPU-hour over offers with a GPU free, ``None`` when none is); ``providers`` one row per
+    provider offer, cheapest first within a model.
+    """
+    offers = sorted(index, key=lambda o: (o.gpu_key, o.price_lamports_per_hour, o.provider))
+    vram: dict[str, int] = {}
+    for offer in offers:
+        vram[offer.gpu_key] = max(vram.get(offer.gpu_key, 0), offer.vram_bytes)
+    types = [
+        {
+            "gpu": row.gpu_key,
+            "display": row.gpu,
+            "vram_bytes": vram.get(row.gpu_key, 0),
+            "offers": row.offers,
+            "available": row.gpus_available,
+            "total": row.gpus_total,
+            "price_min": row.price_min_lamports_per_hour,
+            "price_median": row.price_median_lamports_per_hour,
+            "regions": list(row.regions),
+            "reliability": round(row.mean_reliability, 4),
+            "benchmark_tflops": row.best_benchmark_tflops,
+            "simulated": row.simulated,
+        }
+        for row in index.summary()
+    ]
+    providers = [
+        {
+            "provider": offer.provider,
+            "gpu": offer.gpu,
+            "vram_bytes": offer.vram_bytes,
+            "count": offer.gpus_total,
+            "free": offer.gpus_free,
+            "price_lamports_per_hour": offer.price_lamports_per_hour,
+            "region": offer.region,
+            "reliability": round(offer.reliability, 4),
+            "benchmark_tflops": offer.benchmark_tflops,
+            "simulated": offer.simulated,
+            "reachable": offer.reachable_url is not None,
+        }
+        for offer in offers
+    ]
+    return {"types": types, "providers": providers}
+
+
+class OffersCache:
+    """The encoded offers body, rebuilt at most once per ``ttl`` seconds."""
+
+    def __init__(
+        self,
+        index: OfferIndex,
+        *,
+        ttl: float = 2.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.index = index
+        self.ttl = ttl
+        self.monotonic = monotonic
+        self._body = b""
+        self._built = -float("inf")
+
+    def body(self) -> bytes:
+        """The JSON body, at most ``ttl`` seconds old."""
+        now = self.monotonic()
+        if now - self._built >= self.ttl:
+            self._body = json.dumps(offers_json(self.index), separators=(",", ":")).encode()
+            self._built = now
+        return self._body
+
+    def invalidate(self) -> None:
+        """Rebuild on the next :meth:`body` (tests; an operator's refresh)."""
+        self._built = -float("inf")
+
+
+def _sol(lamports: int | None) -> str:
+    return "-" if lamports is None else format_sol(lamports).removesuffix(" SOL")
+
+
+def format_offers_table(body: dict[str, Any]) -> str:
+    """A table of ``body["types"]`` for a terminal: one row per GPU type, prices in SOL per
+    GPU-hour, ``(simulated)`` after simulated types. Says so when nothing is on offer."""
+    types = body.get("types") or []
+    if not types:
+        return (
+            "No GPUs on offer right now: no provider is linked to this coordinator "
+            "(start one with `jupyter io provider --coordinator URL`)."
+        )
+    header = ("GPU", "AVAILABLE", "MIN SOL/h", "MEDIAN SOL/h", "REGIONS", "RELIABILITY", "TFLOPS")
+    rows = [header]
+    for row in types:
+        name = row["display"] + (" (simulated)" if row.get("simulated") else "")
+        tflops = row.get("benchmark_tflops")
+        rows.append(
+            (
+                name,
+                f"{row['available']}/{row['total']}",
+                _sol(row.get("price_min")),
+                _sol(row.get("price_median")),
+                ", ".join(row.get("regions") or []) or "-",
+                f"{row['reliability']:.2f}",
+                "-" if tflops is None else f"{tflops:.1f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    right = {1, 2, 3, 5, 6}
+    lines = [
+        "  ".join(
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(r)
+        ).rstrip()
+        for r in rows
+    ]
+    providers = body.get("providers") or []
+    lines.append(f"{len(providers)} offer(s) from {len({p['provider'] for p in providers})} "
+                 f"provider(s); prices per GPU-hour.")  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,220 @@
+"""The coordinator daemon: REST API, provider links and relay in one tornado process.
+
+:class:`CoordinatorServer` follows uvicorn's shape: :meth:`~CoordinatorServer.startup` (load
+or create the keypair, open and migrate the store, rebuild the registry and the scheduler's
+index, listen, print the ready line), :meth:`~CoordinatorServer.main_loop` (wait for
+SIGINT/SIGTERM or :meth:`~CoordinatorServer.request_exit`), :meth:`~CoordinatorServer.shutdown`
+(stop accepting, close relayed connections and provider links with 1001 so everyone
+reconnects to the next coordinator, flush the last heartbeats, close the store; no lease is
+touched, so a restart on the same database carries on). :meth:`~CoordinatorServer.serve` runs
+the three with the signals captured and the previous handlers restored afterwards;
+:meth:`~CoordinatorServer.run` wraps it in ``asyncio.run``. Tests call startup/shutdown.
+
+Once listening it prints, flushed to stdout, the coordinator's public key and, last, exactly
+one line ``jupyter-io coordinator listening on http://HOST:PORT`` (``https://`` with TLS) with
+the real port: launchers wait for that line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from types import FrameType
+from typing import IO
+
+from solders.keypair import Keypair
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from ..errors import ConfigError
+from .auth import ReplayGuard
+from .config import CoordinatorConfig, is_loopback
+from .handlers import MAX_BODY_SIZE, RELAY_PREFIX, Services, make_app
+from .leasing import LeaseService
+from .offers import OffersCache
+from .registry import Registry
+from .relay import Relay
+from .scheduler import OfferIndex
+from .store import Store
+
+__all__ = ["LISTENING_PREFIX", "CoordinatorServer"]
+
+#: Start of the one line printed once the coordinator accepts connections.
+LISTENING_PREFIX = "jupyter-io coordinator listening on "
+
+
+class CoordinatorServer:
+    """Lifecycle of the coordinator (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        log: logging.Logger | None = None,
+        stdout: IO[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.log = log or logging.getLogger("jupyter_io.coordinator")
+        self.stdout = stdout or sys.stdout
+        #: ``http://HOST:PORT`` (``https://``) others reach this coordinator at, after startup.
+        self.url = ""
+        self.keypair: Keypair | None = None
+        self.store: Store | None = None
+        self.index = OfferIndex()
+        self.registry: Registry | None = None
+        self.relay: Relay | None = None
+        self.leases: LeaseService | None = None
+        self.should_exit = asyncio.Event()
+        #: Set once :meth:`startup` is done and the ready line is out.
+        self.started = asyncio.Event()
+        self._http: HTTPServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- the whole life --------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM (blocking)."""
+        asyncio.run(self.serve())
+
+    async def serve(self) -> None:
+        """startup → main_loop → shutdown, with SIGINT/SIGTERM captured meanwhile."""
+        with self.capture_signals():
+            await self.startup()
+            try:
+                await self.main_loop()
+            finally:
+                await self.shutdown()
+
+    async def startup(self) -> None:
+        """Load identity, open the store, rebuild state, listen, print the ready line.
+
+        Raises :class:`~jupyter_io.errors.ConfigError` for a bad keypair, database URL, TLS
+        files or listen address (nothing is left open then).
+        """
+        self._loop = asyncio.get_running_loop()
+        config = self.config
+        host, port = config.listen_address()
+        ssl_context = config.ssl_context()
+        self.keypair = keypair = config.load_keypair()
+        try:
+            sockets = bind_sockets(port, host)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {config.listen}: {exc}") from None
+        try:
+            self.store = store = await Store.open(config.database_url())
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        bound = sockets[0].getsockname()
+        self.url = config.public_url.rstrip("/") or _url(
+            bound[0], bound[1], ssl_context is not None
+        )
+        ws_base = self.url.replace("http", "ws", 1) + RELAY_PREFIX
+        self.registry = registry = Registry(
+            store,
+            self.index,
+            coordinator=keypair.pubkey(),
+            heartbeat_interval=config.heartbeat_interval,
+            heartbeat_misses=config.heartbeat_misses,
+            flush_interval=config.flush_interval,
+            log=self.log,
+        )
+        self.relay = relay = Relay(
+            registry, base_url=ws_base, pair_timeout=config.relay_pair_timeout, log=self.log
+        )
+        self.leases = leases = LeaseService(
+            store, registry, self.index, relay, keypair, token_ttl=config.token_ttl
+        )
+        await registry.start()
+        services = Services(
+            coordinator=keypair.pubkey(),
+            registry=registry,
+            leases=leases,
+            relay=relay,
+            offers=OffersCache(self.index, ttl=config.offers_cache_ttl),
+            replay_guard=ReplayGuard(config.request_max_skew),
+            hello_timeout=config.hello_timeout,
+            request_max_skew=config.request_max_skew,
+            relay_max_message_size=config.relay_max_message_size,
+            log=self.log,
+        )
+        self._http = HTTPServer(
+            make_app(services),
+            ssl_options=ssl_context,
+            max_body_size=MAX_BODY_SIZE,
+            max_buffer_size=config.relay_max_message_size + (1 << 20),
+            xheaders=False,
+        )
+        self._http.add_sockets(sockets)
+        if not is_loopback(host):
+            if ssl_context is None:
+                self.log.warning("listening beyond loopback without TLS; set certfile/keyfile")
+            if not config.public_url:
+                self.log.warning("listening on %s: set public_url to the address others use", host)
+        self._print(f"jupyter-io coordinator key {keypair.pubkey()}")
+        self._print(f"{LISTENING_PREFIX}{self.url}")
+        self.started.set()
+
+    async def main_loop(self) -> None:
+        """Wait until asked to exit."""
+        await self.should_exit.wait()
+
+    def request_exit(self) -> None:
+        """Ask :meth:`main_loop` to return (safe from signal handlers and other threads)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.should_exit.set)
+
+    async def shutdown(self) -> None:
+        """Stop accepting; close relayed connections and provider links (1001); flush the
+        last heartbeats; close the store. Leases are left as they are."""
+        if self._http is not None:
+            self._http.stop()
+        if self.relay is not None:
+            self.relay.close_all(1001, "coordinator restarting; reconnect")
+        if self.registry is not None:
+            await self.registry.stop()
+        if self._http is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._http.close_all_connections(), 5)
+            self._http = None
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+        self.log.info("coordinator stopped")
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Turn SIGINT/SIGTERM into :meth:`request_exit`; restore the old handlers after."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {
+            sig: signal.signal(sig, self._handle_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _handle_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.log.info("received %s, shutting down", signal.Signals(signum).name)
+        self.request_exit()
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stdout, flush=True)
+
+
+def _url(host: str, port: int, tls: bool) -> str:
+    if host in ("0.0.0.0", "::"):
+        host = socket.gethostname()
+    shown = f"[{host}]" if ":" in host else host
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
