@@ -15,20 +15,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import pwd
 import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+from solders.keypair import Keypair
+from solders.pubkey import Pubkey
 from sqlalchemy.engine import make_url
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from jupyter_io.coordinator.auth import sign_provider_hello, sign_request, sign_usage
+from jupyter_io.coordinator.client import CoordinatorClient
+from jupyter_io.coordinator.config import CoordinatorConfig
+from jupyter_io.coordinator.server import CoordinatorServer
 
 POSTGRES_URL_ENV = "JUPYTER_IO_TEST_POSTGRES_URL"
 BACKENDS = ("sqlite", "postgresql")
@@ -166,3 +179,269 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield server.url_for(database)
     finally:
         server.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+# --------------------------------------------------------------------------------------------
+# A running coordinator, and providers and users that talk to it (added for the service tests)
+
+#: Bound on every wait in the service tests.
+WAIT = 15.0
+GIB = 1 << 30
+
+
+def gpu_offer(
+    gpu: str = "RTX 4090",
+    *,
+    count: int = 1,
+    price: int = 1_000_000,
+    vram_gb: int = 24,
+    first_index: int = 0,
+    simulated: bool = True,
+    benchmark: float | None = None,
+) -> dict[str, Any]:
+    """One inventory offer group as a provider sends it."""
+    return {
+        "gpu": gpu,
+        "vram_bytes": vram_gb * GIB,
+        "count": count,
+        "gpu_indices": list(range(first_index, first_index + count)),
+        "price_lamports_per_hour": price,
+        "simulated": simulated,
+        "driver": None,
+        "cuda": None,
+        "benchmark_tflops": benchmark,
+    }
+
+
+class LinkRefused(Exception):
+    """The coordinator refused the hello: its error message and close code."""
+
+    def __init__(self, error: dict[str, Any] | None, code: int | None, reason: str) -> None:
+        super().__init__(f"refused: {error} close {code} {reason!r}")
+        self.error = error
+        self.code = code
+        self.reason = reason
+
+
+class FakeProvider:
+    """A provider's side of the link over a real websocket (no kernels): says hello,
+    heartbeats, reports sessions and usage, and records what the coordinator sends."""
+
+    def __init__(
+        self,
+        coordinator_url: str,
+        offers: list[dict[str, Any]] | None = None,
+        *,
+        keypair: Keypair | None = None,
+        region: str = "eu-west",
+        reachable_url: str | None = None,
+        max_kernels: int = 8,
+        name: str = "test rig",
+    ) -> None:
+        self.url = coordinator_url.replace("http", "ws", 1) + "/api/v1/providers/connect"
+        self.keypair = keypair or Keypair()
+        self.pubkey = str(self.keypair.pubkey())
+        self.inventory = {
+            "name": name,
+            "region": region,
+            "reachable_url": reachable_url,
+            "max_kernels": max_kernels,
+            "offers": offers if offers is not None else [gpu_offer()],
+        }
+        self.ws: ClientConnection | None = None
+        self.welcome: dict[str, Any] | None = None
+        self.coordinator_key: str | None = None
+        self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+        self._beats: asyncio.Task[None] | None = None
+
+    async def connect(
+        self, sessions: list[str] | None = None, *, sign_with: Keypair | None = None
+    ) -> dict[str, Any]:
+        """Open the link and complete the handshake; returns the welcome.
+
+        Raises :class:`LinkRefused` when the coordinator answers with an error and closes.
+        """
+        ws = await connect(self.url, compression=None, open_timeout=WAIT)
+        challenge = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+        assert challenge["type"] == "challenge" and challenge["version"] == 1
+        self.coordinator_key = challenge["coordinator"]
+        signature = sign_provider_hello(
+            sign_with or self.keypair,
+            Pubkey.from_string(challenge["coordinator"]),
+            bytes.fromhex(challenge["nonce"]),
+        )
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "hello",
+                    "version": 1,
+                    "pubkey": self.pubkey,
+                    "signature": signature,
+                    "inventory": self.inventory,
+                    "sessions": sessions or [],
+                }
+            )
+        )
+        try:
+            answer = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+        except ConnectionClosed as exc:
+            raise LinkRefused(None, exc.rcvd.code if exc.rcvd else None, "") from None
+        if answer["type"] == "error":
+            try:
+                await asyncio.wait_for(ws.recv(), WAIT)
+            except ConnectionClosed as exc:
+                rcvd = exc.rcvd
+                raise LinkRefused(
+                    answer, rcvd.code if rcvd else None, rcvd.reason if rcvd else ""
+                ) from None
+            raise AssertionError("the coordinator sent more after an error")
+        assert answer["type"] == "welcome", answer
+        self.ws = ws
+        self.welcome = answer
+        self._reader = asyncio.create_task(self._read(ws))
+        return answer
+
+    async def _read(self, ws: ClientConnection) -> None:
+        try:
+            async for text in ws:
+                await self.messages.put(json.loads(text))
+        except ConnectionClosed:
+            pass
+
+    async def next_message(self, kind: str | None = None, timeout: float = WAIT) -> dict[str, Any]:
+        """The next message from the coordinator (of type ``kind`` if given)."""
+        while True:
+            message = await asyncio.wait_for(self.messages.get(), timeout)
+            if kind is None or message["type"] == kind:
+                return message
+
+    async def send(self, body: dict[str, Any]) -> None:
+        assert self.ws is not None
+        await self.ws.send(json.dumps(body))
+
+    async def heartbeat(self, load: float = 0.0, sessions: list[str] | None = None) -> None:
+        await self.send({"type": "heartbeat", "load": load, "sessions": sessions or []})
+
+    def start_heartbeats(self, interval: float, sessions: list[str] | None = None) -> None:
+        """Heartbeat every ``interval`` seconds until :meth:`stop_heartbeats`."""
+
+        async def beat() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await self.heartbeat(sessions=sessions)
+                    await asyncio.sleep(interval)
+
+        self.stop_heartbeats()
+        self._beats = asyncio.create_task(beat())
+
+    def stop_heartbeats(self) -> None:
+        if self._beats is not None:
+            self._beats.cancel()
+            self._beats = None
+
+    async def session(self, lease: str, state: str) -> None:
+        await self.send({"type": "session", "lease": lease, "state": state, "at": time.time()})
+
+    async def usage(
+        self, lease: str, seq: int, seconds: int, *, sign_with: Keypair | None = None
+    ) -> None:
+        fields = {
+            "type": "usage",
+            "lease": lease,
+            "seq": seq,
+            "seconds": seconds,
+            "gpu_utilisation": 0.5,
+            "at": time.time(),
+        }
+        await self.send(sign_usage(sign_with or self.keypair, fields))
+
+    def relay_headers(self, url: str) -> dict[str, str]:
+        """Signed headers for the provider side of the relay at ``url``."""
+        parts = urlsplit(url)
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        return sign_request(self.keypair, "GET", path)
+
+    async def close(self, code: int = 1000) -> None:
+        self.stop_heartbeats()
+        if self.ws is not None:
+            await self.ws.close(code)
+            self.ws = None
+        if self._reader is not None:
+            await asyncio.wait_for(self._reader, WAIT)
+            self._reader = None
+
+    def drop(self) -> None:
+        """Cut the TCP connection without a close frame (a crash or a network cut)."""
+        self.stop_heartbeats()
+        if self.ws is not None:
+            self.ws.transport.abort()
+            self.ws = None
+
+
+Starter = Callable[..., Awaitable[CoordinatorServer]]
+
+
+@pytest.fixture
+async def start_coordinator(tmp_path: Path) -> AsyncIterator[Starter]:
+    """Start coordinators in this process: ``await start_coordinator(db=URL, **traits)``.
+
+    Defaults: loopback on a free port, a SQLite file in ``tmp_path``, fast heartbeats (0.2 s,
+    3 misses). Every coordinator started is shut down at the end of the test.
+    """
+    servers: list[CoordinatorServer] = []
+
+    async def start(**traits: Any) -> CoordinatorServer:
+        traits.setdefault("listen", "127.0.0.1:0")
+        traits.setdefault("data_dir", str(tmp_path / "coordinator"))
+        traits.setdefault("heartbeat_interval", 0.2)
+        traits.setdefault("heartbeat_misses", 3)
+        traits.setdefault("flush_interval", 0.2)
+        config = CoordinatorConfig(**traits)
+        server = CoordinatorServer(config, stdout=_Discard())
+        await server.startup()
+        servers.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in reversed(servers):
+            if server.store is not None:
+                await server.shutdown()
+
+
+class _Discard:
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def coordinator(start_coordinator: Starter) -> CoordinatorServer:
+    """One coordinator on a SQLite file."""
+    return await start_coordinator()
+
+
+@pytest.fixture
+async def user_client(coordinator: CoordinatorServer) -> AsyncIterator[CoordinatorClient]:
+    """A signed client of ``coordinator`` with a fresh user keypair."""
+    client = CoordinatorClient(coordinator.url, Keypair(), timeout=WAIT)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+async def providers() -> AsyncIterator[list[FakeProvider]]:
+    """Append FakeProviders here; they are closed at the end of the test."""
+    made: list[FakeProvider] = []
+    try:
+        yield made
+    finally:
+        for provider in made:
+            with contextlib.suppress(Exception):
+                await provider.close()
