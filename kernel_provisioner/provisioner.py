@@ -175,7 +175,11 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         try:
             started = await client.launch(self._key, self._remote_env, self.launch_timeout)
         except KernelLaunchError:
-            if not client.alive:
+            if not self.connection_info:
+                # A first launch failed: no kernel manager will clean up after us, and
+                # nobody has the facade's ports yet. End the session rather than leak it.
+                await self.cleanup(restart=False)
+            elif not client.alive:
                 await self._drop_session()
             raise
         self._launched = True

@@ -312,3 +312,27 @@ async def test_a_kernel_that_exits_reports_its_exit_code_and_restarts(
         assert (await cells.run(kc, "print('back')")).stream() == "back\n"
     finally:
         kc.stop_channels()
+
+
+async def test_a_failed_first_launch_ends_its_session(
+    kernelspecs: Any, provider_host: Any, processes: Any
+) -> None:
+    before = {p.pid for p in provider_host.descendants()}
+    workspaces = set(provider_host.workspace.iterdir())
+    name = kernelspecs.install(
+        "io-remote-impatient",
+        provider_host.url,
+        provider_host.user_keypair_path,
+        launch_timeout=0.001,
+    )
+    km = AsyncKernelManager(kernel_name=name)
+    with pytest.raises(KernelLaunchError, match="did not start the kernel within"):
+        await asyncio.wait_for(km.start_kernel(), 30)
+    # The provider got END: it deletes the session's workspace (the host may close the
+    # websocket just before the deletion, hence the bounded wait) and its kernel is gone.
+    deadline = time.monotonic() + 10
+    while not set(provider_host.workspace.iterdir()) <= workspaces:
+        assert time.monotonic() < deadline, "the failed launch's session was never ended"
+        await asyncio.sleep(0.05)
+    for pid in {p.pid for p in provider_host.descendants()} - before:
+        assert await processes.wait_gone(pid, 10)
