@@ -15,7 +15,7 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 from solders.keypair import Keypair
 
-from jupyter_io.errors import KernelLaunchError
+from jupyter_io.errors import ConfigError, KernelLaunchError
 from jupyter_io.identity import write_keypair
 from kernel_provisioner.provisioner import RemoteKernelProvisioner
 
@@ -336,3 +336,12 @@ async def test_a_failed_first_launch_ends_its_session(
         await asyncio.sleep(0.05)
     for pid in {p.pid for p in provider_host.descendants()} - before:
         assert await processes.wait_gone(pid, 10)
+
+
+def test_configuration_is_checked_and_state_is_per_instance() -> None:
+    with pytest.raises(ConfigError, match="ws:// or wss://"):
+        RemoteKernelProvisioner(provider_url="http://gpu-box:8765/tunnel")
+    a, b = RemoteKernelProvisioner(), RemoteKernelProvisioner()
+    assert a.connection_info is not b.connection_info
+    assert a.keypair_path == "~/.config/solana/id.json" and a.grace_period == 120
+    assert not a.has_process
