@@ -119,7 +119,9 @@ class _Process(Service):
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # its session is its own process group
-            await proc.wait()
+            # Dead now; on Python 3.11 wait() also waits for its pipes, which a stray
+            # grandchild could hold, so don't wait on them forever.
+            await _first(proc.wait(), timeout=5)
 
 
 class ProviderService(_Process):

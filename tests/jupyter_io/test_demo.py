@@ -39,7 +39,7 @@ FAKE_PROVIDER = textwrap.dedent(
     def bye(*_):
         print("fake provider: stopped cleanly", flush=True)
         sys.exit(0)
-    signal.signal(signal.SIGTERM, bye)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if "--stubborn" in sys.argv else bye)
     print("args " + " ".join(sys.argv[1:]), flush=True)
     if "--exit-early" in sys.argv:
         sys.exit(3)
@@ -137,11 +137,13 @@ async def stop_demo(proc: asyncio.subprocess.Process, signum: int) -> tuple[str,
     return out.decode(), err.decode()
 
 
-def demo_args(jupyter_env: Path, tmp_path: Path, provider: list[str] | None = None) -> list[str]:
+def demo_args(
+    jupyter_env: Path, tmp_path: Path, provider: list[str] | None = None, stop_timeout: float = 10
+) -> list[str]:
     args = [
         "--data-dir", str(tmp_path / "demo"),
         f"--Demo.kernelspec_prefix={jupyter_env}",
-        "--Demo.stop_timeout=10",
+        f"--Demo.stop_timeout={stop_timeout}",
     ]  # fmt: skip
     if provider is not None:
         args.append(f"--Demo.provider_command={provider!r}")
@@ -222,6 +224,53 @@ async def test_demo_installs_the_kernelspec_and_stops_in_reverse_order(
     assert not await wait_gone(children, timeout=0)
     # Reverse order: the kernelspec goes before its provider stops.
     assert err.index("kernelspec: removed") < err.index("provider: stopping")
+
+
+async def test_a_provider_that_ignores_sigterm_is_killed_after_the_stop_timeout(
+    jupyter_env: Path, tmp_path: Path, fake_provider: list[str]
+) -> None:
+    stubborn = [*fake_provider, "--stubborn"]
+    proc, _ = await start_demo(
+        "--no-lab", *demo_args(jupyter_env, tmp_path, stubborn, stop_timeout=0.5)
+    )
+    (provider,) = descendants(proc.pid)
+    _, err = await stop_demo(proc, signal.SIGINT)
+    assert proc.returncode == 0, err
+    assert "provider: did not stop in time, killing it" in err
+    assert not alive(provider)
+
+
+async def test_a_second_ctrl_c_kills_what_is_still_stopping(
+    jupyter_env: Path, tmp_path: Path, fake_provider: list[str]
+) -> None:
+    # The stop timeout outlasts stop_demo's own: only the second Ctrl-C can end this in time.
+    stubborn = [*fake_provider, "--stubborn"]
+    proc, _ = await start_demo(
+        "--no-lab", *demo_args(jupyter_env, tmp_path, stubborn, stop_timeout=3 * TIMEOUT)
+    )
+    (provider,) = descendants(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    assert proc.stderr is not None
+    await read_until(proc.stderr, "provider: stopping")
+    _, err = await stop_demo(proc, signal.SIGINT)
+    assert proc.returncode == 0, err
+    assert "killing what is still running" in err
+    assert not alive(provider)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal is Linux only")
+async def test_the_provider_does_not_outlive_a_killed_demo(
+    jupyter_env: Path, tmp_path: Path, fake_provider: list[str]
+) -> None:
+    proc, _ = await start_demo("--no-lab", *demo_args(jupyter_env, tmp_path, fake_provider))
+    (provider,) = descendants(proc.pid)
+    proc.kill()  # no chance to stop anything itself
+    # Not proc.wait(): on Python 3.11 it also waits for the pipes, which a survivor holds.
+    survivors = await wait_gone({provider})
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    await proc.wait()
+    assert not survivors, "the provider outlived the demo"
 
 
 async def test_demo_stops_when_the_provider_dies(
