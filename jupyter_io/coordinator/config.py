@@ -103,6 +103,12 @@ class CoordinatorConfig(Configurable):
     flush_interval = Float(
         1.0, config=True, help="Seconds between writes of the batched heartbeats to the database."
     )
+    reconcile_interval = Float(
+        10.0,
+        config=True,
+        help="Seconds between re-reads of the live leases from the database (several "
+        "coordinators sharing one database see each other's leases this often).",
+    )
     token_ttl = Float(
         3600.0,
         config=True,
@@ -142,6 +148,7 @@ class CoordinatorConfig(Configurable):
     @validate(
         "heartbeat_interval",
         "flush_interval",
+        "reconcile_interval",
         "token_ttl",
         "relay_pair_timeout",
         "hello_timeout",

@@ -186,11 +186,12 @@ class Registry:
         heartbeat_interval: float = 5.0,
         heartbeat_misses: int = 3,
         flush_interval: float = 1.0,
+        reconcile_interval: float = 10.0,
         log: logging.Logger | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        if heartbeat_interval <= 0 or heartbeat_misses < 1 or flush_interval <= 0:
+        if min(heartbeat_interval, flush_interval, reconcile_interval) <= 0 or heartbeat_misses < 1:
             raise ValueError("intervals must be positive and heartbeat_misses at least 1")
         self.store = store
         self.index = index
@@ -198,6 +199,7 @@ class Registry:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_misses = heartbeat_misses
         self.flush_interval = flush_interval
+        self.reconcile_interval = reconcile_interval
         self.log = log or logging.getLogger("jupyter_io.coordinator")
         self.clock = clock
         self.monotonic = monotonic
@@ -261,6 +263,9 @@ class Registry:
         self._tasks = [
             asyncio.create_task(self._every(self.flush_interval, self.flush), name="flush"),
             asyncio.create_task(self._every(self._sweep_period(), self.sweep), name="sweep"),
+            asyncio.create_task(
+                self._every(self.reconcile_interval, self.reconcile), name="reconcile"
+            ),
         ]
 
     async def stop(self) -> None:
@@ -577,6 +582,41 @@ class Registry:
                     and lease.token_expires_at <= wall
                 ):
                     await self._expire(state.pubkey, lease.id)
+
+    async def reconcile(self) -> None:
+        """Bring the live leases of the providers watched here in line with the store.
+
+        Other coordinators sharing the database create and end leases too: a lease made
+        elsewhere on a provider linked here starts holding its GPUs in this index, and a lease
+        ended or failed elsewhere frees them and its provider is sent ``end`` (and its relayed
+        connections closed). The reconcile task runs this every ``reconcile_interval``.
+        """
+        live = await self.store.live_leases()
+        by_provider: dict[str, dict[str, LeaseRecord]] = {}
+        for lease in live:
+            by_provider.setdefault(lease.provider_pubkey, {})[lease.id] = lease
+        changed: list[ProviderState] = []
+        vanished: list[tuple[str, str]] = []
+        for state in list(self._providers.values()):
+            fresh = by_provider.get(state.pubkey, {})
+            for lease_id, lease in fresh.items():
+                if lease_id not in state.leases:
+                    state.leases[lease_id] = TrackedLease.of(lease)
+                    changed.append(state)
+            vanished += [(state.pubkey, i) for i in state.leases if i not in fresh]
+        for state in changed:
+            self._reindex(state)
+        for pubkey, lease_id in vanished:
+            # Made here after the snapshot, or really over: ask the store about this one.
+            record = await self.store.get_lease(lease_id)
+            if record is None or record.live:
+                continue
+            holder = self._providers.get(pubkey)
+            if holder is None or lease_id not in holder.leases:
+                continue
+            why = f"lease {record.state.value} (by another coordinator)"
+            self.deliver(pubkey, End(lease_id, why), ttl=0)
+            self.lease_over(pubkey, lease_id, ok=record.state is LeaseState.ENDED, reason=why)
 
     async def _check_silent(self, pubkey: str) -> None:
         async with self._lock(pubkey):

@@ -124,6 +124,7 @@ class CoordinatorServer:
             heartbeat_interval=config.heartbeat_interval,
             heartbeat_misses=config.heartbeat_misses,
             flush_interval=config.flush_interval,
+            reconcile_interval=config.reconcile_interval,
             log=self.log,
         )
         self.relay = relay = Relay(
