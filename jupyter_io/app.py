@@ -38,14 +38,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "provider_host.app.ProviderApp",
         "Run a provider host: serve kernels on this machine's GPUs (or CPU) over tunnels.",
     ),
-    "coordinator": (
-        "jupyter_io.coordinator.app.CoordinatorApp",
-        "Run the marketplace coordinator: provider links, offers, leases, relay.",
-    ),
-    "offers": (
-        "jupyter_io.coordinator.app.OffersApp",
-        "Show the GPUs on offer at a coordinator (--json for scripts).",
-    ),
     "kernelspec": (
         "jupyter_io.app.KernelspecApp",
         "Install, list or remove kernelspecs whose kernels run on a provider.",
@@ -53,6 +45,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": (
         "jupyter_io.app.DemoApp",
         "Run a provider, its kernelspec and JupyterLab on this machine, all in one.",
+    ),
+    "coordinator": (
+        "jupyter_io.coordinator.app.CoordinatorApp",
+        "Run the marketplace coordinator: provider links, offers, leases, relay.",
+    ),
+    "offers": (
+        "jupyter_io.coordinator.app.OffersApp",
+        "Show the GPUs on offer at a coordinator (--json for scripts).",
     ),
 }
 
