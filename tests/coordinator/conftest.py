@@ -254,11 +254,19 @@ class FakeProvider:
         self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
         self._beats: asyncio.Task[None] | None = None
+        #: Lease ids the automatic heartbeats list as hosted.
+        self.hosted: set[str] = set()
 
     async def connect(
-        self, sessions: list[str] | None = None, *, sign_with: Keypair | None = None
+        self,
+        sessions: list[str] | None = None,
+        *,
+        sign_with: Keypair | None = None,
+        heartbeats: bool = True,
     ) -> dict[str, Any]:
-        """Open the link and complete the handshake; returns the welcome.
+        """Open the link and complete the handshake; returns the welcome. Then heartbeat
+        twice per interval the welcome names, listing :attr:`hosted`, unless ``heartbeats``
+        is false (tests of silence, or of exact heartbeat counts).
 
         Raises :class:`LinkRefused` when the coordinator answers with an error and closes.
         """
@@ -299,7 +307,10 @@ class FakeProvider:
         assert answer["type"] == "welcome", answer
         self.ws = ws
         self.welcome = answer
+        self.hosted.update(sessions or ())
         self._reader = asyncio.create_task(self._read(ws))
+        if heartbeats:
+            self.start_heartbeats(answer["heartbeat_interval"] / 2)
         return answer
 
     async def _read(self, ws: ClientConnection) -> None:
@@ -323,13 +334,13 @@ class FakeProvider:
     async def heartbeat(self, load: float = 0.0, sessions: list[str] | None = None) -> None:
         await self.send({"type": "heartbeat", "load": load, "sessions": sessions or []})
 
-    def start_heartbeats(self, interval: float, sessions: list[str] | None = None) -> None:
+    def start_heartbeats(self, interval: float) -> None:
         """Heartbeat every ``interval`` seconds until :meth:`stop_heartbeats`."""
 
         async def beat() -> None:
             with contextlib.suppress(ConnectionClosed):
                 while True:
-                    await self.heartbeat(sessions=sessions)
+                    await self.heartbeat(sessions=sorted(self.hosted))
                     await asyncio.sleep(interval)
 
         self.stop_heartbeats()
@@ -386,15 +397,16 @@ Starter = Callable[..., Awaitable[CoordinatorServer]]
 async def start_coordinator(tmp_path: Path) -> AsyncIterator[Starter]:
     """Start coordinators in this process: ``await start_coordinator(db=URL, **traits)``.
 
-    Defaults: loopback on a free port, a SQLite file in ``tmp_path``, fast heartbeats (0.2 s,
-    3 misses). Every coordinator started is shut down at the end of the test.
+    Defaults: loopback on a free port, a SQLite file in ``tmp_path``, heartbeats every 0.5 s
+    (3 misses: lost after 1.5 s of silence). Every coordinator started is shut down at the end
+    of the test.
     """
     servers: list[CoordinatorServer] = []
 
     async def start(**traits: Any) -> CoordinatorServer:
         traits.setdefault("listen", "127.0.0.1:0")
         traits.setdefault("data_dir", str(tmp_path / "coordinator"))
-        traits.setdefault("heartbeat_interval", 0.2)
+        traits.setdefault("heartbeat_interval", 0.5)
         traits.setdefault("heartbeat_misses", 3)
         traits.setdefault("flush_interval", 0.2)
         config = CoordinatorConfig(**traits)

@@ -171,8 +171,8 @@ async def test_heartbeats_are_batched_into_one_store_write_per_flush(
     registry, store = parts(server)
     first, second = FakeProvider(server.url), FakeProvider(server.url)
     providers += [first, second]
-    await linked(server, first)
-    await linked(server, second)
+    await linked(server, first, heartbeats=False)
+    await linked(server, second, heartbeats=False)
     before = {p.pubkey: (await store.get_provider(p.pubkey)).last_heartbeat for p in providers}  # type: ignore[union-attr]
     for _ in range(3):
         await first.heartbeat(load=0.5)
@@ -198,13 +198,16 @@ def coordinator_load(server: CoordinatorServer, pubkey: str) -> float:
 
 
 async def test_a_silent_provider_is_lost_its_leases_fail_at_its_last_heartbeat(
-    coordinator: CoordinatorServer, providers: list[FakeProvider], user_client: CoordinatorClient
+    start_coordinator: Starter, providers: list[FakeProvider]
 ) -> None:
+    coordinator = await start_coordinator(heartbeat_interval=0.2)
     registry, store = parts(coordinator)
     provider = FakeProvider(coordinator.url, [gpu_offer(count=2)])
     providers.append(provider)
-    await linked(coordinator, provider)
+    await linked(coordinator, provider, heartbeats=False)
+    user_client = CoordinatorClient(coordinator.url, Keypair(), timeout=WAIT)
     grant = await user_client.request_lease("RTX 4090")
+    user_client.close()
     await provider.session(grant.lease, "active")
     await provider.heartbeat(sessions=[grant.lease])
     await registry.wait_for(lambda: registry.stats.heartbeats == 1, WAIT)
@@ -350,12 +353,15 @@ async def test_session_messages_move_leases_to_active_then_ended(
     # A session event for someone else's lease changes nothing.
     intruder = FakeProvider(coordinator.url, [gpu_offer("A100", vram_gb=80)])
     providers.append(intruder)
-    await linked(coordinator, intruder)
+    await linked(coordinator, intruder, heartbeats=False)
     other = await user_client.request_lease("RTX 4090")
     assert other.provider == provider.pubkey
     await intruder.session(other.lease, "ended")
-    await intruder.heartbeat()
-    await registry.wait_for(lambda: registry.stats.heartbeats >= 1, WAIT)
+    await intruder.heartbeat(sessions=["marker"])  # handled after the session event
+    await registry.wait_for(
+        lambda: registry.provider(intruder.pubkey).sessions == {"marker"},  # type: ignore[union-attr]
+        WAIT,
+    )
     assert (await store.get_lease(other.lease)).state is LeaseState.REQUESTED  # type: ignore[union-attr]
 
 
