@@ -5,8 +5,8 @@ ROUTER/XPUB sockets Jupyter clients connect to; the provider host gives it the D
 sockets connected to the real kernel. The bridge outlives websocket connections: call
 :meth:`Bridge.attach` with each (re)connected websocket after the handshake, and
 :meth:`Bridge.serve` to pump until that websocket closes. While no websocket is attached,
-outgoing messages are kept by the :class:`~jupyter_io.protocol.Tunnel` and replayed on the
-next attach.
+outgoing messages are kept by the :class:`~jupyter_io.protocol.Tunnel` and replayed by the
+next :meth:`Bridge.serve`.
 
 The hot path copies bytes: ZMQ parts go into a frame untouched, and no JSON is parsed.
 """
@@ -39,6 +39,17 @@ class Bridge:
     ``outbound`` sockets are read and their messages sent through the tunnel; DATA frames
     arriving on a channel are written to the ``inbound`` socket of that channel. The same
     socket may appear in both maps (shell, stdin, control, hb are two-way).
+
+    Ordering after a reconnect: :meth:`attach` only takes the peer's resume point;
+    :meth:`serve` replays what the peer missed *while receiving* (so acks and keepalive pongs
+    are heard during a long replay), and adopts the websocket for live frames only once the
+    replay has caught up. Frames the pumps produce meanwhile are kept by the tunnel and sent
+    by the replay, so live output can never overtake replayed output.
+
+    Flow control: while attached, a pump stops reading its ZMQ socket when more than half of
+    ``tunnel.max_unacked_bytes`` awaits acknowledgement, and resumes as acks arrive, so a
+    healthy but slower peer applies back-pressure instead of overflowing the buffer. While
+    detached, pumps keep buffering up to the bound; beyond it the session fails.
     """
 
     def __init__(
@@ -48,6 +59,7 @@ class Bridge:
         outbound: Mapping[Channel, zmq.asyncio.Socket],
         inbound: Mapping[Channel, zmq.asyncio.Socket],
         on_control: ControlHandler,
+        on_failure: Callable[[JupyterIOError], None] | None = None,
         log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
         ack_interval: float = 0.05,
     ) -> None:
@@ -55,13 +67,18 @@ class Bridge:
         self.outbound = dict(outbound)
         self.inbound = dict(inbound)
         self.on_control = on_control
+        self.on_failure = on_failure
         self.log = log or logging.getLogger(__name__)
         self.ack_interval = ack_interval
+        #: The websocket live frames go to (None while detached or replaying).
         self.ws: Connection | None = None
         #: Set when an unrecoverable error (e.g. buffer overflow) ended the session.
         self.failure: JupyterIOError | None = None
         self._pumps: list[asyncio.Task[None]] = []
         self._failed = asyncio.Event()
+        self._acked = asyncio.Event()
+        self._latest: Connection | None = None
+        self._high_water = tunnel.max_unacked_bytes // 2
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -82,36 +99,55 @@ class Bridge:
         self._pumps.clear()
 
     async def attach(self, ws: Connection, peer_received: int) -> None:
-        """Adopt a freshly handshaken websocket and replay what the peer has not received."""
-        self.ws = ws
-        for frame in self.tunnel.replay(peer_received):
-            await ws.send(frame)
+        """Take a freshly handshaken websocket and the peer's resume point.
+
+        Nothing is sent yet: :meth:`serve` replays what the peer has not received.
+        """
+        self.detach()
+        self._latest = ws
+        self.tunnel.acknowledge(peer_received)
 
     def detach(self, ws: Connection | None = None) -> None:
         """Forget the websocket (only if it is still ``ws``, when given)."""
         if ws is None or self.ws is ws:
             self.ws = None
+            self._acked.set()  # pumps waiting for acks go back to buffering
 
     async def serve(self, ws: Connection) -> None:
-        """Receive from ``ws`` until it closes; returns after detaching it.
+        """Replay, then carry live traffic on ``ws`` until it closes; returns after detaching.
 
         A protocol violation by the peer closes the websocket with a reason and ends only
         this connection; the session (and its kernel) waits for a resume.
         """
+        replay = asyncio.create_task(self._replay(ws))
         flusher = asyncio.create_task(self._flush_acks(ws))
         failed = asyncio.create_task(self._failed.wait())
         receiver = asyncio.create_task(self._receive(ws))
+        tasks = (replay, flusher, failed, receiver)
         try:
             await asyncio.wait({receiver, failed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (flusher, failed, receiver):
+            for task in tasks:
                 task.cancel()
-            for task in (flusher, failed, receiver):
+            for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
                     await task
             self.detach(ws)
         if self.failure is not None:
             await ws.close(CloseCode.BUFFER_OVERFLOW, str(self.failure)[:120])
+
+    async def _replay(self, ws: Connection) -> None:
+        # Everything the peer has not acknowledged, including frames kept since attach().
+        pending = self.tunnel.replay(self.tunnel.peer_acked)
+        while pending:
+            before = self.tunnel.sent
+            for frame in pending:
+                await ws.send(frame)
+            produced = self.tunnel.sent - before
+            # Frames made while we awaited were kept (no websocket): they are the newest.
+            pending = self.tunnel.replay(self.tunnel.peer_acked)[-produced:] if produced else []
+        if self._latest is ws:  # not replaced by a newer connection meanwhile
+            self.ws = ws
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -132,35 +168,47 @@ class Bridge:
 
     async def _pump(self, channel: Channel, sock: zmq.asyncio.Socket) -> None:
         send_data = self.tunnel.send_data
-        while True:
-            parts = await sock.recv_multipart()
-            try:
+        tunnel = self.tunnel
+        try:
+            while True:
+                parts = await sock.recv_multipart()
                 frame = send_data(channel, parts)
-            except JupyterIOError as exc:
-                self._fail(exc)
-                return
-            ws = self.ws
-            if ws is not None:
+                ws = self.ws
+                if ws is None:
+                    continue
                 try:
                     await ws.send(frame)
                 except ConnectionClosed:
                     self.detach(ws)
+                    continue
+                while self.ws is not None and tunnel.unacked_bytes > self._high_water:
+                    self._acked.clear()
+                    await self._acked.wait()
+        except JupyterIOError as exc:
+            self._fail(exc)
+        except (zmq.ZMQError, OSError) as exc:
+            self._fail(JupyterIOError(f"{channel.name} socket failed: {exc}"))
 
     def _fail(self, exc: JupyterIOError) -> None:
         self.log.error("tunnel session failed: %s", exc)
         self.failure = exc
         self._failed.set()
+        if self.on_failure is not None:
+            self.on_failure(exc)
 
     # -- receiving -------------------------------------------------------------------------
 
     async def _receive(self, ws: Connection) -> None:
         receive = self.tunnel.receive
+        tunnel = self.tunnel
         inbound = self.inbound
         try:
             async for message in ws:
                 if isinstance(message, str):
                     raise ProtocolError("text message on the tunnel; frames are binary")
                 frame = receive(message)
+                if not self._acked.is_set() and tunnel.unacked_bytes <= self._high_water:
+                    self._acked.set()
                 if frame is None:
                     continue
                 if frame.kind is FrameKind.DATA:
@@ -172,8 +220,8 @@ class Bridge:
                     result = self.on_control(frame)
                     if result is not None:
                         await result
-                if self.tunnel.ack_due:
-                    await ws.send(self.tunnel.ack_frame())
+                if tunnel.ack_due:
+                    await ws.send(tunnel.ack_frame())
         except ProtocolError as exc:
             self.log.warning("closing tunnel connection: %s", exc)
             await ws.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])

@@ -32,7 +32,6 @@ import zmq.asyncio
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.typing import Subprotocol
 
@@ -150,27 +149,6 @@ class _AdoptingTunnel(Tunnel):
         return super().receive(data)
 
 
-class _ResumingBridge(Bridge):
-    """The shared :class:`Bridge` with a replay that live traffic cannot overtake.
-
-    ``Bridge.attach`` adopts the websocket *before* replaying, so a pump that runs while a
-    replayed send awaits the socket writes a newer frame ahead of older ones and the host
-    sees a sequence gap (it closes with 1002 and the resume starts over). Here the websocket
-    is adopted only once everything kept, including what was produced meanwhile, went out.
-    """
-
-    async def attach(self, ws: Connection, peer_received: int) -> None:
-        self.detach()
-        pending = self.tunnel.replay(peer_received)
-        while pending:
-            before = self.tunnel.sent
-            for frame in pending:
-                await ws.send(frame)
-            produced = self.tunnel.sent - before
-            pending = self.tunnel.replay(self.tunnel.peer_acked)[-produced:] if produced else []
-        self.ws = ws
-
-
 class TunnelClient:
     """One tunnel session from the provisioner's facade to a provider host's kernel.
 
@@ -206,7 +184,7 @@ class TunnelClient:
         self.ping_timeout = ping_timeout
         self.log = log or logging.getLogger(__name__)
         self.tunnel = _AdoptingTunnel(max_frame_size=max_frame_size)
-        self.bridge = _ResumingBridge(
+        self.bridge = Bridge(
             self.tunnel,
             outbound=outbound,
             inbound=inbound,
@@ -233,8 +211,8 @@ class TunnelClient:
 
     @property
     def connected(self) -> bool:
-        """True while a websocket is attached (False during a partition)."""
-        return self.bridge.ws is not None
+        """True while a handshaken websocket is attached (False during a partition)."""
+        return self._ws is not None
 
     @property
     def alive(self) -> bool:
@@ -399,7 +377,7 @@ class TunnelClient:
     # -- the session -----------------------------------------------------------------------
 
     async def _attach(self, ws: ClientConnection, welcome: dict[str, Any]) -> None:
-        """Adopt a handshaken websocket: replay what the host missed, then go live."""
+        """Adopt a handshaken websocket; the bridge replays what the host missed, then goes live."""
         self._ws = ws
         await self.bridge.attach(ws, int(welcome.get("received", 0)))
         self._notify()
@@ -418,16 +396,11 @@ class TunnelClient:
                     _close_text(ws),
                     self.session_id,
                 )
-                while True:
-                    reconnected = await self._reconnect()
-                    if reconnected is None:
-                        return
-                    ws, welcome = reconnected
-                    try:
-                        await self._attach(ws, welcome)
-                    except ConnectionClosed:
-                        continue  # dropped again during the replay: resume again
-                    break
+                reconnected = await self._reconnect()
+                if reconnected is None:
+                    return
+                ws, welcome = reconnected
+                await self._attach(ws, welcome)
                 self.resumes += 1
                 self._apply_kernel_report(welcome.get("kernel"))
                 self.log.info("tunnel session %s resumed", self.session_id)

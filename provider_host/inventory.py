@@ -77,9 +77,7 @@ def parse_simulated_gpu(spec: str) -> tuple[str, int]:
     except ValueError:
         gib = -1.0
     if not sep or not model or gib <= 0:
-        raise ConfigError(
-            f"simulated GPU {spec!r} must look like MODEL:VRAM_GB, e.g. 'A100:80'"
-        )
+        raise ConfigError(f"simulated GPU {spec!r} must look like MODEL:VRAM_GB, e.g. 'A100:80'")
     return model, int(gib * _GIB)
 
 

@@ -36,20 +36,52 @@ HOST_ENV_ALLOWED = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "TZDIR", "SYSTEM
 
 # Names a client may not set: they change which code the process loads or runs, which
 # devices it sees, or where it lives.
-_CLIENT_REFUSED = frozenset({
-    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "PWD", "TMPDIR",
-    "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES",
-    "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
-    "GCONV_PATH", "LOCPATH", "NLSPATH", "HOSTALIASES", "RESOLV_HOST_CONF", "BASH_ENV", "ENV",
-    "IFS", "SHELLOPTS", "PS4", "PERL5OPT", "PERL5LIB", "RUBYOPT", "NODE_OPTIONS",
-    "JPY_PARENT_PID", "JPY_INTERRUPT_EVENT", "IPY_INTERRUPT_EVENT",
-})
+_CLIENT_REFUSED = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "PWD",
+        "TMPDIR",
+        "CUDA_VISIBLE_DEVICES",
+        "CUDA_DEVICE_ORDER",
+        "NVIDIA_VISIBLE_DEVICES",
+        "HIP_VISIBLE_DEVICES",
+        "ROCR_VISIBLE_DEVICES",
+        "GPU_DEVICE_ORDINAL",
+        "GCONV_PATH",
+        "LOCPATH",
+        "NLSPATH",
+        "HOSTALIASES",
+        "RESOLV_HOST_CONF",
+        "BASH_ENV",
+        "ENV",
+        "IFS",
+        "SHELLOPTS",
+        "PS4",
+        "PERL5OPT",
+        "PERL5LIB",
+        "RUBYOPT",
+        "NODE_OPTIONS",
+        "JPY_PARENT_PID",
+        "JPY_INTERRUPT_EVENT",
+        "IPY_INTERRUPT_EVENT",
+    }
+)
 _CLIENT_REFUSED_PREFIXES = ("LD_", "DYLD_", "PYTHON", "MALLOC_", "JUPYTER_IO_")
 # PYTHON* variables that only change output or hashing, not what gets imported.
-_CLIENT_PYTHON_ALLOWED = frozenset({
-    "PYTHONHASHSEED", "PYTHONUNBUFFERED", "PYTHONIOENCODING", "PYTHONDONTWRITEBYTECODE",
-    "PYTHONFAULTHANDLER", "PYTHONUTF8",
-})
+_CLIENT_PYTHON_ALLOWED = frozenset(
+    {
+        "PYTHONHASHSEED",
+        "PYTHONUNBUFFERED",
+        "PYTHONIOENCODING",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONFAULTHANDLER",
+        "PYTHONUTF8",
+    }
+)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -93,14 +125,16 @@ def kernel_env(
             continue
         env[name] = value
     tmp = os.path.join(workspace, ".tmp")
-    env.update({
-        "HOME": workspace,
-        "PWD": workspace,
-        "TMPDIR": tmp,
-        # NVML numbers GPUs by PCI bus; CUDA's default order is "fastest first".
-        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-        "CUDA_VISIBLE_DEVICES": ",".join(str(index) for index in gpus),
-    })
+    env.update(
+        {
+            "HOME": workspace,
+            "PWD": workspace,
+            "TMPDIR": tmp,
+            # NVML numbers GPUs by PCI bus; CUDA's default order is "fastest first".
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "CUDA_VISIBLE_DEVICES": ",".join(str(index) for index in gpus),
+        }
+    )
     return env, sorted(refused)
 
 

@@ -193,8 +193,7 @@ class ProviderServer:
             yield
             return
         previous = {
-            sig: signal.signal(sig, self._handle_signal)
-            for sig in (signal.SIGINT, signal.SIGTERM)
+            sig: signal.signal(sig, self._handle_signal) for sig in (signal.SIGINT, signal.SIGTERM)
         }
         try:
             yield

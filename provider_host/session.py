@@ -47,7 +47,7 @@ from .config import ProviderConfig
 from .isolation import kernel_env
 from .kernel import KernelProcess, kernel_endpoints
 
-__all__ = ["KernelSession", "SessionBridge"]
+__all__ = ["KernelSession"]
 
 # ZMQ's default high-water mark (1000 messages) is far too low here: the kernel's PUB drops
 # iopub messages once its queue to us is full, which a burst of prints does while the host is
@@ -57,75 +57,6 @@ _HWM = 100_000
 
 # Unix socket paths are limited to ~107 bytes; the longest we make is <runtime>/kernel-ipc-N.
 _MAX_RUNTIME_DIR = 80
-
-
-class _HostTunnel(Tunnel):
-    """The shared :class:`Tunnel`, refusing DATA frames without parts.
-
-    ``Bridge._receive`` indexes ``frame.parts[-1]``; an empty DATA frame would raise
-    IndexError there and end the connection with 1011 instead of a 1002 protocol error.
-    """
-
-    def receive(self, data: bytes) -> Frame | None:
-        frame = super().receive(data)
-        if frame is not None and frame.kind is FrameKind.DATA and not frame.parts:
-            raise ProtocolError(f"{frame.channel.name} DATA frame with no parts")
-        return frame
-
-
-class SessionBridge(Bridge):
-    """The shared :class:`Bridge`, plus what a long-lived host session needs.
-
-    - Live output never overtakes a replay. The base class adopts the websocket *before*
-      replaying, so a pump that runs while a replayed send waits for the socket to drain
-      writes a newer frame ahead of older ones, and the peer sees a sequence gap. Here the
-      websocket is adopted for live traffic only once everything kept has gone out.
-    - The peer is heard during a replay. The base class replays inside :meth:`attach`,
-      before :meth:`serve` reads anything: a replay that outlasts the keepalive timeout (a few
-      hundred MB on a slow link) never reads the peer's pongs and acks, so the host drops the
-      connection and the next resume replays it all again. Here :meth:`attach` only takes the
-      resume point and :meth:`serve` replays while it receives.
-    - A buffer overflow is reported to the session (``on_failure``) even while no websocket
-      is attached, so the session ends instead of silently stalling.
-    """
-
-    def __init__(self, *args: Any, on_failure: Callable[[JupyterIOError], None], **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._on_failure = on_failure
-        self._pending: list[bytes] = []
-        self._latest: Connection | None = None
-
-    async def attach(self, ws: Connection, peer_received: int) -> None:
-        """Take the peer's resume point; :meth:`serve` sends the replay."""
-        self.detach()
-        self._latest = ws
-        self._pending = self.tunnel.replay(peer_received)
-
-    async def serve(self, ws: Connection) -> None:
-        """Replay, then adopt ``ws`` for live frames, receiving all along; return on close."""
-        replay = asyncio.create_task(self._replay(ws, self._pending))
-        self._pending = []
-        try:
-            await super().serve(ws)
-        finally:
-            replay.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-                await replay
-
-    async def _replay(self, ws: Connection, pending: list[bytes]) -> None:
-        while pending:
-            before = self.tunnel.sent
-            for frame in pending:
-                await ws.send(frame)
-            produced = self.tunnel.sent - before
-            # Frames made while we awaited were kept (no websocket): they are the newest.
-            pending = self.tunnel.replay(self.tunnel.peer_acked)[-produced:] if produced else []
-        if self._latest is ws:  # not replaced by a newer connection meanwhile
-            self.ws = ws
-
-    def _fail(self, exc: JupyterIOError) -> None:
-        super()._fail(exc)
-        self._on_failure(exc)
 
 
 class KernelSession:
@@ -155,13 +86,13 @@ class KernelSession:
         self.kernel: KernelProcess | None = None
         #: Set once the session has ended and its resources are gone.
         self.ended = asyncio.Event()
-        self.tunnel: Tunnel = _HostTunnel(
+        self.tunnel = Tunnel(
             max_frame_size=config.max_frame_size, max_unacked_bytes=config.max_unacked_bytes
         )
         self._context = context
         self._on_end = on_end
         self._sockets: dict[Channel, zmq.asyncio.Socket] = {}
-        self._bridge: SessionBridge | None = None
+        self._bridge: Bridge | None = None
         self._ws: Connection | None = None
         self._ending = False
         self._grace: asyncio.Task[None] | None = None
@@ -209,8 +140,10 @@ class KernelSession:
                 sock.subscribe(b"")
             sock.connect(endpoints[channel])
             self._sockets[channel] = sock
-        inbound = {ch: s for ch, s in self._sockets.items() if ch is not Channel.IOPUB}
-        self._bridge = SessionBridge(
+        inbound: dict[Channel, zmq.asyncio.Socket] = {
+            ch: s for ch, s in self._sockets.items() if ch is not Channel.IOPUB
+        }
+        self._bridge = Bridge(
             self.tunnel,
             outbound=self._sockets,
             inbound=inbound,
@@ -221,7 +154,7 @@ class KernelSession:
         self._bridge.start()
 
     @property
-    def bridge(self) -> SessionBridge:
+    def bridge(self) -> Bridge:
         """The session's bridge (after :meth:`open`)."""
         assert self._bridge is not None, "open() first"
         return self._bridge
@@ -277,9 +210,7 @@ class KernelSession:
                     self.log.info("connection lost; keeping the kernel %.0f s", self._grace_s)
                     self._grace = asyncio.create_task(self._grace_expiry())
 
-    async def end(
-        self, code: int = CloseCode.SESSION_ENDED, reason: str = "session ended"
-    ) -> None:
+    async def end(self, code: int = CloseCode.SESSION_ENDED, reason: str = "session ended") -> None:
         """Kill the kernel, close the websocket with ``code``, delete the workspace. Idempotent."""
         if self._ending:
             await self.ended.wait()
@@ -367,7 +298,9 @@ class KernelSession:
             self.log.warning("ignored environment variables the client may not set: %s", refused)
         assert self.runtime_dir is not None, "open() first"
         kernel = KernelProcess(
-            generation=generation, runtime_dir=self.runtime_dir, context=self._context,
+            generation=generation,
+            runtime_dir=self.runtime_dir,
+            context=self._context,
             log=self.log,
         )
         await kernel.start(
@@ -406,7 +339,9 @@ class KernelSession:
         if not kernel.killed:
             self.log.warning(
                 "kernel generation %d exited with %d; its last output:\n%s",
-                kernel.generation, code, kernel.log_tail(),
+                kernel.generation,
+                code,
+                kernel.log_tail(),
             )
         await self._send(FrameKind.EXITED, {"generation": kernel.generation, "exit_code": code})
 
