@@ -15,6 +15,14 @@ lost or duplicated. While it is away the kernel's state is *unknown*, never *exi
 ``unknown_session`` (it lost the kernel), refuses connections for ``refused_limit``
 seconds (it is down, and its kernels died with it), refuses our key, or stays unreachable
 for the whole grace period.
+
+Through a coordinator (a lease), each connection presents :class:`Credentials`: the lease
+token, carried in HELLO, and for the coordinator's relay the ``X-JIO-Lease-Token`` header. A
+``credentials`` callback supplies them afresh for every connection, so a long session renews
+its token before resuming. Through the relay a refused connection means the *coordinator* is
+down, not the provider (``refused_limit=None`` then), and the relay's HTTP refusals say
+whether resuming still makes sense: 403, 404 and 410 (the lease is gone) end the session, a
+401 asks for a fresh token once.
 """
 
 from __future__ import annotations
@@ -23,16 +31,17 @@ import asyncio
 import contextlib
 import enum
 import errno
+import json
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq.asyncio
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.typing import Subprotocol
 
 from jupyter_io.bridge import Bridge
@@ -61,6 +70,8 @@ from jupyter_io.protocol import (
 
 __all__ = [
     "LOST_EXIT_CODE",
+    "CredentialSource",
+    "Credentials",
     "KernelState",
     "KernelStatus",
     "Started",
@@ -76,7 +87,10 @@ _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 5.0
 
 #: ERROR codes after which resuming is pointless.
-_FATAL_ERRORS = frozenset({"unknown_session", "auth", "version_mismatch"})
+_FATAL_ERRORS = frozenset({"unknown_session", "auth", "version_mismatch", "lease_in_use"})
+#: HTTP answers of the relay after which resuming is pointless: not this lease's user (403),
+#: no such lease (404), the lease ended or failed (410).
+_FATAL_HTTP = frozenset({403, 404, 410})
 #: Close codes after which resuming is pointless.
 _FATAL_CLOSES = frozenset(
     {
@@ -90,6 +104,23 @@ _FATAL_CLOSES = frozenset(
 
 class UnknownSession(TunnelError):
     """The provider does not know the session (it ended, expired, or the host restarted)."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What one connection presents besides our key's signature.
+
+    ``token``: the coordinator's signed lease token, sent in HELLO (None without a lease).
+    ``headers``: extra HTTP headers of the websocket upgrade (the relay's lease token).
+    """
+
+    token: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+#: Called before every connection; the argument is True when the last attempt was refused
+#: for its token (HTTP 401), so a fresh one is needed.
+CredentialSource = Callable[[bool], Awaitable[Credentials]]
 
 
 class KernelState(str, enum.Enum):
@@ -165,9 +196,10 @@ class TunnelClient:
         outbound: Mapping[Channel, zmq.asyncio.Socket],
         inbound: Mapping[Channel, zmq.asyncio.Socket],
         host_pubkey: Pubkey | None = None,
+        credentials: CredentialSource | None = None,
         grace_period: float = 120.0,
         connect_timeout: float = 10.0,
-        refused_limit: float = 5.0,
+        refused_limit: float | None = 5.0,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         ping_interval: float | None = 10.0,
         ping_timeout: float | None = 10.0,
@@ -176,6 +208,7 @@ class TunnelClient:
         self.url = url
         self.keypair = keypair
         self.host_pubkey = host_pubkey
+        self.credentials = credentials
         self.grace_period = grace_period
         self.connect_timeout = connect_timeout
         self.refused_limit = refused_limit
@@ -206,6 +239,7 @@ class TunnelClient:
         self._waiters: list[asyncio.Future[None]] = []
         self._launch_answer: Frame | None = None
         self._fatal_error: str | None = None
+        self._stale_token = False
 
     # -- state -----------------------------------------------------------------------------
 
@@ -270,6 +304,8 @@ class TunnelClient:
             ws, welcome = await self._connect_once(resume)
         except JupyterIOError:
             raise
+        except InvalidStatus as exc:
+            raise self._refused_upgrade(exc) from None
         except (OSError, asyncio.TimeoutError, WebSocketException) as exc:
             raise TunnelError(
                 f"cannot open a tunnel to the provider at {self.url}: {_describe(exc)}; check "
@@ -299,8 +335,13 @@ class TunnelClient:
     async def _connect_and_greet(
         self, resume: str | None
     ) -> tuple[ClientConnection, dict[str, Any]]:
+        credentials = Credentials()
+        if self.credentials is not None:
+            stale, self._stale_token = self._stale_token, False
+            credentials = await self.credentials(stale)
         ws = await connect(
             self.url,
+            additional_headers=dict(credentials.headers) or None,
             subprotocols=[Subprotocol(SUBPROTOCOL)],
             compression=None,
             max_size=self.max_frame_size,
@@ -310,14 +351,16 @@ class TunnelClient:
             close_timeout=2.0,
         )
         try:
-            welcome = await self._handshake(ws, resume)
+            welcome = await self._handshake(ws, resume, credentials.token)
         except BaseException:
             # A failed handshake has nothing to say goodbye for; drop the socket now.
             ws.transport.abort()
             raise
         return ws, welcome
 
-    async def _handshake(self, ws: ClientConnection, resume: str | None) -> dict[str, Any]:
+    async def _handshake(
+        self, ws: ClientConnection, resume: str | None, token: str | None
+    ) -> dict[str, Any]:
         challenge = await self._recv_handshake(ws, FrameKind.CHALLENGE)
         version = challenge.get("version")
         if version != PROTOCOL_VERSION:
@@ -341,7 +384,7 @@ class TunnelClient:
             "signature": str(sign_challenge(self.keypair, nonce, host)),
             "session": resume,
             "received": self.tunnel.received,
-            "token": None,
+            "token": token,
         }
         await ws.send(encode_control(FrameKind.HELLO, hello))
         return await self._recv_handshake(ws, FrameKind.WELCOME)
@@ -372,7 +415,22 @@ class TunnelClient:
             return UnknownSession(f"{where} no longer has this session: {reason}")
         if code == "capacity":
             return TunnelError(f"{where} is full: {reason}; try again later or another one")
+        if code == "lease_in_use":
+            return AuthError(f"{where} refused the lease: {reason}; request a new lease")
         return TunnelError(f"{where} refused the tunnel ({code}): {reason}")
+
+    def _refused_upgrade(self, exc: InvalidStatus) -> JupyterIOError:
+        """The error for an HTTP answer instead of a websocket (the relay checks the lease
+        token before upgrading), with the message of its JSON error body when there is one."""
+        status = exc.response.status_code
+        try:
+            message = str(json.loads(exc.response.body)["error"]["message"])
+        except (ValueError, TypeError, KeyError):
+            message = exc.response.reason_phrase or "no reason given"
+        text = f"{self.url} answered HTTP {status}: {message}"
+        if status in (401, 403):
+            return AuthError(text)
+        return TunnelError(text)
 
     # -- the session -----------------------------------------------------------------------
 
@@ -434,12 +492,23 @@ class TunnelClient:
         start = loop.time()
         delay = _BACKOFF_FIRST
         refused_since: float | None = None
+        token_renewed = False
         while True:
             try:
                 ws, welcome = await self._connect_once(self.session_id)
             except (AuthError, VersionMismatch, UnknownSession) as exc:
                 self._declare_dead(str(exc))
                 return None
+            except InvalidStatus as exc:
+                refused_since = None
+                status = exc.response.status_code
+                if status in _FATAL_HTTP or (status == 401 and token_renewed):
+                    self._declare_dead(str(self._refused_upgrade(exc)))
+                    return None
+                if status == 401:
+                    # Most likely an expired token: one more try with a fresh one.
+                    self._stale_token = token_renewed = True
+                self.log.info("resume refused: %s", self._refused_upgrade(exc))
             except TunnelError as exc:
                 refused_since = None
                 self.log.info("resume refused: %s", exc)
@@ -450,7 +519,7 @@ class TunnelClient:
                 ProtocolError,
             ) as exc:
                 now = loop.time()
-                if _is_refusal(exc):
+                if _is_refusal(exc) and self.refused_limit is not None:
                     refused_since = now if refused_since is None else refused_since
                     if now - refused_since >= self.refused_limit:
                         self._declare_dead(
