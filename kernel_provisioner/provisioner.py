@@ -9,6 +9,20 @@ websocket to the provider host, which runs the real ipykernel. Select it in a ke
                  "config": {"provider_url": "ws://host:8765/tunnel",
                             "keypair_path": "~/.config/solana/id.json"}}}
 
+or, to lease a GPU from the marketplace coordinator instead of naming a provider::
+
+                 "config": {"coordinator_url": "http://127.0.0.1:8700",
+                            "gpu": "RTX 4090", "max_price_per_hour": "0.5",
+                            "keypair_path": "~/.config/solana/id.json"}
+
+With a coordinator, :meth:`~RemoteKernelProvisioner.launch_kernel` first leases a GPU (a
+request signed by the user's keypair, see :mod:`kernel_provisioner.lease`), then opens the
+tunnel to the lease's ``tunnel_url`` (the provider itself, or the coordinator's relay when
+the provider cannot be reached directly), presenting the lease token. Restarts keep the
+lease, provider and session; a full shutdown ends the session, then the lease; a failed
+first launch ends the lease too. Each step is reported as a structured progress record
+(:mod:`kernel_provisioner.progress`).
+
 Each method's docstring names the KernelManager method that calls it and what happens on
 the provider. The provisioner needs a running event loop between calls (it pumps frames in
 background tasks), so use it through :class:`jupyter_client.manager.AsyncKernelManager`
@@ -21,17 +35,22 @@ import signal
 import uuid
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Float, Int, Unicode, validate
+from solders.keypair import Keypair
+from traitlets import Float, Int, Unicode, Union, validate
 
 from jupyter_io.errors import ConfigError, JupyterIOError, KernelLaunchError
 from jupyter_io.identity import DEFAULT_KEYPAIR_PATH, load_keypair, parse_pubkey
+from jupyter_io.payments.amounts import format_sol, parse_sol
 from jupyter_io.protocol import DEFAULT_MAX_FRAME_SIZE
 
 from .connection import LOST_EXIT_CODE, KernelState, TunnelClient
 from .facade import CHANNEL_PORT_NAMES, Facade
+from .lease import KernelLease, LeaseTerms
+from .progress import ProgressEvent, ProgressStep, report
 
 __all__ = ["RemoteKernelProvisioner"]
 
@@ -43,15 +62,45 @@ FORWARDED_ENV = ("JPY_SESSION_NAME",)
 class RemoteKernelProvisioner(KernelProvisionerBase):
     """Runs the kernel on a provider host and exposes it through a local ZMQ facade.
 
-    One provisioner holds one tunnel session. Restarts reuse it (same provider, same
-    facade ports, same session key), so they are as fast as the kernel's own start; a
-    full shutdown ends the session and the provider deletes the kernel's workspace.
+    One provisioner holds one tunnel session (and, with a coordinator, one lease). Restarts
+    reuse it (same provider, same facade ports, same session key), so they are as fast as
+    the kernel's own start; a full shutdown ends the session, the provider deletes the
+    kernel's workspace, and the lease ends.
     """
 
     provider_url = Unicode(
         "",
         config=True,
-        help="Tunnel URL of the provider host, e.g. ws://gpu-box:8765/tunnel.",
+        help="Tunnel URL of the provider host, e.g. ws://gpu-box:8765/tunnel. Leave empty "
+        "and set coordinator_url to lease a GPU from the marketplace instead.",
+    )
+    coordinator_url = Unicode(
+        "",
+        config=True,
+        help="The marketplace coordinator's http(s)://HOST:PORT: lease a GPU there (gpu, "
+        "min_vram_gb, max_price_per_hour, region) instead of naming a provider.",
+    )
+    gpu = Unicode(
+        "",
+        config=True,
+        help="GPU type to lease, e.g. 'RTX 4090' (any spelling the coordinator lists); empty "
+        "takes the best GPU on offer. Only with coordinator_url.",
+    )
+    min_vram_gb = Float(
+        0.0, config=True, help="Least GPU memory to lease, GiB (0: any). Only with coordinator_url."
+    )
+    max_price_per_hour = Union(
+        [Unicode(), Float(), Int()],
+        default_value="",
+        config=True,
+        help="Most to pay per GPU-hour, in SOL (e.g. '0.5'); empty for no cap. Only with "
+        "coordinator_url.",
+    )
+    region = Unicode(
+        "", config=True, help="Region to lease in (empty: any). Only with coordinator_url."
+    )
+    coordinator_timeout = Float(
+        30.0, config=True, help="Seconds allowed for one request to the coordinator."
     )
     keypair_path = Unicode(
         DEFAULT_KEYPAIR_PATH,
@@ -61,7 +110,8 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
     provider_pubkey = Unicode(
         "",
         config=True,
-        help="Expected base58 public key of the provider host; empty accepts any host.",
+        help="Expected base58 public key of the provider host; empty accepts any host "
+        "(with a coordinator, the lease names the provider and only that key is accepted).",
     )
     grace_period = Float(
         120.0,
@@ -77,7 +127,9 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
     refused_limit = Float(
         5.0,
         config=True,
-        help="Seconds of refused connections after which the provider counts as down.",
+        help="Seconds of refused connections after which the provider counts as down "
+        "(direct connections only: through the relay a refusal means the coordinator is "
+        "down, and the session keeps resuming for the grace period).",
     )
     max_frame_size = Int(
         DEFAULT_MAX_FRAME_SIZE,
@@ -95,8 +147,11 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         # Instance state only: the base class's class-level ``connection_info = {}`` would
         # otherwise be shared by every provisioner.
         self.connection_info: KernelConnectionInfo = {}
+        #: The steps of this kernel's starts so far (see :mod:`kernel_provisioner.progress`).
+        self.progress: list[ProgressEvent] = []
         self._facade: Facade | None = None
         self._client: TunnelClient | None = None
+        self._lease: KernelLease | None = None
         self._key: str | None = None
         self._remote_env: dict[str, str] = {}
         self._launched = False
@@ -110,6 +165,37 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
                 f"provider_url {url!r} must be a ws:// or wss:// URL, e.g. ws://gpu-box:8765/tunnel"
             )
         return url
+
+    @validate("coordinator_url")
+    def _check_coordinator_url(self, proposal: Any) -> str:
+        url = str(proposal["value"]).strip().rstrip("/")
+        if url:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(
+                    f"coordinator_url {url!r} must be an http:// or https:// URL, e.g. "
+                    f"http://127.0.0.1:8700"
+                )
+        return url
+
+    @validate("max_price_per_hour")
+    def _check_max_price(self, proposal: Any) -> str | float | int:
+        value = proposal["value"]
+        if isinstance(value, str):
+            value = value.strip()
+        if value != "":
+            try:
+                parse_sol(value)
+            except ConfigError as exc:
+                raise ConfigError(f"max_price_per_hour: {exc}") from None
+        return value
+
+    @validate("min_vram_gb")
+    def _check_min_vram(self, proposal: Any) -> float:
+        value = float(proposal["value"])
+        if value < 0:
+            raise ConfigError("min_vram_gb must not be negative")
+        return value
 
     # -- what callers may inspect ----------------------------------------------------------
 
@@ -129,12 +215,46 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         return self._client
 
     @property
+    def lease(self) -> KernelLease | None:
+        """The coordinator lease behind the session (None without a coordinator)."""
+        return self._lease
+
+    @property
+    def max_price_lamports_per_hour(self) -> int | None:
+        """``max_price_per_hour`` in exact lamports per GPU-hour (None: no cap)."""
+        value = self.max_price_per_hour
+        return None if value == "" else parse_sol(value)
+
+    @property
+    def lease_terms(self) -> LeaseTerms:
+        """What this kernelspec asks the coordinator for."""
+        return LeaseTerms(
+            gpu=self.gpu.strip() or None,
+            min_vram_bytes=int(self.min_vram_gb * (1 << 30)) or None,
+            max_price_lamports_per_hour=self.max_price_lamports_per_hour,
+            region=self.region.strip() or None,
+        )
+
+    @property
     def has_process(self) -> bool:
         """True from a successful :meth:`launch_kernel` until :meth:`wait` reaps the kernel.
 
         KernelManager.has_kernel reads it (it asserts it right after launch_kernel).
         """
         return self._launched
+
+    def _where(self) -> str:
+        """The provider as logs name it."""
+        grant = self._lease.grant if self._lease is not None else None
+        if grant is not None:
+            path = "the coordinator's relay" if grant.relay else grant.tunnel_url
+            return f"provider {grant.provider} via {path}"
+        return self.provider_url
+
+    def _report(self, step: ProgressStep, message: str, **details: Any) -> ProgressEvent:
+        event = ProgressEvent(step, self.kernel_id or None, message, details=details)
+        self.progress.append(event)
+        return report(self.log, event)
 
     # -- start ----------------------------------------------------------------------------
 
@@ -143,13 +263,20 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
 
         Locally: check the configuration and choose the environment to send. Nothing is
         written to a connection file yet (the facade's ports are the truth, and the kernel
-        manager writes them after :meth:`launch_kernel`). Remotely: nothing. The kernelspec's
+        manager writes them after :meth:`launch_kernel`). Remotely: nothing (the lease is
+        requested in :meth:`launch_kernel`, where a failure is cleaned up). The kernelspec's
         ``argv`` is not run here: the provider decides how it starts ipykernel.
         """
-        if not self.provider_url:
+        if self.provider_url and self.coordinator_url:
             raise ConfigError(
-                "the io-remote provisioner needs provider_url in the kernelspec's "
-                "kernel_provisioner.config, e.g. ws://gpu-box:8765/tunnel"
+                "the io-remote provisioner takes provider_url or coordinator_url, not both: "
+                "name a provider, or lease one through the coordinator"
+            )
+        if not self.provider_url and not self.coordinator_url:
+            raise ConfigError(
+                "the io-remote provisioner needs provider_url (e.g. ws://gpu-box:8765/tunnel) "
+                "or coordinator_url (e.g. http://127.0.0.1:8700) in the kernelspec's "
+                "kernel_provisioner.config"
             )
         extra_arguments = kwargs.pop("extra_arguments", [])
         cmd = [*self.kernel_spec.argv, *extra_arguments] if self.kernel_spec else []
@@ -162,26 +289,38 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Start the kernel on the provider; called from ``KernelManager.launch_kernel()``.
 
-        Opens the tunnel session (unless a restart reuses it), binds the local facade, and
-        sends LAUNCH with the session key (the same key on every restart, so clients keep
-        working); the provider starts ipykernel, killing a previous one of the session
-        first. Returns connection info pointing at the facade once the provider says
-        STARTED; raises :class:`KernelLaunchError` with the provider's reason otherwise.
+        With a coordinator and no lease yet (or one whose session died), leases a GPU
+        first. Opens the tunnel session (unless a restart reuses it), binds the local
+        facade, and sends LAUNCH with the session key (the same key on every restart, so
+        clients keep working); the provider starts ipykernel, killing a previous one of the
+        session first. Returns connection info pointing at the facade once the provider
+        says STARTED; raises :class:`KernelLaunchError` (a
+        :class:`~kernel_provisioner.lease.LeaseRefused` when no lease could be had) with
+        the reason otherwise. A failed first launch leaves nothing behind: no session, no
+        facade, no lease.
         """
         if self._key is None:
             self._key = str(uuid.uuid4())
-        client = await self._ensure_session()
-        self.log.info("jupyter-io: launching the kernel on %s", self.provider_url)
         try:
+            client = await self._ensure_session()
+            self._report(
+                ProgressStep.LAUNCHING,
+                f"starting the kernel on {self._where()}",
+                session=client.session_id,
+            )
             started = await client.launch(self._key, self._remote_env, self.launch_timeout)
-        except KernelLaunchError:
+        except JupyterIOError as exc:
+            self._report(ProgressStep.FAILED, str(exc))
             if not self.connection_info:
                 # A first launch failed: no kernel manager will clean up after us, and
-                # nobody has the facade's ports yet. End the session rather than leak it.
+                # nobody has the facade's ports yet. End the session (and the lease)
+                # rather than leak them.
                 await self.cleanup(restart=False)
-            elif not client.alive:
+            elif self._client is not None and not self._client.alive:
                 await self._drop_session()
-            raise
+            if isinstance(exc, KernelLaunchError):
+                raise
+            raise KernelLaunchError(str(exc)) from exc
         self._launched = True
         self._last_exit_code = None
         if started.ignored_env:
@@ -190,12 +329,13 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
                 "kernel: %s",
                 ", ".join(started.ignored_env),
             )
-        self.log.info(
-            "jupyter-io: kernel ready on %s (session %s, generation %d, pid %s)",
-            self.provider_url,
-            client.session_id,
-            started.generation,
-            started.pid,
+        self._report(
+            ProgressStep.READY,
+            f"kernel ready on {self._where()} (session {client.session_id}, generation "
+            f"{started.generation}, pid {started.pid})",
+            session=client.session_id,
+            generation=started.generation,
+            pid=started.pid,
         )
         assert self._facade is not None
         self.connection_info = self._connection_info()
@@ -206,12 +346,15 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             return self._client
         await self._drop_session()
         keypair = load_keypair(self.keypair_path)
+        url = self.provider_url
+        if self.coordinator_url:
+            url = await self._ensure_lease(keypair)
         facade = self._facade
         if facade is None or not facade.bound:
             facade = self._facade = Facade()
             facade.bind()
-        client = self._new_client(keypair, facade)
-        self.log.info("jupyter-io: connecting to provider %s", self.provider_url)
+        client = self._new_client(url, keypair, facade)
+        self.log.info("jupyter-io: connecting to %s", self._where())
         try:
             await client.open()
         except JupyterIOError as exc:
@@ -224,16 +367,64 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         self._client = client
         return client
 
-    def _new_client(self, keypair: Any, facade: Facade) -> TunnelClient:
+    async def _ensure_lease(self, keypair: Keypair) -> str:
+        """A lease whose token no session has used yet; returns where to connect."""
+        lease = self._lease
+        if lease is None:
+            lease = self._lease = KernelLease(
+                self.coordinator_url, keypair, timeout=self.coordinator_timeout, log=self.log
+            )
+        if lease.grant is not None and lease.bound:
+            # The provider binds a lease to one session; that session is gone (a restart
+            # after the provider was lost), so this lease is over: take a new one.
+            self.log.info(
+                "jupyter-io: the session of lease %s is gone; ending it and leasing again",
+                lease.grant.lease,
+            )
+            await lease.end()
+        if lease.grant is None:
+            terms = self.lease_terms
+            self._report(
+                ProgressStep.QUEUED,
+                f"asking {self.coordinator_url} for {terms.describe()}",
+                coordinator=self.coordinator_url,
+                gpu=terms.gpu,
+                max_price_lamports_per_hour=terms.max_price_lamports_per_hour,
+                region=terms.region,
+            )
+            grant = await lease.request(terms)
+            self._report(
+                ProgressStep.LEASED,
+                f"leased {grant.gpu} from provider {grant.provider} at "
+                f"{format_sol(grant.price_lamports_per_hour)}/h"
+                f"{' through the relay' if grant.relay else ''} (lease {grant.lease})",
+                lease=grant.lease,
+                provider=grant.provider,
+                gpu=grant.gpu,
+                gpu_indices=list(grant.gpu_indices),
+                price_lamports_per_hour=grant.price_lamports_per_hour,
+                relay=grant.relay,
+            )
+        assert lease.grant is not None
+        return lease.grant.tunnel_url
+
+    def _new_client(self, url: str, keypair: Keypair, facade: Facade) -> TunnelClient:
+        lease = self._lease
+        grant = lease.grant if lease is not None else None
+        host = grant.provider if grant is not None else self.provider_pubkey
+        relay = grant is not None and grant.relay
         return TunnelClient(
-            self.provider_url,
+            url,
             keypair,
             outbound=facade.outbound,
             inbound=facade.inbound,
-            host_pubkey=parse_pubkey(self.provider_pubkey) if self.provider_pubkey else None,
+            host_pubkey=parse_pubkey(host) if host else None,
+            credentials=lease.credentials if lease is not None and grant is not None else None,
             grace_period=self.grace_period,
             connect_timeout=self.connect_timeout,
-            refused_limit=self.refused_limit,
+            # Through the relay a refused connection means the coordinator is down (or
+            # restarting), not the provider: keep resuming for the whole grace period.
+            refused_limit=None if relay else self.refused_limit,
             max_frame_size=self.max_frame_size,
             ping_interval=self.ping_interval,
             ping_timeout=self.ping_timeout,
@@ -320,39 +511,47 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         self.log.info(
             "jupyter-io: %s requested for the kernel on %s",
             "restart" if restart else "shutdown",
-            self.provider_url,
+            self._where(),
         )
 
     async def cleanup(self, restart: bool = False) -> None:
         """Release resources; called from ``KernelManager.cleanup_resources()``.
 
-        ``restart=True``: keep the tunnel session and the facade, so the next
+        ``restart=True``: keep the tunnel session, the facade and the lease, so the next
         :meth:`launch_kernel` reuses them (same provider, same ports). ``restart=False``:
         send END (the provider kills whatever is left of the kernel, deletes the session's
-        workspace and forgets the session), then close the tunnel and the facade.
+        workspace and forgets the session), close the tunnel and the facade, then end the
+        lease at the coordinator (``DELETE``), which stops its metering.
         """
         client = self._client
         if restart:
             if client is not None and not client.alive:
                 await self._drop_session()  # the next launch opens a new session
             return
+        where = self._where()
         self._client = None
         self._launched = False
         if client is not None:
             if client.alive and not await client.end(self.end_timeout):
                 self.log.warning(
-                    "jupyter-io: provider %s did not confirm the end of session %s; it "
-                    "ends the session itself after its grace period",
-                    self.provider_url,
+                    "jupyter-io: %s did not confirm the end of session %s; it ends the "
+                    "session itself after its grace period",
+                    where,
                     client.session_id,
                 )
             await client.close()
         if self._facade is not None:
             self._facade.close()
             self._facade = None
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            try:
+                await lease.end()
+            finally:
+                lease.close()
 
     async def detach(self) -> None:
-        """Release the local side and leave the remote session running.
+        """Release the local side and leave the remote session (and its lease) running.
 
         Not called by jupyter_client: for applications that persist
         :meth:`get_provisioner_info` and let another process :meth:`load_provisioner_info`
@@ -363,6 +562,9 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         if self._facade is not None:
             self._facade.close()
             self._facade = None
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.close()
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         """Time for a graceful shutdown; called from ``KernelManager.finish_shutdown()``.
@@ -378,8 +580,9 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         """What another process needs to reattach; JSON-serialisable.
 
         Called by applications through ``KernelManager.provisioner`` (jupyter_client itself
-        does not). Holds the provider URL, the session id, the facade's ports and the
-        session key (as text): store it as carefully as a connection file.
+        does not). Holds the provider URL (or the coordinator URL and the lease, token
+        included), the session id, the facade's ports and the session key (as text): store
+        it as carefully as a connection file.
         """
         info = await super().get_provisioner_info()
         connection = dict(self.connection_info)
@@ -391,6 +594,8 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             {
                 "connection_info": connection,
                 "provider_url": self.provider_url,
+                "coordinator_url": self.coordinator_url,
+                "lease": self._lease.to_json() if self._lease is not None else None,
                 "session_id": client.session_id if client else None,
                 "received": client.tunnel.received if client else 0,
                 "generation": client.kernel.generation if client else 0,
@@ -404,23 +609,33 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
         """Reattach to a session described by :meth:`get_provisioner_info`.
 
-        Rebinds the facade on the same ports (clients' connection files stay valid) and
-        resumes the tunnel session with HELLO.session. If the provider no longer has the
-        session, the kernel counts as lost: :meth:`poll` reports an exit code.
+        Rebinds the facade on the same ports (clients' connection files stay valid), takes
+        over the lease if there is one, and resumes the tunnel session with HELLO.session.
+        If the provider no longer has the session, the kernel counts as lost: :meth:`poll`
+        reports an exit code.
         """
         await super().load_provisioner_info(provisioner_info)
         connection = dict(provisioner_info["connection_info"])
         if isinstance(connection.get("key"), str):
             connection["key"] = connection["key"].encode()
         self.connection_info = connection  # type: ignore[assignment]
-        self.provider_url = provisioner_info["provider_url"]
+        self.provider_url = provisioner_info.get("provider_url") or ""
+        self.coordinator_url = provisioner_info.get("coordinator_url") or ""
         self._key = provisioner_info.get("key")
+        keypair = load_keypair(self.keypair_path)
+        url = self.provider_url
+        saved_lease = provisioner_info.get("lease")
+        if self.coordinator_url and saved_lease:
+            self._lease = KernelLease(
+                self.coordinator_url, keypair, timeout=self.coordinator_timeout, log=self.log
+            )
+            url = self._lease.restore(saved_lease).tunnel_url
         session = provisioner_info.get("session_id")
         if not provisioner_info.get("launched") or session is None:
             return
         facade = self._facade = Facade()
         facade.bind({ch: int(connection[name]) for ch, name in CHANNEL_PORT_NAMES.items()})
-        client = self._new_client(load_keypair(self.keypair_path), facade)
+        client = self._new_client(url, keypair, facade)
         client.kernel.generation = int(provisioner_info.get("generation") or 0)
         client.kernel.pid = provisioner_info.get("pid")
         client.kernel.state = KernelState.RUNNING
