@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from jupyter_core.application import JupyterApp, base_aliases, base_flags
-from traitlets import Bool, Unicode
+from traitlets import Bool, Float, Unicode
 
 from . import __version__
 from .demo import Demo
@@ -98,11 +98,14 @@ class InstallKernelspecApp(IOCommand):
     """``jupyter io kernelspec install``"""
 
     name = "jupyter io kernelspec install"
-    description = "Install a kernelspec whose kernels run on a jupyter-io provider."
-    examples = (
-        "jupyter io kernelspec install --name gpu-box --provider-url ws://gpu-box:8765/tunnel "
-        "--keypair ~/.config/solana/id.json --user"
+    description = (
+        "Install a kernelspec whose kernels run on a jupyter-io provider: one named provider "
+        "(--provider-url), or a GPU leased through a coordinator (--coordinator, --gpu)."
     )
+    examples = """jupyter io kernelspec install --name gpu-box \
+    --provider-url ws://gpu-box:8765/tunnel --keypair ~/.config/solana/id.json --user
+jupyter io kernelspec install --name rtx-4090 --coordinator http://127.0.0.1:8700 \
+    --gpu "RTX 4090" --max-price 0.5 --user"""
 
     kernel_name = Unicode("jupyter-io", help="Name of the kernelspec.").tag(config=True)
     display_name = Unicode(
@@ -111,6 +114,19 @@ class InstallKernelspecApp(IOCommand):
     provider_url = Unicode(
         "", help="The provider's tunnel URL, ws://HOST:PORT/tunnel or wss://..."
     ).tag(config=True)
+    coordinator = Unicode(
+        "", help="Lease through this coordinator, http(s)://HOST:PORT, instead of one provider."
+    ).tag(config=True)
+    gpu = Unicode("", help="With --coordinator: the GPU type to lease, e.g. 'RTX 4090'.").tag(
+        config=True
+    )
+    max_price = Unicode(
+        "", help="With --coordinator: the most to pay per GPU-hour, in SOL (e.g. 0.5)."
+    ).tag(config=True)
+    region = Unicode("", help="With --coordinator: lease only in this region.").tag(config=True)
+    min_vram = Float(0.0, help="With --coordinator: the least GPU memory to lease, GiB.").tag(
+        config=True
+    )
     keypair_path = Unicode(
         DEFAULT_KEYPAIR_PATH,
         help="Your Solana keypair file; the provider must allow its public key.",
@@ -127,6 +143,11 @@ class InstallKernelspecApp(IOCommand):
         "name": "InstallKernelspecApp.kernel_name",
         "display-name": "InstallKernelspecApp.display_name",
         "provider-url": "InstallKernelspecApp.provider_url",
+        "coordinator": "InstallKernelspecApp.coordinator",
+        "gpu": "InstallKernelspecApp.gpu",
+        "max-price": "InstallKernelspecApp.max_price",
+        "region": "InstallKernelspecApp.region",
+        "min-vram": "InstallKernelspecApp.min_vram",
         "keypair": "InstallKernelspecApp.keypair_path",
         "prefix": "InstallKernelspecApp.prefix",
     }
@@ -144,21 +165,46 @@ class InstallKernelspecApp(IOCommand):
     }
 
     def run(self) -> None:
-        from .kernelspec import install_kernelspec
+        from .kernelspec import install_kernelspec, install_lease_kernelspec
 
-        if not self.provider_url:
+        if self.provider_url and self.coordinator:
             raise JupyterIOError(
-                "--provider-url is required: the ws://HOST:PORT/tunnel URL the provider prints"
+                "give --provider-url (one provider) or --coordinator (lease a GPU), not both"
             )
-        path = install_kernelspec(
-            self.kernel_name,
-            self.provider_url,
-            self.keypair_path,
-            display_name=self.display_name,
-            user=self.user,
-            prefix=self.prefix or None,
-            replace=self.replace,
-        )
+        if self.coordinator:
+            path = install_lease_kernelspec(
+                self.kernel_name,
+                self.coordinator,
+                self.keypair_path,
+                gpu=self.gpu,
+                max_price_per_hour=self.max_price,
+                region=self.region,
+                min_vram_gb=self.min_vram,
+                display_name=self.display_name,
+                user=self.user,
+                prefix=self.prefix or None,
+                replace=self.replace,
+            )
+        elif not self.provider_url:
+            raise JupyterIOError(
+                "--provider-url is required (the ws://HOST:PORT/tunnel URL a provider "
+                "prints), or --coordinator (http://HOST:PORT, with --gpu) to lease a GPU"
+            )
+        elif self.gpu or self.max_price or self.region or self.min_vram:
+            raise JupyterIOError(
+                "--gpu, --max-price, --region and --min-vram need --coordinator: a kernelspec "
+                "with --provider-url always runs on that provider"
+            )
+        else:
+            path = install_kernelspec(
+                self.kernel_name,
+                self.provider_url,
+                self.keypair_path,
+                display_name=self.display_name,
+                user=self.user,
+                prefix=self.prefix or None,
+                replace=self.replace,
+            )
         print(f"Installed kernelspec {self.kernel_name.lower()} in {path}")
 
 
@@ -179,7 +225,7 @@ class ListKernelspecsApp(IOCommand):
                 "No jupyter-io kernelspecs installed; add one with `jupyter io kernelspec install`."
             )
         for spec in specs:
-            print(f"{spec.name}\t{spec.display_name}\t{spec.provider_url}\t{spec.resource_dir}")
+            print(f"{spec.name}\t{spec.display_name}\t{spec.target}\t{spec.resource_dir}")
 
 
 class RemoveKernelspecApp(IOCommand):

@@ -2,12 +2,20 @@
 
 A jupyter-io kernelspec is an ordinary ``kernel.json`` whose ``metadata.kernel_provisioner``
 names the ``io-remote`` provisioner (:mod:`kernel_provisioner`) and passes it, as traits, the
-provider's tunnel URL and the path of the user's keypair. The ``argv`` is a plain ipykernel
-command line: Jupyter needs one, but the provider host decides what really runs.
+path of the user's keypair and where the kernel runs, in one of two modes:
 
-Call :func:`install_kernelspec` to write one (it validates the URL and the keypair first),
-:func:`find_kernelspecs` to list the installed ones, :func:`remove_kernelspec` to delete one.
-``jupyter io kernelspec install|list|remove`` (:mod:`jupyter_io.app`) wraps these.
+- **provider**: the tunnel URL of one provider host (``provider_url``);
+- **lease**: a marketplace coordinator (``coordinator_url``) and what to lease there: a GPU
+  type (``gpu``), optionally a price cap in SOL per GPU-hour (``max_price_per_hour``, kept as
+  text so it stays exact), a ``region`` and ``min_vram_gb``. Each start leases a GPU.
+
+The ``argv`` is a plain ipykernel command line: Jupyter needs one, but the provider host
+decides what really runs.
+
+Call :func:`install_kernelspec` (provider mode) or :func:`install_lease_kernelspec` (lease
+mode) to write one (each validates its URL, price and keypair first), :func:`find_kernelspecs`
+to list the installed ones, :func:`remove_kernelspec` to delete one. ``jupyter io kernelspec
+install|list|remove`` (:mod:`jupyter_io.app`) wraps these.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from .errors import ConfigError
 from .identity import load_keypair
+from .payments.amounts import format_sol, parse_sol
 
 __all__ = [
     "KERNEL_ARGV",
@@ -32,8 +41,11 @@ __all__ = [
     "InstalledKernelspec",
     "find_kernelspecs",
     "install_kernelspec",
+    "install_lease_kernelspec",
     "kernel_json",
+    "lease_kernel_json",
     "remove_kernelspec",
+    "validate_coordinator_url",
     "validate_provider_url",
 ]
 
@@ -55,6 +67,21 @@ class InstalledKernelspec:
     provider_url: str
     keypair_path: str
     resource_dir: str
+    #: Lease mode: the coordinator leasing the GPU ("" in provider mode).
+    coordinator_url: str = ""
+    #: Lease mode: the GPU type asked for ("" for any).
+    gpu: str = ""
+    #: Lease mode: the price cap in SOL per GPU-hour, as written ("" for none).
+    max_price_per_hour: str = ""
+
+    @property
+    def target(self) -> str:
+        """Where its kernels run, for a listing: the provider URL, or ``RTX 4090 via URL``
+        (with ``≤ 0.5 SOL/h`` when capped) for a lease-mode kernelspec."""
+        if not self.coordinator_url:
+            return self.provider_url
+        cap = f" ≤ {self.max_price_per_hour} SOL/h" if self.max_price_per_hour else ""
+        return f"{self.gpu or 'any GPU'}{cap} via {self.coordinator_url}"
 
 
 def validate_provider_url(url: str) -> str:
@@ -76,18 +103,64 @@ def validate_provider_url(url: str) -> str:
     return url
 
 
+def validate_coordinator_url(url: str) -> str:
+    """Return ``url`` without a trailing slash if it is an ``http://`` or ``https://`` URL
+    with a host; else ConfigError."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(
+            f"coordinator URL {url!r} must start with http:// or https:// (the coordinator "
+            f"prints it: 'jupyter-io coordinator listening on http://HOST:PORT')"
+        )
+    try:
+        port_ok = parts.port != 0
+    except ValueError:
+        port_ok = False
+    if not parts.hostname or not port_ok:
+        raise ConfigError(
+            f"coordinator URL {url!r} needs a host and a valid port, e.g. http://HOST:8700"
+        )
+    return url.rstrip("/")
+
+
 def kernel_json(provider_url: str, keypair_path: str, display_name: str) -> dict[str, Any]:
     """The kernel.json of a kernelspec that runs on the provider at ``provider_url``."""
+    return _spec(display_name, {"provider_url": provider_url, "keypair_path": keypair_path})
+
+
+def lease_kernel_json(
+    coordinator_url: str,
+    keypair_path: str,
+    display_name: str,
+    *,
+    gpu: str = "",
+    max_price_per_hour: str = "",
+    region: str = "",
+    min_vram_gb: float = 0,
+) -> dict[str, Any]:
+    """The kernel.json of a kernelspec whose kernels lease ``gpu`` through the coordinator
+    at ``coordinator_url``. Empty options are left out (the provisioner's defaults: any
+    GPU, no cap, any region)."""
+    config: dict[str, Any] = {"coordinator_url": coordinator_url, "keypair_path": keypair_path}
+    if gpu:
+        config["gpu"] = gpu
+    if max_price_per_hour:
+        config["max_price_per_hour"] = max_price_per_hour
+    if region:
+        config["region"] = region
+    if min_vram_gb:
+        config["min_vram_gb"] = min_vram_gb
+    return _spec(display_name, config)
+
+
+def _spec(display_name: str, config: dict[str, Any]) -> dict[str, Any]:
     return {
         "argv": list(KERNEL_ARGV),
         "display_name": display_name,
         "language": "python",
         "interrupt_mode": "signal",
         "metadata": {
-            "kernel_provisioner": {
-                "provisioner_name": PROVISIONER_NAME,
-                "config": {"provider_url": provider_url, "keypair_path": keypair_path},
-            }
+            "kernel_provisioner": {"provisioner_name": PROVISIONER_NAME, "config": config}
         },
     }
 
@@ -103,7 +176,7 @@ def install_kernelspec(
     replace: bool = False,
     kernel_spec_manager: KernelSpecManager | None = None,
 ) -> str:
-    """Validate, then install a jupyter-io kernelspec; return the directory it went to.
+    """Validate, then install a provider-mode kernelspec; return the directory it went to.
 
     Where it goes follows ``jupyter kernelspec install``: the per-user kernels directory with
     ``user``, ``PREFIX/share/jupyter/kernels`` with ``prefix`` (``sys.prefix`` for this
@@ -115,16 +188,82 @@ def install_kernelspec(
     the user's local Python kernel). Raises :class:`ConfigError` with what to fix.
     """
     validate_provider_url(provider_url)
+    keypair = _checked_keypair(keypair_path)
+    if not display_name:
+        host = urlsplit(provider_url).netloc
+        display_name = f"Python 3 · jupyter-io ({host})"
+    spec = kernel_json(provider_url, str(keypair), display_name)
+    return _install(name, spec, user, prefix, replace, kernel_spec_manager)
+
+
+def install_lease_kernelspec(
+    name: str,
+    coordinator_url: str,
+    keypair_path: str | os.PathLike[str],
+    *,
+    gpu: str = "",
+    max_price_per_hour: str | float = "",
+    region: str = "",
+    min_vram_gb: float = 0,
+    display_name: str = "",
+    user: bool = False,
+    prefix: str | None = None,
+    replace: bool = False,
+    kernel_spec_manager: KernelSpecManager | None = None,
+) -> str:
+    """Validate, then install a lease-mode kernelspec: each kernel leases ``gpu`` through the
+    coordinator at ``coordinator_url`` (at most ``max_price_per_hour`` SOL per GPU-hour, in
+    ``region``, with at least ``min_vram_gb`` GiB). Returns the directory it went to.
+
+    ``max_price_per_hour`` must be an exact amount of SOL (at most nine decimals); it is
+    stored as text, as given. Where the kernelspec goes and when an existing one is replaced
+    follow :func:`install_kernelspec`. Raises :class:`ConfigError` with what to fix.
+    """
+    coordinator_url = validate_coordinator_url(coordinator_url)
+    price = str(max_price_per_hour).strip()
+    if price:
+        try:
+            parse_sol(price)
+        except ConfigError as exc:
+            raise ConfigError(f"--max-price: {exc}") from None
+    if min_vram_gb < 0:
+        raise ConfigError("--min-vram must not be negative")
+    keypair = _checked_keypair(keypair_path)
+    gpu, region = gpu.strip(), region.strip()
+    if not display_name:
+        cap = f" · ≤ {format_sol(parse_sol(price))}/h" if price else ""
+        host = urlsplit(coordinator_url).netloc
+        display_name = f"Python 3 · {gpu or 'any GPU'}{cap} · jupyter-io ({host})"
+    spec = lease_kernel_json(
+        coordinator_url,
+        str(keypair),
+        display_name,
+        gpu=gpu,
+        max_price_per_hour=price,
+        region=region,
+        min_vram_gb=min_vram_gb,
+    )
+    return _install(name, spec, user, prefix, replace, kernel_spec_manager)
+
+
+def _checked_keypair(keypair_path: str | os.PathLike[str]) -> Path:
     keypair = Path(keypair_path).expanduser().absolute()
     load_keypair(keypair)  # fail now, not when the first kernel starts
+    return keypair
+
+
+def _install(
+    name: str,
+    spec: dict[str, Any],
+    user: bool,
+    prefix: str | None,
+    replace: bool,
+    kernel_spec_manager: KernelSpecManager | None,
+) -> str:
     if user and prefix:
         raise ConfigError("choose one of --user and --prefix/--sys-prefix, not both")
     ksm = kernel_spec_manager or KernelSpecManager()
     name = name.lower()
-    if not display_name:
-        host = urlsplit(provider_url).netloc
-        display_name = f"Python 3 · jupyter-io ({host})"
-
     destination = Path(ksm._get_destination_dir(name, user=user, prefix=prefix))
     existing = _read_kernel_json(destination)
     if existing is not None and _provisioner_config(existing) is None and not replace:
@@ -132,8 +271,6 @@ def install_kernelspec(
             f"a kernelspec named {name!r} already exists in {destination} and is not a "
             f"jupyter-io one; pick another --name or pass --replace to overwrite it"
         )
-
-    spec = kernel_json(provider_url, str(keypair), display_name)
     with tempfile.TemporaryDirectory(prefix="jupyter-io-kernelspec-") as tmp:
         source = Path(tmp, name)
         source.mkdir()
@@ -168,6 +305,9 @@ def find_kernelspecs(
                 provider_url=str(config.get("provider_url", "")),
                 keypair_path=str(config.get("keypair_path", "")),
                 resource_dir=info.get("resource_dir", ""),
+                coordinator_url=str(config.get("coordinator_url", "")),
+                gpu=str(config.get("gpu", "")),
+                max_price_per_hour=str(config.get("max_price_per_hour", "")),
             )
         )
     return found

@@ -1,8 +1,12 @@
-"""Installing, listing and removing jupyter-io kernelspecs (jupyter_io.kernelspec)."""
+"""Installing, listing and removing jupyter-io kernelspecs (jupyter_io.kernelspec), in
+provider mode (one provider's tunnel URL) and lease mode (a GPU type leased through a
+coordinator), through the functions and through ``jupyter io kernelspec install``."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,11 +19,15 @@ from jupyter_io.kernelspec import (
     KERNEL_ARGV,
     find_kernelspecs,
     install_kernelspec,
+    install_lease_kernelspec,
     remove_kernelspec,
+    validate_coordinator_url,
     validate_provider_url,
 )
 
 URL = "ws://127.0.0.1:8765/tunnel"
+COORDINATOR = "http://127.0.0.1:8700"
+JUPYTER = str(Path(sys.executable).with_name("jupyter"))
 
 
 @pytest.fixture
@@ -155,3 +163,143 @@ def test_list_and_remove_touch_only_jupyter_io_kernelspecs(
     assert foreign.exists()
     with pytest.raises(ConfigError, match="no kernelspec named 'box-a'"):
         remove_kernelspec("box-a")
+
+
+# -- lease mode ------------------------------------------------------------------------------
+
+
+def provisioner_config(path: str) -> dict[str, object]:
+    spec = json.loads(Path(path, "kernel.json").read_text())
+    assert spec["metadata"]["kernel_provisioner"]["provisioner_name"] == "io-remote"
+    return spec["metadata"]["kernel_provisioner"]["config"]  # type: ignore[no-any-return]
+
+
+def test_lease_kernelspec_names_the_coordinator_and_what_to_lease(
+    jupyter_env: Path, keypair: Path
+) -> None:
+    path = install_lease_kernelspec(
+        "RTX-4090",
+        COORDINATOR + "/",
+        keypair,
+        gpu=" RTX 4090 ",
+        max_price_per_hour="0.5",
+        region="eu-west",
+        min_vram_gb=20,
+        prefix=str(jupyter_env),
+    )
+    assert Path(path) == jupyter_env / "share" / "jupyter" / "kernels" / "rtx-4090"
+    # The price stays text, exactly as given: the provisioner turns it into lamports.
+    assert provisioner_config(path) == {
+        "coordinator_url": COORDINATOR,
+        "keypair_path": str(keypair),
+        "gpu": "RTX 4090",
+        "max_price_per_hour": "0.5",
+        "region": "eu-west",
+        "min_vram_gb": 20,
+    }
+    spec = KernelSpecManager().get_kernel_spec("rtx-4090")
+    assert spec.display_name == "Python 3 · RTX 4090 · ≤ 0.5 SOL/h · jupyter-io (127.0.0.1:8700)"
+    assert spec.argv == KERNEL_ARGV
+
+
+def test_lease_kernelspec_leaves_out_what_was_not_asked_for(
+    jupyter_env: Path, keypair: Path
+) -> None:
+    path = install_lease_kernelspec("any-gpu", COORDINATOR, keypair, prefix=str(jupyter_env))
+    assert provisioner_config(path) == {
+        "coordinator_url": COORDINATOR,
+        "keypair_path": str(keypair),
+    }
+    assert json.loads(Path(path, "kernel.json").read_text())["display_name"] == (
+        "Python 3 · any GPU · jupyter-io (127.0.0.1:8700)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"coordinator_url": "ws://127.0.0.1:8700"}, "must start with http:// or https://"),
+        ({"coordinator_url": "http:///api"}, "needs a host"),
+        ({"max_price_per_hour": "0.0000000001"}, "more than 9 decimals"),
+        ({"max_price_per_hour": "cheap"}, "not an amount of SOL"),
+        ({"max_price_per_hour": "-1"}, "not a non-negative amount"),
+        ({"min_vram_gb": -1}, "must not be negative"),
+    ],
+)
+def test_bad_lease_options_are_refused_before_anything_is_written(
+    jupyter_env: Path, keypair: Path, kwargs: dict[str, object], message: str
+) -> None:
+    args: dict[str, object] = {"coordinator_url": COORDINATOR, "gpu": "RTX 4090", **kwargs}
+    url = str(args.pop("coordinator_url"))
+    with pytest.raises(ConfigError, match=message):
+        install_lease_kernelspec("box", url, keypair, prefix=str(jupyter_env), **args)  # type: ignore[arg-type]
+    assert not (jupyter_env / "share" / "jupyter" / "kernels" / "box").exists()
+
+
+def test_good_coordinator_urls_pass() -> None:
+    assert validate_coordinator_url("https://coord.example/") == "https://coord.example"
+    assert validate_coordinator_url("http://[::1]:8700") == "http://[::1]:8700"
+
+
+def test_list_shows_both_modes(jupyter_env: Path, keypair: Path) -> None:
+    install_kernelspec("box", URL, keypair, prefix=str(jupyter_env))
+    install_lease_kernelspec(
+        "leased", COORDINATOR, keypair, gpu="A100", max_price_per_hour="1.25",
+        prefix=str(jupyter_env),
+    )  # fmt: skip
+    box, leased = find_kernelspecs()
+    assert (box.target, box.coordinator_url) == (URL, "")
+    assert (leased.coordinator_url, leased.gpu, leased.max_price_per_hour) == (
+        COORDINATOR,
+        "A100",
+        "1.25",
+    )
+    assert leased.provider_url == ""
+    assert leased.target == f"A100 ≤ 1.25 SOL/h via {COORDINATOR}"
+
+
+def jupyter_io(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [JUPYTER, "io", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_cli_installs_a_lease_kernelspec_and_lists_it(jupyter_env: Path, keypair: Path) -> None:
+    result = jupyter_io(
+        "kernelspec", "install", "--name", "rtx", "--coordinator", COORDINATOR,
+        "--gpu", "RTX 4090", "--max-price", "0.5", "--region", "eu-west",
+        "--keypair", str(keypair), f"--prefix={jupyter_env}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    path = jupyter_env / "share" / "jupyter" / "kernels" / "rtx"
+    assert f"Installed kernelspec rtx in {path}" in result.stdout
+    assert provisioner_config(str(path)) == {
+        "coordinator_url": COORDINATOR,
+        "keypair_path": str(keypair),
+        "gpu": "RTX 4090",
+        "max_price_per_hour": "0.5",
+        "region": "eu-west",
+    }
+    listed = jupyter_io("kernelspec", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert f"rtx\t{json.loads(path.joinpath('kernel.json').read_text())['display_name']}\t" \
+        f"RTX 4090 ≤ 0.5 SOL/h via {COORDINATOR}\t" in listed.stdout  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--coordinator", COORDINATOR, "--provider-url", URL], "not both"),
+        (["--provider-url", URL, "--gpu", "A100"], "need --coordinator"),
+        (["--coordinator", COORDINATOR, "--max-price", "lots"], "not an amount of SOL"),
+    ],
+)
+def test_cli_refuses_mixed_or_bad_lease_options(
+    jupyter_env: Path, keypair: Path, args: list[str], message: str
+) -> None:
+    result = jupyter_io("kernelspec", "install", "--keypair", str(keypair), *args,
+                        f"--prefix={jupyter_env}")  # fmt: skip
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (jupyter_env / "share" / "jupyter" / "kernels" / "jupyter-io").exists()
