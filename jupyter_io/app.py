@@ -131,6 +131,11 @@ jupyter io kernelspec install --name rtx-4090 --coordinator http://127.0.0.1:870
         DEFAULT_KEYPAIR_PATH,
         help="Your Solana keypair file; the provider must allow its public key.",
     ).tag(config=True)
+    provider_pubkey = Unicode(
+        "",
+        help="With --provider-url: the provider's host key (base58; the provider prints it "
+        "at start-up). Only a host proving it gets the session; empty accepts any host.",
+    ).tag(config=True)
     user = Bool(False, help="Install for the current user only.").tag(config=True)
     prefix = Unicode(
         "", help="Install under PREFIX/share/jupyter/kernels (e.g. an environment)."
@@ -149,6 +154,7 @@ jupyter io kernelspec install --name rtx-4090 --coordinator http://127.0.0.1:870
         "region": "InstallKernelspecApp.region",
         "min-vram": "InstallKernelspecApp.min_vram",
         "keypair": "InstallKernelspecApp.keypair_path",
+        "provider-pubkey": "InstallKernelspecApp.provider_pubkey",
         "prefix": "InstallKernelspecApp.prefix",
     }
     flags = {
@@ -170,6 +176,11 @@ jupyter io kernelspec install --name rtx-4090 --coordinator http://127.0.0.1:870
         if self.provider_url and self.coordinator:
             raise JupyterIOError(
                 "give --provider-url (one provider) or --coordinator (lease a GPU), not both"
+            )
+        if self.coordinator and self.provider_pubkey:
+            raise JupyterIOError(
+                "--provider-pubkey goes with --provider-url; with --coordinator the lease "
+                "names the provider and its key"
             )
         if self.coordinator:
             path = install_lease_kernelspec(
@@ -201,6 +212,7 @@ jupyter io kernelspec install --name rtx-4090 --coordinator http://127.0.0.1:870
                 self.provider_url,
                 self.keypair_path,
                 display_name=self.display_name,
+                provider_pubkey=self.provider_pubkey,
                 user=self.user,
                 prefix=self.prefix or None,
                 replace=self.replace,

@@ -211,12 +211,14 @@ class KernelspecService(Service):
         *,
         kernel_name: str,
         keypair_path: Path,
+        provider_pubkey: str,
         prefix: str,
         log: Any,
     ) -> None:
         self.provider = provider
         self.kernel_name = kernel_name
         self.keypair_path = keypair_path
+        self.provider_pubkey = provider_pubkey
         self.prefix = prefix
         self.log = log
         self.display_name = ""
@@ -236,6 +238,7 @@ class KernelspecService(Service):
             self.provider.url,
             self.keypair_path,
             display_name=self.display_name,
+            provider_pubkey=self.provider_pubkey,
             prefix=self.prefix,
         )
 
@@ -317,7 +320,7 @@ class Demo(LoggingConfigurable):
         user_key = data / "user-keypair.json"
         provider_key = data / "provider-keypair.json"
         user = load_or_create_keypair(user_key)
-        load_or_create_keypair(provider_key)
+        host = load_or_create_keypair(provider_key)
         workspace = data / "workspace"
         workspace.mkdir(exist_ok=True)
 
@@ -344,6 +347,7 @@ class Demo(LoggingConfigurable):
                 provider,
                 kernel_name=self.kernel_name,
                 keypair_path=user_key,
+                provider_pubkey=str(host.pubkey()),
                 prefix=self.kernelspec_prefix,
                 log=self.log,
             ),

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from .errors import ConfigError
-from .identity import load_keypair
+from .identity import load_keypair, parse_pubkey
 from .payments.amounts import format_sol, parse_sol
 
 __all__ = [
@@ -123,9 +123,15 @@ def validate_coordinator_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def kernel_json(provider_url: str, keypair_path: str, display_name: str) -> dict[str, Any]:
-    """The kernel.json of a kernelspec that runs on the provider at ``provider_url``."""
-    return _spec(display_name, {"provider_url": provider_url, "keypair_path": keypair_path})
+def kernel_json(
+    provider_url: str, keypair_path: str, display_name: str, provider_pubkey: str = ""
+) -> dict[str, Any]:
+    """The kernel.json of a kernelspec that runs on the provider at ``provider_url`` (whose
+    host key must be ``provider_pubkey``, when given)."""
+    config = {"provider_url": provider_url, "keypair_path": keypair_path}
+    if provider_pubkey:
+        config["provider_pubkey"] = provider_pubkey
+    return _spec(display_name, config)
 
 
 def lease_kernel_json(
@@ -171,6 +177,7 @@ def install_kernelspec(
     keypair_path: str | os.PathLike[str],
     *,
     display_name: str = "",
+    provider_pubkey: str = "",
     user: bool = False,
     prefix: str | None = None,
     replace: bool = False,
@@ -181,18 +188,22 @@ def install_kernelspec(
     Where it goes follows ``jupyter kernelspec install``: the per-user kernels directory with
     ``user``, ``PREFIX/share/jupyter/kernels`` with ``prefix`` (``sys.prefix`` for this
     environment), the system-wide one otherwise. The keypair path is stored absolute, since
-    the server that reads the kernelspec may run from another directory.
+    the server that reads the kernelspec may run from another directory. With
+    ``provider_pubkey`` (base58) the provisioner accepts only a host proving that key, so
+    nothing else answering at the provider's address gets the session.
 
     An existing kernelspec of the same name is replaced when it is a jupyter-io one; any other
     is left alone unless ``replace`` is set (a typo of ``--name python3`` must not clobber
     the user's local Python kernel). Raises :class:`ConfigError` with what to fix.
     """
     validate_provider_url(provider_url)
+    if provider_pubkey:
+        provider_pubkey = str(parse_pubkey(provider_pubkey))
     keypair = _checked_keypair(keypair_path)
     if not display_name:
         host = urlsplit(provider_url).netloc
         display_name = f"Python 3 · jupyter-io ({host})"
-    spec = kernel_json(provider_url, str(keypair), display_name)
+    spec = kernel_json(provider_url, str(keypair), display_name, provider_pubkey)
     return _install(name, spec, user, prefix, replace, kernel_spec_manager)
 
 

@@ -89,6 +89,23 @@ def test_kernelspec_install_list_remove(jupyter_env: Path, tmp_path: Path) -> No
     assert not kernel_dir.exists()
 
 
+def test_kernelspec_install_provider_pubkey(jupyter_env: Path, tmp_path: Path) -> None:
+    key = write_keypair(Keypair(), tmp_path / "id.json")
+    host = str(Keypair().pubkey())
+    common = ["kernelspec", "install", "--keypair", str(key), "--prefix", str(jupyter_env)]
+    result = jupyter_io(
+        *common, "--provider-url", "ws://h:1/tunnel", "--provider-pubkey", host, "--name", "p"
+    )
+    assert result.returncode == 0, result.stderr
+    kernel_json = jupyter_env / "share" / "jupyter" / "kernels" / "p" / "kernel.json"
+    config = json.loads(kernel_json.read_text())["metadata"]["kernel_provisioner"]["config"]
+    assert config["provider_pubkey"] == host
+
+    leased = jupyter_io(*common, "--coordinator", "http://h:8700", "--provider-pubkey", host)
+    assert leased.returncode == 1
+    assert "--provider-pubkey goes with --provider-url" in leased.stderr
+
+
 def test_kernelspec_install_user_goes_to_the_user_data_dir(
     jupyter_env: Path, tmp_path: Path
 ) -> None:

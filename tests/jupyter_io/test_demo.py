@@ -213,6 +213,8 @@ async def test_demo_installs_the_kernelspec_and_stops_in_reverse_order(
         assert spec.metadata["kernel_provisioner"]["config"] == {
             "provider_url": "ws://127.0.0.1:9/tunnel",
             "keypair_path": str(data / "user-keypair.json"),
+            # pinned: only the demo's own provider can take the session
+            "provider_pubkey": str(load_keypair(data / "provider-keypair.json").pubkey()),
         }
         assert Path(spec.resource_dir) == kernel_dir
         assert len(children) == 1

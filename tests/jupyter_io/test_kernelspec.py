@@ -97,6 +97,16 @@ def test_bad_provider_url_is_refused_before_anything_is_written(
     assert not (jupyter_env / "share" / "jupyter" / "kernels" / "box").exists()
 
 
+def test_provider_pubkey_pins_the_host_and_must_be_a_key(jupyter_env: Path, keypair: Path) -> None:
+    host = str(Keypair().pubkey())
+    path = install_kernelspec("pinned", URL, keypair, provider_pubkey=host, prefix=str(jupyter_env))
+    config = json.loads(Path(path, "kernel.json").read_text())["metadata"]["kernel_provisioner"]
+    assert config["config"]["provider_pubkey"] == host
+    with pytest.raises(ConfigError, match="not a base58 Solana public key"):
+        install_kernelspec("bad", URL, keypair, provider_pubkey="nope", prefix=str(jupyter_env))
+    assert not (jupyter_env / "share" / "jupyter" / "kernels" / "bad").exists()
+
+
 def test_good_provider_urls_pass() -> None:
     for url in (URL, "wss://gpu.example/tunnel", "ws://[::1]:9000/tunnel"):
         assert validate_provider_url(url) == url
