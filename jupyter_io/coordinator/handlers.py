@@ -35,8 +35,7 @@ from typing import Any
 
 from solders.pubkey import Pubkey
 from tornado import web
-from tornado.iostream import StreamClosedError
-from tornado.websocket import WebSocketClosedError, WebSocketHandler
+from tornado.websocket import WebSocketClosedError, WebSocketHandler, WebSocketProtocol13
 
 from ..errors import AuthError, JupyterIOError, LeaseError
 from ..protocol import SUBPROTOCOL
@@ -45,7 +44,7 @@ from .leasing import LeaseGone, LeaseNotFound, LeaseService, NotLeaseOwner, leas
 from .offers import OffersCache
 from .provider_link import ProviderLinkSession
 from .registry import Registry
-from .relay import Relay, RelayConnection
+from .relay import Relay
 from .scheduler import LeaseRequest
 
 __all__ = [
@@ -80,7 +79,6 @@ class Services:
     replay_guard: ReplayGuard
     hello_timeout: float = 10.0
     request_max_skew: float = 60.0
-    relay_max_message_size: int = 65 << 20
     log: logging.Logger = _LOG
 
 
@@ -339,43 +337,59 @@ def _consume(future: asyncio.Future[Any]) -> None:
 # The relay
 
 
-class RelayHandler(WebSocketHandler):
-    """One side of a relayed connection: checks who connects before the upgrade, then copies
-    each message to the other side as it came."""
+class RelayHandler(web.RequestHandler):
+    """Checks who connects to the relay, performs the websocket upgrade itself and hands the
+    raw stream to the :class:`~jupyter_io.coordinator.relay.Relay`, whose pumps copy frames
+    (tornado's websocket layer would decode and re-encode every message on the way)."""
 
     services: Services
-    side: str
-    connection: RelayConnection | None = None
 
     def initialize(self, services: Services) -> None:
         self.services = services
 
-    @property
-    def max_message_size(self) -> int:
-        return self.services.relay_max_message_size
-
-    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
-        return SUBPROTOCOL if SUBPROTOCOL in subprotocols else None
-
-    async def get(self, *args: Any, **kwargs: Any) -> None:
-        lease_id = args[0]
+    async def get(self, lease_id: str) -> None:
+        headers = self.request.headers
         side = self.get_query_argument("side", "")
         try:
+            if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in {
+                token.strip().lower() for token in headers.get("Connection", "").split(",")
+            }:
+                raise web.HTTPError(400, "the relay is a websocket endpoint")
+            if headers.get("Sec-WebSocket-Version") != "13":
+                self.set_header("Sec-WebSocket-Version", "13")
+                raise web.HTTPError(426, "websocket version 13 is required")
+            key = headers.get("Sec-WebSocket-Key")
+            if not key:
+                raise web.HTTPError(400, "Sec-WebSocket-Key is missing")
             if side == "client":
-                await self._admit_client(lease_id)
+                provider = await self._admit_client(lease_id)
             elif side == "provider":
-                await self._admit_provider(lease_id)
+                conn = await self._admit_provider(lease_id)
             else:
                 raise web.HTTPError(400, "side must be client or provider")
         except web.HTTPError as exc:
             self.set_status(exc.status_code)
+            self.set_header("Content-Type", "application/json")
             self.finish(json.dumps({"error": {"code": "relay", "message": exc.log_message}}))
             return
-        self.side = side
-        self.lease_id = lease_id
-        await super().get(*args, **kwargs)
+        offered = {p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",")}
+        self.clear_header("Content-Type")
+        self.set_status(101)
+        self.set_header("Upgrade", "websocket")
+        self.set_header("Connection", "Upgrade")
+        self.set_header("Sec-WebSocket-Accept", WebSocketProtocol13.compute_accept_value(key))
+        if SUBPROTOCOL in offered:
+            self.set_header("Sec-WebSocket-Protocol", SUBPROTOCOL)
+        self.finish()
+        stream = self.detach()
+        stream.set_nodelay(True)
+        relay = self.services.relay
+        if side == "client":
+            await relay.open_client(lease_id, provider, stream)
+        else:
+            await relay.open_provider(lease_id, conn, stream)
 
-    async def _admit_client(self, lease_id: str) -> None:
+    async def _admit_client(self, lease_id: str) -> str:
         token = self.request.headers.get(HEADER_LEASE_TOKEN)
         if not token:
             raise web.HTTPError(401, f"send the lease token in {HEADER_LEASE_TOKEN}")
@@ -383,9 +397,9 @@ class RelayHandler(WebSocketHandler):
             lease = await self.services.leases.admit_relay_client(lease_id, token)
         except JupyterIOError as exc:
             raise web.HTTPError(_status(exc), str(exc)) from None
-        self.provider_pubkey = lease.provider_pubkey
+        return lease.provider_pubkey
 
-    async def _admit_provider(self, lease_id: str) -> None:
+    async def _admit_provider(self, lease_id: str) -> int:
         try:
             conn = int(self.get_query_argument("conn", ""))
         except ValueError:
@@ -406,60 +420,7 @@ class RelayHandler(WebSocketHandler):
             raise web.HTTPError(_status(exc), str(exc)) from None
         if not services.relay.expects(lease_id, conn, lease.provider_pubkey):
             raise web.HTTPError(404, f"no client waits on connection {conn} of lease {lease_id}")
-        self.conn = conn
-
-    def open(self, *args: str, **kwargs: str) -> None:
-        self.set_nodelay(True)
-        relay = self.services.relay
-        if self.side == "client":
-            self.connection = relay.open_client(self.lease_id, self.provider_pubkey, self)
-        else:
-            self.connection = relay.open_provider(self.lease_id, self.conn, self)
-            if self.connection is None:
-                self.close(1001, "the client of this connection has gone")
-
-    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
-        connection = self.connection
-        if connection is None:
-            return None
-        peer = connection.peer_of(self.side)
-        if peer is None:
-            return self._forward_when_paired(connection, message)
-        return peer.forward(message)
-
-    async def _forward_when_paired(self, connection: RelayConnection, message: str | bytes) -> None:
-        try:
-            await connection.paired
-        except asyncio.CancelledError:
-            return  # closed before the provider came
-        peer = connection.peer_of(self.side)
-        if peer is not None:
-            pending = peer.forward(message)
-            if pending is not None:
-                await pending
-
-    def forward(self, message: bytes | str) -> Awaitable[None] | None:
-        """Send as it came; hand back an awaitable only while the socket buffer drains."""
-        try:
-            future = self.write_message(message, binary=type(message) is bytes)
-        except WebSocketClosedError:
-            return None
-        if future.done():
-            _consume(future)
-            return None
-        return _drained(future)
-
-    def on_close(self) -> None:
-        connection = self.connection
-        if connection is not None:
-            self.services.relay.closed(connection, self.side, self.close_code, self.close_reason)
-
-
-async def _drained(future: Awaitable[None]) -> None:
-    try:
-        await future
-    except (StreamClosedError, WebSocketClosedError):
-        pass
+        return conn
 
 
 def _status(exc: JupyterIOError) -> int:

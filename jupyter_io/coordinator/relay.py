@@ -1,47 +1,66 @@
-"""The relay: pairs a lease's client and provider websockets and copies messages between them.
+"""The relay: pairs a lease's client and provider websockets and copies frames between them.
 
 For a provider nobody can reach directly (behind NAT, the demo's default), the lease's
 ``tunnel_url`` is this relay's client URL. Per ``docs/coordinator-contract.md`` section 3:
 
-1. the client connects to ``/relay/{lease}?side=client`` with its lease token (the handler
-   checks it before upgrading) and the handler calls :meth:`Relay.open_client`;
+1. the client connects to ``/relay/{lease}?side=client`` with its lease token; the handler
+   checks it, answers the websocket upgrade and calls :meth:`Relay.open_client` with the
+   raw stream;
 2. the relay numbers the connection and sends the provider a ``dial`` over its link
    (:meth:`Registry.deliver <jupyter_io.coordinator.registry.Registry.deliver>`: at once, or
    when it links again) naming ``/relay/{lease}?side=provider&conn=N``;
-3. the provider connects there, signed (checked before upgrading, including that the
-   connection is pending: :meth:`Relay.expects`) and the handler calls
-   :meth:`Relay.open_provider`, which pairs the two; if no provider arrives within
+3. the provider connects there, signed; the handler checks the signature and that the
+   connection waits for this provider (:meth:`Relay.expects`), upgrades, and calls
+   :meth:`Relay.open_provider`, which pairs the two. If no provider arrives within
    ``pair_timeout`` the client is closed with 1013 (try again later);
-4. from then on every message goes to the other side as it came (bytes as bytes, text as
-   text), never parsed; when either side closes, :meth:`Relay.closed` closes the other with
-   the same code (a close without a sendable code becomes 1001).
+4. from then on every frame one side sends is unmasked, re-framed
+   (:class:`~jupyter_io.coordinator.relay_frames.FrameForwarder`; payloads are never parsed)
+   and written to the other side. Frames the client sent before its provider arrived wait
+   (reading pauses) and go first. Pings, pongs and close frames travel end to end too, so a
+   close reaches the other side with its code and reason exactly as sent and the closing
+   handshake completes between the two peers; the relay then closes both TCP connections.
+   A side whose TCP connection drops without a close frame makes the relay close the other
+   with 1001.
 
-The tunnel's own handshake runs end to end through the pair, so the relay needs no trust in
-either side's bytes; a resuming client simply connects again, which dials again. The relay is
-stateless beyond its open sockets: a restart closes them (1001) and clients resume.
+Flow control: when one side's socket buffer passes its high-water mark, the other side stops
+being read until it drains, so a slow reader slows its writer instead of filling memory.
+
+The hot path is callbacks, not coroutines: on a plain TCP connection the socket is taken over
+from tornado after the upgrade and driven by an :class:`asyncio.Protocol` (one callback per
+read, ``transport.write`` per batch of frames); behind TLS, where tornado owns the encryption,
+a small read loop over tornado's stream feeds the same core. The relay holds no state beyond
+its open sockets: a restart closes them (1001) and clients resume through a new connection,
+hence a new dial.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-from collections.abc import Awaitable
+import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
 
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
+
 from .provider_link import Dial
+from .relay_frames import FrameError, FrameForwarder, encode_close
 
 if TYPE_CHECKING:
     from .registry import Registry
 
 __all__ = [
+    "CLOSE_TIMEOUT",
     "CLOSE_TRY_AGAIN",
+    "HIGH_WATER",
     "MAX_PENDING_PER_LEASE",
+    "READ_CHUNK",
     "Relay",
     "RelayConnection",
-    "RelayEndpoint",
+    "RelaySide",
     "RelayStats",
     "sendable_close_code",
 ]
@@ -50,45 +69,207 @@ __all__ = [
 CLOSE_TRY_AGAIN = 1013
 #: Client connections of one lease that may wait for their provider at once.
 MAX_PENDING_PER_LEASE = 8
+#: Seconds a closing side has to answer with its own close frame before its TCP is cut.
+CLOSE_TIMEOUT = 5.0
+#: Most bytes one read takes from a socket (tornado streams).
+READ_CHUNK = 1 << 20
+#: Bytes buffered for one side beyond which the other side stops being read.
+HIGH_WATER = 4 << 20
 
 _UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
 
 
 def sendable_close_code(code: int | None) -> int:
-    """The close code to pass on: ``code`` itself when a peer may send it, else 1001."""
+    """The close code to send: ``code`` itself when a peer may send it, else 1001."""
     if code is None or code in _UNSENDABLE or not (1000 <= code <= 4999) or 1016 <= code < 3000:
         return 1001
     return code
 
 
-class RelayEndpoint(Protocol):
-    """One side of a relayed connection (the websocket handler)."""
-
-    def forward(self, message: bytes | str) -> Awaitable[None] | None:
-        """Send ``message`` as it came; an awaitable while the socket's buffer is full."""
-
-    def close(self, code: int | None = None, reason: str | None = None) -> None:
-        """Close this side."""
+# --------------------------------------------------------------------------------------------
+# Sides: one socket each, two ways to drive it
 
 
-@dataclass(eq=False, slots=True)
+class RelaySide:
+    """One side of a relayed connection. Subclasses move bytes; :class:`Relay` decides."""
+
+    def __init__(self, relay: Relay, connection: RelayConnection) -> None:
+        self.relay = relay
+        self.connection = connection
+        self.forwarder = FrameForwarder(relay.max_message_size)
+        #: A close frame went to this side (ours, or the other side's passed on).
+        self.close_sent = False
+        #: This side sends nothing more (it sent a close frame, or its TCP is gone).
+        self.done = False
+        #: Sides whose reading paused until this side's buffer drains.
+        self.blocked: list[RelaySide] = []
+
+    def write(self, data: bytes) -> bool:
+        """Queue frames for this side; False once its buffer is past the high-water mark."""
+        raise NotImplementedError
+
+    def pause_reading(self) -> None:
+        raise NotImplementedError
+
+    def resume_reading(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close the TCP connection once what is queued has been sent."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Close the TCP connection now."""
+        raise NotImplementedError
+
+    def send_close(self, code: int, reason: str) -> None:
+        """Send a close frame (once; never after one went to this side)."""
+        if not self.close_sent:
+            self.close_sent = True
+            self.write(encode_close(sendable_close_code(code), reason))
+
+    def drained(self) -> None:
+        """This side's buffer drained: let the sides that wait for it read again."""
+        blocked, self.blocked = self.blocked, []
+        for side in blocked:
+            side.resume_reading()
+
+
+class _ProtocolSide(RelaySide, asyncio.Protocol):
+    """A plain TCP side driven by asyncio: the fast path."""
+
+    transport: asyncio.Transport
+
+    def __init__(self, relay: Relay, connection: RelayConnection) -> None:
+        super().__init__(relay, connection)
+        self._write_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        self.relay._received(self, data)
+
+    def eof_received(self) -> bool:
+        return False  # no half-open websockets: close, and connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay._lost(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self.drained()
+
+    def write(self, data: bytes) -> bool:
+        if self.transport.is_closing():
+            return True
+        self.transport.write(data)
+        return not self._write_paused
+
+    def pause_reading(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+
+class _StreamSide(RelaySide):
+    """A side on a tornado stream (TLS, where tornado owns the encryption)."""
+
+    def __init__(self, relay: Relay, connection: RelayConnection, stream: IOStream) -> None:
+        super().__init__(relay, connection)
+        self.stream = stream
+        self._reading = asyncio.Event()
+        self._reading.set()
+        self._unflushed = 0
+        self._task = asyncio.create_task(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        try:
+            read = self.stream.read_bytes
+            while True:
+                await self._reading.wait()
+                self.relay._received(self, await read(READ_CHUNK, partial=True))
+        except StreamClosedError:
+            self.relay._lost(self)
+
+    def write(self, data: bytes) -> bool:
+        try:
+            future = self.stream.write(data)
+        except StreamClosedError:
+            return True  # the read loop reports the loss
+        if future.done():
+            _consume(future)
+            return True
+        self._unflushed += 1
+        future.add_done_callback(self._flushed)
+        return False
+
+    def _flushed(self, future: asyncio.Future[None]) -> None:
+        _consume(future)
+        self._unflushed -= 1
+        if not self._unflushed:
+            self.drained()
+
+    def pause_reading(self) -> None:
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
+    def close(self) -> None:
+        if not self._unflushed:
+            self.stream.close()
+            return
+        # Close once the queued frames (a close frame among them) are out.
+        self.stream.write(b"").add_done_callback(lambda _: self.stream.close())
+
+    def abort(self) -> None:
+        self.stream.close()
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # a closed stream: its read loop reports the loss
+
+
+# --------------------------------------------------------------------------------------------
+# Connections
+
+
+@dataclass(eq=False)
 class RelayConnection:
     """One client connection of a lease and, once paired, the provider connection serving it."""
 
     lease_id: str
     conn: int
     provider_pubkey: str
-    client: RelayEndpoint
-    provider: RelayEndpoint | None = None
-    paired: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-    closed: bool = False
+    client: RelaySide | None = None
+    provider: RelaySide | None = None
+    #: Frames the client sent before its provider arrived.
+    early: list[bytes] = field(default_factory=list)
+    closing: bool = False
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
     timer: asyncio.TimerHandle | None = None
 
-    def peer_of(self, side: str) -> RelayEndpoint | None:
-        """The endpoint opposite ``side`` (``"client"`` or ``"provider"``)."""
-        return self.provider if side == "client" else self.client
+    def other(self, side: RelaySide) -> RelaySide | None:
+        return self.provider if side is self.client else self.client
+
+    def sides(self) -> list[RelaySide]:
+        return [side for side in (self.client, self.provider) if side is not None]
 
 
 @dataclass(slots=True)
@@ -101,7 +282,7 @@ class RelayStats:
 
 
 class Relay:
-    """Pairs and closes relayed connections (see the module docstring)."""
+    """Pairs relayed connections and forwards their frames (see the module docstring)."""
 
     def __init__(
         self,
@@ -109,12 +290,14 @@ class Relay:
         *,
         base_url: str,
         pair_timeout: float = 10.0,
+        max_message_size: int = 65 << 20,
         log: logging.Logger | None = None,
     ) -> None:
         #: ``ws://HOST:PORT/relay`` (``wss://`` with TLS): where clients and providers connect.
         self.base_url = base_url.rstrip("/")
         self.registry = registry
         self.pair_timeout = pair_timeout
+        self.max_message_size = max_message_size
         self.log = log or logging.getLogger("jupyter_io.coordinator")
         self.stats = RelayStats()
         self._numbers = itertools.count(1)
@@ -134,18 +317,21 @@ class Relay:
 
     # -- pairing ---------------------------------------------------------------------------
 
-    def open_client(
-        self, lease_id: str, provider_pubkey: str, client: RelayEndpoint
+    async def open_client(
+        self, lease_id: str, provider_pubkey: str, stream: IOStream
     ) -> RelayConnection:
-        """A client connected (its token already checked): dial the provider and start the
-        pairing timer. Returns the connection; forward the client's messages once
-        ``paired`` is done."""
+        """A client connected (token checked, upgrade answered): dial the provider, start
+        the pairing timer, and take over its socket."""
         conn = next(self._numbers)
-        connection = RelayConnection(lease_id, conn, provider_pubkey, client)
+        connection = RelayConnection(lease_id, conn, provider_pubkey)
         waiting = sum(1 for c in self._by_lease.get(lease_id, ()) if c.provider is None)
         self._by_lease.setdefault(lease_id, set()).add(connection)
+        connection.client = side = await self._adopt(stream, connection)
+        if connection.closing:  # the lease ended while the socket was being taken over
+            side.send_close(1000, "lease over")
+            return connection
         if waiting >= MAX_PENDING_PER_LEASE:
-            self._close(connection, "client", CLOSE_TRY_AGAIN, "too many connections waiting")
+            self.shut(connection, CLOSE_TRY_AGAIN, "too many connections wait for this lease")
             return connection
         self._pending[(lease_id, conn)] = connection
         loop = asyncio.get_running_loop()
@@ -163,50 +349,194 @@ class Relay:
         connection = self._pending.get((lease_id, conn))
         return connection is not None and connection.provider_pubkey == provider_pubkey
 
-    def open_provider(
-        self, lease_id: str, conn: int, provider: RelayEndpoint
-    ) -> RelayConnection | None:
-        """The provider arrived for ``conn``: pair it. None when the connection no longer
-        waits (its client left or timed out); close the provider's socket then."""
+    async def open_provider(self, lease_id: str, conn: int, stream: IOStream) -> bool:
+        """The provider arrived for ``conn`` (signature checked, upgrade answered): pair it.
+        False when the connection no longer waits (the provider's socket is closed 1001)."""
         connection = self._pending.pop((lease_id, conn), None)
-        if connection is None or connection.closed:
-            return None
-        if connection.timer is not None:
+        if connection is not None and connection.timer is not None:
             connection.timer.cancel()
-        connection.provider = provider
-        connection.paired.set_result(None)
+            connection.timer = None
+        placeholder = connection or RelayConnection(lease_id, conn, "")
+        side = await self._adopt(stream, placeholder)
+        if connection is None or connection.closing:
+            side.send_close(1001, "the client of this connection has gone")
+            side.close()
+            return False
+        connection.provider = side
         self.stats.pairs += 1
-        return connection
+        client = connection.client
+        assert client is not None  # a connection is pending only once its client is adopted
+        for frames in connection.early:
+            self._forward(client, side, frames)
+        connection.early.clear()
+        if client.forwarder.closed:
+            self._source_closed(client)
+        elif not side.blocked:
+            client.resume_reading()
+        return True
 
-    def closed(
-        self, connection: RelayConnection, side: str, code: int | None, reason: str | None
-    ) -> None:
-        """One side's socket closed: close the other with the same code."""
-        self._close(connection, side, code, reason or "")
+    async def _adopt(self, stream: IOStream, connection: RelayConnection) -> RelaySide:
+        """Take a stream over from tornado: as an asyncio protocol on plain TCP, as a tornado
+        stream read loop behind TLS."""
+        await stream.write(b"")  # the 101 response is out
+        if isinstance(stream, SSLIOStream) or stream.socket is None:
+            return _StreamSide(self, connection, stream)
+        # Whatever tornado has read beyond the request (a client may write right after 101).
+        pending = cast("asyncio.Future[bytes]", stream.read_bytes(READ_CHUNK, partial=True))
+        leftover = pending.result() if pending.done() else b""
+        pending.add_done_callback(_consume)
+        sock = stream.socket.dup()  # the TCP connection outlives tornado's stream object
+        stream.close()
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        side = _ProtocolSide(self, connection)
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: side, sock=sock)
+        if leftover:
+            side.data_received(leftover)
+        return side
+
+    def shut(self, connection: RelayConnection, code: int, reason: str) -> None:
+        """Close ``connection`` from the relay: a close frame to each side, then their TCP
+        once they answered (or after :data:`CLOSE_TIMEOUT`)."""
+        if connection.closing:
+            return
+        connection.closing = True
+        self._pending.pop((connection.lease_id, connection.conn), None)
+        for side in connection.sides():
+            side.send_close(code, reason)
+        self._arm_close_timer(connection)
+        self._maybe_finish(connection)
 
     def close_lease(self, lease_id: str, code: int, reason: str) -> int:
         """Close every connection of a lease (it ended or failed); returns how many."""
         connections = list(self._by_lease.get(lease_id, ()))
         for connection in connections:
-            self._close(connection, None, code, reason)
+            self.shut(connection, code, reason)
         return len(connections)
 
-    def close_all(self, code: int, reason: str) -> None:
-        """Close every relayed connection (shutdown: 1001, clients resume elsewhere)."""
-        for lease_id in list(self._by_lease):
-            self.close_lease(lease_id, code, reason)
+    async def close_all(self, code: int, reason: str, *, timeout: float = 2.0) -> None:
+        """Close every relayed connection (shutdown: 1001, clients resume elsewhere), waiting
+        up to ``timeout`` for the closing handshakes before cutting what is left."""
+        connections = [c for group in self._by_lease.values() for c in group]
+        for connection in connections:
+            self.shut(connection, code, reason)
+        waits = [asyncio.ensure_future(c.finished.wait()) for c in connections]
+        if waits:
+            _, late = await asyncio.wait(waits, timeout=timeout)
+            for wait in late:
+                wait.cancel()
+        for connection in connections:
+            self._finish(connection, abort=True)
 
     def active(self) -> int:
         """Connections open now (paired or waiting)."""
         return sum(len(connections) for connections in self._by_lease.values())
 
-    # -- internals -------------------------------------------------------------------------
+    # -- the hot path ----------------------------------------------------------------------
+
+    def _received(self, source: RelaySide, data: bytes) -> None:
+        connection = source.connection
+        if source.done or connection.finished.is_set():
+            return
+        try:
+            frames = source.forwarder.feed(data)
+        except FrameError as exc:
+            self.log.info("relay: lease %s: %s", connection.lease_id, exc.reason)
+            source.done = True
+            self.shut(connection, exc.code, exc.reason)
+            return
+        if frames:
+            target = connection.other(source)
+            if target is None:  # the provider has not arrived
+                if source.forwarder.closed:  # and the client gave up: answer its close
+                    source.done = True
+                    self.shut(connection, source.forwarder.close_code or 1000, "closed")
+                    self._maybe_finish(connection)
+                    return
+                connection.early.append(frames)  # keep them for the provider, stop reading
+                source.pause_reading()
+                return
+            self._forward(source, target, frames)
+        if source.forwarder.closed:
+            self._source_closed(source)
+
+    def _forward(self, source: RelaySide, target: RelaySide, frames: bytes) -> None:
+        if target.close_sent:
+            return  # the relay closed it already: nothing more may reach it
+        if source.forwarder.closed:
+            target.close_sent = True  # its close frame is in ``frames``
+        if not target.write(frames):
+            source.pause_reading()
+            target.blocked.append(source)
+
+    def _source_closed(self, source: RelaySide) -> None:
+        """``source`` sent its close frame (passed on): it sends nothing more."""
+        source.done = True
+        connection = source.connection
+        self._arm_close_timer(connection)
+        self._maybe_finish(connection)
+
+    def _lost(self, side: RelaySide) -> None:
+        """``side``'s TCP connection ended."""
+        connection = side.connection
+        if connection.finished.is_set():
+            return
+        dropped = not side.done
+        side.done = True
+        if dropped:
+            other = connection.other(side)
+            if other is not None:
+                other.send_close(1001, "the other side of the relay went away")
+            if connection.provider is None:
+                connection.closing = True
+                self._pending.pop((connection.lease_id, connection.conn), None)
+        self._arm_close_timer(connection)
+        self._maybe_finish(connection)
+
+    def _maybe_finish(self, connection: RelayConnection) -> None:
+        """Close both TCP connections once every side has stopped sending."""
+        sides = connection.sides()
+        if (
+            sides
+            and all(side.done for side in sides)
+            and (connection.provider is not None or connection.closing)
+        ):
+            self._finish(connection)
+
+    def _arm_close_timer(self, connection: RelayConnection) -> None:
+        if connection.timer is not None:
+            connection.timer.cancel()
+        loop = asyncio.get_running_loop()
+        connection.timer = loop.call_later(
+            CLOSE_TIMEOUT, lambda: self._finish(connection, abort=True)
+        )
+
+    def _finish(self, connection: RelayConnection, *, abort: bool = False) -> None:
+        if connection.finished.is_set():
+            return
+        connection.finished.set()
+        connection.closing = True
+        if connection.timer is not None:
+            connection.timer.cancel()
+            connection.timer = None
+        self._pending.pop((connection.lease_id, connection.conn), None)
+        group = self._by_lease.get(connection.lease_id)
+        if group is not None:
+            group.discard(connection)
+            if not group:
+                del self._by_lease[connection.lease_id]
+        for side in connection.sides():
+            with contextlib.suppress(Exception):
+                side.abort() if abort else side.close()
+
+    # -- events ----------------------------------------------------------------------------
 
     def _lease_over(self, lease_id: str, reason: str) -> None:
-        self.close_lease(lease_id, 1000, f"lease {reason}"[:120])
+        self.close_lease(lease_id, 1000, f"lease {reason}")
 
     def _timed_out(self, connection: RelayConnection) -> None:
-        if connection.provider is None and not connection.closed:
+        connection.timer = None
+        if connection.provider is None and not connection.closing:
             self.stats.timeouts += 1
             self.log.info(
                 "relay: provider %s did not connect for lease %s within %g s",
@@ -214,33 +544,8 @@ class Relay:
                 connection.lease_id,
                 self.pair_timeout,
             )
-            self._close(
+            self.shut(
                 connection,
-                "provider",
                 CLOSE_TRY_AGAIN,
                 "the provider did not connect to the relay in time; try again",
             )
-
-    def _close(
-        self, connection: RelayConnection, side: str | None, code: int | None, reason: str
-    ) -> None:
-        """Close ``connection``; ``side`` is the one already closed (None: neither)."""
-        if connection.closed:
-            return
-        connection.closed = True
-        if connection.timer is not None:
-            connection.timer.cancel()
-        self._pending.pop((connection.lease_id, connection.conn), None)
-        connections = self._by_lease.get(connection.lease_id)
-        if connections is not None:
-            connections.discard(connection)
-            if not connections:
-                del self._by_lease[connection.lease_id]
-        if not connection.paired.done():
-            connection.paired.cancel()
-        outgoing = sendable_close_code(code)
-        text = reason.encode()[:120].decode(errors="ignore")
-        if side != "client":
-            connection.client.close(outgoing, text)
-        if side != "provider" and connection.provider is not None:
-            connection.provider.close(outgoing, text)

@@ -128,7 +128,11 @@ class CoordinatorServer:
             log=self.log,
         )
         self.relay = relay = Relay(
-            registry, base_url=ws_base, pair_timeout=config.relay_pair_timeout, log=self.log
+            registry,
+            base_url=ws_base,
+            pair_timeout=config.relay_pair_timeout,
+            max_message_size=config.relay_max_message_size,
+            log=self.log,
         )
         self.leases = leases = LeaseService(
             store, registry, self.index, relay, keypair, token_ttl=config.token_ttl
@@ -143,7 +147,6 @@ class CoordinatorServer:
             replay_guard=ReplayGuard(config.request_max_skew),
             hello_timeout=config.hello_timeout,
             request_max_skew=config.request_max_skew,
-            relay_max_message_size=config.relay_max_message_size,
             log=self.log,
         )
         self._http = HTTPServer(
@@ -152,6 +155,7 @@ class CoordinatorServer:
             max_body_size=MAX_BODY_SIZE,
             max_buffer_size=config.relay_max_message_size + (1 << 20),
             xheaders=False,
+            chunk_size=1 << 20,
         )
         self._http.add_sockets(sockets)
         if not is_loopback(host):
@@ -179,7 +183,7 @@ class CoordinatorServer:
         if self._http is not None:
             self._http.stop()
         if self.relay is not None:
-            self.relay.close_all(1001, "coordinator restarting; reconnect")
+            await self.relay.close_all(1001, "coordinator restarting; reconnect")
         if self.registry is not None:
             await self.registry.stop()
         if self._http is not None:
