@@ -237,8 +237,11 @@ class FakeProvider:
         reachable_url: str | None = None,
         max_kernels: int = 8,
         name: str = "test rig",
+        ssl: Any = None,
     ) -> None:
         self.url = coordinator_url.replace("http", "ws", 1) + "/api/v1/providers/connect"
+        #: An ``ssl.SSLContext`` trusting the coordinator's certificate (wss://), or None.
+        self.ssl = ssl
         self.keypair = keypair or Keypair()
         self.pubkey = str(self.keypair.pubkey())
         self.inventory = {
@@ -270,7 +273,7 @@ class FakeProvider:
 
         Raises :class:`LinkRefused` when the coordinator answers with an error and closes.
         """
-        ws = await connect(self.url, compression=None, open_timeout=WAIT)
+        ws = await connect(self.url, compression=None, open_timeout=WAIT, ssl=self.ssl)
         challenge = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
         assert challenge["type"] == "challenge" and challenge["version"] == 1
         self.coordinator_key = challenge["coordinator"]

@@ -249,3 +249,20 @@ async def test_the_provider_side_must_be_signed_by_the_leases_provider(
     side = await connect(url, additional_headers=provider.relay_headers(url), open_timeout=WAIT)
     await side.send(b"ok")
     assert await asyncio.wait_for(client.recv(), WAIT) == b"ok"
+
+
+async def test_a_side_whose_connection_drops_makes_the_relay_close_the_other_with_1001(
+    coordinator: CoordinatorServer, providers: list[FakeProvider], user_client: CoordinatorClient
+) -> None:
+    provider, grant = await relayed_lease(coordinator, providers, user_client)
+    client = await open_client(grant)
+    side, _ = await answer_dial(provider, grant.lease)
+    await client.send(b"before the cut")
+    assert await asyncio.wait_for(side.recv(), WAIT) == b"before the cut"
+    client.transport.abort()  # no close frame: a crash or a network cut
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(side.recv(), WAIT)
+    assert side.close_code == 1001 and "went away" in (side.close_reason or "")
+    registry = coordinator.registry
+    assert registry is not None
+    await registry.wait_for(lambda: coordinator.relay.active() == 0, WAIT)  # type: ignore[union-attr]

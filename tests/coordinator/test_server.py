@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from solders.keypair import Keypair
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from jupyter_io.coordinator.client import CoordinatorClient
 from jupyter_io.coordinator.config import CoordinatorConfig
@@ -170,20 +171,42 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-async def test_tls_serves_https_and_wss(
-    certificate: tuple[Path, Path], start_coordinator: Starter
+async def test_tls_serves_https_and_wss_and_relays_over_it(
+    certificate: tuple[Path, Path], start_coordinator: Starter, providers: list[FakeProvider]
 ) -> None:
     cert, key = certificate
     server = await start_coordinator(certfile=str(cert), keyfile=str(key))
     assert server.url.startswith("https://127.0.0.1:")
+    context = ssl.create_default_context(cafile=str(cert))
     client = CoordinatorClient(server.url, Keypair(), ca_certs=str(cert), timeout=WAIT)
     try:
         info = await client.info()
         assert info["relay"].startswith("wss://127.0.0.1:")
-        context = ssl.create_default_context(cafile=str(cert))
-        url = server.url.replace("https", "wss") + "/api/v1/providers/connect"
-        async with connect(url, ssl=context) as ws:
-            assert '"challenge"' in str(await asyncio.wait_for(ws.recv(), WAIT))
+        provider = FakeProvider(server.url, [gpu_offer()], ssl=context)
+        providers.append(provider)
+        await provider.connect()
+        grant = await client.request_lease("RTX 4090")
+        assert grant.tunnel_url.startswith("wss://") and grant.relay
+        user_side = await connect(
+            grant.tunnel_url, additional_headers=grant.relay_headers(), ssl=context,
+            max_size=None, open_timeout=WAIT,
+        )  # fmt: skip
+        dial = await provider.next_message("dial")
+        provider_side = await connect(
+            dial["url"], additional_headers=provider.relay_headers(dial["url"]), ssl=context,
+            max_size=None, open_timeout=WAIT,
+        )  # fmt: skip
+        up, down = os.urandom(2 << 20), os.urandom(3 << 20)
+        await user_side.send(up)
+        await provider_side.send(down)
+        await provider_side.send("and text")
+        assert await asyncio.wait_for(provider_side.recv(), WAIT) == up
+        assert await asyncio.wait_for(user_side.recv(), WAIT) == down
+        assert await asyncio.wait_for(user_side.recv(), WAIT) == "and text"
+        await provider_side.close(4004, "unknown session")
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(user_side.recv(), WAIT)
+        assert (user_side.close_code, user_side.close_reason) == (4004, "unknown session")
     finally:
         client.close()
 
