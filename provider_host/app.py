@@ -2,11 +2,13 @@
 
 :class:`ProviderApp` only builds a :class:`~provider_host.config.ProviderConfig` (from flags,
 ``jupyter_io_provider_config.py`` files and ``--config``) and hands it to
-:class:`~provider_host.server.ProviderServer`. Run it as ``python -m provider_host`` or, once
-registered, ``jupyter io provider``::
+:class:`~provider_host.server.ProviderServer`. Run it as ``python -m provider_host`` or
+``jupyter io provider``::
 
     python -m provider_host --listen 127.0.0.1:0 --allow PUBKEY --keypair id.json \\
         --workspace /srv/jupyter-io
+    jupyter io provider --coordinator http://127.0.0.1:8700 --price 0.25 --region eu-west \\
+        --simulate-gpu "RTX 4090:24"
 """
 
 from __future__ import annotations
@@ -38,6 +40,22 @@ _aliases: dict[Any, Any] = {
     "max-sessions": "ProviderConfig.max_sessions",
     "mem-limit": "ProviderConfig.mem_limit",
     "simulate-gpu": "ProviderConfig.simulate_gpu",
+    "coordinator": "ProviderConfig.coordinator_url",
+    "coordinator-pubkey": "ProviderConfig.coordinator_pubkey",
+    "price": "ProviderConfig.price",
+    "gpu-price": "ProviderConfig.model_prices",
+    "region": "ProviderConfig.region",
+    "name": "ProviderConfig.name",
+    "public-url": "ProviderConfig.public_url",
+    "usage-interval": "ProviderConfig.usage_interval",
+}
+
+_flags: dict[Any, Any] = {
+    **base_flags,
+    "no-benchmark": (
+        {"ProviderConfig": {"benchmark": False}},
+        "Publish no benchmark (skip the torch matmul measurement at startup).",
+    ),
 }
 
 
@@ -47,16 +65,27 @@ class ProviderApp(JupyterApp):
     name = "jupyter-io-provider"
     version = __version__
     description = (
-        "Run the jupyter-io provider host: clients whose keys are allowed open kernel "
-        "sessions here through one websocket each."
+        "Run the jupyter-io provider host: clients open kernel sessions here through one "
+        "websocket each. Standalone, the keys on the allow-list (--allow) may connect. With "
+        "--coordinator the host joins that marketplace (outbound link, works behind NAT): it "
+        "publishes its GPUs (or CPU) at --price SOL per GPU-hour, and only clients holding a "
+        "lease token from the coordinator may connect, directly at --public-url or, without "
+        "one, through the coordinator's relay."
     )
-    examples = (
-        "python -m provider_host --listen 127.0.0.1:8765 --allow 7xK...PUBKEY "
-        "--keypair ~/.config/solana/id.json"
+    examples = "\n".join(
+        [
+            "python -m provider_host --listen 127.0.0.1:8765 --allow 7xK...PUBKEY "
+            "--keypair id.json",
+            "jupyter io provider --coordinator http://127.0.0.1:8700 --price 0.25 --region eu-west",
+            "jupyter io provider --coordinator http://127.0.0.1:8700 --simulate-gpu 'RTX 4090:24'",
+            "jupyter io provider --coordinator https://coord.example --gpu-price 'RTX 4090=0.35' "
+            "--listen 0.0.0.0:8765 --public-url wss://gpu-box.example:8765/tunnel "
+            "--certfile cert.pem --keyfile key.pem",
+        ]
     )
     classes = [ProviderConfig]
     aliases = _aliases
-    flags = dict(base_flags)
+    flags = _flags
     log_format = Unicode("[%(name)s %(asctime)s %(levelname)s] %(message)s", config=True)
 
     def start(self) -> None:

@@ -3,28 +3,41 @@
 :class:`ProviderConfig` is what the CLI (:mod:`provider_host.app`) fills from flags and config
 files, and what :class:`provider_host.server.ProviderServer` reads. It does no I/O until asked:
 call :meth:`ProviderConfig.listen_address`, :meth:`ProviderConfig.load_keypair`,
-:meth:`ProviderConfig.load_allowlist` and :meth:`ProviderConfig.ssl_context` when starting up;
-each raises :class:`~jupyter_io.errors.ConfigError` naming the setting to fix.
+:meth:`ProviderConfig.load_allowlist`, :meth:`ProviderConfig.ssl_context`,
+:meth:`ProviderConfig.link_url`, :meth:`ProviderConfig.pinned_coordinator` and
+:meth:`ProviderConfig.price_of` when starting up; each raises
+:class:`~jupyter_io.errors.ConfigError` naming the setting to fix.
+
+Who may open a session: without ``coordinator_url`` the keys on the allow-list (``allow``,
+``allow_file``); with a coordinator, whoever presents a valid lease token signed by it (the
+allow-list is then not consulted: the coordinator decides who rents this host).
 """
 
 from __future__ import annotations
 
+import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from jupyter_core.paths import jupyter_data_dir
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
-from traitlets import Float, Integer, List, TraitError, Unicode, default, validate
+from traitlets import Bool, Float, Integer, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
 from jupyter_io.errors import ConfigError
 from jupyter_io.identity import DEFAULT_KEYPAIR_PATH, load_allowlist, load_keypair
+from jupyter_io.payments.amounts import parse_sol
 from jupyter_io.protocol import DEFAULT_MAX_FRAME_SIZE
 
 from .isolation import ResourceLimits
 
-__all__ = ["ProviderConfig", "parse_listen"]
+__all__ = ["LINK_PATH", "ProviderConfig", "parse_listen"]
+
+#: Path of the coordinator's provider-link websocket (``docs/coordinator-contract.md`` 1).
+LINK_PATH = "/api/v1/providers/connect"
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -134,6 +147,61 @@ class ProviderConfig(Configurable):
         help="Simulated GPUs as MODEL:VRAM_GB (repeatable); always labelled simulated.",
     )
 
+    # -- the marketplace ------------------------------------------------------------------
+
+    coordinator_url = Unicode(
+        "",
+        config=True,
+        help="The marketplace coordinator to join, http(s)://HOST:PORT. When set, the host "
+        "links to it (outbound: works behind NAT), publishes its inventory, and admits only "
+        "clients holding a lease token the coordinator signed; the allow-list is not used.",
+    )
+    coordinator_pubkey = Unicode(
+        "",
+        config=True,
+        help="The coordinator's public key (base58). When set, a coordinator presenting "
+        "another key is refused; otherwise the key it presents first is pinned.",
+    )
+    price = Unicode(
+        "0.1",
+        config=True,
+        help="Price in SOL per GPU-hour for every model on offer (CPU slots included); "
+        "exact to the lamport.",
+    )
+    model_prices = List(
+        Unicode(),
+        config=True,
+        help="Per-model prices as 'MODEL=SOL' per GPU-hour (repeatable), e.g. "
+        "'RTX 4090=0.35'; models not named here cost `price`.",
+    )
+    region = Unicode("", config=True, help="Region published to the marketplace, e.g. eu-west.")
+    name = Unicode(config=True, help="Name published to the marketplace (default: hostname).")
+    public_url = Unicode(
+        "",
+        config=True,
+        help="The ws(s)://HOST:PORT/tunnel URL clients can reach this host at. Unset (the "
+        "default): clients reach it through the coordinator's relay.",
+    )
+    usage_interval = Float(
+        10.0, config=True, help="Seconds between signed usage reports per lease."
+    )
+    link_backoff_max = Float(
+        5.0,
+        config=True,
+        help="Longest wait, seconds, between attempts to relink to the coordinator (the wait "
+        "starts at 0.1 s and doubles).",
+    )
+    benchmark = Bool(
+        True,
+        config=True,
+        help="Measure a short torch matmul benchmark (TFLOP/s) per real GPU model, or of the "
+        "CPU when the host offers no GPU, before joining the marketplace (needs torch).",
+    )
+
+    @default("name")
+    def _name_default(self) -> str:
+        return socket.gethostname()
+
     @default("workspace_root")
     def _workspace_root_default(self) -> str:
         return str(Path(jupyter_data_dir()) / "io" / "provider")
@@ -145,6 +213,35 @@ class ProviderConfig(Configurable):
             parse_listen(value)
         except ConfigError as exc:
             raise TraitError(str(exc)) from None
+        return value
+
+    @validate("coordinator_url")
+    def _validate_coordinator_url(self, proposal: dict[str, object]) -> str:
+        value = str(proposal["value"]).strip()
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https", "ws", "wss") or not parts.netloc:
+                raise TraitError(
+                    f"coordinator_url {value!r} must look like http://HOST:PORT (https:// with TLS)"
+                )
+        return value
+
+    @validate("public_url")
+    def _validate_public_url(self, proposal: dict[str, object]) -> str:
+        value = str(proposal["value"]).strip()
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("ws", "wss") or not parts.netloc:
+                raise TraitError(
+                    f"public_url {value!r} must be the ws(s)://HOST:PORT/tunnel URL clients use"
+                )
+        return value
+
+    @validate("usage_interval", "link_backoff_max")
+    def _validate_positive_float(self, proposal: dict[str, object]) -> float:
+        value = float(proposal["value"])  # type: ignore[arg-type]
+        if value <= 0:
+            raise TraitError(f"{proposal['trait'].name} must be positive")  # type: ignore[attr-defined]
         return value
 
     @validate("grace_period", "handshake_timeout", "ping_interval", "ping_timeout")
@@ -190,6 +287,48 @@ class ProviderConfig(Configurable):
             ) from None
         return context
 
+    def link_url(self) -> str:
+        """The ``ws(s)://`` URL of the coordinator's provider link ("" without a coordinator)."""
+        if not self.coordinator_url:
+            return ""
+        parts = urlsplit(self.coordinator_url)
+        scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+        path = parts.path.rstrip("/") + LINK_PATH
+        return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+    def pinned_coordinator(self) -> Pubkey | None:
+        """The configured ``coordinator_pubkey``, or None to pin the first one seen."""
+        if not self.coordinator_pubkey:
+            return None
+        try:
+            return Pubkey.from_string(self.coordinator_pubkey.strip())
+        except ValueError:
+            raise ConfigError(
+                f"coordinator_pubkey {self.coordinator_pubkey!r} is not a base58 public key; "
+                f"copy it from `jupyter io coordinator`'s startup output"
+            ) from None
+
+    def price_of(self) -> Callable[[str], int]:
+        """A function from GPU model to its price in lamports per GPU-hour.
+
+        Parses ``price`` and ``model_prices`` now, so a typo fails at startup
+        (:class:`ConfigError`). Model names match case-insensitively.
+        """
+        default_price = _parse_price(self.price, "price")
+        by_model: dict[str, int] = {}
+        for entry in self.model_prices:
+            model, sep, amount = entry.rpartition("=")
+            if not sep or not model.strip():
+                raise ConfigError(
+                    f"model price {entry!r} must look like 'MODEL=SOL', e.g. 'RTX 4090=0.35'"
+                )
+            by_model[model.strip().casefold()] = _parse_price(amount, f"model price {entry!r}")
+
+        def price_of(model: str) -> int:
+            return by_model.get(model.strip().casefold(), default_price)
+
+        return price_of
+
     def resource_limits(self) -> ResourceLimits:
         """The per-kernel resource limits."""
         return ResourceLimits(
@@ -198,3 +337,10 @@ class ProviderConfig(Configurable):
             processes=self.max_processes,
             file_size=self.max_file_size,
         )
+
+
+def _parse_price(text: str, what: str) -> int:
+    try:
+        return parse_sol(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{what}: {exc}; give SOL per GPU-hour, e.g. 0.25") from None

@@ -1,7 +1,8 @@
 """What this host can offer: its GPUs (from NVML, cross-checked with torch), or its CPU.
 
 Call :func:`probe_inventory` once at startup with the configured simulated GPUs, then
-:func:`render_inventory` for the lines printed at startup. Real GPUs come from NVML
+:func:`render_inventory` for the lines printed at startup, and :func:`offer_groups` for what
+the host publishes to a marketplace coordinator (one offer per GPU model). Real GPUs come from NVML
 (``nvidia-ml-py``, optional); when torch is importable its view is compared and any
 disagreement is reported in :attr:`Inventory.warnings` (a GPU NVML sees but CUDA cannot use is
 no use to a kernel). Simulated GPUs are always labelled ``simulated``; a host without a real GPU
@@ -10,21 +11,25 @@ offers its CPU, labelled ``cpu (no GPU)``.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from jupyter_io.coordinator.provider_link import OfferGroup
+from jupyter_io.coordinator.scheduler import normalise_gpu_name
 from jupyter_io.errors import ConfigError
 
 __all__ = [
     "CPU_LABEL",
     "Device",
     "Inventory",
+    "offer_groups",
     "parse_simulated_gpu",
     "probe_inventory",
     "render_inventory",
@@ -61,6 +66,10 @@ class Inventory:
 
     devices: tuple[Device, ...]
     warnings: tuple[str, ...] = field(default=())
+    driver: str | None = None
+    """The NVIDIA driver version NVML reports (None without NVML)."""
+    cuda: str | None = None
+    """The CUDA version the driver supports, ``"12.4"`` (None without NVML)."""
 
     @property
     def gpu_indices(self) -> tuple[int, ...]:
@@ -101,6 +110,34 @@ def _probe_nvml() -> list[tuple[str, int]] | None:
                 name = name.decode(errors="replace")
             found.append((str(name), int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)))
         return found
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _cuda_text(version: int) -> str:
+    """NVML's CUDA driver version (``12040``) as people write it (``"12.4"``)."""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def _probe_versions() -> tuple[str | None, str | None]:
+    """``(driver, cuda)`` versions from NVML, None where NVML cannot tell."""
+    if importlib.util.find_spec("pynvml") is None:
+        return None, None
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None, None
+    try:
+        driver: str | None = None
+        cuda: str | None = None
+        with contextlib.suppress(pynvml.NVMLError):
+            raw = pynvml.nvmlSystemGetDriverVersion()
+            driver = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        with contextlib.suppress(pynvml.NVMLError):
+            cuda = _cuda_text(int(pynvml.nvmlSystemGetCudaDriverVersion()))
+        return driver, cuda
     finally:
         pynvml.nvmlShutdown()
 
@@ -171,7 +208,71 @@ def probe_inventory(simulate: Iterable[str] = ()) -> Inventory:
     ]
     if not real:
         devices.append(Device(0, CPU_LABEL, 0, kind="cpu"))
-    return Inventory(tuple(devices), tuple(warnings))
+    driver, cuda = _probe_versions() if real else (None, None)
+    return Inventory(tuple(devices), tuple(warnings), driver, cuda)
+
+
+def offer_groups(
+    inventory: Inventory,
+    *,
+    price_of: Callable[[str], int],
+    cpu_slots: int,
+    benchmarks: Mapping[str, float] | None = None,
+) -> list[OfferGroup]:
+    """What the host publishes to a coordinator: one offer per GPU model.
+
+    Real GPUs of one model form one group (their NVML indices, the smallest VRAM among them,
+    the driver and CUDA versions, ``benchmarks[model]`` when measured); simulated GPUs form
+    groups of their own, always ``simulated`` and never benchmarked. A host with no GPU at all,
+    real or simulated, offers :data:`CPU_LABEL` instead: ``cpu_slots`` slots (indices are slot
+    numbers, not devices; pass ``max_sessions``) with 0 bytes of VRAM and, when measured,
+    ``benchmarks[CPU_LABEL]`` (a CPU figure). ``price_of(model)`` gives lamports per hour.
+
+    Raises :class:`ConfigError` when a simulated model has the name of a real one (the
+    marketplace could not tell them apart).
+    """
+    benchmarks = benchmarks or {}
+    # Grouped as the marketplace compares names ("RTX 4090" and "rtx-4090" are one model).
+    groups: dict[tuple[bool, str], list[Device]] = {}
+    for device in inventory.devices:
+        if device.kind == "gpu":
+            groups.setdefault((device.simulated, normalise_gpu_name(device.model)), []).append(
+                device
+            )
+    real_names = {name for simulated, name in groups if not simulated}
+    offers = []
+    for (simulated, name), devices in groups.items():
+        model = devices[0].model
+        if simulated and name in real_names:
+            raise ConfigError(
+                f"simulated GPU {model!r} has the name of a real GPU of this host; name it "
+                f"differently (--simulate-gpu)"
+            )
+        offers.append(
+            OfferGroup(
+                gpu=model,
+                vram_bytes=min(d.vram_bytes for d in devices),
+                count=len(devices),
+                gpu_indices=tuple(d.index for d in devices),
+                price_lamports_per_hour=price_of(model),
+                simulated=simulated,
+                driver=None if simulated else inventory.driver,
+                cuda=None if simulated else inventory.cuda,
+                benchmark_tflops=None if simulated else benchmarks.get(model),
+            )
+        )
+    if not offers:
+        offers.append(
+            OfferGroup(
+                gpu=CPU_LABEL,
+                vram_bytes=0,
+                count=cpu_slots,
+                gpu_indices=tuple(range(cpu_slots)),
+                price_lamports_per_hour=price_of(CPU_LABEL),
+                benchmark_tflops=benchmarks.get(CPU_LABEL),
+            )
+        )
+    return offers
 
 
 def render_inventory(inventory: Inventory) -> list[str]:
