@@ -2,8 +2,11 @@
 
 Call :meth:`GpuPool.acquire` when a session is created (None means every GPU is taken: refuse
 with ``capacity``) and :meth:`GpuPool.release` when it ends. A host without real GPUs hands out
-``()``, i.e. CPU-only sessions, without limit (``max_sessions`` still applies). Later, the
-coordinator's lease token will name the GPU instead.
+``()``, i.e. CPU-only sessions, without limit (``max_sessions`` still applies).
+
+With a coordinator the lease token names the GPUs: :meth:`GpuPool.held_by_others` checks that
+none of them is in use (the coordinator should never grant a GPU twice; this host does not
+take its word for it), then :meth:`GpuPool.hold` records them.
 """
 
 from __future__ import annotations
@@ -37,6 +40,16 @@ class GpuPool:
         for index in self._held.pop(holder, ()):
             self._free.append(index)
         self._free.sort()
+
+    def held_by_others(self, indices: Sequence[int]) -> list[int]:
+        """Those of ``indices`` that a session holds now."""
+        held = {i for gpus in self._held.values() for i in gpus}
+        return sorted(held.intersection(indices))
+
+    def hold(self, holder: str, indices: Sequence[int]) -> None:
+        """Record that ``holder`` uses ``indices`` (as the lease token assigned them)."""
+        self._held[holder] = tuple(indices)
+        self._free = [i for i in self._free if i not in indices]
 
     def available(self) -> bool:
         """True when :meth:`acquire` would succeed."""

@@ -4,7 +4,8 @@ The server sends CHALLENGE, reads one HELLO frame and calls :func:`check_hello`;
 returns the proven :class:`Hello` or raises :class:`Refusal` carrying the ERROR code and the
 websocket close code of ``docs/tunnel-contract.md``. Checks run in the contract's order
 (version, signature and allow-list, unknown session, session owner, capacity), all before the
-server creates any workspace or kernel.
+server creates any workspace or kernel; with a coordinator, the lease token is checked after
+these (:mod:`provider_host.lease_gate`).
 """
 
 from __future__ import annotations
@@ -57,12 +58,14 @@ def check_hello(
     *,
     nonce: bytes,
     host: Pubkey,
-    allowed: Collection[Pubkey],
+    allowed: Collection[Pubkey] | None,
     session_owner: Callable[[str], Pubkey | None],
     has_capacity: Callable[[], bool],
 ) -> Hello:
     """Decide on a HELLO ``body``.
 
+    ``allowed`` is the allow-list, or None when a lease token decides instead (a host with a
+    coordinator: :mod:`provider_host.lease_gate` checks the token next).
     ``session_owner(id)`` returns the owner of a live session or None; ``has_capacity()``
     says whether a new session may start. Raises :class:`ProtocolError` for a malformed HELLO
     (close 1002, no ERROR frame) and :class:`Refusal` for a well-formed one that is refused.
@@ -78,7 +81,7 @@ def check_hello(
         key = verify_challenge(body.get("pubkey"), body.get("signature"), nonce, host)  # type: ignore[arg-type]
     except AuthError as exc:
         raise Refusal("auth", CloseCode.POLICY_VIOLATION, str(exc)) from None
-    if key not in allowed:
+    if allowed is not None and key not in allowed:
         raise Refusal(
             "auth",
             CloseCode.POLICY_VIOLATION,
