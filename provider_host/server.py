@@ -11,6 +11,15 @@ previous handlers restored afterwards; :meth:`~ProviderServer.run` wraps it in
 Once listening it prints, flushed to stdout, the host key, the inventory and, last, exactly one
 line ``jupyter-io provider listening on ws://HOST:PORT/tunnel`` (``wss://`` with TLS) with the
 real port: launchers wait for that line.
+
+With ``coordinator_url`` set the host also joins that marketplace coordinator
+(``docs/coordinator-contract.md``): after listening it measures its benchmark, then keeps a
+:class:`~provider_host.coordinator_link.CoordinatorLink` up. Clients then need a lease token
+(:mod:`provider_host.lease_gate`) instead of a place on the allow-list; each session serves one
+lease, its kernel is pinned to the lease's GPUs, and the host reports the session's start and
+end and signed usage (:mod:`provider_host.usage`) per lease. Every tunnel connection, accepted
+on ``/tunnel`` or dialled to the coordinator's relay on a ``dial``, goes through the same
+handler (:meth:`ProviderServer.serve_connection`).
 """
 
 from __future__ import annotations
@@ -21,36 +30,49 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 import zmq.asyncio
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
+from websockets.asyncio.client import connect
+from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.http11 import Request, Response
 
+from jupyter_io.coordinator.auth import sign_request
+from jupyter_io.coordinator.provider_link import Dial, End, OfferGroup, SessionEvent
+from jupyter_io.coordinator.provider_link import Inventory as LinkInventory
 from jupyter_io.errors import ConfigError, ProtocolError
 from jupyter_io.identity import new_nonce
+from jupyter_io.leases import LeaseClaims
 from jupyter_io.protocol import SUBPROTOCOL, CloseCode, FrameKind, decode_frame, encode_control
 
 from .allocation import GpuPool
+from .benchmark import measure_inventory
 from .config import ProviderConfig
-from .handshake import Refusal, challenge_body, check_hello
-from .inventory import Inventory, probe_inventory, render_inventory
+from .coordinator_link import CoordinatorLink
+from .handshake import TRY_AGAIN_LATER, Hello, Refusal, challenge_body, check_hello
+from .inventory import CPU_LABEL, Inventory, offer_groups, probe_inventory, render_inventory
+from .lease_gate import LeaseGate
 from .session import KernelSession
+from .usage import GpuUtilisation, UsageMeter
 
-__all__ = ["LISTENING_PREFIX", "TUNNEL_PATH", "ProviderServer"]
+__all__ = ["JOINING_PREFIX", "LISTENING_PREFIX", "TUNNEL_PATH", "ProviderServer"]
 
 #: The websocket path of the tunnel endpoint.
 TUNNEL_PATH = "/tunnel"
 #: Start of the one line printed once the host accepts connections.
 LISTENING_PREFIX = "jupyter-io provider listening on "
+#: Start of the line that says which coordinator the host joins (printed before listening).
+JOINING_PREFIX = "jupyter-io provider joining coordinator "
 
 _LOOPBACK = ("127.", "::1", "localhost")
 
@@ -92,6 +114,18 @@ class ProviderServer:
         self._server: Server | None = None
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: The link to the marketplace coordinator (None without ``coordinator_url``).
+        self.coordinator_link: CoordinatorLink | None = None
+        #: Lease tokens' gate (None without a coordinator: the allow-list decides).
+        self.lease_gate: LeaseGate | None = None
+        #: Benchmarks by model (TFLOP/s), once measured.
+        self.benchmarks: dict[str, float] = {}
+        self._offers: list[OfferGroup] = []
+        self._by_lease: dict[str, KernelSession] = {}
+        self._meters: dict[str, UsageMeter] = {}
+        self._utilisation = GpuUtilisation()
+        self._dialled: set[Connection] = set()
+        self._background: set[asyncio.Task[Any]] = set()
 
     # -- the whole life --------------------------------------------------------------------
 
@@ -122,6 +156,8 @@ class ProviderServer:
         host, port = config.listen_address()
         self.inventory = probe_inventory(config.simulate_gpu)
         self._gpus = GpuPool(self.inventory.gpu_indices)
+        if config.coordinator_url:
+            self._prepare_marketplace()
         _make_private_dir(config.workspace_root)
         self._context = zmq.asyncio.Context()
         try:
@@ -144,7 +180,13 @@ class ProviderServer:
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         scheme = "wss" if ssl_context else "ws"
         self.url = f"{scheme}://{shown}:{bound[1]}{TUNNEL_PATH}"
-        if not self._allowed:
+        if self.lease_gate is not None:
+            if self._allowed:
+                self.log.warning(
+                    "with a coordinator, lease tokens decide who may connect; the allow-list "
+                    "is not used"
+                )
+        elif not self._allowed:
             self.log.warning("the allow-list is empty: every client will be refused (--allow)")
         if ssl_context is None and not host.startswith(_LOOPBACK):
             self.log.warning("listening beyond loopback without TLS; set certfile and keyfile")
@@ -152,8 +194,52 @@ class ProviderServer:
         self._print("jupyter-io provider inventory:")
         for line in render_inventory(self.inventory):
             self._print(line)
+        if self.coordinator_link is not None:
+            route = f"direct at {config.public_url}" if config.public_url else "via its relay"
+            self._print(f"{JOINING_PREFIX}{config.coordinator_url} (clients connect {route})")
+            self._spawn(self._join())
+            self._spawn(self._report_usage())
         self._print(f"{LISTENING_PREFIX}{self.url}")
         self.started.set()
+
+    def _prepare_marketplace(self) -> None:
+        """Check the marketplace settings and build the link and the token gate (no I/O)."""
+        config = self.config
+        assert self.inventory is not None and self.host_keypair is not None
+        price_of = config.price_of()
+        self._offers = offer_groups(
+            self.inventory, price_of=price_of, cpu_slots=config.max_sessions
+        )
+        devices = {i for offer in self._offers for i in offer.gpu_indices}
+        pinned = config.pinned_coordinator()
+        self.lease_gate = LeaseGate(self.host_keypair.pubkey(), coordinator=pinned, devices=devices)
+        self.coordinator_link = CoordinatorLink(
+            config.link_url(),
+            self.host_keypair,
+            self,
+            coordinator=pinned,
+            backoff_max=config.link_backoff_max,
+            open_timeout=max(config.handshake_timeout, 1.0),
+            ping_interval=config.ping_interval or None,
+            ping_timeout=config.ping_timeout or None,
+            log=self.log,
+        )
+
+    async def _join(self) -> None:
+        """Benchmark (when asked), then link to the coordinator."""
+        assert self.inventory is not None and self.coordinator_link is not None
+        if self.config.benchmark:
+            offers_cpu = any(offer.gpu == CPU_LABEL for offer in self._offers)
+            self.benchmarks = await measure_inventory(self.inventory, offers_cpu=offers_cpu)
+            if self.benchmarks:
+                self._offers = offer_groups(
+                    self.inventory,
+                    price_of=self.config.price_of(),
+                    cpu_slots=self.config.max_sessions,
+                    benchmarks=self.benchmarks,
+                )
+        if not self._closing:
+            self.coordinator_link.start()
 
     async def main_loop(self) -> None:
         """Wait until asked to exit."""
@@ -166,7 +252,9 @@ class ProviderServer:
             loop.call_soon_threadsafe(self.should_exit.set)
 
     async def shutdown(self) -> None:
-        """Stop accepting, end every session (kernels killed, 1001, workspaces removed)."""
+        """Stop accepting, end every session (kernels killed, 1001, workspaces removed); with a
+        coordinator, send the sessions' last usage reports and ``ended`` events, then close
+        the link with 1001."""
         self._closing = True
         if self._server is not None:
             self._server.server.close()  # no new TCP connections from here on
@@ -176,6 +264,16 @@ class ProviderServer:
                 *(s.end(CloseCode.GOING_AWAY, "provider shutting down") for s in sessions),
                 return_exceptions=True,
             )
+        for ws in list(self._dialled):
+            with contextlib.suppress(Exception):
+                await ws.close(CloseCode.GOING_AWAY, "provider shutting down")
+        if self.coordinator_link is not None:
+            await self.coordinator_link.stop()
+        background = list(self._background)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        self._utilisation.close()
         if self._server is not None:
             self._server.close(close_connections=True)
             with contextlib.suppress(asyncio.TimeoutError):
@@ -213,6 +311,12 @@ class ProviderServer:
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
+        await self.serve_connection(ws)
+
+    async def serve_connection(self, ws: Connection) -> None:
+        """Run the tunnel on one websocket until it closes: CHALLENGE first, HELLO checks,
+        then the session. The same for a connection accepted on ``/tunnel`` and one dialled
+        to the coordinator's relay."""
         try:
             await self._handshake_and_serve(ws)
         except ConnectionClosed:
@@ -222,7 +326,7 @@ class ProviderServer:
             with contextlib.suppress(Exception):
                 await ws.close(CloseCode.INTERNAL_ERROR, "internal error in the provider host")
 
-    async def _handshake_and_serve(self, ws: ServerConnection) -> None:
+    async def _handshake_and_serve(self, ws: Connection) -> None:
         assert self.host_keypair is not None and self._context is not None
         if self._closing:
             await ws.close(CloseCode.GOING_AWAY, "provider shutting down")
@@ -245,10 +349,11 @@ class ProviderServer:
                 frame.body,
                 nonce=nonce,
                 host=host,
-                allowed=self._allowed,
+                allowed=None if self.lease_gate is not None else self._allowed,
                 session_owner=self._session_owner,
                 has_capacity=self._has_capacity,
             )
+            claims = self._check_lease(hello)
         except ProtocolError as exc:
             self.log.warning("refusing connection: %s", exc)
             await ws.close(CloseCode.PROTOCOL_ERROR, _reason(str(exc)))
@@ -263,7 +368,7 @@ class ProviderServer:
             await ws.close(CloseCode.GOING_AWAY, "provider shutting down")
             return
         if hello.session is None:
-            session = self._create_session(hello.pubkey)
+            session = self._create_session(hello.pubkey, claims)
             await session.serve(ws, 0, resumed=False)
             return
         session = self.sessions[hello.session]
@@ -279,7 +384,38 @@ class ProviderServer:
         self.log.info("session %s resumed from frame %d", session.id, hello.received)
         await session.serve(ws, hello.received, resumed=True)
 
-    def _create_session(self, owner: Pubkey) -> KernelSession:
+    def _check_lease(self, hello: Hello) -> LeaseClaims | None:
+        """With a coordinator, the lease token's claims (or :class:`Refusal`); else None."""
+        gate = self.lease_gate
+        if gate is None:
+            return None
+        if hello.session is not None:
+            session = self.sessions[hello.session]
+            return gate.check_resume(
+                hello.token, user=hello.pubkey, session=session.id, session_lease=session.lease_id
+            )
+        claims = gate.check_new(hello.token, user=hello.pubkey, live_session_of=self._live_session)
+        busy = self._gpus.held_by_others(self._real_gpus(claims))
+        if busy:
+            raise Refusal(
+                "capacity",
+                TRY_AGAIN_LATER,
+                f"GPU(s) {busy} of lease {claims.lease_id} are in use by another session here; "
+                f"request a new lease",
+            )
+        return claims
+
+    def _real_gpus(self, claims: LeaseClaims) -> tuple[int, ...]:
+        """The lease's devices that are real GPUs (simulated GPUs and CPU slots are not)."""
+        assert self.inventory is not None
+        real = set(self.inventory.gpu_indices)
+        return tuple(i for i in claims.gpu_indices if i in real)
+
+    def _live_session(self, lease_id: str) -> str | None:
+        session = self._by_lease.get(lease_id)
+        return None if session is None else session.id
+
+    def _create_session(self, owner: Pubkey, claims: LeaseClaims | None = None) -> KernelSession:
         assert self._context is not None
         session = KernelSession(
             owner=owner,
@@ -288,9 +424,15 @@ class ProviderServer:
             gpus=(),
             on_end=self._session_ended,
             log=self.log,
+            lease_id=None if claims is None else claims.lease_id,
+            on_started=self._kernel_started,
         )
-        gpus = self._gpus.acquire(session.id)
-        assert gpus is not None, "capacity was checked in the handshake"
+        if claims is None:
+            gpus = self._gpus.acquire(session.id)
+            assert gpus is not None, "capacity was checked in the handshake"
+        else:
+            gpus = self._real_gpus(claims)
+            self._gpus.hold(session.id, gpus)
         session.gpus = gpus
         self.sessions[session.id] = session
         try:
@@ -298,20 +440,161 @@ class ProviderServer:
         except Exception:
             self.sessions.pop(session.id, None)
             self._gpus.release(session.id)
+            if claims is not None and self.lease_gate is not None:
+                self.lease_gate.end(claims.lease_id)
+                self._report_session(claims.lease_id, "ended")
             raise
-        self.log.info("session %s opened for %s (gpus %s)", session.id, owner, list(gpus) or "none")
+        if claims is not None:
+            assert self.lease_gate is not None
+            self.lease_gate.bind(claims, session.id)  # no await since the gate's check
+            self._by_lease[claims.lease_id] = session
+            self._meters[claims.lease_id] = UsageMeter(claims.lease_id, gpus)
+            self.log.info(
+                "session %s opened for %s, lease %s (gpus %s)",
+                session.id,
+                owner,
+                claims.lease_id,
+                list(gpus) or "none",
+            )
+        else:
+            self.log.info(
+                "session %s opened for %s (gpus %s)", session.id, owner, list(gpus) or "none"
+            )
         return session
 
     def _session_ended(self, session: KernelSession) -> None:
         self.sessions.pop(session.id, None)
         self._gpus.release(session.id)
+        lease_id = session.lease_id
+        if lease_id is None or self._by_lease.get(lease_id) is not session:
+            return
+        del self._by_lease[lease_id]
+        if self.lease_gate is not None:
+            self.lease_gate.end(lease_id)
+        meter = self._meters.pop(lease_id, None)
+        if meter is not None and meter.started and self.coordinator_link is not None:
+            meter.stop()
+            self.coordinator_link.send(meter.report(self._keypair(), self._utilisation(meter.gpus)))
+        self._report_session(lease_id, "ended")
+
+    def _kernel_started(self, session: KernelSession) -> None:
+        lease_id = session.lease_id
+        meter = self._meters.get(lease_id) if lease_id is not None else None
+        if lease_id is None or meter is None or meter.started:
+            return
+        meter.start()
+        self._report_session(lease_id, "active")
+
+    def _report_session(self, lease_id: str, state: str) -> None:
+        if self.coordinator_link is not None:
+            self.coordinator_link.send(SessionEvent(lease_id, state, time.time()))
+
+    async def _report_usage(self) -> None:
+        """Every ``usage_interval``, a signed usage report per lease whose kernel started."""
+        while True:
+            await asyncio.sleep(self.config.usage_interval)
+            link = self.coordinator_link
+            if link is None:
+                return
+            for meter in list(self._meters.values()):
+                if meter.started and not meter.stopped:
+                    link.send(meter.report(self._keypair(), self._utilisation(meter.gpus)))
+
+    def _keypair(self) -> Keypair:
+        assert self.host_keypair is not None
+        return self.host_keypair
+
+    # -- the coordinator link's host side (provider_host.coordinator_link.LinkHost) ----------
+
+    def link_inventory(self) -> LinkInventory:
+        """What the hello publishes."""
+        config = self.config
+        return LinkInventory(
+            name=config.name,
+            region=config.region,
+            reachable_url=config.public_url or None,
+            max_kernels=config.max_sessions,
+            offers=tuple(self._offers),
+        )
+
+    def hosted_leases(self) -> frozenset[str]:
+        """Leases whose sessions live here."""
+        return frozenset(self._by_lease)
+
+    def load(self) -> float:
+        """Sessions over ``max_sessions``."""
+        return min(1.0, len(self.sessions) / self.config.max_sessions)
+
+    def coordinator_pinned(self, coordinator: Pubkey) -> None:
+        """Trust lease tokens signed by ``coordinator`` (the link authenticated it)."""
+        if self.lease_gate is not None:
+            self.lease_gate.pin(coordinator)
+
+    def dial(self, message: Dial) -> None:
+        """Serve a tunnel on a websocket to the relay (the coordinator's ``dial``)."""
+        if not self._closing:
+            self._spawn(self._serve_dialled(message))
+
+    def end_lease(self, message: End) -> None:
+        """The coordinator ended the lease: end its session, refuse its token from now on."""
+        if self.lease_gate is not None:
+            self.lease_gate.end(message.lease)
+        session = self._by_lease.get(message.lease)
+        if session is not None:
+            self.log.info("lease %s ended by the coordinator: %s", message.lease, message.reason)
+            self._spawn(
+                session.end(CloseCode.SESSION_ENDED, _reason(f"lease ended: {message.reason}"))
+            )
+
+    async def _serve_dialled(self, message: Dial) -> None:
+        url = message.url
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.netloc:
+            self.log.warning("ignoring a dial to %r: not a ws(s):// URL", url)
+            return
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        config = self.config
+        try:
+            ws = await connect(
+                url,
+                additional_headers=sign_request(self._keypair(), "GET", path),
+                subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+                compression=None,
+                max_size=config.max_frame_size,
+                ping_interval=config.ping_interval or None,
+                ping_timeout=config.ping_timeout or None,
+                open_timeout=max(config.handshake_timeout, 1.0),
+            )
+        except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
+            self.log.warning("could not dial the relay for lease %s: %s", message.lease, exc)
+            return
+        self._dialled.add(ws)
+        try:
+            await self.serve_connection(ws)
+        finally:
+            self._dialled.discard(ws)
+            with contextlib.suppress(Exception):
+                await ws.close()
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._log_failure)
+
+    def _log_failure(self, task: asyncio.Future[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("provider host task failed", exc_info=task.exception())
 
     def _session_owner(self, session_id: str) -> Pubkey | None:
         session = self.sessions.get(session_id)
         return None if session is None else session.owner
 
     def _has_capacity(self) -> bool:
-        return len(self.sessions) < self.config.max_sessions and self._gpus.available()
+        if len(self.sessions) >= self.config.max_sessions:
+            return False
+        # With a coordinator the lease names the GPUs, checked against the held ones later.
+        return self.lease_gate is not None or self._gpus.available()
 
     def _print(self, line: str) -> None:
         print(line, file=self.stdout, flush=True)

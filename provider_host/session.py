@@ -16,7 +16,9 @@ connections. It owns:
   whenever it ends.
 
 Call :meth:`KernelSession.open`, then :meth:`KernelSession.serve` with each handshaken
-websocket, and :meth:`KernelSession.end` to finish it.
+websocket (accepted by the host's endpoint or dialled to the coordinator's relay: both are
+``websockets`` connections), and :meth:`KernelSession.end` to finish it. ``on_started`` hears
+of every kernel start (metering starts at the first), ``on_end`` of the end.
 """
 
 from __future__ import annotations
@@ -71,10 +73,14 @@ class KernelSession:
         gpus: tuple[int, ...],
         on_end: Callable[[KernelSession], None],
         log: logging.Logger | None = None,
+        lease_id: str | None = None,
+        on_started: Callable[[KernelSession], None] | None = None,
     ) -> None:
         self.id = secrets.token_urlsafe(16)
         self.owner = owner
         self.gpus = gpus
+        #: The coordinator's lease this session serves (None without a coordinator).
+        self.lease_id = lease_id
         self.config = config
         self.workspace = Path(config.workspace_root).expanduser().resolve() / self.id
         self.runtime_dir: Path | None = None
@@ -91,6 +97,7 @@ class KernelSession:
         )
         self._context = context
         self._on_end = on_end
+        self._on_started = on_started
         self._sockets: dict[Channel, zmq.asyncio.Socket] = {}
         self._bridge: Bridge | None = None
         self._ws: Connection | None = None
@@ -276,6 +283,8 @@ class KernelSession:
                 started["ignored_env"] = refused  # so the client can tell its user
             await self._send(FrameKind.STARTED, started)
             self._watcher = asyncio.create_task(self._watch(kernel))
+            if self._on_started is not None:
+                self._on_started(self)
 
     async def _start_kernel(
         self, generation: int, body: dict[str, Any]

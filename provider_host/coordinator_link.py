@@ -1,0 +1,345 @@
+"""The provider's side of the provider link: join a marketplace coordinator and stay joined.
+
+``docs/coordinator-contract.md`` section 1. :class:`CoordinatorLink` opens the outbound
+websocket ``/api/v1/providers/connect`` (outbound, so NAT is no obstacle), answers the
+challenge with the host's keypair, checks and pins the coordinator's key, sends the hello
+(inventory and the leases it still hosts), then, while linked:
+
+* heartbeats every ``heartbeat_interval`` the welcome names, with the host's load and the
+  leases it hosts;
+* sends what the host queued with :meth:`CoordinatorLink.send` (session events, signed usage
+  reports) in order; what is queued while the link is down waits for the next link, and the
+  leases of queued ``ended`` events are still listed in that hello so the coordinator ends
+  them rather than failing them;
+* hands ``dial`` and ``end`` to the host (:class:`LinkHost`).
+
+When the link drops it links again with exponential backoff (0.1 s doubling to
+``backoff_max``), listing the hosted leases so the coordinator keeps them live; sessions and
+kernels are not touched meanwhile. Messages are the coordinator's own typed classes
+(:mod:`jupyter_io.coordinator.provider_link`).
+
+Call :meth:`CoordinatorLink.start` once the host listens, and :meth:`CoordinatorLink.stop`
+when it shuts down (after ending its sessions, so their last reports go out first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from solders.keypair import Keypair
+from solders.pubkey import Pubkey
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from jupyter_io.coordinator.auth import sign_provider_hello
+from jupyter_io.coordinator.provider_link import (
+    Challenge,
+    Dial,
+    End,
+    ErrorMessage,
+    Heartbeat,
+    Hello,
+    Inventory,
+    LinkMessage,
+    Welcome,
+    parse_message,
+)
+from jupyter_io.errors import ProtocolError
+
+__all__ = ["MAX_OUTBOX", "CoordinatorLink", "LinkHost"]
+
+#: Messages kept for the coordinator while the link is down (oldest dropped beyond).
+MAX_OUTBOX = 10_000
+#: Largest message accepted from the coordinator.
+_MAX_MESSAGE = 1 << 20
+_FIRST_BACKOFF = 0.1
+
+
+class LinkHost(Protocol):
+    """What the link needs of the provider host."""
+
+    def link_inventory(self) -> Inventory:
+        """The inventory to publish in the hello."""
+
+    def hosted_leases(self) -> frozenset[str]:
+        """Lease ids whose sessions this host still serves."""
+
+    def load(self) -> float:
+        """How busy the host is, 0..1."""
+
+    def coordinator_pinned(self, coordinator: Pubkey) -> None:
+        """The link has authenticated to ``coordinator``: trust its lease tokens."""
+
+    def dial(self, message: Dial) -> None:
+        """Serve a tunnel on a websocket to the relay URL of ``message``."""
+
+    def end_lease(self, message: End) -> None:
+        """Stop the session of the lease ``message`` names."""
+
+
+class _Refused(Exception):
+    """The coordinator answered the hello with an error, or is not the pinned one."""
+
+
+class CoordinatorLink:
+    """One provider's link to its coordinator (see the module docstring).
+
+    ``url`` is the ``ws(s)://`` URL of the provider link; ``coordinator`` the key to insist
+    on (None: pin the first one that welcomes this host).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        keypair: Keypair,
+        host: LinkHost,
+        *,
+        coordinator: Pubkey | None = None,
+        backoff_max: float = 5.0,
+        open_timeout: float = 10.0,
+        ping_interval: float | None = 10.0,
+        ping_timeout: float | None = 10.0,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.url = url
+        self.keypair = keypair
+        self.host = host
+        #: The coordinator's key, once pinned (or as configured).
+        self.coordinator = coordinator
+        self.backoff_max = backoff_max
+        self.open_timeout = open_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.log = log or logging.getLogger("provider_host")
+        #: Set while the coordinator has welcomed this host on the current connection.
+        self.linked = asyncio.Event()
+        #: How many times this host has been welcomed (a relink counts again).
+        self.links = 0
+        #: Seconds between heartbeats, from the last welcome.
+        self.heartbeat_interval: float | None = None
+        #: Why the last attempt to link failed, or the link dropped (None after a welcome).
+        self.last_error: str | None = None
+        self._connection: ClientConnection | None = None
+        # (JSON text, lease of a "session ended" event, lease of a usage report)
+        self._outbox: deque[tuple[str, str | None, str | None]] = deque(maxlen=MAX_OUTBOX)
+        self._queued = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start linking (and relinking) in the background."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="coordinator-link")
+
+    async def stop(self, flush_timeout: float = 2.0) -> None:
+        """Send what is queued (for up to ``flush_timeout`` s), close the link with 1001 and
+        stop relinking."""
+        self._stopping.set()
+        if self.linked.is_set() and self._outbox:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._drained(), flush_timeout)
+        ws = self._connection
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(1001, "provider shutting down"), flush_timeout)
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @property
+    def connection(self) -> ClientConnection | None:
+        """The websocket of the current link while welcomed, else None."""
+        return self._connection if self.linked.is_set() else None
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds, checking after every change of the link (linked,
+        dropped, refused, outbox drained). Bound it with ``asyncio.wait_for``."""
+        while not predicate():
+            await self._changed.wait()
+
+    async def wait_linked(self, links: int = 1) -> None:
+        """Wait until this host has been welcomed ``links`` times in all, and is linked."""
+        await self.wait_for(lambda: self.links >= links and self.linked.is_set())
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, message: LinkMessage | dict[str, Any]) -> None:
+        """Queue a message for the coordinator (sent in order, now or after a relink).
+
+        A usage report replaces the reports of the same lease still queued: each carries the
+        total so far, so only the newest matters (and the queue stays bounded by the leases
+        while the link is down).
+        """
+        body = message if isinstance(message, dict) else message.to_dict()
+        kind = body.get("type")
+        ended = body["lease"] if kind == "session" and body.get("state") == "ended" else None
+        usage = body["lease"] if kind == "usage" else None
+        if usage is not None:
+            for stale in [entry for entry in self._outbox if entry[2] == usage]:
+                self._outbox.remove(stale)
+        self._outbox.append((json.dumps(body, separators=(",", ":")), ended, usage))
+        self._queued.set()
+
+    def _pending_ended(self) -> frozenset[str]:
+        return frozenset(entry[1] for entry in self._outbox if entry[1] is not None)
+
+    async def _drained(self) -> None:
+        await self.wait_for(lambda: not self._outbox or not self.linked.is_set())
+
+    # -- the link --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = _FIRST_BACKOFF
+        while not self._stopping.is_set():
+            links = self.links
+            try:
+                await self._link_once()
+            except _Refused as exc:
+                self.last_error = str(exc)
+                self.log.error("coordinator link refused: %s", exc)
+            except (OSError, InvalidHandshake, ConnectionClosed, ProtocolError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.log.warning("coordinator link to %s lost: %s", self.url, self.last_error)
+            except asyncio.TimeoutError:
+                self.last_error = "the coordinator did not answer in time"
+                self.log.warning("coordinator link to %s: %s", self.url, self.last_error)
+            self._notify()
+            if self.links > links:
+                delay = _FIRST_BACKOFF  # it was up: come back fast
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(delay * 2, self.backoff_max)
+
+    async def _link_once(self) -> None:
+        ws = await connect(
+            self.url,
+            compression=None,
+            open_timeout=self.open_timeout,
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            max_size=_MAX_MESSAGE,
+        )
+        try:
+            welcome = await self._handshake(ws)
+            self._connection = ws
+            self.heartbeat_interval = welcome.heartbeat_interval
+            self.last_error = None
+            self.links += 1
+            self.linked.set()
+            self._notify()
+            self.log.info(
+                "linked to coordinator %s at %s (heartbeat every %g s)",
+                self.coordinator,
+                self.url,
+                welcome.heartbeat_interval,
+            )
+            await self._serve(ws, welcome.heartbeat_interval)
+        finally:
+            self.linked.clear()
+            self._connection = None
+            self._notify()
+            if ws.close_code is None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(ws.close(1001), self.open_timeout)
+
+    async def _receive(self, ws: ClientConnection) -> LinkMessage:
+        return parse_message(await asyncio.wait_for(ws.recv(), self.open_timeout))
+
+    async def _handshake(self, ws: ClientConnection) -> Welcome:
+        challenge = await self._receive(ws)
+        if not isinstance(challenge, Challenge):
+            raise ProtocolError(f"expected a challenge, got {challenge.type!r}")
+        try:
+            key = Pubkey.from_string(challenge.coordinator)
+        except ValueError:
+            raise ProtocolError("the challenge names no valid coordinator key") from None
+        if self.coordinator is not None and key != self.coordinator:
+            await ws.close(1008, "not the coordinator this provider trusts")
+            raise _Refused(
+                f"{self.url} presents coordinator key {key}, but this provider trusts "
+                f"{self.coordinator}; check coordinator_url / coordinator_pubkey"
+            )
+        hello = Hello(
+            pubkey=str(self.keypair.pubkey()),
+            signature=sign_provider_hello(self.keypair, key, challenge.nonce),
+            inventory=self.host.link_inventory(),
+            sessions=self.host.hosted_leases() | self._pending_ended(),
+        )
+        await ws.send(hello.to_json())
+        answer = await self._receive(ws)
+        if isinstance(answer, ErrorMessage):
+            raise _Refused(f"{answer.code}: {answer.message}")
+        if not isinstance(answer, Welcome):
+            raise ProtocolError(f"expected a welcome, got {answer.type!r}")
+        if answer.coordinator != str(key):
+            raise ProtocolError("the welcome names another coordinator than the challenge")
+        if self.coordinator is None:
+            self.log.info("pinned coordinator key %s", key)
+        self.coordinator = key
+        self.host.coordinator_pinned(key)
+        return answer
+
+    async def _serve(self, ws: ClientConnection, interval: float) -> None:
+        tasks = [
+            asyncio.create_task(self._heartbeats(ws, interval)),
+            asyncio.create_task(self._sender(ws)),
+        ]
+        try:
+            async for text in ws:
+                self._dispatch(text)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                    await task
+            self.log.info("coordinator link closed (%s %s)", ws.close_code, ws.close_reason or "")
+
+    def _dispatch(self, text: str | bytes) -> None:
+        try:
+            message = parse_message(text)
+        except ProtocolError as exc:
+            self.log.warning("ignoring a malformed message from the coordinator: %s", exc)
+            return
+        if isinstance(message, Dial):
+            self.host.dial(message)
+        elif isinstance(message, End):
+            self.host.end_lease(message)
+        elif isinstance(message, ErrorMessage):
+            self.log.warning("coordinator: %s: %s", message.code, message.message)
+        else:
+            self.log.warning("ignoring a %r message from the coordinator", message.type)
+
+    async def _heartbeats(self, ws: ClientConnection, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            load = min(1.0, max(0.0, self.host.load()))
+            await ws.send(Heartbeat(load, self.host.hosted_leases()).to_json())
+
+    async def _sender(self, ws: ClientConnection) -> None:
+        outbox = self._outbox
+        while True:
+            while outbox:
+                head = outbox[0]
+                await ws.send(head[0])
+                if outbox and outbox[0] is head:  # unless replaced while it was being sent
+                    outbox.popleft()
+            self._notify()
+            self._queued.clear()
+            await self._queued.wait()
+
+    def _notify(self) -> None:
+        # A fresh event per change: every waiter wakes, none can miss one.
+        self._changed.set()
+        self._changed = asyncio.Event()
