@@ -2,8 +2,10 @@
 
 :class:`TunnelClient` speaks the tunnel protocol directly (``jupyter_io.protocol.Tunnel`` over a
 ``websockets`` client) and signs Jupyter messages with ``jupyter_client.session.Session``, so
-tests execute code through the host without the provisioner. Nothing is mocked: kernels are
-real ipykernel processes, sockets are real.
+tests execute code through the host without the provisioner; give it a lease token for a host
+that joined a coordinator. :func:`start_coordinator` runs a real marketplace coordinator
+in-process on loopback with a SQLite file, and :func:`make_market_host` provider hosts linked
+to it. Nothing is mocked: kernels are real ipykernel processes, sockets are real.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -25,6 +28,9 @@ from solders.pubkey import Pubkey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from jupyter_io.coordinator.client import CoordinatorClient
+from jupyter_io.coordinator.config import CoordinatorConfig
+from jupyter_io.coordinator.server import CoordinatorServer
 from jupyter_io.identity import sign_challenge, write_keypair
 from jupyter_io.protocol import (
     SUBPROTOCOL,
@@ -57,9 +63,13 @@ class TunnelClient:
 
     Refused = Refused
 
-    def __init__(self, url: str, keypair: Keypair, **connect_kwargs: Any) -> None:
+    def __init__(
+        self, url: str, keypair: Keypair, *, token: str | None = None, **connect_kwargs: Any
+    ) -> None:
         self.url = url
         self.keypair = keypair
+        #: The coordinator's lease token, sent in every HELLO (None: no token).
+        self.token = token
         self.connect_kwargs = connect_kwargs
         self.tunnel = Tunnel()
         self.session_id: str | None = None
@@ -108,7 +118,7 @@ class TunnelClient:
             "signature": str(signature),
             "session": self.session_id if resume else None,
             "received": self.tunnel.received if resume else 0,
-            "token": None,
+            "token": self.token,
         }
         body.update(hello or {})
         await ws.send(encode_control(FrameKind.HELLO, body))
@@ -222,15 +232,14 @@ class TunnelClient:
             {"key": self.key, "signature_scheme": "hmac-sha256", "env": env or {}},
         )
         frame = await self.next_frame(
-            lambda f: f.kind is FrameKind.STARTED
-            or (f.kind is FrameKind.EXITED and "error" in f.body)
+            lambda f: (
+                f.kind is FrameKind.STARTED or (f.kind is FrameKind.EXITED and "error" in f.body)
+            )
         )
         assert frame.kind is FrameKind.STARTED, frame.body
         return frame.body
 
-    async def request(
-        self, channel: Channel, msg_type: str, content: dict[str, Any]
-    ) -> str:
+    async def request(self, channel: Channel, msg_type: str, content: dict[str, Any]) -> str:
         """Send a signed Jupyter request; return its msg_id."""
         msg = self.jsession.msg(msg_type, content)
         parts = self.jsession.serialize(msg, ident=CLIENT_ID)
@@ -286,9 +295,15 @@ class TunnelClient:
         once: otherwise ipykernel aborts requests that arrive right after the error.
         """
         msg_id = await self.request(
-            Channel.SHELL, "execute_request",
-            {"code": code, "silent": False, "store_history": True, "allow_stdin": True,
-             "stop_on_error": stop_on_error},
+            Channel.SHELL,
+            "execute_request",
+            {
+                "code": code,
+                "silent": False,
+                "store_history": True,
+                "allow_stdin": True,
+                "stop_on_error": stop_on_error,
+            },
         )
         if not wait:
             return msg_id, None
@@ -311,12 +326,11 @@ class TunnelClient:
 
     async def evaluate(self, expr: str, timeout: float = DEFAULT_TIMEOUT) -> Any:
         """The value of a Python expression in the kernel (via JSON on stdout)."""
-        msg_id, reply = await self.execute(
-            f"import json as _j; print(_j.dumps({expr}))", timeout
-        )
+        msg_id, reply = await self.execute(f"import json as _j; print(_j.dumps({expr}))", timeout)
         assert reply is not None and reply["content"]["status"] == "ok", reply
         text = "".join(
-            m["content"]["text"] for m in await self.outputs(msg_id, timeout)
+            m["content"]["text"]
+            for m in await self.outputs(msg_id, timeout)
             if m["msg_type"] == "stream"
         )
         return json.loads(text)
@@ -414,3 +428,99 @@ async def make_client(client_keypair: Keypair) -> AsyncIterator[ClientFactory]:
 @pytest.fixture
 async def client(host: ProviderServer, make_client: ClientFactory) -> TunnelClient:
     return make_client(host)
+
+
+# -- the marketplace -----------------------------------------------------------------------
+
+CoordinatorStarter = Callable[..., Awaitable[CoordinatorServer]]
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a host whose public URL must be known up front)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def start_coordinator(tmp_path: Path) -> AsyncIterator[CoordinatorStarter]:
+    """Start coordinators in this process: ``await start_coordinator(**traits)``.
+
+    Loopback on a free port, a SQLite file in ``tmp_path``, heartbeats every 0.5 s (lost after
+    3 missed: 1.5 s). Every coordinator started is shut down at the end of the test.
+    """
+    servers: list[CoordinatorServer] = []
+
+    async def start(**traits: Any) -> CoordinatorServer:
+        traits.setdefault("listen", "127.0.0.1:0")
+        traits.setdefault("data_dir", str(tmp_path / "coordinator"))
+        traits.setdefault("heartbeat_interval", 0.5)
+        traits.setdefault("heartbeat_misses", 3)
+        traits.setdefault("flush_interval", 0.2)
+        server = CoordinatorServer(CoordinatorConfig(**traits), stdout=io.StringIO())
+        await server.startup()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in reversed(servers):
+        if server.store is not None:
+            await server.shutdown()
+
+
+@pytest.fixture
+async def coordinator(start_coordinator: CoordinatorStarter) -> CoordinatorServer:
+    """One coordinator on a SQLite file."""
+    return await start_coordinator()
+
+
+@pytest.fixture
+async def market_host(
+    make_host: HostFactory, coordinator: CoordinatorServer, tmp_path: Path
+) -> AsyncIterator[HostFactory]:
+    """Start provider hosts linked to ``coordinator``; returns once each is welcomed.
+
+    Each gets its own keypair; no benchmark (tests time it apart), usage every 0.2 s.
+    ``direct=True`` gives the host a public URL (clients connect to it directly), else clients
+    go through the relay. Other keyword arguments are ProviderConfig traits.
+    """
+    count = 0
+
+    async def make(*, direct: bool = False, **traits: Any) -> ProviderServer:
+        nonlocal count
+        count += 1
+        traits.setdefault("coordinator_url", coordinator.url)
+        traits.setdefault("benchmark", False)
+        traits.setdefault("usage_interval", 0.2)
+        traits.setdefault("allow", [])
+        traits.setdefault(
+            "keypair_path", str(write_keypair(Keypair(), tmp_path / f"market-host-{count}.json"))
+        )
+        if direct:
+            port = free_port()
+            traits.setdefault("listen", f"127.0.0.1:{port}")
+            traits.setdefault("public_url", f"ws://127.0.0.1:{port}/tunnel")
+        server = await make_host(**traits)
+        assert server.coordinator_link is not None
+        await asyncio.wait_for(server.coordinator_link.wait_linked(), DEFAULT_TIMEOUT)
+        return server
+
+    yield make
+
+
+UserFactory = Callable[[], CoordinatorClient]
+
+
+@pytest.fixture
+async def make_user(coordinator: CoordinatorServer) -> AsyncIterator[UserFactory]:
+    """Signed REST clients of ``coordinator``, each with a fresh user keypair."""
+    clients: list[CoordinatorClient] = []
+
+    def make() -> CoordinatorClient:
+        client = CoordinatorClient(coordinator.url, Keypair(), timeout=DEFAULT_TIMEOUT)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
