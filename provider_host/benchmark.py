@@ -74,9 +74,10 @@ def measure(device: str, *, size: int | None = None, seconds: float = 1.0) -> fl
 
 
 async def run_benchmark(
-    gpu_index: int | None, *, timeout: float = BENCHMARK_TIMEOUT_S
+    gpu_index: int | None, *, seconds: float = 0.5, timeout: float = BENCHMARK_TIMEOUT_S
 ) -> float | None:
-    """Measure GPU ``gpu_index`` (an NVML index), or the CPU for None, in a child process.
+    """Measure GPU ``gpu_index`` (an NVML index), or the CPU for None, in a child process,
+    for about ``seconds`` after torch is imported.
 
     Returns TFLOP/s, or None when torch is missing, the device is unusable or the child
     fails or outlives ``timeout`` (it is killed then); the reason is logged.
@@ -96,18 +97,22 @@ async def run_benchmark(
         "-m",
         "provider_host.benchmark",
         device,
+        "--seconds",
+        str(seconds),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=env,
     )
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
-    except (asyncio.TimeoutError, asyncio.CancelledError):
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
+    except asyncio.TimeoutError:
         log.warning("benchmark of %s took longer than %g s; publishing none", device, timeout)
         return None
+    finally:
+        if proc.returncode is None:  # timed out, or the host is shutting down
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.shield(proc.wait())
     what = "the CPU" if gpu_index is None else f"GPU {gpu_index}"
     try:
         if proc.returncode != 0:
