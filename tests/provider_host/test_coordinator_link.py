@@ -187,3 +187,16 @@ async def test_a_relink_in_time_keeps_the_lease_live_and_the_kernel_running(
         assert lease is not None and lease.state is LeaseState.ACTIVE
     finally:
         await client.disconnect()
+
+
+async def test_a_cpu_host_with_torch_publishes_a_measured_cpu_benchmark(
+    coordinator: CoordinatorServer, market_host: HostFactory
+) -> None:
+    pytest.importorskip("torch")
+    host = await market_host(benchmark=True)  # waits for the benchmark, then the link
+    assert set(host.benchmarks) == {CPU_LABEL} and host.benchmarks[CPU_LABEL] > 0
+    async with CoordinatorClient(coordinator.url) as client:
+        offers = await client.offers()
+    (row,) = offers["types"]
+    assert row["benchmark_tflops"] == host.benchmarks[CPU_LABEL]
+    assert row["simulated"] is False
