@@ -214,6 +214,9 @@ class CoordinatorLink:
             except asyncio.TimeoutError:
                 self.last_error = "the coordinator did not answer in time"
                 self.log.warning("coordinator link to %s: %s", self.url, self.last_error)
+            except Exception as exc:  # never stop relinking: the kernels depend on it
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.log.exception("coordinator link to %s failed", self.url)
             self._notify()
             if self.links > links:
                 delay = _FIRST_BACKOFF  # it was up: come back fast

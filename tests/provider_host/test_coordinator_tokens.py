@@ -40,9 +40,9 @@ def workspaces(root: Path) -> list[Path]:
     return list(root.iterdir()) if root.exists() else []
 
 
-async def refused(client: TunnelClient, **kw: object) -> Refused:
+async def refused(client: TunnelClient, *, resume: bool = False) -> Refused:
     with pytest.raises(Refused) as info:
-        await client.connect(**kw)  # type: ignore[arg-type]
+        await client.connect(resume=resume)
     return info.value
 
 
