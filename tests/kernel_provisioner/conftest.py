@@ -3,6 +3,13 @@ kernelspecs in a temporary JUPYTER_PATH, kernels started through jupyter_client'
 AsyncKernelManager, a loopback proxy the test can cut, and helpers that run cells through a
 real AsyncKernelClient. Nothing is mocked: every test talks to real processes over loopback.
 
+For leases: :func:`start_coordinator_process` runs ``jupyter io coordinator`` as a subprocess
+(:class:`CoordinatorProcess`, which can restart on the same port and database),
+:func:`start_provider_host` with ``--ProviderConfig.coordinator_url`` joins a provider to it,
+:func:`wait_for_offers` waits until the coordinator lists a provider's offers, and
+:class:`ThreadedProxy` is a :class:`CuttableProxy` on a thread of its own, for module-scoped
+setups whose proxy must outlive one test's event loop.
+
 The suite runs with ``--import-mode=importlib``, so test modules cannot import from here:
 helpers reach them as fixtures (``cells``, ``processes``).
 """
@@ -13,10 +20,12 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +38,18 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 from solders.keypair import Keypair
 
+from jupyter_io.coordinator.client import CoordinatorClient
 from jupyter_io.identity import write_keypair
 
 HOST_READY_TIMEOUT = 30.0
 LISTENING = "jupyter-io provider listening on "
+COORDINATOR_LISTENING = "jupyter-io coordinator listening on "
+#: Runs ``jupyter io coordinator`` with the arguments that follow (no console script needed).
+COORDINATOR_COMMAND = [
+    sys.executable,
+    "-c",
+    "from jupyter_io.coordinator.app import CoordinatorApp; CoordinatorApp.launch_instance()",
+]
 
 
 @dataclass
@@ -45,6 +62,8 @@ class ProviderHost:
     user_keypair_path: Path
     workspace: Path
     stderr_lines: list[str] = field(default_factory=list)
+    #: The host's own public key (base58).
+    pubkey: str = ""
 
     def descendants(self) -> list[psutil.Process]:
         """Every live process the host started (its kernels, and theirs)."""
@@ -69,11 +88,14 @@ def _wait_gone_sync(procs: list[psutil.Process], timeout: float) -> list[psutil.
     return [p for p in alive if _alive(p)]
 
 
-def start_provider_host(tmp: Path, extra_args: list[str]) -> ProviderHost:
+def start_provider_host(
+    tmp: Path, extra_args: list[str], listen: str = "127.0.0.1:0"
+) -> ProviderHost:
     tmp.mkdir(parents=True, exist_ok=True)
     user_key = Keypair()
     user_path = write_keypair(user_key, tmp / "user.json")
-    host_path = write_keypair(Keypair(), tmp / "host.json")
+    host_key = Keypair()
+    host_path = write_keypair(host_key, tmp / "host.json")
     workspace = tmp / "workspace"
     workspace.mkdir(exist_ok=True)
     cmd = [
@@ -81,7 +103,7 @@ def start_provider_host(tmp: Path, extra_args: list[str]) -> ProviderHost:
         "-m",
         "provider_host",
         "--listen",
-        "127.0.0.1:0",
+        listen,
         "--allow",
         str(user_key.pubkey()),
         "--keypair",
@@ -126,7 +148,7 @@ def start_provider_host(tmp: Path, extra_args: list[str]) -> ProviderHost:
         )
     url = found[0]
     port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
-    return ProviderHost(proc, url, port, user_path, workspace, stderr_lines)
+    return ProviderHost(proc, url, port, user_path, workspace, stderr_lines, str(host_key.pubkey()))
 
 
 def stop_provider_host(host: ProviderHost) -> None:
@@ -143,6 +165,142 @@ def stop_provider_host(host: ProviderHost) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     assert not survivors, f"kernels outlived the provider host: {survivors}\n{host.stderr()}"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for a server that must know its port first)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class CoordinatorProcess:
+    """A ``jupyter io coordinator`` subprocess; :meth:`restart` brings it back on the same
+    port and database (a coordinator restart, as an operator's upgrade does)."""
+
+    data_dir: Path
+    args: list[str]
+    proc: subprocess.Popen[str] | None = None
+    #: ``http://127.0.0.1:PORT``: where it listens (REST calls and the provider link).
+    url: str = ""
+    #: The URL it advertises (its ``--public-url``, else :attr:`url`): the relay's base.
+    public_url: str = ""
+    port: int = 0
+    stderr_lines: list[str] = field(default_factory=list)
+
+    def start(self) -> None:
+        listen = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [*COORDINATOR_COMMAND, "--listen", listen, "--data-dir", str(self.data_dir),
+             *self.args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        found = _read_ready_line(self.proc, COORDINATOR_LISTENING, self.stderr_lines)
+        if found is None:
+            self.stop()
+            pytest.fail(f"coordinator did not start:\n{''.join(self.stderr_lines[-60:])}")
+        self.public_url = found
+        if not self.port:
+            # Where it really listens: the port it bound (--public-url may name a proxy).
+            self.port = _listening_port(self.proc.pid)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def stderr(self) -> str:
+        return "".join(self.stderr_lines[-60:])
+
+
+def _read_ready_line(
+    proc: subprocess.Popen[str], prefix: str, stderr_lines: list[str]
+) -> str | None:
+    """Wait for ``prefix`` on ``proc``'s stdout (keep draining both pipes afterwards);
+    return the rest of that line, or None if the process ended or took too long."""
+    ready = threading.Event()
+    found: list[str] = []
+
+    def read_stdout() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if not found and line.startswith(prefix):
+                found.append(line[len(prefix) :].strip())
+                ready.set()
+        ready.set()
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            stderr_lines.append(line)
+
+    threading.Thread(target=read_stdout, daemon=True).start()
+    threading.Thread(target=read_stderr, daemon=True).start()
+    ready.wait(HOST_READY_TIMEOUT)
+    return found[0] if found else None
+
+
+def _listening_port(pid: int) -> int:
+    ports = [
+        c.laddr.port
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN
+    ]
+    assert len(ports) == 1, f"coordinator listens on {ports}"
+    return int(ports[0])
+
+
+def start_coordinator_process(
+    data_dir: Path, *args: str, public_url: str = ""
+) -> CoordinatorProcess:
+    """Start a coordinator on a free loopback port with its SQLite database in ``data_dir``.
+
+    The offers list is not cached (tests look at it right after a change); ``public_url``
+    makes it advertise another address (a proxy in front of it) for its relay.
+    """
+    extra = ["--CoordinatorConfig.offers_cache_ttl=0", *args]
+    if public_url:
+        extra += ["--public-url", public_url]
+    coordinator = CoordinatorProcess(data_dir, extra)
+    coordinator.start()
+    return coordinator
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def wait_for_offers(coordinator_url: str, provider: str, timeout: float = 30.0) -> list[Any]:
+    """Poll the coordinator's offers (it publishes no event a test could await) until
+    ``provider`` has linked and offers something; return that provider's offer rows."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [
+            row
+            for row in get_json(f"{coordinator_url}/api/v1/offers")["providers"]
+            if row["provider"] == provider
+        ]
+        if rows:
+            return rows
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"provider {provider} did not link within {timeout} s")
+        time.sleep(0.05)
 
 
 @dataclass
@@ -172,6 +330,32 @@ class KernelSpecs:
                     "provisioner_name": "io-remote",
                     "config": {
                         "provider_url": provider_url,
+                        "keypair_path": str(keypair_path),
+                        **config,
+                    },
+                }
+            },
+        }
+        (spec_dir / "kernel.json").write_text(json.dumps(spec))
+        return name
+
+    def install_lease(
+        self, name: str, coordinator_url: str, keypair_path: Path | str, **config: Any
+    ) -> str:
+        """A kernelspec that leases through the coordinator (``gpu=``, ``max_price_per_hour=``,
+        ... as provisioner traits)."""
+        spec_dir = self.root / "kernels" / name
+        spec_dir.mkdir(parents=True, exist_ok=True)
+        spec = {
+            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": f"Leased ({name})",
+            "language": "python",
+            "interrupt_mode": "signal",
+            "metadata": {
+                "kernel_provisioner": {
+                    "provisioner_name": "io-remote",
+                    "config": {
+                        "coordinator_url": coordinator_url,
                         "keypair_path": str(keypair_path),
                         **config,
                     },
@@ -248,6 +432,48 @@ class CuttableProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+class ThreadedProxy:
+    """A :class:`CuttableProxy` served by an event loop on its own thread, so it outlives the
+    event loop of any one test (module-scoped fixtures). Same :meth:`cut` / :meth:`restore`."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._proxy = CuttableProxy("127.0.0.1", 0)
+        self._call(self._proxy.start())
+        self.port = self._proxy.port
+
+    def _call(self, coro: Awaitable[Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)  # type: ignore[arg-type]
+
+    def forward_to(self, port: int) -> None:
+        """Send what arrives from now on to 127.0.0.1:``port``."""
+        self._proxy.upstream = ("127.0.0.1", port)
+
+    @property
+    def connections_accepted(self) -> int:
+        return self._proxy.connections_accepted
+
+    def cut(self) -> None:
+        async def cut() -> None:
+            self._proxy.cut()
+
+        self._call(cut())
+
+    def restore(self) -> None:
+        async def restore() -> None:
+            self._proxy.restore()
+
+        self._call(restore())
+
+    def close(self) -> None:
+        self._call(self._proxy.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
 
 
 @dataclass
@@ -484,3 +710,113 @@ def cells() -> Cells:
 @pytest.fixture
 def processes() -> Processes:
     return Processes()
+
+
+# -- a marketplace: a coordinator and providers linked to it ----------------------------------
+
+#: Provider flags for the lease tests: no benchmark before linking (it imports torch, seconds
+#: the tests need not spend), relink quickly after a coordinator restart.
+MARKET_PROVIDER_ARGS = ["--no-benchmark", "--ProviderConfig.link_backoff_max=0.5"]
+
+
+def join_provider(
+    tmp: Path, coordinator: CoordinatorProcess, *args: str, public: bool = False
+) -> ProviderHost:
+    """A provider host linked to ``coordinator``; ``public``: it advertises its tunnel URL
+    (clients connect directly), else clients come through the coordinator's relay. Returns
+    once the coordinator lists its offers."""
+    extra = [*MARKET_PROVIDER_ARGS, "--coordinator", coordinator.url, *args]
+    listen = "127.0.0.1:0"
+    if public:
+        port = free_port()
+        listen = f"127.0.0.1:{port}"
+        extra += ["--public-url", f"ws://{listen}/tunnel"]
+    host = start_provider_host(tmp, extra, listen)
+    try:
+        wait_for_offers(coordinator.url, host.pubkey)
+    except TimeoutError as exc:
+        stop_provider_host(host)
+        pytest.fail(f"{exc}\nprovider:\n{host.stderr()}\ncoordinator:\n{coordinator.stderr()}")
+    return host
+
+
+@dataclass
+class Market:
+    """A coordinator, the providers linked to it, and a user's keypair."""
+
+    coordinator: CoordinatorProcess
+    #: No public URL: reached through the relay. Offers one RTX 4090 at 0.12 SOL/h.
+    relayed: ProviderHost
+    #: Reached directly: one RTX 4090 at 0.2 SOL/h and one A100 at 0.9 SOL/h.
+    direct: ProviderHost
+    user_keypair_path: Path
+    user: Keypair
+    #: In front of the coordinator's relay (its advertised URL), or None.
+    proxy: ThreadedProxy | None = None
+
+    def client(self) -> CoordinatorClient:
+        """A coordinator client signing as the user (close it after use)."""
+        return CoordinatorClient(self.coordinator.url, self.user, timeout=15)
+
+    def status(self) -> dict[str, Any]:
+        return get_json(f"{self.coordinator.url}/api/v1/status")  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        for host in (self.relayed, self.direct):
+            with contextlib.suppress(Exception):
+                stop_provider_host(host)
+        self.coordinator.stop()
+        if self.proxy is not None:
+            self.proxy.close()
+
+
+def build_market(tmp: Path, *, proxy: bool) -> Market:
+    """Start a coordinator (behind a :class:`ThreadedProxy` for its relay when ``proxy``)
+    and two providers linked to it (see :class:`Market`)."""
+    front = ThreadedProxy() if proxy else None
+    public_url = f"http://127.0.0.1:{front.port}" if front is not None else ""
+    coordinator = start_coordinator_process(tmp / "coordinator", public_url=public_url)
+    if front is not None:
+        front.forward_to(coordinator.port)
+    user = Keypair()
+    user_path = write_keypair(user, tmp / "user.json")
+    relayed = direct = None
+    try:
+        relayed = join_provider(
+            tmp / "relayed", coordinator, "--simulate-gpu", "RTX 4090:24", "--price", "0.12"
+        )
+        direct = join_provider(
+            tmp / "direct", coordinator, "--simulate-gpu", "RTX 4090:24",
+            "--simulate-gpu", "A100:80", "--price", "0.9", "--gpu-price", "RTX 4090=0.2",
+            public=True,
+        )  # fmt: skip
+    except BaseException:
+        for host in (relayed, direct):
+            if host is not None:
+                stop_provider_host(host)
+        coordinator.stop()
+        if front is not None:
+            front.close()
+        raise
+    return Market(coordinator, relayed, direct, user_path, user, front)
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
+    """One marketplace for a module's lease tests, its relay behind a cuttable proxy.
+    Tests must leave no lease behind (the start_kernel fixture shuts kernels down)."""
+    built = build_market(tmp_path_factory.mktemp("market"), proxy=True)
+    try:
+        yield built
+    finally:
+        built.stop()
+
+
+@pytest.fixture
+def own_market(tmp_path: Path) -> Iterator[Market]:
+    """A marketplace of the test's own (to restart its coordinator, say)."""
+    built = build_market(tmp_path / "market", proxy=False)
+    try:
+        yield built
+    finally:
+        built.stop()
