@@ -44,7 +44,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "demo": (
         "jupyter_io.app.DemoApp",
-        "Run a provider, its kernelspec and JupyterLab on this machine, all in one.",
+        "Run a coordinator, a provider joined to it, their kernelspecs and JupyterLab on this "
+        "machine, all in one.",
     ),
     "coordinator": (
         "jupyter_io.coordinator.app.CoordinatorApp",
@@ -276,10 +277,12 @@ class DemoApp(IOCommand):
 
     name = "jupyter io demo"
     description = (
-        "Run a provider host on loopback, install the jupyter-io-demo kernelspec for it and "
-        "start JupyterLab; Ctrl-C stops them all and removes the kernelspec. Options this "
-        "command does not know (e.g. --no-browser) are passed on to JupyterLab, and so is "
-        "everything after --."
+        "Run the marketplace coordinator and a provider host joined to it on loopback (the "
+        "provider offers simulated GPUs and is reached through the coordinator's relay), "
+        "install one kernelspec per GPU type on offer, each leasing through the coordinator, "
+        "and start JupyterLab; Ctrl-C stops them all in reverse order and removes the "
+        "kernelspecs. Options this command does not know (e.g. --no-browser) are passed on to "
+        "JupyterLab, and so is everything after --."
     )
     examples = """jupyter io demo
 jupyter io demo --no-browser --port 8890
@@ -289,10 +292,14 @@ jupyter io demo --no-lab --data-dir /tmp/io-demo"""
         **base_aliases,
         "data-dir": "Demo.data_dir",
         "port": "Demo.port",
+        "coordinator-port": "Demo.coordinator_port",
         "provider-port": "Demo.provider_port",
     }
     flags = {
-        "no-lab": ({"Demo": {"lab": False}}, "Run only the provider and the kernelspec."),
+        "no-lab": (
+            {"Demo": {"lab": False}},
+            "Run only the coordinator, the provider and the kernelspecs.",
+        ),
         "debug": base_flags["debug"],
     }
 

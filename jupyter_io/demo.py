@@ -1,17 +1,24 @@
-"""``jupyter io demo``: a whole jupyter-io setup on this machine, in one command.
+"""``jupyter io demo``: a whole jupyter-io marketplace on this machine, in one command.
 
 The demo is an ordered list of :class:`Service` objects, started in order and stopped in
-reverse (so JupyterLab shuts its kernels down while their provider still runs):
+reverse (so JupyterLab shuts its kernels down while their provider and the coordinator still
+run, and the provider reports its sessions' end to a coordinator that still listens):
 
-1. :class:`ProviderService`: a provider host (``python -m provider_host``) on loopback that
-   accepts only the demo user's key, with demo keypairs and a workspace in the data dir;
-2. :class:`KernelspecService`: the ``jupyter-io-demo`` kernelspec pointing at it, installed in
-   ``sys.prefix`` so the Jupyter of this environment finds it, removed again on the way out;
-3. :class:`LabService`: JupyterLab on loopback (left out with ``--no-lab``).
+1. :class:`CoordinatorService`: the marketplace coordinator (``jupyter io coordinator``) on
+   loopback, its SQLite database and keypair in the data dir;
+2. :class:`ProviderService`: a provider host (``python -m provider_host``) registered with it.
+   It gets no public URL, so clients reach it through the coordinator's relay, as they would
+   a gamer's PC behind a home router. It offers its CPU and simulated GPUs
+   (``--simulate-gpu "RTX 4090:24"``), always labelled simulated;
+3. :class:`KernelspecsService`: one lease-mode kernelspec per GPU type on offer
+   (``jupyter-io-demo-rtx-4090``: "Python 3 · RTX 4090 24 GB (simulated) · 0.12 SOL/h"),
+   installed in ``sys.prefix`` so the Jupyter of this environment finds them, removed again
+   on the way out. Each kernel started from one leases its GPU through the coordinator;
+4. :class:`LabService`: JupyterLab on loopback (left out with ``--no-lab``).
 
-Later steps of the product (coordinator, ledger, GPU picker) join as more services in this
-list. Ctrl-C or SIGTERM stops everything; a second Ctrl-C kills what is still running at once.
-Build a :class:`Demo` (a traitlets Configurable) and ``await demo.run()``.
+Later steps of the product (ledger, GPU picker) join as more services in this list. Ctrl-C or
+SIGTERM stops everything; a second Ctrl-C kills what is still running at once. Build a
+:class:`Demo` (a traitlets Configurable) and ``await demo.run()``.
 """
 
 from __future__ import annotations
@@ -37,19 +44,29 @@ from traitlets.config import LoggingConfigurable
 
 from .errors import ConfigError, JupyterIOError
 from .identity import load_or_create_keypair
-from .kernelspec import install_kernelspec
+from .kernelspec import install_lease_kernelspec
+from .payments.amounts import format_sol
 
 __all__ = [
     "READY_LINE",
+    "CoordinatorService",
     "Demo",
-    "KernelspecService",
+    "KernelspecsService",
     "LabService",
     "ProviderService",
     "Service",
+    "demo_display_name",
 ]
 
 #: The demo prints this line (then details) once every service is up.
 READY_LINE = "jupyter-io demo ready"
+
+#: Runs ``jupyter io coordinator`` with the arguments that follow, from this Python (the
+#: coordinator package has no ``__main__``, and a console script may not be on PATH).
+COORDINATOR_COMMAND = (
+    "from jupyter_io.coordinator.app import CoordinatorApp; CoordinatorApp.launch_instance()"
+)
+_COORDINATOR_LISTENING = re.compile(r"^jupyter-io coordinator listening on (?P<url>https?://\S+)")
 
 # What the provider host prints on stdout before it accepts tunnels: its inventory, one
 # device a line ("  gpu 0: MODEL, 80.0 GiB VRAM" or "  cpu: cpu (no GPU), 2 cores"), then the
@@ -124,11 +141,12 @@ class _Process(Service):
             await _first(proc.wait(), timeout=5)
 
 
-class ProviderService(_Process):
-    """A provider host on loopback. After :meth:`start`, :attr:`url` is its tunnel URL and
-    :attr:`offer` what its inventory lists (e.g. ``cpu (no GPU)``, ``2 x A100``)."""
+class _Announcing(_Process):
+    """A child that prints a ready line on stdout once usable: :meth:`start` echoes its
+    stdout until :meth:`_ready` says so, then keeps draining the pipe in the background (its
+    logs, on stderr, go straight to the terminal)."""
 
-    name = "provider"
+    what = "the process"
 
     def __init__(
         self,
@@ -142,48 +160,46 @@ class ProviderService(_Process):
         super().__init__(argv, stop_timeout=stop_timeout, log=log)
         self.start_timeout = start_timeout
         self.echo = echo or sys.stdout
-        self.url = ""
-        self.offer = ""
         self._pump: asyncio.Task[None] | None = None
 
+    def _ready(self, line: str) -> bool:
+        """Look at one line of stdout; True once it says the process is ready."""
+        raise NotImplementedError
+
+    def _timeout_hint(self) -> str:
+        return ""
+
+    async def _announced(self) -> None:
+        """What else must hold before the service counts as started (after the line)."""
+
     async def start(self) -> None:
-        # Only stdout is piped, to find the listening line; the host's logs (stderr) go
-        # straight to the terminal.
         proc = await self.spawn(stdout=asyncio.subprocess.PIPE)
         assert proc.stdout is not None
         try:
-            await asyncio.wait_for(self._read_until_listening(proc.stdout), self.start_timeout)
+            await asyncio.wait_for(self._read_until_ready(proc.stdout), self.start_timeout)
+            # Keep draining its stdout, or it would block once the pipe fills.
+            self._pump = asyncio.create_task(self._echo_rest(proc.stdout))
+            await asyncio.wait_for(self._announced(), self.start_timeout)
         except asyncio.TimeoutError:
             raise JupyterIOError(
-                f"the provider host did not report listening within {self.start_timeout:g} s "
-                f"(raise Demo.provider_start_timeout if this machine is slow): "
+                f"{self.what} did not report {self._timeout_hint() or 'listening'} within "
+                f"{self.start_timeout:g} s (raise the start timeout if this machine is slow): "
                 f"{' '.join(self.argv)}"
             ) from None
-        # Keep draining its stdout, or it would block once the pipe fills.
-        self._pump = asyncio.create_task(self._echo_rest(proc.stdout))
 
-    def describe(self) -> list[str]:
-        offer = f" offering {self.offer}" if self.offer else ""
-        return [f"  provider:   {self.url}{offer}"]
-
-    async def _read_until_listening(self, stream: asyncio.StreamReader) -> None:
-        devices: list[tuple[bool, str]] = []  # (is the CPU, model)
+    async def _read_until_ready(self, stream: asyncio.StreamReader) -> None:
         while True:
             raw = await stream.readline()
             if not raw:
                 code = await self.ended()
                 raise JupyterIOError(
-                    f"the provider host exited with code {code} before listening; its "
-                    f"messages are above. Command: {' '.join(self.argv)}"
+                    f"{self.what} exited with code {code} before listening; its messages are "
+                    f"above. Command: {' '.join(self.argv)}"
                 )
             line = raw.decode(errors="replace")
             self.echo.write(line)
             self.echo.flush()
-            if device := _DEVICE.match(line):
-                devices.append((device["kind"] == "cpu", device["model"]))
-            if listening := _LISTENING.match(line):
-                self.url = listening["url"]
-                self.offer = _describe_offer(devices)
+            if self._ready(line):
                 return
 
     async def _echo_rest(self, stream: asyncio.StreamReader) -> None:
@@ -194,59 +210,186 @@ class ProviderService(_Process):
     async def stop(self, hurry: asyncio.Event) -> None:
         await super().stop(hurry)
         if self._pump is not None:
-            # EOF comes once the host is gone (and any kernel that inherited the pipe, which
-            # dies with its host); don't wait forever on a straggler.
+            # EOF comes once the process is gone (and any kernel that inherited the pipe,
+            # which dies with its host); don't wait forever on a straggler.
             await _first(self._pump, hurry.wait(), timeout=5)
 
 
-class KernelspecService(Service):
-    """Installs the kernelspec for ``provider`` on start and removes exactly that directory
-    on stop."""
+class CoordinatorService(_Announcing):
+    """The marketplace coordinator on loopback. After :meth:`start`, :attr:`url` is its
+    ``http://127.0.0.1:PORT``."""
 
-    name = "kernelspec"
+    name = "coordinator"
+    what = "the coordinator"
+
+    def __init__(self, argv: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(argv, **kwargs)
+        self.url = ""
+
+    def _ready(self, line: str) -> bool:
+        if listening := _COORDINATOR_LISTENING.match(line):
+            self.url = listening["url"]
+            return True
+        return False
+
+    def describe(self) -> list[str]:
+        return [f"  coordinator: {self.url}"]
+
+
+class ProviderService(_Announcing):
+    """A provider host on loopback. After :meth:`start`, :attr:`url` is its tunnel URL and
+    :attr:`offer` what its inventory lists (e.g. ``cpu (no GPU)``, ``2 x A100``).
+
+    With a ``coordinator``, the host is told to join it (``--coordinator URL``, added to
+    ``argv`` on start, when the coordinator's URL is known), and :meth:`start` returns only
+    once the coordinator lists the offers of ``pubkey`` (the host's key): then they can be
+    leased.
+    """
+
+    name = "provider"
+    what = "the provider host"
 
     def __init__(
         self,
-        provider: ProviderService,
+        argv: Sequence[str],
+        *,
+        coordinator: CoordinatorService | None = None,
+        pubkey: str = "",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(argv, **kwargs)
+        self.coordinator = coordinator
+        self.pubkey = pubkey
+        self.url = ""
+        self.offer = ""
+        #: This host's offers as the coordinator lists them (with a coordinator).
+        self.offers: list[dict[str, Any]] = []
+        self._devices: list[tuple[bool, str]] = []  # (is the CPU, model)
+        self._linking = False
+
+    async def start(self) -> None:
+        if self.coordinator is not None:
+            self.argv += ["--coordinator", self.coordinator.url]
+        await super().start()
+
+    def _ready(self, line: str) -> bool:
+        if device := _DEVICE.match(line):
+            self._devices.append((device["kind"] == "cpu", device["model"]))
+        if listening := _LISTENING.match(line):
+            self.url = listening["url"]
+            self.offer = _describe_offer(self._devices)
+            return True
+        return False
+
+    def _timeout_hint(self) -> str:
+        if self._linking and self.coordinator is not None:
+            return f"its offers at the coordinator {self.coordinator.url}"
+        return ""
+
+    async def _announced(self) -> None:
+        if self.coordinator is None:
+            return
+        from .coordinator.client import CoordinatorClient
+
+        self._linking = True
+        proc = self.proc
+        assert proc is not None
+        async with CoordinatorClient(self.coordinator.url, timeout=10) as client:
+            # The coordinator publishes no event for a provider joining; asking its offers
+            # list is what a user would do, so ask until ours are there.
+            while not self.offers:
+                if proc.returncode is not None:
+                    raise JupyterIOError(
+                        f"the provider host exited with code {proc.returncode} before it "
+                        f"joined the coordinator; its messages are above"
+                    )
+                body = await client.offers()
+                self.offers = [o for o in body["providers"] if o["provider"] == self.pubkey]
+                if not self.offers:
+                    await asyncio.sleep(0.1)
+
+    def describe(self) -> list[str]:
+        offer = f" offering {self.offer}" if self.offer else ""
+        route = ", reached through the coordinator's relay" if self.coordinator else ""
+        return [f"  provider:    {self.url}{offer}{route}"]
+
+
+class KernelspecsService(Service):
+    """Installs one lease-mode kernelspec per GPU type the coordinator has on offer
+    (``KERNEL_NAME-rtx-4090``, ...) on start, and removes exactly those directories on stop."""
+
+    name = "kernelspecs"
+
+    def __init__(
+        self,
+        coordinator: CoordinatorService,
         *,
         kernel_name: str,
         keypair_path: Path,
-        provider_pubkey: str,
         prefix: str,
         log: Any,
     ) -> None:
-        self.provider = provider
+        self.coordinator = coordinator
         self.kernel_name = kernel_name
         self.keypair_path = keypair_path
-        self.provider_pubkey = provider_pubkey
         self.prefix = prefix
         self.log = log
-        self.display_name = ""
-        self.installed: str | None = None
+        #: ``(kernel name, display name, directory)`` of each installed kernelspec.
+        self.installed: list[tuple[str, str, str]] = []
 
     def describe(self) -> list[str]:
-        return [
-            f"  kernelspec: {self.kernel_name} ({self.display_name!r}) in {self.installed}",
-            f"  user key:   {self.keypair_path}",
+        lines = [
+            f"  kernelspec:  {name} ({display!r}) in {path}"
+            for name, display, path in self.installed
         ]
+        return [*lines, f"  user key:    {self.keypair_path}"]
 
     async def start(self) -> None:
-        offer = f" ({self.provider.offer})" if self.provider.offer else ""
-        self.display_name = f"Python 3 · jupyter-io demo provider{offer}"
-        self.installed = install_kernelspec(
-            self.kernel_name,
-            self.provider.url,
-            self.keypair_path,
-            display_name=self.display_name,
-            provider_pubkey=self.provider_pubkey,
-            prefix=self.prefix,
-        )
+        from .coordinator.client import CoordinatorClient
+
+        async with CoordinatorClient(self.coordinator.url, timeout=10) as client:
+            types = (await client.offers())["types"]
+        if not types:
+            raise JupyterIOError(f"the coordinator at {self.coordinator.url} has nothing on offer")
+        for offer in types:
+            name = f"{self.kernel_name}-{_slug(offer['display'])}"
+            display = demo_display_name(offer)
+            path = install_lease_kernelspec(
+                name,
+                self.coordinator.url,
+                self.keypair_path,
+                gpu=offer["display"],
+                display_name=display,
+                prefix=self.prefix,
+            )
+            self.installed.append((name, display, path))
 
     async def stop(self, hurry: asyncio.Event) -> None:
-        if self.installed is not None:
-            shutil.rmtree(self.installed, ignore_errors=True)
-            self.log.info("kernelspec: removed %s", self.installed)
-            self.installed = None
+        for _, _, path in self.installed:
+            shutil.rmtree(path, ignore_errors=True)
+            self.log.info("kernelspecs: removed %s", path)
+        self.installed = []
+
+
+def demo_display_name(offer: dict[str, Any]) -> str:
+    """``Python 3 · RTX 4090 24 GB (simulated) · 0.12 SOL/h`` for a type of the offers list
+    (the cheapest price; memory left out for the CPU)."""
+    parts = [str(offer["display"])]
+    vram = int(offer.get("vram_bytes") or 0)
+    if vram:
+        parts.append(f"{vram / (1 << 30):g} GB")
+    if offer.get("simulated"):
+        parts.append("(simulated)")
+    name = f"Python 3 · {' '.join(parts)}"
+    price = offer.get("price_min")
+    if price is None:
+        price = offer.get("price_median")
+    return name if price is None else f"{name} · {format_sol(int(price))}/h"
+
+
+def _slug(text: str) -> str:
+    """``rtx-4090`` for ``RTX 4090``: what a kernel name may hold."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
 
 
 class LabService(_Process):
@@ -274,17 +417,32 @@ class Demo(LoggingConfigurable):
 
     lab = Bool(
         True,
-        help="Start JupyterLab. Without it, run only the provider and the kernelspec until Ctrl-C.",
+        help="Start JupyterLab. Without it, run only the coordinator, the provider and the "
+        "kernelspecs until Ctrl-C.",
     ).tag(config=True)
     port = Int(8888, help="JupyterLab's port (it tries the next ones if taken).").tag(config=True)
+    coordinator_port = Int(0, help="The coordinator's port on 127.0.0.1 (0: any free one).").tag(
+        config=True
+    )
     provider_port = Int(0, help="The provider host's port on 127.0.0.1 (0: any free one).").tag(
         config=True
     )
-    kernel_name = Unicode("jupyter-io-demo", help="Name of the kernelspec the demo installs.").tag(
-        config=True
-    )
+    simulate_gpus = List(
+        Unicode(),
+        default_value=["RTX 4090:24"],
+        help="GPUs the demo's provider pretends to have, as MODEL:VRAM_GB; they are always "
+        "marked simulated (its CPU is offered too when it has no real GPU).",
+    ).tag(config=True)
+    price = Unicode(
+        "0.12", help="The demo provider's price in SOL per GPU-hour (exact to the lamport)."
+    ).tag(config=True)
+    kernel_name = Unicode(
+        "jupyter-io-demo",
+        help="Prefix of the kernelspecs' names: one per GPU type on offer, e.g. "
+        "jupyter-io-demo-rtx-4090.",
+    ).tag(config=True)
     kernelspec_prefix = Unicode(
-        help="Prefix the kernelspec is installed under (PREFIX/share/jupyter/kernels); "
+        help="Prefix the kernelspecs are installed under (PREFIX/share/jupyter/kernels); "
         "default sys.prefix, where this environment's Jupyter looks.",
     ).tag(config=True)
 
@@ -293,10 +451,24 @@ class Demo(LoggingConfigurable):
         return sys.prefix
 
     lab_args = List(Unicode(), help="Extra command-line arguments for JupyterLab.").tag(config=True)
+    coordinator_command = List(
+        Unicode(),
+        help="How to run the coordinator; the demo appends --listen, --data-dir and "
+        "coordinator_args. Default: `jupyter io coordinator` from this Python.",
+    ).tag(config=True)
+
+    @default("coordinator_command")
+    def _coordinator_command_default(self) -> list[str]:
+        return [sys.executable, "-c", COORDINATOR_COMMAND]
+
+    coordinator_args = List(
+        Unicode(), help="Extra command-line arguments for the coordinator."
+    ).tag(config=True)
     provider_command = List(
         Unicode(),
-        help="How to run the provider host; the demo appends --listen, --allow, --keypair, "
-        "--workspace and provider_args. Default: this Python's `-m provider_host`.",
+        help="How to run the provider host; the demo appends --listen, --keypair, --workspace, "
+        "--simulate-gpu, the price, provider_args and the coordinator's URL. Default: this "
+        "Python's `-m provider_host`.",
     ).tag(config=True)
 
     @default("provider_command")
@@ -306,8 +478,13 @@ class Demo(LoggingConfigurable):
     provider_args = List(Unicode(), help="Extra command-line arguments for the provider host.").tag(
         config=True
     )
+    coordinator_start_timeout = Float(
+        60.0, help="Seconds to wait for the coordinator to listen (it migrates its database)."
+    ).tag(config=True)
     provider_start_timeout = Float(
-        120.0, help="Seconds to wait for the provider host to listen (it probes the GPU first)."
+        120.0,
+        help="Seconds to wait for the provider host to listen, and again for it to join the "
+        "coordinator (it probes the GPU and measures a benchmark first).",
     ).tag(config=True)
     stop_timeout = Float(
         30.0, help="Seconds each process gets to stop cleanly before it is killed."
@@ -319,35 +496,54 @@ class Demo(LoggingConfigurable):
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
         user_key = data / "user-keypair.json"
         provider_key = data / "provider-keypair.json"
-        user = load_or_create_keypair(user_key)
+        load_or_create_keypair(user_key)
         host = load_or_create_keypair(provider_key)
         workspace = data / "workspace"
         workspace.mkdir(exist_ok=True)
 
+        coordinator = CoordinatorService(
+            [
+                *self.coordinator_command,
+                "--listen",
+                f"127.0.0.1:{self.coordinator_port}",
+                "--data-dir",
+                str(data / "coordinator"),
+                # One user: no need to cache the offers list, and the demo waits on it.
+                "--CoordinatorConfig.offers_cache_ttl=0",
+                *self.coordinator_args,
+            ],
+            start_timeout=self.coordinator_start_timeout,
+            stop_timeout=self.stop_timeout,
+            log=self.log,
+        )
+        simulated = [arg for spec in self.simulate_gpus for arg in ("--simulate-gpu", spec)]
         provider = ProviderService(
             [
                 *self.provider_command,
                 "--listen",
                 f"127.0.0.1:{self.provider_port}",
-                "--allow",
-                str(user.pubkey()),
                 "--keypair",
                 str(provider_key),
                 "--workspace",
                 str(workspace),
+                *simulated,
+                "--price",
+                self.price,
                 *self.provider_args,
             ],
+            coordinator=coordinator,
+            pubkey=str(host.pubkey()),
             start_timeout=self.provider_start_timeout,
             stop_timeout=self.stop_timeout,
             log=self.log,
         )
         services: list[Service] = [
+            coordinator,
             provider,
-            KernelspecService(
-                provider,
+            KernelspecsService(
+                coordinator,
                 kernel_name=self.kernel_name,
                 keypair_path=user_key,
-                provider_pubkey=str(host.pubkey()),
                 prefix=self.kernelspec_prefix,
                 log=self.log,
             ),
@@ -378,7 +574,7 @@ class Demo(LoggingConfigurable):
         if self.lab and importlib.util.find_spec("jupyterlab") is None:
             raise ConfigError(
                 "JupyterLab is not installed here: `pip install -e '.[lab]'`, or run "
-                "`jupyter io demo --no-lab` for the provider and kernelspec alone"
+                "`jupyter io demo --no-lab` for the coordinator, provider and kernelspecs alone"
             )
         stop = asyncio.Event()
         hurry = asyncio.Event()
@@ -429,7 +625,8 @@ class Demo(LoggingConfigurable):
         for service in services:
             lines.extend(service.describe())
         lines.append(
-            "Open the URL JupyterLab prints and pick the kernel above. Ctrl-C stops everything."
+            "Open the URL JupyterLab prints and pick a kernel above: each start leases its GPU "
+            "through the coordinator. Ctrl-C stops everything."
             if self.lab
             else "Running without JupyterLab; Ctrl-C stops everything."
         )

@@ -1,8 +1,10 @@
 """``jupyter io demo`` (jupyter_io.demo): services up in order, down in reverse, nothing left.
 
-Most tests run the demo with a stand-in provider: a real process that prints the provider
-host's listening line and waits for SIGTERM, so the demo's own lifecycle is tested apart
-from provider_host. The last tests run the real provider host.
+The demo runs a real coordinator. Most tests give it a stand-in provider: a real process that
+joins the coordinator over the real provider link (challenge, signed hello, heartbeats) and
+prints the provider host's lines, but starts no kernels, so the demo's own lifecycle is tested
+apart from provider_host. The last tests run the real provider host and lease real kernels
+through the demo's kernelspecs.
 """
 
 from __future__ import annotations
@@ -26,16 +28,18 @@ from pathlib import Path
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 
-from jupyter_io.demo import READY_LINE, ProviderService
+from jupyter_io.demo import READY_LINE, ProviderService, demo_display_name
 from jupyter_io.errors import JupyterIOError
 from jupyter_io.identity import load_keypair
 
 JUPYTER = str(Path(sys.executable).with_name("jupyter"))
 TIMEOUT = 60
+KERNEL = "jupyter-io-demo-rtx-4090"
+DISPLAY = "Python 3 · RTX 4090 24 GB (simulated) · 0.12 SOL/h"
 
 FAKE_PROVIDER = textwrap.dedent(
     """
-    import signal, sys, threading
+    import json, signal, sys, threading
     def bye(*_):
         print("fake provider: stopped cleanly", flush=True)
         sys.exit(0)
@@ -43,11 +47,39 @@ FAKE_PROVIDER = textwrap.dedent(
     print("args " + " ".join(sys.argv[1:]), flush=True)
     if "--exit-early" in sys.argv:
         sys.exit(3)
-    if "--silent" not in sys.argv:
-        print("jupyter-io provider inventory:", flush=True)
-        print("  cpu: cpu (no GPU), 2 cores", flush=True)
-        print("jupyter-io provider listening on ws://127.0.0.1:9/tunnel", flush=True)
-    threading.Event().wait()
+    if "--silent" in sys.argv:
+        threading.Event().wait()
+    print("jupyter-io provider inventory:", flush=True)
+    print("  gpu 0: RTX 4090 (simulated), 24.0 GiB VRAM", flush=True)
+    print("  cpu: cpu (no GPU), 2 cores", flush=True)
+    print("jupyter-io provider listening on ws://127.0.0.1:9/tunnel", flush=True)
+    if "--coordinator" not in sys.argv:
+        threading.Event().wait()
+    coordinator = sys.argv[sys.argv.index("--coordinator") + 1]
+    from solders.pubkey import Pubkey
+    from websockets.sync.client import connect
+    from jupyter_io.coordinator.auth import sign_provider_hello
+    from jupyter_io.identity import load_keypair
+    keypair = load_keypair(sys.argv[sys.argv.index("--keypair") + 1])
+    ws = connect(coordinator.replace("http", "ws", 1) + "/api/v1/providers/connect")
+    challenge = json.loads(ws.recv())
+    offer = {"gpu": "RTX 4090", "vram_bytes": 24 << 30, "count": 1, "gpu_indices": [1],
+             "price_lamports_per_hour": 120_000_000, "simulated": True, "driver": None,
+             "cuda": None, "benchmark_tflops": None}
+    ws.send(json.dumps({
+        "type": "hello", "version": 1, "pubkey": str(keypair.pubkey()),
+        "signature": sign_provider_hello(
+            keypair, Pubkey.from_string(challenge["coordinator"]),
+            bytes.fromhex(challenge["nonce"])),
+        "inventory": {"name": "fake", "region": "local", "reachable_url": None,
+                      "max_kernels": 4, "offers": [offer]},
+        "sessions": [],
+    }))
+    welcome = json.loads(ws.recv())
+    assert welcome["type"] == "welcome", welcome
+    while True:
+        ws.send(json.dumps({"type": "heartbeat", "load": 0.0, "sessions": []}))
+        threading.Event().wait(welcome["heartbeat_interval"] / 2)
     """
 )
 
@@ -66,6 +98,11 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def cmdline(pid: int) -> str:
+    """The command line of ``pid``, arguments joined by spaces."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
 def descendants(pid: int) -> set[int]:
@@ -144,10 +181,21 @@ def demo_args(
         "--data-dir", str(tmp_path / "demo"),
         f"--Demo.kernelspec_prefix={jupyter_env}",
         f"--Demo.stop_timeout={stop_timeout}",
+        # The real provider would measure a CPU benchmark first (it imports torch): seconds
+        # these tests need not spend.
+        "--Demo.provider_args=['--no-benchmark']",
     ]  # fmt: skip
     if provider is not None:
         args.append(f"--Demo.provider_command={provider!r}")
     return args
+
+
+def kernelspec_dir(jupyter_env: Path, name: str = KERNEL) -> Path:
+    return jupyter_env / "share" / "jupyter" / "kernels" / name
+
+
+def coordinator_url(out: str) -> str:
+    return re.findall(r"jupyter-io coordinator listening on (http://\S+)", out)[-1]
 
 
 # -- the provider service on its own -------------------------------------------------------
@@ -165,7 +213,7 @@ async def test_provider_service_reads_url_and_offer_and_stops_cleanly(
     service = provider_service(fake_provider)
     await service.start()
     assert service.url == "ws://127.0.0.1:9/tunnel"
-    assert service.offer == "cpu (no GPU)"
+    assert service.offer == "RTX 4090 (simulated)"  # a GPU, so not the CPU
     assert service.proc is not None
     await service.stop(asyncio.Event())
     assert service.proc.returncode == 0  # it got SIGTERM and exited by itself
@@ -194,38 +242,57 @@ async def test_provider_that_never_listens_times_out_and_is_killed(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-async def test_demo_installs_the_kernelspec_and_stops_in_reverse_order(
+async def test_demo_starts_coordinator_provider_and_kernelspecs_and_stops_in_reverse_order(
     jupyter_env: Path, tmp_path: Path, fake_provider: list[str], signum: int
 ) -> None:
     proc, out = await start_demo("--no-lab", *demo_args(jupyter_env, tmp_path, fake_provider))
-    kernel_dir = jupyter_env / "share" / "jupyter" / "kernels" / "jupyter-io-demo"
     children = descendants(proc.pid)
     try:
-        # The provider got fresh demo keys, the user's public key on its allow-list.
         data = tmp_path / "demo"
-        user = load_keypair(data / "user-keypair.json").pubkey()
-        assert f"--allow {user} --keypair {data / 'provider-keypair.json'}" in out
+        # The coordinator keeps its database and keypair in the demo's data dir.
+        url = coordinator_url(out)
+        assert url.startswith("http://127.0.0.1:")
+        assert (data / "coordinator" / "coordinator.db").is_file()
+        assert (data / "coordinator" / "coordinator-keypair.json").is_file()
+        # The provider got fresh demo keys and joins that coordinator, with no public URL
+        # (so the relay is used), a simulated GPU and the demo's price.
+        assert f"--keypair {data / 'provider-keypair.json'}" in out
         assert f"--workspace {data / 'workspace'}" in out
-        assert "--listen 127.0.0.1:0" in out
-        # The kernelspec points at it, under the name the provider's offer gave.
-        spec = KernelSpecManager().get_kernel_spec("jupyter-io-demo")
-        assert spec.display_name == "Python 3 · jupyter-io demo provider (cpu (no GPU))"
+        assert "--listen 127.0.0.1:0" in out and "--public-url" not in out
+        provider_args = "--simulate-gpu RTX 4090:24 --price 0.12 --no-benchmark"
+        assert f"{provider_args} --coordinator {url}\n" in out
+        # One lease-mode kernelspec per GPU type on offer, named after it.
+        spec = KernelSpecManager().get_kernel_spec(KERNEL)
+        assert spec.display_name == DISPLAY
         assert spec.metadata["kernel_provisioner"]["config"] == {
-            "provider_url": "ws://127.0.0.1:9/tunnel",
+            "coordinator_url": url,
             "keypair_path": str(data / "user-keypair.json"),
-            # pinned: only the demo's own provider can take the session
-            "provider_pubkey": str(load_keypair(data / "provider-keypair.json").pubkey()),
+            "gpu": "RTX 4090",
         }
-        assert Path(spec.resource_dir) == kernel_dir
-        assert len(children) == 1
+        assert Path(spec.resource_dir) == kernelspec_dir(jupyter_env)
+        assert f"kernelspec:  {KERNEL} ({DISPLAY!r})" in out
+        assert len(children) == 2  # the coordinator and the provider
     finally:
         out, err = await stop_demo(proc, signum)
     assert proc.returncode == 0, err
     assert "fake provider: stopped cleanly" in out
-    assert not kernel_dir.exists()
+    assert not kernelspec_dir(jupyter_env).exists()
     assert not await wait_gone(children, timeout=0)
-    # Reverse order: the kernelspec goes before its provider stops.
-    assert err.index("kernelspec: removed") < err.index("provider: stopping")
+    # Reverse order: kernelspecs, then the provider, then the coordinator.
+    assert err.index("kernelspecs: removed") < err.index("provider: stopping")
+    assert err.index("provider: stopping") < err.index("coordinator: stopping")
+    assert "did not stop in time" not in err
+
+
+def test_display_names_say_memory_simulation_and_price() -> None:
+    rtx = {"display": "RTX 4090", "vram_bytes": 24 << 30, "simulated": True,
+           "price_min": 120_000_000}  # fmt: skip
+    assert demo_display_name(rtx) == DISPLAY
+    cpu = {"display": "cpu (no GPU)", "vram_bytes": 0, "simulated": False, "price_min": 10**8}
+    assert demo_display_name(cpu) == "Python 3 · cpu (no GPU) · 0.1 SOL/h"
+    # Every GPU of the type leased: no minimum price to show, the median then.
+    busy = {**rtx, "simulated": False, "price_min": None, "price_median": 1_500_000_000}
+    assert demo_display_name(busy) == "Python 3 · RTX 4090 24 GB · 1.5 SOL/h"
 
 
 async def test_a_provider_that_ignores_sigterm_is_killed_after_the_stop_timeout(
@@ -235,11 +302,13 @@ async def test_a_provider_that_ignores_sigterm_is_killed_after_the_stop_timeout(
     proc, _ = await start_demo(
         "--no-lab", *demo_args(jupyter_env, tmp_path, stubborn, stop_timeout=0.5)
     )
-    (provider,) = descendants(proc.pid)
+    children = descendants(proc.pid)
     _, err = await stop_demo(proc, signal.SIGINT)
     assert proc.returncode == 0, err
     assert "provider: did not stop in time, killing it" in err
-    assert not alive(provider)
+    assert not await wait_gone(children, timeout=0)
+    # The coordinator after it, as always, and cleanly.
+    assert err.index("provider: did not stop") < err.index("coordinator: stopping")
 
 
 async def test_a_second_ctrl_c_kills_what_is_still_stopping(
@@ -250,41 +319,44 @@ async def test_a_second_ctrl_c_kills_what_is_still_stopping(
     proc, _ = await start_demo(
         "--no-lab", *demo_args(jupyter_env, tmp_path, stubborn, stop_timeout=3 * TIMEOUT)
     )
-    (provider,) = descendants(proc.pid)
+    children = descendants(proc.pid)
     proc.send_signal(signal.SIGINT)
     assert proc.stderr is not None
     await read_until(proc.stderr, "provider: stopping")
     _, err = await stop_demo(proc, signal.SIGINT)
     assert proc.returncode == 0, err
     assert "killing what is still running" in err
-    assert not alive(provider)
+    assert not await wait_gone(children, timeout=0)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal is Linux only")
-async def test_the_provider_does_not_outlive_a_killed_demo(
+async def test_neither_coordinator_nor_provider_outlives_a_killed_demo(
     jupyter_env: Path, tmp_path: Path, fake_provider: list[str]
 ) -> None:
     proc, _ = await start_demo("--no-lab", *demo_args(jupyter_env, tmp_path, fake_provider))
-    (provider,) = descendants(proc.pid)
+    children = descendants(proc.pid)
+    assert len(children) == 2
     proc.kill()  # no chance to stop anything itself
     # Not proc.wait(): on Python 3.11 it also waits for the pipes, which a survivor holds.
-    survivors = await wait_gone({provider})
+    survivors = await wait_gone(children)
     for pid in survivors:
         os.kill(pid, signal.SIGKILL)
     await proc.wait()
-    assert not survivors, "the provider outlived the demo"
+    assert not survivors, "a child outlived the demo"
 
 
 async def test_demo_stops_when_the_provider_dies(
     jupyter_env: Path, tmp_path: Path, fake_provider: list[str]
 ) -> None:
     proc, _ = await start_demo("--no-lab", *demo_args(jupyter_env, tmp_path, fake_provider))
-    (provider,) = descendants(proc.pid)
+    children = descendants(proc.pid)
+    (provider,) = [pid for pid in children if "fake_provider" in cmdline(pid)]
     os.kill(provider, signal.SIGKILL)
     _, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
     assert proc.returncode == 1
     assert "provider exited unexpectedly" in err.decode()
-    assert not (jupyter_env / "share" / "jupyter" / "kernels" / "jupyter-io-demo").exists()
+    assert not kernelspec_dir(jupyter_env).exists()
+    assert not await wait_gone(children, timeout=0)  # the coordinator stopped too
 
 
 async def test_demo_reports_a_provider_that_fails_to_start(
@@ -299,7 +371,8 @@ async def test_demo_reports_a_provider_that_fails_to_start(
     assert proc.returncode == 1
     assert "error: the provider host exited with code 3 before listening" in err.decode()
     assert "Traceback" not in err.decode()
-    assert not (jupyter_env / "share" / "jupyter" / "kernels" / "jupyter-io-demo").exists()
+    assert "coordinator: stopping" in err.decode()  # what had started is stopped
+    assert not kernelspec_dir(jupyter_env).exists()
 
 
 def http_get(url: str | urllib.request.Request, timeout: float = TIMEOUT) -> bytes:
@@ -357,13 +430,12 @@ async def test_demo_with_lab_serves_the_kernelspec_and_stops_lab_first(
     async with shown_on_failure(proc):
         url = await lab_url(proc, "/api/kernelspecs")
         specs = json.loads(await asyncio.to_thread(http_get, url))["kernelspecs"]
-        assert specs["jupyter-io-demo"]["spec"]["display_name"] == (
-            "Python 3 · jupyter-io demo provider (cpu (no GPU))"
-        )
+        assert specs[KERNEL]["spec"]["display_name"] == DISPLAY
     _, err = await stop_demo(proc, signal.SIGINT)
     assert proc.returncode == 0, err
     assert not await wait_gone(children, timeout=0)
     assert err.index("jupyterlab: stopping") < err.index("provider: stopping")
+    assert err.index("provider: stopping") < err.index("coordinator: stopping")
     assert "did not stop in time" not in err
 
 
@@ -384,53 +456,64 @@ def notebook_code() -> list[str]:
 
 
 @needs_real_stack
-async def test_demo_kernel_runs_the_example_notebook_and_nothing_outlives_the_demo(
+async def test_demo_leases_a_kernel_through_its_kernelspec_and_nothing_outlives_it(
     jupyter_env: Path, tmp_path: Path
 ) -> None:
-    pytest.importorskip("torch", reason="the example notebook needs torch on the provider")
     from jupyter_client.manager import AsyncKernelManager
 
     proc, out = await start_demo("--no-lab", *demo_args(jupyter_env, tmp_path))
-    assert "jupyter-io provider listening on ws://127.0.0.1:" in out
-    km = AsyncKernelManager(kernel_name="jupyter-io-demo")
+    assert "jupyter-io provider joining coordinator http://127.0.0.1:" in out
+    assert "(clients connect via its relay)" in out
+    km = AsyncKernelManager(kernel_name=KERNEL)
     try:
         await asyncio.wait_for(km.start_kernel(), TIMEOUT)
+        grant = km.provisioner.lease.grant
+        assert grant.relay and grant.gpu == "RTX 4090"
+        assert grant.provider == str(
+            load_keypair(tmp_path / "demo" / "provider-keypair.json").pubkey()
+        )
         kc = km.client()
         kc.start_channels()
         await kc.wait_for_ready(timeout=TIMEOUT)
         printed: list[str] = []
+        results: list[str] = []
 
         def on_output(msg: dict[str, object]) -> None:
             content = msg["content"]
             assert isinstance(content, dict)
             if msg["msg_type"] == "stream":
                 printed.append(content["text"])
+            elif msg["msg_type"] == "execute_result":
+                results.append(content["data"]["text/plain"])
             elif msg["msg_type"] == "error":
                 printed.append("\n".join(content["traceback"]))
 
-        for code in notebook_code():
-            reply = await kc.execute_interactive(code, timeout=120, output_hook=on_output)
-            assert reply["content"]["status"] == "ok", "".join(printed)
-        output = "".join(printed)
-        assert "device: " in output
-        assert "ok: the model learned" in output
-        assert "Failed to initialize NumPy" not in output  # the provider extra brings numpy
+        reply = await kc.execute_interactive("1 + 1", timeout=TIMEOUT, output_hook=on_output)
+        assert reply["content"]["status"] == "ok" and results == ["2"], printed
+        if importlib.util.find_spec("torch") is not None:
+            # The example notebook, through the lease and the relay.
+            for code in notebook_code():
+                reply = await kc.execute_interactive(code, timeout=120, output_hook=on_output)
+                assert reply["content"]["status"] == "ok", "".join(printed)
+            output = "".join(printed)
+            assert "device: " in output and "ok: the model learned" in output
+            assert "Failed to initialize NumPy" not in output  # the provider extra brings numpy
         kc.stop_channels()
 
         # The kernel runs under the provider, below the demo; Ctrl-C with it still running.
         running = descendants(proc.pid)
-        assert len(running) >= 2  # the provider host and at least the kernel
+        assert len(running) >= 3  # the coordinator, the provider host and the kernel
         _, err = await stop_demo(proc, signal.SIGINT)
         assert proc.returncode == 0, err
         assert not await wait_gone(running), f"left running: {running}\n{err}"
         assert "did not stop in time" not in err
-        kernels = jupyter_env / "share" / "jupyter" / "kernels"
-        assert not (kernels / "jupyter-io-demo").exists()
+        assert not kernelspec_dir(jupyter_env).exists()
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        # Our end of the tunnel: its provider is gone, so this must give up, not hang.
+        # Our end of the tunnel: its provider and coordinator are gone, so this must give
+        # up (ending the lease is best effort then), not hang.
         await asyncio.wait_for(km.shutdown_kernel(now=True), TIMEOUT)
 
 
@@ -443,18 +526,20 @@ async def test_demo_lab_shuts_its_remote_kernel_down_before_the_provider_stops(
     async with shown_on_failure(proc):
         request = urllib.request.Request(
             await lab_url(proc, "/api/kernels"),
-            data=json.dumps({"name": "jupyter-io-demo"}).encode(),
+            data=json.dumps({"name": KERNEL}).encode(),
             headers={"Content-Type": "application/json"},
             method="POST",
         )
         kernel = json.loads(await asyncio.to_thread(http_get, request))
-        assert kernel["name"] == "jupyter-io-demo"
+        assert kernel["name"] == KERNEL
         running = descendants(proc.pid)
-        assert len(running) >= 3  # JupyterLab, the provider host, the kernel below it
+        assert len(running) >= 4  # JupyterLab, the coordinator, the provider, its kernel
     _, err = await stop_demo(proc, signal.SIGINT)
     assert proc.returncode == 0, err
     assert not await wait_gone(running), f"left running: {running}\n{err}"
     assert "did not stop in time" not in err
-    # Lab ended the remote kernel itself, through the tunnel, while the provider still ran.
+    # Lab ended the remote kernel itself, through the relay, while the provider and the
+    # coordinator still ran, and ended its lease.
     assert f"Kernel shutdown: {kernel['id']}" in err
     assert err.index(f"Kernel shutdown: {kernel['id']}") < err.index("provider: stopping")
+    assert re.search(r"jupyter-io: lease \S+ ended", err), err
