@@ -24,32 +24,29 @@ authenticate and serialise; :class:`~jupyter_io.coordinator.leasing.LeaseService
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
 from solders.pubkey import Pubkey
 from tornado import web
-from tornado.websocket import WebSocketClosedError, WebSocketHandler, WebSocketProtocol13
 
 from ..errors import AuthError, JupyterIOError, LeaseError
 from ..protocol import SUBPROTOCOL
 from .auth import HEADER_LEASE_TOKEN, ReplayGuard, SignedRequest, verify_request
 from .leasing import LeaseGone, LeaseNotFound, LeaseService, NotLeaseOwner, lease_json
 from .offers import OffersCache
-from .provider_link import ProviderLinkSession
+from .provider_link import LinkConnection
 from .registry import Registry
 from .relay import Relay
 from .scheduler import LeaseRequest
+from .sockets import accept_upgrade, check_upgrade
 
 __all__ = [
     "API_PREFIX",
-    "LINK_MAX_MESSAGE_SIZE",
     "LINK_PATH",
     "RELAY_PREFIX",
     "Services",
@@ -59,8 +56,6 @@ __all__ = [
 API_PREFIX = "/api/v1"
 LINK_PATH = f"{API_PREFIX}/providers/connect"
 RELAY_PREFIX = "/relay"
-#: Largest provider-link message (an inventory is a few KiB).
-LINK_MAX_MESSAGE_SIZE = 1 << 20
 #: Largest REST request body.
 MAX_BODY_SIZE = 64 * 1024
 
@@ -77,6 +72,7 @@ class Services:
     relay: Relay
     offers: OffersCache
     replay_guard: ReplayGuard
+    links: set[LinkConnection] = field(default_factory=set)
     hello_timeout: float = 10.0
     request_max_skew: float = 60.0
     log: logging.Logger = _LOG
@@ -281,56 +277,26 @@ class LeaseTokenHandler(_ApiHandler):
 # The provider link
 
 
-class ProviderLinkHandler(WebSocketHandler):
-    """Moves text between the provider's websocket and its :class:`ProviderLinkSession`."""
+class ProviderLinkHandler(_ApiHandler):
+    """Answers the upgrade and hands the socket to a
+    :class:`~jupyter_io.coordinator.provider_link.LinkConnection`."""
 
-    services: Services
-    session: ProviderLinkSession
-
-    def initialize(self, services: Services) -> None:
-        self.services = services
-
-    @property
-    def max_message_size(self) -> int:
-        return LINK_MAX_MESSAGE_SIZE
-
-    def open(self, *args: str, **kwargs: str) -> None:
-        services = self.services
-        self.session = ProviderLinkSession(
-            services.registry, self, coordinator=services.coordinator, log=services.log
-        )
-        self.set_nodelay(True)
-        self.session.open()
-        loop = asyncio.get_running_loop()
-        self._hello_timer = loop.call_later(services.hello_timeout, self._no_hello)
-
-    def _no_hello(self) -> None:
-        if self.session.provider is None:
-            self.close(1008, "no hello in time")
-
-    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
-        return self.session.receive(message)
-
-    def on_close(self) -> None:
-        timer = getattr(self, "_hello_timer", None)
-        if timer is not None:
-            timer.cancel()
-        session = getattr(self, "session", None)
-        if session is not None:
-            session.closed(self.close_code)
-
-    # LinkPort
-    def send(self, text: str) -> None:
+    async def get(self) -> None:
         try:
-            future = self.write_message(text)
-        except WebSocketClosedError:
+            key = check_upgrade(self)
+        except web.HTTPError as exc:
+            self.fail(exc.status_code, "upgrade", exc.log_message or "")
             return
-        future.add_done_callback(_consume)
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # a closed socket: the close handler deals with it
+        services = self.services
+        link = LinkConnection(
+            services.registry,
+            coordinator=services.coordinator,
+            hello_timeout=services.hello_timeout,
+            log=services.log,
+            on_closed=services.links.discard,
+        )
+        services.links.add(link)
+        await link.start(accept_upgrade(self, key))
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,9 +304,9 @@ def _consume(future: asyncio.Future[Any]) -> None:
 
 
 class RelayHandler(web.RequestHandler):
-    """Checks who connects to the relay, performs the websocket upgrade itself and hands the
-    raw stream to the :class:`~jupyter_io.coordinator.relay.Relay`, whose pumps copy frames
-    (tornado's websocket layer would decode and re-encode every message on the way)."""
+    """Checks who connects to the relay, answers the websocket upgrade and hands the socket
+    to the :class:`~jupyter_io.coordinator.relay.Relay`, whose frame forwarding is cheaper
+    than tornado's websocket layer decoding and re-encoding every message."""
 
     services: Services
 
@@ -348,19 +314,9 @@ class RelayHandler(web.RequestHandler):
         self.services = services
 
     async def get(self, lease_id: str) -> None:
-        headers = self.request.headers
         side = self.get_query_argument("side", "")
         try:
-            if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in {
-                token.strip().lower() for token in headers.get("Connection", "").split(",")
-            }:
-                raise web.HTTPError(400, "the relay is a websocket endpoint")
-            if headers.get("Sec-WebSocket-Version") != "13":
-                self.set_header("Sec-WebSocket-Version", "13")
-                raise web.HTTPError(426, "websocket version 13 is required")
-            key = headers.get("Sec-WebSocket-Key")
-            if not key:
-                raise web.HTTPError(400, "Sec-WebSocket-Key is missing")
+            key = check_upgrade(self)
             if side == "client":
                 provider = await self._admit_client(lease_id)
             elif side == "provider":
@@ -372,17 +328,7 @@ class RelayHandler(web.RequestHandler):
             self.set_header("Content-Type", "application/json")
             self.finish(json.dumps({"error": {"code": "relay", "message": exc.log_message}}))
             return
-        offered = {p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",")}
-        self.clear_header("Content-Type")
-        self.set_status(101)
-        self.set_header("Upgrade", "websocket")
-        self.set_header("Connection", "Upgrade")
-        self.set_header("Sec-WebSocket-Accept", WebSocketProtocol13.compute_accept_value(key))
-        if SUBPROTOCOL in offered:
-            self.set_header("Sec-WebSocket-Protocol", SUBPROTOCOL)
-        self.finish()
-        stream = self.detach()
-        stream.set_nodelay(True)
+        stream = accept_upgrade(self, key, (SUBPROTOCOL,))
         relay = self.services.relay
         if side == "client":
             await relay.open_client(lease_id, provider, stream)
@@ -449,8 +395,6 @@ def make_app(services: Services, **settings: Any) -> web.Application:
         ],
         default_handler_class=_NotFound,
         default_handler_args=init,
-        websocket_ping_interval=20,
-        websocket_ping_timeout=20,
         **settings,
     )
 

@@ -20,18 +20,25 @@ before anything is stored; a malformed message with ``code: "protocol"`` and clo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from solders.pubkey import Pubkey
+from tornado.iostream import IOStream
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Protocol as WebSocketProtocol
+from websockets.protocol import Side, State
 
 from ..errors import AuthError, ProtocolError
 from ..identity import new_nonce
 from .auth import verify_provider_hello
+from .sockets import Channel, adopt
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -41,6 +48,7 @@ __all__ = [
     "CLOSE_PROTOCOL",
     "LINK_VERSION",
     "MAX_LEASE_ID_LENGTH",
+    "MAX_MESSAGE_SIZE",
     "MAX_OFFERS",
     "MAX_SESSIONS",
     "Challenge",
@@ -50,6 +58,7 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Inventory",
+    "LinkConnection",
     "LinkMessage",
     "LinkPort",
     "OfferGroup",
@@ -69,6 +78,10 @@ CLOSE_PROTOCOL = 1002
 MAX_OFFERS = 64
 MAX_SESSIONS = 10_000
 MAX_LEASE_ID_LENGTH = 64
+#: Largest provider-link message (an inventory is a few KiB).
+MAX_MESSAGE_SIZE = 1 << 20
+#: Seconds a provider has to answer our close frame before its TCP is cut.
+CLOSE_TIMEOUT = 5.0
 _MAX_TEXT = 2048
 
 
@@ -515,6 +528,8 @@ class ProviderLinkSession:
         self.log = log or logging.getLogger("jupyter_io.coordinator")
         #: The provider's key once its hello is verified.
         self.provider: str | None = None
+        #: A hello arrived (it may still be being checked and stored).
+        self.hello_received = False
         self._nonce = new_nonce()
         self._closing = False
 
@@ -546,9 +561,10 @@ class ProviderLinkSession:
             self._refuse("protocol", str(exc), CLOSE_PROTOCOL)
             return None
         if self.provider is None:
-            if not isinstance(message, Hello):
+            if not isinstance(message, Hello) or self.hello_received:
                 self._refuse("protocol", "the first message must be a hello", CLOSE_PROTOCOL)
                 return None
+            self.hello_received = True
             return self._hello(message)
         provider = self.provider
         if isinstance(message, Heartbeat):
@@ -597,3 +613,140 @@ class ProviderLinkSession:
     def _refuse(self, code: str, message: str, close_code: int) -> None:
         self.port.send(ErrorMessage(code, message).to_json())
         self.close(close_code, message.encode()[:120].decode(errors="ignore"))
+
+
+class LinkConnection:
+    """One provider link on a socket taken over from tornado: the ``websockets`` library's
+    sans-I/O protocol turns bytes into messages for a :class:`ProviderLinkSession`, and the
+    session's messages into bytes (see :mod:`~jupyter_io.coordinator.sockets`).
+
+    Messages are handed to the session one at a time: while one is being handled (a hello,
+    a session event, a usage report), reading pauses, so a provider's messages keep their
+    order. Make one per upgraded request and :meth:`start` it; :attr:`closed` is set once its
+    TCP connection is gone.
+    """
+
+    channel: Channel
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        coordinator: Pubkey,
+        hello_timeout: float = 10.0,
+        log: logging.Logger | None = None,
+        on_closed: Callable[[LinkConnection], None] | None = None,
+    ) -> None:
+        self.log = log or logging.getLogger("jupyter_io.coordinator")
+        self.on_closed = on_closed
+        self.ws = WebSocketProtocol(Side.SERVER, state=State.OPEN, max_size=MAX_MESSAGE_SIZE)
+        self.session = ProviderLinkSession(registry, self, coordinator=coordinator, log=self.log)
+        self.hello_timeout = hello_timeout
+        #: Set when the TCP connection has ended.
+        self.closed = asyncio.Event()
+        self._queue: deque[str | bytes] = deque()
+        self._busy = False
+        self._fragments: list[bytes] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def start(self, stream: IOStream) -> None:
+        """Take over ``stream`` (upgrade answered), send the challenge, start the hello timer."""
+        await adopt(stream, self)
+        self.session.open()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.hello_timeout, self._no_hello)
+
+    def _no_hello(self) -> None:
+        if not self.session.hello_received:
+            self.close(CLOSE_BAD_SIGNATURE, "no hello in time")
+
+    # -- LinkPort --------------------------------------------------------------------------
+
+    def send(self, text: str) -> None:
+        if self.ws.state is State.OPEN:
+            self.ws.send_text(text.encode())
+            self._flush()
+
+    def close(self, code: int, reason: str) -> None:
+        if self.ws.state is State.OPEN:
+            self.ws.send_close(code, reason)
+            self._flush()
+            if self._timer is not None:
+                self._timer.cancel()
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(CLOSE_TIMEOUT, self.channel.abort)
+
+    # -- ChannelListener -------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        ws = self.ws
+        ws.receive_data(data)
+        events = ws.events_received()
+        self._flush()  # pongs, the answer to a close frame
+        for event in events:
+            if not isinstance(event, Frame):
+                continue
+            opcode, payload = event.opcode, bytes(event.data)
+            if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                if event.fin:
+                    self._queue.append(_text(payload) if opcode is Opcode.TEXT else payload)
+                else:
+                    self._fragments = [payload]
+            elif opcode is Opcode.CONT and self._fragments is not None:
+                self._fragments.append(payload)
+                if event.fin:
+                    self._queue.append(_text(b"".join(self._fragments)))
+                    self._fragments = None
+        if self._queue:
+            self._next()
+
+    def drained(self) -> None:
+        pass  # the link's messages are small; nothing waits for the buffer to drain
+
+    def connection_lost(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.ws.receive_eof()
+        received = self.ws.close_rcvd
+        self._queue.clear()
+        self.session.closed(received.code if received is not None else None)
+        self.closed.set()
+        if self.on_closed is not None:
+            self.on_closed(self)
+
+    def abort(self) -> None:
+        """Cut the TCP connection now (coordinator shutdown, after the close timeout)."""
+        if hasattr(self, "channel"):
+            self.channel.abort()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        for data in self.ws.data_to_send():
+            if data:
+                self.channel.write(data)
+            else:  # the closing handshake is over: the server closes the TCP connection
+                self.channel.close()
+
+    def _next(self) -> None:
+        while self._queue and not self._busy:
+            pending = self.session.receive(self._queue.popleft())
+            if pending is not None:
+                self._busy = True
+                self.channel.pause_reading()
+                asyncio.ensure_future(pending).add_done_callback(self._handled)
+
+    def _handled(self, task: asyncio.Future[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("provider link message failed", exc_info=task.exception())
+        self._busy = False
+        if not self.closed.is_set():
+            self.channel.resume_reading()
+            self._next()
+
+
+def _text(data: bytes) -> str | bytes:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return data  # the session refuses non-text

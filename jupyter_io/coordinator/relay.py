@@ -39,15 +39,15 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
+from tornado.iostream import IOStream
 
 from .provider_link import Dial
 from .relay_frames import FrameError, FrameForwarder, encode_close
+from .sockets import Channel, adopt
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -55,9 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CLOSE_TIMEOUT",
     "CLOSE_TRY_AGAIN",
-    "HIGH_WATER",
     "MAX_PENDING_PER_LEASE",
-    "READ_CHUNK",
     "Relay",
     "RelayConnection",
     "RelaySide",
@@ -71,10 +69,6 @@ CLOSE_TRY_AGAIN = 1013
 MAX_PENDING_PER_LEASE = 8
 #: Seconds a closing side has to answer with its own close frame before its TCP is cut.
 CLOSE_TIMEOUT = 5.0
-#: Most bytes one read takes from a socket (tornado streams).
-READ_CHUNK = 1 << 20
-#: Bytes buffered for one side beyond which the other side stops being read.
-HIGH_WATER = 4 << 20
 
 _UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
 
@@ -87,11 +81,13 @@ def sendable_close_code(code: int | None) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Sides: one socket each, two ways to drive it
+# Sides
 
 
 class RelaySide:
-    """One side of a relayed connection. Subclasses move bytes; :class:`Relay` decides."""
+    """One side of a relayed connection: its socket's callbacks go to the :class:`Relay`."""
+
+    channel: Channel
 
     def __init__(self, relay: Relay, connection: RelayConnection) -> None:
         self.relay = relay
@@ -104,146 +100,23 @@ class RelaySide:
         #: Sides whose reading paused until this side's buffer drains.
         self.blocked: list[RelaySide] = []
 
-    def write(self, data: bytes) -> bool:
-        """Queue frames for this side; False once its buffer is past the high-water mark."""
-        raise NotImplementedError
+    # ChannelListener
+    def data_received(self, data: bytes) -> None:
+        self.relay._received(self, data)
 
-    def pause_reading(self) -> None:
-        raise NotImplementedError
+    def drained(self) -> None:
+        blocked, self.blocked = self.blocked, []
+        for side in blocked:
+            side.channel.resume_reading()
 
-    def resume_reading(self) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Close the TCP connection once what is queued has been sent."""
-        raise NotImplementedError
-
-    def abort(self) -> None:
-        """Close the TCP connection now."""
-        raise NotImplementedError
+    def connection_lost(self) -> None:
+        self.relay._lost(self)
 
     def send_close(self, code: int, reason: str) -> None:
         """Send a close frame (once; never after one went to this side)."""
         if not self.close_sent:
             self.close_sent = True
-            self.write(encode_close(sendable_close_code(code), reason))
-
-    def drained(self) -> None:
-        """This side's buffer drained: let the sides that wait for it read again."""
-        blocked, self.blocked = self.blocked, []
-        for side in blocked:
-            side.resume_reading()
-
-
-class _ProtocolSide(RelaySide, asyncio.Protocol):
-    """A plain TCP side driven by asyncio: the fast path."""
-
-    transport: asyncio.Transport
-
-    def __init__(self, relay: Relay, connection: RelayConnection) -> None:
-        super().__init__(relay, connection)
-        self._write_paused = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=HIGH_WATER)
-
-    def data_received(self, data: bytes) -> None:
-        self.relay._received(self, data)
-
-    def eof_received(self) -> bool:
-        return False  # no half-open websockets: close, and connection_lost follows
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.relay._lost(self)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        self.drained()
-
-    def write(self, data: bytes) -> bool:
-        if self.transport.is_closing():
-            return True
-        self.transport.write(data)
-        return not self._write_paused
-
-    def pause_reading(self) -> None:
-        if not self.transport.is_closing():
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if not self.transport.is_closing():
-            self.transport.resume_reading()
-
-    def close(self) -> None:
-        self.transport.close()
-
-    def abort(self) -> None:
-        self.transport.abort()
-
-
-class _StreamSide(RelaySide):
-    """A side on a tornado stream (TLS, where tornado owns the encryption)."""
-
-    def __init__(self, relay: Relay, connection: RelayConnection, stream: IOStream) -> None:
-        super().__init__(relay, connection)
-        self.stream = stream
-        self._reading = asyncio.Event()
-        self._reading.set()
-        self._unflushed = 0
-        self._task = asyncio.create_task(self._read_loop())
-
-    async def _read_loop(self) -> None:
-        try:
-            read = self.stream.read_bytes
-            while True:
-                await self._reading.wait()
-                self.relay._received(self, await read(READ_CHUNK, partial=True))
-        except StreamClosedError:
-            self.relay._lost(self)
-
-    def write(self, data: bytes) -> bool:
-        try:
-            future = self.stream.write(data)
-        except StreamClosedError:
-            return True  # the read loop reports the loss
-        if future.done():
-            _consume(future)
-            return True
-        self._unflushed += 1
-        future.add_done_callback(self._flushed)
-        return False
-
-    def _flushed(self, future: asyncio.Future[None]) -> None:
-        _consume(future)
-        self._unflushed -= 1
-        if not self._unflushed:
-            self.drained()
-
-    def pause_reading(self) -> None:
-        self._reading.clear()
-
-    def resume_reading(self) -> None:
-        self._reading.set()
-
-    def close(self) -> None:
-        if not self._unflushed:
-            self.stream.close()
-            return
-        # Close once the queued frames (a close frame among them) are out.
-        self.stream.write(b"").add_done_callback(lambda _: self.stream.close())
-
-    def abort(self) -> None:
-        self.stream.close()
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # a closed stream: its read loop reports the loss
+            self.channel.write(encode_close(sendable_close_code(code), reason))
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,7 +233,7 @@ class Relay:
         side = await self._adopt(stream, placeholder)
         if connection is None or connection.closing:
             side.send_close(1001, "the client of this connection has gone")
-            side.close()
+            side.channel.close()
             return False
         connection.provider = side
         self.stats.pairs += 1
@@ -372,27 +245,12 @@ class Relay:
         if client.forwarder.closed:
             self._source_closed(client)
         elif not side.blocked:
-            client.resume_reading()
+            client.channel.resume_reading()
         return True
 
     async def _adopt(self, stream: IOStream, connection: RelayConnection) -> RelaySide:
-        """Take a stream over from tornado: as an asyncio protocol on plain TCP, as a tornado
-        stream read loop behind TLS."""
-        await stream.write(b"")  # the 101 response is out
-        if isinstance(stream, SSLIOStream) or stream.socket is None:
-            return _StreamSide(self, connection, stream)
-        # Whatever tornado has read beyond the request (a client may write right after 101).
-        pending = cast("asyncio.Future[bytes]", stream.read_bytes(READ_CHUNK, partial=True))
-        leftover = pending.result() if pending.done() else b""
-        pending.add_done_callback(_consume)
-        sock = stream.socket.dup()  # the TCP connection outlives tornado's stream object
-        stream.close()
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        side = _ProtocolSide(self, connection)
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: side, sock=sock)
-        if leftover:
-            side.data_received(leftover)
+        side = RelaySide(self, connection)
+        await adopt(stream, side)
         return side
 
     def shut(self, connection: RelayConnection, code: int, reason: str) -> None:
@@ -454,7 +312,7 @@ class Relay:
                     self._maybe_finish(connection)
                     return
                 connection.early.append(frames)  # keep them for the provider, stop reading
-                source.pause_reading()
+                source.channel.pause_reading()
                 return
             self._forward(source, target, frames)
         if source.forwarder.closed:
@@ -465,8 +323,8 @@ class Relay:
             return  # the relay closed it already: nothing more may reach it
         if source.forwarder.closed:
             target.close_sent = True  # its close frame is in ``frames``
-        if not target.write(frames):
-            source.pause_reading()
+        if not target.channel.write(frames):
+            source.channel.pause_reading()
             target.blocked.append(source)
 
     def _source_closed(self, source: RelaySide) -> None:
@@ -527,7 +385,7 @@ class Relay:
                 del self._by_lease[connection.lease_id]
         for side in connection.sides():
             with contextlib.suppress(Exception):
-                side.abort() if abort else side.close()
+                side.channel.abort() if abort else side.channel.close()
 
     # -- events ----------------------------------------------------------------------------
 

@@ -74,6 +74,7 @@ class CoordinatorServer:
         #: Set once :meth:`startup` is done and the ready line is out.
         self.started = asyncio.Event()
         self._http: HTTPServer | None = None
+        self._services: Services | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- the whole life --------------------------------------------------------------------
@@ -138,7 +139,7 @@ class CoordinatorServer:
             store, registry, self.index, relay, keypair, token_ttl=config.token_ttl
         )
         await registry.start()
-        services = Services(
+        self._services = services = Services(
             coordinator=keypair.pubkey(),
             registry=registry,
             leases=leases,
@@ -185,7 +186,16 @@ class CoordinatorServer:
         if self.relay is not None:
             await self.relay.close_all(1001, "coordinator restarting; reconnect")
         if self.registry is not None:
-            await self.registry.stop()
+            await self.registry.stop()  # closes the provider links with 1001
+        if self._services is not None and self._services.links:
+            links = list(self._services.links)
+            waits = [asyncio.ensure_future(link.closed.wait()) for link in links]
+            _, late = await asyncio.wait(waits, timeout=2.0)
+            for wait in late:
+                wait.cancel()
+            for link in links:
+                if not link.closed.is_set():
+                    link.abort()
         if self._http is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._http.close_all_connections(), 5)
