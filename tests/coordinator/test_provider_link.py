@@ -444,3 +444,26 @@ def test_malformed_link_messages_raise_protocol_error(text: str) -> None:
         parse_message(text)
     with pytest.raises(ProtocolError):
         parse_message(text.encode())
+
+
+async def test_the_link_answers_pings_takes_fragmented_text_and_refuses_binary(
+    coordinator: CoordinatorServer, providers: list[FakeProvider]
+) -> None:
+    provider = FakeProvider(coordinator.url)
+    providers.append(provider)
+    await linked(coordinator, provider, heartbeats=False)
+    assert provider.ws is not None
+    pong = await provider.ws.ping()
+    await asyncio.wait_for(pong, WAIT)  # the coordinator's websocket answers pings
+    registry, _ = parts(coordinator)
+    # A message sent in fragments arrives whole.
+    await provider.ws.send(iter(['{"type": "heartbeat", "load": 0, ', '"sessions": ["frag"]}']))
+    await registry.wait_for(
+        lambda: registry.provider(provider.pubkey).sessions == {"frag"},  # type: ignore[union-attr]
+        WAIT,
+    )
+    await provider.ws.send(b'{"type": "heartbeat"}')  # binary: the link speaks JSON text
+    error = await provider.next_message("error")
+    assert error["code"] == "protocol" and "binary" in error["message"]
+    await asyncio.wait_for(provider.ws.wait_closed(), WAIT)
+    assert provider.ws.close_code == 1002
