@@ -37,7 +37,8 @@ from .connection import Credentials
 
 __all__ = ["KernelLease", "LeaseRefused", "LeaseTerms"]
 
-#: Renew the token when it has less than this many seconds left (or a tenth of its life).
+#: Renew the token when it has less than this many seconds left, or less than a tenth of
+#: its life when that is shorter (a coordinator may hand out short-lived tokens).
 RENEW_MARGIN_S = 120.0
 
 
@@ -93,6 +94,7 @@ class KernelLease:
         #: lease to one session, so a new session needs a new lease.
         self.bound = False
         self._client: CoordinatorClient | None = None
+        self._margin = RENEW_MARGIN_S
 
     @property
     def client(self) -> CoordinatorClient:
@@ -125,7 +127,13 @@ class KernelLease:
             ) from None
         self.grant = grant
         self.bound = False
+        self._learn_life(grant)
         return grant
+
+    def _learn_life(self, grant: LeaseGrant) -> None:
+        life = grant.expires_at - time.time()
+        if life > 0:
+            self._margin = min(RENEW_MARGIN_S, life / 10)
 
     async def credentials(self, stale: bool = False) -> Credentials:
         """The token (and relay header) for the next tunnel connection; renews the token
@@ -135,7 +143,7 @@ class KernelLease:
         if grant is None:
             raise KernelLaunchError("no lease to connect with; the lease has ended")
         left = grant.expires_at - time.time()
-        if stale or left < RENEW_MARGIN_S:
+        if stale or left < self._margin:
             try:
                 renewed = await self.client.renew_token(grant.lease)
             except JupyterIOError as exc:
@@ -144,6 +152,7 @@ class KernelLease:
                 )
             else:
                 grant = self.grant = renewed
+                self._learn_life(renewed)
                 self.log.info(
                     "jupyter-io: renewed the token of lease %s (valid %.0f s)",
                     grant.lease,

@@ -770,12 +770,14 @@ class Market:
             self.proxy.close()
 
 
-def build_market(tmp: Path, *, proxy: bool) -> Market:
+def build_market(tmp: Path, *coordinator_args: str, proxy: bool) -> Market:
     """Start a coordinator (behind a :class:`ThreadedProxy` for its relay when ``proxy``)
     and two providers linked to it (see :class:`Market`)."""
     front = ThreadedProxy() if proxy else None
     public_url = f"http://127.0.0.1:{front.port}" if front is not None else ""
-    coordinator = start_coordinator_process(tmp / "coordinator", public_url=public_url)
+    coordinator = start_coordinator_process(
+        tmp / "coordinator", *coordinator_args, public_url=public_url
+    )
     if front is not None:
         front.forward_to(coordinator.port)
     user = Keypair()
@@ -813,10 +815,18 @@ def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
 
 
 @pytest.fixture
-def own_market(tmp_path: Path) -> Iterator[Market]:
-    """A marketplace of the test's own (to restart its coordinator, say)."""
-    built = build_market(tmp_path / "market", proxy=False)
+def start_market(tmp_path: Path) -> Iterator[Callable[..., Market]]:
+    """Start a marketplace of the test's own (to restart its coordinator, say):
+    ``start_market("--token-ttl", "4", proxy=False)``; coordinator flags as arguments."""
+    built: list[Market] = []
+
+    def start(*coordinator_args: str, proxy: bool = False) -> Market:
+        market = build_market(tmp_path / f"market{len(built)}", *coordinator_args, proxy=proxy)
+        built.append(market)
+        return market
+
     try:
-        yield built
+        yield start
     finally:
-        built.stop()
+        for market in built:
+            market.stop()

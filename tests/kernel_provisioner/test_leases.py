@@ -269,30 +269,38 @@ async def test_output_resumes_exactly_once_after_a_cut_in_front_of_the_relay(
 
 
 async def test_a_coordinator_restart_keeps_direct_sessions_and_relayed_ones_resume(
-    own_market: Any, kernelspecs: Any, start_kernel: Any, cells: Any
+    start_market: Any, kernelspecs: Any, start_kernel: Any, cells: Any
 ) -> None:
-    market = own_market
+    # Tokens live 4 s here, so the relayed session's token has expired by the time it
+    # resumes: it must renew it at the restarted coordinator.
+    market = start_market("--token-ttl", "4")
     url, user = market.coordinator.url, market.user_keypair_path
     relayed = await start_kernel(kernelspecs.install_lease("r-rtx", url, user, gpu="RTX 4090"))
     direct = await start_kernel(kernelspecs.install_lease("d-a100", url, user, gpu="A100"))
-    assert relayed.provisioner.lease.grant.relay and not direct.provisioner.lease.grant.relay
+    relayed_lease, direct_lease = relayed.provisioner.lease, direct.provisioner.lease
+    assert relayed_lease.grant.relay and not direct_lease.grant.relay
     relayed_kc = await cells.connect(relayed)
     direct_kc = await cells.connect(direct)
     try:
         for kc in (relayed_kc, direct_kc):
             assert (await cells.run(kc, "state = 'intact'")).status == "ok"
+        for km in (relayed, direct):  # in use, so the coordinator keeps them past the token
+            assert await lease_state(market, km.provisioner.lease.grant.lease, "active") == "active"
         relayed_tunnel = relayed.provisioner.tunnel
+        first_expiry = relayed_lease.grant.expires_at
 
         market.coordinator.stop()
         assert await relayed_tunnel.wait_for(lambda: not relayed_tunnel.connected, 10)
         # The direct session never needed the coordinator.
         assert (await cells.run(direct_kc, "print(state)")).stream() == "intact\n"
         assert await relayed.is_alive(), "a coordinator outage is not a dead kernel"
+        await asyncio.sleep(max(0.0, first_expiry - time.time()))  # let the token expire
 
         market.coordinator.start()  # same port, same database
         assert await relayed_tunnel.wait_connected(30), relayed_tunnel.dead_reason
         assert (await cells.run(relayed_kc, "print(state)", timeout=30)).stream() == "intact\n"
         assert relayed_tunnel.resumes >= 1
+        assert relayed_lease.grant.expires_at > first_expiry, "the token was not renewed"
         assert direct.provisioner.tunnel.resumes == 0
         assert (await cells.run(direct_kc, "print(state)")).stream() == "intact\n"
     finally:

@@ -1,0 +1,86 @@
+"""The lease traits of the io-remote provisioner, as a kernelspec sets them: the price cap in
+exact lamports, URLs checked before anything starts, and what a lease request asks for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.provisioning import KernelProvisionerFactory
+
+from jupyter_io.errors import ConfigError
+from kernel_provisioner.lease import LeaseTerms
+from kernel_provisioner.provisioner import RemoteKernelProvisioner
+
+
+@pytest.mark.parametrize(
+    ("value", "lamports"),
+    [("0.5", 500_000_000), (" 0.12 ", 120_000_000), (0.12, 120_000_000), (2, 2 * 10**9),
+     ("0.000000001", 1), ("", None)],
+)  # fmt: skip
+def test_the_price_cap_becomes_exact_lamports(value: Any, lamports: int | None) -> None:
+    prov = RemoteKernelProvisioner(max_price_per_hour=value)
+    assert prov.max_price_lamports_per_hour == lamports
+    assert prov.lease_terms.max_price_lamports_per_hour == lamports
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("0.0000000001", "more than 9 decimals"), ("cheap", "not an amount of SOL"),
+     ("-1", "non-negative")],
+)  # fmt: skip
+def test_a_bad_price_cap_is_refused_when_configured(value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"max_price_per_hour: .*{message}"):
+        RemoteKernelProvisioner(max_price_per_hour=value)
+
+
+def test_lease_terms_say_what_the_kernelspec_asks_for() -> None:
+    prov = RemoteKernelProvisioner(gpu=" RTX 4090 ", min_vram_gb=24, region="eu-west")
+    assert prov.lease_terms == LeaseTerms(
+        gpu="RTX 4090", min_vram_bytes=24 << 30, max_price_lamports_per_hour=None,
+        region="eu-west",
+    )  # fmt: skip
+    assert RemoteKernelProvisioner().lease_terms == LeaseTerms()
+    assert LeaseTerms(gpu="A100", max_price_lamports_per_hour=500_000_000).describe() == (
+        "A100, ≤ 0.5 SOL/h"
+    )
+    with pytest.raises(ConfigError, match="min_vram_gb must not be negative"):
+        RemoteKernelProvisioner(min_vram_gb=-1)
+
+
+def test_the_coordinator_url_must_be_http() -> None:
+    assert RemoteKernelProvisioner(coordinator_url="http://h:8700/").coordinator_url == (
+        "http://h:8700"
+    )
+    for bad in ("ws://h:8700", "h:8700", "http://"):
+        with pytest.raises(ConfigError, match="must be an http:// or https:// URL"):
+            RemoteKernelProvisioner(coordinator_url=bad)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({}, "needs provider_url .* or coordinator_url"),
+        ({"provider_url": "ws://h:1/tunnel", "coordinator_url": "http://h:2"}, "not both"),
+    ],
+)
+async def test_a_kernelspec_names_one_place_to_run(config: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        await RemoteKernelProvisioner(**config).pre_launch()
+
+
+def test_kernel_json_config_reaches_the_provisioner(jupyter_env: Path, kernelspecs: Any) -> None:
+    # As Jupyter reads it: JSON numbers and strings from kernel.json become the traits.
+    name = kernelspecs.install_lease(
+        "typed", "http://127.0.0.1:8700", "/keys/id.json", gpu="A100", max_price_per_hour=0.25,
+        min_vram_gb=40, region="us-east",
+    )  # fmt: skip
+    spec = KernelSpecManager().get_kernel_spec(name)
+    km = AsyncKernelManager(kernel_name=name)
+    prov = KernelProvisionerFactory.instance().create_provisioner_instance("k1", spec, parent=km)
+    assert isinstance(prov, RemoteKernelProvisioner)
+    assert (prov.coordinator_url, prov.keypair_path) == ("http://127.0.0.1:8700", "/keys/id.json")
+    assert prov.lease_terms == LeaseTerms("A100", 40 << 30, 250_000_000, "us-east")
