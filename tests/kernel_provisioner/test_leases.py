@@ -10,6 +10,7 @@ a cuttable proxy. Each test leaves no lease behind.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -218,6 +219,71 @@ async def test_a_failed_first_launch_ends_its_lease(
     assert await lease_state(market, lease_id, "ended", timeout=0) == "ended"
     assert prov.lease is None and prov.tunnel is None
     assert market.status()["live_leases"] == 0
+
+
+async def test_another_process_reattaches_to_a_relayed_lease(
+    market: Any, kernelspecs: Any, start_kernel: Any, cells: Any, processes: Any
+) -> None:
+    name = kernelspecs.install_lease(
+        "reattach-rtx", market.coordinator.url, market.user_keypair_path, gpu="RTX 4090"
+    )
+    km = await start_kernel(name)
+    prov = km.provisioner
+    kc = await cells.connect(km)
+    assert (await cells.run(kc, "survivor = 'kept'")).status == "ok"
+    kc.stop_channels()
+    info = json.loads(json.dumps(await prov.get_provisioner_info()))
+    lease_id, pid = info["lease"]["lease"], prov.kernel_pid
+    assert info["lease"]["relay"] is True
+
+    # The old provisioner lets go, leaving session and lease; a new one takes both over,
+    # through the relay, with the saved token.
+    await prov.detach()
+    km2 = AsyncKernelManager(kernel_name=name)
+    prov2 = RemoteKernelProvisioner(
+        kernel_id=info["kernel_id"],
+        kernel_spec=km2.kernel_spec,
+        keypair_path=str(market.user_keypair_path),
+    )
+    await prov2.load_provisioner_info(info)
+    try:
+        assert prov2.lease.grant.lease == lease_id and prov2.session_id == info["session_id"]
+        assert prov2.has_process and await prov2.poll() is None
+        km2.provisioner = prov2
+        km2.load_connection_info(prov2.connection_info)
+        kc2 = await cells.connect(km2)
+        try:
+            assert (await cells.run(kc2, "print(survivor)")).stream() == "kept\n"
+        finally:
+            kc2.stop_channels()
+    finally:
+        await prov2.cleanup(restart=False)
+    assert await processes.wait_gone(pid, 10)
+    assert await lease_state(market, lease_id, "ended", timeout=0) == "ended"
+    km.provisioner = None  # nothing left for the fixture to shut down
+
+
+async def test_a_lease_ended_at_the_coordinator_ends_the_kernel(
+    market: Any, kernelspecs: Any, start_kernel: Any, processes: Any
+) -> None:
+    name = kernelspecs.install_lease(
+        "ended-rtx", market.coordinator.url, market.user_keypair_path, gpu="RTX 4090"
+    )
+    km = await start_kernel(name)
+    prov = km.provisioner
+    pid, lease_id = prov.kernel_pid, prov.lease.grant.lease
+    client = market.client()
+    try:
+        await client.end_lease(lease_id)  # the user, from elsewhere (another device, say)
+    finally:
+        client.close()
+    # Reported dead soon, not after the whole grace period of resume attempts.
+    tunnel = prov.tunnel
+    assert await tunnel.wait_exited(timeout=15) is not None, tunnel.dead_reason
+    # The relay refuses the resume (410: the lease is over), or the provider ended it first.
+    assert tunnel.ended or "is ended" in (tunnel.dead_reason or ""), tunnel.dead_reason
+    assert not await km.is_alive()
+    assert await processes.wait_gone(pid, 10)
 
 
 COUNTER = "import time\nfor i in range(30):\n    print(i, flush=True)\n    time.sleep(0.1)\n"
