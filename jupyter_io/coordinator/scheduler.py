@@ -52,6 +52,7 @@ from typing import Any
 from ..errors import LeaseError
 
 __all__ = [
+    "CPU_OFFER",
     "DEFAULT_CANDIDATES",
     "DEFAULT_WEIGHTS",
     "LATENCY_BANDS",
@@ -111,9 +112,15 @@ _LINE_PREFIX = re.compile(r"^(rtx|gtx|rx)(?=[a-z]?\d)")
 _SUFFIX = re.compile(r"(?<=\d)(?=(?:ti|super|xtx|xt)$)")
 
 
+# Remarks in parentheses are not part of a model name: "cpu (no GPU)" is the CPU.
+_REMARK = re.compile(r"\([^)]*\)")
+#: What a host without GPUs offers, and how it is always shown: never passed off as a GPU.
+CPU_OFFER = "cpu (no GPU)"
+
+
 @lru_cache(maxsize=4096)
 def _model_words(name: str) -> tuple[str, ...]:
-    text = _MEMORY_SIZE.sub(" ", name.lower())
+    text = _MEMORY_SIZE.sub(" ", _REMARK.sub(" ", name.lower()))
     words = (_SUFFIX.sub(" ", _LINE_PREFIX.sub(r"\1 ", w)).split() for w in _WORD.findall(text))
     return tuple(w for split in words for w in split if w not in _NOISE_WORDS)
 
@@ -130,7 +137,12 @@ def normalise_gpu_name(name: str) -> str:
 
 
 def display_gpu_name(name: str) -> str:
-    """A tidy name for people: ``"nvidia geforce rtx-4090 ti"`` → ``"RTX 4090 Ti"``."""
+    """A tidy name for people: ``"nvidia geforce rtx-4090 ti"`` → ``"RTX 4090 Ti"``.
+
+    The CPU offer is always shown as ``"cpu (no GPU)"``.
+    """
+    if normalise_gpu_name(name) == "cpu":
+        return CPU_OFFER
     return " ".join(
         _DISPLAY_WORDS.get(
             w, w.upper() if len(w) <= 3 or any(c.isdigit() for c in w) else w.title()

@@ -579,3 +579,11 @@ def test_summary_equals_a_recount(seed: int) -> None:
         benchmarks = [o.benchmark_tflops for o in mine if o.benchmark_tflops is not None]
         assert row.best_benchmark_tflops == (max(benchmarks) if benchmarks else None)
         assert row.simulated == any(o.simulated for o in mine)
+
+
+def test_the_cpu_offer_is_named_as_such_never_as_a_gpu() -> None:
+    from jupyter_io.coordinator.scheduler import CPU_OFFER, display_gpu_name, normalise_gpu_name
+
+    assert normalise_gpu_name(CPU_OFFER) == normalise_gpu_name("CPU") == "cpu"
+    assert display_gpu_name(CPU_OFFER) == display_gpu_name("cpu") == "cpu (no GPU)"
+    assert normalise_gpu_name("RTX 4090 (simulated)") == "rtx4090"
