@@ -1,0 +1,281 @@
+"""The jupyter-io server extension: GPU offers, preferences, wallet, sessions, progress.
+
+Enabled by the shipped ``jupyter_server_config.d/jupyter_io.json``; configured with
+``c.JupyterIOExtension.*`` (or ``--JupyterIOExtension.coordinator_url=...`` on the
+command line of ``jupyter lab``). What it does, by hook:
+
+- **initialize**: puts :class:`~jupyter_io.serverext.kernelspecs.GPUKernelSpecManager` in
+  place of the server's plain kernelspec manager (unless another manager class is
+  configured: then it logs why and leaves it), creates the services (offers catalog,
+  preferences store, wallet, progress board), hooks the progress log filter onto the
+  server's logger, adds the REST handlers (:mod:`jupyter_io.serverext.handlers`);
+- **start**: refreshes the offers in the background so the GPU kernelspecs follow the market;
+- **stop**: undoes all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+from jupyter_core.paths import jupyter_data_dir
+from jupyter_server.extension.application import ExtensionApp
+from traitlets import Bool, Float, TraitError, Unicode, default, validate
+
+from .. import __version__
+from ..errors import ConfigError
+from ..identity import DEFAULT_KEYPAIR_PATH
+from ..kernelspec import lease_kernel_json, validate_coordinator_url
+from .handlers import handlers
+from .kernelspecs import (
+    SPEC_PREFIX,
+    GPUKernelSpecManager,
+    adopt_kernel_spec_manager,
+    gpu_kernelspecs,
+)
+from .offers import CoordinatorUnavailable, OffersCatalog
+from .preferences import Preferences, PreferencesError, PreferencesStore
+from .progress import ProgressBoard, ProgressLogFilter
+from .sessions import list_sessions
+from .wallet import Wallet
+
+__all__ = ["JupyterIOExtension"]
+
+
+class JupyterIOExtension(ExtensionApp):
+    """GPU kernels in JupyterLab: see the module docstring."""
+
+    name = "jupyter_io"
+    description = "jupyter-io: remote GPU kernels, their offers, cost and launch progress"
+    version = __version__
+    load_other_extensions = True
+
+    coordinator_url = Unicode(
+        "",
+        config=True,
+        help="The marketplace coordinator, http(s)://HOST:PORT. GPU kernelspecs and the "
+        "picker's offers come from it; empty: no GPU kernelspecs.",
+    )
+    keypair_path = Unicode(
+        DEFAULT_KEYPAIR_PATH,
+        config=True,
+        help="Solana keypair file GPU kernels lease with (and whose address the wallet shows).",
+    )
+    offers_cache_seconds = Float(
+        3.0, config=True, help="Seconds the coordinator's offers are reused before asking again."
+    )
+    offers_refresh_seconds = Float(
+        15.0,
+        config=True,
+        help="Seconds between background refreshes of the offers (the GPU kernelspecs follow "
+        "them); 0: refresh only when the picker asks.",
+    )
+    coordinator_timeout = Float(
+        10.0, config=True, help="Seconds allowed for one request to the coordinator."
+    )
+    solana_rpc_url = Unicode(
+        "",
+        config=True,
+        help="Solana JSON-RPC URL the wallet's balance is read from (a cluster, a local "
+        "validator, or the demo's embedded ledger); empty: balance unknown.",
+    )
+    preferences_path = Unicode(
+        config=True,
+        help="JSON file holding the user's GPU preferences (price cap, region, budget); "
+        "default JUPYTER_DATA_DIR/io/preferences.json.",
+    )
+    gpu_kernelspecs = Bool(
+        True,
+        config=True,
+        help="Offer one kernelspec per GPU type on offer (installs GPUKernelSpecManager).",
+    )
+
+    @default("preferences_path")
+    def _preferences_path_default(self) -> str:
+        return str(Path(jupyter_data_dir(), "io", "preferences.json"))
+
+    @validate("coordinator_url")
+    def _check_coordinator_url(self, proposal: Any) -> str:
+        url = str(proposal["value"]).strip()
+        if not url:
+            return ""
+        try:
+            return validate_coordinator_url(url)
+        except ConfigError as exc:
+            raise TraitError(f"JupyterIOExtension.coordinator_url: {exc}") from None
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def initialize_settings(self) -> None:
+        self.catalog = OffersCatalog(
+            self.coordinator_url, ttl=self.offers_cache_seconds, timeout=self.coordinator_timeout
+        )
+        self.preferences_store = PreferencesStore(self.preferences_path)
+        try:
+            self.preferences = self.preferences_store.load()
+        except PreferencesError as exc:
+            self.log.warning("jupyter-io: %s; using no preferences until they are saved", exc)
+            self.preferences = Preferences()
+        self.wallet = Wallet(self.keypair_path, self.solana_rpc_url)
+        self.progress = ProgressBoard()
+        self._progress_filter = ProgressLogFilter(self.progress)
+        # The provisioner logs through its kernel manager, whose logger is the server's.
+        assert self.serverapp is not None
+        self._progress_logger = self.serverapp.log
+        self._progress_logger.addFilter(self._progress_filter)
+        self._remembered: dict[str, dict[str, Any]] = {}
+        self._refresher: asyncio.Task[None] | None = None
+        self.kernel_spec_manager: GPUKernelSpecManager | None = None
+        if self.gpu_kernelspecs:
+            self.kernel_spec_manager = adopt_kernel_spec_manager(self.serverapp, self.settings)
+            if self.kernel_spec_manager is not None:
+                self.kernel_spec_manager.gpu_specs = self
+        if self.coordinator_url:
+            self.log.info(
+                "jupyter-io: GPU offers from the coordinator at %s, leased with the keypair %s",
+                self.coordinator_url,
+                self.keypair_path,
+            )
+        else:
+            self.log.info(
+                "jupyter-io: no coordinator configured, so no GPU kernelspecs "
+                "(--JupyterIOExtension.coordinator_url=http://HOST:8700)"
+            )
+
+    def initialize_handlers(self) -> None:
+        self.handlers.extend(handlers())
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        if self.catalog.configured and self.gpu_kernelspecs:
+            self._refresher = asyncio.create_task(self._refresh_offers())
+
+    async def stop_extension(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+        self._progress_logger.removeFilter(self._progress_filter)
+        self.progress.close()
+        self.catalog.close()
+        self.wallet.close()
+
+    async def _refresh_offers(self) -> None:
+        """Keep the offers (and so the GPU kernelspecs) fresh; log the coordinator going
+        away and coming back once each, not every time."""
+        failing = False
+        while True:
+            try:
+                await self.catalog.get(max_age=self.offers_refresh_seconds / 2)
+            except CoordinatorUnavailable as exc:
+                if not failing:
+                    self.log.warning(
+                        "jupyter-io: %s; the GPU kernelspecs stay as they were until it answers",
+                        exc,
+                    )
+                failing = True
+            else:
+                if failing:
+                    self.log.info("jupyter-io: the coordinator at %s answers again",
+                                  self.coordinator_url)  # fmt: skip
+                failing = False
+            if self.offers_refresh_seconds <= 0:
+                return
+            await asyncio.sleep(self.offers_refresh_seconds)
+
+    # -- GPU kernelspecs (the source GPUKernelSpecManager reads) ---------------------------
+
+    def specs(self) -> dict[str, dict[str, Any]]:
+        """The GPU kernelspecs to list: one per GPU type in the latest offers."""
+        snapshot = self.catalog.latest
+        if snapshot is None or not self.coordinator_url:
+            return {}
+        current = gpu_kernelspecs(
+            snapshot.types,
+            coordinator_url=self.coordinator_url,
+            keypair_path=str(Path(self.keypair_path).expanduser().absolute()),
+            preferences=self.preferences,
+        )
+        self._remembered.update(current)
+        return current
+
+    def spec(self, name: str) -> dict[str, Any] | None:
+        """The GPU kernelspec ``name`` to start a kernel with: on offer now, seen earlier in
+        this server's life, or (any ``jupyter-io-*`` name) made from the name, so a
+        notebook saved with a GPU type that is gone still starts, and the coordinator
+        answers with what is on offer instead of Jupyter's bare "no such kernel"."""
+        if not self.coordinator_url:
+            return None
+        current = self.specs()
+        if name in current:
+            return current[name]
+        if name in self._remembered:
+            return self._remembered[name]
+        if not name.startswith(SPEC_PREFIX) or len(name) == len(SPEC_PREFIX):
+            return None
+        gpu = name[len(SPEC_PREFIX) :]
+        return lease_kernel_json(
+            self.coordinator_url,
+            str(Path(self.keypair_path).expanduser().absolute()),
+            f"Python 3 · {gpu} · jupyter-io",
+            gpu=gpu,
+            max_price_per_hour=self.preferences.max_price_per_hour,
+            region=self.preferences.region,
+        )
+
+    # -- what the handlers serve -----------------------------------------------------------
+
+    async def offers_json(self) -> dict[str, Any]:
+        """The body of ``GET /jupyter-io/offers``: the coordinator's offers, each GPU type
+        with the kernelspec that starts a kernel on it and whether it is within the cap."""
+        snapshot = await self.catalog.get()
+        names = {
+            spec["metadata"]["jupyter_io"]["gpu"]: (name, spec["display_name"])
+            for name, spec in self.specs().items()
+        }
+        cap = self.preferences.max_price_lamports_per_hour
+        types = []
+        for row in snapshot.types:
+            name, display = names.get(row.get("gpu"), (None, None))
+            price = row.get("price_min")
+            types.append(
+                {
+                    **row,
+                    "kernel_name": name,
+                    "display_name": display,
+                    "within_cap": cap is None or (price is not None and price <= cap),
+                }
+            )
+        return {
+            "coordinator_url": snapshot.coordinator_url,
+            "fetched_at": snapshot.fetched_at,
+            "types": types,
+            "providers": snapshot.providers,
+            "preferences": self.preferences.to_json(),
+            "gpu_kernelspecs": self.kernel_spec_manager is not None,
+        }
+
+    def set_preferences(self, body: Any) -> Preferences:
+        """Validate, store and apply new preferences (the GPU kernelspecs follow at once)."""
+        preferences = self.preferences.updated(body)
+        try:
+            self.preferences_store.save(preferences)
+        except OSError as exc:
+            raise PreferencesError(
+                f"cannot save the preferences to {self.preferences_store.path}: {exc}"
+            ) from None
+        self.preferences = preferences
+        return preferences
+
+    def sessions_json(self) -> dict[str, Any]:
+        assert self.serverapp is not None
+        return {
+            "sessions": list_sessions(self.serverapp.kernel_manager, self.preferences),
+            "now": time.time(),
+        }
+
+    def progress_json(self, since: float | None) -> dict[str, Any]:
+        return {"launches": self.progress.launches(since), "now": time.time()}

@@ -1,0 +1,179 @@
+"""The REST API of the server extension, under ``{base_url}/jupyter-io/``.
+
+======================================  ==================================================
+``GET  offers``                         GPU types and provider offers (coordinator, cached)
+``GET  preferences`` / ``PUT``          price cap, region, session budget
+``GET  wallet``                         address, balance (when a Solana RPC is configured)
+``POST wallet/airdrop``                 test SOL from the ledger (local ledger, devnet)
+``GET  sessions``                       running remote kernels: GPU, elapsed, cost so far
+``GET  progress[?since=T]``             recent kernel starts, step by step
+``GET  progress/{kernel_id}``           one kernel's start
+======================================  ==================================================
+
+Every handler needs a logged-in user (``@web.authenticated``) allowed to act on the
+``jupyter_io`` resource (``@authorized``). Errors are Jupyter's JSON errors
+(``{"message", "reason"}``) with a message that says what to do: 502 when the coordinator
+cannot be reached, 503 when none is configured, 400 for invalid input. The handlers only
+translate HTTP; the work is done by the services on the extension
+(:class:`~jupyter_io.serverext.app.JupyterIOExtension`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, cast
+
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.extension.handler import ExtensionHandlerMixin
+from jupyter_server.utils import url_path_join
+from tornado import web
+
+from ..errors import ConfigError
+from .offers import CoordinatorUnavailable, NoCoordinator
+from .preferences import PreferencesError
+from .wallet import WalletError
+
+if TYPE_CHECKING:
+    from .app import JupyterIOExtension
+
+__all__ = ["AUTH_RESOURCE", "URL_PREFIX", "handlers"]
+
+#: The resource name authorizers see for every jupyter-io endpoint.
+AUTH_RESOURCE = "jupyter_io"
+#: Where the endpoints live, below the server's base URL.
+URL_PREFIX = "jupyter-io"
+#: The most an airdrop may ask for (1 SOL); ledgers cap airdrops themselves too.
+MAX_AIRDROP_LAMPORTS = 1_000_000_000
+
+
+class _Handler(ExtensionHandlerMixin, APIHandler):
+    auth_resource = AUTH_RESOURCE
+
+    @property
+    def io(self) -> JupyterIOExtension:
+        return cast("JupyterIOExtension", self.extensionapp)
+
+    def reply(self, body: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps(body))
+
+    def json_body(self) -> Any:
+        try:
+            return json.loads(self.request.body or b"null")
+        except ValueError:
+            raise web.HTTPError(400, "the request body is not JSON") from None
+
+
+class OffersHandler(_Handler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        """``{"coordinator_url", "fetched_at", "types": [... + "kernel_name",
+        "display_name", "within_cap"], "providers": [...], "preferences": {...}}``."""
+        try:
+            body = await self.io.offers_json()
+        except NoCoordinator as exc:
+            raise web.HTTPError(503, str(exc)) from None
+        except CoordinatorUnavailable as exc:
+            raise web.HTTPError(502, str(exc)) from None
+        self.reply(body)
+
+
+class PreferencesHandler(_Handler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.reply(self.io.preferences.to_json())
+
+    @web.authenticated
+    @authorized
+    async def put(self) -> None:
+        """Change the fields sent (``null`` clears one); answers the stored preferences."""
+        try:
+            preferences = self.io.set_preferences(self.json_body())
+        except PreferencesError as exc:
+            raise web.HTTPError(400, str(exc)) from None
+        self.reply(preferences.to_json())
+
+
+class WalletHandler(_Handler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.reply(await self.io.wallet.info())
+
+
+class AirdropHandler(_Handler):
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        """Body ``{"lamports": N}`` (default 1 SOL); answers the wallet after the airdrop."""
+        body = self.json_body() or {}
+        lamports = body.get("lamports", MAX_AIRDROP_LAMPORTS) if isinstance(body, dict) else None
+        if (
+            isinstance(lamports, bool)
+            or not isinstance(lamports, int)
+            or not 0 < lamports <= MAX_AIRDROP_LAMPORTS
+        ):
+            raise web.HTTPError(400, f'send {{"lamports": N}} with 0 < N <= {MAX_AIRDROP_LAMPORTS}')
+        try:
+            signature = await self.io.wallet.airdrop(lamports)
+        except ConfigError as exc:
+            raise web.HTTPError(409, str(exc)) from None
+        except WalletError as exc:
+            raise web.HTTPError(502, str(exc)) from None
+        self.reply({**(await self.io.wallet.info()), "signature": signature})
+
+
+class SessionsHandler(_Handler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        """``{"sessions": [...], "now": T}`` (see :func:`~.sessions.session_json`)."""
+        self.reply(self.io.sessions_json())
+
+
+class ProgressListHandler(_Handler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        """``{"launches": [...], "now": T}``; ``?since=T`` keeps those updated after T."""
+        since_text = self.get_query_argument("since", None)
+        since = None
+        if since_text:
+            try:
+                since = float(since_text)
+            except ValueError:
+                raise web.HTTPError(400, "since must be Unix seconds, e.g. 1700000000.5") from None
+        self.reply(self.io.progress_json(since))
+
+
+class ProgressHandler(_Handler):
+    @web.authenticated
+    @authorized
+    async def get(self, kernel_id: str) -> None:
+        launch = self.io.progress.launch(kernel_id)
+        if launch is None:
+            raise web.HTTPError(
+                404,
+                f"no start of kernel {kernel_id} was seen (it is not a jupyter-io kernel, or "
+                f"it started before this server)",
+            )
+        self.reply(launch)
+
+
+def handlers() -> list[tuple[str, type[_Handler]]]:
+    """The routes, relative to the base URL (the extension app prefixes it)."""
+    routes: list[tuple[tuple[str, ...], type[_Handler]]] = [
+        (("offers",), OffersHandler),
+        (("preferences",), PreferencesHandler),
+        (("wallet",), WalletHandler),
+        (("wallet", "airdrop"), AirdropHandler),
+        (("sessions",), SessionsHandler),
+        (("progress",), ProgressListHandler),
+        (("progress", r"(?P<kernel_id>[\w-]+)"), ProgressHandler),
+    ]
+    return [(url_path_join("/", URL_PREFIX, *parts), handler) for parts, handler in routes]

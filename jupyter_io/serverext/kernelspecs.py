@@ -1,0 +1,204 @@
+"""GPU kernelspecs: one per GPU type on offer, next to the installed ones.
+
+``POST /api/kernels`` carries only a kernelspec name, so the GPU type a user picks travels in
+the name: ``jupyter-io-rtx-4090`` for the coordinator's "RTX 4090". Each such spec is a
+lease-mode kernel.json (:func:`jupyter_io.kernelspec.lease_kernel_json`) naming the
+coordinator, the user's keypair, the GPU type, and the user's price cap and region
+(:mod:`jupyter_io.serverext.preferences`); its display name says what the picker shows::
+
+    Python 3 · RTX 4090 24 GB · from 0.12 SOL/h · simulated
+
+:class:`GPUKernelSpecManager` serves them. Jupyter asks kernelspec managers synchronously, so
+the specs come from a provider function (:attr:`GPUKernelSpecManager.gpu_specs`) that reads the
+offers a fetch already brought; the server extension sets it, and refreshes the offers in the
+background. Installed kernelspecs keep precedence over a GPU spec of the same name.
+
+:func:`adopt_kernel_spec_manager` puts one in place of the ServerApp's plain kernelspec
+manager from the extension's initialize hook, and refuses, with a log line saying what to do,
+when another kernelspec manager class is configured. (The link hook is too early to tell: the
+ServerApp's default class depends on gateway settings it has not read yet.)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
+
+from ..kernelspec import lease_kernel_json
+from ..payments.amounts import format_sol
+from .preferences import Preferences
+
+__all__ = [
+    "SPEC_PREFIX",
+    "GPUKernelSpecManager",
+    "GPUSpecSource",
+    "adopt_kernel_spec_manager",
+    "display_name",
+    "gpu_kernelspecs",
+    "spec_name",
+]
+
+#: Every GPU kernelspec's name starts with this.
+SPEC_PREFIX = "jupyter-io-"
+_NOT_SLUG = re.compile(r"[^a-z0-9]+")
+GIB = 1 << 30
+
+
+class GPUSpecSource(Protocol):
+    """Where :class:`GPUKernelSpecManager` gets its GPU kernelspecs (kernel.json dicts)."""
+
+    def specs(self) -> Mapping[str, Mapping[str, Any]]:
+        """The GPU kernelspecs to list, by name."""
+
+    def spec(self, name: str) -> Mapping[str, Any] | None:
+        """The GPU kernelspec ``name`` to start a kernel with (may know more names than
+        :meth:`specs` lists), or None."""
+
+
+def spec_name(gpu_display: str) -> str:
+    """``"RTX 4090"`` → ``"jupyter-io-rtx-4090"`` (a valid kernelspec name)."""
+    slug = _NOT_SLUG.sub("-", gpu_display.lower()).strip("-")
+    return SPEC_PREFIX + (slug or "gpu")
+
+
+def _gigabytes(vram_bytes: int) -> str:
+    gb = vram_bytes / GIB
+    return f"{gb:.0f} GB" if abs(gb - round(gb)) < 0.05 else f"{gb:.1f} GB"
+
+
+def display_name(row: Mapping[str, Any]) -> str:
+    """``Python 3 · RTX 4090 24 GB · from 0.12 SOL/h`` (``· simulated`` for simulated GPUs,
+    ``· none free now`` when every GPU of the type is taken)."""
+    parts = ["Python 3", str(row.get("display") or row.get("gpu"))]
+    vram = int(row.get("vram_bytes") or 0)
+    if vram and not str(row.get("gpu", "")).startswith("cpu"):
+        parts[1] += f" {_gigabytes(vram)}"
+    price = row.get("price_min")
+    if price is None or not row.get("available"):
+        parts.append("none free now")
+    else:
+        parts.append(f"from {format_sol(int(price))}/h")
+    if row.get("simulated"):
+        parts.append("simulated")
+    return " · ".join(parts)
+
+
+def gpu_kernelspecs(
+    types: Sequence[Mapping[str, Any]],
+    *,
+    coordinator_url: str,
+    keypair_path: str,
+    preferences: Preferences,
+) -> dict[str, dict[str, Any]]:
+    """One lease-mode kernel.json per GPU type row of the coordinator's offers, by name.
+
+    Each spec's ``metadata.jupyter_io`` repeats what the picker needs (GPU key and name, VRAM,
+    cheapest price, simulated) so a client can tell GPU kernelspecs apart.
+    """
+    specs: dict[str, dict[str, Any]] = {}
+    for row in types:
+        gpu = str(row.get("gpu") or "")
+        if not gpu:
+            continue
+        name = spec_name(str(row.get("display") or gpu))
+        if name in specs:  # two keys with one slug: keep both, the second by its key
+            name = spec_name(gpu)
+        spec = lease_kernel_json(
+            coordinator_url,
+            keypair_path,
+            display_name(row),
+            gpu=gpu,
+            max_price_per_hour=preferences.max_price_per_hour,
+            region=preferences.region,
+        )
+        spec["metadata"]["jupyter_io"] = {
+            "gpu": gpu,
+            "display": row.get("display") or gpu,
+            "vram_bytes": row.get("vram_bytes"),
+            "price_min": row.get("price_min"),
+            "simulated": bool(row.get("simulated")),
+            "coordinator_url": coordinator_url,
+        }
+        specs[name] = spec
+    return specs
+
+
+def _resource_dir() -> str:
+    """Where the GPU specs' logos come from: ipykernel's (they are Python kernels)."""
+    try:
+        from ipykernel.kernelspec import RESOURCES
+    except ImportError:  # pragma: no cover - ipykernel is a dependency
+        return ""
+    return str(RESOURCES)
+
+
+class GPUKernelSpecManager(KernelSpecManager):
+    """The installed kernelspecs plus one GPU kernelspec per GPU type on offer.
+
+    Without :attr:`gpu_specs` (no server extension, no coordinator) it is exactly a
+    :class:`~jupyter_client.kernelspec.KernelSpecManager`.
+    """
+
+    #: The GPU kernelspecs' source; set by the server extension.
+    gpu_specs: GPUSpecSource | None = None
+
+    def _allowed(self, name: str) -> bool:
+        return not self.allowed_kernelspecs or name in self.allowed_kernelspecs
+
+    def find_kernel_specs(self) -> dict[str, str]:
+        found = super().find_kernel_specs()
+        if self.gpu_specs is not None:
+            resources = _resource_dir()
+            for name in self.gpu_specs.specs():
+                if self._allowed(name):
+                    found.setdefault(name, resources)
+        return found
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        try:
+            return super().get_kernel_spec(kernel_name)
+        except NoSuchKernel:
+            name = kernel_name.lower()
+            spec = self.gpu_specs.spec(name) if self.gpu_specs is not None else None
+            if spec is None or not self._allowed(name):
+                raise
+            return self.kernel_spec_class(resource_dir=_resource_dir(), **spec)
+
+
+def adopt_kernel_spec_manager(
+    serverapp: Any, settings: dict[str, Any]
+) -> GPUKernelSpecManager | None:
+    """Put a :class:`GPUKernelSpecManager` in place of the ServerApp's plain
+    :class:`~jupyter_client.kernelspec.KernelSpecManager`: on the ServerApp, its kernel
+    manager (which hands it to every kernel it starts) and the web app ``settings`` (which
+    the kernelspec handlers read). Call it from an extension's initialize hook, once the
+    ServerApp has built its managers.
+
+    Returns the manager, or None, logging why and what to do, when another kernelspec
+    manager class is configured (a gateway's, a custom one): it is left alone.
+    """
+    current = serverapp.kernel_spec_manager
+    if isinstance(current, GPUKernelSpecManager):
+        return current
+    if type(current) is not KernelSpecManager:
+        kind = type(current)
+        serverapp.log.warning(
+            "jupyter-io: not adding GPU kernelspecs: this server's kernelspec manager is "
+            "%s.%s (ServerApp.kernel_spec_manager_class), and jupyter-io does not replace "
+            "another kernelspec manager. Subclass "
+            "jupyter_io.serverext.kernelspecs.GPUKernelSpecManager in it, or drop that "
+            "setting; installed jupyter-io kernelspecs (`jupyter io kernelspec install`) "
+            "still work.",
+            kind.__module__,
+            kind.__qualname__,
+        )
+        return None
+    ksm = GPUKernelSpecManager(parent=serverapp, log=serverapp.log)
+    serverapp.kernel_spec_manager_class = GPUKernelSpecManager
+    serverapp.kernel_spec_manager = ksm
+    serverapp.kernel_manager.kernel_spec_manager = ksm
+    settings["kernel_spec_manager"] = ksm
+    return ksm

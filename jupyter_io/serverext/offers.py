@@ -1,0 +1,135 @@
+"""The coordinator's offers as the server extension sees them: fetched, cached, remembered.
+
+:class:`OffersCatalog` asks the coordinator (``GET /api/v1/offers``, see
+``docs/coordinator-contract.md``) at most once per ``ttl`` seconds, shares one request among
+concurrent callers, and keeps the last good answer (:attr:`OffersCatalog.latest`), which the
+GPU kernelspecs (:mod:`jupyter_io.serverext.kernelspecs`) are built from: kernelspec lookups
+are synchronous, so they can only read what a fetch already brought.
+
+Errors: :class:`NoCoordinator` when no coordinator is configured (HTTP 503 to the browser),
+:class:`CoordinatorUnavailable` when it cannot be reached or answers badly (HTTP 502).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..coordinator.client import CoordinatorClient
+from ..errors import ConfigError, JupyterIOError
+
+__all__ = ["CoordinatorUnavailable", "NoCoordinator", "OffersCatalog", "OffersSnapshot"]
+
+
+class NoCoordinator(ConfigError):
+    """No coordinator URL is configured, so there is nothing to offer."""
+
+
+class CoordinatorUnavailable(JupyterIOError):
+    """The coordinator could not be reached or gave an unusable answer."""
+
+
+@dataclass(frozen=True)
+class OffersSnapshot:
+    """One answer of the coordinator's ``GET /api/v1/offers``."""
+
+    coordinator_url: str
+    #: ``{"types": [...], "providers": [...]}`` as the coordinator sent it.
+    body: dict[str, Any]
+    #: Unix seconds when it was fetched.
+    fetched_at: float
+    #: time.monotonic() when it was fetched (for the cache).
+    fetched_mono: float = field(repr=False, default=0.0)
+
+    @property
+    def types(self) -> list[dict[str, Any]]:
+        return list(self.body.get("types") or [])
+
+    @property
+    def providers(self) -> list[dict[str, Any]]:
+        return list(self.body.get("providers") or [])
+
+
+class OffersCatalog:
+    """Cached offers of the coordinator at ``coordinator_url`` ("" when none is configured).
+
+    Call :meth:`get` for offers at most ``ttl`` seconds old, :meth:`close` when done.
+    """
+
+    def __init__(
+        self,
+        coordinator_url: str,
+        *,
+        ttl: float = 3.0,
+        timeout: float = 10.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.coordinator_url = coordinator_url.rstrip("/")
+        self.ttl = ttl
+        self.timeout = timeout
+        self.monotonic = monotonic
+        #: The last good answer (None before the first one).
+        self.latest: OffersSnapshot | None = None
+        #: The message of the last failed fetch, cleared by a good one.
+        self.last_error: str | None = None
+        self._client: CoordinatorClient | None = None
+        self._inflight: asyncio.Future[OffersSnapshot] | None = None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.coordinator_url)
+
+    async def get(self, *, max_age: float | None = None) -> OffersSnapshot:
+        """Offers at most ``max_age`` (default ``ttl``) seconds old; fetched if older.
+
+        Raises :class:`NoCoordinator` or :class:`CoordinatorUnavailable`.
+        """
+        if not self.configured:
+            raise NoCoordinator(
+                "no coordinator is configured: start JupyterLab with "
+                "--JupyterIOExtension.coordinator_url=http://HOST:8700 (or run `jupyter io "
+                "demo`), then reload"
+            )
+        age = self.ttl if max_age is None else max_age
+        latest = self.latest
+        if latest is not None and self.monotonic() - latest.fetched_mono < age:
+            return latest
+        if self._inflight is None:
+            self._inflight = asyncio.ensure_future(self._fetch())
+            self._inflight.add_done_callback(self._clear_inflight)
+        return await asyncio.shield(self._inflight)
+
+    def _clear_inflight(self, future: asyncio.Future[OffersSnapshot]) -> None:
+        if self._inflight is future:
+            self._inflight = None
+        if not future.cancelled():
+            future.exception()  # retrieved here, so an unawaited failure is not reported
+
+    async def _fetch(self) -> OffersSnapshot:
+        if self._client is None:
+            self._client = CoordinatorClient(self.coordinator_url, timeout=self.timeout)
+        try:
+            body = await self._client.offers()
+        except JupyterIOError as exc:
+            self.last_error = str(exc)
+            raise CoordinatorUnavailable(str(exc)) from None
+        if not isinstance(body.get("types"), list):
+            self.last_error = f"the coordinator at {self.coordinator_url} sent no offers list"
+            raise CoordinatorUnavailable(
+                f"{self.last_error}; is that URL a jupyter-io coordinator?"
+            )
+        snapshot = OffersSnapshot(self.coordinator_url, body, time.time(), self.monotonic())
+        self.latest = snapshot
+        self.last_error = None
+        return snapshot
+
+    def close(self) -> None:
+        if self._inflight is not None:
+            self._inflight.cancel()
+            self._inflight = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
