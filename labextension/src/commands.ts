@@ -1,0 +1,13 @@
+/** The extension's command ids (run them from the palette or `app.commands.execute`). */
+export namespace CommandIDs {
+  /** Show the GPU picker in the left sidebar. */
+  export const openPicker = 'jupyter-io:open-picker';
+  /** Open a new notebook on a GPU kernelspec: args `{kernelName}`. */
+  export const newNotebook = 'jupyter-io:new-notebook';
+  /** Open a new console on a GPU kernelspec: args `{kernelName}`. */
+  export const newConsole = 'jupyter-io:new-console';
+  /** Fetch offers, wallet, sessions and progress now. */
+  export const refresh = 'jupyter-io:refresh';
+  /** Ask the configured ledger for 1 SOL of test funds. */
+  export const airdrop = 'jupyter-io:airdrop';
+}

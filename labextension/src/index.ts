@@ -1,0 +1,139 @@
+import {
+  ILabShell,
+  JupyterFrontEnd,
+  JupyterFrontEndPlugin
+} from '@jupyterlab/application';
+import { ICommandPalette, ISessionContext, Notification } from '@jupyterlab/apputils';
+import { ISettingRegistry } from '@jupyterlab/settingregistry';
+import { IStatusBar } from '@jupyterlab/statusbar';
+
+import { CommandIDs } from './commands';
+import { errorMessage } from './handler';
+import { gpuIcon } from './icons';
+import { GpuModel } from './model';
+import { GpuPicker, notifyError } from './picker';
+import { LaunchNotifier } from './progress';
+import { CostStatus } from './status';
+import { IPreferencesUpdate } from './types';
+
+const PLUGIN_ID = 'jupyter-io:plugin';
+
+/** The kernel id of the shell's current notebook or console, if it has one. */
+function currentKernelId(app: JupyterFrontEnd, labShell: ILabShell | null): string | null {
+  const widget = (labShell ?? app.shell).currentWidget as
+    | (object & { sessionContext?: ISessionContext })
+    | null;
+  return widget?.sessionContext?.session?.kernel?.id ?? null;
+}
+
+/** The settings as the server's preferences (empty values clear a preference). */
+function preferencesFrom(settings: ISettingRegistry.ISettings): IPreferencesUpdate {
+  const price = String(settings.get('maxPricePerHour').composite ?? '').trim();
+  const region = String(settings.get('region').composite ?? '').trim();
+  const budget = Number(settings.get('sessionBudgetHours').composite ?? 0);
+  return {
+    max_price_per_hour: price || null,
+    region: region || null,
+    session_budget_hours: budget > 0 ? budget : null
+  };
+}
+
+/**
+ * jupyter-io in JupyterLab: a GPU picker in the left sidebar, a notification that follows
+ * each GPU kernel's start, a status bar item with the current kernel's GPU and cost, and
+ * the price cap / region / budget in the settings registry (saved to the server, which
+ * puts them into the GPU kernelspecs).
+ */
+const plugin: JupyterFrontEndPlugin<void> = {
+  id: PLUGIN_ID,
+  description: 'GPU picker, kernel start progress and live cost for jupyter-io kernels.',
+  autoStart: true,
+  optional: [ILabShell, IStatusBar, ISettingRegistry, ICommandPalette],
+  activate: (
+    app: JupyterFrontEnd,
+    labShell: ILabShell | null,
+    statusBar: IStatusBar | null,
+    settingRegistry: ISettingRegistry | null,
+    palette: ICommandPalette | null
+  ): void => {
+    const model = new GpuModel();
+    new LaunchNotifier(model);
+    const { commands } = app;
+
+    const picker = new GpuPicker({ model, commands });
+    app.shell.add(picker, 'left', { rank: 650 });
+
+    const start = (command: string, args: Record<string, unknown>, kernelName: string) =>
+      app.serviceManager.kernelspecs
+        .refreshSpecs() // so Lab knows a GPU type that appeared since it loaded
+        .then(() => {
+          model.expectLaunch();
+          return commands.execute(command, args as any);
+        })
+        .catch(error => notifyError(`Cannot start a kernel on ${kernelName}`, error));
+
+    commands.addCommand(CommandIDs.openPicker, {
+      label: 'Show the GPU picker',
+      icon: gpuIcon,
+      execute: () => app.shell.activateById(picker.id)
+    });
+    commands.addCommand(CommandIDs.newNotebook, {
+      label: args => (args.kernelName ? `New notebook on ${args.kernelName}` : 'New GPU notebook'),
+      icon: gpuIcon,
+      execute: args => {
+        const kernelName = String(args.kernelName ?? '');
+        return start('notebook:create-new', { kernelName }, kernelName);
+      }
+    });
+    commands.addCommand(CommandIDs.newConsole, {
+      label: args => (args.kernelName ? `New console on ${args.kernelName}` : 'New GPU console'),
+      icon: gpuIcon,
+      execute: args => {
+        const kernelName = String(args.kernelName ?? '');
+        return start('console:create', { kernelPreference: { name: kernelName } }, kernelName);
+      }
+    });
+    commands.addCommand(CommandIDs.refresh, {
+      label: 'Refresh GPU offers',
+      execute: () => model.refresh()
+    });
+    commands.addCommand(CommandIDs.airdrop, {
+      label: 'Airdrop 1 SOL to the jupyter-io wallet (test ledgers)',
+      execute: () =>
+        model.airdrop().then(
+          wallet => Notification.success(`Airdropped 1 SOL; the wallet holds ${wallet.balance}.`, { autoClose: 5000 }),
+          error => notifyError('Airdrop failed', error)
+        )
+    });
+    if (palette) {
+      for (const command of [CommandIDs.openPicker, CommandIDs.refresh, CommandIDs.airdrop]) {
+        palette.addItem({ command, category: 'jupyter-io' });
+      }
+    }
+
+    if (statusBar) {
+      const item = new CostStatus({ model, currentKernelId: () => currentKernelId(app, labShell) });
+      statusBar.registerStatusItem('jupyter-io:cost', { item, align: 'left', rank: 4 });
+    }
+
+    if (settingRegistry) {
+      settingRegistry
+        .load(PLUGIN_ID)
+        .then(settings => {
+          const push = () =>
+            model
+              .savePreferences(preferencesFrom(settings))
+              .catch(error => notifyError('jupyter-io settings not saved', error));
+          // Settings only the server knows (written by another client, or by hand) stay
+          // until the user changes them here.
+          if (Object.keys(settings.user).length > 0) {
+            void push();
+          }
+          settings.changed.connect(() => void push());
+        })
+        .catch(reason => console.error(`jupyter-io: cannot load settings: ${errorMessage(reason)}`));
+    }
+  }
+};
+
+export default plugin;

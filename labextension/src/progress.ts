@@ -1,0 +1,128 @@
+import { Notification } from '@jupyterlab/apputils';
+
+import { sol } from './format';
+import { GpuModel } from './model';
+import { ILaunch } from './types';
+
+/** The steps a user sees, and the provisioner steps each one covers. */
+const STAGES: { label: string; steps: string[] }[] = [
+  { label: 'leasing', steps: ['queued', 'leased'] },
+  { label: 'escrow', steps: ['escrowed'] },
+  { label: 'launching', steps: ['launching'] },
+  { label: 'ready', steps: ['ready'] }
+];
+
+/** What to do about a failed start, by what the message says. */
+function advice(message: string): string {
+  const text = message.toLowerCase();
+  if (text.includes('insufficient') || text.includes('fund')) {
+    return ' Fund the wallet (GPU picker → Airdrop on the local ledger) and start the kernel again.';
+  }
+  if (text.includes('cheapest') || text.includes('price cap') || text.includes('≤')) {
+    return ' Raise your price cap (GPU picker → Limits) or pick a cheaper GPU type.';
+  }
+  if (text.includes('cannot reach') || text.includes('cannot lease')) {
+    return ' Check that the coordinator is running, then start the kernel again.';
+  }
+  if (text.includes('no offer') || text.includes('no lease') || text.includes('on offer')) {
+    return ' Pick a GPU type that is free in the GPU picker.';
+  }
+  return '';
+}
+
+/** `leasing ✓ · escrow – · launching … · ready` for a start in progress. */
+export function stepLine(launch: ILaunch): string {
+  const seen = new Set(launch.events.map(e => e.step));
+  const current = launch.step;
+  const currentStage = STAGES.findIndex(stage => stage.steps.includes(current));
+  return STAGES.map((stage, index) => {
+    let mark: string;
+    if (stage.steps.some(step => seen.has(step)) && index < currentStage) {
+      mark = '✓';
+    } else if (index === currentStage) {
+      mark = launch.state === 'ready' ? '✓' : '…';
+    } else if (index < currentStage) {
+      mark = '–'; // skipped (no escrow step yet)
+    } else {
+      mark = '';
+    }
+    return mark ? `${stage.label} ${mark}` : stage.label;
+  }).join(' · ');
+}
+
+/** The one-line title of a start: `GPU kernel on RTX 4090 at 0.12 SOL/h`. */
+function title(launch: ILaunch): string {
+  const where = launch.gpu ? ` on ${launch.gpu}` : '';
+  const price =
+    typeof launch.price_lamports_per_hour === 'number'
+      ? ` at ${sol(launch.price_lamports_per_hour, '')} SOL/h`
+      : '';
+  return `GPU kernel${where}${price}`;
+}
+
+/**
+ * Shows a notification per kernel start: it follows the steps (leasing → escrow →
+ * launching → ready) and ends as a success that closes by itself, or as an error that
+ * stays, saying what went wrong and what to do.
+ */
+export class LaunchNotifier {
+  constructor(model: GpuModel) {
+    this._model = model;
+    model.changed.connect((_, change) => {
+      if (change === 'launches') {
+        this._update();
+      }
+    });
+  }
+
+  private _update(): void {
+    for (const launch of this._model.launches) {
+      if (launch.started_at < this._model.createdAt - 5) {
+        continue; // began before this page loaded: history, not news
+      }
+      const key = `${launch.kernel_id}@${launch.started_at}`;
+      const shown = this._shown.get(key);
+      if (shown && shown.updatedAt === launch.updated_at) {
+        continue;
+      }
+      if (shown?.done) {
+        continue;
+      }
+      this._show(key, launch, shown?.id);
+    }
+  }
+
+  private _show(key: string, launch: ILaunch, id: string | undefined): void {
+    let message: string;
+    let type: Notification.TypeOptions;
+    let autoClose: number | false;
+    if (launch.state === 'failed') {
+      message = `${title(launch)} failed: ${launch.message.replace(/\.$/, '')}.${advice(launch.message)}`;
+      type = 'error';
+      autoClose = false;
+    } else if (launch.state === 'ready') {
+      message = `${title(launch)} is ready · ${stepLine(launch)}`;
+      type = 'success';
+      autoClose = 5000;
+    } else {
+      message = `Starting a ${title(launch)} · ${stepLine(launch)}`;
+      type = 'in-progress';
+      autoClose = false;
+    }
+    const options: Notification.IOptions<{ kernelId: string; step: string }> = {
+      autoClose,
+      data: { kernelId: launch.kernel_id, step: launch.step }
+    };
+    if (id === undefined || !Notification.update({ id, message, type, ...options })) {
+      id = Notification.emit(message, type, options);
+    }
+    this._shown.set(key, {
+      id,
+      updatedAt: launch.updated_at,
+      done: launch.state !== 'starting'
+    });
+  }
+
+  private _model: GpuModel;
+  private _shown = new Map<string, { id: string; updatedAt: number; done: boolean }>();
+}
