@@ -139,7 +139,10 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
     ping_interval = Float(10.0, config=True, help="Seconds between websocket keepalive pings.")
     ping_timeout = Float(10.0, config=True, help="Seconds to wait for a keepalive pong.")
     end_timeout = Float(
-        5.0, config=True, help="Seconds to wait for the provider to confirm the session's end."
+        5.0,
+        config=True,
+        help="Seconds to wait for the provider to confirm the session's end, and then for "
+        "the coordinator to confirm the lease's.",
     )
 
     def __init__(self, **kwargs: Any) -> None:
@@ -381,7 +384,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
                 "jupyter-io: the session of lease %s is gone; ending it and leasing again",
                 lease.grant.lease,
             )
-            await lease.end()
+            await lease.end(self.end_timeout)
         if lease.grant is None:
             terms = self.lease_terms
             self._report(
@@ -546,7 +549,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         lease, self._lease = self._lease, None
         if lease is not None:
             try:
-                await lease.end()
+                await lease.end(self.end_timeout)
             finally:
                 lease.close()
 
