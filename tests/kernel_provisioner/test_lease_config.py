@@ -1,8 +1,11 @@
 """The lease traits of the io-remote provisioner, as a kernelspec sets them: the price cap in
-exact lamports, URLs checked before anything starts, and what a lease request asks for."""
+exact lamports, URLs checked before anything starts, what a lease request asks for, and a
+coordinator that cannot be reached."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +13,11 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
+from solders.keypair import Keypair
 
-from jupyter_io.errors import ConfigError
-from kernel_provisioner.lease import LeaseTerms
+from jupyter_io.errors import ConfigError, KernelLaunchError
+from jupyter_io.identity import write_keypair
+from kernel_provisioner.lease import LeaseRefused, LeaseTerms
 from kernel_provisioner.provisioner import RemoteKernelProvisioner
 
 
@@ -84,3 +89,21 @@ def test_kernel_json_config_reaches_the_provisioner(jupyter_env: Path, kernelspe
     assert isinstance(prov, RemoteKernelProvisioner)
     assert (prov.coordinator_url, prov.keypair_path) == ("http://127.0.0.1:8700", "/keys/id.json")
     assert prov.lease_terms == LeaseTerms("A100", 40 << 30, 250_000_000, "us-east")
+
+
+async def test_an_unreachable_coordinator_fails_the_start_with_what_to_check(
+    jupyter_env: Path, kernelspecs: Any, tmp_path: Path
+) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    user = write_keypair(Keypair(), tmp_path / "user.json")
+    name = kernelspecs.install_lease("nowhere", f"http://127.0.0.1:{port}", user, gpu="A100")
+    km = AsyncKernelManager(kernel_name=name)
+    with pytest.raises(KernelLaunchError, match="cannot reach the coordinator") as failed:
+        await asyncio.wait_for(km.start_kernel(), 30)
+    assert not isinstance(failed.value, LeaseRefused)  # not the marketplace's answer
+    assert f"127.0.0.1:{port}" in str(failed.value)
+    prov = km.provisioner
+    assert [e.step.value for e in prov.progress] == ["queued", "failed"]
+    assert prov.lease is None and prov.tunnel is None
