@@ -19,7 +19,9 @@ Routes (``docs/coordinator-contract.md``; every REST error is
 authenticate and serialise; :class:`~jupyter_io.coordinator.leasing.LeaseService`,
 :class:`~jupyter_io.coordinator.registry.Registry`,
 :class:`~jupyter_io.coordinator.provider_link.ProviderLinkSession` and
-:class:`~jupyter_io.coordinator.relay.Relay` decide.
+:class:`~jupyter_io.coordinator.relay.Relay` decide. The two websocket endpoints answer the
+upgrade themselves and hand the socket over (:mod:`~jupyter_io.coordinator.sockets`): tornado
+serves their HTTP request, not their messages.
 """
 
 from __future__ import annotations
@@ -173,6 +175,7 @@ class StatusHandler(_ApiHandler):
                 "flushes": stats.flushes,
                 "flush_seconds": round(stats.flush_seconds, 6),
                 "providers_lost": stats.providers_lost,
+                "links_made": stats.links,
                 "live_leases": sum(len(p.leases) for p in registry.providers()),
                 "relay_connections": relay.active(),
                 "relay_pairs": relay.stats.pairs,

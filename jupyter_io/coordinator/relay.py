@@ -25,10 +25,10 @@ For a provider nobody can reach directly (behind NAT, the demo's default), the l
 Flow control: when one side's socket buffer passes its high-water mark, the other side stops
 being read until it drains, so a slow reader slows its writer instead of filling memory.
 
-The hot path is callbacks, not coroutines: on a plain TCP connection the socket is taken over
-from tornado after the upgrade and driven by an :class:`asyncio.Protocol` (one callback per
-read, ``transport.write`` per batch of frames); behind TLS, where tornado owns the encryption,
-a small read loop over tornado's stream feeds the same core. The relay holds no state beyond
+The hot path is callbacks, not coroutines: the socket is taken over from tornado after the
+upgrade (:func:`~jupyter_io.coordinator.sockets.adopt`: an asyncio protocol on plain TCP, a
+read loop over tornado's stream behind TLS) and each read is re-framed and written in one
+call. The relay holds no state beyond
 its open sockets: a restart closes them (1001) and clients resume through a new connection,
 hence a new dial.
 """

@@ -1,4 +1,7 @@
-"""Fixtures for the coordinator's tests: a database URL on SQLite and on a real PostgreSQL.
+"""Fixtures for the coordinator's tests: a database URL on SQLite and on a real PostgreSQL,
+and, for the service tests, running coordinators (``start_coordinator``, ``coordinator``),
+a signed user client (``user_client``) and :class:`FakeProvider`, a provider's side of the
+link over a real websocket.
 
 ``store_url`` is parametrized: each test that takes it runs once on a fresh SQLite file and
 once on a fresh PostgreSQL database. The PostgreSQL server is, in order of preference:
