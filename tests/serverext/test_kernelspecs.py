@@ -1,0 +1,135 @@
+"""GPU kernelspecs: one per GPU type on offer, served next to the installed ones."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+from jupyter_io.serverext.kernelspecs import GPUKernelSpecManager, display_name, spec_name
+
+GIB = 1 << 30
+
+
+def test_names_and_display_names_say_what_the_picker_shows() -> None:
+    assert spec_name("RTX 4090") == "jupyter-io-rtx-4090"
+    assert spec_name("A100 80GB (SXM4)") == "jupyter-io-a100-80gb-sxm4"
+    assert spec_name("cpu (no GPU)") == "jupyter-io-cpu-no-gpu"
+    row = {"display": "RTX 4090", "gpu": "rtx4090", "vram_bytes": 24 * GIB, "available": 1,
+           "price_min": 120_000_000, "simulated": True}  # fmt: skip
+    assert display_name(row) == "Python 3 · RTX 4090 24 GB · from 0.12 SOL/h · simulated"
+    taken = {**row, "available": 0, "price_min": None, "simulated": False}
+    assert display_name(taken) == "Python 3 · RTX 4090 24 GB · none free now"
+    cpu = {"display": "cpu (no GPU)", "gpu": "cpu", "vram_bytes": 8 * GIB, "available": 2,
+           "price_min": 10_000_000, "simulated": False}  # fmt: skip
+    assert display_name(cpu) == "Python 3 · cpu (no GPU) · from 0.01 SOL/h"
+
+
+async def test_gpu_kernelspecs_are_listed_next_to_the_installed_ones(
+    fetch_json: Any, market: Any, user_keypair_path: Path, jp_serverapp: Any
+) -> None:
+    assert isinstance(jp_serverapp.kernel_spec_manager, GPUKernelSpecManager)
+    assert jp_serverapp.kernel_manager.kernel_spec_manager is jp_serverapp.kernel_spec_manager
+    assert jp_serverapp.web_app.settings["kernel_spec_manager"] is jp_serverapp.kernel_spec_manager
+
+    await fetch_json("jupyter-io", "offers")  # what the background refresh does on a server
+    status, body = await fetch_json("api", "kernelspecs")
+    assert status == 200
+    specs = body["kernelspecs"]
+    assert {"python3", "echo", "jupyter-io-rtx-4090", "jupyter-io-a100"} <= set(specs)
+    assert body["default"] == "python3"
+    rtx = specs["jupyter-io-rtx-4090"]
+    assert rtx["spec"]["display_name"] == "Python 3 · RTX 4090 24 GB · from 0.12 SOL/h · simulated"
+    assert rtx["spec"]["language"] == "python"
+    provisioner = rtx["spec"]["metadata"]["kernel_provisioner"]
+    assert provisioner == {
+        "provisioner_name": "io-remote",
+        "config": {
+            "coordinator_url": market.url,
+            "keypair_path": str(user_keypair_path),
+            "gpu": "rtx4090",
+        },
+    }
+    assert rtx["spec"]["metadata"]["jupyter_io"]["simulated"] is True
+    assert "logo-64x64" in rtx["resources"]  # ipykernel's logos, served by the server
+
+    status, one = await fetch_json("api", "kernelspecs", "jupyter-io-a100")
+    assert status == 200 and one["spec"]["display_name"].startswith("Python 3 · A100 80 GB")
+
+
+async def test_the_price_cap_and_region_go_into_every_gpu_kernelspec(fetch_json: Any) -> None:
+    await fetch_json(
+        "jupyter-io", "preferences", method="PUT",
+        body={"max_price_per_hour": "0.5", "region": "eu-west"},
+    )  # fmt: skip
+    await fetch_json("jupyter-io", "offers")
+    _, body = await fetch_json("api", "kernelspecs")
+    for name in ("jupyter-io-rtx-4090", "jupyter-io-a100"):
+        config = body["kernelspecs"][name]["spec"]["metadata"]["kernel_provisioner"]["config"]
+        assert (config["max_price_per_hour"], config["region"]) == ("0.5", "eu-west")
+
+
+async def test_a_gpu_type_no_longer_listed_still_resolves(
+    fetch_json: Any, market: Any, jp_serverapp: Any
+) -> None:
+    await fetch_json("jupyter-io", "offers")
+    await market.provider.shutdown()
+    ksm = jp_serverapp.kernel_spec_manager
+    # Gone from the market: still startable (the coordinator then says what is on offer),
+    # and so is a saved notebook's GPU type this server has never seen.
+    spec = ksm.get_kernel_spec("jupyter-io-rtx-4090")
+    assert spec.metadata["kernel_provisioner"]["config"]["gpu"] == "rtx4090"
+    spec = ksm.get_kernel_spec("jupyter-io-h100")
+    assert spec.metadata["kernel_provisioner"]["config"]["gpu"] == "h100"
+    with pytest.raises(NoSuchKernel):
+        ksm.get_kernel_spec("not-a-gpu-kernel")
+
+
+class CustomKernelSpecManager(KernelSpecManager):
+    """Somebody else's kernelspec manager, configured on the server."""
+
+
+@pytest.fixture
+def jp_server_config(io_config: dict[str, Any], request: pytest.FixtureRequest) -> dict[str, Any]:
+    server = {"jpserver_extensions": {"jupyter_io": True}, **getattr(request, "param", {})}
+    return {"ServerApp": server, "JupyterIOExtension": io_config}
+
+
+@pytest.fixture
+def server_log() -> Any:
+    """Every record logged on the server's logger from now on. A filter, not a handler or
+    caplog: the server replaces its logger's handlers and stops propagation while it starts."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            records.append(record)
+            return True
+
+    logger, keep = logging.getLogger("ServerApp"), Keep()
+    logger.addFilter(keep)
+    yield records
+    logger.removeFilter(keep)
+
+
+@pytest.mark.parametrize(
+    "jp_server_config", [{"kernel_spec_manager_class": CustomKernelSpecManager}], indirect=True
+)
+async def test_another_kernelspec_manager_is_left_alone_with_a_log_line_saying_why(
+    server_log: list[logging.LogRecord], fetch_json: Any, jp_serverapp: Any
+) -> None:
+    assert type(jp_serverapp.kernel_spec_manager) is CustomKernelSpecManager
+    warnings = [r.getMessage() for r in server_log if r.levelno == logging.WARNING]
+    assert any(
+        "not adding GPU kernelspecs" in text
+        and "CustomKernelSpecManager" in text
+        and "GPUKernelSpecManager" in text
+        for text in warnings
+    ), warnings
+    _, offers = await fetch_json("jupyter-io", "offers")
+    assert offers["gpu_kernelspecs"] is False
+    _, body = await fetch_json("api", "kernelspecs")
+    assert not any(name.startswith("jupyter-io-") for name in body["kernelspecs"])
