@@ -8,11 +8,14 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
+from jupyter_io.coordinator.auth import sign_request
 from jupyter_io.coordinator.client import CoordinatorClient, CoordinatorError
 from jupyter_io.coordinator.models import LeaseState
 from jupyter_io.coordinator.offers import OffersCache, format_offers_table, offers_json
@@ -299,3 +302,44 @@ async def test_jupyter_io_offers_prints_the_table_and_json(
     table, raw = await asyncio.gather(run(), run("--json"))
     assert "RTX 4090 (simulated)" in table and "2/2" in table
     assert json.loads(raw)["types"][0]["available"] == 2
+
+
+async def test_error_answers_have_the_contracts_status_and_shape(
+    coordinator: CoordinatorServer, providers: list[FakeProvider]
+) -> None:
+    await link(coordinator, providers, gpu_offer("RTX 4090", price=2_000_000))
+    http = AsyncHTTPClient(force_instance=True)
+    alice, bob = Keypair(), Keypair()
+
+    async def call(who: Keypair, method: str, path: str, body: object = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        headers = sign_request(who, method, path, data or b"")
+        request = HTTPRequest(
+            coordinator.url + path, method, headers=headers, body=data,
+            allow_nonstandard_methods=True,
+        )  # fmt: skip
+        response = await http.fetch(request, raise_error=False)
+        return response.code, json.loads(response.body)
+
+    try:
+        code, body = await call(alice, "POST", "/api/v1/leases", {"gpu": "RTX 4090",
+                                "max_price_lamports_per_hour": 1_000_000})  # fmt: skip
+        assert code == 409 and body["error"]["code"] == "no_offer"
+        assert "0.002 SOL/h" in body["error"]["message"]
+        code, grant = await call(alice, "POST", "/api/v1/leases", {"gpu": "RTX 4090"})
+        assert code == 201 and set(grant) == {
+            "lease", "token", "provider", "tunnel_url", "relay", "gpu", "gpu_indices",
+            "price_lamports_per_hour", "expires_at",
+        }  # fmt: skip
+        path = f"/api/v1/leases/{grant['lease']}"
+        for method in ("GET", "DELETE"):
+            code, body = await call(bob, method, path)
+            assert code == 403 and body["error"]["code"] == "forbidden"
+        code, body = await call(alice, "GET", "/api/v1/leases/unknown")
+        assert code == 404 and body["error"]["code"] == "not_found"
+        code, body = await call(alice, "POST", "/api/v1/leases", {"gpus": "two"})
+        assert code == 400 and body["error"]["code"] == "bad_request"
+        code, body = await call(alice, "GET", "/api/v1/nothing-here")
+        assert code == 404 and "/api/v1/" in body["error"]["message"]
+    finally:
+        http.close()
