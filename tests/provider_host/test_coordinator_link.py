@@ -47,7 +47,8 @@ async def test_providers_publish_their_inventory_and_show_in_the_offers(
         offers = await client.offers()
 
     types = {row["gpu"]: row for row in offers["types"]}
-    assert set(types) == {"rtx4090", "a100", "cpuno"}
+    assert set(types) == {"rtx4090", "a100", "cpu"}
+    assert types["cpu"]["display"] == "cpu (no GPU)"  # never passed off as a GPU
     rtx, a100 = types["rtx4090"], types["a100"]
     assert (rtx["available"], rtx["total"], rtx["simulated"]) == (2, 2, True)
     assert (rtx["price_min"], rtx["regions"]) == (250_000_000, ["eu-west"])
