@@ -9,11 +9,12 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# System packages, installed only when missing (one `apt-get update` at most):
+# System packages, installed only when missing (one `apt-get update` at most). With CI set,
+# the tests that need them fail rather than skip without them.
 #   postgresql  the coordinator store's tests run on a throwaway cluster from its binaries
-#               (with CI set they must not be skipped)
-# Lab browser tests will add chromium and chromium-driver here.
-APT_PACKAGES=(postgresql)
+#   chromium    the Lab browser tests drive Debian's /usr/bin/chromium with Playwright
+#               (Playwright's own browser download cannot work here)
+APT_PACKAGES=(postgresql chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
