@@ -37,7 +37,7 @@ from solders.pubkey import Pubkey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from jupyter_io.coordinator.auth import sign_provider_hello
+from jupyter_io.coordinator.auth import sign_provider_hello, verify_welcome
 from jupyter_io.coordinator.provider_link import (
     Challenge,
     Dial,
@@ -50,7 +50,8 @@ from jupyter_io.coordinator.provider_link import (
     Welcome,
     parse_message,
 )
-from jupyter_io.errors import ProtocolError
+from jupyter_io.errors import AuthError, ProtocolError
+from jupyter_io.identity import new_nonce
 
 __all__ = ["MAX_OUTBOX", "CoordinatorLink", "LinkHost"]
 
@@ -273,7 +274,9 @@ class CoordinatorLink:
                 f"{self.url} presents coordinator key {key}, but this provider trusts "
                 f"{self.coordinator}; check coordinator_url / coordinator_pubkey"
             )
+        nonce = new_nonce()
         hello = Hello(
+            nonce=nonce,
             pubkey=str(self.keypair.pubkey()),
             signature=sign_provider_hello(self.keypair, key, challenge.nonce),
             inventory=self.host.link_inventory(),
@@ -287,6 +290,12 @@ class CoordinatorLink:
             raise ProtocolError(f"expected a welcome, got {answer.type!r}")
         if answer.coordinator != str(key):
             raise ProtocolError("the welcome names another coordinator than the challenge")
+        try:
+            # The challenge only *named* a key; this proves the peer holds it.
+            verify_welcome(key, answer.signature, self.keypair.pubkey(), nonce)
+        except AuthError as exc:
+            await ws.close(1008, "the coordinator did not prove its key")
+            raise _Refused(f"{self.url}: {exc}") from None
         if self.coordinator is None:
             self.log.info("pinned coordinator key %s", key)
         self.coordinator = key

@@ -42,6 +42,7 @@ __all__ = [
     "MAX_SKEW_S",
     "PROVIDER_DOMAIN",
     "USAGE_DOMAIN",
+    "WELCOME_DOMAIN",
     "ReplayGuard",
     "SignedRequest",
     "canonical_json",
@@ -50,16 +51,21 @@ __all__ = [
     "sign_provider_hello",
     "sign_request",
     "sign_usage",
+    "sign_welcome",
     "usage_message",
     "verify_provider_hello",
     "verify_request",
     "verify_usage",
+    "verify_welcome",
+    "welcome_message",
 ]
 
 #: Prefix of every signed REST request.
 API_DOMAIN = b"jupyter-io/api/v1\n"
 #: Prefix of the provider's answer to the provider-link challenge.
 PROVIDER_DOMAIN = b"jupyter-io/coordinator/v1/provider\n"
+#: Prefix of the coordinator's signature in the link's welcome (it proves its key too).
+WELCOME_DOMAIN = b"jupyter-io/coordinator/v1/welcome\n"
 #: Prefix of every signed usage report.
 USAGE_DOMAIN = b"jupyter-io/usage/v1\n"
 
@@ -221,6 +227,32 @@ def verify_provider_hello(pubkey: str, signature: str, coordinator: Pubkey, nonc
             f"b'jupyter-io/coordinator/v1/provider\\n' + coordinator key + nonce"
         )
     return key
+
+
+def welcome_message(provider: Pubkey, nonce: bytes) -> bytes:
+    """The bytes the coordinator signs to answer the provider's own ``nonce`` (mutual auth)."""
+    return WELCOME_DOMAIN + bytes(provider) + nonce
+
+
+def sign_welcome(keypair: Keypair, provider: Pubkey, nonce: bytes) -> str:
+    """The welcome's ``signature`` (base58): the coordinator proves it holds its key."""
+    return str(keypair.sign_message(welcome_message(provider, nonce)))
+
+
+def verify_welcome(
+    coordinator: Pubkey, signature: str | None, provider: Pubkey, nonce: bytes
+) -> None:
+    """Check that the welcome was signed by ``coordinator`` for this provider and nonce.
+
+    Without it a provider would trust whoever answers on the coordinator's URL with the
+    coordinator's *public* key, and obey its ``end`` and ``dial`` messages.
+    """
+    try:
+        sig = Signature.from_string(signature or "")
+    except (ValueError, TypeError):
+        raise AuthError("the welcome carries no valid coordinator signature") from None
+    if not sig.verify(coordinator, welcome_message(provider, nonce)):
+        raise AuthError(f"the welcome is not signed by coordinator {coordinator}")
 
 
 # --------------------------------------------------------------------------------------------

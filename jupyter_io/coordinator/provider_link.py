@@ -287,16 +287,27 @@ class Hello(_Message):
     signature: str
     inventory: Inventory
     sessions: frozenset[str] = frozenset()
+    #: The provider's own challenge: the coordinator signs it in the welcome.
+    nonce: bytes | None = None
 
     @classmethod
     def parse(cls, body: Mapping[str, Any]) -> Hello:
         if body.get("version") != LINK_VERSION:
             raise _fail(f"link version {body.get('version')!r}, expected {LINK_VERSION}")
+        nonce = None
+        if body.get("nonce") is not None:
+            try:
+                nonce = bytes.fromhex(_str(body, "nonce", limit=64))
+            except ValueError:
+                raise _fail("'nonce' must be 32 bytes of hex") from None
+            if len(nonce) != 32:
+                raise _fail("'nonce' must be 32 bytes of hex")
         return cls(
             pubkey=_str(body, "pubkey", limit=44),
             signature=_str(body, "signature", limit=100),
             inventory=Inventory.parse(body.get("inventory")),
             sessions=_lease_ids(body, "sessions"),
+            nonce=nonce,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -307,6 +318,7 @@ class Hello(_Message):
             "signature": self.signature,
             "inventory": self.inventory.to_dict(),
             "sessions": sorted(self.sessions),
+            **({"nonce": self.nonce.hex()} if self.nonce is not None else {}),
         }
 
 
@@ -317,16 +329,23 @@ class Welcome(_Message):
     type: ClassVar[str] = "welcome"
     heartbeat_interval: float
     coordinator: str
+    #: The coordinator's signature over the hello's nonce (present when the hello had one).
+    signature: str | None = None
 
     @classmethod
     def parse(cls, body: Mapping[str, Any]) -> Welcome:
-        return cls(_float(body, "heartbeat_interval"), _str(body, "coordinator", limit=44))
+        return cls(
+            _float(body, "heartbeat_interval"),
+            _str(body, "coordinator", limit=44),
+            _str(body, "signature", optional=True, limit=100),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "type": self.type,
             "heartbeat_interval": self.heartbeat_interval,
             "coordinator": self.coordinator,
+            **({"signature": self.signature} if self.signature is not None else {}),
         }
 
 

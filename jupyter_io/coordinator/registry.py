@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
 from ..errors import AuthError, ProtocolError
-from .auth import verify_usage
+from .auth import sign_welcome, verify_usage
 from .models import LeaseState
 from .provider_link import End, Heartbeat, Hello, LinkMessage, SessionEvent, Usage, Welcome
 from .scheduler import Offer, OfferIndex, normalise_gpu_name
@@ -183,6 +184,7 @@ class Registry:
         index: OfferIndex,
         *,
         coordinator: Pubkey,
+        keypair: Keypair | None = None,
         heartbeat_interval: float = 5.0,
         heartbeat_misses: int = 3,
         flush_interval: float = 1.0,
@@ -196,6 +198,8 @@ class Registry:
         self.store = store
         self.index = index
         self.coordinator = coordinator
+        #: Signs welcomes, proving this coordinator's key to providers (None: unsigned).
+        self.keypair = keypair
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_misses = heartbeat_misses
         self.flush_interval = flush_interval
@@ -420,7 +424,10 @@ class Registry:
         for lease_id in failed:
             self._lease_gone(lease_id, "failed: the provider no longer hosts its session")
         self._notify()
-        return Welcome(self.heartbeat_interval, str(self.coordinator)), follow_up
+        signature = None
+        if hello.nonce is not None and self.keypair is not None:
+            signature = sign_welcome(self.keypair, Pubkey.from_string(pubkey), hello.nonce)
+        return Welcome(self.heartbeat_interval, str(self.coordinator), signature), follow_up
 
     def heartbeat(self, pubkey: str, link: Any, beat: Heartbeat) -> None:
         """A heartbeat from a linked provider: remember it for the next flush."""

@@ -122,6 +122,7 @@ class CoordinatorServer:
             store,
             self.index,
             coordinator=keypair.pubkey(),
+            keypair=keypair,
             heartbeat_interval=config.heartbeat_interval,
             heartbeat_misses=config.heartbeat_misses,
             flush_interval=config.flush_interval,
