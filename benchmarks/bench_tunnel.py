@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -761,6 +762,8 @@ def main() -> None:
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n# {machine()}",
         flush=True,
     )
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the provider host is stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     gc.collect()
     rows = asyncio.run(run(args))
     print(f"\n## all figures ({time.perf_counter() - started:.0f} s)\n{render(rows)}")
