@@ -31,6 +31,7 @@ background tasks), so use it through :class:`jupyter_client.manager.AsyncKernelM
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import uuid
 from collections.abc import Mapping
@@ -324,6 +325,13 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             if isinstance(exc, KernelLaunchError):
                 raise
             raise KernelLaunchError(str(exc)) from exc
+        except asyncio.CancelledError:
+            # An abandoned start (a timeout around start_kernel, a server shutting down):
+            # the same cleanup, shielded from a second cancellation, then on with it.
+            self._report(ProgressStep.FAILED, "the kernel's start was cancelled")
+            if not self.connection_info:
+                await asyncio.shield(self.cleanup(restart=False))
+            raise
         self._launched = True
         self._last_exit_code = None
         if started.ignored_env:

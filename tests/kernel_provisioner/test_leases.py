@@ -221,6 +221,26 @@ async def test_a_failed_first_launch_ends_its_lease(
     assert market.status()["live_leases"] == 0
 
 
+async def test_an_abandoned_start_ends_its_lease(market: Any, kernelspecs: Any) -> None:
+    # Whoever started the kernel gives up waiting (a timeout around start_kernel): the
+    # lease taken for it must not outlive the attempt.
+    name = kernelspecs.install_lease(
+        "abandoned-a100", market.coordinator.url, market.user_keypair_path, gpu="A100"
+    )
+    km = AsyncKernelManager(kernel_name=name)
+    os.kill(market.direct.proc.pid, signal.SIGSTOP)  # the tunnel will hang
+    try:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(km.start_kernel(), 2)
+    finally:
+        os.kill(market.direct.proc.pid, signal.SIGCONT)
+    prov = km.provisioner
+    (leased,) = [e for e in prov.progress if e.step.value == "leased"]
+    assert prov.progress[-1].step.value == "failed"
+    assert await lease_state(market, leased.details["lease"], "ended", timeout=0) == "ended"
+    assert prov.lease is None and prov.tunnel is None
+
+
 async def test_another_process_reattaches_to_a_relayed_lease(
     market: Any, kernelspecs: Any, start_kernel: Any, cells: Any, processes: Any
 ) -> None:
