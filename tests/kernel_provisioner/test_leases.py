@@ -196,6 +196,35 @@ async def test_a_restart_keeps_the_lease_provider_and_session(
     assert await lease_state(market, grant.lease, "active") == "active"
 
 
+async def test_a_restart_after_the_provider_was_lost_leases_anew(
+    start_market: Any, kernelspecs: Any, start_kernel: Any, cells: Any
+) -> None:
+    # Heartbeats every 0.5 s: a silent provider is lost, and its leases failed, in 1.5 s.
+    market = start_market("--heartbeat-interval", "0.5")
+    name = kernelspecs.install_lease(
+        "lost-rtx", market.coordinator.url, market.user_keypair_path, gpu="RTX 4090"
+    )
+    km = await start_kernel(name)
+    prov = km.provisioner
+    first = prov.lease.grant
+    assert first.provider == market.relayed.pubkey
+    market.relayed.proc.kill()
+    # The lease fails at the coordinator, the relay refuses the resume: the kernel is dead.
+    assert await prov.tunnel.wait_exited(timeout=20) is not None
+    assert await lease_state(market, first.lease, "failed", timeout=0) == "failed"
+
+    # A restart cannot reuse a lease whose session is gone: it leases again, elsewhere.
+    await asyncio.wait_for(km.restart_kernel(now=True), 60)
+    second = prov.lease.grant
+    assert second.lease != first.lease and second.provider == market.direct.pubkey
+    kc = await cells.connect(km)
+    try:
+        assert (await cells.run(kc, "print('elsewhere')")).stream() == "elsewhere\n"
+    finally:
+        kc.stop_channels()
+    assert [e.step.value for e in prov.progress].count("leased") == 2
+
+
 async def test_a_failed_first_launch_ends_its_lease(
     market: Any, kernelspecs: Any, processes: Any
 ) -> None:
