@@ -63,7 +63,8 @@ class _ProviderKernelSpecs(KernelSpecManager):
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
         return KernelSpec(
-            argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            # Lossless iopub: see provider_host.kernel_launcher.
+            argv=[sys.executable, "-m", "provider_host.kernel_launcher", "-f", "{connection_file}"],
             display_name="Python 3 (jupyter-io)",
             language="python",
             interrupt_mode="signal",
