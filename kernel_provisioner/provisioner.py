@@ -322,8 +322,8 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
                 await self.cleanup(restart=False)
             elif self._client is not None and not self._client.alive:
                 await self._drop_session()
-            if isinstance(exc, KernelLaunchError):
-                raise
+            if isinstance(exc, (KernelLaunchError, ConfigError)):
+                raise  # a bad keypair file stays a ConfigError: the fix is in the config
             raise KernelLaunchError(str(exc)) from exc
         except asyncio.CancelledError:
             # An abandoned start (a timeout around start_kernel, a server shutting down):
