@@ -77,6 +77,7 @@ class Bridge:
         self._pumps: list[asyncio.Task[None]] = []
         self._failed = asyncio.Event()
         self._acked = asyncio.Event()
+        self._ack_wanted = asyncio.Event()
         self._latest: Connection | None = None
         self._high_water = tunnel.max_unacked_bytes // 2
 
@@ -222,6 +223,8 @@ class Bridge:
                         await result
                 if tunnel.ack_due:
                     await ws.send(tunnel.ack_frame())
+                elif tunnel.ack_pending:
+                    self._ack_wanted.set()
         except ProtocolError as exc:
             self.log.warning("closing tunnel connection: %s", exc)
             await ws.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])
@@ -229,8 +232,11 @@ class Bridge:
             pass
 
     async def _flush_acks(self, ws: Connection) -> None:
+        # Armed only when something arrived unacknowledged: idle sessions never wake up.
         while True:
+            await self._ack_wanted.wait()
             await asyncio.sleep(self.ack_interval)
+            self._ack_wanted.clear()
             if self.tunnel.ack_pending:
                 try:
                     await ws.send(self.tunnel.ack_frame())
