@@ -246,7 +246,8 @@ class JupyterIOExtension(ExtensionApp):
                     **row,
                     "kernel_name": name,
                     "display_name": display,
-                    "within_cap": cap is None or (price is not None and price <= cap),
+                    # None free means no price to compare: not "above the cap".
+                    "within_cap": cap is None or price is None or price <= cap,
                 }
             )
         return {

@@ -30,7 +30,7 @@ export class GpuPicker extends Widget {
         'div',
         { class: 'jio-Picker-header' },
         h('h2', { class: 'jio-Picker-title' }, 'GPUs'),
-        this._button('Refresh', 'jio-Picker-refresh', () => void this._model.refresh())
+        this._button('Refresh', 'jio-Picker-refresh jp-mod-styled', () => void this._model.refresh())
       ),
       this._walletNode,
       this._limitsNode,
@@ -82,7 +82,7 @@ export class GpuPicker extends Widget {
       );
       if (wallet.rpc_url) {
         rows.push(
-          this._button('Airdrop 1 SOL', 'jio-Wallet-airdrop', () => {
+          this._button('Airdrop 1 SOL', 'jio-Wallet-airdrop jp-mod-styled', () => {
             void this._commands.execute(CommandIDs.airdrop);
           })
         );
@@ -109,11 +109,11 @@ export class GpuPicker extends Widget {
     this._limitsNode.replaceChildren(
       h('span', { class: 'jio-Label' }, 'Limits '),
       parts.join(' · '),
-      ' ',
+      ' · ',
       h(
         'a',
         { class: 'jio-Link', href: '#', title: 'Settings → jupyter-io GPUs' },
-        'change'
+        'change…'
       )
     );
     this._limitsNode.querySelector('a')?.addEventListener('click', event => {
@@ -141,7 +141,14 @@ export class GpuPicker extends Widget {
       );
       return;
     }
-    this._listNode.replaceChildren(...offers.types.map(type => this._card(type)));
+    // Free types first, then the cheapest: what a user most likely wants on top.
+    const types = [...offers.types].sort(
+      (a, b) =>
+        Number(b.available > 0) - Number(a.available > 0) ||
+        (a.price_min ?? Infinity) - (b.price_min ?? Infinity) ||
+        a.display.localeCompare(b.display)
+    );
+    this._listNode.replaceChildren(...types.map(type => this._card(type)));
   }
 
   private _card(type: IGpuType): HTMLElement {
@@ -205,10 +212,10 @@ export class GpuPicker extends Widget {
     const actions = h('div', { class: 'jio-GpuCard-actions' });
     const kernelName = type.kernel_name;
     const disabled = !kernelName || !free;
-    const notebook = this._button('Notebook', 'jio-GpuCard-notebook jp-mod-accept', () => {
+    const notebook = this._button('Notebook', 'jio-GpuCard-notebook jp-mod-styled jp-mod-accept', () => {
       void this._commands.execute(CommandIDs.newNotebook, { kernelName });
     });
-    const console = this._button('Console', 'jio-GpuCard-console', () => {
+    const console = this._button('Console', 'jio-GpuCard-console jp-mod-styled', () => {
       void this._commands.execute(CommandIDs.newConsole, { kernelName });
     });
     for (const button of [notebook, console]) {

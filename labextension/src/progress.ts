@@ -12,22 +12,37 @@ const STAGES: { label: string; steps: string[] }[] = [
   { label: 'ready', steps: ['ready'] }
 ];
 
-/** What to do about a failed start, by what the message says. */
+/** What to do about a failed start, by what the message says ('' when it says it). */
 function advice(message: string): string {
   const text = message.toLowerCase();
   if (text.includes('insufficient') || text.includes('fund')) {
-    return ' Fund the wallet (GPU picker → Airdrop on the local ledger) and start the kernel again.';
+    return 'Fund the wallet (GPU picker → Airdrop on a test ledger), then retry.';
   }
-  if (text.includes('cheapest') || text.includes('price cap') || text.includes('≤')) {
-    return ' Raise your price cap (GPU picker → Limits) or pick a cheaper GPU type.';
+  if (text.includes('above your cap')) {
+    return 'Raise the cap in GPU picker → Limits.';
   }
   if (text.includes('cannot reach') || text.includes('cannot lease')) {
-    return ' Check that the coordinator is running, then start the kernel again.';
+    return 'Check that the coordinator runs, then retry.';
   }
-  if (text.includes('no offer') || text.includes('no lease') || text.includes('on offer')) {
-    return ' Pick a GPU type that is free in the GPU picker.';
+  if (text.includes('no offer') || text.includes('on offer')) {
+    return 'Pick a GPU type that is free in the GPU picker.';
   }
   return '';
+}
+
+/**
+ * A failure for a toast (Lab shows 140 characters of it): the reason without the
+ * coordinator's URL, and without the server-side setting it names when there is advice
+ * for Lab users instead.
+ */
+export function failureText(name: string, message: string): string {
+  let reason = message.replace(/^(no lease from|cannot lease from the coordinator at) \S+: /, '');
+  const todo = advice(reason);
+  if (todo) {
+    reason = reason.split(';')[0];
+  }
+  reason = reason.replace(/\.$/, '');
+  return `${name} kernel failed: ${reason}.${todo ? ' ' + todo : ''}`;
 }
 
 /** `leasing ✓ · escrow – · launching … · ready` for a start in progress. */
@@ -42,7 +57,7 @@ export function stepLine(launch: ILaunch): string {
     } else if (index === currentStage) {
       mark = launch.state === 'ready' ? '✓' : '…';
     } else if (index < currentStage) {
-      mark = '–'; // skipped (no escrow step yet)
+      mark = '(n/a)'; // a step this start did not take (no escrow yet)
     } else {
       mark = '';
     }
@@ -50,9 +65,20 @@ export function stepLine(launch: ILaunch): string {
   }).join(' · ');
 }
 
+/** The GPU's name for people (the queued step knows only the key asked for). */
+function gpuName(model: GpuModel, launch: ILaunch): string | null {
+  const gpu = launch.gpu;
+  if (!gpu) {
+    return null;
+  }
+  const type = model.offers?.types.find(t => t.gpu === gpu || t.display === gpu);
+  return type ? type.display : gpu;
+}
+
 /** The one-line title of a start: `GPU kernel on RTX 4090 at 0.12 SOL/h`. */
-function title(launch: ILaunch): string {
-  const where = launch.gpu ? ` on ${launch.gpu}` : '';
+function title(model: GpuModel, launch: ILaunch): string {
+  const name = gpuName(model, launch);
+  const where = name ? ` on ${name}` : '';
   const price =
     typeof launch.price_lamports_per_hour === 'number'
       ? ` at ${sol(launch.price_lamports_per_hour, '')} SOL/h`
@@ -97,15 +123,15 @@ export class LaunchNotifier {
     let type: Notification.TypeOptions;
     let autoClose: number | false;
     if (launch.state === 'failed') {
-      message = `${title(launch)} failed: ${launch.message.replace(/\.$/, '')}.${advice(launch.message)}`;
+      message = failureText(gpuName(this._model, launch) ?? 'GPU', launch.message);
       type = 'error';
       autoClose = false;
     } else if (launch.state === 'ready') {
-      message = `${title(launch)} is ready · ${stepLine(launch)}`;
+      message = `${title(this._model, launch)} is ready · ${stepLine(launch)}`;
       type = 'success';
       autoClose = 5000;
     } else {
-      message = `Starting a ${title(launch)} · ${stepLine(launch)}`;
+      message = `Starting a ${title(this._model, launch)} · ${stepLine(launch)}`;
       type = 'in-progress';
       autoClose = false;
     }
