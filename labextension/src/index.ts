@@ -17,6 +17,8 @@ import { CostStatus } from './status';
 import { IPreferencesUpdate } from './types';
 
 const PLUGIN_ID = 'jupyter-io:plugin';
+/** Every GPU kernelspec's name starts with this (jupyter_io/serverext/kernelspecs.py). */
+const GPU_PREFIX = 'jupyter-io-';
 
 /** The kernel id of the shell's current notebook or console, if it has one. */
 function currentKernelId(app: JupyterFrontEnd, labShell: ILabShell | null): string | null {
@@ -110,6 +112,29 @@ const plugin: JupyterFrontEndPlugin<void> = {
         palette.addItem({ command, category: 'jupyter-io' });
       }
     }
+
+    // A GPU kernel started elsewhere (the launcher, the kernel menu) gets the same close
+    // watch as one started from the picker.
+    const watched = new WeakSet<ISessionContext>();
+    const watch = (): void => {
+      const context = (app.shell.currentWidget as (object & { sessionContext?: ISessionContext }) | null)
+        ?.sessionContext;
+      if (!context || watched.has(context)) {
+        return;
+      }
+      watched.add(context);
+      const isGpu = () =>
+        (context.session?.kernel?.name ?? context.kernelPreference.name ?? '').startsWith(GPU_PREFIX);
+      if (!context.isReady && isGpu()) {
+        model.expectLaunch();
+      }
+      context.statusChanged.connect((_, status) => {
+        if ((status === 'starting' || status === 'restarting') && isGpu()) {
+          model.expectLaunch();
+        }
+      });
+    };
+    labShell?.currentChanged.connect(watch);
 
     if (statusBar) {
       const item = new CostStatus({ model, currentKernelId: () => currentKernelId(app, labShell) });

@@ -4,6 +4,7 @@ leased says why. Screenshots for the README go to docs/screenshots/."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -128,3 +129,25 @@ def _sol(text: str) -> float:
     match = re.search(r"(\d+\.\d+) SOL", text)
     assert match, text
     return float(match.group(1))
+
+
+def test_the_limits_in_lab_settings_become_the_servers_preferences(page: Any, stack: Any) -> None:
+    # The settings as a user saves them in Settings → jupyter-io GPUs; applied on next load.
+    raw = json.dumps({"maxPricePerHour": "0.3", "region": "", "sessionBudgetHours": 2})
+    stack.api("PUT", "/lab/api/settings/jupyter-io:plugin", {"raw": raw})
+    try:
+        page.reload()
+        picker = open_picker(page)
+        picker.locator(".jio-Limits", has_text="cap 0.3 SOL/h").wait_for(timeout=30_000)
+        assert "budget 2 h" in picker.locator(".jio-Limits").inner_text()
+        preferences = stack.api("GET", "/jupyter-io/preferences")
+        assert preferences["max_price_per_hour"] == "0.3"
+        assert preferences["session_budget_hours"] == 2
+        assert preferences["region"] is None
+    finally:
+        stack.api("PUT", "/lab/api/settings/jupyter-io:plugin", {"raw": "{}"})
+        stack.api(
+            "PUT",
+            "/jupyter-io/preferences",
+            {"max_price_per_hour": None, "session_budget_hours": None},
+        )
