@@ -10,7 +10,11 @@ popup and update check off, and ``--allow-root`` when root.
 browser download) with Lab loaded. Without Chromium or Playwright the tests are skipped,
 except under CI (the ``CI`` environment variable), where they must run, so they fail.
 
-Screenshots go to ``docs/screenshots/`` (the README shows them).
+Screenshots are taken on every run; they replace the README's in ``docs/screenshots/`` only
+with ``JUPYTER_IO_UPDATE_SCREENSHOTS=1`` (otherwise a temporary directory), so a test run does
+not leave changed images in the working tree::
+
+    JUPYTER_IO_UPDATE_SCREENSHOTS=1 pytest tests/browser
 """
 
 from __future__ import annotations
@@ -257,6 +261,9 @@ def page(browser: Any, stack: Stack) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def screenshots() -> Path:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    return SCREENSHOTS
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where screenshots go: ``docs/screenshots`` when updating them (see the module doc)."""
+    if os.environ.get("JUPYTER_IO_UPDATE_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        return SCREENSHOTS
+    return tmp_path_factory.mktemp("screenshots")

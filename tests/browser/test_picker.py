@@ -1,6 +1,7 @@
 """JupyterLab in Chromium: the GPU picker lists a running coordinator's offers, a notebook
-started on a GPU type runs a cell, the status bar's cost rises, and a launch that cannot be
-leased says why. Screenshots for the README go to docs/screenshots/."""
+started on a GPU type runs a cell, the status bar's cost rises, a launch that cannot be
+leased says why, and Lab's settings become the server's preferences. Screenshots for the
+README: see conftest.py."""
 
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ def test_a_notebook_on_a_gpu_type_runs_a_cell_and_its_cost_rises_in_the_status_b
     toast = page.locator(".Toastify__toast", has_text=re.compile("Starting a GPU kernel|is ready"))
     toast.first.wait_for(timeout=90_000)
     if "Starting a GPU kernel" in toast.first.inner_text():
+        page.wait_for_timeout(400)  # the toast slides in
         page.screenshot(path=str(screenshots / "kernel-starting.png"))
     page.locator(".Toastify__toast", has_text="is ready").first.wait_for(timeout=90_000)
     ready_text = page.locator(".Toastify__toast", has_text="is ready").first.inner_text()
