@@ -40,11 +40,15 @@ echo "== pip install"
 pip install --quiet --disable-pip-version-check torch==2.13.0
 pip install --quiet --disable-pip-version-check -e ".[provider,test]"
 
+# Every check runs even when an earlier one fails, so one lint slip does not hide the test
+# results; the script fails if any check did.
+failed=()
+
 echo "== ruff"
-ruff check .
+ruff check . || failed+=(ruff)
 
 echo "== mypy"
-mypy
+mypy || failed+=(mypy)
 
 echo "== pytest"
 # The per-test timeout is pytest-timeout's, set in pyproject.toml; the slowest tests are
@@ -53,6 +57,12 @@ status=0
 pytest --durations=10 "$@" || status=$?
 if [ "$status" -eq 5 ]; then
     echo "pytest collected no tests; nothing failed"
-    status=0
+elif [ "$status" -ne 0 ]; then
+    failed+=(pytest)
 fi
-exit "$status"
+
+if ((${#failed[@]})); then
+    echo "== FAILED: ${failed[*]}"
+    exit 1
+fi
+echo "== all checks passed"
