@@ -83,7 +83,7 @@ async def test_a_gpu_type_above_the_price_cap_fails_with_the_coordinators_reason
 ) -> None:
     await fetch_json("jupyter-io", "preferences", method="PUT", body={"max_price_per_hour": "0.5"})
     await fetch_json("jupyter-io", "offers")
-    status, body = await fetch_json(
+    status, _ = await fetch_json(
         "api", "kernels", method="POST", body={"name": "jupyter-io-a100"}, request_timeout=60
     )
     # Jupyter Server answers any launch error with a bare "Unhandled error"; the reason
