@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,40 @@ async def test_another_kernelspec_manager_is_left_alone_with_a_log_line_saying_w
     assert offers["gpu_kernelspecs"] is False
     _, body = await fetch_json("api", "kernelspecs")
     assert not any(name.startswith("jupyter-io-") for name in body["kernelspecs"])
+
+
+@pytest.fixture
+def io_config(market: Any, user_keypair_path: Path) -> dict[str, Any]:
+    """For every test here; only the refresh test below starts the refresh."""
+    return {
+        "coordinator_url": market.url,
+        "keypair_path": str(user_keypair_path),
+        "offers_cache_seconds": 0.0,
+        "offers_refresh_seconds": 0.2,
+    }
+
+
+async def test_the_background_refresh_keeps_the_gpu_kernelspecs_in_step_with_the_market(
+    fetch_json: Any, jp_serverapp: Any, market: Any
+) -> None:
+    extension = jp_serverapp.extension_manager.extension_points["jupyter_io"].app
+    # Started by the server once its loop runs (pytest-jupyter's server never runs that hook).
+    await extension._start_jupyter_server_extension(jp_serverapp)
+    try:
+        for _ in range(100):
+            _, body = await fetch_json("api", "kernelspecs")
+            if "jupyter-io-rtx-4090" in body["kernelspecs"]:
+                break
+            await asyncio.sleep(0.05)
+        assert "jupyter-io-rtx-4090" in body["kernelspecs"]
+        await market.provider.shutdown()  # its offers leave the market...
+        for _ in range(200):
+            _, body = await fetch_json("api", "kernelspecs")
+            if not any(name.startswith("jupyter-io-") for name in body["kernelspecs"]):
+                break
+            await asyncio.sleep(0.05)
+        # ...and so do its kernelspecs.
+        assert not any(name.startswith("jupyter-io-") for name in body["kernelspecs"])
+    finally:
+        await extension.stop_extension()
+    assert extension._refresher is None
