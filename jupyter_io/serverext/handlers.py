@@ -13,7 +13,8 @@
 Every handler needs a logged-in user (``@web.authenticated``) allowed to act on the
 ``jupyter_io`` resource (``@authorized``). Errors are Jupyter's JSON errors
 (``{"message", "reason"}``) with a message that says what to do: 502 when the coordinator
-cannot be reached, 503 when none is configured, 400 for invalid input. The handlers only
+cannot be reached, 503 when none is configured, 409 when the wallet has no keypair or
+ledger to act with, 400 for invalid input. The handlers only
 translate HTTP; the work is done by the services on the extension
 (:class:`~jupyter_io.serverext.app.JupyterIOExtension`).
 """

@@ -76,9 +76,11 @@ class Wallet:
         return body
 
     async def airdrop(self, lamports: int) -> str:
-        """Ask the ledger for ``lamports`` of test SOL; returns the transaction signature."""
+        """Ask the ledger for ``lamports`` of test SOL; returns the transaction signature.
+        :class:`~jupyter_io.errors.ConfigError` without a ledger or keypair,
+        :class:`WalletError` when the ledger cannot be reached or refuses."""
         if not self.rpc_url:
-            raise WalletError(
+            raise ConfigError(
                 "no Solana RPC URL is configured (--JupyterIOExtension.solana_rpc_url=URL), "
                 "so there is no ledger to ask for an airdrop"
             )

@@ -33,7 +33,7 @@ async def test_the_wallet_shows_the_keypair_address_and_says_why_there_is_no_bal
     assert "solana_rpc_url" in body["note"]
 
     status, body = await fetch_json("jupyter-io", "wallet", "airdrop", method="POST", body={})
-    assert status == 502
+    assert status == 409
     assert "no Solana RPC URL is configured" in body["message"]
 
 
