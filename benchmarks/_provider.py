@@ -62,8 +62,10 @@ class ProviderHost:
                 self.proc.wait()
 
 
-def start_host(tmp: Path, *extra: str, timeout: float = 30.0) -> ProviderHost:
-    """Start ``python -m provider_host`` on 127.0.0.1:0 with state under ``tmp``."""
+def start_host(
+    tmp: Path, *extra: str, timeout: float = 30.0, listen: str = "127.0.0.1:0"
+) -> ProviderHost:
+    """Start ``python -m provider_host`` on ``listen`` (a free port) with state under ``tmp``."""
     tmp.mkdir(parents=True, exist_ok=True)
     user = Keypair()
     user_path = write_keypair(user, tmp / "user.json")
@@ -74,7 +76,7 @@ def start_host(tmp: Path, *extra: str, timeout: float = 30.0) -> ProviderHost:
         "-m",
         "provider_host",
         "--listen",
-        "127.0.0.1:0",
+        listen,
         "--allow",
         str(user.pubkey()),
         "--keypair",
