@@ -11,7 +11,7 @@ run, and the provider reports its sessions' end to a coordinator that still list
    a gamer's PC behind a home router. It offers its CPU and simulated GPUs
    (``--simulate-gpu "RTX 4090:24"``), always labelled simulated;
 3. :class:`KernelspecsService`: one lease-mode kernelspec per GPU type on offer
-   (``jupyter-io-demo-rtx-4090``: "Python 3 · RTX 4090 24 GB (simulated) · 0.12 SOL/h"),
+   (``jupyter-io-rtx-4090``: "Python 3 · RTX 4090 24 GB (simulated) · 0.12 SOL/h"),
    installed in ``sys.prefix`` so the Jupyter of this environment finds them, removed again
    on the way out. Each kernel started from one leases its GPU through the coordinator;
 4. :class:`LabService`: JupyterLab on loopback (left out with ``--no-lab``).
@@ -394,12 +394,29 @@ def _slug(text: str) -> str:
 
 class LabService(_Process):
     """JupyterLab, its output straight on the terminal. Ends the demo if it exits itself
-    (File → Shut Down)."""
+    (File → Shut Down). With a ``coordinator``, its jupyter_io server extension (the GPU
+    picker, one kernel per GPU type on offer) is pointed at it and the demo user's wallet."""
 
     name = "jupyterlab"
     may_end_demo = True
 
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        coordinator: CoordinatorService | None = None,
+        keypair_path: Path | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(argv, **kwargs)
+        self.coordinator = coordinator
+        self.keypair_path = keypair_path
+
     async def start(self) -> None:
+        if self.coordinator is not None:
+            self.argv.append(f"--JupyterIOExtension.coordinator_url={self.coordinator.url}")
+        if self.keypair_path is not None:
+            self.argv.append(f"--JupyterIOExtension.keypair_path={self.keypair_path}")
         await self.spawn()
 
 
@@ -437,9 +454,11 @@ class Demo(LoggingConfigurable):
         "0.12", help="The demo provider's price in SOL per GPU-hour (exact to the lamport)."
     ).tag(config=True)
     kernel_name = Unicode(
-        "jupyter-io-demo",
+        "jupyter-io",
+        # The same names the server extension gives its GPU kernelspecs, so Lab lists each GPU
+        # type once (an installed kernelspec takes precedence over the extension's).
         help="Prefix of the kernelspecs' names: one per GPU type on offer, e.g. "
-        "jupyter-io-demo-rtx-4090.",
+        "jupyter-io-rtx-4090.",
     ).tag(config=True)
     kernelspec_prefix = Unicode(
         help="Prefix the kernelspecs are installed under (PREFIX/share/jupyter/kernels); "
@@ -550,7 +569,13 @@ class Demo(LoggingConfigurable):
         ]
         if self.lab:
             services.append(
-                LabService(self.lab_argv(), stop_timeout=self.stop_timeout, log=self.log)
+                LabService(
+                    self.lab_argv(),
+                    coordinator=coordinator,
+                    keypair_path=user_key,
+                    stop_timeout=self.stop_timeout,
+                    log=self.log,
+                )
             )
         return services
 

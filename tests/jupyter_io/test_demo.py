@@ -34,7 +34,7 @@ from jupyter_io.identity import load_keypair
 
 JUPYTER = str(Path(sys.executable).with_name("jupyter"))
 TIMEOUT = 60
-KERNEL = "jupyter-io-demo-rtx-4090"
+KERNEL = "jupyter-io-rtx-4090"  # the server extension's name for the type too
 DISPLAY = "Python 3 · RTX 4090 24 GB (simulated) · 0.12 SOL/h"
 
 FAKE_PROVIDER = textwrap.dedent(
@@ -543,3 +543,34 @@ async def test_demo_lab_shuts_its_remote_kernel_down_before_the_provider_stops(
     assert f"Kernel shutdown: {kernel['id']}" in err
     assert err.index(f"Kernel shutdown: {kernel['id']}") < err.index("provider: stopping")
     assert re.search(r"jupyter-io: lease \S+ ended", err), err
+
+
+async def test_lab_is_pointed_at_the_demo_coordinator_and_wallet(tmp_path: Path) -> None:
+    """The GPU picker in the demo's Lab must talk to the demo's coordinator, not a default."""
+    import logging
+    import types
+
+    from jupyter_io.demo import LabService
+
+    coordinator = types.SimpleNamespace(url="http://127.0.0.1:8799")
+    lab = LabService(
+        ["jupyter-lab"],
+        coordinator=coordinator,  # type: ignore[arg-type]
+        keypair_path=tmp_path / "user.json",
+        stop_timeout=1.0,
+        log=logging.getLogger("test"),
+    )
+    spawned: list[list[str]] = []
+
+    async def spawn() -> None:
+        spawned.append(list(lab.argv))
+
+    lab.spawn = spawn  # type: ignore[method-assign]
+    await lab.start()
+    assert spawned == [
+        [
+            "jupyter-lab",
+            "--JupyterIOExtension.coordinator_url=http://127.0.0.1:8799",
+            f"--JupyterIOExtension.keypair_path={tmp_path / 'user.json'}",
+        ]
+    ]
