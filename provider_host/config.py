@@ -27,6 +27,7 @@ from solders.pubkey import Pubkey
 from traitlets import Bool, Float, Integer, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
+from jupyter_io.daemon import parse_listen as _parse_listen
 from jupyter_io.errors import ConfigError
 from jupyter_io.identity import DEFAULT_KEYPAIR_PATH, load_allowlist, load_keypair
 from jupyter_io.payments.amounts import parse_sol
@@ -41,28 +42,8 @@ LINK_PATH = "/api/v1/providers/connect"
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6; a bare ``PORT`` means loopback).
-
-    Port 0 asks the OS for a free port. Raises :class:`ConfigError` on anything else.
-    """
-    value = text.strip()
-    if value.isdigit():
-        host, port_text = "127.0.0.1", value
-    elif value.startswith("["):
-        host, sep, port_text = value[1:].partition("]:")
-        if not sep:
-            raise ConfigError(f"listen address {text!r} must look like [::1]:8765")
-    else:
-        host, sep, port_text = value.rpartition(":")
-        if not sep or not host:
-            raise ConfigError(f"listen address {text!r} must look like 127.0.0.1:8765")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"listen address {text!r} has no valid port number") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"listen port {port} is outside 0..65535")
-    return host, port
+    """Split ``HOST:PORT`` (see :func:`jupyter_io.daemon.parse_listen`)."""
+    return _parse_listen(text, example_port=8765)
 
 
 class ProviderConfig(Configurable):

@@ -27,14 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any
 from urllib.parse import urlsplit
 
@@ -50,6 +46,7 @@ from websockets.http11 import Request, Response
 from jupyter_io.coordinator.auth import sign_request
 from jupyter_io.coordinator.provider_link import Dial, End, OfferGroup, SessionEvent
 from jupyter_io.coordinator.provider_link import Inventory as LinkInventory
+from jupyter_io.daemon import capture_signals, is_loopback
 from jupyter_io.errors import ConfigError, ProtocolError
 from jupyter_io.identity import new_nonce
 from jupyter_io.leases import LeaseClaims
@@ -73,8 +70,6 @@ TUNNEL_PATH = "/tunnel"
 LISTENING_PREFIX = "jupyter-io provider listening on "
 #: Start of the line that says which coordinator the host joins (printed before listening).
 JOINING_PREFIX = "jupyter-io provider joining coordinator "
-
-_LOOPBACK = ("127.", "::1", "localhost")
 
 
 def _make_private_dir(path: str) -> None:
@@ -188,7 +183,7 @@ class ProviderServer:
                 )
         elif not self._allowed:
             self.log.warning("the allow-list is empty: every client will be refused (--allow)")
-        if ssl_context is None and not host.startswith(_LOOPBACK):
+        if ssl_context is None and not is_loopback(host):
             self.log.warning("listening beyond loopback without TLS; set certfile and keyfile")
         self._print(f"jupyter-io provider host key {self.host_keypair.pubkey()}")
         self._print("jupyter-io provider inventory:")
@@ -284,24 +279,9 @@ class ProviderServer:
             self._context = None
         self.log.info("provider host stopped")
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
         """Turn SIGINT/SIGTERM into :meth:`request_exit`; restore the old handlers after."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {
-            sig: signal.signal(sig, self._handle_signal) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _handle_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.log.info("received %s, shutting down", signal.Signals(signum).name)
-        self.request_exit()
+        return capture_signals(self.request_exit, self.log)
 
     # -- connections -----------------------------------------------------------------------
 

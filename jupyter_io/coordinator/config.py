@@ -20,6 +20,7 @@ from solders.keypair import Keypair
 from traitlets import Float, Integer, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
+from ..daemon import parse_listen as _parse_listen
 from ..errors import ConfigError
 from ..identity import load_keypair, load_or_create_keypair
 from ..protocol import DEFAULT_MAX_FRAME_SIZE
@@ -28,37 +29,11 @@ __all__ = ["DEFAULT_LISTEN", "DEFAULT_PORT", "CoordinatorConfig", "parse_listen"
 
 DEFAULT_PORT = 8700
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
-_LOOPBACK = ("127.", "::1", "localhost")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6; a bare ``PORT`` means loopback).
-
-    Port 0 asks the OS for a free port. Raises :class:`ConfigError` on anything else.
-    """
-    value = text.strip()
-    if value.isdigit():
-        host, port_text = "127.0.0.1", value
-    elif value.startswith("["):
-        host, sep, port_text = value[1:].partition("]:")
-        if not sep:
-            raise ConfigError(f"listen address {text!r} must look like [::1]:{DEFAULT_PORT}")
-    else:
-        host, sep, port_text = value.rpartition(":")
-        if not sep or not host:
-            raise ConfigError(f"listen address {text!r} must look like {DEFAULT_LISTEN}")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"listen address {text!r} has no valid port number") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"listen port {port} is outside 0..65535")
-    return host, port
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback address (nothing beyond this machine can connect)."""
-    return host.startswith(_LOOPBACK)
+    """Split ``HOST:PORT`` (see :func:`jupyter_io.daemon.parse_listen`)."""
+    return _parse_listen(text, example_port=DEFAULT_PORT)
 
 
 class CoordinatorConfig(Configurable):

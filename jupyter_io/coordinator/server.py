@@ -20,21 +20,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 import sys
-import threading
-from collections.abc import Iterator
-from types import FrameType
 from typing import IO
 
 from solders.keypair import Keypair
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
+from ..daemon import capture_signals, is_loopback
 from ..errors import ConfigError
 from .auth import ReplayGuard
-from .config import CoordinatorConfig, is_loopback
+from .config import CoordinatorConfig
 from .handlers import MAX_BODY_SIZE, RELAY_PREFIX, Services, make_app
 from .leasing import LeaseService
 from .offers import OffersCache
@@ -206,24 +203,9 @@ class CoordinatorServer:
             self.store = None
         self.log.info("coordinator stopped")
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
         """Turn SIGINT/SIGTERM into :meth:`request_exit`; restore the old handlers after."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {
-            sig: signal.signal(sig, self._handle_signal) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _handle_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.log.info("received %s, shutting down", signal.Signals(signum).name)
-        self.request_exit()
+        return capture_signals(self.request_exit, self.log)
 
     def _print(self, line: str) -> None:
         print(line, file=self.stdout, flush=True)

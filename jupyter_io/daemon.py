@@ -1,0 +1,77 @@
+"""What every jupyter-io daemon needs: a listen address and graceful signal handling.
+
+The coordinator and the provider host both parse ``HOST:PORT`` with :func:`parse_listen`
+and turn SIGINT/SIGTERM into a graceful shutdown with :func:`capture_signals` (restoring the
+previous handlers afterwards, as uvicorn does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["capture_signals", "is_loopback", "parse_listen"]
+
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+def parse_listen(text: str, *, example_port: int = 8765) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6; a bare ``PORT`` means loopback).
+
+    Port 0 asks the OS for a free port. Raises :class:`ConfigError` on anything else, with an
+    example using ``example_port``.
+    """
+    value = text.strip()
+    if value.isdigit():
+        host, port_text = "127.0.0.1", value
+    elif value.startswith("["):
+        host, sep, port_text = value[1:].partition("]:")
+        if not sep:
+            raise ConfigError(f"listen address {text!r} must look like [::1]:{example_port}")
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(f"listen address {text!r} must look like 127.0.0.1:{example_port}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"listen address {text!r} has no valid port number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"listen port {port} is outside 0..65535")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (nothing beyond this machine can connect)."""
+    return host.startswith(_LOOPBACK)
+
+
+@contextlib.contextmanager
+def capture_signals(
+    request_exit: Callable[[], Any], log: logging.Logger | logging.LoggerAdapter[Any]
+) -> Iterator[None]:
+    """Turn SIGINT/SIGTERM into ``request_exit()``; restore the old handlers after.
+
+    Off the main thread (where Python cannot install handlers) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        request_exit()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
