@@ -51,6 +51,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "jupyter_io.coordinator.app.CoordinatorApp",
         "Run the marketplace coordinator: provider links, offers, leases, relay.",
     ),
+    "wallet": (
+        "jupyter_io.payments.wallet_app.WalletApp",
+        "Your Solana wallet: address, balance, airdrop (on the embedded ledger).",
+    ),
     "offers": (
         "jupyter_io.coordinator.app.OffersApp",
         "Show the GPUs on offer at a coordinator (--json for scripts).",
