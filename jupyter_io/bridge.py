@@ -32,6 +32,33 @@ __all__ = ["Bridge", "ControlHandler"]
 ControlHandler = Callable[[Frame], Awaitable[None] | None]
 """Called with every reliable control frame (LAUNCH, SIGNAL, STARTED, EXITED, END)."""
 
+_BURST = 64
+"""The most ZMQ messages a pump reads per wake-up before it sends them and yields."""
+
+
+async def _send_frames(ws: Connection, frames: list[bytes]) -> None:
+    """Send each frame as one binary websocket message, all in one transport write.
+
+    Like ``ws.send`` per frame (same connection checks, failure handling and drain through
+    ``send_context``), but the burst costs one ``send()`` and one wake-up of the peer. Only
+    unfragmented sends are used on the tunnel, so no fragmented message can be in progress.
+    """
+    async with ws.send_context():
+        protocol = ws.protocol
+        for frame in frames:
+            protocol.send_binary(frame)
+        chunks = protocol.data_to_send()
+        if all(chunks):
+            ws.transport.writelines(chunks)
+        else:  # an end-of-stream marker: not expected while open; keep send_data's handling
+            for chunk in chunks:
+                if chunk:
+                    ws.transport.write(chunk)
+                elif ws.transport.can_write_eof():
+                    ws.transport.write_eof()
+                else:
+                    ws.transport.close()
+
 
 class Bridge:
     """Pumps one tunnel session between ZMQ sockets and the currently attached websocket.
@@ -168,23 +195,39 @@ class Bridge:
             self.detach(ws)
 
     async def _pump(self, channel: Channel, sock: zmq.asyncio.Socket) -> None:
+        # One awaited recv per wake-up, then drain what else is ready through a plain shadow
+        # socket (no pyzmq future per message), and send the burst with one transport write.
         send_data = self.tunnel.send_data
         tunnel = self.tunnel
+        raw: zmq.Socket[Any] = zmq.Socket.shadow(sock.underlying)
+        recv_ready = raw.recv_multipart
+        events: Callable[[int], int] = raw.getsockopt  # type: ignore[assignment]
         try:
             while True:
-                parts = await sock.recv_multipart()
-                frame = send_data(channel, parts)
+                burst = [send_data(channel, await sock.recv_multipart())]
+                # EVENTS before each recv: a message-less socket costs no zmq.Again raised.
+                while len(burst) < _BURST and events(zmq.EVENTS) & zmq.POLLIN:
+                    try:
+                        parts = recv_ready(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    burst.append(send_data(channel, parts))
                 ws = self.ws
-                if ws is None:
-                    continue
-                try:
-                    await ws.send(frame)
-                except ConnectionClosed:
-                    self.detach(ws)
-                    continue
-                while self.ws is not None and tunnel.unacked_bytes > self._high_water:
-                    self._acked.clear()
-                    await self._acked.wait()
+                if ws is not None:
+                    # Frames got their seqs above and are written before any await, so they
+                    # leave in seq order (the websocket writes before it awaits drain).
+                    try:
+                        if len(burst) == 1:
+                            await ws.send(burst[0])
+                        else:
+                            await _send_frames(ws, burst)
+                    except ConnectionClosed:
+                        self.detach(ws)
+                    while self.ws is not None and tunnel.unacked_bytes > self._high_water:
+                        self._acked.clear()
+                        await self._acked.wait()
+                if len(burst) == _BURST:
+                    await asyncio.sleep(0)  # a busy socket must not starve the event loop
         except JupyterIOError as exc:
             self._fail(exc)
         except (zmq.ZMQError, OSError) as exc:
