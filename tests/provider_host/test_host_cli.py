@@ -21,7 +21,10 @@ LISTENING = re.compile(r"^jupyter-io provider listening on (ws://127\.0\.0\.1:(\
 
 async def _start_host(*args: str) -> tuple[asyncio.subprocess.Process, list[str]]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "provider_host", *args,
+        sys.executable,
+        "-m",
+        "provider_host",
+        *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -43,13 +46,20 @@ async def test_sigterm_shuts_down_cleanly_and_leaves_no_kernel(
     workspace = tmp_path / "ws"
     other = Keypair()
     proc, lines = await _start_host(
-        "--listen", "127.0.0.1:0",
-        "--allow", str(other.pubkey()),
-        "--allow", str(client_keypair.pubkey()),
-        "--keypair", str(host_keypair_file),
-        "--workspace", str(workspace),
-        "--simulate-gpu", "A100:80",
-        "--simulate-gpu", "RTX 4090:24",
+        "--listen",
+        "127.0.0.1:0",
+        "--allow",
+        str(other.pubkey()),
+        "--allow",
+        str(client_keypair.pubkey()),
+        "--keypair",
+        str(host_keypair_file),
+        "--workspace",
+        str(workspace),
+        "--simulate-gpu",
+        "A100:80",
+        "--simulate-gpu",
+        "RTX 4090:24",
     )
     try:
         listening = [line for line in lines if line.startswith("jupyter-io provider listening")]
@@ -86,9 +96,17 @@ async def test_sigterm_shuts_down_cleanly_and_leaves_no_kernel(
 async def test_missing_keypair_is_a_clear_error(tmp_path: Path, jupyter_env: Path):
     missing = tmp_path / "nope.json"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "provider_host", "--listen", "127.0.0.1:0",
-        "--keypair", str(missing), "--workspace", str(tmp_path / "ws"),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "provider_host",
+        "--listen",
+        "127.0.0.1:0",
+        "--keypair",
+        str(missing),
+        "--workspace",
+        str(tmp_path / "ws"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         env={**os.environ},
     )
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
@@ -149,10 +167,14 @@ async def test_kernels_die_with_a_killed_host(
     tmp_path: Path, client_keypair: Keypair, host_keypair_file: Path, jupyter_env: Path
 ):
     proc, lines = await _start_host(
-        "--listen", "127.0.0.1:0",
-        "--allow", str(client_keypair.pubkey()),
-        "--keypair", str(host_keypair_file),
-        "--workspace", str(tmp_path / "ws"),
+        "--listen",
+        "127.0.0.1:0",
+        "--allow",
+        str(client_keypair.pubkey()),
+        "--keypair",
+        str(host_keypair_file),
+        "--workspace",
+        str(tmp_path / "ws"),
     )
     try:
         match = LISTENING.match(lines[-1])

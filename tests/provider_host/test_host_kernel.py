@@ -101,9 +101,7 @@ async def test_end_kills_the_kernel_and_removes_the_workspace(host, client):
     await client.wait_ready()
     session = host.sessions[client.session_id]
     # Something the kernel left running in its process group dies with it.
-    child_pid = await client.evaluate(
-        "__import__('subprocess').Popen(['sleep', '600']).pid"
-    )
+    child_pid = await client.evaluate("__import__('subprocess').Popen(['sleep', '600']).pid")
     assert pid_alive(child_pid)
     (session.workspace / "notes.txt").write_text("scratch")
 

@@ -125,8 +125,15 @@ def test_kernel_env_filters_the_client_request():
         workspace="/w",
     )
     assert refused == sorted(
-        ["LD_PRELOAD", "ld_audit", "PYTHONSTARTUP", "CUDA_VISIBLE_DEVICES", "HOME", "BAD-NAME",
-         "NUMBER"]
+        [
+            "LD_PRELOAD",
+            "ld_audit",
+            "PYTHONSTARTUP",
+            "CUDA_VISIBLE_DEVICES",
+            "HOME",
+            "BAD-NAME",
+            "NUMBER",
+        ]
     )
     assert env["MPLBACKEND"] == "agg"
     assert env["PYTHONHASHSEED"] == "0"
@@ -137,9 +144,24 @@ def test_kernel_env_filters_the_client_request():
 
 
 @pytest.mark.parametrize(
-    "name", ["PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "DYLD_INSERT_LIBRARIES", "PYTHONPATH",
-             "PYTHONHOME", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "GCONV_PATH",
-             "JPY_PARENT_PID", "JUPYTER_IO_TOKEN", "MALLOC_CONF", "BASH_ENV", "1ABC", ""]
+    "name",
+    [
+        "PATH",
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "DYLD_INSERT_LIBRARIES",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "CUDA_VISIBLE_DEVICES",
+        "NVIDIA_VISIBLE_DEVICES",
+        "GCONV_PATH",
+        "JPY_PARENT_PID",
+        "JUPYTER_IO_TOKEN",
+        "MALLOC_CONF",
+        "BASH_ENV",
+        "1ABC",
+        "",
+    ],
 )
 def test_client_may_not_set(name):
     assert client_env_refused(name)
@@ -158,7 +180,8 @@ def test_simulated_gpus_are_labelled_and_a_gpu_less_host_offers_its_cpu():
     assert inventory.gpu_indices == ()  # simulated GPUs are never pinned
     simulated = [d for d in inventory.devices if d.simulated]
     assert [(d.model, d.vram_bytes, d.kind) for d in simulated] == [
-        ("A100", 80 * GIB, "gpu"), ("RTX 4090", 24 * GIB, "gpu")
+        ("A100", 80 * GIB, "gpu"),
+        ("RTX 4090", 24 * GIB, "gpu"),
     ]
     cpu = [d for d in inventory.devices if d.kind == "cpu"]
     assert [d.model for d in cpu] == [CPU_LABEL] == ["cpu (no GPU)"]
@@ -168,7 +191,11 @@ def test_simulated_gpus_are_labelled_and_a_gpu_less_host_offers_its_cpu():
     assert any("cpu (no GPU)" in line for line in lines)
     assert all("simulated" not in line for line in lines if "cpu" in line)
     assert inventory.devices[0].to_json() == {
-        "index": 0, "model": "A100", "vram_bytes": 80 * GIB, "simulated": True, "kind": "gpu"
+        "index": 0,
+        "model": "A100",
+        "vram_bytes": 80 * GIB,
+        "simulated": True,
+        "kind": "gpu",
     }
 
 
@@ -216,18 +243,36 @@ def test_cli_flags_fill_the_config(tmp_path):
     from provider_host.app import ProviderApp
 
     app = ProviderApp()
-    app.initialize([
-        "--listen", "127.0.0.1:0",
-        "--allow", "A", "--allow", "B",
-        "--allow-file", "keys.txt",
-        "--keypair", "id.json",
-        "--certfile", "cert.pem", "--keyfile", "key.pem",
-        "--workspace", str(tmp_path),
-        "--grace-period", "5",
-        "--max-sessions", "3",
-        "--mem-limit", "1024",
-        "--simulate-gpu", "A100:80", "--simulate-gpu", "L4:24",
-    ])
+    app.initialize(
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--allow",
+            "A",
+            "--allow",
+            "B",
+            "--allow-file",
+            "keys.txt",
+            "--keypair",
+            "id.json",
+            "--certfile",
+            "cert.pem",
+            "--keyfile",
+            "key.pem",
+            "--workspace",
+            str(tmp_path),
+            "--grace-period",
+            "5",
+            "--max-sessions",
+            "3",
+            "--mem-limit",
+            "1024",
+            "--simulate-gpu",
+            "A100:80",
+            "--simulate-gpu",
+            "L4:24",
+        ]
+    )
     config = ProviderConfig(parent=app)
     assert config.listen == "127.0.0.1:0"
     assert config.allow == ["A", "B"]
