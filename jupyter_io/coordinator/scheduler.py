@@ -50,6 +50,7 @@ from itertools import chain
 from typing import Any
 
 from ..errors import LeaseError
+from ..payments.amounts import format_sol
 
 __all__ = [
     "CPU_OFFER",
@@ -808,8 +809,8 @@ class OfferIndex:
         if cap is not None and price > cap:
             near = f" within {request.max_latency_ms:g} ms" if request.max_latency_ms else ""
             return LeaseError(
-                f"cheapest available {what}{near} is {_sol(price)}/h per GPU, above your cap "
-                f"of {_sol(cap)}/h; raise max_price_per_hour"
+                f"cheapest available {what}{near} is {format_sol(price)}/h per GPU, above your cap "
+                f"of {format_sol(cap)}/h; raise max_price_per_hour"
             )
         return LeaseError(f"no {what} matches the request")  # pragma: no cover - defensive
 
@@ -964,13 +965,6 @@ class OfferIndex:
 
 def _gb(nbytes: int) -> str:
     return f"{nbytes / 1e9:.3g} GB"
-
-
-def _sol(lamports: int) -> str:
-    # Exact, for messages: 120_000_000 -> "0.12 SOL". jupyter_io.payments owns SOL amounts;
-    # this stays private so the scheduler does not grow a second public money API.
-    whole, frac = divmod(lamports, 1_000_000_000)
-    return f"{whole}.{frac:09d}".rstrip("0").rstrip(".") + " SOL"
 
 
 def schedule(

@@ -14,7 +14,6 @@ from jupyter_io.coordinator.scheduler import (
     Offer,
     OfferIndex,
     Weights,
-    _sol,
     _SortedKeys,
     display_gpu_name,
     gpu_vram_hint,
@@ -24,6 +23,7 @@ from jupyter_io.coordinator.scheduler import (
     score,
 )
 from jupyter_io.errors import LeaseError
+from jupyter_io.payments.amounts import format_sol
 
 GB = 10**9
 SOL = 1_000_000_000  # lamports
@@ -82,10 +82,10 @@ def test_memory_size_in_a_name_is_a_vram_floor_in_decimal_gigabytes() -> None:
 
 
 def test_prices_in_messages_are_exact_sol() -> None:
-    assert _sol(120_000_000) == "0.12 SOL"
-    assert _sol(10 * SOL) == "10 SOL"
-    assert _sol(1) == "0.000000001 SOL"
-    assert _sol(0) == "0 SOL"
+    assert format_sol(120_000_000) == "0.12 SOL"
+    assert format_sol(10 * SOL) == "10 SOL"
+    assert format_sol(1) == "0.000000001 SOL"
+    assert format_sol(0) == "0 SOL"
 
 
 def test_offers_and_requests_validate_their_fields() -> None:
