@@ -35,6 +35,7 @@ import json
 import os
 import re
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -330,13 +331,24 @@ def make_engine(url: str | os.PathLike[str] | URL, **engine_kw: Any) -> AsyncEng
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_S, **engine_kw.pop("connect_args", {})}
     engine = create_async_engine(parsed, connect_args=connect_args, **engine_kw)
+    locked_error = (sqlite3.OperationalError, engine.dialect.loaded_dbapi.OperationalError)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Stop the sqlite3 module from issuing its own (deferred) BEGIN; _on_begin does it.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
+        cursor.execute("PRAGMA journal_mode")
+        if str(cursor.fetchone()[0]).lower() != "wal":
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            except locked_error:
+                # Another process is switching this file to WAL right now (the switch needs
+                # the file to itself and does not wait on the busy timeout). The mode is
+                # stored in the file, so it holds for every later connection; this one works
+                # the same meanwhile, writers being serialised by BEGIN IMMEDIATE either way.
+                pass
+        for pragma in ("synchronous=NORMAL", "foreign_keys=ON"):
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 

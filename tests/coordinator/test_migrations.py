@@ -145,7 +145,7 @@ async def test_upgrade_keeps_rows_written_under_an_older_revision(store_url: str
 
 async def test_coordinators_starting_together_migrate_once(store_url: str) -> None:
     stores = await asyncio.wait_for(
-        asyncio.gather(*(Store.open(store_url) for _ in range(3))), timeout=60
+        asyncio.gather(*(Store.open(store_url) for _ in range(6))), timeout=60
     )
     try:
         async with stores[0].engine.connect() as conn:
