@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
@@ -17,7 +18,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["capture_signals", "is_loopback", "parse_listen"]
+__all__ = ["capture_signals", "is_loopback", "parse_listen", "server_ssl_context"]
 
 _LOOPBACK = ("127.", "::1", "localhost")
 
@@ -75,3 +76,22 @@ def capture_signals(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def server_ssl_context(certfile: str, keyfile: str, *, serves: str) -> ssl.SSLContext | None:
+    """A server TLS context when ``certfile`` is set, else None (plain text).
+
+    ``serves`` names what TLS turns on (``"https"``, ``"wss://"``) for the error messages.
+    """
+    if not certfile:
+        if keyfile:
+            raise ConfigError(f"keyfile is set but certfile is not; set both to serve {serves}")
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile, keyfile or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot load TLS certificate {certfile!r} / key {keyfile!r}: {exc}"
+        ) from None
+    return context

@@ -28,6 +28,7 @@ from traitlets import Bool, Float, Integer, List, TraitError, Unicode, default, 
 from traitlets.config import Configurable
 
 from jupyter_io.daemon import parse_listen as _parse_listen
+from jupyter_io.daemon import server_ssl_context
 from jupyter_io.errors import ConfigError
 from jupyter_io.identity import DEFAULT_KEYPAIR_PATH, load_allowlist, load_keypair
 from jupyter_io.payments.amounts import parse_sol
@@ -255,18 +256,7 @@ class ProviderConfig(Configurable):
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """A server TLS context when ``certfile`` is set, else None (plain ws://)."""
-        if not self.certfile:
-            if self.keyfile:
-                raise ConfigError("keyfile is set but certfile is not; set both to serve wss://")
-            return None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_cert_chain(self.certfile, self.keyfile or None)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"cannot load TLS certificate {self.certfile!r} / key {self.keyfile!r}: {exc}"
-            ) from None
-        return context
+        return server_ssl_context(self.certfile, self.keyfile, serves="wss://")
 
     def link_url(self) -> str:
         """The ``ws(s)://`` URL of the coordinator's provider link ("" without a coordinator)."""

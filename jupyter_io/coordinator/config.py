@@ -21,6 +21,7 @@ from traitlets import Float, Integer, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
 from ..daemon import parse_listen as _parse_listen
+from ..daemon import server_ssl_context
 from ..errors import ConfigError
 from ..identity import load_keypair, load_or_create_keypair
 from ..protocol import DEFAULT_MAX_FRAME_SIZE
@@ -172,15 +173,4 @@ class CoordinatorConfig(Configurable):
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """A server TLS context when ``certfile`` is set, else None (plain http/ws)."""
-        if not self.certfile:
-            if self.keyfile:
-                raise ConfigError("keyfile is set but certfile is not; set both to serve https")
-            return None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_cert_chain(self.certfile, self.keyfile or None)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"cannot load TLS certificate {self.certfile!r} / key {self.keyfile!r}: {exc}"
-            ) from None
-        return context
+        return server_ssl_context(self.certfile, self.keyfile, serves="https")
