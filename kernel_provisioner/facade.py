@@ -8,6 +8,11 @@ over the tunnel. Frames are never parsed, so the ROUTER's routing identity (the 
 travels with each request, the remote kernel echoes it, and the reply is routed back to the
 client that asked: several clients on one kernel each get their own replies.
 
+One message is the facade's own: the ``iopub_welcome`` of JEP 65. A kernel greets each new
+iopub subscription, but the remote kernel only ever sees the provider's subscription, so the
+facade answers local subscribers itself, signed with the session key (known once
+:meth:`Facade.connection_info` has been asked for).
+
 Call :meth:`Facade.bind` (given the ports of an earlier facade when reattaching, so that
 clients' connection files stay valid), then :meth:`Facade.connection_info` for what the
 kernel manager writes to the connection file, and :meth:`Facade.close` when the kernel
@@ -23,6 +28,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from jupyter_client.session import Session
 
 from jupyter_io.errors import ConfigError
 from jupyter_io.protocol import Channel
@@ -61,6 +67,8 @@ class Facade:
         self.sockets: dict[Channel, zmq.asyncio.Socket] = {}
         self.ports: dict[Channel, int] = {}
         self._drain: asyncio.Task[None] | None = None
+        #: Signs the facade's ``iopub_welcome`` messages (None until the key is known).
+        self.session: Session | None = None
 
     @property
     def bound(self) -> bool:
@@ -120,7 +128,9 @@ class Facade:
         return dict(self.sockets)
 
     def connection_info(self, key: bytes, kernel_name: str = "") -> dict[str, Any]:
-        """The connection info a kernel manager writes for clients of this facade."""
+        """The connection info a kernel manager writes for clients of this facade; from
+        now on new iopub subscribers are welcomed with messages signed by ``key``."""
+        self.set_key(key)
         info: dict[str, Any] = {
             "transport": "tcp",
             "ip": self.ip,
@@ -132,14 +142,33 @@ class Facade:
             info[name] = self.ports[channel]
         return info
 
+    def set_key(self, key: bytes) -> None:
+        """Sign ``iopub_welcome`` messages with the session ``key`` (HMAC-SHA256), as the
+        kernel signs everything else (a reattaching provisioner passes the saved key)."""
+        self.session = Session(key=key, signature_scheme="hmac-sha256", username="jupyter-io")
+
     async def _drain_subscriptions(self) -> None:
-        # A Jupyter client's SUB announces its subscription; the remote end already
-        # subscribes to everything, so the announcement is read and discarded (an unread
-        # XPUB would queue them forever).
+        # A Jupyter client's SUB announces its subscription (b"\x01" + topic). The remote end
+        # already subscribes to everything, so nothing goes upstream; each subscription is
+        # answered with an iopub_welcome, as ipykernel's XPUB does (an unread XPUB would also
+        # queue the announcements forever).
         sock = self.sockets[Channel.IOPUB]
         with contextlib.suppress(zmq.ZMQError, asyncio.CancelledError):
             while True:
-                await sock.recv_multipart()
+                for frame in await sock.recv_multipart():
+                    if frame[:1] == b"\x01":
+                        await self._welcome(sock, frame[1:])
+
+    async def _welcome(self, sock: zmq.asyncio.Socket, topic: bytes) -> None:
+        if self.session is None:
+            return
+        try:
+            subscription = topic.decode()
+        except UnicodeDecodeError:
+            return
+        msg = self.session.msg("iopub_welcome", content={"subscription": subscription})
+        frames = self.session.serialize(msg)
+        await sock.send_multipart([topic, *frames] if topic else frames)
 
     def close(self) -> None:
         """Close the sockets and the context (idempotent)."""

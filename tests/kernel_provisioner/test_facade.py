@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import zmq
 import zmq.asyncio
+from jupyter_client.session import Session
 
 from jupyter_io.errors import ConfigError
 from jupyter_io.protocol import Channel
@@ -87,6 +88,25 @@ async def test_iopub_reaches_subscribers(facade: Facade, ctx: zmq.asyncio.Contex
         if await sub.poll(50):
             break
     assert await sub.recv_multipart() == [b"kernel.status", b"<IDS|MSG>", b"x"]
+
+
+async def test_new_subscribers_get_a_signed_iopub_welcome(
+    facade: Facade, ctx: zmq.asyncio.Context
+) -> None:
+    facade.connection_info(b"secret", "io-remote-x")
+    session = Session(key=b"secret", signature_scheme="hmac-sha256")
+    for topic in (b"", b"kernel."):
+        sub = ctx.socket(zmq.SUB)
+        sub.linger = 0
+        sub.subscribe(topic)
+        sub.connect(f"tcp://127.0.0.1:{facade.ports[Channel.IOPUB]}")
+        frames = await asyncio.wait_for(sub.recv_multipart(), 10)
+        idents, parts = session.feed_identities(frames)
+        assert idents == ([topic] if topic else [])
+        msg = session.deserialize(parts)  # checks the HMAC signature
+        assert msg["header"]["msg_type"] == "iopub_welcome"
+        assert msg["content"] == {"subscription": topic.decode()}
+        sub.close()
 
 
 async def test_rebind_on_the_same_ports_and_refuse_taken_ones() -> None:
