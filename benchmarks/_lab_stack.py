@@ -139,7 +139,7 @@ class Stack:
             "coordinator",
             [sys.executable, "-c", "from jupyter_io.app import main; main()", "coordinator",
              "--listen", "127.0.0.1:0", "--data-dir", str(self.root / "coordinator"),
-             "--CoordinatorConfig.offers_cache_ttl=0"],
+             "--CoordinatorConfig.offers_cache_ttl=0", "--CoordinatorConfig.payments=free"],
             re.compile(r"jupyter-io coordinator listening on (http://\S+)"),
             env,
         )  # fmt: skip

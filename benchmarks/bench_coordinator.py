@@ -56,7 +56,7 @@ GIB = 1 << 30
 async def start_coordinator(data_dir: str, heartbeat_interval: float) -> tuple[Any, str]:
     proc = await asyncio.create_subprocess_exec(
         JUPYTER, "io", "coordinator", "--listen", "127.0.0.1:0", "--data-dir", data_dir,
-        "--heartbeat-interval", str(heartbeat_interval),
+        "--heartbeat-interval", str(heartbeat_interval), "--payments", "free",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     assert proc.stdout is not None

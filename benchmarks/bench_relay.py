@@ -74,7 +74,7 @@ class Coordinator:
         self.stderr_lines: list[str] = []
         self.proc = subprocess.Popen(
             [*COORDINATOR_COMMAND, "--listen", "127.0.0.1:0", "--data-dir", str(data_dir),
-             "--CoordinatorConfig.offers_cache_ttl=0"],
+             "--CoordinatorConfig.offers_cache_ttl=0", "--CoordinatorConfig.payments=free"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

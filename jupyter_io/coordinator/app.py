@@ -57,6 +57,8 @@ jupyter io coordinator --listen 0.0.0.0:8700 --certfile cert.pem --keyfile key.p
         "heartbeat-interval": "CoordinatorConfig.heartbeat_interval",
         "heartbeat-misses": "CoordinatorConfig.heartbeat_misses",
         "token-ttl": "CoordinatorConfig.token_ttl",
+        "payments": "CoordinatorConfig.payments",
+        "solana-url": "CoordinatorConfig.solana_url",
     }
     flags = dict(base_flags)
     log_format = Unicode("[%(name)s %(asctime)s %(levelname)s] %(message)s", config=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from jupyter_core.paths import jupyter_data_dir
 from solders.keypair import Keypair
-from traitlets import Float, Integer, TraitError, Unicode, default, validate
+from traitlets import Enum, Float, Integer, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
 from ..daemon import parse_listen as _parse_listen
@@ -107,6 +107,36 @@ class CoordinatorConfig(Configurable):
     request_max_skew = Float(
         60.0, config=True, help="Seconds a signed request's timestamp may differ from ours."
     )
+    payments = Enum(
+        ["escrow", "free"],
+        "escrow",
+        config=True,
+        help="How leases are paid: 'escrow' (a SOL escrow per lease, verified on-chain before "
+        "the token is issued, settled when the lease ends; docs/payments-contract.md) or "
+        "'free' (only for explicitly free private pools: tokens at once, nothing escrowed). "
+        "Never a fallback: an escrow coordinator whose ledger is unreachable refuses leases.",
+    )
+    solana_url = Unicode(
+        "",
+        config=True,
+        help="Solana JSON-RPC URL of the ledger escrows live on (devnet, mainnet, a local "
+        "validator). Empty: the embedded ledger, served by this coordinator at "
+        "{public url}/solana and persisted in its database.",
+    )
+    min_deposit_seconds = Integer(
+        60,
+        config=True,
+        help="Seconds of the lease's price an escrow must hold at least before the lease gets "
+        "its token.",
+    )
+    settle_retry_interval = Float(
+        5.0, config=True, help="Seconds between attempts of a pending settlement or refund."
+    )
+    solana_timeout = Float(
+        10.0,
+        config=True,
+        help="Seconds one call to the Solana ledger may take before it counts as unreachable.",
+    )
 
     @default("data_dir")
     def _data_dir_default(self) -> str:
@@ -129,6 +159,8 @@ class CoordinatorConfig(Configurable):
         "relay_pair_timeout",
         "hello_timeout",
         "request_max_skew",
+        "settle_retry_interval",
+        "solana_timeout",
     )
     def _validate_positive_float(self, proposal: dict[str, object]) -> float:
         value = float(proposal["value"])  # type: ignore[arg-type]
@@ -136,7 +168,7 @@ class CoordinatorConfig(Configurable):
             raise TraitError(f"{proposal['trait'].name} must be positive")  # type: ignore[attr-defined]
         return value
 
-    @validate("heartbeat_misses", "relay_max_message_size")
+    @validate("heartbeat_misses", "relay_max_message_size", "min_deposit_seconds")
     def _validate_positive_int(self, proposal: dict[str, object]) -> int:
         value = int(proposal["value"])  # type: ignore[call-overload]
         if value < 1:

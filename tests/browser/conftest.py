@@ -155,7 +155,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "coordinator",
             [sys.executable, "-c", "from jupyter_io.app import main; main()", "coordinator",
              "--listen", "127.0.0.1:0", "--data-dir", str(root / "coordinator"),
-             "--CoordinatorConfig.offers_cache_ttl=0"],
+             "--CoordinatorConfig.offers_cache_ttl=0", "--CoordinatorConfig.payments=free"],
             re.compile(r"jupyter-io coordinator listening on (http://\S+)"),
             env,
         )  # fmt: skip

@@ -415,6 +415,7 @@ async def start_coordinator(tmp_path: Path) -> AsyncIterator[Starter]:
         traits.setdefault("heartbeat_interval", 0.5)
         traits.setdefault("heartbeat_misses", 3)
         traits.setdefault("flush_interval", 0.2)
+        traits.setdefault("payments", "free")  # test_billing.py is about payments
         config = CoordinatorConfig(**traits)
         server = CoordinatorServer(config, stdout=_Discard())
         await server.startup()

@@ -65,7 +65,7 @@ async def start_process() -> AsyncIterator[Callable[..., Any]]:
 
     async def start(*args: str) -> Process:
         proc = await asyncio.create_subprocess_exec(
-            JUPYTER, "io", "coordinator", "--listen", "127.0.0.1:0", *args,
+            JUPYTER, "io", "coordinator", "--listen", "127.0.0.1:0", "--payments", "free", *args,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert proc.stdout is not None
@@ -145,7 +145,7 @@ async def test_serve_captures_signals_and_restores_the_previous_handlers(
     previous = signal.signal(signal.SIGTERM, mine)
     try:
         server = CoordinatorServer(
-            CoordinatorConfig(listen="127.0.0.1:0", data_dir=str(tmp_path)),
+            CoordinatorConfig(listen="127.0.0.1:0", data_dir=str(tmp_path), payments="free"),
             stdout=io.StringIO(),
         )
         serving = asyncio.create_task(server.serve())
@@ -227,7 +227,9 @@ async def test_configuration_errors_name_the_setting(
     if traits.get("listen") == "127.0.0.1:1" and os.geteuid() == 0:
         traits = {"listen": "256.0.0.1:80"}
         message = "cannot listen"
-    config = CoordinatorConfig(data_dir=str(tmp_path), **{"listen": "127.0.0.1:0", **traits})
+    config = CoordinatorConfig(
+        data_dir=str(tmp_path), **{"listen": "127.0.0.1:0", "payments": "free", **traits}
+    )
     server = CoordinatorServer(config, stdout=io.StringIO())
     with pytest.raises(ConfigError, match=message):
         await server.startup()

@@ -273,7 +273,7 @@ def start_coordinator_process(
     The offers list is not cached (tests look at it right after a change); ``public_url``
     makes it advertise another address (a proxy in front of it) for its relay.
     """
-    extra = ["--CoordinatorConfig.offers_cache_ttl=0", *args]
+    extra = ["--CoordinatorConfig.offers_cache_ttl=0", "--CoordinatorConfig.payments=free", *args]
     if public_url:
         extra += ["--public-url", public_url]
     coordinator = CoordinatorProcess(data_dir, extra)

@@ -457,6 +457,7 @@ async def start_coordinator(tmp_path: Path) -> AsyncIterator[CoordinatorStarter]
         traits.setdefault("heartbeat_interval", 0.5)
         traits.setdefault("heartbeat_misses", 3)
         traits.setdefault("flush_interval", 0.2)
+        traits.setdefault("payments", "free")  # not about payments (test_settlement.py is)
         server = CoordinatorServer(CoordinatorConfig(**traits), stdout=io.StringIO())
         await server.startup()
         servers.append(server)

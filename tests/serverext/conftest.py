@@ -74,6 +74,7 @@ async def market(tmp_path: Path) -> AsyncIterator[Market]:
             heartbeat_interval=0.5,
             flush_interval=0.2,
             offers_cache_ttl=0,
+            payments="free",
         ),
         stdout=io.StringIO(),
     )
