@@ -14,11 +14,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 #   postgresql  the coordinator store's tests run on a throwaway cluster from its binaries
 #   chromium    the Lab browser tests drive Debian's /usr/bin/chromium with Playwright
 #               (Playwright's own browser download cannot work here)
+#   nodejs      the editable install builds the Lab extension (labextension/, from its
+#               yarn.lock, with jupyter-builder's bundled jlpm); only when no `node` is on PATH
 APT_PACKAGES=(postgresql chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
 done
+command -v node >/dev/null || missing+=(nodejs)
 if ((${#missing[@]})); then
     echo "== apt-get install ${missing[*]}"
     sudo=""
