@@ -13,6 +13,8 @@ Lifecycle, each step one transaction, the same code against the embedded ledger 
 
 1. :meth:`EscrowClient.open_escrow` — signed by the user only: creates the multisig if missing,
    creates the escrow funded with the deposit and initialises it (fee 5,000 lamports).
+   :meth:`EscrowClient.top_up` — signed by the user only, any time before settlement: moves
+   more SOL into the escrow and syncs its wSOL amount (fee 5,000 lamports).
 2. :meth:`EscrowClient.verify_escrow` — the coordinator checks on-chain, before activating the
    lease, that the escrow is a wSOL account owned by the right 2-of-3 multisig and holds enough.
 3. :meth:`EscrowClient.settle` — signed by arbiter + provider: pays the metered amount into the
@@ -75,12 +77,14 @@ from spl.token.instructions import (
     get_associated_token_address,
     initialize_account3,
     initialize_multisig2,
+    sync_native,
     transfer_checked,
 )
 from spl.token.models import (
     CloseAccountParams,
     InitializeAccount3Params,
     InitializeMultisig2Params,
+    SyncNativeParams,
     TransferCheckedParams,
 )
 
@@ -106,12 +110,14 @@ __all__ = [
     "EscrowTerms",
     "Settlement",
     "Signer",
+    "TopUpReceipt",
     "TransactionFailed",
     "escrow_seed",
     "multisig_seed",
     "refund_message",
     "settlement_message",
     "setup_message",
+    "top_up_message",
 ]
 
 #: Signatures of the {user, provider, arbiter} multisig needed to move escrowed funds.
@@ -224,6 +230,18 @@ class EscrowReceipt:
 
 
 @dataclass(frozen=True, slots=True)
+class TopUpReceipt:
+    """Result of :meth:`EscrowClient.top_up`: ``amount`` lamports moved from the user into the
+    escrow by transaction ``signature`` (the user paid ``fee``); ``state`` is the escrow after."""
+
+    terms: EscrowTerms
+    signature: Signature
+    amount: int
+    fee: int
+    state: EscrowState
+
+
+@dataclass(frozen=True, slots=True)
 class Settlement:
     """Result of :meth:`EscrowClient.settle` or :meth:`EscrowClient.refund`.
 
@@ -307,6 +325,26 @@ def setup_message(
         ),
     ]
     return MessageV0.try_compile(user, instructions, [], blockhash)
+
+
+def top_up_message(terms: EscrowTerms, lamports: int, *, blockhash: Hash) -> MessageV0:
+    """The top-up's message, paid and signed by the user alone: a system transfer of
+    ``lamports`` into the escrow account, then SyncNative so its wSOL amount counts them.
+
+    Atomic: if the escrow is no longer a wSOL account (settled meanwhile), SyncNative fails
+    and the transfer with it, so no lamport lands on a closed escrow's address.
+    """
+    return MessageV0.try_compile(
+        terms.user,
+        [
+            transfer(
+                TransferParams(from_pubkey=terms.user, to_pubkey=terms.escrow, lamports=lamports)
+            ),
+            sync_native(SyncNativeParams(program_id=TOKEN_PROGRAM_ID, account=terms.escrow)),
+        ],
+        [],
+        blockhash,
+    )
 
 
 def _move_and_close(
@@ -846,6 +884,53 @@ class EscrowClient:
             f"fee), wallet {wallet} holds {format_sol(held)}; run `jupyter io wallet airdrop` "
             f"on the local ledger or fund it"
         )
+
+    async def top_up(self, terms: EscrowTerms, lamports: int, user: Keypair) -> TopUpReceipt:
+        """Add ``lamports`` to an open escrow from the user's wallet (one transaction, the
+        user signs; see :func:`top_up_message`). Next: tell the coordinator
+        (``POST /api/v1/leases/{id}/escrow`` again) so it raises the recorded deposit.
+
+        Raises :class:`EscrowError` when the escrow is not open (never opened, or settled:
+        nothing is sent) and :class:`InsufficientFunds` (nothing moved) when the wallet cannot
+        cover ``lamports`` and the fee.
+        """
+        if lamports <= 0:
+            raise EscrowError("a top-up must be a positive number of lamports")
+        if user.pubkey() != terms.user:
+            raise EscrowError(
+                f"the top-up signer is {user.pubkey()}, but this escrow's user is {terms.user}"
+            )
+        what = f"topping up the escrow of session {terms.session_id}"
+        (wallet, escrow, multisig), _ = await asyncio.gather(
+            self._accounts(what, [terms.user, terms.escrow, terms.multisig]),
+            self._latest_blockhash(),
+        )
+        state = self._check_escrow(terms, escrow, multisig)
+        if state is None:
+            raise EscrowError(
+                f"escrow {terms.escrow} of session {terms.session_id} is not open (settled, or "
+                f"never opened); nothing was sent. A new session opens a new escrow"
+            )
+        needed = lamports + FEE_PER_SIGNATURE
+        held = wallet.lamports if wallet is not None else 0
+        if held < needed:
+            raise InsufficientFunds(
+                f"a top-up of {format_sol(lamports)} needs {format_sol(needed)} with the fee, "
+                f"wallet {terms.user} holds {format_sol(held)}; run `jupyter io wallet "
+                f"airdrop` on the local ledger or fund it"
+            )
+
+        def build(blockhash: Hash) -> MessageV0:
+            return top_up_message(terms, lamports, blockhash=blockhash)
+
+        signature = await self._submit_fresh(build, [user], what)
+        after = EscrowState(
+            terms.escrow,
+            state.amount + lamports,
+            state.lamports + lamports,
+            state.rent_exempt_reserve,
+        )
+        return TopUpReceipt(terms, signature, lamports, FEE_PER_SIGNATURE, after)
 
     # -- settlement ----------------------------------------------------------------------------
 
