@@ -9,15 +9,30 @@
     await client.end_lease(grant.lease)
     client.close()
 
+With an escrow coordinator (``docs/payments-contract.md``) the grant of ``request_lease``
+has no token yet (``grant.token is None``, ``grant.escrow.required``): open the escrow that
+``grant.escrow`` describes (:class:`~jupyter_io.payments.hooks.SolanaEscrowHook`), then
+``grant = await client.fund_lease(grant.lease, setup_signature)`` returns the grant with its
+token and ``grant.billing``. When the provider failed, :meth:`CoordinatorClient.request_refund`
+hands out the refund transaction the arbiter signed; the user co-signs, submits it and
+:meth:`CoordinatorClient.report_refund` s the signature. :meth:`CoordinatorClient.list_leases`
+is the caller's history, newest first.
+
 Requests that act for a key are signed with
 :func:`~jupyter_io.coordinator.auth.sign_request`. Errors: :class:`~jupyter_io.errors.LeaseError`
 when no offer fits (409, with the coordinator's message naming the GPU types or the cheapest
-price), :class:`~jupyter_io.errors.AuthError` for 401/403, :class:`CoordinatorError` for
-everything else (unreachable, 404, 5xx), each with a message that says what to do.
+price), :class:`~jupyter_io.errors.AuthError` for 401/403,
+:class:`~jupyter_io.errors.InsufficientFunds` for a deposit that is too small (402
+``deposit_too_small``), :class:`CoordinatorPaymentError` (a
+:class:`~jupyter_io.errors.PaymentError`) for the other payment refusals (402 ``escrow_missing``,
+503 ``ledger_unreachable``), :class:`CoordinatorError` for everything else (unreachable, 404,
+5xx), each with the coordinator's message, which says what to do.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,12 +40,32 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from solders.keypair import Keypair
+from solders.message import MessageV0
+from solders.signature import Signature
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
-from ..errors import AuthError, ConfigError, JupyterIOError, LeaseError
+from ..errors import (
+    AuthError,
+    ConfigError,
+    InsufficientFunds,
+    JupyterIOError,
+    LeaseError,
+    PaymentError,
+)
 from .auth import HEADER_LEASE_TOKEN, sign_request
 
-__all__ = ["CoordinatorClient", "CoordinatorError", "LeaseGrant", "LeaseInfo"]
+__all__ = [
+    "Billing",
+    "CoordinatorClient",
+    "CoordinatorError",
+    "CoordinatorPaymentError",
+    "EscrowOffer",
+    "LeaseGrant",
+    "LeaseInfo",
+    "PaymentsInfo",
+    "RefundOffer",
+    "SettlementInfo",
+]
 
 
 class CoordinatorError(JupyterIOError):
@@ -42,12 +77,131 @@ class CoordinatorError(JupyterIOError):
         self.code = code
 
 
+class CoordinatorPaymentError(PaymentError):
+    """The coordinator refused a payment step: no valid escrow (402 ``escrow_missing``), its
+    ledger cannot be reached (503 ``ledger_unreachable``), a refund it cannot offer. The
+    message is the coordinator's."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def _int(body: Mapping[str, Any], key: str) -> int:
+    value = body.get(key)
+    return 0 if value is None else int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class EscrowOffer:
+    """How a lease must be paid (the ``escrow`` block of a lease's ``201``).
+
+    ``required`` False: a free pool, the grant has its token already. Otherwise open an
+    escrow for (user, provider, ``arbiter``) on the ledger at ``solana_url`` holding at least
+    ``min_deposit_lamports``, then :meth:`CoordinatorClient.fund_lease`.
+    """
+
+    required: bool
+    arbiter: str | None = None
+    solana_url: str | None = None
+    min_deposit_lamports: int = 0
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any] | None) -> EscrowOffer | None:
+        if not isinstance(body, Mapping):
+            return None
+        return cls(
+            required=bool(body.get("required")),
+            arbiter=body.get("arbiter"),
+            solana_url=body.get("solana_url"),
+            min_deposit_lamports=_int(body, "min_deposit_lamports"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementInfo:
+    """A funded lease's settlement as the coordinator's durable queue records it.
+
+    ``kind``: ``settle`` (the lease ended; arbiter + provider sign) or ``refund`` (the
+    provider failed; user + arbiter sign). ``state``: ``pending`` (retried until done),
+    ``done`` (the escrow is closed; ``signature`` is the transaction that closed it when the
+    coordinator knows it) or ``failed``.
+    """
+
+    kind: str
+    state: str
+    amount_lamports: int
+    signature: str | None
+    attempts: int
+    error: str | None
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any] | None) -> SettlementInfo | None:
+        if not isinstance(body, Mapping):
+            return None
+        return cls(
+            kind=str(body.get("kind") or ""),
+            state=str(body.get("state") or ""),
+            amount_lamports=_int(body, "amount_lamports"),
+            signature=body.get("signature"),
+            attempts=_int(body, "attempts"),
+            error=body.get("error"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Billing:
+    """What a lease has cost so far (the ``billing`` block; amounts in exact lamports).
+
+    ``warning`` is 80, 95 or 100 once that share of the deposit is spent; at 100 the
+    coordinator ends the lease (budget exhausted).
+    """
+
+    deposit_lamports: int
+    billed_seconds: int
+    spent_lamports: int
+    left_lamports: int
+    used_fraction: float
+    warning: int | None
+    escrow: str | None
+    escrow_signature: str | None
+    settlement: SettlementInfo | None
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any] | None) -> Billing | None:
+        if not isinstance(body, Mapping):
+            return None
+        warning = body.get("warning")
+        return cls(
+            deposit_lamports=_int(body, "deposit_lamports"),
+            billed_seconds=_int(body, "billed_seconds"),
+            spent_lamports=_int(body, "spent_lamports"),
+            left_lamports=_int(body, "left_lamports"),
+            used_fraction=float(body.get("used_fraction") or 0.0),
+            warning=None if warning is None else int(warning),
+            escrow=body.get("escrow"),
+            escrow_signature=body.get("escrow_signature"),
+            settlement=SettlementInfo.from_json(body.get("settlement")),
+        )
+
+    @property
+    def exhausted(self) -> bool:
+        """True once the whole deposit is spent (the coordinator then ends the lease)."""
+        return self.warning is not None and self.warning >= 100
+
+
 @dataclass(frozen=True, slots=True)
 class LeaseGrant:
-    """A granted lease (the body of ``201`` to ``POST /api/v1/leases``)."""
+    """A granted lease (the body of ``201`` to ``POST /api/v1/leases``, or of ``200`` to its
+    ``/escrow`` and ``/token``).
+
+    ``token`` is None while an escrow lease waits for its escrow (``escrow.required``);
+    ``billing`` comes with a funded grant.
+    """
 
     lease: str
-    token: str
+    token: str | None
     provider: str
     tunnel_url: str
     relay: bool
@@ -55,24 +209,36 @@ class LeaseGrant:
     gpu_indices: tuple[int, ...]
     price_lamports_per_hour: int
     expires_at: float
+    state: str | None = None
+    escrow: EscrowOffer | None = None
+    billing: Billing | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> LeaseGrant:
+        expires = body.get("expires_at")
         return cls(
             lease=body["lease"],
-            token=body["token"],
+            token=body.get("token"),
             provider=body["provider"],
             tunnel_url=body["tunnel_url"],
             relay=bool(body["relay"]),
             gpu=body["gpu"],
             gpu_indices=tuple(body["gpu_indices"]),
             price_lamports_per_hour=int(body["price_lamports_per_hour"]),
-            expires_at=float(body["expires_at"]),
+            expires_at=0.0 if expires is None else float(expires),
+            state=body.get("state"),
+            escrow=EscrowOffer.from_json(body.get("escrow")),
+            billing=Billing.from_json(body.get("billing")),
         )
+
+    @property
+    def needs_escrow(self) -> bool:
+        """True while the lease waits for its escrow: no token until it is funded."""
+        return self.token is None and self.escrow is not None and self.escrow.required
 
     def relay_headers(self) -> dict[str, str]:
         """Headers the relay's client side needs (empty for a direct lease)."""
-        return {HEADER_LEASE_TOKEN: self.token} if self.relay else {}
+        return {HEADER_LEASE_TOKEN: self.token} if self.relay and self.token else {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +260,10 @@ class LeaseInfo:
     end_of_service: float | None
     failure_reason: str | None
     expires_at: float | None
+    #: Why the lease ended (``budget exhausted``, ...), when the coordinator says.
+    end_reason: str | None = None
+    escrow: EscrowOffer | None = None
+    billing: Billing | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> LeaseInfo:
@@ -113,11 +283,68 @@ class LeaseInfo:
             end_of_service=body.get("end_of_service"),
             failure_reason=body.get("failure_reason"),
             expires_at=body.get("expires_at"),
+            end_reason=body.get("end_reason") or body.get("reason"),
+            escrow=EscrowOffer.from_json(body.get("escrow")),
+            billing=Billing.from_json(body.get("billing")),
         )
 
     @property
     def live(self) -> bool:
         return self.state in ("requested", "active")
+
+    @property
+    def budget_exhausted(self) -> bool:
+        """True when the coordinator ended the lease because its deposit was spent."""
+        reasons = (self.end_reason or "", self.failure_reason or "")
+        if any("budget" in reason.lower() for reason in reasons):
+            return True
+        return not self.live and self.billing is not None and self.billing.exhausted
+
+
+@dataclass(frozen=True, slots=True)
+class RefundOffer:
+    """The refund of a failed lease's escrow (``POST /api/v1/leases/{id}/refund``): the
+    transaction's ``message`` (fee payer: the user), the arbiter's signature of it, and the
+    provider's share for the seconds it delivered. Check it, co-sign, submit, then
+    :meth:`CoordinatorClient.report_refund`."""
+
+    lease: str
+    message: MessageV0
+    arbiter_signature: Signature
+    provider_share: int
+
+    @classmethod
+    def from_json(cls, lease: str, body: Mapping[str, Any]) -> RefundOffer:
+        try:
+            message = MessageV0.from_bytes(base64.b64decode(body["message"], validate=True))
+            signature = Signature.from_string(body["arbiter_signature"])
+            share = int(body["provider_share"])
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise CoordinatorPaymentError(
+                f"the coordinator's refund offer for lease {lease} is malformed ({exc}); "
+                f"nothing was signed"
+            ) from None
+        return cls(lease, message, signature, share)
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentsInfo:
+    """How a coordinator is paid (from ``GET /api/v1/info``): ``payments`` is ``escrow`` or
+    ``free``; ``solana_url`` is the ledger escrows live on and ``arbiter`` the coordinator's
+    key (None for a free coordinator)."""
+
+    payments: str
+    solana_url: str | None
+    arbiter: str | None
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> PaymentsInfo:
+        # A coordinator from before payments leases for free.
+        return cls(
+            payments=str(body.get("payments") or "free"),
+            solana_url=body.get("solana_url") or None,
+            arbiter=body.get("arbiter") or None,
+        )
 
 
 class CoordinatorClient:
@@ -157,8 +384,14 @@ class CoordinatorClient:
     # -- the API ---------------------------------------------------------------------------
 
     async def info(self) -> dict[str, Any]:
-        """``{"coordinator", "version", "relay"}``: check you reached the right coordinator."""
+        """``{"coordinator", "version", "relay", "payments", "solana_url", "arbiter"}``: check
+        you reached the right coordinator (:meth:`payments` types the payment fields)."""
         return await self._call("GET", "/api/v1/info")
+
+    async def payments(self) -> PaymentsInfo:
+        """How this coordinator's leases are paid: ``escrow`` or ``free``, its ledger's URL
+        and its arbiter key."""
+        return PaymentsInfo.from_json(await self.info())
 
     async def offers(self) -> dict[str, Any]:
         """``{"types": [...], "providers": [...]}``: what is on offer now."""
@@ -198,9 +431,51 @@ class CoordinatorClient:
         )
 
     async def renew_token(self, lease_id: str) -> LeaseGrant:
-        """A fresh token for your live lease (to resume a session after the old one expired)."""
+        """A fresh token for your live lease (to resume a session after the old one expired).
+        An escrow lease not funded yet is refused (:class:`PaymentError`, 402)."""
         return LeaseGrant.from_json(
             await self._call("POST", f"/api/v1/leases/{lease_id}/token", b"", sign=True)
+        )
+
+    async def list_leases(self, limit: int = 20) -> list[LeaseInfo]:
+        """Your leases, newest first, each with its ``billing`` (at most ``limit``, ≤ 100)."""
+        if not 1 <= limit <= 100:
+            raise ConfigError(f"list at least 1 and at most 100 leases, not {limit}")
+        body = await self._call("GET", f"/api/v1/leases?limit={limit}", sign=True)
+        rows = body.get("leases")
+        if not isinstance(rows, list):
+            raise CoordinatorError(
+                f"the coordinator at {self.url} answered GET /api/v1/leases without a 'leases' "
+                f"list; is it a jupyter-io coordinator of this version?"
+            )
+        return [LeaseInfo.from_json(row) for row in rows]
+
+    async def fund_lease(self, lease_id: str, signature: str | None) -> LeaseGrant:
+        """Tell the coordinator your lease's escrow is open (``signature``: the setup
+        transaction's, None when the escrow existed already); it verifies the escrow on-chain
+        and returns the grant with its token and ``billing``. Call it again after a top-up
+        to raise the recorded deposit.
+
+        Raises :class:`InsufficientFunds` when the escrow holds less than the coordinator's
+        minimum, :class:`CoordinatorPaymentError` when it finds no escrow or cannot reach its
+        ledger, :class:`LeaseError` when the lease is no longer live.
+        """
+        body = {"signature": signature}
+        return LeaseGrant.from_json(
+            await self._call("POST", f"/api/v1/leases/{lease_id}/escrow", body, sign=True)
+        )
+
+    async def request_refund(self, lease_id: str) -> RefundOffer:
+        """The refund transaction of your failed lease's escrow, signed by the arbiter (the
+        provider was lost): check it, co-sign it, submit it, then :meth:`report_refund`."""
+        body = await self._call("POST", f"/api/v1/leases/{lease_id}/refund", {}, sign=True)
+        return RefundOffer.from_json(lease_id, body)
+
+    async def report_refund(self, lease_id: str, signature: str) -> dict[str, Any]:
+        """Tell the coordinator the refund landed (``signature``: the transaction's); it
+        checks the escrow is closed and marks the settlement done. Returns its answer."""
+        return await self._call(
+            "POST", f"/api/v1/leases/{lease_id}/refund", {"signature": signature}, sign=True
         )
 
     # -- plumbing --------------------------------------------------------------------------
@@ -261,4 +536,8 @@ class CoordinatorClient:
             raise LeaseError(message)
         if response.code in (401, 403):
             raise AuthError(message)
+        if response.code == 402 and code == "deposit_too_small":
+            raise InsufficientFunds(message)
+        if response.code == 402 or code == "ledger_unreachable":
+            raise CoordinatorPaymentError(message, response.code, code)
         raise CoordinatorError(message, response.code, code)
