@@ -32,8 +32,11 @@ escrow; the only other movements are the fees (5,000 lamports per signature, rep
 result) and the multisig's one-time rent.
 
 For co-signing across machines (arbiter on the coordinator, provider on its host), build the
-message with :func:`settlement_message` / :func:`refund_message`, have each party sign
-``bytes(message)``, and :meth:`EscrowClient.submit` the signatures (``Presigner``).
+message with :func:`settlement_message` / :func:`refund_message`, send ``bytes(message)``
+(``MessageV0.from_bytes`` reads it back), have each party sign
+``solders.message.to_bytes_versioned(message)`` — the versioned form a transaction's
+signatures cover, not ``bytes(message)`` — and :meth:`EscrowClient.submit` the signatures
+(``Presigner``).
 Start with ``async with EscrowClient.connect(url) as escrow: ...``.
 """
 
