@@ -1,14 +1,23 @@
-"""One provisioner's lease from the marketplace coordinator: request, token renewal, end.
+"""One provisioner's lease from the marketplace coordinator: request, escrow, token, end.
 
-:class:`KernelLease` wraps :class:`~jupyter_io.coordinator.client.CoordinatorClient` for the
-provisioner (``docs/coordinator-contract.md`` section 2)::
+:class:`KernelLease` wraps :class:`~jupyter_io.coordinator.client.CoordinatorClient` and the
+lease's :class:`~jupyter_io.payments.hooks.PaymentHook` for the provisioner
+(``docs/coordinator-contract.md`` section 2, ``docs/payments-contract.md``)::
 
-    lease = KernelLease(coordinator_url, keypair)
+    lease = KernelLease(coordinator_url, keypair, hook=SolanaEscrowHook(...))
     grant = await lease.request(LeaseTerms(gpu="RTX 4090", max_price_lamports_per_hour=...))
+    escrow = await lease.fund()  # opens the escrow, POST /leases/{id}/escrow → token
     client = TunnelClient(grant.tunnel_url, keypair, credentials=lease.credentials, ...)
     ...
-    await lease.end()        # DELETE /api/v1/leases/{id}; idempotent
-    lease.close()
+    await lease.end()        # DELETE /api/v1/leases/{id}; idempotent; the coordinator settles
+    # or, when the provider was lost: await lease.wind_up_lost(...)  (co-signed refund)
+    await lease.close()
+
+With an escrow coordinator the grant has no token until :meth:`KernelLease.fund` opened the
+escrow (deposit = price * the hook's ``max_session_hours``) and the coordinator verified it
+on-chain; a free coordinator's grant has its token at once and no hook is called. One lease,
+one escrow: a restart keeps both; a new lease (after a lost provider) gets a new hook and a
+new escrow.
 
 :meth:`KernelLease.credentials` is the tunnel's
 :data:`~kernel_provisioner.connection.CredentialSource`: the token for HELLO and, when the
@@ -16,7 +25,11 @@ lease is relayed, the ``X-JIO-Lease-Token`` header; it renews the token (``POST
 /api/v1/leases/{id}/token``) when it is about to expire, so a session may resume after its
 first token's life. Refusals raise :class:`LeaseRefused` (a :class:`KernelLaunchError` and a
 :class:`LeaseError`) carrying the coordinator's message, which names the GPU types on offer or
-the cheapest price; an unreachable coordinator raises :class:`KernelLaunchError`.
+the cheapest price; a lease that cannot be paid raises :class:`LeaseNotFunded` (a
+:class:`KernelLaunchError` and a :class:`PaymentError`; :class:`LeaseUnaffordable`, also an
+:class:`InsufficientFunds`, when the wallet is short, saying what is needed and what it
+holds); a lease whose budget ran out raises :class:`BudgetExhausted`; an unreachable
+coordinator raises :class:`KernelLaunchError`.
 """
 
 from __future__ import annotations
@@ -24,27 +37,65 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from solders.keypair import Keypair
+from solders.pubkey import Pubkey
 
 from jupyter_io.coordinator.client import CoordinatorClient, LeaseGrant, LeaseInfo
-from jupyter_io.errors import JupyterIOError, KernelLaunchError, LeaseError
+from jupyter_io.errors import (
+    ConfigError,
+    InsufficientFunds,
+    JupyterIOError,
+    KernelLaunchError,
+    LeaseError,
+    PaymentError,
+)
 from jupyter_io.payments.amounts import format_sol
+from jupyter_io.payments.escrow import TransactionFailed
+from jupyter_io.payments.hooks import EscrowInfo, PaymentHook, SessionTerms
 
 from .connection import Credentials
 
-__all__ = ["KernelLease", "LeaseRefused", "LeaseTerms"]
+__all__ = [
+    "BudgetExhausted",
+    "KernelLease",
+    "LeaseNotFunded",
+    "LeaseRefused",
+    "LeaseTerms",
+    "LeaseUnaffordable",
+]
 
 #: Renew the token when it has less than this many seconds left, or less than a tenth of
 #: its life when that is shorter (a coordinator may hand out short-lived tokens).
 RENEW_MARGIN_S = 120.0
 
+#: Seconds the user's own count of delivered time may fall short of the coordinator's
+#: (clocks, reporting lag) before a refund's provider share is refused as too high.
+REFUND_TOLERANCE_S = 10.0
+
+#: How often a refund transaction is asked for again when its blockhash expired.
+REFUND_ATTEMPTS = 3
+
 
 class LeaseRefused(KernelLaunchError, LeaseError):
     """The coordinator leased nothing: no offer fits the kernelspec's request (the message is
     the coordinator's: GPU types on offer, the cheapest price against the cap, capacity)."""
+
+
+class LeaseNotFunded(KernelLaunchError, PaymentError):
+    """The lease's escrow could not be opened or verified (ledger unreachable, escrow refused):
+    the kernel did not start and the lease was ended. The message says why and what to do."""
+
+
+class LeaseUnaffordable(LeaseNotFunded, InsufficientFunds):
+    """The wallet cannot cover the escrow: the message says what is needed and what it holds."""
+
+
+class BudgetExhausted(KernelLaunchError, PaymentError):
+    """The coordinator ended the lease because its deposit was spent; the kernel is not
+    restarted on a new lease behind the user's back. The message says how to raise it."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +123,10 @@ class LeaseTerms:
 class KernelLease:
     """The lease behind one provisioner's tunnel session (see the module docstring).
 
-    ``timeout`` bounds each coordinator request. All methods run on the provisioner's event
-    loop; call :meth:`close` when the provisioner is done with the coordinator.
+    ``hook`` pays for this lease (one hook per lease: it remembers the lease's escrow);
+    without one the lease can only be taken from a free coordinator. ``timeout`` bounds each
+    coordinator request. All methods run on the provisioner's event loop; call :meth:`close`
+    when the provisioner is done with the lease.
     """
 
     def __init__(
@@ -81,11 +134,13 @@ class KernelLease:
         coordinator_url: str,
         keypair: Keypair,
         *,
+        hook: PaymentHook | None = None,
         timeout: float = 30.0,
         log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     ) -> None:
         self.coordinator_url = coordinator_url
         self.keypair = keypair
+        self.hook = hook
         self.timeout = timeout
         self.log = log or logging.getLogger(__name__)
         #: The current grant (None before :meth:`request` and after :meth:`end`).
@@ -93,6 +148,9 @@ class KernelLease:
         #: True once a tunnel session presented the grant's token: the provider binds a
         #: lease to one session, so a new session needs a new lease.
         self.bound = False
+        #: Unix time the kernel first ran on this lease (the provisioner's READY): the start
+        #: of the seconds the user saw delivered, which bound a refund's provider share.
+        self.ready_at: float | None = None
         self._client: CoordinatorClient | None = None
         self._margin = RENEW_MARGIN_S
 
@@ -105,8 +163,21 @@ class KernelLease:
             )
         return self._client
 
+    @property
+    def escrow(self) -> EscrowInfo | None:
+        """The lease's escrow once :meth:`fund` opened it (None for a free lease)."""
+        hook = self.hook
+        return hook.escrow if hook is not None and hook.escrow is not None else None
+
+    @property
+    def funded(self) -> bool:
+        """True when the lease is paid through an escrow (not a free pool's lease)."""
+        escrow = self.escrow
+        return escrow is not None and escrow.state is not None
+
     async def request(self, terms: LeaseTerms) -> LeaseGrant:
-        """Lease GPUs on ``terms``; remember and return the grant.
+        """Lease GPUs on ``terms``; remember and return the grant (with an escrow coordinator
+        it has no token yet: :meth:`fund` next).
 
         Raises :class:`LeaseRefused` with the coordinator's reason when no offer fits, and
         :class:`KernelLaunchError` when the coordinator cannot be reached or refuses our key.
@@ -127,8 +198,107 @@ class KernelLease:
             ) from None
         self.grant = grant
         self.bound = False
+        self.ready_at = None
         self._learn_life(grant)
         return grant
+
+    async def fund(self) -> EscrowInfo | None:
+        """Pay for the granted lease before any kernel starts; returns its escrow (None when
+        the coordinator asks for none: a free pool, or a grant that has its token already).
+
+        Opens the escrow through the hook (deposit = price * its ``max_session_hours``, one
+        transaction the user's wallet signs), then tells the coordinator, which verifies it
+        on-chain and answers with the token. Idempotent (a retried start finds the escrow).
+
+        Raises :class:`LeaseUnaffordable` when the wallet is short (nothing moved), and
+        :class:`LeaseNotFunded` when the ledger or the coordinator cannot be reached or the
+        coordinator refuses the escrow; the caller then ends the lease. A :class:`ConfigError`
+        (a hook that may not pay, say) stays one.
+        """
+        grant = self.grant
+        if grant is None:
+            raise KernelLaunchError("no lease to pay for; request one first")
+        offer = grant.escrow
+        if not grant.needs_escrow or offer is None:
+            if grant.token is None:
+                raise LeaseNotFunded(
+                    f"lease {grant.lease} came without a token and without escrow terms; is "
+                    f"the coordinator at {self.coordinator_url} of this jupyter-io version?"
+                )
+            return None
+        hook = self.hook
+        if hook is None:
+            raise ConfigError(
+                f"lease {grant.lease} must be paid through an escrow, and no payment hook is "
+                f"configured; set c.RemoteKernelProvisioner.payment_hook_class"
+            )
+        if not offer.arbiter:
+            raise LeaseNotFunded(
+                f"lease {grant.lease} asks for an escrow but names no arbiter; the coordinator "
+                f"at {self.coordinator_url} must say who co-signs settlements"
+            )
+        session = SessionTerms(
+            grant.lease,
+            self.keypair.pubkey(),
+            Pubkey.from_string(grant.provider),
+            Pubkey.from_string(offer.arbiter),
+            grant.price_lamports_per_hour,
+            offer.solana_url,
+        )
+        try:
+            escrow = await hook.open(session)
+        except InsufficientFunds as exc:
+            raise LeaseUnaffordable(f"cannot pay for lease {grant.lease}: {exc}") from None
+        except ConfigError:
+            raise
+        except JupyterIOError as exc:
+            raise LeaseNotFunded(f"cannot open the escrow of lease {grant.lease}: {exc}") from None
+        if escrow.deposit < offer.min_deposit_lamports:
+            # Open succeeded, so the money is in escrow: still tell the coordinator (which
+            # refuses it with its own numbers) rather than leave an escrow it never saw.
+            self.log.warning(
+                "jupyter-io: the escrow of lease %s holds %s, below the coordinator's minimum "
+                "of %s",
+                grant.lease,
+                format_sol(escrow.deposit),
+                format_sol(offer.min_deposit_lamports),
+            )
+        signature = str(escrow.signature) if escrow.signature is not None else None
+        try:
+            funded = await self.client.fund_lease(grant.lease, signature)
+        except InsufficientFunds as exc:
+            raise LeaseUnaffordable(
+                f"the coordinator refused the escrow {escrow.address} of lease {grant.lease}: "
+                f"{exc}; raise max_session_hours (c.SolanaEscrowHook.max_session_hours)"
+            ) from None
+        except JupyterIOError as exc:
+            raise LeaseNotFunded(
+                f"the coordinator did not accept the escrow {escrow.address} of lease "
+                f"{grant.lease}: {exc}"
+            ) from None
+        self._take(funded)
+        return escrow
+
+    async def top_up(self, lamports: int) -> LeaseGrant:
+        """Add ``lamports`` to the lease's escrow from the user's wallet and have the
+        coordinator record the higher deposit (``POST /leases/{id}/escrow`` again). Returns
+        the grant with its new ``billing``. Raises :class:`PaymentError` (an
+        :class:`InsufficientFunds` when the wallet is short) when it cannot."""
+        grant = self.grant
+        if grant is None or self.hook is None or not self.funded:
+            raise PaymentError("this kernel's lease has no escrow to top up")
+        receipt = await self.hook.top_up(lamports)
+        funded = await self.client.fund_lease(grant.lease, str(receipt.signature))
+        self._take(funded)
+        return funded
+
+    def _take(self, funded: LeaseGrant) -> None:
+        previous = self.grant
+        if previous is not None and funded.escrow is None and previous.escrow is not None:
+            # The funded grant may omit the escrow terms it answered: keep them for to_json.
+            funded = replace(funded, escrow=previous.escrow)
+        self.grant = funded
+        self._learn_life(funded)
 
     def _learn_life(self, grant: LeaseGrant) -> None:
         life = grant.expires_at - time.time()
@@ -142,6 +312,10 @@ class KernelLease:
         grant = self.grant
         if grant is None:
             raise KernelLaunchError("no lease to connect with; the lease has ended")
+        if grant.token is None:
+            raise KernelLaunchError(
+                f"lease {grant.lease} has no token yet: its escrow is not funded"
+            )
         left = grant.expires_at - time.time()
         if stale or left < self._margin:
             try:
@@ -151,21 +325,35 @@ class KernelLease:
                     "jupyter-io: cannot renew the token of lease %s: %s", grant.lease, exc
                 )
             else:
-                grant = self.grant = renewed
-                self._learn_life(renewed)
+                self._take(renewed)
+                grant = renewed
                 self.log.info(
                     "jupyter-io: renewed the token of lease %s (valid %.0f s)",
                     grant.lease,
                     grant.expires_at - time.time(),
                 )
+        assert grant.token is not None
         self.bound = True
         return Credentials(grant.token, grant.relay_headers())
 
+    async def info(self) -> LeaseInfo | None:
+        """The lease's record at the coordinator now (state, billing), or None when there is
+        no lease or the coordinator cannot say (logged)."""
+        grant = self.grant
+        if grant is None:
+            return None
+        try:
+            return await self.client.get_lease(grant.lease)
+        except JupyterIOError as exc:
+            self.log.warning("jupyter-io: cannot read lease %s: %s", grant.lease, exc)
+            return None
+
     async def end(self, timeout: float | None = None) -> LeaseInfo | None:
-        """End the lease (``DELETE``; idempotent) and forget it. Returns the final record,
-        or None when there was no lease or the coordinator could not be told (logged: the
-        lease then ends when its token expires unused, or when the provider reports the
-        session's end)."""
+        """End the lease (``DELETE``; idempotent) and forget it; the coordinator settles its
+        escrow (the provider is paid for the seconds it delivered, the user gets the rest).
+        Returns the final record, or None when there was no lease or the coordinator could
+        not be told (logged: the lease then ends when its token expires unused, or when the
+        provider reports the session's end)."""
         grant, self.grant = self.grant, None
         self.bound = False
         if grant is None:
@@ -185,19 +373,124 @@ class KernelLease:
         self.log.info("jupyter-io: lease %s %s", grant.lease, info.state)
         return info
 
-    def close(self) -> None:
-        """Release the HTTP client (the lease itself is untouched)."""
+    async def wind_up_lost(self, timeout: float) -> str:
+        """Close a lease whose provider was lost; returns what happened, for logs.
+
+        Waits (at most ``timeout`` seconds) for the coordinator to see the loss too (it
+        fails the lease when the provider's heartbeats stop). A failed funded lease is
+        refunded: the coordinator hands out the refund its arbiter signed, the hook checks
+        and co-signs it with the user's key (the provider's share at most what the user saw
+        delivered), submits it and the coordinator is told. A lease the coordinator ended
+        meanwhile is settled by the coordinator. A lease still live after ``timeout`` means
+        the provider still heartbeats (only our path to it broke): it is ended and settled
+        normally. Never raises for the coordinator's or the ledger's failures (logged, with
+        what to do); the lease is forgotten either way.
+        """
+        grant = self.grant
+        if grant is None:
+            return "no lease"
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        while True:
+            info = await self.info()
+            if info is not None and info.state == "failed":
+                self.grant, self.bound = None, False
+                if not self.funded:
+                    return f"lease {grant.lease} failed (nothing escrowed)"
+                return await self._refund(grant)
+            if info is not None and not info.live:
+                self.grant, self.bound = None, False
+                return f"lease {grant.lease} is {info.state}; the coordinator settles it"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            # The coordinator publishes no event a client could await; its verdict takes a
+            # few heartbeat intervals.
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 2.0)
+        ended = await self.end()
+        return (
+            f"lease {grant.lease} still live at the coordinator after {timeout:g} s (the "
+            f"provider is alive); ended it: {ended.state if ended is not None else 'unknown'}"
+        )
+
+    def max_provider_share(self, now: float | None = None) -> int | None:
+        """The most a refund may pay the provider: the price of the seconds since the kernel
+        first ran on this lease (plus :data:`REFUND_TOLERANCE_S`); 0 if it never ran."""
+        escrow = self.escrow
+        if escrow is None:
+            return None
+        if self.ready_at is None:
+            return 0
+        seconds = max(0.0, (time.time() if now is None else now) - self.ready_at)
+        return escrow.session.amount_for(int(seconds + REFUND_TOLERANCE_S) + 1)
+
+    async def _refund(self, grant: LeaseGrant) -> str:
+        hook = self.hook
+        assert hook is not None
+        lease = grant.lease
+        for attempt in range(1, REFUND_ATTEMPTS + 1):
+            try:
+                offer = await self.client.request_refund(lease)
+                signature = await hook.complete_refund(
+                    offer.message,
+                    offer.arbiter_signature,
+                    offer.provider_share,
+                    max_provider_share=self.max_provider_share(),
+                )
+            except TransactionFailed as exc:
+                if exc.err == "BlockhashNotFound" and attempt < REFUND_ATTEMPTS:
+                    continue  # the offer aged on the ledger; ask for a fresh one
+                return self._refund_failed(lease, exc)
+            except JupyterIOError as exc:
+                return self._refund_failed(lease, exc)
+            if signature is None:
+                return f"lease {lease}: its escrow was closed already"
+            try:
+                await self.client.report_refund(lease, str(signature))
+            except JupyterIOError as exc:
+                # The refund landed; the coordinator finds the escrow closed on its own.
+                self.log.warning(
+                    "jupyter-io: refunded lease %s (%s) but could not tell the coordinator: %s",
+                    lease,
+                    signature,
+                    exc,
+                )
+            return (
+                f"refunded lease {lease}: the provider got {format_sol(offer.provider_share)} "
+                f"for the time it delivered, the rest came back (signature {signature})"
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _refund_failed(self, lease: str, exc: Exception) -> str:
+        escrow = self.escrow
+        where = f" (escrow {escrow.address})" if escrow is not None else ""
+        message = (
+            f"could not refund lease {lease}{where}: {exc}; run `jupyter io wallet refund "
+            f"{lease}` to try again"
+        )
+        self.log.error("jupyter-io: %s", message)
+        return message
+
+    async def close(self) -> None:
+        """Release the HTTP client and the hook's connections (the lease itself is
+        untouched)."""
         client, self._client = self._client, None
         if client is not None:
             client.close()
+        if self.hook is not None:
+            await self.hook.close()
 
     # -- persistence -----------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any] | None:
-        """The grant as JSON (for ``get_provisioner_info``), or None without one."""
+        """The grant and its escrow as JSON (for ``get_provisioner_info``), or None without
+        a grant. No secret but the token."""
         grant = self.grant
         if grant is None:
             return None
+        offer = grant.escrow
+        escrow = self.escrow
         return {
             "lease": grant.lease,
             "token": grant.token,
@@ -208,11 +501,27 @@ class KernelLease:
             "gpu_indices": list(grant.gpu_indices),
             "price_lamports_per_hour": grant.price_lamports_per_hour,
             "expires_at": grant.expires_at,
+            "state": grant.state,
+            "escrow": None
+            if offer is None
+            else {
+                "required": offer.required,
+                "arbiter": offer.arbiter,
+                "solana_url": offer.solana_url,
+                "min_deposit_lamports": offer.min_deposit_lamports,
+            },
+            "escrow_account": escrow.to_json() if escrow is not None else None,
+            "ready_at": self.ready_at,
             "bound": self.bound,
         }
 
     def restore(self, body: dict[str, Any]) -> LeaseGrant:
-        """Take over a grant saved by :meth:`to_json` (another process's lease)."""
+        """Take over a grant saved by :meth:`to_json` (another process's lease), and its
+        escrow, so this process can refund or top it up."""
         self.grant = LeaseGrant.from_json(body)
         self.bound = bool(body.get("bound", True))
+        self.ready_at = body.get("ready_at")
+        account = body.get("escrow_account")
+        if account is not None and self.hook is not None:
+            self.hook.restore(EscrowInfo.from_json(account))
         return self.grant

@@ -3,10 +3,11 @@
 A remote start takes longer than a local one (a lease from the coordinator, a tunnel, the
 provider's own kernel start), so the provisioner reports each step as it happens::
 
-    queued → leased → launching → ready        (or failed, at any point)
+    queued → leased → escrowed → launching → ready        (or failed, at any point)
 
-``queued`` and ``leased`` only happen with a coordinator (``coordinator_url``); a kernelspec
-that names its provider directly starts at ``launching``. Each step is one
+``queued`` and ``leased`` only happen with a coordinator (``coordinator_url``), ``escrowed``
+only with a coordinator that is paid through an escrow (``docs/payments-contract.md``); a
+kernelspec that names its provider directly starts at ``launching``. Each step is one
 :class:`ProgressEvent`, logged at INFO on the provisioner's logger with the event's JSON
 form in the record's :data:`PROGRESS_ATTR` attribute, so a logging handler (a Jupyter
 Server extension, say) can pick the records out and publish them without parsing text::
@@ -41,6 +42,9 @@ class ProgressStep(str, enum.Enum):
     """A lease was requested from the coordinator."""
     LEASED = "leased"
     """The coordinator granted a lease: provider, GPU and price are known."""
+    ESCROWED = "escrowed"
+    """The lease's escrow is funded and the coordinator verified it on-chain (escrow address,
+    deposit, setup signature are known); the lease has its token."""
     LAUNCHING = "launching"
     """The tunnel to the provider is open; the provider is starting the kernel."""
     READY = "ready"

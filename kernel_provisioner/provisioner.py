@@ -16,12 +16,17 @@ or, to lease a GPU from the marketplace coordinator instead of naming a provider
                             "keypair_path": "~/.config/solana/id.json"}
 
 With a coordinator, :meth:`~RemoteKernelProvisioner.launch_kernel` first leases a GPU (a
-request signed by the user's keypair, see :mod:`kernel_provisioner.lease`), then opens the
-tunnel to the lease's ``tunnel_url`` (the provider itself, or the coordinator's relay when
-the provider cannot be reached directly), presenting the lease token. Restarts keep the
-lease, provider and session; a full shutdown ends the session, then the lease; a failed
-first launch ends the lease too. Each step is reported as a structured progress record
-(:mod:`kernel_provisioner.progress`).
+request signed by the user's keypair, see :mod:`kernel_provisioner.lease`), then pays for it
+(an escrow coordinator's lease has no token until the payment hook, ``payment_hook_class``,
+opened the lease's escrow and the coordinator verified it on-chain), then opens the tunnel to
+the lease's ``tunnel_url`` (the provider itself, or the coordinator's relay when the provider
+cannot be reached directly), presenting the lease token. Restarts keep the lease, its escrow,
+provider and session; a full shutdown ends the session, then the lease (the coordinator
+settles the escrow); a start that fails (a wallet too poor, a ledger unreachable) ends the
+lease too. When the provider was lost the lease's escrow is refunded (the coordinator's
+arbiter and the user's key co-sign); a restart then leases anew, with a new escrow, unless
+the lease ended because its budget ran out (:class:`~kernel_provisioner.lease.BudgetExhausted`).
+Each step is reported as a structured progress record (:mod:`kernel_provisioner.progress`).
 
 Each method's docstring names the KernelManager method that calls it and what happens on
 the provider. The provisioner needs a running event loop between calls (it pumps frames in
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -41,16 +47,18 @@ from urllib.parse import urlsplit
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from solders.keypair import Keypair
-from traitlets import Float, Int, Unicode, Union, validate
+from traitlets import Float, Int, Type, Unicode, Union, validate
 
-from jupyter_io.errors import ConfigError, JupyterIOError, KernelLaunchError
+from jupyter_io.coordinator.client import LeaseGrant
+from jupyter_io.errors import ConfigError, JupyterIOError, KernelLaunchError, PaymentError
 from jupyter_io.identity import DEFAULT_KEYPAIR_PATH, load_keypair, parse_pubkey
 from jupyter_io.payments.amounts import format_sol, parse_sol
+from jupyter_io.payments.hooks import PaymentHook, SolanaEscrowHook
 from jupyter_io.protocol import DEFAULT_MAX_FRAME_SIZE
 
 from .connection import LOST_EXIT_CODE, KernelState, TunnelClient
 from .facade import CHANNEL_PORT_NAMES, Facade
-from .lease import KernelLease, LeaseTerms
+from .lease import BudgetExhausted, KernelLease, LeaseTerms
 from .progress import ProgressEvent, ProgressStep, report
 
 __all__ = ["RemoteKernelProvisioner"]
@@ -145,6 +153,28 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         help="Seconds to wait for the provider to confirm the session's end, and then for "
         "the coordinator to confirm the lease's.",
     )
+    payment_hook_class = Type(
+        SolanaEscrowHook,
+        klass=PaymentHook,
+        config=True,
+        help="How leases from an escrow coordinator are paid: SolanaEscrowHook (default; "
+        "configure it as c.SolanaEscrowHook.max_session_hours, .solana_url) or, for "
+        "explicitly free private pools only, FreeHook. A coordinator that leases for free "
+        "asks for no payment, and no hook is called.",
+    )
+    max_session_hours = Float(
+        0.0,
+        config=True,
+        help="Hours of GPU time a lease's escrow covers (deposit = price * hours); the "
+        "coordinator stops the kernel when they are spent. 0: the payment hook's own "
+        "setting (c.SolanaEscrowHook.max_session_hours, default 1 h).",
+    )
+    refund_timeout = Float(
+        60.0,
+        config=True,
+        help="Seconds to wait, after the provider was lost, for the coordinator to see it "
+        "too and offer the refund of the lease's escrow (it needs a few missed heartbeats).",
+    )
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -160,6 +190,8 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         self._remote_env: dict[str, str] = {}
         self._launched = False
         self._last_exit_code: int | None = None
+        #: Leases whose provider was lost, being refunded while a new lease runs.
+        self._winding_up: set[asyncio.Task[None]] = set()
 
     @validate("provider_url")
     def _check_provider_url(self, proposal: Any) -> str:
@@ -194,11 +226,11 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
                 raise ConfigError(f"max_price_per_hour: {exc}") from None
         return value
 
-    @validate("min_vram_gb")
-    def _check_min_vram(self, proposal: Any) -> float:
+    @validate("min_vram_gb", "max_session_hours")
+    def _check_not_negative(self, proposal: Any) -> float:
         value = float(proposal["value"])
         if value < 0:
-            raise ConfigError("min_vram_gb must not be negative")
+            raise ConfigError(f"{proposal['trait'].name} must not be negative")
         return value
 
     # -- what callers may inspect ----------------------------------------------------------
@@ -294,18 +326,27 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         """Start the kernel on the provider; called from ``KernelManager.launch_kernel()``.
 
         With a coordinator and no lease yet (or one whose session died), leases a GPU
-        first. Opens the tunnel session (unless a restart reuses it), binds the local
-        facade, and sends LAUNCH with the session key (the same key on every restart, so
-        clients keep working); the provider starts ipykernel, killing a previous one of the
-        session first. Returns connection info pointing at the facade once the provider
-        says STARTED; raises :class:`KernelLaunchError` (a
-        :class:`~kernel_provisioner.lease.LeaseRefused` when no lease could be had) with
-        the reason otherwise. A failed first launch leaves nothing behind: no session, no
-        facade, no lease.
+        first and pays for it: the payment hook opens the lease's escrow (one transaction the
+        user's wallet signs) and the coordinator verifies it on-chain before it hands out the
+        lease's token, so no kernel starts unpaid. Opens the tunnel session (unless a restart
+        reuses it), binds the local facade, and sends LAUNCH with the session key (the same
+        key on every restart, so clients keep working); the provider starts ipykernel,
+        killing a previous one of the session first. Returns connection info pointing at the
+        facade once the provider says STARTED; raises :class:`KernelLaunchError` with the
+        reason otherwise: a :class:`~kernel_provisioner.lease.LeaseRefused` when no lease
+        could be had, a :class:`~kernel_provisioner.lease.LeaseNotFunded` (a
+        :class:`~kernel_provisioner.lease.LeaseUnaffordable` when the wallet is short, naming
+        what is needed and what it holds) when the escrow could not be opened, a
+        :class:`~kernel_provisioner.lease.BudgetExhausted` on a restart after the
+        coordinator ended the lease for a spent deposit. A failed first launch leaves
+        nothing behind: no session, no facade, no lease (nothing moved from the wallet but
+        what an opened escrow holds for the coordinator to settle).
         """
         if self._key is None:
             self._key = str(uuid.uuid4())
         try:
+            if self.connection_info and self._lease is not None:
+                await self._check_budget(self._lease)  # a restart: is the lease still paid?
             client = await self._ensure_session()
             self._report(
                 ProgressStep.LAUNCHING,
@@ -334,6 +375,8 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             raise
         self._launched = True
         self._last_exit_code = None
+        if self._lease is not None and self._lease.ready_at is None:
+            self._lease.ready_at = time.time()
         if started.ignored_env:
             self.log.warning(
                 "jupyter-io: the provider did not set these environment variables for the "
@@ -378,21 +421,43 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         self._client = client
         return client
 
+    def _new_lease(self, keypair: Keypair) -> KernelLease:
+        """A lease with a payment hook of its own (one escrow per lease)."""
+        return KernelLease(
+            self.coordinator_url,
+            keypair,
+            hook=self._new_hook(),
+            timeout=self.coordinator_timeout,
+            log=self.log,
+        )
+
+    def _new_hook(self) -> PaymentHook:
+        # The hook is configured like any Configurable below this provisioner
+        # (c.SolanaEscrowHook.*); what the kernelspec fixes wins: the escrow is paid by the
+        # key that signs the lease, and the kernelspec's budget if it sets one.
+        hook = self.payment_hook_class(parent=self)
+        if hook.has_trait("keypair_path"):
+            hook.set_trait("keypair_path", self.keypair_path)
+        if self.max_session_hours and hook.has_trait("max_session_hours"):
+            hook.set_trait("max_session_hours", self.max_session_hours)
+        return hook
+
     async def _ensure_lease(self, keypair: Keypair) -> str:
-        """A lease whose token no session has used yet; returns where to connect."""
+        """A paid lease whose token no session has used yet; returns where to connect."""
         lease = self._lease
         if lease is None:
-            lease = self._lease = KernelLease(
-                self.coordinator_url, keypair, timeout=self.coordinator_timeout, log=self.log
-            )
+            lease = self._lease = self._new_lease(keypair)
         if lease.grant is not None and lease.bound:
             # The provider binds a lease to one session; that session is gone (a restart
-            # after the provider was lost), so this lease is over: take a new one.
+            # after the provider was lost), so this lease is over: take a new one (and a new
+            # escrow), unless its budget ran out.
+            await self._check_budget(lease)
             self.log.info(
                 "jupyter-io: the session of lease %s is gone; ending it and leasing again",
                 lease.grant.lease,
             )
-            await lease.end(self.end_timeout)
+            self._retire(lease)
+            lease = self._lease = self._new_lease(keypair)
         if lease.grant is None:
             terms = self.lease_terms
             self._report(
@@ -417,7 +482,91 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
                 relay=grant.relay,
             )
         assert lease.grant is not None
+        if lease.grant.token is None:
+            await self._fund(lease)
+        assert lease.grant is not None
         return lease.grant.tunnel_url
+
+    async def _fund(self, lease: KernelLease) -> None:
+        """Open the lease's escrow and have the coordinator verify it; on failure end the
+        lease (a restart's new lease too: none is left waiting for an escrow)."""
+        try:
+            escrow = await lease.fund()
+        except (JupyterIOError, asyncio.CancelledError):
+            await asyncio.shield(lease.end(self.end_timeout))
+            raise
+        grant = lease.grant
+        if escrow is None or grant is None:
+            return
+        price = grant.price_lamports_per_hour
+        hours = escrow.deposit / price if price else 0.0
+        setup = f"setup {escrow.signature}" if escrow.signature else "found open"
+        self._report(
+            ProgressStep.ESCROWED,
+            f"escrow {escrow.address} holds {format_sol(escrow.deposit)} ({hours:g} h at "
+            f"{format_sol(grant.price_lamports_per_hour)}/h; {setup}), verified by the "
+            f"coordinator",
+            lease=grant.lease,
+            escrow=str(escrow.address),
+            deposit_lamports=escrow.deposit,
+            escrow_signature=str(escrow.signature) if escrow.signature else None,
+            max_session_hours=hours,
+        )
+
+    async def _check_budget(self, lease: KernelLease) -> None:
+        """Raise :class:`BudgetExhausted` when the coordinator ended ``lease`` because its
+        deposit was spent (a restart must not lease and pay again behind the user's back).
+        A coordinator that cannot say lets the restart go on (logged)."""
+        grant = lease.grant
+        if grant is None or not lease.funded:
+            return
+        info = await lease.info()
+        if info is None or not info.budget_exhausted:
+            return
+        raise BudgetExhausted(self._budget_message(grant, lease))
+
+    @staticmethod
+    def _budget_message(grant: LeaseGrant, lease: KernelLease) -> str:
+        escrow = lease.escrow
+        deposit = escrow.deposit if escrow is not None else 0
+        price = grant.price_lamports_per_hour
+        hours = deposit / price if price else 0
+        return (
+            f"the budget of lease {grant.lease} ran out: its escrow of {format_sol(deposit)} "
+            f"({hours:g} h of {grant.gpu} at {format_sol(price)}/h) is spent, so the "
+            f"coordinator ended the session and the kernel is not restarted on a new lease. "
+            f"Start the kernel again to lease and pay anew; for longer sessions raise "
+            f"c.SolanaEscrowHook.max_session_hours (or the kernelspec's max_session_hours), "
+            f"or top up a running session with `jupyter io wallet topup LEASE SOL`"
+        )
+
+    def _retire(self, lease: KernelLease) -> None:
+        """Let go of a lease whose session is gone, in the background: a funded one is
+        refunded if its provider failed (or settled by the coordinator), a free one ended."""
+
+        async def wind_up() -> None:
+            try:
+                if lease.funded:
+                    self.log.info("jupyter-io: %s", await lease.wind_up_lost(self.refund_timeout))
+                else:
+                    await lease.end(self.end_timeout)
+            finally:
+                await lease.close()
+
+        task = asyncio.ensure_future(wind_up())
+        self._winding_up.add(task)
+        task.add_done_callback(self._winding_up.discard)
+
+    async def top_up(self, lamports: int) -> LeaseGrant:
+        """Add ``lamports`` to the running lease's escrow from the user's wallet (one
+        transaction) and have the coordinator record the larger deposit; returns the grant
+        with its new ``billing``. Not called by jupyter_client: for the server extension
+        and ``jupyter io wallet topup``. Raises :class:`PaymentError` when there is no
+        escrow, :class:`~jupyter_io.errors.InsufficientFunds` when the wallet is short."""
+        lease = self._lease
+        if lease is None:
+            raise PaymentError("this kernel holds no lease; nothing to top up")
+        return await lease.top_up(lamports)
 
     def _new_client(self, url: str, keypair: Keypair, facade: Facade) -> TunnelClient:
         lease = self._lease
@@ -528,11 +677,17 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
     async def cleanup(self, restart: bool = False) -> None:
         """Release resources; called from ``KernelManager.cleanup_resources()``.
 
-        ``restart=True``: keep the tunnel session, the facade and the lease, so the next
-        :meth:`launch_kernel` reuses them (same provider, same ports). ``restart=False``:
-        send END (the provider kills whatever is left of the kernel, deletes the session's
-        workspace and forgets the session), close the tunnel and the facade, then end the
-        lease at the coordinator (``DELETE``), which stops its metering.
+        ``restart=True``: keep the tunnel session, the facade and the lease (and its
+        escrow), so the next :meth:`launch_kernel` reuses them (same provider, same ports).
+        ``restart=False``: send END (the provider kills whatever is left of the kernel,
+        deletes the session's workspace and forgets the session), close the tunnel and the
+        facade, then end the lease at the coordinator (``DELETE``), which stops its metering
+        and settles its escrow (the provider is paid for the seconds it delivered, the user
+        refunded the rest). When the provider was lost instead, the lease's escrow is
+        refunded: once the coordinator failed the lease (it waits for missed heartbeats, at
+        most ``refund_timeout``), it offers the refund its arbiter signed; the user's key
+        co-signs it, it is submitted and the coordinator told. Refunds of earlier leases
+        still running in the background are awaited (as long again at most).
         """
         client = self._client
         if restart:
@@ -542,6 +697,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         where = self._where()
         self._client = None
         self._launched = False
+        lost = client is not None and client.dead_reason is not None and not client.ended
         if client is not None:
             if client.alive and not await client.end(self.end_timeout):
                 self.log.warning(
@@ -557,9 +713,26 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         lease, self._lease = self._lease, None
         if lease is not None:
             try:
-                await lease.end(self.end_timeout)
+                if lost and lease.funded and lease.ready_at is not None:
+                    self.log.info("jupyter-io: %s", await lease.wind_up_lost(self.refund_timeout))
+                else:
+                    await lease.end(self.end_timeout)
             finally:
-                lease.close()
+                await lease.close()
+        await self._wound_up()
+
+    async def _wound_up(self) -> None:
+        """Wait (bounded) for the background refunds of earlier leases."""
+        pending = set(self._winding_up)
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=self.refund_timeout + self.end_timeout)
+        for task in late:
+            self.log.warning(
+                "jupyter-io: a lost lease's refund did not finish in time; run `jupyter io "
+                "wallet history` to see it and `jupyter io wallet refund LEASE` to finish it"
+            )
+            task.cancel()
 
     async def detach(self) -> None:
         """Release the local side and leave the remote session (and its lease) running.
@@ -575,7 +748,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             self._facade = None
         lease, self._lease = self._lease, None
         if lease is not None:
-            lease.close()
+            await lease.close()
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         """Time for a graceful shutdown; called from ``KernelManager.finish_shutdown()``.
@@ -591,9 +764,10 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         """What another process needs to reattach; JSON-serialisable.
 
         Called by applications through ``KernelManager.provisioner`` (jupyter_client itself
-        does not). Holds the provider URL (or the coordinator URL and the lease, token
-        included), the session id, the facade's ports and the session key (as text): store
-        it as carefully as a connection file.
+        does not). Holds the provider URL (or the coordinator URL and the lease, token and
+        escrow included: address, parties, deposit, setup signature, so another process can
+        top it up or refund it; no key), the session id, the facade's ports and the session
+        key (as text): store it as carefully as a connection file.
         """
         info = await super().get_provisioner_info()
         connection = dict(self.connection_info)
@@ -621,7 +795,9 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         """Reattach to a session described by :meth:`get_provisioner_info`.
 
         Rebinds the facade on the same ports (clients' connection files stay valid), takes
-        over the lease if there is one, and resumes the tunnel session with HELLO.session.
+        over the lease and its escrow if there is one (with a payment hook of this process's
+        configuration, which must hold the same wallet), and resumes the tunnel session with
+        HELLO.session.
         If the provider no longer has the session, the kernel counts as lost: :meth:`poll`
         reports an exit code.
         """
@@ -637,9 +813,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         url = self.provider_url
         saved_lease = provisioner_info.get("lease")
         if self.coordinator_url and saved_lease:
-            self._lease = KernelLease(
-                self.coordinator_url, keypair, timeout=self.coordinator_timeout, log=self.log
-            )
+            self._lease = self._new_lease(keypair)
             url = self._lease.restore(saved_lease).tunnel_url
         session = provisioner_info.get("session_id")
         if not provisioner_info.get("launched") or session is None:
