@@ -502,14 +502,7 @@ class KernelLease:
             "price_lamports_per_hour": grant.price_lamports_per_hour,
             "expires_at": grant.expires_at,
             "state": grant.state,
-            "escrow": None
-            if offer is None
-            else {
-                "required": offer.required,
-                "arbiter": offer.arbiter,
-                "solana_url": offer.solana_url,
-                "min_deposit_lamports": offer.min_deposit_lamports,
-            },
+            "escrow": offer.to_json() if offer is not None else None,
             "escrow_account": escrow.to_json() if escrow is not None else None,
             "ready_at": self.ready_at,
             "bound": self.bound,

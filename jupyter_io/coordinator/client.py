@@ -118,6 +118,15 @@ class EscrowOffer:
             min_deposit_lamports=_int(body, "min_deposit_lamports"),
         )
 
+    def to_json(self) -> dict[str, Any]:
+        """The block as the coordinator sends it."""
+        return {
+            "required": self.required,
+            "arbiter": self.arbiter,
+            "solana_url": self.solana_url,
+            "min_deposit_lamports": self.min_deposit_lamports,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class SettlementInfo:
@@ -148,6 +157,17 @@ class SettlementInfo:
             attempts=_int(body, "attempts"),
             error=body.get("error"),
         )
+
+    def to_json(self) -> dict[str, Any]:
+        """The block as the coordinator sends it."""
+        return {
+            "kind": self.kind,
+            "state": self.state,
+            "amount_lamports": self.amount_lamports,
+            "signature": self.signature,
+            "attempts": self.attempts,
+            "error": self.error,
+        }
 
 
 @dataclass(frozen=True, slots=True)

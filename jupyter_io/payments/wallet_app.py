@@ -87,16 +87,7 @@ def history_json(leases: list[LeaseInfo]) -> list[dict[str, Any]]:
                 "deposit_lamports": billing.deposit_lamports if billing is not None else 0,
                 "billed_seconds": billing.billed_seconds if billing is not None else 0,
                 "billed_lamports": billing.spent_lamports if billing is not None else 0,
-                "settlement": None
-                if settlement is None
-                else {
-                    "kind": settlement.kind,
-                    "state": settlement.state,
-                    "amount_lamports": settlement.amount_lamports,
-                    "signature": settlement.signature,
-                    "attempts": settlement.attempts,
-                    "error": settlement.error,
-                },
+                "settlement": settlement.to_json() if settlement is not None else None,
                 "refunded_lamports": _refunded(info),
             }
         )
