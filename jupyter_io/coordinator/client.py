@@ -314,11 +314,24 @@ class LeaseInfo:
 
     @property
     def budget_exhausted(self) -> bool:
-        """True when the coordinator ended the lease because its deposit was spent."""
+        """True when the coordinator ended the lease because its deposit was spent: it says
+        so (a reason, a 100 % warning), or the lease ran, by the coordinator's own clock,
+        the whole time its deposit covers (the coordinator ends it at exactly that time)."""
+        if self.live:
+            return False
         reasons = (self.end_reason or "", self.failure_reason or "")
         if any("budget" in reason.lower() for reason in reasons):
             return True
-        return not self.live and self.billing is not None and self.billing.exhausted
+        billing = self.billing
+        if billing is None or not billing.deposit_lamports:
+            return False
+        if billing.exhausted:
+            return True
+        price = self.price_lamports_per_hour
+        if price <= 0 or self.active_at is None or self.ended_at is None:
+            return False
+        covered = billing.deposit_lamports * 3600 // price
+        return self.state == "ended" and self.ended_at - self.active_at >= covered
 
 
 @dataclass(frozen=True, slots=True)

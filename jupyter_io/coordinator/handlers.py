@@ -8,9 +8,12 @@ Routes (``docs/coordinator-contract.md``; every REST error is
 ``GET  /api/v1/status``               counters (providers linked, heartbeats, leases, relay)
 ``GET  /api/v1/offers``               offers by GPU type and per provider (cached briefly)
 ``POST /api/v1/leases``               signed: lease GPUs → 201 grant, 409 ``no_offer``
-``GET  /api/v1/leases/{id}``          signed, owner only: the lease record
+``GET  /api/v1/leases``               signed: the caller's leases, newest first (``?limit=``)
+``GET  /api/v1/leases/{id}``          signed, owner only: the lease record with ``billing``
 ``DELETE /api/v1/leases/{id}``        signed, owner only: end it (idempotent)
 ``POST /api/v1/leases/{id}/token``    signed, owner only: a fresh token for a live lease
+``POST /api/v1/leases/{id}/escrow``   signed, owner only: verify the escrow → the token
+``POST /api/v1/leases/{id}/refund``   signed, owner only: the arbiter's half of a refund
 ``GET  /api/v1/providers/connect``    websocket: the provider link
 ``GET  /relay/{lease}``               websocket: the relay (``?side=client|provider``)
 ====================================  ========================================================
@@ -36,10 +39,17 @@ from typing import Any
 from solders.pubkey import Pubkey
 from tornado import web
 
-from ..errors import AuthError, JupyterIOError, LeaseError
+from ..errors import AuthError, JupyterIOError, LeaseError, PaymentError
 from ..protocol import SUBPROTOCOL
 from .auth import HEADER_LEASE_TOKEN, ReplayGuard, SignedRequest, verify_request
-from .leasing import LeaseGone, LeaseNotFound, LeaseService, NotLeaseOwner, lease_json
+from .billing import (
+    DepositTooSmall,
+    EscrowMissing,
+    LedgerUnreachable,
+    NotFunded,
+    RefundNotAllowed,
+)
+from .leasing import LeaseGone, LeaseNotFound, LeaseNotLive, LeaseService, NotLeaseOwner
 from .offers import OffersCache
 from .provider_link import LinkConnection
 from .registry import Registry
@@ -78,6 +88,9 @@ class Services:
     hello_timeout: float = 10.0
     request_max_skew: float = 60.0
     log: logging.Logger = _LOG
+    #: ``"escrow"`` or ``"free"``, and the ledger's URL (empty when free).
+    payments: str = "free"
+    solana_url: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,26 +149,63 @@ class _ApiHandler(web.RequestHandler):
 
     def lease_failure(self, exc: JupyterIOError) -> None:
         """Answer a lease service error with its status."""
-        if isinstance(exc, LeaseNotFound):
+        if isinstance(exc, PaymentError):
+            self.payment_failure(exc)
+        elif isinstance(exc, LeaseNotFound):
             self.fail(404, "not_found", str(exc))
         elif isinstance(exc, NotLeaseOwner):
             self.fail(403, "forbidden", str(exc))
         elif isinstance(exc, LeaseGone):
             self.fail(410, "gone", str(exc))
+        elif isinstance(exc, LeaseNotLive):
+            self.fail(409, "not_live", str(exc))
         elif isinstance(exc, AuthError):
             self.fail(401, "unauthorized", str(exc))
         else:
             self.fail(409, "no_offer", str(exc))
 
+    def payment_failure(self, exc: PaymentError) -> None:
+        """Answer a billing error (``docs/payments-contract.md``) with its status."""
+        if isinstance(exc, LedgerUnreachable):
+            self.fail(503, "ledger_unreachable", str(exc))
+        elif isinstance(exc, DepositTooSmall):
+            self.fail(402, "deposit_too_small", str(exc))
+        elif isinstance(exc, (EscrowMissing, NotFunded)):
+            self.fail(402, "escrow_missing", str(exc))
+        elif isinstance(exc, RefundNotAllowed):
+            self.fail(409, "conflict", str(exc))
+        else:
+            self.fail(502, "payment_failed", str(exc))
+
+    def signed_with_signature(self) -> tuple[Pubkey, str | None] | None:
+        """For ``/escrow`` and ``/refund``: the signer (once) and the body's optional
+        transaction ``signature``; None after answering 401 or 400."""
+        user = self.signed(once=True)
+        if user is None:
+            return None
+        try:
+            body = json.loads(self.request.body or b"{}")
+        except ValueError:
+            body = None
+        signature = body.get("signature") if isinstance(body, dict) else 0
+        if signature is not None and not isinstance(signature, str):
+            self.fail(400, "bad_request", 'the body must be {"signature": <base58 or null>}')
+            return None
+        return user, signature
+
 
 class InfoHandler(_ApiHandler):
     def get(self) -> None:
         services = self.services
+        escrow = services.payments == "escrow"
         self.send_json(
             {
                 "coordinator": str(services.coordinator),
                 "version": 1,
                 "relay": services.relay.base_url,
+                "payments": services.payments,
+                "solana_url": services.solana_url if escrow else None,
+                "arbiter": str(services.coordinator) if escrow else None,
             }
         )
 
@@ -232,10 +282,26 @@ class LeasesHandler(_ApiHandler):
             return
         try:
             grant = await self.services.leases.request(user, request)
+        except PaymentError as exc:
+            self.payment_failure(exc)
+            return
         except LeaseError as exc:
             self.fail(409, "no_offer", str(exc))
             return
         self.send_json(grant.to_json(), 201)
+
+    async def get(self) -> None:
+        user = self.signed()
+        if user is None:
+            return
+        try:
+            limit = int(self.get_query_argument("limit", "100"))
+        except ValueError:
+            self.fail(400, "bad_request", "limit must be an integer from 1 to 100")
+            return
+        leases = self.services.leases
+        records = await leases.of_user(user, limit)
+        self.send_json({"leases": await leases.describe(records)})
 
 
 class LeaseHandler(_ApiHandler):
@@ -246,21 +312,25 @@ class LeaseHandler(_ApiHandler):
         leases = self.services.leases
         try:
             lease = await leases.get(user, lease_id)
+            (body,) = await leases.describe([lease])
         except JupyterIOError as exc:
             self.lease_failure(exc)
             return
-        self.send_json(lease_json(lease, await leases.tunnel_url(lease)))
+        self.send_json(body)
 
     async def delete(self, lease_id: str) -> None:
         user = self.signed()
         if user is None:
             return
+        leases = self.services.leases
         try:
-            lease = await self.services.leases.end(user, lease_id)
+            lease = await leases.end(user, lease_id)
+            (body,) = await leases.describe([lease])
         except JupyterIOError as exc:
             self.lease_failure(exc)
             return
-        self.send_json(lease_json(lease))
+        body["tunnel_url"] = None
+        self.send_json(body)
 
 
 class LeaseTokenHandler(_ApiHandler):
@@ -274,6 +344,44 @@ class LeaseTokenHandler(_ApiHandler):
             self.lease_failure(exc)
             return
         self.send_json(grant.to_json())
+
+
+class LeaseEscrowHandler(_ApiHandler):
+    async def post(self, lease_id: str) -> None:
+        request = self.signed_with_signature()
+        if request is None:
+            return
+        user, signature = request
+        try:
+            grant = await self.services.leases.fund(user, lease_id, signature)
+        except JupyterIOError as exc:
+            self.lease_failure(exc)
+            return
+        self.send_json(grant.to_json())
+
+
+class LeaseRefundHandler(_ApiHandler):
+    async def post(self, lease_id: str) -> None:
+        request = self.signed_with_signature()
+        if request is None:
+            return
+        user, signature = request
+        leases = self.services.leases
+        billing = leases.billing
+        if billing is None:
+            self.fail(409, "conflict", "this coordinator runs free leases: nothing to refund")
+            return
+        try:
+            lease = await leases.get(user, lease_id)
+            if signature is None:
+                self.send_json(await billing.refund_offer(lease))
+                return
+            await billing.refund_submitted(lease, signature)
+            (answer,) = await leases.describe([await leases.get(user, lease_id)])
+        except JupyterIOError as exc:
+            self.lease_failure(exc)
+            return
+        self.send_json(answer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,17 +490,25 @@ def _status(exc: JupyterIOError) -> int:
     return 401
 
 
-def make_app(services: Services, **settings: Any) -> web.Application:
-    """The tornado application serving every route of the module docstring."""
+def make_app(
+    services: Services,
+    extra: list[tuple[str, type[web.RequestHandler], dict[str, Any]]] | None = None,
+    **settings: Any,
+) -> web.Application:
+    """The tornado application serving every route of the module docstring (and ``extra``
+    routes: the embedded ledger's ``/solana``)."""
     init = {"services": services}
     return web.Application(
         [
+            *(extra or []),
             (rf"{API_PREFIX}/info", InfoHandler, init),
             (rf"{API_PREFIX}/status", StatusHandler, init),
             (rf"{API_PREFIX}/offers", OffersHandler, init),
             (rf"{API_PREFIX}/leases", LeasesHandler, init),
             (rf"{API_PREFIX}/leases/([A-Za-z0-9_-]{{1,64}})", LeaseHandler, init),
             (rf"{API_PREFIX}/leases/([A-Za-z0-9_-]{{1,64}})/token", LeaseTokenHandler, init),
+            (rf"{API_PREFIX}/leases/([A-Za-z0-9_-]{{1,64}})/escrow", LeaseEscrowHandler, init),
+            (rf"{API_PREFIX}/leases/([A-Za-z0-9_-]{{1,64}})/refund", LeaseRefundHandler, init),
             (LINK_PATH, ProviderLinkHandler, init),
             (rf"{RELAY_PREFIX}/([A-Za-z0-9_-]{{1,64}})", RelayHandler, init),
         ],

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -27,6 +27,7 @@ from solders.pubkey import Pubkey
 
 from ..errors import AuthError, LeaseError
 from ..leases import LeaseClaims, issue_token, verify_token
+from .billing import Billing, NotFunded, free_escrow_block
 from .provider_link import End
 from .registry import Registry
 from .relay import Relay
@@ -38,6 +39,7 @@ __all__ = [
     "LeaseGone",
     "LeaseGrant",
     "LeaseNotFound",
+    "LeaseNotLive",
     "LeaseService",
     "NotLeaseOwner",
     "lease_json",
@@ -55,25 +57,35 @@ class LeaseGone(LeaseError):
     """The lease has ended or failed (410 where a live lease is needed)."""
 
 
+class LeaseNotLive(LeaseError):
+    """The lease is over, so its escrow can no longer be funded (409 ``not_live``)."""
+
+
 class NotLeaseOwner(AuthError):
     """The signed-in key is not the lease's user (403)."""
 
 
 @dataclass(frozen=True, slots=True)
 class LeaseGrant:
-    """A granted lease: its record, the signed token, and where the client connects."""
+    """A granted lease: its record, the signed token (None until its escrow is verified,
+    with ``payments = "escrow"``), and where the client connects."""
 
     lease: LeaseRecord
-    token: str
+    token: str | None
     tunnel_url: str
     expires_at: float
+    #: The ``escrow`` block (``docs/payments-contract.md`` section 1).
+    escrow: dict[str, Any] = field(default_factory=dict)
+    #: The ``billing`` block once funded (section 3), else None.
+    billing: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The body of ``201 Created`` (``docs/coordinator-contract.md`` section 2)."""
         lease = self.lease
-        return {
+        body = {
             "lease": lease.id,
             "token": self.token,
+            "state": lease.state.value,
             "provider": lease.provider_pubkey,
             "tunnel_url": self.tunnel_url,
             "relay": lease.relay,
@@ -81,7 +93,11 @@ class LeaseGrant:
             "gpu_indices": list(lease.gpu_indices),
             "price_lamports_per_hour": lease.price_lamports_per_hour,
             "expires_at": self.expires_at,
+            "escrow": self.escrow,
         }
+        if self.billing is not None:
+            body["billing"] = self.billing
+        return body
 
 
 def _seconds(value: datetime | None) -> float | None:
@@ -121,6 +137,7 @@ class LeaseService:
         keypair: Keypair,
         *,
         token_ttl: float = 3600.0,
+        billing: Billing | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if token_ttl <= 0:
@@ -132,13 +149,21 @@ class LeaseService:
         self.keypair = keypair
         self.coordinator = keypair.pubkey()
         self.token_ttl = token_ttl
+        #: Escrow payments (None: ``payments = "free"``, tokens at once).
+        self.billing = billing
         self.clock = clock
 
     # -- users -----------------------------------------------------------------------------
 
     async def request(self, user: Pubkey, request: LeaseRequest) -> LeaseGrant:
         """Lease GPUs for ``user``; :class:`LeaseError` (the scheduler's message: GPU types
-        on offer, the cheapest price against the cap, capacity) when none can be had."""
+        on offer, the cheapest price against the cap, capacity) when none can be had.
+
+        With escrow payments the ledger is checked first (an unreachable one raises
+        :class:`~jupyter_io.coordinator.billing.LedgerUnreachable` before anything is stored)
+        and the grant carries no token: fund the escrow, then :meth:`fund`."""
+        if self.billing is not None:
+            await self.billing.check_ledger()
         error: LeaseError | None = None
         for _ in range(ATTEMPTS):
             offer = schedule(self.index, request)
@@ -161,6 +186,9 @@ class LeaseService:
                 await self.registry.resync(offer.provider)
                 continue
             self.registry.lease_created(lease)
+            if self.billing is not None:
+                url = self._tunnel_url(lease, offer.reachable_url)
+                return LeaseGrant(lease, None, url, expires, self.billing.escrow_block(lease))
             return self._grant(lease, now, expires, offer.reachable_url)
         assert error is not None
         raise error
@@ -187,17 +215,80 @@ class LeaseService:
             return ended
         return await self.get(user, lease_id)
 
+    async def fund(self, user: Pubkey, lease_id: str, signature: str | None) -> LeaseGrant:
+        """``user`` says the lease's escrow is open: verify it on-chain, record it and grant
+        the token (again after a top-up: the deposit is raised, the token renewed).
+
+        Raises :class:`LeaseNotLive` for a lease that is over, and the billing errors
+        (:class:`~jupyter_io.coordinator.billing.EscrowMissing`, ``DepositTooSmall``,
+        ``LedgerUnreachable``). Without escrow payments the token is simply renewed."""
+        lease = await self.get(user, lease_id)
+        if self.billing is None:
+            return await self.renew(user, lease_id)
+        if not lease.live:
+            raise LeaseNotLive(
+                f"lease {lease_id} is {lease.state.value}: its escrow is settled or refunded "
+                f"now; request a new lease"
+            )
+        try:
+            await self.billing.fund(lease, signature)
+        except LookupError:
+            raise LeaseNotLive(f"lease {lease_id} ended meanwhile; request a new lease") from None
+        return await self.renew(user, lease_id)
+
     async def renew(self, user: Pubkey, lease_id: str) -> LeaseGrant:
         """A fresh token for ``user``'s live lease, valid ``token_ttl`` from now (a session
-        that outlives its token resumes with the new one)."""
+        that outlives its token resumes with the new one). With escrow payments an unfunded
+        lease gets none (:class:`~jupyter_io.coordinator.billing.NotFunded`, a 402)."""
         lease = await self.get(user, lease_id)
+        if self.billing is not None and lease.live and not lease.funded:
+            raise NotFunded(
+                f"lease {lease_id} has no verified escrow: open it and POST "
+                f"/api/v1/leases/{lease_id}/escrow first"
+            )
         now = self.clock()
         expires = now + self.token_ttl
         if not lease.live or not await self.store.set_token_expiry(lease_id, _utc(expires)):
             raise LeaseGone(f"lease {lease_id} is {lease.state.value}; request a new lease")
         renewed = await self.get(user, lease_id)
         self.registry.lease_token_renewed(renewed)
-        return self._grant(renewed, now, expires, await self.reachable_url(renewed))
+        grant = self._grant(renewed, now, expires, await self.reachable_url(renewed))
+        if self.billing is None:
+            return grant
+        return LeaseGrant(
+            grant.lease,
+            grant.token,
+            grant.tunnel_url,
+            grant.expires_at,
+            self.billing.escrow_block(renewed),
+            await self.billing.view(renewed),
+        )
+
+    async def of_user(self, user: Pubkey, limit: int = 100) -> list[LeaseRecord]:
+        """``user``'s leases, newest first (at most ``limit``, 1..100)."""
+        return await self.store.leases_for_user(str(user), limit=max(1, min(limit, 100)))
+
+    def escrow_block(self, lease: LeaseRecord) -> dict[str, Any]:
+        """The lease's ``escrow`` block (``{"required": false}`` on a free coordinator)."""
+        if self.billing is None:
+            return free_escrow_block()
+        return self.billing.escrow_block(lease)
+
+    async def describe(self, leases: list[LeaseRecord]) -> list[dict[str, Any]]:
+        """Lease records as the API shows them, with their ``escrow`` and ``billing`` blocks
+        (``billing`` only with escrow payments)."""
+        billing = self.billing
+        settlements = (
+            await self.store.settlements_of(lease.id for lease in leases) if billing else {}
+        )
+        bodies = []
+        for lease in leases:
+            body = lease_json(lease, await self.tunnel_url(lease))
+            body["escrow"] = self.escrow_block(lease)
+            if billing is not None:
+                body["billing"] = await billing.view(lease, settlements.get(lease.id))
+            bodies.append(body)
+        return bodies
 
     async def reachable_url(self, lease: LeaseRecord) -> str | None:
         """The provider's direct tunnel URL for a direct lease (None for a relayed one)."""
@@ -265,8 +356,13 @@ class LeaseService:
             relay=lease.relay,
         )
         token = issue_token(self.keypair, claims)
-        url = self.relay.client_url(lease.id) if lease.relay or not reachable_url else reachable_url
-        return LeaseGrant(lease, token, url, expires)
+        escrow = self.escrow_block(lease)
+        return LeaseGrant(lease, token, self._tunnel_url(lease, reachable_url), expires, escrow)
+
+    def _tunnel_url(self, lease: LeaseRecord, reachable_url: str | None) -> str:
+        if lease.relay or not reachable_url:
+            return self.relay.client_url(lease.id)
+        return reachable_url
 
 
 def _utc(seconds: float) -> datetime:

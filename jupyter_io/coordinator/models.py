@@ -35,6 +35,9 @@ __all__ = [
     "Offer",
     "Provider",
     "ProviderStatus",
+    "SettlementKind",
+    "SettlementRow",
+    "SettlementState",
     "UTCDateTime",
     "UsageReportRow",
     "metadata",
@@ -67,6 +70,23 @@ class LeaseState(str, enum.Enum):
     REQUESTED = "requested"
     ACTIVE = "active"
     ENDED = "ended"
+    FAILED = "failed"
+
+
+class SettlementKind(str, enum.Enum):
+    """How a funded lease's escrow is closed: ``settle`` (arbiter + provider, the lease ended)
+    or ``refund`` (user + arbiter, the provider failed)."""
+
+    SETTLE = "settle"
+    REFUND = "refund"
+
+
+class SettlementState(str, enum.Enum):
+    """A settlement's progress: ``pending`` until the escrow is closed on-chain (``done``);
+    ``failed`` only for an escrow that can never be closed by this coordinator."""
+
+    PENDING = "pending"
+    DONE = "done"
     FAILED = "failed"
 
 
@@ -224,6 +244,47 @@ class Lease(Base):
     failure_reason: Mapped[str | None] = mapped_column(sa.Text)
     token_expires_at: Mapped[datetime | None]
     relay: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
+    #: The lease's escrow once verified on-chain (``POST /leases/{id}/escrow``); null while
+    #: unfunded (and always with ``payments = "free"``).
+    escrow_address: Mapped[str | None] = mapped_column(sa.String(PUBKEY_LENGTH))
+    #: Lamports the escrow held at its last verification (raised by a top-up).
+    deposit_lamports: Mapped[int | None] = mapped_column(sa.BigInteger)
+    escrow_signature: Mapped[str | None] = mapped_column(sa.String(100))
+    funded_at: Mapped[datetime | None]
+
+
+class SettlementRow(Base):
+    """The durable settlement of one funded lease: at most one per lease (its primary key),
+    retried until the escrow is closed on-chain.
+
+    ``claimed_by`` / ``claimed_until`` let one coordinator of several sharing the database
+    work on a row at a time; ``next_attempt_at`` spaces the retries. ``amount_lamports`` is
+    what the provider is (or was) paid, ``fee_lamports`` what the closing transaction cost.
+    """
+
+    __tablename__ = "settlements"
+    __table_args__ = (
+        sa.CheckConstraint(_in_check("kind", SettlementKind), name="kind"),
+        sa.CheckConstraint(_in_check("state", SettlementState), name="state"),
+        sa.CheckConstraint("amount_lamports >= 0", name="amount_not_negative"),
+        sa.Index(None, "state", "next_attempt_at"),
+    )
+
+    lease_id: Mapped[str] = mapped_column(
+        sa.String(64), sa.ForeignKey("leases.id", ondelete="CASCADE"), primary_key=True
+    )
+    kind: Mapped[str] = mapped_column(sa.String(16))
+    state: Mapped[str] = mapped_column(sa.String(16))
+    amount_lamports: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    fee_lamports: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    signature: Mapped[str | None] = mapped_column(sa.String(100))
+    attempts: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    next_attempt_at: Mapped[datetime]
+    claimed_by: Mapped[str | None] = mapped_column(sa.String(64))
+    claimed_until: Mapped[datetime | None]
 
 
 class UsageReportRow(Base):

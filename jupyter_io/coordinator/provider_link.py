@@ -21,6 +21,7 @@ before anything is stored; a malformed message with ``code: "protocol"`` and clo
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import math
@@ -64,6 +65,10 @@ __all__ = [
     "OfferGroup",
     "ProviderLinkSession",
     "SessionEvent",
+    "SettlementRefused",
+    "SettlementReply",
+    "SettlementSignature",
+    "SignSettlement",
     "Usage",
     "Welcome",
     "parse_message",
@@ -484,13 +489,110 @@ class End(_Message):
         return {"type": self.type, "lease": self.lease, "reason": self.reason}
 
 
+#: Largest settlement message, base64 (a settlement transaction's message is < 1232 bytes).
+MAX_SETTLEMENT_MESSAGE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class SignSettlement(_Message):
+    """coordinator → provider: co-sign the settlement of a lease that is over
+    (``docs/payments-contract.md`` section 4). ``message`` is ``bytes(MessageV0)`` of
+    :func:`~jupyter_io.payments.escrow.settlement_message` paying the provider ``amount``
+    lamports; answer with :class:`SettlementSignature` or :class:`SettlementRefused`."""
+
+    type: ClassVar[str] = "sign_settlement"
+    lease: str
+    amount: int
+    message: bytes
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> SignSettlement:
+        text = _str(body, "message", limit=MAX_SETTLEMENT_MESSAGE)
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except ValueError:
+            raise _fail("'message' must be base64 of a transaction message") from None
+        if not raw:
+            raise _fail("'message' must not be empty")
+        return cls(_lease_id(body.get("lease"), "'lease'"), _int(body, "amount"), raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "lease": self.lease,
+            "amount": self.amount,
+            "message": base64.b64encode(self.message).decode(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementSignature(_Message):
+    """provider → coordinator: the provider's signature (base58) over the settlement message
+    it was asked to sign for ``lease``."""
+
+    type: ClassVar[str] = "settlement_signature"
+    lease: str
+    signature: str
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> SettlementSignature:
+        return cls(_lease_id(body.get("lease"), "'lease'"), _str(body, "signature", limit=100))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "lease": self.lease, "signature": self.signature}
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementRefused(_Message):
+    """provider → coordinator: the provider will not sign that settlement, and why (it
+    sends its latest usage report first, so the next request can pay what it delivered)."""
+
+    type: ClassVar[str] = "settlement_refused"
+    lease: str
+    reason: str
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> SettlementRefused:
+        return cls(_lease_id(body.get("lease"), "'lease'"), _str(body, "reason"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "lease": self.lease, "reason": self.reason}
+
+
+#: A provider's answer to :class:`SignSettlement`.
+SettlementReply = SettlementSignature | SettlementRefused
+
 LinkMessage = (
-    Challenge | Hello | Welcome | ErrorMessage | Heartbeat | Usage | SessionEvent | Dial | End
+    Challenge
+    | Hello
+    | Welcome
+    | ErrorMessage
+    | Heartbeat
+    | Usage
+    | SessionEvent
+    | Dial
+    | End
+    | SignSettlement
+    | SettlementSignature
+    | SettlementRefused
 )
 
 _PARSERS: dict[str, Callable[[Mapping[str, Any]], LinkMessage]] = {
     cls.type: cls.parse
-    for cls in (Challenge, Hello, Welcome, ErrorMessage, Heartbeat, Usage, SessionEvent, Dial, End)
+    for cls in (
+        Challenge,
+        Hello,
+        Welcome,
+        ErrorMessage,
+        Heartbeat,
+        Usage,
+        SessionEvent,
+        Dial,
+        End,
+        SignSettlement,
+        SettlementSignature,
+        SettlementRefused,
+    )
 }
 
 
@@ -557,7 +659,7 @@ class ProviderLinkSession:
         self.port.send(Challenge(self._nonce, str(self.coordinator)).to_json())
 
     def send(self, message: LinkMessage) -> None:
-        """Send a coordinator → provider message (``dial``, ``end``)."""
+        """Send a coordinator → provider message (``dial``, ``end``, ``sign_settlement``)."""
         if not self._closing:
             self.port.send(message.to_json())
 
@@ -593,6 +695,9 @@ class ProviderLinkSession:
             return self.registry.session_event(provider, message)
         if isinstance(message, Usage):
             return self._usage(provider, message)
+        if isinstance(message, (SettlementSignature, SettlementRefused)):
+            self.registry.settlement_reply(provider, message)
+            return None
         self._refuse(
             "protocol", f"a provider may not send {message.type!r} messages", CLOSE_PROTOCOL
         )

@@ -44,7 +44,16 @@ from solders.pubkey import Pubkey
 from ..errors import AuthError, ProtocolError
 from .auth import sign_welcome, verify_usage
 from .models import LeaseState
-from .provider_link import End, Heartbeat, Hello, LinkMessage, SessionEvent, Usage, Welcome
+from .provider_link import (
+    End,
+    Heartbeat,
+    Hello,
+    LinkMessage,
+    SessionEvent,
+    SettlementReply,
+    Usage,
+    Welcome,
+)
 from .scheduler import Offer, OfferIndex, normalise_gpu_name
 from .store import (
     LeaseRecord,
@@ -210,6 +219,12 @@ class Registry:
         self.stats = RegistryStats()
         #: Called with ``(lease_id, reason)`` whenever a live lease ends or fails.
         self.lease_listeners: list[Callable[[str, str], None]] = []
+        #: Called with the lease record when a lease becomes active here.
+        self.activation_listeners: list[Callable[[LeaseRecord], None]] = []
+        #: Called with the provider's key when a provider links here.
+        self.link_listeners: list[Callable[[str], None]] = []
+        #: Gets each provider's answer to a ``sign_settlement`` (the settlement worker).
+        self.settlement_replies: Callable[[str, SettlementReply], None] | None = None
         self._providers: dict[str, ProviderState] = {}
         self._pending: dict[str, float] = {}  # heartbeats since the last flush
         self._undelivered: dict[str, list[tuple[float, LinkMessage]]] = {}
@@ -423,6 +438,7 @@ class Registry:
         )
         for lease_id in failed:
             self._lease_gone(lease_id, "failed: the provider no longer hosts its session")
+        self._call_listeners(self.link_listeners, pubkey)
         self._notify()
         signature = None
         if hello.nonce is not None and self.keypair is not None:
@@ -470,6 +486,9 @@ class Registry:
         if event.state == "active":
             if await self.store.activate_lease(event.lease, at=at):
                 tracked.state = LeaseState.ACTIVE
+                activated = await self.store.get_lease(event.lease)
+                if activated is not None:
+                    self._call_listeners(self.activation_listeners, activated)
             self._notify()
             return
         if await self.store.end_lease(event.lease, at=at):
@@ -708,6 +727,20 @@ class Registry:
         state = self._providers.get(pubkey)
         if state is not None and state.leases.pop(lease_id, None) is not None:
             self._reindex(state)
+
+    def settlement_reply(self, pubkey: str, reply: SettlementReply) -> None:
+        """A provider answered a ``sign_settlement``: hand it to the settlement worker."""
+        if self.settlement_replies is None:
+            self.log.info("ignoring a %s from %s: payments are off", reply.type, pubkey)
+            return
+        self.settlement_replies(pubkey, reply)
+
+    def _call_listeners(self, listeners: list[Callable[[Any], None]], value: Any) -> None:
+        for listener in list(listeners):
+            try:
+                listener(value)
+            except Exception:
+                self.log.exception("registry listener failed")
 
     def _lease_gone(self, lease_id: str, reason: str) -> None:
         for listener in list(self.lease_listeners):

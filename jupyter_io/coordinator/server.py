@@ -6,9 +6,18 @@ index, listen, print the ready line), :meth:`~CoordinatorServer.main_loop` (wait
 SIGINT/SIGTERM or :meth:`~CoordinatorServer.request_exit`), :meth:`~CoordinatorServer.shutdown`
 (stop accepting, close relayed connections and provider links with 1001 so everyone
 reconnects to the next coordinator, flush the last heartbeats, close the store; no lease is
-touched, so a restart on the same database carries on). :meth:`~CoordinatorServer.serve` runs
-the three with the signals captured and the previous handlers restored afterwards;
-:meth:`~CoordinatorServer.run` wraps it in ``asyncio.run``. Tests call startup/shutdown.
+touched, so a restart on the same database carries on).
+
+With ``payments = "escrow"`` (the default) it also opens the ledger: the embedded one
+(LiteSVM, accounts in ``DATA_DIR/ledger.sqlite``) served at ``{url}/solana``, or an
+:class:`~jupyter_io.payments.escrow.EscrowClient` of ``solana_url``; then the budget watch
+(:class:`~jupyter_io.coordinator.billing.Billing`) and the settlement worker
+(:class:`~jupyter_io.coordinator.settlement.SettlementWorker`). Shutdown stops the worker
+(releasing its claims) before the links close, and closes the ledger last.
+
+:meth:`~CoordinatorServer.serve` runs the three with the signals captured and the previous
+handlers restored afterwards; :meth:`~CoordinatorServer.run` wraps it in ``asyncio.run``.
+Tests call startup/shutdown.
 
 Once listening it prints, flushed to stdout, the coordinator's public key and, last, exactly
 one line ``jupyter-io coordinator listening on http://HOST:PORT`` (``https://`` with TLS) with
@@ -22,15 +31,20 @@ import contextlib
 import logging
 import socket
 import sys
-from typing import IO
+from typing import IO, Any
 
+from solana.rpc.async_api import AsyncClient
 from solders.keypair import Keypair
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from ..daemon import capture_signals, is_loopback
 from ..errors import ConfigError
+from ..payments.escrow import EscrowClient
+from ..payments.ledger import EmbeddedLedger, SqlLedgerStore
+from ..payments.rpc import ledger_handlers
 from .auth import ReplayGuard
+from .billing import Billing
 from .config import CoordinatorConfig
 from .handlers import MAX_BODY_SIZE, RELAY_PREFIX, Services, make_app
 from .leasing import LeaseService
@@ -38,9 +52,13 @@ from .offers import OffersCache
 from .registry import Registry
 from .relay import Relay
 from .scheduler import OfferIndex
+from .settlement import SettlementWorker
 from .store import Store
 
-__all__ = ["LISTENING_PREFIX", "CoordinatorServer"]
+__all__ = ["LISTENING_PREFIX", "SOLANA_PATH", "CoordinatorServer"]
+
+#: Where the coordinator serves its embedded ledger's JSON-RPC.
+SOLANA_PATH = "/solana"
 
 #: Start of the one line printed once the coordinator accepts connections.
 LISTENING_PREFIX = "jupyter-io coordinator listening on "
@@ -67,6 +85,14 @@ class CoordinatorServer:
         self.registry: Registry | None = None
         self.relay: Relay | None = None
         self.leases: LeaseService | None = None
+        #: The embedded ledger (escrow payments with no ``solana_url``), else None.
+        self.ledger: EmbeddedLedger | None = None
+        #: The ledger client escrows are verified and settled with (None when free).
+        self.escrow: EscrowClient | None = None
+        #: The ledger's JSON-RPC URL ("" when free).
+        self.solana_url = ""
+        self.billing: Billing | None = None
+        self.settlements: SettlementWorker | None = None
         self.should_exit = asyncio.Event()
         #: Set once :meth:`startup` is done and the ready line is out.
         self.started = asyncio.Event()
@@ -114,6 +140,14 @@ class CoordinatorServer:
         self.url = config.public_url.rstrip("/") or _url(
             bound[0], bound[1], ssl_context is not None
         )
+        try:
+            ledger_routes = await self._open_ledger()
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            await store.close()
+            self.store = None
+            raise
         ws_base = self.url.replace("http", "ws", 1) + RELAY_PREFIX
         self.registry = registry = Registry(
             store,
@@ -133,10 +167,37 @@ class CoordinatorServer:
             max_message_size=config.relay_max_message_size,
             log=self.log,
         )
+        if self.escrow is not None:
+            self.billing = Billing(
+                store,
+                registry,
+                self.escrow,
+                keypair,
+                solana_url=self.solana_url,
+                min_deposit_seconds=config.min_deposit_seconds,
+                ledger_timeout=config.solana_timeout,
+                log=self.log,
+            )
+            self.settlements = SettlementWorker(
+                store,
+                registry,
+                self.billing,
+                retry_interval=config.settle_retry_interval,
+                log=self.log,
+            )
         self.leases = leases = LeaseService(
-            store, registry, self.index, relay, keypair, token_ttl=config.token_ttl
+            store,
+            registry,
+            self.index,
+            relay,
+            keypair,
+            token_ttl=config.token_ttl,
+            billing=self.billing,
         )
         await registry.start()
+        if self.billing is not None and self.settlements is not None:
+            await self.billing.start()
+            self.settlements.start()
         self._services = services = Services(
             coordinator=keypair.pubkey(),
             registry=registry,
@@ -147,9 +208,11 @@ class CoordinatorServer:
             hello_timeout=config.hello_timeout,
             request_max_skew=config.request_max_skew,
             log=self.log,
+            payments=config.payments,
+            solana_url=self.solana_url,
         )
         self._http = HTTPServer(
-            make_app(services),
+            make_app(services, ledger_routes),
             ssl_options=ssl_context,
             max_body_size=MAX_BODY_SIZE,
             max_buffer_size=config.relay_max_message_size + (1 << 20),
@@ -163,8 +226,31 @@ class CoordinatorServer:
             if not config.public_url:
                 self.log.warning("listening on %s: set public_url to the address others use", host)
         self._print(f"jupyter-io coordinator key {keypair.pubkey()}")
+        if self.escrow is not None:
+            self._print(f"jupyter-io coordinator ledger {self.solana_url}")
         self._print(f"{LISTENING_PREFIX}{self.url}")
         self.started.set()
+
+    async def _open_ledger(self) -> list[Any]:
+        """With escrow payments: the embedded ledger (and its routes) or a remote client."""
+        config = self.config
+        if config.payments != "escrow":
+            return []
+        routes: list[Any] = []
+        if config.solana_url:
+            self.solana_url = config.solana_url
+        else:
+            if config.db.startswith("postgres"):
+                self.log.warning(
+                    "the embedded ledger lives in this coordinator's data directory: replicas "
+                    "sharing the database must share a real ledger instead (set solana_url)"
+                )
+            self.ledger = await EmbeddedLedger.open(SqlLedgerStore.sqlite(config.ledger_path()))
+            routes = ledger_handlers(self.ledger, SOLANA_PATH)
+            self.solana_url = self.url + SOLANA_PATH
+        client = AsyncClient(self.solana_url, timeout=config.solana_timeout)
+        self.escrow = EscrowClient(client, owns_client=True, confirm_timeout=30.0)
+        return routes
 
     async def main_loop(self) -> None:
         """Wait until asked to exit."""
@@ -181,6 +267,10 @@ class CoordinatorServer:
         last heartbeats; close the store. Leases are left as they are."""
         if self._http is not None:
             self._http.stop()
+        if self.settlements is not None:
+            await self.settlements.stop()  # its claims go back to the queue
+        if self.billing is not None:
+            await self.billing.stop()
         if self.relay is not None:
             await self.relay.close_all(1001, "coordinator restarting; reconnect")
         if self.registry is not None:
@@ -201,6 +291,12 @@ class CoordinatorServer:
         if self.store is not None:
             await self.store.close()
             self.store = None
+        if self.escrow is not None:
+            await self.escrow.close()
+            self.escrow = None
+        if self.ledger is not None:
+            await self.ledger.close()  # after the last request it served
+            self.ledger = None
         self.log.info("coordinator stopped")
 
     def capture_signals(self) -> contextlib.AbstractContextManager[None]:

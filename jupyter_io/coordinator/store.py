@@ -59,6 +59,9 @@ from .models import (
     Offer,
     Provider,
     ProviderStatus,
+    SettlementKind,
+    SettlementRow,
+    SettlementState,
     UsageReportRow,
 )
 
@@ -70,6 +73,7 @@ __all__ = [
     "OfferSpec",
     "ProviderProfile",
     "ProviderRecord",
+    "SettlementRecord",
     "Store",
     "UsageReport",
     "alembic_config",
@@ -101,6 +105,7 @@ _providers = cast(sa.Table, Provider.__table__)
 _offers = cast(sa.Table, Offer.__table__)
 _leases = cast(sa.Table, Lease.__table__)
 _usage = cast(sa.Table, UsageReportRow.__table__)
+_settlements = cast(sa.Table, SettlementRow.__table__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,11 +255,53 @@ class LeaseRecord:
     failure_reason: str | None
     token_expires_at: datetime | None
     relay: bool
+    #: The verified escrow (None while unfunded; see :meth:`Store.record_escrow`).
+    escrow_address: str | None = None
+    deposit_lamports: int | None = None
+    escrow_signature: str | None = None
+    funded_at: datetime | None = None
 
     @property
     def live(self) -> bool:
         """Whether the lease still holds its GPUs (requested or active)."""
         return self.state in LIVE_LEASE_STATES
+
+    @property
+    def funded(self) -> bool:
+        """Whether an escrow was verified for this lease."""
+        return self.escrow_address is not None
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementRecord:
+    """A funded lease's settlement as stored (see
+    :class:`~jupyter_io.coordinator.models.SettlementRow`)."""
+
+    lease_id: str
+    kind: SettlementKind
+    state: SettlementState
+    amount_lamports: int
+    fee_lamports: int
+    signature: str | None
+    attempts: int
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    next_attempt_at: datetime
+    claimed_by: str | None
+    claimed_until: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``settlement`` block of a lease's billing view (payments contract §3)."""
+        return {
+            "kind": self.kind.value,
+            "state": self.state.value,
+            "amount_lamports": self.amount_lamports,
+            "fee_lamports": self.fee_lamports,
+            "signature": self.signature,
+            "attempts": self.attempts,
+            "error": self.error,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -974,6 +1021,227 @@ class Store:
         async with self._read() as conn:
             return [_lease_record(row) for row in await conn.execute(query)]
 
+    # ---- escrows and settlements --------------------------------------------------------
+
+    async def record_escrow(
+        self,
+        lease_id: str,
+        *,
+        address: str,
+        deposit_lamports: int,
+        signature: str | None,
+        at: datetime | None = None,
+    ) -> LeaseRecord | None:
+        """Record the escrow verified on-chain for a live lease (again after a top-up: the
+        deposit becomes what it holds now; the first ``funded_at`` and a known setup
+        signature are kept). Returns the lease, or None when it is not live."""
+        if deposit_lamports < 0:
+            raise ValueError("a deposit cannot be negative")
+        at = _when(at)
+        values: dict[str, Any] = {
+            "escrow_address": address,
+            "deposit_lamports": deposit_lamports,
+            "funded_at": sa.func.coalesce(_leases.c.funded_at, at),
+        }
+        if signature is not None:
+            values["escrow_signature"] = signature
+        async with self._write() as conn:
+            row = (
+                await conn.execute(
+                    sa.update(_leases)
+                    .where(_leases.c.id == lease_id, _leases.c.state.in_(_LIVE))
+                    .values(values)
+                    .returning(*_leases.c)
+                )
+            ).first()
+        return None if row is None else _lease_record(row)
+
+    async def enqueue_settlements(self, *, at: datetime | None = None) -> list[str]:
+        """Queue a settlement for every funded lease that is over and has none yet: ``settle``
+        for an ended lease, ``refund`` for a failed one (one statement; a row per lease at
+        most, whoever runs it). Returns the lease ids queued now."""
+        at = _when(at)
+        missing = (
+            sa.select(_leases.c.id, _leases.c.state)
+            .outerjoin(_settlements, _settlements.c.lease_id == _leases.c.id)
+            .where(
+                _leases.c.escrow_address.is_not(None),
+                _leases.c.state.not_in(_LIVE),
+                _settlements.c.lease_id.is_(None),
+            )
+        )
+        async with self._write() as conn:
+            rows = (await conn.execute(missing)).all()
+            if not rows:
+                return []
+            values = [
+                {
+                    "lease_id": row.id,
+                    "kind": (
+                        SettlementKind.SETTLE
+                        if row.state == LeaseState.ENDED.value
+                        else SettlementKind.REFUND
+                    ).value,
+                    "state": SettlementState.PENDING.value,
+                    "created_at": at,
+                    "updated_at": at,
+                    "next_attempt_at": at,
+                }
+                for row in rows
+            ]
+            inserted = await conn.execute(
+                self._insert(_settlements)
+                .values(values)
+                .on_conflict_do_nothing(index_elements=[_settlements.c.lease_id])
+                .returning(_settlements.c.lease_id)
+            )
+            return sorted(inserted.scalars().all())
+
+    async def get_settlement(self, lease_id: str) -> SettlementRecord | None:
+        """The settlement of ``lease_id``, or None (unfunded, live, or not queued yet)."""
+        query = sa.select(_settlements).where(_settlements.c.lease_id == lease_id)
+        async with self._read() as conn:
+            row = (await conn.execute(query)).first()
+        return None if row is None else _settlement_record(row)
+
+    async def settlements_of(self, lease_ids: Iterable[str]) -> dict[str, SettlementRecord]:
+        """The settlements of several leases, by lease id (leases without one are left out)."""
+        ids = list(lease_ids)
+        if not ids:
+            return {}
+        query = sa.select(_settlements).where(_settlements.c.lease_id.in_(ids))
+        async with self._read() as conn:
+            return {row.lease_id: _settlement_record(row) for row in await conn.execute(query)}
+
+    async def due_settlements(
+        self, owner: str, *, at: datetime | None = None, limit: int = 100
+    ) -> list[SettlementRecord]:
+        """Pending settlements due for an attempt and not claimed by another coordinator,
+        oldest first (claim each with :meth:`claim_settlement` before working on it)."""
+        at = _when(at)
+        query = (
+            sa.select(_settlements)
+            .where(
+                _settlements.c.next_attempt_at <= at,
+                _claimable(owner, at),
+            )
+            .order_by(_settlements.c.next_attempt_at, _settlements.c.lease_id)
+            .limit(limit)
+        )
+        async with self._read() as conn:
+            return [_settlement_record(row) for row in await conn.execute(query)]
+
+    async def claim_settlement(
+        self, lease_id: str, owner: str, *, until: datetime, at: datetime | None = None
+    ) -> SettlementRecord | None:
+        """Claim a pending settlement for ``owner`` until ``until``, atomically: of several
+        coordinators asking at once exactly one gets the row. Counts an attempt. Returns the
+        claimed row, or None (done, or claimed by another coordinator)."""
+        at = _when(at)
+        async with self._write() as conn:
+            row = (
+                await conn.execute(
+                    sa.update(_settlements)
+                    .where(
+                        _settlements.c.lease_id == lease_id,
+                        _claimable(owner, at),
+                    )
+                    .values(
+                        claimed_by=owner,
+                        claimed_until=_aware(until),
+                        attempts=_settlements.c.attempts + 1,
+                        updated_at=at,
+                    )
+                    .returning(*_settlements.c)
+                )
+            ).first()
+        return None if row is None else _settlement_record(row)
+
+    async def retry_settlement(
+        self,
+        lease_id: str,
+        owner: str,
+        *,
+        error: str | None,
+        next_attempt_at: datetime,
+        amount_lamports: int | None = None,
+        at: datetime | None = None,
+    ) -> bool:
+        """Release ``owner``'s claim on a pending settlement, noting why this attempt did not
+        finish and when to try again. Returns whether the row was still pending."""
+        at = _when(at)
+        values: dict[str, Any] = {
+            "claimed_by": None,
+            "claimed_until": None,
+            "error": error,
+            "next_attempt_at": _aware(next_attempt_at),
+            "updated_at": at,
+        }
+        if amount_lamports is not None:
+            values["amount_lamports"] = amount_lamports
+        async with self._write() as conn:
+            result = await conn.execute(
+                sa.update(_settlements)
+                .where(
+                    _settlements.c.lease_id == lease_id,
+                    _settlements.c.state == SettlementState.PENDING.value,
+                    sa.or_(_settlements.c.claimed_by == owner, _settlements.c.claimed_by.is_(None)),
+                )
+                .values(values)
+            )
+            return bool(result.rowcount)
+
+    async def finish_settlement(
+        self,
+        lease_id: str,
+        *,
+        signature: str | None,
+        amount_lamports: int,
+        fee_lamports: int = 0,
+        at: datetime | None = None,
+    ) -> bool:
+        """Mark a pending settlement done (its escrow is closed on-chain). Returns whether it
+        changed: a second call (another coordinator, a duplicate) changes nothing."""
+        at = _when(at)
+        async with self._write() as conn:
+            result = await conn.execute(
+                sa.update(_settlements)
+                .where(
+                    _settlements.c.lease_id == lease_id,
+                    _settlements.c.state == SettlementState.PENDING.value,
+                )
+                .values(
+                    state=SettlementState.DONE.value,
+                    signature=signature,
+                    amount_lamports=amount_lamports,
+                    fee_lamports=fee_lamports,
+                    error=None,
+                    claimed_by=None,
+                    claimed_until=None,
+                    updated_at=at,
+                )
+            )
+            return bool(result.rowcount)
+
+    async def release_settlements(self, owner: str) -> int:
+        """Drop every claim ``owner`` holds (a coordinator shutting down), so the next one
+        can pick its rows up at once. Returns how many were released."""
+        async with self._write() as conn:
+            result = await conn.execute(
+                sa.update(_settlements)
+                .where(_settlements.c.claimed_by == owner)
+                .values(claimed_by=None, claimed_until=None)
+            )
+            return int(result.rowcount or 0)
+
+    async def funded_active_leases(self) -> list[LeaseRecord]:
+        """Active leases with a verified escrow (the budget watch's list at start-up)."""
+        query = sa.select(_leases).where(
+            _leases.c.state == LeaseState.ACTIVE.value, _leases.c.escrow_address.is_not(None)
+        )
+        async with self._read() as conn:
+            return [_lease_record(row) for row in await conn.execute(query)]
+
     # ---- usage reports -----------------------------------------------------------------
 
     async def add_usage_report(self, report: UsageReport) -> bool:
@@ -1206,7 +1474,31 @@ def _lease_record(row: sa.Row[Any]) -> LeaseRecord:
         failure_reason=m["failure_reason"],
         token_expires_at=m["token_expires_at"],
         relay=bool(m["relay"]),
+        escrow_address=m["escrow_address"],
+        deposit_lamports=m["deposit_lamports"],
+        escrow_signature=m["escrow_signature"],
+        funded_at=m["funded_at"],
     )
+
+
+def _claimable(owner: str, at: datetime) -> sa.ColumnElement[bool]:
+    """A pending settlement nobody else holds a live claim on."""
+    return sa.and_(
+        _settlements.c.state == SettlementState.PENDING.value,
+        sa.or_(
+            _settlements.c.claimed_until.is_(None),
+            _settlements.c.claimed_until < at,
+            _settlements.c.claimed_by == owner,
+        ),
+    )
+
+
+def _settlement_record(row: sa.Row[Any]) -> SettlementRecord:
+    m = row._mapping
+    values = {name: m[name] for name in SettlementRecord.__dataclass_fields__}
+    values["kind"] = SettlementKind(values["kind"])
+    values["state"] = SettlementState(values["state"])
+    return SettlementRecord(**values)
 
 
 def _aware(value: datetime) -> datetime:

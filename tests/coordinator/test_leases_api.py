@@ -328,9 +328,10 @@ async def test_error_answers_have_the_contracts_status_and_shape(
         assert "0.002 SOL/h" in body["error"]["message"]
         code, grant = await call(alice, "POST", "/api/v1/leases", {"gpu": "RTX 4090"})
         assert code == 201 and set(grant) == {
-            "lease", "token", "provider", "tunnel_url", "relay", "gpu", "gpu_indices",
-            "price_lamports_per_hour", "expires_at",
+            "lease", "token", "state", "provider", "tunnel_url", "relay", "gpu", "gpu_indices",
+            "price_lamports_per_hour", "expires_at", "escrow",
         }  # fmt: skip
+        assert grant["escrow"] == {"required": False}  # a free coordinator
         path = f"/api/v1/leases/{grant['lease']}"
         for method in ("GET", "DELETE"):
             code, body = await call(bob, method, path)

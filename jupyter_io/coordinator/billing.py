@@ -1,0 +1,490 @@
+"""Payments on the coordinator: escrow per lease, metering, budget, refunds.
+
+``docs/payments-contract.md`` is the contract. :class:`Billing` is what the lease service and
+the handlers call; it decides nothing about scheduling and moves no funds on its own:
+
+* :meth:`Billing.check_ledger` before a lease is stored (an unreachable ledger is a 503 and
+  no dangling lease), :meth:`Billing.escrow_block` for the ``201``;
+* :meth:`Billing.fund` (``POST /leases/{id}/escrow``): read the escrow on-chain, record it on
+  the lease (then the lease service issues the token);
+* :meth:`Billing.view` (the ``billing`` block of a lease), from :func:`meter`, the one place
+  that says how many seconds are billed: min(reported, observed, covered by the deposit);
+* the budget watch: one timer per active funded lease, due when its deposit runs out; then
+  the lease ends ("budget exhausted"), the provider is sent ``end`` and the settlement
+  worker (:mod:`~jupyter_io.coordinator.settlement`) takes over;
+* :meth:`Billing.refund_offer` / :meth:`Billing.refund_submitted`
+  (``POST /leases/{id}/refund``): the arbiter's half of a user + arbiter refund.
+
+With ``payments = "free"`` there is no :class:`Billing` object at all; handlers answer
+``"escrow": {"required": false}`` (see :func:`free_escrow_block`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from solana.exceptions import SolanaRpcException
+from solders.hash import Hash
+from solders.keypair import Keypair
+from solders.pubkey import Pubkey
+from solders.signature import Signature
+
+from ..errors import PaymentError
+from ..payments.amounts import FEE_PER_SIGNATURE, format_sol
+from ..payments.escrow import (
+    EscrowClient,
+    EscrowError,
+    EscrowState,
+    EscrowTerms,
+    TransactionFailed,
+    refund_message,
+)
+from .models import LeaseState, SettlementState
+from .provider_link import End
+from .registry import Registry
+from .store import LeaseRecord, SettlementRecord, Store
+
+__all__ = [
+    "SECONDS_PER_HOUR",
+    "WARNINGS",
+    "Billing",
+    "DepositTooSmall",
+    "EscrowMissing",
+    "LedgerUnreachable",
+    "Meter",
+    "NotFunded",
+    "RefundNotAllowed",
+    "amount_for",
+    "covered_seconds",
+    "free_escrow_block",
+    "meter",
+    "min_deposit",
+]
+
+SECONDS_PER_HOUR = 3600
+#: Shares of the deposit (percent) at which the billing view carries a warning.
+WARNINGS = (80, 95, 100)
+BUDGET_EXHAUSTED = "budget exhausted"
+
+
+class LedgerUnreachable(PaymentError):
+    """The Solana ledger did not answer (503 ``ledger_unreachable``)."""
+
+
+class EscrowMissing(PaymentError):
+    """No valid escrow at the lease's derived address (402 ``escrow_missing``)."""
+
+
+class DepositTooSmall(PaymentError):
+    """The escrow holds less than the minimum deposit (402 ``deposit_too_small``)."""
+
+
+class NotFunded(PaymentError):
+    """The lease has no verified escrow yet (402 ``escrow_missing`` on token renewal)."""
+
+
+class RefundNotAllowed(PaymentError):
+    """The lease cannot be refunded now: still live, or already settled (409)."""
+
+
+def amount_for(price_per_hour: int, seconds: int) -> int:
+    """Lamports for ``seconds`` at ``price_per_hour``, rounded down (no fraction charged)."""
+    return price_per_hour * max(0, seconds) // SECONDS_PER_HOUR
+
+
+def min_deposit(price_per_hour: int, seconds: int) -> int:
+    """The smallest escrow a lease needs: ``seconds`` of its price, rounded up."""
+    return -(-price_per_hour * seconds // SECONDS_PER_HOUR)
+
+
+def covered_seconds(price_per_hour: int, deposit: int) -> int | None:
+    """Whole seconds ``deposit`` pays for (None: a free offer, no limit)."""
+    if price_per_hour <= 0:
+        return None
+    return deposit * SECONDS_PER_HOUR // price_per_hour
+
+
+def free_escrow_block() -> dict[str, Any]:
+    """The ``escrow`` block of a lease on a free coordinator."""
+    return {"required": False}
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    """How much of a lease is billed (see :func:`meter`)."""
+
+    reported_seconds: int
+    observed_seconds: int
+    covered_seconds: int | None
+    billed_seconds: int
+    spent_lamports: int
+    deposit_lamports: int
+
+    @property
+    def used_fraction(self) -> float:
+        if self.covered_seconds is None:
+            return 0.0
+        if self.covered_seconds == 0:
+            return 1.0
+        return min(1.0, self.billed_seconds / self.covered_seconds)
+
+    @property
+    def warning(self) -> int | None:
+        """80, 95 or 100 once that share of the deposit is spent, else None."""
+        fraction = self.used_fraction
+        reached = [level for level in WARNINGS if fraction * 100 >= level]
+        return reached[-1] if reached else None
+
+
+def _observed(lease: LeaseRecord, now: float) -> int:
+    if lease.active_at is None:
+        return 0
+    end = lease.end_of_service or lease.ended_at
+    until = end.timestamp() if end is not None else now
+    return max(0, math.floor(until - lease.active_at.timestamp()))
+
+
+def meter(lease: LeaseRecord, reported_seconds: int, *, now: float) -> Meter:
+    """Billed seconds of a lease: min(reported, observed, covered) once it is over; while it
+    runs, min(observed, covered) (reports lag behind; the budget runs on observation)."""
+    deposit = lease.deposit_lamports or 0
+    observed = _observed(lease, now)
+    covered = covered_seconds(lease.price_lamports_per_hour, deposit)
+    billed = observed if lease.live else min(observed, reported_seconds)
+    if covered is not None:
+        billed = min(billed, covered)
+    spent = min(deposit, amount_for(lease.price_lamports_per_hour, billed))
+    return Meter(reported_seconds, observed, covered, billed, spent, deposit)
+
+
+def _utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+class Billing:
+    """The coordinator's payment service in escrow mode (see the module docstring).
+
+    ``escrow`` talks to the ledger (the embedded one through its own JSON-RPC endpoint, or a
+    remote cluster); ``arbiter`` is the coordinator's keypair.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        escrow: EscrowClient,
+        arbiter: Keypair,
+        *,
+        solana_url: str,
+        min_deposit_seconds: int = 60,
+        ledger_timeout: float = 10.0,
+        log: logging.Logger | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.escrow = escrow
+        self.arbiter = arbiter
+        self.solana_url = solana_url
+        self.min_deposit_seconds = min_deposit_seconds
+        self.ledger_timeout = ledger_timeout
+        self.log = log or logging.getLogger("jupyter_io.coordinator")
+        self.clock = clock
+        #: Called after the budget watch ended a lease (the settlement worker wakes up).
+        self.on_budget_exhausted: Callable[[str], None] | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopped = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Watch the budget of every active funded lease (after a restart too)."""
+        self.registry.activation_listeners.append(self.watch)
+        for lease in await self.store.funded_active_leases():
+            self.watch(lease)
+
+    async def stop(self) -> None:
+        """Cancel the budget timers and wait for an end in progress."""
+        self._stopped = True
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- the ledger ------------------------------------------------------------------------
+
+    async def _ledger(self, what: str, call: Any) -> Any:
+        try:
+            return await asyncio.wait_for(call, self.ledger_timeout)
+        except asyncio.TimeoutError:
+            raise LedgerUnreachable(
+                f"the Solana ledger at {self.solana_url} did not answer within "
+                f"{self.ledger_timeout:g} s while {what}; try again shortly, or ask the "
+                f"coordinator's operator to check its solana_url"
+            ) from None
+        except (EscrowError, TransactionFailed):
+            raise
+        except PaymentError as exc:  # EscrowClient's "cannot reach the Solana RPC ..."
+            raise LedgerUnreachable(
+                f"{exc} (the coordinator cannot use its ledger now; try again shortly)"
+            ) from None
+        except SolanaRpcException as exc:
+            raise LedgerUnreachable(
+                f"cannot reach the Solana ledger at {self.solana_url} while {what} "
+                f"({exc.__cause__ or exc!r}); try again shortly"
+            ) from None
+
+    async def check_ledger(self) -> None:
+        """Raise :class:`LedgerUnreachable` unless the ledger answers (before a lease is
+        stored: no lease is left behind that could never be funded)."""
+        await self._ledger("checking it before a lease", self.escrow.balance(self.arbiter.pubkey()))
+
+    async def latest_blockhash(self) -> Hash:
+        """A recent blockhash for a message the arbiter co-signs."""
+        resp = await self._ledger("fetching a blockhash", self.escrow.client.get_latest_blockhash())
+        return resp.value.blockhash
+
+    def terms(self, lease: LeaseRecord) -> EscrowTerms:
+        """The escrow's parties for ``lease`` (session id = lease id)."""
+        return EscrowTerms(
+            Pubkey.from_string(lease.user_pubkey),
+            Pubkey.from_string(lease.provider_pubkey),
+            self.arbiter.pubkey(),
+            lease.id,
+        )
+
+    async def escrow_state(self, lease: LeaseRecord) -> EscrowState | None:
+        """The lease's escrow on-chain (None: closed or never opened)."""
+        return await self._ledger("reading the escrow", self.escrow.escrow_state(self.terms(lease)))
+
+    # -- lease → escrow → token ------------------------------------------------------------
+
+    def min_deposit(self, lease: LeaseRecord) -> int:
+        return min_deposit(lease.price_lamports_per_hour, self.min_deposit_seconds)
+
+    def escrow_block(self, lease: LeaseRecord) -> dict[str, Any]:
+        """The ``escrow`` block of the ``201`` and of the funded grant."""
+        block: dict[str, Any] = {
+            "required": True,
+            "arbiter": str(self.arbiter.pubkey()),
+            "solana_url": self.solana_url,
+            "min_deposit_lamports": self.min_deposit(lease),
+        }
+        if lease.escrow_address is not None:
+            block["address"] = lease.escrow_address
+            block["deposit_lamports"] = lease.deposit_lamports
+        return block
+
+    async def fund(self, lease: LeaseRecord, signature: str | None) -> LeaseRecord:
+        """Verify the lease's escrow on-chain and record it (again after a top-up).
+
+        Raises :class:`EscrowMissing`, :class:`DepositTooSmall` (402),
+        :class:`LedgerUnreachable` (503). Returns the lease as recorded, or raises
+        ``LookupError`` when it is no longer live. Next: the lease service issues the token.
+        """
+        if signature is not None:
+            try:
+                Signature.from_string(signature)
+            except ValueError:
+                raise EscrowMissing(
+                    f"{signature!r} is not a base58 transaction signature"
+                ) from None
+        terms = self.terms(lease)
+        try:
+            state = await self.escrow_state(lease)
+        except EscrowError as exc:
+            raise EscrowMissing(f"{exc}; open the escrow with the lease's terms") from None
+        needed = self.min_deposit(lease)
+        if state is None:
+            raise EscrowMissing(
+                f"no escrow for lease {lease.id} at {terms.escrow}: open it (user {terms.user}, "
+                f"provider {terms.provider}, arbiter {terms.arbiter}, session id = the lease id) "
+                f"with at least {format_sol(needed)}, then call this again"
+            )
+        if state.amount < needed:
+            raise DepositTooSmall(
+                f"escrow {terms.escrow} holds {format_sol(state.amount)}, lease {lease.id} needs "
+                f"at least {format_sol(needed)} ({self.min_deposit_seconds} s at "
+                f"{format_sol(lease.price_lamports_per_hour)}/h); top it up and call this again"
+            )
+        recorded = await self.store.record_escrow(
+            lease.id,
+            address=str(terms.escrow),
+            deposit_lamports=state.amount,
+            signature=signature,
+            at=_utc(self.clock()),
+        )
+        if recorded is None:
+            raise LookupError(lease.id)
+        if recorded.state is LeaseState.ACTIVE:
+            self.watch(recorded)  # a top-up moves the end of the budget
+        return recorded
+
+    # -- the billing view ------------------------------------------------------------------
+
+    async def meter(self, lease: LeaseRecord) -> Meter:
+        """The lease's billed seconds now (see :func:`meter`)."""
+        reported = await self.store.usage_for_lease(lease.id)
+        return meter(lease, reported, now=self.clock())
+
+    async def view(
+        self, lease: LeaseRecord, settlement: SettlementRecord | None = None
+    ) -> dict[str, Any]:
+        """The ``billing`` block of a lease (payments contract §3)."""
+        metered = await self.meter(lease)
+        return {
+            "deposit_lamports": metered.deposit_lamports,
+            "billed_seconds": metered.billed_seconds,
+            "spent_lamports": metered.spent_lamports,
+            "left_lamports": metered.deposit_lamports - metered.spent_lamports,
+            "used_fraction": round(metered.used_fraction, 6),
+            "warning": metered.warning if lease.funded else None,
+            "escrow": lease.escrow_address,
+            "escrow_signature": lease.escrow_signature,
+            "settlement": settlement.to_json() if settlement is not None else None,
+        }
+
+    # -- the budget watch ------------------------------------------------------------------
+
+    def watch(self, lease: LeaseRecord) -> None:
+        """(Re)arm the timer that ends ``lease`` when its deposit runs out. One timer per
+        lease; unfunded, free-priced and inactive leases need none."""
+        old = self._timers.pop(lease.id, None)
+        if old is not None:
+            old.cancel()
+        if self._stopped or not lease.funded or lease.state is not LeaseState.ACTIVE:
+            return
+        covered = covered_seconds(lease.price_lamports_per_hour, lease.deposit_lamports or 0)
+        if covered is None or lease.active_at is None:
+            return
+        due = lease.active_at.timestamp() + covered
+        delay = max(0.0, due - self.clock())
+        loop = asyncio.get_running_loop()
+        self._timers[lease.id] = loop.call_later(delay, self._due, lease.id)
+
+    def _due(self, lease_id: str) -> None:
+        self._timers.pop(lease_id, None)
+        task = asyncio.create_task(self._check_budget(lease_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _check_budget(self, lease_id: str) -> None:
+        try:
+            lease = await self.store.get_lease(lease_id)
+            if lease is None or not lease.live:
+                return
+            metered = await self.meter(lease)
+            covered = metered.covered_seconds
+            if covered is None or metered.observed_seconds < covered:
+                self.watch(lease)  # topped up (maybe through another coordinator)
+                return
+            await self.end_exhausted(lease)
+        except Exception:
+            self.log.exception("budget check of lease %s failed; retrying", lease_id)
+            handle = asyncio.get_running_loop().call_later(1.0, self._due, lease_id)
+            self._timers[lease_id] = handle
+
+    async def end_exhausted(self, lease: LeaseRecord) -> bool:
+        """End a lease whose deposit is spent: the provider stops the kernel, the lease is
+        settled. Returns whether this call ended it."""
+        if not await self.store.end_lease(lease.id, at=_utc(self.clock())):
+            return False
+        provider = lease.provider_pubkey
+        self.log.info("lease %s: %s, ending it", lease.id, BUDGET_EXHAUSTED)
+        self.registry.deliver(provider, End(lease.id, BUDGET_EXHAUSTED), ttl=60.0)
+        self.registry.lease_over(provider, lease.id, ok=True, reason=BUDGET_EXHAUSTED)
+        if self.on_budget_exhausted is not None:
+            self.on_budget_exhausted(lease.id)
+        return True
+
+    # -- refunds (user + arbiter) ----------------------------------------------------------
+
+    async def refund_offer(self, lease: LeaseRecord) -> dict[str, Any]:
+        """The arbiter's half of a refund: the message (fee payer = the user) paying the
+        provider its share for the billed seconds and closing the escrow to the user, and
+        the arbiter's signature. Raises :class:`RefundNotAllowed` for a live or settled
+        lease."""
+        settlement = await self._refundable(lease)
+        state = await self.escrow_state(lease)
+        if state is None:
+            raise RefundNotAllowed(
+                f"the escrow of lease {lease.id} is already closed; nothing to refund"
+                + (f" (settlement {settlement.signature})" if settlement.signature else "")
+            )
+        metered = await self.meter(lease)
+        share = min(state.amount, metered.spent_lamports)
+        terms = self.terms(lease)
+        payout = await self._ledger(
+            "reading the provider's wSOL account",
+            self.escrow.client.get_account_info(terms.provider_wsol),
+        )
+        message = refund_message(
+            terms,
+            share,
+            blockhash=await self.latest_blockhash(),
+            provider_has_wsol_account=payout.value is not None,
+            fee_payer=terms.user,
+        )
+        signature = self.arbiter.sign_message(bytes(message))
+        return {
+            "message": base64.b64encode(bytes(message)).decode(),
+            "arbiter_signature": str(signature),
+            "provider_share": share,
+        }
+
+    async def refund_submitted(self, lease: LeaseRecord, signature: str) -> SettlementRecord:
+        """The user submitted the refund: check that the escrow is closed on-chain and mark
+        the settlement done with ``signature``. Raises :class:`RefundNotAllowed` while the
+        escrow is still open."""
+        try:
+            Signature.from_string(signature)
+        except ValueError:
+            raise RefundNotAllowed(f"{signature!r} is not a base58 transaction signature") from None
+        settlement = await self._refundable(lease, allow_done=True)
+        if settlement.state is SettlementState.PENDING:
+            if await self.escrow_state(lease) is not None:
+                raise RefundNotAllowed(
+                    f"the escrow of lease {lease.id} is still open: submit the refund "
+                    f"transaction (signed by you and the arbiter) and wait for it to land"
+                )
+            metered = await self.meter(lease)
+            await self.store.finish_settlement(
+                lease.id,
+                signature=signature,
+                amount_lamports=metered.spent_lamports,
+                fee_lamports=2 * FEE_PER_SIGNATURE,
+                at=_utc(self.clock()),
+            )
+        done = await self.store.get_settlement(lease.id)
+        assert done is not None
+        return done
+
+    async def _refundable(
+        self, lease: LeaseRecord, *, allow_done: bool = False
+    ) -> SettlementRecord:
+        if lease.live:
+            raise RefundNotAllowed(
+                f"lease {lease.id} is {lease.state.value}: end it first (DELETE the lease); "
+                f"a refund is for a lease whose provider failed"
+            )
+        if not lease.funded:
+            raise RefundNotAllowed(f"lease {lease.id} was never funded: nothing to refund")
+        await self.store.enqueue_settlements(at=_utc(self.clock()))
+        settlement = await self.store.get_settlement(lease.id)
+        assert settlement is not None, "a funded lease that is over always has a settlement"
+        if settlement.state is not SettlementState.PENDING and not allow_done:
+            raise RefundNotAllowed(
+                f"lease {lease.id} is already settled ({settlement.kind.value}, "
+                f"{settlement.signature or 'escrow closed'})"
+            )
+        return settlement

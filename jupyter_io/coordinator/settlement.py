@@ -1,0 +1,282 @@
+"""The settlement worker: close every funded lease's escrow, exactly once, whatever fails.
+
+``docs/payments-contract.md`` section 4. The queue is the ``settlements`` table
+(:meth:`~jupyter_io.coordinator.store.Store.enqueue_settlements` adds a row for each funded
+lease that is over; the lease id is the key, so never two). :class:`SettlementWorker` runs on
+every coordinator; each pass (every ``retry_interval``, and at once when a lease ends, a
+provider links or a provider answers):
+
+1. queue what is missing, then take the due rows, claiming each atomically
+   (:meth:`~jupyter_io.coordinator.store.Store.claim_settlement`): of several coordinators
+   sharing the database one works on a row at a time;
+2. read the escrow on-chain: closed (by us earlier, by the user's refund, by anyone) → the
+   row is ``done``, nothing is sent: never paid twice;
+3. if the lease's provider is linked here, build
+   :func:`~jupyter_io.payments.escrow.settlement_message` (the billed amount, fee payer the
+   provider), send it a :class:`~jupyter_io.coordinator.provider_link.SignSettlement` and
+   wait (bounded) for its ``settlement_signature``; check that signature, add the arbiter's
+   and submit (:meth:`~jupyter_io.payments.escrow.EscrowClient.submit` with a ``Presigner``);
+   ``done``;
+4. otherwise (provider away, refused, ledger down, transaction failed) release the claim,
+   note why, and try again after ``retry_interval``. A provider that never comes back: the
+   user refunds through ``POST /leases/{id}/refund`` and the next pass sees the escrow closed.
+
+A restarted coordinator picks the pending rows up where they were (a shutdown releases its
+claims; a crashed coordinator's claims expire after ``claim_ttl``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+
+from solders.presigner import Presigner
+from solders.pubkey import Pubkey
+from solders.signature import Signature
+
+from ..errors import PaymentError
+from ..payments.amounts import FEE_PER_SIGNATURE
+from ..payments.escrow import TransactionFailed, settlement_message
+from .billing import Billing
+from .provider_link import SettlementRefused, SettlementReply, SignSettlement
+from .registry import Registry
+from .store import LeaseRecord, SettlementRecord, Store
+
+__all__ = ["SettlementWorker", "WorkerStats"]
+
+
+def _utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+class WorkerStats:
+    """Counters, for tests and the status endpoint."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+        self.attempts = 0
+        self.settled = 0
+        self.found_closed = 0
+        self.refused = 0
+        self.failed = 0
+
+
+class SettlementWorker:
+    """Drains the settlements queue (see the module docstring). :meth:`start` after the
+    registry, :meth:`stop` before it."""
+
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        billing: Billing,
+        *,
+        retry_interval: float = 5.0,
+        reply_timeout: float = 10.0,
+        claim_ttl: float = 60.0,
+        log: logging.Logger | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.billing = billing
+        self.escrow = billing.escrow
+        self.arbiter = billing.arbiter
+        self.retry_interval = retry_interval
+        self.reply_timeout = reply_timeout
+        self.claim_ttl = max(claim_ttl, reply_timeout + 30.0)
+        self.log = log or logging.getLogger("jupyter_io.coordinator")
+        self.clock = clock
+        #: This process's name in ``claimed_by`` (replicas share a key, not a claim).
+        self.owner = f"coordinator-{secrets.token_hex(8)}"
+        self.stats = WorkerStats()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._replies: dict[str, tuple[str, asyncio.Future[SettlementReply]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the passes; listen for lease ends, provider links and provider replies."""
+        self.registry.settlement_replies = self.reply
+        self.registry.lease_listeners.append(lambda _lease, _why: self.wake())
+        self.registry.link_listeners.append(lambda _provider: self.wake())
+        self.billing.on_budget_exhausted = lambda _lease: self.wake()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="settlements")
+
+    async def stop(self) -> None:
+        """Stop after the current attempt is cancelled, and release this process's claims."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for _, future in self._replies.values():
+            future.cancel()
+        self._replies.clear()
+        with contextlib.suppress(Exception):
+            await self.store.release_settlements(self.owner)
+
+    def wake(self) -> None:
+        """Run a pass now (a lease ended, a provider linked)."""
+        self._wake.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until a pass finished with nothing left due (for tests and benchmarks)."""
+        self._idle.clear()
+        self.wake()
+        await self._idle.wait()
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                left = await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.log.exception("settlement pass failed; retrying in %g s", self.retry_interval)
+                left = 1
+            if not left:
+                self._idle.set()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.retry_interval)
+
+    # -- passes ----------------------------------------------------------------------------
+
+    async def run_once(self) -> int:
+        """One pass: queue, claim, attempt. Returns how many rows were left pending."""
+        self.stats.passes += 1
+        now = self.clock()
+        await self.store.enqueue_settlements(at=_utc(now))
+        left = 0
+        for row in await self.store.due_settlements(self.owner, at=_utc(now)):
+            claimed = await self.store.claim_settlement(
+                row.lease_id, self.owner, until=_utc(now + self.claim_ttl), at=_utc(now)
+            )
+            if claimed is None:
+                continue  # another coordinator has it
+            if not await self._attempt(claimed):
+                left += 1
+        return left
+
+    async def _attempt(self, row: SettlementRecord) -> bool:
+        """Try to close one escrow; True once the row is done."""
+        self.stats.attempts += 1
+        lease = await self.store.get_lease(row.lease_id)
+        assert lease is not None  # the foreign key keeps it
+        try:
+            return await self._settle(lease, row)
+        except PaymentError as exc:
+            self.stats.failed += 1
+            await self._later(lease, f"{type(exc).__name__}: {exc}")
+            return False
+
+    async def _settle(self, lease: LeaseRecord, row: SettlementRecord) -> bool:
+        state = await self.billing.escrow_state(lease)
+        metered = await self.billing.meter(lease)
+        if state is None:
+            # Closed on-chain, by an earlier attempt of ours or the user's refund: done.
+            self.stats.found_closed += 1
+            await self._done(lease, row.signature, metered.spent_lamports, row.fee_lamports)
+            return True
+        amount = min(state.amount, metered.spent_lamports)
+        provider = lease.provider_pubkey
+        linked = self.registry.provider(provider)
+        if linked is None or not linked.linked:
+            await self._later(
+                lease,
+                f"provider {provider} is not linked here; waiting for it to link "
+                f"(or for the user's refund)",
+                amount,
+            )
+            return False
+        terms = self.billing.terms(lease)
+        message = settlement_message(
+            terms,
+            amount,
+            blockhash=await self.billing.latest_blockhash(),
+            fee_payer=terms.provider,
+        )
+        reply = await self._ask(provider, SignSettlement(lease.id, amount, bytes(message)))
+        if reply is None:
+            await self._later(lease, f"provider {provider} did not answer in time", amount)
+            return False
+        if isinstance(reply, SettlementRefused):
+            self.stats.refused += 1
+            self.log.warning("provider refused settling lease %s: %s", lease.id, reply.reason)
+            await self._later(lease, f"the provider refused: {reply.reason}", amount)
+            return False
+        try:
+            signature = Signature.from_string(reply.signature)
+        except ValueError:
+            signature = Signature.default()
+        if not signature.verify(Pubkey.from_string(provider), bytes(message)):
+            await self._later(lease, "the provider's signature does not verify", amount)
+            return False
+        try:
+            landed = await self.escrow.submit(
+                message,
+                [self.arbiter, Presigner(terms.provider, signature)],
+                what=f"settling lease {lease.id}",
+            )
+        except TransactionFailed as exc:
+            if await self.billing.escrow_state(lease) is None:
+                self.stats.found_closed += 1
+                await self._done(lease, None, amount, 0)
+                return True
+            await self._later(lease, str(exc), amount)
+            return False
+        self.stats.settled += 1
+        await self._done(lease, str(landed), amount, 2 * FEE_PER_SIGNATURE)
+        self.log.info(
+            "lease %s settled: %d lamports to the provider (%s)", lease.id, amount, landed
+        )
+        return True
+
+    async def _ask(self, provider: str, request: SignSettlement) -> SettlementReply | None:
+        future: asyncio.Future[SettlementReply] = asyncio.get_running_loop().create_future()
+        self._replies[request.lease] = (provider, future)
+        try:
+            self.registry.deliver(provider, request, ttl=0)
+            return await asyncio.wait_for(future, self.reply_timeout)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            self._replies.pop(request.lease, None)
+
+    def reply(self, provider: str, reply: SettlementReply) -> None:
+        """A provider's ``settlement_signature`` / ``settlement_refused`` (from its link)."""
+        waiting = self._replies.get(reply.lease)
+        if waiting is None or waiting[0] != provider:
+            self.log.info("ignoring an unexpected %s from %s", reply.type, provider)
+            return
+        if not waiting[1].done():
+            waiting[1].set_result(reply)
+
+    async def _done(self, lease: LeaseRecord, signature: str | None, amount: int, fee: int) -> None:
+        await self.store.finish_settlement(
+            lease.id,
+            signature=signature,
+            amount_lamports=amount,
+            fee_lamports=fee,
+            at=_utc(self.clock()),
+        )
+
+    async def _later(self, lease: LeaseRecord, error: str, amount: int | None = None) -> None:
+        now = self.clock()
+        await self.store.retry_settlement(
+            lease.id,
+            self.owner,
+            error=error,
+            next_attempt_at=_utc(now) + timedelta(seconds=self.retry_interval),
+            amount_lamports=amount,
+            at=_utc(now),
+        )
