@@ -271,9 +271,13 @@ def start_coordinator_process(
     """Start a coordinator on a free loopback port with its SQLite database in ``data_dir``.
 
     The offers list is not cached (tests look at it right after a change); ``public_url``
-    makes it advertise another address (a proxy in front of it) for its relay.
+    makes it advertise another address (a proxy in front of it) for its relay. Leases are
+    free (``payments=free``) unless ``args`` name the payments mode.
     """
-    extra = ["--CoordinatorConfig.offers_cache_ttl=0", "--CoordinatorConfig.payments=free", *args]
+    extra = ["--CoordinatorConfig.offers_cache_ttl=0", *args]
+    if not any(arg.startswith(("--CoordinatorConfig.payments", "--payments")) for arg in args):
+        # Tests not about payments lease for free; traitlets refuses a trait given twice.
+        extra.insert(1, "--CoordinatorConfig.payments=free")
     if public_url:
         extra += ["--public-url", public_url]
     coordinator = CoordinatorProcess(data_dir, extra)
@@ -822,6 +826,26 @@ def start_market(tmp_path: Path) -> Iterator[Callable[..., Market]]:
 
     def start(*coordinator_args: str, proxy: bool = False) -> Market:
         market = build_market(tmp_path / f"market{len(built)}", *coordinator_args, proxy=proxy)
+        built.append(market)
+        return market
+
+    try:
+        yield start
+    finally:
+        for market in built:
+            market.stop()
+
+
+@pytest.fixture(scope="module")
+def start_module_market(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., Market]]:
+    """``start_market`` for a whole module's tests (coordinator flags as arguments, no proxy):
+    for modules whose marketplace needs flags of its own (payments, heartbeats)."""
+    built: list[Market] = []
+
+    def start(*coordinator_args: str) -> Market:
+        market = build_market(tmp_path_factory.mktemp("market"), *coordinator_args, proxy=False)
         built.append(market)
         return market
 
