@@ -29,6 +29,7 @@ from .. import __version__
 from ..errors import ConfigError
 from ..identity import DEFAULT_KEYPAIR_PATH
 from ..kernelspec import lease_kernel_json, validate_coordinator_url
+from .billing import LeaseBook
 from .handlers import handlers
 from .kernelspecs import (
     SPEC_PREFIX,
@@ -39,7 +40,7 @@ from .kernelspecs import (
 from .offers import CoordinatorUnavailable, OffersCatalog
 from .preferences import Preferences, PreferencesError, PreferencesStore
 from .progress import ProgressBoard, ProgressLogFilter
-from .sessions import list_sessions
+from .sessions import list_sessions, stopped_json
 from .wallet import Wallet
 
 __all__ = ["JupyterIOExtension"]
@@ -76,6 +77,12 @@ class JupyterIOExtension(ExtensionApp):
     coordinator_timeout = Float(
         10.0, config=True, help="Seconds allowed for one request to the coordinator."
     )
+    billing_cache_seconds = Float(
+        2.0,
+        config=True,
+        help="Seconds the coordinator's billing of the user's leases (escrow left, warnings) "
+        "is reused before asking again.",
+    )
     solana_rpc_url = Unicode(
         "",
         config=True,
@@ -91,6 +98,14 @@ class JupyterIOExtension(ExtensionApp):
         True,
         config=True,
         help="Offer one kernelspec per GPU type on offer (installs GPUKernelSpecManager).",
+    )
+    pending_kernels = Bool(
+        True,
+        config=True,
+        help="Let clients connect to a kernel while it starts (the server's "
+        "MappingKernelManager.use_pending_kernels, unless that is configured): a remote "
+        "kernel's start takes seconds (a lease, a tunnel, the provider's own start), and "
+        "without it JupyterLab drops a cell run before the start is over instead of queueing it.",
     )
 
     @default("preferences_path")
@@ -120,6 +135,15 @@ class JupyterIOExtension(ExtensionApp):
             self.log.warning("jupyter-io: %s; using no preferences until they are saved", exc)
             self.preferences = Preferences()
         self.wallet = Wallet(self.keypair_path, self.solana_rpc_url)
+        self.lease_book = LeaseBook(
+            self.coordinator_url,
+            self.keypair_path,
+            ttl=self.billing_cache_seconds,
+            timeout=self.coordinator_timeout,
+        )
+        #: kernel id → the leases its sessions held (so a lease the coordinator ended for
+        #: its budget can be told to the kernel's page).
+        self._kernel_leases: dict[str, set[str]] = {}
         self.progress = ProgressBoard()
         self._progress_filter = ProgressLogFilter(self.progress)
         # The provisioner logs through its kernel manager, whose logger is the server's.
@@ -127,6 +151,8 @@ class JupyterIOExtension(ExtensionApp):
         self._progress_logger = self.serverapp.log
         self._progress_logger.addFilter(self._progress_filter)
         self._remembered: dict[str, dict[str, Any]] = {}
+        if self.pending_kernels:
+            self._use_pending_kernels()
         self._refresher: asyncio.Task[None] | None = None
         self.kernel_spec_manager: GPUKernelSpecManager | None = None
         if self.gpu_kernelspecs:
@@ -145,6 +171,24 @@ class JupyterIOExtension(ExtensionApp):
                 "(--JupyterIOExtension.coordinator_url=http://HOST:8700)"
             )
 
+    def _use_pending_kernels(self) -> None:
+        """Turn on pending kernels unless the user configured them either way.
+
+        ``POST /api/kernels`` (and ``/api/sessions``) then answers at once with a kernel in
+        state ``starting``; its websocket opens when the kernel is ready (Jupyter Server
+        awaits the kernel manager's ``ready``), and JupyterLab queues what is sent meanwhile,
+        as it does during a local kernel's second of start.
+        """
+        assert self.serverapp is not None
+        manager = self.serverapp.kernel_manager
+        if not manager.has_trait("use_pending_kernels"):
+            return
+        config = self.serverapp.config
+        for section in ("MappingKernelManager", "AsyncMultiKernelManager", "MultiKernelManager"):
+            if section in config and "use_pending_kernels" in config[section]:
+                return
+        manager.use_pending_kernels = True  # type: ignore[attr-defined]
+
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers())
 
@@ -161,6 +205,7 @@ class JupyterIOExtension(ExtensionApp):
         self._progress_logger.removeFilter(self._progress_filter)
         self.progress.close()
         self.catalog.close()
+        self.lease_book.close()
         self.wallet.close()
 
     async def _refresh_offers(self) -> None:
@@ -271,10 +316,27 @@ class JupyterIOExtension(ExtensionApp):
         self.preferences = preferences
         return preferences
 
-    def sessions_json(self) -> dict[str, Any]:
+    async def sessions_json(self) -> dict[str, Any]:
+        """The body of ``GET /jupyter-io/sessions``: the remote kernels with their cost and
+        escrow (``sessions``), the leases the coordinator ended because their deposit was
+        spent (``stopped``, with what to do), and why the billing is missing, if it is."""
         assert self.serverapp is not None
+        manager = self.serverapp.kernel_manager
+        leases = await self.lease_book.get()
+        sessions = list_sessions(manager, self.preferences, leases=leases)
+        for row in sessions:
+            if row["lease"]:
+                self._kernel_leases.setdefault(row["kernel_id"], set()).add(row["lease"])
+        stopped = []
+        for kernel_id, lease_ids in self._kernel_leases.items():
+            for lease_id in lease_ids:
+                info = leases.get(lease_id)
+                if info is not None and info.budget_exhausted:
+                    stopped.append(stopped_json(kernel_id, info))
         return {
-            "sessions": list_sessions(self.serverapp.kernel_manager, self.preferences),
+            "sessions": sessions,
+            "stopped": stopped,
+            "billing_error": self.lease_book.error,
             "now": time.time(),
         }
 

@@ -258,6 +258,11 @@ def page(browser: Any, stack: Stack) -> Iterator[Any]:
         context.close()
         for kernel in stack.api("GET", "/api/kernels"):
             stack.api("DELETE", f"/api/kernels/{kernel['id']}")
+        # Pending kernels shut down after the DELETE's answer: wait until they are gone (and
+        # their leases ended), so the next test finds every GPU free.
+        deadline = time.monotonic() + 60
+        while stack.api("GET", "/api/kernels") and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,9 @@ README: see conftest.py."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import pytest
 from jupyter_io.identity import load_keypair
 
 pytest.importorskip("playwright.sync_api")
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 PICKER_TAB = '.jp-SideBar .lm-TabBar-tab[title="GPUs (jupyter-io)"]'
 CARD = '.jio-GpuCard[data-gpu="{gpu}"]'
@@ -115,12 +118,17 @@ def test_a_gpu_type_above_the_price_cap_fails_plainly_with_what_to_do(
         assert text.startswith("A100 kernel failed: cheapest available A100 is 0.9 SOL/h")
         assert "Raise the cap in GPU picker → Limits" in text
         assert "127.0.0.1" not in text  # the coordinator's URL is noise in a toast
-        # Lab's own dialogs come too ("Error Starting Kernel", then "Select Kernel"); close
-        # them to show the toast.
-        dialog = page.locator(".jp-Dialog")
-        dialog.locator("button", has_text="Ok").click()
-        dialog.locator("button", has_text="No Kernel").click()
-        dialog.wait_for(state="detached")
+        # Lab's own "Error Starting Kernel" dialog usually comes too, with the same reason,
+        # once its websocket to the (pending) kernel is refused; close it to show the toast.
+        dialog = page.locator(".jp-Dialog", has_text="Error Starting Kernel")
+        try:
+            dialog.wait_for(timeout=20_000)
+        except PlaywrightTimeout:
+            pass  # Lab left it at "Disconnected": the toast is the message
+        else:
+            assert "above your cap" in dialog.inner_text()
+            dialog.locator("button", has_text="Ok").click()
+            dialog.wait_for(state="detached")
         page.wait_for_timeout(1000)  # the toast slides in
         page.screenshot(path=str(screenshots / "launch-error.png"))
     finally:
@@ -153,3 +161,33 @@ def test_the_limits_in_lab_settings_become_the_servers_preferences(page: Any, st
             "/jupyter-io/preferences",
             {"max_price_per_hour": None, "session_budget_hours": None},
         )
+
+
+def test_a_cell_run_while_the_gpu_kernel_starts_runs_once_it_is_ready(
+    page: Any, stack: Any
+) -> None:
+    picker = open_picker(page)
+    # Hold the kernel's start: the provider host is frozen until the cell has been run, so
+    # the run surely comes before the kernel is ready (a start takes only seconds here).
+    provider = next(p for p in stack.processes if p.name == "provider").proc
+    os.kill(provider.pid, signal.SIGSTOP)
+    clicked = time.time()
+    try:
+        picker.locator(CARD.format(gpu="rtx4090")).locator(".jio-GpuCard-notebook").click()
+        editor = page.locator(".jp-NotebookPanel:visible .jp-Cell .cm-content").first
+        editor.click()
+        page.keyboard.insert_text("print('early', 6 * 7)")
+        page.keyboard.press("Shift+Enter")
+        # Queued, not dropped: the cell's prompt says it runs.
+        prompt = page.locator(".jp-NotebookPanel:visible .jp-Cell .jp-InputPrompt").first
+        page.wait_for_function(
+            "el => el.textContent.includes('[*]')", arg=prompt.element_handle(), timeout=30_000
+        )
+        launches = stack.api("GET", "/jupyter-io/progress")["launches"]
+        launches = [launch for launch in launches if launch["started_at"] >= clicked - 1]
+        assert launches and all(launch["state"] == "starting" for launch in launches), launches
+    finally:
+        os.kill(provider.pid, signal.SIGCONT)
+    output = page.locator(".jp-NotebookPanel:visible .jp-OutputArea-output").first
+    output.wait_for(timeout=90_000)
+    assert output.inner_text().strip() == "early 42"

@@ -109,12 +109,16 @@ def user_keypair_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def io_config(market: Market, user_keypair_path: Path) -> dict[str, Any]:
-    """``JupyterIOExtension`` traits for the server under test."""
+def io_config(
+    market: Market, user_keypair_path: Path, request: pytest.FixtureRequest
+) -> dict[str, Any]:
+    """``JupyterIOExtension`` traits for the server under test (parametrize it indirectly
+    with a dict of traits to change)."""
     return {
         "coordinator_url": market.url,
         "keypair_path": str(user_keypair_path),
         "offers_cache_seconds": 0.0,
+        **getattr(request, "param", {}),
     }
 
 

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from jupyter_io.coordinator.client import CoordinatorClient
 from jupyter_io.identity import load_keypair
 
@@ -25,9 +27,13 @@ async def test_a_kernel_on_a_gpu_type_runs_a_cell_and_shows_its_cost_and_progres
         request_timeout=90,
     )  # fmt: skip
     assert status == 201, kernel
+    # Pending kernels: the kernel is there at once, starting; clients may connect (and
+    # queue their requests) while it starts remotely.
+    assert kernel["execution_state"] == "starting"
     kernel_id = kernel["id"]
     try:
         km = jp_serverapp.kernel_manager.get_kernel(kernel_id)
+        await asyncio.wait_for(km.ready, 90)
         kc = km.client()
         kc.start_channels()
         try:
@@ -71,24 +77,34 @@ async def test_a_kernel_on_a_gpu_type_runs_a_cell_and_shows_its_cost_and_progres
     finally:
         status, _ = await fetch_json("api", "kernels", kernel_id, method="DELETE")
     assert status == 204
+    # Pending kernels shut down after the answer; the kernel is listed until it is gone.
+    deadline = time.monotonic() + 30
+    while kernel_id in jp_serverapp.kernel_manager and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
     _, body = await fetch_json("jupyter-io", "sessions")
-    assert body["sessions"] == []
+    assert body["sessions"] == [], body
     # The kernel's end ended its lease at the coordinator.
     async with CoordinatorClient(market.url, load_keypair(user_keypair_path)) as client:
         assert (await client.get_lease(lease_id)).state == "ended"
 
 
 async def test_a_gpu_type_above_the_price_cap_fails_with_the_coordinators_reason(
-    fetch_json: Any,
+    fetch_json: Any, jp_serverapp: Any
 ) -> None:
     await fetch_json("jupyter-io", "preferences", method="PUT", body={"max_price_per_hour": "0.5"})
     await fetch_json("jupyter-io", "offers")
-    status, _ = await fetch_json(
+    status, kernel = await fetch_json(
         "api", "kernels", method="POST", body={"name": "jupyter-io-a100"}, request_timeout=60
     )
-    # Jupyter Server answers any launch error with a bare "Unhandled error"; the reason
-    # reaches the browser through the progress endpoint (the Lab extension's notification).
-    assert status == 500
+    assert status == 201  # pending: the start fails after the answer
+    km = jp_serverapp.kernel_manager.get_kernel(kernel["id"])
+    with pytest.raises(Exception, match="above your cap"):
+        await asyncio.wait_for(km.ready, 60)
+    # The reason reaches the browser through the progress endpoint (the Lab extension's
+    # notification, with what to do); Lab's own "Error Starting Kernel" dialog shows it too
+    # once its websocket is refused.
+    _, sessions = await fetch_json("jupyter-io", "sessions")
+    assert sessions["sessions"] == []  # a kernel that never started costs nothing
     _, progress = await fetch_json("jupyter-io", "progress")
     (launch,) = progress["launches"]
     assert launch["state"] == "failed"
