@@ -5,7 +5,7 @@
 ``GET  preferences`` / ``PUT``          price cap, region, session budget
 ``GET  wallet``                         address, balance (when a Solana RPC is configured)
 ``POST wallet/airdrop``                 test SOL from the ledger (local ledger, devnet)
-``GET  sessions``                       running remote kernels: GPU, elapsed, cost so far
+``GET  sessions``                       remote kernels: GPU, elapsed, cost, escrow left
 ``GET  progress[?since=T]``             recent kernel starts, step by step
 ``GET  progress/{kernel_id}``           one kernel's start
 ======================================  ==================================================
@@ -133,8 +133,9 @@ class SessionsHandler(_Handler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        """``{"sessions": [...], "now": T}`` (see :func:`~.sessions.session_json`)."""
-        self.reply(self.io.sessions_json())
+        """``{"sessions": [...], "stopped": [...], "billing_error", "now": T}`` (see
+        :func:`~.sessions.session_json` and :func:`~.sessions.stopped_json`)."""
+        self.reply(await self.io.sessions_json())
 
 
 class ProgressListHandler(_Handler):
