@@ -23,7 +23,7 @@ from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Float, TraitError, Unicode, default, validate
+from traitlets import Bool, Dict, Float, List, TraitError, Unicode, default, validate
 
 from .. import __version__
 from ..errors import ConfigError
@@ -32,9 +32,12 @@ from ..kernelspec import lease_kernel_json, validate_coordinator_url
 from .billing import LeaseBook
 from .handlers import handlers
 from .kernelspecs import (
+    DIRECT_PREFIX,
     SPEC_PREFIX,
     GPUKernelSpecManager,
     adopt_kernel_spec_manager,
+    direct_kernelspecs,
+    direct_provider,
     gpu_kernelspecs,
 )
 from .offers import CoordinatorUnavailable, OffersCatalog
@@ -99,6 +102,15 @@ class JupyterIOExtension(ExtensionApp):
         config=True,
         help="Offer one kernelspec per GPU type on offer (installs GPUKernelSpecManager).",
     )
+    direct_providers = List(
+        Dict(),
+        config=True,
+        help="Provider hosts to offer as kernels of their own, reached directly (no "
+        "coordinator, no lease; the host admits the keypair by its allow-list): a list of "
+        '{"name": "gpu-box", "url": "wss://gpu-box:8765/tunnel", "display_name": "...", '
+        '"pubkey": "<host key, base58>"} (display_name and pubkey optional). Each becomes '
+        "the kernelspec jupyter-io-direct-NAME.",
+    )
     pending_kernels = Bool(
         True,
         config=True,
@@ -107,6 +119,22 @@ class JupyterIOExtension(ExtensionApp):
         "kernel's start takes seconds (a lease, a tunnel, the provider's own start), and "
         "without it JupyterLab drops a cell run before the start is over instead of queueing it.",
     )
+
+    @validate("direct_providers")
+    def _check_direct_providers(self, proposal: Any) -> list[dict[str, str]]:
+        checked = []
+        for entry in proposal["value"]:
+            try:
+                checked.append(direct_provider(entry))
+            except ConfigError as exc:
+                raise TraitError(f"JupyterIOExtension.direct_providers: {exc}") from None
+        names = [p["name"] for p in checked]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise TraitError(
+                f"JupyterIOExtension.direct_providers: two providers named {', '.join(twice)}"
+            )
+        return checked
 
     @default("preferences_path")
     def _preferences_path_default(self) -> str:
@@ -234,29 +262,32 @@ class JupyterIOExtension(ExtensionApp):
     # -- GPU kernelspecs (the source GPUKernelSpecManager reads) ---------------------------
 
     def specs(self) -> dict[str, dict[str, Any]]:
-        """The GPU kernelspecs to list: one per GPU type in the latest offers."""
+        """The kernelspecs to list: one per configured direct provider, and one per GPU type
+        in the latest offers."""
+        keypair = str(Path(self.keypair_path).expanduser().absolute())
+        found = direct_kernelspecs(self.direct_providers, keypair_path=keypair)
         snapshot = self.catalog.latest
         if snapshot is None or not self.coordinator_url:
-            return {}
+            return found
         current = gpu_kernelspecs(
             snapshot.types,
             coordinator_url=self.coordinator_url,
-            keypair_path=str(Path(self.keypair_path).expanduser().absolute()),
+            keypair_path=keypair,
             preferences=self.preferences,
         )
         self._remembered.update(current)
-        return current
+        return {**current, **found}
 
     def spec(self, name: str) -> dict[str, Any] | None:
         """The GPU kernelspec ``name`` to start a kernel with: on offer now, seen earlier in
         this server's life, or (any ``jupyter-io-*`` name) made from the name, so a
         notebook saved with a GPU type that is gone still starts, and the coordinator
         answers with what is on offer instead of Jupyter's bare "no such kernel"."""
-        if not self.coordinator_url:
-            return None
         current = self.specs()
         if name in current:
             return current[name]
+        if not self.coordinator_url or name.startswith(DIRECT_PREFIX):
+            return None
         if name in self._remembered:
             return self._remembered[name]
         if not name.startswith(SPEC_PREFIX) or len(name) == len(SPEC_PREFIX):
@@ -280,6 +311,7 @@ class JupyterIOExtension(ExtensionApp):
         names = {
             spec["metadata"]["jupyter_io"]["gpu"]: (name, spec["display_name"])
             for name, spec in self.specs().items()
+            if "gpu" in spec["metadata"]["jupyter_io"]
         }
         cap = self.preferences.max_price_lamports_per_hour
         types = []

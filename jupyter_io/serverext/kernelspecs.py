@@ -8,6 +8,11 @@ coordinator, the user's keypair, the GPU type, and the user's price cap and regi
 
     Python 3 · RTX 4090 24 GB · from 0.12 SOL/h · simulated
 
+It also serves one provider-mode kernelspec per **direct provider** configured on the server
+extension (``c.JupyterIOExtension.direct_providers``, see :func:`direct_kernelspecs`): a
+provider host reached at its own tunnel URL, no coordinator, no lease, admitted by its
+allow-list. ``jupyter-io-direct-gpu-box`` for ``{"name": "gpu-box", ...}``.
+
 :class:`GPUKernelSpecManager` serves them. Jupyter asks kernelspec managers synchronously, so
 the specs come from a provider function (:attr:`GPUKernelSpecManager.gpu_specs`) that reads the
 offers a fetch already brought; the server extension sets it, and refreshes the offers in the
@@ -27,15 +32,20 @@ from typing import Any, Protocol
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 
-from ..kernelspec import lease_kernel_json
+from ..errors import ConfigError
+from ..identity import parse_pubkey
+from ..kernelspec import kernel_json, lease_kernel_json, validate_provider_url
 from ..payments.amounts import format_sol
 from .preferences import Preferences
 
 __all__ = [
+    "DIRECT_PREFIX",
     "SPEC_PREFIX",
     "GPUKernelSpecManager",
     "GPUSpecSource",
     "adopt_kernel_spec_manager",
+    "direct_kernelspecs",
+    "direct_provider",
     "display_name",
     "gpu_kernelspecs",
     "spec_name",
@@ -43,6 +53,9 @@ __all__ = [
 
 #: Every GPU kernelspec's name starts with this.
 SPEC_PREFIX = "jupyter-io-"
+#: Every direct provider's kernelspec name starts with this.
+DIRECT_PREFIX = SPEC_PREFIX + "direct-"
+_DIRECT_KEYS = ("name", "url", "display_name", "pubkey")
 _NOT_SLUG = re.compile(r"[^a-z0-9]+")
 GIB = 1 << 30
 
@@ -126,6 +139,56 @@ def gpu_kernelspecs(
     return specs
 
 
+def direct_provider(entry: Any) -> dict[str, str]:
+    """Check one entry of ``direct_providers``; return it with every key filled in.
+
+    ``{"name": "gpu-box", "url": "wss://gpu-box:8765/tunnel"}`` plus, optionally,
+    ``"display_name"`` (default ``Python 3 · gpu-box · direct``) and ``"pubkey"`` (the
+    provider host's base58 key: only a host proving it gets the session). Raises
+    :class:`~jupyter_io.errors.ConfigError` naming what to fix.
+    """
+    if not isinstance(entry, Mapping):
+        raise ConfigError(
+            f'each direct provider is a dict such as {{"name": "gpu-box", "url": '
+            f'"wss://gpu-box:8765/tunnel"}}, not {entry!r}'
+        )
+    unknown = sorted(set(entry) - set(_DIRECT_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(unknown)} in direct provider {dict(entry)!r}; "
+            f"known: {', '.join(_DIRECT_KEYS)}"
+        )
+    name = str(entry.get("name") or "").strip()
+    slug = _NOT_SLUG.sub("-", name.lower()).strip("-")
+    if not slug:
+        raise ConfigError(f'direct provider {dict(entry)!r} needs a "name", e.g. "gpu-box"')
+    url = validate_provider_url(str(entry.get("url") or "").strip())
+    pubkey = str(entry.get("pubkey") or "").strip()
+    if pubkey:
+        pubkey = str(parse_pubkey(pubkey))
+    display = str(entry.get("display_name") or "").strip() or f"Python 3 · {name} · direct"
+    return {"name": DIRECT_PREFIX + slug, "url": url, "display_name": display, "pubkey": pubkey}
+
+
+def direct_kernelspecs(
+    providers: Sequence[Mapping[str, str]], *, keypair_path: str
+) -> dict[str, dict[str, Any]]:
+    """One provider-mode kernel.json per checked direct provider (:func:`direct_provider`),
+    by name; ``metadata.jupyter_io`` says it is direct and where it runs."""
+    specs: dict[str, dict[str, Any]] = {}
+    for provider in providers:
+        spec = kernel_json(
+            provider["url"], keypair_path, provider["display_name"], provider["pubkey"]
+        )
+        spec["metadata"]["jupyter_io"] = {
+            "direct": True,
+            "display": provider["name"][len(DIRECT_PREFIX) :],
+            "provider_url": provider["url"],
+        }
+        specs[provider["name"]] = spec
+    return specs
+
+
 def _resource_dir() -> str:
     """Where the GPU specs' logos come from: ipykernel's (they are Python kernels)."""
     try:
@@ -136,7 +199,8 @@ def _resource_dir() -> str:
 
 
 class GPUKernelSpecManager(KernelSpecManager):
-    """The installed kernelspecs plus one GPU kernelspec per GPU type on offer.
+    """The installed kernelspecs plus one GPU kernelspec per GPU type on offer (and one per
+    configured direct provider).
 
     Without :attr:`gpu_specs` (no server extension, no coordinator) it is exactly a
     :class:`~jupyter_client.kernelspec.KernelSpecManager`.
