@@ -245,6 +245,17 @@ class KernelLease:
             grant.price_lamports_per_hour,
             offer.solana_url,
         )
+        deposit = hook.deposit_for(session)
+        if 0 < deposit < offer.min_deposit_lamports:
+            # Refused before any transaction: an escrow the coordinator would not accept
+            # would hold the user's lamports with no lease to settle it.
+            hours = deposit / grant.price_lamports_per_hour
+            raise LeaseUnaffordable(
+                f"a budget of {hours:g} h ({format_sol(deposit)}) is below the coordinator's "
+                f"minimum deposit of {format_sol(offer.min_deposit_lamports)} for lease "
+                f"{grant.lease}; raise max_session_hours (c.SolanaEscrowHook.max_session_hours "
+                f"or the kernelspec's)"
+            )
         try:
             escrow = await hook.open(session)
         except InsufficientFunds as exc:
@@ -253,16 +264,6 @@ class KernelLease:
             raise
         except JupyterIOError as exc:
             raise LeaseNotFunded(f"cannot open the escrow of lease {grant.lease}: {exc}") from None
-        if escrow.deposit < offer.min_deposit_lamports:
-            # Open succeeded, so the money is in escrow: still tell the coordinator (which
-            # refuses it with its own numbers) rather than leave an escrow it never saw.
-            self.log.warning(
-                "jupyter-io: the escrow of lease %s holds %s, below the coordinator's minimum "
-                "of %s",
-                grant.lease,
-                format_sol(escrow.deposit),
-                format_sol(offer.min_deposit_lamports),
-            )
         signature = str(escrow.signature) if escrow.signature is not None else None
         try:
             funded = await self.client.fund_lease(grant.lease, signature)
@@ -371,6 +372,29 @@ class KernelLease:
             )
             return None
         self.log.info("jupyter-io: lease %s %s", grant.lease, info.state)
+        return info
+
+    async def release(self, timeout: float | None = None) -> LeaseInfo | None:
+        """End the lease (:meth:`end`) and, when it was paid for but no kernel ever ran on it
+        (a start that failed or was abandoned after the escrow), refund its escrow at once:
+        nothing was delivered, so the user and the arbiter close it (the provider would not
+        co-sign the settlement of a session it never served). Failures are logged."""
+        grant = self.grant
+        unused = grant is not None and self.funded and self.ready_at is None
+        info = await self.end(timeout)
+        if not unused or grant is None or info is None or info.live:
+            return info
+        recorded = info.billing is not None and info.billing.deposit_lamports > 0
+        if recorded:
+            self.log.info("jupyter-io: %s", await self._refund(grant))
+        else:
+            escrow = self.escrow
+            self.log.error(
+                "jupyter-io: the escrow %s of lease %s was opened but the coordinator never "
+                "verified it, so it cannot co-sign its refund; its lamports stay there",
+                escrow.address if escrow is not None else "?",
+                grant.lease,
+            )
         return info
 
     async def wind_up_lost(self, timeout: float) -> str:

@@ -493,7 +493,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         try:
             escrow = await lease.fund()
         except (JupyterIOError, asyncio.CancelledError):
-            await asyncio.shield(lease.end(self.end_timeout))
+            await asyncio.shield(lease.release(self.end_timeout))
             raise
         grant = lease.grant
         if escrow is None or grant is None:
@@ -549,7 +549,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
                 if lease.funded:
                     self.log.info("jupyter-io: %s", await lease.wind_up_lost(self.refund_timeout))
                 else:
-                    await lease.end(self.end_timeout)
+                    await lease.release(self.end_timeout)
             finally:
                 await lease.close()
 
@@ -716,7 +716,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
                 if lost and lease.funded and lease.ready_at is not None:
                     self.log.info("jupyter-io: %s", await lease.wind_up_lost(self.refund_timeout))
                 else:
-                    await lease.end(self.end_timeout)
+                    await lease.release(self.end_timeout)
             finally:
                 await lease.close()
         await self._wound_up()

@@ -189,6 +189,10 @@ class PaymentHook(LoggingConfigurable):
         wallet cannot cover the deposit: the kernel must then not start."""
         raise NotImplementedError
 
+    def deposit_for(self, session: SessionTerms) -> int:
+        """Lamports :meth:`open` would escrow for ``session`` (0: nothing is escrowed)."""
+        return 0
+
     async def top_up(self, lamports: int) -> TopUpReceipt:
         """Add ``lamports`` to the open escrow from the user's wallet (the provisioner's
         ``top_up``, then the coordinator is told). Raises

@@ -107,3 +107,33 @@ async def test_an_unreachable_coordinator_fails_the_start_with_what_to_check(
     prov = km.provisioner
     assert [e.step.value for e in prov.progress] == ["queued", "failed"]
     assert prov.lease is None and prov.tunnel is None
+
+
+def test_each_lease_gets_a_payment_hook_paid_by_the_kernelspecs_wallet(tmp_path: Path) -> None:
+    """The hook is configured like any Configurable below the provisioner (the server's
+    c.SolanaEscrowHook.*), and what the kernelspec fixes wins: the wallet that signs the
+    lease pays its escrow, and the kernelspec's budget."""
+    from traitlets.config import Config
+
+    from jupyter_io.payments.hooks import FreeHook, SolanaEscrowHook
+
+    path = write_keypair(Keypair(), tmp_path / "id.json")
+    config = Config(
+        {"SolanaEscrowHook": {"solana_url": "http://ledger:8899", "max_session_hours": 3.0,
+                              "keypair_path": "/elsewhere.json"}}
+    )  # fmt: skip
+    parent = AsyncKernelManager(config=config)
+    prov = RemoteKernelProvisioner(parent=parent, keypair_path=str(path))
+    assert prov.payment_hook_class is SolanaEscrowHook
+    first, second = prov._new_hook(), prov._new_hook()
+    assert first is not second, "one hook (one escrow) per lease"
+    assert isinstance(first, SolanaEscrowHook)
+    assert first.solana_url == "http://ledger:8899" and first.max_session_hours == 3.0
+    assert first.keypair_path == str(path)
+
+    budget = RemoteKernelProvisioner(parent=parent, keypair_path=str(path), max_session_hours=0.5)
+    assert budget._new_hook().max_session_hours == 0.5  # type: ignore[attr-defined]
+    free = RemoteKernelProvisioner(payment_hook_class="jupyter_io.payments.hooks.FreeHook")
+    assert isinstance(free._new_hook(), FreeHook)
+    with pytest.raises(ConfigError, match="max_session_hours must not be negative"):
+        RemoteKernelProvisioner(max_session_hours=-1)
