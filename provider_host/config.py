@@ -167,6 +167,12 @@ class ProviderConfig(Configurable):
     usage_interval = Float(
         10.0, config=True, help="Seconds between signed usage reports per lease."
     )
+    settle_tolerance_seconds = Float(
+        10.0,
+        config=True,
+        help="Seconds of this host's own metering it lets go when co-signing a settlement: it "
+        "signs only settlements paying at least price x (delivered - this) / 3600.",
+    )
     link_backoff_max = Float(
         5.0,
         config=True,
@@ -226,7 +232,13 @@ class ProviderConfig(Configurable):
             raise TraitError(f"{proposal['trait'].name} must be positive")  # type: ignore[attr-defined]
         return value
 
-    @validate("grace_period", "handshake_timeout", "ping_interval", "ping_timeout")
+    @validate(
+        "grace_period",
+        "handshake_timeout",
+        "ping_interval",
+        "ping_timeout",
+        "settle_tolerance_seconds",
+    )
     def _validate_non_negative(self, proposal: dict[str, object]) -> float:
         value = float(proposal["value"])  # type: ignore[arg-type]
         if value < 0:

@@ -11,7 +11,7 @@ challenge with the host's keypair, checks and pins the coordinator's key, sends 
   reports) in order; what is queued while the link is down waits for the next link, and the
   leases of queued ``ended`` events are still listed in that hello so the coordinator ends
   them rather than failing them;
-* hands ``dial`` and ``end`` to the host (:class:`LinkHost`).
+* hands ``dial``, ``end`` and ``sign_settlement`` to the host (:class:`LinkHost`).
 
 When the link drops it links again with exponential backoff (0.1 s doubling to
 ``backoff_max``), listing the hosted leases so the coordinator keeps them live; sessions and
@@ -47,6 +47,7 @@ from jupyter_io.coordinator.provider_link import (
     Hello,
     Inventory,
     LinkMessage,
+    SignSettlement,
     Welcome,
     parse_message,
 )
@@ -82,6 +83,10 @@ class LinkHost(Protocol):
 
     def end_lease(self, message: End) -> None:
         """Stop the session of the lease ``message`` names."""
+
+    def settle(self, message: SignSettlement) -> None:
+        """Answer a settlement request (``settlement_signature`` or ``settlement_refused``,
+        queued with :meth:`CoordinatorLink.send`)."""
 
 
 class _Refused(Exception):
@@ -328,6 +333,8 @@ class CoordinatorLink:
             self.host.dial(message)
         elif isinstance(message, End):
             self.host.end_lease(message)
+        elif isinstance(message, SignSettlement):
+            self.host.settle(message)
         elif isinstance(message, ErrorMessage):
             self.log.warning("coordinator: %s: %s", message.code, message.message)
         else:

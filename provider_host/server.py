@@ -44,7 +44,14 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.http11 import Request, Response
 
 from jupyter_io.coordinator.auth import sign_request
-from jupyter_io.coordinator.provider_link import Dial, End, OfferGroup, SessionEvent
+from jupyter_io.coordinator.provider_link import (
+    Dial,
+    End,
+    OfferGroup,
+    SessionEvent,
+    SettlementRefused,
+    SignSettlement,
+)
 from jupyter_io.coordinator.provider_link import Inventory as LinkInventory
 from jupyter_io.daemon import capture_signals, is_loopback
 from jupyter_io.errors import ConfigError, ProtocolError
@@ -60,6 +67,7 @@ from .handshake import TRY_AGAIN_LATER, Hello, Refusal, challenge_body, check_he
 from .inventory import CPU_LABEL, Inventory, offer_groups, probe_inventory, render_inventory
 from .lease_gate import LeaseGate
 from .session import KernelSession
+from .settlement import SettlementBook
 from .usage import GpuUtilisation, UsageMeter
 
 __all__ = ["JOINING_PREFIX", "LISTENING_PREFIX", "TUNNEL_PATH", "ProviderServer"]
@@ -113,6 +121,8 @@ class ProviderServer:
         self.coordinator_link: CoordinatorLink | None = None
         #: Lease tokens' gate (None without a coordinator: the allow-list decides).
         self.lease_gate: LeaseGate | None = None
+        #: What settlements are checked against (None without a coordinator).
+        self.settlements: SettlementBook | None = None
         #: Benchmarks by model (TFLOP/s), once measured.
         self.benchmarks: dict[str, float] = {}
         self._offers: list[OfferGroup] = []
@@ -208,6 +218,9 @@ class ProviderServer:
         devices = {i for offer in self._offers for i in offer.gpu_indices}
         pinned = config.pinned_coordinator()
         self.lease_gate = LeaseGate(self.host_keypair.pubkey(), coordinator=pinned, devices=devices)
+        self.settlements = SettlementBook(
+            self.host_keypair, tolerance_seconds=config.settle_tolerance_seconds, log=self.log
+        )
         self.coordinator_link = CoordinatorLink(
             config.link_url(),
             self.host_keypair,
@@ -428,7 +441,9 @@ class ProviderServer:
             assert self.lease_gate is not None
             self.lease_gate.bind(claims, session.id)  # no await since the gate's check
             self._by_lease[claims.lease_id] = session
-            self._meters[claims.lease_id] = UsageMeter(claims.lease_id, gpus)
+            meter = self._meters[claims.lease_id] = UsageMeter(claims.lease_id, gpus)
+            if self.settlements is not None:
+                self.settlements.admit(claims, meter)
             self.log.info(
                 "session %s opened for %s, lease %s (gpus %s)",
                 session.id,
@@ -525,6 +540,18 @@ class ProviderServer:
             self._spawn(
                 session.end(CloseCode.SESSION_ENDED, _reason(f"lease ended: {message.reason}"))
             )
+
+    def settle(self, message: SignSettlement) -> None:
+        """The coordinator asks this host to co-sign a lease's settlement: answer it (after
+        a fresh usage report when refusing, so the next request can pay what is owed)."""
+        link, book = self.coordinator_link, self.settlements
+        if link is None or book is None:
+            return
+        reply = book.answer(message, link.coordinator)
+        meter = book.meter(message.lease)
+        if isinstance(reply, SettlementRefused) and meter is not None and meter.started:
+            link.send(meter.report(self._keypair(), None))
+        link.send(reply)
 
     async def _serve_dialled(self, message: Dial) -> None:
         url = message.url

@@ -34,6 +34,7 @@ from typing import Any
 from solana.exceptions import SolanaRpcException
 from solders.hash import Hash
 from solders.keypair import Keypair
+from solders.message import to_bytes_versioned
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 
@@ -435,7 +436,7 @@ class Billing:
             provider_has_wsol_account=payout.value is not None,
             fee_payer=terms.user,
         )
-        signature = self.arbiter.sign_message(bytes(message))
+        signature = self.arbiter.sign_message(to_bytes_versioned(message))
         return {
             "message": base64.b64encode(bytes(message)).decode(),
             "arbiter_signature": str(signature),

@@ -6,7 +6,8 @@ lease that is over; the lease id is the key, so never two). :class:`SettlementWo
 every coordinator; each pass (every ``retry_interval``, and at once when a lease ends, a
 provider links or a provider answers):
 
-1. queue what is missing, then take the due rows, claiming each atomically
+1. queue what is missing (first attempt ``final_report_grace`` later, once the provider's
+   last usage report is in), then take the due rows, claiming each atomically
    (:meth:`~jupyter_io.coordinator.store.Store.claim_settlement`): of several coordinators
    sharing the database one works on a row at a time;
 2. read the escrow on-chain: closed (by us earlier, by the user's refund, by anyone) → the
@@ -35,6 +36,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
+from solders.message import to_bytes_versioned
 from solders.presigner import Presigner
 from solders.pubkey import Pubkey
 from solders.signature import Signature
@@ -79,6 +81,7 @@ class SettlementWorker:
         retry_interval: float = 5.0,
         reply_timeout: float = 10.0,
         claim_ttl: float = 60.0,
+        final_report_grace: float = 1.0,
         log: logging.Logger | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -90,6 +93,9 @@ class SettlementWorker:
         self.retry_interval = retry_interval
         self.reply_timeout = reply_timeout
         self.claim_ttl = max(claim_ttl, reply_timeout + 30.0)
+        #: Seconds a new settlement waits before its first attempt: the provider's last usage
+        #: report, sent when its session ends, should be in by then.
+        self.final_report_grace = final_report_grace
         self.log = log or logging.getLogger("jupyter_io.coordinator")
         self.clock = clock
         #: This process's name in ``claimed_by`` (replicas share a key, not a claim).
@@ -152,20 +158,22 @@ class SettlementWorker:
     # -- passes ----------------------------------------------------------------------------
 
     async def run_once(self) -> int:
-        """One pass: queue, claim, attempt. Returns how many rows were left pending."""
+        """One pass: queue, claim, attempt. Returns how many rows are left pending."""
         self.stats.passes += 1
         now = self.clock()
-        await self.store.enqueue_settlements(at=_utc(now))
-        left = 0
+        queued = await self.store.enqueue_settlements(
+            at=_utc(now), first_attempt=_utc(now + self.final_report_grace)
+        )
+        if queued:
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.final_report_grace + 0.01, self.wake)
         for row in await self.store.due_settlements(self.owner, at=_utc(now)):
             claimed = await self.store.claim_settlement(
                 row.lease_id, self.owner, until=_utc(now + self.claim_ttl), at=_utc(now)
             )
-            if claimed is None:
-                continue  # another coordinator has it
-            if not await self._attempt(claimed):
-                left += 1
-        return left
+            if claimed is not None:  # else another coordinator has it
+                await self._attempt(claimed)
+        return await self.store.pending_settlements()
 
     async def _attempt(self, row: SettlementRecord) -> bool:
         """Try to close one escrow; True once the row is done."""
@@ -205,7 +213,7 @@ class SettlementWorker:
             blockhash=await self.billing.latest_blockhash(),
             fee_payer=terms.provider,
         )
-        reply = await self._ask(provider, SignSettlement(lease.id, amount, bytes(message)))
+        reply = await self.ask(provider, SignSettlement(lease.id, amount, bytes(message)))
         if reply is None:
             await self._later(lease, f"provider {provider} did not answer in time", amount)
             return False
@@ -218,7 +226,7 @@ class SettlementWorker:
             signature = Signature.from_string(reply.signature)
         except ValueError:
             signature = Signature.default()
-        if not signature.verify(Pubkey.from_string(provider), bytes(message)):
+        if not signature.verify(Pubkey.from_string(provider), to_bytes_versioned(message)):
             await self._later(lease, "the provider's signature does not verify", amount)
             return False
         try:
@@ -241,7 +249,9 @@ class SettlementWorker:
         )
         return True
 
-    async def _ask(self, provider: str, request: SignSettlement) -> SettlementReply | None:
+    async def ask(self, provider: str, request: SignSettlement) -> SettlementReply | None:
+        """Send ``request`` to the provider linked here; its answer, or None after
+        ``reply_timeout``."""
         future: asyncio.Future[SettlementReply] = asyncio.get_running_loop().create_future()
         self._replies[request.lease] = (provider, future)
         try:

@@ -1056,11 +1056,15 @@ class Store:
             ).first()
         return None if row is None else _lease_record(row)
 
-    async def enqueue_settlements(self, *, at: datetime | None = None) -> list[str]:
+    async def enqueue_settlements(
+        self, *, at: datetime | None = None, first_attempt: datetime | None = None
+    ) -> list[str]:
         """Queue a settlement for every funded lease that is over and has none yet: ``settle``
         for an ended lease, ``refund`` for a failed one (one statement; a row per lease at
-        most, whoever runs it). Returns the lease ids queued now."""
+        most, whoever runs it), due at ``first_attempt`` (default ``at``). Returns the lease
+        ids queued now."""
         at = _when(at)
+        due = at if first_attempt is None else _aware(first_attempt)
         missing = (
             sa.select(_leases.c.id, _leases.c.state)
             .outerjoin(_settlements, _settlements.c.lease_id == _leases.c.id)
@@ -1085,7 +1089,7 @@ class Store:
                     "state": SettlementState.PENDING.value,
                     "created_at": at,
                     "updated_at": at,
-                    "next_attempt_at": at,
+                    "next_attempt_at": due,
                 }
                 for row in rows
             ]
@@ -1130,6 +1134,14 @@ class Store:
         )
         async with self._read() as conn:
             return [_settlement_record(row) for row in await conn.execute(query)]
+
+    async def pending_settlements(self) -> int:
+        """How many settlements are still pending (anyone's)."""
+        query = sa.select(sa.func.count()).where(
+            _settlements.c.state == SettlementState.PENDING.value
+        )
+        async with self._read() as conn:
+            return int(await conn.scalar(query) or 0)
 
     async def claim_settlement(
         self, lease_id: str, owner: str, *, until: datetime, at: datetime | None = None

@@ -24,8 +24,15 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from jupyter_io.coordinator.auth import sign_request
 from jupyter_io.coordinator.billing import meter, min_deposit
 from jupyter_io.coordinator.models import LeaseState, SettlementKind, SettlementState
+from jupyter_io.coordinator.provider_link import (
+    SettlementRefused,
+    SettlementSignature,
+    SignSettlement,
+    parse_message,
+)
 from jupyter_io.coordinator.server import CoordinatorServer
 from jupyter_io.coordinator.store import LeaseRecord, OfferSpec, ProviderProfile, Store
+from jupyter_io.errors import ProtocolError
 from jupyter_io.leases import verify_token
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
 from jupyter_io.payments.escrow import EscrowClient
@@ -371,3 +378,25 @@ async def test_settlements_are_queued_once_claimed_by_one_and_finished_once(
     finally:
         await other.close()
         await store.close()
+
+
+# ---- the settlement messages of the provider link ------------------------------------------
+
+
+def test_settlement_messages_round_trip_and_malformed_ones_are_refused() -> None:
+    request = SignSettlement("lease-1", 42, b"\x01\x02message")
+    assert parse_message(request.to_json()) == request
+    for reply in (SettlementSignature("lease-1", "sig"), SettlementRefused("lease-1", "short")):
+        assert parse_message(reply.to_json()) == reply
+    bad = [
+        {"type": "sign_settlement", "lease": "l", "amount": -1, "message": "AQI="},
+        {"type": "sign_settlement", "lease": "l", "amount": 1, "message": "not base64!"},
+        {"type": "sign_settlement", "lease": "l", "amount": 1, "message": ""},
+        {"type": "sign_settlement", "lease": "l", "amount": 1.5, "message": "AQI="},
+        {"type": "sign_settlement", "lease": "", "amount": 1, "message": "AQI="},
+        {"type": "settlement_signature", "lease": "l", "signature": 7},
+        {"type": "settlement_refused", "lease": "l"},
+    ]
+    for body in bad:
+        with pytest.raises(ProtocolError):
+            parse_message(json.dumps(body))

@@ -485,6 +485,13 @@ async def market_host(
     ``direct=True`` gives the host a public URL (clients connect to it directly), else clients
     go through the relay. Other keyword arguments are ProviderConfig traits.
     """
+    yield market_host_of(make_host, coordinator, tmp_path)
+
+
+def market_host_of(
+    make_host: HostFactory, coordinator: CoordinatorServer, tmp_path: Path
+) -> HostFactory:
+    """The ``market_host`` factory for any coordinator (see that fixture)."""
     count = 0
 
     async def make(*, direct: bool = False, **traits: Any) -> ProviderServer:
@@ -506,7 +513,7 @@ async def market_host(
         await asyncio.wait_for(server.coordinator_link.wait_linked(), DEFAULT_TIMEOUT)
         return server
 
-    yield make
+    return make
 
 
 UserFactory = Callable[[], CoordinatorClient]

@@ -12,7 +12,7 @@ from solders.pubkey import Pubkey
 from websockets.asyncio.server import ServerConnection, serve
 
 from jupyter_io.coordinator.auth import sign_welcome
-from jupyter_io.coordinator.provider_link import Dial, End, Inventory
+from jupyter_io.coordinator.provider_link import Dial, End, Inventory, SignSettlement
 from jupyter_io.identity import new_nonce
 from provider_host.coordinator_link import CoordinatorLink
 
@@ -40,6 +40,9 @@ class _Host:
 
     def end_lease(self, message: End) -> None:  # pragma: no cover - never reached
         raise AssertionError("an unproven coordinator must not end leases")
+
+    def settle(self, message: SignSettlement) -> None:  # pragma: no cover - never reached
+        raise AssertionError("an unproven coordinator must not get settlements signed")
 
 
 async def _coordinator(named: Pubkey, signer: Keypair | None, hellos: asyncio.Queue[Any]):

@@ -13,7 +13,14 @@ from solders.pubkey import Pubkey
 from traitlets import TraitError
 
 from jupyter_io.coordinator.auth import verify_usage
-from jupyter_io.coordinator.provider_link import Dial, End, Inventory, SessionEvent, Usage
+from jupyter_io.coordinator.provider_link import (
+    Dial,
+    End,
+    Inventory,
+    SessionEvent,
+    SignSettlement,
+    Usage,
+)
 from jupyter_io.errors import AuthError, ConfigError
 from jupyter_io.leases import LeaseClaims, issue_token
 from provider_host.allocation import GpuPool
@@ -274,6 +281,9 @@ class _Host:
         pass
 
     def end_lease(self, message: End) -> None:
+        pass
+
+    def settle(self, message: SignSettlement) -> None:
         pass
 
 
