@@ -25,8 +25,11 @@ from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Dict, Float, List, TraitError, Unicode, default, validate
 
+from kernel_provisioner.provisioner import RemoteKernelProvisioner
+
 from .. import __version__
-from ..errors import ConfigError
+from ..coordinator.client import CoordinatorClient
+from ..errors import ConfigError, JupyterIOError
 from ..identity import DEFAULT_KEYPAIR_PATH
 from ..kernelspec import lease_kernel_json, validate_coordinator_url
 from .billing import LeaseBook
@@ -293,7 +296,7 @@ class JupyterIOExtension(ExtensionApp):
         if not name.startswith(SPEC_PREFIX) or len(name) == len(SPEC_PREFIX):
             return None
         gpu = name[len(SPEC_PREFIX) :]
-        return lease_kernel_json(
+        spec = lease_kernel_json(
             self.coordinator_url,
             str(Path(self.keypair_path).expanduser().absolute()),
             f"Python 3 · {gpu} · jupyter-io",
@@ -301,6 +304,10 @@ class JupyterIOExtension(ExtensionApp):
             max_price_per_hour=self.preferences.max_price_per_hour,
             region=self.preferences.region,
         )
+        if self.preferences.session_budget_hours is not None:
+            config = spec["metadata"]["kernel_provisioner"]["config"]
+            config["max_session_hours"] = self.preferences.session_budget_hours
+        return spec
 
     # -- what the handlers serve -----------------------------------------------------------
 
@@ -335,6 +342,54 @@ class JupyterIOExtension(ExtensionApp):
             "preferences": self.preferences.to_json(),
             "gpu_kernelspecs": self.kernel_spec_manager is not None,
         }
+
+    async def wallet_json(self) -> dict[str, Any]:
+        """The body of ``GET /jupyter-io/wallet``; the ledger is the coordinator's (its
+        ``solana_url``, the embedded one at ``{coordinator}/solana`` by default) unless
+        ``solana_rpc_url`` names another."""
+        await self._find_ledger()
+        return await self.wallet.info()
+
+    async def airdrop(self, lamports: int) -> str:
+        await self._find_ledger()
+        return await self.wallet.airdrop(lamports)
+
+    async def _find_ledger(self) -> None:
+        if self.wallet.rpc_url or self.solana_rpc_url or not self.coordinator_url:
+            return
+        client = CoordinatorClient(self.coordinator_url, timeout=self.coordinator_timeout)
+        try:
+            payments = await client.payments()
+        except JupyterIOError as exc:
+            self.log.debug("jupyter-io: cannot ask the coordinator for its ledger: %s", exc)
+            return  # asked again next time
+        finally:
+            client.close()
+        if payments.solana_url:
+            self.wallet.rpc_url = payments.solana_url
+            self.log.info(
+                "jupyter-io: the wallet's ledger is the coordinator's, %s", payments.solana_url
+            )
+
+    async def top_up(self, kernel_id: str, lamports: int) -> dict[str, Any]:
+        """Add ``lamports`` from the wallet to the escrow of kernel ``kernel_id``'s lease
+        (one transaction the user signs) and have the coordinator count it; returns the
+        kernel's session row. Raises KeyError for a kernel that is not a running remote one,
+        :class:`~jupyter_io.errors.PaymentError` (:class:`InsufficientFunds` when the wallet
+        is short) when the escrow cannot be topped up."""
+        assert self.serverapp is not None
+        manager = self.serverapp.kernel_manager
+        km = manager.get_kernel(kernel_id) if kernel_id in manager else None
+        provisioner = getattr(km, "provisioner", None)
+        if not isinstance(provisioner, RemoteKernelProvisioner) or provisioner.lease is None:
+            raise KeyError(kernel_id)
+        await provisioner.lease.top_up(lamports)
+        self.lease_book.invalidate()
+        body = await self.sessions_json()
+        for row in body["sessions"]:
+            if row["kernel_id"] == kernel_id:
+                return dict(row)
+        raise KeyError(kernel_id)
 
     def set_preferences(self, body: Any) -> Preferences:
         """Validate, store and apply new preferences (the GPU kernelspecs follow at once)."""

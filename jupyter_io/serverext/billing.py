@@ -75,6 +75,10 @@ class LeaseBook:
             await asyncio.shield(self._inflight)
         return self.leases
 
+    def invalidate(self) -> None:
+        """Fetch afresh at the next :meth:`get` (after a top-up, say)."""
+        self._fetched = float("-inf")
+
     def _clear_inflight(self, future: asyncio.Future[None]) -> None:
         if self._inflight is future:
             self._inflight = None

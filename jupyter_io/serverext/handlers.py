@@ -6,6 +6,7 @@
 ``GET  wallet``                         address, balance (when a Solana RPC is configured)
 ``POST wallet/airdrop``                 test SOL from the ledger (local ledger, devnet)
 ``GET  sessions``                       remote kernels: GPU, elapsed, cost, escrow left
+``POST sessions/{kernel_id}/topup``     add to a kernel's escrow from the wallet
 ``GET  progress[?since=T]``             recent kernel starts, step by step
 ``GET  progress/{kernel_id}``           one kernel's start
 ======================================  ==================================================
@@ -14,7 +15,8 @@ Every handler needs a logged-in user (``@web.authenticated``) allowed to act on 
 ``jupyter_io`` resource (``@authorized``). Errors are Jupyter's JSON errors
 (``{"message", "reason"}``) with a message that says what to do: 502 when the coordinator
 cannot be reached, 503 when none is configured, 409 when the wallet has no keypair or
-ledger to act with, 400 for invalid input. The handlers only
+ledger to act with (or an escrow cannot be topped up), 402 when the wallet is short, 400
+for invalid input. The handlers only
 translate HTTP; the work is done by the services on the extension
 (:class:`~jupyter_io.serverext.app.JupyterIOExtension`).
 """
@@ -30,7 +32,7 @@ from jupyter_server.extension.handler import ExtensionHandlerMixin
 from jupyter_server.utils import url_path_join
 from tornado import web
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InsufficientFunds, JupyterIOError, PaymentError
 from .offers import CoordinatorUnavailable, NoCoordinator
 from .preferences import PreferencesError
 from .wallet import WalletError
@@ -104,7 +106,7 @@ class WalletHandler(_Handler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        self.reply(await self.io.wallet.info())
+        self.reply(await self.io.wallet_json())
 
 
 class AirdropHandler(_Handler):
@@ -121,7 +123,7 @@ class AirdropHandler(_Handler):
         ):
             raise web.HTTPError(400, f'send {{"lamports": N}} with 0 < N <= {MAX_AIRDROP_LAMPORTS}')
         try:
-            signature = await self.io.wallet.airdrop(lamports)
+            signature = await self.io.airdrop(lamports)
         except ConfigError as exc:
             raise web.HTTPError(409, str(exc)) from None
         except WalletError as exc:
@@ -136,6 +138,31 @@ class SessionsHandler(_Handler):
         """``{"sessions": [...], "stopped": [...], "billing_error", "now": T}`` (see
         :func:`~.sessions.session_json` and :func:`~.sessions.stopped_json`)."""
         self.reply(await self.io.sessions_json())
+
+
+class TopUpHandler(_Handler):
+    @web.authenticated
+    @authorized
+    async def post(self, kernel_id: str) -> None:
+        """Body ``{"lamports": N}``: add N from the wallet to the kernel's escrow; answers
+        the kernel's session row with the coordinator's new deposit."""
+        body = self.json_body()
+        lamports = body.get("lamports") if isinstance(body, dict) else None
+        if isinstance(lamports, bool) or not isinstance(lamports, int) or lamports <= 0:
+            raise web.HTTPError(400, 'send {"lamports": N} with N > 0')
+        try:
+            row = await self.io.top_up(kernel_id, lamports)
+        except KeyError:
+            raise web.HTTPError(
+                404, f"kernel {kernel_id} is not a running jupyter-io kernel with a lease"
+            ) from None
+        except InsufficientFunds as exc:
+            raise web.HTTPError(402, str(exc)) from None
+        except PaymentError as exc:
+            raise web.HTTPError(409, str(exc)) from None
+        except JupyterIOError as exc:
+            raise web.HTTPError(502, str(exc)) from None
+        self.reply(row)
 
 
 class ProgressListHandler(_Handler):
@@ -175,6 +202,7 @@ def handlers() -> list[tuple[str, type[_Handler]]]:
         (("wallet",), WalletHandler),
         (("wallet", "airdrop"), AirdropHandler),
         (("sessions",), SessionsHandler),
+        (("sessions", r"(?P<kernel_id>[\w-]+)", "topup"), TopUpHandler),
         (("progress",), ProgressListHandler),
         (("progress", r"(?P<kernel_id>[\w-]+)"), ProgressHandler),
     ]

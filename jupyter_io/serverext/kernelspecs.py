@@ -127,6 +127,11 @@ def gpu_kernelspecs(
             max_price_per_hour=preferences.max_price_per_hour,
             region=preferences.region,
         )
+        if preferences.session_budget_hours is not None:
+            # The escrow's deposit covers the session budget (price * hours).
+            spec["metadata"]["kernel_provisioner"]["config"]["max_session_hours"] = (
+                preferences.session_budget_hours
+            )
         spec["metadata"]["jupyter_io"] = {
             "gpu": gpu,
             "display": row.get("display") or gpu,
