@@ -1,7 +1,7 @@
 """GPU kernels paid from an escrow, through the server extension: an escrow coordinator with
 its embedded ledger (``{coordinator}/solana``), a provider host, a funded user wallet. The
 wallet finds the coordinator's ledger by itself; a kernel's session shows its escrow
-(deposit = price × the session budget) and what is left of it; a top-up raises the deposit;
+(deposit = price * the session budget) and what is left of it; a top-up raises the deposit;
 the coordinator stopping a kernel whose deposit is spent is reported with what to do; an
 unfunded wallet fails plainly."""
 
@@ -117,7 +117,7 @@ async def test_a_kernel_shows_its_escrow_falling_and_a_top_up_raises_it(
     fetch_json: Any, jp_serverapp: Any, market: Market, user_keypair_path: Path
 ) -> None:
     await airdrop(market, user_keypair_path, LAMPORTS_PER_SOL)
-    # A budget of 0.05 h: the escrow holds price × 0.05 h = 0.006 SOL.
+    # A budget of 0.05 h: the escrow holds price * 0.05 h = 0.006 SOL.
     await fetch_json("jupyter-io", "preferences", method="PUT", body={"session_budget_hours": 0.05})
     kernel_id, km = await start(fetch_json, jp_serverapp)
     try:
