@@ -201,7 +201,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     rows = asyncio.run(run(args))
     print(
-        f"\n## escrow vs free kernel start ({time.perf_counter() - started:.0f} s)\n{render(rows)}"
+        f"\n## escrow vs free kernel start ({time.perf_counter() - started:.0f} s)\n{table(rows)}"
     )
     print(f"# load after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:

@@ -32,6 +32,8 @@ then calls no hook at all.
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from dataclasses import dataclass, replace
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
@@ -66,6 +68,7 @@ __all__ = [
     "PaymentHook",
     "SessionTerms",
     "SolanaEscrowHook",
+    "close_ledger_clients",
 ]
 
 #: The embedded ledger a coordinator on this machine serves (its default port, ``/solana``).
@@ -170,6 +173,30 @@ class EscrowInfo:
             int(body.get("fee") or 0),
             bool(body.get("verified")),
         )
+
+
+#: The escrow clients of :class:`SolanaEscrowHook`, by event loop and ledger URL.
+_CLIENTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, EscrowClient]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _shared_client(url: str) -> EscrowClient:
+    """This event loop's client of the ledger at ``url`` (an HTTP client is bound to the loop
+    it first ran on)."""
+    clients = _CLIENTS.setdefault(asyncio.get_running_loop(), {})
+    client = clients.get(url)
+    if client is None:
+        client = clients[url] = EscrowClient.connect(url)
+    return client
+
+
+async def close_ledger_clients() -> None:
+    """Close this event loop's shared escrow clients (before the loop ends, e.g. at the end
+    of a command's ``asyncio.run``)."""
+    clients = _CLIENTS.pop(asyncio.get_running_loop(), {})
+    for client in clients.values():
+        await client.close()
 
 
 class PaymentHook(LoggingConfigurable):
@@ -299,9 +326,12 @@ class SolanaEscrowHook(PaymentHook):
 
     @property
     def client(self) -> EscrowClient:
-        """The escrow client for :attr:`ledger_url` (created on first use)."""
+        """The escrow client for :attr:`ledger_url`: one per ledger and event loop, shared by
+        every hook (session) of this process. Building one costs ~20 ms (its HTTP client's TLS
+        context), and its caches (rents, multisigs known to exist, a recent blockhash) serve
+        every later session."""
         if self._client is None:
-            self._client = EscrowClient.connect(self.ledger_url)
+            self._client = _shared_client(self.ledger_url)
         return self._client
 
     async def open(self, session: SessionTerms) -> EscrowInfo:
@@ -411,9 +441,8 @@ class SolanaEscrowHook(PaymentHook):
         )
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        # The client is shared (see client): it lives as long as its event loop.
+        self._client = None
 
 
 class FreeHook(PaymentHook):

@@ -33,7 +33,13 @@ from ..errors import ConfigError, PaymentError
 from ..identity import DEFAULT_KEYPAIR_PATH, load_keypair
 from .amounts import format_sol, parse_sol
 from .escrow import EscrowClient, EscrowTerms
-from .hooks import DEFAULT_SOLANA_URL, EscrowInfo, SessionTerms, SolanaEscrowHook
+from .hooks import (
+    DEFAULT_SOLANA_URL,
+    EscrowInfo,
+    SessionTerms,
+    SolanaEscrowHook,
+    close_ledger_clients,
+)
 
 __all__ = ["ACTIONS", "WalletApp", "history_json", "history_text"]
 
@@ -341,6 +347,7 @@ jupyter io wallet refund 3f2a9c"""
                 )
             finally:
                 await hook.close()
+                await close_ledger_clients()
             if signature is None:
                 print(f"Lease {lease_id}: its escrow was closed already; nothing to refund")
                 return
