@@ -1,0 +1,801 @@
+"""Paid kernels end to end: a coordinator subprocess in escrow mode with its embedded ledger
+(LiteSVM behind ``{coordinator}/solana``), provider host subprocesses linked to it, real
+ipykernels through the tunnel, and real transactions: the provisioner opens each lease's
+escrow with the user's wallet before any kernel starts, the coordinator settles it when the
+lease ends, and a lost provider's escrow is refunded (user + arbiter co-sign).
+
+Every scenario checks conservation with balances read on-chain: nothing moves but what the
+provider was paid, what came back to the user, what is still in escrow, the multisig's
+one-time rent, and the fees the chain charged (read from each transaction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+from solders.keypair import Keypair
+from solders.pubkey import Pubkey
+from solders.signature import Signature
+from traitlets.config import Config
+
+from jupyter_io.coordinator.client import CoordinatorClient, CoordinatorPaymentError, LeaseInfo
+from jupyter_io.errors import InsufficientFunds, KernelLaunchError, PaymentError
+from jupyter_io.identity import write_keypair
+from jupyter_io.payments.amounts import LAMPORTS_PER_SOL, format_sol
+from jupyter_io.payments.escrow import EscrowClient, EscrowTerms
+from kernel_provisioner.lease import BudgetExhausted, LeaseUnaffordable
+from kernel_provisioner.provisioner import RemoteKernelProvisioner
+
+RTX_PRICE = 120_000_000  # the relayed provider's RTX 4090: 0.12 SOL/h
+#: Every coordinator of this module: escrow payments, a provider lost after 1.5 s of
+#: silence, settlements retried briskly, and escrows accepted from one second's worth.
+ESCROW_ARGS = (
+    "--CoordinatorConfig.payments=escrow",
+    "--heartbeat-interval",
+    "0.5",
+    "--CoordinatorConfig.settle_retry_interval=0.2",
+    "--CoordinatorConfig.min_deposit_seconds=1",
+)
+SETTLE_TIMEOUT = 30.0
+JUPYTER_IO = str(Path(sys.executable).with_name("jupyter-io"))
+
+
+# -- the ledger, as the tests read it ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Lamports of every account a session's escrow can touch."""
+
+    user: int
+    provider: int
+    provider_wsol: int
+    arbiter: int
+    multisig: int
+    escrow: int
+
+    @property
+    def total(self) -> int:
+        return sum(
+            (self.user, self.provider, self.provider_wsol, self.arbiter, self.multisig,
+             self.escrow)
+        )  # fmt: skip
+
+
+class Ledger:
+    """The coordinator's embedded ledger through its JSON-RPC endpoint (as any client)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.escrow = EscrowClient.connect(url)
+
+    async def close(self) -> None:
+        await self.escrow.close()
+
+    async def snapshot(self, terms: EscrowTerms) -> Snapshot:
+        keys = [
+            terms.user, terms.provider, terms.provider_wsol, terms.arbiter, terms.multisig,
+            terms.escrow,
+        ]  # fmt: skip
+        accounts = (await self.escrow.client.get_multiple_accounts(keys)).value
+        return Snapshot(*[a.lamports if a is not None else 0 for a in accounts])
+
+    async def fees(self, signatures: Iterable[str | None]) -> dict[Pubkey, int]:
+        """What the chain charged for each transaction, by fee payer."""
+        charged: dict[Pubkey, int] = {}
+        for text in signatures:
+            if text is None:
+                continue
+            resp = await self.escrow.client.get_transaction(
+                Signature.from_string(text), encoding="base64", max_supported_transaction_version=0
+            )
+            assert resp.value is not None, f"{text} is unknown to the ledger"
+            tx = resp.value.transaction
+            assert tx.meta is not None and tx.meta.err is None, tx.meta
+            payer = tx.transaction.message.account_keys[0]
+            charged[payer] = charged.get(payer, 0) + tx.meta.fee
+        return charged
+
+    async def assert_conserved(
+        self,
+        terms: EscrowTerms,
+        before: Snapshot,
+        after: Snapshot,
+        *,
+        paid_to_provider: int,
+        signatures: Iterable[str | None],
+        other_fees: dict[Pubkey, int] | None = None,
+    ) -> dict[Pubkey, int]:
+        """The conservation invariant of the payments contract (section 5); ``other_fees``:
+        those of transactions whose signature the test does not know."""
+        fees = await self.fees(signatures)
+        for payer, fee in (other_fees or {}).items():
+            fees[payer] = fees.get(payer, 0) + fee
+        assert set(fees) <= {terms.user, terms.provider, terms.arbiter}, fees
+        # Nothing created or destroyed but the fees the chain burnt.
+        assert after.total == before.total - sum(fees.values())
+        # The provider gains exactly its pay, less the fees it paid (its wSOL account's rent
+        # moves from its wallet into that account: still the provider's).
+        provider_gain = (after.provider + after.provider_wsol) - (
+            before.provider + before.provider_wsol
+        )
+        assert provider_gain == paid_to_provider - fees.get(terms.provider, 0)
+        assert after.arbiter - before.arbiter == -fees.get(terms.arbiter, 0)
+        # The user's loss: the provider's pay, what is still in escrow, the multisig's rent
+        # (first session of the triple), the fees it paid.
+        assert before.user - after.user == (
+            paid_to_provider
+            + (after.escrow - before.escrow)
+            + (after.multisig - before.multisig)
+            + fees.get(terms.user, 0)
+        )
+        return fees
+
+
+# -- a paid marketplace ---------------------------------------------------------------------
+
+
+@dataclass
+class PaidMarket:
+    """A :class:`Market` whose coordinator runs in escrow mode, its parties funded."""
+
+    market: Any
+    arbiter: Pubkey
+
+    @property
+    def url(self) -> str:
+        return str(self.market.coordinator.url)
+
+    @property
+    def solana_url(self) -> str:
+        return f"{self.url}/solana"
+
+    def client(self) -> Any:
+        return self.market.client()
+
+    def terms(self, user: Pubkey, provider: str, lease: str) -> EscrowTerms:
+        return EscrowTerms(user, Pubkey.from_string(provider), self.arbiter, lease)
+
+
+async def fund_parties(market: Any) -> PaidMarket:
+    """Airdrop the market's user 2 SOL and each provider 0.1 SOL (they pay the settlement's
+    fees and their wSOL account's rent) on the coordinator's embedded ledger."""
+    arbiter = Pubkey.from_string(_get_json(f"{market.coordinator.url}/api/v1/info")["arbiter"])
+    async with EscrowClient.connect(f"{market.coordinator.url}/solana") as escrow:
+        await escrow.airdrop(market.user.pubkey(), 2 * LAMPORTS_PER_SOL)
+        for host in (market.relayed, market.direct):
+            await escrow.airdrop(Pubkey.from_string(host.pubkey), LAMPORTS_PER_SOL // 10)
+    return PaidMarket(market, arbiter)
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def paid(start_module_market: Any) -> PaidMarket:
+    """One escrow marketplace for the module (its relay without a proxy)."""
+    return asyncio.run(fund_parties(start_module_market(*ESCROW_ARGS)))
+
+
+@pytest.fixture
+async def ledger(paid: PaidMarket) -> AsyncIterator[Ledger]:
+    chain = Ledger(paid.solana_url)
+    try:
+        yield chain
+    finally:
+        await chain.close()
+
+
+async def settled(paid: PaidMarket, lease_id: str, timeout: float = SETTLE_TIMEOUT) -> LeaseInfo:
+    """The lease once the coordinator's settlement of it is done (the worker retries on a
+    timer and publishes no event a test could await: poll its record)."""
+    client = paid.client()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = await client.get_lease(lease_id)
+            billing = info.billing
+            settlement = billing.settlement if billing is not None else None
+            if settlement is not None and settlement.state == "done":
+                return info
+            if time.monotonic() > deadline:
+                raise AssertionError(f"lease {lease_id} not settled in {timeout} s: {billing}")
+            await asyncio.sleep(0.1)
+    finally:
+        client.close()
+
+
+async def lease_info(paid: PaidMarket, lease_id: str, user: Keypair | None = None) -> LeaseInfo:
+    """The lease's record, read as its user (the market's unless ``user``)."""
+    client = paid.client() if user is None else CoordinatorClient(paid.url, user, timeout=15)
+    try:
+        return await client.get_lease(lease_id)
+    finally:
+        client.close()
+
+
+def _steps(prov: RemoteKernelProvisioner) -> list[str]:
+    return [event.step.value for event in prov.progress]
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        JUPYTER_IO, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+# -- a session, from escrow to settlement ----------------------------------------------------
+
+
+async def test_a_paid_session_escrows_before_the_kernel_and_settles_exactly(
+    paid: PaidMarket, ledger: Ledger, kernelspecs: Any, start_kernel: Any, cells: Any
+) -> None:
+    market = paid.market
+    user = market.user.pubkey()
+    terms_of = paid.terms  # the escrow's parties, once the lease is known
+    name = kernelspecs.install_lease("paid-rtx", paid.url, market.user_keypair_path, gpu="RTX 4090")
+    # Every account the session can touch is known before the lease but the escrow's, which
+    # does not exist yet: a probe lease's terms snapshot the same balances.
+    before = await ledger.snapshot(terms_of(user, market.relayed.pubkey, "probe"))
+    assert before.escrow == 0
+
+    km = await start_kernel(name)
+    prov: Any = km.provisioner
+    grant = prov.lease.grant
+    assert grant.provider == market.relayed.pubkey and grant.price_lamports_per_hour == RTX_PRICE
+    # Paid before the kernel started: the escrow step comes between lease and launch.
+    assert _steps(prov) == ["queued", "leased", "escrowed", "launching", "ready"]
+    escrowed = next(e for e in prov.progress if e.step.value == "escrowed")
+    terms = terms_of(user, grant.provider, grant.lease)
+    assert escrowed.details["escrow"] == str(terms.escrow)
+    assert escrowed.details["deposit_lamports"] == RTX_PRICE  # 1 h, the default budget
+    state = await ledger.escrow.verify_escrow(terms, RTX_PRICE)
+    assert state.amount == RTX_PRICE
+    setup = escrowed.details["escrow_signature"]
+    assert setup is not None
+    # The setup is the only transaction so far, the user's.
+    during = await ledger.snapshot(terms)
+    fees = await ledger.assert_conserved(
+        terms, before, during, paid_to_provider=0, signatures=[setup]
+    )
+    assert fees == {user: 5_000}, "one signature, the user's"
+
+    # The escrow travels with the provisioner's saved state (no key in it).
+    saved = json.loads(json.dumps(await prov.get_provisioner_info()))
+    assert saved["lease"]["escrow_account"]["address"] == str(terms.escrow)
+    assert saved["lease"]["escrow_account"]["signature"] == setup
+    assert "secret" not in json.dumps(saved).lower()
+
+    kc = await cells.connect(km)
+    try:
+        ex = await cells.run(kc, "import time; time.sleep(2.5); print(6 * 7)")
+        assert ex.stream() == "42\n"
+    finally:
+        kc.stop_channels()
+    billing_live = (await lease_info(paid, grant.lease)).billing
+    assert billing_live is not None and billing_live.escrow == str(terms.escrow)
+    assert billing_live.escrow_signature == setup and billing_live.deposit_lamports == RTX_PRICE
+
+    provider = Pubkey.from_string(grant.provider)
+    wsol_before = await ledger.escrow.wsol_balance(provider)
+    await asyncio.wait_for(km.shutdown_kernel(), 30)
+    info = await settled(paid, grant.lease)
+    assert info.state == "ended"
+    billing = info.billing
+    assert billing is not None and billing.settlement is not None
+    settlement = billing.settlement
+    assert settlement.kind == "settle"
+    # Billed: at least the seconds the cell slept, and exactly price * seconds // 3600.
+    assert billing.billed_seconds >= 2
+    assert settlement.amount_lamports == billing.spent_lamports
+    assert billing.spent_lamports == RTX_PRICE * billing.billed_seconds // 3600
+    after = await ledger.snapshot(terms)
+    assert after.escrow == 0, "the escrow is closed"
+    assert await ledger.escrow.wsol_balance(provider) - wsol_before == (
+        settlement.amount_lamports
+    ), "the provider's wSOL gained exactly the billed amount"
+    fees = await ledger.assert_conserved(
+        terms,
+        before,
+        after,
+        paid_to_provider=settlement.amount_lamports,
+        signatures=[setup, settlement.signature],
+    )
+    assert fees[user] == 5_000, "the user signs nothing at settlement, only the setup"
+    # The user got back the deposit less the bill, and the escrow's rent.
+    assert after.user - during.user == RTX_PRICE - settlement.amount_lamports + (
+        state.lamports - state.amount
+    )
+
+    # The wallet's history shows the session, exact in lamports with --json.
+    code, out, err = await run_cli(
+        "wallet", "history", "--json", "--coordinator", paid.url,
+        "--keypair", str(market.user_keypair_path),
+    )  # fmt: skip
+    assert code == 0, err
+    (row,) = [r for r in json.loads(out) if r["lease"] == grant.lease]
+    assert row["escrow"] == str(terms.escrow) and row["escrow_signature"] == setup
+    assert row["billed_seconds"] == billing.billed_seconds
+    assert row["settlement"]["signature"] == settlement.signature
+    assert row["refunded_lamports"] == RTX_PRICE - settlement.amount_lamports
+    code, out, err = await run_cli(
+        "wallet", "history", "--coordinator", paid.url, "--keypair", str(market.user_keypair_path)
+    )
+    assert code == 0, err
+    assert f"lease {grant.lease} · RTX 4090 · ended · 0.12 SOL/h" in out
+    assert f"settled   done · paid {format_sol(settlement.amount_lamports)}" in out
+
+
+async def test_a_restart_keeps_the_lease_and_its_escrow(
+    paid: PaidMarket, ledger: Ledger, kernelspecs: Any, start_kernel: Any, cells: Any
+) -> None:
+    market = paid.market
+    name = kernelspecs.install_lease(
+        "paid-restart", paid.url, market.user_keypair_path, gpu="RTX 4090"
+    )
+    km = await start_kernel(name)
+    prov: Any = km.provisioner
+    grant = prov.lease.grant
+    escrow = prov.lease.escrow
+    terms = paid.terms(market.user.pubkey(), grant.provider, grant.lease)
+    during = await ledger.snapshot(terms)
+    kc = await cells.connect(km)
+    try:
+        assert (await cells.run(kc, "x = 'before'")).status == "ok"
+        await asyncio.wait_for(km.restart_kernel(), 60)
+        assert prov.lease.grant.lease == grant.lease
+        assert prov.lease.escrow.address == escrow.address == terms.escrow
+        assert _steps(prov).count("escrowed") == 1, "a restart pays nothing more"
+        assert await ledger.snapshot(terms) == during, "not a lamport moved for the restart"
+        await kc.wait_for_ready(timeout=30)
+        assert (await cells.run(kc, "x")).status == "error"  # a fresh kernel
+        assert (await cells.run(kc, "print('after restart')")).stream() == "after restart\n"
+    finally:
+        kc.stop_channels()
+
+    await asyncio.wait_for(km.shutdown_kernel(), 30)
+    info = await settled(paid, grant.lease)
+    assert info.billing is not None and info.billing.settlement is not None
+    settlement = info.billing.settlement
+    after = await ledger.snapshot(terms)
+    assert after.escrow == 0
+    await ledger.assert_conserved(
+        terms, during, after, paid_to_provider=settlement.amount_lamports,
+        signatures=[settlement.signature],
+    )  # fmt: skip
+
+
+async def test_a_top_up_raises_the_deposit_the_coordinator_counts(
+    paid: PaidMarket, ledger: Ledger, kernelspecs: Any, start_kernel: Any
+) -> None:
+    market = paid.market
+    name = kernelspecs.install_lease(
+        "paid-top-up", paid.url, market.user_keypair_path, gpu="RTX 4090", max_session_hours=0.5
+    )
+    km = await start_kernel(name)
+    grant = km.provisioner.lease.grant
+    terms = paid.terms(market.user.pubkey(), grant.provider, grant.lease)
+    during = await ledger.snapshot(terms)
+    assert (await ledger.escrow.verify_escrow(terms, 0)).amount == RTX_PRICE // 2
+
+    code, out, err = await run_cli(
+        "wallet", "topup", grant.lease, "0.01", "--coordinator", paid.url,
+        "--keypair", str(market.user_keypair_path),
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"Topped up lease {grant.lease} by 0.01 SOL" in out
+    total = RTX_PRICE // 2 + LAMPORTS_PER_SOL // 100
+    assert (await ledger.escrow.verify_escrow(terms, total)).amount == total
+    billing = (await lease_info(paid, grant.lease)).billing
+    assert billing is not None and billing.deposit_lamports == total
+    top_up_signature = out.split("(signature ")[1].split(")")[0]
+    topped = await ledger.snapshot(terms)
+    await ledger.assert_conserved(
+        terms, during, topped, paid_to_provider=0, signatures=[top_up_signature]
+    )
+
+    await asyncio.wait_for(km.shutdown_kernel(), 30)
+    info = await settled(paid, grant.lease)
+    assert info.billing is not None and info.billing.settlement is not None
+    settlement = info.billing.settlement
+    after = await ledger.snapshot(terms)
+    assert after.escrow == 0
+    await ledger.assert_conserved(
+        terms, during, after, paid_to_provider=settlement.amount_lamports,
+        signatures=[top_up_signature, settlement.signature],
+    )  # fmt: skip
+
+
+async def test_another_process_takes_over_the_lease_and_its_escrow(
+    paid: PaidMarket, ledger: Ledger, kernelspecs: Any, start_kernel: Any, cells: Any
+) -> None:
+    market = paid.market
+    name = kernelspecs.install_lease(
+        "paid-reattach", paid.url, market.user_keypair_path, gpu="RTX 4090"
+    )
+    km = await start_kernel(name)
+    prov: Any = km.provisioner
+    grant, escrow = prov.lease.grant, prov.lease.escrow
+    terms = paid.terms(market.user.pubkey(), grant.provider, grant.lease)
+    during = await ledger.snapshot(terms)
+    info = json.loads(json.dumps(await prov.get_provisioner_info()))
+    await prov.detach()
+    km.provisioner = None  # the fixture has nothing left to shut down
+
+    km2 = AsyncKernelManager(kernel_name=name)
+    prov2 = RemoteKernelProvisioner(
+        kernel_id=info["kernel_id"], kernel_spec=km2.kernel_spec,
+        keypair_path=str(market.user_keypair_path),
+    )  # fmt: skip
+    await prov2.load_provisioner_info(info)
+    try:
+        assert prov2.lease is not None and prov2.lease.escrow == escrow
+        # The new process acts on the escrow the first one opened: a top-up.
+        funded = await prov2.top_up(LAMPORTS_PER_SOL // 100)
+        assert funded.billing is not None
+        assert funded.billing.deposit_lamports == RTX_PRICE + LAMPORTS_PER_SOL // 100
+        km2.provisioner = prov2
+        km2.load_connection_info(prov2.connection_info)
+        kc = await cells.connect(km2)
+        try:
+            assert (await cells.run(kc, "print('reattached')")).stream() == "reattached\n"
+        finally:
+            kc.stop_channels()
+    finally:
+        await prov2.cleanup(restart=False)
+    settled_info = await settled(paid, grant.lease)
+    assert settled_info.billing is not None and settled_info.billing.settlement is not None
+    settlement = settled_info.billing.settlement
+    after = await ledger.snapshot(terms)
+    assert after.escrow == 0
+    top_up = [e for e in prov2.progress if e.step.value == "escrowed"]
+    assert top_up == [], "the new process opened no escrow of its own"
+    await ledger.assert_conserved(
+        terms, during, after, paid_to_provider=settlement.amount_lamports,
+        signatures=[settlement.signature], other_fees={terms.user: 5_000},  # the top-up's
+    )  # fmt: skip
+
+
+# -- no kernel without funds -----------------------------------------------------------------
+
+
+async def test_a_wallet_too_poor_starts_no_kernel_and_says_what_it_needs(
+    paid: PaidMarket, ledger: Ledger, kernelspecs: Any, tmp_path: Path
+) -> None:
+    market = paid.market
+    poor = Keypair()
+    held = LAMPORTS_PER_SOL // 100  # 0.01 SOL, the escrow needs 0.12 and rent
+    await ledger.escrow.airdrop(poor.pubkey(), held)
+    path = write_keypair(poor, tmp_path / "poor.json")
+    name = kernelspecs.install_lease("paid-poor", paid.url, path, gpu="RTX 4090")
+    kernels_before = len(market.relayed.descendants())
+
+    km = AsyncKernelManager(kernel_name=name)
+    with pytest.raises(KernelLaunchError) as caught:
+        await asyncio.wait_for(km.start_kernel(), 60)
+    exc = caught.value
+    assert isinstance(exc, LeaseUnaffordable) and isinstance(exc, InsufficientFunds)
+    message = str(exc)
+    assert "escrow needs 0.12" in message, message
+    assert f"wallet {poor.pubkey()} holds 0.01 SOL" in message, message
+    assert "airdrop" in message
+    prov: Any = km.provisioner
+    # The progress board's error says the same.
+    assert prov.progress[-1].step.value == "failed" and prov.progress[-1].message == message
+    assert "escrowed" not in _steps(prov) and "launching" not in _steps(prov)
+    # No kernel, no session, no lease left; not a lamport moved (no transaction was sent).
+    assert prov.tunnel is None and prov.lease is None
+    assert len(market.relayed.descendants()) == kernels_before
+    lease_id = next(e for e in prov.progress if e.step.value == "leased").details["lease"]
+    info = await lease_info(paid, lease_id, poor)
+    assert info.state == "ended" and not info.live
+    assert (await ledger.escrow.balance(poor.pubkey())) == held
+
+
+async def test_an_unreachable_ledger_is_a_clear_error_and_leaves_no_lease(
+    paid: PaidMarket, ledger: Ledger, kernelspecs: Any
+) -> None:
+    market = paid.market
+    url = f"http://127.0.0.1:{_closed_port()}/solana"
+    name = kernelspecs.install_lease(
+        "paid-no-rpc", paid.url, market.user_keypair_path, gpu="RTX 4090"
+    )
+    user = market.user.pubkey()
+    held = await ledger.escrow.balance(user)
+    km = AsyncKernelManager(
+        kernel_name=name, config=Config({"SolanaEscrowHook": {"solana_url": url}})
+    )
+    with pytest.raises(KernelLaunchError) as caught:
+        await asyncio.wait_for(km.start_kernel(), 60)
+    assert isinstance(caught.value, PaymentError)
+    message = str(caught.value)
+    assert f"cannot reach the Solana RPC at {url}" in message, message
+    assert "Solana URL" in message
+    prov: Any = km.provisioner
+    assert prov.progress[-1].step.value == "failed"
+    lease_id = next(e for e in prov.progress if e.step.value == "leased").details["lease"]
+    assert (await lease_info(paid, lease_id)).state == "ended"
+    assert prov.lease is None and prov.tunnel is None
+    assert await ledger.escrow.balance(user) == held
+
+
+async def test_a_free_hook_refuses_a_paid_lease(
+    paid: PaidMarket, ledger: Ledger, kernelspecs: Any
+) -> None:
+    """FreeHook is never a way around paying: configured against an escrow coordinator, the
+    start fails and the lease ends."""
+    market = paid.market
+    name = kernelspecs.install_lease(
+        "paid-free-hook", paid.url, market.user_keypair_path, gpu="RTX 4090",
+        payment_hook_class="jupyter_io.payments.hooks.FreeHook",
+    )  # fmt: skip
+    km = AsyncKernelManager(kernel_name=name, config=Config({"FreeHook": {"allow_free": True}}))
+    with pytest.raises(Exception, match="FreeHook serves only free pools"):
+        await asyncio.wait_for(km.start_kernel(), 60)
+    prov: Any = km.provisioner
+    lease_id = next(e for e in prov.progress if e.step.value == "leased").details["lease"]
+    assert (await lease_info(paid, lease_id)).state == "ended"
+
+
+async def test_a_budget_below_the_coordinators_minimum_is_refused_before_any_transaction(
+    paid: PaidMarket, ledger: Ledger, kernelspecs: Any
+) -> None:
+    market = paid.market
+    # 0.0001 h = 0.36 s of the price, below the coordinator's minimum of one second's.
+    name = kernelspecs.install_lease(
+        "paid-tiny", paid.url, market.user_keypair_path, gpu="RTX 4090",
+        max_session_hours=0.0001,
+    )  # fmt: skip
+    user = market.user.pubkey()
+    held = await ledger.escrow.balance(user)
+    km = AsyncKernelManager(kernel_name=name)
+    with pytest.raises(LeaseUnaffordable) as caught:
+        await asyncio.wait_for(km.start_kernel(), 60)
+    message = str(caught.value)
+    minimum = -(-RTX_PRICE // 3600)  # one second's price, rounded up
+    assert f"below the coordinator's minimum deposit of {format_sol(minimum)}" in message
+    assert "max_session_hours" in message
+    prov: Any = km.provisioner
+    lease_id = next(e for e in prov.progress if e.step.value == "leased").details["lease"]
+    assert (await lease_info(paid, lease_id)).state == "ended"
+    assert await ledger.escrow.balance(user) == held, "no transaction was sent"
+
+
+async def test_the_coordinator_issues_no_token_before_it_verified_enough_escrow(
+    paid: PaidMarket, ledger: Ledger
+) -> None:
+    """The escrow endpoint through CoordinatorClient: refusals carry the coordinator's
+    message and map to payment errors; a top-up re-verified raises the recorded deposit."""
+    market = paid.market
+    user = market.user
+    client = paid.client()
+    try:
+        grant = await client.request_lease("RTX 4090")
+        assert grant.token is None and grant.needs_escrow and grant.state == "requested"
+        assert grant.escrow is not None and grant.escrow.arbiter == str(paid.arbiter)
+        assert grant.escrow.solana_url == paid.solana_url
+        minimum = grant.escrow.min_deposit_lamports
+        assert minimum == -(-grant.price_lamports_per_hour // 3600)
+        terms = paid.terms(user.pubkey(), grant.provider, grant.lease)
+        before = await ledger.snapshot(terms)
+
+        with pytest.raises(CoordinatorPaymentError) as missing:
+            await client.fund_lease(grant.lease, None)
+        assert (missing.value.status, missing.value.code) == (402, "escrow_missing")
+        with pytest.raises(PaymentError):
+            await client.renew_token(grant.lease)
+
+        opened = await ledger.escrow.open_escrow(
+            user, terms.provider, terms.arbiter, grant.lease, minimum - 1
+        )
+        with pytest.raises(InsufficientFunds) as small:
+            await client.fund_lease(grant.lease, str(opened.signature))
+        assert format_sol(minimum - 1) in str(small.value), str(small.value)
+
+        topped = await ledger.escrow.top_up(terms, 1, user)
+        funded = await client.fund_lease(grant.lease, str(topped.signature))
+        assert funded.token is not None and funded.billing is not None
+        assert funded.billing.deposit_lamports == minimum
+        assert funded.billing.escrow == str(terms.escrow)
+
+        ended = await client.end_lease(grant.lease)
+        assert ended.state == "ended"
+    finally:
+        client.close()
+    # No kernel ever ran: the provider co-signs no settlement of it; the user refunds it.
+    code, out, err = await run_cli(
+        "wallet", "refund", grant.lease, "--coordinator", paid.url,
+        "--keypair", str(market.user_keypair_path),
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"Refunded lease {grant.lease}" in out and "the provider got 0 SOL" in out
+    refund = out.split("(signature ")[1].split(")")[0]
+    info = await settled(paid, grant.lease, timeout=5)
+    assert info.billing is not None and info.billing.settlement is not None
+    assert info.billing.settlement.amount_lamports == 0
+    after = await ledger.snapshot(terms)
+    assert after.escrow == 0
+    fees = await ledger.assert_conserved(
+        terms, before, after, paid_to_provider=0,
+        signatures=[str(opened.signature), str(topped.signature), refund],
+    )  # fmt: skip
+    assert fees == {user.pubkey(): 20_000}, "setup, top-up, and the refund's two signatures"
+
+
+# -- the provider fails --------------------------------------------------------------------
+
+
+async def test_a_lost_provider_is_paid_only_what_it_delivered_and_the_user_refunded(
+    start_market: Any, kernelspecs: Any, start_kernel: Any, cells: Any
+) -> None:
+    market = start_market(*ESCROW_ARGS)
+    own = await fund_parties(market)
+    chain = Ledger(own.solana_url)
+    try:
+        name = kernelspecs.install_lease(
+            "paid-lost", own.url, market.user_keypair_path, gpu="RTX 4090"
+        )
+        km = await start_kernel(name)
+        prov: Any = km.provisioner
+        grant = prov.lease.grant
+        assert grant.provider == market.relayed.pubkey
+        terms = own.terms(market.user.pubkey(), grant.provider, grant.lease)
+        during = await chain.snapshot(terms)
+        kc = await cells.connect(km)
+        try:
+            assert (await cells.run(kc, "import time; time.sleep(1.5)")).status == "ok"
+        finally:
+            kc.stop_channels()
+
+        market.relayed.proc.kill()
+        assert await prov.tunnel.wait_exited(timeout=20) is not None
+        assert not await km.is_alive()
+        await asyncio.wait_for(km.shutdown_kernel(now=True), 60)
+
+        # The provisioner's cleanup refunded: the escrow is closed by a transaction the user
+        # and the arbiter signed, and the coordinator knows.
+        info = await settled(own, grant.lease, timeout=5)
+        assert info.state == "failed"
+        assert info.billing is not None and info.billing.settlement is not None
+        settlement = info.billing.settlement
+        assert settlement.kind == "refund" and settlement.signature is not None
+        after = await chain.snapshot(terms)
+        assert after.escrow == 0
+        fees = await chain.assert_conserved(
+            terms, during, after, paid_to_provider=settlement.amount_lamports,
+            signatures=[settlement.signature],
+        )  # fmt: skip
+        assert fees == {terms.user: 10_000}, "the user pays the refund's two signatures"
+        # The provider's share covers at most the time it ran (here, about the cell's).
+        assert settlement.amount_lamports <= RTX_PRICE * 30 // 3600
+    finally:
+        await chain.close()
+
+
+async def test_a_restart_after_a_lost_provider_pays_a_new_escrow_and_refunds_the_old(
+    start_market: Any, kernelspecs: Any, start_kernel: Any, cells: Any
+) -> None:
+    market = start_market(*ESCROW_ARGS)
+    own = await fund_parties(market)
+    chain = Ledger(own.solana_url)
+    try:
+        name = kernelspecs.install_lease(
+            "paid-relost", own.url, market.user_keypair_path, gpu="RTX 4090"
+        )
+        km = await start_kernel(name)
+        prov: Any = km.provisioner
+        first = prov.lease.grant
+        first_terms = own.terms(market.user.pubkey(), first.provider, first.lease)
+        first_during = await chain.snapshot(first_terms)
+
+        market.relayed.proc.kill()
+        assert await prov.tunnel.wait_exited(timeout=20) is not None
+        await asyncio.wait_for(km.restart_kernel(now=True), 60)
+        second = prov.lease.grant
+        assert second.lease != first.lease and second.provider == market.direct.pubkey
+        second_terms = own.terms(market.user.pubkey(), second.provider, second.lease)
+        assert prov.lease.escrow.address == second_terms.escrow != first_terms.escrow
+        assert _steps(prov).count("escrowed") == 2
+        kc = await cells.connect(km)
+        try:
+            assert (await cells.run(kc, "print('elsewhere')")).stream() == "elsewhere\n"
+        finally:
+            kc.stop_channels()
+
+        # The old escrow is refunded in the background, without holding up the new kernel.
+        first_info = await settled(own, first.lease)
+        first_settlement = first_info.billing.settlement  # type: ignore[union-attr]
+        assert first_settlement is not None and first_settlement.kind == "refund"
+        first_after = await chain.snapshot(first_terms)
+        assert first_after.escrow == 0
+
+        second_during = await chain.snapshot(second_terms)
+        await asyncio.wait_for(km.shutdown_kernel(), 30)
+        second_info = await settled(own, second.lease)
+        second_settlement = second_info.billing.settlement  # type: ignore[union-attr]
+        assert second_settlement is not None and second_settlement.kind == "settle"
+        second_after = await chain.snapshot(second_terms)
+        assert second_after.escrow == 0
+        await chain.assert_conserved(
+            second_terms, second_during, second_after,
+            paid_to_provider=second_settlement.amount_lamports,
+            signatures=[second_settlement.signature],
+        )  # fmt: skip
+        # The first escrow's accounts, which the second session did not touch but for the
+        # user's wallet: checked over the refund alone.
+        assert (
+            first_after.provider
+            + first_after.provider_wsol
+            - (first_during.provider + first_during.provider_wsol)
+            == first_settlement.amount_lamports
+        )
+    finally:
+        await chain.close()
+
+
+# -- the budget ------------------------------------------------------------------------------
+
+
+async def test_a_spent_budget_ends_the_kernel_and_no_restart_leases_again(
+    paid: PaidMarket, ledger: Ledger, kernelspecs: Any
+) -> None:
+    market = paid.market
+    # 0.001 h = 3.6 s of the RTX's price: the coordinator ends the lease after that.
+    name = kernelspecs.install_lease(
+        "paid-budget", paid.url, market.user_keypair_path, gpu="RTX 4090",
+        max_session_hours=0.001,
+    )  # fmt: skip
+    km = AsyncKernelManager(kernel_name=name)
+    await asyncio.wait_for(km.start_kernel(), 60)
+    prov: Any = km.provisioner
+    try:
+        grant = prov.lease.grant
+        deposit = RTX_PRICE // 1000
+        assert prov.lease.escrow.deposit == deposit
+        # The coordinator ends the lease when the deposit is spent; the kernel goes with it.
+        assert await prov.tunnel.wait_exited(timeout=30) is not None
+        info = await lease_info(paid, grant.lease)
+        assert info.state == "ended" and info.budget_exhausted, info
+
+        # What the auto-restarter would do: it must not lease and pay again.
+        with pytest.raises(BudgetExhausted) as caught:
+            await asyncio.wait_for(km.restart_kernel(now=True), 60)
+        message = str(caught.value)
+        assert f"the budget of lease {grant.lease} ran out" in message, message
+        assert "max_session_hours" in message and "topup" in message
+        assert prov.progress[-1].step.value == "failed" and prov.progress[-1].message == message
+        assert _steps(prov).count("leased") == 1 and _steps(prov).count("escrowed") == 1
+        assert market.status()["live_leases"] == 0
+
+        # The spent deposit went to the provider, exactly what was billed.
+        info = await settled(paid, grant.lease)
+        assert info.billing is not None and info.billing.settlement is not None
+        assert info.billing.settlement.amount_lamports == info.billing.spent_lamports <= deposit
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(km.shutdown_kernel(now=True), 30)
+        if km.provisioner is not None:
+            await km.provisioner.cleanup(restart=False)
