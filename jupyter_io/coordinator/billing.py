@@ -48,7 +48,7 @@ from ..payments.escrow import (
     TransactionFailed,
     refund_message,
 )
-from .models import LeaseState, SettlementState
+from .models import LeaseState, SettlementKind, SettlementState
 from .provider_link import End
 from .registry import Registry
 from .store import LeaseRecord, SettlementRecord, Store
@@ -348,7 +348,7 @@ class Billing:
             "billed_seconds": metered.billed_seconds,
             "spent_lamports": metered.spent_lamports,
             "left_lamports": metered.deposit_lamports - metered.spent_lamports,
-            "used_fraction": round(metered.used_fraction, 6),
+            "used_fraction": round(metered.used_fraction, 6) if lease.funded else 0.0,
             "warning": metered.warning if lease.funded else None,
             "escrow": lease.escrow_address,
             "escrow_signature": lease.escrow_signature,
@@ -413,9 +413,23 @@ class Billing:
     async def refund_offer(self, lease: LeaseRecord) -> dict[str, Any]:
         """The arbiter's half of a refund: the message (fee payer = the user) paying the
         provider its share for the billed seconds and closing the escrow to the user, and
-        the arbiter's signature. Raises :class:`RefundNotAllowed` for a live or settled
-        lease."""
+        the arbiter's signature. For a failed lease, one never activated, or one whose
+        provider is not linked here; raises :class:`RefundNotAllowed` otherwise (live,
+        settled, or settled by the worker with its online provider)."""
         settlement = await self._refundable(lease)
+        linked = self.registry.provider(lease.provider_pubkey)
+        if (
+            settlement.kind is SettlementKind.SETTLE
+            and lease.active_at is not None
+            and linked is not None
+            and linked.linked
+        ):
+            # The provider served this lease and is here to co-sign: it is settled with the
+            # provider's own metering, not refunded around it.
+            raise RefundNotAllowed(
+                f"lease {lease.id} ended normally and its provider is online: the coordinator "
+                f"settles it with the provider (see billing.settlement); no refund is needed"
+            )
         state = await self.escrow_state(lease)
         if state is None:
             raise RefundNotAllowed(

@@ -10,6 +10,7 @@ store methods on SQLite and PostgreSQL, and the budget meter.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -18,7 +19,10 @@ from typing import Any
 
 import pytest
 from solders.keypair import Keypair
+from solders.message import MessageV0
+from solders.presigner import Presigner
 from solders.pubkey import Pubkey
+from solders.signature import Signature
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from jupyter_io.coordinator.auth import sign_request
@@ -35,7 +39,7 @@ from jupyter_io.coordinator.store import LeaseRecord, OfferSpec, ProviderProfile
 from jupyter_io.errors import ProtocolError
 from jupyter_io.leases import verify_token
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
-from jupyter_io.payments.escrow import EscrowClient
+from jupyter_io.payments.escrow import EscrowClient, EscrowTerms
 
 from .conftest import WAIT, FakeProvider, Starter, gpu_offer
 
@@ -400,3 +404,53 @@ def test_settlement_messages_round_trip_and_malformed_ones_are_refused() -> None
     for body in bad:
         with pytest.raises(ProtocolError):
             parse_message(json.dumps(body))
+
+
+async def test_refunds_are_for_leases_the_provider_cannot_settle(
+    market: tuple[CoordinatorServer, FakeProvider, Api, EscrowClient],
+) -> None:
+    server, provider, api, escrow = market
+    provider_key = Pubkey.from_string(provider.pubkey)
+    arbiter = server.keypair.pubkey()  # type: ignore[union-attr]
+
+    async def funded_lease() -> str:
+        code, grant = await api("POST", "/api/v1/leases", {"gpu": "RTX 4090"})
+        assert code == 201
+        await escrow.open_escrow(api.keypair, provider_key, arbiter, grant["lease"], PRICE // 60)
+        code, _ = await api("POST", f"/api/v1/leases/{grant['lease']}/escrow", {})
+        assert code == 200
+        return str(grant["lease"])
+
+    served = await funded_lease()
+    code, body = await api("POST", f"/api/v1/leases/{served}/refund", {})
+    assert code == 409 and "end it first" in body["error"]["message"]  # live
+    await provider.session(served, "active")
+    await provider.usage(served, 1, 3)
+    await provider.heartbeat()  # handled in order: the session event is in
+    await api("DELETE", f"/api/v1/leases/{served}")
+    code, body = await api("POST", f"/api/v1/leases/{served}/refund", {})
+    assert code == 409 and "settles it with the provider" in body["error"]["message"]
+    request = await provider.next_message("sign_settlement")  # what the worker does instead
+    assert request["lease"] == served and request["amount"] == 0  # observed < 1 s
+
+    # Never served: refunded at once by user + arbiter, nothing to the provider.
+    unused = await funded_lease()
+    await api("DELETE", f"/api/v1/leases/{unused}")
+    code, offer = await api("POST", f"/api/v1/leases/{unused}/refund", {})
+    assert code == 200 and offer["provider_share"] == 0
+    message = MessageV0.from_bytes(base64.b64decode(offer["message"]))
+    arbiter_sig = Presigner(arbiter, Signature.from_string(offer["arbiter_signature"]))
+    before = await escrow.balance(api.keypair.pubkey())
+    terms = EscrowTerms(api.keypair.pubkey(), provider_key, arbiter, unused)
+    held = await escrow.escrow_state(terms)
+    assert held is not None
+    signature = await escrow.submit(message, [api.keypair, arbiter_sig], what="refund")
+    after = await escrow.balance(api.keypair.pubkey())
+    assert after - before == held.lamports - 10_000  # deposit + rent back, less 2 signatures
+    code, record = await api(
+        "POST", f"/api/v1/leases/{unused}/refund", {"signature": str(signature)}
+    )
+    assert code == 200 and record["billing"]["settlement"]["state"] == "done"
+    assert record["billing"]["settlement"]["signature"] == str(signature)
+    code, body = await api("POST", f"/api/v1/leases/{unused}/refund", {})
+    assert code == 409 and "already" in body["error"]["message"]
