@@ -200,6 +200,32 @@ async def ledger(paid: PaidMarket) -> AsyncIterator[Ledger]:
         await chain.close()
 
 
+@dataclass
+class OwnMarket:
+    """An escrow marketplace of one test's own (its providers may be killed), its ledger."""
+
+    paid: PaidMarket
+    chain: Ledger
+
+    async def kernel(self, kernelspecs: Any, start_kernel: Any, name: str) -> Any:
+        """A started kernel leasing the relayed provider's RTX 4090."""
+        market = self.paid.market
+        spec = kernelspecs.install_lease(
+            name, self.paid.url, market.user_keypair_path, gpu="RTX 4090"
+        )
+        return await start_kernel(spec)
+
+
+@pytest.fixture
+async def own_market(start_market: Any) -> AsyncIterator[OwnMarket]:
+    paid = await fund_parties(start_market(*ESCROW_ARGS))
+    chain = Ledger(paid.solana_url)
+    try:
+        yield OwnMarket(paid, chain)
+    finally:
+        await chain.close()
+
+
 async def settled(paid: PaidMarket, lease_id: str, timeout: float = SETTLE_TIMEOUT) -> LeaseInfo:
     """The lease once the coordinator's settlement of it is done (the worker retries on a
     timer and publishes no event a test could await: poll its record)."""
@@ -649,111 +675,97 @@ async def test_the_coordinator_issues_no_token_before_it_verified_enough_escrow(
 
 
 async def test_a_lost_provider_is_paid_only_what_it_delivered_and_the_user_refunded(
-    start_market: Any, kernelspecs: Any, start_kernel: Any, cells: Any
+    own_market: OwnMarket, kernelspecs: Any, start_kernel: Any, cells: Any
 ) -> None:
-    market = start_market(*ESCROW_ARGS)
-    own = await fund_parties(market)
-    chain = Ledger(own.solana_url)
+    own, chain = own_market.paid, own_market.chain
+    market = own.market
+    km = await own_market.kernel(kernelspecs, start_kernel, "paid-lost")
+    prov: Any = km.provisioner
+    grant = prov.lease.grant
+    assert grant.provider == market.relayed.pubkey
+    terms = own.terms(market.user.pubkey(), grant.provider, grant.lease)
+    during = await chain.snapshot(terms)
+    kc = await cells.connect(km)
     try:
-        name = kernelspecs.install_lease(
-            "paid-lost", own.url, market.user_keypair_path, gpu="RTX 4090"
-        )
-        km = await start_kernel(name)
-        prov: Any = km.provisioner
-        grant = prov.lease.grant
-        assert grant.provider == market.relayed.pubkey
-        terms = own.terms(market.user.pubkey(), grant.provider, grant.lease)
-        during = await chain.snapshot(terms)
-        kc = await cells.connect(km)
-        try:
-            assert (await cells.run(kc, "import time; time.sleep(1.5)")).status == "ok"
-        finally:
-            kc.stop_channels()
-
-        market.relayed.proc.kill()
-        assert await prov.tunnel.wait_exited(timeout=20) is not None
-        assert not await km.is_alive()
-        await asyncio.wait_for(km.shutdown_kernel(now=True), 60)
-
-        # The provisioner's cleanup refunded: the escrow is closed by a transaction the user
-        # and the arbiter signed, and the coordinator knows.
-        info = await settled(own, grant.lease, timeout=5)
-        assert info.state == "failed"
-        assert info.billing is not None and info.billing.settlement is not None
-        settlement = info.billing.settlement
-        assert settlement.kind == "refund" and settlement.signature is not None
-        after = await chain.snapshot(terms)
-        assert after.escrow == 0
-        fees = await chain.assert_conserved(
-            terms, during, after, paid_to_provider=settlement.amount_lamports,
-            signatures=[settlement.signature],
-        )  # fmt: skip
-        assert fees == {terms.user: 10_000}, "the user pays the refund's two signatures"
-        # The provider's share covers at most the time it ran (here, about the cell's).
-        assert settlement.amount_lamports <= RTX_PRICE * 30 // 3600
+        assert (await cells.run(kc, "import time; time.sleep(1.5)")).status == "ok"
     finally:
-        await chain.close()
+        kc.stop_channels()
+
+    market.relayed.proc.kill()
+    assert await prov.tunnel.wait_exited(timeout=20) is not None
+    assert not await km.is_alive()
+    await asyncio.wait_for(km.shutdown_kernel(now=True), 60)
+
+    # The provisioner's cleanup refunded: the escrow is closed by a transaction the user
+    # and the arbiter signed, and the coordinator knows.
+    info = await settled(own, grant.lease, timeout=5)
+    assert info.state == "failed"
+    assert info.billing is not None and info.billing.settlement is not None
+    settlement = info.billing.settlement
+    assert settlement.kind == "refund" and settlement.signature is not None
+    after = await chain.snapshot(terms)
+    assert after.escrow == 0
+    fees = await chain.assert_conserved(
+        terms, during, after, paid_to_provider=settlement.amount_lamports,
+        signatures=[settlement.signature],
+    )  # fmt: skip
+    assert fees == {terms.user: 10_000}, "the user pays the refund's two signatures"
+    # The provider's share covers at most the time it ran (here, about the cell's).
+    assert settlement.amount_lamports <= RTX_PRICE * 30 // 3600
 
 
 async def test_a_restart_after_a_lost_provider_pays_a_new_escrow_and_refunds_the_old(
-    start_market: Any, kernelspecs: Any, start_kernel: Any, cells: Any
+    own_market: OwnMarket, kernelspecs: Any, start_kernel: Any, cells: Any
 ) -> None:
-    market = start_market(*ESCROW_ARGS)
-    own = await fund_parties(market)
-    chain = Ledger(own.solana_url)
+    own, chain = own_market.paid, own_market.chain
+    market = own.market
+    km = await own_market.kernel(kernelspecs, start_kernel, "paid-relost")
+    prov: Any = km.provisioner
+    first = prov.lease.grant
+    first_terms = own.terms(market.user.pubkey(), first.provider, first.lease)
+    first_during = await chain.snapshot(first_terms)
+
+    market.relayed.proc.kill()
+    assert await prov.tunnel.wait_exited(timeout=20) is not None
+    await asyncio.wait_for(km.restart_kernel(now=True), 60)
+    second = prov.lease.grant
+    assert second.lease != first.lease and second.provider == market.direct.pubkey
+    second_terms = own.terms(market.user.pubkey(), second.provider, second.lease)
+    assert prov.lease.escrow.address == second_terms.escrow != first_terms.escrow
+    assert _steps(prov).count("escrowed") == 2
+    kc = await cells.connect(km)
     try:
-        name = kernelspecs.install_lease(
-            "paid-relost", own.url, market.user_keypair_path, gpu="RTX 4090"
-        )
-        km = await start_kernel(name)
-        prov: Any = km.provisioner
-        first = prov.lease.grant
-        first_terms = own.terms(market.user.pubkey(), first.provider, first.lease)
-        first_during = await chain.snapshot(first_terms)
-
-        market.relayed.proc.kill()
-        assert await prov.tunnel.wait_exited(timeout=20) is not None
-        await asyncio.wait_for(km.restart_kernel(now=True), 60)
-        second = prov.lease.grant
-        assert second.lease != first.lease and second.provider == market.direct.pubkey
-        second_terms = own.terms(market.user.pubkey(), second.provider, second.lease)
-        assert prov.lease.escrow.address == second_terms.escrow != first_terms.escrow
-        assert _steps(prov).count("escrowed") == 2
-        kc = await cells.connect(km)
-        try:
-            assert (await cells.run(kc, "print('elsewhere')")).stream() == "elsewhere\n"
-        finally:
-            kc.stop_channels()
-
-        # The old escrow is refunded in the background, without holding up the new kernel.
-        first_info = await settled(own, first.lease)
-        first_settlement = first_info.billing.settlement  # type: ignore[union-attr]
-        assert first_settlement is not None and first_settlement.kind == "refund"
-        first_after = await chain.snapshot(first_terms)
-        assert first_after.escrow == 0
-
-        second_during = await chain.snapshot(second_terms)
-        await asyncio.wait_for(km.shutdown_kernel(), 30)
-        second_info = await settled(own, second.lease)
-        second_settlement = second_info.billing.settlement  # type: ignore[union-attr]
-        assert second_settlement is not None and second_settlement.kind == "settle"
-        second_after = await chain.snapshot(second_terms)
-        assert second_after.escrow == 0
-        await chain.assert_conserved(
-            second_terms, second_during, second_after,
-            paid_to_provider=second_settlement.amount_lamports,
-            signatures=[second_settlement.signature],
-        )  # fmt: skip
-        # The first escrow's accounts, which the second session did not touch but for the
-        # user's wallet: checked over the refund alone.
-        assert (
-            first_after.provider
-            + first_after.provider_wsol
-            - (first_during.provider + first_during.provider_wsol)
-            == first_settlement.amount_lamports
-        )
+        assert (await cells.run(kc, "print('elsewhere')")).stream() == "elsewhere\n"
     finally:
-        await chain.close()
+        kc.stop_channels()
+
+    # The old escrow is refunded in the background, without holding up the new kernel.
+    first_info = await settled(own, first.lease)
+    first_settlement = first_info.billing.settlement  # type: ignore[union-attr]
+    assert first_settlement is not None and first_settlement.kind == "refund"
+    first_after = await chain.snapshot(first_terms)
+    assert first_after.escrow == 0
+
+    second_during = await chain.snapshot(second_terms)
+    await asyncio.wait_for(km.shutdown_kernel(), 30)
+    second_info = await settled(own, second.lease)
+    second_settlement = second_info.billing.settlement  # type: ignore[union-attr]
+    assert second_settlement is not None and second_settlement.kind == "settle"
+    second_after = await chain.snapshot(second_terms)
+    assert second_after.escrow == 0
+    await chain.assert_conserved(
+        second_terms, second_during, second_after,
+        paid_to_provider=second_settlement.amount_lamports,
+        signatures=[second_settlement.signature],
+    )  # fmt: skip
+    # The first escrow's accounts, which the second session did not touch but for the
+    # user's wallet: checked over the refund alone.
+    assert (
+        first_after.provider
+        + first_after.provider_wsol
+        - (first_during.provider + first_during.provider_wsol)
+        == first_settlement.amount_lamports
+    )
 
 
 # -- the budget ------------------------------------------------------------------------------
