@@ -84,7 +84,10 @@ class EscrowCoordinator(Coordinator):
 def table(rows: list[Row]) -> str:
     """bench_tunnel's table, its columns named for this benchmark (free | escrow)."""
     lines = render(rows).splitlines()
-    lines[0] = lines[0].replace("| local |", "| free  |", 1).replace("| tunnel |", "| escrow |", 1)
+    cells = lines[0].split("|")
+    for index, name in ((4, "free"), (5, "escrow")):  # were local, tunnel
+        cells[index] = f" {name.rjust(len(cells[index]) - 2)} "
+    lines[0] = "|".join(cells)
     return "\n".join(lines)
 
 
