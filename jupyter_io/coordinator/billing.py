@@ -252,7 +252,8 @@ class Billing:
 
     async def latest_blockhash(self) -> Hash:
         """A recent blockhash for a message the arbiter co-signs."""
-        resp = await self._ledger("fetching a blockhash", self.escrow.client.get_latest_blockhash())
+        request = self.escrow.client.get_latest_blockhash(self.escrow.commitment)
+        resp = await self._ledger("fetching a blockhash", request)
         return resp.value.blockhash
 
     def terms(self, lease: LeaseRecord) -> EscrowTerms:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from jupyter_core.paths import jupyter_data_dir
 from solders.keypair import Keypair
@@ -149,6 +150,18 @@ class CoordinatorConfig(Configurable):
             parse_listen(value)
         except ConfigError as exc:
             raise TraitError(str(exc)) from None
+        return value
+
+    @validate("solana_url")
+    def _validate_solana_url(self, proposal: dict[str, object]) -> str:
+        value = str(proposal["value"]).strip()
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise TraitError(
+                    f"solana_url {value!r} must be a Solana JSON-RPC URL like "
+                    f"https://api.devnet.solana.com, or empty for the embedded ledger"
+                )
         return value
 
     @validate(

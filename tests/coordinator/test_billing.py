@@ -24,9 +24,11 @@ from solders.presigner import Presigner
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from traitlets import TraitError
 
 from jupyter_io.coordinator.auth import sign_request
 from jupyter_io.coordinator.billing import meter, min_deposit
+from jupyter_io.coordinator.config import CoordinatorConfig
 from jupyter_io.coordinator.models import LeaseState, SettlementKind, SettlementState
 from jupyter_io.coordinator.provider_link import (
     SettlementRefused,
@@ -454,3 +456,9 @@ async def test_refunds_are_for_leases_the_provider_cannot_settle(
     assert record["billing"]["settlement"]["signature"] == str(signature)
     code, body = await api("POST", f"/api/v1/leases/{unused}/refund", {})
     assert code == 409 and "already" in body["error"]["message"]
+
+
+def test_a_bad_solana_url_names_the_setting() -> None:
+    with pytest.raises(TraitError, match="solana_url 'ftp://x' must be a Solana JSON-RPC URL"):
+        CoordinatorConfig(solana_url="ftp://x")
+    assert CoordinatorConfig().payments == "escrow"  # the default: never free by accident
