@@ -10,4 +10,7 @@ export namespace CommandIDs {
   export const refresh = 'jupyter-io:refresh';
   /** Ask the configured ledger for 1 SOL of test funds. */
   export const airdrop = 'jupyter-io:airdrop';
+  /** Add SOL from the wallet to a GPU kernel's escrow: args `{kernelId}` (default: the
+   * current kernel); asks how much. */
+  export const topUp = 'jupyter-io:top-up';
 }

@@ -46,3 +46,15 @@ export function shortKey(key: string | null | undefined): string {
   }
   return key.length > 12 ? `${key.slice(0, 4)}…${key.slice(-4)}` : key;
 }
+
+/** `"0.05"` → `50000000` lamports, exactly; null for anything that is not a positive SOL
+ * amount with at most nine decimals. */
+export function parseSol(text: string): number | null {
+  const match = /^\s*(\d+)(?:\.(\d{1,9}))?\s*$/.exec(text);
+  if (!match) {
+    return null;
+  }
+  const lamports =
+    Number(match[1]) * LAMPORTS_PER_SOL + Number((match[2] ?? '').padEnd(9, '0') || '0');
+  return Number.isSafeInteger(lamports) && lamports > 0 ? lamports : null;
+}

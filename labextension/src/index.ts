@@ -3,11 +3,13 @@ import {
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
-import { ICommandPalette, ISessionContext, Notification } from '@jupyterlab/apputils';
+import { ICommandPalette, ISessionContext, InputDialog, Notification } from '@jupyterlab/apputils';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 
+import { BudgetNotifier } from './budget';
 import { CommandIDs } from './commands';
+import { parseSol, sol } from './format';
 import { errorMessage } from './handler';
 import { gpuIcon } from './icons';
 import { GpuModel } from './model';
@@ -59,8 +61,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
     palette: ICommandPalette | null
   ): void => {
     const model = new GpuModel();
-    new LaunchNotifier(model);
     const { commands } = app;
+    new LaunchNotifier(model, commands);
+    const topUp = (kernelId: string) => void commands.execute(CommandIDs.topUp, { kernelId });
+    new BudgetNotifier({
+      model,
+      onTopUp: topUp,
+      onSettings: () => void commands.execute('settingeditor:open', { query: 'jupyter-io' })
+    });
 
     const picker = new GpuPicker({ model, commands });
     app.shell.add(picker, 'left', { rank: 650 });
@@ -107,8 +115,42 @@ const plugin: JupyterFrontEndPlugin<void> = {
           error => notifyError('Airdrop failed', error)
         )
     });
+    commands.addCommand(CommandIDs.topUp, {
+      label: 'Top up the GPU kernel’s escrow',
+      execute: async args => {
+        const kernelId = String(args.kernelId ?? currentKernelId(app, labShell) ?? '');
+        const session = model.session(kernelId);
+        if (!session || session.escrow === null) {
+          Notification.info('The current kernel has no escrow to top up.', { autoClose: 5000 });
+          return;
+        }
+        const answer = await InputDialog.getText({
+          title: `Top up the escrow of the ${session.gpu ?? 'GPU'} kernel`,
+          label: `SOL to add from the wallet (it holds ${model.wallet?.balance ?? 'an unknown amount'})`,
+          text: sol(session.price_lamports_per_hour ?? 0, '') || '0.1',
+          okLabel: 'Top up'
+        });
+        if (!answer.button.accept || answer.value === null) {
+          return;
+        }
+        const lamports = parseSol(answer.value);
+        if (lamports === null) {
+          notifyError('Not topped up', `${answer.value} is not an amount of SOL such as 0.05`);
+          return;
+        }
+        try {
+          const after = await model.topUp(kernelId, lamports);
+          Notification.success(
+            `Escrow topped up by ${sol(lamports)}: it now holds ${sol(after.escrow_lamports)}.`,
+            { autoClose: 5000 }
+          );
+        } catch (error) {
+          notifyError('Not topped up', error);
+        }
+      }
+    });
     if (palette) {
-      for (const command of [CommandIDs.openPicker, CommandIDs.refresh, CommandIDs.airdrop]) {
+      for (const command of [CommandIDs.openPicker, CommandIDs.refresh, CommandIDs.airdrop, CommandIDs.topUp]) {
         palette.addItem({ command, category: 'jupyter-io' });
       }
     }
@@ -137,7 +179,11 @@ const plugin: JupyterFrontEndPlugin<void> = {
     labShell?.currentChanged.connect(watch);
 
     if (statusBar) {
-      const item = new CostStatus({ model, currentKernelId: () => currentKernelId(app, labShell) });
+      const item = new CostStatus({
+        model,
+        currentKernelId: () => currentKernelId(app, labShell),
+        onTopUp: topUp
+      });
       statusBar.registerStatusItem('jupyter-io:cost', { item, align: 'left', rank: 4 });
     }
 

@@ -10,6 +10,7 @@ import {
   IProgress,
   ISession,
   ISessions,
+  IStoppedSession,
   IWallet
 } from './types';
 
@@ -82,6 +83,16 @@ export class GpuModel {
     return this._sessions;
   }
 
+  /** Kernels the coordinator stopped because their escrow was spent. */
+  get stopped(): IStoppedSession[] {
+    return this._stopped;
+  }
+
+  /** The server's time (Unix seconds) of the sessions' figures. */
+  get sessionsAt(): number {
+    return this._sessionsAt;
+  }
+
   /** The server's clock minus ours, in seconds (costs are extrapolated with it). */
   get clockSkew(): number {
     return this._clockSkew;
@@ -135,6 +146,18 @@ export class GpuModel {
     });
     this._changed.emit('wallet');
     return this._wallet;
+  }
+
+  /** Add `lamports` from the wallet to kernel `kernelId`'s escrow; rejects with the
+   * server's message (the wallet is short, the lease has no escrow). */
+  async topUp(kernelId: string, lamports: number): Promise<ISession> {
+    const session = await requestAPI<ISession>(`sessions/${kernelId}/topup`, {
+      method: 'POST',
+      body: JSON.stringify({ lamports })
+    });
+    void this._sessionsPoll.refresh();
+    void this.refreshWallet();
+    return session;
   }
 
   async fetchPreferences(): Promise<IPreferences> {
@@ -193,6 +216,8 @@ export class GpuModel {
   private async _fetchSessions(): Promise<void> {
     const body = await requestAPI<ISessions>('sessions');
     this._sessions = body.sessions;
+    this._stopped = body.stopped ?? [];
+    this._sessionsAt = body.now;
     this._clockSkew = body.now - Date.now() / 1000;
     this._changed.emit('sessions');
   }
@@ -225,6 +250,8 @@ export class GpuModel {
   private _walletError: string | null = null;
   private _preferences: IPreferences | null = null;
   private _sessions: ISession[] = [];
+  private _stopped: IStoppedSession[] = [];
+  private _sessionsAt = 0;
   private _clockSkew = 0;
   private _launches: ILaunch[] = [];
   private _expectUntil = 0;

@@ -9,6 +9,7 @@ import { gpuIcon } from './icons';
 import { Change, GpuModel } from './model';
 import { IGpuType, ISession } from './types';
 import { CommandIDs } from './commands';
+import { escrowLeft } from './status';
 
 /**
  * The GPU picker (left sidebar): the wallet, the user's limits, every GPU type on offer
@@ -245,14 +246,26 @@ export class GpuPicker extends Widget {
 
   private _sessionRow(session: ISession): HTMLElement {
     const elapsed = session.elapsed_seconds ?? 0;
+    const gpu = h('span', { class: 'jio-Session-gpu' }, session.gpu ?? 'direct provider');
+    if (session.state === 'starting') {
+      return h('div', { class: 'jio-Session', 'data-kernel-id': session.kernel_id }, gpu, ' · starting…');
+    }
+    const left = escrowLeft(this._model, session);
     return h(
       'div',
       { class: 'jio-Session', 'data-kernel-id': session.kernel_id },
-      h('span', { class: 'jio-Session-gpu' }, session.gpu ?? 'direct provider'),
+      gpu,
       ` · ${duration(elapsed)} · `,
       h('span', { class: 'jio-Session-cost' }, solShort(session.cost_lamports)),
       session.price_lamports_per_hour !== null
         ? ` at ${sol(session.price_lamports_per_hour, '')} SOL/h`
+        : '',
+      left !== null
+        ? h(
+            'span',
+            { class: 'jio-Session-escrow', title: `Escrow ${session.escrow}: deposit ${sol(session.escrow_lamports)}` },
+            ` · escrow left ${solShort(left)}`
+          )
         : ''
     );
   }

@@ -1,4 +1,7 @@
 import { Notification } from '@jupyterlab/apputils';
+import { CommandRegistry } from '@lumino/commands';
+
+import { CommandIDs } from './commands';
 
 import { sol } from './format';
 import { GpuModel } from './model';
@@ -12,11 +15,17 @@ const STAGES: { label: string; steps: string[] }[] = [
   { label: 'ready', steps: ['ready'] }
 ];
 
+/** `escrow needs 0.006 SOL (...), wallet 7xK… holds 0 SOL` → the two amounts. */
+const SHORT_OF = /needs ([\d.]+ SOL)\b.*\bholds ([\d.]+ SOL)/;
+
 /** What to do about a failed start, by what the message says ('' when it says it). */
 function advice(message: string): string {
   const text = message.toLowerCase();
-  if (text.includes('insufficient') || text.includes('fund')) {
-    return 'Fund the wallet (GPU picker → Airdrop on a test ledger), then retry.';
+  if (text.includes('budget of lease') && text.includes('ran out')) {
+    return 'Raise the session budget (Settings → jupyter-io GPUs), then start a kernel again.';
+  }
+  if (SHORT_OF.test(message) || text.includes('insufficient') || text.includes('fund')) {
+    return 'Airdrop (local ledger) or fund the wallet, then retry.';
   }
   if (text.includes('above your cap')) {
     return 'Raise the cap in GPU picker → Limits.';
@@ -38,6 +47,14 @@ function advice(message: string): string {
 export function failureText(name: string, message: string): string {
   let reason = message.replace(/^(no lease from|cannot lease from the coordinator at) \S+: /, '');
   const todo = advice(reason);
+  const short = SHORT_OF.exec(reason);
+  if (short) {
+    // Insufficient funds: what is needed and what the wallet holds, without the key.
+    return `${name} kernel failed: the escrow needs ${short[1]}, the wallet holds ${short[2]}. ${todo}`;
+  }
+  if (todo && /budget of lease/.test(reason)) {
+    return `${name} kernel not restarted: its escrow is spent (budget exhausted). ${todo}`;
+  }
   if (todo) {
     reason = reason.split(';')[0];
   }
@@ -89,11 +106,13 @@ function title(model: GpuModel, launch: ILaunch): string {
 /**
  * Shows a notification per kernel start: it follows the steps (leasing → escrow →
  * launching → ready) and ends as a success that closes by itself, or as an error that
- * stays, saying what went wrong and what to do.
+ * stays, saying what went wrong and what to do (with an Airdrop button when the wallet is
+ * short and its ledger can airdrop).
  */
 export class LaunchNotifier {
-  constructor(model: GpuModel) {
+  constructor(model: GpuModel, commands: CommandRegistry) {
     this._model = model;
+    this._commands = commands;
     model.changed.connect((_, change) => {
       if (change === 'launches') {
         this._update();
@@ -139,6 +158,15 @@ export class LaunchNotifier {
       autoClose,
       data: { kernelId: launch.kernel_id, step: launch.step }
     };
+    if (launch.state === 'failed' && SHORT_OF.test(launch.message) && this._model.wallet?.rpc_url) {
+      options.actions = [
+        {
+          label: 'Airdrop 1 SOL',
+          caption: `Ask ${this._model.wallet.rpc_url} for 1 SOL of test funds`,
+          callback: () => void this._commands.execute(CommandIDs.airdrop)
+        }
+      ];
+    }
     if (id === undefined || !Notification.update({ id, message, type, ...options })) {
       id = Notification.emit(message, type, options);
     }
@@ -150,5 +178,6 @@ export class LaunchNotifier {
   }
 
   private _model: GpuModel;
+  private _commands: CommandRegistry;
   private _shown = new Map<string, { id: string; updatedAt: number; done: boolean }>();
 }

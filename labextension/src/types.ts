@@ -75,10 +75,11 @@ export interface IWallet {
   note: string | null;
 }
 
-/** A running remote kernel (`GET sessions` → `sessions`). */
+/** A starting or running remote kernel (`GET sessions` → `sessions`). */
 export interface ISession {
   kernel_id: string;
   kernel_name: string;
+  state: 'starting' | 'running';
   gpu: string | null;
   provider: string | null;
   lease: string | null;
@@ -90,12 +91,40 @@ export interface ISession {
   cost: string | null;
   budget_lamports: number | null;
   budget_left_lamports: number | null;
+  /** The lease's escrow account, as the coordinator bills it (null: no escrow). */
+  escrow: string | null;
+  /** What the escrow holds (the deposit, top-ups included). */
   escrow_lamports: number | null;
   escrow_left_lamports: number | null;
+  escrow_spent_lamports: number | null;
+  billed_seconds: number | null;
+  used_fraction: number | null;
+  /** 80, 95 or 100 once that share of the deposit is spent. */
+  warning: number | null;
+  lease_state: string | null;
+  end_reason: string | null;
+  coordinator_url: string | null;
+  provider_url: string | null;
+}
+
+/** A lease the coordinator ended because its deposit was spent (`GET sessions` → `stopped`). */
+export interface IStoppedSession {
+  kernel_id: string;
+  lease: string;
+  gpu: string;
+  ended_at: number | null;
+  reason: string;
+  escrow_lamports: number | null;
+  escrow_spent_lamports: number | null;
+  message: string;
+  advice: string;
 }
 
 export interface ISessions {
   sessions: ISession[];
+  stopped: IStoppedSession[];
+  /** Why the escrow figures are missing (the coordinator could not be asked), if they are. */
+  billing_error: string | null;
   now: number;
 }
 

@@ -1,10 +1,15 @@
 """Fixtures for the browser tests: a whole jupyter-io setup as subprocesses, and Chromium.
 
 ``stack`` (one per module) runs, on loopback, what ``jupyter io demo`` runs: a coordinator
-(SQLite), a provider host linked to it offering two simulated GPUs (RTX 4090 at 0.12 SOL/h,
-A100 at 0.9 SOL/h), and JupyterLab with the jupyter_io extensions pointed at the coordinator.
-Lab runs with fresh Jupyter config/data/runtime dirs, a temporary workspaces dir, the news
-popup and update check off, and ``--allow-root`` when root.
+(SQLite) paid through escrows on its embedded ledger (``{coordinator}/solana``), a provider
+host linked to it offering two simulated GPUs (RTX 4090 at 0.12 SOL/h, A100 at 0.9 SOL/h),
+its key funded (it pays the settlements' fees), and JupyterLab with the jupyter_io extensions
+pointed at the coordinator and the user's wallet. The wallet gets :data:`USER_FUNDS` by
+airdrop, unless the test module says ``USER_FUNDS = 0`` (to see what an empty wallet does).
+The coordinator accepts escrows that cover one second (``min_deposit_seconds=1``), so a test
+can give a session a budget of seconds. Lab runs with fresh Jupyter config/data/runtime
+dirs, a temporary workspaces dir, the news popup and update check off, and ``--allow-root``
+when root.
 
 ``page`` is a Chromium page (Python Playwright driving Debian's ``/usr/bin/chromium``; no
 browser download) with Lab loaded. Without Chromium or Playwright the tests are skipped,
@@ -19,6 +24,8 @@ not leave changed images in the working tree::
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -38,8 +45,11 @@ from typing import Any
 
 import pytest
 from solders.keypair import Keypair
+from solders.pubkey import Pubkey
 
 from jupyter_io.identity import write_keypair
+from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
+from jupyter_io.payments.escrow import EscrowClient
 
 CHROMIUM = os.environ.get("JUPYTER_IO_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -50,6 +60,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+#: What the user's wallet gets by airdrop (a module may set its own ``USER_FUNDS``).
+USER_FUNDS = 5 * LAMPORTS_PER_SOL
 #: Starting Lab and loading it in Chromium is slow on a busy 2-core machine.
 START_TIMEOUT = 120.0
 
@@ -114,6 +126,21 @@ def start_process(name: str, argv: list[str], ready: re.Pattern[str], env: Any =
     return process, found[0]
 
 
+def airdrop(solana_url: str, pubkey: Pubkey, lamports: int) -> None:
+    """Test SOL from the ledger at ``solana_url`` (the coordinator's embedded one)."""
+
+    async def ask() -> None:
+        ledger = EscrowClient.connect(solana_url)
+        try:
+            await ledger.airdrop(pubkey, lamports)
+        finally:
+            await ledger.close()
+
+    # In a thread of its own: Playwright's sync API runs an event loop in this one.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, ask()).result(timeout=60)
+
+
 @dataclass
 class Stack:
     coordinator_url: str
@@ -122,6 +149,11 @@ class Stack:
     root: Path
     user_keypair: Path
     processes: list[Process]
+
+    @property
+    def solana_url(self) -> str:
+        """The coordinator's embedded ledger."""
+        return self.coordinator_url + "/solana"
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
         """Call Lab's server (``path`` below its base URL) with the token."""
@@ -140,8 +172,11 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("stack")
+    user_funds = getattr(request.module, "USER_FUNDS", USER_FUNDS)
     processes: list[Process] = []
     env = {
         **os.environ,
@@ -155,13 +190,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "coordinator",
             [sys.executable, "-c", "from jupyter_io.app import main; main()", "coordinator",
              "--listen", "127.0.0.1:0", "--data-dir", str(root / "coordinator"),
-             "--CoordinatorConfig.offers_cache_ttl=0", "--CoordinatorConfig.payments=free"],
+             "--CoordinatorConfig.offers_cache_ttl=0", "--CoordinatorConfig.payments=escrow",
+             "--CoordinatorConfig.min_deposit_seconds=1"],
             re.compile(r"jupyter-io coordinator listening on (http://\S+)"),
             env,
         )  # fmt: skip
         processes.append(coordinator)
         coordinator_url = match.group(1)
-        provider_key = write_keypair(Keypair(), root / "provider.json")
+        provider_keypair = Keypair()
+        provider_key = write_keypair(provider_keypair, root / "provider.json")
+        airdrop(coordinator_url + "/solana", provider_keypair.pubkey(), LAMPORTS_PER_SOL)
         (root / "workspace").mkdir()
         provider, _ = start_process(
             "provider",
@@ -177,7 +215,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         processes.append(provider)
         _wait_for_offers(coordinator_url)
 
-        user_key = write_keypair(Keypair(), root / "user.json")
+        user_keypair = Keypair()
+        user_key = write_keypair(user_keypair, root / "user.json")
+        if user_funds:
+            airdrop(coordinator_url + "/solana", user_keypair.pubkey(), user_funds)
         notebooks = root / "notebooks"
         notebooks.mkdir()
         settings = root / "lab-settings" / "@jupyterlab" / "apputils-extension"
