@@ -306,6 +306,19 @@ def page(browser: Any, stack: Stack) -> Iterator[Any]:
             time.sleep(0.2)
 
 
+#: The GPU picker's sidebar tab, and one GPU type's card in it.
+PICKER_TAB = '.jp-SideBar .lm-TabBar-tab[title="GPUs (jupyter-io)"]'
+CARD = '.jio-GpuCard[data-gpu="{gpu}"]'
+
+
+def open_picker(page: Any) -> Any:
+    """Show the GPU picker; return it once it lists the RTX 4090."""
+    page.locator(PICKER_TAB).click()
+    picker = page.locator("#jupyter-io-picker")
+    picker.locator(CARD.format(gpu="rtx4090")).wait_for()
+    return picker
+
+
 @pytest.fixture(scope="session")
 def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where screenshots go: ``docs/screenshots`` when updating them (see the module doc)."""

@@ -17,7 +17,7 @@ import pytest
 from jupyter_io.identity import load_keypair
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
 
-from .conftest import airdrop
+from .conftest import CARD, airdrop, open_picker
 
 pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -25,16 +25,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 #: The wallet starts empty (see conftest.py).
 USER_FUNDS = 0
 
-PICKER_TAB = '.jp-SideBar .lm-TabBar-tab[title="GPUs (jupyter-io)"]'
-CARD = '.jio-GpuCard[data-gpu="{gpu}"]'
 TOAST = ".Toastify__toast"
-
-
-def open_picker(page: Any) -> Any:
-    page.locator(PICKER_TAB).click()
-    picker = page.locator("#jupyter-io-picker")
-    picker.locator(CARD.format(gpu="rtx4090")).wait_for()
-    return picker
 
 
 def fund(stack: Any, sol: int = 2) -> None:

@@ -17,18 +17,10 @@ import pytest
 
 from jupyter_io.identity import load_keypair
 
+from .conftest import CARD, open_picker
+
 pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-PICKER_TAB = '.jp-SideBar .lm-TabBar-tab[title="GPUs (jupyter-io)"]'
-CARD = '.jio-GpuCard[data-gpu="{gpu}"]'
-
-
-def open_picker(page: Any) -> Any:
-    page.locator(PICKER_TAB).click()
-    picker = page.locator("#jupyter-io-picker")
-    picker.locator(CARD.format(gpu="rtx4090")).wait_for()
-    return picker
 
 
 def test_the_picker_lists_the_offers_of_a_running_coordinator(
