@@ -15,8 +15,9 @@ session opens until the lease is settled, even long after the session ended.
   by this host; and
 * the amount is at least price x (own delivered seconds - ``tolerance_seconds``) / 3600.
 
-Otherwise it answers ``settlement_refused`` with the reason. The host calls
-:meth:`SettlementBook.admit` when a lease's session opens; entries go
+Otherwise it answers ``settlement_refused`` with the reason (code ``unknown_lease`` for a
+lease it has no record of, e.g. after a restart: the coordinator then lets the user refund).
+The host calls :meth:`SettlementBook.admit` when a lease's session opens; entries go
 ``keep_seconds`` after being signed, and the oldest go beyond ``max_entries``.
 """
 
@@ -50,6 +51,10 @@ __all__ = ["DEFAULT_TOLERANCE_SECONDS", "SettlementBook"]
 #: Seconds of its own metering a provider lets go (the coordinator observes a little less).
 DEFAULT_TOLERANCE_SECONDS = 10.0
 _SECONDS_PER_HOUR = 3600
+
+
+class _UnknownLease(PaymentError):
+    """No record of the lease here: this host can never co-sign its settlement."""
 
 
 @dataclass(slots=True)
@@ -110,7 +115,8 @@ class SettlementBook:
             signature = self._check_and_sign(request, coordinator)
         except PaymentError as exc:
             self.log.warning("refusing to settle lease %s: %s", request.lease, exc)
-            return SettlementRefused(request.lease, str(exc))
+            code = "unknown_lease" if isinstance(exc, _UnknownLease) else "refused"
+            return SettlementRefused(request.lease, str(exc), code)
         self.log.info(
             "co-signed the settlement of lease %s: %s", request.lease, format_sol(request.amount)
         )
@@ -119,7 +125,7 @@ class SettlementBook:
     def _check_and_sign(self, request: SignSettlement, coordinator: Pubkey | None) -> str:
         entry = self._leases.get(request.lease)
         if entry is None:
-            raise PaymentError(
+            raise _UnknownLease(
                 f"lease {request.lease} is unknown here (never served, or forgotten after a "
                 f"restart); settle it by refund (user + arbiter)"
             )

@@ -550,13 +550,21 @@ class SettlementRefused(_Message):
     type: ClassVar[str] = "settlement_refused"
     lease: str
     reason: str
+    #: ``"refused"`` (the message or amount is wrong) or ``"unknown_lease"`` (the provider
+    #: has no record of the lease: it cannot ever co-sign, so the lease is refunded).
+    code: str = "refused"
+
+    CODES: ClassVar[frozenset[str]] = frozenset({"refused", "unknown_lease"})
 
     @classmethod
     def parse(cls, body: Mapping[str, Any]) -> SettlementRefused:
-        return cls(_lease_id(body.get("lease"), "'lease'"), _str(body, "reason"))
+        code = body.get("code", "refused")
+        if code not in cls.CODES:
+            raise _fail(f"settlement_refused 'code' must be one of {sorted(cls.CODES)}")
+        return cls(_lease_id(body.get("lease"), "'lease'"), _str(body, "reason"), str(code))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "lease": self.lease, "reason": self.reason}
+        return {"type": self.type, "lease": self.lease, "reason": self.reason, "code": self.code}
 
 
 #: A provider's answer to :class:`SignSettlement`.

@@ -45,6 +45,7 @@ from ..errors import PaymentError
 from ..payments.amounts import FEE_PER_SIGNATURE
 from ..payments.escrow import TransactionFailed, settlement_message
 from .billing import Billing
+from .models import SettlementKind
 from .provider_link import SettlementRefused, SettlementReply, SignSettlement
 from .registry import Registry
 from .store import LeaseRecord, SettlementRecord, Store
@@ -220,6 +221,16 @@ class SettlementWorker:
         if isinstance(reply, SettlementRefused):
             self.stats.refused += 1
             self.log.warning("provider refused settling lease %s: %s", lease.id, reply.reason)
+            if reply.code == "unknown_lease":
+                # It can never co-sign: the user and the arbiter refund it (section 4).
+                await self._later(
+                    lease,
+                    f"the provider has no record of this lease ({reply.reason}); refund it: "
+                    f"POST /api/v1/leases/{lease.id}/refund",
+                    amount,
+                    kind=SettlementKind.REFUND,
+                )
+                return False
             await self._later(lease, f"the provider refused: {reply.reason}", amount)
             return False
         try:
@@ -280,7 +291,14 @@ class SettlementWorker:
             at=_utc(self.clock()),
         )
 
-    async def _later(self, lease: LeaseRecord, error: str, amount: int | None = None) -> None:
+    async def _later(
+        self,
+        lease: LeaseRecord,
+        error: str,
+        amount: int | None = None,
+        *,
+        kind: SettlementKind | None = None,
+    ) -> None:
         now = self.clock()
         await self.store.retry_settlement(
             lease.id,
@@ -288,5 +306,6 @@ class SettlementWorker:
             error=error,
             next_attempt_at=_utc(now) + timedelta(seconds=self.retry_interval),
             amount_lamports=amount,
+            kind=kind,
             at=_utc(now),
         )

@@ -1177,10 +1177,12 @@ class Store:
         error: str | None,
         next_attempt_at: datetime,
         amount_lamports: int | None = None,
+        kind: SettlementKind | None = None,
         at: datetime | None = None,
     ) -> bool:
         """Release ``owner``'s claim on a pending settlement, noting why this attempt did not
-        finish and when to try again. Returns whether the row was still pending."""
+        finish and when to try again (and its new ``kind``: ``refund`` once the provider
+        cannot co-sign). Returns whether the row was still pending."""
         at = _when(at)
         values: dict[str, Any] = {
             "claimed_by": None,
@@ -1191,6 +1193,8 @@ class Store:
         }
         if amount_lamports is not None:
             values["amount_lamports"] = amount_lamports
+        if kind is not None:
+            values["kind"] = SettlementKind(kind).value
         async with self._write() as conn:
             result = await conn.execute(
                 sa.update(_settlements)

@@ -392,7 +392,11 @@ async def test_settlements_are_queued_once_claimed_by_one_and_finished_once(
 def test_settlement_messages_round_trip_and_malformed_ones_are_refused() -> None:
     request = SignSettlement("lease-1", 42, b"\x01\x02message")
     assert parse_message(request.to_json()) == request
-    for reply in (SettlementSignature("lease-1", "sig"), SettlementRefused("lease-1", "short")):
+    for reply in (
+        SettlementSignature("lease-1", "sig"),
+        SettlementRefused("lease-1", "short"),
+        SettlementRefused("lease-1", "who?", "unknown_lease"),
+    ):
         assert parse_message(reply.to_json()) == reply
     bad = [
         {"type": "sign_settlement", "lease": "l", "amount": -1, "message": "AQI="},
@@ -402,6 +406,7 @@ def test_settlement_messages_round_trip_and_malformed_ones_are_refused() -> None
         {"type": "sign_settlement", "lease": "", "amount": 1, "message": "AQI="},
         {"type": "settlement_signature", "lease": "l", "signature": 7},
         {"type": "settlement_refused", "lease": "l"},
+        {"type": "settlement_refused", "lease": "l", "reason": "r", "code": "whatever"},
     ]
     for body in bad:
         with pytest.raises(ProtocolError):
@@ -434,6 +439,21 @@ async def test_refunds_are_for_leases_the_provider_cannot_settle(
     assert code == 409 and "settles it with the provider" in body["error"]["message"]
     request = await provider.next_message("sign_settlement")  # what the worker does instead
     assert request["lease"] == served and request["amount"] == 0  # observed < 1 s
+    # A provider that lost its record of the lease (a restart) can never co-sign: the
+    # settlement turns into a refund the user can make.
+    await provider.send(
+        {"type": "settlement_refused", "lease": served, "reason": "unknown here",
+         "code": "unknown_lease"}
+    )  # fmt: skip
+    store = server.store
+    assert store is not None
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while (row := await store.get_settlement(served)) is None or row.kind.value != "refund":
+        assert asyncio.get_running_loop().time() < deadline, row  # state in the database
+        await asyncio.sleep(0.05)
+    assert "refund it" in (row.error or "")
+    code, offer = await api("POST", f"/api/v1/leases/{served}/refund", {})
+    assert code == 200 and offer["provider_share"] == 0
 
     # Never served: refunded at once by user + arbiter, nothing to the provider.
     unused = await funded_lease()

@@ -463,11 +463,12 @@ def test_the_book_signs_exactly_the_settlement_it_is_owed() -> None:
         return SignSettlement("lease-1", amount, bytes(message))
 
     unknown = book.answer(request(90_000), arbiter.pubkey())
-    assert isinstance(unknown, SettlementRefused) and "unknown" in unknown.reason
+    assert isinstance(unknown, SettlementRefused) and unknown.code == "unknown_lease"
     book.admit(claims, meter)
     assert book.owed("lease-1") == 90_000  # (100 - 10) s at 1,000 lamports a second
     short = book.answer(request(89_999), arbiter.pubkey())
     assert isinstance(short, SettlementRefused) and "at least" in short.reason
+    assert short.code == "refused"
     wrong_payer = book.answer(request(90_000, fee_payer=arbiter.pubkey()), arbiter.pubkey())
     assert isinstance(wrong_payer, SettlementRefused)
     impostor = book.answer(request(90_000), Keypair().pubkey())
