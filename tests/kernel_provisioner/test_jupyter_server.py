@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,7 +174,13 @@ async def test_jupyter_server_session_runs_code_over_the_kernel_websocket(
     )
     kernel_id = model["kernel"]["id"]
     assert model["kernel"]["name"] == remote_spec
-    kernel_pids = {p.pid for p in provider_host.descendants()} - before
+    # The server extension turns on pending kernels: the session is answered while the
+    # remote start goes on. The provider's process table has no event to await: poll it.
+    deadline = time.monotonic() + 30
+    kernel_pids: set[int] = set()
+    while not kernel_pids and time.monotonic() < deadline:
+        kernel_pids = {p.pid for p in provider_host.descendants()} - before
+        await asyncio.sleep(0.05)
     assert kernel_pids, "the server's kernel does not run on the provider host"
 
     client_session = uuid.uuid4().hex
@@ -238,4 +245,10 @@ async def test_jupyter_server_session_runs_code_over_the_kernel_websocket(
     await jupyter_server.request("DELETE", f"/api/sessions/{model['id']}")
     for pid in kernel_pids:
         assert await processes.wait_gone(pid, 15), f"kernel process {pid} outlived its session"
-    assert await jupyter_server.request("GET", "/api/kernels") == []
+    # A pending kernel's shutdown also goes on after the answer: poll the kernel list.
+    deadline = time.monotonic() + 15
+    kernels = await jupyter_server.request("GET", "/api/kernels")
+    while kernels and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        kernels = await jupyter_server.request("GET", "/api/kernels")
+    assert kernels == []
