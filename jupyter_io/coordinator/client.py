@@ -504,11 +504,14 @@ class CoordinatorClient:
         body = await self._call("POST", f"/api/v1/leases/{lease_id}/refund", {}, sign=True)
         return RefundOffer.from_json(lease_id, body)
 
-    async def report_refund(self, lease_id: str, signature: str) -> dict[str, Any]:
+    async def report_refund(self, lease_id: str, signature: str) -> LeaseInfo:
         """Tell the coordinator the refund landed (``signature``: the transaction's); it
-        checks the escrow is closed and marks the settlement done. Returns its answer."""
-        return await self._call(
-            "POST", f"/api/v1/leases/{lease_id}/refund", {"signature": signature}, sign=True
+        checks the escrow is closed and marks the settlement done. Returns the lease record
+        with its billing."""
+        return LeaseInfo.from_json(
+            await self._call(
+                "POST", f"/api/v1/leases/{lease_id}/refund", {"signature": signature}, sign=True
+            )
         )
 
     # -- plumbing --------------------------------------------------------------------------
