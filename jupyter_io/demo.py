@@ -5,18 +5,23 @@ reverse (so JupyterLab shuts its kernels down while their provider and the coord
 run, and the provider reports its sessions' end to a coordinator that still listens):
 
 1. :class:`CoordinatorService`: the marketplace coordinator (``jupyter io coordinator``) on
-   loopback, its SQLite database and keypair in the data dir;
-2. :class:`ProviderService`: a provider host (``python -m provider_host``) registered with it.
+   loopback, its SQLite database and keypair in the data dir. It is paid through escrows
+   (``payments = "escrow"``) on its embedded ledger, served at ``{coordinator}/solana``;
+2. :class:`WalletService`: funds the demo user's wallet (and the provider host's key, which
+   pays the settlements' fees) on that ledger by airdrop, so kernels can escrow their
+   sessions at once;
+3. :class:`ProviderService`: a provider host (``python -m provider_host``) registered with it.
    It gets no public URL, so clients reach it through the coordinator's relay, as they would
    a gamer's PC behind a home router. It offers its CPU and simulated GPUs
    (``--simulate-gpu "RTX 4090:24"``), always labelled simulated;
-3. :class:`KernelspecsService`: one lease-mode kernelspec per GPU type on offer
+4. :class:`KernelspecsService`: one lease-mode kernelspec per GPU type on offer
    (``jupyter-io-rtx-4090``: "Python 3 · RTX 4090 24 GB (simulated) · 0.12 SOL/h"),
    installed in ``sys.prefix`` so the Jupyter of this environment finds them, removed again
    on the way out. Each kernel started from one leases its GPU through the coordinator;
-4. :class:`LabService`: JupyterLab on loopback (left out with ``--no-lab``).
-
-Later steps of the product (ledger, GPU picker) join as more services in this list. Ctrl-C or
+5. :class:`LabService`: JupyterLab on loopback (left out with ``--no-lab``), its GPU picker
+   pointed at the coordinator and the demo wallet (the wallet view reads the coordinator's
+   ledger).
+ Ctrl-C or
 SIGTERM stops everything; a second Ctrl-C kills what is still running at once. Build a
 :class:`Demo` (a traitlets Configurable) and ``await demo.run()``.
 """
@@ -39,13 +44,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from jupyter_core.paths import jupyter_data_dir
-from traitlets import Bool, Float, Int, List, Unicode, default
+from traitlets import Bool, Enum, Float, Int, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from .errors import ConfigError, JupyterIOError
 from .identity import load_or_create_keypair
 from .kernelspec import install_lease_kernelspec
-from .payments.amounts import format_sol
+from .payments.amounts import format_sol, parse_sol
 
 __all__ = [
     "READY_LINE",
@@ -55,11 +60,14 @@ __all__ = [
     "LabService",
     "ProviderService",
     "Service",
+    "WalletService",
     "demo_display_name",
 ]
 
 #: The demo prints this line (then details) once every service is up.
 READY_LINE = "jupyter-io demo ready"
+#: SOL the demo provider host's key holds for the settlements' fees it pays.
+PROVIDER_FEE_SOL = "1"
 
 #: Runs ``jupyter io coordinator`` with the arguments that follow, from this Python (the
 #: coordinator package has no ``__main__``, and a console script may not be on PATH).
@@ -314,6 +322,76 @@ class ProviderService(_Announcing):
         return [f"  provider:    {self.url}{offer}{route}"]
 
 
+class WalletService(Service):
+    """Funds the demo's keys on the coordinator's ledger, when the coordinator is paid
+    through escrows: the user's wallet (``user_lamports``: kernels escrow their sessions from
+    it) and the provider host's key (``provider_lamports``: it pays the settlements' fees).
+    Airdrops only what is missing, so a restarted demo (its ledger persists in the data dir)
+    does not pile SOL up. With a free coordinator it does nothing."""
+
+    name = "wallet"
+
+    def __init__(
+        self,
+        coordinator: CoordinatorService,
+        *,
+        user_keypair_path: Path,
+        provider_pubkey: str,
+        user_lamports: int,
+        provider_lamports: int,
+        log: Any,
+    ) -> None:
+        self.coordinator = coordinator
+        self.user_keypair_path = user_keypair_path
+        self.provider_pubkey = provider_pubkey
+        self.user_lamports = user_lamports
+        self.provider_lamports = provider_lamports
+        self.log = log
+        #: The coordinator's ledger ("" for a free coordinator), and the user's balance on it.
+        self.solana_url = ""
+        self.balance = 0
+        self.user = ""
+
+    async def start(self) -> None:
+        from solders.pubkey import Pubkey
+
+        from .coordinator.client import CoordinatorClient
+        from .identity import load_keypair
+        from .payments.escrow import EscrowClient
+
+        async with CoordinatorClient(self.coordinator.url, timeout=10) as client:
+            payments = await client.payments()
+        if payments.payments != "escrow" or not payments.solana_url:
+            return
+        self.solana_url = payments.solana_url
+        user = load_keypair(self.user_keypair_path).pubkey()
+        wanted = [
+            (user, self.user_lamports),
+            (Pubkey.from_string(self.provider_pubkey), self.provider_lamports),
+        ]
+        ledger = EscrowClient.connect(self.solana_url)
+        try:
+            for pubkey, lamports in wanted:
+                held = (await ledger.client.get_balance(pubkey)).value
+                if held < lamports:
+                    await ledger.airdrop(pubkey, lamports - held)
+                    self.log.info(
+                        "wallet: airdropped %s to %s", format_sol(lamports - held), pubkey
+                    )
+            self.balance = (await ledger.client.get_balance(user)).value
+        finally:
+            await ledger.close()
+        self.user = str(user)
+
+    def describe(self) -> list[str]:
+        if not self.solana_url:
+            return ["  payments:    free (the coordinator asks for no escrow)"]
+        return [
+            f"  wallet:      {self.user} holds {format_sol(self.balance)} on the coordinator's "
+            f"ledger {self.solana_url} (each kernel escrows its session from it)"
+        ]
+
+
 class KernelspecsService(Service):
     """Installs one lease-mode kernelspec per GPU type the coordinator has on offer
     (``KERNEL_NAME-rtx-4090``, ...) on start, and removes exactly those directories on stop."""
@@ -453,6 +531,17 @@ class Demo(LoggingConfigurable):
     price = Unicode(
         "0.12", help="The demo provider's price in SOL per GPU-hour (exact to the lamport)."
     ).tag(config=True)
+    payments = Enum(
+        ["escrow", "free"],
+        "escrow",
+        help="How the demo coordinator is paid: escrow (each kernel escrows its session on the "
+        "coordinator's embedded ledger, settled when it ends) or free.",
+    ).tag(config=True)
+    wallet_sol = Unicode(
+        "10",
+        help="SOL the demo user's wallet holds on the embedded ledger (airdropped up to it at "
+        "each start; escrow payments only).",
+    ).tag(config=True)
     kernel_name = Unicode(
         "jupyter-io",
         # The same names the server extension gives its GPU kernelspecs, so Lab lists each GPU
@@ -529,6 +618,7 @@ class Demo(LoggingConfigurable):
                 str(data / "coordinator"),
                 # One user: no need to cache the offers list, and the demo waits on it.
                 "--CoordinatorConfig.offers_cache_ttl=0",
+                f"--CoordinatorConfig.payments={self.payments}",
                 *self.coordinator_args,
             ],
             start_timeout=self.coordinator_start_timeout,
@@ -556,8 +646,17 @@ class Demo(LoggingConfigurable):
             stop_timeout=self.stop_timeout,
             log=self.log,
         )
+        wallet = WalletService(
+            coordinator,
+            user_keypair_path=user_key,
+            provider_pubkey=str(host.pubkey()),
+            user_lamports=parse_sol(self.wallet_sol),
+            provider_lamports=parse_sol(PROVIDER_FEE_SOL),
+            log=self.log,
+        )
         services: list[Service] = [
             coordinator,
+            wallet,
             provider,
             KernelspecsService(
                 coordinator,
@@ -650,8 +749,9 @@ class Demo(LoggingConfigurable):
         for service in services:
             lines.extend(service.describe())
         lines.append(
-            "Open the URL JupyterLab prints and pick a kernel above: each start leases its GPU "
-            "through the coordinator. Ctrl-C stops everything."
+            "Open the URL JupyterLab prints and pick a GPU in the GPU picker (or a kernel above): "
+            "each start leases its GPU through the coordinator and escrows the session from the "
+            "wallet. Ctrl-C stops everything."
             if self.lab
             else "Running without JupyterLab; Ctrl-C stops everything."
         )

@@ -254,6 +254,11 @@ async def test_demo_starts_coordinator_provider_and_kernelspecs_and_stops_in_rev
         assert url.startswith("http://127.0.0.1:")
         assert (data / "coordinator" / "coordinator.db").is_file()
         assert (data / "coordinator" / "coordinator-keypair.json").is_file()
+        # Paid through escrows on its embedded ledger, where the demo wallet was funded.
+        user = load_keypair(data / "user-keypair.json").pubkey()
+        assert (
+            f"wallet:      {user} holds 10 SOL on the coordinator's ledger {url}/solana" in out
+        ), out
         # The provider got fresh demo keys and joins that coordinator, with no public URL
         # (so the relay is used), a simulated GPU and the demo's price.
         assert f"--keypair {data / 'provider-keypair.json'}" in out
@@ -460,15 +465,22 @@ async def test_demo_leases_a_kernel_through_its_kernelspec_and_nothing_outlives_
     jupyter_env: Path, tmp_path: Path
 ) -> None:
     from jupyter_client.manager import AsyncKernelManager
+    from traitlets.config import Config
 
     proc, out = await start_demo("--no-lab", *demo_args(jupyter_env, tmp_path))
     assert "jupyter-io provider joining coordinator http://127.0.0.1:" in out
     assert "(clients connect via its relay)" in out
-    km = AsyncKernelManager(kernel_name=KERNEL)
+    # When the demo is gone, the kernel's end cannot reach the coordinator for a refund of
+    # its escrow: give up after 5 s (the default waits a minute for a lost provider).
+    config = Config({"RemoteKernelProvisioner": {"refund_timeout": 5.0}})
+    km = AsyncKernelManager(kernel_name=KERNEL, config=config)
     try:
         await asyncio.wait_for(km.start_kernel(), TIMEOUT)
         grant = km.provisioner.lease.grant
         assert grant.relay and grant.gpu == "RTX 4090"
+        # Paid from the demo wallet: the lease's escrow holds an hour at 0.12 SOL/h.
+        assert km.provisioner.lease.funded
+        assert km.provisioner.lease.escrow.deposit == 120_000_000
         assert grant.provider == str(
             load_keypair(tmp_path / "demo" / "provider-keypair.json").pubkey()
         )
@@ -524,14 +536,21 @@ async def test_demo_lab_shuts_its_remote_kernel_down_before_the_provider_stops(
 ) -> None:
     proc, _ = await start_demo(*demo_args(jupyter_env, tmp_path), *lab_args(tmp_path))
     async with shown_on_failure(proc):
+        kernels_url = await lab_url(proc, "/api/kernels")
         request = urllib.request.Request(
-            await lab_url(proc, "/api/kernels"),
+            kernels_url,
             data=json.dumps({"name": KERNEL}).encode(),
             headers={"Content-Type": "application/json"},
             method="POST",
         )
         kernel = json.loads(await asyncio.to_thread(http_get, request))
         assert kernel["name"] == KERNEL
+        # A pending kernel: the answer comes at once; wait for the start to finish.
+        progress = kernels_url.replace("/api/kernels?", f"/jupyter-io/progress/{kernel['id']}?")
+        deadline = time.monotonic() + TIMEOUT
+        while json.loads(await asyncio.to_thread(http_get, progress))["state"] != "ready":
+            assert time.monotonic() < deadline, "the kernel did not start"
+            await asyncio.sleep(0.2)
         running = descendants(proc.pid)
         assert len(running) >= 4  # JupyterLab, the coordinator, the provider, its kernel
     _, err = await stop_demo(proc, signal.SIGINT)
