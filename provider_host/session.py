@@ -9,7 +9,8 @@ connections. It owns:
   socket paths must stay under ~100 characters);
 - ZMQ sockets connected to the kernel's IPC endpoints: DEALER for shell, control and stdin
   (shell and stdin share one identity so input_request finds its way back), DEALER to the
-  heartbeat, SUB to iopub; they stay connected across kernel restarts;
+  heartbeat, SUB to iopub; they stay across kernel restarts, but each restart drops the
+  requests still queued for the old kernel;
 - a :class:`~jupyter_io.protocol.Tunnel` and a :class:`~jupyter_io.bridge.Bridge` that keep
   output while no websocket is attached and replay it on resume;
 - the current :class:`~provider_host.kernel.KernelProcess`, watched so that EXITED goes out
@@ -99,6 +100,7 @@ class KernelSession:
         self._on_end = on_end
         self._on_started = on_started
         self._sockets: dict[Channel, zmq.asyncio.Socket] = {}
+        self._endpoints: dict[Channel, str] = {}
         self._bridge: Bridge | None = None
         self._ws: Connection | None = None
         self._ending = False
@@ -132,7 +134,7 @@ class KernelSession:
             runtime.rmdir()
             runtime = Path(tempfile.mkdtemp(prefix="jio-", dir="/tmp"))
         self.runtime_dir = runtime
-        endpoints = kernel_endpoints(runtime)
+        endpoints = self._endpoints = kernel_endpoints(runtime)
         identity = f"jio-{self.id}".encode()
         for channel in Channel:
             kind = zmq.SUB if channel is Channel.IOPUB else zmq.DEALER
@@ -263,6 +265,8 @@ class KernelSession:
             if self._ending:
                 return
             await self._stop_kernel()
+            if self.generation:
+                self._drop_queued_requests()
             self.generation += 1
             generation = self.generation
             try:
@@ -353,6 +357,23 @@ class KernelSession:
                 kernel.log_tail(),
             )
         await self._send(FrameKind.EXITED, {"generation": kernel.generation, "exit_code": code})
+
+    def _drop_queued_requests(self) -> None:
+        """Forget requests still queued for the previous kernel.
+
+        The DEALERs stay connected across restarts, and ZMQ keeps what it could not deliver
+        (a kernel killed before it bound its sockets read nothing) for the next peer on the
+        endpoint: the new kernel would get the old one's shutdown_request and exit.
+        Reconnecting with linger 0 discards those pipes; every frame received after LAUNCH
+        goes to fresh ones, so nothing meant for the new kernel is lost.
+        """
+        for channel, sock in self._sockets.items():
+            if channel is Channel.IOPUB:
+                continue
+            endpoint = self._endpoints[channel]
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disconnect(endpoint)
+            sock.connect(endpoint)
 
     async def _stop_kernel(self) -> None:
         """Kill the current kernel (if any) and wait until its EXITED is queued."""

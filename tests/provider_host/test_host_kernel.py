@@ -95,6 +95,23 @@ async def test_launch_again_restarts_with_a_clean_kernel(host, client):
     assert session.kernel_info() == {"state": "running", "generation": 2, "exit_code": None}
 
 
+async def test_requests_queued_for_a_kernel_that_never_started_die_with_it(host, client):
+    # A restart before the kernel was ready: the shutdown_request that the kernel manager
+    # sent the first kernel (which never bound its sockets) must not reach the second.
+    await client.connect()
+    await client.launch()
+    await client.request(Channel.CONTROL, "shutdown_request", {"restart": True})
+    second = await client.launch()
+    assert (await client.control(FrameKind.EXITED))["generation"] == 1
+    assert second["generation"] == 2
+    await client.wait_ready()
+    msg_id = await client.request(Channel.CONTROL, "kernel_info_request", {})
+    first_reply = await client.message(Channel.CONTROL)
+    assert first_reply["msg_type"] == "kernel_info_reply"
+    assert first_reply["parent_header"]["msg_id"] == msg_id
+    assert host.sessions[client.session_id].kernel_info()["state"] == "running"
+
+
 async def test_end_kills_the_kernel_and_removes_the_workspace(host, client):
     await client.connect()
     started = await client.launch()
