@@ -417,7 +417,7 @@ class Billing:
         the arbiter's signature. For a failed lease, one never activated, or one whose
         provider is not linked here; raises :class:`RefundNotAllowed` otherwise (live,
         settled, or settled by the worker with its online provider)."""
-        settlement = await self._refundable(lease)
+        lease, settlement = await self._refundable(lease)
         linked = self.registry.provider(lease.provider_pubkey)
         if (
             settlement.kind is SettlementKind.SETTLE
@@ -463,10 +463,14 @@ class Billing:
         the settlement done with ``signature``. Raises :class:`RefundNotAllowed` while the
         escrow is still open."""
         try:
-            Signature.from_string(signature)
+            parsed = Signature.from_string(signature)
         except ValueError:
             raise RefundNotAllowed(f"{signature!r} is not a base58 transaction signature") from None
-        settlement = await self._refundable(lease, allow_done=True)
+        lease, settlement = await self._refundable(lease, allow_done=True)
+        await self._check_landed(parsed, lease)
+        if settlement.state is SettlementState.DONE and settlement.signature is None:
+            # The worker saw the escrow closed before the user reported how.
+            await self.store.note_settlement_signature(lease.id, signature)
         if settlement.state is SettlementState.PENDING:
             if await self.escrow_state(lease) is not None:
                 raise RefundNotAllowed(
@@ -485,16 +489,61 @@ class Billing:
         assert done is not None
         return done
 
+    async def _check_landed(self, signature: Signature, lease: LeaseRecord) -> None:
+        """Raise :class:`RefundNotAllowed` unless ``signature`` is a transaction that landed
+        without error (what the user reports is recorded in the lease's history)."""
+        resp = await self._ledger(
+            "reading the refund's status", self.escrow.client.get_signature_statuses([signature])
+        )
+        status = resp.value[0]
+        if status is None or status.err is not None:
+            why = "is unknown to the ledger" if status is None else f"failed ({status.err})"
+            raise RefundNotAllowed(
+                f"transaction {signature} {why}; submit the refund of lease {lease.id} "
+                f"(signed by you and the arbiter) and report the signature once it landed"
+            )
+
+    async def _found_late(self, lease: LeaseRecord) -> LeaseRecord:
+        """A lease that is over with no escrow recorded: the user may have opened it and then
+        never reached ``POST /escrow`` (coordinator or ledger down, lease ended meanwhile).
+        Look at the derived address; an escrow there is recorded now so that it can be
+        refunded (its lease never ran: nothing is owed to the provider). Raises
+        :class:`RefundNotAllowed` when there is none."""
+        try:
+            state = await self.escrow_state(lease)
+        except EscrowError:
+            state = None
+        if state is None:
+            raise RefundNotAllowed(f"lease {lease.id} was never funded: nothing to refund")
+        recorded = await self.store.record_escrow(
+            lease.id,
+            address=str(state.address),
+            deposit_lamports=state.amount,
+            signature=None,
+            at=_utc(self.clock()),
+            late=True,
+        )
+        if recorded is None:  # recorded meanwhile by another request: read it again
+            recorded = await self.store.get_lease(lease.id)
+            if recorded is None or not recorded.funded:
+                raise RefundNotAllowed(f"lease {lease.id} was never funded: nothing to refund")
+        self.log.info(
+            "lease %s: escrow %s found on-chain after the lease was over; it can be refunded",
+            lease.id,
+            state.address,
+        )
+        return recorded
+
     async def _refundable(
         self, lease: LeaseRecord, *, allow_done: bool = False
-    ) -> SettlementRecord:
+    ) -> tuple[LeaseRecord, SettlementRecord]:
         if lease.live:
             raise RefundNotAllowed(
                 f"lease {lease.id} is {lease.state.value}: end it first (DELETE the lease); "
                 f"a refund is for a lease whose provider failed"
             )
         if not lease.funded:
-            raise RefundNotAllowed(f"lease {lease.id} was never funded: nothing to refund")
+            lease = await self._found_late(lease)
         await self.store.enqueue_settlements(at=_utc(self.clock()))
         settlement = await self.store.get_settlement(lease.id)
         assert settlement is not None, "a funded lease that is over always has a settlement"
@@ -503,4 +552,4 @@ class Billing:
                 f"lease {lease.id} is already settled ({settlement.kind.value}, "
                 f"{settlement.signature or 'escrow closed'})"
             )
-        return settlement
+        return lease, settlement

@@ -1031,10 +1031,15 @@ class Store:
         deposit_lamports: int,
         signature: str | None,
         at: datetime | None = None,
+        late: bool = False,
     ) -> LeaseRecord | None:
         """Record the escrow verified on-chain for a live lease (again after a top-up: the
         deposit becomes what it holds now; the first ``funded_at`` and a known setup
-        signature are kept). Returns the lease, or None when it is not live."""
+        signature are kept). Returns the lease, or None when it is not live.
+
+        ``late``: record it on a lease that is over and has no escrow recorded (one opened
+        whose verification never reached this coordinator), so that it can be refunded;
+        returns None when the lease is live or already has one."""
         if deposit_lamports < 0:
             raise ValueError("a deposit cannot be negative")
         at = _when(at)
@@ -1049,7 +1054,12 @@ class Store:
             row = (
                 await conn.execute(
                     sa.update(_leases)
-                    .where(_leases.c.id == lease_id, _leases.c.state.in_(_LIVE))
+                    .where(
+                        _leases.c.id == lease_id,
+                        sa.and_(_leases.c.state.not_in(_LIVE), _leases.c.escrow_address.is_(None))
+                        if late
+                        else _leases.c.state.in_(_LIVE),
+                    )
                     .values(values)
                     .returning(*_leases.c)
                 )
@@ -1236,6 +1246,21 @@ class Store:
                     claimed_until=None,
                     updated_at=at,
                 )
+            )
+            return bool(result.rowcount)
+
+    async def note_settlement_signature(self, lease_id: str, signature: str) -> bool:
+        """Record how a settlement that is done without a known signature was done (the
+        escrow was seen closed before its closer reported). Returns whether it changed."""
+        async with self._write() as conn:
+            result = await conn.execute(
+                sa.update(_settlements)
+                .where(
+                    _settlements.c.lease_id == lease_id,
+                    _settlements.c.state == SettlementState.DONE.value,
+                    _settlements.c.signature.is_(None),
+                )
+                .values(signature=signature)
             )
             return bool(result.rowcount)
 

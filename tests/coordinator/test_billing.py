@@ -478,6 +478,50 @@ async def test_refunds_are_for_leases_the_provider_cannot_settle(
     assert code == 409 and "already" in body["error"]["message"]
 
 
+async def test_an_escrow_the_coordinator_never_verified_can_still_be_refunded(
+    market: tuple[CoordinatorServer, FakeProvider, Api, EscrowClient],
+) -> None:
+    # The user opened the escrow, then never reached POST /escrow (the coordinator or its
+    # ledger was down) and ended the lease: the escrow is found on-chain and refunded.
+    server, provider, api, escrow = market
+    provider_key = Pubkey.from_string(provider.pubkey)
+    arbiter = server.keypair.pubkey()  # type: ignore[union-attr]
+    code, grant = await api("POST", "/api/v1/leases", {"gpu": "RTX 4090"})
+    lease = grant["lease"]
+    code, body = await api("DELETE", f"/api/v1/leases/{lease}")
+    assert code == 200
+    code, body = await api("POST", f"/api/v1/leases/{lease}/refund", {})
+    assert code == 409 and "never funded" in body["error"]["message"]  # nothing there yet
+
+    wallet_before = await escrow.balance(api.keypair.pubkey())
+    receipt = await escrow.open_escrow(api.keypair, provider_key, arbiter, lease, PRICE // 60)
+    code, offer = await api("POST", f"/api/v1/leases/{lease}/refund", {})
+    assert code == 200 and offer["provider_share"] == 0
+    code, record = await api("GET", f"/api/v1/leases/{lease}")
+    assert record["billing"]["escrow"] == str(receipt.terms.escrow)
+    assert record["billing"]["settlement"]["state"] == "pending"
+
+    # A signature that never landed is not recorded as the refund.
+    code, body = await api(
+        "POST", f"/api/v1/leases/{lease}/refund", {"signature": str(Signature.new_unique())}
+    )
+    assert code == 409 and "unknown to the ledger" in body["error"]["message"]
+
+    message = MessageV0.from_bytes(base64.b64decode(offer["message"]))
+    arbiter_sig = Presigner(arbiter, Signature.from_string(offer["arbiter_signature"]))
+    signature = await escrow.submit(message, [api.keypair, arbiter_sig], what="refund")
+    code, record = await api(
+        "POST", f"/api/v1/leases/{lease}/refund", {"signature": str(signature)}
+    )
+    assert code == 200 and record["billing"]["settlement"]["signature"] == str(signature)
+    # Conservation: all back but the fees (setup 1 signature, refund 2) and the multisig's
+    # rent, which stays with the reused multisig of this triple.
+    assert await escrow.escrow_state(receipt.terms) is None
+    spent = wallet_before - await escrow.balance(api.keypair.pubkey())
+    multisig = await escrow.client.get_balance(receipt.terms.multisig)
+    assert spent == receipt.fee + 10_000 + multisig.value
+
+
 def test_a_bad_solana_url_names_the_setting() -> None:
     with pytest.raises(TraitError, match="solana_url 'ftp://x' must be a Solana JSON-RPC URL"):
         CoordinatorConfig(solana_url="ftp://x")
