@@ -4,9 +4,9 @@
 files, and what :class:`provider_host.server.ProviderServer` reads. It does no I/O until asked:
 call :meth:`ProviderConfig.listen_address`, :meth:`ProviderConfig.load_keypair`,
 :meth:`ProviderConfig.load_allowlist`, :meth:`ProviderConfig.ssl_context`,
-:meth:`ProviderConfig.link_url`, :meth:`ProviderConfig.pinned_coordinator` and
-:meth:`ProviderConfig.price_of` when starting up; each raises
-:class:`~jupyter_io.errors.ConfigError` naming the setting to fix.
+:meth:`ProviderConfig.link_url`, :meth:`ProviderConfig.pinned_coordinator`,
+:meth:`ProviderConfig.settlements_path` and :meth:`ProviderConfig.price_of` when starting
+up; each raises :class:`~jupyter_io.errors.ConfigError` naming the setting to fix.
 
 Who may open a session: without ``coordinator_url`` the keys on the allow-list (``allow``,
 ``allow_file``); with a coordinator, whoever presents a valid lease token signed by it (the
@@ -78,6 +78,12 @@ class ProviderConfig(Configurable):
     workspace_root = Unicode(
         config=True,
         help="Directory under which each session gets its own working directory.",
+    )
+    data_dir = Unicode(
+        config=True,
+        help="Directory of the host's own durable state (created 0700): the records of the "
+        "leases it must still co-sign a settlement for, so a restarted host is still paid. "
+        "Default: next to workspace_root, named after it with '-state'.",
     )
     grace_period = Float(
         120.0,
@@ -194,6 +200,11 @@ class ProviderConfig(Configurable):
     def _workspace_root_default(self) -> str:
         return str(Path(jupyter_data_dir()) / "io" / "provider")
 
+    @default("data_dir")
+    def _data_dir_default(self) -> str:
+        workspace = Path(self.workspace_root).expanduser()
+        return str(workspace.with_name(f"{workspace.name}-state"))
+
     @validate("listen")
     def _validate_listen(self, proposal: dict[str, object]) -> str:
         value = str(proposal["value"])
@@ -278,6 +289,11 @@ class ProviderConfig(Configurable):
         scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
         path = parts.path.rstrip("/") + LINK_PATH
         return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+    def settlements_path(self, host: Pubkey) -> Path:
+        """The file of ``host``'s settlement records (:class:`provider_host.settlement.
+        SettlementBook`): one per host key, so hosts sharing a data directory never mix."""
+        return Path(self.data_dir).expanduser() / f"settlements-{host}.json"
 
     def pinned_coordinator(self) -> Pubkey | None:
         """The configured ``coordinator_pubkey``, or None to pin the first one seen."""

@@ -17,7 +17,9 @@ With ``coordinator_url`` set the host also joins that marketplace coordinator
 :class:`~provider_host.coordinator_link.CoordinatorLink` up. Clients then need a lease token
 (:mod:`provider_host.lease_gate`) instead of a place on the allow-list; each session serves one
 lease, its kernel is pinned to the lease's GPUs, and the host reports the session's start and
-end and signed usage (:mod:`provider_host.usage`) per lease. Every tunnel connection, accepted
+end and signed usage (:mod:`provider_host.usage`) per lease. What it needs to co-sign each
+lease's settlement (:mod:`provider_host.settlement`) is kept in ``data_dir`` and read back at
+startup, before linking, so a restarted host is still paid. Every tunnel connection, accepted
 on ``/tunnel`` or dialled to the coordinator's relay on a ``dial``, goes through the same
 handler (:meth:`ProviderServer.serve_connection`).
 """
@@ -163,6 +165,7 @@ class ProviderServer:
         self._gpus = GpuPool(self.inventory.gpu_indices)
         if config.coordinator_url:
             self._prepare_marketplace()
+            self._load_settlements()
         _make_private_dir(config.workspace_root)
         self._context = zmq.asyncio.Context()
         try:
@@ -219,7 +222,10 @@ class ProviderServer:
         pinned = config.pinned_coordinator()
         self.lease_gate = LeaseGate(self.host_keypair.pubkey(), coordinator=pinned, devices=devices)
         self.settlements = SettlementBook(
-            self.host_keypair, tolerance_seconds=config.settle_tolerance_seconds, log=self.log
+            self.host_keypair,
+            path=config.settlements_path(self.host_keypair.pubkey()),
+            tolerance_seconds=config.settle_tolerance_seconds,
+            log=self.log,
         )
         self.coordinator_link = CoordinatorLink(
             config.link_url(),
@@ -232,6 +238,18 @@ class ProviderServer:
             ping_timeout=config.ping_timeout or None,
             log=self.log,
         )
+
+    def _load_settlements(self) -> None:
+        """Read back the leases this host must still co-sign for (before it links)."""
+        assert self.settlements is not None
+        try:
+            _make_private_dir(self.config.data_dir)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create data_dir {self.config.data_dir}: {exc}; set "
+                f"ProviderConfig.data_dir to a directory this user may write"
+            ) from None
+        self.settlements.load()
 
     async def _join(self) -> None:
         """Benchmark (when asked), then link to the coordinator."""
@@ -470,6 +488,8 @@ class ProviderServer:
         if meter is not None and meter.started and self.coordinator_link is not None:
             meter.stop()
             self.coordinator_link.send(meter.report(self._keypair(), self._utilisation(meter.gpus)))
+        if self.settlements is not None:
+            self.settlements.checkpoint()  # the final total, before any restart
         self._report_session(lease_id, "ended")
 
     def _kernel_started(self, session: KernelSession) -> None:
@@ -494,6 +514,8 @@ class ProviderServer:
             for meter in list(self._meters.values()):
                 if meter.started and not meter.stopped:
                     link.send(meter.report(self._keypair(), self._utilisation(meter.gpus)))
+            if self.settlements is not None:
+                self.settlements.checkpoint()
 
     def _keypair(self) -> Keypair:
         assert self.host_keypair is not None
@@ -551,6 +573,7 @@ class ProviderServer:
         meter = book.meter(message.lease)
         if isinstance(reply, SettlementRefused) and meter is not None and meter.started:
             link.send(meter.report(self._keypair(), None))
+            book.checkpoint()  # its seq moved on
         link.send(reply)
 
     async def _serve_dialled(self, message: Dial) -> None:

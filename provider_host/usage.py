@@ -103,6 +103,23 @@ class UsageMeter:
         self._stopped: float | None = None
         self._seq = 0
 
+    @classmethod
+    def restored(
+        cls, lease_id: str, seconds: int, seq: int, gpus: Sequence[int] = (), **clocks: Any
+    ) -> UsageMeter:
+        """A stopped meter that delivered ``seconds`` and made ``seq`` reports (what a host
+        saved before it restarted): its next report carries ``seq + 1`` and that total."""
+        meter = cls(lease_id, gpus, **clocks)
+        if seconds > 0:  # exact: a stopped meter never reads its clock again
+            meter._started, meter._stopped = 0.0, float(seconds)
+        meter._seq = max(0, seq)
+        return meter
+
+    @property
+    def seq(self) -> int:
+        """How many reports were made (the last one's ``seq``)."""
+        return self._seq
+
     @property
     def started(self) -> bool:
         """True once the lease's kernel first started."""

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import signal
+import stat
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -36,6 +40,7 @@ from jupyter_io.coordinator.provider_link import (
     SignSettlement,
 )
 from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.identity import write_keypair
 from jupyter_io.leases import LeaseClaims
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
 from jupyter_io.payments.escrow import EscrowClient, EscrowTerms, settlement_message
@@ -51,6 +56,7 @@ from .conftest import (
     free_port,
     market_host_of,
 )
+from .test_coordinator_failures import start_provider_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -267,6 +273,18 @@ async def settled(coordinator: CoordinatorServer, lease: str) -> Any:
     return row
 
 
+async def paid_through_the_escrow(session: Funded, row: Any) -> None:
+    """The escrow is closed, the provider holds exactly the settled amount in wSOL, and the
+    books balance (setup and settlement transactions)."""
+    assert await session.escrow.escrow_state(session.terms) is None  # closed
+    assert await session.escrow.wsol_balance(session.terms.provider) == row.amount_lamports
+    await session.books.assert_conserved(
+        session.before,
+        paid=row.amount_lamports,
+        signatures=[session.setup_signature, row.signature],
+    )
+
+
 # ---- scenarios ------------------------------------------------------------------------------
 
 
@@ -288,13 +306,7 @@ async def test_a_lease_ended_by_its_user_pays_the_provider_exactly_the_billed_se
         row.amount_lamports == billing["spent_lamports"] == billing["billed_seconds"] * PER_SECOND
     )
     assert row.fee_lamports == 10_000
-    assert await session.escrow.escrow_state(session.terms) is None  # closed
-    assert await session.escrow.wsol_balance(session.terms.provider) == row.amount_lamports
-    await session.books.assert_conserved(
-        session.before,
-        paid=row.amount_lamports,
-        signatures=[session.setup_signature, row.signature],
-    )
+    await paid_through_the_escrow(session, row)
     assert host.settlements is not None and session.lease in host.settlements
 
 
@@ -483,3 +495,156 @@ def test_the_book_signs_exactly_the_settlement_it_is_owed() -> None:
     meter.stop()  # the session ended: the lease is still known until settled
     now[0] += 1000.0
     assert book.owed("lease-1") == 90_000 and "lease-1" in book
+
+
+def test_the_book_keeps_its_records_across_a_restart_privately_and_bounded(tmp_path: Path) -> None:
+    host, user, arbiter = Keypair(), Keypair(), Keypair()
+    path = tmp_path / "state" / f"settlements-{host.pubkey()}.json"
+    path.parent.mkdir(mode=0o700)
+    now = [1_000.0]
+    terms = EscrowTerms(user.pubkey(), host.pubkey(), arbiter.pubkey(), "lease-1")
+    message = settlement_message(
+        terms, 90_000, blockhash=Hash.new_unique(), fee_payer=host.pubkey()
+    )
+    request = SignSettlement("lease-1", 90_000, bytes(message))
+
+    def claims(lease: str) -> LeaseClaims:
+        return LeaseClaims(
+            lease_id=lease, user=user.pubkey(), provider=host.pubkey(), gpu="x",
+            gpu_indices=(0,), price_lamports_per_hour=3_600_000, issued_at=0.0,
+            expires_at=1e12, coordinator=arbiter.pubkey(), relay=True,
+        )  # fmt: skip
+
+    def book(**kw: Any) -> SettlementBook:
+        return SettlementBook(host, path=path, tolerance_seconds=10, clock=lambda: now[0], **kw)
+
+    first = book()
+    assert first.load() == 0  # no file yet
+    meter = UsageMeter("lease-1")
+    first.admit(claims("lease-1"), meter)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    meter.start()
+    meter._started = cast(float, meter._started) - 100.0  # 100 s delivered
+    meter.report(host)  # seq 1
+    meter.stop()
+    first.checkpoint()
+    saved = json.loads(path.read_text())
+    assert saved["provider"] == str(host.pubkey())
+    assert [(r["lease"], r["seconds"], r["seq"]) for r in saved["leases"]] == [("lease-1", 100, 1)]
+    text = path.read_text()
+    assert str(host) not in text and "token" not in text  # no secret key, no token
+    assert not [f for f in path.parent.iterdir() if f != path]  # no temporary left behind
+
+    # A new process: the record is back, the same rule signs the same settlement.
+    second = book()
+    assert second.load() == 1 and "lease-1" in second
+    assert second.owed("lease-1") == 90_000
+    restored = second.meter("lease-1")
+    assert restored is not None and restored.stopped and restored.seconds() == 100
+    assert restored.report(host)["seq"] == 2  # seq goes on: the coordinator keeps the report
+    short = SignSettlement("lease-1", 89_999, bytes(settlement_message(
+        terms, 89_999, blockhash=message.recent_blockhash, fee_payer=host.pubkey())))  # fmt: skip
+    assert isinstance(second.answer(short, arbiter.pubkey()), SettlementRefused)
+    signed = second.answer(request, arbiter.pubkey())
+    assert isinstance(signed, SettlementSignature)
+    assert Signature.from_string(signed.signature).verify(
+        host.pubkey(), to_bytes_versioned(message)
+    )
+    assert json.loads(path.read_text())["leases"][0]["signed_at"] == now[0]  # saved at once
+
+    # Signed records go once keep_seconds passed (a signed one, back after a restart, too).
+    now[0] += 3_601.0
+    third = book()
+    assert third.load() == 1 and "lease-1" not in third
+    third.checkpoint()
+    assert json.loads(path.read_text())["leases"] == []
+
+    # Bounded: the oldest go beyond max_entries, on disk as in memory.
+    small = book(max_entries=2)
+    for lease in ("a", "b", "c"):
+        small.admit(claims(lease), UsageMeter(lease))
+    assert [r["lease"] for r in json.loads(path.read_text())["leases"]] == ["b", "c"]
+
+    # Another host's file is not read; a file that does not parse is moved aside.
+    assert SettlementBook(Keypair(), path=path).load() == 0
+    path.write_text("{not json")
+    assert book().load() == 0
+    assert path.with_name(path.name + ".corrupt").exists() and not path.exists()
+
+
+# ---- a real provider host process, restarted between session end and settlement ------------
+
+
+def _records(path: Path) -> dict[str, Any]:
+    """The leases of a settlement records file, by lease id."""
+    return {r["lease"]: r for r in json.loads(path.read_text())["leases"]}
+
+
+async def _stop_host_process(proc: asyncio.subprocess.Process) -> int:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return await asyncio.wait_for(proc.wait(), 30)
+    except asyncio.TimeoutError:
+        proc.kill()
+        return await proc.wait()
+
+
+async def test_a_restarted_provider_process_still_co_signs_the_settlement_of_its_lease(
+    coordinator: CoordinatorServer, users: Users, tmp_path: Path, jupyter_env: Path
+) -> None:
+    registry, store = coordinator.registry, coordinator.store
+    assert registry is not None and store is not None
+    keypair = Keypair()
+    pubkey = str(keypair.pubkey())
+    port = free_port()
+    state = tmp_path / "provider-state"
+    args = [
+        "--coordinator", coordinator.url,
+        "--keypair", str(write_keypair(keypair, tmp_path / "host.json")),
+        "--workspace", str(tmp_path / "ws"), f"--ProviderConfig.data_dir={state}",
+        "--simulate-gpu", "RTX 4090:24", "--price", PRICE_SOL, "--no-benchmark",
+        "--listen", f"127.0.0.1:{port}", "--public-url", f"ws://127.0.0.1:{port}/tunnel",
+        "--usage-interval", "0.2", "--ProviderConfig.link_backoff_max=0.3",
+    ]  # fmt: skip
+
+    def linked() -> bool:
+        return (p := registry.provider(pubkey)) is not None and p.linked
+
+    proc, _ = await start_provider_process(*args)
+    try:
+        await registry.wait_for(linked, DEFAULT_TIMEOUT)
+        async with EscrowClient.connect(coordinator.solana_url) as escrow:
+            await escrow.airdrop(keypair.pubkey(), LAMPORTS_PER_SOL // 10)  # for its fees
+        session = await users.fund(60)
+        await users.run_kernel(session, busy=1.5)
+
+        # SIGTERM ends the session (its last usage report goes out) and the host exits before
+        # anyone asked it to co-sign. (The coordinator may see the lease end, or fail when the
+        # link closes before it handled the `ended` event: settled by the provider either way.)
+        assert await _stop_host_process(proc) == 0
+        deadline = time.monotonic() + DEFAULT_TIMEOUT
+        while (row := await store.get_settlement(session.lease)) is None or row.attempts < 1:
+            assert time.monotonic() < deadline, row  # the worker tried: provider away
+            await asyncio.sleep(0.05)
+        assert row.state is SettlementState.PENDING and "not linked" in (row.error or ""), row
+        record = state / f"settlements-{pubkey}.json"
+        assert stat.S_IMODE(record.stat().st_mode) == 0o600
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        saved = _records(record)
+        assert saved[session.lease]["seconds"] >= 1 and saved[session.lease]["signed_at"] is None
+
+        proc, _ = await start_provider_process(*args)  # a fresh process: nothing in memory
+        row = await settled(coordinator, session.lease)
+        assert row.signature is not None and row.error is None, row
+        assert row.fee_lamports == 10_000  # two signatures: the provider's and the arbiter's
+        fees = await session.books.fees([row.signature])
+        assert set(fees) == {session.terms.provider}  # it paid the fee: its co-signature
+        lease = await session.api._call("GET", f"/api/v1/leases/{session.lease}", sign=True)
+        billed = lease["billing"]["billed_seconds"]
+        assert billed >= 1 and row.amount_lamports == billed * PER_SECOND
+        await paid_through_the_escrow(session, row)
+        signed = _records(record)
+        assert signed[session.lease]["signed_at"] is not None  # saved at once
+    finally:
+        assert await _stop_host_process(proc) == 0
