@@ -131,7 +131,16 @@ class CoordinatorConfig(Configurable):
         "its token.",
     )
     settle_retry_interval = Float(
-        5.0, config=True, help="Seconds between attempts of a pending settlement or refund."
+        5.0,
+        config=True,
+        help="Seconds before a pending settlement is attempted again after its first failed "
+        "attempt; each further failure doubles the wait, up to settle_retry_max.",
+    )
+    settle_retry_max = Float(
+        60.0,
+        config=True,
+        help="Longest wait, seconds, between two attempts of one settlement (its provider "
+        "linking again makes it due at once).",
     )
     solana_timeout = Float(
         10.0,
@@ -173,6 +182,7 @@ class CoordinatorConfig(Configurable):
         "hello_timeout",
         "request_max_skew",
         "settle_retry_interval",
+        "settle_retry_max",
         "solana_timeout",
     )
     def _validate_positive_float(self, proposal: dict[str, object]) -> float:

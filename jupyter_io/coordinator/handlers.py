@@ -5,7 +5,8 @@ Routes (``docs/coordinator-contract.md``; every REST error is
 
 ====================================  ========================================================
 ``GET  /api/v1/info``                 coordinator key, version, relay base URL
-``GET  /api/v1/status``               counters (providers linked, heartbeats, leases, relay)
+``GET  /api/v1/status``               counters (providers linked, heartbeats, leases, relay,
+                                      settlements)
 ``GET  /api/v1/offers``               offers by GPU type and per provider (cached briefly)
 ``POST /api/v1/leases``               signed: lease GPUs → 201 grant, 409 ``no_offer``
 ``GET  /api/v1/leases``               signed: the caller's leases, newest first (``?limit=``)
@@ -55,6 +56,7 @@ from .provider_link import LinkConnection
 from .registry import Registry
 from .relay import Relay
 from .scheduler import LeaseRequest
+from .settlement import SettlementWorker
 from .sockets import accept_upgrade, check_upgrade
 
 __all__ = [
@@ -91,6 +93,8 @@ class Services:
     #: ``"escrow"`` or ``"free"``, and the ledger's URL (empty when free).
     payments: str = "free"
     solana_url: str = ""
+    #: The settlement worker (None when payments are free), for its counters.
+    settlements: SettlementWorker | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +219,7 @@ class StatusHandler(_ApiHandler):
         registry = self.services.registry
         stats = registry.stats
         relay = self.services.relay
+        worker = self.services.settlements
         self.send_json(
             {
                 "providers_linked": registry.linked_count(),
@@ -230,6 +235,7 @@ class StatusHandler(_ApiHandler):
                 "relay_connections": relay.active(),
                 "relay_pairs": relay.stats.pairs,
                 "uptime_s": round(time.monotonic() - stats.started, 3),
+                "settlements": None if worker is None else worker.stats.to_json(),
             }
         )
 

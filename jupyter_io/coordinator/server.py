@@ -183,6 +183,7 @@ class CoordinatorServer:
                 registry,
                 self.billing,
                 retry_interval=config.settle_retry_interval,
+                retry_max=config.settle_retry_max,
                 log=self.log,
             )
         self.leases = leases = LeaseService(
@@ -210,6 +211,7 @@ class CoordinatorServer:
             log=self.log,
             payments=config.payments,
             solana_url=self.solana_url,
+            settlements=self.settlements,
         )
         self._http = HTTPServer(
             make_app(services, ledger_routes),

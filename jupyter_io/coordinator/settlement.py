@@ -19,11 +19,16 @@ provider links or a provider answers):
    and submit (:meth:`~jupyter_io.payments.escrow.EscrowClient.submit` with a ``Presigner``);
    ``done``;
 4. otherwise (provider away, refused, ledger down, transaction failed) release the claim,
-   note why, and try again after ``retry_interval``. A provider that never comes back: the
+   note why, and try again later: ``retry_interval`` after the first failure, then twice the
+   row's previous wait each time, up to ``retry_max`` (:meth:`SettlementWorker.backoff`). The
+   wait is read back from the row itself (``next_attempt_at - updated_at``), so it survives a
+   restart and is shared by coordinators on one database. When a provider links, its pending
+   rows are due at once and their backoff starts over. A provider that never comes back: the
    user refunds through ``POST /leases/{id}/refund`` and the next pass sees the escrow closed.
 
 A restarted coordinator picks the pending rows up where they were (a shutdown releases its
-claims; a crashed coordinator's claims expire after ``claim_ttl``).
+claims; a crashed coordinator's claims expire after ``claim_ttl``). :attr:`SettlementWorker.
+stats` counts what this process did (``GET /api/v1/status`` shows it).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import secrets
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from solders.message import to_bytes_versioned
 from solders.presigner import Presigner
@@ -58,15 +64,48 @@ def _utc(seconds: float) -> datetime:
 
 
 class WorkerStats:
-    """Counters, for tests and the status endpoint."""
+    """Counters of this process's worker, for tests and ``GET /api/v1/status``."""
 
     def __init__(self) -> None:
         self.passes = 0
+        #: Rows still pending (anyone's) at the end of the last pass.
+        self.pending = 0
         self.attempts = 0
+        #: Settlements this worker submitted, and rows it found closed (by a refund, ...).
         self.settled = 0
         self.found_closed = 0
+        #: Attempts that left their row pending (provider away or refusing, ledger down...).
+        self.failed_attempts = 0
         self.refused = 0
+        #: Attempts that failed with a :class:`~jupyter_io.errors.PaymentError` (ledger).
         self.failed = 0
+        #: Rows made due at once because their provider linked again.
+        self.backoffs_reset = 0
+        #: Why the last failed attempt failed: ``(lease id, message, Unix seconds)``.
+        self.last_error: tuple[str, str, float] | None = None
+
+    @property
+    def done(self) -> int:
+        """Rows this worker marked done (settled, or found closed)."""
+        return self.settled + self.found_closed
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``settlements`` block of ``GET /api/v1/status``."""
+        last = self.last_error
+        return {
+            "pending": self.pending,
+            "done": self.done,
+            "settled": self.settled,
+            "found_closed": self.found_closed,
+            "attempts": self.attempts,
+            "failed_attempts": self.failed_attempts,
+            "refused": self.refused,
+            "backoffs_reset": self.backoffs_reset,
+            "passes": self.passes,
+            "last_error": (
+                None if last is None else {"lease": last[0], "message": last[1], "at": last[2]}
+            ),
+        }
 
 
 class SettlementWorker:
@@ -80,6 +119,7 @@ class SettlementWorker:
         billing: Billing,
         *,
         retry_interval: float = 5.0,
+        retry_max: float = 60.0,
         reply_timeout: float = 10.0,
         claim_ttl: float = 60.0,
         final_report_grace: float = 1.0,
@@ -92,6 +132,8 @@ class SettlementWorker:
         self.escrow = billing.escrow
         self.arbiter = billing.arbiter
         self.retry_interval = retry_interval
+        #: The longest wait between two attempts of one row.
+        self.retry_max = max(retry_max, retry_interval)
         self.reply_timeout = reply_timeout
         self.claim_ttl = max(claim_ttl, reply_timeout + 30.0)
         #: Seconds a new settlement waits before its first attempt: the provider's last usage
@@ -105,18 +147,25 @@ class SettlementWorker:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._replies: dict[str, tuple[str, asyncio.Future[SettlementReply]]] = {}
+        self._relinked: set[str] = set()
+        self._backoff = retry_interval  # the wait after the attempt in progress fails
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the passes; listen for lease ends, provider links and provider replies."""
-        self.registry.settlement_replies = self.reply
-        self.registry.lease_listeners.append(lambda _lease, _why: self.wake())
-        self.registry.link_listeners.append(lambda _provider: self.wake())
-        self.billing.on_budget_exhausted = lambda _lease: self.wake()
+        """Start the passes (:meth:`listen`, then a pass now and every ``retry_interval``)."""
+        self.listen()
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="settlements")
+
+    def listen(self) -> None:
+        """Hear lease ends, provider links and provider replies (what :meth:`start` does
+        first; a test that drives :meth:`run_once` itself calls only this)."""
+        self.registry.settlement_replies = self.reply
+        self.registry.lease_listeners.append(lambda _lease, _why: self.wake())
+        self.registry.link_listeners.append(self.provider_linked)
+        self.billing.on_budget_exhausted = lambda _lease: self.wake()
 
     async def stop(self) -> None:
         """Stop after the current attempt is cancelled, and release this process's claims."""
@@ -132,8 +181,23 @@ class SettlementWorker:
             await self.store.release_settlements(self.owner)
 
     def wake(self) -> None:
-        """Run a pass now (a lease ended, a provider linked)."""
+        """Run a pass now (a lease ended, a provider answered)."""
         self._wake.set()
+
+    def provider_linked(self, provider: str) -> None:
+        """A provider linked: the next pass (now) makes its pending rows due at once and
+        starts their backoff over."""
+        self._relinked.add(provider)
+        self.wake()
+
+    def backoff(self, row: SettlementRecord) -> float:
+        """Seconds to wait after a failed attempt of ``row`` (as it was before its claim):
+        ``retry_interval`` after its first attempt or a reset, else twice its previous wait,
+        at most ``retry_max``."""
+        previous = (row.next_attempt_at - row.updated_at).total_seconds()
+        if row.attempts == 0:
+            return self.retry_interval
+        return min(self.retry_max, max(self.retry_interval, 2 * previous))
 
     async def wait_idle(self) -> None:
         """Wait until a pass finished with nothing left due (for tests and benchmarks)."""
@@ -168,17 +232,39 @@ class SettlementWorker:
         if queued:
             loop = asyncio.get_running_loop()
             loop.call_later(self.final_report_grace + 0.01, self.wake)
+        if self._relinked:
+            await self._reset_backoff(now)
         for row in await self.store.due_settlements(self.owner, at=_utc(now)):
             claimed = await self.store.claim_settlement(
                 row.lease_id, self.owner, until=_utc(now + self.claim_ttl), at=_utc(now)
             )
             if claimed is not None:  # else another coordinator has it
-                await self._attempt(claimed)
-        return await self.store.pending_settlements()
+                await self._attempt(claimed, self.backoff(row))
+        self.stats.pending = await self.store.pending_settlements()
+        return self.stats.pending
 
-    async def _attempt(self, row: SettlementRecord) -> bool:
-        """Try to close one escrow; True once the row is done."""
+    async def _reset_backoff(self, now: float) -> None:
+        """Make the pending rows of the providers that linked since the last pass due now
+        (a wait is at most ``retry_max``: they are among the rows due by then)."""
+        providers, self._relinked = self._relinked, set()
+        waiting = await self.store.due_settlements(
+            self.owner, at=_utc(now + self.retry_max + 1.0), limit=1000
+        )
+        for row in waiting:
+            if row.next_attempt_at <= _utc(now):
+                continue  # due anyway
+            lease = await self.store.get_lease(row.lease_id)
+            if lease is None or lease.provider_pubkey not in providers:
+                continue
+            if await self.store.retry_settlement(
+                row.lease_id, self.owner, error=row.error, next_attempt_at=_utc(now), at=_utc(now)
+            ):
+                self.stats.backoffs_reset += 1
+
+    async def _attempt(self, row: SettlementRecord, backoff: float) -> bool:
+        """Try to close one escrow; True once the row is done, else it waits ``backoff``."""
         self.stats.attempts += 1
+        self._backoff = backoff
         lease = await self.store.get_lease(row.lease_id)
         assert lease is not None  # the foreign key keeps it
         try:
@@ -300,11 +386,13 @@ class SettlementWorker:
         kind: SettlementKind | None = None,
     ) -> None:
         now = self.clock()
+        self.stats.failed_attempts += 1
+        self.stats.last_error = (lease.id, error, now)
         await self.store.retry_settlement(
             lease.id,
             self.owner,
             error=error,
-            next_attempt_at=_utc(now) + timedelta(seconds=self.retry_interval),
+            next_attempt_at=_utc(now) + timedelta(seconds=self._backoff),
             amount_lamports=amount,
             kind=kind,
             at=_utc(now),
