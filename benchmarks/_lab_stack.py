@@ -1,10 +1,12 @@
 """A whole jupyter-io setup on loopback for browser benchmarks, without pytest.
 
-Copied (minimal) from ``tests/browser/conftest.py``: a coordinator (SQLite), a provider host
-linked to it offering two simulated GPUs (RTX 4090 at 0.12 SOL/h, A100 at 0.9 SOL/h), and
-JupyterLab servers with fresh Jupyter config/data/runtime dirs, the news popup and update check
-off, ``--allow-root`` when root. ``start_lab(extension=False)`` starts a Lab with jupyter_io
-off: the server extension disabled (``jpserver_extensions``) and the labextension disabled
+Copied (minimal) from ``tests/browser/conftest.py``: a coordinator (SQLite) paid through
+escrows on its embedded ledger (``{coordinator}/solana``), as ``jupyter io demo`` runs it, a
+provider host linked to it offering two simulated GPUs (RTX 4090 at 0.12 SOL/h, A100 at 0.9
+SOL/h), its key and the user's wallet funded by airdrop, and JupyterLab servers with fresh
+Jupyter config/data/runtime dirs, the news popup and update check off, ``--allow-root`` when
+root. ``start_lab(extension=False)`` starts a Lab with jupyter_io off: the server extension
+disabled (``jpserver_extensions``) and the labextension disabled
 (``labconfig/page_config.json``), both in a config dir of its own.
 
 Every process runs in its own session; ``Stack.close()`` stops them all (SIGTERM, then
@@ -13,6 +15,8 @@ SIGKILL to the process group).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -29,8 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from solders.keypair import Keypair
+from solders.pubkey import Pubkey
 
 from jupyter_io.identity import write_keypair
+from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
+from jupyter_io.payments.escrow import EscrowClient
 
 CHROMIUM = os.environ.get("JUPYTER_IO_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -41,6 +48,21 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 START_TIMEOUT = 120.0
+
+
+def airdrop(solana_url: str, pubkey: Pubkey, lamports: int) -> None:
+    """Test SOL from the ledger at ``solana_url`` (the coordinator's embedded one), in a
+    thread of its own (Playwright's sync API may run an event loop in this one)."""
+
+    async def ask() -> None:
+        ledger = EscrowClient.connect(solana_url)
+        try:
+            await ledger.airdrop(pubkey, lamports)
+        finally:
+            await ledger.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, ask()).result(timeout=60)
 
 
 @dataclass
@@ -139,13 +161,16 @@ class Stack:
             "coordinator",
             [sys.executable, "-c", "from jupyter_io.app import main; main()", "coordinator",
              "--listen", "127.0.0.1:0", "--data-dir", str(self.root / "coordinator"),
-             "--CoordinatorConfig.offers_cache_ttl=0", "--CoordinatorConfig.payments=free"],
+             "--CoordinatorConfig.offers_cache_ttl=0", "--CoordinatorConfig.payments=escrow"],
             re.compile(r"jupyter-io coordinator listening on (http://\S+)"),
             env,
         )  # fmt: skip
         self.processes.append(coordinator)
         self.coordinator_url = match.group(1)
-        provider_key = write_keypair(Keypair(), self.root / "provider.json")
+        provider_keypair = Keypair()
+        provider_key = write_keypair(provider_keypair, self.root / "provider.json")
+        # The provider pays the settlements' fees; the user escrows each session.
+        airdrop(self.coordinator_url + "/solana", provider_keypair.pubkey(), LAMPORTS_PER_SOL)
         (self.root / "workspace").mkdir()
         provider, _ = start_process(
             "provider",
@@ -159,7 +184,9 @@ class Stack:
             env,
         )  # fmt: skip
         self.processes.append(provider)
-        self.user_keypair = write_keypair(Keypair(), self.root / "user.json")
+        user_keypair = Keypair()
+        self.user_keypair = write_keypair(user_keypair, self.root / "user.json")
+        airdrop(self.coordinator_url + "/solana", user_keypair.pubkey(), 20 * LAMPORTS_PER_SOL)
         self.wait_for_free_gpus()
 
     def offers(self) -> dict[str, Any]:
