@@ -780,6 +780,10 @@ class LinkConnection:
         self._busy = False
         self._fragments: list[bytes] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        #: True once the TCP connection is gone; ``_close_code`` is the peer's (None: no
+        #: close frame).
+        self._lost = False
+        self._close_code: int | None = None
 
     async def start(self, stream: IOStream) -> None:
         """Take over ``stream`` (upgrade answered), send the challenge, start the hello timer."""
@@ -840,8 +844,20 @@ class LinkConnection:
             self._timer.cancel()
         self.ws.receive_eof()
         received = self.ws.close_rcvd
-        self._queue.clear()
-        self.session.closed(received.code if received is not None else None)
+        self._lost = True
+        self._close_code = received.code if received is not None else None
+        if not self.session.hello_received:
+            self._queue.clear()  # nothing from an unauthenticated peer is worth finishing
+        # What an authenticated provider sent before closing is handled first (a host that
+        # shuts down sends its last usage reports and session ends, then says goodbye);
+        # the session hears of the close after them.
+        self._next()
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self._lost or self._busy or self._queue or self.closed.is_set():
+            return
+        self.session.closed(self._close_code)
         self.closed.set()
         if self.on_closed is not None:
             self.on_closed(self)
@@ -865,16 +881,18 @@ class LinkConnection:
             pending = self.session.receive(self._queue.popleft())
             if pending is not None:
                 self._busy = True
-                self.channel.pause_reading()
+                if not self._lost:
+                    self.channel.pause_reading()
                 asyncio.ensure_future(pending).add_done_callback(self._handled)
 
     def _handled(self, task: asyncio.Future[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             self.log.error("provider link message failed", exc_info=task.exception())
         self._busy = False
-        if not self.closed.is_set():
+        if not self._lost:
             self.channel.resume_reading()
-            self._next()
+        self._next()
+        self._finish()
 
 
 def _text(data: bytes) -> str | bytes:

@@ -365,6 +365,34 @@ async def test_session_messages_move_leases_to_active_then_ended(
     assert (await store.get_lease(other.lease)).state is LeaseState.REQUESTED  # type: ignore[union-attr]
 
 
+async def test_messages_sent_just_before_a_goodbye_are_all_handled(
+    coordinator: CoordinatorServer, providers: list[FakeProvider], user_client: CoordinatorClient
+) -> None:
+    # A provider shutting down sends its last usage reports and session ends, then closes at
+    # once: none of them is lost (the lease ends, it does not fail as "provider lost").
+    registry, store = parts(coordinator)
+    provider = FakeProvider(coordinator.url, [gpu_offer(count=4)])
+    providers.append(provider)
+    await linked(coordinator, provider, heartbeats=False)
+    grants = [await user_client.request_lease("RTX 4090") for _ in range(3)]
+    for grant in grants:
+        await provider.session(grant.lease, "active")
+    await provider.heartbeat(sessions=["marker"])  # handled after the session events
+    await registry.wait_for(
+        lambda: registry.provider(provider.pubkey).sessions == {"marker"},  # type: ignore[union-attr]
+        WAIT,
+    )
+    for seq, grant in enumerate(grants, 1):
+        await provider.usage(grant.lease, seq, 7)
+        await provider.session(grant.lease, "ended")
+    await provider.close(1001)
+    await registry.wait_for(lambda: registry.provider(provider.pubkey) is None, WAIT)
+    for grant in grants:
+        lease = await store.get_lease(grant.lease)
+        assert lease is not None and lease.state is LeaseState.ENDED, lease
+        assert await store.usage_for_lease(grant.lease) == 7
+
+
 async def test_usage_reports_are_verified_stored_once_and_summed_as_a_total(
     coordinator: CoordinatorServer, providers: list[FakeProvider], user_client: CoordinatorClient
 ) -> None:

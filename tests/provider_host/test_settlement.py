@@ -619,15 +619,16 @@ async def test_a_restarted_provider_process_still_co_signs_the_settlement_of_its
         session = await users.fund(60)
         await users.run_kernel(session, busy=1.5)
 
-        # SIGTERM ends the session (its last usage report goes out) and the host exits before
-        # anyone asked it to co-sign. (The coordinator may see the lease end, or fail when the
-        # link closes before it handled the `ended` event: settled by the provider either way.)
+        # SIGTERM ends the session (its last usage report and the session's end go out, then
+        # the link closes) and the host exits before anyone asked it to co-sign.
         assert await _stop_host_process(proc) == 0
         deadline = time.monotonic() + DEFAULT_TIMEOUT
         while (row := await store.get_settlement(session.lease)) is None or row.attempts < 1:
             assert time.monotonic() < deadline, row  # the worker tried: provider away
             await asyncio.sleep(0.05)
         assert row.state is SettlementState.PENDING and "not linked" in (row.error or ""), row
+        ended = await store.get_lease(session.lease)
+        assert ended is not None and ended.state is LeaseState.ENDED, ended  # not "lost"
         record = state / f"settlements-{pubkey}.json"
         assert stat.S_IMODE(record.stat().st_mode) == 0o600
         assert stat.S_IMODE(state.stat().st_mode) == 0o700
