@@ -217,10 +217,6 @@ class CoordinatorConfig(Configurable):
             return self.db
         return str(Path(self.data_dir).expanduser() / "coordinator.db")
 
-    def ledger_path(self) -> Path:
-        """Where the embedded ledger keeps its accounts (with ``solana_url`` empty)."""
-        return Path(self.data_dir).expanduser() / "ledger.sqlite"
-
     def load_keypair(self) -> Keypair:
         """The coordinator's keypair: ``keypair_path`` if set (it must exist), else the one
         in the data directory, created (owner-only) on first use."""

@@ -9,9 +9,9 @@ reconnects to the next coordinator, flush the last heartbeats, close the store; 
 touched, so a restart on the same database carries on).
 
 With ``payments = "escrow"`` (the default) it also opens the ledger: the embedded one
-(LiteSVM, accounts in ``DATA_DIR/ledger.sqlite``) served at ``{url}/solana``, or an
-:class:`~jupyter_io.payments.escrow.EscrowClient` of ``solana_url``; then the budget watch
-(:class:`~jupyter_io.coordinator.billing.Billing`) and the settlement worker
+(LiteSVM, its accounts in the coordinator's database, tables ``ledger_*``) served at
+``{url}/solana``, or an :class:`~jupyter_io.payments.escrow.EscrowClient` of ``solana_url``;
+then the budget watch (:class:`~jupyter_io.coordinator.billing.Billing`) and the settlement worker
 (:class:`~jupyter_io.coordinator.settlement.SettlementWorker`). Shutdown stops the worker
 (releasing its claims) before the links close, and closes the ledger last.
 
@@ -244,10 +244,13 @@ class CoordinatorServer:
         else:
             if config.db.startswith("postgres"):
                 self.log.warning(
-                    "the embedded ledger lives in this coordinator's data directory: replicas "
-                    "sharing the database must share a real ledger instead (set solana_url)"
+                    "the embedded ledger runs in this coordinator process: replicas sharing "
+                    "the database must share a real ledger instead (set solana_url)"
                 )
-            self.ledger = await EmbeddedLedger.open(SqlLedgerStore.sqlite(config.ledger_path()))
+            assert self.store is not None, "the store opens before the ledger"
+            # In the coordinator's own database: one file (or server) to back up, and a
+            # restart restores every account the ledger's transactions touched.
+            self.ledger = await EmbeddedLedger.open(SqlLedgerStore(self.store.write_engine))
             routes = ledger_handlers(self.ledger, SOLANA_PATH)
             self.solana_url = self.url + SOLANA_PATH
         client = AsyncClient(self.solana_url, timeout=config.solana_timeout)

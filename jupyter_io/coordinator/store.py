@@ -470,6 +470,13 @@ class Store:
         self._writer = engine.execution_options(**{_WRITE: True})
         self._postgres = engine.dialect.name == "postgresql"
 
+    @property
+    def write_engine(self) -> AsyncEngine:
+        """The engine as the store writes with (on SQLite: transactions that take the write
+        lock up front), for other tables kept in this database: the embedded ledger's
+        (:class:`~jupyter_io.payments.ledger.SqlLedgerStore`)."""
+        return self._writer
+
     @classmethod
     async def open(
         cls, url: str | os.PathLike[str] | URL, *, migrate: bool = True, **engine_kw: Any

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import socket
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -250,6 +251,12 @@ async def test_the_embedded_ledger_keeps_balances_across_a_restart(
     async with EscrowClient.connect(first.solana_url) as escrow:
         await escrow.airdrop(who, LAMPORTS_PER_SOL + 12_345)
     await first.shutdown()
+    # Kept in the coordinator's own database, next to its leases.
+    with sqlite3.connect(tmp_path / "persist" / "coordinator.db") as db:
+        (count,) = db.execute(
+            "SELECT count(*) FROM ledger_accounts WHERE pubkey = ?", (str(who),)
+        ).fetchone()
+    assert count == 1
     second = await start_coordinator(payments="escrow", data_dir=data_dir)
     async with EscrowClient.connect(second.solana_url) as escrow:
         assert await escrow.balance(who) == LAMPORTS_PER_SOL + 12_345

@@ -46,7 +46,14 @@ def _configure(connection: sa.Connection) -> None:
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
         user_module_prefix="models.",
+        include_name=_ours,
     )
+
+
+def _ours(name: str | None, type_: str, _parents: object) -> bool:
+    # The embedded ledger keeps its own tables (ledger_*) in this database, created by
+    # jupyter_io.payments.ledger.SqlLedgerStore: not this schema's to drop or alter.
+    return not (type_ == "table" and name is not None and name.startswith("ledger_"))
 
 
 def _run(connection: sa.Connection) -> None:
