@@ -820,6 +820,8 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             return
         facade = self._facade = Facade()
         facade.bind({ch: int(connection[name]) for ch, name in CHANNEL_PORT_NAMES.items()})
+        if self._key:
+            facade.set_key(self._key.encode())  # this process's clients get their welcome too
         client = self._new_client(url, keypair, facade)
         client.kernel.generation = int(provisioner_info.get("generation") or 0)
         client.kernel.pid = provisioner_info.get("pid")

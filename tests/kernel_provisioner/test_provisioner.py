@@ -12,7 +12,10 @@ import time
 from typing import Any
 
 import pytest
+import zmq
+import zmq.asyncio
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.session import Session
 from solders.keypair import Keypair
 
 from jupyter_io.errors import ConfigError, KernelLaunchError
@@ -251,6 +254,8 @@ async def test_provisioner_info_round_trip_reattaches(
         km2.provisioner = prov2
         km2.load_connection_info(prov2.connection_info)
         assert km2.get_connection_info() == km.get_connection_info()
+        # The rebound facade welcomes this process's iopub subscribers (JEP 65).
+        await _assert_welcomed(km2.get_connection_info())
         kc2 = await cells.connect(km2)
         try:
             ex = await cells.run(kc2, "print(survivor, late)")
@@ -345,3 +350,24 @@ def test_configuration_is_checked_and_state_is_per_instance() -> None:
     assert a.connection_info is not b.connection_info
     assert a.keypair_path == "~/.config/solana/id.json" and a.grace_period == 120
     assert not a.has_process
+
+
+async def _assert_welcomed(info: dict[str, Any]) -> None:
+    context = zmq.asyncio.Context()
+    sub = context.socket(zmq.SUB)
+    try:
+        sub.linger = 0
+        sub.subscribe(b"")
+        sub.connect(f"tcp://{info['ip']}:{info['iopub_port']}")
+        session = Session(key=info["key"], signature_scheme=info["signature_scheme"])
+
+        async def welcome() -> None:  # the kernel's own output may come first
+            while True:
+                _, parts = session.feed_identities(await sub.recv_multipart())
+                if session.deserialize(parts)["header"]["msg_type"] == "iopub_welcome":
+                    return
+
+        await asyncio.wait_for(welcome(), 10)
+    finally:
+        sub.close()
+        context.term()
