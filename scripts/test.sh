@@ -9,39 +9,18 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# shellcheck source=scripts/setup.sh
+. scripts/setup.sh
+
 # System packages, installed only when missing (one `apt-get update` at most). With CI set,
 # the tests that need them fail rather than skip without them.
 #   postgresql  the coordinator store's tests run on a throwaway cluster from its binaries
 #   chromium    the Lab browser tests drive Debian's /usr/bin/chromium with Playwright
 #               (Playwright's own browser download cannot work here)
-#   nodejs      the editable install builds the Lab extension (labextension/, from its
-#               yarn.lock, with jupyter-builder's bundled jlpm); only when no `node` is on PATH
-APT_PACKAGES=(postgresql chromium)
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
-done
-command -v node >/dev/null || missing+=(nodejs)
-if ((${#missing[@]})); then
-    echo "== apt-get install ${missing[*]}"
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
-
-if [ ! -x .venv/bin/python ]; then
-    echo "== creating .venv"
-    "${PYTHON:-python3}" -m venv .venv
-fi
-# shellcheck disable=SC1091
-. .venv/bin/activate
-
-echo "== pip install"
-# torch first and pinned: this exact version is a CPU build on this machine's disk, while an
-# unpinned torch (as the [provider] extra asks for) would pull a multi-GB CUDA build.
-pip install --quiet --disable-pip-version-check torch==2.13.0
-pip install --quiet --disable-pip-version-check -e ".[provider,test]"
+#   nodejs      only when no `node` is on PATH (the editable install builds the Lab extension)
+ensure_apt postgresql chromium
+ensure_node
+ensure_venv "provider,test"
 
 # Every check runs even when an earlier one fails, so one lint slip does not hide the test
 # results; the script fails if any check did.
