@@ -411,6 +411,10 @@ class JupyterIOExtension(ExtensionApp):
         manager = self.serverapp.kernel_manager
         leases = await self.lease_book.get()
         sessions = list_sessions(manager, self.preferences, leases=leases)
+        if any(row["lease"] and row["lease"] not in leases for row in sessions):
+            # A lease newer than the cached billing: ask again rather than show no escrow.
+            leases = await self.lease_book.get(max_age=0)
+            sessions = list_sessions(manager, self.preferences, leases=leases)
         for row in sessions:
             if row["lease"]:
                 self._kernel_leases.setdefault(row["kernel_id"], set()).add(row["lease"])

@@ -92,7 +92,7 @@ def session_json(
     return {
         "kernel_id": kernel_id,
         "kernel_name": kernel_name,
-        "state": "starting" if starting else "running",
+        "state": _row_state(starting, lease_info),
         "gpu": grant.gpu if grant is not None else spec_gpu,
         "provider": grant.provider if grant is not None else None,
         "lease": grant.lease if grant is not None else None,
@@ -108,6 +108,14 @@ def session_json(
         "budget_left_lamports": None if budget is None or cost is None else budget - cost,
         **_escrow_fields(lease_info),
     }
+
+
+def _row_state(starting: bool, info: LeaseInfo | None) -> str:
+    """``starting``, ``running``, or ``stopped`` once the coordinator ended the lease (the
+    kernel goes away after it: the provider stops it)."""
+    if info is not None and not info.live:
+        return "stopped"
+    return "starting" if starting else "running"
 
 
 def _state(km: Any, provisioner: RemoteKernelProvisioner) -> str | None:

@@ -1,6 +1,6 @@
 import { Notification } from '@jupyterlab/apputils';
 
-import { sol, solShort } from './format';
+import { hours, sol, solShort } from './format';
 import { GpuModel } from './model';
 import { escrowLeft } from './status';
 import { ISession, IStoppedSession } from './types';
@@ -49,8 +49,7 @@ export class BudgetNotifier {
   private _warn(session: ISession, warning: number): void {
     const left = escrowLeft(this._model, session) ?? 0;
     const price = session.price_lamports_per_hour ?? 0;
-    const minutes = price > 0 ? Math.max(0, Math.floor((left / price) * 60)) : null;
-    const time = minutes !== null ? ` (about ${minutes} min)` : '';
+    const time = price > 0 ? ` (about ${hours(left / price)})` : '';
     const message =
       `${session.gpu ?? 'GPU'} kernel has spent ${warning} % of its escrow: ${solShort(left)} ` +
       `left${time}. Top up, or save your work.`;

@@ -58,3 +58,14 @@ export function parseSol(text: string): number | null {
     Number(match[1]) * LAMPORTS_PER_SOL + Number((match[2] ?? '').padEnd(9, '0') || '0');
   return Number.isSafeInteger(lamports) && lamports > 0 ? lamports : null;
 }
+
+/** A number of hours for people: `2 h`, `1.5 h`, `30 min`, `30 s`. */
+export function hours(h: number): string {
+  if (h >= 1) {
+    return `${Number(h.toFixed(2))} h`;
+  }
+  if (h * 60 >= 1) {
+    return `${Number((h * 60).toFixed(1))} min`;
+  }
+  return `${Math.round(h * 3600)} s`;
+}

@@ -3,7 +3,7 @@ import { CommandRegistry } from '@lumino/commands';
 import { Widget } from '@lumino/widgets';
 
 import { h } from './dom';
-import { duration, gigabytes, shortKey, sol, solShort } from './format';
+import { duration, gigabytes, hours, shortKey, sol, solShort } from './format';
 import { errorMessage } from './handler';
 import { gpuIcon } from './icons';
 import { Change, GpuModel } from './model';
@@ -105,7 +105,7 @@ export class GpuPicker extends Widget {
     const parts = [
       `cap ${prefs.max_price_display ?? 'none'}`,
       `region ${prefs.region ?? 'any'}`,
-      `budget ${prefs.session_budget_hours ? `${prefs.session_budget_hours} h` : 'none'}`
+      `budget ${prefs.session_budget_hours ? hours(prefs.session_budget_hours) : 'none'}`
     ];
     this._limitsNode.replaceChildren(
       h('span', { class: 'jio-Label' }, 'Limits '),
@@ -247,8 +247,9 @@ export class GpuPicker extends Widget {
   private _sessionRow(session: ISession): HTMLElement {
     const elapsed = session.elapsed_seconds ?? 0;
     const gpu = h('span', { class: 'jio-Session-gpu' }, session.gpu ?? 'direct provider');
-    if (session.state === 'starting') {
-      return h('div', { class: 'jio-Session', 'data-kernel-id': session.kernel_id }, gpu, ' · starting…');
+    if (session.state !== 'running') {
+      const what = session.state === 'starting' ? 'starting…' : `stopped (${session.end_reason ?? 'lease ended'})`;
+      return h('div', { class: 'jio-Session', 'data-kernel-id': session.kernel_id }, gpu, ` · ${what}`);
     }
     const left = escrowLeft(this._model, session);
     return h(

@@ -64,6 +64,14 @@ export class CostStatus extends Widget {
       this._mark(null);
       return;
     }
+    if (session.state === 'stopped') {
+      const reason = session.end_reason ?? 'its lease ended';
+      this.node.textContent = `${gpu} · stopped: ${reason} · cost ${sol(session.escrow_spent_lamports ?? session.cost_lamports)}`;
+      this.node.dataset.kernelId = session.kernel_id;
+      this.node.title = `The coordinator ended lease ${session.lease} (${reason}); the kernel stops.`;
+      this._mark(100);
+      return;
+    }
     const now = Date.now() / 1000 + this._model.clockSkew;
     const elapsed =
       session.started_at !== null ? Math.max(0, now - session.started_at) : null;
@@ -104,7 +112,7 @@ export class CostStatus extends Widget {
       .join('\n');
   }
 
-  /** Amber from 80 % of the escrow spent, red from 95 %. */
+  /** Amber from 80 % of the escrow spent, red from 95 % (and once stopped). */
   private _mark(warning: number | null): void {
     this.toggleClass('jio-mod-warning', warning !== null && warning >= 80 && warning < 95);
     this.toggleClass('jio-mod-danger', warning !== null && warning >= 95);

@@ -79,7 +79,8 @@ export interface IWallet {
 export interface ISession {
   kernel_id: string;
   kernel_name: string;
-  state: 'starting' | 'running';
+  /** `stopped`: the coordinator ended its lease (`end_reason`), the kernel is going away. */
+  state: 'starting' | 'running' | 'stopped';
   gpu: string | null;
   provider: string | null;
   lease: string | null;
