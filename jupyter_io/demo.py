@@ -14,15 +14,16 @@ run, and the provider reports its sessions' end to a coordinator that still list
    It gets no public URL, so clients reach it through the coordinator's relay, as they would
    a gamer's PC behind a home router. It offers its CPU and simulated GPUs
    (``--simulate-gpu "RTX 4090:24"``), always labelled simulated;
-4. :class:`KernelspecsService`: one lease-mode kernelspec per GPU type on offer
-   (``jupyter-io-rtx-4090``: "Python 3 · RTX 4090 24 GB (simulated) · 0.12 SOL/h"),
+4. :class:`KernelspecsService` (with ``--no-lab``): one lease-mode kernelspec per GPU type on
+   offer (``jupyter-io-rtx-4090``: "Python 3 · RTX 4090 24 GB (simulated) · 0.12 SOL/h"),
    installed in ``sys.prefix`` so the Jupyter of this environment finds them, removed again
    on the way out. Each kernel started from one leases its GPU through the coordinator;
 5. :class:`LabService`: JupyterLab on loopback (left out with ``--no-lab``), its GPU picker
    pointed at the coordinator and the demo wallet (the wallet view reads the coordinator's
-   ledger).
- Ctrl-C or
-SIGTERM stops everything; a second Ctrl-C kills what is still running at once. Build a
+   ledger); its server extension serves one kernelspec per GPU type on offer under the same
+   names, with the user's session budget, price cap and region applied.
+
+Ctrl-C or SIGTERM stops everything; a second Ctrl-C kills what is still running at once. Build a
 :class:`Demo` (a traitlets Configurable) and ``await demo.run()``.
 """
 
@@ -544,9 +545,9 @@ class Demo(LoggingConfigurable):
     ).tag(config=True)
     kernel_name = Unicode(
         "jupyter-io",
-        # The same names the server extension gives its GPU kernelspecs, so Lab lists each GPU
-        # type once (an installed kernelspec takes precedence over the extension's).
-        help="Prefix of the kernelspecs' names: one per GPU type on offer, e.g. "
+        # The same names the server extension gives its GPU kernelspecs (it serves them when
+        # Lab runs), so a notebook saved in one mode opens in the other.
+        help="Prefix of the --no-lab kernelspecs' names: one per GPU type on offer, e.g. "
         "jupyter-io-rtx-4090.",
     ).tag(config=True)
     kernelspec_prefix = Unicode(
@@ -654,19 +655,21 @@ class Demo(LoggingConfigurable):
             provider_lamports=parse_sol(PROVIDER_FEE_SOL),
             log=self.log,
         )
-        services: list[Service] = [
-            coordinator,
-            wallet,
-            provider,
-            KernelspecsService(
-                coordinator,
-                kernel_name=self.kernel_name,
-                keypair_path=user_key,
-                prefix=self.kernelspec_prefix,
-                log=self.log,
-            ),
-        ]
-        if self.lab:
+        services: list[Service] = [coordinator, wallet, provider]
+        if not self.lab:
+            # For Jupyter frontends without the extension. With Lab, its server extension
+            # serves the same kernelspec names itself, with the user's Lab settings (session
+            # budget, price cap, region) applied: installed ones would take precedence.
+            services.append(
+                KernelspecsService(
+                    coordinator,
+                    kernel_name=self.kernel_name,
+                    keypair_path=user_key,
+                    prefix=self.kernelspec_prefix,
+                    log=self.log,
+                )
+            )
+        else:
             services.append(
                 LabService(
                     self.lab_argv(),
@@ -749,9 +752,9 @@ class Demo(LoggingConfigurable):
         for service in services:
             lines.extend(service.describe())
         lines.append(
-            "Open the URL JupyterLab prints and pick a GPU in the GPU picker (or a kernel above): "
-            "each start leases its GPU through the coordinator and escrows the session from the "
-            "wallet. Ctrl-C stops everything."
+            "Open the URL JupyterLab prints and pick a GPU in its GPU picker (left sidebar) or a "
+            "GPU kernel in its launcher: each start leases its GPU through the coordinator and "
+            "escrows the session from the wallet. Ctrl-C stops everything."
             if self.lab
             else "Running without JupyterLab; Ctrl-C stops everything."
         )

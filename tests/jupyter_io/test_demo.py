@@ -425,17 +425,30 @@ async def shown_on_failure(proc: asyncio.subprocess.Process) -> AsyncIterator[No
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jupyterlab") is None, reason="needs JupyterLab")
-async def test_demo_with_lab_serves_the_kernelspec_and_stops_lab_first(
+async def test_demo_with_lab_serves_the_gpu_kernelspec_from_its_extension_and_stops_lab_first(
     jupyter_env: Path, tmp_path: Path, fake_provider: list[str]
 ) -> None:
-    proc, _ = await start_demo(
+    proc, out = await start_demo(
         *demo_args(jupyter_env, tmp_path, fake_provider), *lab_args(tmp_path)
     )
     children = descendants(proc.pid)
     async with shown_on_failure(proc):
+        # Nothing installed: Lab's server extension serves the GPU type's kernelspec under the
+        # same name, with the user's Lab settings (budget, cap, region) applied.
+        assert not kernelspec_dir(jupyter_env).exists()
+        assert "kernelspec:" not in out
         url = await lab_url(proc, "/api/kernelspecs")
-        specs = json.loads(await asyncio.to_thread(http_get, url))["kernelspecs"]
-        assert specs[KERNEL]["spec"]["display_name"] == DISPLAY
+        deadline = time.monotonic() + TIMEOUT
+        while KERNEL not in (specs := json.loads(await asyncio.to_thread(http_get, url))[
+            "kernelspecs"
+        ]):  # fmt: skip
+            assert time.monotonic() < deadline, specs  # its first offers fetch
+            await asyncio.sleep(0.2)
+        spec = specs[KERNEL]["spec"]
+        assert spec["display_name"] == "Python 3 · RTX 4090 24 GB · from 0.12 SOL/h · simulated"
+        config = spec["metadata"]["kernel_provisioner"]["config"]
+        assert config["coordinator_url"] == coordinator_url(out)
+        assert config["keypair_path"] == str(tmp_path / "demo" / "user-keypair.json")
     _, err = await stop_demo(proc, signal.SIGINT)
     assert proc.returncode == 0, err
     assert not await wait_gone(children, timeout=0)
