@@ -1,7 +1,8 @@
 """Paying for GPU kernels in JupyterLab (Chromium), against an escrow coordinator and its
 embedded ledger. The wallet starts empty here (``USER_FUNDS = 0``): a start then fails with
 what the escrow needs, what the wallet holds and what to do; the wallet view's airdrop raises
-the balance; a funded kernel's status bar shows the escrow left falling; a console on a GPU
+the balance; a funded kernel's status bar shows the escrow left falling, and a click on it
+tops the escrow up; a console on a GPU
 type runs code; a session whose small budget runs out is warned about, then stopped by the
 coordinator, and Lab says so. Screenshots for the README: see conftest.py."""
 
@@ -93,7 +94,7 @@ def test_the_wallet_views_airdrop_raises_the_balance(
     page.locator("#jupyter-io-picker .jio-Wallet").screenshot(path=str(screenshots / "wallet.png"))
 
 
-def test_the_status_bar_shows_the_escrow_left_falling_while_the_kernel_runs(
+def test_the_status_bar_shows_the_escrow_left_falling_and_tops_it_up(
     page: Any, stack: Any, screenshots: Path
 ) -> None:
     fund(stack)
@@ -128,6 +129,19 @@ def test_the_status_bar_shows_the_escrow_left_falling_while_the_kernel_runs(
     )
     assert sol_in(status.inner_text(), "escrow left") < left
     page.locator("#jp-main-statusbar").screenshot(path=str(screenshots / "status-bar-escrow.png"))
+
+    # A click on the item tops the escrow up from the wallet.
+    status.click()
+    dialog = page.locator(".jp-Dialog", has_text="Top up the escrow of the RTX 4090 kernel")
+    dialog.locator("input").fill("0.05")
+    dialog.locator("button", has_text="Top up").click()
+    done = page.locator(TOAST, has_text="Escrow topped up by 0.05 SOL: it now holds 0.17 SOL")
+    done.first.wait_for(timeout=60_000)
+    page.wait_for_function(
+        f"el => parseFloat(el.textContent.split('escrow left ')[1]) > {left}",
+        arg=status.element_handle(),
+        timeout=30_000,
+    )
 
 
 def test_a_console_on_a_gpu_type_runs_code(page: Any, stack: Any) -> None:
