@@ -2,9 +2,9 @@
 embedded ledger. The wallet starts empty here (``USER_FUNDS = 0``): a start then fails with
 what the escrow needs, what the wallet holds and what to do; the wallet view's airdrop raises
 the balance; a funded kernel's status bar shows the escrow left falling, and a click on it
-tops the escrow up; a console on a GPU
-type runs code; a session whose small budget runs out is warned about, then stopped by the
-coordinator, and Lab says so. Screenshots for the README: see conftest.py."""
+tops the escrow up; a console on a GPU type runs code; a session whose small budget runs out
+is warned about, then stopped by the coordinator, and Lab says so. Screenshots for the
+README: see conftest.py."""
 
 from __future__ import annotations
 
