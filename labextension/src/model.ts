@@ -237,8 +237,10 @@ export class GpuModel {
     if (before !== after) {
       this._changed.emit('launches');
       if (!starting) {
-        // A start just ended: the new kernel's session is worth showing now.
+        // A start just ended: the new kernel's session is worth showing now, and the
+        // wallet paid its escrow.
         void this._sessionsPoll.refresh();
+        void this.refreshWallet();
       }
     }
   }
