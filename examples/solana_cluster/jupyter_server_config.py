@@ -11,7 +11,7 @@ c.JupyterIOExtension.solana_rpc_url = "https://api.devnet.solana.com"
 # The escrows themselves go to the ledger the coordinator names; pin it if you prefer.
 c.SolanaEscrowHook.solana_url = "https://api.devnet.solana.com"
 # Hours of GPU time each session escrows when Lab's setting "Session budget (hours)" is
-# empty (deposit = price × hours); the coordinator stops the kernel when they are spent.
+# empty (deposit = price * hours); the coordinator stops the kernel when they are spent.
 c.SolanaEscrowHook.max_session_hours = 1.0
 
 # A provider you reach directly (no coordinator, no escrow: it admits your key by its
