@@ -22,7 +22,7 @@ const SHORT_OF = /needs ([\d.]+ SOL)\b.*\bholds ([\d.]+ SOL)/;
 function advice(message: string): string {
   const text = message.toLowerCase();
   if (text.includes('budget of lease') && text.includes('ran out')) {
-    return 'Raise the session budget (Settings → jupyter-io GPUs), then start a kernel again.';
+    return 'Raise the session budget in Settings, then start a kernel again.';
   }
   if (SHORT_OF.test(message) || text.includes('insufficient') || text.includes('fund')) {
     return 'Airdrop (local ledger) or fund the wallet, then retry.';

@@ -174,6 +174,18 @@ async def test_a_kernel_stopped_for_its_spent_budget_is_reported_with_what_to_do
         assert stopped["reason"] == "budget exhausted"
         assert "its escrow of 0.0001" in stopped["message"] and "is spent" in stopped["message"]
         assert "Raise the session budget" in stopped["advice"]
+        # The provider stopped the kernel; it is not restarted on a new lease behind the
+        # user's back, and the refusal is a progress step the browser shows.
+        deadline = time.monotonic() + 30
+        while True:
+            _, launch = await fetch_json("jupyter-io", "progress", kernel_id)
+            if launch["state"] == "failed":
+                break
+            assert time.monotonic() < deadline, launch
+            await asyncio.sleep(0.3)
+        assert f"the budget of lease {lease} ran out" in launch["message"]
+        _, body = await fetch_json("jupyter-io", "sessions")
+        assert body["sessions"] == [] and len(body["stopped"]) == 1
     finally:
         await fetch_json("api", "kernels", kernel_id, method="DELETE")
 
