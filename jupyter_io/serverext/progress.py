@@ -71,7 +71,9 @@ class _Launch:
         last = events[-1]
         state = last["step"] if last["step"] in TERMINAL_STEPS else "starting"
         details: dict[str, Any] = {}
-        for event in events:  # later steps know more (the leased GPU and price)
+        # Later steps know more (the leased GPU and price); a restart that fails at once
+        # (its budget spent, say) keeps what the kernel's earlier starts knew.
+        for event in self.events:
             for key in ("gpu", "provider", "lease", "price_lamports_per_hour", "relay"):
                 if event.get(key) is not None:
                     details[key] = event[key]
