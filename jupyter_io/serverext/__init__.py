@@ -2,10 +2,12 @@
 
 :class:`~jupyter_io.serverext.app.JupyterIOExtension` (enabled as ``jupyter_io`` by the
 shipped ``jupyter_server_config.d/jupyter_io.json``) serves ``{base_url}/jupyter-io/*``
-(:mod:`.handlers`) and adds one kernelspec per GPU type on offer (:mod:`.kernelspecs`).
-Its services, one job each: :mod:`.offers` (the coordinator's offers, cached),
-:mod:`.preferences` (price cap, region, budget), :mod:`.wallet`, :mod:`.sessions` (cost so
-far), :mod:`.progress` (kernel start steps, and the hook to publish more).
+(:mod:`.handlers`), adds one kernelspec per GPU type on offer and per configured direct
+provider (:mod:`.kernelspecs`), and turns on pending kernels (a cell run while a remote kernel
+starts is queued). Its services, one job each: :mod:`.offers` (the coordinator's offers,
+cached), :mod:`.preferences` (price cap, region, budget), :mod:`.wallet`, :mod:`.billing`
+(the coordinator's billing of the user's leases), :mod:`.sessions` (cost so far, escrow
+left), :mod:`.progress` (kernel start steps, and the hook to publish more).
 """
 
 from __future__ import annotations
