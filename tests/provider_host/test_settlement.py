@@ -623,8 +623,10 @@ async def test_a_restarted_provider_process_still_co_signs_the_settlement_of_its
         # the link closes) and the host exits before anyone asked it to co-sign.
         assert await _stop_host_process(proc) == 0
         deadline = time.monotonic() + DEFAULT_TIMEOUT
-        while (row := await store.get_settlement(session.lease)) is None or row.attempts < 1:
-            assert time.monotonic() < deadline, row  # the worker tried: provider away
+        # The worker tried, provider away (``attempts`` counts from the claim; ``error`` is
+        # written when the attempt is over).
+        while (row := await store.get_settlement(session.lease)) is None or row.error is None:
+            assert time.monotonic() < deadline, row
             await asyncio.sleep(0.05)
         assert row.state is SettlementState.PENDING and "not linked" in (row.error or ""), row
         ended = await store.get_lease(session.lease)
