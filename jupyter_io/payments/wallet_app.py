@@ -52,6 +52,7 @@ ACTIONS: dict[str, int] = {
     "history": 0,
     "topup": 2,
     "refund": 1,
+    "unwrap": 0,
 }
 
 USAGE: dict[str, str] = {
@@ -146,8 +147,8 @@ class WalletApp(IOCommand):
     description = (
         "Show your Solana wallet's address and balance, airdrop SOL into it (on the embedded "
         "ledger a coordinator serves), list your paid sessions (escrow, billed, settlement), "
-        "top up a running session's escrow, or refund one whose provider failed. Without an "
-        "action: address and balance."
+        "top up a running session's escrow, or refund one whose provider failed; providers "
+        "unwrap their wSOL earnings into SOL. Without an action: address and balance."
     )
     examples = """jupyter io wallet
 jupyter io wallet address
@@ -156,7 +157,8 @@ jupyter io wallet airdrop 2 --solana-url http://127.0.0.1:8700/solana
 jupyter io wallet history --coordinator http://127.0.0.1:8700
 jupyter io wallet history --json --limit 5
 jupyter io wallet topup 3f2a9c 0.05
-jupyter io wallet refund 3f2a9c"""
+jupyter io wallet refund 3f2a9c
+jupyter io wallet unwrap --keypair provider-keypair.json"""
 
     keypair_path = Unicode(DEFAULT_KEYPAIR_PATH, help="Your Solana keypair file.").tag(config=True)
     solana_url = Unicode(
@@ -196,7 +198,7 @@ jupyter io wallet refund 3f2a9c"""
         if action not in ACTIONS:
             raise ConfigError(
                 f"unknown wallet action {action!r}; use one of: address, balance, airdrop "
-                f"AMOUNT, history, topup LEASE AMOUNT, refund LEASE"
+                f"AMOUNT, history, topup LEASE AMOUNT, refund LEASE, unwrap"
             )
         if len(args) != ACTIONS[action]:
             raise ConfigError(f"usage: jupyter io wallet {USAGE.get(action, action)}")
@@ -246,11 +248,27 @@ jupyter io wallet refund 3f2a9c"""
                     f"balance now {self._amount(balance)}"
                 )
                 return
+            if action == "unwrap":
+                await self._unwrap(client, keypair)
+                return
             balance = await client.balance(wallet)
         if action == "balance":
             print(self._amount(balance))
         else:
             print(f"{wallet}\t{self._amount(balance)}")
+
+    async def _unwrap(self, client: EscrowClient, keypair: Keypair) -> None:
+        """A provider's earnings arrive as wSOL: close its wSOL account into its wallet."""
+        wallet = keypair.pubkey()
+        signature, returned = await client.unwrap(keypair)
+        if signature is None:
+            print(f"{wallet} has no wSOL account: nothing to unwrap")
+            return
+        balance = await client.balance(wallet)
+        print(
+            f"Unwrapped {self._amount(returned)} (wSOL earnings plus the account's rent) into "
+            f"{wallet} (signature {signature}); balance now {self._amount(balance)}"
+        )
 
     # -- sessions (through the coordinator) --------------------------------------------------
 

@@ -13,7 +13,7 @@ from solders.keypair import Keypair
 from jupyter_io.identity import write_keypair
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
 
-from .conftest import Chain
+from .conftest import Chain, Parties
 
 JUPYTER_IO = str(Path(sys.executable).with_name("jupyter-io"))
 
@@ -70,6 +70,28 @@ async def test_balance_before_and_after_an_airdrop(
 
     code, out, err = await wallet(*common)
     assert (code, out.strip()) == (0, f"{key.pubkey()}\t1.5 SOL"), err
+
+
+async def test_a_provider_unwraps_its_earnings(
+    chain: Chain, parties: Parties, tmp_path: Path
+) -> None:
+    path = str(write_keypair(parties.provider, tmp_path / "provider.json"))
+    common = ("--keypair", path, "--solana-url", chain.url, "--lamports")
+    code, out, err = await wallet("unwrap", *common)
+    assert code == 0 and "nothing to unwrap" in out, err
+
+    terms = parties.terms("unwrap-me")
+    await chain.escrow.open_escrow(
+        parties.user, terms.provider, terms.arbiter, terms.session_id, 1_000_000
+    )
+    await chain.escrow.settle(terms, 400_000, arbiter=parties.arbiter, provider=parties.provider)
+    wsol = await chain.balance(terms.provider_wsol)  # earnings plus the account's rent
+    before = await chain.balance(terms.provider)
+    code, out, err = await wallet("unwrap", *common)
+    assert code == 0, err
+    assert f"Unwrapped {wsol} (wSOL earnings" in out
+    assert await chain.balance(terms.provider_wsol) == 0
+    assert await chain.balance(terms.provider) == before + wsol - 5_000  # one signature's fee
 
 
 async def test_unreachable_rpc_is_a_clear_error(keypair: tuple[Keypair, str]) -> None:
