@@ -58,7 +58,7 @@ def _escrow_fields(info: LeaseInfo | None) -> dict[str, Any]:
         "used_fraction": billing.used_fraction,
         "warning": billing.warning,
         "lease_state": info.state,
-        "end_reason": info.end_reason,
+        "end_reason": info.end_reason or ("budget exhausted" if info.budget_exhausted else None),
     }
 
 

@@ -189,11 +189,11 @@ def test_a_spent_budget_is_warned_about_then_the_kernel_is_stopped_with_what_to_
         assert "its escrow of 0.001 SOL is spent" in text
         assert "Raise the session budget" in text
         assert time.monotonic() - started >= 20  # not before the budget could be spent
+        page.wait_for_timeout(800)  # the toast slides in
+        page.screenshot(path=str(screenshots / "budget-exhausted.png"))
         # The kernel is not restarted on a new lease behind the user's back.
         refused = page.locator(TOAST, has_text="RTX 4090 kernel not restarted: its escrow is spent")
         refused.first.wait_for(timeout=60_000)
         assert "Raise the session budget in Settings" in refused.first.inner_text()
-        page.wait_for_timeout(800)  # the toast slides in
-        page.screenshot(path=str(screenshots / "budget-exhausted.png"))
     finally:
         stack.api("PUT", "/jupyter-io/preferences", {"session_budget_hours": None})
