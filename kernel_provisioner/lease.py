@@ -43,7 +43,7 @@ from typing import Any
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
-from jupyter_io.coordinator.client import CoordinatorClient, LeaseGrant, LeaseInfo
+from jupyter_io.coordinator.client import CoordinatorClient, CoordinatorError, LeaseGrant, LeaseInfo
 from jupyter_io.errors import (
     ConfigError,
     InsufficientFunds,
@@ -408,7 +408,21 @@ class KernelLease:
         deadline = time.monotonic() + timeout
         delay = 0.1
         while True:
-            info = await self.info()
+            try:
+                info: LeaseInfo | None = await self.client.get_lease(grant.lease)
+            except CoordinatorError as exc:
+                if exc.status is None:  # unreachable: waiting cannot help, say what to do
+                    self.grant, self.bound = None, False
+                    return (
+                        f"cannot reach the coordinator to settle lease {grant.lease} ({exc}); "
+                        f"once it is back, `jupyter io wallet history` shows the lease and "
+                        f"`jupyter io wallet refund {grant.lease}` refunds it if it failed"
+                    )
+                self.log.warning("jupyter-io: cannot read lease %s: %s", grant.lease, exc)
+                info = None
+            except JupyterIOError as exc:
+                self.log.warning("jupyter-io: cannot read lease %s: %s", grant.lease, exc)
+                info = None
             if info is not None and info.state == "failed":
                 self.grant, self.bound = None, False
                 if not self.funded:

@@ -361,6 +361,11 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
                 # nobody has the facade's ports yet. End the session (and the lease)
                 # rather than leak them.
                 await self.cleanup(restart=False)
+            elif isinstance(exc, BudgetExhausted):
+                # Over for good, and Jupyter Server drops a kernel whose restart failed
+                # without calling cleanup(): release the facade and the session now (a
+                # facade left to the garbage collector blocks in zmq's Context.term()).
+                await self.cleanup(restart=False)
             elif self._client is not None and not self._client.alive:
                 await self._drop_session()
             if isinstance(exc, (KernelLaunchError, ConfigError)):

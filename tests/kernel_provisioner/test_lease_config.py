@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from solders.keypair import Keypair
 
 from jupyter_io.errors import ConfigError, KernelLaunchError
 from jupyter_io.identity import write_keypair
-from kernel_provisioner.lease import LeaseRefused, LeaseTerms
+from kernel_provisioner.lease import KernelLease, LeaseRefused, LeaseTerms
 from kernel_provisioner.provisioner import RemoteKernelProvisioner
 
 
@@ -137,3 +138,25 @@ def test_each_lease_gets_a_payment_hook_paid_by_the_kernelspecs_wallet(tmp_path:
     assert isinstance(free._new_hook(), FreeHook)
     with pytest.raises(ConfigError, match="max_session_hours must not be negative"):
         RemoteKernelProvisioner(max_session_hours=-1)
+
+
+async def test_winding_up_a_lost_lease_gives_up_at_once_without_a_coordinator() -> None:
+    # Shutting a kernel down after its provider and the coordinator are both gone must not
+    # wait out refund_timeout polling a coordinator that refuses connections.
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    lease = KernelLease(f"http://127.0.0.1:{port}", Keypair(), timeout=5)
+    lease.restore(
+        {"lease": "gone-lease", "token": "t", "provider": str(Keypair().pubkey()),
+         "tunnel_url": "ws://127.0.0.1:1/relay/gone-lease", "relay": True, "gpu": "RTX 4090",
+         "gpu_indices": [0], "price_lamports_per_hour": 1, "expires_at": time.time() + 60}
+    )  # fmt: skip
+    started = time.monotonic()
+    try:
+        said = await asyncio.wait_for(lease.wind_up_lost(timeout=60), 30)
+    finally:
+        await lease.close()
+    assert time.monotonic() - started < 10
+    assert "cannot reach the coordinator" in said and "wallet refund gone-lease" in said
+    assert lease.grant is None

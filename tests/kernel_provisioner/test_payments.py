@@ -801,6 +801,9 @@ async def test_a_spent_budget_ends_the_kernel_and_no_restart_leases_again(
         assert prov.progress[-1].step.value == "failed" and prov.progress[-1].message == message
         assert _steps(prov).count("leased") == 1 and _steps(prov).count("escrowed") == 1
         assert market.status()["live_leases"] == 0
+        # Over for good: the facade is released now (Jupyter Server drops such a kernel
+        # without cleanup(); a facade left to the garbage collector blocks in term()).
+        assert prov._facade is None and prov.tunnel is None
 
         # The spent deposit went to the provider, exactly what was billed.
         info = await settled(paid, grant.lease)
