@@ -58,7 +58,7 @@ from jupyter_io.coordinator.provider_link import (
 )
 from jupyter_io.errors import PaymentError
 from jupyter_io.leases import LeaseClaims
-from jupyter_io.payments.amounts import format_sol
+from jupyter_io.payments.amounts import SECONDS_PER_HOUR, format_sol
 from jupyter_io.payments.escrow import EscrowTerms, settlement_message
 
 from .usage import UsageMeter
@@ -69,7 +69,6 @@ __all__ = ["DEFAULT_TOLERANCE_SECONDS", "FILE_VERSION", "SettlementBook"]
 DEFAULT_TOLERANCE_SECONDS = 10.0
 #: ``version`` of the records file this code writes and reads.
 FILE_VERSION = 1
-_SECONDS_PER_HOUR = 3600
 
 
 class _UnknownLease(PaymentError):
@@ -187,7 +186,7 @@ class SettlementBook:
         """The least this host accepts for the lease now, lamports."""
         entry = self._leases[lease_id]
         seconds = max(0.0, entry.meter.seconds() - self.tolerance_seconds)
-        return int(entry.claims.price_lamports_per_hour * seconds) // _SECONDS_PER_HOUR
+        return int(entry.claims.price_lamports_per_hour * seconds) // SECONDS_PER_HOUR
 
     def answer(self, request: SignSettlement, coordinator: Pubkey | None) -> SettlementReply:
         """Check ``request`` and sign it, or say why not (see the module docstring)."""

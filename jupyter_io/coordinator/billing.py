@@ -39,7 +39,13 @@ from solders.pubkey import Pubkey
 from solders.signature import Signature
 
 from ..errors import PaymentError
-from ..payments.amounts import FEE_PER_SIGNATURE, format_sol
+from ..payments.amounts import (
+    FEE_PER_SIGNATURE,
+    amount_for,
+    covered_seconds,
+    format_sol,
+    min_deposit,
+)
 from ..payments.escrow import (
     EscrowClient,
     EscrowError,
@@ -54,7 +60,6 @@ from .registry import Registry
 from .store import LeaseRecord, SettlementRecord, Store
 
 __all__ = [
-    "SECONDS_PER_HOUR",
     "WARNINGS",
     "Billing",
     "DepositTooSmall",
@@ -63,14 +68,10 @@ __all__ = [
     "Meter",
     "NotFunded",
     "RefundNotAllowed",
-    "amount_for",
-    "covered_seconds",
     "free_escrow_block",
     "meter",
-    "min_deposit",
 ]
 
-SECONDS_PER_HOUR = 3600
 #: Shares of the deposit (percent) at which the billing view carries a warning.
 WARNINGS = (80, 95, 100)
 BUDGET_EXHAUSTED = "budget exhausted"
@@ -94,23 +95,6 @@ class NotFunded(PaymentError):
 
 class RefundNotAllowed(PaymentError):
     """The lease cannot be refunded now: still live, or already settled (409)."""
-
-
-def amount_for(price_per_hour: int, seconds: int) -> int:
-    """Lamports for ``seconds`` at ``price_per_hour``, rounded down (no fraction charged)."""
-    return price_per_hour * max(0, seconds) // SECONDS_PER_HOUR
-
-
-def min_deposit(price_per_hour: int, seconds: int) -> int:
-    """The smallest escrow a lease needs: ``seconds`` of its price, rounded up."""
-    return -(-price_per_hour * seconds // SECONDS_PER_HOUR)
-
-
-def covered_seconds(price_per_hour: int, deposit: int) -> int | None:
-    """Whole seconds ``deposit`` pays for (None: a free offer, no limit)."""
-    if price_per_hour <= 0:
-        return None
-    return deposit * SECONDS_PER_HOUR // price_per_hour
 
 
 def free_escrow_block() -> dict[str, Any]:

@@ -52,6 +52,7 @@ from ..errors import (
     LeaseError,
     PaymentError,
 )
+from ..payments.amounts import covered_seconds
 from .auth import HEADER_LEASE_TOKEN, sign_request
 
 __all__ = [
@@ -330,8 +331,12 @@ class LeaseInfo:
         price = self.price_lamports_per_hour
         if price <= 0 or self.active_at is None or self.ended_at is None:
             return False
-        covered = billing.deposit_lamports * 3600 // price
-        return self.state == "ended" and self.ended_at - self.active_at >= covered
+        covered = covered_seconds(price, billing.deposit_lamports)
+        return (
+            self.state == "ended"
+            and covered is not None
+            and self.ended_at - self.active_at >= covered
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,11 @@
 Every balance, deposit, price and fee in jupyter-io is an ``int`` of lamports. Parse what a
 person typed with :func:`parse_sol` (it refuses fractions of a lamport instead of rounding) and
 show amounts with :func:`format_sol`. Never use ``float`` for money.
+
+Metering is arithmetic on a price per GPU-hour, and every party (the coordinator billing, the
+user's payment hook, the wallet) uses the same three functions so that they agree to the
+lamport: :func:`amount_for` (seconds → lamports, rounded down: a fraction of a lamport is
+never charged), :func:`min_deposit` (rounded up) and :func:`covered_seconds`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,11 @@ from ..errors import ConfigError
 __all__ = [
     "FEE_PER_SIGNATURE",
     "LAMPORTS_PER_SOL",
+    "SECONDS_PER_HOUR",
+    "amount_for",
+    "covered_seconds",
     "format_sol",
+    "min_deposit",
     "parse_sol",
 ]
 
@@ -23,6 +32,9 @@ LAMPORTS_PER_SOL = 1_000_000_000
 
 #: The base fee a Solana cluster charges per transaction signature (no priority fee).
 FEE_PER_SIGNATURE = 5_000
+
+#: Prices are per GPU-hour.
+SECONDS_PER_HOUR = 3600
 
 
 def parse_sol(text: str | int | Decimal) -> int:
@@ -49,3 +61,20 @@ def format_sol(lamports: int) -> str:
     whole, frac = divmod(abs(lamports), LAMPORTS_PER_SOL)
     text = f"{whole}.{frac:09d}".rstrip("0").rstrip(".")
     return f"{sign}{text} SOL"
+
+
+def amount_for(price_per_hour: int, seconds: int) -> int:
+    """Lamports for ``seconds`` at ``price_per_hour``, rounded down (no fraction charged)."""
+    return price_per_hour * max(0, seconds) // SECONDS_PER_HOUR
+
+
+def min_deposit(price_per_hour: int, seconds: int) -> int:
+    """Lamports that pay for ``seconds`` at ``price_per_hour``, rounded up (a deposit)."""
+    return -(-price_per_hour * seconds // SECONDS_PER_HOUR)
+
+
+def covered_seconds(price_per_hour: int, deposit: int) -> int | None:
+    """Whole seconds ``deposit`` pays for (None: a free offer, no limit)."""
+    if price_per_hour <= 0:
+        return None
+    return deposit * SECONDS_PER_HOUR // price_per_hour

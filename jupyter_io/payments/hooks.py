@@ -48,7 +48,7 @@ from traitlets.config import LoggingConfigurable
 
 from ..errors import ConfigError, PaymentError
 from ..identity import DEFAULT_KEYPAIR_PATH, load_keypair
-from .amounts import format_sol
+from .amounts import amount_for, format_sol
 from .escrow import (
     EscrowClient,
     EscrowState,
@@ -62,7 +62,6 @@ from .escrow import (
 
 __all__ = [
     "DEFAULT_SOLANA_URL",
-    "SECONDS_PER_HOUR",
     "EscrowInfo",
     "FreeHook",
     "PaymentHook",
@@ -73,8 +72,6 @@ __all__ = [
 
 #: The embedded ledger a coordinator on this machine serves (its default port, ``/solana``).
 DEFAULT_SOLANA_URL = "http://127.0.0.1:8700/solana"
-
-SECONDS_PER_HOUR = 3600
 
 
 @dataclass(frozen=True)
@@ -104,7 +101,7 @@ class SessionTerms:
         fraction of a lamport is never charged)."""
         if seconds < 0:
             raise PaymentError(f"seconds delivered cannot be negative ({seconds})")
-        return self.price_per_hour * seconds // SECONDS_PER_HOUR
+        return amount_for(self.price_per_hour, seconds)
 
 
 @dataclass(frozen=True)

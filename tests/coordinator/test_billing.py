@@ -28,7 +28,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from traitlets import TraitError
 
 from jupyter_io.coordinator.auth import sign_request
-from jupyter_io.coordinator.billing import meter, min_deposit
+from jupyter_io.coordinator.billing import meter
 from jupyter_io.coordinator.config import CoordinatorConfig
 from jupyter_io.coordinator.models import LeaseState, SettlementKind, SettlementState
 from jupyter_io.coordinator.provider_link import (
@@ -41,7 +41,7 @@ from jupyter_io.coordinator.server import CoordinatorServer
 from jupyter_io.coordinator.store import LeaseRecord, OfferSpec, ProviderProfile, Store
 from jupyter_io.errors import ProtocolError
 from jupyter_io.leases import verify_token
-from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
+from jupyter_io.payments.amounts import LAMPORTS_PER_SOL, min_deposit
 from jupyter_io.payments.escrow import EscrowClient, EscrowTerms
 
 from .conftest import WAIT, FakeProvider, Starter, gpu_offer
