@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
+import struct
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -23,9 +25,11 @@ import zmq
 import zmq.asyncio
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import apply_mask
+from websockets.protocol import Side
 
 from .errors import JupyterIOError, ProtocolError
-from .protocol import Channel, CloseCode, Frame, FrameKind, Tunnel
+from .protocol import VIEW_THRESHOLD, Channel, CloseCode, Frame, FrameKind, Tunnel
 
 __all__ = ["Bridge", "ControlHandler"]
 
@@ -34,30 +38,61 @@ ControlHandler = Callable[[Frame], Awaitable[None] | None]
 
 _BURST = 64
 """The most ZMQ messages a pump reads per wake-up before it sends them and yields."""
+_BURST_BYTES = 1024 * 1024
+"""... and the most bytes: small messages are worth coalescing into one write, large ones
+are not, and a burst of many large buffers joined into one (64 MB) allocation costs more
+than its copy: allocations that size are fresh pages from the kernel every time."""
+
+
+def _ws_header(length: int, mask: bytes | None) -> bytes:
+    """The RFC 6455 header of one unfragmented binary frame (FIN, opcode 2) of ``length``
+    payload bytes, with the masking key when given (frames a client sends are masked)."""
+    bit = 0x80 if mask is not None else 0
+    if length < 126:
+        head = _HEAD_SHORT.pack(0x82, bit | length)
+    elif length < 65536:
+        head = _HEAD_MEDIUM.pack(0x82, bit | 126, length)
+    else:
+        head = _HEAD_LONG.pack(0x82, bit | 127, length)
+    return head + mask if mask is not None else head
+
+
+_HEAD_SHORT = struct.Struct("!BB")
+_HEAD_MEDIUM = struct.Struct("!BBH")
+_HEAD_LONG = struct.Struct("!BBQ")
+
+
+def _wire_bytes(frames: list[bytes], masked: bool) -> bytes:
+    """``frames`` as websocket binary frames, back to back, in one buffer."""
+    chunks: list[bytes] = []
+    for frame in frames:
+        if masked:
+            mask = secrets.token_bytes(4)
+            chunks += (_ws_header(len(frame), mask), apply_mask(frame, mask))
+        else:
+            chunks += (_ws_header(len(frame), None), frame)
+    return b"".join(chunks)
 
 
 async def _send_frames(ws: Connection, frames: list[bytes]) -> None:
     """Send each frame as one binary websocket message, all in one transport write.
 
     Like ``ws.send`` per frame (same connection checks, failure handling and drain through
-    ``send_context``), but the burst costs one ``send()`` and one wake-up of the peer. Only
-    unfragmented sends are used on the tunnel, so no fragmented message can be in progress.
+    ``send_context``), but cheaper on the hot path: websockets serialises a frame by copying
+    it into a ``BytesIO`` and out again, and asyncio's ``writelines`` (Python 3.11) joins the
+    chunks once more, so a 1 MB comm buffer was copied four times on its way to the socket.
+    Here the headers and frames are joined once, and the burst costs one ``send()`` and one
+    wake-up of the peer. The tunnel negotiates no extension (``compression=None``); should a
+    connection have one, websockets frames the messages itself.
     """
     async with ws.send_context():
         protocol = ws.protocol
-        for frame in frames:
-            protocol.send_binary(frame)
-        chunks = protocol.data_to_send()
-        if all(chunks):
-            ws.transport.writelines(chunks)
-        else:  # an end-of-stream marker: not expected while open; keep send_data's handling
-            for chunk in chunks:
-                if chunk:
-                    ws.transport.write(chunk)
-                elif ws.transport.can_write_eof():
-                    ws.transport.write_eof()
-                else:
-                    ws.transport.close()
+        if protocol.extensions:
+            for frame in frames:
+                protocol.send_binary(frame)
+            return  # send_context writes them
+        ws.send_data()  # anything websockets queued goes first (normally nothing)
+        ws.transport.write(_wire_bytes(frames, protocol.side is Side.CLIENT))
 
 
 class Bridge:
@@ -205,28 +240,29 @@ class Bridge:
         try:
             while True:
                 burst = [send_data(channel, await sock.recv_multipart())]
+                size = len(burst[0])
                 # EVENTS before each recv: a message-less socket costs no zmq.Again raised.
-                while len(burst) < _BURST and events(zmq.EVENTS) & zmq.POLLIN:
+                while (
+                    len(burst) < _BURST and size < _BURST_BYTES and events(zmq.EVENTS) & zmq.POLLIN
+                ):
                     try:
                         parts = recv_ready(zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     burst.append(send_data(channel, parts))
+                    size += len(burst[-1])
                 ws = self.ws
                 if ws is not None:
                     # Frames got their seqs above and are written before any await, so they
                     # leave in seq order (the websocket writes before it awaits drain).
                     try:
-                        if len(burst) == 1:
-                            await ws.send(burst[0])
-                        else:
-                            await _send_frames(ws, burst)
+                        await _send_frames(ws, burst)
                     except ConnectionClosed:
                         self.detach(ws)
                     while self.ws is not None and tunnel.unacked_bytes > self._high_water:
                         self._acked.clear()
                         await self._acked.wait()
-                if len(burst) == _BURST:
+                if len(burst) == _BURST or size >= _BURST_BYTES:
                     await asyncio.sleep(0)  # a busy socket must not starve the event loop
         except JupyterIOError as exc:
             self._fail(exc)
@@ -250,7 +286,7 @@ class Bridge:
             async for message in ws:
                 if isinstance(message, str):
                     raise ProtocolError("text message on the tunnel; frames are binary")
-                frame = receive(message)
+                frame = receive(message, views=True)
                 if not self._acked.is_set() and tunnel.unacked_bytes <= self._high_water:
                     self._acked.set()
                 if frame is None:
@@ -259,7 +295,9 @@ class Bridge:
                     sock = inbound.get(frame.channel)
                     if sock is None:
                         raise ProtocolError(f"no {frame.channel.name} channel in this direction")
-                    await sock.send_multipart(frame.parts, copy=len(frame.parts[-1]) < 65536)
+                    # Large parts go zero-copy (a view of the frame that libzmq releases later).
+                    parts = frame.parts
+                    await sock.send_multipart(parts, copy=len(parts[-1]) < VIEW_THRESHOLD)
                 else:
                     result = self.on_control(frame)
                     if result is not None:

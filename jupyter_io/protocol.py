@@ -49,6 +49,7 @@ __all__ = [
     "MAX_PARTS",
     "PROTOCOL_VERSION",
     "SUBPROTOCOL",
+    "VIEW_THRESHOLD",
     "Channel",
     "CloseCode",
     "Frame",
@@ -69,6 +70,8 @@ DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 MAX_PARTS = 4096
 
 HEADER = struct.Struct("<BBHQQ")
+#: DATA parts at least this large are decoded as memoryviews when asked (``views``).
+VIEW_THRESHOLD = 64 * 1024
 
 
 class FrameKind(enum.IntEnum):
@@ -134,7 +137,9 @@ class CloseCode(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """One decoded frame. ``parts`` are bytes (DATA) or a single JSON part (control)."""
+    """One decoded frame. ``parts`` are bytes (DATA) or a single JSON part (control);
+    large DATA parts are memoryviews when decoded with ``views`` (see :func:`decode_frame`).
+    """
 
     kind: FrameKind
     channel: Channel = Channel.SHELL
@@ -184,8 +189,14 @@ def encode_control(
     return encode_frame(kind, parts, seq=seq, ack=ack)
 
 
-def decode_frame(data: bytes, max_size: int = DEFAULT_MAX_FRAME_SIZE) -> Frame:
+def decode_frame(
+    data: bytes, max_size: int = DEFAULT_MAX_FRAME_SIZE, *, views: bool = False
+) -> Frame:
     """Parse one frame, checking every length against ``data``.
+
+    With ``views``, DATA parts of :data:`VIEW_THRESHOLD` bytes or more are returned as
+    read-only memoryviews into ``data`` instead of copies: for a caller that only hands the
+    parts on (``zmq.Socket.send_multipart`` takes them), not one that parses them.
 
     Raises :class:`FrameTooLarge` above ``max_size`` and :class:`ProtocolError` for anything
     truncated, trailing, or naming an unknown kind or channel. Never reads past ``data``.
@@ -222,8 +233,13 @@ def decode_frame(data: bytes, max_size: int = DEFAULT_MAX_FRAME_SIZE) -> Frame:
     view = memoryview(data)
     parts: list[bytes] = []
     pos = table_end
+    views = views and kind is FrameKind.DATA
     for length in lengths:
-        parts.append(view[pos : pos + length].tobytes() if length else b"")
+        # Large DATA parts (comm buffers, bulk output) stay views of ``data``: the copy is
+        # cheap, the fresh pages a megabyte-sized copy needs are not.
+        part = view[pos : pos + length]
+        large = views and length >= VIEW_THRESHOLD
+        parts.append(part if large else part.tobytes())  # type: ignore[arg-type]
         pos += length
     if kind is FrameKind.DATA and not parts:
         raise ProtocolError(f"{channel.name} DATA frame with no parts")
@@ -330,14 +346,14 @@ class Tunnel:
 
     # -- receiving -------------------------------------------------------------------------
 
-    def receive(self, data: bytes) -> Frame | None:
-        """Decode one message from the peer.
+    def receive(self, data: bytes, *, views: bool = False) -> Frame | None:
+        """Decode one message from the peer (``views``: see :func:`decode_frame`).
 
         Applies its ack, and returns the frame, or None for a standalone ACK or a reliable
         frame already received (a replay overlap). A gap in sequence numbers is a protocol
         error: the transport is ordered, so a gap means a broken peer.
         """
-        frame = decode_frame(data, self.max_frame_size)
+        frame = decode_frame(data, self.max_frame_size, views=views)
         self.acknowledge(frame.ack)
         if frame.kind in UNSEQUENCED:
             return None if frame.kind is FrameKind.ACK else frame

@@ -170,14 +170,14 @@ class _AdoptingTunnel(Tunnel):
         self.received = received
         self._resync = True
 
-    def receive(self, data: bytes) -> Frame | None:
+    def receive(self, data: bytes, *, views: bool = False) -> Frame | None:
         if self._resync and len(data) >= HEADER.size:
             seq = HEADER.unpack_from(data)[3]
             if seq:
                 self._resync = False
                 if seq > self.received + 1:
                     self.received = seq - 1
-        return super().receive(data)
+        return super().receive(data, views=views)
 
 
 class TunnelClient:

@@ -11,6 +11,7 @@ from jupyter_io.errors import BufferOverflow, FrameTooLarge, ProtocolError
 from jupyter_io.protocol import (
     HEADER,
     MAX_PARTS,
+    VIEW_THRESHOLD,
     Channel,
     Frame,
     FrameKind,
@@ -40,6 +41,25 @@ def test_round_trip_keeps_zmq_parts_untouched() -> None:
     data = encode_frame(FrameKind.DATA, JUPYTER_MSG, channel=Channel.SHELL, seq=1)
     frame = decode_frame(data)
     assert frame == Frame(FrameKind.DATA, Channel.SHELL, 1, 0, tuple(JUPYTER_MSG))
+
+
+def test_large_data_parts_decode_as_views_of_the_message_when_asked() -> None:
+    big = bytes(range(256)) * (VIEW_THRESHOLD // 256 + 1)
+    data = encode_frame(FrameKind.DATA, [b"id", b"<IDS|MSG>", big, b"x"], seq=1)
+    parts = decode_frame(data, views=True).parts
+    assert [bytes(p) for p in parts] == [b"id", b"<IDS|MSG>", big, b"x"]
+    assert isinstance(parts[2], memoryview) and parts[2].obj is data  # not copied
+    assert all(type(p) is bytes for p in (parts[0], parts[1], parts[3]))
+    assert all(type(p) is bytes for p in decode_frame(data).parts)  # copies by default
+    received = Tunnel().receive(data, views=True)
+    assert received is not None and isinstance(received.parts[2], memoryview)
+
+
+def test_large_control_body_is_still_bytes() -> None:
+    body = {"env": {"PAD": "x" * VIEW_THRESHOLD}}
+    frame = decode_frame(encode_control(FrameKind.LAUNCH, body, seq=1), views=True)
+    assert type(frame.parts[0]) is bytes
+    assert frame.body == body
 
 
 def test_control_frame_carries_json_body() -> None:
