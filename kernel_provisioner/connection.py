@@ -67,6 +67,7 @@ from jupyter_io.protocol import (
     decode_frame,
     encode_control,
 )
+from jupyter_io.tls import untrusted_certificate
 
 __all__ = [
     "LOST_EXIT_CODE",
@@ -307,9 +308,12 @@ class TunnelClient:
         except InvalidStatus as exc:
             raise self._refused_upgrade(exc) from None
         except (OSError, asyncio.TimeoutError, WebSocketException) as exc:
+            untrusted = untrusted_certificate(exc)
             raise TunnelError(
-                f"cannot open a tunnel to the provider at {self.url}: {_describe(exc)}; check "
-                f"that the provider host is running and provider_url is right"
+                f"cannot open a tunnel to the provider at {self.url}: {untrusted}"
+                if untrusted
+                else f"cannot open a tunnel to the provider at {self.url}: {_describe(exc)}; "
+                f"check that the provider host is running and provider_url is right"
             ) from None
         if resume is not None:
             if not welcome.get("resumed"):

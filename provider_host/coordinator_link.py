@@ -53,6 +53,7 @@ from jupyter_io.coordinator.provider_link import (
 )
 from jupyter_io.errors import AuthError, ProtocolError
 from jupyter_io.identity import new_nonce
+from jupyter_io.tls import untrusted_certificate
 
 __all__ = ["MAX_OUTBOX", "CoordinatorLink", "LinkHost"]
 
@@ -215,7 +216,7 @@ class CoordinatorLink:
                 self.last_error = str(exc)
                 self.log.error("coordinator link refused: %s", exc)
             except (OSError, InvalidHandshake, ConnectionClosed, ProtocolError) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.last_error = untrusted_certificate(exc) or f"{type(exc).__name__}: {exc}"
                 self.log.warning("coordinator link to %s lost: %s", self.url, self.last_error)
             except asyncio.TimeoutError:
                 self.last_error = "the coordinator did not answer in time"

@@ -60,6 +60,7 @@ from jupyter_io.errors import ConfigError, ProtocolError
 from jupyter_io.identity import new_nonce
 from jupyter_io.leases import LeaseClaims
 from jupyter_io.protocol import SUBPROTOCOL, CloseCode, FrameKind, decode_frame, encode_control
+from jupyter_io.tls import untrusted_certificate
 
 from .allocation import GpuPool
 from .benchmark import measure_inventory
@@ -596,7 +597,8 @@ class ProviderServer:
                 open_timeout=max(config.handshake_timeout, 1.0),
             )
         except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
-            self.log.warning("could not dial the relay for lease %s: %s", message.lease, exc)
+            reason = untrusted_certificate(exc) or exc
+            self.log.warning("could not dial the relay for lease %s: %s", message.lease, reason)
             return
         self._dialled.add(ws)
         try:

@@ -53,6 +53,7 @@ from ..errors import (
     PaymentError,
 )
 from ..payments.amounts import covered_seconds
+from ..tls import untrusted_certificate
 from .auth import HEADER_LEASE_TOKEN, sign_request
 
 __all__ = [
@@ -521,6 +522,15 @@ class CoordinatorClient:
 
     # -- plumbing --------------------------------------------------------------------------
 
+    def _unreachable(self, exc: BaseException | None) -> str:
+        untrusted = untrusted_certificate(exc)
+        if untrusted:
+            return f"cannot reach the coordinator at {self.url}: {untrusted}"
+        return (
+            f"cannot reach the coordinator at {self.url}: {exc}; is `jupyter io coordinator` "
+            f"running there?"
+        )
+
     async def _call(
         self, method: str, path: str, body: Any = None, *, sign: bool = False
     ) -> dict[str, Any]:
@@ -552,17 +562,11 @@ class CoordinatorClient:
         try:
             response: HTTPResponse = await self._http.fetch(request, raise_error=False)
         except OSError as exc:
-            raise CoordinatorError(
-                f"cannot reach the coordinator at {self.url}: {exc}; is "
-                f"`jupyter io coordinator` running there?"
-            ) from None
+            raise CoordinatorError(self._unreachable(exc)) from None
         except HTTPClientError as exc:  # pragma: no cover - raise_error=False
             raise CoordinatorError(str(exc), exc.code) from None
         if response.code == 599:
-            raise CoordinatorError(
-                f"cannot reach the coordinator at {self.url}: {response.error}; is "
-                f"`jupyter io coordinator` running there?"
-            )
+            raise CoordinatorError(self._unreachable(response.error))
         try:
             payload = json.loads(response.body or b"null")
         except ValueError:

@@ -158,19 +158,6 @@ async def test_serve_captures_signals_and_restores_the_previous_handlers(
         signal.signal(signal.SIGTERM, previous)
 
 
-@pytest.fixture
-def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return cert, key
-
-
 async def test_tls_serves_https_and_wss_and_relays_over_it(
     certificate: tuple[Path, Path], start_coordinator: Starter, providers: list[FakeProvider]
 ) -> None:

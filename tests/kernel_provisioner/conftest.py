@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -89,7 +91,10 @@ def _wait_gone_sync(procs: list[psutil.Process], timeout: float) -> list[psutil.
 
 
 def start_provider_host(
-    tmp: Path, extra_args: list[str], listen: str = "127.0.0.1:0"
+    tmp: Path,
+    extra_args: list[str],
+    listen: str = "127.0.0.1:0",
+    env: dict[str, str] | None = None,
 ) -> ProviderHost:
     tmp.mkdir(parents=True, exist_ok=True)
     user_key = Keypair()
@@ -119,6 +124,7 @@ def start_provider_host(
         text=True,
         cwd=str(Path(__file__).resolve().parents[2]),
         start_new_session=True,
+        env={**os.environ, **env} if env else None,
     )
     ready = threading.Event()
     found: list[str] = []
@@ -285,19 +291,25 @@ def start_coordinator_process(
     return coordinator
 
 
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as response:
+def get_json(url: str, context: ssl.SSLContext | None = None) -> Any:
+    with urllib.request.urlopen(url, timeout=10, context=context) as response:
         return json.loads(response.read())
 
 
-def wait_for_offers(coordinator_url: str, provider: str, timeout: float = 30.0) -> list[Any]:
+def wait_for_offers(
+    coordinator_url: str,
+    provider: str,
+    timeout: float = 30.0,
+    context: ssl.SSLContext | None = None,
+) -> list[Any]:
     """Poll the coordinator's offers (it publishes no event a test could await) until
-    ``provider`` has linked and offers something; return that provider's offer rows."""
+    ``provider`` has linked and offers something; return that provider's offer rows
+    (``context``: the TLS context for an https coordinator)."""
     deadline = time.monotonic() + timeout
     while True:
         rows = [
             row
-            for row in get_json(f"{coordinator_url}/api/v1/offers")["providers"]
+            for row in get_json(f"{coordinator_url}/api/v1/offers", context)["providers"]
             if row["provider"] == provider
         ]
         if rows:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -141,39 +140,8 @@ async def test_only_the_tunnel_path_and_subprotocol_are_served(host):
     assert info.value.response.status_code == 400
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return cert, key
-
-
-async def test_tls_serves_wss(make_host, make_client, tmp_path):
-    try:
-        cert, key = _self_signed(tmp_path)
-    except (FileNotFoundError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"openssl cannot make a test certificate: {exc}")
+async def test_tls_serves_wss(make_host, make_client, certificate):
+    cert, key = certificate
     host = await make_host(certfile=str(cert), keyfile=str(key))
     assert host.url.startswith("wss://127.0.0.1:")
     trust = ssl.create_default_context(cafile=str(cert))
