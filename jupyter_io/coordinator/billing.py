@@ -383,7 +383,7 @@ class Billing:
     async def end_exhausted(self, lease: LeaseRecord) -> bool:
         """End a lease whose deposit is spent: the provider stops the kernel, the lease is
         settled. Returns whether this call ended it."""
-        if not await self.store.end_lease(lease.id, at=_utc(self.clock())):
+        if not await self.store.end_lease(lease.id, BUDGET_EXHAUSTED, at=_utc(self.clock())):
             return False
         provider = lease.provider_pubkey
         self.log.info("lease %s: %s, ending it", lease.id, BUDGET_EXHAUSTED)

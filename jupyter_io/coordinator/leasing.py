@@ -36,6 +36,7 @@ from .store import LeaseRecord, Store
 
 __all__ = [
     "ATTEMPTS",
+    "ENDED_BY_USER",
     "LeaseGone",
     "LeaseGrant",
     "LeaseNotFound",
@@ -47,6 +48,8 @@ __all__ = [
 
 #: How many times a request is scheduled again after the store refused the chosen offer.
 ATTEMPTS = 3
+#: The end reason of a lease its user ended.
+ENDED_BY_USER = "ended by the user"
 
 
 class LeaseNotFound(LeaseError):
@@ -121,6 +124,7 @@ def lease_json(lease: LeaseRecord, tunnel_url: str | None = None) -> dict[str, A
         "ended_at": _seconds(lease.ended_at),
         "end_of_service": _seconds(lease.end_of_service),
         "failure_reason": lease.failure_reason,
+        "end_reason": lease.end_reason,
         "expires_at": _seconds(lease.token_expires_at),
     }
 
@@ -206,10 +210,11 @@ class LeaseService:
         """End ``user``'s lease (idempotent: an ended or failed lease is returned as is). The
         provider is told to stop the session; relayed connections are closed."""
         lease = await self.get(user, lease_id)
-        if lease.live and await self.store.end_lease(lease_id, at=_utc(self.clock())):
+        reason = ENDED_BY_USER
+        if lease.live and await self.store.end_lease(lease_id, reason, at=_utc(self.clock())):
             provider = lease.provider_pubkey
-            self.registry.deliver(provider, End(lease_id, "ended by the user"), ttl=0)
-            self.registry.lease_over(provider, lease_id, ok=True, reason="ended by the user")
+            self.registry.deliver(provider, End(lease_id, reason), ttl=0)
+            self.registry.lease_over(provider, lease_id, ok=True, reason=reason)
             ended = await self.store.get_lease(lease_id)
             assert ended is not None
             return ended

@@ -242,6 +242,8 @@ class Lease(Base):
     ended_at: Mapped[datetime | None]
     end_of_service: Mapped[datetime | None]
     failure_reason: Mapped[str | None] = mapped_column(sa.Text)
+    #: Why an ended lease ended ("ended by the user", "budget exhausted", ...).
+    end_reason: Mapped[str | None] = mapped_column(sa.Text)
     token_expires_at: Mapped[datetime | None]
     relay: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
     #: The lease's escrow once verified on-chain (``POST /leases/{id}/escrow``); null while

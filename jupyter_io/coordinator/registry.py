@@ -491,8 +491,9 @@ class Registry:
                     self._call_listeners(self.activation_listeners, activated)
             self._notify()
             return
-        if await self.store.end_lease(event.lease, at=at):
-            self.lease_over(pubkey, event.lease, ok=True, reason="the provider ended the session")
+        reason = "the provider ended the session"
+        if await self.store.end_lease(event.lease, reason, at=at):
+            self.lease_over(pubkey, event.lease, ok=True, reason=reason)
         else:
             self._forget_lease(pubkey, event.lease)
             self._notify()
@@ -688,8 +689,8 @@ class Registry:
         self.log.debug("registry: stopped watching %s (%s)", state.pubkey, why)
 
     async def _expire(self, pubkey: str, lease_id: str) -> None:
-        if await self.store.end_lease(lease_id, at=_utc(self.clock())):
-            reason = "the lease token expired before the lease was used"
+        reason = "the lease token expired before the lease was used"
+        if await self.store.end_lease(lease_id, reason, at=_utc(self.clock())):
             self.deliver(pubkey, End(lease_id, reason), ttl=0)
             self.lease_over(pubkey, lease_id, ok=True, reason=reason)
         else:

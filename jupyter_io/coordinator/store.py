@@ -255,6 +255,8 @@ class LeaseRecord:
     failure_reason: str | None
     token_expires_at: datetime | None
     relay: bool
+    #: Why an ended lease ended (see :meth:`Store.end_lease`); None before it ends.
+    end_reason: str | None = None
     #: The verified escrow (None while unfunded; see :meth:`Store.record_escrow`).
     escrow_address: str | None = None
     deposit_lamports: int | None = None
@@ -921,14 +923,20 @@ class Store:
             )
             return bool(result.rowcount)
 
-    async def end_lease(self, lease_id: str, *, at: datetime | None = None) -> bool:
-        """``requested``/``active`` → ``ended`` (the user shut the kernel down): billing stops
-        at ``at``, the GPUs are free again and the provider's ``sessions_ok`` grows. Returns
-        whether the lease changed (``False`` when it had already ended or failed)."""
+    async def end_lease(self, lease_id: str, reason: str, *, at: datetime | None = None) -> bool:
+        """``requested``/``active`` → ``ended`` for ``reason`` (the user shut the kernel down,
+        the budget was spent, ...): billing stops at ``at``, the GPUs are free again and the
+        provider's ``sessions_ok`` grows. Returns whether the lease changed (``False`` when
+        it had already ended or failed)."""
         at = _when(at)
         return await self._finish(
             lease_id,
-            {"state": LeaseState.ENDED.value, "ended_at": at, "end_of_service": at},
+            {
+                "state": LeaseState.ENDED.value,
+                "ended_at": at,
+                "end_of_service": at,
+                "end_reason": reason,
+            },
             counter="sessions_ok",
         )
 
@@ -1522,6 +1530,7 @@ def _lease_record(row: sa.Row[Any]) -> LeaseRecord:
         failure_reason=m["failure_reason"],
         token_expires_at=m["token_expires_at"],
         relay=bool(m["relay"]),
+        end_reason=m["end_reason"],
         escrow_address=m["escrow_address"],
         deposit_lamports=m["deposit_lamports"],
         escrow_signature=m["escrow_signature"],

@@ -344,7 +344,7 @@ async def test_settlements_are_queued_once_claimed_by_one_and_finished_once(
         assert again.escrow_signature == "sig" and again.funded_at == t0  # kept
         await store.record_escrow(failed.id, address="Esc2", deposit_lamports=5, signature=None)
         assert await store.enqueue_settlements(at=t0) == []  # live leases wait
-        assert await store.end_lease(funded.id, at=t0)
+        assert await store.end_lease(funded.id, "ended by the user", at=t0)
         assert await store.fail_lease(failed.id, "lost", at=t0)
         assert (
             await store.record_escrow(funded.id, address="x", deposit_lamports=1, signature=None)

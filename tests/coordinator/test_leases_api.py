@@ -154,6 +154,7 @@ async def test_only_the_owner_can_see_or_end_a_lease_and_ending_is_idempotent(
     ended = await user_client.end_lease(grant.lease)
     assert ended.state == "ended" and ended.ended_at is not None
     assert ended.end_of_service == ended.ended_at
+    assert (ended.end_reason, ended.failure_reason) == ("ended by the user", None)
     end = await provider.next_message("end")
     assert end == {"type": "end", "lease": grant.lease, "reason": "ended by the user"}
     again = await user_client.end_lease(grant.lease)
@@ -218,7 +219,7 @@ async def test_an_unused_lease_ends_when_its_token_expires(
         end = await provider.next_message("end")
         assert end["lease"] == grant.lease and "expired" in end["reason"]
         lease = await client.get_lease(grant.lease)
-        assert lease.state == "ended"
+        assert lease.state == "ended" and lease.end_reason == end["reason"]
         assert (await client.request_lease("RTX 4090")).provider == provider.pubkey
     finally:
         client.close()

@@ -343,6 +343,7 @@ async def test_session_messages_move_leases_to_active_then_ended(
     await registry.wait_for(lambda: state() is None, WAIT)
     lease = await store.get_lease(grant.lease)
     assert lease is not None and lease.state is LeaseState.ENDED
+    assert lease.end_reason == "the provider ended the session"
     assert lease.ended_at is not None and lease.ended_at == lease.end_of_service
     assert lease.ended_at >= lease.active_at  # type: ignore[operator]
     (offer,) = coordinator.index.offers_of(provider.pubkey)

@@ -231,12 +231,13 @@ async def test_lease_lifecycle_requested_active_ended_with_timestamps(store: Sto
     assert active.active_at == at(3) and active.token_expires_at == at(600)
     assert [lease.id for lease in await store.live_leases()] == [created.id]
 
-    assert await store.end_lease(created.id, at=at(3603))
+    assert await store.end_lease(created.id, "ended by the user", at=at(3603))
     ended = await store.get_lease(created.id)
     assert ended is not None and ended.state is LeaseState.ENDED and not ended.live
     assert (ended.requested_at, ended.active_at, ended.ended_at) == (at(1), at(3), at(3603))
     assert ended.end_of_service == at(3603)
-    assert ended.failure_reason is None
+    assert (ended.end_reason, ended.failure_reason) == ("ended by the user", None)
+    assert active.end_reason is None
     assert await store.live_leases() == []
     assert await store.leases_for_user(user) == [ended]
     assert await store.leases_for_user(user, states=[LeaseState.ACTIVE]) == []
@@ -252,7 +253,7 @@ async def test_create_lease_allocates_free_gpus_and_refuses_when_full(store: Sto
     assert second.gpu_indices == (2,)
     with pytest.raises(LeaseError, match=r"all 3 RTX 4090 GPUs .* are leased"):
         await lease(store, provider)
-    assert await store.end_lease(first.id)
+    assert await store.end_lease(first.id, "ended by the user")
     assert (await lease(store, provider, gpu_count=2)).gpu_indices == (0, 1)  # freed again
 
 
@@ -308,7 +309,10 @@ async def test_two_coordinators_race_for_the_last_gpu(store_url: str) -> None:
             assert sorted(lease.id for lease in live) == sorted([taken.id, winners[0].id])
 
         # The same two coordinators ending one lease together: it ends once, counted once.
-        ended = await asyncio.gather(first.end_lease(taken.id), second.end_lease(taken.id))
+        ended = await asyncio.gather(
+            first.end_lease(taken.id, "ended by the user"),
+            second.end_lease(taken.id, "ended by the user"),
+        )
         assert sorted(ended) == [False, True]
         record = await first.get_provider(taken.provider_pubkey)
         assert record is not None and record.sessions_ok == 1
@@ -325,7 +329,7 @@ async def test_mark_provider_lost_fails_its_leases_at_the_last_heartbeat(store: 
     waiting = await lease(store, provider, at=at(3))
     done = await lease(store, provider, at=at(4))
     await store.activate_lease(done.id, at=at(5))
-    await store.end_lease(done.id, at=at(6))
+    await store.end_lease(done.id, "ended by the user", at=at(6))
     elsewhere = await lease(store, bystander, at=at(7))
     await store.record_heartbeats({provider: at(10), bystander: at(40)})
 
@@ -355,7 +359,7 @@ async def test_mark_provider_lost_fails_its_leases_at_the_last_heartbeat(store: 
     # Again: nothing more to fail, no counter counts twice.
     assert await store.mark_provider_lost(provider, at=at(50)) == []
     assert await store.get_provider(provider) == lost
-    assert not await store.end_lease(running.id)
+    assert not await store.end_lease(running.id, "ended by the user")
 
     # Back within the grace period, or later: online again, history kept.
     back = await store.upsert_provider(ProviderProfile(provider, "rig", "eu-west"), at=at(100))
@@ -369,8 +373,8 @@ async def test_transitions_are_conditional_and_idempotent(store: Store) -> None:
     first = await lease(store, provider, at=at(1))
     assert await store.activate_lease(first.id, at=at(2))
     assert not await store.activate_lease(first.id, at=at(9))
-    assert await store.end_lease(first.id, at=at(20))
-    assert not await store.end_lease(first.id, at=at(30))
+    assert await store.end_lease(first.id, "ended by the user", at=at(20))
+    assert not await store.end_lease(first.id, "ended by the user", at=at(30))
     assert not await store.fail_lease(first.id, "too late", at=at(31))
     assert not await store.activate_lease(first.id, at=at(32))
     assert not await store.set_token_expiry(first.id, at(99))
@@ -395,8 +399,8 @@ async def test_transitions_are_conditional_and_idempotent(store: Store) -> None:
 
     counters = await store.get_provider(provider)
     assert counters is not None and (counters.sessions_ok, counters.sessions_failed) == (1, 2)
-    for transition in (store.activate_lease, store.end_lease):
-        assert not await transition("no-such-lease")
+    assert not await store.activate_lease("no-such-lease")
+    assert not await store.end_lease("no-such-lease", "x")
     assert not await store.fail_lease("no-such-lease", "x")
     assert await store.get_lease("no-such-lease") is None
 
@@ -417,7 +421,7 @@ async def test_usage_reports_are_stored_once(store: Store) -> None:
     assert stored[0] == report and stored[0].received_at is not None
     assert stored[0].reported_at == at(60) and stored[0].gpu_utilisation == 0.93
 
-    await store.end_lease(leased.id)
+    await store.end_lease(leased.id, "ended by the user")
     assert await store.add_usage_report(UsageReport(leased.id, 2, 5, "sig-2", at(110)))
     assert await store.usage_for_lease(leased.id) == 110
     assert await store.usage_for_lease("no-such-lease") == 0
@@ -437,7 +441,7 @@ async def test_load_live_offers_reports_each_groups_load(store: Store) -> None:
     idle = await add_provider(store, OfferSpec("H100", 80 * GIB, 8, 5_000_000))
     await lease(store, busy, "A100")
     ended = await lease(store, busy, "RTX 4090")
-    await store.end_lease(ended.id)
+    await store.end_lease(ended.id, "ended by the user")
 
     offers = {(o.provider.pubkey, o.offer.gpu_model): o for o in await store.load_live_offers()}
     assert set(offers) == {(busy, "RTX 4090"), (busy, "A100"), (idle, "H100")}
@@ -458,7 +462,7 @@ async def test_a_reopened_store_still_has_every_lease(store_url: str) -> None:
         active = await lease(store, provider, user_pubkey=user, at=at(2), relay=True)
         await store.activate_lease(active.id, at=at(3))
         ended = await lease(store, provider, user_pubkey=user, at=at(4))
-        await store.end_lease(ended.id, at=at(5))
+        await store.end_lease(ended.id, "ended by the user", at=at(5))
         failed = await lease(store, provider, user_pubkey=user, at=at(6))
         await store.fail_lease(failed.id, "no GPU memory", at=at(7))
         await store.add_usage_report(UsageReport(active.id, 0, 30, "sig", at(33)))

@@ -790,7 +790,8 @@ async def test_a_spent_budget_ends_the_kernel_and_no_restart_leases_again(
         # The coordinator ends the lease when the deposit is spent; the kernel goes with it.
         assert await prov.tunnel.wait_exited(timeout=30) is not None
         info = await lease_info(paid, grant.lease)
-        assert info.state == "ended" and info.budget_exhausted, info
+        assert info.state == "ended" and info.end_reason == "budget exhausted", info
+        assert info.budget_exhausted
 
         # What the auto-restarter would do: it must not lease and pay again.
         with pytest.raises(BudgetExhausted) as caught:
