@@ -43,6 +43,10 @@ _BURST_BYTES = 1024 * 1024
 are not, and a burst of many large buffers joined into one (64 MB) allocation costs more
 than its copy: allocations that size are fresh pages from the kernel every time."""
 
+_HEAD_SHORT = struct.Struct("!BB")
+_HEAD_MEDIUM = struct.Struct("!BBH")
+_HEAD_LONG = struct.Struct("!BBQ")
+
 
 def _ws_header(length: int, mask: bytes | None) -> bytes:
     """The RFC 6455 header of one unfragmented binary frame (FIN, opcode 2) of ``length``
@@ -55,11 +59,6 @@ def _ws_header(length: int, mask: bytes | None) -> bytes:
     else:
         head = _HEAD_LONG.pack(0x82, bit | 127, length)
     return head + mask if mask is not None else head
-
-
-_HEAD_SHORT = struct.Struct("!BB")
-_HEAD_MEDIUM = struct.Struct("!BBH")
-_HEAD_LONG = struct.Struct("!BBQ")
 
 
 def _wire_bytes(frames: list[bytes], masked: bool) -> bytes:
@@ -83,7 +82,8 @@ async def _send_frames(ws: Connection, frames: list[bytes]) -> None:
     chunks once more, so a 1 MB comm buffer was copied four times on its way to the socket.
     Here the headers and frames are joined once, and the burst costs one ``send()`` and one
     wake-up of the peer. The tunnel negotiates no extension (``compression=None``); should a
-    connection have one, websockets frames the messages itself.
+    connection have one, websockets frames the messages itself. Only unfragmented messages
+    are sent on the tunnel, so writing whole frames never splits a fragmented one.
     """
     async with ws.send_context():
         protocol = ws.protocol
