@@ -239,6 +239,8 @@ class TunnelClient:
         self._supervisor: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[None]] = []
         self._launch_answer: Frame | None = None
+        #: The LAUNCH body :meth:`open` sent behind HELLO, until :meth:`launch` claims it.
+        self._pipelined_launch: dict[str, Any] | None = None
         self._fatal_error: str | None = None
         self._stale_token = False
 
@@ -291,16 +293,33 @@ class TunnelClient:
 
     # -- opening ---------------------------------------------------------------------------
 
-    async def open(self, *, resume: str | None = None, received: int = 0) -> dict[str, Any]:
+    async def open(
+        self,
+        *,
+        resume: str | None = None,
+        received: int = 0,
+        launch: tuple[str, Mapping[str, str]] | None = None,
+    ) -> dict[str, Any]:
         """Connect, prove our key, and start serving the session; return the WELCOME body.
 
         ``resume`` reattaches to an existing session (``received``: the last frame the
-        previous owner recorded). Raises :class:`AuthError` (key refused),
+        previous owner recorded). ``launch`` (``(key, env)``, new sessions only) sends the
+        kernel's LAUNCH right behind HELLO rather than a round trip after WELCOME, which
+        saves one network round trip on every kernel start; :meth:`launch` with the same
+        arguments then only waits for the answer. Raises :class:`AuthError` (key refused),
         :class:`TunnelError` (unknown session, no capacity, host unreachable) or
         :class:`VersionMismatch`, each with the URL and what to check.
         """
         if resume is not None:
             self.tunnel.received = received
+        elif launch is not None:
+            # Kept by the tunnel like any frame sent while detached: the handshake sends it
+            # behind HELLO, and the replay after WELCOME repeats it, which the host drops
+            # as a duplicate (it acknowledges nothing before WELCOME).
+            body = _launch_body(*launch)
+            self._launch_answer = None
+            self.tunnel.send_control(FrameKind.LAUNCH, body)
+            self._pipelined_launch = body
         try:
             ws, welcome = await self._connect_once(resume)
         except JupyterIOError:
@@ -391,6 +410,11 @@ class TunnelClient:
             "token": token,
         }
         await ws.send(encode_control(FrameKind.HELLO, hello))
+        if resume is None:
+            # A new session: frames kept before it existed (a pipelined LAUNCH) need not
+            # wait for WELCOME. The host reads them once it has welcomed us.
+            for frame in self.tunnel.replay(self.tunnel.peer_acked):
+                await ws.send(frame)
         return await self._recv_handshake(ws, FrameKind.WELCOME)
 
     async def _recv_handshake(self, ws: ClientConnection, kind: FrameKind) -> dict[str, Any]:
@@ -612,11 +636,11 @@ class TunnelClient:
         within ``timeout`` seconds (the LAUNCH stays queued if the tunnel is down).
         """
         self._require_alive()
-        self._launch_answer = None
-        await self.bridge.send_control(
-            FrameKind.LAUNCH,
-            {"key": key, "signature_scheme": "hmac-sha256", "env": dict(env)},
-        )
+        body = _launch_body(key, env)
+        pipelined, self._pipelined_launch = self._pipelined_launch, None
+        if body != pipelined:  # else open() sent it already; its answer may even be here
+            self._launch_answer = None
+            await self.bridge.send_control(FrameKind.LAUNCH, body)
         answered = await self.wait_for(
             lambda: self._launch_answer is not None or not self.alive, timeout
         )
@@ -702,6 +726,10 @@ def _is_refusal(exc: BaseException) -> bool:
         and str(exc).count(f"[Errno {errno.ECONNREFUSED}]") >= 1
         and "[Errno" not in str(exc).replace(f"[Errno {errno.ECONNREFUSED}]", "")
     )
+
+
+def _launch_body(key: str, env: Mapping[str, str]) -> dict[str, Any]:
+    return {"key": key, "signature_scheme": "hmac-sha256", "env": dict(env)}
 
 
 def _describe(exc: BaseException) -> str:

@@ -347,7 +347,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         try:
             if self.connection_info and self._lease is not None:
                 await self._check_budget(self._lease)  # a restart: is the lease still paid?
-            client = await self._ensure_session()
+            client = await self._ensure_session(launch=(self._key, self._remote_env))
             self._report(
                 ProgressStep.LAUNCHING,
                 f"starting the kernel on {self._where()}",
@@ -400,7 +400,11 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         self.connection_info = self._connection_info()
         return self.connection_info
 
-    async def _ensure_session(self) -> TunnelClient:
+    async def _ensure_session(
+        self, launch: tuple[str, Mapping[str, str]] | None = None
+    ) -> TunnelClient:
+        """The live tunnel session, opened anew when there is none (``launch``: see
+        :meth:`TunnelClient.open`; the caller still calls ``launch`` to get the answer)."""
         if self._client is not None and self._client.alive:
             return self._client
         await self._drop_session()
@@ -415,7 +419,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         client = self._new_client(url, keypair, facade)
         self.log.info("jupyter-io: connecting to %s", self._where())
         try:
-            await client.open()
+            await client.open(launch=launch)
         except JupyterIOError as exc:
             if not self.connection_info:
                 # No client was ever given these ports; do not hold them for nothing.

@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 from solders.keypair import Keypair
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidMessage
 
 from jupyter_io.errors import AuthError, TunnelError
 from jupyter_io.identity import load_keypair
+from jupyter_io.protocol import FrameKind, decode_frame
 from kernel_provisioner.connection import TunnelClient, _is_refusal
 from kernel_provisioner.facade import Facade
 
@@ -65,6 +67,38 @@ async def test_end_is_confirmed_and_the_session_is_gone(make_client: Any) -> Non
     assert client.ended and not client.alive
     with pytest.raises(TunnelError, match="no longer has this session"):
         await make_client().open(resume=client.session_id)
+
+
+async def test_a_new_sessions_launch_goes_out_behind_hello_without_waiting_for_welcome(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Observed on the real websocket (the calls go through): which frames the client sent
+    # before the host's WELCOME reached it. One round trip less per kernel start.
+    events: list[str] = []
+    real_send = ClientConnection.send
+    real_recv = TunnelClient._recv_handshake
+
+    async def send(ws: ClientConnection, message: Any, *args: Any) -> None:
+        if isinstance(message, bytes):
+            events.append(f"sent {decode_frame(message).kind.name}")
+        await real_send(ws, message, *args)
+
+    async def recv(client: TunnelClient, ws: ClientConnection, kind: FrameKind) -> Any:
+        body = await real_recv(client, ws, kind)
+        events.append(f"received {kind.name}")
+        return body
+
+    monkeypatch.setattr(ClientConnection, "send", send)
+    monkeypatch.setattr(TunnelClient, "_recv_handshake", recv)
+    client = make_client()
+    await client.open(launch=("k" * 32, {}))
+    assert events[:4] == ["received CHALLENGE", "sent HELLO", "sent LAUNCH", "received WELCOME"]
+    started = await client.launch("k" * 32, {}, timeout=30)  # only waits: sent already
+    # The replay after WELCOME repeated the LAUNCH (nothing was acknowledged yet); the host
+    # dropped it as a duplicate instead of restarting the kernel.
+    assert events.count("sent LAUNCH") == 2
+    assert started.generation == 1 and client.kernel.generation == 1
+    assert await client.end(timeout=10)
 
 
 def test_only_refused_connections_count_as_a_dead_host() -> None:

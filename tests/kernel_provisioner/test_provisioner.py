@@ -277,9 +277,12 @@ async def test_unknown_key_is_refused_with_a_clear_error(
     stranger = write_keypair(Keypair(), tmp_path / "stranger.json")
     name = kernelspecs.install("io-remote-stranger", provider_host.url, stranger)
     km = AsyncKernelManager(kernel_name=name)
+    before = {p.pid for p in provider_host.descendants()}
     with pytest.raises(KernelLaunchError, match="refused key"):
         await asyncio.wait_for(km.start_kernel(), 30)
     assert not km.has_kernel
+    # The LAUNCH that went out behind the refused HELLO started nothing.
+    assert {p.pid for p in provider_host.descendants()} <= before
 
 
 async def test_unreachable_provider_fails_the_launch(kernelspecs: Any, provider_host: Any) -> None:
