@@ -327,12 +327,12 @@ class TunnelClient:
         except InvalidStatus as exc:
             raise self._refused_upgrade(exc) from None
         except (OSError, asyncio.TimeoutError, WebSocketException) as exc:
-            untrusted = untrusted_certificate(exc)
+            reason = untrusted_certificate(exc) or (
+                f"{_describe(exc)}; check that the provider host is running and provider_url "
+                f"is right"
+            )
             raise TunnelError(
-                f"cannot open a tunnel to the provider at {self.url}: {untrusted}"
-                if untrusted
-                else f"cannot open a tunnel to the provider at {self.url}: {_describe(exc)}; "
-                f"check that the provider host is running and provider_url is right"
+                f"cannot open a tunnel to the provider at {self.url}: {reason}"
             ) from None
         if resume is not None:
             if not welcome.get("resumed"):
