@@ -14,7 +14,6 @@ rather than failing.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from ..coordinator.client import CoordinatorClient, LeaseInfo
 from ..errors import JupyterIOError
 from ..identity import load_keypair
+from .single_flight import SingleFlight
 
 __all__ = ["LeaseBook"]
 
@@ -55,7 +55,7 @@ class LeaseBook:
         self._leases: dict[str, LeaseInfo] = {}
         self._fetched = float("-inf")
         self._client: CoordinatorClient | None = None
-        self._inflight: asyncio.Future[None] | None = None
+        self._refresh = SingleFlight(self._fetch)
 
     @property
     def leases(self) -> dict[str, LeaseInfo]:
@@ -69,21 +69,12 @@ class LeaseBook:
             return {}
         age = self.ttl if max_age is None else max_age
         if self.monotonic() - self._fetched >= age:
-            if self._inflight is None:
-                self._inflight = asyncio.ensure_future(self._fetch())
-                self._inflight.add_done_callback(self._clear_inflight)
-            await asyncio.shield(self._inflight)
+            await self._refresh()
         return self.leases
 
     def invalidate(self) -> None:
         """Fetch afresh at the next :meth:`get` (after a top-up, say)."""
         self._fetched = float("-inf")
-
-    def _clear_inflight(self, future: asyncio.Future[None]) -> None:
-        if self._inflight is future:
-            self._inflight = None
-        if not future.cancelled():
-            future.exception()
 
     async def _fetch(self) -> None:
         try:
@@ -102,9 +93,7 @@ class LeaseBook:
         self.error = None
 
     def close(self) -> None:
-        if self._inflight is not None:
-            self._inflight.cancel()
-            self._inflight = None
+        self._refresh.cancel()
         if self._client is not None:
             self._client.close()
             self._client = None

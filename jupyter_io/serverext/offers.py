@@ -12,7 +12,6 @@ Errors: :class:`NoCoordinator` when no coordinator is configured (HTTP 503 to th
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 
 from ..coordinator.client import CoordinatorClient
 from ..errors import ConfigError, JupyterIOError
+from .single_flight import SingleFlight
 
 __all__ = ["CoordinatorUnavailable", "NoCoordinator", "OffersCatalog", "OffersSnapshot"]
 
@@ -76,7 +76,7 @@ class OffersCatalog:
         #: The message of the last failed fetch, cleared by a good one.
         self.last_error: str | None = None
         self._client: CoordinatorClient | None = None
-        self._inflight: asyncio.Future[OffersSnapshot] | None = None
+        self._refresh = SingleFlight(self._fetch)
 
     @property
     def configured(self) -> bool:
@@ -97,16 +97,7 @@ class OffersCatalog:
         latest = self.latest
         if latest is not None and self.monotonic() - latest.fetched_mono < age:
             return latest
-        if self._inflight is None:
-            self._inflight = asyncio.ensure_future(self._fetch())
-            self._inflight.add_done_callback(self._clear_inflight)
-        return await asyncio.shield(self._inflight)
-
-    def _clear_inflight(self, future: asyncio.Future[OffersSnapshot]) -> None:
-        if self._inflight is future:
-            self._inflight = None
-        if not future.cancelled():
-            future.exception()  # retrieved here, so an unawaited failure is not reported
+        return await self._refresh()
 
     async def _fetch(self) -> OffersSnapshot:
         if self._client is None:
@@ -127,9 +118,7 @@ class OffersCatalog:
         return snapshot
 
     def close(self) -> None:
-        if self._inflight is not None:
-            self._inflight.cancel()
-            self._inflight = None
+        self._refresh.cancel()
         if self._client is not None:
             self._client.close()
             self._client = None
