@@ -16,6 +16,7 @@ the loop the test runs on, so ``jp_asyncio_loop`` is that loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 from collections.abc import AsyncIterator
@@ -64,9 +65,12 @@ class Market:
         return self.coordinator.url
 
 
-@pytest.fixture
-async def market(tmp_path: Path) -> AsyncIterator[Market]:
-    """A coordinator and one provider host offering simulated GPUs (see the module doc)."""
+@contextlib.asynccontextmanager
+async def running_market(
+    tmp_path: Path, gpus: dict[str, str], **coordinator_traits: Any
+) -> AsyncIterator[Market]:
+    """A coordinator (``coordinator_traits`` on top of fast test timings) and one provider
+    host linked to it, offering one simulated GPU per ``gpus`` entry (model → SOL/h)."""
     coordinator = CoordinatorServer(
         CoordinatorConfig(
             listen="127.0.0.1:0",
@@ -74,7 +78,7 @@ async def market(tmp_path: Path) -> AsyncIterator[Market]:
             heartbeat_interval=0.5,
             flush_interval=0.2,
             offers_cache_ttl=0,
-            payments="free",
+            **coordinator_traits,
         ),
         stdout=io.StringIO(),
     )
@@ -85,8 +89,8 @@ async def market(tmp_path: Path) -> AsyncIterator[Market]:
             keypair_path=str(write_keypair(Keypair(), tmp_path / "provider.json")),
             workspace_root=str(tmp_path / "workspaces"),
             coordinator_url=coordinator.url,
-            simulate_gpu=["RTX 4090:24", "A100:80"],
-            model_prices=["RTX 4090=0.12", "A100=0.9"],
+            simulate_gpu=[f"{model}:{VRAM_GB[model]}" for model in gpus],
+            model_prices=[f"{model}={price}" for model, price in gpus.items()],
             region="eu-west",
             benchmark=False,
             usage_interval=0.5,
@@ -101,6 +105,18 @@ async def market(tmp_path: Path) -> AsyncIterator[Market]:
     finally:
         await provider.shutdown()
         await coordinator.shutdown()
+
+
+#: The simulated GPUs' memory, by model.
+VRAM_GB = {"RTX 4090": 24, "A100": 80}
+
+
+@pytest.fixture
+async def market(tmp_path: Path) -> AsyncIterator[Market]:
+    """A coordinator and one provider host offering simulated GPUs (see the module doc)."""
+    gpus = {"RTX 4090": "0.12", "A100": "0.9"}
+    async with running_market(tmp_path, gpus, payments="free") as market:
+        yield market
 
 
 @pytest.fixture

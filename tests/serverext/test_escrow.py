@@ -8,72 +8,40 @@ unfunded wallet fails plainly."""
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from solders.keypair import Keypair
 
-from jupyter_io.coordinator.config import CoordinatorConfig
-from jupyter_io.coordinator.server import CoordinatorServer
-from jupyter_io.identity import load_keypair, write_keypair
+from jupyter_io.identity import load_keypair
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
 from jupyter_io.payments.escrow import EscrowClient
-from provider_host.config import ProviderConfig
-from provider_host.server import ProviderServer
 
-from .conftest import WAIT, Market
+from .conftest import Market, running_market
 
 RTX_PRICE = 120_000_000
 
 
 @pytest.fixture
-async def market(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Market]:
+async def market(tmp_path: Path) -> AsyncIterator[Market]:
     """An escrow coordinator (embedded ledger) and one provider host, its key funded (it pays
     the settlements' fees)."""
-    coordinator = CoordinatorServer(
-        CoordinatorConfig(
-            listen="127.0.0.1:0",
-            data_dir=str(tmp_path / "coordinator"),
-            heartbeat_interval=0.5,
-            flush_interval=0.2,
-            offers_cache_ttl=0,
-            payments="escrow",
-            min_deposit_seconds=1,
-            settle_retry_interval=0.2,
-        ),
-        stdout=io.StringIO(),
-    )
-    await coordinator.startup()
-    provider_key = Keypair()
-    provider = ProviderServer(
-        ProviderConfig(
-            listen="127.0.0.1:0",
-            keypair_path=str(write_keypair(provider_key, tmp_path / "provider.json")),
-            workspace_root=str(tmp_path / "workspaces"),
-            coordinator_url=coordinator.url,
-            simulate_gpu=["RTX 4090:24"],
-            model_prices=["RTX 4090=0.12"],
-            region="eu-west",
-            benchmark=False,
-            usage_interval=0.5,
-        ),
-        stdout=io.StringIO(),
-    )
-    ledger = EscrowClient.connect(coordinator.solana_url)
-    try:
-        await ledger.airdrop(provider_key.pubkey(), LAMPORTS_PER_SOL)
-        await provider.startup()
-        assert provider.coordinator_link is not None
-        await asyncio.wait_for(provider.coordinator_link.wait_linked(), WAIT)
-        yield Market(coordinator, provider)
-    finally:
-        await ledger.close()
-        await provider.shutdown()
-        await coordinator.shutdown()
+    async with running_market(
+        tmp_path,
+        {"RTX 4090": "0.12"},
+        payments="escrow",
+        min_deposit_seconds=1,
+        settle_retry_interval=0.2,
+    ) as market:
+        assert market.provider.host_keypair is not None
+        ledger = EscrowClient.connect(market.coordinator.solana_url)
+        try:
+            await ledger.airdrop(market.provider.host_keypair.pubkey(), LAMPORTS_PER_SOL)
+        finally:
+            await ledger.close()
+        yield market
 
 
 async def airdrop(market: Market, keypair_path: Path, lamports: int) -> None:
