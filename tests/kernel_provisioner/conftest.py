@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -830,14 +831,13 @@ def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
         built.stop()
 
 
-@pytest.fixture
-def start_market(tmp_path: Path) -> Iterator[Callable[..., Market]]:
-    """Start a marketplace of the test's own (to restart its coordinator, say):
-    ``start_market("--token-ttl", "4", proxy=False)``; coordinator flags as arguments."""
+def _market_starter(new_dir: Callable[[], Path]) -> Iterator[Callable[..., Market]]:
+    """Yield a ``start(*coordinator_args, proxy=False)`` that builds marketplaces in fresh
+    directories from ``new_dir``; stop them all afterwards."""
     built: list[Market] = []
 
     def start(*coordinator_args: str, proxy: bool = False) -> Market:
-        market = build_market(tmp_path / f"market{len(built)}", *coordinator_args, proxy=proxy)
+        market = build_market(new_dir(), *coordinator_args, proxy=proxy)
         built.append(market)
         return market
 
@@ -846,23 +846,20 @@ def start_market(tmp_path: Path) -> Iterator[Callable[..., Market]]:
     finally:
         for market in built:
             market.stop()
+
+
+@pytest.fixture
+def start_market(tmp_path: Path) -> Iterator[Callable[..., Market]]:
+    """Start a marketplace of the test's own (to restart its coordinator, say):
+    ``start_market("--token-ttl", "4", proxy=False)``; coordinator flags as arguments."""
+    numbers = itertools.count()
+    yield from _market_starter(lambda: tmp_path / f"market{next(numbers)}")
 
 
 @pytest.fixture(scope="module")
 def start_module_market(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., Market]]:
-    """``start_market`` for a whole module's tests (coordinator flags as arguments, no proxy):
-    for modules whose marketplace needs flags of its own (payments, heartbeats)."""
-    built: list[Market] = []
-
-    def start(*coordinator_args: str) -> Market:
-        market = build_market(tmp_path_factory.mktemp("market"), *coordinator_args, proxy=False)
-        built.append(market)
-        return market
-
-    try:
-        yield start
-    finally:
-        for market in built:
-            market.stop()
+    """``start_market`` for a whole module's tests (coordinator flags as arguments): for
+    modules whose marketplace needs flags of its own (payments, heartbeats)."""
+    yield from _market_starter(lambda: tmp_path_factory.mktemp("market"))
