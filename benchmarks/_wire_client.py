@@ -24,7 +24,7 @@ import zmq
 import zmq.asyncio
 from jupyter_client.session import Session
 
-__all__ = ["Execution", "IopubCounter", "WireClient"]
+__all__ = ["Execution", "IopubCounter", "WireClient", "endpoint"]
 
 DELIM = b"<IDS|MSG>"
 
@@ -52,6 +52,14 @@ class IopubCounter:
     buffer_bytes: int = 0
 
 
+def endpoint(info: Mapping[str, Any], port_name: str) -> str:
+    """The ZMQ endpoint of one channel of a connection file, written the way jupyter_client
+    does for its two transports (``tcp://IP:PORT``, ``ipc://PATH-PORT``)."""
+    if info.get("transport", "tcp") == "ipc":
+        return f"ipc://{info['ip']}-{info[port_name]}"
+    return f"tcp://{info['ip']}:{info[port_name]}"
+
+
 def _split(parts: list[zmq.Frame]) -> int:
     """Index of the ``<IDS|MSG>`` delimiter among the frames of one message."""
     for i, frame in enumerate(parts):
@@ -70,16 +78,15 @@ class WireClient:
             key=key if isinstance(key, bytes) else key.encode(),
             signature_scheme=info.get("signature_scheme", "hmac-sha256"),
         )
-        base = f"{info.get('transport', 'tcp')}://{info['ip']}:"
         self.shell = context.socket(zmq.DEALER)
         self.shell.linger = 0
-        self.shell.connect(f"{base}{info['shell_port']}")
+        self.shell.connect(endpoint(info, "shell_port"))
         self.iopub = context.socket(zmq.SUB)
         self.iopub.linger = 0
         # Never the client's queue that drops output: a loss must be the kernel's or tunnel's.
         self.iopub.rcvhwm = 0
         self.iopub.subscribe(b"")
-        self.iopub.connect(f"{base}{info['iopub_port']}")
+        self.iopub.connect(endpoint(info, "iopub_port"))
 
     def close(self) -> None:
         self.shell.close(linger=0)

@@ -18,8 +18,11 @@ Then ``1+1`` execute_request → execute_reply and → iopub idle, N times each,
 with a rotating order (L D R, D R L, R L D, ...), with the same lean raw-ZMQ client
 (``_wire_client.py``) on all three; beside them, in the same loop, websocket ping RTT of the
 direct and relayed tunnels' own connections (the relay forwards pings end to end, so the
-difference is the floor of the extra hop). Prints median, p99, ratios vs local and
-relay - direct. Not a pass/fail test; record results in RESULTS.md.
+difference is the floor of the extra hop). Then, after that loop, the local kernel against
+itself through C-level forwarders (libzmq's ``zmq_proxy``) in the shape of each path: one in
+this process and one (direct) or two (relay) more processes, the least any bridge of that
+shape adds here. Prints median, p99, ratios vs local and relay - direct. Not a pass/fail
+test; record results in RESULTS.md.
 
     python benchmarks/bench_relay.py            # N=300, ~30 s
     python benchmarks/bench_relay.py -n 100 --json out.json
@@ -54,7 +57,17 @@ import zmq
 import zmq.asyncio
 from _provider import LOCAL_SPEC, REPO, ProviderHost, _write_spec, install_specs, start_host
 from _wire_client import Execution
-from bench_tunnel import Kernel, Row, machine, ms, p99, render, start_kernel, stop_kernel
+from bench_tunnel import (
+    Kernel,
+    Row,
+    bench_forwarders,
+    machine,
+    ms,
+    p99,
+    render,
+    start_kernel,
+    stop_kernel,
+)
 
 COORDINATOR_LISTENING = "jupyter-io coordinator listening on "
 COORDINATOR_COMMAND = [
@@ -287,6 +300,10 @@ async def run(args: argparse.Namespace) -> list[Row]:
         )
         t0 = time.perf_counter()
         rows = await bench(local, direct, relay, args.n)
+        # The least a bridge of each shape adds with no Python per message: a forwarder
+        # beside the client and one more process (direct) or two (relay, then host).
+        for processes in (1, 2):
+            rows += await bench_forwarders(local, ctx, args.n // 2, processes, "floor")
         print(f"[rtt: {time.perf_counter() - t0:.0f} s, n={args.n} each]", flush=True)
         return rows
     finally:

@@ -9,7 +9,9 @@ its own cost is small and the same on both sides):
 
 1. ``1+1`` execute_request → execute_reply and → iopub idle: median, p99, ratio; beside
    them the floors measured in the same loop (websocket echo and pyzmq echo between two
-   processes: the least a facade + websocket + provider hop can add).
+   processes: the least a facade + websocket + provider hop can add), then the local kernel
+   against itself through two C-level forwarders (libzmq's ``zmq_proxy``, one in this
+   process and one in another: the tunnel's shape with no Python per message).
 2. iopub throughput: bulk stdout (1 MB writes, MB/s) and many small stream messages
    (``print(i, flush=True)``, msgs/s), with the CPU each process spent per MB / per message
    and a check that every printed line arrived before the idle status.
@@ -61,7 +63,7 @@ import psutil
 import websockets
 import zmq
 import zmq.asyncio
-from _floors import EchoPeers, WsSender
+from _floors import EchoPeers, ProxyChain, WsSender
 from _latency_proxy import LatencyProxy
 from _provider import (
     LOCAL_SPEC,
@@ -169,7 +171,7 @@ async def interleave(
 # -- 1. execute round trip -----------------------------------------------------------------
 
 
-async def bench_rtt(local: Kernel, remote: Kernel, n: int) -> list[Row]:
+async def bench_rtt(local: Kernel, remote: Kernel, ctx: zmq.asyncio.Context, n: int) -> list[Row]:
     floors = EchoPeers()
     try:
         await floors.open()
@@ -224,7 +226,43 @@ async def bench_rtt(local: Kernel, remote: Kernel, n: int) -> list[Row]:
             ratio=(lm + wm + zm) / lm,
         ),
     ]
-    return rows
+    return rows + await bench_forwarders(local, ctx, n // 2)
+
+
+async def bench_forwarders(
+    local: Kernel, ctx: zmq.asyncio.Context, n: int, processes: int = 1, bench: str = "1 rtt"
+) -> list[Row]:
+    """The local kernel directly vs the same kernel through C-level forwarders: one in this
+    process and ``processes`` more in a chain (:class:`_floors.ProxyChain`).
+
+    Run after the tunnel's round trips, not among them: iopub is broadcast, so while the
+    chain is connected every message of either client also travels the other's path. The
+    chain's forwarding of the direct client's messages (cheap, in C) lands on the direct
+    side's time, so the ratio errs low: a lower bound for any bridge of that shape.
+    """
+    chain = ProxyChain(local.km.get_connection_info(), processes)
+    chained = WireClient(chain.info, ctx)
+    try:
+        await chained.wait_ready()
+        for _ in range(20):
+            await local.client.execute("1+1")
+            await chained.execute("1+1")
+        ds, cs = await interleave(
+            n, lambda: local.client.execute("1+1"), lambda: chained.execute("1+1")
+        )
+    finally:
+        chained.close()
+        chain.close()
+    return [
+        Row(
+            bench,
+            f"  floor: {metric} via C forwarders (zmq_proxy x{processes + 1}), same kernel",
+            "ms",
+            ms(stat([e.reply for e in ds])),
+            ms(stat([e.reply for e in cs])),
+        )
+        for metric, stat in (("median", statistics.median), ("p99", p99))
+    ]
 
 
 # -- 2. iopub throughput -------------------------------------------------------------------
@@ -717,7 +755,7 @@ async def run(args: argparse.Namespace) -> list[Row]:
             remote = await start_kernel(remote_spec, ctx)
             try:
                 steps: list[tuple[str, Callable[[], Awaitable[list[Row]]]]] = [
-                    ("rtt", lambda: bench_rtt(local, remote, sizes.rtt)),
+                    ("rtt", lambda: bench_rtt(local, remote, ctx, sizes.rtt)),
                     ("iopub", lambda: bench_iopub(local, remote, host, sizes)),
                     ("comm", lambda: bench_comm(local, remote, sizes)),
                     ("wan", lambda: bench_wan(host, spec_root, local, ctx, sizes)),
