@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,6 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
-from solders.signature import Signature
 from traitlets.config import Config
 
 from jupyter_io.coordinator.client import CoordinatorClient, CoordinatorPaymentError, LeaseInfo
@@ -37,6 +36,8 @@ from jupyter_io.payments.amounts import LAMPORTS_PER_SOL, format_sol
 from jupyter_io.payments.escrow import EscrowClient, EscrowTerms
 from kernel_provisioner.lease import BudgetExhausted, LeaseUnaffordable
 from kernel_provisioner.provisioner import RemoteKernelProvisioner
+
+from ..escrow_books import Books
 
 RTX_PRICE = 120_000_000  # the relayed provider's RTX 4090: 0.12 SOL/h
 #: Every coordinator of this module: escrow payments, a provider lost after 1.5 s of
@@ -55,93 +56,17 @@ JUPYTER_IO = str(Path(sys.executable).with_name("jupyter-io"))
 # -- the ledger, as the tests read it ------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """Lamports of every account a session's escrow can touch."""
-
-    user: int
-    provider: int
-    provider_wsol: int
-    arbiter: int
-    multisig: int
-    escrow: int
-
-    @property
-    def total(self) -> int:
-        return sum(
-            (self.user, self.provider, self.provider_wsol, self.arbiter, self.multisig,
-             self.escrow)
-        )  # fmt: skip
-
-
-class Ledger:
-    """The coordinator's embedded ledger through its JSON-RPC endpoint (as any client)."""
+class Ledger(Books):
+    """The coordinator's embedded ledger through its JSON-RPC endpoint (as any client): the
+    escrow client, and the books of :mod:`escrow_books`."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.escrow = EscrowClient.connect(url)
+        super().__init__(lambda: self.escrow.client)
 
     async def close(self) -> None:
         await self.escrow.close()
-
-    async def snapshot(self, terms: EscrowTerms) -> Snapshot:
-        keys = [
-            terms.user, terms.provider, terms.provider_wsol, terms.arbiter, terms.multisig,
-            terms.escrow,
-        ]  # fmt: skip
-        accounts = (await self.escrow.client.get_multiple_accounts(keys)).value
-        return Snapshot(*[a.lamports if a is not None else 0 for a in accounts])
-
-    async def fees(self, signatures: Iterable[str | None]) -> dict[Pubkey, int]:
-        """What the chain charged for each transaction, by fee payer."""
-        charged: dict[Pubkey, int] = {}
-        for text in signatures:
-            if text is None:
-                continue
-            resp = await self.escrow.client.get_transaction(
-                Signature.from_string(text), encoding="base64", max_supported_transaction_version=0
-            )
-            assert resp.value is not None, f"{text} is unknown to the ledger"
-            tx = resp.value.transaction
-            assert tx.meta is not None and tx.meta.err is None, tx.meta
-            payer = tx.transaction.message.account_keys[0]
-            charged[payer] = charged.get(payer, 0) + tx.meta.fee
-        return charged
-
-    async def assert_conserved(
-        self,
-        terms: EscrowTerms,
-        before: Snapshot,
-        after: Snapshot,
-        *,
-        paid_to_provider: int,
-        signatures: Iterable[str | None],
-        other_fees: dict[Pubkey, int] | None = None,
-    ) -> dict[Pubkey, int]:
-        """The conservation invariant of the payments contract (section 5); ``other_fees``:
-        those of transactions whose signature the test does not know."""
-        fees = await self.fees(signatures)
-        for payer, fee in (other_fees or {}).items():
-            fees[payer] = fees.get(payer, 0) + fee
-        assert set(fees) <= {terms.user, terms.provider, terms.arbiter}, fees
-        # Nothing created or destroyed but the fees the chain burnt.
-        assert after.total == before.total - sum(fees.values())
-        # The provider gains exactly its pay, less the fees it paid (its wSOL account's rent
-        # moves from its wallet into that account: still the provider's).
-        provider_gain = (after.provider + after.provider_wsol) - (
-            before.provider + before.provider_wsol
-        )
-        assert provider_gain == paid_to_provider - fees.get(terms.provider, 0)
-        assert after.arbiter - before.arbiter == -fees.get(terms.arbiter, 0)
-        # The user's loss: the provider's pay, what is still in escrow, the multisig's rent
-        # (first session of the triple), the fees it paid.
-        assert before.user - after.user == (
-            paid_to_provider
-            + (after.escrow - before.escrow)
-            + (after.multisig - before.multisig)
-            + fees.get(terms.user, 0)
-        )
-        return fees
 
 
 # -- a paid marketplace ---------------------------------------------------------------------

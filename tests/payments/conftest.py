@@ -2,13 +2,14 @@
 
 Nothing is mocked: :class:`Chain` runs :class:`EmbeddedLedger` (LiteSVM with the real SPL
 Token programs) over HTTP, and every test talks to it through solana-py's ``AsyncClient``
-exactly as it would talk to a cluster. :class:`Books` snapshots every balance an escrow can
-touch and checks the conservation invariant between two snapshots.
+exactly as it would talk to a cluster. The ``books`` fixture (:class:`escrow_books.Books`)
+snapshots every balance an escrow can touch and checks the conservation invariant between
+two snapshots.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +17,13 @@ import pytest
 from solana.rpc.async_api import AsyncClient
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
-from solders.signature import Signature
 
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
 from jupyter_io.payments.escrow import EscrowClient, EscrowTerms
 from jupyter_io.payments.ledger import EmbeddedLedger, SqlLedgerStore
 from jupyter_io.payments.rpc import LedgerServer, serve_ledger
+
+from ..escrow_books import Books
 
 
 class Chain:
@@ -61,98 +63,6 @@ class Chain:
     async def balance(self, pubkey: Pubkey) -> int:
         return (await self.client.get_balance(pubkey)).value
 
-    async def fees(self, signatures: Iterable[Signature | None]) -> dict[Pubkey, int]:
-        """Fees the chain charged for ``signatures``, by fee payer (from getTransaction)."""
-        charged: dict[Pubkey, int] = {}
-        for signature in signatures:
-            if signature is None:
-                continue
-            resp = await self.client.get_transaction(
-                signature, encoding="base64", max_supported_transaction_version=0
-            )
-            assert resp.value is not None, f"{signature} is unknown to the ledger"
-            tx = resp.value.transaction
-            assert tx.meta is not None
-            payer = tx.transaction.message.account_keys[0]
-            charged[payer] = charged.get(payer, 0) + tx.meta.fee
-        return charged
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """Lamports of every account an escrow can touch."""
-
-    user: int
-    provider: int
-    provider_wsol: int
-    arbiter: int
-    multisig: int
-    escrow: int
-
-    @property
-    def total(self) -> int:
-        return (
-            self.user + self.provider + self.provider_wsol + self.arbiter + self.multisig
-            + self.escrow
-        )  # fmt: skip
-
-
-class Books:
-    """Conservation checks: every escrowed lamport is with the provider, back with the user,
-    or still in escrow; nothing else moves but fees (exactly what the chain charged) and the
-    multisig's one-time rent."""
-
-    def __init__(self, chain: Chain) -> None:
-        self.chain = chain
-
-    async def snapshot(self, terms: EscrowTerms) -> Snapshot:
-        keys = [
-            terms.user,
-            terms.provider,
-            terms.provider_wsol,
-            terms.arbiter,
-            terms.multisig,
-            terms.escrow,
-        ]
-        accounts = (await self.chain.client.get_multiple_accounts(keys)).value
-        lamports = [a.lamports if a is not None else 0 for a in accounts]
-        return Snapshot(*lamports)
-
-    async def assert_conserved(
-        self,
-        terms: EscrowTerms,
-        before: Snapshot,
-        after: Snapshot,
-        *,
-        paid_to_provider: int,
-        signatures: Iterable[Signature | None],
-        reported_fees: int | None = None,
-    ) -> None:
-        fees = await self.chain.fees(signatures)
-        total_fees = sum(fees.values())
-        if reported_fees is not None:
-            assert reported_fees == total_fees, "the fees reported differ from those charged"
-        user_fees = fees.get(terms.user, 0)
-        provider_fees = fees.get(terms.provider, 0)
-        arbiter_fees = fees.get(terms.arbiter, 0)
-        assert set(fees) <= {terms.user, terms.provider, terms.arbiter}
-        # Nothing is created or destroyed except the fees the chain burnt.
-        assert after.total == before.total - total_fees
-        # The provider gains exactly what it was paid, less the fees it paid (the rent of its
-        # wSOL account moves from its wallet into that account: still the provider's).
-        provider_before = before.provider + before.provider_wsol
-        provider_after = after.provider + after.provider_wsol
-        assert provider_after - provider_before == paid_to_provider - provider_fees
-        # The arbiter never gains anything.
-        assert after.arbiter - before.arbiter == -arbiter_fees
-        # What left the user went to the provider, into escrow, into the multisig's rent, or
-        # to fees; the rest came back.
-        into_escrow = after.escrow - before.escrow
-        into_multisig = after.multisig - before.multisig
-        assert before.user - after.user == (
-            paid_to_provider + into_escrow + into_multisig + user_fees
-        )
-
 
 @dataclass(frozen=True)
 class Parties:
@@ -177,7 +87,7 @@ async def chain(tmp_path: Path) -> AsyncIterator[Chain]:
 
 @pytest.fixture
 def books(chain: Chain) -> Books:
-    return Books(chain)
+    return Books(lambda: chain.client)
 
 
 @pytest.fixture

@@ -253,7 +253,7 @@ async def test_complete_refund_cosigns_the_arbiters_refund_exactly_once(
         assert signature is not None
         after = await books.snapshot(terms)
         assert after.escrow == 0
-        fees = await chain.fees([signature])
+        fees = await books.fees([signature])
         assert fees == {terms.user: 10_000}, "the user pays the refund's two signatures"
         await books.assert_conserved(
             terms,

@@ -32,7 +32,7 @@ async def test_top_up_raises_the_escrow_and_settlement_pays_from_it(
     # What the chain says, not what the client computed: SyncNative counted the lamports.
     state = await chain.escrow.verify_escrow(terms, DEPOSIT + TOP_UP)
     assert state == receipt.state
-    fees = await chain.fees([receipt.signature])
+    fees = await books.fees([receipt.signature])
     assert fees == {terms.user: 5_000}, "the user alone signs and pays for a top-up"
 
     # More than the first deposit can now be paid out: the top-up is real wSOL.

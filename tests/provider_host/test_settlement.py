@@ -30,7 +30,6 @@ from solders.message import MessageV0, to_bytes_versioned
 from solders.presigner import Presigner
 from solders.pubkey import Pubkey
 from solders.signature import Signature
-from solders.transaction import VersionedTransaction
 
 from jupyter_io.coordinator.client import CoordinatorClient
 from jupyter_io.coordinator.models import LeaseState, SettlementRow, SettlementState
@@ -48,6 +47,7 @@ from provider_host.server import ProviderServer
 from provider_host.settlement import SettlementBook
 from provider_host.usage import UsageMeter
 
+from ..escrow_books import Books, Snapshot
 from .conftest import (
     DEFAULT_TIMEOUT,
     CoordinatorStarter,
@@ -76,66 +76,34 @@ async def coordinator(start_coordinator: CoordinatorStarter) -> CoordinatorServe
 # ---- the books ------------------------------------------------------------------------------
 
 
-class Books:
-    """Balances of every account an escrow touches, and the conservation check."""
+class SessionBooks(Books):
+    """The books of one funded session (see :mod:`escrow_books`), on a client of its own."""
 
     def __init__(self, url: str, terms: EscrowTerms) -> None:
         self.client = AsyncClient(url)
         self.terms = terms
-        self.keys = [
-            terms.user,
-            terms.provider,
-            terms.provider_wsol,
-            terms.arbiter,
-            terms.multisig,
-            terms.escrow,
-        ]
+        super().__init__(lambda: self.client)
 
-    async def snapshot(self) -> dict[Pubkey, int]:
-        accounts = (await self.client.get_multiple_accounts(self.keys)).value
-        return {k: a.lamports if a else 0 for k, a in zip(self.keys, accounts, strict=True)}
-
-    async def fees(self, signatures: Iterable[str | None]) -> dict[Pubkey, int]:
-        charged: dict[Pubkey, int] = {}
-        for text in signatures:
-            if text is None:
-                continue
-            resp = await self.client.get_transaction(
-                Signature.from_string(text), encoding="base64", max_supported_transaction_version=0
-            )
-            assert resp.value is not None, f"{text} is unknown to the ledger"
-            tx = resp.value.transaction
-            assert tx.meta is not None and isinstance(tx.transaction, VersionedTransaction)
-            payer = tx.transaction.message.account_keys[0]
-            charged[payer] = charged.get(payer, 0) + tx.meta.fee
-        return charged
-
-    async def assert_conserved(
+    async def assert_session_conserved(
         self,
-        before: dict[Pubkey, int],
+        before: Snapshot,
         *,
         paid: int,
         signatures: Iterable[str | None],
         user_fees_before_restart: int = 0,
-    ) -> dict[Pubkey, int]:
-        """``user_fees_before_restart``: fees of transactions the ledger no longer lists (its
-        history is not kept across a restart; its accounts are)."""
-        after = await self.snapshot()
-        t = self.terms
-        fees = await self.fees(signatures)
-        if user_fees_before_restart:
-            fees[t.user] = fees.get(t.user, 0) + user_fees_before_restart
-        assert set(fees) <= {t.user, t.provider, t.arbiter}
-        assert sum(after.values()) == sum(before.values()) - sum(fees.values())
-        gained = after[t.provider] + after[t.provider_wsol] - before[t.provider]
-        assert gained - before[t.provider_wsol] == paid - fees.get(t.provider, 0)
-        assert after[t.arbiter] == before[t.arbiter] - fees.get(t.arbiter, 0) == before[t.arbiter]
-        into_escrow = after[t.escrow] - before[t.escrow]
-        into_multisig = after[t.multisig] - before[t.multisig]
-        assert before[t.user] - after[t.user] == (
-            paid + into_escrow + into_multisig + fees.get(t.user, 0)
+    ) -> None:
+        """``user_fees_before_restart``: fees of transactions the ledger no longer lists."""
+        after = await self.snapshot(self.terms)
+        other = {self.terms.user: user_fees_before_restart} if user_fees_before_restart else None
+        fees = await self.assert_conserved(
+            self.terms,
+            before,
+            after,
+            paid_to_provider=paid,
+            signatures=signatures,
+            other_fees=other,
         )
-        return after
+        assert self.terms.arbiter not in fees, "the arbiter pays for nothing here"
 
     async def close(self) -> None:
         await self.client.close()
@@ -156,8 +124,8 @@ class Funded:
     setup_signature: str
     token: str
     tunnel_url: str
-    books: Books
-    before: dict[Pubkey, int]
+    books: SessionBooks
+    before: Snapshot
     client: TunnelClient | None = None
 
 
@@ -183,8 +151,8 @@ class Users:
             Pubkey.from_string(grant["escrow"]["arbiter"]),
             grant["lease"],
         )
-        books = Books(server.solana_url, terms)
-        before = await books.snapshot()
+        books = SessionBooks(server.solana_url, terms)
+        before = await books.snapshot(terms)
         receipt = await escrow.open_escrow(
             user, terms.provider, terms.arbiter, terms.session_id, deposit_seconds * PER_SECOND
         )
@@ -278,7 +246,7 @@ async def paid_through_the_escrow(session: Funded, row: Any) -> None:
     books balance (setup and settlement transactions)."""
     assert await session.escrow.escrow_state(session.terms) is None  # closed
     assert await session.escrow.wsol_balance(session.terms.provider) == row.amount_lamports
-    await session.books.assert_conserved(
+    await session.books.assert_session_conserved(
         session.before,
         paid=row.amount_lamports,
         signatures=[session.setup_signature, row.signature],
@@ -333,7 +301,7 @@ async def test_an_exhausted_budget_ends_the_lease_and_settles_the_deposit(
     record = await session.api._call("GET", f"/api/v1/leases/{session.lease}", sign=True)
     assert record["state"] == "ended" and record["billing"]["warning"] == 100
     assert record["billing"]["left_lamports"] == 0
-    await session.books.assert_conserved(
+    await session.books.assert_session_conserved(
         session.before,
         paid=row.amount_lamports,
         signatures=[session.setup_signature, row.signature],
@@ -365,7 +333,7 @@ async def test_a_lost_provider_is_refunded_by_user_and_arbiter_with_its_share_pa
     settlement = answer["billing"]["settlement"]
     assert settlement["state"] == "done" and settlement["kind"] == "refund"
     assert settlement["signature"] == str(signature) and settlement["amount_lamports"] == share
-    await session.books.assert_conserved(
+    await session.books.assert_session_conserved(
         session.before, paid=share, signatures=[session.setup_signature, str(signature)]
     )
     # The worker agrees (escrow closed) and never pays again.
@@ -412,7 +380,7 @@ async def test_a_coordinator_restart_between_setup_and_settlement_settles_once_a
         await settled(second, session.lease)
         assert worker.stats.found_closed == closed_before + 1
         assert await session.escrow.wsol_balance(session.terms.provider) == wsol
-        await session.books.assert_conserved(
+        await session.books.assert_session_conserved(
             session.before,
             paid=wsol,
             signatures=[row.signature],
