@@ -3,10 +3,10 @@ without the jupyter_io extension (issue 5).
 
 Starts, on loopback, a coordinator paid through escrows on its embedded ledger (each start
 escrows its session from a funded wallet, as in ``jupyter io demo``), a provider host with
-two simulated GPUs (RTX 4090, A100) and two JupyterLab servers (``_lab_stack.py``, copied
-from ``tests/browser/conftest.py``):
-one with jupyter_io pointed at the coordinator, one with jupyter_io off (server extension
-disabled through ``jpserver_extensions``, labextension through ``page_config.json``). Chromium
+two simulated GPUs (RTX 4090, A100) and two JupyterLab servers
+(``tests/browser/lab_stack.py``, which the browser tests start the same way): one with
+jupyter_io pointed at the coordinator, one with jupyter_io off (server extension disabled
+through ``jpserver_extensions``, labextension through ``page_config.json``). Chromium
 (Debian's ``/usr/bin/chromium``, Playwright) then, in one interleaved loop:
 
 1. load time: ``page.goto`` of a fresh workspace (``?reset``) in a fresh browser context
@@ -46,8 +46,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The whole setup on loopback, as the browser tests start it (no pytest in that module).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "browser"))
 
-from _lab_stack import CHROMIUM, CHROMIUM_ARGS, Lab, Stack
+from lab_stack import CHROMIUM, CHROMIUM_ARGS, Lab, Stack
 
 PICKER_TAB = '.jp-SideBar .lm-TabBar-tab[title="GPUs (jupyter-io)"]'
 CARD = '.jio-GpuCard[data-gpu="{gpu}"]'

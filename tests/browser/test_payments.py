@@ -18,7 +18,8 @@ import pytest
 from jupyter_io.identity import load_keypair
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
 
-from .conftest import CARD, airdrop, open_picker
+from .conftest import CARD, open_picker
+from .lab_stack import airdrop
 
 pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import TimeoutError as PlaywrightTimeout

@@ -73,7 +73,7 @@ def test_a_notebook_on_a_gpu_type_runs_a_cell_and_its_cost_rises_in_the_status_b
     first_output = time.monotonic() - clicked
     assert output.inner_text().startswith("42 ")
     # The kernel runs in the provider's workspace, not in Lab's root dir.
-    assert str(stack.root / "notebooks") not in output.inner_text()
+    assert str(stack.lab.notebooks) not in output.inner_text()
 
     status = page.locator(".jio-CostStatus:not(.jio-mod-hidden)")
     status.wait_for(timeout=30_000)

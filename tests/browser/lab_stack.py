@@ -1,10 +1,12 @@
-"""A whole jupyter-io setup on loopback for browser benchmarks, without pytest.
+"""A whole jupyter-io setup on loopback, as subprocesses: the browser tests' ``stack``
+fixture and the browser benchmark (``benchmarks/bench_lab.py``) both run it. No pytest here.
 
-Copied (minimal) from ``tests/browser/conftest.py``: a coordinator (SQLite) paid through
-escrows on its embedded ledger (``{coordinator}/solana``), as ``jupyter io demo`` runs it, a
-provider host linked to it offering two simulated GPUs (RTX 4090 at 0.12 SOL/h, A100 at 0.9
-SOL/h), its key and the user's wallet funded by airdrop, and JupyterLab servers with fresh
-Jupyter config/data/runtime dirs, the news popup and update check off, ``--allow-root`` when
+:meth:`Stack.start_backend` starts what ``jupyter io demo`` runs: a coordinator (SQLite) paid
+through escrows on its embedded ledger (``{coordinator}/solana``), a provider host linked to
+it offering two simulated GPUs (RTX 4090 at 0.12 SOL/h, A100 at 0.9 SOL/h), its key funded
+(it pays the settlements' fees) and the user's wallet funded by airdrop.
+:meth:`Stack.start_lab` starts JupyterLab servers with fresh Jupyter config/data/runtime dirs,
+a temporary workspaces dir, the news popup and update check off, and ``--allow-root`` when
 root. ``start_lab(extension=False)`` starts a Lab with jupyter_io off: the server extension
 disabled (``jpserver_extensions``) and the labextension disabled
 (``labconfig/page_config.json``), both in a config dir of its own.
@@ -67,6 +69,8 @@ def airdrop(solana_url: str, pubkey: Pubkey, lamports: int) -> None:
 
 @dataclass
 class Process:
+    """A subprocess in its own session, its output kept for failure messages."""
+
     name: str
     proc: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
@@ -91,6 +95,7 @@ class Process:
 def start_process(
     name: str, argv: list[str], ready: re.Pattern[str], env: Any = None
 ) -> tuple[Process, re.Match[str]]:
+    """Start ``argv``; return once a line of its output matches ``ready`` (and the match)."""
     proc = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
@@ -122,11 +127,15 @@ def start_process(
 
 @dataclass
 class Lab:
+    """A running JupyterLab: its URL, token, and the directory it serves."""
+
     url: str
     token: str
     process: Process
+    notebooks: Path
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
+        """Call the server (``path`` below its base URL) with the token."""
         request = urllib.request.Request(
             f"{self.url}{path}",
             method=method,
@@ -155,13 +164,25 @@ class Stack:
         env.pop("JUPYTER_PREFER_ENV_PATH", None)
         return env
 
-    def start_backend(self) -> None:
+    @property
+    def solana_url(self) -> str:
+        """The coordinator's embedded ledger."""
+        return self.coordinator_url + "/solana"
+
+    def start_backend(
+        self, user_funds: int = 20 * LAMPORTS_PER_SOL, min_deposit_seconds: int | None = None
+    ) -> None:
+        """Coordinator and provider host; the user's wallet gets ``user_funds`` (0: none).
+        ``min_deposit_seconds``: the least escrow the coordinator accepts, in seconds of use
+        (1 lets a test give a session a budget of seconds)."""
         env = self._env("backend")
+        options = ["--CoordinatorConfig.offers_cache_ttl=0", "--CoordinatorConfig.payments=escrow"]
+        if min_deposit_seconds is not None:
+            options.append(f"--CoordinatorConfig.min_deposit_seconds={min_deposit_seconds}")
         coordinator, match = start_process(
             "coordinator",
             [sys.executable, "-c", "from jupyter_io.app import main; main()", "coordinator",
-             "--listen", "127.0.0.1:0", "--data-dir", str(self.root / "coordinator"),
-             "--CoordinatorConfig.offers_cache_ttl=0", "--CoordinatorConfig.payments=escrow"],
+             "--listen", "127.0.0.1:0", "--data-dir", str(self.root / "coordinator"), *options],
             re.compile(r"jupyter-io coordinator listening on (http://\S+)"),
             env,
         )  # fmt: skip
@@ -170,7 +191,7 @@ class Stack:
         provider_keypair = Keypair()
         provider_key = write_keypair(provider_keypair, self.root / "provider.json")
         # The provider pays the settlements' fees; the user escrows each session.
-        airdrop(self.coordinator_url + "/solana", provider_keypair.pubkey(), LAMPORTS_PER_SOL)
+        airdrop(self.solana_url, provider_keypair.pubkey(), LAMPORTS_PER_SOL)
         (self.root / "workspace").mkdir()
         provider, _ = start_process(
             "provider",
@@ -186,7 +207,8 @@ class Stack:
         self.processes.append(provider)
         user_keypair = Keypair()
         self.user_keypair = write_keypair(user_keypair, self.root / "user.json")
-        airdrop(self.coordinator_url + "/solana", user_keypair.pubkey(), 20 * LAMPORTS_PER_SOL)
+        if user_funds:
+            airdrop(self.solana_url, user_keypair.pubkey(), user_funds)
         self.wait_for_free_gpus()
 
     def offers(self) -> dict[str, Any]:
@@ -211,6 +233,7 @@ class Stack:
         notebooks.mkdir(parents=True)
         settings = lab_root / "lab-settings" / "@jupyterlab" / "apputils-extension"
         settings.mkdir(parents=True)
+        # No news popup, no update check: nothing but our UI on the page.
         (settings / "notification.jupyterlab-settings").write_text(
             json.dumps({"fetchNews": "false", "checkForUpdates": False})
         )
@@ -245,7 +268,7 @@ class Stack:
             f"jupyterlab-{name}", argv, re.compile(r"(http://127\.0\.0\.1:\d+)/lab\?token="), env
         )
         self.processes.append(process)
-        return Lab(match.group(1), token, process)
+        return Lab(match.group(1), token, process, notebooks)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.tail(60)}" for p in self.processes)
