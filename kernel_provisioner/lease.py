@@ -410,17 +410,15 @@ class KernelLease:
         while True:
             try:
                 info: LeaseInfo | None = await self.client.get_lease(grant.lease)
-            except CoordinatorError as exc:
-                if exc.status is None:  # unreachable: waiting cannot help, say what to do
+            except JupyterIOError as exc:
+                if isinstance(exc, CoordinatorError) and exc.status is None:
+                    # Unreachable: waiting cannot help, say what to do.
                     self.grant, self.bound = None, False
                     return (
                         f"cannot reach the coordinator to settle lease {grant.lease} ({exc}); "
                         f"once it is back, `jupyter io wallet history` shows the lease and "
                         f"`jupyter io wallet refund {grant.lease}` refunds it if it failed"
                     )
-                self.log.warning("jupyter-io: cannot read lease %s: %s", grant.lease, exc)
-                info = None
-            except JupyterIOError as exc:
                 self.log.warning("jupyter-io: cannot read lease %s: %s", grant.lease, exc)
                 info = None
             if info is not None and info.state == "failed":

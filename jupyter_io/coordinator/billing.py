@@ -54,6 +54,7 @@ from ..payments.escrow import (
     TransactionFailed,
     refund_message,
 )
+from .client import BUDGET_EXHAUSTED
 from .models import LeaseState, SettlementKind, SettlementState
 from .provider_link import End
 from .registry import Registry
@@ -74,7 +75,6 @@ __all__ = [
 
 #: Shares of the deposit (percent) at which the billing view carries a warning.
 WARNINGS = (80, 95, 100)
-BUDGET_EXHAUSTED = "budget exhausted"
 
 
 class LedgerUnreachable(PaymentError):

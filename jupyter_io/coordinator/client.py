@@ -57,6 +57,7 @@ from ..tls import untrusted_certificate
 from .auth import HEADER_LEASE_TOKEN, sign_request
 
 __all__ = [
+    "BUDGET_EXHAUSTED",
     "Billing",
     "CoordinatorClient",
     "CoordinatorError",
@@ -68,6 +69,9 @@ __all__ = [
     "RefundOffer",
     "SettlementInfo",
 ]
+
+#: The end reason of a lease the coordinator ended because its deposit was spent.
+BUDGET_EXHAUSTED = "budget exhausted"
 
 
 class CoordinatorError(JupyterIOError):
@@ -313,6 +317,15 @@ class LeaseInfo:
     @property
     def live(self) -> bool:
         return self.state in ("requested", "active")
+
+    @property
+    def why_ended(self) -> str | None:
+        """Why the lease ended, as the coordinator recorded it; for a lease ended before
+        coordinators recorded reasons, :data:`BUDGET_EXHAUSTED` when its billing shows the
+        deposit spent. None when neither says."""
+        if self.end_reason:
+            return self.end_reason
+        return BUDGET_EXHAUSTED if self.budget_exhausted else None
 
     @property
     def budget_exhausted(self) -> bool:

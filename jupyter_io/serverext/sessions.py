@@ -22,7 +22,7 @@ from typing import Any
 
 from kernel_provisioner.provisioner import RemoteKernelProvisioner
 
-from ..coordinator.client import LeaseInfo
+from ..coordinator.client import BUDGET_EXHAUSTED, LeaseInfo
 from ..payments.amounts import format_sol
 from .preferences import Preferences
 
@@ -58,7 +58,7 @@ def _escrow_fields(info: LeaseInfo | None) -> dict[str, Any]:
         "used_fraction": billing.used_fraction,
         "warning": billing.warning,
         "lease_state": info.state,
-        "end_reason": info.end_reason or ("budget exhausted" if info.budget_exhausted else None),
+        "end_reason": info.why_ended,
     }
 
 
@@ -190,7 +190,7 @@ def stopped_json(kernel_id: str, info: LeaseInfo) -> dict[str, Any]:
         "lease": info.lease,
         "gpu": info.gpu,
         "ended_at": info.ended_at,
-        "reason": info.end_reason or "budget exhausted",
+        "reason": info.why_ended or BUDGET_EXHAUSTED,
         "escrow_lamports": deposit,
         "escrow_spent_lamports": billing.spent_lamports if billing is not None else None,
         "message": (
