@@ -17,8 +17,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 #   postgresql  the coordinator store's tests run on a throwaway cluster from its binaries
 #   chromium    the Lab browser tests drive Debian's /usr/bin/chromium with Playwright
 #               (Playwright's own browser download cannot work here)
+#   bubblewrap  the provider host runs every tenant's kernel in a bwrap sandbox
 #   nodejs      only when no `node` is on PATH (the editable install builds the Lab extension)
-ensure_apt postgresql chromium
+ensure_apt postgresql chromium bubblewrap
 ensure_node
 ensure_venv "provider,test"
 
