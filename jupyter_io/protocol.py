@@ -45,6 +45,7 @@ from .errors import BufferOverflow, FrameTooLarge, ProtocolError
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "HANDSHAKE_MAX_FRAME_SIZE",
     "HEADER",
     "MAX_PARTS",
     "PROTOCOL_VERSION",
@@ -66,6 +67,11 @@ PROTOCOL_VERSION = 1
 SUBPROTOCOL = "jupyter-io.tunnel.v1"
 #: Default largest frame accepted (a 10 MB comm buffer fits many times over).
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
+#: Largest websocket message the host (and the coordinator's relay) accepts before WELCOME; a
+#: HELLO with the longest lease token fits. Until the host has verified HELLO it reads no more
+#: than this, so an unauthenticated peer costs it a few KB; a client pipelines behind HELLO
+#: only frames that fit (the others go in the replay after WELCOME).
+HANDSHAKE_MAX_FRAME_SIZE = 8 * 1024
 #: A Jupyter message has a handful of parts plus buffers; this bounds the offset table.
 MAX_PARTS = 4096
 

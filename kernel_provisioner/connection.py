@@ -56,6 +56,7 @@ from jupyter_io.errors import (
 from jupyter_io.identity import parse_pubkey, sign_challenge
 from jupyter_io.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
+    HANDSHAKE_MAX_FRAME_SIZE,
     HEADER,
     PROTOCOL_VERSION,
     SUBPROTOCOL,
@@ -412,8 +413,12 @@ class TunnelClient:
         await ws.send(encode_control(FrameKind.HELLO, hello))
         if resume is None:
             # A new session: frames kept before it existed (a pipelined LAUNCH) need not
-            # wait for WELCOME. The host reads them once it has welcomed us.
+            # wait for WELCOME. The host reads them once it has welcomed us, but takes none
+            # over HANDSHAKE_MAX_FRAME_SIZE before that: from the first that is bigger on,
+            # they wait for the replay after WELCOME.
             for frame in self.tunnel.replay(self.tunnel.peer_acked):
+                if len(frame) > HANDSHAKE_MAX_FRAME_SIZE:
+                    break
                 await ws.send(frame)
         return await self._recv_handshake(ws, FrameKind.WELCOME)
 

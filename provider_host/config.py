@@ -91,7 +91,22 @@ class ProviderConfig(Configurable):
         help="Seconds a session whose websocket dropped keeps its kernel, waiting for a resume.",
     )
     handshake_timeout = Float(
-        10.0, config=True, help="Seconds a new connection has to answer the CHALLENGE."
+        10.0,
+        config=True,
+        help="Seconds a new connection has from its TCP accept to a verified HELLO (the "
+        "websocket upgrade included); it is closed after that.",
+    )
+    max_unauthenticated = Integer(
+        64,
+        config=True,
+        help="Most connections in their handshake (not yet past a verified HELLO) at once; "
+        "more are answered 503. Each costs at most a few KB until then.",
+    )
+    max_unauthenticated_per_address = Integer(
+        8,
+        config=True,
+        help="Most connections in their handshake at once from one source address; more "
+        "from that address are answered 503.",
     )
     max_sessions = Integer(64, config=True, help="Most kernel sessions hosted at once.")
     mem_limit = Integer(
@@ -256,7 +271,13 @@ class ProviderConfig(Configurable):
             raise TraitError(f"{proposal['trait'].name} must not be negative")  # type: ignore[attr-defined]
         return value
 
-    @validate("max_sessions", "max_frame_size", "max_unacked_bytes")
+    @validate(
+        "max_sessions",
+        "max_frame_size",
+        "max_unacked_bytes",
+        "max_unauthenticated",
+        "max_unauthenticated_per_address",
+    )
     def _validate_positive(self, proposal: dict[str, object]) -> int:
         value = int(proposal["value"])  # type: ignore[call-overload]
         if value <= 0:

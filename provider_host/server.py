@@ -45,6 +45,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.http11 import Request, Response
 
+from jupyter_io.admission import HandshakeSlots
 from jupyter_io.coordinator.auth import sign_request
 from jupyter_io.coordinator.provider_link import (
     Dial,
@@ -59,7 +60,14 @@ from jupyter_io.daemon import capture_signals, is_loopback
 from jupyter_io.errors import ConfigError, ProtocolError
 from jupyter_io.identity import new_nonce
 from jupyter_io.leases import LeaseClaims
-from jupyter_io.protocol import SUBPROTOCOL, CloseCode, FrameKind, decode_frame, encode_control
+from jupyter_io.protocol import (
+    HANDSHAKE_MAX_FRAME_SIZE,
+    SUBPROTOCOL,
+    CloseCode,
+    FrameKind,
+    decode_frame,
+    encode_control,
+)
 from jupyter_io.tls import untrusted_certificate
 
 from .allocation import GpuPool
@@ -69,6 +77,13 @@ from .coordinator_link import CoordinatorLink
 from .handshake import TRY_AGAIN_LATER, Hello, Refusal, challenge_body, check_hello
 from .inventory import CPU_LABEL, Inventory, offer_groups, probe_inventory, render_inventory
 from .lease_gate import LeaseGate
+from .preauth import (
+    HANDSHAKE_QUEUE,
+    TunnelConnection,
+    authenticated,
+    handshake_deadline,
+    tunnel_connection_class,
+)
 from .session import KernelSession
 from .settlement import SettlementBook
 from .usage import GpuUtilisation, UsageMeter
@@ -169,6 +184,12 @@ class ProviderServer:
             self._load_settlements()
         _make_private_dir(config.workspace_root)
         self._context = zmq.asyncio.Context()
+        #: Connections in their handshake (see :mod:`provider_host.preauth`).
+        self.handshakes = HandshakeSlots(
+            total=config.max_unauthenticated,
+            per_address=config.max_unauthenticated_per_address,
+            what="tunnel",
+        )
         try:
             self._server = await serve(
                 self._handle,
@@ -176,11 +197,15 @@ class ProviderServer:
                 port,
                 subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
                 compression=None,
-                max_size=config.max_frame_size,
+                # Until HELLO is verified; authenticated() lifts both to the session's.
+                max_size=min(HANDSHAKE_MAX_FRAME_SIZE, config.max_frame_size),
+                max_queue=HANDSHAKE_QUEUE,
+                open_timeout=config.handshake_timeout or None,
                 ping_interval=config.ping_interval or None,
                 ping_timeout=config.ping_timeout or None,
                 ssl=ssl_context,
                 process_request=self._check_path,
+                create_connection=tunnel_connection_class(self.handshakes),
             )
         except OSError as exc:
             self._context.destroy(linger=0)
@@ -320,6 +345,12 @@ class ProviderServer:
     def _check_path(self, connection: ServerConnection, request: Request) -> Response | None:
         if urlsplit(request.path).path != TUNNEL_PATH:
             return connection.respond(HTTPStatus.NOT_FOUND, f"the tunnel is at {TUNNEL_PATH}\n")
+        slot = connection.slot if isinstance(connection, TunnelConnection) else None
+        if slot is not None and slot.refusal is not None:
+            self.log.warning("refusing a tunnel connection: %s", slot.refusal)
+            response = connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{slot.refusal}\n")
+            response.headers["Retry-After"] = "5"
+            return response
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -347,7 +378,9 @@ class ProviderServer:
         nonce = new_nonce()
         await ws.send(encode_control(FrameKind.CHALLENGE, challenge_body(nonce, host)))
         try:
-            message = await asyncio.wait_for(ws.recv(), self.config.handshake_timeout)
+            message = await asyncio.wait_for(
+                ws.recv(), handshake_deadline(ws, self.config.handshake_timeout)
+            )
         except asyncio.TimeoutError:
             await ws.close(CloseCode.POLICY_VIOLATION, "no HELLO in time")
             return
@@ -366,6 +399,7 @@ class ProviderServer:
                 has_capacity=self._has_capacity,
             )
             claims = self._check_lease(hello)
+            authenticated(ws, self.config.max_frame_size)
         except ProtocolError as exc:
             self.log.warning("refusing connection: %s", exc)
             await ws.close(CloseCode.PROTOCOL_ERROR, _reason(str(exc)))
@@ -591,7 +625,9 @@ class ProviderServer:
                 additional_headers=sign_request(self._keypair(), "GET", path),
                 subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
                 compression=None,
-                max_size=config.max_frame_size,
+                # The relay passes on a stranger's frames until HELLO is verified.
+                max_size=min(HANDSHAKE_MAX_FRAME_SIZE, config.max_frame_size),
+                max_queue=HANDSHAKE_QUEUE,
                 ping_interval=config.ping_interval or None,
                 ping_timeout=config.ping_timeout or None,
                 open_timeout=max(config.handshake_timeout, 1.0),
