@@ -8,7 +8,9 @@ the handlers call; it decides nothing about scheduling and moves no funds on its
 * :meth:`Billing.fund` (``POST /leases/{id}/escrow``): read the escrow on-chain, record it on
   the lease (then the lease service issues the token);
 * :meth:`Billing.view` (the ``billing`` block of a lease), from :func:`meter`, the one place
-  that says how many seconds are billed: min(reported, observed, covered by the deposit);
+  that says how many seconds are billed: min(reported, observed, covered by the deposit,
+  acknowledged by the user + ``ack_grace``); :func:`acknowledge` records the user's
+  acknowledgements (``POST /leases/{id}/ack``);
 * the budget watch: one timer per active funded lease, due when its deposit runs out; then
   the lease ends ("budget exhausted"), the provider is sent ``end`` and the settlement
   worker (:mod:`~jupyter_io.coordinator.settlement`) takes over;
@@ -54,6 +56,7 @@ from ..payments.escrow import (
     TransactionFailed,
     refund_message,
 )
+from ..usage_acks import DEFAULT_ACK_GRACE_S, UsageAck, ack_bound, check_ack
 from .client import BUDGET_EXHAUSTED
 from .models import LeaseState, SettlementKind, SettlementState
 from .provider_link import End
@@ -69,6 +72,7 @@ __all__ = [
     "Meter",
     "NotFunded",
     "RefundNotAllowed",
+    "acknowledge",
     "free_escrow_block",
     "meter",
 ]
@@ -112,6 +116,8 @@ class Meter:
     billed_seconds: int
     spent_lamports: int
     deposit_lamports: int
+    #: What the user acknowledged (None: a lease recorded before acknowledgements).
+    acknowledged_seconds: int | None = None
 
     @property
     def used_fraction(self) -> float:
@@ -137,17 +143,49 @@ def _observed(lease: LeaseRecord, now: float) -> int:
     return max(0, math.floor(until - lease.active_at.timestamp()))
 
 
-def meter(lease: LeaseRecord, reported_seconds: int, *, now: float) -> Meter:
+def meter(
+    lease: LeaseRecord, reported_seconds: int, *, now: float, grace: float | None = None
+) -> Meter:
     """Billed seconds of a lease: min(reported, observed, covered) once it is over; while it
-    runs, min(observed, covered) (reports lag behind; the budget runs on observation)."""
+    runs, min(observed, covered) (reports lag behind; the budget runs on observation).
+
+    With ``grace`` (the coordinator's ``usage_ack_grace``) neither party meters alone: the
+    user's acknowledged seconds plus ``grace`` bound it too
+    (:func:`~jupyter_io.usage_acks.ack_bound`; payments contract section 7)."""
     deposit = lease.deposit_lamports or 0
     observed = _observed(lease, now)
     covered = covered_seconds(lease.price_lamports_per_hour, deposit)
     billed = observed if lease.live else min(observed, reported_seconds)
+    bound = None if grace is None else ack_bound(lease.acked_seconds, grace)
+    if bound is not None:
+        billed = min(billed, bound)
     if covered is not None:
         billed = min(billed, covered)
     spent = min(deposit, amount_for(lease.price_lamports_per_hour, billed))
-    return Meter(reported_seconds, observed, covered, billed, spent, deposit)
+    return Meter(
+        reported_seconds, observed, covered, billed, spent, deposit, lease.acked_seconds
+    )
+
+
+async def acknowledge(store: Store, lease: LeaseRecord, ack: UsageAck, *, now: float) -> int:
+    """Record the user's acknowledgement ``ack`` of ``lease`` (its owner and the request's
+    signature checked by the caller); returns the seconds acknowledged now. Raises
+    :class:`~jupyter_io.usage_acks.StaleAck` or :class:`~jupyter_io.usage_acks.AckAhead`
+    (nothing changed), ``LookupError`` when the lease is no longer live. Needs no
+    :class:`Billing`: a free coordinator records acknowledgements too."""
+    if not lease.live:
+        raise LookupError(lease.id)
+    check_ack(ack, recorded=lease.acked_seconds, observed=_observed(lease, now))
+    if ack.seconds == lease.acked_seconds:
+        return ack.seconds
+    recorded = await store.record_ack(lease.id, ack.seconds, at=_utc(now))
+    if recorded is None:  # ended meanwhile, or a newer acknowledgement overtook this one
+        current = await store.get_lease(lease.id)
+        if current is None or not current.live:
+            raise LookupError(lease.id)
+        check_ack(ack, recorded=current.acked_seconds, observed=_observed(current, now))
+        return current.acked_seconds or 0
+    return recorded.acked_seconds or 0
 
 
 def _utc(seconds: float) -> datetime:
@@ -171,6 +209,7 @@ class Billing:
         solana_url: str,
         min_deposit_seconds: int = 60,
         ledger_timeout: float = 10.0,
+        ack_grace: float = DEFAULT_ACK_GRACE_S,
         log: logging.Logger | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -181,6 +220,8 @@ class Billing:
         self.solana_url = solana_url
         self.min_deposit_seconds = min_deposit_seconds
         self.ledger_timeout = ledger_timeout
+        #: Seconds billed past the user's last usage acknowledgement.
+        self.ack_grace = ack_grace
         self.log = log or logging.getLogger("jupyter_io.coordinator")
         self.clock = clock
         #: Called after the budget watch ended a lease (the settlement worker wakes up).
@@ -321,7 +362,7 @@ class Billing:
     async def meter(self, lease: LeaseRecord) -> Meter:
         """The lease's billed seconds now (see :func:`meter`)."""
         reported = await self.store.usage_for_lease(lease.id)
-        return meter(lease, reported, now=self.clock())
+        return meter(lease, reported, now=self.clock(), grace=self.ack_grace)
 
     async def view(
         self, lease: LeaseRecord, settlement: SettlementRecord | None = None
@@ -331,6 +372,8 @@ class Billing:
         return {
             "deposit_lamports": metered.deposit_lamports,
             "billed_seconds": metered.billed_seconds,
+            "reported_seconds": metered.reported_seconds,
+            "acknowledged_seconds": metered.acknowledged_seconds,
             "spent_lamports": metered.spent_lamports,
             "left_lamports": metered.deposit_lamports - metered.spent_lamports,
             "used_fraction": round(metered.used_fraction, 6) if lease.funded else 0.0,

@@ -54,6 +54,7 @@ from ..errors import (
 )
 from ..payments.amounts import covered_seconds
 from ..tls import untrusted_certificate
+from ..usage_acks import UsageAck, ack_path
 from .auth import HEADER_LEASE_TOKEN, sign_request
 
 __all__ = [
@@ -193,12 +194,17 @@ class Billing:
     escrow: str | None
     escrow_signature: str | None
     settlement: SettlementInfo | None
+    #: What the provider reported delivering, and what the user acknowledged (None: a lease
+    #: from before acknowledgements, or a coordinator that does not say).
+    reported_seconds: int = 0
+    acknowledged_seconds: int | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any] | None) -> Billing | None:
         if not isinstance(body, Mapping):
             return None
         warning = body.get("warning")
+        acknowledged = body.get("acknowledged_seconds")
         return cls(
             deposit_lamports=_int(body, "deposit_lamports"),
             billed_seconds=_int(body, "billed_seconds"),
@@ -209,6 +215,8 @@ class Billing:
             escrow=body.get("escrow"),
             escrow_signature=body.get("escrow_signature"),
             settlement=SettlementInfo.from_json(body.get("settlement")),
+            reported_seconds=_int(body, "reported_seconds"),
+            acknowledged_seconds=None if acknowledged is None else int(acknowledged),
         )
 
     @property
@@ -532,6 +540,15 @@ class CoordinatorClient:
                 "POST", f"/api/v1/leases/{lease_id}/refund", {"signature": signature}, sign=True
             )
         )
+
+    async def acknowledge_usage(self, ack: UsageAck) -> int:
+        """Acknowledge that your lease ``ack.lease``'s kernel served you ``ack.seconds``
+        seconds so far (:mod:`jupyter_io.usage_acks`); returns the count the coordinator
+        holds now. Raises :class:`LeaseError` for the coordinator's 409s (``stale_ack``: an
+        older count; ``ack_ahead``: more than it observed; ``not_live``: the lease is over),
+        which change nothing, and :class:`AuthError` for a lease that is not yours."""
+        body = await self._call("POST", ack_path(ack.lease), ack.encode(), sign=True)
+        return _int(body, "acknowledged_seconds")
 
     # -- plumbing --------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from ..daemon import server_ssl_context
 from ..errors import ConfigError
 from ..identity import load_keypair, load_or_create_keypair
 from ..protocol import DEFAULT_MAX_FRAME_SIZE
+from ..usage_acks import DEFAULT_ACK_GRACE_S
 
 __all__ = ["DEFAULT_LISTEN", "DEFAULT_PORT", "CoordinatorConfig", "parse_listen"]
 
@@ -147,6 +148,14 @@ class CoordinatorConfig(Configurable):
         config=True,
         help="Seconds one call to the Solana ledger may take before it counts as unreachable.",
     )
+    usage_ack_grace = Float(
+        DEFAULT_ACK_GRACE_S,
+        config=True,
+        help="Seconds a lease is billed past its user's last usage acknowledgement (a lease "
+        "is billed at most what its provider reported, and at most what its user "
+        "acknowledged plus this). Cover one missed acknowledgement and network delay: at "
+        "least twice the provisioners' usage_ack_interval (15 s by default).",
+    )
 
     @default("data_dir")
     def _data_dir_default(self) -> str:
@@ -198,11 +207,11 @@ class CoordinatorConfig(Configurable):
             raise TraitError(f"{proposal['trait'].name} must be at least 1")  # type: ignore[attr-defined]
         return value
 
-    @validate("offers_cache_ttl")
+    @validate("offers_cache_ttl", "usage_ack_grace")
     def _validate_non_negative(self, proposal: dict[str, object]) -> float:
         value = float(proposal["value"])  # type: ignore[arg-type]
         if value < 0:
-            raise TraitError("offers_cache_ttl must not be negative")
+            raise TraitError(f"{proposal['trait'].name} must not be negative")  # type: ignore[attr-defined]
         return value
 
     # -- derived values --------------------------------------------------------------------

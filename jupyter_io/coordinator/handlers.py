@@ -15,6 +15,7 @@ Routes (``docs/coordinator-contract.md``; every REST error is
 ``POST /api/v1/leases/{id}/token``    signed, owner only: a fresh token for a live lease
 ``POST /api/v1/leases/{id}/escrow``   signed, owner only: verify the escrow → the token
 ``POST /api/v1/leases/{id}/refund``   signed, owner only: the arbiter's half of a refund
+``POST /api/v1/leases/{id}/ack``      signed, owner only: the user acknowledges usage
 ``GET  /api/v1/providers/connect``    websocket: the provider link
 ``GET  /relay/{lease}``               websocket: the relay (``?side=client|provider``)
 ====================================  ========================================================
@@ -42,6 +43,7 @@ from tornado import web
 
 from ..errors import AuthError, JupyterIOError, LeaseError, PaymentError
 from ..protocol import SUBPROTOCOL
+from ..usage_acks import AckAhead, AckRefused, StaleAck, UsageAck
 from .auth import HEADER_LEASE_TOKEN, ReplayGuard, SignedRequest, verify_request
 from .billing import (
     DepositTooSmall,
@@ -49,6 +51,7 @@ from .billing import (
     LedgerUnreachable,
     NotFunded,
     RefundNotAllowed,
+    acknowledge,
 )
 from .leasing import LeaseGone, LeaseNotFound, LeaseNotLive, LeaseService, NotLeaseOwner
 from .offers import OffersCache
@@ -390,6 +393,38 @@ class LeaseRefundHandler(_ApiHandler):
         self.send_json(answer)
 
 
+class LeaseAckHandler(_ApiHandler):
+    """The user's usage acknowledgement (:mod:`jupyter_io.usage_acks`): signed once, by the
+    lease's user; 409 ``stale_ack`` / ``ack_ahead`` / ``not_live`` change nothing."""
+
+    async def post(self, lease_id: str) -> None:
+        user = self.signed(once=True)
+        if user is None:
+            return
+        try:
+            ack = UsageAck.parse(self.request.body or b"", lease_id)
+        except AckRefused as exc:
+            self.fail(400, "bad_request", str(exc))
+            return
+        leases = self.services.leases
+        try:
+            lease = await leases.get(user, lease_id)
+            seconds = await acknowledge(leases.store, lease, ack, now=leases.clock())
+        except StaleAck as exc:
+            self.fail(409, "stale_ack", str(exc))
+            return
+        except AckAhead as exc:
+            self.fail(409, "ack_ahead", str(exc))
+            return
+        except LookupError:
+            self.fail(409, "not_live", f"lease {lease_id} is over: it takes no acknowledgement")
+            return
+        except JupyterIOError as exc:
+            self.lease_failure(exc)
+            return
+        self.send_json({"lease": lease_id, "acknowledged_seconds": seconds})
+
+
 # --------------------------------------------------------------------------------------------
 # The provider link
 
@@ -515,6 +550,7 @@ def make_app(
             (rf"{API_PREFIX}/leases/([A-Za-z0-9_-]{{1,64}})/token", LeaseTokenHandler, init),
             (rf"{API_PREFIX}/leases/([A-Za-z0-9_-]{{1,64}})/escrow", LeaseEscrowHandler, init),
             (rf"{API_PREFIX}/leases/([A-Za-z0-9_-]{{1,64}})/refund", LeaseRefundHandler, init),
+            (rf"{API_PREFIX}/leases/([A-Za-z0-9_-]{{1,64}})/ack", LeaseAckHandler, init),
             (LINK_PATH, ProviderLinkHandler, init),
             (rf"{RELAY_PREFIX}/([A-Za-z0-9_-]{{1,64}})", RelayHandler, init),
         ],

@@ -253,6 +253,11 @@ class Lease(Base):
     deposit_lamports: Mapped[int | None] = mapped_column(sa.BigInteger)
     escrow_signature: Mapped[str | None] = mapped_column(sa.String(100))
     funded_at: Mapped[datetime | None]
+    #: Seconds of service the user acknowledged (``jupyter_io.usage_acks``), and when the
+    #: latest acknowledgement came; 0 from creation, null for leases recorded before
+    #: acknowledgements existed (billed without them).
+    acked_seconds: Mapped[int | None] = mapped_column(sa.BigInteger)
+    acked_at: Mapped[datetime | None]
 
 
 class SettlementRow(Base):

@@ -11,7 +11,8 @@ revision first, so a coordinator upgrade keeps its data. Then:
 * a user leases: the scheduler picks a provider, :meth:`Store.create_lease` claims its GPUs
   atomically (or raises :class:`~jupyter_io.errors.LeaseError`), then
   :meth:`Store.activate_lease`, :meth:`Store.end_lease` / :meth:`Store.fail_lease`;
-* usage: :meth:`Store.add_usage_report`, :meth:`Store.usage_for_lease`;
+* usage: :meth:`Store.add_usage_report`, :meth:`Store.usage_for_lease`; the user's
+  acknowledgements: :meth:`Store.record_ack`;
 * after a coordinator restart: :meth:`Store.live_leases` and :meth:`Store.load_live_offers`
   rebuild the in-memory state.
 
@@ -262,6 +263,10 @@ class LeaseRecord:
     deposit_lamports: int | None = None
     escrow_signature: str | None = None
     funded_at: datetime | None = None
+    #: Seconds the user acknowledged (see :meth:`Store.record_ack`); None for a lease
+    #: recorded before acknowledgements existed.
+    acked_seconds: int | None = None
+    acked_at: datetime | None = None
 
     @property
     def live(self) -> bool:
@@ -901,6 +906,7 @@ class Store:
                             requested_at=at,
                             token_expires_at=token_expires_at,
                             relay=relay,
+                            acked_seconds=0,
                         )
                         .returning(*_leases.c)
                     )
@@ -1076,6 +1082,34 @@ class Store:
                         else _leases.c.state.in_(_LIVE),
                     )
                     .values(values)
+                    .returning(*_leases.c)
+                )
+            ).first()
+        return None if row is None else _lease_record(row)
+
+    async def record_ack(
+        self, lease_id: str, seconds: int, *, at: datetime | None = None
+    ) -> LeaseRecord | None:
+        """Record that the user acknowledged ``seconds`` of service on a live lease (the
+        caller checked the acknowledgement: :func:`jupyter_io.usage_acks.check_ack`). Never
+        lowers the count, whoever writes concurrently. Returns the lease as recorded, or
+        None when it is no longer live or already acknowledged beyond ``seconds``."""
+        if seconds < 0:
+            raise ValueError("acknowledged seconds cannot be negative")
+        at = _when(at)
+        async with self._write() as conn:
+            row = (
+                await conn.execute(
+                    sa.update(_leases)
+                    .where(
+                        _leases.c.id == lease_id,
+                        _leases.c.state.in_(_LIVE),
+                        sa.or_(
+                            _leases.c.acked_seconds.is_(None),
+                            _leases.c.acked_seconds <= seconds,
+                        ),
+                    )
+                    .values(acked_seconds=seconds, acked_at=at)
                     .returning(*_leases.c)
                 )
             ).first()
@@ -1535,6 +1569,8 @@ def _lease_record(row: sa.Row[Any]) -> LeaseRecord:
         deposit_lamports=m["deposit_lamports"],
         escrow_signature=m["escrow_signature"],
         funded_at=m["funded_at"],
+        acked_seconds=m["acked_seconds"],
+        acked_at=m["acked_at"],
     )
 
 
