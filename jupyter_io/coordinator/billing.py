@@ -11,9 +11,12 @@ the handlers call; it decides nothing about scheduling and moves no funds on its
   that says how many seconds are billed: min(reported, observed, covered by the deposit,
   acknowledged by the user + ``ack_grace``); :func:`acknowledge` records the user's
   acknowledgements (``POST /leases/{id}/ack``);
-* the budget watch: one timer per active funded lease, due when its deposit runs out; then
-  the lease ends ("budget exhausted"), the provider is sent ``end`` and the settlement
-  worker (:mod:`~jupyter_io.coordinator.settlement`) takes over;
+* the budget watch: one timer per active funded lease, due when its deposit runs out or
+  ``escrow_check_interval`` has passed, whichever is first; each check re-reads the escrow
+  on-chain. A spent deposit ends the lease ("budget exhausted"); an escrow that is no longer
+  intact (closed, changed, or holding less than verified) ends it ("escrow no longer
+  intact"). Either way the provider is sent ``end`` and the settlement worker
+  (:mod:`~jupyter_io.coordinator.settlement`) takes over;
 * :meth:`Billing.refund_offer` / :meth:`Billing.refund_submitted`
   (``POST /leases/{id}/refund``): the arbiter's half of a user + arbiter refund.
 
@@ -42,7 +45,6 @@ from solders.signature import Signature
 
 from ..errors import PaymentError
 from ..payments.amounts import (
-    FEE_PER_SIGNATURE,
     amount_for,
     covered_seconds,
     format_sol,
@@ -57,7 +59,7 @@ from ..payments.escrow import (
     refund_message,
 )
 from ..usage_acks import DEFAULT_ACK_GRACE_S, UsageAck, ack_bound, check_ack
-from .client import BUDGET_EXHAUSTED
+from .client import BUDGET_EXHAUSTED, ESCROW_NOT_INTACT
 from .models import LeaseState, SettlementKind, SettlementState
 from .provider_link import End
 from .registry import Registry
@@ -209,6 +211,7 @@ class Billing:
         solana_url: str,
         min_deposit_seconds: int = 60,
         ledger_timeout: float = 10.0,
+        escrow_check_interval: float = 15.0,
         ack_grace: float = DEFAULT_ACK_GRACE_S,
         log: logging.Logger | None = None,
         clock: Callable[[], float] = time.time,
@@ -222,6 +225,8 @@ class Billing:
         self.ledger_timeout = ledger_timeout
         #: Seconds billed past the user's last usage acknowledgement.
         self.ack_grace = ack_grace
+        #: Longest time, seconds, between two on-chain reads of a live lease's escrow.
+        self.escrow_check_interval = escrow_check_interval
         self.log = log or logging.getLogger("jupyter_io.coordinator")
         self.clock = clock
         #: Called after the budget watch ended a lease (the settlement worker wakes up).
@@ -386,18 +391,21 @@ class Billing:
     # -- the budget watch ------------------------------------------------------------------
 
     def watch(self, lease: LeaseRecord) -> None:
-        """(Re)arm the timer that ends ``lease`` when its deposit runs out. One timer per
-        lease; unfunded, free-priced and inactive leases need none."""
+        """(Re)arm the timer of ``lease``'s next budget check: when its deposit runs out, or
+        in ``escrow_check_interval`` if that is sooner (each check re-reads the escrow). One
+        timer per lease; unfunded and inactive leases need none."""
         old = self._timers.pop(lease.id, None)
         if old is not None:
             old.cancel()
         if self._stopped or not lease.funded or lease.state is not LeaseState.ACTIVE:
             return
-        covered = covered_seconds(lease.price_lamports_per_hour, lease.deposit_lamports or 0)
-        if covered is None or lease.active_at is None:
+        if lease.active_at is None:
             return
-        due = lease.active_at.timestamp() + covered
-        delay = max(0.0, due - self.clock())
+        covered = covered_seconds(lease.price_lamports_per_hour, lease.deposit_lamports or 0)
+        delay = self.escrow_check_interval
+        if covered is not None:
+            due = lease.active_at.timestamp() + covered
+            delay = max(0.0, min(delay, due - self.clock()))
         loop = asyncio.get_running_loop()
         self._timers[lease.id] = loop.call_later(delay, self._due, lease.id)
 
@@ -412,6 +420,10 @@ class Billing:
             lease = await self.store.get_lease(lease_id)
             if lease is None or not lease.live:
                 return
+            broken = await self.escrow_broken(lease)
+            if broken is not None:
+                await self.end_not_intact(lease, broken)
+                return
             metered = await self.meter(lease)
             covered = metered.covered_seconds
             if covered is None or metered.observed_seconds < covered:
@@ -423,15 +435,46 @@ class Billing:
             handle = asyncio.get_running_loop().call_later(1.0, self._due, lease_id)
             self._timers[lease_id] = handle
 
+    async def escrow_broken(self, lease: LeaseRecord) -> str | None:
+        """Why ``lease``'s escrow is no longer intact (closed, no longer exactly what was
+        verified, or holding less than its recorded deposit), or None while it is. A ledger
+        that does not answer is no verdict: None (the next check reads it again)."""
+        try:
+            state = await self.escrow_state(lease)
+        except EscrowError as exc:
+            return str(exc)
+        except LedgerUnreachable as exc:
+            self.log.warning("lease %s: cannot check its escrow now: %s", lease.id, exc)
+            return None
+        if state is None:
+            return f"escrow {lease.escrow_address} was closed while lease {lease.id} was live"
+        deposit = lease.deposit_lamports or 0
+        if state.amount < deposit:
+            return (
+                f"escrow {lease.escrow_address} holds {format_sol(state.amount)}, less than "
+                f"the {format_sol(deposit)} verified for lease {lease.id}"
+            )
+        return None
+
     async def end_exhausted(self, lease: LeaseRecord) -> bool:
         """End a lease whose deposit is spent: the provider stops the kernel, the lease is
         settled. Returns whether this call ended it."""
-        if not await self.store.end_lease(lease.id, BUDGET_EXHAUSTED, at=_utc(self.clock())):
+        return await self._end(lease, BUDGET_EXHAUSTED)
+
+    async def end_not_intact(self, lease: LeaseRecord, why: str) -> bool:
+        """End a lease whose escrow is no longer intact (``why``): the provider stops the
+        kernel; the settlement worker pays it, for what it served until now, whatever can
+        still be recovered. Returns whether this call ended it."""
+        self.log.warning("lease %s: %s (%s)", lease.id, ESCROW_NOT_INTACT, why)
+        return await self._end(lease, ESCROW_NOT_INTACT)
+
+    async def _end(self, lease: LeaseRecord, reason: str) -> bool:
+        if not await self.store.end_lease(lease.id, reason, at=_utc(self.clock())):
             return False
         provider = lease.provider_pubkey
-        self.log.info("lease %s: %s, ending it", lease.id, BUDGET_EXHAUSTED)
-        self.registry.deliver(provider, End(lease.id, BUDGET_EXHAUSTED), ttl=60.0)
-        self.registry.lease_over(provider, lease.id, ok=True, reason=BUDGET_EXHAUSTED)
+        self.log.info("lease %s: %s, ending it", lease.id, reason)
+        self.registry.deliver(provider, End(lease.id, reason), ttl=60.0)
+        self.registry.lease_over(provider, lease.id, ok=True, reason=reason)
         if self.on_budget_exhausted is not None:
             self.on_budget_exhausted(lease.id)
         return True
@@ -496,20 +539,32 @@ class Billing:
         lease, settlement = await self._refundable(lease, allow_done=True)
         await self._check_landed(parsed, lease)
         if settlement.state is SettlementState.DONE and settlement.signature is None:
-            # The worker saw the escrow closed before the user reported how.
+            # The worker saw the escrow closed before the user reported how (rows of
+            # coordinators before the "failed" state for an unknown closer).
             await self.store.note_settlement_signature(lease.id, signature)
-        if settlement.state is SettlementState.PENDING:
+        if settlement.state is not SettlementState.DONE:
+            # Pending, or failed: the worker saw the escrow closed before the user reported
+            # how. Recorded only as what that landed transaction paid the provider.
             if await self.escrow_state(lease) is not None:
                 raise RefundNotAllowed(
                     f"the escrow of lease {lease.id} is still open: submit the refund "
                     f"transaction (signed by you and the arbiter) and wait for it to land"
                 )
-            metered = await self.meter(lease)
+            terms = self.terms(lease)
+            closing = await self._ledger(
+                "reading the refund", self.escrow.closing_transaction(terms, parsed)
+            )
+            if closing is None or terms.arbiter not in closing.signers:
+                raise RefundNotAllowed(
+                    f"transaction {signature} is not the refund of lease {lease.id} that the "
+                    f"arbiter co-signed (it did not close escrow {terms.escrow} with the "
+                    f"arbiter's signature); submit that refund and report its signature"
+                )
             await self.store.finish_settlement(
                 lease.id,
                 signature=signature,
-                amount_lamports=metered.spent_lamports,
-                fee_lamports=2 * FEE_PER_SIGNATURE,
+                amount_lamports=closing.paid_to_provider,
+                fee_lamports=closing.fee,
                 at=_utc(self.clock()),
             )
         done = await self.store.get_settlement(lease.id)

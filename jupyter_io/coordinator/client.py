@@ -59,6 +59,7 @@ from .auth import HEADER_LEASE_TOKEN, sign_request
 
 __all__ = [
     "BUDGET_EXHAUSTED",
+    "ESCROW_NOT_INTACT",
     "Billing",
     "CoordinatorClient",
     "CoordinatorError",
@@ -73,6 +74,9 @@ __all__ = [
 
 #: The end reason of a lease the coordinator ended because its deposit was spent.
 BUDGET_EXHAUSTED = "budget exhausted"
+#: The end reason of a lease the coordinator ended because its escrow changed while it ran
+#: (closed, no longer exactly the verified 2-of-3 escrow, or holding less than verified).
+ESCROW_NOT_INTACT = "escrow no longer intact"
 
 
 class CoordinatorError(JupyterIOError):

@@ -143,6 +143,12 @@ class CoordinatorConfig(Configurable):
         help="Longest wait, seconds, between two attempts of one settlement (its provider "
         "linking again makes it due at once).",
     )
+    escrow_check_interval = Float(
+        15.0,
+        config=True,
+        help="Longest time, seconds, between two on-chain checks of a live lease's escrow; "
+        "an escrow no longer intact ends its lease ('escrow no longer intact').",
+    )
     solana_timeout = Float(
         10.0,
         config=True,
@@ -192,6 +198,7 @@ class CoordinatorConfig(Configurable):
         "request_max_skew",
         "settle_retry_interval",
         "settle_retry_max",
+        "escrow_check_interval",
         "solana_timeout",
     )
     def _validate_positive_float(self, proposal: dict[str, object]) -> float:

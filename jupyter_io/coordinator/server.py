@@ -176,6 +176,7 @@ class CoordinatorServer:
                 solana_url=self.solana_url,
                 min_deposit_seconds=config.min_deposit_seconds,
                 ledger_timeout=config.solana_timeout,
+                escrow_check_interval=config.escrow_check_interval,
                 ack_grace=config.usage_ack_grace,
                 log=self.log,
             )

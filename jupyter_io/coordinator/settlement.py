@@ -10,14 +10,18 @@ provider links or a provider answers):
    last usage report is in), then take the due rows, claiming each atomically
    (:meth:`~jupyter_io.coordinator.store.Store.claim_settlement`): of several coordinators
    sharing the database one works on a row at a time;
-2. read the escrow on-chain: closed (by us earlier, by the user's refund, by anyone) → the
-   row is ``done``, nothing is sent: never paid twice;
+2. read the escrow on-chain. Closed: if the transaction this row last submitted (its
+   signature is noted before sending) landed and closed it, the row is ``done`` with what
+   that transaction paid; otherwise (the user's refund not reported yet, a tampered escrow
+   closed by its user) the row is ``failed`` and nothing is recorded as paid. Never paid
+   twice. An escrow no longer intact but still a wSOL account of the multisig is settled
+   for what it still holds; if arbiter + provider cannot move it, the row is ``failed``;
 3. if the lease's provider is linked here, build
    :func:`~jupyter_io.payments.escrow.settlement_message` (the billed amount, fee payer the
    provider), send it a :class:`~jupyter_io.coordinator.provider_link.SignSettlement` and
-   wait (bounded) for its ``settlement_signature``; check that signature, add the arbiter's
-   and submit (:meth:`~jupyter_io.payments.escrow.EscrowClient.submit` with a ``Presigner``);
-   ``done``;
+   wait (bounded) for its ``settlement_signature``; check that signature, note it on the row,
+   add the arbiter's and submit (:meth:`~jupyter_io.payments.escrow.EscrowClient.submit`
+   with a ``Presigner``); once it landed, ``done`` with its amount (never before);
 4. otherwise (provider away, refused, ledger down, transaction failed) release the claim,
    note why, and try again later: ``retry_interval`` after the first failure, then twice the
    row's previous wait each time, up to ``retry_max`` (:meth:`SettlementWorker.backoff`). The
@@ -38,9 +42,9 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from solders.message import to_bytes_versioned
 from solders.presigner import Presigner
@@ -49,7 +53,7 @@ from solders.signature import Signature
 
 from ..errors import PaymentError
 from ..payments.amounts import FEE_PER_SIGNATURE
-from ..payments.escrow import TransactionFailed, settlement_message
+from ..payments.escrow import EscrowError, TransactionFailed, settlement_message
 from .billing import Billing
 from .models import SettlementKind
 from .provider_link import SettlementRefused, SettlementReply, SignSettlement
@@ -57,6 +61,8 @@ from .registry import Registry
 from .store import LeaseRecord, SettlementRecord, Store
 
 __all__ = ["SettlementWorker", "WorkerStats"]
+
+_T = TypeVar("_T")
 
 
 def _utc(seconds: float) -> datetime:
@@ -79,6 +85,9 @@ class WorkerStats:
         self.refused = 0
         #: Attempts that failed with a :class:`~jupyter_io.errors.PaymentError` (ledger).
         self.failed = 0
+        #: Rows marked ``failed``: their escrow was closed by no settlement of ours, or
+        #: arbiter + provider can no longer move it (nothing recorded as paid).
+        self.unrecoverable = 0
         #: Rows made due at once because their provider linked again.
         self.backoffs_reset = 0
         #: Why the last failed attempt failed: ``(lease id, message, Unix seconds)``.
@@ -97,6 +106,7 @@ class WorkerStats:
             "done": self.done,
             "settled": self.settled,
             "found_closed": self.found_closed,
+            "unrecoverable": self.unrecoverable,
             "attempts": self.attempts,
             "failed_attempts": self.failed_attempts,
             "refused": self.refused,
@@ -275,13 +285,18 @@ class SettlementWorker:
             return False
 
     async def _settle(self, lease: LeaseRecord, row: SettlementRecord) -> bool:
-        state = await self.billing.escrow_state(lease)
-        metered = await self.billing.meter(lease)
+        problem: str | None = None
+        terms = self.billing.terms(lease)
+        try:
+            state = await self.billing.escrow_state(lease)
+        except EscrowError as exc:
+            # No longer intact (changed while the lease ran, or since): settle out of what
+            # arbiter + provider can still move; the transaction's preflight says if they can.
+            problem = str(exc)
+            state = await self._read(self.escrow.recoverable_state(terms))
         if state is None:
-            # Closed on-chain, by an earlier attempt of ours or the user's refund: done.
-            self.stats.found_closed += 1
-            await self._done(lease, row.signature, metered.spent_lamports, row.fee_lamports)
-            return True
+            return await self._closed(lease, row.signature, problem)
+        metered = await self.billing.meter(lease)
         amount = min(state.amount, metered.spent_lamports)
         provider = lease.provider_pubkey
         linked = self.registry.provider(provider)
@@ -290,10 +305,8 @@ class SettlementWorker:
                 lease,
                 f"provider {provider} is not linked here; waiting for it to link "
                 f"(or for the user's refund)",
-                amount,
             )
             return False
-        terms = self.billing.terms(lease)
         message = settlement_message(
             terms,
             amount,
@@ -302,7 +315,7 @@ class SettlementWorker:
         )
         reply = await self.ask(provider, SignSettlement(lease.id, amount, bytes(message)))
         if reply is None:
-            await self._later(lease, f"provider {provider} did not answer in time", amount)
+            await self._later(lease, f"provider {provider} did not answer in time")
             return False
         if isinstance(reply, SettlementRefused):
             self.stats.refused += 1
@@ -313,19 +326,21 @@ class SettlementWorker:
                     lease,
                     f"the provider has no record of this lease ({reply.reason}); refund it: "
                     f"POST /api/v1/leases/{lease.id}/refund",
-                    amount,
                     kind=SettlementKind.REFUND,
                 )
                 return False
-            await self._later(lease, f"the provider refused: {reply.reason}", amount)
+            await self._later(lease, f"the provider refused: {reply.reason}")
             return False
         try:
             signature = Signature.from_string(reply.signature)
         except ValueError:
             signature = Signature.default()
         if not signature.verify(Pubkey.from_string(provider), to_bytes_versioned(message)):
-            await self._later(lease, "the provider's signature does not verify", amount)
+            await self._later(lease, "the provider's signature does not verify")
             return False
+        # The provider pays the fee, so its signature is the transaction's: noted before it
+        # is sent, whoever finds the escrow closed later can tell whether this closed it.
+        await self.store.note_settlement_attempt(lease.id, self.owner, str(signature))
         try:
             landed = await self.escrow.submit(
                 message,
@@ -333,11 +348,15 @@ class SettlementWorker:
                 what=f"settling lease {lease.id}",
             )
         except TransactionFailed as exc:
-            if await self.billing.escrow_state(lease) is None:
-                self.stats.found_closed += 1
-                await self._done(lease, None, amount, 0)
+            if await self._read(self.escrow.recoverable_state(terms)) is None:
+                return await self._closed(lease, str(signature), problem)
+            if problem is not None:
+                # Arbiter + provider can no longer move this escrow: nothing to recover.
+                await self._unrecoverable(
+                    lease, f"{problem}; arbiter and provider cannot settle it ({exc})"
+                )
                 return True
-            await self._later(lease, str(exc), amount)
+            await self._later(lease, str(exc))
             return False
         self.stats.settled += 1
         await self._done(lease, str(landed), amount, 2 * FEE_PER_SIGNATURE)
@@ -345,6 +364,50 @@ class SettlementWorker:
             "lease %s settled: %d lamports to the provider (%s)", lease.id, amount, landed
         )
         return True
+
+    async def _closed(self, lease: LeaseRecord, attempted: str | None, problem: str | None) -> bool:
+        """The escrow is closed (or no longer a token account arbiter + provider could move).
+        Done if a settlement of ours closed it (``attempted``: the transaction this row last
+        submitted), with what that transaction paid; else ``failed``, nothing recorded as
+        paid. Returns True: the row is final either way."""
+        terms = self.billing.terms(lease)
+        if attempted is not None:
+            try:
+                noted = Signature.from_string(attempted)
+            except ValueError:
+                noted = None
+            closing = (
+                None
+                if noted is None
+                else await self._read(self.escrow.closing_transaction(terms, noted))
+            )
+            if closing is not None:
+                self.stats.found_closed += 1
+                await self._done(lease, attempted, closing.paid_to_provider, closing.fee)
+                return True
+        why = problem or f"escrow {terms.escrow} was closed"
+        await self._unrecoverable(
+            lease,
+            f"{why}, by no settlement this coordinator submitted: nothing was paid to the "
+            f"provider from it (a refund is recorded when its signature is posted to "
+            f"POST /api/v1/leases/{lease.id}/refund)",
+        )
+        return True
+
+    async def _unrecoverable(self, lease: LeaseRecord, error: str) -> None:
+        self.stats.unrecoverable += 1
+        self.stats.last_error = (lease.id, error, self.clock())
+        self.log.warning("lease %s: settlement failed: %s", lease.id, error)
+        await self.store.fail_settlement(lease.id, error=error, at=_utc(self.clock()))
+
+    async def _read(self, call: Awaitable[_T]) -> _T:
+        """A ledger read, bounded like the billing service's."""
+        try:
+            return await asyncio.wait_for(call, self.billing.ledger_timeout)
+        except asyncio.TimeoutError:
+            raise PaymentError(
+                f"the Solana ledger did not answer within {self.billing.ledger_timeout:g} s"
+            ) from None
 
     async def ask(self, provider: str, request: SignSettlement) -> SettlementReply | None:
         """Send ``request`` to the provider linked here; its answer, or None after
@@ -378,12 +441,7 @@ class SettlementWorker:
         )
 
     async def _later(
-        self,
-        lease: LeaseRecord,
-        error: str,
-        amount: int | None = None,
-        *,
-        kind: SettlementKind | None = None,
+        self, lease: LeaseRecord, error: str, *, kind: SettlementKind | None = None
     ) -> None:
         now = self.clock()
         self.stats.failed_attempts += 1
@@ -393,7 +451,6 @@ class SettlementWorker:
             self.owner,
             error=error,
             next_attempt_at=_utc(now) + timedelta(seconds=self._backoff),
-            amount_lamports=amount,
             kind=kind,
             at=_utc(now),
         )

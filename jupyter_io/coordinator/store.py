@@ -305,7 +305,8 @@ class SettlementRecord:
             "state": self.state.value,
             "amount_lamports": self.amount_lamports,
             "fee_lamports": self.fee_lamports,
-            "signature": self.signature,
+            # A pending row may hold the signature of a transaction in flight: not a payment.
+            "signature": self.signature if self.state is SettlementState.DONE else None,
             "attempts": self.attempts,
             "error": self.error,
         }
@@ -1275,15 +1276,20 @@ class Store:
         fee_lamports: int = 0,
         at: datetime | None = None,
     ) -> bool:
-        """Mark a pending settlement done (its escrow is closed on-chain). Returns whether it
-        changed: a second call (another coordinator, a duplicate) changes nothing."""
+        """Mark a pending settlement done: its closing transaction ``signature`` landed and
+        paid the provider ``amount_lamports`` (record nothing before it landed). A ``failed``
+        row (closed by a transaction not known then) is done too once its closer reports a
+        landed one. Returns whether it changed: a second call (another coordinator, a
+        duplicate) changes nothing."""
         at = _when(at)
         async with self._write() as conn:
             result = await conn.execute(
                 sa.update(_settlements)
                 .where(
                     _settlements.c.lease_id == lease_id,
-                    _settlements.c.state == SettlementState.PENDING.value,
+                    _settlements.c.state.in_(
+                        [SettlementState.PENDING.value, SettlementState.FAILED.value]
+                    ),
                 )
                 .values(
                     state=SettlementState.DONE.value,
@@ -1295,6 +1301,51 @@ class Store:
                     claimed_until=None,
                     updated_at=at,
                 )
+            )
+            return bool(result.rowcount)
+
+    async def fail_settlement(
+        self, lease_id: str, *, error: str, at: datetime | None = None
+    ) -> bool:
+        """Mark a pending settlement ``failed``: its escrow can no longer be settled (closed
+        by a transaction this coordinator did not submit, or no longer movable by arbiter +
+        provider). Nothing is recorded as paid (amount and fee 0, no signature); ``error``
+        says why. Returns whether it changed."""
+        at = _when(at)
+        async with self._write() as conn:
+            result = await conn.execute(
+                sa.update(_settlements)
+                .where(
+                    _settlements.c.lease_id == lease_id,
+                    _settlements.c.state == SettlementState.PENDING.value,
+                )
+                .values(
+                    state=SettlementState.FAILED.value,
+                    signature=None,
+                    amount_lamports=0,
+                    fee_lamports=0,
+                    error=error,
+                    claimed_by=None,
+                    claimed_until=None,
+                    updated_at=at,
+                )
+            )
+            return bool(result.rowcount)
+
+    async def note_settlement_attempt(self, lease_id: str, owner: str, signature: str) -> bool:
+        """Note, before it is sent, the signature of the closing transaction ``owner`` is
+        about to submit for a pending settlement it holds (no amount: that is recorded once
+        it landed), so that whoever finds the escrow closed later can tell whether that
+        transaction closed it. Returns whether the row was still ``owner``'s."""
+        async with self._write() as conn:
+            result = await conn.execute(
+                sa.update(_settlements)
+                .where(
+                    _settlements.c.lease_id == lease_id,
+                    _settlements.c.state == SettlementState.PENDING.value,
+                    _settlements.c.claimed_by == owner,
+                )
+                .values(signature=signature)
             )
             return bool(result.rowcount)
 

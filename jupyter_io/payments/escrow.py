@@ -65,6 +65,7 @@ from solders.message import MessageV0
 from solders.presigner import Presigner
 from solders.pubkey import Pubkey
 from solders.signature import Signature
+from solders.system_program import ID as SYSTEM_PROGRAM_ID
 from solders.system_program import (
     CreateAccountWithSeedParams,
     TransferParams,
@@ -98,6 +99,7 @@ from .token_accounts import (
     MULTISIG_LEN,
     NATIVE_DECIMALS,
     NATIVE_MINT,
+    Multisig,
     TokenAccount,
     TokenAccountState,
     decode_multisig,
@@ -106,6 +108,7 @@ from .token_accounts import (
 
 __all__ = [
     "MULTISIG_THRESHOLD",
+    "ClosingTransaction",
     "EscrowClient",
     "EscrowError",
     "EscrowReceipt",
@@ -116,10 +119,12 @@ __all__ = [
     "TopUpReceipt",
     "TransactionFailed",
     "escrow_seed",
+    "multisig_problems",
     "multisig_seed",
     "refund_message",
     "settlement_message",
     "setup_message",
+    "token_problems",
     "top_up_message",
 ]
 
@@ -130,6 +135,11 @@ MULTISIG_THRESHOLD = 2
 Signer = Keypair | Presigner
 
 _SEED_DOMAIN = b"jupyter-io/escrow/v1/"
+_VERIFIED_CACHE_SIZE = 10_000
+# Instruction tags: SPL Token's CloseAccount and TransferChecked, the System program's Transfer.
+_CLOSE_ACCOUNT = 9
+_TRANSFER_CHECKED = 12
+_SYSTEM_TRANSFER = (2).to_bytes(4, "little")
 _T = TypeVar("_T")
 _Build = Callable[[Hash], MessageV0]  # a message for a given blockhash
 
@@ -262,6 +272,18 @@ class Settlement:
     fee_payer: Pubkey | None
     payout: Literal["wsol", "sol", "none"]
     already_settled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClosingTransaction:
+    """A landed transaction that closed an escrow (:meth:`EscrowClient.closing_transaction`):
+    it paid the provider ``paid_to_provider`` lamports from the escrow, was signed by
+    ``signers`` and cost ``fee``."""
+
+    signature: Signature
+    paid_to_provider: int
+    signers: frozenset[Pubkey]
+    fee: int
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,6 +476,72 @@ def refund_message(
 
 
 # ----------------------------------------------------------------------------------------------
+# Pure checks (no I/O): is an escrow exactly what the payments contract says?
+
+
+def multisig_problems(terms: EscrowTerms, multisig: Multisig) -> list[str]:
+    """What is wrong with the escrow's multisig, each naming its field; empty when it is
+    exactly m = 2, n = 3, signers user, provider and arbiter (each once, nothing else).
+
+    The signers are compared as a list, not a set: SPL Token counts a signature once per
+    slot its key fills, so a key listed twice is two of the ``m`` signatures by itself.
+    """
+    problems: list[str] = []
+    if multisig.m != MULTISIG_THRESHOLD:
+        problems.append(f"threshold m = {multisig.m}, not {MULTISIG_THRESHOLD}")
+    if multisig.n != len(terms.signers):
+        problems.append(f"n = {multisig.n} signers, not {len(terms.signers)}")
+    signers = list(multisig.signers[: multisig.n])
+    roles = {terms.user: "user", terms.provider: "provider", terms.arbiter: "arbiter"}
+    for key in dict.fromkeys(signers):
+        count = signers.count(key)
+        if count > 1:
+            who = roles.get(key, "a stranger")
+            problems.append(
+                f"duplicate signer: {key} ({who}) fills {count} slots, so its signature "
+                f"alone counts {count} times"
+            )
+        if key not in roles:
+            problems.append(f"extra signer: {key} is none of user, provider, arbiter")
+    for key, role in roles.items():
+        if key not in signers:
+            problems.append(f"the {role} {key} is not a signer")
+    return problems
+
+
+def token_problems(terms: EscrowTerms, token: TokenAccount, lamports: int) -> list[str]:
+    """What is wrong with the escrow's token account (``lamports``: the account's balance),
+    each naming its field; empty when it is an initialized wrapped-SOL account owned by the
+    multisig, with no delegate and no close authority, its amount backed by its lamports."""
+    problems: list[str] = []
+    if token.mint != NATIVE_MINT:
+        problems.append(f"wrong mint: {token.mint}, not wrapped SOL ({NATIVE_MINT})")
+    elif not token.is_native:
+        problems.append("is_native is unset: it is not a wrapped-SOL account")
+    if token.owner != terms.multisig:
+        problems.append(f"its owner is {token.owner}, not the multisig {terms.multisig}")
+    if token.state != TokenAccountState.INITIALIZED:
+        problems.append("its state is frozen")
+    if token.delegate is not None or token.delegated_amount:
+        problems.append(
+            f"it has a delegate ({token.delegate}, {token.delegated_amount} lamports "
+            f"delegated), who could move funds alone"
+        )
+    if token.close_authority is not None and token.close_authority != terms.multisig:
+        problems.append(
+            f"it has a close authority ({token.close_authority}) other than the multisig, "
+            f"who could close it alone"
+        )
+    reserve = token.rent_exempt_reserve
+    if reserve is not None and token.amount + reserve > lamports:
+        problems.append(
+            f"its amount ({token.amount}) and rent reserve ({reserve}) exceed its "
+            f"{lamports} lamports"
+        )
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
 # The client
 
 
@@ -475,9 +563,10 @@ def _is_panic(exc: BaseException) -> bool:
 class EscrowClient:
     """Escrow operations over any Solana JSON-RPC endpoint (solana-py ``AsyncClient``).
 
-    Caches what cannot change between calls: rent amounts, multisigs known to exist (they can
-    never be closed), and a blockhash for ``blockhash_ttl`` seconds (re-fetched and retried
-    once if the cluster has expired it).
+    Caches rent amounts, multisigs known to exist (SPL Token cannot close one), multisigs
+    verified (keyed on their exact account data: a changed account is checked again), and a
+    blockhash for ``blockhash_ttl`` seconds (re-fetched and retried once if the cluster has
+    expired it).
     """
 
     def __init__(
@@ -495,7 +584,12 @@ class EscrowClient:
         self.blockhash_ttl = blockhash_ttl
         self._owns_client = owns_client
         self._rent: dict[int, int] = {}
+        #: Multisigs known to exist (created or verified here): :meth:`open_escrow` need not
+        #: read them again. Existence only; never taken as a verification.
         self._multisigs: set[Pubkey] = set()
+        #: Multisigs verified, keyed on exactly what was verified: (address, owning program,
+        #: account data).
+        self._verified: set[tuple[Pubkey, Pubkey, bytes]] = set()
         self._blockhash: tuple[Hash, int, float] | None = None
         self._required_rank = {"processed": 0, "confirmed": 1, "finalized": 2}[str(commitment)]
 
@@ -695,12 +789,20 @@ class EscrowClient:
         if escrow is None:
             return None
         address = terms.escrow
-        token = (
-            decode_token_account(bytes(escrow.data)) if escrow.owner == TOKEN_PROGRAM_ID else None
-        )
+        if escrow.owner != TOKEN_PROGRAM_ID:
+            raise EscrowError(
+                f"escrow {address} belongs to program {escrow.owner}, not SPL Token "
+                f"({TOKEN_PROGRAM_ID}); it is no escrow"
+            )
+        token = decode_token_account(bytes(escrow.data))
         if token is None:
-            raise EscrowError(f"{address} is not an SPL Token account; it is no escrow")
-        self._check_token(terms, token)
+            raise EscrowError(
+                f"escrow {address} is not an initialized SPL Token account "
+                f"({len(escrow.data)} bytes); it is no escrow"
+            )
+        problems = token_problems(terms, token, escrow.lamports)
+        if problems:
+            raise EscrowError(f"escrow {address} is not as agreed: " + "; ".join(problems))
         self._check_multisig(terms, multisig)
         assert token.rent_exempt_reserve is not None
         return EscrowState(
@@ -710,37 +812,32 @@ class EscrowClient:
             rent_exempt_reserve=token.rent_exempt_reserve,
         )
 
-    @staticmethod
-    def _check_token(terms: EscrowTerms, token: TokenAccount) -> None:
-        problems = []
-        if token.mint != NATIVE_MINT or not token.is_native:
-            problems.append(f"its mint is {token.mint}, not wrapped SOL")
-        if token.owner != terms.multisig:
-            problems.append(f"it is owned by {token.owner}, not the multisig {terms.multisig}")
-        if token.state != TokenAccountState.INITIALIZED:
-            problems.append("it is frozen")
-        if token.delegate is not None:
-            problems.append(f"it has a delegate ({token.delegate})")
-        if token.close_authority is not None:
-            problems.append(f"it has a close authority ({token.close_authority})")
-        if problems:
-            raise EscrowError(f"escrow {terms.escrow} is not as agreed: " + "; ".join(problems))
-
     def _check_multisig(self, terms: EscrowTerms, account: Account | None) -> None:
-        if terms.multisig in self._multisigs:
-            return
         if account is None:
             raise EscrowError(f"the escrow's multisig {terms.multisig} does not exist")
-        multisig = (
-            decode_multisig(bytes(account.data)) if account.owner == TOKEN_PROGRAM_ID else None
-        )
+        # The cache holds exactly what was verified (address, owning program, every byte):
+        # an account that changed since, by whatever means, is verified again.
+        data = bytes(account.data)
+        key = (terms.multisig, account.owner, data)
+        if key in self._verified:
+            return
+        if account.owner != TOKEN_PROGRAM_ID:
+            raise EscrowError(
+                f"multisig {terms.multisig} belongs to program {account.owner}, not SPL Token"
+            )
+        multisig = decode_multisig(data)
         if multisig is None:
-            raise EscrowError(f"{terms.multisig} is not an SPL Token multisig")
-        if multisig.m != MULTISIG_THRESHOLD or set(multisig.signers) != set(terms.signers):
+            raise EscrowError(f"{terms.multisig} is not an initialized SPL Token multisig")
+        problems = multisig_problems(terms, multisig)
+        if problems:
             raise EscrowError(
                 f"multisig {terms.multisig} is {multisig.m}-of-{multisig.n} "
-                f"{[str(s) for s in multisig.signers]}, not 2-of-3 user, provider, arbiter"
+                f"{[str(s) for s in multisig.signers]}, not 2-of-3 user, provider, arbiter: "
+                + "; ".join(problems)
             )
+        if len(self._verified) >= _VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        self._verified.add(key)
         self._multisigs.add(terms.multisig)
 
     async def escrow_state(self, terms: EscrowTerms) -> EscrowState | None:
@@ -753,12 +850,75 @@ class EscrowClient:
         )
         return self._check_escrow(terms, escrow, multisig)
 
+    async def recoverable_state(self, terms: EscrowTerms) -> EscrowState | None:
+        """What is left to recover from an escrow that may no longer be intact: the escrow
+        if it is still a wrapped-SOL token account owned by the session's multisig, whatever
+        else changed (the multisig's signers, a delegate, a close authority: a settlement's
+        preflight then says whether arbiter and provider can still move it); None when
+        nothing is there (closed, or no longer such an account)."""
+        (escrow,) = await self._accounts("reading the escrow", [terms.escrow])
+        if escrow is None or escrow.owner != TOKEN_PROGRAM_ID:
+            return None
+        token = decode_token_account(bytes(escrow.data))
+        if (
+            token is None
+            or token.mint != NATIVE_MINT
+            or token.rent_exempt_reserve is None
+            or token.owner != terms.multisig
+        ):
+            return None
+        amount = min(token.amount, max(0, escrow.lamports - token.rent_exempt_reserve))
+        return EscrowState(terms.escrow, amount, escrow.lamports, token.rent_exempt_reserve)
+
+    async def closing_transaction(
+        self, terms: EscrowTerms, signature: Signature
+    ) -> ClosingTransaction | None:
+        """Read transaction ``signature`` from the ledger: None unless it landed without
+        error and closed the escrow; else what it paid the provider out of the escrow (wSOL
+        into its token account, or native SOL passed on from the user's refund), who signed
+        it, and its fee. How a settlement is known to have landed before its amount is
+        recorded (also one of ours whose outcome a restart lost)."""
+        resp = await self._call(
+            "reading a settlement transaction",
+            self.client.get_transaction(
+                signature, "base64", self.commitment, max_supported_transaction_version=0
+            ),
+        )
+        found = resp.value
+        meta = found.transaction.meta if found is not None else None
+        if found is None or meta is None or meta.err is not None:
+            return None
+        tx = found.transaction.transaction
+        if not isinstance(tx, VersionedTransaction):
+            return None
+        message = tx.message
+        keys = list(message.account_keys)
+        paid = 0
+        closed = False
+        for ix in message.instructions:
+            program, data = keys[ix.program_id_index], bytes(ix.data)
+            accounts = [keys[i] for i in bytes(ix.accounts)]
+            if program == TOKEN_PROGRAM_ID and data[:1] == bytes([_TRANSFER_CHECKED]):
+                if accounts[:3] == [terms.escrow, NATIVE_MINT, terms.provider_wsol]:
+                    paid += int.from_bytes(data[1:9], "little")
+            elif program == TOKEN_PROGRAM_ID and data[:1] == bytes([_CLOSE_ACCOUNT]):
+                closed = closed or accounts[:1] == [terms.escrow]
+            elif program == SYSTEM_PROGRAM_ID and data[:4] == _SYSTEM_TRANSFER:
+                if accounts[:2] == [terms.user, terms.provider]:
+                    paid += int.from_bytes(data[4:12], "little")
+        if not closed:
+            return None
+        signers = frozenset(keys[: message.header.num_required_signatures])
+        return ClosingTransaction(signature, paid, signers, meta.fee)
+
     async def verify_escrow(self, terms: EscrowTerms, min_amount: int) -> EscrowState:
         """Check on-chain that the session's escrow is funded: call before activating a lease.
 
-        The escrow must be a wSOL token account owned by the 2-of-3 multisig of exactly
-        {user, provider, arbiter}, with no delegate or close authority, holding at least
-        ``min_amount`` lamports. Raises :class:`EscrowError` otherwise.
+        The escrow must be an initialized wSOL token account owned by the session's multisig,
+        with no delegate and no close authority (:func:`token_problems`); the multisig must be
+        exactly m = 2, n = 3 of user, provider and arbiter (:func:`multisig_problems`); the
+        escrow must hold at least ``min_amount`` lamports. Raises :class:`EscrowError` naming
+        every field that differs otherwise.
         """
         state = await self.escrow_state(terms)
         if state is None:
