@@ -14,6 +14,7 @@ import pytest
 from solana.rpc.async_api import AsyncClient
 from solana.rpc.core import RPCException
 from solana.rpc.models import TxOpts
+from solders.account import Account
 from solders.hash import Hash
 from solders.keypair import Keypair
 from solders.message import MessageV0
@@ -523,6 +524,51 @@ async def test_verify_refuses_an_escrow_that_is_not_as_agreed(
             await fresh.verify_escrow(short, DEPOSIT)
     finally:
         await fresh.client.close()
+
+
+async def test_a_verified_multisig_that_changes_is_verified_again(
+    chain: Chain, parties: Parties
+) -> None:
+    # The cache of verified multisigs is keyed on their exact bytes, not their address.
+    terms = parties.terms("lease-cached")
+    await chain.escrow.open_escrow(
+        parties.user, terms.provider, terms.arbiter, terms.session_id, DEPOSIT
+    )
+    assert (await chain.escrow.verify_escrow(terms, DEPOSIT)).amount == DEPOSIT
+    svm = chain.ledger._runtime()  # set_account stands in for any way an account could change
+    honest = svm.get_account(terms.multisig)
+    assert honest is not None
+    data = bytearray(bytes(honest.data))
+    data[3 + 32 : 3 + 64] = bytes(terms.user)  # the provider's slot now holds the user
+    svm.set_account(
+        terms.multisig, Account(honest.lamports, bytes(data), honest.owner, honest.executable)
+    )
+    with pytest.raises(EscrowError, match=r"duplicate signer.*the provider \S+ is not a signer"):
+        await chain.escrow.verify_escrow(terms, DEPOSIT)
+    svm.set_account(terms.multisig, honest)
+    assert (await chain.escrow.verify_escrow(terms, DEPOSIT)).amount == DEPOSIT
+
+
+async def test_the_closing_transaction_is_read_back_from_the_ledger(
+    chain: Chain, parties: Parties
+) -> None:
+    terms = parties.terms("lease-read-back")
+    receipt = await chain.escrow.open_escrow(
+        parties.user, terms.provider, terms.arbiter, terms.session_id, DEPOSIT
+    )
+    assert receipt.signature is not None
+    # The setup did not close the escrow: it is no settlement.
+    assert await chain.escrow.closing_transaction(terms, receipt.signature) is None
+    settled = await chain.escrow.settle(
+        terms, 12_345, arbiter=parties.arbiter, provider=parties.provider
+    )
+    assert settled.signature is not None
+    closing = await chain.escrow.closing_transaction(terms, settled.signature)
+    assert closing is not None and closing.paid_to_provider == 12_345
+    assert closing.fee == settled.fee and closing.signers == {terms.provider, terms.arbiter}
+    # Another session's escrow was not closed by it.
+    other = parties.terms("lease-other")
+    assert await chain.escrow.closing_transaction(other, settled.signature) is None
 
 
 async def test_settling_more_than_escrowed_is_refused(chain: Chain, parties: Parties) -> None:
