@@ -16,6 +16,7 @@ import asyncio
 import base64
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from solders.account import Account
@@ -56,8 +57,16 @@ from jupyter_io.coordinator.client import (
 )
 from jupyter_io.coordinator.models import SettlementState
 from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.coordinator.settlement import SettlementWorker
+from jupyter_io.errors import LeaseError
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
-from jupyter_io.payments.escrow import EscrowClient, EscrowTerms, escrow_seed, multisig_seed
+from jupyter_io.payments.escrow import (
+    EscrowClient,
+    EscrowTerms,
+    escrow_seed,
+    multisig_seed,
+    settlement_message,
+)
 from jupyter_io.payments.token_accounts import ACCOUNT_LEN, MINT_LEN, MULTISIG_LEN, NATIVE_MINT
 
 from ..escrow_books import Books
@@ -436,3 +445,100 @@ async def test_an_escrow_that_changes_mid_lease_ends_it_and_the_provider_gets_wh
     record = await market.api._call("GET", f"/api/v1/leases/{lease}", sign=True)
     shown = record["billing"]["settlement"]
     assert shown["state"] == row.state.value and shown["amount_lamports"] == paid
+
+
+# -- amounts are recorded from landed transactions only --------------------------------------
+
+
+async def test_a_settlement_whose_outcome_was_lost_is_recorded_from_the_ledger(
+    market: Market,
+) -> None:
+    # A coordinator noted its settlement's signature, submitted it, and crashed before it
+    # recorded the outcome. The next worker finds the escrow closed and records what that
+    # transaction paid, read from the ledger: not its own estimate, not nothing.
+    server, provider = market.server, market.provider
+    store, registry, billing, own = (
+        server.store,
+        server.registry,
+        server.billing,
+        server.settlements,
+    )
+    assert store is not None and registry is not None and billing is not None
+    assert own is not None and server.keypair is not None
+    await own.stop()
+    terms = await market.lease()
+    lease = terms.session_id
+    before = await market.books.snapshot(terms)
+    receipt = await market.escrow.open_escrow(
+        market.user, terms.provider, terms.arbiter, lease, DEPOSIT
+    )
+    assert (await market.fund(terms))[0] == 200
+    await market.api.end_lease(lease)
+    assert await store.enqueue_settlements() == [lease]
+
+    crashed = "coordinator-that-crashed"
+    now = datetime.now(timezone.utc)
+    assert await store.claim_settlement(lease, crashed, until=now + timedelta(seconds=60))
+    blockhash = (await market.escrow.client.get_latest_blockhash()).value.blockhash
+    message = settlement_message(terms, 5_000, blockhash=blockhash, fee_payer=terms.provider)
+    provider_signature = provider.keypair.sign_message(to_bytes_versioned(message))
+    assert await store.note_settlement_attempt(lease, crashed, str(provider_signature))
+    landed = await market.escrow.submit(message, [server.keypair, provider.keypair])
+    assert landed == provider_signature  # the fee payer's signature is the transaction's
+    pending = await store.get_settlement(lease)
+    assert pending is not None and pending.state is SettlementState.PENDING
+    assert pending.to_json()["signature"] is None and pending.amount_lamports == 0
+    await store.release_settlements(crashed)
+
+    worker = SettlementWorker(store, registry, billing, final_report_grace=0.0)
+    assert await worker.run_once() == 0
+    row = await store.get_settlement(lease)
+    assert row is not None and row.state is SettlementState.DONE, row
+    assert row.signature == str(landed) and row.amount_lamports == 5_000
+    assert row.fee_lamports == 10_000 and worker.stats.found_closed == 1
+    after = await market.books.snapshot(terms)
+    await market.books.assert_conserved(
+        terms, before, after, paid_to_provider=5_000, signatures=[receipt.signature, landed]
+    )
+
+
+async def test_a_refund_is_recorded_only_as_the_arbiter_signed_transaction_that_closed_it(
+    market: Market,
+) -> None:
+    # The user and the provider close the escrow between them (any two members can), then
+    # the user reports that transaction as "the refund": it paid the provider nothing and the
+    # arbiter never signed it, so it is not recorded as a refund that paid anything.
+    server, provider = market.server, market.provider
+    store, registry = server.store, server.registry
+    assert store is not None and registry is not None
+    terms = await market.lease()
+    lease = terms.session_id
+    await market.escrow.open_escrow(market.user, terms.provider, terms.arbiter, lease, DEPOSIT)
+    assert (await market.fund(terms))[0] == 200
+    await provider.close(1001)
+    await registry.wait_for(
+        lambda: (p := registry.provider(provider.pubkey)) is None or not p.linked, WAIT
+    )
+    await market.api.end_lease(lease)
+    close = await market.send(
+        [
+            close_account(
+                CloseAccountParams(
+                    program_id=TOKEN_PROGRAM_ID,
+                    account=terms.escrow,
+                    dest=terms.user,
+                    owner=terms.multisig,
+                    signers=[terms.user, terms.provider],
+                )
+            )
+        ],
+        [market.user, provider.keypair],
+    )
+    with pytest.raises(LeaseError, match="not the refund of lease"):  # a 409
+        await market.api.report_refund(lease, close)
+    settlements = server.settlements
+    assert settlements is not None
+    await asyncio.wait_for(settlements.wait_idle(), WAIT)
+    row = await store.get_settlement(lease)
+    assert row is not None and row.state is SettlementState.FAILED, row
+    assert row.amount_lamports == 0 and row.signature is None
