@@ -8,6 +8,9 @@ a :class:`~provider_host.config.ProviderConfig` and runs a
 - :mod:`~provider_host.session`: one client's kernel session, its workspace and tunnel end;
 - :mod:`~provider_host.kernel`: one kernel process, launched through jupyter_client;
 - :mod:`~provider_host.isolation`: the kernel's scrubbed environment and resource limits;
+- :mod:`~provider_host.sandbox`: the bubblewrap sandbox each kernel runs in;
+- :mod:`~provider_host.userpool`: the per-session uids of a root host's sandboxes;
+- :mod:`~provider_host.workspaces`: session workspaces, and wiping those a killed host left;
 - :mod:`~provider_host.inventory`: the GPUs (or CPU) this host offers, and the offers it
   publishes;
 - :mod:`~provider_host.allocation`: which session holds which GPU;

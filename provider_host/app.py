@@ -48,6 +48,7 @@ _aliases: dict[Any, Any] = {
     "name": "ProviderConfig.name",
     "public-url": "ProviderConfig.public_url",
     "usage-interval": "ProviderConfig.usage_interval",
+    "isolation": "ProviderConfig.isolation",
 }
 
 _flags: dict[Any, Any] = {

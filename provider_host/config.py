@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 from jupyter_core.paths import jupyter_data_dir
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
-from traitlets import Bool, Float, Integer, List, TraitError, Unicode, default, validate
+from traitlets import Bool, Enum, Float, Integer, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
 from jupyter_io.daemon import parse_listen as _parse_listen
@@ -117,16 +117,43 @@ class ProviderConfig(Configurable):
         "hosts leave it at 0 or far above that sum.",
     )
     max_open_files = Integer(
-        0, config=True, help="Open-file limit per kernel (RLIMIT_NOFILE); 0 = inherit."
+        8192, config=True, help="Open-file limit per kernel (RLIMIT_NOFILE); 0 = inherit."
     )
     max_processes = Integer(
-        0,
+        2048,
         config=True,
-        help="Process limit per kernel (RLIMIT_NPROC; counted per user, ignored for root); "
-        "0 = inherit.",
+        help="Process (and thread) limit per kernel (RLIMIT_NPROC). It is counted per uid: "
+        "with the sandbox on a root host each session has a uid of its own, so it bounds the "
+        "session; with --isolation none all kernels share the host's user. 0 = inherit.",
     )
     max_file_size = Integer(
         0, config=True, help="Largest file a kernel may write, bytes (RLIMIT_FSIZE); 0 = none."
+    )
+    isolation = Enum(
+        ["sandbox", "none"],
+        "sandbox",
+        config=True,
+        help="How kernels are kept from the host and from each other. 'sandbox' (the "
+        "default; required with a coordinator): each kernel in a bubblewrap sandbox, as a uid "
+        "of its own when the host runs as root (in a user namespace otherwise), seeing only "
+        "its workspace (see provider_host.sandbox). 'none': kernels run as the host's own "
+        "user and can read what it can (its keypair, other tenants' workspaces); only for a "
+        "standalone host whose allow-listed users are trusted.",
+    )
+    sandbox_first_uid = Integer(
+        1_500_000_000,
+        config=True,
+        help="First uid of the range a root host gives sessions (one uid each, no passwd "
+        "entries; systemd's DynamicUser style). No user of this machine may own one.",
+    )
+    sandbox_uid_count = Integer(
+        65536, config=True, help="How many uids the sandbox range holds (from sandbox_first_uid)."
+    )
+    sandbox_tmpfs_size = Integer(
+        256 * 1024 * 1024,
+        config=True,
+        help="Size in bytes of each sandboxed kernel's private /tmp and /dev/shm (memory "
+        "backed); 0 = the kernel's default (half of RAM).",
     )
     env_keep = List(
         Unicode(),

@@ -1,4 +1,4 @@
-"""What a kernel process may see and use: a scrubbed environment and resource limits.
+"""What a kernel process starts with: a scrubbed environment and resource limits.
 
 A kernel runs code the provider does not control, so it starts from nothing rather than from
 the host's environment: :func:`kernel_env` copies only an allow-list of harmless provider
@@ -7,8 +7,14 @@ that would hijack the process, pins ``CUDA_VISIBLE_DEVICES`` to the session's GP
 ``HOME`` at the session's workspace. :func:`limits_preexec` returns the ``preexec_fn`` that
 applies :class:`ResourceLimits` in the child between fork and exec.
 
+This is not isolation by itself: with ``--isolation none`` a kernel still runs as the
+provider's user and can read whatever that user can (its keypair, other tenants'
+workspaces, ``/proc`` of the host). What keeps kernels from the host and from each other is
+the sandbox (:mod:`provider_host.sandbox`); the limits here hold in both modes, and
+``RLIMIT_NPROC`` bounds a session only where it has a uid of its own (a sandbox on a root host).
+
 Call :func:`kernel_env` and :func:`limits_preexec` when launching a kernel
-(:mod:`provider_host.kernel` does).
+(:mod:`provider_host.session` and :mod:`provider_host.kernel` do).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "FORWARDED_SIGNALS",
     "HOST_ENV_ALLOWED",
     "ResourceLimits",
     "client_env_refused",
@@ -102,6 +109,7 @@ def kernel_env(
     gpus: Sequence[int],
     workspace: str,
     keep: Iterable[str] = (),
+    user: str | None = None,
 ) -> tuple[dict[str, str], list[str]]:
     """Build a kernel's environment; return it and the client names that were refused.
 
@@ -109,7 +117,8 @@ def kernel_env(
     :data:`HOST_ENV_ALLOWED`, ``LC_*`` and the names in ``keep`` pass. ``client_env`` comes
     from LAUNCH; names refused by :func:`client_env_refused` and non-string values are
     dropped and reported. ``gpus`` are the device indices the session may use (empty: CPU only,
-    ``CUDA_VISIBLE_DEVICES=""`` hides every GPU).
+    ``CUDA_VISIBLE_DEVICES=""`` hides every GPU). ``user`` (a sandboxed session's user name)
+    sets ``USER`` and ``LOGNAME``.
     """
     kept = set(keep)
     env = {
@@ -135,6 +144,8 @@ def kernel_env(
             "CUDA_VISIBLE_DEVICES": ",".join(str(index) for index in gpus),
         }
     )
+    if user is not None:
+        env["USER"] = env["LOGNAME"] = user
     return env, sorted(refused)
 
 
@@ -167,6 +178,26 @@ class ResourceLimits:
 
 _PR_SET_PDEATHSIG = 1
 
+#: Signals a client may send its kernel that a sandbox's bwrap must ignore (its default would
+#: end it, and the sandbox with it, instead of letting the kernel handle them); the kernel
+#: launcher restores them.
+FORWARDED_SIGNALS: tuple[int, ...] = tuple(
+    getattr(signal, name)
+    for name in (
+        "SIGHUP",
+        "SIGINT",
+        "SIGQUIT",
+        "SIGTERM",
+        "SIGUSR1",
+        "SIGUSR2",
+        "SIGALRM",
+        "SIGTSTP",
+        "SIGTTIN",
+        "SIGTTOU",
+    )
+    if hasattr(signal, name)
+)
+
 
 def _prctl() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
@@ -178,14 +209,16 @@ def _prctl() -> Callable[..., int] | None:
     return libc.prctl
 
 
-def limits_preexec(limits: ResourceLimits) -> Callable[[], None]:
+def limits_preexec(limits: ResourceLimits, ignore: Iterable[int] = ()) -> Callable[[], None]:
     """A ``preexec_fn`` for the kernel's Popen: rlimits, private umask, death with the host.
 
     Everything is resolved here, in the parent, so the child only makes system calls.
     jupyter_client already starts the kernel in its own session (process group); on Linux
     the kernel also gets SIGKILL if the host dies (``PR_SET_PDEATHSIG``), on top of
-    ipykernel's ``JPY_PARENT_PID`` poller.
+    ipykernel's ``JPY_PARENT_PID`` poller (unsandboxed) or bwrap's ``--die-with-parent``.
+    The signals in ``ignore`` start ignored (dispositions survive exec).
     """
+    ignored = tuple(ignore)
     pairs = []
     for res, value in limits.rlimits():
         _soft, hard = resource.getrlimit(res)
@@ -197,6 +230,8 @@ def limits_preexec(limits: ResourceLimits) -> Callable[[], None]:
     def preexec() -> None:
         for res, value in pairs:
             resource.setrlimit(res, (value, value))
+        for signum in ignored:
+            signal.signal(signum, signal.SIG_IGN)
         os.umask(0o077)
         if prctl is not None:
             prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)

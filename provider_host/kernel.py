@@ -6,6 +6,11 @@ IPC transport, so the kernel's five sockets are unix sockets in the session's pr
 directory at fixed names (:func:`kernel_endpoints`): the session's ZMQ sockets stay connected
 across restarts, exactly as a local Jupyter client's do.
 
+With a sandbox (:mod:`provider_host.sandbox`) the process the host starts, signals and waits
+for is bubblewrap, whose sandbox holds the kernel: bwrap passes signals it receives through its
+process group on to the kernel (it ignores them itself, and the launcher restores them), exits
+with the kernel's status, and takes the whole sandbox down when it is killed.
+
 Call :meth:`KernelProcess.start`, then await :meth:`KernelProcess.wait` (it returns the exit
 code whenever the process ends), :meth:`KernelProcess.signal` to interrupt, and
 :meth:`KernelProcess.kill` to end it.
@@ -31,7 +36,7 @@ from traitlets import TraitError
 from jupyter_io.errors import KernelLaunchError
 from jupyter_io.protocol import Channel
 
-from .isolation import ResourceLimits, limits_preexec
+from .isolation import FORWARDED_SIGNALS, ResourceLimits, limits_preexec
 
 __all__ = ["KERNEL_PORTS", "KernelProcess", "kernel_endpoints"]
 
@@ -59,16 +64,34 @@ def kernel_endpoints(runtime_dir: str | os.PathLike[str]) -> dict[Channel, str]:
 
 
 class _ProviderKernelSpecs(KernelSpecManager):
-    """Always this interpreter's ipykernel, whatever kernelspecs the host has installed."""
+    """Always this interpreter's ipykernel, whatever kernelspecs the host has installed,
+    behind the sandbox's command prefix (if any)."""
+
+    def __init__(self, prefix: list[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.prefix = prefix
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        # Lossless iopub: see provider_host.kernel_launcher.
+        launch = [sys.executable, "-m", "provider_host.kernel_launcher", "-f", "{connection_file}"]
         return KernelSpec(
-            # Lossless iopub: see provider_host.kernel_launcher.
-            argv=[sys.executable, "-m", "provider_host.kernel_launcher", "-f", "{connection_file}"],
+            argv=[*self.prefix, *launch],
             display_name="Python 3 (jupyter-io)",
             language="python",
             interrupt_mode="signal",
         )
+
+
+class _KernelManager(AsyncKernelManager):
+    """Hands the connection file to the kernel's uid between writing it and launching."""
+
+    #: (uid, gid) the sandboxed kernel runs as; None when it runs as the host.
+    owner: tuple[int, int] | None = None
+
+    async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
+        if self.owner is not None:
+            os.chown(self.connection_file, *self.owner)  # it stays 0600
+        await super()._async_launch_kernel(kernel_cmd, **kw)
 
 
 class KernelProcess:
@@ -81,18 +104,26 @@ class KernelProcess:
         runtime_dir: Path,
         context: zmq.asyncio.Context,
         log: logging.Logger | logging.LoggerAdapter[Any],
+        sandbox: list[str] | None = None,
+        owner: tuple[int, int] | None = None,
     ) -> None:
+        """``sandbox`` is the command prefix that sandboxes the kernel
+        (:meth:`provider_host.sandbox.Sandbox.argv`; None: run it directly as the host's
+        user); ``owner`` the (uid, gid) it runs as there, which must read the connection
+        file."""
         self.generation = generation
         self.runtime_dir = runtime_dir
         self.log = log
-        self._manager = AsyncKernelManager(
+        self.sandboxed = sandbox is not None
+        self._manager = _KernelManager(
             transport="ipc",
             connection_file=str(runtime_dir / "kernel.json"),
-            kernel_spec_manager=_ProviderKernelSpecs(),
+            kernel_spec_manager=_ProviderKernelSpecs(sandbox or []),
             context=context,
             log=log,
             **{trait: KERNEL_PORTS[channel] for channel, trait in _PORT_TRAITS.items()},
         )
+        self._manager.owner = owner
         self._process: subprocess.Popen[bytes] | None = None
         self._log_file: Path = runtime_dir / f"kernel-{generation}.log"
         self.exit_code: int | None = None
@@ -106,7 +137,7 @@ class KernelProcess:
 
     @property
     def pid(self) -> int:
-        """The kernel's process id (also its process group id)."""
+        """The kernel's process id (also its process group id); sandboxed, bwrap's."""
         assert self._process is not None, "start() first"
         return self._process.pid
 
@@ -137,7 +168,10 @@ class KernelProcess:
                 await self._manager.start_kernel(
                     env=env,
                     cwd=cwd,
-                    preexec_fn=limits_preexec(limits),
+                    # Sandboxed, bwrap must outlive the signals meant for the kernel.
+                    preexec_fn=limits_preexec(
+                        limits, ignore=FORWARDED_SIGNALS if self.sandboxed else ()
+                    ),
                     stdout=out,
                     stderr=subprocess.STDOUT,
                 )
@@ -150,13 +184,20 @@ class KernelProcess:
         self._process = process
 
     async def wait(self) -> int:
-        """Wait until the kernel process ends; return its exit code (negative: signal)."""
+        """Wait until the kernel process ends; return its exit code (negative: signal).
+
+        bwrap reports a kernel killed by signal N as exit status 128 + N; that is given back
+        as -N, as for an unsandboxed kernel (a kernel calling ``exit(128 + N)`` reads the same).
+        """
         process = self._process
         assert process is not None, "start() first"
         if process.returncode is None:
             await _process_exited(process)
-        self.exit_code = process.wait()
-        return self.exit_code
+        code = process.wait()
+        if self.sandboxed and 128 < code < 128 + signal.NSIG:
+            code = 128 - code
+        self.exit_code = code
+        return code
 
     def signal(self, signum: int) -> None:
         """Deliver ``signum`` to the kernel's process group (its children included)."""

@@ -7,10 +7,15 @@ that falls 1,000 behind, which a busy host on a loaded machine does: lines print
 kernel were lost before they ever reached the tunnel (measured: up to 3% of 50,000 lines
 under load). With ``XPUB_NODROP`` the kernel's output waits for the host instead, so
 back-pressure reaches the kernel and nothing is lost.
+
+In a sandbox it is started by bubblewrap, which ignores the signals a client may send
+(:data:`provider_host.isolation.FORWARDED_SIGNALS`) so that they reach the kernel instead of
+ending the sandbox; ignored dispositions survive exec, so the launcher restores them first.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,8 +38,19 @@ def _app_class() -> Any:
     return ProviderKernelApp
 
 
+def _restore_signals() -> None:
+    # Kept in step with provider_host.isolation.FORWARDED_SIGNALS, without importing it (and
+    # its dependencies) before the kernel.
+    names = ("SIGHUP", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGTSTP")
+    for name in (*names, "SIGTTIN", "SIGTTOU"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main() -> None:
     """Launch the kernel (blocks until it exits)."""
+    _restore_signals()
     _app_class().launch_instance()
 
 

@@ -84,9 +84,11 @@ from .preauth import (
     handshake_deadline,
     tunnel_connection_class,
 )
+from .sandbox import Sandbox, prepare_isolation
 from .session import KernelSession
 from .settlement import SettlementBook
 from .usage import GpuUtilisation, UsageMeter
+from .workspaces import wipe_orphaned_workspaces
 
 __all__ = ["JOINING_PREFIX", "LISTENING_PREFIX", "TUNNEL_PATH", "ProviderServer"]
 
@@ -149,6 +151,8 @@ class ProviderServer:
         self._utilisation = GpuUtilisation()
         self._dialled: set[Connection] = set()
         self._background: set[asyncio.Task[Any]] = set()
+        #: How kernels are sandboxed (None: ``isolation = "none"``), after startup.
+        self.sandbox: Sandbox | None = None
 
     # -- the whole life --------------------------------------------------------------------
 
@@ -183,6 +187,9 @@ class ProviderServer:
             self._prepare_marketplace()
             self._load_settlements()
         _make_private_dir(config.workspace_root)
+        # Before listening or linking: a host that cannot sandbox never joins a marketplace.
+        self.sandbox = await asyncio.to_thread(prepare_isolation, config)  # runs bwrap once
+        wipe_orphaned_workspaces(config.workspace_root, self.log)
         self._context = zmq.asyncio.Context()
         #: Connections in their handshake (see :mod:`provider_host.preauth`).
         self.handshakes = HandshakeSlots(
@@ -228,6 +235,16 @@ class ProviderServer:
         self._print("jupyter-io provider inventory:")
         for line in render_inventory(self.inventory):
             self._print(line)
+        if self.sandbox is None:
+            shared = (
+                "isolation is none: every tenant's kernel runs as this host's own user and can "
+                "read what it can (its keypair, environment and other tenants' workspaces)"
+            )
+            self.log.warning("%s", shared)
+            self._print(f"jupyter-io provider WARNING: {shared}")
+        else:
+            who = "a uid of its own" if self.sandbox.users is not None else "a user namespace"
+            self._print(f"jupyter-io provider sandbox: bubblewrap, each session as {who}")
         if self.coordinator_link is not None:
             route = f"direct at {config.public_url}" if config.public_url else "via its relay"
             self._print(f"{JOINING_PREFIX}{config.coordinator_url} (clients connect {route})")
@@ -472,6 +489,7 @@ class ProviderServer:
             log=self.log,
             lease_id=None if claims is None else claims.lease_id,
             on_started=self._kernel_started,
+            sandbox=self.sandbox,
         )
         if claims is None:
             gpus = self._gpus.acquire(session.id)

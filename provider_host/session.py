@@ -4,9 +4,11 @@ A :class:`KernelSession` is created by the server after a successful HELLO for a
 and lives until END, grace expiry or host shutdown, across any number of websocket
 connections. It owns:
 
-- a working directory under ``workspace_root`` (the kernel's cwd and HOME), and a short private
-  runtime directory (``/tmp/jio-*``, mode 0700) for the connection file and IPC sockets (unix
-  socket paths must stay under ~100 characters);
+- a working directory under ``workspace_root`` (the kernel's cwd and HOME, locked while the
+  session lives: :mod:`provider_host.workspaces`), and a short private runtime directory
+  (``/tmp/jio-*``, mode 0700) for the connection file and IPC sockets (unix socket paths must
+  stay under ~100 characters); with a sandbox (:mod:`provider_host.sandbox`) both belong to
+  the session's own uid (a root host) and are the only host paths its kernel sees;
 - ZMQ sockets connected to the kernel's IPC endpoints: DEALER for shell, control and stdin
   (shell and stdin share one identity so input_request finds its way back), DEALER to the
   heartbeat, SUB to iopub; they stay across kernel restarts, but each restart drops the
@@ -29,7 +31,6 @@ import contextlib
 import logging
 import os
 import secrets
-import shutil
 import signal
 import tempfile
 from collections.abc import Callable
@@ -49,6 +50,9 @@ from jupyter_io.protocol import Channel, CloseCode, Frame, FrameKind, Tunnel, en
 from .config import ProviderConfig
 from .isolation import kernel_env
 from .kernel import KernelProcess, kernel_endpoints
+from .sandbox import Sandbox
+from .userpool import SessionUser
+from .workspaces import create_workspace, remove_tree, remove_workspace
 
 __all__ = ["KernelSession"]
 
@@ -76,7 +80,9 @@ class KernelSession:
         log: logging.Logger | None = None,
         lease_id: str | None = None,
         on_started: Callable[[KernelSession], None] | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
+        """``sandbox``: run each kernel in it (None: as the host's own user)."""
         self.id = secrets.token_urlsafe(16)
         self.owner = owner
         self.gpus = gpus
@@ -85,6 +91,10 @@ class KernelSession:
         self.config = config
         self.workspace = Path(config.workspace_root).expanduser().resolve() / self.id
         self.runtime_dir: Path | None = None
+        self.sandbox = sandbox
+        #: The uid the session's kernels run as (a sandbox on a root host), after open().
+        self.user: SessionUser | None = None
+        self._workspace_lock: int | None = None
         self.log = logging.LoggerAdapter(log or logging.getLogger(__name__), {"session": self.id})
         #: Kernel generation: 0 before the first LAUNCH, +1 per (re)start.
         self.generation = 0
@@ -121,19 +131,22 @@ class KernelSession:
         except BaseException:
             for sock in self._sockets.values():
                 sock.close(linger=0)
-            shutil.rmtree(self.workspace, ignore_errors=True)
-            if self.runtime_dir is not None:
-                shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            self._remove_files()
             raise
 
     def _open(self) -> None:
-        self.workspace.mkdir(mode=0o700, parents=True)
-        (self.workspace / ".tmp").mkdir(mode=0o700)
+        users = self.sandbox.users if self.sandbox is not None else None
+        if users is not None:
+            self.user = users.acquire()
+        owner = None if self.user is None else (self.user.uid, self.user.gid)
+        self._workspace_lock = create_workspace(self.workspace, owner)
         runtime = Path(tempfile.mkdtemp(prefix="jio-"))
         if len(str(runtime)) > _MAX_RUNTIME_DIR:
             runtime.rmdir()
             runtime = Path(tempfile.mkdtemp(prefix="jio-", dir="/tmp"))
         self.runtime_dir = runtime
+        if owner is not None:
+            os.chown(runtime, *owner)  # mkdtemp made it 0700: the host (root) and the kernel
         endpoints = self._endpoints = kernel_endpoints(runtime)
         identity = f"jio-{self.id}".encode()
         for channel in Channel:
@@ -239,13 +252,22 @@ class KernelSession:
                     await ws.close(code, reason)
             for sock in self._sockets.values():
                 sock.close(linger=0)
-            shutil.rmtree(self.workspace, ignore_errors=True)
-            if self.runtime_dir is not None:
-                shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            self._remove_files()
             self.log.info("session ended: %s", reason)
         finally:
             self.ended.set()
             self._on_end(self)
+
+    def _remove_files(self) -> None:
+        """Delete the workspace and runtime directory, then give the session's uid back
+        (every process that ran as it is gone by now: its sandbox died with its kernel)."""
+        if self._workspace_lock is not None:
+            remove_workspace(self.workspace, self._workspace_lock)
+            self._workspace_lock = None
+        if self.runtime_dir is not None:
+            remove_tree(self.runtime_dir)
+        if self.user is not None and self.sandbox is not None and self.sandbox.users is not None:
+            self.sandbox.users.release(self.user)
 
     # -- control frames from the client ----------------------------------------------------
 
@@ -306,15 +328,24 @@ class KernelSession:
             gpus=self.gpus,
             workspace=str(self.workspace),
             keep=self.config.env_keep,
+            user=None if self.user is None else self.user.name,
         )
         if refused:
             self.log.warning("ignored environment variables the client may not set: %s", refused)
         assert self.runtime_dir is not None, "open() first"
+        user = self.user
+        sandbox = None
+        if self.sandbox is not None:
+            sandbox = self.sandbox.argv(
+                workspace=self.workspace, runtime_dir=self.runtime_dir, gpus=self.gpus, user=user
+            )
         kernel = KernelProcess(
             generation=generation,
             runtime_dir=self.runtime_dir,
             context=self._context,
             log=self.log,
+            sandbox=sandbox,
+            owner=None if user is None else (user.uid, user.gid),
         )
         await kernel.start(
             key=key,

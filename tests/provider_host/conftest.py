@@ -356,6 +356,35 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def sandbox_processes(pid: int) -> list[tuple[int, list[str]]]:
+    """Host pid and argv of every live descendant of ``pid`` (a kernel's sandbox, whose
+    processes see pids of their own namespace)."""
+    parents: dict[int, int] = {}
+    argvs: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(entry)] = int(fields[1])
+            argvs[int(entry)] = argv
+    found: list[tuple[int, list[str]]] = []
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent:
+                found.append((child, argvs[child]))
+                frontier.append(child)
+    return found
+
+
 # -- fixtures ------------------------------------------------------------------------------
 
 

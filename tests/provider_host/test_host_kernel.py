@@ -10,7 +10,7 @@ import pytest
 
 from jupyter_io.protocol import Channel, FrameKind
 
-from .conftest import CLIENT_ID, pid_alive
+from .conftest import CLIENT_ID, pid_alive, sandbox_processes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,8 +117,12 @@ async def test_end_kills_the_kernel_and_removes_the_workspace(host, client):
     started = await client.launch()
     await client.wait_ready()
     session = host.sessions[client.session_id]
-    # Something the kernel left running in its process group dies with it.
-    child_pid = await client.evaluate("__import__('subprocess').Popen(['sleep', '600']).pid")
+    # Something the kernel left running in its sandbox dies with it (the pid it sees is the
+    # sandbox's own: find the process on the host).
+    await client.evaluate("__import__('subprocess').Popen(['sleep', '600']).pid")
+    children = [pid for pid, argv in sandbox_processes(started["pid"]) if argv[:1] == ["sleep"]]
+    assert len(children) == 1
+    child_pid = children[0]
     assert pid_alive(child_pid)
     (session.workspace / "notes.txt").write_text("scratch")
 
@@ -183,7 +187,7 @@ async def test_kernel_environment_is_scrubbed_pinned_and_limited(
         "{'env': dict(__import__('os').environ), 'cwd': __import__('os').getcwd(),"
         " 'as': __import__('resource').getrlimit(__import__('resource').RLIMIT_AS),"
         " 'core': __import__('resource').getrlimit(__import__('resource').RLIMIT_CORE),"
-        " 'pgid': __import__('os').getpgid(0), 'pid': __import__('os').getpid()}"
+        " 'argv': __import__('sys').argv}"
     )
     env = seen["env"]
     workspace = str(host.sessions[client.session_id].workspace)
@@ -199,7 +203,14 @@ async def test_kernel_environment_is_scrubbed_pinned_and_limited(
     assert seen["cwd"] == workspace
     assert seen["as"] == [mem_limit, mem_limit]
     assert seen["core"] == [0, 0]
-    assert seen["pgid"] == seen["pid"] == started["pid"]  # its own process group
+    # The kernel is in the process group the host signals: the sandbox's (bwrap's) own.
+    kernels = [
+        pid
+        for pid, argv in sandbox_processes(started["pid"])
+        if argv[1:3] == ["-m", "provider_host.kernel_launcher"]
+    ]
+    assert len(kernels) == 1
+    assert os.getpgid(kernels[0]) == started["pid"] == os.getpgid(started["pid"])
     assert resource.getrlimit(resource.RLIMIT_AS)[0] != mem_limit  # the host is not limited
 
 

@@ -1,0 +1,308 @@
+"""The session sandbox: from inside a leased kernel, the provider's secrets and other tenants'
+data are out of reach (issue 11's attacks, replayed against real bubblewrap and real kernels)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from solders.keypair import Keypair
+
+from jupyter_io.errors import ConfigError
+from provider_host.config import ProviderConfig
+from provider_host.isolation import HOST_ENV_ALLOWED
+from provider_host.sandbox import GPU_CONTROL_NODES, SandboxPaths, bwrap_argv, sandbox_paths
+from provider_host.server import ProviderServer
+from provider_host.userpool import SessionUser
+
+from .conftest import TunnelClient, pid_alive, wait_until
+from .test_host_cli import LISTENING, _start_host
+
+pytestmark = pytest.mark.timeout(60)
+
+_PRELUDE = """
+def _jio_try(path):
+    try:
+        with open(path, errors='replace') as f:
+            return f.read()
+    except OSError as exc:
+        return type(exc).__name__
+"""
+
+
+async def _ready(client: TunnelClient) -> dict:
+    await client.connect()
+    started = await client.launch()
+    await client.wait_ready()
+    _, reply = await client.execute(_PRELUDE)
+    assert reply is not None and reply["content"]["status"] == "ok", reply
+    return started
+
+
+async def _read(client: TunnelClient, path: str | Path) -> str:
+    return str(await client.evaluate(f"_jio_try({str(path)!r})"))
+
+
+# -- the attacks ---------------------------------------------------------------------------
+
+
+async def test_a_kernel_cannot_read_the_hosts_environment(host_env_secret, make_host, make_client):
+    host = await make_host()
+    client = make_client(host)
+    await _ready(client)
+    parent = await client.evaluate("__import__('os').getppid()")
+    assert host_env_secret not in await _read(client, f"/proc/{parent}/environ")
+    # Nor anywhere else in the /proc it sees (environ and cmdline of every process).
+    leaked = await client.evaluate(
+        f"[p for p in __import__('os').listdir('/proc') if p.isdigit() for n in "
+        f"('environ', 'cmdline') if {host_env_secret!r} in _jio_try(f'/proc/{{p}}/{{n}}')]"
+    )
+    assert leaked == []
+    # Its own PID namespace: the sandbox's init, the kernel and what the kernel started.
+    assert parent == 1
+
+
+async def test_a_kernel_cannot_read_the_hosts_keypair(host_keypair_file, make_host, make_client):
+    host = await make_host()
+    client = make_client(host)
+    await _ready(client)
+    assert host_keypair_file.read_text().startswith("[")  # the host reads it
+    assert await _read(client, host_keypair_file) in ("FileNotFoundError", "PermissionError", "")
+
+
+async def test_sessions_run_as_distinct_uids_and_cannot_read_each_others_workspace(
+    make_host, make_client
+):
+    host = await make_host()
+    alice, mallory = make_client(host), make_client(host)
+    await _ready(alice)
+    await _ready(mallory)
+    await alice.evaluate("open('diary.txt', 'w').write('alice-secret') and None")
+    alice_ws = host.sessions[alice.session_id].workspace
+    assert (alice_ws / "diary.txt").read_text() == "alice-secret"
+
+    assert await _read(mallory, alice_ws / "diary.txt") in ("FileNotFoundError", "PermissionError")
+    assert await mallory.evaluate(f"__import__('os').path.exists({str(alice_ws)!r})") is False
+    uids = {await c.evaluate("__import__('os').getuid()") for c in (alice, mallory)}
+    assert len(uids) == 2 and os.getuid() not in uids
+
+
+async def test_a_kernel_cannot_read_another_sessions_connection_file(make_host, make_client):
+    host = await make_host()
+    alice, mallory = make_client(host), make_client(host)
+    await _ready(alice)
+    await _ready(mallory)
+    runtime = host.sessions[alice.session_id].runtime_dir
+    assert runtime is not None
+    connection = runtime / "kernel.json"
+    assert json.loads(connection.read_text())["key"] == alice.key  # what the attack used
+    assert await _read(mallory, connection) in ("FileNotFoundError", "PermissionError")
+    # Nor its IPC sockets (through which that key ran code in alice's kernel).
+    assert await mallory.evaluate(f"__import__('os').path.exists({str(runtime)!r})") is False
+
+
+async def test_a_workspace_left_by_a_killed_host_is_wiped_at_startup(
+    tmp_path: Path,
+    client_keypair: Keypair,
+    host_keypair_file: Path,
+    jupyter_env: Path,
+    make_host,
+    make_client,
+):
+    workspaces = tmp_path / "ws"
+    proc, lines = await _start_host(
+        "--listen", "127.0.0.1:0", "--allow", str(client_keypair.pubkey()),
+        "--keypair", str(host_keypair_file), "--workspace", str(workspaces),
+    )  # fmt: skip
+    try:
+        match = LISTENING.match(lines[-1])
+        assert match
+        first = TunnelClient(match.group(1), client_keypair)
+        started = await _ready(first)
+        await first.evaluate("open('results.csv', 'w').write('tenant-1-data') and None")
+        left = workspaces / str(first.session_id)
+        proc.send_signal(signal.SIGKILL)  # no chance to clean up
+        await proc.wait()
+        await wait_until(lambda: not pid_alive(started["pid"]), 10, "the orphaned kernel to die")
+        await first.disconnect()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert (left / "results.csv").read_text() == "tenant-1-data"  # what the killed host left
+
+    host = await make_host(workspace_root=str(workspaces))
+    assert not left.exists()
+    second = make_client(host)
+    await _ready(second)
+    assert await _read(second, left / "results.csv") in ("FileNotFoundError", "PermissionError")
+
+
+# -- what the sandbox promises besides -----------------------------------------------------
+
+
+async def test_the_kernel_environment_is_the_allow_list_and_nothing_else(
+    host_env_secret, make_host, make_client, monkeypatch
+):
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    host = await make_host()
+    client = make_client(host)
+    await _ready(client)
+    await client.launch(env={"MY_SETTING": "42"})
+    await client.wait_ready()
+    # What the kernel process was started with (not what Python changed since).
+    names = await client.evaluate(
+        "sorted(e.split(b'=', 1)[0].decode() for e in "
+        "open('/proc/self/environ', 'rb').read().split(b'\\0') if e)"
+    )
+    host_names = {n for n in os.environ if n in HOST_ENV_ALLOWED or n.startswith("LC_")}
+    session = {"HOME", "PWD", "TMPDIR", "CUDA_DEVICE_ORDER", "CUDA_VISIBLE_DEVICES"}
+    assert set(names) == host_names | session | {"USER", "LOGNAME", "MY_SETTING"}
+
+
+async def test_limits_hold_inside_the_sandbox(make_host, make_client):
+    host = await make_host(
+        max_processes=300, max_open_files=512, sandbox_tmpfs_size=8 * 1024 * 1024
+    )
+    client = make_client(host)
+    await _ready(client)
+    seen = await client.evaluate(
+        "(lambda r, os: {'nproc': r.getrlimit(r.RLIMIT_NPROC), "
+        "'nofile': r.getrlimit(r.RLIMIT_NOFILE), "
+        "'tmp': os.statvfs('/tmp').f_blocks * os.statvfs('/tmp').f_frsize, "
+        "'shm': os.statvfs('/dev/shm').f_blocks * os.statvfs('/dev/shm').f_frsize})"
+        "(__import__('resource'), __import__('os'))"
+    )
+    assert seen == {
+        "nproc": [300, 300],
+        "nofile": [512, 512],
+        "tmp": 8 * 1024 * 1024,
+        "shm": 8 * 1024 * 1024,
+    }
+    _, reply = await client.execute(
+        "with open('/tmp/big', 'wb') as f:\n    for _ in range(16):\n        f.write(b'x' * 2**20)"
+    )
+    assert reply is not None and reply["content"]["ename"] == "OSError"  # ENOSPC at 8 MiB
+
+
+def test_only_the_leased_gpus_device_nodes_are_bound():
+    paths = SandboxPaths(hidden_dirs=(), software=(), host_dirs=(), host_files=())
+    common = {
+        "bwrap": "bwrap",
+        "paths": paths,
+        "workspace": "/srv/ws/s1",
+        "runtime_dir": "/tmp/jio-1",
+        "user": SessionUser(1_500_000_001, 1_500_000_001, "jio-1500000001"),
+        "setpriv": "/usr/bin/setpriv",
+        "tmpfs_bytes": 0,
+    }
+
+    def bound(argv: list[str]) -> set[str]:
+        return {argv[i + 1] for i, a in enumerate(argv) if a == "--dev-bind-try"}
+
+    assert bound(bwrap_argv(gpus=(1, 3), **common)) == {
+        "/dev/nvidia1",
+        "/dev/nvidia3",
+        *GPU_CONTROL_NODES,
+    }
+    assert bound(bwrap_argv(gpus=(), **common)) == set()  # a CPU session sees no GPU at all
+    argv = bwrap_argv(gpus=(0,), **common)
+    assert "--dev-bind" not in argv and "--bind" in argv  # nothing of the host's /dev else
+    assert argv[argv.index("--dev") + 1] == "/dev"
+
+
+def test_user_namespace_mode_hides_the_host_too(tmp_path: Path):
+    """A host that is not root: bwrap's user namespace, with the same hiding (run for real)."""
+    secret = tmp_path / "state" / "id.json"
+    secret.parent.mkdir()
+    secret.write_text("host-key")
+    workspace, runtime = tmp_path / "ws" / "s1", tmp_path / "rt"
+    workspace.mkdir(parents=True)
+    runtime.mkdir()
+    paths = sandbox_paths(
+        workspace_root=str(tmp_path / "ws"),
+        data_dir=str(secret.parent),
+        runtime_root=str(tmp_path),
+        secret_files=[str(secret)],
+    )
+    argv = bwrap_argv(
+        bwrap="bwrap", paths=paths, workspace=str(workspace), runtime_dir=str(runtime),
+        gpus=(), user=None, setpriv=None, tmpfs_bytes=0,
+    )  # fmt: skip
+    code = (
+        "import os, sys\n"
+        f"try:\n    open({str(secret)!r}).read(); sys.exit(1)\nexcept OSError:\n    pass\n"
+        f"open({str(workspace / 'out')!r}, 'w').write(str(len(os.listdir('/proc'))))\n"
+    )
+    done = subprocess.run(
+        [*argv, sys.executable, "-c", code], capture_output=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert "--unshare-user" in argv and "setpriv" not in " ".join(argv)
+
+
+# -- refusals ------------------------------------------------------------------------------
+
+
+async def test_isolation_none_is_refused_for_a_host_joined_to_a_coordinator(
+    host_keypair_file: Path, workspace_root: Path
+):
+    config = ProviderConfig(
+        listen="127.0.0.1:0",
+        keypair_path=str(host_keypair_file),
+        workspace_root=str(workspace_root),
+        coordinator_url="http://127.0.0.1:9",
+        isolation="none",
+        benchmark=False,
+    )
+    server = ProviderServer(config, stdout=io.StringIO())
+    with pytest.raises(ConfigError, match="isolation 'none' is refused"):
+        await server.startup()
+    assert server.url == "" and not server.started.is_set()  # never listened, so never linked
+
+
+async def test_isolation_none_standalone_says_so_loudly(make_host, make_client, caplog):
+    host = await make_host(isolation="none")
+    assert host.sandbox is None
+    printed = host.stdout.getvalue()
+    assert "WARNING: isolation is none" in printed and "own user" in printed
+    assert any("isolation is none" in r.getMessage() for r in caplog.records)
+    client = make_client(host)
+    await _ready(client)
+    assert await client.evaluate("__import__('os').getuid()") == os.getuid()
+
+
+async def test_a_host_without_bwrap_refuses_to_join_and_says_what_to_install(
+    host_keypair_file: Path, workspace_root: Path, tmp_path: Path, monkeypatch
+):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))  # no bubblewrap on this machine
+    config = ProviderConfig(
+        listen="127.0.0.1:0",
+        keypair_path=str(host_keypair_file),
+        workspace_root=str(workspace_root),
+        coordinator_url="http://127.0.0.1:9",
+        benchmark=False,
+    )
+    server = ProviderServer(config, stdout=io.StringIO())
+    with pytest.raises(ConfigError) as refused:
+        await server.startup()
+    message = str(refused.value)
+    assert "refusing to join the marketplace" in message
+    assert "apt-get install bubblewrap" in message
+    assert server.url == ""
+
+
+@pytest.fixture
+def host_env_secret(monkeypatch) -> str:
+    """A secret in the provider host's environment (an API key set for the provider)."""
+    secret = "sk-provider-" + os.urandom(8).hex()
+    monkeypatch.setenv("PROVIDER_API_KEY", secret)
+    return secret
