@@ -335,7 +335,12 @@ class Billing:
         try:
             state = await self.escrow_state(lease)
         except EscrowError as exc:
-            raise EscrowMissing(f"{exc}; open the escrow with the lease's terms") from None
+            raise EscrowMissing(
+                f"{exc}. The coordinator accepts only the escrow of the payments contract, "
+                f"as EscrowClient.open_escrow builds it with the lease's terms: request a new "
+                f"lease for a fresh escrow address (a multisig cannot be closed: if it is the "
+                f"problem, lease with another wallet key)"
+            ) from None
         needed = self.min_deposit(lease)
         if state is None:
             raise EscrowMissing(
@@ -629,6 +634,11 @@ class Billing:
         await self.store.enqueue_settlements(at=_utc(self.clock()))
         settlement = await self.store.get_settlement(lease.id)
         assert settlement is not None, "a funded lease that is over always has a settlement"
+        if settlement.state is SettlementState.FAILED and not allow_done:
+            raise RefundNotAllowed(
+                f"the escrow of lease {lease.id} is closed and nothing can be refunded: "
+                f"{settlement.error}"
+            )
         if settlement.state is not SettlementState.PENDING and not allow_done:
             raise RefundNotAllowed(
                 f"lease {lease.id} is already settled ({settlement.kind.value}, "
