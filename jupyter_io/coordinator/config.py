@@ -103,7 +103,23 @@ class CoordinatorConfig(Configurable):
         "limit).",
     )
     hello_timeout = Float(
-        10.0, config=True, help="Seconds a new provider link has to answer the challenge."
+        10.0,
+        config=True,
+        help="Seconds a new provider link has to answer the challenge, and a relayed tunnel, "
+        "once its provider has arrived, to complete its handshake (the provider's WELCOME).",
+    )
+    max_unauthenticated = Integer(
+        64,
+        config=True,
+        help="Most websocket connections in their handshake at once, on the provider link "
+        "(until its hello is verified) and the relay (until the tunnel's WELCOME); more are "
+        "answered 503. Each costs at most a few KB until then.",
+    )
+    max_unauthenticated_per_address = Integer(
+        8,
+        config=True,
+        help="Most websocket connections in their handshake at once from one source "
+        "address; more from that address are answered 503.",
     )
     offers_cache_ttl = Float(2.0, config=True, help="Seconds the offers list is cached.")
     request_max_skew = Float(
@@ -219,6 +235,13 @@ class CoordinatorConfig(Configurable):
         value = float(proposal["value"])  # type: ignore[arg-type]
         if value < 0:
             raise TraitError(f"{proposal['trait'].name} must not be negative")  # type: ignore[attr-defined]
+        return value
+
+    @validate("max_unauthenticated", "max_unauthenticated_per_address")
+    def _validate_cap(self, proposal: dict[str, object]) -> int:
+        value = int(proposal["value"])  # type: ignore[call-overload]
+        if value < 1:
+            raise TraitError(f"{proposal['trait'].name} must be at least 1")  # type: ignore[attr-defined]
         return value
 
     # -- derived values --------------------------------------------------------------------

@@ -41,6 +41,7 @@ from typing import Any
 from solders.pubkey import Pubkey
 from tornado import web
 
+from ..admission import HandshakeSlot, HandshakeSlots
 from ..errors import AuthError, JupyterIOError, LeaseError, PaymentError
 from ..protocol import SUBPROTOCOL
 from ..usage_acks import AckAhead, AckRefused, StaleAck, UsageAck
@@ -91,6 +92,10 @@ class Services:
     replay_guard: ReplayGuard
     links: set[LinkConnection] = field(default_factory=set)
     hello_timeout: float = 10.0
+    #: Websocket connections in their handshake (provider link and relay clients).
+    handshakes: HandshakeSlots = field(
+        default_factory=lambda: HandshakeSlots(total=64, per_address=8, what="websocket")
+    )
     request_max_skew: float = 60.0
     log: logging.Logger = _LOG
     #: ``"escrow"`` or ``"free"``, and the ledger's URL (empty when free).
@@ -436,8 +441,10 @@ class ProviderLinkHandler(_ApiHandler):
     async def get(self) -> None:
         try:
             key = check_upgrade(self)
+            slot = _handshake_slot(self, self.services)
         except web.HTTPError as exc:
-            self.fail(exc.status_code, "upgrade", exc.log_message or "")
+            code = "busy" if exc.status_code == 503 else "upgrade"
+            self.fail(exc.status_code, code, exc.log_message or "")
             return
         services = self.services
         link = LinkConnection(
@@ -446,9 +453,30 @@ class ProviderLinkHandler(_ApiHandler):
             hello_timeout=services.hello_timeout,
             log=services.log,
             on_closed=services.links.discard,
+            slot=slot,
         )
         services.links.add(link)
-        await link.start(accept_upgrade(self, key))
+        try:
+            await link.start(accept_upgrade(self, key))
+        except BaseException:
+            slot.release()
+            raise
+
+
+def _handshake_slot(handler: web.RequestHandler, services: Services) -> HandshakeSlot:
+    """A place among websocket connections in their handshake, or
+    :class:`tornado.web.HTTPError` 503 (with ``Retry-After``) when the caller's address or
+    the coordinator has none left."""
+    address = handler.request.remote_ip or "unknown"
+    slot = services.handshakes.admit(address)
+    if slot is not None and slot.refusal is None:
+        return slot
+    reason = slot.refusal if slot is not None else "too many connections in their handshake"
+    if slot is not None:
+        slot.release()  # a refusal is answered at once: nothing to hold it for
+    services.log.warning("refusing a websocket connection: %s", reason)
+    handler.set_header("Retry-After", "5")
+    raise web.HTTPError(503, reason)
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,15 +495,19 @@ class RelayHandler(web.RequestHandler):
 
     async def get(self, lease_id: str) -> None:
         side = self.get_query_argument("side", "")
+        slot: HandshakeSlot | None = None
         try:
             key = check_upgrade(self)
             if side == "client":
+                slot = _handshake_slot(self, self.services)
                 provider = await self._admit_client(lease_id)
             elif side == "provider":
                 conn = await self._admit_provider(lease_id)
             else:
                 raise web.HTTPError(400, "side must be client or provider")
         except web.HTTPError as exc:
+            if slot is not None:
+                slot.release()
             self.set_status(exc.status_code)
             self.set_header("Content-Type", "application/json")
             self.finish(json.dumps({"error": {"code": "relay", "message": exc.log_message}}))
@@ -483,7 +515,12 @@ class RelayHandler(web.RequestHandler):
         stream = accept_upgrade(self, key, (SUBPROTOCOL,))
         relay = self.services.relay
         if side == "client":
-            await relay.open_client(lease_id, provider, stream)
+            try:
+                await relay.open_client(lease_id, provider, stream, slot)
+            except BaseException:
+                if slot is not None:
+                    slot.release()  # the relay never took it
+                raise
         else:
             await relay.open_provider(lease_id, conn, stream)
 

@@ -36,6 +36,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import Protocol as WebSocketProtocol
 from websockets.protocol import Side, State
 
+from ..admission import HandshakeSlot
 from ..errors import AuthError, ProtocolError
 from ..identity import new_nonce
 from .auth import verify_provider_hello
@@ -48,6 +49,7 @@ __all__ = [
     "CLOSE_BAD_SIGNATURE",
     "CLOSE_PROTOCOL",
     "LINK_VERSION",
+    "MAX_HELLO_SIZE",
     "MAX_LEASE_ID_LENGTH",
     "MAX_MESSAGE_SIZE",
     "MAX_OFFERS",
@@ -85,6 +87,9 @@ MAX_SESSIONS = 10_000
 MAX_LEASE_ID_LENGTH = 64
 #: Largest provider-link message (an inventory is a few KiB).
 MAX_MESSAGE_SIZE = 1 << 20
+#: Largest message before the hello is verified: a stranger costs no more. A hello is a few
+#: KiB; this holds the full 64 offers and about a thousand hosted lease ids.
+MAX_HELLO_SIZE = 64 * 1024
 #: Seconds a provider has to answer our close frame before its TCP is cut.
 CLOSE_TIMEOUT = 5.0
 _MAX_TEXT = 2048
@@ -756,6 +761,11 @@ class LinkConnection:
     a session event, a usage report), reading pauses, so a provider's messages keep their
     order. Make one per upgraded request and :meth:`start` it; :attr:`closed` is set once its
     TCP connection is gone.
+
+    Until the hello is verified messages are limited to :data:`MAX_HELLO_SIZE` (checked from
+    a frame's header, before its payload is buffered) and ``slot``, the connection's place
+    among those in their handshake, is held; then :data:`MAX_MESSAGE_SIZE` applies and the
+    slot is released.
     """
 
     channel: Channel
@@ -768,10 +778,12 @@ class LinkConnection:
         hello_timeout: float = 10.0,
         log: logging.Logger | None = None,
         on_closed: Callable[[LinkConnection], None] | None = None,
+        slot: HandshakeSlot | None = None,
     ) -> None:
         self.log = log or logging.getLogger("jupyter_io.coordinator")
         self.on_closed = on_closed
-        self.ws = WebSocketProtocol(Side.SERVER, state=State.OPEN, max_size=MAX_MESSAGE_SIZE)
+        self.slot = slot
+        self.ws = WebSocketProtocol(Side.SERVER, state=State.OPEN, max_size=MAX_HELLO_SIZE)
         self.session = ProviderLinkSession(registry, self, coordinator=coordinator, log=self.log)
         self.hello_timeout = hello_timeout
         #: Set when the TCP connection has ended.
@@ -842,6 +854,8 @@ class LinkConnection:
     def connection_lost(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self.slot is not None:
+            self.slot.release()
         self.ws.receive_eof()
         received = self.ws.close_rcvd
         self._lost = True
@@ -889,6 +903,12 @@ class LinkConnection:
         if not task.cancelled() and task.exception() is not None:
             self.log.error("provider link message failed", exc_info=task.exception())
         self._busy = False
+        if self.ws.max_message_size == MAX_HELLO_SIZE and self.session.provider is not None:
+            # The hello checked out: the link's own limit from the next frame on (the
+            # reader sizes a frame when its first byte arrives; reading was paused).
+            self.ws.max_message_size = MAX_MESSAGE_SIZE
+            if self.slot is not None:
+                self.slot.release()
         if not self._lost:
             self.channel.resume_reading()
         self._next()

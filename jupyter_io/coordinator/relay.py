@@ -25,6 +25,14 @@ For a provider nobody can reach directly (behind NAT, the demo's default), the l
 Flow control: when one side's socket buffer passes its high-water mark, the other side stops
 being read until it drains, so a slow reader slows its writer instead of filling memory.
 
+Before the tunnel handshake is over the client is a stranger to the provider, so until the
+provider's WELCOME has passed (the one payload byte the relay looks at: a binary message's
+first, the tunnel's frame kind) each side may send messages of at most
+:data:`~jupyter_io.protocol.HANDSHAKE_MAX_FRAME_SIZE` and :data:`HANDSHAKE_BYTES` in all,
+WELCOME must come within ``handshake_timeout`` of the pairing (else close 1008), and the
+client's connection holds a :class:`~jupyter_io.admission.HandshakeSlot` (the handler's cap on
+connections in their handshake, per source address and in all).
+
 The hot path is callbacks, not coroutines: the socket is taken over from tornado after the
 upgrade (:func:`~jupyter_io.coordinator.sockets.adopt`: an asyncio protocol on plain TCP, a
 read loop over tornado's stream behind TLS) and each read is re-framed and written in one
@@ -45,6 +53,8 @@ from urllib.parse import quote
 
 from tornado.iostream import IOStream
 
+from ..admission import HandshakeSlot
+from ..protocol import HANDSHAKE_MAX_FRAME_SIZE, FrameKind
 from .provider_link import Dial
 from .relay_frames import FrameError, FrameForwarder, encode_close
 from .sockets import Channel, adopt
@@ -53,8 +63,10 @@ if TYPE_CHECKING:
     from .registry import Registry
 
 __all__ = [
+    "CLOSE_POLICY",
     "CLOSE_TIMEOUT",
     "CLOSE_TRY_AGAIN",
+    "HANDSHAKE_BYTES",
     "MAX_PENDING_PER_LEASE",
     "Relay",
     "RelayConnection",
@@ -65,6 +77,11 @@ __all__ = [
 
 #: Close code when the provider did not arrive in time (RFC 6455 "try again later").
 CLOSE_TRY_AGAIN = 1013
+#: Close code for a side that overstays or oversends its tunnel handshake.
+CLOSE_POLICY = 1008
+#: Bytes either side may send before the provider's WELCOME (a HELLO and a pipelined LAUNCH
+#: fit with room to spare).
+HANDSHAKE_BYTES = 4 * HANDSHAKE_MAX_FRAME_SIZE
 #: Client connections of one lease that may wait for their provider at once.
 MAX_PENDING_PER_LEASE = 8
 #: Seconds a closing side has to answer with its own close frame before its TCP is cut.
@@ -89,10 +106,16 @@ class RelaySide:
 
     channel: Channel
 
-    def __init__(self, relay: Relay, connection: RelayConnection) -> None:
+    def __init__(self, relay: Relay, connection: RelayConnection, *, provider: bool) -> None:
         self.relay = relay
         self.connection = connection
         self.forwarder = FrameForwarder(relay.max_message_size)
+        # Until the tunnel handshake is over; the provider's WELCOME lifts its own side.
+        self.forwarder.hold(
+            HANDSHAKE_MAX_FRAME_SIZE, until_kind=FrameKind.WELCOME if provider else None
+        )
+        #: Bytes this side sent before the handshake was over.
+        self.handshake_bytes = 0
         #: A close frame went to this side (ours, or the other side's passed on).
         self.close_sent = False
         #: This side sends nothing more (it sent a close frame, or its TCP is gone).
@@ -137,6 +160,11 @@ class RelayConnection:
     closing: bool = False
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     timer: asyncio.TimerHandle | None = None
+    #: The provider's WELCOME has passed: the session's limits apply.
+    established: bool = False
+    #: The client's place among connections in their handshake (released once established).
+    slot: HandshakeSlot | None = None
+    handshake_timer: asyncio.TimerHandle | None = None
 
     def other(self, side: RelaySide) -> RelaySide | None:
         return self.provider if side is self.client else self.client
@@ -163,6 +191,7 @@ class Relay:
         *,
         base_url: str,
         pair_timeout: float = 10.0,
+        handshake_timeout: float = 10.0,
         max_message_size: int = 65 << 20,
         log: logging.Logger | None = None,
     ) -> None:
@@ -170,6 +199,8 @@ class Relay:
         self.base_url = base_url.rstrip("/")
         self.registry = registry
         self.pair_timeout = pair_timeout
+        #: Seconds from the pairing to the provider's WELCOME.
+        self.handshake_timeout = handshake_timeout
         self.max_message_size = max_message_size
         self.log = log or logging.getLogger("jupyter_io.coordinator")
         self.stats = RelayStats()
@@ -191,12 +222,17 @@ class Relay:
     # -- pairing ---------------------------------------------------------------------------
 
     async def open_client(
-        self, lease_id: str, provider_pubkey: str, stream: IOStream
+        self,
+        lease_id: str,
+        provider_pubkey: str,
+        stream: IOStream,
+        slot: HandshakeSlot | None = None,
     ) -> RelayConnection:
         """A client connected (token checked, upgrade answered): dial the provider, start
-        the pairing timer, and take over its socket."""
+        the pairing timer, and take over its socket. ``slot`` is released once the tunnel
+        handshake is over or the connection ends."""
         conn = next(self._numbers)
-        connection = RelayConnection(lease_id, conn, provider_pubkey)
+        connection = RelayConnection(lease_id, conn, provider_pubkey, slot=slot)
         waiting = sum(1 for c in self._by_lease.get(lease_id, ()) if c.provider is None)
         self._by_lease.setdefault(lease_id, set()).add(connection)
         connection.client = side = await self._adopt(stream, connection)
@@ -230,13 +266,17 @@ class Relay:
             connection.timer.cancel()
             connection.timer = None
         placeholder = connection or RelayConnection(lease_id, conn, "")
-        side = await self._adopt(stream, placeholder)
+        side = await self._adopt(stream, placeholder, provider=True)
         if connection is None or connection.closing:
             side.send_close(1001, "the client of this connection has gone")
             side.channel.close()
             return False
         connection.provider = side
         self.stats.pairs += 1
+        if not connection.established:
+            connection.handshake_timer = asyncio.get_running_loop().call_later(
+                self.handshake_timeout, self._handshake_late, connection
+            )
         client = connection.client
         assert client is not None  # a connection is pending only once its client is adopted
         for frames in connection.early:
@@ -248,8 +288,10 @@ class Relay:
             client.channel.resume_reading()
         return True
 
-    async def _adopt(self, stream: IOStream, connection: RelayConnection) -> RelaySide:
-        side = RelaySide(self, connection)
+    async def _adopt(
+        self, stream: IOStream, connection: RelayConnection, *, provider: bool = False
+    ) -> RelaySide:
+        side = RelaySide(self, connection, provider=provider)
         await adopt(stream, side)
         return side
 
@@ -303,6 +345,19 @@ class Relay:
             source.done = True
             self.shut(connection, exc.code, exc.reason)
             return
+        if not connection.established:
+            if source is connection.provider and not source.forwarder.held:
+                self._established(connection)  # WELCOME: lift both before it goes on
+            else:
+                source.handshake_bytes += len(data)
+                if source.handshake_bytes > HANDSHAKE_BYTES:
+                    source.done = True
+                    self.shut(
+                        connection,
+                        CLOSE_POLICY,
+                        f"more than {HANDSHAKE_BYTES} bytes before the tunnel handshake ended",
+                    )
+                    return
         if frames:
             target = connection.other(source)
             if target is None:  # the provider has not arrived
@@ -317,6 +372,26 @@ class Relay:
             self._forward(source, target, frames)
         if source.forwarder.closed:
             self._source_closed(source)
+
+    def _established(self, connection: RelayConnection) -> None:
+        """The provider's WELCOME passed: session limits, and no longer a stranger."""
+        connection.established = True
+        for side in connection.sides():
+            side.forwarder.lift()
+        if connection.slot is not None:
+            connection.slot.release()
+        if connection.handshake_timer is not None:
+            connection.handshake_timer.cancel()
+            connection.handshake_timer = None
+
+    def _handshake_late(self, connection: RelayConnection) -> None:
+        connection.handshake_timer = None
+        if not connection.established and not connection.closing:
+            self.shut(
+                connection,
+                CLOSE_POLICY,
+                f"the tunnel handshake did not end within {self.handshake_timeout:g} s",
+            )
 
     def _forward(self, source: RelaySide, target: RelaySide, frames: bytes) -> None:
         if target.close_sent:
@@ -377,6 +452,11 @@ class Relay:
         if connection.timer is not None:
             connection.timer.cancel()
             connection.timer = None
+        if connection.handshake_timer is not None:
+            connection.handshake_timer.cancel()
+            connection.handshake_timer = None
+        if connection.slot is not None:
+            connection.slot.release()
         self._pending.pop((connection.lease_id, connection.conn), None)
         group = self._by_lease.get(connection.lease_id)
         if group is not None:

@@ -88,8 +88,8 @@ class FrameForwarder:
     :attr:`close_reason` say what it carried, and further input is ignored.
     """
 
-    __slots__ = ("_buffer", "_fragmented", "_message_size", "close_code", "close_reason",
-                 "closed", "max_size")  # fmt: skip
+    __slots__ = ("_buffer", "_fragmented", "_full_size", "_message_size", "_until",
+                 "close_code", "close_reason", "closed", "max_size")  # fmt: skip
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
@@ -99,6 +99,26 @@ class FrameForwarder:
         self._buffer = bytearray()
         self._fragmented = False
         self._message_size = 0
+        self._full_size = max_size
+        self._until: bytes | None = None
+
+    @property
+    def held(self) -> bool:
+        """True between :meth:`hold` and :meth:`lift`."""
+        return self._until is not None or self.max_size < self._full_size
+
+    def hold(self, max_size: int, *, until_kind: int | None = None) -> None:
+        """Accept messages of at most ``max_size`` bytes until :meth:`lift`; with
+        ``until_kind``, also until a binary message whose first payload byte is that value
+        has passed (the tunnel's WELCOME: frames behind it in the same read get the full
+        limit). The relay holds both sides this way until the tunnel handshake is over."""
+        self.max_size = min(max_size, self._full_size)
+        self._until = None if until_kind is None else bytes((until_kind,))
+
+    def lift(self) -> None:
+        """Back to the size given at construction."""
+        self.max_size = self._full_size
+        self._until = None
 
     def feed(self, data: bytes) -> bytes:
         """The frames ``data`` completes, re-framed for the other side (``b""`` if none)."""
@@ -139,6 +159,8 @@ class FrameForwarder:
                 break
             self._check(first, opcode, length)
             payload = apply_mask(view[start + 4 : end], view[start : start + 4])
+            if self._until is not None and opcode == OP_BINARY and payload[:1] == self._until:
+                self.lift()
             out.append(_header(first, length))
             out.append(payload)
             offset = end

@@ -38,6 +38,7 @@ from solders.keypair import Keypair
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
+from ..admission import HandshakeSlots
 from ..daemon import capture_signals, is_loopback
 from ..errors import ConfigError
 from ..payments.escrow import EscrowClient
@@ -164,6 +165,7 @@ class CoordinatorServer:
             registry,
             base_url=ws_base,
             pair_timeout=config.relay_pair_timeout,
+            handshake_timeout=config.hello_timeout,
             max_message_size=config.relay_max_message_size,
             log=self.log,
         )
@@ -209,6 +211,11 @@ class CoordinatorServer:
             offers=OffersCache(self.index, ttl=config.offers_cache_ttl),
             replay_guard=ReplayGuard(config.request_max_skew),
             hello_timeout=config.hello_timeout,
+            handshakes=HandshakeSlots(
+                total=config.max_unauthenticated,
+                per_address=config.max_unauthenticated_per_address,
+                what="websocket",
+            ),
             request_max_skew=config.request_max_skew,
             log=self.log,
             payments=config.payments,

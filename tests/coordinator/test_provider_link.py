@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from urllib.parse import urlsplit
 
 import pytest
 from solders.keypair import Keypair
@@ -16,6 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from jupyter_io.coordinator.client import CoordinatorClient
 from jupyter_io.coordinator.models import LeaseState, ProviderStatus
 from jupyter_io.coordinator.provider_link import (
+    MAX_MESSAGE_SIZE,
     Challenge,
     Dial,
     End,
@@ -32,6 +34,7 @@ from jupyter_io.coordinator.server import CoordinatorServer
 from jupyter_io.coordinator.store import OfferSpec, ProviderProfile, Store
 from jupyter_io.errors import ProtocolError
 
+from ..raw_ws import flood, open_raw
 from .conftest import GIB, WAIT, FakeProvider, LinkRefused, Starter, gpu_offer
 
 pytestmark = pytest.mark.timeout(60)
@@ -112,6 +115,32 @@ async def test_first_message_must_be_a_hello_and_must_come_in_time(
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), WAIT)
         assert ws.close_code == 1008 and ws.close_reason == "no hello in time"
+
+
+async def test_before_its_hello_a_link_takes_small_frames_from_few_connections(
+    start_coordinator: Starter, providers: list[FakeProvider]
+) -> None:
+    server = await start_coordinator(max_unauthenticated_per_address=1)
+    provider = FakeProvider(server.url)
+    providers.append(provider)
+    await linked(server, provider)  # verified: it no longer counts
+    url = urlsplit(provider.url)
+    host, port = url.hostname or "", url.port or 0
+    stranger = await open_raw(host, port, url.path)
+    try:
+        assert stranger.status == 101
+        refused = await open_raw(host, port, url.path)  # a second stranger from 127.0.0.1
+        await refused.close()
+        assert refused.status == 503
+        error = json.loads(refused.body)["error"]
+        assert error["code"] == "busy" and "127.0.0.1" in error["message"]
+        # Half a megabyte instead of a hello (a verified link may send up to 1 MiB): refused
+        # from the frame's header.
+        await flood(stranger, MAX_MESSAGE_SIZE // 2)
+        await stranger.wait_closed()
+        assert stranger.close_code == 1009
+    finally:
+        await stranger.close()
 
 
 # ---- inventory ---------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ reconnecting client gets a new dial, a provider that never comes times out."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+from urllib.parse import urlsplit
 
 import pytest
 from solders.keypair import Keypair
@@ -15,10 +17,12 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from jupyter_io.coordinator.auth import sign_request
 from jupyter_io.coordinator.client import CoordinatorClient, LeaseGrant
+from jupyter_io.coordinator.relay import HANDSHAKE_BYTES
 from jupyter_io.coordinator.server import CoordinatorServer
 from jupyter_io.leases import LeaseClaims, issue_token
-from jupyter_io.protocol import SUBPROTOCOL
+from jupyter_io.protocol import SUBPROTOCOL, FrameKind, encode_control
 
+from ..raw_ws import RawConnection, flood, open_raw
 from .conftest import WAIT, FakeProvider, Starter, gpu_offer
 
 pytestmark = pytest.mark.timeout(60)
@@ -75,6 +79,10 @@ async def test_the_relay_copies_binary_and_text_both_ways_and_propagates_close_c
     assert "side=provider" in url and "conn=" in url
     assert client.subprotocol == SUBPROTOCOL
     assert await asyncio.wait_for(side.recv(), WAIT) == early
+    # Large messages pass once the provider has welcomed the client (the tunnel's WELCOME).
+    welcome = encode_control(FrameKind.WELCOME, {"session": "s"})
+    await side.send(welcome)
+    assert await asyncio.wait_for(client.recv(), WAIT) == welcome
 
     big_up, big_down = os.urandom(3 << 20), os.urandom(5 << 20)
     await client.send(big_up)
@@ -266,3 +274,89 @@ async def test_a_side_whose_connection_drops_makes_the_relay_close_the_other_wit
     registry = coordinator.registry
     assert registry is not None
     await registry.wait_for(lambda: coordinator.relay.active() == 0, WAIT)  # type: ignore[union-attr]
+
+
+# -- before the tunnel handshake ----------------------------------------------------------
+
+
+async def _raw_client(grant: LeaseGrant, source: str = "127.0.0.1") -> RawConnection:
+    parts = urlsplit(grant.tunnel_url)
+    return await open_raw(
+        parts.hostname or "",
+        parts.port or 0,
+        f"{parts.path}?{parts.query}",
+        source=source,
+        headers=grant.relay_headers().items(),
+        subprotocol=SUBPROTOCOL,
+    )
+
+
+async def test_before_welcome_the_relay_takes_only_small_frames_and_only_for_hello_timeout(
+    start_coordinator: Starter, providers: list[FakeProvider]
+) -> None:
+    server = await start_coordinator(hello_timeout=0.5)
+    api = CoordinatorClient(server.url, Keypair(), timeout=WAIT)
+    try:
+        provider, grant = await relayed_lease(server, providers, api)
+        # A 64 MB frame instead of HELLO: refused from its header, nothing buffered.
+        flooder = await _raw_client(grant)
+        try:
+            assert flooder.status == 101
+            sent = await flood(flooder, 64 << 20)
+            await flooder.wait_closed()
+            assert flooder.close_code == 1009 and sent < 64 << 20
+        finally:
+            await flooder.close()
+        await provider.next_message("dial")  # that connection's, gone already
+
+        # Small frames, but more of them than a HELLO and a LAUNCH take, before WELCOME.
+        client = await open_client(grant)
+        side, _ = await answer_dial(provider, grant.lease)
+        with pytest.raises(ConnectionClosed):
+            for _ in range(HANDSHAKE_BYTES // 8000 + 2):
+                await client.send(bytes(8000))
+            await asyncio.wait_for(client.recv(), 5)
+        assert client.close_code == 1008 and "bytes before" in (client.close_reason or "")
+
+        # Paired, but the provider never welcomes the client: both closed at the deadline.
+        client = await open_client(grant)
+        side, _ = await answer_dial(provider, grant.lease)
+        for ws in (client, side):
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+            assert ws.close_code == 1008 and "did not end within" in (ws.close_reason or "")
+    finally:
+        api.close()
+
+
+async def test_relay_clients_in_their_handshake_are_capped_per_address_and_in_all(
+    start_coordinator: Starter, providers: list[FakeProvider]
+) -> None:
+    server = await start_coordinator(max_unauthenticated_per_address=2, max_unauthenticated=3)
+    api = CoordinatorClient(server.url, Keypair(), timeout=WAIT)
+    raws: list[RawConnection] = []
+    try:
+        provider, grant = await relayed_lease(server, providers, api)
+        client = await open_client(grant)
+        raws.append(await _raw_client(grant))
+        assert raws[-1].status == 101
+        raws.append(await _raw_client(grant))  # a third one in its handshake from 127.0.0.1
+        assert raws[-1].status == 503
+        message = json.loads(raws[-1].body)["error"]["message"]
+        assert "127.0.0.1" in message and "try again" in message
+        raws.append(await _raw_client(grant, "127.0.0.2"))
+        assert raws[-1].status == 101  # its address has room, and 3 in all are allowed
+        raws.append(await _raw_client(grant, "127.0.0.3"))
+        assert raws[-1].status == 503 and "3 websocket connections" in raws[-1].body.decode()
+
+        # The first client's provider welcomes it: it no longer counts.
+        side, _ = await answer_dial(provider, grant.lease)
+        welcome = encode_control(FrameKind.WELCOME, {"session": "s"})
+        await side.send(welcome)
+        assert await asyncio.wait_for(client.recv(), WAIT) == welcome
+        raws.append(await _raw_client(grant, "127.0.0.3"))
+        assert raws[-1].status == 101
+    finally:
+        for raw in raws:
+            await raw.close()
+        api.close()
