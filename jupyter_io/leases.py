@@ -25,7 +25,7 @@ import base64
 import binascii
 import heapq
 import json
-import math
+import sys
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import Any
@@ -56,6 +56,7 @@ TOKEN_DOMAIN = b"jupyter-io/lease-token/v1\n"
 MAX_TOKEN_LENGTH = 4096
 #: How far in the future ``issued_at`` may be before a token is refused: clocks differ.
 CLOCK_SKEW_S = 60.0
+_MAX_FLOAT = sys.float_info.max
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +98,8 @@ class LeaseClaims:
             raise ValueError("price_lamports_per_hour must be a non-negative int of lamports")
         for name in ("issued_at", "expires_at"):
             value = getattr(self, name)
-            if type(value) not in (int, float) or not math.isfinite(value):
+            # Compared, not math.isfinite(): an int beyond a float's range overflows that.
+            if type(value) not in (int, float) or not -_MAX_FLOAT <= value <= _MAX_FLOAT:
                 raise ValueError(f"{name} must be finite Unix seconds")
         if self.expires_at <= self.issued_at:
             raise ValueError("expires_at must be after issued_at")
@@ -121,8 +123,10 @@ class LeaseClaims:
         """Parse claims from a token's JSON; :class:`AuthError` ("malformed") if they are not."""
         try:
             body = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
+        except ValueError:  # also UnicodeDecodeError, and integers of over 4300 digits
             raise _malformed("the claims are not JSON") from None
+        except RecursionError:
+            raise _malformed("the claims nest too deeply") from None
         if not isinstance(body, dict):
             raise _malformed("the claims are not a JSON object")
         if body.get("v") != TOKEN_VERSION:
@@ -164,7 +168,8 @@ def issue_token(keypair: Keypair, claims: LeaseClaims) -> str:
     """Sign ``claims`` as the coordinator whose keypair this is; return the compact token.
 
     Raises :class:`ValueError` if ``claims.coordinator`` is not ``keypair``'s public key (a
-    token must name the key that signed it). Hand the token to the client, which presents it
+    token must name the key that signed it), or if the token would be longer than
+    :data:`MAX_TOKEN_LENGTH`. Hand the token to the client, which presents it
     to the provider host; the host calls :func:`verify_token` or :meth:`LeaseBook.admit`.
     """
     if claims.coordinator != keypair.pubkey():
@@ -174,7 +179,13 @@ def issue_token(keypair: Keypair, claims: LeaseClaims) -> str:
         )
     payload = claims.to_json()
     signature = keypair.sign_message(token_message(payload))
-    return f"{_b64encode(payload)}.{signature}"
+    token = f"{_b64encode(payload)}.{signature}"
+    if len(token) > MAX_TOKEN_LENGTH:  # verify_token would refuse it: fail here, loudly
+        raise ValueError(
+            f"these claims make a token of {len(token)} characters, more than the "
+            f"{MAX_TOKEN_LENGTH} a provider accepts; shorten the lease id or GPU name"
+        )
+    return token
 
 
 def _parse(token: str) -> tuple[bytes, Signature, LeaseClaims]:
@@ -203,7 +214,10 @@ def _parse(token: str) -> tuple[bytes, Signature, LeaseClaims]:
 
 
 def _when(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec="seconds")
+    try:
+        return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec="seconds")
+    except (OverflowError, ValueError, OSError):  # beyond the years datetime can show
+        return f"{seconds} Unix seconds"
 
 
 def verify_token(

@@ -157,14 +157,17 @@ class Frame:
     def body(self) -> dict[str, Any]:
         """The JSON object of a control frame (``{}`` when it has no part).
 
-        Raises :class:`ProtocolError` when the part is not a UTF-8 JSON object.
+        Raises :class:`ProtocolError` when the part is not a UTF-8 JSON object, nests
+        deeper than Python's recursion limit, or holds an integer of more than 4300 digits.
         """
         if not self.parts:
             return {}
         try:
             value = json.loads(self.parts[0])
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
             raise ProtocolError(f"{self.kind.name} frame body is not JSON: {exc}") from None
+        except RecursionError:
+            raise ProtocolError(f"{self.kind.name} frame body nests too deeply") from None
         if not isinstance(value, dict):
             raise ProtocolError(f"{self.kind.name} frame body must be a JSON object")
         return value

@@ -3,10 +3,26 @@ belong in that package's own conftest.py."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# The fuzz tests (tests/**/*_fuzz.py): a bounded share of CI (the whole set in ~30 s on 2
+# shared cores), no deadline (a loaded machine is not a bug), and under CI the same examples
+# every run, so a failure there reproduces. HYPOTHESIS_PROFILE=fuzz-long digs deeper locally.
+settings.register_profile(
+    "jupyter-io",
+    max_examples=200,
+    deadline=None,
+    derandomize=bool(os.environ.get("CI")),
+    database=None,
+    print_blob=True,
+)
+settings.register_profile("fuzz-long", settings.get_profile("jupyter-io"), max_examples=20_000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "jupyter-io"))
 
 
 @pytest.fixture
