@@ -24,7 +24,7 @@ import asyncio
 import base64
 import json
 import logging
-import math
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -50,6 +50,7 @@ __all__ = [
     "CLOSE_PROTOCOL",
     "LINK_VERSION",
     "MAX_HELLO_SIZE",
+    "MAX_INT",
     "MAX_LEASE_ID_LENGTH",
     "MAX_MESSAGE_SIZE",
     "MAX_OFFERS",
@@ -90,9 +91,12 @@ MAX_MESSAGE_SIZE = 1 << 20
 #: Largest message before the hello is verified: a stranger costs no more. A hello is a few
 #: KiB; this holds the full 64 offers and about a thousand hosted lease ids.
 MAX_HELLO_SIZE = 64 * 1024
+#: Largest integer a link message may carry: the store's columns are signed 64-bit.
+MAX_INT = (1 << 63) - 1
 #: Seconds a provider has to answer our close frame before its TCP is cut.
 CLOSE_TIMEOUT = 5.0
 _MAX_TEXT = 2048
+_MAX_FLOAT = sys.float_info.max
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,8 +119,8 @@ def _str(body: Mapping[str, Any], name: str, *, optional: bool = False, limit: i
 
 def _int(body: Mapping[str, Any], name: str, *, minimum: int = 0) -> int:
     value = body.get(name)
-    if type(value) is not int or value < minimum:
-        raise _fail(f"{name!r} must be an integer >= {minimum}, not {value!r:.60}")
+    if type(value) is not int or not minimum <= value <= MAX_INT:
+        raise _fail(f"{name!r} must be an integer in {minimum}..2**63-1, not {value!r:.60}")
     return value
 
 
@@ -124,7 +128,8 @@ def _float(body: Mapping[str, Any], name: str, *, optional: bool = False) -> Any
     value: Any = body.get(name)
     if value is None and optional:
         return None
-    if type(value) not in (int, float) or not math.isfinite(value):
+    # An int beyond a float's range passes isfinite's type check but not its conversion.
+    if type(value) not in (int, float) or not -_MAX_FLOAT <= value <= _MAX_FLOAT:
         raise _fail(f"{name!r} must be a finite number, not {value!r:.60}")
     return float(value)
 
@@ -454,7 +459,7 @@ class SessionEvent(_Message):
     @classmethod
     def parse(cls, body: Mapping[str, Any]) -> SessionEvent:
         state = body.get("state")
-        if state not in cls.STATES:
+        if not isinstance(state, str) or state not in cls.STATES:
             raise _fail(f"session 'state' must be 'active' or 'ended', not {state!r:.40}")
         return cls(_lease_id(body.get("lease"), "'lease'"), str(state), _float(body, "at"))
 
@@ -564,7 +569,7 @@ class SettlementRefused(_Message):
     @classmethod
     def parse(cls, body: Mapping[str, Any]) -> SettlementRefused:
         code = body.get("code", "refused")
-        if code not in cls.CODES:
+        if not isinstance(code, str) or code not in cls.CODES:
             raise _fail(f"settlement_refused 'code' must be one of {sorted(cls.CODES)}")
         return cls(_lease_id(body.get("lease"), "'lease'"), _str(body, "reason"), str(code))
 
@@ -615,11 +620,14 @@ def parse_message(text: str | bytes) -> LinkMessage:
         raise _fail("binary message; the link speaks JSON text")
     try:
         body = json.loads(text)
-    except ValueError:
+    except ValueError:  # also an integer of more than 4300 digits
         raise _fail("a message is not JSON") from None
+    except RecursionError:
+        raise _fail("a message nests too deeply") from None
     if not isinstance(body, dict):
         raise _fail("a message must be a JSON object")
-    parser = _PARSERS.get(body.get("type"))  # type: ignore[arg-type]
+    kind = body.get("type")
+    parser = _PARSERS.get(kind) if isinstance(kind, str) else None
     if parser is None:
         raise _fail(f"unknown message type {body.get('type')!r:.40}")
     return parser(body)
