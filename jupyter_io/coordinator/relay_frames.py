@@ -152,12 +152,14 @@ class FrameForwarder:
                     break
                 length = _U64.unpack_from(view, start)[0]
                 start += 8
-            if length > self.max_size:  # before buffering it
-                raise FrameError(1009, f"message larger than {self.max_size} bytes")
+            # The header alone decides, before any of the payload is waited for and buffered.
+            message_size = self._check(first, opcode, length)
             end = start + 4 + length
             if size < end:
                 break
-            self._check(first, opcode, length)
+            if opcode not in _CONTROL:  # control frames may come between fragments
+                self._message_size = message_size
+                self._fragmented = not first & _FIN
             payload = apply_mask(view[start + 4 : end], view[start : start + 4])
             if self._until is not None and opcode == OP_BINARY and payload[:1] == self._until:
                 self.lift()
@@ -178,24 +180,26 @@ class FrameForwarder:
             buffer.clear()
         return b"".join(out)
 
-    def _check(self, first: int, opcode: int, length: int) -> None:
+    def _check(self, first: int, opcode: int, length: int) -> int:
+        """Judge a frame by its header; return the size of its message so far (changes
+        nothing: the frame counts once it is complete)."""
         if opcode in _CONTROL:
             if not first & _FIN or length > 125:
                 raise FrameError(1002, "control frames must be final and at most 125 bytes")
-            return
+            return self._message_size
         if opcode not in _DATA:
             raise FrameError(1002, f"unknown opcode {opcode:#x}")
         if opcode == OP_CONTINUATION:
             if not self._fragmented:
                 raise FrameError(1002, "continuation frame without a message to continue")
-            self._message_size += length
+            size = self._message_size + length
         else:
             if self._fragmented:
                 raise FrameError(1002, "a new message started inside a fragmented one")
-            self._message_size = length
-        if self._message_size > self.max_size:
+            size = length
+        if size > self.max_size:
             raise FrameError(1009, f"message larger than {self.max_size} bytes")
-        self._fragmented = not first & _FIN
+        return size
 
     def _closing(self, payload: bytes) -> None:
         self.closed = True
