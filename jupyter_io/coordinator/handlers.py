@@ -56,7 +56,7 @@ from .billing import (
 )
 from .leasing import LeaseGone, LeaseNotFound, LeaseNotLive, LeaseService, NotLeaseOwner
 from .offers import OffersCache
-from .provider_link import LinkConnection
+from .provider_link import MAX_INT, LinkConnection
 from .registry import Registry
 from .relay import Relay
 from .scheduler import LeaseRequest
@@ -76,6 +76,9 @@ LINK_PATH = f"{API_PREFIX}/providers/connect"
 RELAY_PREFIX = "/relay"
 #: Largest REST request body.
 MAX_BODY_SIZE = 64 * 1024
+#: Longest ``gpu`` and ``region`` a lease request may name (as a provider's inventory).
+MAX_GPU_NAME = 128
+MAX_REGION = 64
 
 _LOG = logging.getLogger("jupyter_io.coordinator")
 
@@ -196,7 +199,7 @@ class _ApiHandler(web.RequestHandler):
         if user is None:
             return None
         try:
-            body = json.loads(self.request.body or b"{}")
+            body = _json_body(self.request.body)
         except ValueError:
             body = None
         signature = body.get("signature") if isinstance(body, dict) else 0
@@ -254,6 +257,15 @@ class OffersHandler(_ApiHandler):
         self.finish(self.services.offers.body())
 
 
+def _json_body(raw: bytes | None) -> Any:
+    """A request body's JSON value (``{}`` when empty); :class:`ValueError` if it is not JSON,
+    nests too deeply, or holds an integer of over 4300 digits."""
+    try:
+        return json.loads(raw or b"{}")
+    except RecursionError:
+        raise ValueError("the body nests too deeply") from None
+
+
 def _lease_request(body: Any) -> LeaseRequest:
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object")
@@ -262,15 +274,17 @@ def _lease_request(body: Any) -> LeaseRequest:
     if unknown:
         raise ValueError(f"unknown fields {unknown}; expected some of {sorted(known)}")
     gpu, region = body.get("gpu"), body.get("region")
-    if gpu is not None and not isinstance(gpu, str):
-        raise ValueError("'gpu' must be a GPU model name or null")
-    if region is not None and not isinstance(region, str):
-        raise ValueError("'region' must be a string or null")
+    # Bounded like a provider's inventory names: the scheduler's name matching is not
+    # linear in the length of what it is given.
+    if gpu is not None and (not isinstance(gpu, str) or len(gpu) > MAX_GPU_NAME):
+        raise ValueError(f"'gpu' must be a GPU model name of at most {MAX_GPU_NAME} characters")
+    if region is not None and (not isinstance(region, str) or len(region) > MAX_REGION):
+        raise ValueError(f"'region' must be a string of at most {MAX_REGION} characters")
     numbers: dict[str, int | None] = {}
     for name in ("min_vram_bytes", "max_price_lamports_per_hour", "gpus"):
         value = body.get(name)
-        if value is not None and (type(value) is not int or value < 0):
-            raise ValueError(f"{name!r} must be a non-negative integer or null")
+        if value is not None and (type(value) is not int or not 0 <= value <= MAX_INT):
+            raise ValueError(f"{name!r} must be an integer in 0..2**63-1 or null")
         numbers[name] = value
     gpus = numbers["gpus"] if numbers["gpus"] is not None else 1
     if not 1 <= gpus <= 64:
@@ -290,7 +304,7 @@ class LeasesHandler(_ApiHandler):
         if user is None:
             return
         try:
-            request = _lease_request(json.loads(self.request.body or b"{}"))
+            request = _lease_request(_json_body(self.request.body))
         except ValueError as exc:
             self.fail(400, "bad_request", f"lease request: {exc}")
             return
