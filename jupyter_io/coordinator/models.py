@@ -82,8 +82,10 @@ class SettlementKind(str, enum.Enum):
 
 
 class SettlementState(str, enum.Enum):
-    """A settlement's progress: ``pending`` until the escrow is closed on-chain (``done``);
-    ``failed`` only for an escrow that can never be closed by this coordinator."""
+    """A settlement's progress: ``pending`` until a closing transaction is known to have
+    landed (``done``, with what it paid); ``failed`` when the escrow was closed by no
+    settlement of this coordinator's, or arbiter + provider can no longer move it (nothing
+    recorded as paid; a refund reported later still makes it ``done``)."""
 
     PENDING = "pending"
     DONE = "done"
