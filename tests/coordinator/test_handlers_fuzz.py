@@ -75,7 +75,7 @@ def test_any_body_bytes_are_a_request_or_a_bad_request(raw: bytes) -> None:
 
 
 @given(BODIES)
-@example({"max_price_lamports_per_hour": MAX_INT + 1})  # found: OverflowError in the store
+@example({"max_price_lamports_per_hour": MAX_INT + 1})  # bounded like every stored integer
 @example({"min_vram_bytes": 2**64})
 @example({"gpu": "1" * 20_000})  # found: seconds of regex backtracking per request
 @example({"region": "x" * 10_000})
@@ -86,8 +86,9 @@ def test_any_json_body_is_a_request_or_a_bad_request(body: dict[str, Any]) -> No
 async def test_hostile_bodies_are_answered_400_by_a_real_coordinator(
     coordinator: CoordinatorServer,
 ) -> None:
-    """Found by fuzzing: a deeply nested body was a 500 (RecursionError), a price cap past
-    64 bits was accepted; each now gets the 400 ``bad_request`` the contract names."""
+    """Found by fuzzing: a deeply nested body was a 500 (RecursionError); a price cap past
+    64 bits and a 1000-character GPU name (the scheduler's name matching is quadratic in
+    it) were accepted. Each now gets the 400 ``bad_request`` the contract names."""
     http = AsyncHTTPClient(force_instance=True)
     user = Keypair()
     path = "/api/v1/leases"

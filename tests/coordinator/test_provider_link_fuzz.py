@@ -12,6 +12,7 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 from solders.keypair import Keypair
@@ -29,7 +30,7 @@ from jupyter_io.coordinator.server import CoordinatorServer
 from jupyter_io.errors import ProtocolError
 
 from ..fuzzing import EDGE_NUMBERS, hostile_json, json_values
-from .conftest import WAIT, gpu_offer
+from .conftest import WAIT, FakeProvider, LinkRefused, gpu_offer
 
 KEY = str(Keypair().pubkey())
 HUGE_INT = 10**400
@@ -159,8 +160,8 @@ def test_every_seed_is_a_valid_message(body: dict[str, Any]) -> None:
 
 def test_an_inventory_price_past_64_bits_is_refused_by_the_parser() -> None:
     """Found by fuzzing: a hello whose price (or VRAM, count, usage seconds) exceeded
-    2**63-1 parsed, and then failed in the store (OverflowError on SQLite, DataError on
-    PostgreSQL) instead of being refused as malformed with close 1002."""
+    2**63-1 parsed, and then failed in the store's 64-bit columns: the link answered
+    nothing at all (no welcome, no error) instead of refusing it with close 1002."""
     hello = json.loads(json.dumps(SEEDS[1]))
     hello["inventory"]["offers"][0]["price_lamports_per_hour"] = MAX_INT + 1
     try:
@@ -192,6 +193,19 @@ async def test_a_malformed_first_message_is_answered_with_a_protocol_error_and_1
                 assert closed.rcvd is not None and closed.rcvd.code == 1002
             else:
                 raise AssertionError("the link stayed open after a malformed message")
+
+
+async def test_a_signed_hello_priced_past_64_bits_is_refused_not_left_unanswered(
+    coordinator: CoordinatorServer, providers: list[FakeProvider]
+) -> None:
+    """Before the bound, this hello passed the parser, failed in the store, and the
+    provider waited for a welcome that never came."""
+    provider = FakeProvider(coordinator.url, [gpu_offer(price=MAX_INT + 1)])
+    providers.append(provider)
+    with pytest.raises(LinkRefused) as refused:
+        await provider.connect()
+    assert refused.value.code == 1002 and refused.value.error is not None
+    assert "2**63-1" in refused.value.error["message"]
 
 
 def test_end_message_survives_any_reason_text() -> None:
