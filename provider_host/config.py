@@ -129,6 +129,17 @@ class ProviderConfig(Configurable):
     max_file_size = Integer(
         0, config=True, help="Largest file a kernel may write, bytes (RLIMIT_FSIZE); 0 = none."
     )
+    max_workspace_bytes = Integer(
+        0,
+        config=True,
+        help="Most bytes a session's workspace may hold; 0 = no limit. No single file may "
+        "exceed it (RLIMIT_FSIZE), and every workspace_check_interval the host measures the "
+        "workspace: a kernel whose workspace is over the limit and still growing is killed "
+        "(the client sees it exit with the reason; after a new LAUNCH it may delete files).",
+    )
+    workspace_check_interval = Float(
+        5.0, config=True, help="Seconds between measurements of a workspace's size."
+    )
     isolation = Enum(
         ["sandbox", "none"],
         "sandbox",
@@ -278,7 +289,7 @@ class ProviderConfig(Configurable):
                 )
         return value
 
-    @validate("usage_interval", "link_backoff_max")
+    @validate("usage_interval", "link_backoff_max", "workspace_check_interval")
     def _validate_positive_float(self, proposal: dict[str, object]) -> float:
         value = float(proposal["value"])  # type: ignore[arg-type]
         if value <= 0:
@@ -382,7 +393,9 @@ class ProviderConfig(Configurable):
             address_space=self.mem_limit,
             open_files=self.max_open_files,
             processes=self.max_processes,
-            file_size=self.max_file_size,
+            file_size=min(
+                (v for v in (self.max_file_size, self.max_workspace_bytes) if v > 0), default=0
+            ),
         )
 
 

@@ -129,6 +129,8 @@ class KernelProcess:
         self.exit_code: int | None = None
         #: True once :meth:`kill` was called: the exit was the host's doing, not the kernel's.
         self.killed = False
+        #: Why the host killed it, for the client (EXITED ``reason``), when not asked to.
+        self.kill_reason: str | None = None
 
     def _open_log(self) -> IO[bytes]:
         # The kernel's stdout/stderr go to a file: inherited, they would pollute the host's

@@ -52,7 +52,7 @@ from .isolation import kernel_env
 from .kernel import KernelProcess, kernel_endpoints
 from .sandbox import Sandbox
 from .userpool import SessionUser
-from .workspaces import create_workspace, remove_tree, remove_workspace
+from .workspaces import create_workspace, disk_usage, remove_tree, remove_workspace
 
 __all__ = ["KernelSession"]
 
@@ -309,6 +309,8 @@ class KernelSession:
                 started["ignored_env"] = refused  # so the client can tell its user
             await self._send(FrameKind.STARTED, started)
             self._watcher = asyncio.create_task(self._watch(kernel))
+            if self.config.max_workspace_bytes > 0:
+                self._spawn(self._watch_workspace(kernel))
             if self._on_started is not None:
                 self._on_started(self)
 
@@ -387,7 +389,33 @@ class KernelSession:
                 code,
                 kernel.log_tail(),
             )
-        await self._send(FrameKind.EXITED, {"generation": kernel.generation, "exit_code": code})
+        exited: dict[str, Any] = {"generation": kernel.generation, "exit_code": code}
+        if kernel.kill_reason is not None:
+            exited["reason"] = kernel.kill_reason
+        await self._send(FrameKind.EXITED, exited)
+
+    async def _watch_workspace(self, kernel: KernelProcess) -> None:
+        """Kill ``kernel`` once the workspace is over ``max_workspace_bytes`` and has grown
+        since the last measurement (a kernel started over the limit may still delete)."""
+        limit = self.config.max_workspace_bytes
+        last = await asyncio.to_thread(disk_usage, self.workspace)
+        while True:
+            await asyncio.sleep(self.config.workspace_check_interval)
+            if self.kernel is not kernel or kernel.exit_code is not None or self._ending:
+                return
+            used = await asyncio.to_thread(disk_usage, self.workspace)
+            if used > limit and used > last:
+                break
+            last = used
+        reason = (
+            f"the workspace holds {used:,} bytes, over this host's limit of {limit:,}; the "
+            f"kernel was stopped: LAUNCH again and delete files to continue"
+        )
+        async with self._kernel_lock:
+            if self.kernel is kernel and kernel.exit_code is None and not self._ending:
+                self.log.warning("kernel generation %d killed: %s", kernel.generation, reason)
+                kernel.kill_reason = reason
+                await kernel.kill()
 
     def _drop_queued_requests(self) -> None:
         """Forget requests still queued for the previous kernel.

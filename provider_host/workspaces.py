@@ -22,7 +22,13 @@ import stat
 from pathlib import Path
 from typing import Any
 
-__all__ = ["create_workspace", "remove_tree", "remove_workspace", "wipe_orphaned_workspaces"]
+__all__ = [
+    "create_workspace",
+    "disk_usage",
+    "remove_tree",
+    "remove_workspace",
+    "wipe_orphaned_workspaces",
+]
 
 
 def create_workspace(path: Path, owner: tuple[int, int] | None = None) -> int:
@@ -72,7 +78,34 @@ def remove_tree(path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         return
-    shutil.rmtree(path, onerror=make_writable_and_retry)  # noqa: PTH - onexc is 3.12+
+    shutil.rmtree(path, onerror=make_writable_and_retry)  # onexc= is Python 3.12+
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes of disk the tree at ``path`` occupies (allocated blocks: sparse files count what
+    they use; hard links once). Blocking: call it in a thread."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    stack = [str(path)]
+    while stack:
+        directory = stack.pop()
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if stat.S_ISDIR(info.st_mode):
+                        stack.append(entry.path)
+                    elif info.st_nlink > 1:
+                        if (info.st_dev, info.st_ino) in seen:
+                            continue
+                        seen.add((info.st_dev, info.st_ino))
+                    total += info.st_blocks * 512
+        except OSError:
+            continue
+    return total
 
 
 def wipe_orphaned_workspaces(root: str | os.PathLike[str], log: logging.Logger) -> list[str]:

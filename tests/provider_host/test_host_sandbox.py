@@ -15,6 +15,7 @@ import pytest
 from solders.keypair import Keypair
 
 from jupyter_io.errors import ConfigError
+from jupyter_io.protocol import FrameKind
 from provider_host.config import ProviderConfig
 from provider_host.isolation import HOST_ENV_ALLOWED
 from provider_host.sandbox import GPU_CONTROL_NODES, SandboxPaths, bwrap_argv, sandbox_paths
@@ -52,20 +53,34 @@ async def _read(client: TunnelClient, path: str | Path) -> str:
 # -- the attacks ---------------------------------------------------------------------------
 
 
-async def test_a_kernel_cannot_read_the_hosts_environment(host_env_secret, make_host, make_client):
-    host = await make_host()
-    client = make_client(host)
-    await _ready(client)
-    parent = await client.evaluate("__import__('os').getppid()")
-    assert host_env_secret not in await _read(client, f"/proc/{parent}/environ")
-    # Nor anywhere else in the /proc it sees (environ and cmdline of every process).
-    leaked = await client.evaluate(
-        f"[p for p in __import__('os').listdir('/proc') if p.isdigit() for n in "
-        f"('environ', 'cmdline') if {host_env_secret!r} in _jio_try(f'/proc/{{p}}/{{n}}')]"
-    )
-    assert leaked == []
-    # Its own PID namespace: the sandbox's init, the kernel and what the kernel started.
-    assert parent == 1
+async def test_a_kernel_cannot_read_the_hosts_environment(
+    host_env_secret, client_keypair, host_keypair_file, tmp_path, jupyter_env
+):
+    # /proc/<pid>/environ shows what a process was started with: a host process, then.
+    proc, lines = await _start_host(
+        "--listen", "127.0.0.1:0", "--allow", str(client_keypair.pubkey()),
+        "--keypair", str(host_keypair_file), "--workspace", str(tmp_path / "ws"),
+    )  # fmt: skip
+    try:
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes()  # noqa: ASYNC240
+        assert host_env_secret.encode() in environ  # what the attack read
+        match = LISTENING.match(lines[-1])
+        assert match
+        client = TunnelClient(match.group(1), client_keypair)
+        await _ready(client)
+        parent = await client.evaluate("__import__('os').getppid()")
+        assert host_env_secret not in await _read(client, f"/proc/{parent}/environ")
+        # Nor anywhere else in the /proc it sees (environ and cmdline of every process).
+        leaked = await client.evaluate(
+            f"[p for p in __import__('os').listdir('/proc') if p.isdigit() for n in "
+            f"('environ', 'cmdline') if {host_env_secret!r} in _jio_try(f'/proc/{{p}}/{{n}}')]"
+        )
+        assert leaked == []
+        assert parent == 1  # its own PID namespace: the host is not in it
+        await client.disconnect()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
 
 
 async def test_a_kernel_cannot_read_the_hosts_keypair(host_keypair_file, make_host, make_client):
@@ -189,6 +204,30 @@ async def test_limits_hold_inside_the_sandbox(make_host, make_client):
         "with open('/tmp/big', 'wb') as f:\n    for _ in range(16):\n        f.write(b'x' * 2**20)"
     )
     assert reply is not None and reply["content"]["ename"] == "OSError"  # ENOSPC at 8 MiB
+
+
+async def test_a_workspace_growing_past_its_limit_stops_the_kernel(make_host, make_client):
+    limit = 1024 * 1024
+    host = await make_host(max_workspace_bytes=limit, workspace_check_interval=0.1)
+    client = make_client(host)
+    await _ready(client)
+    # No single file may pass the limit either.
+    assert await client.evaluate(
+        "__import__('resource').getrlimit(__import__('resource').RLIMIT_FSIZE)"
+    ) == [limit, limit]
+    await client.execute(
+        "for i in range(4):\n    open(f'part{i}', 'wb').write(b'x' * 400_000)", wait=False
+    )
+    exited = await client.control(FrameKind.EXITED)
+    assert exited["exit_code"] == -signal.SIGKILL
+    assert "over this host's limit of 1,048,576" in exited["reason"]
+    assert "delete files" in exited["reason"]
+    # The tenant may start again and clean up: a kernel in a full workspace may shrink it.
+    await client.launch()
+    await client.wait_ready()
+    await client.evaluate("[__import__('os').remove(f'part{i}') for i in range(4)] and None")
+    await client.evaluate("open('small', 'w').write('ok')")
+    assert host.sessions[client.session_id].kernel_info()["state"] == "running"
 
 
 def test_only_the_leased_gpus_device_nodes_are_bound():
