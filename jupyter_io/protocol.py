@@ -47,6 +47,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "HANDSHAKE_MAX_FRAME_SIZE",
     "HEADER",
+    "MAX_CONTROL_SIZE",
     "MAX_PARTS",
     "PROTOCOL_VERSION",
     "SUBPROTOCOL",
@@ -74,6 +75,10 @@ DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 HANDSHAKE_MAX_FRAME_SIZE = 8 * 1024
 #: A Jupyter message has a handful of parts plus buffers; this bounds the offset table.
 MAX_PARTS = 4096
+#: Largest control frame body (JSON). Parsed, JSON costs ~25x its size in Python objects, so
+#: a 64 MiB LAUNCH would cost its receiver gigabytes; a kernel's environment, the largest body,
+#: cannot pass 2 MiB anyway (Linux's ARG_MAX share for exec).
+MAX_CONTROL_SIZE = 1024 * 1024
 
 HEADER = struct.Struct("<BBHQQ")
 #: DATA parts at least this large are decoded as memoryviews when asked (``views``).
@@ -193,8 +198,16 @@ def encode_frame(
 def encode_control(
     kind: FrameKind, body: dict[str, Any] | None = None, *, seq: int = 0, ack: int = 0
 ) -> bytes:
-    """Serialise a control frame whose single part is ``body`` as compact JSON."""
+    """Serialise a control frame whose single part is ``body`` as compact JSON.
+
+    Raises :class:`FrameTooLarge` when the JSON exceeds :data:`MAX_CONTROL_SIZE`.
+    """
     parts = () if body is None else (json.dumps(body, separators=(",", ":")).encode(),)
+    if parts and len(parts[0]) > MAX_CONTROL_SIZE:
+        raise FrameTooLarge(
+            f"{kind.name} body of {len(parts[0])} bytes exceeds the {MAX_CONTROL_SIZE} bytes a "
+            f"control frame may carry; a kernel's environment must be smaller than that"
+        )
     return encode_frame(kind, parts, seq=seq, ack=ack)
 
 
@@ -207,8 +220,9 @@ def decode_frame(
     read-only memoryviews into ``data`` instead of copies: for a caller that only hands the
     parts on (``zmq.Socket.send_multipart`` takes them), not one that parses them.
 
-    Raises :class:`FrameTooLarge` above ``max_size`` and :class:`ProtocolError` for anything
-    truncated, trailing, or naming an unknown kind or channel. Never reads past ``data``.
+    Raises :class:`FrameTooLarge` above ``max_size`` (or a control body above
+    :data:`MAX_CONTROL_SIZE`) and :class:`ProtocolError` for anything truncated, trailing, or
+    naming an unknown kind or channel. Never reads past ``data``.
     """
     size = len(data)
     if size > max_size:
@@ -238,6 +252,10 @@ def decode_frame(
         raise ProtocolError(
             f"frame length mismatch: parts add up to {table_end + sum(lengths)} bytes, "
             f"the frame has {size}"
+        )
+    if kind is not FrameKind.DATA and n and lengths[0] > MAX_CONTROL_SIZE:
+        raise FrameTooLarge(
+            f"{kind.name} body of {lengths[0]} bytes exceeds the maximum of {MAX_CONTROL_SIZE}"
         )
     view = memoryview(data)
     parts: list[bytes] = []

@@ -14,9 +14,10 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from jupyter_io.errors import ProtocolError
+from jupyter_io.errors import FrameTooLarge, ProtocolError
 from jupyter_io.protocol import (
     HEADER,
+    MAX_CONTROL_SIZE,
     UNSEQUENCED,
     Channel,
     Frame,
@@ -209,3 +210,17 @@ def test_bodies_past_the_json_parsers_limits_are_protocol_errors() -> None:
     frame = decode_frame(control(b'{"signum":' + b"9" * 4_301 + b"}"))
     with pytest.raises(ProtocolError, match="not JSON"):
         _ = frame.body
+
+
+def test_a_control_body_is_bounded_before_it_is_parsed() -> None:
+    """Parsed, JSON costs ~25x its size in objects: a 64 MiB LAUNCH of ``[{},{},...]`` from
+    a peer cost its receiver ~1.6 GB. Control bodies are now refused above 1 MiB, before
+    they are copied or parsed; DATA parts keep the full frame size."""
+    body = b"[" + b"{}," * (MAX_CONTROL_SIZE // 3) + b"{}]"
+    with pytest.raises(FrameTooLarge, match="LAUNCH body"):
+        decode_frame(encode_frame(FrameKind.LAUNCH, [body], seq=1))
+    with pytest.raises(FrameTooLarge, match="a kernel's environment"):
+        Tunnel().send_control(FrameKind.LAUNCH, {"env": {"BIG": "x" * MAX_CONTROL_SIZE}})
+    assert decode_frame(encode_frame(FrameKind.DATA, [body], seq=1)).parts == (body,)
+    fits = {"env": {"BIG": "x" * (MAX_CONTROL_SIZE - 100)}}
+    assert decode_frame(Tunnel().send_control(FrameKind.LAUNCH, fits)).body == fits
