@@ -134,8 +134,13 @@ class KernelProcess:
 
     def _open_log(self) -> IO[bytes]:
         # The kernel's stdout/stderr go to a file: inherited, they would pollute the host's
-        # stdout (which launchers parse) or block on a pipe nobody reads.
-        return open(self._log_file, "ab")
+        # stdout (which launchers parse) or block on a pipe nobody reads. The runtime
+        # directory is the sandboxed kernel's too, and an earlier generation may have left a
+        # link here to a file of the host's: never open an existing name, never follow one.
+        with contextlib.suppress(FileNotFoundError):
+            self._log_file.unlink()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.fdopen(os.open(self._log_file, flags, 0o600), "ab")
 
     @property
     def pid(self) -> int:
@@ -227,7 +232,10 @@ class KernelProcess:
     def log_tail(self, lines: int = 20) -> str:
         """The end of the kernel's stdout/stderr (for the host's log when it dies)."""
         try:
-            text = self._log_file.read_bytes()[-8192:].decode(errors="replace")
+            fd = os.open(self._log_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as log:
+                log.seek(max(0, os.fstat(fd).st_size - 8192))
+                text = log.read().decode(errors="replace")
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])

@@ -159,6 +159,29 @@ async def test_a_workspace_left_by_a_killed_host_is_wiped_at_startup(
     assert await _read(second, left / "results.csv") in ("FileNotFoundError", "PermissionError")
 
 
+async def test_a_kernel_cannot_make_the_host_write_through_a_link(
+    make_host, make_client, tmp_path: Path
+):
+    # The runtime directory is shared with the kernel (its sockets live there); the host
+    # (root) opens the next generation's log there.
+    target = tmp_path / "host-owned.conf"
+    target.write_text("host data\n")
+    host = await make_host()
+    client = make_client(host)
+    await _ready(client)
+    runtime = host.sessions[client.session_id].runtime_dir
+    assert runtime is not None
+    link = str(runtime / "kernel-2.log")
+    await client.evaluate(f"__import__('os').symlink({str(target)!r}, {link!r})")
+    await client.launch()  # generation 2
+    await client.wait_ready()
+    # The kernel's original stdout (ipykernel keeps a copy of it): the log the host opened.
+    await client.evaluate(
+        "__import__('os').write(__import__('sys').stdout._original_stdstream_copy, b'tenant\\n')"
+    )
+    assert target.read_text() == "host data\n"
+
+
 # -- what the sandbox promises besides -----------------------------------------------------
 
 
