@@ -57,6 +57,9 @@ jupyter io coordinator --listen 0.0.0.0:8700 --certfile cert.pem --keyfile key.p
         "heartbeat-interval": "CoordinatorConfig.heartbeat_interval",
         "heartbeat-misses": "CoordinatorConfig.heartbeat_misses",
         "token-ttl": "CoordinatorConfig.token_ttl",
+        "claim-window": "CoordinatorConfig.claim_window",
+        "max-unfunded-per-key": "CoordinatorConfig.max_unfunded_per_key",
+        "max-unfunded-leases": "CoordinatorConfig.max_unfunded_leases",
         "payments": "CoordinatorConfig.payments",
         "solana-url": "CoordinatorConfig.solana_url",
     }

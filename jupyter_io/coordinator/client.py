@@ -60,6 +60,8 @@ from .auth import HEADER_LEASE_TOKEN, sign_request
 __all__ = [
     "BUDGET_EXHAUSTED",
     "ESCROW_NOT_INTACT",
+    "NOT_FUNDED_IN_TIME",
+    "NOT_STARTED_IN_TIME",
     "Billing",
     "CoordinatorClient",
     "CoordinatorError",
@@ -70,6 +72,7 @@ __all__ = [
     "PaymentsInfo",
     "RefundOffer",
     "SettlementInfo",
+    "TooManyPendingLeases",
 ]
 
 #: The end reason of a lease the coordinator ended because its deposit was spent.
@@ -77,6 +80,12 @@ BUDGET_EXHAUSTED = "budget exhausted"
 #: The end reason of a lease the coordinator ended because its escrow changed while it ran
 #: (closed, no longer exactly the verified 2-of-3 escrow, or holding less than verified).
 ESCROW_NOT_INTACT = "escrow no longer intact"
+#: The end reason of a lease whose escrow was not verified within the coordinator's claim
+#: window (``claim_window``, 60 s by default) of its request.
+NOT_FUNDED_IN_TIME = "not funded in time"
+#: The end reason of a lease whose session did not start within the claim window (of its
+#: funding; of its request on a free coordinator).
+NOT_STARTED_IN_TIME = "not started in time"
 
 
 class CoordinatorError(JupyterIOError):
@@ -86,6 +95,18 @@ class CoordinatorError(JupyterIOError):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+class TooManyPendingLeases(LeaseError):
+    """The coordinator refused a lease request for now (HTTP 429): this key already holds
+    as many unfunded leases as it may (``code = "unfunded_limit"``), or the coordinator does
+    in all (``"unfunded_capacity"``). The message says which and when to retry;
+    ``retry_after`` is the ``Retry-After`` header in seconds (None if absent)."""
+
+    def __init__(self, message: str, code: str | None, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after = retry_after
 
 
 class CoordinatorPaymentError(PaymentError):
@@ -613,6 +634,8 @@ class CoordinatorClient:
         message = message or f"{method} {path} answered HTTP {response.code}"
         if response.code == 409:
             raise LeaseError(message)
+        if response.code == 429:
+            raise TooManyPendingLeases(message, code, _retry_after(response))
         if response.code in (401, 403):
             raise AuthError(message)
         if response.code == 402 and code == "deposit_too_small":
@@ -620,3 +643,10 @@ class CoordinatorClient:
         if response.code == 402 or code == "ledger_unreachable":
             raise CoordinatorPaymentError(message, response.code, code)
         raise CoordinatorError(message, response.code, code)
+
+
+def _retry_after(response: HTTPResponse) -> float | None:
+    try:
+        return float(response.headers.get("Retry-After", ""))
+    except ValueError:
+        return None

@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..identity import load_keypair, load_or_create_keypair
 from ..protocol import DEFAULT_MAX_FRAME_SIZE
 from ..usage_acks import DEFAULT_ACK_GRACE_S
+from .pending import DEFAULT_MAX_UNFUNDED, DEFAULT_MAX_UNFUNDED_PER_KEY, DEFAULT_WINDOW
 
 __all__ = ["DEFAULT_LISTEN", "DEFAULT_PORT", "CoordinatorConfig", "parse_listen"]
 
@@ -92,6 +93,27 @@ class CoordinatorConfig(Configurable):
         config=True,
         help="Seconds a lease token is valid; a lease never used by then ends, a running one "
         "renews its token (POST /api/v1/leases/ID/token).",
+    )
+    claim_window = Float(
+        DEFAULT_WINDOW,
+        config=True,
+        help="Seconds a new lease may hold its GPUs before its escrow is verified (escrow "
+        "payments), and then before its session starts (on a free coordinator: from the "
+        "request); a lease that misses it ends ('not funded in time' / 'not started in "
+        "time') and its GPUs are offered again at once.",
+    )
+    max_unfunded_per_key = Integer(
+        DEFAULT_MAX_UNFUNDED_PER_KEY,
+        config=True,
+        help="Leases one key may hold at once whose escrow is not verified yet (escrow "
+        "payments); one more is refused with 429 unfunded_limit and Retry-After.",
+    )
+    max_unfunded_leases = Integer(
+        DEFAULT_MAX_UNFUNDED,
+        config=True,
+        help="Leases waiting for their escrow this coordinator holds at most, all keys "
+        "together (escrow payments); one more is refused with 429 unfunded_capacity and "
+        "Retry-After.",
     )
     relay_pair_timeout = Float(
         10.0, config=True, help="Seconds a relay client waits for its provider to connect."
@@ -209,6 +231,7 @@ class CoordinatorConfig(Configurable):
         "flush_interval",
         "reconcile_interval",
         "token_ttl",
+        "claim_window",
         "relay_pair_timeout",
         "hello_timeout",
         "request_max_skew",
@@ -223,7 +246,13 @@ class CoordinatorConfig(Configurable):
             raise TraitError(f"{proposal['trait'].name} must be positive")  # type: ignore[attr-defined]
         return value
 
-    @validate("heartbeat_misses", "relay_max_message_size", "min_deposit_seconds")
+    @validate(
+        "heartbeat_misses",
+        "relay_max_message_size",
+        "min_deposit_seconds",
+        "max_unfunded_per_key",
+        "max_unfunded_leases",
+    )
     def _validate_positive_int(self, proposal: dict[str, object]) -> int:
         value = int(proposal["value"])  # type: ignore[call-overload]
         if value < 1:

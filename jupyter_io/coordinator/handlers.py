@@ -8,7 +8,8 @@ Routes (``docs/coordinator-contract.md``; every REST error is
 ``GET  /api/v1/status``               counters (providers linked, heartbeats, leases, relay,
                                       settlements)
 ``GET  /api/v1/offers``               offers by GPU type and per provider (cached briefly)
-``POST /api/v1/leases``               signed: lease GPUs → 201 grant, 409 ``no_offer``
+``POST /api/v1/leases``               signed: lease GPUs → 201 grant, 409 ``no_offer``,
+                                      429 ``unfunded_limit`` / ``unfunded_capacity``
 ``GET  /api/v1/leases``               signed: the caller's leases, newest first (``?limit=``)
 ``GET  /api/v1/leases/{id}``          signed, owner only: the lease record with ``billing``
 ``DELETE /api/v1/leases/{id}``        signed, owner only: end it (idempotent)
@@ -54,7 +55,14 @@ from .billing import (
     RefundNotAllowed,
     acknowledge,
 )
-from .leasing import LeaseGone, LeaseNotFound, LeaseNotLive, LeaseService, NotLeaseOwner
+from .leasing import (
+    LeaseGone,
+    LeaseNotFound,
+    LeaseNotLive,
+    LeaseService,
+    NotLeaseOwner,
+    TooManyUnfunded,
+)
 from .offers import OffersCache
 from .provider_link import MAX_INT, LinkConnection
 from .registry import Registry
@@ -65,7 +73,9 @@ from .sockets import accept_upgrade, check_upgrade
 
 __all__ = [
     "API_PREFIX",
+    "BODY_LIMITS",
     "LINK_PATH",
+    "MAX_BODY_SIZE",
     "RELAY_PREFIX",
     "Services",
     "make_app",
@@ -74,8 +84,16 @@ __all__ = [
 API_PREFIX = "/api/v1"
 LINK_PATH = f"{API_PREFIX}/providers/connect"
 RELAY_PREFIX = "/relay"
-#: Largest REST request body.
-MAX_BODY_SIZE = 64 * 1024
+#: Largest body of a JSON endpoint, bytes: larger ones are answered 413 ``too_large`` before
+#: they are read (:mod:`~jupyter_io.coordinator.body_limits`; the biggest legitimate body, a
+#: lease request, is a few hundred bytes).
+MAX_BODY_SIZE = 16 * 1024
+#: Endpoints whose limit is not :data:`MAX_BODY_SIZE` (path regex, bytes): the websocket
+#: upgrades take no body.
+BODY_LIMITS: tuple[tuple[str, int], ...] = (
+    (LINK_PATH, 0),
+    (rf"{RELAY_PREFIX}/.*", 0),
+)
 #: Longest ``gpu`` and ``region`` a lease request may name (as a provider's inventory).
 MAX_GPU_NAME = 128
 MAX_REGION = 64
@@ -312,6 +330,10 @@ class LeasesHandler(_ApiHandler):
             grant = await self.services.leases.request(user, request)
         except PaymentError as exc:
             self.payment_failure(exc)
+            return
+        except TooManyUnfunded as exc:
+            self.set_header("Retry-After", str(exc.retry_after_seconds))
+            self.fail(429, exc.code, str(exc))
             return
         except LeaseError as exc:
             self.fail(409, "no_offer", str(exc))

@@ -11,10 +11,18 @@ and answers with a :class:`LeaseGrant` (the 201 of ``POST /api/v1/leases``). Whe
 refuses (another coordinator took the GPUs meanwhile) the provider's capacity is reloaded and
 the request scheduled again, up to :data:`ATTEMPTS` times. Only the user who requested a lease
 may read, end or renew it (:class:`NotLeaseOwner`, a 403).
+
+Holding GPUs is not free: a lease must be funded (escrow payments), then started, within the
+claim window, and a key may hold only a few unfunded leases at once
+(:mod:`~jupyter_io.coordinator.pending`). :meth:`LeaseService.start` begins the watch (the
+leases still waiting after a restart get a full window) and :meth:`LeaseService.stop` ends it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -28,6 +36,16 @@ from solders.pubkey import Pubkey
 from ..errors import AuthError, LeaseError
 from ..leases import LeaseClaims, issue_token, verify_token
 from .billing import Billing, NotFunded, free_escrow_block
+from .client import NOT_FUNDED_IN_TIME, NOT_STARTED_IN_TIME
+from .models import LeaseState
+from .pending import (
+    DEFAULT_MAX_UNFUNDED,
+    DEFAULT_MAX_UNFUNDED_PER_KEY,
+    DEFAULT_WINDOW,
+    PendingLeases,
+    TooManyUnfunded,
+    Waiting,
+)
 from .provider_link import End
 from .registry import Registry
 from .relay import Relay
@@ -43,6 +61,7 @@ __all__ = [
     "LeaseNotLive",
     "LeaseService",
     "NotLeaseOwner",
+    "TooManyUnfunded",
     "lease_json",
 ]
 
@@ -142,7 +161,11 @@ class LeaseService:
         *,
         token_ttl: float = 3600.0,
         billing: Billing | None = None,
+        claim_window: float = DEFAULT_WINDOW,
+        max_unfunded_per_key: int = DEFAULT_MAX_UNFUNDED_PER_KEY,
+        max_unfunded: int = DEFAULT_MAX_UNFUNDED,
         clock: Callable[[], float] = time.time,
+        log: logging.Logger | None = None,
     ) -> None:
         if token_ttl <= 0:
             raise ValueError("token_ttl must be positive")
@@ -156,6 +179,99 @@ class LeaseService:
         #: Escrow payments (None: ``payments = "free"``, tokens at once).
         self.billing = billing
         self.clock = clock
+        self.log = log or logging.getLogger("jupyter_io.coordinator")
+        #: Leases waiting for their escrow or their session (the claim window, the caps).
+        self.pending = PendingLeases(
+            window=claim_window,
+            per_key=max_unfunded_per_key,
+            total=max_unfunded,
+            caps=billing is not None,
+        )
+        self._wake = asyncio.Event()
+        self._watch: asyncio.Task[None] | None = None
+
+    # -- the claim window --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Watch the claim window: every lease still waiting for its escrow or its session
+        (after a restart too: each gets a full window from now) ends when its window is
+        over. Call after the registry started."""
+        now = self.clock()
+        for lease in await self.store.live_leases():
+            if lease.state is LeaseState.REQUESTED:
+                self.pending.add(
+                    lease.id,
+                    user=lease.user_pubkey,
+                    provider=lease.provider_pubkey,
+                    deadline=now + self.pending.window,
+                    funded=self.billing is None or lease.funded,
+                )
+        self.registry.lease_listeners.append(self._lease_gone)
+        self.registry.activation_listeners.append(self._lease_started)
+        self._watch = asyncio.create_task(self._watch_window(), name="claim window")
+
+    async def stop(self) -> None:
+        """Stop the watch (the leases are left as they are)."""
+        with contextlib.suppress(ValueError):
+            self.registry.lease_listeners.remove(self._lease_gone)
+        with contextlib.suppress(ValueError):
+            self.registry.activation_listeners.remove(self._lease_started)
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+
+    def _lease_gone(self, lease_id: str, reason: str) -> None:
+        self.pending.discard(lease_id)
+
+    def _lease_started(self, lease: LeaseRecord) -> None:
+        self.pending.discard(lease.id)
+
+    async def _watch_window(self) -> None:
+        pending = self.pending
+        while True:
+            self._wake.clear()
+            for waiting in pending.due(self.clock()):
+                try:
+                    await self._expire(waiting)
+                except Exception:  # the store hiccuped: try again a little later
+                    self.log.exception("could not end lease %s; retrying", waiting.lease_id)
+                    waiting.deadline = self.clock() + 1.0
+            deadline = pending.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - self.clock())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _expire(self, waiting: Waiting) -> None:
+        """End a lease whose window is over, unless it was funded or started meanwhile."""
+        unfunded = not waiting.funded
+        reason = NOT_FUNDED_IN_TIME if unfunded else NOT_STARTED_IN_TIME
+        ended = await self.store.end_lease(
+            waiting.lease_id,
+            reason,
+            at=_utc(self.clock()),
+            only_requested=True,
+            only_unfunded=unfunded,
+        )
+        self.pending.discard(waiting.lease_id)
+        if ended:
+            self.log.info("lease %s of %s ended: %s", waiting.lease_id, waiting.user, reason)
+            self.registry.deliver(waiting.provider, End(waiting.lease_id, reason), ttl=0)
+            self.registry.lease_over(waiting.provider, waiting.lease_id, ok=True, reason=reason)
+            return
+        lease = await self.store.get_lease(waiting.lease_id)
+        if lease is not None and lease.state is LeaseState.REQUESTED and lease.funded:
+            # Funded through another coordinator sharing the database: its session may
+            # start within a window from its funding.
+            funded_at = lease.funded_at.timestamp() if lease.funded_at else self.clock()
+            self.pending.add(
+                lease.id,
+                user=lease.user_pubkey,
+                provider=lease.provider_pubkey,
+                deadline=max(funded_at, self.clock()) + self.pending.window,
+                funded=True,
+            )
 
     # -- users -----------------------------------------------------------------------------
 
@@ -168,6 +284,13 @@ class LeaseService:
         and the grant carries no token: fund the escrow, then :meth:`fund`."""
         if self.billing is not None:
             await self.billing.check_ledger()
+        self.pending.admit(str(user), now=self.clock())  # TooManyUnfunded: a 429
+        try:
+            return await self._request(user, request)
+        finally:
+            self.pending.unreserve(str(user))  # the lease, if stored, is tracked now
+
+    async def _request(self, user: Pubkey, request: LeaseRequest) -> LeaseGrant:
         error: LeaseError | None = None
         for _ in range(ATTEMPTS):
             offer = schedule(self.index, request)
@@ -190,6 +313,14 @@ class LeaseService:
                 await self.registry.resync(offer.provider)
                 continue
             self.registry.lease_created(lease)
+            self.pending.add(
+                lease.id,
+                user=lease.user_pubkey,
+                provider=lease.provider_pubkey,
+                deadline=now + self.pending.window,
+                funded=self.billing is None,
+            )
+            self._wake.set()
             if self.billing is not None:
                 url = self._tunnel_url(lease, offer.reachable_url)
                 return LeaseGrant(lease, None, url, expires, self.billing.escrow_block(lease))
@@ -236,9 +367,13 @@ class LeaseService:
                 f"now; request a new lease"
             )
         try:
-            await self.billing.fund(lease, signature)
+            with self.pending.holding(lease_id):  # not expired while its escrow is read
+                await self.billing.fund(lease, signature)
         except LookupError:
             raise LeaseNotLive(f"lease {lease_id} ended meanwhile; request a new lease") from None
+        finally:
+            self._wake.set()
+        self.pending.funded(lease_id, now=self.clock())
         return await self.renew(user, lease_id)
 
     async def renew(self, user: Pubkey, lease_id: str) -> LeaseGrant:

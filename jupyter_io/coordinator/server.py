@@ -46,8 +46,9 @@ from ..payments.ledger import EmbeddedLedger, SqlLedgerStore
 from ..payments.rpc import ledger_handlers
 from .auth import ReplayGuard
 from .billing import Billing
+from .body_limits import BodyLimits
 from .config import CoordinatorConfig
-from .handlers import MAX_BODY_SIZE, RELAY_PREFIX, Services, make_app
+from .handlers import BODY_LIMITS, MAX_BODY_SIZE, RELAY_PREFIX, Services, make_app
 from .leasing import LeaseService
 from .offers import OffersCache
 from .registry import Registry
@@ -60,6 +61,11 @@ __all__ = ["LISTENING_PREFIX", "SOLANA_PATH", "CoordinatorServer"]
 
 #: Where the coordinator serves its embedded ledger's JSON-RPC.
 SOLANA_PATH = "/solana"
+#: Largest JSON-RPC body the embedded ledger takes, bytes (a transaction is at most 1,232
+#: bytes, 1,644 in base64; 100 accounts in one call are about 5 KB).
+LEDGER_MAX_BODY_SIZE = 64 * 1024
+#: Seconds a request body may take to arrive.
+BODY_TIMEOUT = 30.0
 
 #: Start of the one line printed once the coordinator accepts connections.
 LISTENING_PREFIX = "jupyter-io coordinator listening on "
@@ -98,6 +104,7 @@ class CoordinatorServer:
         #: Set once :meth:`startup` is done and the ready line is out.
         self.started = asyncio.Event()
         self._http: HTTPServer | None = None
+        self.body_limits: BodyLimits | None = None
         self._services: Services | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -198,8 +205,13 @@ class CoordinatorServer:
             keypair,
             token_ttl=config.token_ttl,
             billing=self.billing,
+            claim_window=config.claim_window,
+            max_unfunded_per_key=config.max_unfunded_per_key,
+            max_unfunded=config.max_unfunded_leases,
+            log=self.log,
         )
         await registry.start()
+        await leases.start()
         if self.billing is not None and self.settlements is not None:
             await self.billing.start()
             self.settlements.start()
@@ -222,10 +234,17 @@ class CoordinatorServer:
             solana_url=self.solana_url,
             settlements=self.settlements,
         )
-        self._http = HTTPServer(
+        #: Per-endpoint body limits, answered 413 before a body is read.
+        self.body_limits = limits = BodyLimits(
             make_app(services, ledger_routes),
+            [*BODY_LIMITS, (SOLANA_PATH, LEDGER_MAX_BODY_SIZE)],
+            MAX_BODY_SIZE,
+        )
+        self._http = HTTPServer(
+            limits,
             ssl_options=ssl_context,
-            max_body_size=MAX_BODY_SIZE,
+            max_body_size=limits.largest,
+            body_timeout=BODY_TIMEOUT,
             max_buffer_size=config.relay_max_message_size + (1 << 20),
             xheaders=False,
             chunk_size=1 << 20,
@@ -281,6 +300,8 @@ class CoordinatorServer:
         last heartbeats; close the store. Leases are left as they are."""
         if self._http is not None:
             self._http.stop()
+        if self.leases is not None:
+            await self.leases.stop()
         if self.settlements is not None:
             await self.settlements.stop()  # its claims go back to the queue
         if self.billing is not None:

@@ -930,12 +930,29 @@ class Store:
             )
             return bool(result.rowcount)
 
-    async def end_lease(self, lease_id: str, reason: str, *, at: datetime | None = None) -> bool:
+    async def end_lease(
+        self,
+        lease_id: str,
+        reason: str,
+        *,
+        at: datetime | None = None,
+        only_requested: bool = False,
+        only_unfunded: bool = False,
+    ) -> bool:
         """``requested``/``active`` → ``ended`` for ``reason`` (the user shut the kernel down,
         the budget was spent, ...): billing stops at ``at``, the GPUs are free again and the
         provider's ``sessions_ok`` grows. Returns whether the lease changed (``False`` when
-        it had already ended or failed)."""
+        it had already ended or failed).
+
+        ``only_requested`` / ``only_unfunded``: end it only while its session has not started
+        / no escrow is recorded, checked in the same statement (a lease that started or was
+        funded meanwhile, through any coordinator, is left alone and ``False`` returned)."""
         at = _when(at)
+        where = []
+        if only_requested:
+            where.append(_leases.c.state == LeaseState.REQUESTED.value)
+        if only_unfunded:
+            where.append(_leases.c.escrow_address.is_(None))
         return await self._finish(
             lease_id,
             {
@@ -945,6 +962,7 @@ class Store:
                 "end_reason": reason,
             },
             counter="sessions_ok",
+            where=where,
         )
 
     async def fail_lease(
@@ -971,7 +989,14 @@ class Store:
             counter="sessions_failed",
         )
 
-    async def _finish(self, lease_id: str, values: dict[str, Any], *, counter: str) -> bool:
+    async def _finish(
+        self,
+        lease_id: str,
+        values: dict[str, Any],
+        *,
+        counter: str,
+        where: Sequence[sa.ColumnElement[bool]] = (),
+    ) -> bool:
         async with self._write() as conn:
             provider_pubkey = await conn.scalar(
                 sa.select(_leases.c.provider_pubkey).where(_leases.c.id == lease_id)
@@ -982,7 +1007,7 @@ class Store:
             await self._lock_provider(conn, provider_pubkey)
             result = await conn.execute(
                 sa.update(_leases)
-                .where(_leases.c.id == lease_id, _leases.c.state.in_(_LIVE))
+                .where(_leases.c.id == lease_id, _leases.c.state.in_(_LIVE), *where)
                 .values(values)
             )
             if not result.rowcount:
