@@ -2,10 +2,10 @@
 
 A provider reports the seconds it served a lease (signed usage reports); the user's side
 acknowledges, while it sees the kernel's tunnel alive, how many seconds it has had
-(``docs/payments-contract.md`` section 7, ``docs/coordinator-contract.md`` section 2). The
-coordinator bills the lesser of the two, the acknowledgement plus a grace period
-(:func:`ack_bound`), so a provider that goes on reporting after the user has gone bills at
-most :data:`DEFAULT_ACK_GRACE_S` past the user's last acknowledgement.
+(``docs/payments-contract.md``, "Neither party meters alone"; ``docs/coordinator-contract.md``
+section 2). The coordinator bills the lesser of the two, the acknowledgement plus a grace
+period (:func:`ack_bound`), so a provider that goes on reporting after the user has gone
+bills at most :data:`DEFAULT_ACK_GRACE_S` past the user's last acknowledgement.
 
 This module is the contract both sides import; it does no I/O and reads no clock::
 
@@ -36,8 +36,10 @@ from .errors import ProtocolError
 __all__ = [
     "DEFAULT_ACK_GRACE_S",
     "DEFAULT_ACK_INTERVAL_S",
+    "DEFAULT_ACK_TIMEOUT_S",
     "MAX_ACK_SECONDS",
     "MAX_AHEAD_S",
+    "NOT_ACKNOWLEDGED",
     "AckAhead",
     "AckRefused",
     "StaleAck",
@@ -54,6 +56,13 @@ DEFAULT_ACK_INTERVAL_S = 15.0
 #: two intervals (one acknowledgement lost, the next one not yet sent) and 10 s for network
 #: delay and the moment between the provider's kernel start and the user's READY.
 DEFAULT_ACK_GRACE_S = 2 * DEFAULT_ACK_INTERVAL_S + 10.0
+#: A paid lease with no acknowledgement for this long ends (the coordinator's
+#: ``usage_ack_timeout``). As long as the grace: the provider then stops metering about when
+#: billing stops, so an honest provider host (which co-signs only settlements within its
+#: ``settle_tolerance_seconds`` of its own metering) settles a vanished user's lease.
+DEFAULT_ACK_TIMEOUT_S = DEFAULT_ACK_GRACE_S
+#: The end reason of a lease the coordinator ended because its acknowledgements stopped.
+NOT_ACKNOWLEDGED = "usage not acknowledged"
 #: How far an acknowledgement may run ahead of the coordinator's own observation of the
 #: lease (the user's READY and the provider's "active" event race; whole-second rounding).
 MAX_AHEAD_S = 5

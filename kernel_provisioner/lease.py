@@ -23,7 +23,13 @@ new escrow.
 :data:`~kernel_provisioner.connection.CredentialSource`: the token for HELLO and, when the
 lease is relayed, the ``X-JIO-Lease-Token`` header; it renews the token (``POST
 /api/v1/leases/{id}/token``) when it is about to expire, so a session may resume after its
-first token's life. Refusals raise :class:`LeaseRefused` (a :class:`KernelLaunchError` and a
+first token's life.
+
+While the kernel's tunnel is connected the lease acknowledges the seconds the user has had
+(:meth:`KernelLease.keep_acknowledging`, every ``interval``; :meth:`KernelLease.acknowledge`
+once more at a normal shutdown): the coordinator bills at most what was acknowledged plus
+its grace period (:mod:`jupyter_io.usage_acks`), so a provider cannot bill on after the user
+has gone. Refusals raise :class:`LeaseRefused` (a :class:`KernelLaunchError` and a
 :class:`LeaseError`) carrying the coordinator's message, which names the GPU types on offer or
 the cheapest price; a lease that cannot be paid raises :class:`LeaseNotFunded` (a
 :class:`KernelLaunchError` and a :class:`PaymentError`; :class:`LeaseUnaffordable`, also an
@@ -35,8 +41,11 @@ coordinator raises :class:`KernelLaunchError`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -55,6 +64,7 @@ from jupyter_io.errors import (
 from jupyter_io.payments.amounts import format_sol
 from jupyter_io.payments.escrow import TransactionFailed
 from jupyter_io.payments.hooks import EscrowInfo, PaymentHook, SessionTerms
+from jupyter_io.usage_acks import UsageAck
 
 from .connection import Credentials
 
@@ -151,8 +161,14 @@ class KernelLease:
         #: Unix time the kernel first ran on this lease (the provisioner's READY): the start
         #: of the seconds the user saw delivered, which bound a refund's provider share.
         self.ready_at: float | None = None
+        #: The seconds the coordinator holds as acknowledged by this user (never lowered).
+        self.acked_seconds = 0
         self._client: CoordinatorClient | None = None
         self._margin = RENEW_MARGIN_S
+        self._ready_clock: float | None = None
+        self._acking: asyncio.Task[None] | None = None
+        self._ack_lock = asyncio.Lock()
+        self._ack_failures = 0
 
     @property
     def client(self) -> CoordinatorClient:
@@ -174,6 +190,80 @@ class KernelLease:
         """True when the lease is paid through an escrow (not a free pool's lease)."""
         escrow = self.escrow
         return escrow is not None and escrow.state is not None
+
+    # -- usage acknowledgements ------------------------------------------------------------
+
+    def mark_ready(self) -> None:
+        """The kernel is ready on this lease for the first time: the user's count of seconds
+        served starts now (later calls change nothing)."""
+        if self.ready_at is None:
+            self.ready_at = time.time()
+            self._ready_clock = time.monotonic()
+
+    def seconds_served(self) -> int:
+        """Whole seconds since the kernel first became ready on this lease (0 before)."""
+        if self.ready_at is None:
+            return 0
+        if self._ready_clock is None:  # restored from another process: its wall clock
+            self._ready_clock = time.monotonic() - max(0.0, time.time() - self.ready_at)
+        return max(0, math.floor(time.monotonic() - self._ready_clock))
+
+    async def acknowledge(self, timeout: float | None = None) -> int | None:
+        """Tell the coordinator the user has had :meth:`seconds_served` so far (a signed
+        ``POST /api/v1/leases/{id}/ack``); returns the count it holds now, or None when
+        there is nothing to acknowledge or it did not take it (logged: a refusal changes
+        nothing, the next acknowledgement carries the total)."""
+        grant = self.grant
+        if grant is None or self.ready_at is None:
+            return None
+        async with self._ack_lock:  # in order: a later count never goes out first
+            ack = UsageAck(grant.lease, max(self.seconds_served(), self.acked_seconds))
+            try:
+                held = await asyncio.wait_for(
+                    self.client.acknowledge_usage(ack), timeout or self.timeout
+                )
+            except (JupyterIOError, asyncio.TimeoutError) as exc:
+                self._ack_failures += 1
+                level = logging.WARNING if self._ack_failures == 1 else logging.DEBUG
+                self.log.log(
+                    level,
+                    "jupyter-io: the coordinator did not take the usage acknowledgement of "
+                    "lease %s (%d s): %s",
+                    grant.lease,
+                    ack.seconds,
+                    exc or "timed out",
+                )
+                return None
+            self.acked_seconds = max(self.acked_seconds, held)
+            return held
+
+    def keep_acknowledging(self, connected: Callable[[], bool], interval: float) -> None:
+        """Acknowledge now and every ``interval`` seconds while ``connected()`` says the
+        kernel's tunnel is up (no acknowledgement while it is down: those seconds are
+        acknowledged only if it comes back). Until :meth:`stop_acknowledging`, :meth:`end`
+        or :meth:`close`; calling it again replaces the loop."""
+        self.stop_acknowledging()
+        self._acking = asyncio.ensure_future(self._ack_loop(connected, interval))
+
+    def stop_acknowledging(self) -> None:
+        """Stop the acknowledgements of :meth:`keep_acknowledging` (the user's side is
+        going away, or the session is gone)."""
+        task, self._acking = self._acking, None
+        if task is not None:
+            task.cancel()
+
+    async def _ack_loop(self, connected: Callable[[], bool], interval: float) -> None:
+        while self.grant is not None:
+            if connected():
+                await self.acknowledge(min(self.timeout, max(interval, 1.0)))
+            await asyncio.sleep(interval)
+
+    async def _stopped_acknowledging(self) -> None:
+        task, self._acking = self._acking, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def request(self, terms: LeaseTerms) -> LeaseGrant:
         """Lease GPUs on ``terms``; remember and return the grant (with an escrow coordinator
@@ -198,7 +288,8 @@ class KernelLease:
             ) from None
         self.grant = grant
         self.bound = False
-        self.ready_at = None
+        self.ready_at = self._ready_clock = None
+        self.acked_seconds = 0
         self._learn_life(grant)
         return grant
 
@@ -355,6 +446,7 @@ class KernelLease:
         Returns the final record, or None when there was no lease or the coordinator could
         not be told (logged: the lease then ends when its token expires unused, or when the
         provider reports the session's end)."""
+        await self._stopped_acknowledging()
         grant, self.grant = self.grant, None
         self.bound = False
         if grant is None:
@@ -402,6 +494,7 @@ class KernelLease:
         normally. Never raises for the coordinator's or the ledger's failures (logged, with
         what to do); the lease is forgotten either way.
         """
+        await self._stopped_acknowledging()  # the user no longer sees the kernel
         grant = self.grant
         if grant is None:
             return "no lease"
@@ -501,8 +594,9 @@ class KernelLease:
         return message
 
     async def close(self) -> None:
-        """Release the HTTP client and the hook's connections (the lease itself is
-        untouched)."""
+        """Stop acknowledging usage, release the HTTP client and the hook's connections (the
+        lease itself is untouched)."""
+        await self._stopped_acknowledging()
         client, self._client = self._client, None
         if client is not None:
             client.close()
@@ -533,6 +627,7 @@ class KernelLease:
             "escrow": offer.to_json() if offer is not None else None,
             "escrow_account": escrow.to_json() if escrow is not None else None,
             "ready_at": self.ready_at,
+            "acked_seconds": self.acked_seconds,
             "bound": self.bound,
         }
 
@@ -542,6 +637,8 @@ class KernelLease:
         self.grant = LeaseGrant.from_json(body)
         self.bound = bool(body.get("bound", True))
         self.ready_at = body.get("ready_at")
+        self._ready_clock = None
+        self.acked_seconds = int(body.get("acked_seconds") or 0)
         account = body.get("escrow_account")
         if account is not None and self.hook is not None:
             self.hook.restore(EscrowInfo.from_json(account))

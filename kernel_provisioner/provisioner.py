@@ -26,6 +26,9 @@ settles the escrow); a start that fails (a wallet too poor, a ledger unreachable
 lease too. When the provider was lost the lease's escrow is refunded (the coordinator's
 arbiter and the user's key co-sign); a restart then leases anew, with a new escrow, unless
 the lease ended because its budget ran out (:class:`~kernel_provisioner.lease.BudgetExhausted`).
+While the tunnel is connected the provisioner acknowledges the seconds it has had every
+``usage_ack_interval`` (and once more at shutdown); the coordinator bills no more than that
+plus its grace period, so a provider cannot bill on once this side is gone.
 Each step is reported as a structured progress record (:mod:`kernel_provisioner.progress`).
 
 Each method's docstring names the KernelManager method that calls it and what happens on
@@ -38,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -55,6 +57,7 @@ from jupyter_io.identity import DEFAULT_KEYPAIR_PATH, load_keypair, parse_pubkey
 from jupyter_io.payments.amounts import format_sol, parse_sol
 from jupyter_io.payments.hooks import PaymentHook, SolanaEscrowHook
 from jupyter_io.protocol import DEFAULT_MAX_FRAME_SIZE
+from jupyter_io.usage_acks import DEFAULT_ACK_INTERVAL_S
 
 from .connection import LOST_EXIT_CODE, KernelState, TunnelClient
 from .facade import CHANNEL_PORT_NAMES, Facade
@@ -169,6 +172,13 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         "coordinator stops the kernel when they are spent. 0: the payment hook's own "
         "setting (c.SolanaEscrowHook.max_session_hours, default 1 h).",
     )
+    usage_ack_interval = Float(
+        DEFAULT_ACK_INTERVAL_S,
+        config=True,
+        help="Seconds between the signed usage acknowledgements sent to the coordinator "
+        "while the kernel's tunnel is connected; the coordinator bills no more than the last "
+        "one plus its grace period (keep this below half of that grace, 40 s by default).",
+    )
     refund_timeout = Float(
         60.0,
         config=True,
@@ -224,6 +234,13 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
                 parse_sol(value)
             except ConfigError as exc:
                 raise ConfigError(f"max_price_per_hour: {exc}") from None
+        return value
+
+    @validate("usage_ack_interval")
+    def _check_ack_interval(self, proposal: Any) -> float:
+        value = float(proposal["value"])
+        if value <= 0:
+            raise ConfigError("usage_ack_interval must be positive (seconds)")
         return value
 
     @validate("min_vram_gb", "max_session_hours")
@@ -380,8 +397,9 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             raise
         self._launched = True
         self._last_exit_code = None
-        if self._lease is not None and self._lease.ready_at is None:
-            self._lease.ready_at = time.time()
+        if self._lease is not None:
+            self._lease.mark_ready()
+            self._acknowledge_while_connected(self._lease, client)
         if started.ignored_env:
             self.log.warning(
                 "jupyter-io: the provider did not set these environment variables for the "
@@ -549,9 +567,15 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             f"or top up a running session with `jupyter io wallet topup LEASE SOL`"
         )
 
+    def _acknowledge_while_connected(self, lease: KernelLease, client: TunnelClient) -> None:
+        """Acknowledge ``lease``'s usage while ``client``'s tunnel is connected (that
+        session's only: a later session belongs to another lease)."""
+        lease.keep_acknowledging(lambda: client.connected, self.usage_ack_interval)
+
     def _retire(self, lease: KernelLease) -> None:
         """Let go of a lease whose session is gone, in the background: a funded one is
         refunded if its provider failed (or settled by the coordinator), a free one ended."""
+        lease.stop_acknowledging()
 
         async def wind_up() -> None:
             try:
@@ -707,6 +731,12 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         self._client = None
         self._launched = False
         lost = client is not None and client.dead_reason is not None and not client.ended
+        lease = self._lease
+        if lease is not None:
+            lease.stop_acknowledging()
+            if client is not None and client.connected:
+                # The last acknowledgement covers the session up to its end.
+                await lease.acknowledge(self.end_timeout)
         if client is not None:
             if client.alive and not await client.end(self.end_timeout):
                 self.log.warning(
@@ -843,3 +873,6 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             self.log.error("jupyter-io: cannot reattach to session %s: %s", session, exc)
             client.dead_reason = str(exc)
             self._last_exit_code = LOST_EXIT_CODE
+            return
+        if self._lease is not None:
+            self._acknowledge_while_connected(self._lease, client)

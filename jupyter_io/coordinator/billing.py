@@ -153,7 +153,8 @@ def meter(
 
     With ``grace`` (the coordinator's ``usage_ack_grace``) neither party meters alone: the
     user's acknowledged seconds plus ``grace`` bound it too
-    (:func:`~jupyter_io.usage_acks.ack_bound`; payments contract section 7)."""
+    (:func:`~jupyter_io.usage_acks.ack_bound`; payments contract, "Neither party meters
+    alone")."""
     deposit = lease.deposit_lamports or 0
     observed = _observed(lease, now)
     covered = covered_seconds(lease.price_lamports_per_hour, deposit)

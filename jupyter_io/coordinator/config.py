@@ -26,7 +26,7 @@ from ..daemon import server_ssl_context
 from ..errors import ConfigError
 from ..identity import load_keypair, load_or_create_keypair
 from ..protocol import DEFAULT_MAX_FRAME_SIZE
-from ..usage_acks import DEFAULT_ACK_GRACE_S
+from ..usage_acks import DEFAULT_ACK_GRACE_S, DEFAULT_ACK_TIMEOUT_S
 from .pending import DEFAULT_MAX_UNFUNDED, DEFAULT_MAX_UNFUNDED_PER_KEY, DEFAULT_WINDOW
 
 __all__ = ["DEFAULT_LISTEN", "DEFAULT_PORT", "CoordinatorConfig", "parse_listen"]
@@ -200,6 +200,14 @@ class CoordinatorConfig(Configurable):
         "acknowledged plus this). Cover one missed acknowledgement and network delay: at "
         "least twice the provisioners' usage_ack_interval (15 s by default).",
     )
+    usage_ack_timeout = Float(
+        DEFAULT_ACK_TIMEOUT_S,
+        config=True,
+        help="Seconds a paid lease may go without a usage acknowledgement from its user "
+        "before it ends ('usage not acknowledged'). Keep it within usage_ack_grace plus the "
+        "providers' settle_tolerance_seconds (10 s): a provider host refuses to co-sign a "
+        "settlement that pays less than it metered, less that tolerance.",
+    )
 
     @default("data_dir")
     def _data_dir_default(self) -> str:
@@ -239,6 +247,7 @@ class CoordinatorConfig(Configurable):
         "settle_retry_max",
         "escrow_check_interval",
         "solana_timeout",
+        "usage_ack_timeout",
     )
     def _validate_positive_float(self, proposal: dict[str, object]) -> float:
         value = float(proposal["value"])  # type: ignore[arg-type]

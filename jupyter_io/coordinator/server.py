@@ -44,6 +44,7 @@ from ..errors import ConfigError
 from ..payments.escrow import EscrowClient
 from ..payments.ledger import EmbeddedLedger, SqlLedgerStore
 from ..payments.rpc import ledger_handlers
+from .ack_watch import AckWatch
 from .auth import ReplayGuard
 from .billing import Billing
 from .body_limits import BodyLimits
@@ -100,6 +101,7 @@ class CoordinatorServer:
         self.solana_url = ""
         self.billing: Billing | None = None
         self.settlements: SettlementWorker | None = None
+        self.ack_watch: AckWatch | None = None
         self.should_exit = asyncio.Event()
         #: Set once :meth:`startup` is done and the ready line is out.
         self.started = asyncio.Event()
@@ -189,6 +191,9 @@ class CoordinatorServer:
                 ack_grace=config.usage_ack_grace,
                 log=self.log,
             )
+            self.ack_watch = AckWatch(
+                store, registry, timeout=config.usage_ack_timeout, log=self.log
+            )
             self.settlements = SettlementWorker(
                 store,
                 registry,
@@ -214,6 +219,8 @@ class CoordinatorServer:
         await leases.start()
         if self.billing is not None and self.settlements is not None:
             await self.billing.start()
+            if self.ack_watch is not None:
+                await self.ack_watch.start()
             self.settlements.start()
         self._services = services = Services(
             coordinator=keypair.pubkey(),
@@ -304,6 +311,8 @@ class CoordinatorServer:
             await self.leases.stop()
         if self.settlements is not None:
             await self.settlements.stop()  # its claims go back to the queue
+        if self.ack_watch is not None:
+            await self.ack_watch.stop()
         if self.billing is not None:
             await self.billing.stop()
         if self.relay is not None:

@@ -94,7 +94,7 @@ async def test_hostile_bodies_are_answered_400_by_a_real_coordinator(
     path = "/api/v1/leases"
     try:
         for body in (
-            b"[" * 60_000,
+            b"[" * 10_000,  # past the recursion limit, under the 16 KiB body limit
             json.dumps({"max_price_lamports_per_hour": MAX_INT + 1}).encode(),
             json.dumps({"gpu": "1" * 1000}).encode(),
         ):

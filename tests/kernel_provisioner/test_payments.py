@@ -7,6 +7,11 @@ lease ends, and a lost provider's escrow is refunded (user + arbiter co-sign).
 Every scenario checks conservation with balances read on-chain: nothing moves but what the
 provider was paid, what came back to the user, what is still in escrow, the multisig's
 one-time rent, and the fees the chain charged (read from each transaction).
+
+Neither party meters alone: every kernel here acknowledges its usage every
+:data:`ACK_INTERVAL` seconds, as a real user's does, and the coordinator bills at most
+:data:`ACK_GRACE` seconds past the last acknowledgement; a provider that goes on billing
+after the user has gone is paid no more than that.
 """
 
 from __future__ import annotations
@@ -34,12 +39,19 @@ from jupyter_io.errors import InsufficientFunds, KernelLaunchError, PaymentError
 from jupyter_io.identity import write_keypair
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL, format_sol
 from jupyter_io.payments.escrow import EscrowClient, EscrowTerms
+from jupyter_io.usage_acks import NOT_ACKNOWLEDGED
 from kernel_provisioner.lease import BudgetExhausted, LeaseUnaffordable
 from kernel_provisioner.provisioner import RemoteKernelProvisioner
 
 from ..escrow_books import Books
 
 RTX_PRICE = 120_000_000  # the relayed provider's RTX 4090: 0.12 SOL/h
+#: The kernels' usage acknowledgements, the coordinator's grace past the last one, and how
+#: long a lease may go without one: short, so that a bill that did not follow the
+#: acknowledgements would show.
+ACK_INTERVAL = 0.5
+ACK_GRACE = 2
+ACK_TIMEOUT = 4
 #: Every coordinator of this module: escrow payments, a provider lost after 1.5 s of
 #: silence, settlements retried briskly, and escrows accepted from one second's worth.
 ESCROW_ARGS = (
@@ -48,6 +60,8 @@ ESCROW_ARGS = (
     "0.5",
     "--CoordinatorConfig.settle_retry_interval=0.2",
     "--CoordinatorConfig.min_deposit_seconds=1",
+    f"--CoordinatorConfig.usage_ack_grace={ACK_GRACE}",
+    f"--CoordinatorConfig.usage_ack_timeout={ACK_TIMEOUT}",
 )
 SETTLE_TIMEOUT = 30.0
 JUPYTER_IO = str(Path(sys.executable).with_name("jupyter-io"))
@@ -108,6 +122,22 @@ async def fund_parties(market: Any) -> PaidMarket:
 def _get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read())
+
+
+class AckingSpecs:
+    """The ``kernelspecs`` fixture, its leased kernels acknowledging every ACK_INTERVAL."""
+
+    def __init__(self, specs: Any) -> None:
+        self.specs = specs
+
+    def install_lease(self, *args: Any, **config: Any) -> str:
+        config.setdefault("usage_ack_interval", ACK_INTERVAL)
+        return str(self.specs.install_lease(*args, **config))
+
+
+@pytest.fixture
+def kernelspecs(kernelspecs: Any) -> AckingSpecs:
+    return AckingSpecs(kernelspecs)
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +207,16 @@ async def lease_info(paid: PaidMarket, lease_id: str, user: Keypair | None = Non
         return await client.get_lease(lease_id)
     finally:
         client.close()
+
+
+async def until(predicate: Any, timeout: float, what: str) -> None:
+    """Wait for ``predicate()`` (state that changes on a timer elsewhere), at most
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} in {timeout} s")
+        await asyncio.sleep(0.05)
 
 
 def _steps(prov: RemoteKernelProvisioner) -> list[str]:
@@ -261,6 +301,10 @@ async def test_a_paid_session_escrows_before_the_kernel_and_settles_exactly(
     assert settlement.kind == "settle"
     # Billed: at least the seconds the cell slept, and exactly price * seconds // 3600.
     assert billing.billed_seconds >= 2
+    # The provider's own figure: the user's acknowledgements kept up with it to the end.
+    assert billing.billed_seconds == billing.reported_seconds
+    assert billing.acknowledged_seconds is not None and billing.acknowledged_seconds >= 2
+    assert billing.acknowledged_seconds + ACK_GRACE >= billing.reported_seconds
     assert settlement.amount_lamports == billing.spent_lamports
     assert billing.spent_lamports == RTX_PRICE * billing.billed_seconds // 3600
     after = await ledger.snapshot(terms)
@@ -427,6 +471,60 @@ async def test_another_process_takes_over_the_lease_and_its_escrow(
     await ledger.assert_conserved(
         terms, during, after, paid_to_provider=settlement.amount_lamports,
         signatures=[settlement.signature], other_fees={terms.user: 5_000},  # the top-up's
+    )  # fmt: skip
+
+
+# -- neither party meters alone --------------------------------------------------------------
+
+
+async def test_a_provider_billing_on_after_the_user_vanished_is_paid_to_the_last_ack_and_grace(
+    paid: PaidMarket, ledger: Ledger, kernelspecs: Any, start_kernel: Any
+) -> None:
+    """The user's side goes away without a word (its process is gone: no END, no DELETE, no
+    more acknowledgements); the provider host keeps the kernel for a resume and meters it.
+    The coordinator ends the lease once the acknowledgements are overdue, long before the
+    deposit runs out, and the provider is paid for the user's last acknowledgement plus the
+    grace, not for its own figure; the user gets the rest back."""
+    market = paid.market
+    budget = 60 / 3600  # a minute of the RTX's price
+    name = kernelspecs.install_lease(
+        "paid-vanish", paid.url, market.user_keypair_path, gpu="RTX 4090",
+        max_session_hours=budget,
+    )  # fmt: skip
+    km = await start_kernel(name)
+    prov: Any = km.provisioner
+    lease = prov.lease
+    grant = lease.grant
+    terms = paid.terms(market.user.pubkey(), grant.provider, grant.lease)
+    during = await ledger.snapshot(terms)
+    wsol_before = await ledger.escrow.wsol_balance(terms.provider)
+    deposit = lease.escrow.deposit
+    await until(lambda: lease.acked_seconds >= 1, 15, "acknowledged")
+    await prov.detach()  # what is left of the user's side when its process is killed
+    km.provisioner = None  # nothing for the fixture to shut down
+    gone = time.monotonic()
+
+    info = await settled(paid, grant.lease)
+    assert info.end_reason == NOT_ACKNOWLEDGED, info  # nobody came back to end it
+    assert info.ended_at is not None and info.active_at is not None
+    assert info.ended_at - info.active_at < 30, "ended long before the budget's minute"
+    assert time.monotonic() - gone < 30
+    billing = info.billing
+    assert billing is not None and billing.settlement is not None
+    acked = billing.acknowledged_seconds
+    assert acked is not None and acked >= 1
+    # The provider's figure: the kernel it kept until the deposit was spent.
+    assert billing.reported_seconds > acked + ACK_GRACE, billing
+    assert billing.billed_seconds == acked + ACK_GRACE
+    paid_out = billing.settlement.amount_lamports
+    assert paid_out == billing.spent_lamports == RTX_PRICE * (acked + ACK_GRACE) // 3600
+    assert paid_out < deposit
+    after = await ledger.snapshot(terms)
+    assert after.escrow == 0
+    assert await ledger.escrow.wsol_balance(terms.provider) - wsol_before == paid_out
+    await ledger.assert_conserved(
+        terms, during, after, paid_to_provider=paid_out,
+        signatures=[billing.settlement.signature],
     )  # fmt: skip
 
 
