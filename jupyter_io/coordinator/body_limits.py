@@ -14,8 +14,9 @@ headers, before the application sees the request:
   client's TCP stack delivers the answer instead of a reset. One read buffer at a time is
   all the body costs;
 * a chunked body (no length announced) is counted as it arrives and handed on while
-  within the limit; the chunk that passes it is answered ``413`` at once, the rest dropped
-  as above, then the connection closed;
+  within the limit; the chunk that passes it is answered ``413`` at once, and the close
+  lingers the same way (write side shut, the rest dropped, closed at the latest ``linger``
+  seconds later);
 * anything else goes to the application as usual (the body is at most the limit).
 
 Limits are ``(path regex, bytes)`` pairs, the first full match wins, else the default.
@@ -31,7 +32,7 @@ import json
 import re
 import socket
 from collections.abc import Awaitable, Sequence
-from typing import Any, cast
+from typing import cast
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection
@@ -127,6 +128,8 @@ class _Gate(httputil.HTTPMessageDelegate):
         self.counting = False
         self.passed = False  # the application got the headers
         self.refused_at: float | None = None
+        self.closed = False
+        self.timer: asyncio.TimerHandle | None = None
         self.request = ("", "")
 
     def headers_received(
@@ -152,9 +155,7 @@ class _Gate(httputil.HTTPMessageDelegate):
         if self.counting:
             self.seen += len(chunk)
             if self.refused_at is not None:
-                if asyncio.get_running_loop().time() - self.refused_at > self.limits.linger:
-                    self._close()
-                return None
+                return None  # dropped: the 413 is out, the timer closes the connection
             if self.seen > self.limit:
                 self._refuse_reading()
                 return None
@@ -167,6 +168,8 @@ class _Gate(httputil.HTTPMessageDelegate):
         self.inner.finish()
 
     def on_connection_close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
         if self.passed:
             self.inner.on_connection_close()
 
@@ -218,9 +221,26 @@ class _Gate(httputil.HTTPMessageDelegate):
             }
         )
         start = httputil.ResponseStartLine("HTTP/1.1", 413, "Payload Too Large")
-        _consume(self.conn.write_headers(start, headers, body))
+        written = self.conn.write_headers(start, headers, body)
+        written.add_done_callback(self._shut_write)
+        # Closed then even if the client stops sending and keeps the connection open.
+        self.timer = asyncio.get_running_loop().call_later(self.limits.linger, self._close)
+
+    def _shut_write(self, written: asyncio.Future[None]) -> None:
+        """The 413 is out: the client reads it and EOF while the rest of its body drains."""
+        if written.cancelled() or written.exception() is not None:
+            return
+        stream = self.conn.stream
+        if stream is not None and not isinstance(stream, SSLIOStream) and stream.socket:
+            with contextlib.suppress(OSError):
+                stream.socket.shutdown(socket.SHUT_WR)
 
     def _close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
         conn = self.conn
         stream = conn.stream
         with contextlib.suppress(Exception):
@@ -228,7 +248,3 @@ class _Gate(httputil.HTTPMessageDelegate):
         if stream is not None and not stream.closed():
             with contextlib.suppress(StreamClosedError):
                 stream.write(b"").add_done_callback(lambda _: stream.close())
-
-
-def _consume(future: Any) -> None:
-    future.add_done_callback(lambda f: f.cancelled() or f.exception())

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
+import tracemalloc
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +20,7 @@ import pytest
 from solders.keypair import Keypair
 
 from jupyter_io.coordinator.auth import sign_request
+from jupyter_io.coordinator.body_limits import LINGER_SECONDS
 from jupyter_io.coordinator.handlers import MAX_BODY_SIZE
 from jupyter_io.coordinator.server import CoordinatorServer
 
@@ -117,9 +120,16 @@ async def test_a_50_mb_body_is_answered_413_json_and_the_upload_is_not_reset(
 ) -> None:
     size = 50 * MB
     piece = b"x" * (256 * 1024)
-    answer, sent, write_error = await _exchange(
-        coordinator, _post_head(LEASES, size), [piece] * (size // len(piece))
-    )
+    tracemalloc.start()
+    try:
+        answer, sent, write_error = await _exchange(
+            coordinator, _post_head(LEASES, size), [piece] * (size // len(piece))
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Client and server share this process: together they held a few read buffers at most.
+    assert peak < 4 * MB, f"{peak / MB:.1f} MB allocated at the peak"
     assert answer.status == 413, answer
     assert answer.headers["content-type"] == "application/json"
     error = answer.error()
@@ -150,6 +160,15 @@ async def test_a_chunked_body_over_the_limit_is_413_and_one_under_it_is_served(
     answer, _, _ = await _exchange(coordinator, _post_head(LEASES, None), _chunked(over))
     assert answer.status == 413 and answer.error()["code"] == "too_large"
     assert f"at most {MAX_BODY_SIZE} bytes" in answer.error()["message"]
+
+    # One chunk announcing 1 GB, of which 1 MB comes and then nothing, the connection left
+    # open: the 413 and the server's end of the stream come at once, not after the linger.
+    started = time.monotonic()
+    answer, _, _ = await _exchange(
+        coordinator, _post_head(LEASES, None), [b"%x\r\n" % (1 << 30), b"y" * MB]
+    )
+    assert answer.status == 413 and answer.rest == b""
+    assert time.monotonic() - started < LINGER_SECONDS
 
     # A whole chunked body within the limit reaches the handler (unsigned: 401, not 413).
     answer, _, _ = await _exchange(
