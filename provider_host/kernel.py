@@ -90,7 +90,8 @@ class _KernelManager(AsyncKernelManager):
 
     async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
         if self.owner is not None:
-            os.chown(self.connection_file, *self.owner)  # it stays 0600
+            # It stays 0600. Never through a link: the directory is the kernel's too.
+            os.chown(self.connection_file, *self.owner, follow_symlinks=False)
         await super()._async_launch_kernel(kernel_cmd, **kw)
 
 

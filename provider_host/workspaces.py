@@ -109,10 +109,17 @@ def disk_usage(path: Path) -> int:
 
 
 def wipe_orphaned_workspaces(root: str | os.PathLike[str], log: logging.Logger) -> list[str]:
-    """Delete every workspace under ``root`` that no live session holds; return their names."""
+    """Delete every workspace under ``root`` that no live session holds; return their names.
+
+    Also makes ``root`` 0700 when this process owns it: a uid handed out again after a host
+    died must not reach, from another host's sandbox, the files that host left there.
+    """
     wiped: list[str] = []
+    path = Path(root).expanduser()
     try:
-        entries = list(Path(root).expanduser().iterdir())
+        if path.stat().st_uid == os.geteuid():
+            path.chmod(0o700)
+        entries = list(path.iterdir())
     except FileNotFoundError:
         return wiped
     for entry in entries:

@@ -20,7 +20,7 @@ from provider_host.config import ProviderConfig
 from provider_host.isolation import HOST_ENV_ALLOWED
 from provider_host.sandbox import GPU_CONTROL_NODES, SandboxPaths, bwrap_argv, sandbox_paths
 from provider_host.server import ProviderServer
-from provider_host.userpool import SessionUser
+from provider_host.userpool import SessionUser, UserPool
 
 from .conftest import TunnelClient, pid_alive, wait_until
 from .test_host_cli import LISTENING, _start_host
@@ -277,6 +277,19 @@ def test_only_the_leased_gpus_device_nodes_are_bound():
     argv = bwrap_argv(gpus=(0,), **common)
     assert "--dev-bind" not in argv and "--bind" in argv  # nothing of the host's /dev else
     assert argv[argv.index("--dev") + 1] == "/dev"
+
+
+def test_the_uid_pool_never_hands_out_a_uid_that_is_held(tmp_path: Path):
+    locks = tmp_path / "locks"
+    here, other_host = UserPool(1_600_000_000, 2, locks), UserPool(1_600_000_000, 2, locks)
+    here.prepare()
+    first, second = here.acquire(), other_host.acquire()
+    assert first.uid != second.uid and first.name == f"jio-{first.uid}"
+    with pytest.raises(ConfigError, match="sandbox_uid_count"):
+        other_host.acquire()
+    here.release(first)
+    here.release(first)  # idempotent
+    assert other_host.acquire().uid == first.uid
 
 
 def test_user_namespace_mode_hides_the_host_too(tmp_path: Path):
