@@ -41,7 +41,7 @@ class Response:
     rest: bytes
 
     def error(self) -> dict[str, Any]:
-        return json.loads(self.body)["error"]  # type: ignore[no-any-return]
+        return json.loads(self.body)["error"]
 
 
 def _parse(raw: bytes) -> Response:

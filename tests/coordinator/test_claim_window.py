@@ -28,12 +28,14 @@ from jupyter_io.coordinator.client import (
     CoordinatorClient,
     TooManyPendingLeases,
 )
+from jupyter_io.coordinator.models import LeaseState
 from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.coordinator.store import OfferSpec, ProviderProfile, Store
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL, min_deposit
 from jupyter_io.payments.escrow import EscrowClient, EscrowTerms
 
 from ..escrow_books import Books
-from .conftest import WAIT, FakeProvider, Starter, gpu_offer
+from .conftest import GIB, WAIT, FakeProvider, Starter, gpu_offer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -229,3 +231,34 @@ async def test_on_a_free_coordinator_a_lease_must_start_within_the_window(
     record = await user("GET", f"/api/v1/leases/{started}")
     assert record.body["state"] == "active"
     assert (await user.lease()).code == 201  # the idle GPUs are offered again
+
+
+async def test_the_store_ends_a_waiting_lease_only_while_it_still_waits(store_url: str) -> None:
+    # The window's end is one conditional statement: a lease funded or started meanwhile
+    # (through this coordinator or another on the same database) is left alone.
+    store = await Store.open(store_url)
+    try:
+        provider = str(Keypair().pubkey())
+        await store.upsert_provider(ProviderProfile(provider, "rig", "eu-west"))
+        await store.replace_offers(provider, [OfferSpec("RTX 4090", GIB, 3, PRICE)])
+        funded, started, idle = [
+            await store.create_lease(
+                user_pubkey=str(Keypair().pubkey()),
+                provider_pubkey=provider,
+                gpu_model="RTX 4090",
+            )
+            for _ in range(3)
+        ]
+        escrow = str(Keypair().pubkey())
+        await store.record_escrow(funded.id, address=escrow, deposit_lamports=1, signature=None)
+        await store.activate_lease(started.id)
+        reason = NOT_FUNDED_IN_TIME
+        assert not await store.end_lease(funded.id, reason, only_requested=True, only_unfunded=True)
+        assert not await store.end_lease(started.id, reason, only_requested=True)
+        assert await store.end_lease(idle.id, reason, only_requested=True, only_unfunded=True)
+        states = {lease.id: lease.state for lease in await store.live_leases()}
+        assert states == {funded.id: LeaseState.REQUESTED, started.id: LeaseState.ACTIVE}
+        ended = await store.get_lease(idle.id)
+        assert ended is not None and ended.end_reason == NOT_FUNDED_IN_TIME
+    finally:
+        await store.close()
