@@ -41,7 +41,7 @@ pytestmark = pytest.mark.timeout(60)
 
 PRICE = 3_600_000  # lamports per hour
 #: A short claim window, so that the tests see leases expire.
-WINDOW = 2.0
+WINDOW = 3.0
 
 
 @dataclass
@@ -110,27 +110,11 @@ async def _ended(provider: FakeProvider, count: int) -> dict[str, str]:
 async def test_a_key_with_no_funds_cannot_hold_the_gpus_and_its_leases_expire(
     start_coordinator: Starter, providers: list[FakeProvider], apis: list[Api]
 ) -> None:
-    server, provider = await _escrow_market(start_coordinator, providers, gpus=3)
-    attacker = Api(server.url)
-    payer = Api(server.url)
-    latecomer = Api(server.url)
-    apis.extend([attacker, payer, latecomer])
+    server, provider = await _escrow_market(start_coordinator, providers, gpus=4)
+    payer, attacker, newcomer, latecomer = (Api(server.url) for _ in range(4))
+    apis.extend([payer, attacker, newcomer, latecomer])
 
-    # The attack: a lease for every GPU on offer, at once, never funded. Two get through.
-    answers = await asyncio.gather(*(attacker.lease() for _ in range(3)))
-    assert sorted(a.code for a in answers) == [201, 201, 429], [a.body for a in answers]
-    held = [a.body["lease"] for a in answers if a.code == 201]
-    (refused,) = (a for a in answers if a.code == 429)
-    assert refused.body["error"]["code"] == "unfunded_limit"
-    message = refused.body["error"]["message"]
-    assert "escrow is not verified" in message and "at most 2 per key" in message
-    assert "retry in" in message
-    retry_after = int(refused.headers["Retry-After"])
-    assert 1 <= retry_after <= WINDOW + 1
-    # And it stays refused while those two wait (a sequential retry, too).
-    assert (await attacker.lease()).code == 429
-
-    # A paying user still gets the third GPU, funds it, and the session starts.
+    # A paying user leases a GPU, funds it within the window, and the session starts.
     ledger = EscrowClient.connect(server.solana_url)
     try:
         await ledger.airdrop(payer.keypair.pubkey(), LAMPORTS_PER_SOL)
@@ -148,12 +132,27 @@ async def test_a_key_with_no_funds_cannot_hold_the_gpus_and_its_leases_expire(
         receipt = await ledger.open_escrow(
             payer.keypair, terms.provider, terms.arbiter, lease, min_deposit(PRICE, 60)
         )
-        funded = await payer("POST", f"/api/v1/leases/{lease}/escrow",
-                             {"signature": str(receipt.signature)})  # fmt: skip
+        funded = await payer(
+            "POST", f"/api/v1/leases/{lease}/escrow", {"signature": str(receipt.signature)}
+        )
         assert funded.code == 200 and funded.body["token"], funded.body
         await provider.session(lease, "active")
 
-        # Every GPU is held now: someone else is told so (409), not given a fourth.
+        # The attack: a 0-SOL key asks for every GPU left, at once. Two get through.
+        answers = await asyncio.gather(*(attacker.lease() for _ in range(3)))
+        assert sorted(a.code for a in answers) == [201, 201, 429], [a.body for a in answers]
+        held = [a.body["lease"] for a in answers if a.code == 201]
+        (refused,) = (a for a in answers if a.code == 429)
+        assert refused.body["error"]["code"] == "unfunded_limit"
+        message = refused.body["error"]["message"]
+        assert "escrow is not verified" in message and "at most 2 per key" in message
+        assert "retry in" in message
+        retry_after = int(refused.headers["Retry-After"])
+        assert 1 <= retry_after <= WINDOW + 1
+        assert (await attacker.lease()).code == 429  # and again, one at a time
+
+        # So another user still gets the last GPU; after that every GPU is held (409).
+        assert (await newcomer.lease()).code == 201
         assert (await latecomer.lease()).code == 409
 
         # The window passes: the attacker's leases end, the provider is told to stop them.
