@@ -161,8 +161,10 @@ class KernelLease:
         #: Unix time the kernel first ran on this lease (the provisioner's READY): the start
         #: of the seconds the user saw delivered, which bound a refund's provider share.
         self.ready_at: float | None = None
-        #: The seconds the coordinator holds as acknowledged by this user (never lowered).
+        #: The seconds the coordinator holds as acknowledged by this user (never lowered),
+        #: and how many acknowledgements it took.
         self.acked_seconds = 0
+        self.acks_taken = 0
         self._client: CoordinatorClient | None = None
         self._margin = RENEW_MARGIN_S
         self._ready_clock: float | None = None
@@ -235,6 +237,7 @@ class KernelLease:
                 )
                 return None
             self.acked_seconds = max(self.acked_seconds, held)
+            self.acks_taken += 1
             return held
 
     def keep_acknowledging(self, connected: Callable[[], bool], interval: float) -> None:

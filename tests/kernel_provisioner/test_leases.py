@@ -383,6 +383,44 @@ async def test_output_resumes_exactly_once_after_a_cut_in_front_of_the_relay(
         kc.stop_channels()
 
 
+async def test_usage_is_acknowledged_only_while_the_tunnel_is_up_and_a_resume_covers_the_gap(
+    market: Any, kernelspecs: Any, start_kernel: Any
+) -> None:
+    interval = 0.2
+    name = kernelspecs.install_lease(
+        "ack-cut-rtx", market.coordinator.url, market.user_keypair_path, gpu="RTX 4090",
+        usage_ack_interval=interval,
+    )  # fmt: skip
+    km = await start_kernel(name)
+    prov = km.provisioner
+    tunnel, lease = prov.tunnel, prov.lease
+    assert lease.grant.relay
+
+    async def until(predicate: Any, what: str) -> None:
+        deadline = time.monotonic() + 15
+        while not predicate():
+            assert time.monotonic() < deadline, f"not {what} in 15 s"
+            await asyncio.sleep(0.05)
+
+    await until(lambda: lease.acked_seconds >= 1, "acknowledged")  # the coordinator took it
+    market.proxy.cut()  # the tunnel drops; the coordinator itself stays reachable
+    try:
+        assert await tunnel.wait_for(lambda: not tunnel.connected, 5), "cut went unnoticed"
+        # Hold the cut for several intervals: nothing is acknowledged meanwhile (but the one
+        # that may have left just before the cut was noticed).
+        taken, acked = lease.acks_taken + 1, lease.acked_seconds
+        held_until = time.monotonic() + 8 * interval
+        while time.monotonic() < held_until:
+            assert lease.acks_taken <= taken, "acknowledged while the tunnel was down"
+            await asyncio.sleep(interval / 2)
+    finally:
+        market.proxy.restore()
+    assert await tunnel.wait_connected(15)
+    # Back: the next acknowledgement counts from READY, the cut included.
+    await until(lambda: lease.acks_taken > taken, "acknowledged after the resume")
+    assert lease.acked_seconds >= acked + 1
+
+
 async def test_a_coordinator_restart_keeps_direct_sessions_and_relayed_ones_resume(
     start_market: Any, kernelspecs: Any, start_kernel: Any, cells: Any
 ) -> None:
