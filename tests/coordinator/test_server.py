@@ -29,6 +29,7 @@ from jupyter_io.coordinator.models import LeaseState, ProviderStatus
 from jupyter_io.coordinator.server import CoordinatorServer
 from jupyter_io.errors import AuthError, ConfigError, LeaseError
 from jupyter_io.identity import load_keypair
+from jupyter_io.protocol import FrameKind, encode_control
 
 from .conftest import WAIT, FakeProvider, Starter, gpu_offer
 
@@ -183,6 +184,10 @@ async def test_tls_serves_https_and_wss_and_relays_over_it(
             dial["url"], additional_headers=provider.relay_headers(dial["url"]), ssl=context,
             max_size=None, open_timeout=WAIT,
         )  # fmt: skip
+        # Large messages pass once the provider has welcomed the client (the tunnel's WELCOME).
+        welcome = encode_control(FrameKind.WELCOME, {"session": "s"})
+        await provider_side.send(welcome)
+        assert await asyncio.wait_for(user_side.recv(), WAIT) == welcome
         up, down = os.urandom(2 << 20), os.urandom(3 << 20)
         await user_side.send(up)
         await provider_side.send(down)
