@@ -67,6 +67,12 @@ SOLANA_PATH = "/solana"
 LEDGER_MAX_BODY_SIZE = 64 * 1024
 #: Seconds a request body may take to arrive.
 BODY_TIMEOUT = 30.0
+#: Seconds a connection may wait for (or dribble) its request line and headers, and stay idle
+#: between requests; tornado's default (3,600 s) let a stranger park a connection for an hour.
+HEADER_TIMEOUT = 30.0
+#: Largest request line plus headers, bytes (tornado's default is 64 KiB; a signed request's
+#: headers are under 1 KiB).
+MAX_HEADER_SIZE = 16 * 1024
 
 #: Start of the one line printed once the coordinator accepts connections.
 LISTENING_PREFIX = "jupyter-io coordinator listening on "
@@ -252,6 +258,8 @@ class CoordinatorServer:
             ssl_options=ssl_context,
             max_body_size=limits.largest,
             body_timeout=BODY_TIMEOUT,
+            idle_connection_timeout=HEADER_TIMEOUT,
+            max_header_size=MAX_HEADER_SIZE,
             max_buffer_size=config.relay_max_message_size + (1 << 20),
             xheaders=False,
             chunk_size=1 << 20,

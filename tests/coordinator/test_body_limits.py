@@ -19,12 +19,13 @@ from typing import Any
 import pytest
 from solders.keypair import Keypair
 
+from jupyter_io.coordinator import server as server_module
 from jupyter_io.coordinator.auth import sign_request
 from jupyter_io.coordinator.body_limits import LINGER_SECONDS
 from jupyter_io.coordinator.handlers import MAX_BODY_SIZE
 from jupyter_io.coordinator.server import CoordinatorServer
 
-from .conftest import WAIT
+from .conftest import WAIT, Starter
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -200,3 +201,27 @@ async def test_websocket_endpoints_take_no_body(coordinator: CoordinatorServer) 
         coordinator, _post_head("/api/v1/providers/connect", 10), [b"0123456789"]
     )
     assert answer.status == 413 and "at most 0 bytes" in answer.error()["message"]
+
+
+async def test_a_request_whose_headers_never_end_is_dropped_and_huge_headers_are_refused(
+    start_coordinator: Starter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tornado's default let a connection wait an hour for its headers, holding 64 KiB each.
+    monkeypatch.setattr(server_module, "HEADER_TIMEOUT", 0.5)
+    server = await start_coordinator()
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /api/v1/info HTTP/1.1\r\nHost: coordinator\r\n")  # never finished
+    started = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), WAIT) == b""
+    assert time.monotonic() - started < WAIT
+    writer.close()
+
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /api/v1/info HTTP/1.1\r\nX-Pad: " + b"a" * (32 * 1024) + b"\r\n\r\n")
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), WAIT)
+    assert not answer.startswith(b"HTTP/1.1 200")
+    writer.close()
