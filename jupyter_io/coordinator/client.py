@@ -624,14 +624,15 @@ class CoordinatorClient:
             raise CoordinatorError(self._unreachable(response.error))
         try:
             payload = json.loads(response.body or b"null")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a body of [[[[... from a stranger
             payload = None
         if 200 <= response.code < 300 and isinstance(payload, dict):
             return payload
         error = payload.get("error") if isinstance(payload, dict) else None
         code = error.get("code") if isinstance(error, dict) else None
         message = error.get("message") if isinstance(error, dict) else None
-        message = message or f"{method} {path} answered HTTP {response.code}"
+        if not isinstance(message, str) or not message:
+            message = f"{method} {path} answered HTTP {response.code}"
         if response.code == 409:
             raise LeaseError(message)
         if response.code == 429:

@@ -12,16 +12,20 @@ import pytest
 from solders.hash import Hash
 from solders.keypair import Keypair
 from solders.message import to_bytes_versioned
+from tornado import web
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 
 from jupyter_io.coordinator.client import (
     CoordinatorClient,
+    CoordinatorError,
     CoordinatorPaymentError,
     LeaseGrant,
     LeaseInfo,
     PaymentsInfo,
     RefundOffer,
 )
-from jupyter_io.errors import ConfigError
+from jupyter_io.errors import ConfigError, LeaseError
 from jupyter_io.payments.escrow import EscrowTerms, refund_message
 
 PRICE = 120_000_000
@@ -139,3 +143,32 @@ async def test_list_leases_checks_its_limit_before_asking() -> None:
                 await client.list_leases(limit)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error"),
+    [
+        (409, b"[" * 100_000, LeaseError),
+        (500, b"[" * 100_000, CoordinatorError),
+        (409, b'{"error": {"message": ["not", "text"]}}', LeaseError),
+    ],
+)
+async def test_a_hostile_answer_is_a_coordinator_error_not_a_crash(
+    status: int, body: bytes, error: type[Exception]
+) -> None:
+    # Not a coordinator at all: a loopback server answering nested brackets or odd types.
+    class Hostile(web.RequestHandler):
+        def get(self) -> None:
+            self.set_status(status)
+            self.finish(body)
+
+    sockets = bind_sockets(0, "127.0.0.1")
+    server = HTTPServer(web.Application([(r".*", Hostile)]))
+    server.add_sockets(sockets)
+    client = CoordinatorClient(f"http://127.0.0.1:{sockets[0].getsockname()[1]}", Keypair())
+    try:
+        with pytest.raises(error, match="answered HTTP"):
+            await client.info()
+    finally:
+        client.close()
+        server.stop()
