@@ -8,7 +8,10 @@ connections. It owns:
   session lives: :mod:`provider_host.workspaces`), and a short private runtime directory
   (``/tmp/jio-*``, mode 0700) for the connection file and IPC sockets (unix socket paths must
   stay under ~100 characters); with a sandbox (:mod:`provider_host.sandbox`) both belong to
-  the session's own uid (a root host) and are the only host paths its kernel sees;
+  the session's own uid (a root host) and are the only host paths its kernel sees. The host
+  connects to the kernel's sockets through hard links in a directory of its own
+  (``/tmp/jio-*``, the host's only), made once each socket exists and is the kernel's: a
+  link the kernel plants in its runtime directory leads the host nowhere;
 - ZMQ sockets connected to the kernel's IPC endpoints: DEALER for shell, control and stdin
   (shell and stdin share one identity so input_request finds its way back), DEALER to the
   heartbeat, SUB to iopub; they stay across kernel restarts, but each restart drops the
@@ -32,6 +35,7 @@ import logging
 import os
 import secrets
 import signal
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -49,7 +53,7 @@ from jupyter_io.protocol import Channel, CloseCode, Frame, FrameKind, Tunnel, en
 
 from .config import ProviderConfig
 from .isolation import kernel_env
-from .kernel import KernelProcess, kernel_endpoints
+from .kernel import KERNEL_PORTS, KernelProcess, kernel_endpoints
 from .sandbox import Sandbox
 from .userpool import SessionUser
 from .workspaces import create_workspace, disk_usage, remove_tree, remove_workspace
@@ -91,6 +95,7 @@ class KernelSession:
         self.config = config
         self.workspace = Path(config.workspace_root).expanduser().resolve() / self.id
         self.runtime_dir: Path | None = None
+        self._socket_dir: Path | None = None
         self.sandbox = sandbox
         #: The uid the session's kernels run as (a sandbox on a root host), after open().
         self.user: SessionUser | None = None
@@ -147,7 +152,9 @@ class KernelSession:
         self.runtime_dir = runtime
         if owner is not None:
             os.chown(runtime, *owner)  # mkdtemp made it 0700: the host (root) and the kernel
-        endpoints = self._endpoints = kernel_endpoints(runtime)
+        # Same filesystem (hard links) and same path length as the runtime directory.
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="jio-", dir=runtime.parent))
+        endpoints = self._endpoints = kernel_endpoints(self._socket_dir)
         identity = f"jio-{self.id}".encode()
         for channel in Channel:
             kind = zmq.SUB if channel is Channel.IOPUB else zmq.DEALER
@@ -264,8 +271,9 @@ class KernelSession:
         if self._workspace_lock is not None:
             remove_workspace(self.workspace, self._workspace_lock)
             self._workspace_lock = None
-        if self.runtime_dir is not None:
-            remove_tree(self.runtime_dir)
+        for directory in (self.runtime_dir, self._socket_dir):
+            if directory is not None:
+                remove_tree(directory)
         if self.user is not None and self.sandbox is not None and self.sandbox.users is not None:
             self.sandbox.users.release(self.user)
 
@@ -287,6 +295,7 @@ class KernelSession:
             if self._ending:
                 return
             await self._stop_kernel()
+            self._forget_sockets()
             if self.generation:
                 self._drop_queued_requests()
             self.generation += 1
@@ -302,6 +311,7 @@ class KernelSession:
                 )
                 return
             self.kernel = kernel
+            self._spawn(self._link_sockets(kernel))
             self.state, self.exit_code = "running", None
             # STARTED is sequenced before the watcher can ever queue this kernel's EXITED.
             started: dict[str, Any] = {"generation": generation, "pid": kernel.pid}
@@ -417,6 +427,42 @@ class KernelSession:
                 kernel.kill_reason = reason
                 await kernel.kill()
 
+    def _forget_sockets(self) -> None:
+        """Remove the previous kernel's socket files and the host's links to them, so that
+        only sockets the next kernel binds are linked (the kernel is dead: no race)."""
+        assert self.runtime_dir is not None and self._socket_dir is not None
+        for directory in (self.runtime_dir, self._socket_dir):
+            for name in _socket_names():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(directory / name)
+
+    async def _link_sockets(self, kernel: KernelProcess) -> None:
+        """Link each socket ``kernel`` binds into the host's socket directory, as it appears.
+
+        ZMQ (re)connects by path and follows links; the runtime directory is the kernel's
+        to write, so the host never connects there: :func:`os.link` without following
+        links takes whatever inode bears the name, and only a socket owned by the kernel's
+        uid is put where the host connects.
+        """
+        assert self.runtime_dir is not None and self._socket_dir is not None
+        uid = self.user.uid if self.user is not None else os.geteuid()
+        pending = set(_socket_names())
+        refused: set[str] = set()
+        delay = 0.002
+        while pending:
+            if self.kernel is not kernel or kernel.exit_code is not None or self._ending:
+                return
+            for name in sorted(pending):
+                outcome = _link_socket(self.runtime_dir / name, self._socket_dir / name, uid)
+                if outcome:
+                    pending.discard(name)
+                elif outcome is None and name not in refused:
+                    refused.add(name)
+                    self.log.warning("%s in the runtime directory is not the kernel's socket", name)
+            if pending:
+                await asyncio.sleep(delay)  # no event tells when a kernel has bound
+                delay = min(delay * 2, 0.02)
+
     def _drop_queued_requests(self) -> None:
         """Forget requests still queued for the previous kernel.
 
@@ -476,3 +522,28 @@ class KernelSession:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _socket_names() -> list[str]:
+    """The kernel's socket file names (see :func:`provider_host.kernel.kernel_endpoints`)."""
+    return [f"kernel-ipc-{port}" for port in KERNEL_PORTS.values()]
+
+
+def _link_socket(source: Path, target: Path, uid: int) -> bool | None:
+    """Hard-link ``source`` to ``target`` if it is a socket owned by ``uid``: True when done,
+    False while it does not exist yet, None when something else bears its name."""
+    staging = target.with_name(target.name + ".new")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(staging)
+    try:
+        os.link(source, staging, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None  # e.g. a directory by that name
+    info = os.lstat(staging)
+    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != uid:
+        os.unlink(staging)
+        return None
+    os.replace(staging, target)
+    return True

@@ -182,6 +182,42 @@ async def test_a_kernel_cannot_make_the_host_write_through_a_link(
     assert target.read_text() == "host data\n"
 
 
+async def test_a_link_planted_at_a_socket_name_does_not_connect_the_host_elsewhere(
+    make_host, make_client
+):
+    # Mallory knows (a stronger attacker than the sandbox allows) where alice's iopub socket
+    # is, puts a link to it where her host reconnects, and makes her own kernel exit.
+    host = await make_host()
+    alice, mallory = make_client(host), make_client(host)
+    await _ready(alice)
+    await _ready(mallory)
+    alice_runtime = host.sessions[alice.session_id].runtime_dir
+    mallory_runtime = host.sessions[mallory.session_id].runtime_dir
+    assert alice_runtime is not None and mallory_runtime is not None
+    iopub = "kernel-ipc-2"
+    await mallory.execute(
+        f"import os\nos.unlink({str(mallory_runtime / iopub)!r})\n"
+        f"os.symlink({str(alice_runtime / iopub)!r}, {str(mallory_runtime / iopub)!r})\n"
+        "os._exit(0)",
+        wait=False,
+    )
+    assert (await mallory.control(FrameKind.EXITED))["exit_code"] == 0
+    # Alice prints for a while (time enough for many reconnects, every 20 ms).
+    msg_id, _ = await alice.execute(
+        "import time\nfor _ in range(40):\n    print('alice-secret', flush=True)\n"
+        "    time.sleep(0.02)"
+    )
+    assert any(m["msg_type"] == "stream" for m in await alice.outputs(msg_id))
+    leaked = [
+        part
+        for frame in mallory.raw
+        if frame.kind is FrameKind.DATA
+        for part in frame.parts
+        if b"alice-secret" in part
+    ]
+    assert leaked == []
+
+
 # -- what the sandbox promises besides -----------------------------------------------------
 
 
