@@ -179,8 +179,7 @@ async def acknowledge(store: Store, lease: LeaseRecord, ack: UsageAck, *, now: f
     if not lease.live:
         raise LookupError(lease.id)
     check_ack(ack, recorded=lease.acked_seconds, observed=_observed(lease, now))
-    if ack.seconds == lease.acked_seconds:
-        return ack.seconds
+    # The same count again is recorded too: the user was heard from (the ack watch).
     recorded = await store.record_ack(lease.id, ack.seconds, at=_utc(now))
     if recorded is None:  # ended meanwhile, or a newer acknowledgement overtook this one
         current = await store.get_lease(lease.id)
