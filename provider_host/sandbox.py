@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GPU_CONTROL_NODES",
     "INSTALL_HINT",
+    "MIN_BWRAP_VERSION",
     "Sandbox",
     "SandboxPaths",
     "bwrap_argv",
@@ -72,6 +73,8 @@ GPU_CONTROL_NODES = (
     "/dev/nvidia-uvm-tools",
     "/dev/nvidia-modeset",
 )
+#: The oldest bubblewrap with every option used here (``--disable-userns``, ``--size``).
+MIN_BWRAP_VERSION = "0.8.0"
 #: What a host without bubblewrap is told to do.
 INSTALL_HINT = "install bubblewrap: `apt-get install bubblewrap` (the package's name elsewhere too)"
 
@@ -310,13 +313,16 @@ class Sandbox:
                     self.users.release(user)
         if done.returncode != 0:
             said = done.stderr.decode(errors="replace").strip()[-400:]
-            hint = (
-                ""
-                if self.users is not None
-                else "; this host is not root, so bwrap needs unprivileged user namespaces "
-                "(sysctl kernel.unprivileged_userns_clone=1, or on Ubuntu "
-                "kernel.apparmor_restrict_unprivileged_userns=0), or run the host as root"
-            )
+            if "Unknown option" in said:
+                hint = f"; this needs bubblewrap {MIN_BWRAP_VERSION} or later"
+            elif self.users is None:
+                hint = (
+                    "; this host is not root, so bwrap needs unprivileged user namespaces "
+                    "(sysctl kernel.unprivileged_userns_clone=1, or on Ubuntu "
+                    "kernel.apparmor_restrict_unprivileged_userns=0), or run the host as root"
+                )
+            else:
+                hint = ""
             raise ConfigError(f"bubblewrap could not start a sandbox: {said}{hint}")
 
 
