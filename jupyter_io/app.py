@@ -27,6 +27,7 @@ __all__ = [
     "InstallKernelspecApp",
     "JupyterIOApp",
     "KernelspecApp",
+    "KeygenApp",
     "ListKernelspecsApp",
     "RemoveKernelspecApp",
     "main",
@@ -58,6 +59,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "offers": (
         "jupyter_io.coordinator.app.OffersApp",
         "Show the GPUs on offer at a coordinator (--json for scripts).",
+    ),
+    "keygen": (
+        "jupyter_io.app.KeygenApp",
+        "Create a Solana keypair file (the Solana CLI's format) and print its public key.",
     ),
 }
 
@@ -274,6 +279,34 @@ class KernelspecApp(_CommandGroup):
         "list": (ListKernelspecsApp, ListKernelspecsApp.description),
         "remove": (RemoveKernelspecApp, RemoveKernelspecApp.description),
     }
+
+
+class KeygenApp(IOCommand):
+    """``jupyter io keygen PATH``"""
+
+    name = "jupyter io keygen"
+    description = (
+        "Create a new Solana keypair in the file PATH, in the Solana CLI's format (a JSON array "
+        "of 64 numbers, as `solana-keygen new -o PATH` writes), readable by you only; print its "
+        "public key on stdout. An existing file is never overwritten. Use it for --keypair: "
+        "your wallet (`jupyter io wallet`, kernelspecs) or a provider host's identity."
+    )
+    examples = """jupyter io keygen ~/.config/solana/id.json
+jupyter io keygen provider-keypair.json"""
+    aliases: dict[str, Any] = {}
+    flags = {"debug": base_flags["debug"]}
+
+    def run(self) -> None:
+        from .identity import create_keypair_file
+
+        if len(self.extra_args) != 1:
+            raise JupyterIOError(
+                "usage: jupyter io keygen PATH (the keypair file to create, e.g. "
+                f"{DEFAULT_KEYPAIR_PATH})"
+            )
+        keypair, path = create_keypair_file(self.extra_args[0])
+        print(f"Wrote a new keypair to {path} (mode 0600; keep it secret)", file=sys.stderr)
+        print(keypair.pubkey())
 
 
 class DemoApp(IOCommand):

@@ -6,7 +6,8 @@ The provider host sends a random nonce in CHALLENGE; the client signs
 cannot be relayed to another host) and sends its public key and signature in HELLO; the host
 checks it with :func:`verify_challenge` and its allow-list.
 
-Call :func:`load_keypair` (or :func:`load_or_create_keypair` for demo keys) first.
+Call :func:`load_keypair` (or :func:`load_or_create_keypair` for demo and host keys) first;
+:func:`create_keypair_file` makes a new one without ever overwriting (``jupyter io keygen``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from .errors import AuthError, ConfigError
 
 __all__ = [
     "DEFAULT_KEYPAIR_PATH",
+    "KeypairExists",
     "challenge_message",
+    "create_keypair_file",
     "load_allowlist",
     "load_keypair",
     "load_or_create_keypair",
@@ -42,16 +45,25 @@ DEFAULT_KEYPAIR_PATH = "~/.config/solana/id.json"
 _CHALLENGE_DOMAIN = b"jupyter-io/tunnel/v1/hello\n"
 
 
-def load_keypair(path: str | os.PathLike[str]) -> Keypair:
-    """Read a Solana CLI keypair file. Raises :class:`ConfigError` naming the file."""
+class KeypairExists(ConfigError):
+    """:func:`create_keypair_file` found a file where it was to write: nothing was written."""
+
+
+def load_keypair(path: str | os.PathLike[str], *, option: str = "--keypair") -> Keypair:
+    """Read a Solana CLI keypair file. Raises :class:`ConfigError` naming the file and, for
+    a missing one, how to make it and ``option`` (how the caller's user names the file)."""
     file = Path(path).expanduser()
     try:
         raw = json.loads(file.read_text())
         return Keypair.from_bytes(bytes(raw))
     except FileNotFoundError:
         raise ConfigError(
-            f"keypair file {file} does not exist; create one with `solana-keygen new` or "
-            f"point keypair_path at an existing one"
+            f"keypair file {file} does not exist; create it with `jupyter io keygen {file}` "
+            f"(or `solana-keygen new -o {file}`), or pass {option} with an existing one"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"{file} is a directory, not a keypair file; pass {option} with a keypair file"
         ) from None
     except (ValueError, TypeError) as exc:
         raise ConfigError(
@@ -60,22 +72,57 @@ def load_keypair(path: str | os.PathLike[str]) -> Keypair:
 
 
 def write_keypair(keypair: Keypair, path: str | os.PathLike[str]) -> Path:
-    """Write ``keypair`` in the Solana CLI format, readable by its owner only."""
+    """Write ``keypair`` in the Solana CLI format (a JSON array of its 64 bytes), readable by
+    its owner only (0600; missing parent directories are created 0700). Overwrites."""
     file = Path(path).expanduser()
-    file.parent.mkdir(parents=True, exist_ok=True)
+    _private_dirs(file.parent)
     fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(list(bytes(keypair)), f)
     return file
 
 
+def create_keypair_file(path: str | os.PathLike[str]) -> tuple[Keypair, Path]:
+    """Write a fresh keypair to ``path`` in the Solana CLI format, as :func:`write_keypair`,
+    but never over an existing file (checked atomically: ``O_EXCL``). Returns the keypair and
+    the file. Raises :class:`KeypairExists` when something is there already, and
+    :class:`ConfigError` when the file cannot be written."""
+    file = Path(path).expanduser()
+    keypair = Keypair()
+    try:
+        _private_dirs(file.parent)
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise KeypairExists(
+            f"{file} exists already; it was left as it is (a keypair file is an identity and "
+            f"may hold funds): pick another path, or delete it yourself first"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create keypair file {file}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        json.dump(list(bytes(keypair)), f)
+    return keypair, file
+
+
+def _private_dirs(directory: Path) -> None:
+    """Create ``directory`` and its missing parents 0700 (``mkdir(parents=True)`` would give
+    the parents the default mode); existing ones are left as they are."""
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    for each in reversed(missing):
+        each.mkdir(mode=0o700, exist_ok=True)
+
+
 def load_or_create_keypair(path: str | os.PathLike[str]) -> Keypair:
     """Load the keypair at ``path``, creating a fresh one there if the file is missing."""
     file = Path(path).expanduser()
     if not file.exists():
-        keypair = Keypair()
-        write_keypair(keypair, file)
-        return keypair
+        try:
+            return create_keypair_file(file)[0]
+        except KeypairExists:  # made meanwhile by another process: use that one
+            pass
     return load_keypair(file)
 
 

@@ -17,10 +17,11 @@ import sys
 from typing import Any
 
 from jupyter_core.application import JupyterApp, base_aliases, base_flags
-from traitlets import Unicode
+from traitlets import TraitError, Unicode
 
 from jupyter_io import __version__
 from jupyter_io.errors import ConfigError
+from jupyter_io.options import flag_names
 
 from .config import ProviderConfig
 from .server import ProviderServer
@@ -33,6 +34,7 @@ _aliases: dict[Any, Any] = {
     "allow": "ProviderConfig.allow",
     "allow-file": "ProviderConfig.allow_file",
     "keypair": "ProviderConfig.keypair_path",
+    "data-dir": "ProviderConfig.data_dir",
     "certfile": "ProviderConfig.certfile",
     "keyfile": "ProviderConfig.keyfile",
     "workspace": "ProviderConfig.workspace_root",
@@ -92,12 +94,32 @@ class ProviderApp(JupyterApp):
     def start(self) -> None:
         """Build the config and serve until SIGINT/SIGTERM."""
         super().start()  # handles subcommands
-        config = ProviderConfig(parent=self)
         try:
+            config = ProviderConfig(parent=self)
+        except TraitError as exc:
+            self.log.critical("%s", flag_names(str(exc), self.aliases))
+            self.exit(1)
+        try:
+            if not config.keypair_path:
+                _host_key(config)
             ProviderServer(config, log=self.log).run()
         except ConfigError as exc:
             self.log.critical("%s", exc)
             self.exit(1)
+
+
+def _host_key(config: ProviderConfig) -> None:
+    """Without --keypair: create the host key in the data dir on the first start, and say so."""
+    path = config.keypair_file()
+    created = not path.exists()
+    pubkey = config.load_keypair().pubkey()
+    if created:
+        print(
+            f"jupyter-io provider created its host key {pubkey} in {path} (no --keypair given; "
+            f"it is reused at each start: back it up, it is this host's identity and is paid "
+            f"its earnings)",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,13 +30,16 @@ from traitlets.config import Configurable
 from jupyter_io.daemon import parse_listen as _parse_listen
 from jupyter_io.daemon import server_ssl_context
 from jupyter_io.errors import ConfigError
-from jupyter_io.identity import DEFAULT_KEYPAIR_PATH, load_allowlist, load_keypair
+from jupyter_io.identity import load_allowlist, load_keypair, load_or_create_keypair
 from jupyter_io.payments.amounts import parse_sol
 from jupyter_io.protocol import DEFAULT_MAX_FRAME_SIZE
 
 from .isolation import ResourceLimits
 
-__all__ = ["LINK_PATH", "ProviderConfig", "parse_listen"]
+__all__ = ["HOST_KEY_FILE", "LINK_PATH", "ProviderConfig", "parse_listen"]
+
+#: The host key's file name in ``data_dir`` when no ``--keypair`` is given.
+HOST_KEY_FILE = "host-keypair.json"
 
 #: Path of the coordinator's provider-link websocket (``docs/coordinator-contract.md`` 1).
 LINK_PATH = "/api/v1/providers/connect"
@@ -71,9 +74,11 @@ class ProviderConfig(Configurable):
     )
     keyfile = Unicode("", config=True, help="TLS private key (PEM) for certfile.")
     keypair_path = Unicode(
-        DEFAULT_KEYPAIR_PATH,
+        "",
         config=True,
-        help="The host's identity: a Solana CLI keypair file (JSON array of 64 bytes).",
+        help="The host's identity: a Solana CLI keypair file (JSON array of 64 bytes; "
+        "`jupyter io keygen PATH` makes one). Default: host-keypair.json in data_dir, created "
+        "there on the first start (as sshd makes its host keys) and reused after.",
     )
     workspace_root = Unicode(
         config=True,
@@ -328,9 +333,19 @@ class ProviderConfig(Configurable):
         """The ``(host, port)`` to bind; port 0 means any free port."""
         return parse_listen(self.listen)
 
+    def keypair_file(self) -> Path:
+        """The host key's file: ``keypair_path``, or ``host-keypair.json`` in ``data_dir``."""
+        if self.keypair_path:
+            return Path(self.keypair_path).expanduser()
+        return Path(self.data_dir).expanduser() / HOST_KEY_FILE
+
     def load_keypair(self) -> Keypair:
-        """The host's keypair. Raises :class:`ConfigError` naming a missing or bad file."""
-        return load_keypair(self.keypair_path)
+        """The host's keypair. Without ``keypair_path``, the one in ``data_dir``, created there
+        (0600, in a 0700 directory) if missing. Raises :class:`ConfigError` naming a missing
+        or bad file."""
+        if self.keypair_path:
+            return load_keypair(self.keypair_path)
+        return load_or_create_keypair(self.keypair_file())
 
     def load_allowlist(self) -> frozenset[Pubkey]:
         """Public keys from ``allow`` and ``allow_file``."""

@@ -19,11 +19,12 @@ import json
 from typing import Any
 
 from jupyter_core.application import JupyterApp, base_aliases, base_flags
-from traitlets import Bool, Unicode
+from traitlets import Bool, TraitError, Unicode
 
 from .. import __version__
 from ..app import IOCommand
 from ..errors import ConfigError
+from ..options import flag_names
 from .client import CoordinatorClient
 from .config import DEFAULT_PORT, CoordinatorConfig
 from .offers import format_offers_table
@@ -69,7 +70,11 @@ jupyter io coordinator --listen 0.0.0.0:8700 --certfile cert.pem --keyfile key.p
     def start(self) -> None:
         """Build the config and serve until SIGINT/SIGTERM."""
         super().start()
-        config = CoordinatorConfig(parent=self)
+        try:
+            config = CoordinatorConfig(parent=self)
+        except TraitError as exc:
+            self.log.critical("%s", flag_names(str(exc), self.aliases))
+            self.exit(1)
         try:
             CoordinatorServer(config, log=self.log).run()
         except ConfigError as exc:

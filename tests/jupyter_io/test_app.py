@@ -155,3 +155,20 @@ def test_demo_passes_unknown_options_on_to_jupyterlab() -> None:
     )  # fmt: skip
     assert ours == ["--no-lab", "--port", "9999", "--data-dir=/d", "--Demo.stop_timeout=3"]
     assert lab == ["--no-browser", "--ServerApp.token=abc", "--port", "1"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["provider", "--max-sessions", "0"], "--max-sessions must be positive"),
+        (["provider", "--coordinator", "gpu-box"], "--coordinator 'gpu-box' must look like"),
+        (["coordinator", "--token-ttl", "0"], "--token-ttl must be positive"),
+    ],
+)
+def test_a_bad_option_is_named_as_typed_without_a_traceback(argv: list[str], message: str) -> None:
+    result = jupyter_io(*argv)
+    assert result.returncode == 1
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    trait = {"--max-sessions": "max_sessions", "--coordinator": "coordinator_url"}
+    assert not any(name in result.stderr for name in trait.values())
