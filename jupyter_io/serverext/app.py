@@ -28,7 +28,7 @@ from traitlets import Bool, Dict, Float, List, TraitError, Unicode, default, val
 from kernel_provisioner.provisioner import RemoteKernelProvisioner
 
 from .. import __version__
-from ..coordinator.client import CoordinatorClient
+from ..coordinator.client import CoordinatorClient, LeaseInfo
 from ..errors import ConfigError, JupyterIOError
 from ..identity import DEFAULT_KEYPAIR_PATH
 from ..kernelspec import lease_kernel_json, validate_coordinator_url
@@ -42,6 +42,7 @@ from .kernelspecs import (
     direct_kernelspecs,
     direct_provider,
     gpu_kernelspecs,
+    with_price_max,
 )
 from .offers import CoordinatorUnavailable, OffersCatalog
 from .preferences import Preferences, PreferencesError, PreferencesStore
@@ -50,6 +51,35 @@ from .sessions import list_sessions, stopped_json
 from .wallet import Wallet
 
 __all__ = ["JupyterIOExtension"]
+
+#: While a lease of ours settles (its kernel gone, its escrow not closed yet), its billing is
+#: asked for this often, so the wallet shows the refund within a second or two of it.
+SETTLE_POLL_SECONDS = 0.5
+#: ... for at most this long after its kernel went away (a settlement retried for longer,
+#: a provider lost, is left to the normal polls).
+SETTLE_WATCH_SECONDS = 60.0
+
+
+def _settled(info: LeaseInfo) -> bool:
+    """Whether nothing more will move for lease ``info``: it ended and its escrow, if it
+    had one, was settled or refunded (or failed to be)."""
+    if info.live:
+        return False
+    settlement = info.billing.settlement if info.billing is not None else None
+    escrowed = info.escrow is not None and info.escrow.required
+    return not escrowed or (settlement is not None and settlement.state in ("done", "failed"))
+
+
+def _settlement_state(info: LeaseInfo) -> tuple[str, str, int]:
+    """What of a lease moves the wallet or what is free: its state, its settlement's, its
+    deposit (a top-up)."""
+    billing = info.billing
+    settlement = billing.settlement if billing is not None else None
+    return (
+        info.state,
+        settlement.state if settlement is not None else "",
+        billing.deposit_lamports if billing is not None else 0,
+    )
 
 
 class JupyterIOExtension(ExtensionApp):
@@ -176,6 +206,12 @@ class JupyterIOExtension(ExtensionApp):
         #: its budget can be told to the kernel's page).
         self._kernel_leases: dict[str, set[str]] = {}
         self.progress = ProgressBoard()
+        self.progress.listeners.append(lambda _event: self.changed())
+        #: Bumped whenever what the picker shows may have changed (see :meth:`changed`).
+        self.changes = 0
+        self._fingerprint: tuple[Any, ...] = ((), ())  # no kernel, no lease
+        #: lease id → time.monotonic() its kernel was last listed, until it is settled.
+        self._unsettled: dict[str, float] = {}
         self._progress_filter = ProgressLogFilter(self.progress)
         # The provisioner logs through its kernel manager, whose logger is the server's.
         assert self.serverapp is not None
@@ -273,7 +309,7 @@ class JupyterIOExtension(ExtensionApp):
         if snapshot is None or not self.coordinator_url:
             return found
         current = gpu_kernelspecs(
-            snapshot.types,
+            with_price_max(snapshot.types, snapshot.providers),
             coordinator_url=self.coordinator_url,
             keypair_path=keypair,
             preferences=self.preferences,
@@ -299,7 +335,7 @@ class JupyterIOExtension(ExtensionApp):
         spec = lease_kernel_json(
             self.coordinator_url,
             str(Path(self.keypair_path).expanduser().absolute()),
-            f"Python 3 · {gpu} · jupyter-io",
+            f"{gpu} · jupyter-io",
             gpu=gpu,
             max_price_per_hour=self.preferences.max_price_per_hour,
             region=self.preferences.region,
@@ -322,7 +358,7 @@ class JupyterIOExtension(ExtensionApp):
         }
         cap = self.preferences.max_price_lamports_per_hour
         types = []
-        for row in snapshot.types:
+        for row in with_price_max(snapshot.types, snapshot.providers):
             name, display = names.get(row.get("gpu"), (None, None))
             price = row.get("price_min")
             types.append(
@@ -352,7 +388,9 @@ class JupyterIOExtension(ExtensionApp):
 
     async def airdrop(self, lamports: int) -> str:
         await self._find_ledger()
-        return await self.wallet.airdrop(lamports)
+        signature = await self.wallet.airdrop(lamports)
+        self.changed()
+        return signature
 
     async def _find_ledger(self) -> None:
         if self.wallet.rpc_url or self.solana_rpc_url or not self.coordinator_url:
@@ -384,7 +422,7 @@ class JupyterIOExtension(ExtensionApp):
         if not isinstance(provisioner, RemoteKernelProvisioner) or provisioner.lease is None:
             raise KeyError(kernel_id)
         await provisioner.lease.top_up(lamports)
-        self.lease_book.invalidate()
+        self.changed()
         body = await self.sessions_json()
         for row in body["sessions"]:
             if row["kernel_id"] == kernel_id:
@@ -401,23 +439,71 @@ class JupyterIOExtension(ExtensionApp):
                 f"cannot save the preferences to {self.preferences_store.path}: {exc}"
             ) from None
         self.preferences = preferences
+        self.changed()  # the cap moves which offers are within it
         return preferences
+
+    def changed(self) -> None:
+        """Something that moves offers, wallet or sessions happened (a start's step, a
+        kernel's end, a settlement, a top-up, an airdrop): bump :attr:`changes`, which
+        ``GET sessions`` carries as ``version``, so the browser fetches the offers and the
+        wallet again; the next fetches of offers and billing ask the coordinator afresh."""
+        self.changes += 1
+        self.catalog.invalidate()
+        self.lease_book.invalidate()
+
+    def _billing_age(
+        self, rows: list[dict[str, Any]], leases: dict[str, LeaseInfo]
+    ) -> float | None:
+        """How old the billing of our leases may be for this answer; None: no need to ask
+        (no remote kernel, no lease of ours still settling), so an idle Lab costs the
+        coordinator nothing however often it polls."""
+        now = time.monotonic()
+        for row in rows:
+            if row["lease"]:
+                self._unsettled[row["lease"]] = now
+        listed = {row["lease"] for row in rows}
+        if any(lease and lease not in leases for lease in listed):
+            return 0.0  # a lease newer than the cached billing: ask rather than show none
+        settling = False
+        for lease, seen in list(self._unsettled.items()):
+            info = leases.get(lease)
+            if info is not None and _settled(info):
+                del self._unsettled[lease]
+            elif lease not in listed:
+                if now - seen > SETTLE_WATCH_SECONDS:
+                    del self._unsettled[lease]  # left to the wallet's own polls
+                else:
+                    settling = True
+        if settling:
+            return SETTLE_POLL_SECONDS
+        return self.lease_book.ttl if rows else None
 
     async def sessions_json(self) -> dict[str, Any]:
         """The body of ``GET /jupyter-io/sessions``: the remote kernels with their cost and
         escrow (``sessions``), the leases the coordinator ended because their deposit was
-        spent (``stopped``, with what to do), and why the billing is missing, if it is."""
+        spent (``stopped``, with what to do), why the billing is missing, if it is, and
+        ``version``, which changes when offers or the wallet may have (see :meth:`changed`).
+
+        Cheap enough to poll every second: it asks the coordinator only while a remote
+        kernel runs (at most every ``billing_cache_seconds``) or one of ours settles."""
         assert self.serverapp is not None
         manager = self.serverapp.kernel_manager
-        leases = await self.lease_book.get()
+        leases = self.lease_book.leases
         sessions = list_sessions(manager, self.preferences, leases=leases)
-        if any(row["lease"] and row["lease"] not in leases for row in sessions):
-            # A lease newer than the cached billing: ask again rather than show no escrow.
-            leases = await self.lease_book.get(max_age=0)
+        max_age = self._billing_age(sessions, leases)
+        if max_age is not None:
+            leases = await self.lease_book.get(max_age=max_age)
             sessions = list_sessions(manager, self.preferences, leases=leases)
         for row in sessions:
             if row["lease"]:
                 self._kernel_leases.setdefault(row["kernel_id"], set()).add(row["lease"])
+        fingerprint = (
+            tuple((row["kernel_id"], row["state"], row["lease"]) for row in sessions),
+            tuple(sorted((lease, *_settlement_state(info)) for lease, info in leases.items())),
+        )
+        if fingerprint != self._fingerprint:
+            self._fingerprint = fingerprint
+            self.changed()
         stopped = []
         for kernel_id, lease_ids in self._kernel_leases.items():
             for lease_id in lease_ids:
@@ -428,6 +514,7 @@ class JupyterIOExtension(ExtensionApp):
             "sessions": sessions,
             "stopped": stopped,
             "billing_error": self.lease_book.error,
+            "version": self.changes,
             "now": time.time(),
         }
 

@@ -56,6 +56,7 @@ class LeaseBook:
         self._fetched = float("-inf")
         self._client: CoordinatorClient | None = None
         self._refresh = SingleFlight(self._fetch)
+        self._generation = 0
 
     @property
     def leases(self) -> dict[str, LeaseInfo]:
@@ -73,10 +74,13 @@ class LeaseBook:
         return self.leases
 
     def invalidate(self) -> None:
-        """Fetch afresh at the next :meth:`get` (after a top-up, say)."""
+        """Fetch afresh at the next :meth:`get` (after a top-up, a kernel's start or end);
+        a fetch already in flight does not count as fresh either."""
         self._fetched = float("-inf")
+        self._generation += 1
 
     async def _fetch(self) -> None:
+        generation = self._generation
         try:
             if self._client is None:
                 self._client = CoordinatorClient(
@@ -89,7 +93,7 @@ class LeaseBook:
             self._fetched = self.monotonic()
             return
         self._leases = {lease.lease: lease for lease in leases}
-        self._fetched = self.monotonic()
+        self._fetched = self.monotonic() if generation == self._generation else float("-inf")
         self.error = None
 
     def close(self) -> None:

@@ -4,9 +4,10 @@
 the name: ``jupyter-io-rtx-4090`` for the coordinator's "RTX 4090". Each such spec is a
 lease-mode kernel.json (:func:`jupyter_io.kernelspec.lease_kernel_json`) naming the
 coordinator, the user's keypair, the GPU type, and the user's price cap and region
-(:mod:`jupyter_io.serverext.preferences`); its display name says what the picker shows::
+(:mod:`jupyter_io.serverext.preferences`); its display name is short enough for a launcher
+tile (the picker shows the rest)::
 
-    Python 3 · RTX 4090 24 GB · from 0.12 SOL/h · simulated
+    RTX 4090 (simulated) · 0.12 SOL/h
 
 It also serves one provider-mode kernelspec per **direct provider** configured on the server
 extension (``c.JupyterIOExtension.direct_providers``, see :func:`direct_kernelspecs`): a
@@ -49,6 +50,7 @@ __all__ = [
     "display_name",
     "gpu_kernelspecs",
     "spec_name",
+    "with_price_max",
 ]
 
 #: Every GPU kernelspec's name starts with this.
@@ -83,20 +85,40 @@ def _gigabytes(vram_bytes: int) -> str:
 
 
 def display_name(row: Mapping[str, Any]) -> str:
-    """``Python 3 · RTX 4090 24 GB · from 0.12 SOL/h`` (``· simulated`` for simulated GPUs,
-    ``· none free now`` when every GPU of the type is taken)."""
-    parts = ["Python 3", str(row.get("display") or row.get("gpu"))]
-    vram = int(row.get("vram_bytes") or 0)
-    if vram and not str(row.get("gpu", "")).startswith("cpu"):
-        parts[1] += f" {_gigabytes(vram)}"
+    """What a launcher tile can hold: ``RTX 4090 · 0.12 SOL/h``; ``from 0.12 SOL/h`` only when
+    free offers of the type ask different prices (``price_max`` above ``price_min``, or
+    without ``price_max`` a median above it); ``none free`` when every GPU is taken; a
+    simulated GPU says so (``RTX 4090 (simulated) · 0.12 SOL/h``). The VRAM, providers and
+    the rest are in the picker and the spec's ``metadata.jupyter_io``."""
+    name = str(row.get("display") or row.get("gpu"))
+    if row.get("simulated"):
+        name += " (simulated)"
     price = row.get("price_min")
     if price is None or not row.get("available"):
-        parts.append("none free now")
-    else:
-        parts.append(f"from {format_sol(int(price))}/h")
-    if row.get("simulated"):
-        parts.append("simulated")
-    return " · ".join(parts)
+        return f"{name} · none free"
+    top = row.get("price_max", row.get("price_median"))
+    exact = top is None or int(top) <= int(price)
+    return f"{name} · {'' if exact else 'from '}{format_sol(int(price))}/h"
+
+
+def with_price_max(
+    types: Sequence[Mapping[str, Any]], providers: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """The coordinator's type rows, each with ``price_max`` where it is known: the dearest
+    price among the type's offers with a GPU free, so a price can be told exact or a range.
+    Provider rows name their GPU for people (a type row's ``display``)."""
+    dearest: dict[str, int] = {}
+    for offer in providers:
+        if not offer.get("free"):
+            continue
+        gpu = str(offer.get("gpu"))
+        dearest[gpu] = max(dearest.get(gpu, 0), int(offer.get("price_lamports_per_hour") or 0))
+    rows = []
+    for row in types:
+        top = dearest.get(str(row.get("display"))) or dearest.get(str(row.get("gpu")))
+        # An offer spelled otherwise than its type: no price_max, the median tells instead.
+        rows.append({**row, "price_max": top} if top and row.get("price_min") else dict(row))
+    return rows
 
 
 def gpu_kernelspecs(

@@ -77,6 +77,9 @@ class OffersCatalog:
         self.last_error: str | None = None
         self._client: CoordinatorClient | None = None
         self._refresh = SingleFlight(self._fetch)
+        # Bumped by invalidate(); a snapshot is fresh only if its fetch began after the last.
+        self._generation = 0
+        self._latest_generation = -1
 
     @property
     def configured(self) -> bool:
@@ -95,11 +98,21 @@ class OffersCatalog:
             )
         age = self.ttl if max_age is None else max_age
         latest = self.latest
-        if latest is not None and self.monotonic() - latest.fetched_mono < age:
+        if (
+            latest is not None
+            and self._latest_generation == self._generation
+            and self.monotonic() - latest.fetched_mono < age
+        ):
             return latest
         return await self._refresh()
 
+    def invalidate(self) -> None:
+        """Fetch afresh at the next :meth:`get`: a lease of ours began or ended, so what is
+        free changed. A fetch already in flight does not count as fresh either."""
+        self._generation += 1
+
     async def _fetch(self) -> OffersSnapshot:
+        generation = self._generation
         if self._client is None:
             self._client = CoordinatorClient(self.coordinator_url, timeout=self.timeout)
         try:
@@ -114,6 +127,7 @@ class OffersCatalog:
             )
         snapshot = OffersSnapshot(self.coordinator_url, body, time.time(), self.monotonic())
         self.latest = snapshot
+        self._latest_generation = generation
         self.last_error = None
         return snapshot
 

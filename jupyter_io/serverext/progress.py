@@ -108,6 +108,8 @@ class ProgressBoard:
         self.clock = clock
         self._launches: OrderedDict[str, _Launch] = OrderedDict()
         self._lock = threading.Lock()
+        #: Called with each new event, after it is recorded (from the publishing thread).
+        self.listeners: list[Callable[[Mapping[str, Any]], None]] = []
         _boards.add(self)
 
     def close(self) -> None:
@@ -143,6 +145,8 @@ class ProgressBoard:
                 launch.keys.discard((dropped["step"], dropped["at"]))
             while len(self._launches) > self.max_kernels:
                 self._launches.popitem(last=False)
+        for listener in list(self.listeners):
+            listener(record)
 
     def launches(self, since: float | None = None) -> list[dict[str, Any]]:
         """Each kernel's latest start (oldest first), optionally only those updated after

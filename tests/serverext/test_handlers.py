@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -78,7 +79,8 @@ async def test_offers_lists_the_simulated_gpus_of_a_real_coordinator(fetch_json:
     assert (rtx["available"], rtx["total"]) == (1, 1)
     assert rtx["simulated"] is True and rtx["regions"] == ["eu-west"]
     assert rtx["kernel_name"] == "jupyter-io-rtx-4090"
-    assert rtx["display_name"] == "Python 3 · RTX 4090 24 GB · from 0.12 SOL/h · simulated"
+    assert rtx["display_name"] == "RTX 4090 (simulated) · 0.12 SOL/h"
+    assert rtx["price_max"] == RTX_PRICE  # one offer: an exact price, not a range
     assert rtx["within_cap"] is True
     assert {row["price_lamports_per_hour"] for row in body["providers"]} == {
         RTX_PRICE,
@@ -254,3 +256,44 @@ async def test_the_log_filter_is_removed_when_the_extension_stops(jp_serverapp: 
     # It must not see events any more.
     publish_progress({"step": "queued", "kernel_id": "late", "message": "x", "at": 1.0})
     assert extension.progress.launch("late") is None
+
+
+def _extension(jp_serverapp: Any) -> Any:
+    """The server's running JupyterIOExtension."""
+    (extension,) = [
+        point.app
+        for ext in jp_serverapp.extension_manager.extensions.values()
+        for point in ext.extension_points.values()
+        if point.app is not None and point.app.name == "jupyter_io"
+    ]
+    return extension
+
+
+@pytest.mark.parametrize("io_config", [{"offers_cache_seconds": 60.0}], indirect=True)
+async def test_a_kernel_starts_step_bumps_the_version_and_the_offers_are_asked_afresh(
+    fetch_json: Any, market: Any
+) -> None:
+    _, first = await fetch_json("jupyter-io", "offers")
+    _, sessions = await fetch_json("jupyter-io", "sessions")
+    version = sessions["version"]
+    await market.provider.shutdown()  # what is free changes at the coordinator
+    _, cached = await fetch_json("jupyter-io", "offers")
+    assert cached["fetched_at"] == first["fetched_at"]  # cached for 60 s...
+    # ... until one of our kernels takes a step (its lease began or ended).
+    publish_progress({"step": "leased", "kernel_id": "k-2", "message": "leased", "at": time.time()})
+    _, sessions = await fetch_json("jupyter-io", "sessions")
+    assert sessions["version"] > version  # the browser's cue to fetch offers and wallet
+    _, fresh = await fetch_json("jupyter-io", "offers")
+    assert fresh["fetched_at"] > first["fetched_at"] and fresh["types"] == []
+
+
+async def test_polling_sessions_with_no_remote_kernel_does_not_ask_the_coordinator(
+    fetch_json: Any, jp_serverapp: Any
+) -> None:
+    book = _extension(jp_serverapp).lease_book
+    asked = []
+    book._refresh._fetch = lambda: asked.append(1) or asyncio.sleep(0)  # count, fetch nothing
+    for _ in range(3):
+        _, body = await fetch_json("jupyter-io", "sessions")
+        assert body["sessions"] == []
+    assert asked == []  # the browser polls each second; an idle Lab costs the coordinator nothing

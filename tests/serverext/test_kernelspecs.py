@@ -10,7 +10,12 @@ from typing import Any
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-from jupyter_io.serverext.kernelspecs import GPUKernelSpecManager, display_name, spec_name
+from jupyter_io.serverext.kernelspecs import (
+    GPUKernelSpecManager,
+    display_name,
+    spec_name,
+    with_price_max,
+)
 
 GIB = 1 << 30
 
@@ -20,13 +25,33 @@ def test_names_and_display_names_say_what_the_picker_shows() -> None:
     assert spec_name("A100 80GB (SXM4)") == "jupyter-io-a100-80gb-sxm4"
     assert spec_name("cpu (no GPU)") == "jupyter-io-cpu-no-gpu"
     row = {"display": "RTX 4090", "gpu": "rtx4090", "vram_bytes": 24 * GIB, "available": 1,
-           "price_min": 120_000_000, "simulated": True}  # fmt: skip
-    assert display_name(row) == "Python 3 · RTX 4090 24 GB · from 0.12 SOL/h · simulated"
+           "price_min": 120_000_000, "price_median": 120_000_000, "simulated": True}  # fmt: skip
+    # Short enough for a launcher tile; a simulated GPU is named as one.
+    assert display_name(row) == "RTX 4090 (simulated) · 0.12 SOL/h"
     taken = {**row, "available": 0, "price_min": None, "simulated": False}
-    assert display_name(taken) == "Python 3 · RTX 4090 24 GB · none free now"
+    assert display_name(taken) == "RTX 4090 · none free"
     cpu = {"display": "cpu (no GPU)", "gpu": "cpu", "vram_bytes": 8 * GIB, "available": 2,
            "price_min": 10_000_000, "simulated": False}  # fmt: skip
-    assert display_name(cpu) == "Python 3 · cpu (no GPU) · from 0.01 SOL/h"
+    assert display_name(cpu) == "cpu (no GPU) · 0.01 SOL/h"
+
+
+def test_from_is_said_only_where_the_price_is_a_range() -> None:
+    row = {"display": "A100", "gpu": "a100", "available": 3, "price_min": 900_000_000,
+           "price_median": 900_000_000, "simulated": False}  # fmt: skip
+    providers = [
+        {"gpu": "A100", "free": 1, "price_lamports_per_hour": 900_000_000},
+        {"gpu": "A100", "free": 2, "price_lamports_per_hour": 900_000_000},
+        {"gpu": "A100", "free": 0, "price_lamports_per_hour": 2_000_000_000},  # taken
+    ]
+    (same,) = with_price_max([row], providers)
+    assert same["price_max"] == 900_000_000
+    assert display_name(same) == "A100 · 0.9 SOL/h"
+    # Two free at 0.9, one at 1.5: the median is the cheapest, yet the price is a range.
+    dearer = [*providers[:2], {"gpu": "A100", "free": 1, "price_lamports_per_hour": 1_500_000_000}]
+    (spread,) = with_price_max([row], dearer)
+    assert display_name(spread) == "A100 · from 0.9 SOL/h"
+    # Without provider rows for the type, a median above the cheapest tells a range.
+    assert display_name({**row, "price_median": 1_200_000_000}) == "A100 · from 0.9 SOL/h"
 
 
 async def test_gpu_kernelspecs_are_listed_next_to_the_installed_ones(
@@ -43,7 +68,7 @@ async def test_gpu_kernelspecs_are_listed_next_to_the_installed_ones(
     assert {"python3", "echo", "jupyter-io-rtx-4090", "jupyter-io-a100"} <= set(specs)
     assert body["default"] == "python3"
     rtx = specs["jupyter-io-rtx-4090"]
-    assert rtx["spec"]["display_name"] == "Python 3 · RTX 4090 24 GB · from 0.12 SOL/h · simulated"
+    assert rtx["spec"]["display_name"] == "RTX 4090 (simulated) · 0.12 SOL/h"
     assert rtx["spec"]["language"] == "python"
     provisioner = rtx["spec"]["metadata"]["kernel_provisioner"]
     assert provisioner == {
@@ -58,7 +83,7 @@ async def test_gpu_kernelspecs_are_listed_next_to_the_installed_ones(
     assert "logo-64x64" in rtx["resources"]  # ipykernel's logos, served by the server
 
     status, one = await fetch_json("api", "kernelspecs", "jupyter-io-a100")
-    assert status == 200 and one["spec"]["display_name"].startswith("Python 3 · A100 80 GB")
+    assert status == 200 and one["spec"]["display_name"] == "A100 (simulated) · 0.9 SOL/h"
 
 
 async def test_the_price_cap_and_region_go_into_every_gpu_kernelspec(fetch_json: Any) -> None:
