@@ -52,10 +52,13 @@ __all__ = [
 #: How often the provisioner acknowledges while its tunnel is connected (its
 #: ``usage_ack_interval`` trait).
 DEFAULT_ACK_INTERVAL_S = 15.0
-#: Seconds billed past the last acknowledgement (the coordinator's ``usage_ack_grace``):
-#: two intervals (one acknowledgement lost, the next one not yet sent) and 10 s for network
-#: delay and the moment between the provider's kernel start and the user's READY.
-DEFAULT_ACK_GRACE_S = 2 * DEFAULT_ACK_INTERVAL_S + 10.0
+#: Seconds billed past the last acknowledgement (the coordinator's ``usage_ack_grace``): the
+#: tunnel's resume window (the provider host's ``grace_period``, 120 s), during which the host
+#: keeps a disconnected user's kernel for a resume. A shorter grace would end a paid kernel on a
+#: network cut the tunnel itself survives (a laptop lid closed for a minute); this one costs a
+#: vanished user at most the time the provider held the kernel for them. It is well over two
+#: intervals (one acknowledgement lost, the next not yet sent) plus network delay.
+DEFAULT_ACK_GRACE_S = 120.0
 #: A paid lease with no acknowledgement for this long ends (the coordinator's
 #: ``usage_ack_timeout``). As long as the grace: the provider then stops metering about when
 #: billing stops, so an honest provider host (which co-signs only settlements within its

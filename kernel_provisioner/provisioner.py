@@ -177,7 +177,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         config=True,
         help="Seconds between the signed usage acknowledgements sent to the coordinator "
         "while the kernel's tunnel is connected; the coordinator bills no more than the last "
-        "one plus its grace period (keep this below half of that grace, 40 s by default).",
+        "one plus its grace period (keep this below half of that grace, 120 s by default).",
     )
     refund_timeout = Float(
         60.0,
