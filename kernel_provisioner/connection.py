@@ -592,13 +592,13 @@ class TunnelClient:
         if kind is FrameKind.STARTED:
             body = frame.body
             self.kernel = KernelStatus(
-                KernelState.RUNNING, int(body.get("generation", 0)), body.get("pid"), None
+                KernelState.RUNNING, _generation(body), _optional_int(body, "pid"), None
             )
             self._launch_answer = frame
         elif kind is FrameKind.EXITED:
             body = frame.body
-            generation = int(body.get("generation", 0))
-            exit_code = body.get("exit_code")
+            generation = _generation(body)
+            exit_code = _optional_int(body, "exit_code")
             if "error" in body or (exit_code is None and generation > self.kernel.generation):
                 self._launch_answer = frame
             elif generation >= self.kernel.generation:
@@ -620,7 +620,12 @@ class TunnelClient:
         # authority, this only fills in what a reattaching process never saw.
         if not isinstance(report, dict):
             return
-        generation = int(report.get("generation") or 0)
+        try:
+            generation = _generation(report)
+            _optional_int(report, "exit_code")
+        except ProtocolError as exc:  # only a summary: the reliable frames still follow
+            self.log.warning("ignoring the provider's kernel summary: %s", exc)
+            return
         state = report.get("state")
         if generation < self.kernel.generation:
             return
@@ -628,9 +633,8 @@ class TunnelClient:
             self.kernel = KernelStatus(KernelState.RUNNING, generation, self.kernel.pid, None)
         elif state == KernelState.EXITED and generation >= self.kernel.generation:
             if self.kernel.state is not KernelState.EXITED or generation > self.kernel.generation:
-                self.kernel = KernelStatus(
-                    KernelState.EXITED, generation, self.kernel.pid, report.get("exit_code")
-                )
+                code = _optional_int(report, "exit_code")
+                self.kernel = KernelStatus(KernelState.EXITED, generation, self.kernel.pid, code)
 
     # -- commands --------------------------------------------------------------------------
 
@@ -746,3 +750,18 @@ def _close_text(ws: ClientConnection) -> str:
     code = ws.close_code
     reason = ws.close_reason
     return f"close {code}" + (f" {reason}" if reason else "")
+
+
+def _optional_int(body: Mapping[str, Any], name: str) -> int | None:
+    """``body[name]`` as the integer (or null) the tunnel contract says it is; a provider that
+    sends anything else (``"x"``, ``[]``, ``true``) breaks the contract (ProtocolError)."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if type(value) is not int:
+        raise ProtocolError(f"the provider sent {name}={value!r}; the contract says an integer")
+    return value
+
+
+def _generation(body: Mapping[str, Any]) -> int:
+    return _optional_int(body, "generation") or 0

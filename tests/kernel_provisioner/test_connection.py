@@ -12,9 +12,9 @@ from solders.keypair import Keypair
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidMessage
 
-from jupyter_io.errors import AuthError, TunnelError
+from jupyter_io.errors import AuthError, ProtocolError, TunnelError
 from jupyter_io.identity import load_keypair
-from jupyter_io.protocol import FrameKind, decode_frame
+from jupyter_io.protocol import FrameKind, decode_frame, encode_control
 from kernel_provisioner.connection import TunnelClient, _is_refusal
 from kernel_provisioner.facade import Facade
 
@@ -116,3 +116,30 @@ def test_only_refused_connections_count_as_a_dead_host() -> None:
     # A connection accepted and dropped during the handshake is a broken path, not a dead host.
     assert not _is_refusal(InvalidMessage("did not receive a valid HTTP response"))
     assert not _is_refusal(TimeoutError())
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [(FrameKind.STARTED, {"generation": "x"}), (FrameKind.EXITED, {"generation": []}),
+     (FrameKind.STARTED, {"generation": True}), (FrameKind.STARTED, {"generation": 1, "pid": "1"}),
+     (FrameKind.EXITED, {"generation": 1, "exit_code": [0]})],
+)  # fmt: skip
+async def test_a_kernel_report_of_the_wrong_types_is_a_protocol_error(
+    kind: FrameKind, body: dict[str, Any]
+) -> None:
+    # A hostile provider's STARTED/EXITED must close the tunnel as a protocol error (the
+    # Bridge's handling), not raise TypeError/ValueError into it or reach poll() as a string.
+    facade = Facade()
+    facade.bind()
+    client = TunnelClient(
+        "ws://127.0.0.1:9/tunnel", Keypair(), outbound=facade.outbound, inbound=facade.inbound
+    )
+    try:
+        with pytest.raises(ProtocolError, match="the contract says an integer"):
+            client._on_control(decode_frame(encode_control(kind, body, seq=1)))
+        started = encode_control(FrameKind.STARTED, {"generation": 2, "pid": 7}, seq=2)
+        client._on_control(decode_frame(started))
+        assert (client.kernel.generation, client.kernel.pid) == (2, 7)
+    finally:
+        await client.close()
+        facade.close()
