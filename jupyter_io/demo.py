@@ -34,20 +34,22 @@ import contextlib
 import ctypes
 import ctypes.util
 import importlib.util
+import json
 import os
 import re
 import shutil
 import signal
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from jupyter_core.paths import jupyter_data_dir
+from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
 from traitlets import Bool, Enum, Float, Int, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
+from .data_lock import DataDirBusy, DataDirLock
 from .errors import ConfigError, JupyterIOError
 from .identity import load_or_create_keypair
 from .kernelspec import install_lease_kernelspec
@@ -485,18 +487,47 @@ class LabService(_Process):
         *,
         coordinator: CoordinatorService | None = None,
         keypair_path: Path | None = None,
+        on_url: Callable[[str], None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(argv, **kwargs)
         self.coordinator = coordinator
         self.keypair_path = keypair_path
+        #: Called with Lab's URL (``http://127.0.0.1:8889/lab?token=...``) once it serves.
+        self.on_url = on_url
+        self.url = ""
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self.coordinator is not None:
             self.argv.append(f"--JupyterIOExtension.coordinator_url={self.coordinator.url}")
         if self.keypair_path is not None:
             self.argv.append(f"--JupyterIOExtension.keypair_path={self.keypair_path}")
-        await self.spawn()
+        proc = await self.spawn()
+        if self.on_url is not None:
+            self._watch = asyncio.create_task(self._watch_url(proc))
+
+    async def _watch_url(self, proc: asyncio.subprocess.Process) -> None:
+        """Learn Lab's URL from the server info file Jupyter Server writes once it listens
+        (``jpserver-PID.json`` in the runtime dir; the port may not be the one asked for).
+        Lab tells no one else, so look a few times a second until it is there."""
+        info = Path(jupyter_runtime_dir(), f"jpserver-{proc.pid}.json")
+        while proc.returncode is None:
+            try:
+                server = json.loads(await asyncio.to_thread(info.read_text))
+            except (OSError, ValueError):
+                await asyncio.sleep(0.25)
+                continue
+            url = f"{str(server['url']).rstrip('/')}/lab"
+            self.url = f"{url}?token={server['token']}" if server.get("token") else url
+            assert self.on_url is not None
+            self.on_url(self.url)
+            return
+
+    async def stop(self, hurry: asyncio.Event) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        await super().stop(hurry)
 
 
 class Demo(LoggingConfigurable):
@@ -599,8 +630,9 @@ class Demo(LoggingConfigurable):
         30.0, help="Seconds each process gets to stop cleanly before it is killed."
     ).tag(config=True)
 
-    def services(self) -> list[Service]:
-        """The demo's services, in start order. Creates the data dir and demo keypairs."""
+    def services(self, lock: DataDirLock | None = None) -> list[Service]:
+        """The demo's services, in start order. Creates the data dir and demo keypairs.
+        Lab's URL goes into ``lock``'s record once Lab serves."""
         data = Path(self.data_dir).expanduser().absolute()
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
         user_key = data / "user-keypair.json"
@@ -675,6 +707,7 @@ class Demo(LoggingConfigurable):
                     self.lab_argv(),
                     coordinator=coordinator,
                     keypair_path=user_key,
+                    on_url=None if lock is None else (lambda url: lock.update(lab_url=url)),
                     stop_timeout=self.stop_timeout,
                     log=self.log,
                 )
@@ -703,16 +736,35 @@ class Demo(LoggingConfigurable):
                 "JupyterLab is not installed here: `pip install -e '.[lab]'`, or run "
                 "`jupyter io demo --no-lab` for the coordinator, provider and kernelspecs alone"
             )
+        lock = self.lock_data_dir()
+        try:
+            return await self._run(lock)
+        finally:
+            lock.release()
+
+    def lock_data_dir(self) -> DataDirLock:
+        """Lock the data dir for this demo (released when it ends or dies). Raises
+        :class:`ConfigError` naming the demo that holds it: its Lab URL, or its coordinator."""
+        lock = DataDirLock(self.data_dir)
+        try:
+            lock.acquire(pid=os.getpid(), lab=self.lab)
+        except DataDirBusy as busy:
+            raise ConfigError(_busy_message(busy)) from None
+        return lock
+
+    async def _run(self, lock: DataDirLock) -> int:
         stop = asyncio.Event()
         hurry = asyncio.Event()
         started: list[Service] = []
         status = 0
         with _signals_set(stop, hurry, self.log):
             try:
-                for service in self.services():
+                for service in self.services(lock):
                     started.append(service)
                     if not await _first(service.start(), stop.wait()):
                         break  # asked to stop while starting
+                    if isinstance(service, CoordinatorService):
+                        lock.update(coordinator_url=service.url)
                 else:
                     self._announce(started)
                     status = await self._wait(started, stop)
@@ -759,6 +811,23 @@ class Demo(LoggingConfigurable):
             else "Running without JupyterLab; Ctrl-C stops everything."
         )
         print("\n".join(lines), flush=True)
+
+
+def _busy_message(busy: DataDirBusy) -> str:
+    """Why this demo cannot start: which demo holds the data dir, and where to find it."""
+    holder = busy.holder
+    where = (
+        f"its JupyterLab is at {holder['lab_url']}"
+        if holder.get("lab_url")
+        else f"its coordinator is at {holder['coordinator_url']}"
+        if holder.get("coordinator_url")
+        else "it is still starting"
+    )
+    return (
+        f"another `jupyter io demo` (pid {holder.get('pid', '?')}) is running on the data "
+        f"directory {busy.directory}: {where}. Use that one, stop it (Ctrl-C in its "
+        f"terminal), or start this one with a data directory of its own (--data-dir DIR)"
+    )
 
 
 def _describe_offer(devices: list[tuple[bool, str]]) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 
+from jupyter_io.data_lock import DataDirLock
 from jupyter_io.demo import READY_LINE, ProviderService, demo_display_name
 from jupyter_io.errors import JupyterIOError
 from jupyter_io.identity import load_keypair
@@ -190,6 +191,18 @@ def demo_args(
     return args
 
 
+async def second_demo(jupyter_env: Path, tmp_path: Path) -> str:
+    """Run a second demo on the first one's data dir; it must fail at once: its stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        JUPYTER, "io", "demo", "--no-lab", *demo_args(jupyter_env, tmp_path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1 and READY_LINE not in out.decode(), err.decode()
+    assert "coordinator: stopping" not in err.decode()  # it started nothing
+    return err.decode()
+
+
 def kernelspec_dir(jupyter_env: Path, name: str = KERNEL) -> Path:
     return jupyter_env / "share" / "jupyter" / "kernels" / name
 
@@ -338,9 +351,13 @@ async def test_a_second_ctrl_c_kills_what_is_still_stopping(
 async def test_neither_coordinator_nor_provider_outlives_a_killed_demo(
     jupyter_env: Path, tmp_path: Path, fake_provider: list[str]
 ) -> None:
-    proc, _ = await start_demo("--no-lab", *demo_args(jupyter_env, tmp_path, fake_provider))
+    proc, out = await start_demo("--no-lab", *demo_args(jupyter_env, tmp_path, fake_provider))
     children = descendants(proc.pid)
     assert len(children) == 2
+    # A second demo on the same data dir is refused at once, told where the first one is.
+    second = await second_demo(jupyter_env, tmp_path)
+    assert f"(pid {proc.pid}) is running on the data directory {tmp_path / 'demo'}" in second
+    assert f"its coordinator is at {coordinator_url(out)}" in second
     proc.kill()  # no chance to stop anything itself
     # Not proc.wait(): on Python 3.11 it also waits for the pipes, which a survivor holds.
     survivors = await wait_gone(children)
@@ -348,6 +365,10 @@ async def test_neither_coordinator_nor_provider_outlives_a_killed_demo(
         os.kill(pid, signal.SIGKILL)
     await proc.wait()
     assert not survivors, "a child outlived the demo"
+    # Its lock died with it: the data dir is free again, with nothing to clean up by hand.
+    lock = DataDirLock(tmp_path / "demo")
+    lock.acquire()
+    lock.release()
 
 
 async def test_demo_stops_when_the_provider_dies(
@@ -449,6 +470,14 @@ async def test_demo_with_lab_serves_the_gpu_kernelspec_from_its_extension_and_st
         config = spec["metadata"]["kernel_provisioner"]["config"]
         assert config["coordinator_url"] == coordinator_url(out)
         assert config["keypair_path"] == str(tmp_path / "demo" / "user-keypair.json")
+        # A second demo on this data dir is refused, and sent to this one's Lab.
+        lock = DataDirLock(tmp_path / "demo")
+        while "lab_url" not in (record := lock.holder()):
+            assert time.monotonic() < deadline, record  # Lab's server info file is written
+            await asyncio.sleep(0.1)
+        assert record["lab_url"] == url.replace("/api/kernelspecs?", "/lab?")
+        second = await second_demo(jupyter_env, tmp_path)
+        assert f"its JupyterLab is at {record['lab_url']}" in second
     _, err = await stop_demo(proc, signal.SIGINT)
     assert proc.returncode == 0, err
     assert not await wait_gone(children, timeout=0)
