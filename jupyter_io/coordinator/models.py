@@ -175,6 +175,9 @@ class Provider(Base):
     heartbeats_missed: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
     times_lost: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
     online_seconds: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    #: Grows by one each time the provider links (to any coordinator sharing the database):
+    #: a coordinator marks it offline only if no newer link has been made since its own.
+    link_generation: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
 
 
 class Offer(Base):

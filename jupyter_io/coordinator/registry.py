@@ -149,6 +149,8 @@ class ProviderState:
     sessions: frozenset[str] = frozenset()
     #: Loaded from the store at start-up and not linked since.
     restored: bool = False
+    #: The store's number of the link held here (:attr:`ProviderRecord.link_generation`).
+    link_generation: int = 0
 
     @property
     def linked(self) -> bool:
@@ -421,6 +423,7 @@ class Registry:
                 last_seen=self.monotonic(),
                 last_beat=wall,
                 sessions=hello.sessions,
+                link_generation=record.link_generation,
             )
             self._providers[pubkey] = state
             self._reindex(state)
@@ -544,19 +547,25 @@ class Registry:
         self.index.remove_provider(pubkey)
         if code in (1000, 1001) and not state.leases:
             del self._providers[pubkey]
-            self._spawn(self._goodbye(pubkey))
+            self._spawn(self._goodbye(pubkey, state.link_generation))
         self.log.info("provider %s link closed (code %s)", pubkey, code)
         self._notify()
 
-    async def _goodbye(self, pubkey: str) -> None:
+    async def _goodbye(self, pubkey: str, generation: int) -> None:
         async with self._lock(pubkey):
             if pubkey in self._providers:
                 return  # it came back meanwhile
             beat = self._pending.pop(pubkey, None)
             if beat is not None:
                 await self.store.record_heartbeats({pubkey: _utc(beat)})
-            await self.store.mark_provider_offline(pubkey, at=_utc(self.clock()))
-            self.stats.providers_offline += 1
+            # Only if the link that said goodbye is still its latest: a provider that linked
+            # again meanwhile, to another coordinator on this database, stays online there.
+            if await self.store.mark_provider_offline(
+                pubkey, at=_utc(self.clock()), link_generation=generation
+            ):
+                self.stats.providers_offline += 1
+            else:
+                self.log.info("provider %s linked again elsewhere: left online", pubkey)
         self._notify()
 
     def deliver(self, pubkey: str, message: LinkMessage, *, ttl: float) -> bool:

@@ -145,6 +145,9 @@ class ProviderRecord:
     heartbeats_missed: int
     times_lost: int
     online_seconds: int
+    #: How many times it linked so far (the latest link's number; see :meth:`Store.
+    #: mark_provider_offline`).
+    link_generation: int = 0
 
     @property
     def online(self) -> bool:
@@ -552,6 +555,7 @@ class Store:
                 "reachable_url": excluded.reachable_url,
                 "status": ProviderStatus.ONLINE.value,
                 "last_heartbeat": excluded.last_heartbeat,
+                "link_generation": _providers.c.link_generation + 1,
                 # A provider that reconnects while still online keeps its open stretch.
                 "online_since": sa.case(
                     (
@@ -574,6 +578,7 @@ class Store:
             "first_seen": at,
             "last_heartbeat": at,
             "online_since": at,
+            "link_generation": 1,
         }
 
     async def upsert_provider(
@@ -613,14 +618,22 @@ class Store:
         await self._retrying(upsert)
         return len(rows)
 
-    async def mark_provider_offline(self, pubkey: str, *, at: datetime | None = None) -> bool:
+    async def mark_provider_offline(
+        self, pubkey: str, *, at: datetime | None = None, link_generation: int | None = None
+    ) -> bool:
         """Record that a provider said goodbye at ``at``. Its leases are left alone: end or
-        fail them first. Returns whether it was online."""
+        fail them first. With ``link_generation`` (the :attr:`ProviderRecord.link_generation`
+        :meth:`upsert_provider` returned for the link that said goodbye), only if the
+        provider has not linked again since, here or at another coordinator sharing the
+        database: a goodbye on an old link must not take a newer one offline. Returns whether
+        it was marked offline."""
         at = _when(at)
         async with self._write() as conn:
             provider = await self._lock_provider(conn, pubkey)
             if provider is None or provider.status != ProviderStatus.ONLINE.value:
                 return False
+            if link_generation is not None and provider.link_generation != link_generation:
+                return False  # linked again since: that link is the provider's now
             # The goodbye itself shows the provider was up until ``at``.
             last_heartbeat = max(provider.last_heartbeat, at)
             await conn.execute(
@@ -1601,6 +1614,7 @@ def _provider_from_mapping(mapping: Mapping[Any, Any]) -> ProviderRecord:
         heartbeats_missed=mapping["heartbeats_missed"],
         times_lost=mapping["times_lost"],
         online_seconds=mapping["online_seconds"],
+        link_generation=mapping["link_generation"],
     )
 
 

@@ -1,0 +1,58 @@
+"""Two real coordinators on one database, and a provider that moves from one to the other:
+the goodbye on its old link, and the old coordinator's shutdown, must not take it offline at
+the new one (issue 12.4: a second demo's coordinator stopping broke the first demo's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from solders.keypair import Keypair
+
+from jupyter_io.coordinator.client import CoordinatorClient
+from jupyter_io.coordinator.models import ProviderStatus
+
+from .conftest import WAIT, FakeProvider, Starter
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def test_a_provider_that_moved_stays_online_when_its_old_coordinator_shuts_down(
+    start_coordinator: Starter, providers: list[FakeProvider], store_url: str, tmp_path: Path
+) -> None:
+    old_home = await start_coordinator(db=store_url, data_dir=str(tmp_path / "a"))
+    new_home = await start_coordinator(db=store_url, data_dir=str(tmp_path / "b"))
+    assert old_home.registry is not None and new_home.registry is not None
+    assert new_home.store is not None
+    old_link = FakeProvider(old_home.url)
+    providers.append(old_link)
+    await old_link.connect()
+    await old_home.registry.wait_for(lambda: old_home.registry.provider(old_link.pubkey), WAIT)  # type: ignore[union-attr]
+
+    # The provider links to the other coordinator (same key), then its old link says goodbye.
+    new_link = FakeProvider(new_home.url, keypair=old_link.keypair)
+    providers.append(new_link)
+    await new_link.connect()
+    first = await new_home.store.get_provider(new_link.pubkey)
+    assert first is not None and first.link_generation == 2  # its second link
+    await old_link.close(1000)
+    registry = old_home.registry
+    await registry.wait_for(lambda: registry.provider(old_link.pubkey) is None, WAIT)
+    # Shutting the old coordinator down waits for the goodbye's handling to finish.
+    await old_home.shutdown()
+
+    record = await new_home.store.get_provider(new_link.pubkey)
+    assert record is not None and record.status is ProviderStatus.ONLINE, record
+    async with CoordinatorClient(new_home.url, Keypair(), timeout=WAIT) as user:
+        grant = await user.request_lease("RTX 4090")
+        assert grant.provider == new_link.pubkey
+        await user.end_lease(grant.lease)
+
+    # Its goodbye at the coordinator that holds its link still takes it offline.
+    await new_link.close(1000)
+    await new_home.registry.wait_for(
+        lambda: new_home.registry.stats.providers_offline == 1,  # type: ignore[union-attr]
+        WAIT,
+    )
+    record = await new_home.store.get_provider(new_link.pubkey)
+    assert record is not None and record.status is ProviderStatus.OFFLINE
