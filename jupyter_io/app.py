@@ -19,6 +19,7 @@ from . import __version__
 from .demo import Demo
 from .errors import JupyterIOError
 from .identity import DEFAULT_KEYPAIR_PATH
+from .payments.amounts import DEFAULT_SESSION_HOURS
 
 __all__ = [
     "SUBCOMMANDS",
@@ -115,7 +116,7 @@ class InstallKernelspecApp(IOCommand):
     examples = """jupyter io kernelspec install --name gpu-box \
     --provider-url ws://gpu-box:8765/tunnel --keypair ~/.config/solana/id.json --user
 jupyter io kernelspec install --name rtx-4090 --coordinator http://127.0.0.1:8700 \
-    --gpu "RTX 4090" --max-price 0.5 --user"""
+    --gpu "RTX 4090" --max-price 0.5 --budget 2 --user"""
 
     kernel_name = Unicode("jupyter-io", help="Name of the kernelspec.").tag(config=True)
     display_name = Unicode(
@@ -137,6 +138,13 @@ jupyter io kernelspec install --name rtx-4090 --coordinator http://127.0.0.1:870
     min_vram = Float(0.0, help="With --coordinator: the least GPU memory to lease, GiB.").tag(
         config=True
     )
+    budget = Float(
+        0.0,
+        help="With --coordinator: the session budget, in hours of GPU time each session's "
+        "escrow covers (deposit = price * hours; the coordinator stops the kernel when they "
+        f"are spent). Default: {DEFAULT_SESSION_HOURS:g} h, the escrow hook's "
+        "max_session_hours (as in Lab's Session budget setting).",
+    ).tag(config=True)
     keypair_path = Unicode(
         DEFAULT_KEYPAIR_PATH,
         help="Your Solana keypair file; the provider must allow its public key.",
@@ -163,6 +171,9 @@ jupyter io kernelspec install --name rtx-4090 --coordinator http://127.0.0.1:870
         "max-price": "InstallKernelspecApp.max_price",
         "region": "InstallKernelspecApp.region",
         "min-vram": "InstallKernelspecApp.min_vram",
+        "budget": "InstallKernelspecApp.budget",
+        # The kernel.json and provisioner spelling of the same setting.
+        "max-session-hours": "InstallKernelspecApp.budget",
         "keypair": "InstallKernelspecApp.keypair_path",
         "provider-pubkey": "InstallKernelspecApp.provider_pubkey",
         "prefix": "InstallKernelspecApp.prefix",
@@ -201,6 +212,7 @@ jupyter io kernelspec install --name rtx-4090 --coordinator http://127.0.0.1:870
                 max_price_per_hour=self.max_price,
                 region=self.region,
                 min_vram_gb=self.min_vram,
+                max_session_hours=self.budget,
                 display_name=self.display_name,
                 user=self.user,
                 prefix=self.prefix or None,
@@ -211,10 +223,10 @@ jupyter io kernelspec install --name rtx-4090 --coordinator http://127.0.0.1:870
                 "--provider-url is required (the ws://HOST:PORT/tunnel URL a provider "
                 "prints), or --coordinator (http://HOST:PORT, with --gpu) to lease a GPU"
             )
-        elif self.gpu or self.max_price or self.region or self.min_vram:
+        elif self.gpu or self.max_price or self.region or self.min_vram or self.budget:
             raise JupyterIOError(
-                "--gpu, --max-price, --region and --min-vram need --coordinator: a kernelspec "
-                "with --provider-url always runs on that provider"
+                "--gpu, --max-price, --region, --min-vram and --budget need --coordinator: a "
+                "kernelspec with --provider-url always runs on that provider, unpaid"
             )
         else:
             path = install_kernelspec(
@@ -228,6 +240,13 @@ jupyter io kernelspec install --name rtx-4090 --coordinator http://127.0.0.1:870
                 replace=self.replace,
             )
         print(f"Installed kernelspec {self.kernel_name.lower()} in {path}")
+        if self.coordinator:
+            hours = self.budget or DEFAULT_SESSION_HOURS
+            default = "" if self.budget else ", the default; --budget HOURS to change"
+            print(
+                f"Each session escrows its price for {hours:g} h of GPU time "
+                f"(its budget{default}) from the wallet of --keypair"
+            )
 
 
 class ListKernelspecsApp(IOCommand):

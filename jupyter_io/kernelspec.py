@@ -7,7 +7,9 @@ path of the user's keypair and where the kernel runs, in one of two modes:
 - **provider**: the tunnel URL of one provider host (``provider_url``);
 - **lease**: a marketplace coordinator (``coordinator_url``) and what to lease there: a GPU
   type (``gpu``), optionally a price cap in SOL per GPU-hour (``max_price_per_hour``, kept as
-  text so it stays exact), a ``region`` and ``min_vram_gb``. Each start leases a GPU.
+  text so it stays exact), a ``region``, ``min_vram_gb`` and the session budget
+  (``max_session_hours``; left out, the escrow hook's default,
+  :data:`~jupyter_io.payments.amounts.DEFAULT_SESSION_HOURS`). Each start leases a GPU.
 
 The ``argv`` is a plain ipykernel command line: Jupyter needs one, but the provider host
 decides what really runs.
@@ -33,7 +35,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from .errors import ConfigError
 from .identity import load_keypair, parse_pubkey
-from .payments.amounts import format_sol, parse_sol
+from .payments.amounts import MAX_SESSION_HOURS, format_sol, parse_sol
 
 __all__ = [
     "KERNEL_ARGV",
@@ -143,10 +145,11 @@ def lease_kernel_json(
     max_price_per_hour: str = "",
     region: str = "",
     min_vram_gb: float = 0,
+    max_session_hours: float = 0,
 ) -> dict[str, Any]:
     """The kernel.json of a kernelspec whose kernels lease ``gpu`` through the coordinator
     at ``coordinator_url``. Empty options are left out (the provisioner's defaults: any
-    GPU, no cap, any region)."""
+    GPU, no cap, any region, the escrow hook's budget)."""
     config: dict[str, Any] = {"coordinator_url": coordinator_url, "keypair_path": keypair_path}
     if gpu:
         config["gpu"] = gpu
@@ -156,6 +159,8 @@ def lease_kernel_json(
         config["region"] = region
     if min_vram_gb:
         config["min_vram_gb"] = min_vram_gb
+    if max_session_hours:
+        config["max_session_hours"] = max_session_hours
     return _spec(display_name, config)
 
 
@@ -216,6 +221,7 @@ def install_lease_kernelspec(
     max_price_per_hour: str | float = "",
     region: str = "",
     min_vram_gb: float = 0,
+    max_session_hours: float = 0,
     display_name: str = "",
     user: bool = False,
     prefix: str | None = None,
@@ -224,7 +230,8 @@ def install_lease_kernelspec(
 ) -> str:
     """Validate, then install a lease-mode kernelspec: each kernel leases ``gpu`` through the
     coordinator at ``coordinator_url`` (at most ``max_price_per_hour`` SOL per GPU-hour, in
-    ``region``, with at least ``min_vram_gb`` GiB). Returns the directory it went to.
+    ``region``, with at least ``min_vram_gb`` GiB), its escrow covering ``max_session_hours``
+    (0: the escrow hook's default). Returns the directory it went to.
 
     ``max_price_per_hour`` must be an exact amount of SOL (at most nine decimals); it is
     stored as text, as given. Where the kernelspec goes and when an existing one is replaced
@@ -239,6 +246,11 @@ def install_lease_kernelspec(
             raise ConfigError(f"--max-price: {exc}") from None
     if min_vram_gb < 0:
         raise ConfigError("--min-vram must not be negative")
+    if not 0 <= max_session_hours <= MAX_SESSION_HOURS:
+        raise ConfigError(
+            f"--budget must be more than 0 and at most {MAX_SESSION_HOURS} hours, not "
+            f"{max_session_hours:g} (leave it out for the default)"
+        )
     keypair = _checked_keypair(keypair_path)
     gpu, region = gpu.strip(), region.strip()
     if not display_name:
@@ -253,6 +265,7 @@ def install_lease_kernelspec(
         max_price_per_hour=price,
         region=region,
         min_vram_gb=min_vram_gb,
+        max_session_hours=max_session_hours,
     )
     return _install(name, spec, user, prefix, replace, kernel_spec_manager)
 

@@ -54,7 +54,7 @@ from traitlets import Float, Int, Type, Unicode, Union, validate
 from jupyter_io.coordinator.client import LeaseGrant
 from jupyter_io.errors import ConfigError, JupyterIOError, KernelLaunchError, PaymentError
 from jupyter_io.identity import DEFAULT_KEYPAIR_PATH, load_keypair, parse_pubkey
-from jupyter_io.payments.amounts import format_sol, parse_sol
+from jupyter_io.payments.amounts import DEFAULT_SESSION_HOURS, format_sol, parse_sol
 from jupyter_io.payments.hooks import PaymentHook, SolanaEscrowHook
 from jupyter_io.protocol import DEFAULT_MAX_FRAME_SIZE
 from jupyter_io.usage_acks import DEFAULT_ACK_INTERVAL_S
@@ -170,7 +170,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         config=True,
         help="Hours of GPU time a lease's escrow covers (deposit = price * hours); the "
         "coordinator stops the kernel when they are spent. 0: the payment hook's own "
-        "setting (c.SolanaEscrowHook.max_session_hours, default 1 h).",
+        f"setting (c.SolanaEscrowHook.max_session_hours, default {DEFAULT_SESSION_HOURS:g} h).",
     )
     usage_ack_interval = Float(
         DEFAULT_ACK_INTERVAL_S,

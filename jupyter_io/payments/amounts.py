@@ -17,8 +17,10 @@ from decimal import Decimal, InvalidOperation
 from ..errors import ConfigError
 
 __all__ = [
+    "DEFAULT_SESSION_HOURS",
     "FEE_PER_SIGNATURE",
     "LAMPORTS_PER_SOL",
+    "MAX_SESSION_HOURS",
     "SECONDS_PER_HOUR",
     "amount_for",
     "covered_seconds",
@@ -35,6 +37,13 @@ FEE_PER_SIGNATURE = 5_000
 
 #: Prices are per GPU-hour.
 SECONDS_PER_HOUR = 3600
+
+#: A session's budget when nobody chose one: its escrow covers this many hours at its price.
+#: The one source of the default: the escrow hook's ``max_session_hours``, the Lab
+#: preferences endpoint, ``jupyter io kernelspec install --budget`` and the README say this.
+DEFAULT_SESSION_HOURS = 1.0
+#: The longest session budget accepted, in hours (a month).
+MAX_SESSION_HOURS = 24 * 31
 
 
 def parse_sol(text: str | int | Decimal) -> int:

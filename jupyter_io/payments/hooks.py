@@ -48,7 +48,7 @@ from traitlets.config import LoggingConfigurable
 
 from ..errors import ConfigError, PaymentError
 from ..identity import DEFAULT_KEYPAIR_PATH, load_keypair
-from .amounts import amount_for, format_sol
+from .amounts import DEFAULT_SESSION_HOURS, amount_for, format_sol
 from .escrow import (
     EscrowClient,
     EscrowState,
@@ -287,7 +287,8 @@ class SolanaEscrowHook(PaymentHook):
         DEFAULT_KEYPAIR_PATH, help="The user's Solana keypair file (pays the escrow)."
     ).tag(config=True)
     max_session_hours = Float(
-        1.0, help="Hours of GPU time the deposit covers; the session stops when it runs out."
+        DEFAULT_SESSION_HOURS,
+        help="Hours of GPU time the deposit covers; the session stops when it runs out.",
     ).tag(config=True)
 
     _client: EscrowClient | None = None

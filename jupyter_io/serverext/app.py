@@ -32,6 +32,7 @@ from ..coordinator.client import CoordinatorClient, LeaseInfo
 from ..errors import ConfigError, JupyterIOError
 from ..identity import DEFAULT_KEYPAIR_PATH
 from ..kernelspec import lease_kernel_json, validate_coordinator_url
+from ..payments.hooks import SolanaEscrowHook
 from .billing import LeaseBook
 from .handlers import handlers
 from .kernelspecs import (
@@ -189,12 +190,16 @@ class JupyterIOExtension(ExtensionApp):
         self.catalog = OffersCatalog(
             self.coordinator_url, ttl=self.offers_cache_seconds, timeout=self.coordinator_timeout
         )
-        self.preferences_store = PreferencesStore(self.preferences_path)
+        # An unchosen budget is the one the kernels' escrow hook takes: its configured
+        # max_session_hours (DEFAULT_SESSION_HOURS unless c.SolanaEscrowHook sets it).
+        assert self.serverapp is not None
+        hook_budget = SolanaEscrowHook(config=self.serverapp.config).max_session_hours
+        self.preferences_store = PreferencesStore(self.preferences_path, hook_budget)
         try:
             self.preferences = self.preferences_store.load()
         except PreferencesError as exc:
             self.log.warning("jupyter-io: %s; using no preferences until they are saved", exc)
-            self.preferences = Preferences()
+            self.preferences = self.preferences_store.defaults()
         self.wallet = Wallet(self.keypair_path, self.solana_rpc_url)
         self.lease_book = LeaseBook(
             self.coordinator_url,
@@ -340,7 +345,7 @@ class JupyterIOExtension(ExtensionApp):
             max_price_per_hour=self.preferences.max_price_per_hour,
             region=self.preferences.region,
         )
-        if self.preferences.session_budget_hours is not None:
+        if self.preferences.chosen_budget_hours is not None:
             config = spec["metadata"]["kernel_provisioner"]["config"]
             config["max_session_hours"] = self.preferences.session_budget_hours
         return spec

@@ -149,8 +149,9 @@ def gpu_kernelspecs(
             max_price_per_hour=preferences.max_price_per_hour,
             region=preferences.region,
         )
-        if preferences.session_budget_hours is not None:
-            # The escrow's deposit covers the session budget (price * hours).
+        if preferences.chosen_budget_hours is not None:
+            # The escrow's deposit covers the session budget (price * hours); unchosen, the
+            # provisioner's escrow hook takes its own default, the one preferences show.
             spec["metadata"]["kernel_provisioner"]["config"]["max_session_hours"] = (
                 preferences.session_budget_hours
             )

@@ -5,6 +5,11 @@ Stored as one JSON file (default ``JUPYTER_DATA_DIR/io/preferences.json``) by
 kernelspec's provisioner config) and shown by the Lab extension, which writes them from its
 settings through ``PUT /jupyter-io/preferences``. :meth:`Preferences.updated` validates what
 a client sends and raises :class:`PreferencesError` naming the field and what to send instead.
+
+A session always has a budget: the user's, or the default (the escrow hook's
+``max_session_hours``, :data:`~jupyter_io.payments.amounts.DEFAULT_SESSION_HOURS` unless
+configured). :attr:`Preferences.session_budget_hours` is the one in effect, and the GET body
+says which (``session_budget_is_default``), so every reader shows the budget the escrow takes.
 """
 
 from __future__ import annotations
@@ -19,16 +24,21 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..payments.amounts import format_sol, parse_sol
+from ..payments.amounts import DEFAULT_SESSION_HOURS, MAX_SESSION_HOURS, format_sol, parse_sol
 
 __all__ = ["MAX_BUDGET_HOURS", "Preferences", "PreferencesError", "PreferencesStore"]
 
 #: The longest session budget accepted, in hours (a month).
-MAX_BUDGET_HOURS = 24 * 31
+MAX_BUDGET_HOURS = MAX_SESSION_HOURS
 _REGION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _FIELDS = ("max_price_per_hour", "region", "session_budget_hours")
 #: Fields of the GET body that a client may send back; they are derived, so ignored.
-_DERIVED = ("max_price_lamports_per_hour", "max_price_display")
+_DERIVED = (
+    "max_price_lamports_per_hour",
+    "max_price_display",
+    "session_budget_default_hours",
+    "session_budget_is_default",
+)
 
 
 class PreferencesError(ConfigError):
@@ -43,8 +53,18 @@ class Preferences:
     max_price_per_hour: str = ""
     #: Region to lease in ("" for any).
     region: str = ""
-    #: How long one session may run at its price before the budget is spent (None: no limit).
-    session_budget_hours: float | None = None
+    #: The session budget the user chose, in hours (None: the default).
+    chosen_budget_hours: float | None = None
+    #: The budget when the user chose none: the escrow hook's ``max_session_hours``.
+    default_budget_hours: float = DEFAULT_SESSION_HOURS
+
+    @property
+    def session_budget_hours(self) -> float:
+        """How long one session may run at its price before its escrow is spent: the
+        user's choice, else the default. What a GPU kernel's escrow is sized by."""
+        if self.chosen_budget_hours is not None:
+            return self.chosen_budget_hours
+        return self.default_budget_hours
 
     @property
     def max_price_lamports_per_hour(self) -> int | None:
@@ -59,11 +79,22 @@ class Preferences:
             "max_price_display": None if cap is None else f"{format_sol(cap)}/h",
             "region": self.region or None,
             "session_budget_hours": self.session_budget_hours,
+            "session_budget_default_hours": self.default_budget_hours,
+            "session_budget_is_default": self.chosen_budget_hours is None,
+        }
+
+    def stored(self) -> dict[str, Any]:
+        """What the preferences file keeps: the user's choices only (a default stays one)."""
+        return {
+            "max_price_per_hour": self.max_price_per_hour or None,
+            "region": self.region or None,
+            "session_budget_hours": self.chosen_budget_hours,
         }
 
     def updated(self, body: Any) -> Preferences:
         """These preferences with the fields of ``body`` (a JSON object) changed; fields
-        left out keep their value, ``null`` or ``""`` clears one. Raises
+        left out keep their value, ``null`` or ``""`` clears one (a cleared budget is the
+        default again). Raises
         :class:`PreferencesError` for unknown fields and invalid values."""
         if not isinstance(body, Mapping):
             raise PreferencesError(
@@ -81,7 +112,7 @@ class Preferences:
         if "region" in body:
             changes["region"] = _region(body["region"])
         if "session_budget_hours" in body:
-            changes["session_budget_hours"] = _budget(body["session_budget_hours"])
+            changes["chosen_budget_hours"] = _budget(body["session_budget_hours"])
         return replace(self, **changes)
 
 
@@ -122,8 +153,8 @@ def _budget(value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PreferencesError(
-            f"session_budget_hours must be a number of hours such as 2 (or null for no "
-            f"budget), not {value!r}"
+            f"session_budget_hours must be a number of hours such as 2 (or null for the "
+            f"default, {DEFAULT_SESSION_HOURS:g} h), not {value!r}"
         )
     hours = float(value)
     if not 0 < hours <= MAX_BUDGET_HOURS:
@@ -135,10 +166,18 @@ def _budget(value: Any) -> float | None:
 
 
 class PreferencesStore:
-    """Reads and writes :class:`Preferences` at ``path`` (created on first save)."""
+    """Reads and writes :class:`Preferences` at ``path`` (created on first save); a budget
+    left unchosen is ``default_budget_hours`` (the escrow hook's, as configured)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], default_budget_hours: float = DEFAULT_SESSION_HOURS
+    ) -> None:
         self.path = Path(path).expanduser()
+        self.default_budget_hours = default_budget_hours
+
+    def defaults(self) -> Preferences:
+        """No choices made: what :meth:`load` returns without a file."""
+        return Preferences(default_budget_hours=self.default_budget_hours)
 
     def load(self) -> Preferences:
         """The stored preferences; defaults when the file does not exist. A file that
@@ -146,20 +185,20 @@ class PreferencesStore:
         try:
             raw = json.loads(self.path.read_text())
         except FileNotFoundError:
-            return Preferences()
+            return self.defaults()
         except (OSError, ValueError) as exc:
             raise PreferencesError(
                 f"cannot read the preferences in {self.path}: {exc}; fix or delete the file"
             ) from None
         try:
-            return Preferences().updated(raw)
+            return self.defaults().updated(raw)
         except PreferencesError as exc:
             raise PreferencesError(f"{self.path}: {exc}; fix or delete the file") from None
 
     def save(self, preferences: Preferences) -> None:
         """Write ``preferences`` atomically (a reader never sees half a file)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        body = {k: v for k, v in preferences.to_json().items() if k in _FIELDS}
+        body = preferences.stored()
         fd, tmp = tempfile.mkstemp(prefix=".preferences-", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w") as file:

@@ -172,3 +172,49 @@ def test_a_bad_option_is_named_as_typed_without_a_traceback(argv: list[str], mes
     assert "Traceback" not in result.stderr
     trait = {"--max-sessions": "max_sessions", "--coordinator": "coordinator_url"}
     assert not any(name in result.stderr for name in trait.values())
+
+
+def test_kernelspec_install_budget_sets_what_the_escrow_covers(
+    jupyter_env: Path, tmp_path: Path
+) -> None:
+    from jupyter_io.payments.amounts import DEFAULT_SESSION_HOURS
+    from kernel_provisioner.provisioner import RemoteKernelProvisioner
+
+    key = write_keypair(Keypair(), tmp_path / "id.json")
+    common = ["kernelspec", "install", "--keypair", str(key), "--prefix", str(jupyter_env),
+              "--coordinator", "http://127.0.0.1:8700", "--gpu", "RTX 4090"]  # fmt: skip
+    kernels = jupyter_env / "share" / "jupyter" / "kernels"
+
+    def hook_budget(name: str) -> float:
+        config = json.loads((kernels / name / "kernel.json").read_text())["metadata"][
+            "kernel_provisioner"
+        ]["config"]
+        # The provisioner Jupyter builds from this kernel.json, and the escrow hook it pays with.
+        return RemoteKernelProvisioner(**config)._new_hook().max_session_hours  # type: ignore[attr-defined, no-any-return]
+
+    result = jupyter_io(*common, "--name", "two-hours", "--budget", "2.5")
+    assert result.returncode == 0, result.stderr
+    assert "escrows its price for 2.5 h of GPU time" in result.stdout
+    assert hook_budget("two-hours") == 2.5
+    # The provisioner's own spelling of the option works too.
+    result = jupyter_io(*common, "--name", "spelled", "--max-session-hours", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert hook_budget("spelled") == 0.5
+    # Without --budget: the default, said as it is, and the one the escrow takes.
+    result = jupyter_io(*common, "--name", "default")
+    assert result.returncode == 0, result.stderr
+    assert f"for {DEFAULT_SESSION_HOURS:g} h of GPU time (its budget, the default" in result.stdout
+    assert hook_budget("default") == DEFAULT_SESSION_HOURS
+
+    for bad, words in (
+        (["--budget", "-1"], "--budget must be more than 0"),
+        (["--budget", "10000"], "--budget must be more than 0"),
+    ):
+        result = jupyter_io(*common, "--name", "bad", *bad)
+        assert result.returncode == 1 and words in result.stderr, result.stderr
+    result = jupyter_io(
+        "kernelspec", "install", "--keypair", str(key), "--prefix", str(jupyter_env),
+        "--provider-url", "ws://h:1/tunnel", "--budget", "2",
+    )  # fmt: skip
+    assert result.returncode == 1 and "--budget need --coordinator" in result.stderr
+    assert not (kernels / "bad").exists()

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from jupyter_io.payments.amounts import DEFAULT_SESSION_HOURS
 from jupyter_io.serverext.progress import publish_progress
 from kernel_provisioner.progress import PROGRESS_ATTR
 
@@ -137,7 +138,10 @@ async def test_preferences_are_validated_stored_and_applied_to_offers(
         "max_price_lamports_per_hour": None,
         "max_price_display": None,
         "region": None,
-        "session_budget_hours": None,
+        # No budget chosen: the default the escrow takes, said as such.
+        "session_budget_hours": DEFAULT_SESSION_HOURS,
+        "session_budget_default_hours": DEFAULT_SESSION_HOURS,
+        "session_budget_is_default": True,
     }
     wanted = {"max_price_per_hour": "0.5", "region": "eu-west", "session_budget_hours": 2}
     status, body = await fetch_json("jupyter-io", "preferences", method="PUT", body=wanted)
@@ -153,6 +157,17 @@ async def test_preferences_are_validated_stored_and_applied_to_offers(
         "jupyter-io", "preferences", method="PUT", body={"region": None}
     )
     assert (body["max_price_per_hour"], body["region"]) == ("0.5", None)
+    assert (body["session_budget_hours"], body["session_budget_is_default"]) == (2, False)
+    # A cleared budget is the default again, and the file keeps no number for it.
+    _, body = await fetch_json(
+        "jupyter-io", "preferences", method="PUT", body={"session_budget_hours": None}
+    )
+    assert (body["session_budget_hours"], body["session_budget_is_default"]) == (
+        DEFAULT_SESSION_HOURS,
+        True,
+    )
+    stored = json.loads((jp_data_dir / "io" / "preferences.json").read_text())
+    assert stored["session_budget_hours"] is None
 
     _, offers = await fetch_json("jupyter-io", "offers")
     within = {row["display"]: row["within_cap"] for row in offers["types"]}
