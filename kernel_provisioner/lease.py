@@ -484,6 +484,53 @@ class KernelLease:
         self.log.info("jupyter-io: %s", await self._refund(grant))
         return info
 
+    async def wait_settled(self, ended: LeaseInfo, timeout: float) -> str | None:
+        """Wait (at most ``timeout`` seconds) until the coordinator has settled the escrow of
+        the lease ``ended`` (what :meth:`end` or :meth:`release` returned): the provider paid
+        for the seconds it served, the user refunded the rest. Returns None once settled (or
+        when there is nothing to settle: a free lease, no escrow), else the line to log,
+        which says how it will be settled and where to see it. Never raises.
+
+        A process that is exiting (Jupyter Server stopping with its kernels) calls it so that
+        the settlement happens while the provider, whose co-signature it needs, still runs.
+        """
+        billing = ended.billing
+        if billing is None or not billing.deposit_lamports:
+            return None  # a free lease
+        settlement = billing.settlement
+        lease = ended.lease
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        # No settlement row yet: the coordinator queues it as the lease ends.
+        while settlement is None or settlement.state == "pending":
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            # The coordinator publishes no settlement event a client could await; it settles
+            # within a second or two of the lease's end (the provider co-signs).
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 0.5)
+            try:
+                info = await asyncio.wait_for(
+                    self.client.get_lease(lease), max(0.1, deadline - time.monotonic())
+                )
+            except (JupyterIOError, asyncio.TimeoutError):
+                break
+            settlement = info.billing.settlement if info.billing is not None else None
+        if settlement is not None and settlement.state == "done":
+            return None
+        if settlement is not None and settlement.state == "failed":
+            return (
+                f"the coordinator could not settle lease {lease} "
+                f"({settlement.error or 'no reason given'}); `jupyter io wallet history` shows "
+                f"its escrow"
+            )
+        return (
+            f"lease {lease} ended; its escrow was not settled within {timeout:g} s and will be "
+            f"settled by the coordinator (it retries until the provider co-signs); `jupyter "
+            f"io wallet history` shows it once done"
+        )
+
     async def wind_up_lost(self, timeout: float) -> str:
         """Close a lease whose provider was lost; returns what happened, for logs.
 

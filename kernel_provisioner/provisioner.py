@@ -156,6 +156,13 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         help="Seconds to wait for the provider to confirm the session's end, and then for "
         "the coordinator to confirm the lease's.",
     )
+    settle_timeout = Float(
+        15.0,
+        config=True,
+        help="Seconds a full shutdown waits, after ending the lease, for the coordinator to "
+        "settle its escrow (the provider co-signs), so that a process stopping with its "
+        "kernels (Jupyter Server, the demo) leaves nothing to settle later; 0: do not wait.",
+    )
     payment_hook_class = Type(
         SolanaEscrowHook,
         klass=PaymentHook,
@@ -716,11 +723,13 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         deletes the session's workspace and forgets the session), close the tunnel and the
         facade, then end the lease at the coordinator (``DELETE``), which stops its metering
         and settles its escrow (the provider is paid for the seconds it delivered, the user
-        refunded the rest). When the provider was lost instead, the lease's escrow is
-        refunded: once the coordinator failed the lease (it waits for missed heartbeats, at
-        most ``refund_timeout``), it offers the refund its arbiter signed; the user's key
-        co-signs it, it is submitted and the coordinator told. Refunds of earlier leases
-        still running in the background are awaited (as long again at most).
+        refunded the rest), and waits (at most ``settle_timeout``) until it has, so that a
+        process stopping with its kernels leaves nothing to settle later. When the provider
+        was lost instead, the lease's escrow is refunded: once the coordinator failed the
+        lease (it waits for missed heartbeats, at most ``refund_timeout``), it offers the
+        refund its arbiter signed; the user's key co-signs it, it is submitted and the
+        coordinator told. Refunds of earlier leases still running in the background are
+        awaited (as long again at most).
         """
         client = self._client
         if restart:
@@ -755,7 +764,12 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
                 if lost and lease.funded and lease.ready_at is not None:
                     self.log.info("jupyter-io: %s", await lease.wind_up_lost(self.refund_timeout))
                 else:
-                    await lease.release(self.end_timeout)
+                    ran = lease.ready_at is not None
+                    ended = await lease.release(self.end_timeout)
+                    if ran and ended is not None:
+                        later = await lease.wait_settled(ended, self.settle_timeout)
+                        if later is not None:
+                            self.log.warning("jupyter-io: %s", later)
             finally:
                 await lease.close()
         await self._wound_up()

@@ -392,7 +392,11 @@ class KernelSession:
         kernel.kill_group()  # whatever it spawned dies with it
         if self.kernel is kernel:
             self.state, self.exit_code = "exited", code
-        if not kernel.killed:
+        if not kernel.killed and code == 0:
+            # A clean exit (a shutdown_request, exit()): its output is no diagnosis, and
+            # ipykernel shut down in a busy cell prints a ZMQError traceback of its own.
+            self.log.info("kernel generation %d exited with 0", kernel.generation)
+        elif not kernel.killed:
             self.log.warning(
                 "kernel generation %d exited with %d; its last output:\n%s",
                 kernel.generation,

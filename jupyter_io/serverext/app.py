@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -265,8 +267,22 @@ class JupyterIOExtension(ExtensionApp):
         self.handlers.extend(handlers())
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        self._stop_gracefully_on_sigint(serverapp)
         if self.catalog.configured and self.gpu_kernelspecs:
             self._refresher = asyncio.create_task(self._refresh_offers())
+
+    def _stop_gracefully_on_sigint(self, serverapp: Any) -> None:
+        """Without a terminal, Jupyter Server leaves SIGINT to Python: a KeyboardInterrupt
+        that exits without shutting kernels down. A remote kernel's lease would then run on
+        until the provider's grace period, unsettled; so SIGINT stops the server as SIGTERM
+        does (kernels shut down, leases ended and settled), as JupyterHub configures it. With
+        a terminal, the server's own Ctrl-C confirmation stays. Not undone at stop: a second
+        SIGINT during the shutdown must not cut it short."""
+        stop = getattr(serverapp, "_signal_stop", None)
+        if stop is None or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, stop)
 
     async def stop_extension(self) -> None:
         if self._refresher is not None:
