@@ -138,26 +138,39 @@ class EscrowOffer:
     arbiter: str | None = None
     solana_url: str | None = None
     min_deposit_lamports: int = 0
+    #: Once funded: the escrow's address and the deposit the coordinator verified.
+    address: str | None = None
+    deposit_lamports: int | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any] | None) -> EscrowOffer | None:
         if not isinstance(body, Mapping):
             return None
+        deposit = body.get("deposit_lamports")
         return cls(
             required=bool(body.get("required")),
             arbiter=body.get("arbiter"),
             solana_url=body.get("solana_url"),
             min_deposit_lamports=_int(body, "min_deposit_lamports"),
+            address=body.get("address"),
+            deposit_lamports=None if deposit is None else int(deposit),
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The block as the coordinator sends it."""
-        return {
+        """The block as the coordinator sends it (``{"required": false}`` for a free lease;
+        ``address`` and ``deposit_lamports`` once funded)."""
+        if not self.required:
+            return {"required": False}
+        body: dict[str, Any] = {
             "required": self.required,
             "arbiter": self.arbiter,
             "solana_url": self.solana_url,
             "min_deposit_lamports": self.min_deposit_lamports,
         }
+        if self.address is not None:
+            body["address"] = self.address
+            body["deposit_lamports"] = self.deposit_lamports
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +189,8 @@ class SettlementInfo:
     signature: str | None
     attempts: int
     error: str | None
+    #: What the closing transaction cost in fees (0 until done, or unknown).
+    fee_lamports: int = 0
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any] | None) -> SettlementInfo | None:
@@ -188,6 +203,7 @@ class SettlementInfo:
             signature=body.get("signature"),
             attempts=_int(body, "attempts"),
             error=body.get("error"),
+            fee_lamports=_int(body, "fee_lamports"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -196,6 +212,7 @@ class SettlementInfo:
             "kind": self.kind,
             "state": self.state,
             "amount_lamports": self.amount_lamports,
+            "fee_lamports": self.fee_lamports,
             "signature": self.signature,
             "attempts": self.attempts,
             "error": self.error,
@@ -243,6 +260,22 @@ class Billing:
             reported_seconds=_int(body, "reported_seconds"),
             acknowledged_seconds=None if acknowledged is None else int(acknowledged),
         )
+
+    def to_json(self) -> dict[str, Any]:
+        """The block as the coordinator sends it."""
+        return {
+            "deposit_lamports": self.deposit_lamports,
+            "billed_seconds": self.billed_seconds,
+            "reported_seconds": self.reported_seconds,
+            "acknowledged_seconds": self.acknowledged_seconds,
+            "spent_lamports": self.spent_lamports,
+            "left_lamports": self.left_lamports,
+            "used_fraction": self.used_fraction,
+            "warning": self.warning,
+            "escrow": self.escrow,
+            "escrow_signature": self.escrow_signature,
+            "settlement": self.settlement.to_json() if self.settlement is not None else None,
+        }
 
     @property
     def exhausted(self) -> bool:

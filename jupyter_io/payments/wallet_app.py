@@ -5,10 +5,11 @@ Amounts are shown in SOL (exact: :func:`~jupyter_io.payments.amounts.format_sol`
 rounds), or as an integer of lamports with ``--lamports``; ``history --json`` prints exact
 lamports. ``airdrop`` is answered only by the embedded ledger (a coordinator's,
 ``--solana-url``) and test clusters; a cluster that refuses it has its error shown as it is.
-``history``, ``topup`` and ``refund`` talk to the coordinator (``--coordinator``): its
-``GET /api/v1/leases`` is the history, and escrows live on the ledger it names unless
-``--solana-url`` is given. The command parses options and delegates to
-:class:`~jupyter_io.payments.escrow.EscrowClient`,
+``history``, ``topup`` and ``refund`` talk to the coordinator (``--coordinator``; without it,
+the coordinator whose embedded ledger ``--solana-url`` names): its ``GET /api/v1/leases`` is
+the history (``--json``: each lease's record as that endpoint gives it, plus a few derived
+fields), and escrows live on the ledger it names unless ``--solana-url`` is given. The command
+parses options and delegates to :class:`~jupyter_io.payments.escrow.EscrowClient`,
 :class:`~jupyter_io.payments.hooks.SolanaEscrowHook` and
 :class:`~jupyter_io.coordinator.client.CoordinatorClient`.
 """
@@ -29,7 +30,7 @@ from traitlets import Bool, Float, Integer, Unicode
 from ..app import IOCommand
 from ..coordinator.client import CoordinatorClient, LeaseInfo
 from ..coordinator.config import DEFAULT_PORT
-from ..errors import ConfigError, PaymentError
+from ..errors import ConfigError, JupyterIOError, PaymentError
 from ..identity import DEFAULT_KEYPAIR_PATH, load_keypair
 from .amounts import format_sol, parse_sol
 from .escrow import EscrowClient, EscrowTerms
@@ -75,7 +76,11 @@ def _refunded(info: LeaseInfo) -> int | None:
 
 
 def history_json(leases: list[LeaseInfo]) -> list[dict[str, Any]]:
-    """One JSON row per lease: exact lamports, signatures, settlement state."""
+    """One JSON row per lease: everything the coordinator's lease record holds
+    (``GET /api/v1/leases``: times, ``end_reason``, ``failure_reason``, the ``billing`` block
+    with its settlement and fee), in exact lamports, plus fields derived for scripts
+    (``escrow`` is the escrow's address there; the record's ``escrow`` block, how the lease
+    was to be paid, is ``escrow_offer``)."""
     rows = []
     for info in leases:
         billing = info.billing
@@ -83,12 +88,26 @@ def history_json(leases: list[LeaseInfo]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "lease": info.lease,
+                "user": info.user,
                 "gpu": info.gpu,
+                "gpu_indices": list(info.gpu_indices),
                 "provider": info.provider,
                 "state": info.state,
+                "relay": info.relay,
+                "tunnel_url": info.tunnel_url,
                 "price_lamports_per_hour": info.price_lamports_per_hour,
                 "requested_at": info.requested_at,
+                "active_at": info.active_at,
                 "ended_at": info.ended_at,
+                "end_of_service": info.end_of_service,
+                "expires_at": info.expires_at,
+                "end_reason": info.end_reason,
+                "failure_reason": info.failure_reason,
+                "escrow_offer": info.escrow.to_json() if info.escrow is not None else None,
+                "billing": billing.to_json() if billing is not None else None,
+                # Derived, for scripts:
+                "why_ended": info.why_ended,
+                "fee_lamports": settlement.fee_lamports if settlement is not None else 0,
                 "escrow": billing.escrow if billing is not None else None,
                 "escrow_signature": billing.escrow_signature if billing is not None else None,
                 "deposit_lamports": billing.deposit_lamports if billing is not None else 0,
@@ -131,10 +150,14 @@ def history_text(leases: list[LeaseInfo], amount: Callable[[int], str] = format_
                 back = f" · refunded {amount(refunded)}" if refunded is not None else ""
                 sig = settlement.signature or "-"
                 error = f" · last error: {settlement.error}" if settlement.error else ""
+                fee = f" · fee {amount(settlement.fee_lamports)}" if settlement.fee_lamports else ""
                 lines.append(
                     f"  {settlement.kind + 'd':<9} {settlement.state} · paid "
-                    f"{amount(settlement.amount_lamports)} · signature {sig}{back}{error}"
+                    f"{amount(settlement.amount_lamports)}{fee} · signature {sig}{back}{error}"
                 )
+        why = info.why_ended or info.failure_reason
+        if why and not info.live:
+            lines.append(f"  ended     {why}")
         blocks.append("\n".join(lines))
     return "\n".join(blocks)
 
@@ -168,7 +191,9 @@ jupyter io wallet unwrap --keypair provider-keypair.json"""
     ).tag(config=True)
     coordinator = Unicode(
         f"http://127.0.0.1:{DEFAULT_PORT}",
-        help="The coordinator's http(s)://HOST:PORT (history, topup, refund).",
+        help="The coordinator's http(s)://HOST:PORT (history, topup, refund). Not given: the "
+        "coordinator whose embedded ledger --solana-url is (http://HOST:PORT/solana), else "
+        "this default.",
     ).tag(config=True)
     lamports = Bool(False, help="Show amounts as exact integers of lamports.").tag(config=True)
     json_output = Bool(False, help="history: print JSON with exact lamports.").tag(config=True)
@@ -275,7 +300,38 @@ jupyter io wallet unwrap --keypair provider-keypair.json"""
     def _coordinator(self, keypair: Keypair) -> CoordinatorClient:
         return CoordinatorClient(self.coordinator, keypair, timeout=self.timeout)
 
+    async def _find_coordinator(self) -> None:
+        """Without --coordinator but with --solana-url: the sessions are a coordinator's
+        records, so use the coordinator whose embedded ledger that URL is (it serves it at
+        ``/solana``), after checking it says so. Any other ledger cannot say which escrows
+        are your sessions: then say so."""
+        given = self.config.get("WalletApp", {})
+        if "coordinator" in given or "solana_url" not in given:
+            return
+        ledger = self.solana_url.rstrip("/")
+        why = (
+            f"your sessions are a coordinator's records (GET /api/v1/leases), which a Solana "
+            f"ledger alone does not hold; {ledger} is not a coordinator's embedded ledger"
+        )
+        if not ledger.endswith("/solana"):
+            raise ConfigError(f"{why}: give --coordinator http(s)://HOST:PORT")
+        candidate = ledger.removesuffix("/solana")
+        try:
+            async with CoordinatorClient(candidate, timeout=self.timeout) as client:
+                payments = await client.payments()
+        except JupyterIOError as exc:
+            raise ConfigError(
+                f"{why} that answers ({exc}): give --coordinator http(s)://HOST:PORT"
+            ) from None
+        if (payments.solana_url or "").rstrip("/") != ledger:
+            raise ConfigError(
+                f"{why} (the coordinator at {candidate} uses {payments.solana_url or 'none'}): "
+                f"give --coordinator http(s)://HOST:PORT"
+            )
+        self.coordinator = candidate
+
     async def _history(self, keypair: Keypair) -> None:
+        await self._find_coordinator()
         async with self._coordinator(keypair) as coordinator:
             leases = await coordinator.list_leases(self.limit)
         if self.json_output:
@@ -319,6 +375,7 @@ jupyter io wallet unwrap --keypair provider-keypair.json"""
         return info, session
 
     async def _top_up(self, keypair: Keypair, lease_id: str, lamports: int) -> None:
+        await self._find_coordinator()
         async with self._coordinator(keypair) as coordinator:
             info, session = await self._session(coordinator, keypair, lease_id)
             if not info.live:
@@ -343,6 +400,7 @@ jupyter io wallet unwrap --keypair provider-keypair.json"""
         )
 
     async def _refund(self, keypair: Keypair, lease_id: str) -> None:
+        await self._find_coordinator()
         async with self._coordinator(keypair) as coordinator:
             info, session = await self._session(coordinator, keypair, lease_id)
             offer = await coordinator.request_refund(lease_id)

@@ -53,8 +53,8 @@ def lease_json(**changes: Any) -> dict[str, Any]:
                     "left_lamports": PRICE - 1_000_000, "used_fraction": 0.008333,
                     "warning": None, "escrow": "E", "escrow_signature": "S",
                     "settlement": {"kind": "settle", "state": "done",
-                                   "amount_lamports": 1_000_000, "signature": "X",
-                                   "attempts": 1, "error": None}},
+                                   "amount_lamports": 1_000_000, "fee_lamports": 5_000,
+                                   "signature": "X", "attempts": 1, "error": None}},
     }  # fmt: skip
     body.update(changes)
     return body
