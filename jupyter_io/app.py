@@ -167,6 +167,7 @@ jupyter io kernelspec install --name rtx-4090 --coordinator http://127.0.0.1:870
         "display-name": "InstallKernelspecApp.display_name",
         "provider-url": "InstallKernelspecApp.provider_url",
         "coordinator": "InstallKernelspecApp.coordinator",
+        "coordinator-url": "InstallKernelspecApp.coordinator",
         "gpu": "InstallKernelspecApp.gpu",
         "max-price": "InstallKernelspecApp.max_price",
         "region": "InstallKernelspecApp.region",
@@ -350,6 +351,10 @@ jupyter io demo --no-lab --data-dir /tmp/io-demo"""
         "port": "Demo.port",
         "coordinator-port": "Demo.coordinator_port",
         "provider-port": "Demo.provider_port",
+        # Spelled as `jupyter io provider` and `jupyter io coordinator` spell them.
+        "simulate-gpu": "Demo.simulate_gpus",
+        "price": "Demo.price",
+        "payments": "Demo.payments",
     }
     flags = {
         "no-lab": (

@@ -43,6 +43,7 @@ _aliases: dict[Any, Any] = {
     "mem-limit": "ProviderConfig.mem_limit",
     "simulate-gpu": "ProviderConfig.simulate_gpu",
     "coordinator": "ProviderConfig.coordinator_url",
+    "coordinator-url": "ProviderConfig.coordinator_url",  # the trait's (and kernel.json's) name
     "coordinator-pubkey": "ProviderConfig.coordinator_pubkey",
     "price": "ProviderConfig.price",
     "gpu-price": "ProviderConfig.model_prices",

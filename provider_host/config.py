@@ -15,6 +15,7 @@ allow-list is then not consulted: the coordinator decides who rents this host).
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from jupyter_io.identity import load_allowlist, load_keypair, load_or_create_key
 from jupyter_io.payments.amounts import parse_sol
 from jupyter_io.protocol import DEFAULT_MAX_FRAME_SIZE
 
+from .cgroups import MIN_SESSION_MEMORY, format_size, parse_size
 from .isolation import ResourceLimits
 
 __all__ = ["HOST_KEY_FILE", "LINK_PATH", "ProviderConfig", "parse_listen"]
@@ -120,6 +122,25 @@ class ProviderConfig(Configurable):
         help="Address-space limit per kernel in bytes (RLIMIT_AS); 0 = none. It counts "
         "virtual memory, and CUDA reserves virtual ranges larger than RAM + VRAM, so on GPU "
         "hosts leave it at 0 or far above that sum.",
+    )
+    session_memory_limit = Unicode(
+        "auto",
+        config=True,
+        help="Memory each session's kernels may use together (resident memory and page "
+        "cache, counted by a memory cgroup, so it works with CUDA): bytes or a size such as "
+        "8G or 512M; a kernel going over it is killed and told why. 'auto' (the default): "
+        "this machine's RAM divided by max_sessions, so that every session may use its whole "
+        "limit at once without the machine running out of memory; raise it on a host whose "
+        "sessions are fewer than max_sessions. 0 = none. Needs a host that may create "
+        "cgroups (root, or a delegated cgroup_root); one that cannot says so at startup.",
+    )
+    cgroup_root = Unicode(
+        "",
+        config=True,
+        help="The cgroup directory under which each session gets its memory cgroup, e.g. "
+        "/sys/fs/cgroup/jupyter-io (it must exist, be writable by the host and, on cgroup v2, "
+        "hold no process). Default: the host's own cgroup (cgroup v1: its memory cgroup; "
+        "v2: the host moves itself into a leaf 'jupyter-io-host' of its cgroup first).",
     )
     max_open_files = Integer(
         8192, config=True, help="Open-file limit per kernel (RLIMIT_NOFILE); 0 = inherit."
@@ -294,6 +315,23 @@ class ProviderConfig(Configurable):
                 )
         return value
 
+    @validate("session_memory_limit")
+    def _validate_session_memory_limit(self, proposal: dict[str, object]) -> str:
+        value = str(proposal["value"]).strip()
+        if value.lower() in ("auto", "none"):
+            return value.lower()
+        try:
+            size = parse_size(value)
+        except ValueError as exc:
+            raise TraitError(f"session_memory_limit: {exc}; or 'auto', or 0 for none") from None
+        if 0 < size < MIN_SESSION_MEMORY:
+            raise TraitError(
+                f"session_memory_limit {value} is {size:,} bytes, and a kernel needs more than "
+                f"{format_size(MIN_SESSION_MEMORY)} to start: give a unit, e.g. {value}M or "
+                f"{value}G"
+            )
+        return value
+
     @validate("usage_interval", "link_backoff_max", "workspace_check_interval")
     def _validate_positive_float(self, proposal: dict[str, object]) -> float:
         value = float(proposal["value"])  # type: ignore[arg-type]
@@ -401,6 +439,17 @@ class ProviderConfig(Configurable):
             return by_model.get(model.strip().casefold(), default_price)
 
         return price_of
+
+    def session_memory_bytes(self) -> int:
+        """``session_memory_limit`` in bytes (0: none); 'auto' is RAM / ``max_sessions``."""
+        value = self.session_memory_limit
+        if value == "none":
+            return 0
+        if value != "auto":
+            return parse_size(value)
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        share = ram // self.max_sessions
+        return max(MIN_SESSION_MEMORY, share - share % (1 << 20))
 
     def resource_limits(self) -> ResourceLimits:
         """The per-kernel resource limits."""

@@ -51,6 +51,7 @@ from jupyter_io.bridge import Bridge
 from jupyter_io.errors import JupyterIOError, KernelLaunchError, ProtocolError
 from jupyter_io.protocol import Channel, CloseCode, Frame, FrameKind, Tunnel, encode_control
 
+from .cgroups import CgroupTree, SessionCgroup
 from .config import ProviderConfig
 from .isolation import kernel_env
 from .kernel import KERNEL_PORTS, KernelProcess, kernel_endpoints
@@ -86,9 +87,11 @@ class KernelSession:
         on_started: Callable[[KernelSession], None] | None = None,
         sandbox: Sandbox | None = None,
     ) -> None:
-        """``sandbox``: run each kernel in it (None: as the host's own user)."""
+        """``sandbox``: run each kernel in it (None: as the host's own user); ``cgroups``:
+        give the session a memory cgroup there, which its kernels join (None: no limit)."""
         self.id = secrets.token_urlsafe(16)
         self.owner = owner
+        cgroups: CgroupTree | None = None,
         self.gpus = gpus
         #: The coordinator's lease this session serves (None without a coordinator).
         self.lease_id = lease_id
@@ -104,6 +107,9 @@ class KernelSession:
         #: Kernel generation: 0 before the first LAUNCH, +1 per (re)start.
         self.generation = 0
         self.state = "none"
+        self._cgroups = cgroups
+        #: The session's memory cgroup (after open(); None without cgroups).
+        self.cgroup: SessionCgroup | None = None
         self.exit_code: int | None = None
         self.kernel: KernelProcess | None = None
         #: Set once the session has ended and its resources are gone.
@@ -148,6 +154,8 @@ class KernelSession:
         runtime = Path(tempfile.mkdtemp(prefix="jio-"))
         if len(str(runtime)) > _MAX_RUNTIME_DIR:
             runtime.rmdir()
+        if self._cgroups is not None:
+            self.cgroup = self._cgroups.create(self.id)
             runtime = Path(tempfile.mkdtemp(prefix="jio-", dir="/tmp"))
         self.runtime_dir = runtime
         if owner is not None:
@@ -266,8 +274,9 @@ class KernelSession:
             self._on_end(self)
 
     def _remove_files(self) -> None:
-        """Delete the workspace and runtime directory, then give the session's uid back
-        (every process that ran as it is gone by now: its sandbox died with its kernel)."""
+        """Delete the workspace, runtime directory and cgroup, then give the session's uid
+        back (every process that ran as it is gone by now: its sandbox died with its kernel,
+        and the cgroup's removal kills anything left in it)."""
         if self._workspace_lock is not None:
             remove_workspace(self.workspace, self._workspace_lock)
             self._workspace_lock = None
@@ -278,6 +287,10 @@ class KernelSession:
             self.sandbox.users.release(self.user)
 
     # -- control frames from the client ----------------------------------------------------
+        if self.cgroup is not None:
+            if not self.cgroup.remove():
+                self.log.warning("could not remove the session's cgroup %s", self.cgroup.path)
+            self.cgroup = None
 
     async def _on_control(self, frame: Frame) -> None:
         kind = frame.kind
@@ -362,6 +375,7 @@ class KernelSession:
         await kernel.start(
             key=key,
             signature_scheme=scheme,
+            cgroup=self.cgroup,
             env=env,
             cwd=str(self.workspace),
             limits=self.config.resource_limits(),

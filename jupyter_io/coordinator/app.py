@@ -19,7 +19,7 @@ import json
 from typing import Any
 
 from jupyter_core.application import JupyterApp, base_aliases, base_flags
-from traitlets import Bool, TraitError, Unicode
+from traitlets import Bool, Float, TraitError, Unicode
 
 from .. import __version__
 from ..app import IOCommand
@@ -97,8 +97,13 @@ jupyter io offers --coordinator https://coord.example:8700 --json"""
         f"http://127.0.0.1:{DEFAULT_PORT}", help="The coordinator's http(s)://HOST:PORT."
     ).tag(config=True)
     json_output = Bool(False, help="Print the offers as JSON (for scripts).").tag(config=True)
+    timeout = Float(15.0, help="Seconds to wait for the coordinator's answer.").tag(config=True)
 
-    aliases = {"coordinator": "OffersApp.coordinator"}
+    aliases = {
+        "coordinator": "OffersApp.coordinator",
+        "coordinator-url": "OffersApp.coordinator",
+        "timeout": "OffersApp.timeout",
+    }
     flags = {
         "json": ({"OffersApp": {"json_output": True}}, "Print the offers as JSON."),
         "debug": base_flags["debug"],
@@ -112,5 +117,5 @@ jupyter io offers --coordinator https://coord.example:8700 --json"""
             print(format_offers_table(body))
 
     async def _fetch(self) -> dict[str, Any]:
-        async with CoordinatorClient(self.coordinator, timeout=15) as client:
+        async with CoordinatorClient(self.coordinator, timeout=self.timeout) as client:
             return await client.offers()

@@ -206,6 +206,7 @@ jupyter io wallet unwrap --keypair provider-keypair.json"""
         "keypair": "WalletApp.keypair_path",
         "solana-url": "WalletApp.solana_url",
         "coordinator": "WalletApp.coordinator",
+        "coordinator-url": "WalletApp.coordinator",
         "limit": "WalletApp.limit",
         "timeout": "WalletApp.timeout",
     }

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from solders.keypair import Keypair
@@ -218,3 +219,66 @@ def test_kernelspec_install_budget_sets_what_the_escrow_covers(
     )  # fmt: skip
     assert result.returncode == 1 and "--budget need --coordinator" in result.stderr
     assert not (kernels / "bad").exists()
+
+
+#: One spelling per setting across `jupyter io` commands: (the traits that hold it, the
+#: flags every command with one of those traits accepts for it).
+SPELLINGS = [
+    ({"coordinator", "coordinator_url"}, {"--coordinator", "--coordinator-url"}),
+    ({"keypair_path"}, {"--keypair"}),
+    ({"data_dir"}, {"--data-dir"}),
+    ({"solana_url"}, {"--solana-url"}),
+    ({"listen"}, {"--listen"}),
+    ({"public_url"}, {"--public-url"}),
+    ({"certfile"}, {"--certfile"}),
+    ({"keyfile"}, {"--keyfile"}),
+    ({"region"}, {"--region"}),
+    ({"simulate_gpu", "simulate_gpus"}, {"--simulate-gpu"}),
+    ({"price"}, {"--price"}),
+    ({"payments"}, {"--payments"}),
+    ({"timeout"}, {"--timeout"}),
+    ({"json_output"}, {"--json"}),
+]
+
+
+def _commands() -> dict[str, Any]:
+    from traitlets.utils.importstring import import_item
+
+    from jupyter_io.app import InstallKernelspecApp
+
+    commands = {name: import_item(path) for name, (path, _) in SUBCOMMANDS.items()}
+    del commands["kernelspec"]  # a group: its install command below
+    commands["kernelspec install"] = InstallKernelspecApp
+    return commands
+
+
+def test_options_are_spelled_the_same_in_every_command() -> None:
+    pytest.importorskip("provider_host.app")
+    for name, app in _commands().items():
+        traits = set(app.class_trait_names(config=True))
+        for cls in app.classes:
+            traits |= set(cls.class_trait_names(config=True))
+        flags: dict[str, set[str]] = {}
+        for alias, target in app.aliases.items():
+            flags.setdefault(target.rsplit(".", 1)[-1], set()).add(f"--{alias}")
+        for switch, (config, _) in app.flags.items():
+            for values in config.values():
+                for trait in values:
+                    flags.setdefault(trait, set()).add(f"--{switch}")
+        for names, spelled in SPELLINGS:
+            held = names & traits
+            for trait in held:
+                assert spelled <= flags.get(trait, set()), (name, trait, flags.get(trait))
+
+
+def test_the_demo_takes_the_providers_and_coordinators_spellings() -> None:
+    ours, rest = _split_argv(
+        ["--simulate-gpu", "A100:80", "--price=0.5", "--payments", "free", "--no-browser"],
+        DemoApp.aliases,
+        DemoApp.flags,
+    )
+    assert rest == ["--no-browser"]
+    app = DemoApp()
+    app.parse_command_line(ours)
+    demo = app.config.Demo
+    assert (demo.simulate_gpus, demo.price, demo.payments) == (["A100:80"], "0.5", "free")
