@@ -41,6 +41,8 @@ _aliases: dict[Any, Any] = {
     "grace-period": "ProviderConfig.grace_period",
     "max-sessions": "ProviderConfig.max_sessions",
     "mem-limit": "ProviderConfig.mem_limit",
+    "session-memory-limit": "ProviderConfig.session_memory_limit",
+    "cgroup-root": "ProviderConfig.cgroup_root",
     "simulate-gpu": "ProviderConfig.simulate_gpu",
     "coordinator": "ProviderConfig.coordinator_url",
     "coordinator-url": "ProviderConfig.coordinator_url",  # the trait's (and kernel.json's) name

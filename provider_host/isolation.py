@@ -5,7 +5,8 @@ the host's environment: :func:`kernel_env` copies only an allow-list of harmless
 variables (never the provider's secrets), adds the client's requested variables minus the names
 that would hijack the process, pins ``CUDA_VISIBLE_DEVICES`` to the session's GPUs and points
 ``HOME`` at the session's workspace. :func:`limits_preexec` returns the ``preexec_fn`` that
-applies :class:`ResourceLimits` in the child between fork and exec.
+applies :class:`ResourceLimits` in the child between fork and exec, after moving it into its
+session's memory cgroup (:mod:`provider_host.cgroups`).
 
 This is not isolation by itself: with ``--isolation none`` a kernel still runs as the
 provider's user and can read whatever that user can (its keypair, other tenants'
@@ -209,16 +210,24 @@ def _prctl() -> Callable[..., int] | None:
     return libc.prctl
 
 
-def limits_preexec(limits: ResourceLimits, ignore: Iterable[int] = ()) -> Callable[[], None]:
-    """A ``preexec_fn`` for the kernel's Popen: rlimits, private umask, death with the host.
+def limits_preexec(
+    limits: ResourceLimits, ignore: Iterable[int] = (), join: Iterable[int] = ()
+) -> Callable[[], None]:
+    """A ``preexec_fn`` for the kernel's Popen: cgroup, rlimits, private umask, death with
+    the host.
 
     Everything is resolved here, in the parent, so the child only makes system calls.
+    ``join`` are open ``cgroup.procs`` descriptors
+    (:meth:`provider_host.cgroups.SessionCgroup.open_procs`): the child moves itself into
+    each before anything else, so no code of the kernel's runs outside its session's cgroup
+    (a failed write fails the launch).
     jupyter_client already starts the kernel in its own session (process group); on Linux
     the kernel also gets SIGKILL if the host dies (``PR_SET_PDEATHSIG``), on top of
     ipykernel's ``JPY_PARENT_PID`` poller (unsandboxed) or bwrap's ``--die-with-parent``.
     The signals in ``ignore`` start ignored (dispositions survive exec).
     """
     ignored = tuple(ignore)
+    cgroups = tuple(join)
     pairs = []
     for res, value in limits.rlimits():
         _soft, hard = resource.getrlimit(res)
@@ -228,6 +237,8 @@ def limits_preexec(limits: ResourceLimits, ignore: Iterable[int] = ()) -> Callab
     prctl = _prctl()
 
     def preexec() -> None:
+        for fd in cgroups:
+            os.write(fd, b"0")  # "0": the writing process
         for res, value in pairs:
             resource.setrlimit(res, (value, value))
         for signum in ignored:

@@ -36,6 +36,7 @@ from traitlets import TraitError
 from jupyter_io.errors import KernelLaunchError
 from jupyter_io.protocol import Channel
 
+from .cgroups import SessionCgroup
 from .isolation import FORWARDED_SIGNALS, ResourceLimits, limits_preexec
 
 __all__ = ["KERNEL_PORTS", "KernelProcess", "kernel_endpoints"]
@@ -107,15 +108,18 @@ class KernelProcess:
         log: logging.Logger | logging.LoggerAdapter[Any],
         sandbox: list[str] | None = None,
         owner: tuple[int, int] | None = None,
+        cgroup: SessionCgroup | None = None,
     ) -> None:
         """``sandbox`` is the command prefix that sandboxes the kernel
         (:meth:`provider_host.sandbox.Sandbox.argv`; None: run it directly as the host's
         user); ``owner`` the (uid, gid) it runs as there, which must read the connection
-        file."""
+        file; ``cgroup`` the session's memory cgroup, which the process joins before exec."""
         self.generation = generation
         self.runtime_dir = runtime_dir
         self.log = log
         self.sandboxed = sandbox is not None
+        self.cgroup = cgroup
+        self._oom_kills_before: int | None = None
         self._manager = _KernelManager(
             transport="ipc",
             connection_file=str(runtime_dir / "kernel.json"),
@@ -130,7 +134,8 @@ class KernelProcess:
         self.exit_code: int | None = None
         #: True once :meth:`kill` was called: the exit was the host's doing, not the kernel's.
         self.killed = False
-        #: Why the host killed it, for the client (EXITED ``reason``), when not asked to.
+        #: Why the host (or its memory limit) killed it, for the client (EXITED ``reason``),
+        #: when not asked to.
         self.kill_reason: str | None = None
 
     def _open_log(self) -> IO[bytes]:
@@ -171,20 +176,27 @@ class KernelProcess:
                 f"unsupported signature_scheme {signature_scheme!r}; use 'hmac-sha256'"
             ) from None
         session.key = key.encode()
+        join: list[int] = []
         with self._open_log() as out:
             try:
+                if self.cgroup is not None:
+                    self._oom_kills_before = self.cgroup.oom_kills()
+                    join.append(self.cgroup.open_procs())
                 await self._manager.start_kernel(
                     env=env,
                     cwd=cwd,
                     # Sandboxed, bwrap must outlive the signals meant for the kernel.
                     preexec_fn=limits_preexec(
-                        limits, ignore=FORWARDED_SIGNALS if self.sandboxed else ()
+                        limits, ignore=FORWARDED_SIGNALS if self.sandboxed else (), join=join
                     ),
                     stdout=out,
                     stderr=subprocess.STDOUT,
                 )
             except Exception as exc:
                 raise KernelLaunchError(f"could not start the kernel: {exc}") from exc
+            finally:
+                for fd in join:
+                    os.close(fd)
         provisioner = self._manager.provisioner
         process = getattr(provisioner, "process", None)
         if not isinstance(process, subprocess.Popen):
@@ -193,6 +205,8 @@ class KernelProcess:
 
     async def wait(self) -> int:
         """Wait until the kernel process ends; return its exit code (negative: signal).
+
+        A kernel ended by its session's memory limit gets a :attr:`kill_reason` that says so.
 
         bwrap reports a kernel killed by signal N as exit status 128 + N; that is given back
         as -N, as for an unsandboxed kernel (a kernel calling ``exit(128 + N)`` reads the same).
@@ -204,8 +218,19 @@ class KernelProcess:
         code = process.wait()
         if self.sandboxed and 128 < code < 128 + signal.NSIG:
             code = 128 - code
+        if self.exit_code is None and self.kill_reason is None and self._out_of_memory():
+            assert self.cgroup is not None
+            self.kill_reason = self.cgroup.oom_reason()
         self.exit_code = code
         return code
+
+    def _out_of_memory(self) -> bool:
+        """True when the OOM killer ended a process of the session since this kernel started
+        (the kernel itself, or a child whose loss it did not survive)."""
+        if self.cgroup is None or self._oom_kills_before is None:
+            return False
+        kills = self.cgroup.oom_kills()
+        return kills is not None and kills > self._oom_kills_before
 
     def signal(self, signum: int) -> None:
         """Deliver ``signum`` to the kernel's process group (its children included)."""

@@ -72,6 +72,7 @@ from jupyter_io.tls import untrusted_certificate
 
 from .allocation import GpuPool
 from .benchmark import measure_inventory
+from .cgroups import CgroupTree, prepare_cgroups
 from .config import ProviderConfig
 from .coordinator_link import CoordinatorLink
 from .handshake import TRY_AGAIN_LATER, Hello, Refusal, challenge_body, check_hello
@@ -153,6 +154,8 @@ class ProviderServer:
         self._background: set[asyncio.Task[Any]] = set()
         #: How kernels are sandboxed (None: ``isolation = "none"``), after startup.
         self.sandbox: Sandbox | None = None
+        #: Where sessions get their memory cgroups (None: no memory limit), after startup.
+        self.cgroups: CgroupTree | None = None
 
     # -- the whole life --------------------------------------------------------------------
 
@@ -189,6 +192,12 @@ class ProviderServer:
         _make_private_dir(config.workspace_root)
         # Before listening or linking: a host that cannot sandbox never joins a marketplace.
         self.sandbox = await asyncio.to_thread(prepare_isolation, config)  # runs bwrap once
+        self.cgroups, no_cgroups = await asyncio.to_thread(
+            prepare_cgroups,
+            root=config.cgroup_root,
+            memory=config.session_memory_bytes(),
+            pids=config.max_processes,
+        )
         wipe_orphaned_workspaces(config.workspace_root, self.log)
         self._context = zmq.asyncio.Context()
         #: Connections in their handshake (see :mod:`provider_host.preauth`).
@@ -245,6 +254,16 @@ class ProviderServer:
         else:
             who = "a uid of its own" if self.sandbox.users is not None else "a user namespace"
             self._print(f"jupyter-io provider sandbox: bubblewrap, each session as {who}")
+        if self.cgroups is not None:
+            self._print(f"jupyter-io provider memory: {self.cgroups.describe()}")
+        elif config.session_memory_bytes() > 0:
+            if config.mem_limit > 0:
+                fallback = f"only the address-space limit mem_limit={config.mem_limit} applies"
+            else:
+                fallback = "a tenant's kernel can use all of this machine's memory"
+            unlimited = f"no memory limit per session ({no_cgroups}): {fallback}"
+            self.log.warning("%s", unlimited)
+            self._print(f"jupyter-io provider WARNING: {unlimited}")
         if self.coordinator_link is not None:
             route = f"direct at {config.public_url}" if config.public_url else "via its relay"
             self._print(f"{JOINING_PREFIX}{config.coordinator_url} (clients connect {route})")
@@ -490,6 +509,7 @@ class ProviderServer:
             lease_id=None if claims is None else claims.lease_id,
             on_started=self._kernel_started,
             sandbox=self.sandbox,
+            cgroups=self.cgroups,
         )
         if claims is None:
             gpus = self._gpus.acquire(session.id)

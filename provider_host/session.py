@@ -86,12 +86,12 @@ class KernelSession:
         lease_id: str | None = None,
         on_started: Callable[[KernelSession], None] | None = None,
         sandbox: Sandbox | None = None,
+        cgroups: CgroupTree | None = None,
     ) -> None:
         """``sandbox``: run each kernel in it (None: as the host's own user); ``cgroups``:
         give the session a memory cgroup there, which its kernels join (None: no limit)."""
         self.id = secrets.token_urlsafe(16)
         self.owner = owner
-        cgroups: CgroupTree | None = None,
         self.gpus = gpus
         #: The coordinator's lease this session serves (None without a coordinator).
         self.lease_id = lease_id
@@ -103,13 +103,13 @@ class KernelSession:
         #: The uid the session's kernels run as (a sandbox on a root host), after open().
         self.user: SessionUser | None = None
         self._workspace_lock: int | None = None
+        self._cgroups = cgroups
+        #: The session's memory cgroup (after open(); None without cgroups).
+        self.cgroup: SessionCgroup | None = None
         self.log = logging.LoggerAdapter(log or logging.getLogger(__name__), {"session": self.id})
         #: Kernel generation: 0 before the first LAUNCH, +1 per (re)start.
         self.generation = 0
         self.state = "none"
-        self._cgroups = cgroups
-        #: The session's memory cgroup (after open(); None without cgroups).
-        self.cgroup: SessionCgroup | None = None
         self.exit_code: int | None = None
         self.kernel: KernelProcess | None = None
         #: Set once the session has ended and its resources are gone.
@@ -150,12 +150,12 @@ class KernelSession:
         if users is not None:
             self.user = users.acquire()
         owner = None if self.user is None else (self.user.uid, self.user.gid)
+        if self._cgroups is not None:
+            self.cgroup = self._cgroups.create(self.id)
         self._workspace_lock = create_workspace(self.workspace, owner)
         runtime = Path(tempfile.mkdtemp(prefix="jio-"))
         if len(str(runtime)) > _MAX_RUNTIME_DIR:
             runtime.rmdir()
-        if self._cgroups is not None:
-            self.cgroup = self._cgroups.create(self.id)
             runtime = Path(tempfile.mkdtemp(prefix="jio-", dir="/tmp"))
         self.runtime_dir = runtime
         if owner is not None:
@@ -283,14 +283,14 @@ class KernelSession:
         for directory in (self.runtime_dir, self._socket_dir):
             if directory is not None:
                 remove_tree(directory)
-        if self.user is not None and self.sandbox is not None and self.sandbox.users is not None:
-            self.sandbox.users.release(self.user)
-
-    # -- control frames from the client ----------------------------------------------------
         if self.cgroup is not None:
             if not self.cgroup.remove():
                 self.log.warning("could not remove the session's cgroup %s", self.cgroup.path)
             self.cgroup = None
+        if self.user is not None and self.sandbox is not None and self.sandbox.users is not None:
+            self.sandbox.users.release(self.user)
+
+    # -- control frames from the client ----------------------------------------------------
 
     async def _on_control(self, frame: Frame) -> None:
         kind = frame.kind
@@ -371,11 +371,11 @@ class KernelSession:
             log=self.log,
             sandbox=sandbox,
             owner=None if user is None else (user.uid, user.gid),
+            cgroup=self.cgroup,
         )
         await kernel.start(
             key=key,
             signature_scheme=scheme,
-            cgroup=self.cgroup,
             env=env,
             cwd=str(self.workspace),
             limits=self.config.resource_limits(),
