@@ -32,36 +32,47 @@ plus its grace period, so a provider cannot bill on once this side is gone.
 Each step is reported as a structured progress record (:mod:`kernel_provisioner.progress`).
 
 Each method's docstring names the KernelManager method that calls it and what happens on
-the provider. The provisioner needs a running event loop between calls (it pumps frames in
-background tasks), so use it through :class:`jupyter_client.manager.AsyncKernelManager`
-(as Jupyter Server does), not the blocking KernelManager.
+the provider. Every jupyter_client API works: the tunnel pumps frames in tasks of an event
+loop, between the kernel manager's calls too, so under an
+:class:`~jupyter_client.manager.AsyncKernelManager` (Jupyter Server, nbclient,
+``AsyncMultiKernelManager``) it shares the caller's running loop, and under the blocking
+:class:`~jupyter_client.manager.KernelManager` (``jupyter console``, qtconsole,
+``MultiKernelManager``, scripts), whose loop runs only during its calls, it runs on a loop of
+its own thread (:mod:`kernel_provisioner.loop_thread`; see ``tunnel_thread``). There, a
+session the process never shut down is ended when the process exits, as a local kernel dies
+with its parent (unless started with ``independent=True``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import signal
 import uuid
-from collections.abc import Mapping
-from typing import Any
+import weakref
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.manager import AsyncKernelManager, KernelManager
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from solders.keypair import Keypair
-from traitlets import Float, Int, Type, Unicode, Union, validate
+from traitlets import CaselessStrEnum, Float, Int, Type, Unicode, Union, validate
 
 from jupyter_io.coordinator.client import LeaseGrant
 from jupyter_io.errors import ConfigError, JupyterIOError, KernelLaunchError, PaymentError
 from jupyter_io.identity import DEFAULT_KEYPAIR_PATH, load_keypair, parse_pubkey
 from jupyter_io.payments.amounts import DEFAULT_SESSION_HOURS, format_sol, parse_sol
-from jupyter_io.payments.hooks import PaymentHook, SolanaEscrowHook
+from jupyter_io.payments.hooks import PaymentHook, SolanaEscrowHook, close_ledger_clients
 from jupyter_io.protocol import DEFAULT_MAX_FRAME_SIZE
 from jupyter_io.usage_acks import DEFAULT_ACK_INTERVAL_S
 
 from .connection import LOST_EXIT_CODE, KernelState, TunnelClient
 from .facade import CHANNEL_PORT_NAMES, Facade
 from .lease import BudgetExhausted, KernelLease, LeaseTerms
+from .loop_thread import LoopThread
 from .progress import ProgressEvent, ProgressStep, report
 
 __all__ = ["RemoteKernelProvisioner"]
@@ -69,6 +80,53 @@ __all__ = ["RemoteKernelProvisioner"]
 #: Environment variables forwarded to the remote kernel besides the kernelspec's own ``env``.
 #: The rest of the local environment (tokens, paths of this machine) stays here.
 FORWARDED_ENV = ("JPY_SESSION_NAME",)
+
+#: Seconds a session the process never shut down may take to end at interpreter exit.
+EXIT_END_TIMEOUT = 15.0
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_Method = Callable[Concatenate["RemoteKernelProvisioner", _P], Coroutine[Any, Any, _T]]
+
+
+def _on_tunnel_loop(*, opens: bool = False) -> Callable[[_Method[_P, _T]], _Method[_P, _T]]:
+    """Run the decorated method on the tunnel's own loop thread when it has one (see
+    ``tunnel_thread``), awaited from the caller's loop; on the caller's loop otherwise.
+
+    ``opens``: the method may start the session, so it starts the thread first when the
+    provisioner wants one. After each call, a provisioner left holding nothing (no session,
+    facade, lease or background refund) stops its thread.
+    """
+
+    def decorate(method: _Method[_P, _T]) -> _Method[_P, _T]:
+        @functools.wraps(method)
+        async def on_loop(
+            self: RemoteKernelProvisioner, *args: _P.args, **kwargs: _P.kwargs
+        ) -> _T:
+            thread = self._loop_thread
+            if thread is None and opens and self._wants_own_loop():
+                thread = self._start_loop_thread()
+            if thread is None or thread.is_current():
+                return await method(self, *args, **kwargs)
+            try:
+                return await thread.run(self._then_release(method(self, *args, **kwargs)))
+            finally:
+                if thread.stopping:
+                    thread.stop()  # from here: wait for it to finish
+
+        return on_loop
+
+    return decorate
+
+
+def _end_at_exit(ref: weakref.ref[RemoteKernelProvisioner]) -> None:
+    provisioner = ref()
+    if provisioner is not None:
+        provisioner._end_at_exit()
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 class RemoteKernelProvisioner(KernelProvisionerBase):
@@ -192,6 +250,17 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         help="Seconds to wait, after the provider was lost, for the coordinator to see it "
         "too and offer the refund of the lease's escrow (it needs a few missed heartbeats).",
     )
+    tunnel_thread = CaselessStrEnum(
+        ("auto", "always", "never"),
+        default_value="auto",
+        config=True,
+        help="Where the tunnel's I/O runs. 'auto': on the caller's event loop under an "
+        "AsyncKernelManager (Jupyter Server, nbclient), on a loop of its own thread under the "
+        "blocking KernelManager (jupyter console, qtconsole, MultiKernelManager, scripts), "
+        "whose loop runs only during its calls. 'always': a thread of its own under any "
+        "manager (for an application that runs its AsyncKernelManager's loop only now and "
+        "then). 'never': always the caller's loop.",
+    )
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -209,6 +278,11 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         self._last_exit_code: int | None = None
         #: Leases whose provider was lost, being refunded while a new lease runs.
         self._winding_up: set[asyncio.Task[None]] = set()
+        #: The tunnel's own event loop thread, when the caller keeps no loop running.
+        self._loop_thread: LoopThread | None = None
+        self._at_exit: Callable[[], None] | None = None
+        #: Started with ``independent=True``: the session outlives this process.
+        self._independent = False
 
     @validate("provider_url")
     def _check_provider_url(self, proposal: Any) -> str:
@@ -280,6 +354,12 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         return self._lease
 
     @property
+    def loop_thread(self) -> LoopThread | None:
+        """The thread whose event loop runs the tunnel, while it has one of its own (see
+        ``tunnel_thread``); None while it runs on the caller's loop, or holds no session."""
+        return self._loop_thread
+
+    @property
     def max_price_lamports_per_hour(self) -> int | None:
         """``max_price_per_hour`` in exact lamports per GPU-hour (None: no cap)."""
         value = self.max_price_per_hour
@@ -316,6 +396,78 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         self.progress.append(event)
         return report(self.log, event)
 
+    # -- the tunnel's event loop ----------------------------------------------------------
+
+    def _wants_own_loop(self) -> bool:
+        """Does the tunnel need a loop thread of its own (see ``tunnel_thread``)? Under the
+        blocking KernelManager, yes: its run_sync runs a loop only inside its calls."""
+        if self.tunnel_thread != "auto":
+            return bool(self.tunnel_thread == "always")
+        parent = self.parent
+        return isinstance(parent, KernelManager) and not isinstance(parent, AsyncKernelManager)
+
+    def _start_loop_thread(self) -> LoopThread:
+        thread = self._loop_thread = LoopThread(
+            f"io-remote tunnel {self.kernel_id}", on_stop=close_ledger_clients
+        )
+        # A weak reference: a provisioner the application dropped is no business of ours.
+        self._at_exit = functools.partial(_end_at_exit, weakref.ref(self))
+        atexit.register(self._at_exit)
+        self.log.debug("jupyter-io: the tunnel runs on thread %r", thread.name)
+        return thread
+
+    @property
+    def _holds_nothing(self) -> bool:
+        return (
+            self._client is None
+            and self._facade is None
+            and self._lease is None
+            and not self._winding_up
+        )
+
+    async def _then_release(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Await ``coro`` on the loop thread, then stop the thread if nothing is left on it."""
+        try:
+            return await coro
+        finally:
+            self._release_loop_thread()
+
+    def _release_loop_thread(self) -> None:
+        """On the loop thread: stop it once the provisioner holds nothing that runs there."""
+        thread = self._loop_thread
+        if thread is None or not thread.is_current() or not self._holds_nothing:
+            return
+        self._loop_thread = None
+        if self._at_exit is not None:
+            atexit.unregister(self._at_exit)
+            self._at_exit = None
+        thread.stop()
+        self.log.debug("jupyter-io: the tunnel's thread %r stops", thread.name)
+
+    def _end_at_exit(self) -> None:
+        """At interpreter exit, end the session that the application never shut down (the
+        remote kernel, its workspace, the lease and its settlement), as a local kernel dies
+        with its parent; bounded by :data:`EXIT_END_TIMEOUT`."""
+        thread = self._loop_thread
+        if thread is None or thread.stopping or self._independent or self._holds_nothing:
+            return
+        where = self._where()
+        self.log.info("jupyter-io: ending the session on %s as the process exits", where)
+        future = asyncio.run_coroutine_threadsafe(
+            self._then_release(self.cleanup(restart=False)), thread.loop
+        )
+        try:
+            future.result(EXIT_END_TIMEOUT)
+        except Exception as exc:
+            future.cancel()
+            self.log.warning(
+                "jupyter-io: the session on %s did not end as the process exited (%s); the "
+                "provider ends it after its grace period, and the coordinator bills no "
+                "more than the usage acknowledged plus its grace",
+                where,
+                _describe(exc),
+            )
+
     # -- start ----------------------------------------------------------------------------
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
@@ -346,6 +498,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         self._remote_env = {k: str(env[k]) for k in sorted(wanted) if k in env}
         return kwargs
 
+    @_on_tunnel_loop(opens=True)
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Start the kernel on the provider; called from ``KernelManager.launch_kernel()``.
 
@@ -368,6 +521,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         """
         if self._key is None:
             self._key = str(uuid.uuid4())
+        self._independent = bool(kwargs.get("independent", False))
         try:
             if self.connection_info and self._lease is not None:
                 await self._check_budget(self._lease)  # a restart: is the lease still paid?
@@ -595,8 +749,14 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
 
         task = asyncio.ensure_future(wind_up())
         self._winding_up.add(task)
-        task.add_done_callback(self._winding_up.discard)
 
+        def wound_up(task: asyncio.Task[None]) -> None:
+            self._winding_up.discard(task)
+            self._release_loop_thread()
+
+        task.add_done_callback(wound_up)
+
+    @_on_tunnel_loop()
     async def top_up(self, lamports: int) -> LeaseGrant:
         """Add ``lamports`` to the running lease's escrow from the user's wallet (one
         transaction) and have the coordinator record the larger deposit; returns the grant
@@ -644,6 +804,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
 
     # -- running --------------------------------------------------------------------------
 
+    @_on_tunnel_loop()
     async def poll(self) -> int | None:
         """Is the kernel running? Called from ``KernelManager.is_alive()`` (and the restarter).
 
@@ -657,6 +818,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             return self._last_exit_code if self._last_exit_code is not None else 0
         return client.exit_code
 
+    @_on_tunnel_loop()
     async def wait(self) -> int | None:
         """Wait for the kernel to end; called from ``KernelManager.finish_shutdown()`` and
         ``KernelManager.kill_kernel()`` (which bound it with timeouts).
@@ -672,6 +834,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         self._launched = False
         return code
 
+    @_on_tunnel_loop()
     async def send_signal(self, signum: int) -> None:
         """Signal the kernel; called from ``KernelManager.signal_kernel()`` (and so from
         ``interrupt_kernel()`` with SIGINT when the kernelspec's interrupt_mode is signal).
@@ -683,6 +846,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         if client is not None and self._launched:
             await client.signal(signum)
 
+    @_on_tunnel_loop()
     async def kill(self, restart: bool = False) -> None:
         """Kill the kernel; called from ``KernelManager.kill_kernel()`` (shutdown with
         ``now=True``, or a graceful shutdown that timed out).
@@ -692,6 +856,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         """
         await self.send_signal(signal.SIGKILL)
 
+    @_on_tunnel_loop()
     async def terminate(self, restart: bool = False) -> None:
         """Terminate the kernel; called from ``KernelManager.finish_shutdown()`` when the
         kernel did not exit after its shutdown_request.
@@ -714,6 +879,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             self._where(),
         )
 
+    @_on_tunnel_loop()
     async def cleanup(self, restart: bool = False) -> None:
         """Release resources; called from ``KernelManager.cleanup_resources()``.
 
@@ -787,6 +953,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             )
             task.cancel()
 
+    @_on_tunnel_loop()
     async def detach(self) -> None:
         """Release the local side and leave the remote session (and its lease) running.
 
@@ -813,6 +980,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
 
     # -- persistence ----------------------------------------------------------------------
 
+    @_on_tunnel_loop()
     async def get_provisioner_info(self) -> dict[str, Any]:
         """What another process needs to reattach; JSON-serialisable.
 
@@ -844,6 +1012,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         )
         return info
 
+    @_on_tunnel_loop(opens=True)
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
         """Reattach to a session described by :meth:`get_provisioner_info`.
 

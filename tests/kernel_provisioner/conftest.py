@@ -466,6 +466,11 @@ class ThreadedProxy:
     def _call(self, coro: Awaitable[Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)  # type: ignore[arg-type]
 
+    @property
+    def url(self) -> str:
+        """The tunnel URL through this proxy."""
+        return f"ws://127.0.0.1:{self.port}/tunnel"
+
     def forward_to(self, port: int) -> None:
         """Send what arrives from now on to 127.0.0.1:``port``."""
         self._proxy.upstream = ("127.0.0.1", port)
@@ -717,6 +722,23 @@ async def proxy_to() -> AsyncIterator[Callable[[ProviderHost], Awaitable[Cuttabl
     yield start
     for p in proxies:
         await p.close()
+
+
+@pytest.fixture
+def threaded_proxy_to() -> Iterator[Callable[[ProviderHost], ThreadedProxy]]:
+    """:func:`proxy_to` for tests that run no event loop (the blocking jupyter_client APIs):
+    each proxy serves from a thread of its own. Its ``url`` is the tunnel URL through it."""
+    proxies: list[ThreadedProxy] = []
+
+    def start(host: ProviderHost) -> ThreadedProxy:
+        p = ThreadedProxy()
+        p.forward_to(host.port)
+        proxies.append(p)
+        return p
+
+    yield start
+    for p in proxies:
+        p.close()
 
 
 @pytest.fixture
