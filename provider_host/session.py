@@ -61,6 +61,10 @@ from .workspaces import create_workspace, disk_usage, remove_tree, remove_worksp
 
 __all__ = ["KernelSession"]
 
+#: Bytes a kernel started in a workspace over its limit may still write at start-up (IPython
+#: creates its history database in HOME) before the workspace watch counts it as growing.
+STARTUP_SLACK = 256 * 1024
+
 # ZMQ's default high-water mark (1000 messages) is far too low here: the kernel's PUB drops
 # iopub messages once its queue to us is full, which a burst of prints does while the host is
 # busy replaying, and the tunnel promises no output is lost. Unlimited would let a kernel
@@ -424,9 +428,12 @@ class KernelSession:
 
     async def _watch_workspace(self, kernel: KernelProcess) -> None:
         """Kill ``kernel`` once the workspace is over ``max_workspace_bytes`` and has grown
-        since the last measurement (a kernel started over the limit may still delete)."""
+        since the last measurement (a kernel started over the limit may still delete). The
+        first measurement allows :data:`STARTUP_SLACK` on top of the size at launch: the
+        kernel's own start writes to HOME (IPython's history), and a kernel relaunched in a
+        full workspace must live long enough to delete files."""
         limit = self.config.max_workspace_bytes
-        last = await asyncio.to_thread(disk_usage, self.workspace)
+        last = await asyncio.to_thread(disk_usage, self.workspace) + STARTUP_SLACK
         while True:
             await asyncio.sleep(self.config.workspace_check_interval)
             if self.kernel is not kernel or kernel.exit_code is not None or self._ending:
