@@ -13,12 +13,13 @@ import sys
 from typing import Any
 
 from jupyter_core.application import JupyterApp, base_aliases, base_flags
-from traitlets import Bool, Float, Unicode
+from traitlets import Bool, Float, TraitError, Unicode
 
 from . import __version__
 from .demo import Demo
 from .errors import JupyterIOError
 from .identity import DEFAULT_KEYPAIR_PATH
+from .options import flag_names
 from .payments.amounts import DEFAULT_SESSION_HOURS
 
 __all__ = [
@@ -95,11 +96,19 @@ class IOCommand(JupyterApp):
         """Do the command's work; return its exit status (None for 0)."""
         raise NotImplementedError
 
+    def update_config(self, config: Any) -> None:
+        # A bad value names the flag the user typed (--timeout), not the trait (timeout).
+        try:
+            super().update_config(config)
+        except TraitError as exc:
+            raise TraitError(flag_names(str(exc), self.aliases)) from None
+
     def start(self) -> None:
         try:
             status = self.run()
-        except JupyterIOError as exc:
-            print(f"{self.name}: error: {exc}", file=sys.stderr)
+        except (JupyterIOError, TraitError) as exc:
+            message = flag_names(str(exc), self.aliases) if isinstance(exc, TraitError) else exc
+            print(f"{self.name}: error: {message}", file=sys.stderr)
             self.exit(1)
         if status:
             self.exit(status)

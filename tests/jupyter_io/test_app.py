@@ -164,6 +164,9 @@ def test_demo_passes_unknown_options_on_to_jupyterlab() -> None:
         (["provider", "--max-sessions", "0"], "--max-sessions must be positive"),
         (["provider", "--coordinator", "gpu-box"], "--coordinator 'gpu-box' must look like"),
         (["coordinator", "--token-ttl", "0"], "--token-ttl must be positive"),
+        (["demo", "--port", "abc"], "--port expected an int"),
+        (["wallet", "--timeout", "abc"], "--timeout expected a float"),
+        (["kernelspec", "install", "--min-vram", "x"], "--min-vram expected a float"),
     ],
 )
 def test_a_bad_option_is_named_as_typed_without_a_traceback(argv: list[str], message: str) -> None:
@@ -171,6 +174,7 @@ def test_a_bad_option_is_named_as_typed_without_a_traceback(argv: list[str], mes
     assert result.returncode == 1
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+    assert " trait of " not in result.stderr
     trait = {"--max-sessions": "max_sessions", "--coordinator": "coordinator_url"}
     assert not any(name in result.stderr for name in trait.values())
 
