@@ -175,7 +175,7 @@ def test_session_memory_limit_takes_sizes_and_refuses_a_bare_small_number():
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     auto = ProviderConfig(max_sessions=4).session_memory_bytes()
     assert ram // 4 - _MiB < auto <= ram // 4
-    with pytest.raises(TraitError, match="give a unit, e.g. 200M or 200G"):
+    with pytest.raises(TraitError, match="give a unit"):
         ProviderConfig(session_memory_limit="200")
     with pytest.raises(TraitError, match="is not a size"):
         ProviderConfig(session_memory_limit="8 gigs")

@@ -16,6 +16,7 @@ from solders.keypair import Keypair
 
 from jupyter_io.errors import ConfigError
 from jupyter_io.protocol import FrameKind
+from provider_host.cgroups import find_cgroup_parent, session_cgroup_name
 from provider_host.config import ProviderConfig
 from provider_host.isolation import HOST_ENV_ALLOWED
 from provider_host.sandbox import GPU_CONTROL_NODES, SandboxPaths, bwrap_argv, sandbox_paths
@@ -152,8 +153,16 @@ async def test_a_workspace_left_by_a_killed_host_is_wiped_at_startup(
             await proc.wait()
     assert (left / "results.csv").read_text() == "tenant-1-data"  # what the killed host left
 
+    # Its session's cgroup too (the host ran in this process's cgroup).
+    spot = find_cgroup_parent(_proc("cgroup"), _proc("mountinfo"))
+    name = session_cgroup_name(str(first.session_id), proc.pid)
+    left_cgroup = None if spot is None else spot.path / name
+    left_cgroup_existed = left_cgroup is not None and left_cgroup.is_dir()
+
     host = await make_host(workspace_root=str(workspaces))
     assert not left.exists()
+    if host.cgroups is not None:  # a host that makes cgroups removes a dead host's
+        assert left_cgroup_existed and left_cgroup is not None and not left_cgroup.exists()
     second = make_client(host)
     await _ready(second)
     assert await _read(second, left / "results.csv") in ("FileNotFoundError", "PermissionError")
@@ -409,6 +418,10 @@ async def test_a_host_without_bwrap_refuses_to_join_and_says_what_to_install(
     assert "refusing to join the marketplace" in message
     assert "apt-get install bubblewrap" in message
     assert server.url == ""
+
+
+def _proc(name: str) -> str:
+    return Path(f"/proc/self/{name}").read_text()
 
 
 @pytest.fixture
