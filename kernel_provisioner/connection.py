@@ -36,6 +36,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import zmq.asyncio
 from solders.keypair import Keypair
@@ -68,10 +69,11 @@ from jupyter_io.protocol import (
     decode_frame,
     encode_control,
 )
-from jupyter_io.tls import untrusted_certificate
+from jupyter_io.tls import SchemeMismatch, dial_checked, scheme_mismatch, untrusted_certificate
 
 __all__ = [
     "LOST_EXIT_CODE",
+    "TUNNEL_PATH",
     "CredentialSource",
     "Credentials",
     "KernelState",
@@ -79,7 +81,11 @@ __all__ = [
     "Started",
     "TunnelClient",
     "UnknownSession",
+    "tunnel_url",
 ]
+
+#: Where a provider host serves its tunnel (``docs/tunnel-contract.md``).
+TUNNEL_PATH = "/tunnel"
 
 #: The exit code reported for a kernel whose host was lost (it died with the host, or the
 #: host forgot it). Negative like a signal death, and distinct from any real signal.
@@ -102,6 +108,16 @@ _FATAL_CLOSES = frozenset(
         CloseCode.BUFFER_OVERFLOW,
     }
 )
+
+
+def tunnel_url(url: str) -> str:
+    """A provider's tunnel URL as users may write it: ``ws://HOST:PORT`` (or ``wss://``)
+    means ``ws://HOST:PORT/tunnel``; a URL with a path (the full tunnel URL, a relay's) is
+    kept as it is."""
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() in ("ws", "wss") and parts.path in ("", "/"):
+        return urlunsplit((parts.scheme, parts.netloc, TUNNEL_PATH, parts.query, ""))
+    return url.strip()
 
 
 class UnknownSession(TunnelError):
@@ -207,7 +223,7 @@ class TunnelClient:
         ping_timeout: float | None = 10.0,
         log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     ) -> None:
-        self.url = url
+        self.url = tunnel_url(url)
         self.keypair = keypair
         self.host_pubkey = host_pubkey
         self.credentials = credentials
@@ -326,12 +342,15 @@ class TunnelClient:
         except JupyterIOError:
             raise
         except InvalidStatus as exc:
-            raise self._refused_upgrade(exc) from None
+            raise self._refused_upgrade(exc, first=True) from None
         except (OSError, asyncio.TimeoutError, WebSocketException) as exc:
-            reason = untrusted_certificate(exc) or (
-                f"{_describe(exc)}; check that the provider host is running and provider_url "
-                f"is right"
-            )
+            # ws:// to a TLS host: it drops the connection at once.
+            reason = untrusted_certificate(exc) or await scheme_mismatch(self.url)
+            if reason is None:
+                reason = (
+                    f"{_describe(exc)}; check that the provider host is running and "
+                    f"provider_url is right"
+                )
             raise TunnelError(
                 f"cannot open a tunnel to the provider at {self.url}: {reason}"
             ) from None
@@ -363,7 +382,7 @@ class TunnelClient:
         if self.credentials is not None:
             stale, self._stale_token = self._stale_token, False
             credentials = await self.credentials(stale)
-        ws = await connect(
+        dial = connect(
             self.url,
             additional_headers=dict(credentials.headers) or None,
             subprotocols=[Subprotocol(SUBPROTOCOL)],
@@ -374,6 +393,16 @@ class TunnelClient:
             open_timeout=self.connect_timeout,
             close_timeout=2.0,
         )
+        if self.session_id is not None:
+            ws = await dial  # a resume: this URL spoke TLS (or not) before
+        else:
+            try:
+                # wss:// to a plain host would wait out the handshake's timeout in silence.
+                ws = await dial_checked(self.url, dial)
+            except SchemeMismatch as exc:
+                raise TunnelError(
+                    f"cannot open a tunnel to the provider at {self.url}: {exc}"
+                ) from None
         try:
             welcome = await self._handshake(ws, resume, credentials.token)
         except BaseException:
@@ -452,14 +481,30 @@ class TunnelClient:
             return AuthError(f"{where} refused the lease: {reason}; request a new lease")
         return TunnelError(f"{where} refused the tunnel ({code}): {reason}")
 
-    def _refused_upgrade(self, exc: InvalidStatus) -> JupyterIOError:
+    def _refused_upgrade(self, exc: InvalidStatus, *, first: bool = False) -> JupyterIOError:
         """The error for an HTTP answer instead of a websocket (the relay checks the lease
-        token before upgrading), with the message of its JSON error body when there is one."""
-        status = exc.response.status_code
+        token before upgrading), with the message of its JSON error body, or the provider
+        host's text, when there is one. ``first``: the first connection of the session, so
+        an answer neither of them gives means the URL names some other server."""
+        response = exc.response
+        status = response.status_code
+        body = bytes(response.body or b"")
+        message: str | None = None
         try:
-            message = str(json.loads(exc.response.body)["error"]["message"])
-        except (ValueError, TypeError, KeyError):
-            message = exc.response.reason_phrase or "no reason given"
+            message = str(json.loads(body)["error"]["message"])  # the relay's
+        except (ValueError, TypeError, KeyError, RecursionError):
+            server = str(response.headers.get("Server", ""))
+            text = body.decode("utf-8", "replace").strip()
+            if "websockets/" in server or text.startswith(f"the tunnel is at {TUNNEL_PATH}"):
+                message = text or response.reason_phrase  # the provider host's
+            elif first and status < 500 and status not in (401, 403, 429):
+                return TunnelError(
+                    f"{self.url} answered, but it is not a jupyter-io provider or relay "
+                    f"(HTTP {status}); check the URL/port (a provider prints it: "
+                    f"'jupyter-io provider listening on ws://HOST:PORT{TUNNEL_PATH}')"
+                )
+        if not message:
+            message = response.reason_phrase or "no reason given"
         text = f"{self.url} answered HTTP {status}: {message}"
         if status in (401, 403):
             return AuthError(text)

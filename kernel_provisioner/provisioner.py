@@ -69,7 +69,7 @@ from jupyter_io.payments.hooks import PaymentHook, SolanaEscrowHook, close_ledge
 from jupyter_io.protocol import DEFAULT_MAX_FRAME_SIZE
 from jupyter_io.usage_acks import DEFAULT_ACK_INTERVAL_S
 
-from .connection import LOST_EXIT_CODE, KernelState, TunnelClient
+from .connection import LOST_EXIT_CODE, KernelState, TunnelClient, tunnel_url
 from .facade import CHANNEL_PORT_NAMES, Facade
 from .lease import BudgetExhausted, KernelLease, LeaseTerms
 from .loop_thread import LoopThread
@@ -141,7 +141,8 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
     provider_url = Unicode(
         "",
         config=True,
-        help="Tunnel URL of the provider host, e.g. ws://gpu-box:8765/tunnel. Leave empty "
+        help="Tunnel URL of the provider host, e.g. ws://gpu-box:8765/tunnel (or "
+        "ws://gpu-box:8765: the /tunnel path is implied). Leave empty "
         "and set coordinator_url to lease a GPU from the marketplace instead.",
     )
     coordinator_url = Unicode(
@@ -291,7 +292,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             raise ConfigError(
                 f"provider_url {url!r} must be a ws:// or wss:// URL, e.g. ws://gpu-box:8765/tunnel"
             )
-        return url
+        return tunnel_url(url) if url else url  # ws://HOST:PORT means its /tunnel
 
     @validate("coordinator_url")
     def _check_coordinator_url(self, proposal: Any) -> str:

@@ -31,11 +31,12 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from jupyter_io.coordinator.auth import sign_provider_hello, verify_welcome
 from jupyter_io.coordinator.provider_link import (
@@ -53,7 +54,7 @@ from jupyter_io.coordinator.provider_link import (
 )
 from jupyter_io.errors import AuthError, ProtocolError
 from jupyter_io.identity import new_nonce
-from jupyter_io.tls import untrusted_certificate
+from jupyter_io.tls import SchemeMismatch, dial_checked, scheme_mismatch, untrusted_certificate
 
 __all__ = ["MAX_OUTBOX", "CoordinatorLink", "LinkHost"]
 
@@ -215,8 +216,11 @@ class CoordinatorLink:
             except _Refused as exc:
                 self.last_error = str(exc)
                 self.log.error("coordinator link refused: %s", exc)
+            except SchemeMismatch as exc:
+                self.last_error = f"{exc} (--coordinator)"
+                self.log.error("coordinator link to %s: %s", self.url, self.last_error)
             except (OSError, InvalidHandshake, ConnectionClosed, ProtocolError) as exc:
-                self.last_error = untrusted_certificate(exc) or f"{type(exc).__name__}: {exc}"
+                self.last_error = await self._describe_failure(exc)
                 self.log.warning("coordinator link to %s lost: %s", self.url, self.last_error)
             except asyncio.TimeoutError:
                 self.last_error = "the coordinator did not answer in time"
@@ -231,8 +235,38 @@ class CoordinatorLink:
                 await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, self.backoff_max)
 
+    @property
+    def _given_url(self) -> str:
+        """The coordinator's URL as the operator gave it (``--coordinator http(s)://...``)."""
+        parts = urlsplit(self.url)
+        scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+        path = parts.path.removesuffix("/api/v1/providers/connect")
+        return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+    async def _describe_failure(self, exc: BaseException) -> str:
+        """Why a link attempt failed, naming a URL that is no coordinator's, a TLS/plain
+        mismatch or an untrusted certificate when it is one of those."""
+        untrusted = untrusted_certificate(exc)
+        if untrusted is not None:
+            return untrusted
+        if isinstance(exc, InvalidStatus) and self.links == 0:
+            response = exc.response
+            try:
+                json.loads(bytes(response.body or b""))["error"]  # the coordinator's errors
+            except (ValueError, TypeError, KeyError, RecursionError):
+                return (
+                    f"{self._given_url} answered, but it is not a jupyter-io coordinator (HTTP "
+                    f"{response.status_code}); check the --coordinator URL/port"
+                )
+        if self.links == 0 and not isinstance(exc, (ConnectionClosed, ProtocolError)):
+            # http:// to a TLS coordinator: it drops the connection at once.
+            mismatch = await scheme_mismatch(self._given_url)
+            if mismatch is not None:
+                return f"{mismatch} (--coordinator)"
+        return f"{type(exc).__name__}: {exc}"
+
     async def _link_once(self) -> None:
-        ws = await connect(
+        dial = connect(
             self.url,
             compression=None,
             open_timeout=self.open_timeout,
@@ -240,6 +274,8 @@ class CoordinatorLink:
             ping_timeout=self.ping_timeout,
             max_size=_MAX_MESSAGE,
         )
+        # Until a first link, a wss:// URL of a plain server is named, not waited out.
+        ws = await (dial if self.links else dial_checked(self._given_url, dial))
         try:
             welcome = await self._handshake(ws)
             self._connection = ws

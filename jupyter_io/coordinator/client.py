@@ -26,7 +26,10 @@ price), :class:`~jupyter_io.errors.AuthError` for 401/403,
 ``deposit_too_small``), :class:`CoordinatorPaymentError` (a
 :class:`~jupyter_io.errors.PaymentError`) for the other payment refusals (402 ``escrow_missing``,
 503 ``ledger_unreachable``), :class:`CoordinatorError` for everything else (unreachable, 404,
-5xx), each with the coordinator's message, which says what to do.
+5xx), each with the coordinator's message, which says what to do. A URL that reaches no
+coordinator says so within a second or two: ``https://`` to a plain-HTTP server and
+``http://`` to a TLS one name the scheme to use (:mod:`jupyter_io.tls`), and a server whose
+answers are not a coordinator's (Jupyter's own port, say) is named as not one.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from ..errors import (
     PaymentError,
 )
 from ..payments.amounts import covered_seconds
-from ..tls import untrusted_certificate
+from ..tls import SchemeMismatch, dial_checked, scheme_mismatch, untrusted_certificate
 from ..usage_acks import UsageAck, ack_path
 from .auth import HEADER_LEASE_TOKEN, sign_request
 
@@ -489,6 +492,9 @@ class CoordinatorClient:
         self.timeout = timeout
         self.ca_certs = ca_certs
         self._http = AsyncHTTPClient(force_instance=True)
+        #: True once the server answered like a jupyter-io coordinator (its scheme and
+        #: identity need no more checking).
+        self._peer_known = False
 
     def close(self) -> None:
         self._http.close()
@@ -610,13 +616,50 @@ class CoordinatorClient:
 
     # -- plumbing --------------------------------------------------------------------------
 
-    def _unreachable(self, exc: BaseException | None) -> str:
+    async def _unreachable(self, exc: BaseException | None) -> str:
+        if isinstance(exc, SchemeMismatch):
+            return str(exc)  # names the URL and its fix
         untrusted = untrusted_certificate(exc)
-        if untrusted:
+        if untrusted is not None:
             return f"cannot reach the coordinator at {self.url}: {untrusted}"
+        # http:// to a TLS server: it drops the connection at once.
+        mismatch = await scheme_mismatch(self.url)
+        if mismatch is not None:
+            return mismatch
         return (
             f"cannot reach the coordinator at {self.url}: {exc}; is `jupyter io coordinator` "
             f"running there?"
+        )
+
+    async def _not_a_coordinator(
+        self, method: str, path: str, response: HTTPResponse
+    ) -> str | None:
+        """When ``response`` (to ``method path``) has no jupyter-io shape: the message that
+        says this URL is some other server, or None when ``GET /api/v1/info`` shows it is a
+        coordinator after all (one of another version, say)."""
+        if (method, path) != ("GET", "/api/v1/info"):
+            try:
+                response = await self._http.fetch(
+                    HTTPRequest(
+                        self.url + "/api/v1/info",
+                        headers={"Accept": "application/json"},
+                        request_timeout=self.timeout,
+                        connect_timeout=min(10.0, self.timeout),
+                        ca_certs=self.ca_certs,
+                    ),
+                    raise_error=False,
+                )
+            except OSError:
+                return None
+        if response.code == 599:
+            return None
+        info = _json(response)
+        if 200 <= response.code < 300 and isinstance(info, dict) and "coordinator" in info:
+            return None
+        what = f"HTTP {response.code}" if response.code >= 300 else "no coordinator's answer"
+        return (
+            f"{self.url} answered, but it is not a jupyter-io coordinator (GET /api/v1/info: "
+            f"{what}); check the URL/port"
         )
 
     async def _call(
@@ -648,20 +691,29 @@ class CoordinatorClient:
             allow_nonstandard_methods=True,
         )
         try:
-            response: HTTPResponse = await self._http.fetch(request, raise_error=False)
-        except OSError as exc:
-            raise CoordinatorError(self._unreachable(exc)) from None
+            fetch = self._http.fetch(request, raise_error=False)
+            # https:// to a plain server would wait out the handshake's timeout in silence.
+            response: HTTPResponse = await (
+                fetch if self._peer_known else dial_checked(self.url, fetch)
+            )
+        except (OSError, SchemeMismatch) as exc:
+            raise CoordinatorError(await self._unreachable(exc)) from None
         except HTTPClientError as exc:  # pragma: no cover - raise_error=False
             raise CoordinatorError(str(exc), exc.code) from None
         if response.code == 599:
-            raise CoordinatorError(self._unreachable(response.error))
-        try:
-            payload = json.loads(response.body or b"null")
-        except (ValueError, RecursionError):  # RecursionError: a body of [[[[... from a stranger
-            payload = None
+            raise CoordinatorError(await self._unreachable(response.error))
+        payload = _json(response)
         if 200 <= response.code < 300 and isinstance(payload, dict):
+            self._peer_known = True
             return payload
         error = payload.get("error") if isinstance(payload, dict) else None
+        if isinstance(error, dict):
+            self._peer_known = True  # a jupyter-io error
+        elif not self._peer_known:
+            stranger = await self._not_a_coordinator(method, path, response)
+            if stranger is not None:
+                raise CoordinatorError(stranger, response.code)
+            self._peer_known = True
         code = error.get("code") if isinstance(error, dict) else None
         message = error.get("message") if isinstance(error, dict) else None
         if not isinstance(message, str) or not message:
@@ -677,6 +729,15 @@ class CoordinatorClient:
         if response.code == 402 or code == "ledger_unreachable":
             raise CoordinatorPaymentError(message, response.code, code)
         raise CoordinatorError(message, response.code, code)
+
+
+def _json(response: HTTPResponse) -> Any:
+    """The response's JSON body, or None when it has none (or one too deep to parse: a body
+    of [[[[... from a stranger raises RecursionError)."""
+    try:
+        return json.loads(response.body or b"null")
+    except (ValueError, RecursionError):
+        return None
 
 
 def _retry_after(response: HTTPResponse) -> float | None:

@@ -1,15 +1,20 @@
 """untrusted_certificate: a failed certificate check (from a real TLS handshake on loopback)
-is recognised, also when wrapped, and nothing else is."""
+is recognised, also when wrapped, and nothing else is. scheme_mismatch and dial_checked: a
+URL whose scheme disagrees with its (real, loopback) server is named with its fix, within a
+second or two."""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from pathlib import Path
 
 import pytest
 
-from jupyter_io.tls import untrusted_certificate
+from jupyter_io.tls import SchemeMismatch, dial_checked, scheme_mismatch, untrusted_certificate
+
+from ..loopback_servers import strangers
 
 
 async def _handshake_error(cert: Path, key: Path) -> ssl.SSLCertVerificationError:
@@ -43,3 +48,41 @@ def test_other_errors_are_not_certificate_problems() -> None:
     assert untrusted_certificate(ConnectionRefusedError(111, "Connection refused")) is None
     assert untrusted_certificate(ssl.SSLError("wrong version number")) is None
     assert untrusted_certificate(None) is None
+
+
+# -- a URL whose scheme disagrees with its server --------------------------------------------
+
+
+async def test_a_scheme_that_disagrees_with_the_server_is_named_with_the_fix(
+    certificate: tuple[Path, Path],
+) -> None:
+    async with strangers(*certificate) as web:
+        plain, tls = web.plain_port, web.tls_port
+        assert await scheme_mismatch(f"https://127.0.0.1:{plain}/api") == (
+            f"https://127.0.0.1:{plain} speaks plain HTTP, not TLS: use "
+            f"http://127.0.0.1:{plain}/api"
+        )
+        assert await scheme_mismatch(f"ws://127.0.0.1:{tls}/tunnel") == (
+            f"ws://127.0.0.1:{tls} speaks TLS, not plain HTTP: use wss://127.0.0.1:{tls}/tunnel"
+        )
+        # Schemes that fit, and a port nothing listens on, are no mismatch.
+        assert await scheme_mismatch(f"http://127.0.0.1:{plain}") is None
+        assert await scheme_mismatch(f"wss://127.0.0.1:{tls}") is None
+    assert await scheme_mismatch(f"https://127.0.0.1:{plain}") is None
+
+
+async def test_a_tls_dial_to_a_silent_plain_server_ends_within_a_second_or_two(
+    certificate: tuple[Path, Path],
+) -> None:
+    async with strangers(*certificate) as web:
+        url = f"https://127.0.0.1:{web.plain_port}"
+        # A TLS handshake with a plain HTTP server: it waits for a request line, in silence.
+        handshake = asyncio.open_connection(
+            "127.0.0.1", web.plain_port, ssl=ssl.create_default_context()
+        )
+        start = time.monotonic()
+        with pytest.raises(SchemeMismatch, match="speaks plain HTTP, not TLS: use http://"):
+            await asyncio.wait_for(dial_checked(url, handshake), 10)
+        assert time.monotonic() - start < 2.0
+        # A dial that answers is left alone, whatever it returns.
+        assert await dial_checked(url, asyncio.sleep(0, "answered")) == "answered"

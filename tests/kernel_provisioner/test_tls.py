@@ -26,6 +26,7 @@ from jupyter_io.identity import load_keypair, write_keypair
 from kernel_provisioner.connection import TunnelClient
 from kernel_provisioner.facade import Facade
 
+from ..loopback_servers import strangers
 from .conftest import (
     MARKET_PROVIDER_ARGS,
     ProviderHost,
@@ -150,3 +151,78 @@ async def test_a_tunnel_to_an_untrusted_provider_says_what_to_set(
     finally:
         await client.close()
         facade.close()
+
+
+# -- provider URLs as users write them -------------------------------------------------------
+
+#: What "within a second or two" means here, on a loaded machine.
+PROMPT_S = 2.5
+
+
+async def _open_error(url: str, keypair_path: Path) -> tuple[str, float]:
+    facade = Facade()
+    facade.bind()
+    client = TunnelClient(
+        url, load_keypair(keypair_path), outbound=facade.outbound, inbound=facade.inbound
+    )
+    start = time.monotonic()
+    try:
+        with pytest.raises(TunnelError) as raised:
+            await asyncio.wait_for(client.open(), 30)
+        return str(raised.value), time.monotonic() - start
+    finally:
+        await client.close()
+        facade.close()
+
+
+async def test_a_provider_url_without_its_path_reaches_the_tunnel(
+    provider_host: ProviderHost, kernelspecs: Any, start_kernel: Any, cells: Any
+) -> None:
+    url = f"ws://127.0.0.1:{provider_host.port}"
+    name = kernelspecs.install("no-path", url, provider_host.user_keypair_path)
+    km = await start_kernel(name)
+    assert km.provisioner.provider_url == f"{url}/tunnel"
+    kc = await cells.connect(km)
+    try:
+        assert (await cells.run(kc, "print(6 * 7)")).stream() == "42\n"
+    finally:
+        kc.stop_channels()
+
+
+async def test_wss_to_a_plain_provider_says_use_ws(provider_host: ProviderHost) -> None:
+    url = f"wss://127.0.0.1:{provider_host.port}/tunnel"
+    message, took = await _open_error(url, provider_host.user_keypair_path)
+    assert message == (
+        f"cannot open a tunnel to the provider at {url}: wss://127.0.0.1:{provider_host.port} "
+        f"speaks plain HTTP, not TLS: use ws://127.0.0.1:{provider_host.port}/tunnel"
+    )
+    assert took < PROMPT_S, f"took {took:.1f} s"
+
+
+async def test_ws_to_a_tls_provider_says_use_wss(
+    start_host: Any, certificate: tuple[Path, Path]
+) -> None:
+    cert, key = certificate
+    host = start_host("--certfile", str(cert), "--keyfile", str(key))
+    url = f"ws://127.0.0.1:{host.port}/tunnel"
+    message, took = await _open_error(url, host.user_keypair_path)
+    assert message == (
+        f"cannot open a tunnel to the provider at {url}: ws://127.0.0.1:{host.port} speaks "
+        f"TLS, not plain HTTP: use wss://127.0.0.1:{host.port}/tunnel"
+    )
+    assert took < PROMPT_S, f"took {took:.1f} s"
+
+
+async def test_a_url_of_some_other_server_says_it_is_no_provider(
+    certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    keypair = write_keypair(Keypair(), tmp_path / "user.json")
+    async with strangers(*certificate) as web:
+        url = f"ws://127.0.0.1:{web.plain_port}"
+        message, took = await _open_error(url, keypair)
+    assert message == (
+        f"{url}/tunnel answered, but it is not a jupyter-io provider or relay (HTTP 404); check "
+        f"the URL/port (a provider prints it: 'jupyter-io provider listening on "
+        f"ws://HOST:PORT/tunnel')"
+    )
+    assert took < PROMPT_S

@@ -148,7 +148,8 @@ async def test_list_leases_checks_its_limit_before_asking() -> None:
 @pytest.mark.parametrize(
     ("status", "body", "error"),
     [
-        (409, b"[" * 100_000, LeaseError),
+        # No coordinator's error body: a stranger, whatever its status says.
+        (409, b"[" * 100_000, CoordinatorError),
         (500, b"[" * 100_000, CoordinatorError),
         (409, b'{"error": {"message": ["not", "text"]}}', LeaseError),
     ],
@@ -167,7 +168,7 @@ async def test_a_hostile_answer_is_a_coordinator_error_not_a_crash(
     server.add_sockets(sockets)
     client = CoordinatorClient(f"http://127.0.0.1:{sockets[0].getsockname()[1]}", Keypair())
     try:
-        with pytest.raises(error, match="answered HTTP"):
+        with pytest.raises(error, match="answered"):
             await client.info()
     finally:
         client.close()
