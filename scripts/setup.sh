@@ -37,8 +37,10 @@ ensure_venv() {
     # shellcheck disable=SC1091
     . .venv/bin/activate
     echo "== pip install"
-    # torch first and pinned: this exact version is a CPU build on this machine's disk, while
-    # an unpinned torch (as the [provider] extra asks for) would pull a multi-GB CUDA build.
+    # torch first and pinned, so the [provider] extra finds it installed: an unpinned torch
+    # resolves on Linux to the multi-GB CUDA build. The scripts pin the CPU build the tests and
+    # the demo's simulated GPUs need; on a GPU machine install the CUDA build that fits its
+    # driver first (README).
     pip install --quiet --disable-pip-version-check torch==2.13.0
     pip install --quiet --disable-pip-version-check -e ".[$1]"
 }
