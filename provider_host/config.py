@@ -121,7 +121,8 @@ class ProviderConfig(Configurable):
         config=True,
         help="Address-space limit per kernel in bytes (RLIMIT_AS); 0 = none. It counts "
         "virtual memory, and CUDA reserves virtual ranges larger than RAM + VRAM, so on GPU "
-        "hosts leave it at 0 or far above that sum.",
+        "hosts leave it at 0 or far above that sum; session_memory_limit bounds the memory "
+        "really used.",
     )
     session_memory_limit = Unicode(
         "auto",
