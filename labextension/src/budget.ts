@@ -2,7 +2,6 @@ import { Notification } from '@jupyterlab/apputils';
 
 import { hours, sol, solShort } from './format';
 import { GpuModel } from './model';
-import { escrowLeft } from './status';
 import { ISession, IStoppedSession } from './types';
 
 /**
@@ -47,7 +46,7 @@ export class BudgetNotifier {
   }
 
   private _warn(session: ISession, warning: number): void {
-    const left = escrowLeft(this._model, session) ?? 0;
+    const left = this._model.figures(session).left ?? 0;
     const price = session.price_lamports_per_hour ?? 0;
     const time = price > 0 ? ` (about ${hours(left / price)})` : '';
     const message =

@@ -1,4 +1,4 @@
-/** A tiny element builder for the plain-DOM widgets. */
+/** A tiny element builder for the plain-DOM widgets, and in-place updates for them. */
 export function h<K extends keyof HTMLElementTagNameMap>(
   tag: K,
   attrs: { [name: string]: string | undefined } = {},
@@ -16,4 +16,44 @@ export function h<K extends keyof HTMLElementTagNameMap>(
     }
   }
   return el;
+}
+
+/** Set `el`'s text only if it differs (no mutation, no relayout, when nothing changed). */
+export function setText(el: HTMLElement, text: string): void {
+  if (el.textContent !== text) {
+    el.textContent = text;
+  }
+}
+
+/** Set (or, for null, remove) an attribute only if it differs. */
+export function setAttr(el: HTMLElement, name: string, value: string | null): void {
+  if (value === null) {
+    if (el.hasAttribute(name)) {
+      el.removeAttribute(name);
+    }
+  } else if (el.getAttribute(name) !== value) {
+    el.setAttribute(name, value);
+  }
+}
+
+/** Show or hide `el` (the `hidden` attribute). */
+export function show(el: HTMLElement, visible: boolean): void {
+  if (el.hidden === visible) {
+    el.hidden = !visible;
+  }
+}
+
+/**
+ * Make `parent`'s children exactly `nodes`, in order, moving only what is out of place:
+ * nodes that stay keep their identity (focus, a click in flight, a hover).
+ */
+export function placeChildren(parent: HTMLElement, nodes: Node[]): void {
+  nodes.forEach((node, index) => {
+    if (parent.childNodes[index] !== node) {
+      parent.insertBefore(node, parent.childNodes[index] ?? null);
+    }
+  });
+  while (parent.childNodes.length > nodes.length) {
+    parent.lastChild!.remove();
+  }
 }

@@ -16,12 +16,17 @@ export function sol(lamports: number | null | undefined, unit = ' SOL'): string 
   return `${sign}${whole}${frac ? '.' + frac : ''}${unit}`;
 }
 
-/** A cost that changes every second: at most 6 decimals, so the digits do not dance. */
+/** A cost that changes every second: 6 decimals, so the digits do not dance, and 9 only
+ * where the amount has digits below a micro-SOL, so figures that add up still add up. */
 export function solShort(lamports: number | null | undefined): string {
   if (lamports === null || lamports === undefined) {
     return '–';
   }
-  return `${(lamports / LAMPORTS_PER_SOL).toFixed(6)} SOL`;
+  const sign = lamports < 0 ? '-' : '';
+  const abs = Math.abs(Math.round(lamports));
+  const frac = String(abs % LAMPORTS_PER_SOL).padStart(9, '0');
+  const shown = frac.endsWith('000') ? frac.slice(0, 6) : frac;
+  return `${sign}${Math.floor(abs / LAMPORTS_PER_SOL)}.${shown} SOL`;
 }
 
 /** `25769803776` → `"24 GB"`. */

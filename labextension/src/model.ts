@@ -14,16 +14,37 @@ import {
   IWallet
 } from './types';
 
-/** How often each part is fetched, in milliseconds. */
+/** How often each part is fetched, in milliseconds. Sessions are cheap to ask for (the
+ * server asks the coordinator only while a remote kernel runs or settles) and carry a
+ * `version` that changes when offers or the wallet may have, which then are fetched at
+ * once; the offers poll only catches other users' leases. Every poll stops while the page
+ * is hidden. */
 const OFFERS_INTERVAL = 10_000;
-const SESSIONS_INTERVAL = 5_000;
+const SESSIONS_INTERVAL = 1_000;
+/** Costs are shown in whole micro-SOL (6 decimals), so the digits do not dance. */
+const COST_STEP = 1_000;
 const PROGRESS_FAST = 700;
 const PROGRESS_SLOW = 5_000;
 /** How long progress is polled fast after a start was asked for (the POST may take that). */
 const EXPECT_LAUNCH_MS = 120_000;
 
-/** What changed in the model. */
-export type Change = 'offers' | 'wallet' | 'sessions' | 'launches' | 'preferences';
+/** What changed in the model (`tick`: a second passed, running costs moved). */
+export type Change = 'offers' | 'wallet' | 'sessions' | 'launches' | 'preferences' | 'tick';
+
+/**
+ * A running session's figures at one moment, from one snapshot, in exact lamports:
+ * `cost + left === deposit` whenever the session has an escrow.
+ */
+export interface IFigures {
+  /** Whole seconds since the lease began (null: not known). */
+  elapsed: number | null;
+  /** Price × elapsed, in whole micro-SOL steps, at most the deposit. */
+  cost: number | null;
+  /** What the escrow holds (top-ups included); null without an escrow. */
+  deposit: number | null;
+  /** `deposit - cost`; null without an escrow. */
+  left: number | null;
+}
 
 /**
  * The client-side state of jupyter-io: offers, wallet, preferences, running remote kernels
@@ -51,6 +72,43 @@ export class GpuModel {
       standby: 'when-hidden'
     });
     void this.refreshWallet();
+    // One clock for every view: the status bar and the picker show the same second.
+    this._timer = window.setInterval(() => {
+      this._now = this._serverNow();
+      if (this._sessions.some(s => s.state === 'running')) {
+        this._changed.emit('tick');
+      }
+    }, 1000);
+  }
+
+  /** The server's time now, as the views last drew it (Unix seconds; moves each tick). */
+  get now(): number {
+    return this._now;
+  }
+
+  /**
+   * A session's elapsed time, cost, deposit and escrow left at the model's `now`: the one
+   * source the status bar, the picker and the notifications draw from.
+   */
+  figures(session: ISession): IFigures {
+    const elapsed =
+      session.state === 'running' && session.started_at !== null
+        ? Math.floor(Math.max(0, this._now - session.started_at))
+        : session.elapsed_seconds === null
+          ? null
+          : Math.floor(session.elapsed_seconds);
+    const price = session.price_lamports_per_hour;
+    let cost =
+      price === null || elapsed === null
+        ? null
+        : Math.floor((price * elapsed) / 3600 / COST_STEP) * COST_STEP;
+    const deposit = session.escrow_lamports;
+    let left: number | null = null;
+    if (deposit !== null) {
+      cost = Math.min(cost ?? 0, deposit);
+      left = deposit - cost;
+    }
+    return { elapsed, cost, deposit, left };
   }
 
   /** Emitted with what changed. */
@@ -194,6 +252,7 @@ export class GpuModel {
       return;
     }
     this._disposed = true;
+    window.clearInterval(this._timer);
     this._offersPoll.dispose();
     this._sessionsPoll.dispose();
     this._progressPoll.dispose();
@@ -219,7 +278,21 @@ export class GpuModel {
     this._stopped = body.stopped ?? [];
     this._sessionsAt = body.now;
     this._clockSkew = body.now - Date.now() / 1000;
+    this._now = this._serverNow();
+    const moved = this._version !== null && body.version !== this._version;
+    this._version = body.version;
     this._changed.emit('sessions');
+    if (moved) {
+      // A start's step, a kernel's end, a settlement, a top-up: what is free and what the
+      // wallet holds changed with it.
+      void this._offersPoll.refresh();
+      void this._progressPoll.refresh();
+      void this.refreshWallet();
+    }
+  }
+
+  private _serverNow(): number {
+    return Date.now() / 1000 + this._clockSkew;
   }
 
   private async _fetchProgress(): Promise<void> {
@@ -257,6 +330,9 @@ export class GpuModel {
   private _clockSkew = 0;
   private _launches: ILaunch[] = [];
   private _expectUntil = 0;
+  private _version: number | null = null;
+  private _now = Date.now() / 1000;
+  private _timer: number;
   private _disposed = false;
   private _offersPoll: Poll;
   private _sessionsPoll: Poll;

@@ -2,19 +2,178 @@ import { Notification } from '@jupyterlab/apputils';
 import { CommandRegistry } from '@lumino/commands';
 import { Widget } from '@lumino/widgets';
 
-import { h } from './dom';
+import { h, placeChildren, setAttr, setText, show } from './dom';
 import { duration, gigabytes, hours, shortKey, sol, solShort } from './format';
 import { errorMessage } from './handler';
 import { gpuIcon } from './icons';
 import { Change, GpuModel } from './model';
 import { IGpuType, ISession } from './types';
 import { CommandIDs } from './commands';
-import { escrowLeft } from './status';
+
+/** `0.12 SOL/h` for one price, `from 0.12 SOL/h (median 0.2)` for a range. */
+export function priceText(type: IGpuType): string {
+  if (type.price_min === null) {
+    return 'none free';
+  }
+  const top = type.price_max ?? type.price_median;
+  if (top === null || top === undefined || top <= type.price_min) {
+    return `${sol(type.price_min, '')} SOL/h`;
+  }
+  const median =
+    type.price_median !== null && type.price_median !== type.price_min
+      ? ` (median ${sol(type.price_median, '')})`
+      : '';
+  return `from ${sol(type.price_min, '')} SOL/h${median}`;
+}
+
+/**
+ * One GPU type's card. Built once per type and updated in place on every fetch: its
+ * buttons keep their identity, so a click is never lost to a redraw.
+ */
+class GpuCard {
+  constructor(gpu: string, commands: CommandRegistry) {
+    this.node = h('div', { class: 'jio-GpuCard', 'data-gpu': gpu });
+    const button = (label: string, className: string, command: string, args: () => any) => {
+      const el = h('button', { class: `jp-Button jio-Button ${className}`, type: 'button' }, label);
+      el.addEventListener('click', () => void commands.execute(command, args()));
+      return el;
+    };
+    this.notebook = button('Notebook', 'jio-GpuCard-notebook jp-mod-styled jp-mod-accept',
+      CommandIDs.newNotebook, () => ({ kernelName: this._kernelName }));
+    this.console = button('Console', 'jio-GpuCard-console jp-mod-styled',
+      CommandIDs.newConsole, () => ({ kernelName: this._kernelName }));
+    this.node.append(
+      h('div', { class: 'jio-GpuCard-head' }, this._name, this._vram, this._badge),
+      this._price,
+      h(
+        'div',
+        { class: 'jio-GpuCard-facts' },
+        this._availability,
+        ' · ',
+        this._reliability,
+        ' · ',
+        this._perf,
+        ' · ',
+        this._providers
+      ),
+      this._overcap,
+      h('div', { class: 'jio-GpuCard-actions' }, this.notebook, this.console)
+    );
+  }
+
+  update(type: IGpuType): void {
+    const free = type.available > 0;
+    this._kernelName = type.kernel_name;
+    this.node.classList.toggle('jio-mod-unavailable', !free);
+    setAttr(this.node, 'data-kernel-name', type.kernel_name);
+    setText(this._name, type.display);
+    show(this._vram, !type.gpu.startsWith('cpu'));
+    setText(this._vram, gigabytes(type.vram_bytes));
+    show(this._badge, type.simulated);
+    setText(this._price, priceText(type));
+    setText(this._availability, `${type.available}/${type.total} free`);
+    setText(this._reliability, `reliability ${Math.round(type.reliability * 100)}%`);
+    setText(
+      this._perf,
+      type.benchmark_tflops === null ? 'not measured' : `${type.benchmark_tflops.toFixed(1)} TFLOPS`
+    );
+    const providers = `${type.offers} provider${type.offers === 1 ? '' : 's'}`;
+    setText(this._providers, providers + (type.regions.length ? ` · ${type.regions.join(', ')}` : ''));
+    show(this._overcap, !type.within_cap);
+    const disabled = !type.kernel_name || !free;
+    const title = type.kernel_name
+      ? free
+        ? `Start a kernel on ${type.display} (kernelspec ${type.kernel_name})`
+        : `Every ${type.display} is taken right now`
+      : 'GPU kernelspecs are off on this server (see its log)';
+    for (const button of [this.notebook, this.console]) {
+      if (button.disabled !== disabled) {
+        button.disabled = disabled;
+      }
+      setAttr(button, 'title', title);
+    }
+  }
+
+  readonly node: HTMLDivElement;
+  readonly notebook: HTMLButtonElement;
+  readonly console: HTMLButtonElement;
+  private _kernelName: string | null = null;
+  private _name = h('span', { class: 'jio-GpuCard-name' });
+  private _vram = h('span', { class: 'jio-GpuCard-vram' });
+  private _badge = h(
+    'span',
+    {
+      class: 'jio-Badge jio-Badge-simulated',
+      title: 'A simulated GPU: the kernel runs on the provider’s CPU. For trying things out.'
+    },
+    'simulated'
+  );
+  private _price = h('div', { class: 'jio-GpuCard-price' });
+  private _availability = h('span', { class: 'jio-GpuCard-availability' });
+  private _reliability = h('span', {
+    class: 'jio-GpuCard-reliability',
+    title: 'Uptime and finished sessions of its providers'
+  });
+  private _perf = h('span', {
+    class: 'jio-GpuCard-perf',
+    title: 'Measured by the provider host (matmul benchmark)'
+  });
+  private _providers = h('span', { class: 'jio-GpuCard-providers' });
+  private _overcap = h(
+    'div',
+    { class: 'jio-Note jio-GpuCard-overcap' },
+    'Above your price cap: change it in Limits to lease this type.'
+  );
+}
+
+/** One running (or starting, or stopped) kernel's row, updated in place each second. */
+class SessionRow {
+  constructor(kernelId: string) {
+    this.node = h(
+      'div',
+      { class: 'jio-Session', 'data-kernel-id': kernelId },
+      this._gpu,
+      this._state,
+      this._cost,
+      this._price,
+      this._escrow
+    );
+  }
+
+  update(session: ISession, model: GpuModel): void {
+    setText(this._gpu, session.gpu ?? 'direct provider');
+    const running = session.state === 'running';
+    show(this._cost, running);
+    show(this._price, running && session.price_lamports_per_hour !== null);
+    if (!running) {
+      const what =
+        session.state === 'starting' ? 'starting…' : `stopped (${session.end_reason ?? 'lease ended'})`;
+      setText(this._state, ` · ${what}`);
+      show(this._escrow, false);
+      return;
+    }
+    const { elapsed, cost, deposit, left } = model.figures(session);
+    setText(this._state, ` · ${duration(elapsed ?? 0)} · `);
+    setText(this._cost, solShort(cost));
+    setText(this._price, ` at ${sol(session.price_lamports_per_hour, '')} SOL/h`);
+    show(this._escrow, left !== null);
+    setText(this._escrow, ` · escrow left ${solShort(left)}`);
+    setAttr(this._escrow, 'title', `Escrow ${session.escrow}: deposit ${sol(deposit)}`);
+  }
+
+  readonly node: HTMLDivElement;
+  private _gpu = h('span', { class: 'jio-Session-gpu' });
+  private _state = h('span', { class: 'jio-Session-state' });
+  private _cost = h('span', { class: 'jio-Session-cost' });
+  private _price = h('span', { class: 'jio-Session-price' });
+  private _escrow = h('span', { class: 'jio-Session-escrow' });
+}
 
 /**
  * The GPU picker (left sidebar): the wallet, the user's limits, every GPU type on offer
  * (VRAM, price, availability, reliability, measured performance, simulated or not) with
- * buttons that open a notebook or console on it, and the running GPU kernels.
+ * buttons that open a notebook or console on it, and the running GPU kernels. Every part
+ * is updated in place from the model (cards and rows keyed by GPU type and kernel id).
  */
 export class GpuPicker extends Widget {
   constructor(options: GpuPicker.IOptions) {
@@ -26,6 +185,22 @@ export class GpuPicker extends Widget {
     this.title.icon = gpuIcon;
     this.title.caption = 'GPUs (jupyter-io)';
     this._model.changed.connect(this._onChange, this);
+    this._airdrop.addEventListener('click', () => void this._commands.execute(CommandIDs.airdrop));
+    this._limitsLink.addEventListener('click', event => {
+      event.preventDefault();
+      void this._commands.execute('settingeditor:open', { query: 'jupyter-io' });
+    });
+    this._walletNode.append(this._walletLine, this._airdrop, this._walletNote);
+    this._limitsNode.append(
+      h('span', { class: 'jio-Label' }, 'Limits '),
+      this._limitsText,
+      ' · ',
+      this._limitsLink
+    );
+    this._sessionsNode.append(
+      h('h3', { class: 'jio-Picker-subtitle' }, 'Running GPU kernels'),
+      this._sessionList
+    );
     this.node.append(
       h(
         'div',
@@ -36,6 +211,7 @@ export class GpuPicker extends Widget {
       this._walletNode,
       this._limitsNode,
       this._errorNode,
+      this._listNote,
       this._listNode,
       this._sessionsNode
     );
@@ -48,9 +224,13 @@ export class GpuPicker extends Widget {
   }
 
   private _onChange(_: GpuModel, change: Change): void {
-    if (this.isVisible || change !== 'sessions') {
-      this._render();
+    if (change === 'tick' || change === 'sessions') {
+      if (this.isVisible) {
+        this._renderSessions();
+      }
+      return;
     }
+    this._render();
   }
 
   protected onAfterShow(): void {
@@ -62,44 +242,30 @@ export class GpuPicker extends Widget {
     this._renderWallet();
     this._renderLimits();
     const error = this._model.offersError;
-    this._errorNode.replaceChildren(...(error ? [h('div', { class: 'jio-Error' }, error)] : []));
+    show(this._errorNode, !!error);
+    setText(this._errorNode, error ?? '');
     this._renderTypes();
     this._renderSessions();
   }
 
   private _renderWallet(): void {
     const wallet = this._model.wallet;
-    const rows: Node[] = [];
+    show(this._walletLine, !!wallet?.address);
+    show(this._airdrop, !!wallet?.address && !!wallet.rpc_url);
     if (wallet?.address) {
-      rows.push(
-        h(
-          'div',
-          { class: 'jio-Wallet-line' },
-          h('span', { class: 'jio-Label' }, 'Wallet '),
-          h('code', { class: 'jio-Wallet-address', title: wallet.address }, shortKey(wallet.address)),
-          ' ',
-          h('span', { class: 'jio-Wallet-balance' }, wallet.balance ?? 'balance unknown')
-        )
-      );
-      if (wallet.rpc_url) {
-        rows.push(
-          this._button('Airdrop 1 SOL', 'jio-Wallet-airdrop jp-mod-styled', () => {
-            void this._commands.execute(CommandIDs.airdrop);
-          })
-        );
-      }
+      setText(this._walletAddress, shortKey(wallet.address));
+      setAttr(this._walletAddress, 'title', wallet.address);
+      setText(this._walletBalance, wallet.balance ?? 'balance unknown');
     }
     const note = wallet?.note ?? this._model.walletError;
-    if (note) {
-      rows.push(h('div', { class: 'jio-Note' }, note));
-    }
-    this._walletNode.replaceChildren(...rows);
+    show(this._walletNote, !!note);
+    setText(this._walletNote, note ?? '');
   }
 
   private _renderLimits(): void {
     const prefs = this._model.preferences;
+    show(this._limitsNode, !!prefs);
     if (!prefs) {
-      this._limitsNode.replaceChildren();
       return;
     }
     const parts = [
@@ -107,168 +273,70 @@ export class GpuPicker extends Widget {
       `region ${prefs.region ?? 'any'}`,
       `budget ${prefs.session_budget_hours ? hours(prefs.session_budget_hours) : 'none'}`
     ];
-    this._limitsNode.replaceChildren(
-      h('span', { class: 'jio-Label' }, 'Limits '),
-      parts.join(' · '),
-      ' · ',
-      h(
-        'a',
-        { class: 'jio-Link', href: '#', title: 'Settings → jupyter-io GPUs' },
-        'change…'
-      )
-    );
-    this._limitsNode.querySelector('a')?.addEventListener('click', event => {
-      event.preventDefault();
-      void this._commands.execute('settingeditor:open', { query: 'jupyter-io' });
-    });
+    setText(this._limitsText, parts.join(' · '));
   }
 
   private _renderTypes(): void {
     const offers = this._model.offers;
+    let note = '';
+    let types: IGpuType[] = [];
     if (!offers) {
-      this._listNode.replaceChildren(
-        ...(this._model.offersError ? [] : [h('div', { class: 'jio-Note' }, 'Loading offers…')])
+      note = this._model.offersError ? '' : 'Loading offers…';
+    } else if (offers.types.length === 0) {
+      note =
+        `No GPUs on offer at ${offers.coordinator_url} right now: no provider is linked. ` +
+        'Start one with `jupyter io provider --coordinator URL`.';
+    } else {
+      // Free types first, then the cheapest: what a user most likely wants on top.
+      types = [...offers.types].sort(
+        (a, b) =>
+          Number(b.available > 0) - Number(a.available > 0) ||
+          (a.price_min ?? Infinity) - (b.price_min ?? Infinity) ||
+          a.display.localeCompare(b.display)
       );
-      return;
     }
-    if (offers.types.length === 0) {
-      this._listNode.replaceChildren(
-        h(
-          'div',
-          { class: 'jio-Note jio-Empty' },
-          `No GPUs on offer at ${offers.coordinator_url} right now: no provider is linked. ` +
-            'Start one with `jupyter io provider --coordinator URL`.'
-        )
-      );
-      return;
-    }
-    // Free types first, then the cheapest: what a user most likely wants on top.
-    const types = [...offers.types].sort(
-      (a, b) =>
-        Number(b.available > 0) - Number(a.available > 0) ||
-        (a.price_min ?? Infinity) - (b.price_min ?? Infinity) ||
-        a.display.localeCompare(b.display)
-    );
-    this._listNode.replaceChildren(...types.map(type => this._card(type)));
-  }
-
-  private _card(type: IGpuType): HTMLElement {
-    const providers = type.offers;
-    const free = type.available > 0;
-    const price =
-      type.price_min === null
-        ? 'none free'
-        : `from ${sol(type.price_min, '')} SOL/h` +
-          (type.price_median !== null && type.price_median !== type.price_min
-            ? ` (median ${sol(type.price_median, '')})`
-            : '');
-    const card = h(
-      'div',
-      {
-        class: 'jio-GpuCard' + (free ? '' : ' jio-mod-unavailable'),
-        'data-gpu': type.gpu,
-        'data-kernel-name': type.kernel_name ?? undefined
-      },
-      h(
-        'div',
-        { class: 'jio-GpuCard-head' },
-        h('span', { class: 'jio-GpuCard-name' }, type.display),
-        type.gpu.startsWith('cpu') ? null : h('span', { class: 'jio-GpuCard-vram' }, gigabytes(type.vram_bytes)),
-        type.simulated
-          ? h(
-              'span',
-              {
-                class: 'jio-Badge jio-Badge-simulated',
-                title: 'A simulated GPU: the kernel runs on the provider’s CPU. For trying things out.'
-              },
-              'simulated'
-            )
-          : null
-      ),
-      h('div', { class: 'jio-GpuCard-price' }, price),
-      h(
-        'div',
-        { class: 'jio-GpuCard-facts' },
-        h('span', { class: 'jio-GpuCard-availability' }, `${type.available}/${type.total} free`),
-        ' · ',
-        h(
-          'span',
-          { class: 'jio-GpuCard-reliability', title: 'Uptime and finished sessions of its providers' },
-          `reliability ${Math.round(type.reliability * 100)}%`
-        ),
-        ' · ',
-        h(
-          'span',
-          { class: 'jio-GpuCard-perf', title: 'Measured by the provider host (matmul benchmark)' },
-          type.benchmark_tflops === null ? 'not measured' : `${type.benchmark_tflops.toFixed(1)} TFLOPS`
-        ),
-        ' · ',
-        `${providers} provider${providers === 1 ? '' : 's'}`,
-        type.regions.length ? ` · ${type.regions.join(', ')}` : ''
-      ),
-      type.within_cap
-        ? null
-        : h('div', { class: 'jio-Note jio-GpuCard-overcap' }, 'Above your price cap: change it in Limits to lease this type.')
-    );
-    const actions = h('div', { class: 'jio-GpuCard-actions' });
-    const kernelName = type.kernel_name;
-    const disabled = !kernelName || !free;
-    const notebook = this._button('Notebook', 'jio-GpuCard-notebook jp-mod-styled jp-mod-accept', () => {
-      void this._commands.execute(CommandIDs.newNotebook, { kernelName });
+    show(this._listNote, !!note);
+    setText(this._listNote, note);
+    this._listNote.classList.toggle('jio-Empty', !!offers && offers.types.length === 0);
+    const seen = new Set<string>();
+    const nodes = types.map(type => {
+      seen.add(type.gpu);
+      let card = this._cards.get(type.gpu);
+      if (!card) {
+        card = new GpuCard(type.gpu, this._commands);
+        this._cards.set(type.gpu, card);
+      }
+      card.update(type);
+      return card.node;
     });
-    const console = this._button('Console', 'jio-GpuCard-console jp-mod-styled', () => {
-      void this._commands.execute(CommandIDs.newConsole, { kernelName });
-    });
-    for (const button of [notebook, console]) {
-      button.disabled = disabled;
-      button.title = kernelName
-        ? free
-          ? `Start a kernel on ${type.display} (kernelspec ${kernelName})`
-          : `Every ${type.display} is taken right now`
-        : 'GPU kernelspecs are off on this server (see its log)';
+    for (const gpu of [...this._cards.keys()]) {
+      if (!seen.has(gpu)) {
+        this._cards.delete(gpu);
+      }
     }
-    actions.append(notebook, console);
-    card.append(actions);
-    return card;
+    placeChildren(this._listNode, nodes);
   }
 
   private _renderSessions(): void {
     const sessions = this._model.sessions;
-    if (sessions.length === 0) {
-      this._sessionsNode.replaceChildren();
-      return;
+    show(this._sessionsNode, sessions.length > 0);
+    const seen = new Set<string>();
+    const nodes = sessions.map(session => {
+      seen.add(session.kernel_id);
+      let row = this._rows.get(session.kernel_id);
+      if (!row) {
+        row = new SessionRow(session.kernel_id);
+        this._rows.set(session.kernel_id, row);
+      }
+      row.update(session, this._model);
+      return row.node;
+    });
+    for (const kernelId of [...this._rows.keys()]) {
+      if (!seen.has(kernelId)) {
+        this._rows.delete(kernelId);
+      }
     }
-    this._sessionsNode.replaceChildren(
-      h('h3', { class: 'jio-Picker-subtitle' }, 'Running GPU kernels'),
-      ...sessions.map(s => this._sessionRow(s))
-    );
-  }
-
-  private _sessionRow(session: ISession): HTMLElement {
-    const elapsed = session.elapsed_seconds ?? 0;
-    const gpu = h('span', { class: 'jio-Session-gpu' }, session.gpu ?? 'direct provider');
-    if (session.state !== 'running') {
-      const what = session.state === 'starting' ? 'starting…' : `stopped (${session.end_reason ?? 'lease ended'})`;
-      return h('div', { class: 'jio-Session', 'data-kernel-id': session.kernel_id }, gpu, ` · ${what}`);
-    }
-    const left = escrowLeft(this._model, session);
-    return h(
-      'div',
-      { class: 'jio-Session', 'data-kernel-id': session.kernel_id },
-      gpu,
-      ` · ${duration(elapsed)} · `,
-      h('span', { class: 'jio-Session-cost' }, solShort(session.cost_lamports)),
-      session.price_lamports_per_hour !== null
-        ? ` at ${sol(session.price_lamports_per_hour, '')} SOL/h`
-        : '',
-      left !== null
-        ? h(
-            'span',
-            { class: 'jio-Session-escrow', title: `Escrow ${session.escrow}: deposit ${sol(session.escrow_lamports)}` },
-            ` · escrow left ${solShort(left)}`
-          )
-        : ''
-    );
+    placeChildren(this._sessionList, nodes);
   }
 
   private _button(label: string, className: string, onClick: () => void): HTMLButtonElement {
@@ -279,10 +347,36 @@ export class GpuPicker extends Widget {
 
   private _model: GpuModel;
   private _commands: CommandRegistry;
+  private _cards = new Map<string, GpuCard>();
+  private _rows = new Map<string, SessionRow>();
+  private _walletAddress = h('code', { class: 'jio-Wallet-address' });
+  private _walletBalance = h('span', { class: 'jio-Wallet-balance' });
+  private _walletLine = h(
+    'div',
+    { class: 'jio-Wallet-line' },
+    h('span', { class: 'jio-Label' }, 'Wallet '),
+    this._walletAddress,
+    ' ',
+    this._walletBalance
+  );
+  private _airdrop = h(
+    'button',
+    { class: 'jp-Button jio-Button jio-Wallet-airdrop jp-mod-styled', type: 'button' },
+    'Airdrop 1 SOL'
+  );
+  private _walletNote = h('div', { class: 'jio-Note' });
   private _walletNode = h('div', { class: 'jio-Wallet' });
+  private _limitsText = h('span', { class: 'jio-Limits-text' });
+  private _limitsLink = h(
+    'a',
+    { class: 'jio-Link', href: '#', title: 'Settings → jupyter-io GPUs' },
+    'change…'
+  );
   private _limitsNode = h('div', { class: 'jio-Limits' });
-  private _errorNode = h('div', { class: 'jio-Picker-error' });
+  private _errorNode = h('div', { class: 'jio-Error' });
+  private _listNote = h('div', { class: 'jio-Note' });
   private _listNode = h('div', { class: 'jio-GpuList' });
+  private _sessionList = h('div', { class: 'jio-Sessions-list' });
   private _sessionsNode = h('div', { class: 'jio-Sessions' });
 }
 

@@ -16,6 +16,8 @@ export interface IGpuType {
   total: number;
   price_min: number | null;
   price_median: number | null;
+  /** The dearest free offer's price (absent when the server cannot tell). */
+  price_max?: number | null;
   regions: string[];
   reliability: number;
   benchmark_tflops: number | null;
@@ -126,6 +128,9 @@ export interface ISessions {
   stopped: IStoppedSession[];
   /** Why the escrow figures are missing (the coordinator could not be asked), if they are. */
   billing_error: string | null;
+  /** Changes when offers or the wallet may have changed (a kernel's start or end, a
+   * settlement, a top-up, an airdrop): fetch them again. */
+  version: number;
   now: number;
 }
 

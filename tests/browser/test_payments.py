@@ -67,6 +67,21 @@ def test_an_empty_wallet_fails_plainly_with_what_is_needed_and_what_to_do(
     assert error.first.locator("button", has_text="Airdrop 1 SOL").is_visible()
     # The kernel never started: nothing leased stays behind, nothing was paid.
     assert stack.api("GET", "/jupyter-io/sessions")["sessions"] == []
+    # Lab's own dialog shows the whole message, wrapped inside it, not cut at its edge.
+    dialog = page.locator(".jp-Dialog", has_text="Error Starting Kernel")
+    dialog.wait_for(timeout=30_000)
+    message = dialog.locator(".jp-Dialog-body pre").first
+    assert "holds 0 SOL" in message.inner_text()
+    inside = message.evaluate(
+        """el => {
+            const box = el.closest('.jp-Dialog-content').getBoundingClientRect();
+            const text = el.getBoundingClientRect();
+            return el.scrollWidth <= el.clientWidth && text.right <= box.right;
+        }"""
+    )
+    assert inside, message.evaluate("el => [el.scrollWidth, el.clientWidth]")
+    page.wait_for_timeout(800)  # the toast slides in
+    page.screenshot(path=str(screenshots / "launch-error-dialog.png"))
     close_lab_error_dialog(page)
     page.wait_for_timeout(800)  # the toast slides in
     page.screenshot(path=str(screenshots / "insufficient-funds.png"))
