@@ -249,7 +249,7 @@ class CoordinatorLink:
         untrusted = untrusted_certificate(exc)
         if untrusted is not None:
             return untrusted
-        if isinstance(exc, InvalidStatus) and self.links == 0:
+        if isinstance(exc, InvalidStatus) and self.links == 0 and exc.response.status_code < 500:
             response = exc.response
             try:
                 json.loads(bytes(response.body or b""))["error"]  # the coordinator's errors

@@ -651,8 +651,8 @@ class CoordinatorClient:
                 )
             except OSError:
                 return None
-        if response.code == 599:
-            return None
+        if response.code == 599 or response.code >= 500:
+            return None  # a proxy in front of a coordinator that is down, say
         info = _json(response)
         if 200 <= response.code < 300 and isinstance(info, dict) and "coordinator" in info:
             return None
