@@ -57,6 +57,8 @@ async def start_coordinator(data_dir: str, heartbeat_interval: float) -> tuple[A
     proc = await asyncio.create_subprocess_exec(
         JUPYTER, "io", "coordinator", "--listen", "127.0.0.1:0", "--data-dir", data_dir,
         "--heartbeat-interval", str(heartbeat_interval), "--payments", "free",
+        # The generator links 64 providers at a time, all from 127.0.0.1.
+        "--CoordinatorConfig.max_unauthenticated_per_address=64",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     assert proc.stdout is not None
