@@ -26,7 +26,7 @@ from .test_jupyter_server import KERNEL_WS_PROTOCOL, JupyterServer, _decode, _en
 from .test_payments import ESCROW_ARGS, Ledger, PaidMarket, fund_parties
 
 #: Seconds the busy cell runs before the server is stopped.
-BUSY_S = 3.0
+BUSY_S = 2.0
 #: How far the bill may fall short of the seconds the test saw served (whole seconds, and
 #: the kernel's start and first acknowledgement are not exactly the test's clock).
 BILL_TOLERANCE_S = 1
