@@ -5,7 +5,8 @@
 ``GET  preferences`` / ``PUT``          price cap, region, session budget
 ``GET  wallet``                         address, balance (when a Solana RPC is configured)
 ``POST wallet/airdrop``                 test SOL from the ledger (local ledger, devnet)
-``GET  sessions``                       remote kernels: GPU, elapsed, cost, escrow left
+``GET  sessions``                       remote kernels: GPU, elapsed, cost, escrow left,
+                                        and a ``version`` that moves with offers/wallet
 ``POST sessions/{kernel_id}/topup``     add to a kernel's escrow from the wallet
 ``GET  progress[?since=T]``             recent kernel starts, step by step
 ``GET  progress/{kernel_id}``           one kernel's start
