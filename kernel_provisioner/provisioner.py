@@ -100,9 +100,7 @@ def _on_tunnel_loop(*, opens: bool = False) -> Callable[[_Method[_P, _T]], _Meth
 
     def decorate(method: _Method[_P, _T]) -> _Method[_P, _T]:
         @functools.wraps(method)
-        async def on_loop(
-            self: RemoteKernelProvisioner, *args: _P.args, **kwargs: _P.kwargs
-        ) -> _T:
+        async def on_loop(self: RemoteKernelProvisioner, *args: _P.args, **kwargs: _P.kwargs) -> _T:
             thread = self._loop_thread
             if thread is None and opens and self._wants_own_loop():
                 thread = self._start_loop_thread()

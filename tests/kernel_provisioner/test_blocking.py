@@ -27,6 +27,7 @@ from jupyter_client.manager import AsyncKernelManager, KernelManager
 from jupyter_client.multikernelmanager import MultiKernelManager
 from nbclient import NotebookClient
 
+from kernel_provisioner.loop_thread import LoopThread
 from kernel_provisioner.provisioner import RemoteKernelProvisioner
 
 from .test_payments import ESCROW_ARGS, Ledger, PaidMarket, fund_parties, settled
@@ -347,3 +348,43 @@ def test_a_paid_lease_from_the_blocking_manager_escrows_acknowledges_and_settles
             await chain.close()
 
     asyncio.run(books())
+
+
+# -- the loop thread itself -------------------------------------------------------------------
+
+
+def test_the_loop_thread_runs_coroutines_passes_cancellation_on_and_stops_either_way() -> None:
+    thread = LoopThread("test loop thread")
+    on_thread = threading.Event()
+    cancelled = threading.Event()
+
+    async def where() -> str:
+        return threading.current_thread().name
+
+    async def hang() -> None:
+        on_thread.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def caller() -> None:
+        assert await thread.run(where()) == "test loop thread"
+        task = asyncio.ensure_future(thread.run(hang()))
+        await asyncio.get_running_loop().run_in_executor(None, on_thread.wait, 5)
+        task.cancel()  # a timeout around start_kernel, say
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(caller())
+    assert cancelled.wait(5), "the coroutine on the thread was cancelled too"
+
+    async def stop_from_inside() -> None:
+        thread.stop()  # only asks: the thread finishes once this returns
+
+    asyncio.run(thread.run(stop_from_inside()))
+    thread.stop()  # from outside: waits for it
+    assert not thread.alive and thread.loop.is_closed()
+    with pytest.raises(RuntimeError):
+        asyncio.run(thread.run(where()))
