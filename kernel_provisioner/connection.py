@@ -650,7 +650,16 @@ class TunnelClient:
                 self.kernel = KernelStatus(
                     KernelState.EXITED, generation, self.kernel.pid, exit_code
                 )
-                self.log.info("remote kernel (generation %d) exited: %s", generation, exit_code)
+                reason = body.get("reason")
+                if isinstance(reason, str) and reason:
+                    # The host stopped it (out of memory, a full workspace): say why, once.
+                    self.log.warning(
+                        "remote kernel (generation %d) was stopped by the provider: %s",
+                        generation,
+                        reason[:300],
+                    )
+                else:
+                    self.log.info("remote kernel (generation %d) exited: %s", generation, exit_code)
         elif kind is FrameKind.ERROR:
             body = frame.body
             self.log.warning("provider error: %s", body)

@@ -4,6 +4,7 @@ and what counts as 'the host is down'."""
 from __future__ import annotations
 
 import errno
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -140,6 +141,30 @@ async def test_a_kernel_report_of_the_wrong_types_is_a_protocol_error(
         started = encode_control(FrameKind.STARTED, {"generation": 2, "pid": 7}, seq=2)
         client._on_control(decode_frame(started))
         assert (client.kernel.generation, client.kernel.pid) == (2, 7)
+    finally:
+        await client.close()
+        facade.close()
+
+
+async def test_why_the_provider_stopped_a_kernel_reaches_the_users_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The host kills a kernel past its memory cgroup or workspace limit and says why in
+    # EXITED's reason; the user's side must not reduce that to an exit code.
+    facade = Facade()
+    facade.bind()
+    client = TunnelClient(
+        "ws://127.0.0.1:9/tunnel", Keypair(), outbound=facade.outbound, inbound=facade.inbound
+    )
+    try:
+        started = encode_control(FrameKind.STARTED, {"generation": 1}, seq=1)
+        client._on_control(decode_frame(started))
+        reason = "out of memory: the session's limit is 200 MiB"
+        exited = {"generation": 1, "exit_code": -9, "reason": reason}
+        with caplog.at_level(logging.WARNING):
+            client._on_control(decode_frame(encode_control(FrameKind.EXITED, exited, seq=2)))
+        assert client.kernel.exit_code == -9
+        assert any(reason in record.getMessage() for record in caplog.records)
     finally:
         await client.close()
         facade.close()
