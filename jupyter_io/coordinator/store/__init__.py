@@ -52,8 +52,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from ..errors import ConfigError, LeaseError
-from .models import (
+from ...errors import ConfigError, LeaseError
+from ..models import (
     LIVE_LEASE_STATES,
     Lease,
     LeaseState,
@@ -85,7 +85,7 @@ __all__ = [
 ]
 
 #: The Alembic script directory (``env.py``, ``versions/``).
-MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
+MIGRATIONS_DIR = Path(__file__).resolve().parent.with_name("migrations")
 
 #: How long a SQLite writer waits for another writer (another coordinator process, say)
 #: before giving up with "database is locked".
