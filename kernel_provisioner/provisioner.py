@@ -81,7 +81,8 @@ __all__ = ["RemoteKernelProvisioner"]
 #: The rest of the local environment (tokens, paths of this machine) stays here.
 FORWARDED_ENV = ("JPY_SESSION_NAME",)
 
-#: Seconds a session the process never shut down may take to end at interpreter exit.
+#: Seconds a session the process never shut down may take to end at interpreter exit, on top
+#: of ``settle_timeout`` (the cleanup it runs also waits for the lease's settlement).
 EXIT_END_TIMEOUT = 15.0
 
 _P = ParamSpec("_P")
@@ -446,7 +447,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
     def _end_at_exit(self) -> None:
         """At interpreter exit, end the session that the application never shut down (the
         remote kernel, its workspace, the lease and its settlement), as a local kernel dies
-        with its parent; bounded by :data:`EXIT_END_TIMEOUT`."""
+        with its parent; bounded by :data:`EXIT_END_TIMEOUT` plus ``settle_timeout``."""
         thread = self._loop_thread
         if thread is None or thread.stopping or self._independent or self._holds_nothing:
             return
@@ -456,7 +457,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             self._then_release(self.cleanup(restart=False)), thread.loop
         )
         try:
-            future.result(EXIT_END_TIMEOUT)
+            future.result(EXIT_END_TIMEOUT + self.settle_timeout)
         except Exception as exc:
             future.cancel()
             self.log.warning(

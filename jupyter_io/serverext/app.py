@@ -442,7 +442,8 @@ class JupyterIOExtension(ExtensionApp):
         provisioner = getattr(km, "provisioner", None)
         if not isinstance(provisioner, RemoteKernelProvisioner) or provisioner.lease is None:
             raise KeyError(kernel_id)
-        await provisioner.lease.top_up(lamports)
+        # Through the provisioner: it runs the lease on the tunnel's own loop where it has one.
+        await provisioner.top_up(lamports)
         self.changed()
         body = await self.sessions_json()
         for row in body["sessions"]:
