@@ -484,8 +484,10 @@ class JupyterIOExtension(ExtensionApp):
             if row["lease"]:
                 self._unsettled[row["lease"]] = now
         listed = {row["lease"] for row in rows}
+        # A coordinator that just failed to answer is asked again no sooner than usual.
+        soonest = 0.0 if self.lease_book.error is None else self.lease_book.ttl
         if any(lease and lease not in leases for lease in listed):
-            return 0.0  # a lease newer than the cached billing: ask rather than show none
+            return soonest  # a lease newer than the cached billing: ask rather than show none
         settling = False
         for lease, seen in list(self._unsettled.items()):
             info = leases.get(lease)
@@ -497,7 +499,7 @@ class JupyterIOExtension(ExtensionApp):
                 else:
                     settling = True
         if settling:
-            return SETTLE_POLL_SECONDS
+            return max(soonest, SETTLE_POLL_SECONDS)
         return self.lease_book.ttl if rows else None
 
     async def sessions_json(self) -> dict[str, Any]:
