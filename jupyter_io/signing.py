@@ -1,5 +1,7 @@
-"""Signatures the coordinator checks: signed REST requests, the provider link's hello, and
-providers' usage reports. Pure functions; nothing here does I/O or reads a clock unless told.
+"""Signatures between the coordinator and its clients and providers: signed REST requests, the
+provider link's hello and welcome, and providers' usage reports. A contract both sides import
+(the coordinator verifies, users and provider hosts sign), like :mod:`jupyter_io.protocol`:
+pure functions on stdlib and solders; nothing here does I/O or reads a clock unless told.
 
 Every signed message starts with its own domain prefix, so a signature made for one purpose
 can never be passed off as another (nor as a lease token, a tunnel HELLO or a Solana
@@ -31,7 +33,7 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 
-from ..errors import AuthError
+from .errors import AuthError
 
 __all__ = [
     "API_DOMAIN",
@@ -143,7 +145,7 @@ def verify_request(
     if not pubkey_text or not timestamp or not signature_text:
         raise AuthError(
             f"this request must be signed: send {HEADER_PUBKEY}, {HEADER_TIMESTAMP} and "
-            f"{HEADER_SIGNATURE} (jupyter_io.coordinator.auth.sign_request makes them)"
+            f"{HEADER_SIGNATURE} (jupyter_io.signing.sign_request makes them)"
         )
     try:
         pubkey = Pubkey.from_string(pubkey_text)

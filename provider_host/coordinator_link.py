@@ -38,7 +38,6 @@ from solders.pubkey import Pubkey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from jupyter_io.coordinator.auth import sign_provider_hello, verify_welcome
 from jupyter_io.coordinator.provider_link import (
     Challenge,
     Dial,
@@ -54,6 +53,7 @@ from jupyter_io.coordinator.provider_link import (
 )
 from jupyter_io.errors import AuthError, ProtocolError
 from jupyter_io.identity import new_nonce
+from jupyter_io.signing import sign_provider_hello, verify_welcome
 from jupyter_io.tls import SchemeMismatch, dial_checked, scheme_mismatch, untrusted_certificate
 
 __all__ = ["MAX_OUTBOX", "CoordinatorLink", "LinkHost"]

@@ -46,7 +46,6 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.http11 import Request, Response
 
 from jupyter_io.admission import HandshakeSlots
-from jupyter_io.coordinator.auth import sign_request
 from jupyter_io.coordinator.provider_link import (
     Dial,
     End,
@@ -68,6 +67,7 @@ from jupyter_io.protocol import (
     decode_frame,
     encode_control,
 )
+from jupyter_io.signing import sign_request
 from jupyter_io.tls import untrusted_certificate
 
 from .allocation import GpuPool

@@ -7,7 +7,7 @@ kernel ready, not from connect), :meth:`UsageMeter.report` makes the next report
 counts up, ``seconds`` is the total so far, so a lost report costs nothing: the next one
 carries it) and :meth:`UsageMeter.stop` freezes the total when the session ends, before the
 last report. Reports are signed with the provider's key by
-:func:`jupyter_io.coordinator.auth.sign_usage`.
+:func:`jupyter_io.signing.sign_usage`.
 
 :class:`GpuUtilisation` reads NVML's utilisation of the lease's GPUs (None where NVML is
 missing, and for simulated GPUs or CPU slots, which have none).
@@ -25,7 +25,7 @@ from typing import Any
 
 from solders.keypair import Keypair
 
-from jupyter_io.coordinator.auth import sign_usage
+from jupyter_io.signing import sign_usage
 
 __all__ = ["GpuUtilisation", "UsageMeter"]
 

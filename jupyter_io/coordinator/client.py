@@ -19,7 +19,7 @@ hands out the refund transaction the arbiter signed; the user co-signs, submits 
 is the caller's history, newest first.
 
 Requests that act for a key are signed with
-:func:`~jupyter_io.coordinator.auth.sign_request`. Errors: :class:`~jupyter_io.errors.LeaseError`
+:func:`~jupyter_io.signing.sign_request`. Errors: :class:`~jupyter_io.errors.LeaseError`
 when no offer fits (409, with the coordinator's message naming the GPU types or the cheapest
 price), :class:`~jupyter_io.errors.AuthError` for 401/403,
 :class:`~jupyter_io.errors.InsufficientFunds` for a deposit that is too small (402
@@ -56,9 +56,9 @@ from ..errors import (
     PaymentError,
 )
 from ..payments.amounts import covered_seconds
+from ..signing import HEADER_LEASE_TOKEN, sign_request
 from ..tls import SchemeMismatch, dial_checked, scheme_mismatch, untrusted_certificate
 from ..usage_acks import UsageAck, ack_path
-from .auth import HEADER_LEASE_TOKEN, sign_request
 
 __all__ = [
     "BUDGET_EXHAUSTED",

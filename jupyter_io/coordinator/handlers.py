@@ -45,8 +45,8 @@ from tornado import web
 from ..admission import HandshakeSlot, HandshakeSlots
 from ..errors import AuthError, JupyterIOError, LeaseError, PaymentError
 from ..protocol import SUBPROTOCOL
+from ..signing import HEADER_LEASE_TOKEN, ReplayGuard, SignedRequest, verify_request
 from ..usage_acks import AckAhead, AckRefused, StaleAck, UsageAck
-from .auth import HEADER_LEASE_TOKEN, ReplayGuard, SignedRequest, verify_request
 from .billing import (
     DepositTooSmall,
     EscrowMissing,

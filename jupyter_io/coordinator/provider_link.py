@@ -39,7 +39,7 @@ from websockets.protocol import Side, State
 from ..admission import HandshakeSlot
 from ..errors import AuthError, ProtocolError
 from ..identity import new_nonce
-from .auth import verify_provider_hello
+from ..signing import verify_provider_hello
 from .sockets import Channel, adopt
 
 if TYPE_CHECKING:
@@ -407,8 +407,8 @@ class Usage(_Message):
     """provider → coordinator: signed seconds delivered on a lease so far (cumulative).
 
     ``raw`` is the object as received, which the signature covers (see
-    :func:`~jupyter_io.coordinator.auth.verify_usage`); build outgoing reports with
-    :func:`~jupyter_io.coordinator.auth.sign_usage` instead.
+    :func:`~jupyter_io.signing.verify_usage`); build outgoing reports with
+    :func:`~jupyter_io.signing.sign_usage` instead.
     """
 
     type: ClassVar[str] = "usage"

@@ -42,7 +42,7 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
 from ..errors import AuthError, ProtocolError
-from .auth import sign_welcome, verify_usage
+from ..signing import sign_welcome, verify_usage
 from .models import LeaseState
 from .provider_link import (
     End,

@@ -44,8 +44,8 @@ from ..errors import ConfigError
 from ..payments.escrow import EscrowClient
 from ..payments.ledger import EmbeddedLedger, SqlLedgerStore
 from ..payments.rpc import ledger_handlers
+from ..signing import ReplayGuard
 from .ack_watch import AckWatch
-from .auth import ReplayGuard
 from .billing import Billing
 from .body_limits import BodyLimits
 from .config import CoordinatorConfig

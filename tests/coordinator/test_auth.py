@@ -11,7 +11,9 @@ import pytest
 from solders.keypair import Keypair
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from jupyter_io.coordinator.auth import (
+from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.errors import AuthError
+from jupyter_io.signing import (
     API_DOMAIN,
     HEADER_PUBKEY,
     HEADER_SIGNATURE,
@@ -27,8 +29,6 @@ from jupyter_io.coordinator.auth import (
     verify_request,
     verify_usage,
 )
-from jupyter_io.coordinator.server import CoordinatorServer
-from jupyter_io.errors import AuthError
 
 NOW = 1_760_000_000.0
 BODY = b'{"gpu":"RTX 4090"}'

@@ -27,7 +27,6 @@ from solders.signature import Signature
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from traitlets import TraitError
 
-from jupyter_io.coordinator.auth import sign_request
 from jupyter_io.coordinator.billing import meter
 from jupyter_io.coordinator.config import CoordinatorConfig
 from jupyter_io.coordinator.models import LeaseState, SettlementKind, SettlementState
@@ -43,6 +42,7 @@ from jupyter_io.errors import ProtocolError
 from jupyter_io.leases import verify_token
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL, min_deposit
 from jupyter_io.payments.escrow import EscrowClient, EscrowTerms
+from jupyter_io.signing import sign_request
 
 from .conftest import WAIT, FakeProvider, Starter, gpu_offer
 

@@ -20,10 +20,10 @@ import pytest
 from solders.keypair import Keypair
 
 from jupyter_io.coordinator import server as server_module
-from jupyter_io.coordinator.auth import sign_request
 from jupyter_io.coordinator.body_limits import LINGER_SECONDS
 from jupyter_io.coordinator.handlers import MAX_BODY_SIZE
 from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.signing import sign_request
 
 from .conftest import WAIT, Starter
 

@@ -21,7 +21,6 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from jupyter_io.coordinator.auth import sign_request
 from jupyter_io.coordinator.client import (
     NOT_FUNDED_IN_TIME,
     NOT_STARTED_IN_TIME,
@@ -33,6 +32,7 @@ from jupyter_io.coordinator.server import CoordinatorServer
 from jupyter_io.coordinator.store import OfferSpec, ProviderProfile, Store
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL, min_deposit
 from jupyter_io.payments.escrow import EscrowClient, EscrowTerms
+from jupyter_io.signing import sign_request
 
 from ..escrow_books import Books
 from .conftest import GIB, WAIT, FakeProvider, Starter, gpu_offer

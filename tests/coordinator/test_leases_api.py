@@ -15,7 +15,6 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from jupyter_io.coordinator.auth import sign_request
 from jupyter_io.coordinator.client import CoordinatorClient, CoordinatorError
 from jupyter_io.coordinator.models import LeaseState
 from jupyter_io.coordinator.offers import OffersCache, format_offers_table, offers_json
@@ -23,6 +22,7 @@ from jupyter_io.coordinator.scheduler import Offer, OfferIndex
 from jupyter_io.coordinator.server import CoordinatorServer
 from jupyter_io.errors import AuthError, LeaseError
 from jupyter_io.leases import verify_token
+from jupyter_io.signing import sign_request
 
 from .conftest import GIB, WAIT, FakeProvider, gpu_offer
 

@@ -36,7 +36,7 @@ from jupyter_io.identity import load_keypair
 JUPYTER = str(Path(sys.executable).with_name("jupyter"))
 TIMEOUT = 60
 KERNEL = "jupyter-io-rtx-4090"  # the server extension's name for the type too
-DISPLAY = "Python 3 · RTX 4090 24 GB (simulated) · 0.12 SOL/h"
+DISPLAY = "RTX 4090 (simulated) · 0.12 SOL/h"
 
 FAKE_PROVIDER = textwrap.dedent(
     """
@@ -59,7 +59,7 @@ FAKE_PROVIDER = textwrap.dedent(
     coordinator = sys.argv[sys.argv.index("--coordinator") + 1]
     from solders.pubkey import Pubkey
     from websockets.sync.client import connect
-    from jupyter_io.coordinator.auth import sign_provider_hello
+    from jupyter_io.signing import sign_provider_hello
     from jupyter_io.identity import load_keypair
     keypair = load_keypair(sys.argv[sys.argv.index("--keypair") + 1])
     ws = connect(coordinator.replace("http", "ws", 1) + "/api/v1/providers/connect")
@@ -302,15 +302,15 @@ async def test_demo_starts_coordinator_provider_and_kernelspecs_and_stops_in_rev
     assert "did not stop in time" not in err
 
 
-def test_display_names_say_memory_simulation_and_price() -> None:
+def test_display_names_say_simulation_and_price_and_fit_a_launcher_tile() -> None:
     rtx = {"display": "RTX 4090", "vram_bytes": 24 << 30, "simulated": True,
            "price_min": 120_000_000}  # fmt: skip
     assert demo_display_name(rtx) == DISPLAY
     cpu = {"display": "cpu (no GPU)", "vram_bytes": 0, "simulated": False, "price_min": 10**8}
-    assert demo_display_name(cpu) == "Python 3 · cpu (no GPU) · 0.1 SOL/h"
+    assert demo_display_name(cpu) == "cpu (no GPU) · 0.1 SOL/h"
     # Every GPU of the type leased: no minimum price to show, the median then.
     busy = {**rtx, "simulated": False, "price_min": None, "price_median": 1_500_000_000}
-    assert demo_display_name(busy) == "Python 3 · RTX 4090 24 GB · 1.5 SOL/h"
+    assert demo_display_name(busy) == "RTX 4090 · 1.5 SOL/h"
 
 
 async def test_a_provider_that_ignores_sigterm_is_killed_after_the_stop_timeout(

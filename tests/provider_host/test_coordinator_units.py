@@ -12,7 +12,6 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from traitlets import TraitError
 
-from jupyter_io.coordinator.auth import verify_usage
 from jupyter_io.coordinator.provider_link import (
     Dial,
     End,
@@ -23,6 +22,7 @@ from jupyter_io.coordinator.provider_link import (
 )
 from jupyter_io.errors import AuthError, ConfigError
 from jupyter_io.leases import LeaseClaims, issue_token
+from jupyter_io.signing import verify_usage
 from provider_host.allocation import GpuPool
 from provider_host.config import ProviderConfig
 from provider_host.coordinator_link import CoordinatorLink
