@@ -15,7 +15,7 @@ run, and the provider reports its sessions' end to a coordinator that still list
    a gamer's PC behind a home router. It offers its CPU and simulated GPUs
    (``--simulate-gpu "RTX 4090:24"``), always labelled simulated;
 4. :class:`KernelspecsService` (with ``--no-lab``): one lease-mode kernelspec per GPU type on
-   offer (``jupyter-io-rtx-4090``: "Python 3 · RTX 4090 24 GB (simulated) · 0.12 SOL/h"),
+   offer (``jupyter-io-rtx-4090``: "RTX 4090 (simulated) · 0.12 SOL/h"),
    installed in ``sys.prefix`` so the Jupyter of this environment finds them, removed again
    on the way out. Each kernel started from one leases its GPU through the coordinator;
 5. :class:`LabService`: JupyterLab on loopback (left out with ``--no-lab``), its GPU picker
@@ -453,15 +453,10 @@ class KernelspecsService(Service):
 
 
 def demo_display_name(offer: dict[str, Any]) -> str:
-    """``Python 3 · RTX 4090 24 GB (simulated) · 0.12 SOL/h`` for a type of the offers list
-    (the cheapest price; memory left out for the CPU)."""
-    parts = [str(offer["display"])]
-    vram = int(offer.get("vram_bytes") or 0)
-    if vram:
-        parts.append(f"{vram / (1 << 30):g} GB")
-    if offer.get("simulated"):
-        parts.append("(simulated)")
-    name = f"Python 3 · {' '.join(parts)}"
+    """``RTX 4090 (simulated) · 0.12 SOL/h`` for a type of the offers list: short enough
+    for a launcher tile, as the server extension's GPU kernelspecs are (the cheapest price,
+    else the median)."""
+    name = str(offer["display"]) + (" (simulated)" if offer.get("simulated") else "")
     price = offer.get("price_min")
     if price is None:
         price = offer.get("price_median")

@@ -207,7 +207,7 @@ def install_kernelspec(
     keypair = _checked_keypair(keypair_path)
     if not display_name:
         host = urlsplit(provider_url).netloc
-        display_name = f"Python 3 · jupyter-io ({host})"
+        display_name = f"jupyter-io · {host}"  # short: a launcher tile holds ~3 lines
     spec = kernel_json(provider_url, str(keypair), display_name, provider_pubkey)
     return _install(name, spec, user, prefix, replace, kernel_spec_manager)
 
@@ -255,8 +255,7 @@ def install_lease_kernelspec(
     gpu, region = gpu.strip(), region.strip()
     if not display_name:
         cap = f" · ≤ {format_sol(parse_sol(price))}/h" if price else ""
-        host = urlsplit(coordinator_url).netloc
-        display_name = f"Python 3 · {gpu or 'any GPU'}{cap} · jupyter-io ({host})"
+        display_name = f"{gpu or 'any GPU'}{cap} · jupyter-io"  # the host is in `list`
     spec = lease_kernel_json(
         coordinator_url,
         str(keypair),

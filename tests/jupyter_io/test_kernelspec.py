@@ -75,7 +75,7 @@ def test_default_display_name_names_the_provider(jupyter_env: Path, keypair: Pat
         "box", "wss://gpu.example:443/tunnel", keypair, prefix=str(jupyter_env)
     )
     assert json.loads(Path(path, "kernel.json").read_text())["display_name"] == (
-        "Python 3 · jupyter-io (gpu.example:443)"
+        "jupyter-io · gpu.example:443"
     )
 
 
@@ -208,7 +208,7 @@ def test_lease_kernelspec_names_the_coordinator_and_what_to_lease(
         "min_vram_gb": 20,
     }
     spec = KernelSpecManager().get_kernel_spec("rtx-4090")
-    assert spec.display_name == "Python 3 · RTX 4090 · ≤ 0.5 SOL/h · jupyter-io (127.0.0.1:8700)"
+    assert spec.display_name == "RTX 4090 · ≤ 0.5 SOL/h · jupyter-io"  # fits a launcher tile
     assert spec.argv == KERNEL_ARGV
 
 
@@ -221,7 +221,7 @@ def test_lease_kernelspec_leaves_out_what_was_not_asked_for(
         "keypair_path": str(keypair),
     }
     assert json.loads(Path(path, "kernel.json").read_text())["display_name"] == (
-        "Python 3 · any GPU · jupyter-io (127.0.0.1:8700)"
+        "any GPU · jupyter-io"
     )
 
 
