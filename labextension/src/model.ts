@@ -74,7 +74,7 @@ export class GpuModel {
     void this.refreshWallet();
     // One clock for every view: the status bar and the picker show the same second.
     this._timer = window.setInterval(() => {
-      this._now = this._serverNow();
+      this._now = Math.max(this._now, this._serverNow());
       if (this._sessions.some(s => s.state === 'running')) {
         this._changed.emit('tick');
       }
@@ -277,9 +277,17 @@ export class GpuModel {
     this._sessions = body.sessions;
     this._stopped = body.stopped ?? [];
     this._sessionsAt = body.now;
-    this._clockSkew = body.now - Date.now() / 1000;
-    this._now = this._serverNow();
-    const moved = this._version !== null && body.version !== this._version;
+    // The answer's latency makes a sample of the skew low by that much, and it varies:
+    // keep the highest sample unless the clocks really moved apart, and never let the
+    // shown time step back (a second would flicker at its edge).
+    const skew = body.now - Date.now() / 1000;
+    const first = this._version === null;
+    const jumped = Math.abs(skew - this._clockSkew) > 1;
+    if (first || jumped || skew > this._clockSkew) {
+      this._clockSkew = skew;
+    }
+    this._now = first || jumped ? this._serverNow() : Math.max(this._now, this._serverNow());
+    const moved = !first && body.version !== this._version;
     this._version = body.version;
     this._changed.emit('sessions');
     if (moved) {
