@@ -44,6 +44,7 @@ from solders.transaction import VersionedTransaction
 from solders.transaction_metadata import TransactionMetadata
 from spl.token.constants import TOKEN_PROGRAM_ID
 
+from jupyter_io.coordinator.store import SqlLedgerStore
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL, format_sol
 from jupyter_io.payments.escrow import (
     EscrowClient,
@@ -55,7 +56,6 @@ from jupyter_io.payments.ledger import (
     EmbeddedLedger,
     LedgerStore,
     MemoryLedgerStore,
-    SqlLedgerStore,
 )
 from jupyter_io.payments.rpc import serve_ledger
 from jupyter_io.payments.token_accounts import MINT_LEN, NATIVE_MINT, native_mint_data

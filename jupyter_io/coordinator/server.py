@@ -42,7 +42,7 @@ from ..admission import HandshakeSlots
 from ..daemon import capture_signals, is_loopback
 from ..errors import ConfigError
 from ..payments.escrow import EscrowClient
-from ..payments.ledger import EmbeddedLedger, SqlLedgerStore
+from ..payments.ledger import EmbeddedLedger
 from ..payments.rpc import ledger_handlers
 from ..signing import ReplayGuard
 from .ack_watch import AckWatch
@@ -56,7 +56,7 @@ from .registry import Registry
 from .relay import Relay
 from .scheduler import OfferIndex
 from .settlement import SettlementWorker
-from .store import Store
+from .store import SqlLedgerStore, Store
 
 __all__ = ["LISTENING_PREFIX", "SOLANA_PATH", "CoordinatorServer"]
 

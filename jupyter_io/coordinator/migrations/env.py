@@ -52,7 +52,7 @@ def _configure(connection: sa.Connection) -> None:
 
 def _ours(name: str | None, type_: str, _parents: object) -> bool:
     # The embedded ledger keeps its own tables (ledger_*) in this database, created by
-    # jupyter_io.payments.ledger.SqlLedgerStore: not this schema's to drop or alter.
+    # jupyter_io.coordinator.store.SqlLedgerStore: not this schema's to drop or alter.
     return not (type_ == "table" and name is not None and name.startswith("ledger_"))
 
 

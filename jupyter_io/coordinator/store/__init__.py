@@ -30,8 +30,10 @@ processes too.
 One module per aggregate, each with its records and queries, all on one engine
 (:mod:`.engine`) and one Alembic history (``jupyter_io/coordinator/migrations``):
 :mod:`.providers` (providers and offers), :mod:`.leases` (leases, their escrows and
-acknowledgements), :mod:`.settlements` (settlements and usage reports). :class:`Store` is all
-of them on one engine; import every name from this package.
+acknowledgements), :mod:`.settlements` (settlements and usage reports), and
+:mod:`.ledger_accounts` (the embedded ledger's accounts, tables of its own in the same
+database). :class:`Store` is the first three on one engine; import every name from this
+package.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from .engine import (
     upgrade_engine,
 )
 from .leases import LeaseQueries, LeaseRecord
+from .ledger_accounts import SqlLedgerStore
 from .providers import (
     LiveOffer,
     OfferRecord,
@@ -74,6 +77,7 @@ __all__ = [
     "ProviderRecord",
     "SettlementQueries",
     "SettlementRecord",
+    "SqlLedgerStore",
     "Store",
     "UsageReport",
     "alembic_config",
@@ -96,7 +100,7 @@ class Store(ProviderQueries, LeaseQueries, SettlementQueries):
     def write_engine(self) -> AsyncEngine:
         """The engine as the store writes with (on SQLite: transactions that take the write
         lock up front), for other tables kept in this database: the embedded ledger's
-        (:class:`~jupyter_io.payments.ledger.SqlLedgerStore`)."""
+        (:class:`SqlLedgerStore`)."""
         return self._writer
 
     @classmethod
