@@ -47,17 +47,17 @@ from solders.pubkey import Pubkey
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from jupyter_io.coordinator.config import CoordinatorConfig
-from jupyter_io.coordinator.provider_link import (
+from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.leases import verify_token
+from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
+from jupyter_io.payments.escrow import EscrowClient
+from jupyter_io.provider_link import (
     End,
     Inventory,
     OfferGroup,
     SessionEvent,
     SignSettlement,
 )
-from jupyter_io.coordinator.server import CoordinatorServer
-from jupyter_io.leases import verify_token
-from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
-from jupyter_io.payments.escrow import EscrowClient
 from jupyter_io.signing import sign_request
 from provider_host.coordinator_link import CoordinatorLink
 from provider_host.settlement import SettlementBook

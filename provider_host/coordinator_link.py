@@ -16,7 +16,7 @@ challenge with the host's keypair, checks and pins the coordinator's key, sends 
 When the link drops it links again with exponential backoff (0.1 s doubling to
 ``backoff_max``), listing the hosted leases so the coordinator keeps them live; sessions and
 kernels are not touched meanwhile. Messages are the coordinator's own typed classes
-(:mod:`jupyter_io.coordinator.provider_link`).
+(:mod:`jupyter_io.provider_link`).
 
 Call :meth:`CoordinatorLink.start` once the host listens, and :meth:`CoordinatorLink.stop`
 when it shuts down (after ending its sessions, so their last reports go out first).
@@ -38,7 +38,9 @@ from solders.pubkey import Pubkey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from jupyter_io.coordinator.provider_link import (
+from jupyter_io.errors import AuthError, ProtocolError
+from jupyter_io.identity import new_nonce
+from jupyter_io.provider_link import (
     Challenge,
     Dial,
     End,
@@ -51,8 +53,6 @@ from jupyter_io.coordinator.provider_link import (
     Welcome,
     parse_message,
 )
-from jupyter_io.errors import AuthError, ProtocolError
-from jupyter_io.identity import new_nonce
 from jupyter_io.signing import sign_provider_hello, verify_welcome
 from jupyter_io.tls import SchemeMismatch, dial_checked, scheme_mismatch, untrusted_certificate
 

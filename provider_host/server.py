@@ -46,15 +46,6 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.http11 import Request, Response
 
 from jupyter_io.admission import HandshakeSlots
-from jupyter_io.coordinator.provider_link import (
-    Dial,
-    End,
-    OfferGroup,
-    SessionEvent,
-    SettlementRefused,
-    SignSettlement,
-)
-from jupyter_io.coordinator.provider_link import Inventory as LinkInventory
 from jupyter_io.daemon import capture_signals, is_loopback
 from jupyter_io.errors import ConfigError, ProtocolError
 from jupyter_io.identity import new_nonce
@@ -67,6 +58,15 @@ from jupyter_io.protocol import (
     decode_frame,
     encode_control,
 )
+from jupyter_io.provider_link import (
+    Dial,
+    End,
+    OfferGroup,
+    SessionEvent,
+    SettlementRefused,
+    SignSettlement,
+)
+from jupyter_io.provider_link import Inventory as LinkInventory
 from jupyter_io.signing import sign_request
 from jupyter_io.tls import untrusted_certificate
 

@@ -50,16 +50,16 @@ from solders.keypair import Keypair
 from solders.message import MessageV0, to_bytes_versioned
 from solders.pubkey import Pubkey
 
-from jupyter_io.coordinator.provider_link import (
+from jupyter_io.errors import PaymentError
+from jupyter_io.leases import LeaseClaims
+from jupyter_io.payments.amounts import SECONDS_PER_HOUR, format_sol
+from jupyter_io.payments.escrow import EscrowTerms, settlement_message
+from jupyter_io.provider_link import (
     SettlementRefused,
     SettlementReply,
     SettlementSignature,
     SignSettlement,
 )
-from jupyter_io.errors import PaymentError
-from jupyter_io.leases import LeaseClaims
-from jupyter_io.payments.amounts import SECONDS_PER_HOUR, format_sol
-from jupyter_io.payments.escrow import EscrowTerms, settlement_message
 
 from .usage import UsageMeter
 

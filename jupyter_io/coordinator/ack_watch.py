@@ -28,9 +28,9 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from ..provider_link import End
 from ..usage_acks import NOT_ACKNOWLEDGED
 from .models import LeaseState
-from .provider_link import End
 from .registry import Registry
 from .store import LeaseRecord, Store
 

@@ -58,10 +58,10 @@ from ..payments.escrow import (
     TransactionFailed,
     refund_message,
 )
+from ..provider_link import End
 from ..usage_acks import DEFAULT_ACK_GRACE_S, UsageAck, ack_bound, check_ack
 from .client import BUDGET_EXHAUSTED, ESCROW_NOT_INTACT
 from .models import LeaseState, SettlementKind, SettlementState
-from .provider_link import End
 from .registry import Registry
 from .store import LeaseRecord, SettlementRecord, Store
 

@@ -24,7 +24,7 @@ Routes (``docs/coordinator-contract.md``; every REST error is
 :func:`make_app` builds the application from a :class:`Services` bundle. Handlers parse,
 authenticate and serialise; :class:`~jupyter_io.coordinator.leasing.LeaseService`,
 :class:`~jupyter_io.coordinator.registry.Registry`,
-:class:`~jupyter_io.coordinator.provider_link.ProviderLinkSession` and
+:class:`~jupyter_io.coordinator.links.ProviderLinkSession` and
 :class:`~jupyter_io.coordinator.relay.Relay` decide. The two websocket endpoints answer the
 upgrade themselves and hand the socket over (:mod:`~jupyter_io.coordinator.sockets`): tornado
 serves their HTTP request, not their messages.
@@ -45,6 +45,7 @@ from tornado import web
 from ..admission import HandshakeSlot, HandshakeSlots
 from ..errors import AuthError, JupyterIOError, LeaseError, PaymentError
 from ..protocol import SUBPROTOCOL
+from ..provider_link import MAX_INT
 from ..signing import HEADER_LEASE_TOKEN, ReplayGuard, SignedRequest, verify_request
 from ..usage_acks import AckAhead, AckRefused, StaleAck, UsageAck
 from .billing import (
@@ -63,8 +64,8 @@ from .leasing import (
     NotLeaseOwner,
     TooManyUnfunded,
 )
+from .links import LinkConnection
 from .offers import OffersCache
-from .provider_link import MAX_INT, LinkConnection
 from .registry import Registry
 from .relay import Relay
 from .scheduler import LeaseRequest
@@ -472,7 +473,7 @@ class LeaseAckHandler(_ApiHandler):
 
 class ProviderLinkHandler(_ApiHandler):
     """Answers the upgrade and hands the socket to a
-    :class:`~jupyter_io.coordinator.provider_link.LinkConnection`."""
+    :class:`~jupyter_io.coordinator.links.LinkConnection`."""
 
     async def get(self) -> None:
         try:

@@ -35,6 +35,7 @@ from solders.pubkey import Pubkey
 
 from ..errors import AuthError, LeaseError
 from ..leases import LeaseClaims, issue_token, verify_token
+from ..provider_link import End
 from .billing import Billing, NotFunded, free_escrow_block
 from .client import NOT_FUNDED_IN_TIME, NOT_STARTED_IN_TIME
 from .models import LeaseState
@@ -46,7 +47,6 @@ from .pending import (
     TooManyUnfunded,
     Waiting,
 )
-from .provider_link import End
 from .registry import Registry
 from .relay import Relay
 from .scheduler import LeaseRequest, OfferIndex, schedule

@@ -42,9 +42,7 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
 from ..errors import AuthError, ProtocolError
-from ..signing import sign_welcome, verify_usage
-from .models import LeaseState
-from .provider_link import (
+from ..provider_link import (
     End,
     Heartbeat,
     Hello,
@@ -54,6 +52,8 @@ from .provider_link import (
     Usage,
     Welcome,
 )
+from ..signing import sign_welcome, verify_usage
+from .models import LeaseState
 from .scheduler import Offer, OfferIndex, normalise_gpu_name
 from .store import (
     LeaseRecord,

@@ -55,7 +55,7 @@ from tornado.iostream import IOStream
 
 from ..admission import HandshakeSlot
 from ..protocol import HANDSHAKE_MAX_FRAME_SIZE, FrameKind
-from .provider_link import Dial
+from ..provider_link import Dial
 from .relay_frames import FrameError, FrameForwarder, encode_close
 from .sockets import Channel, adopt
 

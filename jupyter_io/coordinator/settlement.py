@@ -18,7 +18,7 @@ provider links or a provider answers):
    for what it still holds; if arbiter + provider cannot move it, the row is ``failed``;
 3. if the lease's provider is linked here, build
    :func:`~jupyter_io.payments.escrow.settlement_message` (the billed amount, fee payer the
-   provider), send it a :class:`~jupyter_io.coordinator.provider_link.SignSettlement` and
+   provider), send it a :class:`~jupyter_io.provider_link.SignSettlement` and
    wait (bounded) for its ``settlement_signature``; check that signature, note it on the row,
    add the arbiter's and submit (:meth:`~jupyter_io.payments.escrow.EscrowClient.submit`
    with a ``Presigner``); once it landed, ``done`` with its amount (never before);
@@ -54,9 +54,9 @@ from solders.signature import Signature
 from ..errors import PaymentError
 from ..payments.amounts import FEE_PER_SIGNATURE
 from ..payments.escrow import EscrowError, TransactionFailed, settlement_message
+from ..provider_link import SettlementRefused, SettlementReply, SignSettlement
 from .billing import Billing
 from .models import SettlementKind
-from .provider_link import SettlementRefused, SettlementReply, SignSettlement
 from .registry import Registry
 from .store import LeaseRecord, SettlementRecord, Store
 

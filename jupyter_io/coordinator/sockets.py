@@ -14,7 +14,7 @@ Either way the owner gets a :class:`Channel` (write, pause/resume reading, close
 receives :class:`ChannelListener` callbacks (bytes received, buffer drained, connection
 lost). What the bytes mean is the owner's business: the relay re-frames them
 (:mod:`~jupyter_io.coordinator.relay_frames`), the provider link runs the ``websockets``
-library's sans-I/O protocol over them (:mod:`~jupyter_io.coordinator.provider_link`).
+library's sans-I/O protocol over them (:mod:`~jupyter_io.coordinator.links`).
 """
 
 from __future__ import annotations

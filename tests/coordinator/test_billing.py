@@ -30,18 +30,18 @@ from traitlets import TraitError
 from jupyter_io.coordinator.billing import meter
 from jupyter_io.coordinator.config import CoordinatorConfig
 from jupyter_io.coordinator.models import LeaseState, SettlementKind, SettlementState
-from jupyter_io.coordinator.provider_link import (
-    SettlementRefused,
-    SettlementSignature,
-    SignSettlement,
-    parse_message,
-)
 from jupyter_io.coordinator.server import CoordinatorServer
 from jupyter_io.coordinator.store import LeaseRecord, OfferSpec, ProviderProfile, Store
 from jupyter_io.errors import ProtocolError
 from jupyter_io.leases import verify_token
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL, min_deposit
 from jupyter_io.payments.escrow import EscrowClient, EscrowTerms
+from jupyter_io.provider_link import (
+    SettlementRefused,
+    SettlementSignature,
+    SignSettlement,
+    parse_message,
+)
 from jupyter_io.signing import sign_request
 
 from .conftest import WAIT, FakeProvider, Starter, gpu_offer

@@ -16,7 +16,11 @@ from websockets.exceptions import ConnectionClosed
 
 from jupyter_io.coordinator.client import CoordinatorClient
 from jupyter_io.coordinator.models import LeaseState, ProviderStatus
-from jupyter_io.coordinator.provider_link import (
+from jupyter_io.coordinator.registry import Registry, reliability
+from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.coordinator.store import OfferSpec, ProviderProfile, Store
+from jupyter_io.errors import ProtocolError
+from jupyter_io.provider_link import (
     MAX_MESSAGE_SIZE,
     Challenge,
     Dial,
@@ -29,10 +33,6 @@ from jupyter_io.coordinator.provider_link import (
     Welcome,
     parse_message,
 )
-from jupyter_io.coordinator.registry import Registry, reliability
-from jupyter_io.coordinator.server import CoordinatorServer
-from jupyter_io.coordinator.store import OfferSpec, ProviderProfile, Store
-from jupyter_io.errors import ProtocolError
 
 from ..raw_ws import flood, open_raw
 from .conftest import GIB, WAIT, FakeProvider, LinkRefused, Starter, gpu_offer

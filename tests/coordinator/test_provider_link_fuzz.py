@@ -1,6 +1,6 @@
 """Property-based tests of the provider link's messages (hypothesis).
 
-The contract (``jupyter_io.coordinator.provider_link``): :func:`parse_message` raises only
+The contract (``jupyter_io.provider_link``): :func:`parse_message` raises only
 :class:`~jupyter_io.errors.ProtocolError`, whatever text a provider (or, on the provider's
 side, a coordinator) sends; a message it accepts serialises to JSON that parses back to the
 same message; and no integer it accepts is too large for the store's 64-bit columns.
@@ -19,15 +19,15 @@ from solders.keypair import Keypair
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from jupyter_io.coordinator.provider_link import (
+from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.errors import ProtocolError
+from jupyter_io.provider_link import (
     MAX_INT,
     End,
     ErrorMessage,
     LinkMessage,
     parse_message,
 )
-from jupyter_io.coordinator.server import CoordinatorServer
-from jupyter_io.errors import ProtocolError
 
 from ..fuzzing import EDGE_NUMBERS, hostile_json, json_values
 from .conftest import WAIT, FakeProvider, LinkRefused, gpu_offer

@@ -11,8 +11,8 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from websockets.asyncio.server import ServerConnection, serve
 
-from jupyter_io.coordinator.provider_link import Dial, End, Inventory, SignSettlement
 from jupyter_io.identity import new_nonce
+from jupyter_io.provider_link import Dial, End, Inventory, SignSettlement
 from jupyter_io.signing import sign_welcome
 from provider_host.coordinator_link import CoordinatorLink
 

@@ -12,7 +12,9 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from traitlets import TraitError
 
-from jupyter_io.coordinator.provider_link import (
+from jupyter_io.errors import AuthError, ConfigError
+from jupyter_io.leases import LeaseClaims, issue_token
+from jupyter_io.provider_link import (
     Dial,
     End,
     Inventory,
@@ -20,8 +22,6 @@ from jupyter_io.coordinator.provider_link import (
     SignSettlement,
     Usage,
 )
-from jupyter_io.errors import AuthError, ConfigError
-from jupyter_io.leases import LeaseClaims, issue_token
 from jupyter_io.signing import verify_usage
 from provider_host.allocation import GpuPool
 from provider_host.config import ProviderConfig

@@ -33,16 +33,16 @@ from solders.signature import Signature
 
 from jupyter_io.coordinator.client import CoordinatorClient
 from jupyter_io.coordinator.models import LeaseState, SettlementRow, SettlementState
-from jupyter_io.coordinator.provider_link import (
-    SettlementRefused,
-    SettlementSignature,
-    SignSettlement,
-)
 from jupyter_io.coordinator.server import CoordinatorServer
 from jupyter_io.identity import write_keypair
 from jupyter_io.leases import LeaseClaims
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
 from jupyter_io.payments.escrow import EscrowClient, EscrowTerms, settlement_message
+from jupyter_io.provider_link import (
+    SettlementRefused,
+    SettlementSignature,
+    SignSettlement,
+)
 from provider_host.server import ProviderServer
 from provider_host.settlement import SettlementBook
 from provider_host.usage import UsageMeter

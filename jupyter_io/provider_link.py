@@ -1,18 +1,13 @@
-"""The provider link: typed messages and the coordinator's side of one connection.
+"""The provider link: the messages a provider host and the coordinator exchange.
 
 A provider opens ``GET /api/v1/providers/connect`` (a websocket of JSON text messages,
-``docs/coordinator-contract.md`` section 1) and keeps it open. This module holds
-
-* the messages, as frozen dataclasses with ``parse()`` (from the decoded JSON object, checked
-  field by field; :class:`~jupyter_io.errors.ProtocolError` on anything malformed) and
-  ``to_json()``; :func:`parse_message` dispatches on ``type``. Providers import the same
-  classes to build what they send;
-* :class:`ProviderLinkSession`, the state machine of one connection on the coordinator:
-  :meth:`~ProviderLinkSession.open` sends the challenge, :meth:`~ProviderLinkSession.receive`
-  takes each text message (checks the hello's signature, then hands inventory, heartbeats,
-  session events and usage reports to the :class:`~jupyter_io.coordinator.registry.Registry`)
-  and :meth:`~ProviderLinkSession.closed` reports the end. The websocket handler only moves
-  text between the socket and this object.
+``docs/coordinator-contract.md`` section 1) and keeps it open. This module is the contract
+both ends import, as :mod:`jupyter_io.protocol` is the tunnel's: the messages, as frozen
+dataclasses with ``parse()`` (from the decoded JSON object, checked field by field;
+:class:`~jupyter_io.errors.ProtocolError` on anything malformed) and ``to_json()``;
+:func:`parse_message` dispatches on ``type``; the link's version, close codes and size bounds.
+No I/O: the coordinator's end of a connection is :mod:`jupyter_io.coordinator.links`, the
+provider's :mod:`provider_host.coordinator_link`; signatures are in :mod:`jupyter_io.signing`.
 
 A bad hello signature is answered with an ``error`` message (``code: "auth"``) and close 1008
 before anything is stored; a malformed message with ``code: "protocol"`` and close 1002.
@@ -20,30 +15,14 @@ before anything is stored; a malformed message with ``code: "protocol"`` and clo
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import logging
 import sys
-from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
-from solders.pubkey import Pubkey
-from tornado.iostream import IOStream
-from websockets.frames import Frame, Opcode
-from websockets.protocol import Protocol as WebSocketProtocol
-from websockets.protocol import Side, State
-
-from ..admission import HandshakeSlot
-from ..errors import AuthError, ProtocolError
-from ..identity import new_nonce
-from ..signing import verify_provider_hello
-from .sockets import Channel, adopt
-
-if TYPE_CHECKING:
-    from .registry import Registry
+from .errors import ProtocolError
 
 __all__ = [
     "CLOSE_BAD_SIGNATURE",
@@ -55,6 +34,7 @@ __all__ = [
     "MAX_MESSAGE_SIZE",
     "MAX_OFFERS",
     "MAX_SESSIONS",
+    "MAX_SETTLEMENT_MESSAGE",
     "Challenge",
     "Dial",
     "End",
@@ -62,11 +42,8 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Inventory",
-    "LinkConnection",
     "LinkMessage",
-    "LinkPort",
     "OfferGroup",
-    "ProviderLinkSession",
     "SessionEvent",
     "SettlementRefused",
     "SettlementReply",
@@ -93,8 +70,6 @@ MAX_MESSAGE_SIZE = 1 << 20
 MAX_HELLO_SIZE = 64 * 1024
 #: Largest integer a link message may carry: the store's columns are signed 64-bit.
 MAX_INT = (1 << 63) - 1
-#: Seconds a provider has to answer our close frame before its TCP is cut.
-CLOSE_TIMEOUT = 5.0
 _MAX_TEXT = 2048
 _MAX_FLOAT = sys.float_info.max
 
@@ -631,300 +606,3 @@ def parse_message(text: str | bytes) -> LinkMessage:
     if parser is None:
         raise _fail(f"unknown message type {body.get('type')!r:.40}")
     return parser(body)
-
-
-# --------------------------------------------------------------------------------------------
-# One connection, coordinator side
-
-
-class LinkPort(Protocol):
-    """What :class:`ProviderLinkSession` needs of the websocket it runs on."""
-
-    def send(self, text: str) -> None:
-        """Queue one text message (never blocks; a closed socket drops it)."""
-
-    def close(self, code: int, reason: str) -> None:
-        """Close the websocket with ``code``."""
-
-
-class ProviderLinkSession:
-    """The coordinator's side of one provider link (see the module docstring).
-
-    Made per websocket by the handler; :meth:`open`, then :meth:`receive` for every text
-    message (awaiting what it returns before reading the next one), then :meth:`closed`.
-    Once the hello is verified the :class:`~jupyter_io.coordinator.registry.Registry` owns
-    the provider's state; this object only routes the link's messages to it.
-    """
-
-    def __init__(
-        self,
-        registry: Registry,
-        port: LinkPort,
-        *,
-        coordinator: Pubkey,
-        log: logging.Logger | None = None,
-    ) -> None:
-        self.registry = registry
-        self.port = port
-        self.coordinator = coordinator
-        self.log = log or logging.getLogger("jupyter_io.coordinator")
-        #: The provider's key once its hello is verified.
-        self.provider: str | None = None
-        #: A hello arrived (it may still be being checked and stored).
-        self.hello_received = False
-        self._nonce = new_nonce()
-        self._closing = False
-
-    def open(self) -> None:
-        """Send the challenge."""
-        self.port.send(Challenge(self._nonce, str(self.coordinator)).to_json())
-
-    def send(self, message: LinkMessage) -> None:
-        """Send a coordinator → provider message (``dial``, ``end``, ``sign_settlement``)."""
-        if not self._closing:
-            self.port.send(message.to_json())
-
-    def close(self, code: int, reason: str) -> None:
-        """Close the link (the registry calls this when it replaces or drops the link)."""
-        self._closing = True
-        self.port.close(code, reason)
-
-    def receive(self, text: str | bytes) -> Awaitable[None] | None:
-        """Handle one message; returns an awaitable when it has I/O to do (the caller awaits
-        it before the next message, so a provider's messages are handled in order).
-
-        Heartbeats, the bulk of the traffic, are handled synchronously.
-        """
-        if self._closing:
-            return None
-        try:
-            message = parse_message(text)
-        except ProtocolError as exc:
-            self._refuse("protocol", str(exc), CLOSE_PROTOCOL)
-            return None
-        if self.provider is None:
-            if not isinstance(message, Hello) or self.hello_received:
-                self._refuse("protocol", "the first message must be a hello", CLOSE_PROTOCOL)
-                return None
-            self.hello_received = True
-            return self._hello(message)
-        provider = self.provider
-        if isinstance(message, Heartbeat):
-            self.registry.heartbeat(provider, self, message)
-            return None
-        if isinstance(message, SessionEvent):
-            return self.registry.session_event(provider, message)
-        if isinstance(message, Usage):
-            return self._usage(provider, message)
-        if isinstance(message, (SettlementSignature, SettlementRefused)):
-            self.registry.settlement_reply(provider, message)
-            return None
-        self._refuse(
-            "protocol", f"a provider may not send {message.type!r} messages", CLOSE_PROTOCOL
-        )
-        return None
-
-    async def _hello(self, hello: Hello) -> None:
-        try:
-            key = verify_provider_hello(
-                hello.pubkey, hello.signature, self.coordinator, self._nonce
-            )
-        except AuthError as exc:
-            self.log.warning("provider link refused: %s", exc)
-            self._refuse("auth", str(exc), CLOSE_BAD_SIGNATURE)
-            return
-        try:
-            welcome, follow_up = await self.registry.connect(str(key), self, hello)
-        except ProtocolError as exc:
-            self._refuse("protocol", str(exc), CLOSE_PROTOCOL)
-            return
-        self.provider = str(key)
-        self.port.send(welcome.to_json())
-        for message in follow_up:
-            self.send(message)
-
-    async def _usage(self, provider: str, usage: Usage) -> None:
-        try:
-            await self.registry.usage_report(provider, usage)
-        except AuthError as exc:
-            self.log.warning("usage report refused from %s: %s", provider, exc)
-
-    def closed(self, code: int | None) -> None:
-        """The websocket closed (``code`` as the provider sent it, if any)."""
-        self._closing = True
-        if self.provider is not None:
-            self.registry.disconnected(self.provider, self, code)
-
-    def _refuse(self, code: str, message: str, close_code: int) -> None:
-        self.port.send(ErrorMessage(code, message).to_json())
-        self.close(close_code, message.encode()[:120].decode(errors="ignore"))
-
-
-class LinkConnection:
-    """One provider link on a socket taken over from tornado: the ``websockets`` library's
-    sans-I/O protocol turns bytes into messages for a :class:`ProviderLinkSession`, and the
-    session's messages into bytes (see :mod:`~jupyter_io.coordinator.sockets`).
-
-    Messages are handed to the session one at a time: while one is being handled (a hello,
-    a session event, a usage report), reading pauses, so a provider's messages keep their
-    order. Make one per upgraded request and :meth:`start` it; :attr:`closed` is set once its
-    TCP connection is gone.
-
-    Until the hello is verified messages are limited to :data:`MAX_HELLO_SIZE` (checked from
-    a frame's header, before its payload is buffered) and ``slot``, the connection's place
-    among those in their handshake, is held; then :data:`MAX_MESSAGE_SIZE` applies and the
-    slot is released.
-    """
-
-    channel: Channel
-
-    def __init__(
-        self,
-        registry: Registry,
-        *,
-        coordinator: Pubkey,
-        hello_timeout: float = 10.0,
-        log: logging.Logger | None = None,
-        on_closed: Callable[[LinkConnection], None] | None = None,
-        slot: HandshakeSlot | None = None,
-    ) -> None:
-        self.log = log or logging.getLogger("jupyter_io.coordinator")
-        self.on_closed = on_closed
-        self.slot = slot
-        self.ws = WebSocketProtocol(Side.SERVER, state=State.OPEN, max_size=MAX_HELLO_SIZE)
-        self.session = ProviderLinkSession(registry, self, coordinator=coordinator, log=self.log)
-        self.hello_timeout = hello_timeout
-        #: Set when the TCP connection has ended.
-        self.closed = asyncio.Event()
-        self._queue: deque[str | bytes] = deque()
-        self._busy = False
-        self._fragments: list[bytes] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        #: True once the TCP connection is gone; ``_close_code`` is the peer's (None: no
-        #: close frame).
-        self._lost = False
-        self._close_code: int | None = None
-
-    async def start(self, stream: IOStream) -> None:
-        """Take over ``stream`` (upgrade answered), send the challenge, start the hello timer."""
-        await adopt(stream, self)
-        self.session.open()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self.hello_timeout, self._no_hello)
-
-    def _no_hello(self) -> None:
-        if not self.session.hello_received:
-            self.close(CLOSE_BAD_SIGNATURE, "no hello in time")
-
-    # -- LinkPort --------------------------------------------------------------------------
-
-    def send(self, text: str) -> None:
-        if self.ws.state is State.OPEN:
-            self.ws.send_text(text.encode())
-            self._flush()
-
-    def close(self, code: int, reason: str) -> None:
-        if self.ws.state is State.OPEN:
-            self.ws.send_close(code, reason)
-            self._flush()
-            if self._timer is not None:
-                self._timer.cancel()
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(CLOSE_TIMEOUT, self.channel.abort)
-
-    # -- ChannelListener -------------------------------------------------------------------
-
-    def data_received(self, data: bytes) -> None:
-        ws = self.ws
-        ws.receive_data(data)
-        events = ws.events_received()
-        self._flush()  # pongs, the answer to a close frame
-        for event in events:
-            if not isinstance(event, Frame):
-                continue
-            opcode, payload = event.opcode, bytes(event.data)
-            if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-                if event.fin:
-                    self._queue.append(_text(payload) if opcode is Opcode.TEXT else payload)
-                else:
-                    self._fragments = [payload]
-            elif opcode is Opcode.CONT and self._fragments is not None:
-                self._fragments.append(payload)
-                if event.fin:
-                    self._queue.append(_text(b"".join(self._fragments)))
-                    self._fragments = None
-        if self._queue:
-            self._next()
-
-    def drained(self) -> None:
-        pass  # the link's messages are small; nothing waits for the buffer to drain
-
-    def connection_lost(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self.slot is not None:
-            self.slot.release()
-        self.ws.receive_eof()
-        received = self.ws.close_rcvd
-        self._lost = True
-        self._close_code = received.code if received is not None else None
-        if not self.session.hello_received:
-            self._queue.clear()  # nothing from an unauthenticated peer is worth finishing
-        # What an authenticated provider sent before closing is handled first (a host that
-        # shuts down sends its last usage reports and session ends, then says goodbye);
-        # the session hears of the close after them.
-        self._next()
-        self._finish()
-
-    def _finish(self) -> None:
-        if not self._lost or self._busy or self._queue or self.closed.is_set():
-            return
-        self.session.closed(self._close_code)
-        self.closed.set()
-        if self.on_closed is not None:
-            self.on_closed(self)
-
-    def abort(self) -> None:
-        """Cut the TCP connection now (coordinator shutdown, after the close timeout)."""
-        if hasattr(self, "channel"):
-            self.channel.abort()
-
-    # -- internals -------------------------------------------------------------------------
-
-    def _flush(self) -> None:
-        for data in self.ws.data_to_send():
-            if data:
-                self.channel.write(data)
-            else:  # the closing handshake is over: the server closes the TCP connection
-                self.channel.close()
-
-    def _next(self) -> None:
-        while self._queue and not self._busy:
-            pending = self.session.receive(self._queue.popleft())
-            if pending is not None:
-                self._busy = True
-                if not self._lost:
-                    self.channel.pause_reading()
-                asyncio.ensure_future(pending).add_done_callback(self._handled)
-
-    def _handled(self, task: asyncio.Future[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.log.error("provider link message failed", exc_info=task.exception())
-        self._busy = False
-        if self.ws.max_message_size == MAX_HELLO_SIZE and self.session.provider is not None:
-            # The hello checked out: the link's own limit from the next frame on (the
-            # reader sizes a frame when its first byte arrives; reading was paused).
-            self.ws.max_message_size = MAX_MESSAGE_SIZE
-            if self.slot is not None:
-                self.slot.release()
-        if not self._lost:
-            self.channel.resume_reading()
-        self._next()
-        self._finish()
-
-
-def _text(data: bytes) -> str | bytes:
-    try:
-        return data.decode()
-    except UnicodeDecodeError:
-        return data  # the session refuses non-text
