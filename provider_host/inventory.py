@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from jupyter_io.coordinator.scheduler import normalise_gpu_name
 from jupyter_io.errors import ConfigError
+from jupyter_io.gpu_names import normalise_gpu_name
 from jupyter_io.provider_link import OfferGroup
 
 __all__ = [

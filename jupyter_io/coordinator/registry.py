@@ -42,6 +42,7 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
 from ..errors import AuthError, ProtocolError
+from ..gpu_names import normalise_gpu_name
 from ..provider_link import (
     End,
     Heartbeat,
@@ -54,7 +55,7 @@ from ..provider_link import (
 )
 from ..signing import sign_welcome, verify_usage
 from .models import LeaseState
-from .scheduler import Offer, OfferIndex, normalise_gpu_name
+from .scheduler import Offer, OfferIndex
 from .store import (
     LeaseRecord,
     OfferRecord,

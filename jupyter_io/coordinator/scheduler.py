@@ -10,9 +10,10 @@ How a decision is made (the *candidate rule*, which the tests check against a br
 scan of every offer):
 
 1. An offer is **eligible** for a request when its GPU model matches (names compared after
-   :func:`normalise_gpu_name`), it has at least the requested VRAM, at least ``gpus`` GPUs
-   free, its price per GPU-hour is at most the cap, it is in the requested region, and its
-   latency to the requester is known and within ``max_latency_ms`` (when the request sets one).
+   :func:`~jupyter_io.gpu_names.normalise_gpu_name`), it has at least the requested VRAM, at
+   least ``gpus`` GPUs free, its price per GPU-hour is at most the cap, it is in the requested
+   region, and its latency to the requester is known and within ``max_latency_ms`` (when the
+   request sets one).
 2. The **candidates** are the first ``K`` eligible offers in the order
    ``(price_lamports_per_hour, provider, gpu_key)``: the cheapest ones, ties broken by the
    provider's public key. ``K`` is :data:`DEFAULT_CANDIDATES` (32) unless the caller says.
@@ -39,21 +40,18 @@ Prices are exact integers of lamports (1 SOL = 10**9 lamports), per GPU-hour.
 from __future__ import annotations
 
 import heapq
-import re
 from bisect import bisect_left, bisect_right, insort
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from decimal import Decimal
-from functools import lru_cache
 from itertools import chain
 from typing import Any
 
 from ..errors import LeaseError
+from ..gpu_names import display_gpu_name, gpu_vram_hint, normalise_gpu_name
 from ..payments.amounts import format_sol
 
 __all__ = [
-    "CPU_OFFER",
     "DEFAULT_CANDIDATES",
     "DEFAULT_WEIGHTS",
     "LATENCY_BANDS",
@@ -63,10 +61,7 @@ __all__ = [
     "Offer",
     "OfferIndex",
     "Weights",
-    "display_gpu_name",
-    "gpu_vram_hint",
     "is_eligible",
-    "normalise_gpu_name",
     "normalise_region",
     "schedule",
     "score",
@@ -87,82 +82,7 @@ LATENCY_BANDS = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0, float("inf"))
 
 
 # --------------------------------------------------------------------------------------------
-# GPU and region names
-
-# Words that name a vendor, a product line or a package rather than the GPU model: NVML says
-# "NVIDIA GeForce RTX 4090", a user types "rtx-4090"; both mean the same card. Memory size
-# tokens ("80GB") are dropped too: VRAM is matched on the bytes the provider reports, and a
-# size in the requested name becomes a minimum (see gpu_vram_hint).
-_NOISE_WORDS = frozenset(
-    {
-        "nvidia", "geforce", "tesla", "quadro", "amd", "radeon", "instinct", "intel",
-        "pcie", "sxm", "sxm2", "sxm3", "sxm4", "sxm5", "nvl", "hbm", "hbm2", "hbm2e", "hbm3",
-        "hbm3e", "gddr6", "gddr6x", "gddr7", "graphics", "generation", "gpu", "gb", "gib",
-    }
-)  # fmt: skip
-_MEMORY_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:gb|gib|g)(?![a-z0-9])")
-_WORD = re.compile(r"[a-z0-9]+")
-_DISPLAY_WORDS = {
-    "rtx": "RTX", "gtx": "GTX", "rx": "RX", "ti": "Ti", "super": "SUPER", "ada": "Ada",
-    "xt": "XT", "xtx": "XTX", "titan": "TITAN", "arc": "Arc", "max": "Max",
-}  # fmt: skip
-
-
-# Split run-together spellings ("rtx4090ti") into words; only display names see the difference.
-_LINE_PREFIX = re.compile(r"^(rtx|gtx|rx)(?=[a-z]?\d)")
-_SUFFIX = re.compile(r"(?<=\d)(?=(?:ti|super|xtx|xt)$)")
-
-
-# Remarks in parentheses are not part of a model name: "cpu (no GPU)" is the CPU.
-_REMARK = re.compile(r"\([^)]*\)")
-#: What a host without GPUs offers, and how it is always shown: never passed off as a GPU.
-CPU_OFFER = "cpu (no GPU)"
-
-
-@lru_cache(maxsize=4096)
-def _model_words(name: str) -> tuple[str, ...]:
-    text = _MEMORY_SIZE.sub(" ", _REMARK.sub(" ", name.lower()))
-    words = (_SUFFIX.sub(" ", _LINE_PREFIX.sub(r"\1 ", w)).split() for w in _WORD.findall(text))
-    return tuple(w for split in words for w in split if w not in _NOISE_WORDS)
-
-
-def normalise_gpu_name(name: str) -> str:
-    """The key GPU names are compared by: vendor, package and memory words dropped.
-
-    ``"RTX 4090"``, ``"rtx-4090"``, ``"RTX4090"`` and ``"NVIDIA GeForce RTX 4090"`` all give
-    ``"rtx4090"``; ``"NVIDIA A100-SXM4-80GB"`` and ``"A100 80GB PCIe"`` give ``"a100"``
-    (ask for VRAM with ``min_vram_bytes`` or a size in the name). Returns ``""`` when nothing
-    of a model name is left.
-    """
-    return "".join(_model_words(name))
-
-
-def display_gpu_name(name: str) -> str:
-    """A tidy name for people: ``"nvidia geforce rtx-4090 ti"`` → ``"RTX 4090 Ti"``.
-
-    The CPU offer is always shown as ``"cpu (no GPU)"``.
-    """
-    if normalise_gpu_name(name) == "cpu":
-        return CPU_OFFER
-    return " ".join(
-        _DISPLAY_WORDS.get(
-            w, w.upper() if len(w) <= 3 or any(c.isdigit() for c in w) else w.title()
-        )
-        for w in _model_words(name)
-    )
-
-
-def gpu_vram_hint(name: str) -> int | None:
-    """Bytes of VRAM a GPU name asks for (``"A100 80GB"`` → 80e9), or None.
-
-    Decimal gigabytes on purpose: cards report slightly less than their marketing size in
-    binary units (an RTX 4090 reports 24,564 MiB, under 24 GiB), and 10^9-byte gigabytes sit
-    safely below what every card of that size reports.
-    """
-    sizes = _MEMORY_SIZE.findall(name.lower())
-    if not sizes:
-        return None
-    return int(max(Decimal(s) for s in sizes) * 1_000_000_000)
+# Region names
 
 
 def normalise_region(region: str) -> str:

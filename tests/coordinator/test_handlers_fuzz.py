@@ -19,8 +19,9 @@ from solders.keypair import Keypair
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from jupyter_io.coordinator.handlers import MAX_GPU_NAME, MAX_REGION, _json_body, _lease_request
-from jupyter_io.coordinator.scheduler import LeaseRequest, gpu_vram_hint, normalise_gpu_name
+from jupyter_io.coordinator.scheduler import LeaseRequest
 from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.gpu_names import gpu_vram_hint, normalise_gpu_name
 from jupyter_io.provider_link import MAX_INT
 from jupyter_io.signing import sign_request
 

@@ -15,14 +15,12 @@ from jupyter_io.coordinator.scheduler import (
     OfferIndex,
     Weights,
     _SortedKeys,
-    display_gpu_name,
-    gpu_vram_hint,
     is_eligible,
-    normalise_gpu_name,
     schedule,
     score,
 )
 from jupyter_io.errors import LeaseError
+from jupyter_io.gpu_names import display_gpu_name, gpu_vram_hint, normalise_gpu_name
 from jupyter_io.payments.amounts import format_sol
 
 GB = 10**9
@@ -582,7 +580,7 @@ def test_summary_equals_a_recount(seed: int) -> None:
 
 
 def test_the_cpu_offer_is_named_as_such_never_as_a_gpu() -> None:
-    from jupyter_io.coordinator.scheduler import CPU_OFFER, display_gpu_name, normalise_gpu_name
+    from jupyter_io.gpu_names import CPU_OFFER, display_gpu_name, normalise_gpu_name
 
     assert normalise_gpu_name(CPU_OFFER) == normalise_gpu_name("CPU") == "cpu"
     assert display_gpu_name(CPU_OFFER) == display_gpu_name("cpu") == "cpu (no GPU)"
