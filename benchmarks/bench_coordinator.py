@@ -41,7 +41,7 @@ from solders.pubkey import Pubkey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from jupyter_io.coordinator.client import CoordinatorClient
+from jupyter_io.coordinator_client import CoordinatorClient
 from jupyter_io.signing import sign_provider_hello, sign_request
 
 READY = re.compile(r"^jupyter-io coordinator listening on (http://\S+)$")

@@ -300,7 +300,7 @@ class ProviderService(_Announcing):
     async def _announced(self) -> None:
         if self.coordinator is None:
             return
-        from .coordinator.client import CoordinatorClient
+        from .coordinator_client import CoordinatorClient
 
         self._linking = True
         proc = self.proc
@@ -358,7 +358,7 @@ class WalletService(Service):
     async def start(self) -> None:
         from solders.pubkey import Pubkey
 
-        from .coordinator.client import CoordinatorClient
+        from .coordinator_client import CoordinatorClient
         from .identity import load_keypair
         from .payments.escrow import EscrowClient
 
@@ -426,7 +426,7 @@ class KernelspecsService(Service):
         return [*lines, f"  user key:    {self.keypair_path}"]
 
     async def start(self) -> None:
-        from .coordinator.client import CoordinatorClient
+        from .coordinator_client import CoordinatorClient
 
         async with CoordinatorClient(self.coordinator.url, timeout=10) as client:
             types = (await client.offers())["types"]

@@ -1,6 +1,6 @@
 """One provisioner's lease from the marketplace coordinator: request, escrow, token, end.
 
-:class:`KernelLease` wraps :class:`~jupyter_io.coordinator.client.CoordinatorClient` and the
+:class:`KernelLease` wraps :class:`~jupyter_io.coordinator_client.CoordinatorClient` and the
 lease's :class:`~jupyter_io.payments.hooks.PaymentHook` for the provisioner
 (``docs/coordinator-contract.md`` section 2, ``docs/payments-contract.md``)::
 
@@ -52,7 +52,7 @@ from typing import Any
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
-from jupyter_io.coordinator.client import CoordinatorClient, CoordinatorError, LeaseGrant, LeaseInfo
+from jupyter_io.coordinator_client import CoordinatorClient, CoordinatorError, LeaseGrant, LeaseInfo
 from jupyter_io.errors import (
     ConfigError,
     InsufficientFunds,

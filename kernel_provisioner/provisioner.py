@@ -61,7 +61,7 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from solders.keypair import Keypair
 from traitlets import CaselessStrEnum, Float, Int, Type, Unicode, Union, validate
 
-from jupyter_io.coordinator.client import LeaseGrant
+from jupyter_io.coordinator_client import LeaseGrant
 from jupyter_io.errors import ConfigError, JupyterIOError, KernelLaunchError, PaymentError
 from jupyter_io.identity import DEFAULT_KEYPAIR_PATH, load_keypair, parse_pubkey
 from jupyter_io.payments.amounts import DEFAULT_SESSION_HOURS, format_sol, parse_sol

@@ -23,9 +23,9 @@ from traitlets import Bool, Float, TraitError, Unicode
 
 from .. import __version__
 from ..app import IOCommand
+from ..coordinator_client import CoordinatorClient
 from ..errors import ConfigError
 from ..options import flag_names
-from .client import CoordinatorClient
 from .config import DEFAULT_PORT, CoordinatorConfig
 from .offers import format_offers_table
 from .server import CoordinatorServer

@@ -43,6 +43,7 @@ from solders.message import to_bytes_versioned
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 
+from ..coordinator_client import BUDGET_EXHAUSTED, ESCROW_NOT_INTACT
 from ..errors import PaymentError
 from ..payments.amounts import (
     amount_for,
@@ -60,7 +61,6 @@ from ..payments.escrow import (
 )
 from ..provider_link import End
 from ..usage_acks import DEFAULT_ACK_GRACE_S, UsageAck, ack_bound, check_ack
-from .client import BUDGET_EXHAUSTED, ESCROW_NOT_INTACT
 from .models import LeaseState, SettlementKind, SettlementState
 from .registry import Registry
 from .store import LeaseRecord, SettlementRecord, Store

@@ -33,11 +33,11 @@ from typing import Any
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
+from ..coordinator_client import NOT_FUNDED_IN_TIME, NOT_STARTED_IN_TIME
 from ..errors import AuthError, LeaseError
 from ..leases import LeaseClaims, issue_token, verify_token
 from ..provider_link import End
 from .billing import Billing, NotFunded, free_escrow_block
-from .client import NOT_FUNDED_IN_TIME, NOT_STARTED_IN_TIME
 from .models import LeaseState
 from .pending import (
     DEFAULT_MAX_UNFUNDED,

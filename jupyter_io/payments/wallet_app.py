@@ -11,7 +11,7 @@ the history (``--json``: each lease's record as that endpoint gives it, plus a f
 fields), and escrows live on the ledger it names unless ``--solana-url`` is given. The command
 parses options and delegates to :class:`~jupyter_io.payments.escrow.EscrowClient`,
 :class:`~jupyter_io.payments.hooks.SolanaEscrowHook` and
-:class:`~jupyter_io.coordinator.client.CoordinatorClient`.
+:class:`~jupyter_io.coordinator_client.CoordinatorClient`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from solders.pubkey import Pubkey
 from traitlets import Bool, Float, Integer, Unicode
 
 from ..app import IOCommand
-from ..coordinator.client import CoordinatorClient, LeaseInfo
 from ..coordinator.config import DEFAULT_PORT
+from ..coordinator_client import CoordinatorClient, LeaseInfo
 from ..errors import ConfigError, JupyterIOError, PaymentError
 from ..identity import DEFAULT_KEYPAIR_PATH, load_keypair
 from .amounts import format_sol, parse_sol

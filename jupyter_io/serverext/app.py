@@ -30,7 +30,7 @@ from traitlets import Bool, Dict, Float, List, TraitError, Unicode, default, val
 from kernel_provisioner.provisioner import RemoteKernelProvisioner
 
 from .. import __version__
-from ..coordinator.client import CoordinatorClient, LeaseInfo
+from ..coordinator_client import CoordinatorClient, LeaseInfo
 from ..errors import ConfigError, JupyterIOError
 from ..identity import DEFAULT_KEYPAIR_PATH
 from ..kernelspec import lease_kernel_json, validate_coordinator_url

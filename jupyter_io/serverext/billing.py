@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..coordinator.client import CoordinatorClient, LeaseInfo
+from ..coordinator_client import CoordinatorClient, LeaseInfo
 from ..errors import JupyterIOError
 from ..identity import load_keypair
 from .single_flight import SingleFlight

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..coordinator.client import CoordinatorClient
+from ..coordinator_client import CoordinatorClient
 from ..errors import ConfigError, JupyterIOError
 from .single_flight import SingleFlight
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from kernel_provisioner.provisioner import RemoteKernelProvisioner
 
-from ..coordinator.client import BUDGET_EXHAUSTED, LeaseInfo
+from ..coordinator_client import BUDGET_EXHAUSTED, LeaseInfo
 from ..payments.amounts import format_sol
 from .preferences import Preferences
 

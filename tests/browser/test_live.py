@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_io.coordinator.client import CoordinatorClient, LeaseInfo
+from jupyter_io.coordinator_client import CoordinatorClient, LeaseInfo
 from jupyter_io.identity import load_keypair
 from jupyter_io.payments.amounts import format_sol
 

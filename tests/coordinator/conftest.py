@@ -41,9 +41,9 @@ from sqlalchemy.engine import make_url
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from jupyter_io.coordinator.client import CoordinatorClient
 from jupyter_io.coordinator.config import CoordinatorConfig
 from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.coordinator_client import CoordinatorClient
 from jupyter_io.signing import sign_provider_hello, sign_request, sign_usage
 
 POSTGRES_URL_ENV = "JUPYTER_IO_TEST_POSTGRES_URL"

@@ -53,7 +53,7 @@ PRICE = 3_600_000  # lamports per hour: 1,000 lamports a second
 
 class Api:
     """Signed REST calls that return ``(status, body)`` (the status is what these tests are
-    about; ``jupyter_io.coordinator.client`` is the typed user side)."""
+    about; ``jupyter_io.coordinator_client`` is the typed user side)."""
 
     def __init__(self, url: str, keypair: Keypair) -> None:
         self.url = url

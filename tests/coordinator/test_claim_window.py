@@ -21,15 +21,15 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from jupyter_io.coordinator.client import (
+from jupyter_io.coordinator.models import LeaseState
+from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.coordinator.store import OfferSpec, ProviderProfile, Store
+from jupyter_io.coordinator_client import (
     NOT_FUNDED_IN_TIME,
     NOT_STARTED_IN_TIME,
     CoordinatorClient,
     TooManyPendingLeases,
 )
-from jupyter_io.coordinator.models import LeaseState
-from jupyter_io.coordinator.server import CoordinatorServer
-from jupyter_io.coordinator.store import OfferSpec, ProviderProfile, Store
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL, min_deposit
 from jupyter_io.payments.escrow import EscrowClient, EscrowTerms
 from jupyter_io.signing import sign_request

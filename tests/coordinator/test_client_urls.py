@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from solders.keypair import Keypair
 
-from jupyter_io.coordinator.client import CoordinatorClient, CoordinatorError
 from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.coordinator_client import CoordinatorClient, CoordinatorError
 
 from ..loopback_servers import strangers
 

@@ -50,14 +50,14 @@ from spl.token.models import (
     SetAuthorityParams,
 )
 
-from jupyter_io.coordinator.client import (
+from jupyter_io.coordinator.models import SettlementState
+from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.coordinator.settlement import SettlementWorker
+from jupyter_io.coordinator_client import (
     ESCROW_NOT_INTACT,
     CoordinatorClient,
     CoordinatorPaymentError,
 )
-from jupyter_io.coordinator.models import SettlementState
-from jupyter_io.coordinator.server import CoordinatorServer
-from jupyter_io.coordinator.settlement import SettlementWorker
 from jupyter_io.errors import LeaseError
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
 from jupyter_io.payments.escrow import (

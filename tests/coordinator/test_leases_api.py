@@ -15,11 +15,11 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from jupyter_io.coordinator.client import CoordinatorClient, CoordinatorError
 from jupyter_io.coordinator.models import LeaseState
 from jupyter_io.coordinator.offers import OffersCache, format_offers_table, offers_json
 from jupyter_io.coordinator.scheduler import Offer, OfferIndex
 from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.coordinator_client import CoordinatorClient, CoordinatorError
 from jupyter_io.errors import AuthError, LeaseError
 from jupyter_io.leases import verify_token
 from jupyter_io.signing import sign_request

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from solders.keypair import Keypair
 
-from jupyter_io.coordinator.client import CoordinatorClient
 from jupyter_io.coordinator.models import ProviderStatus
+from jupyter_io.coordinator_client import CoordinatorClient
 
 from .conftest import WAIT, FakeProvider, Starter
 

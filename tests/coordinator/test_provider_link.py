@@ -14,11 +14,11 @@ from solders.keypair import Keypair
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from jupyter_io.coordinator.client import CoordinatorClient
 from jupyter_io.coordinator.models import LeaseState, ProviderStatus
 from jupyter_io.coordinator.registry import Registry, reliability
 from jupyter_io.coordinator.server import CoordinatorServer
 from jupyter_io.coordinator.store import OfferSpec, ProviderProfile, Store
+from jupyter_io.coordinator_client import CoordinatorClient
 from jupyter_io.errors import ProtocolError
 from jupyter_io.provider_link import (
     MAX_MESSAGE_SIZE,

@@ -15,9 +15,9 @@ from solders.keypair import Keypair
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from jupyter_io.coordinator.client import CoordinatorClient, LeaseGrant
 from jupyter_io.coordinator.relay import HANDSHAKE_BYTES
 from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.coordinator_client import CoordinatorClient, LeaseGrant
 from jupyter_io.leases import LeaseClaims, issue_token
 from jupyter_io.protocol import SUBPROTOCOL, FrameKind, encode_control
 from jupyter_io.signing import sign_request

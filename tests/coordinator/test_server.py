@@ -23,10 +23,10 @@ from solders.keypair import Keypair
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from jupyter_io.coordinator.client import CoordinatorClient
 from jupyter_io.coordinator.config import CoordinatorConfig
 from jupyter_io.coordinator.models import LeaseState, ProviderStatus
 from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.coordinator_client import CoordinatorClient
 from jupyter_io.errors import AuthError, ConfigError, LeaseError
 from jupyter_io.identity import load_keypair
 from jupyter_io.protocol import FrameKind, encode_control

@@ -21,10 +21,10 @@ from solders.keypair import Keypair
 from solders.message import MessageV0, to_bytes_versioned
 from solders.pubkey import Pubkey
 
-from jupyter_io.coordinator.client import CoordinatorClient
 from jupyter_io.coordinator.models import SettlementState
 from jupyter_io.coordinator.server import CoordinatorServer
 from jupyter_io.coordinator.settlement import SettlementWorker
+from jupyter_io.coordinator_client import CoordinatorClient
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
 from jupyter_io.payments.escrow import EscrowClient, EscrowTerms
 

@@ -15,10 +15,10 @@ from solders.keypair import Keypair
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from jupyter_io.coordinator.billing import meter
-from jupyter_io.coordinator.client import CoordinatorClient
 from jupyter_io.coordinator.models import LeaseState
 from jupyter_io.coordinator.server import CoordinatorServer
 from jupyter_io.coordinator.store import LeaseRecord
+from jupyter_io.coordinator_client import CoordinatorClient
 from jupyter_io.errors import AuthError, LeaseError
 from jupyter_io.signing import sign_request
 from jupyter_io.usage_acks import (

@@ -14,7 +14,7 @@ import pytest
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
-from jupyter_io.coordinator.client import CoordinatorClient
+from jupyter_io.coordinator_client import CoordinatorClient
 from jupyter_io.identity import write_keypair
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
 from jupyter_io.payments.escrow import EscrowClient

@@ -41,7 +41,7 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 from solders.keypair import Keypair
 
-from jupyter_io.coordinator.client import CoordinatorClient
+from jupyter_io.coordinator_client import CoordinatorClient
 from jupyter_io.identity import write_keypair
 
 HOST_READY_TIMEOUT = 30.0

@@ -34,7 +34,7 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from traitlets.config import Config
 
-from jupyter_io.coordinator.client import CoordinatorClient, CoordinatorPaymentError, LeaseInfo
+from jupyter_io.coordinator_client import CoordinatorClient, CoordinatorPaymentError, LeaseInfo
 from jupyter_io.errors import InsufficientFunds, KernelLaunchError, PaymentError
 from jupyter_io.identity import write_keypair
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL, format_sol

@@ -16,7 +16,7 @@ from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from jupyter_io.coordinator.client import (
+from jupyter_io.coordinator_client import (
     CoordinatorClient,
     CoordinatorError,
     CoordinatorPaymentError,

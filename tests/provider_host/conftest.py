@@ -28,9 +28,9 @@ from solders.pubkey import Pubkey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from jupyter_io.coordinator.client import CoordinatorClient
 from jupyter_io.coordinator.config import CoordinatorConfig
 from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.coordinator_client import CoordinatorClient
 from jupyter_io.identity import sign_challenge, write_keypair
 from jupyter_io.protocol import (
     SUBPROTOCOL,

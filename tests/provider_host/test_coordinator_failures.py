@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from solders.keypair import Keypair
 
-from jupyter_io.coordinator.client import CoordinatorClient
 from jupyter_io.coordinator.models import LeaseState
 from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.coordinator_client import CoordinatorClient
 from jupyter_io.identity import write_keypair
 from provider_host.server import JOINING_PREFIX, LISTENING_PREFIX
 

@@ -8,9 +8,9 @@ import asyncio
 import pytest
 from solders.keypair import Keypair
 
-from jupyter_io.coordinator.client import CoordinatorClient
 from jupyter_io.coordinator.models import LeaseState
 from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.coordinator_client import CoordinatorClient
 from provider_host.inventory import CPU_LABEL
 from provider_host.server import ProviderServer
 

@@ -31,9 +31,9 @@ from solders.presigner import Presigner
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 
-from jupyter_io.coordinator.client import CoordinatorClient
 from jupyter_io.coordinator.models import LeaseState, SettlementRow, SettlementState
 from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.coordinator_client import CoordinatorClient
 from jupyter_io.identity import write_keypair
 from jupyter_io.leases import LeaseClaims
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL

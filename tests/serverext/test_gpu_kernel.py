@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_io.coordinator.client import CoordinatorClient
+from jupyter_io.coordinator_client import CoordinatorClient
 from jupyter_io.identity import load_keypair
 
 RTX_PRICE = 120_000_000

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_io.coordinator.client import CoordinatorClient
+from jupyter_io.coordinator_client import CoordinatorClient
 from jupyter_io.identity import load_keypair
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
 from jupyter_io.payments.escrow import EscrowClient

@@ -47,7 +47,7 @@ from solders.message import MessageV0
 from solders.signature import Signature
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
-from ..errors import (
+from .errors import (
     AuthError,
     ConfigError,
     InsufficientFunds,
@@ -55,10 +55,10 @@ from ..errors import (
     LeaseError,
     PaymentError,
 )
-from ..payments.amounts import covered_seconds
-from ..signing import HEADER_LEASE_TOKEN, sign_request
-from ..tls import SchemeMismatch, dial_checked, scheme_mismatch, untrusted_certificate
-from ..usage_acks import UsageAck, ack_path
+from .payments.amounts import covered_seconds
+from .signing import HEADER_LEASE_TOKEN, sign_request
+from .tls import SchemeMismatch, dial_checked, scheme_mismatch, untrusted_certificate
+from .usage_acks import UsageAck, ack_path
 
 __all__ = [
     "BUDGET_EXHAUSTED",
