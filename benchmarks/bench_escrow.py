@@ -44,6 +44,12 @@ from solders.transaction import VersionedTransaction
 from solders.transaction_metadata import TransactionMetadata
 from spl.token.constants import TOKEN_PROGRAM_ID
 
+from jupyter_io.coordinator.embedded_ledger import (
+    EmbeddedLedger,
+    LedgerStore,
+    MemoryLedgerStore,
+)
+from jupyter_io.coordinator.ledger_rpc import serve_ledger
 from jupyter_io.coordinator.store import SqlLedgerStore
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL, format_sol
 from jupyter_io.payments.escrow import (
@@ -52,12 +58,6 @@ from jupyter_io.payments.escrow import (
     settlement_message,
     setup_message,
 )
-from jupyter_io.payments.ledger import (
-    EmbeddedLedger,
-    LedgerStore,
-    MemoryLedgerStore,
-)
-from jupyter_io.payments.rpc import serve_ledger
 from jupyter_io.payments.token_accounts import MINT_LEN, NATIVE_MINT, native_mint_data
 
 DEPOSIT = LAMPORTS_PER_SOL // 20  # 0.05 SOL: one hour at 0.05 SOL/h

@@ -42,15 +42,15 @@ from ..admission import HandshakeSlots
 from ..daemon import capture_signals, is_loopback
 from ..errors import ConfigError
 from ..payments.escrow import EscrowClient
-from ..payments.ledger import EmbeddedLedger
-from ..payments.rpc import ledger_handlers
 from ..signing import ReplayGuard
 from .ack_watch import AckWatch
 from .billing import Billing
 from .body_limits import BodyLimits
 from .config import CoordinatorConfig
+from .embedded_ledger import EmbeddedLedger
 from .handlers import BODY_LIMITS, MAX_BODY_SIZE, RELAY_PREFIX, Services, make_app
 from .leasing import LeaseService
+from .ledger_rpc import ledger_handlers
 from .offers import OffersCache
 from .registry import Registry
 from .relay import Relay

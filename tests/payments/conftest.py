@@ -18,11 +18,11 @@ from solana.rpc.async_api import AsyncClient
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
+from jupyter_io.coordinator.embedded_ledger import EmbeddedLedger
+from jupyter_io.coordinator.ledger_rpc import LedgerServer, serve_ledger
 from jupyter_io.coordinator.store import SqlLedgerStore
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
 from jupyter_io.payments.escrow import EscrowClient, EscrowTerms
-from jupyter_io.payments.ledger import EmbeddedLedger
-from jupyter_io.payments.rpc import LedgerServer, serve_ledger
 
 from ..escrow_books import Books
 

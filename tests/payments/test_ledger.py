@@ -16,15 +16,15 @@ from solders.system_program import TransferParams, transfer
 from solders.transaction import VersionedTransaction
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from jupyter_io.coordinator.store import SqlLedgerStore
-from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
-from jupyter_io.payments.escrow import TransactionFailed
-from jupyter_io.payments.ledger import (
+from jupyter_io.coordinator.embedded_ledger import (
     MAX_BLOCKHASH_AGE,
     EmbeddedLedger,
     MemoryLedgerStore,
     TransactionRejected,
 )
+from jupyter_io.coordinator.store import SqlLedgerStore
+from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
+from jupyter_io.payments.escrow import TransactionFailed
 
 from .conftest import Chain
 

@@ -18,9 +18,9 @@ from solders.transaction import VersionedTransaction
 from tornado import httpclient, httpserver, web
 from tornado.netutil import bind_sockets
 
+from jupyter_io.coordinator.embedded_ledger import EmbeddedLedger
+from jupyter_io.coordinator.ledger_rpc import LedgerRpc, _b58encode, ledger_handlers
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
-from jupyter_io.payments.ledger import EmbeddedLedger
-from jupyter_io.payments.rpc import LedgerRpc, _b58encode, ledger_handlers
 from jupyter_io.payments.token_accounts import NATIVE_MINT
 
 from .conftest import Chain, Parties

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from solders.pubkey import Pubkey
 
+from jupyter_io.coordinator.embedded_ledger import EmbeddedLedger
+from jupyter_io.coordinator.ledger_rpc import serve_ledger
 from jupyter_io.identity import load_keypair
-from jupyter_io.payments.ledger import EmbeddedLedger
-from jupyter_io.payments.rpc import serve_ledger
 
 
 @pytest.fixture

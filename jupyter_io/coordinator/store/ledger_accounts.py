@@ -1,9 +1,9 @@
 """The embedded ledger's accounts in the coordinator's database.
 
-:class:`SqlLedgerStore` is the :class:`~jupyter_io.payments.ledger.LedgerStore` the coordinator
-gives its :class:`~jupyter_io.payments.ledger.EmbeddedLedger`: one row per account
-(``ledger_accounts``) and the ledger's metadata (``ledger_meta``), written through the
-store's own engine (:attr:`Store.write_engine <jupyter_io.coordinator.store.Store.
+:class:`SqlLedgerStore` is the :class:`~jupyter_io.coordinator.embedded_ledger.LedgerStore`
+the coordinator gives its :class:`~jupyter_io.coordinator.embedded_ledger.EmbeddedLedger`: one
+row per account (``ledger_accounts``) and the ledger's metadata (``ledger_meta``), written
+through the store's own engine (:attr:`Store.write_engine <jupyter_io.coordinator.store.Store.
 write_engine>`) so a coordinator keeps users' balances beside its leases. Its tables are not
 part of the coordinator's Alembic history (``env.py`` leaves ``ledger_*`` alone): it creates
 them if missing.
@@ -36,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ...payments.ledger import LedgerSnapshot
+from ..embedded_ledger import LedgerSnapshot
 
 __all__ = ["SqlLedgerStore"]
 

@@ -3,7 +3,7 @@
 For local use jupyter-io needs no validator: :class:`EmbeddedLedger` runs transactions through
 ``solders.litesvm.LiteSVM`` (the actual SVM, the real SPL Token and Associated Token programs)
 and keeps its accounts in a database, so a restart loses no balance. It is served to clients as
-a Solana JSON-RPC endpoint by :mod:`jupyter_io.payments.rpc`; nothing talks to it directly
+a Solana JSON-RPC endpoint by :mod:`jupyter_io.coordinator.ledger_rpc`; nothing talks to it directly
 except that endpoint, which is what keeps one code path for the embedded ledger and a real
 cluster.
 
@@ -31,7 +31,7 @@ How it departs from LiteSVM's defaults, and why:
 
 Start one with ``ledger = await EmbeddedLedger.open(store)`` (``store``: the coordinator's
 :class:`~jupyter_io.coordinator.store.SqlLedgerStore`, or none for a throw-away in-memory
-ledger), serve it with :func:`jupyter_io.payments.rpc.serve_ledger` and finish with
+ledger), serve it with :func:`jupyter_io.coordinator.ledger_rpc.serve_ledger` and finish with
 ``await ledger.close()``.
 """
 
@@ -60,8 +60,8 @@ from solders.transaction_status import TransactionErrorFieldless, TransactionSta
 from spl.token.constants import TOKEN_PROGRAM_ID
 
 from ..errors import PaymentError
-from .amounts import FEE_PER_SIGNATURE, LAMPORTS_PER_SOL
-from .token_accounts import MINT_LEN, NATIVE_MINT, native_mint_data
+from ..payments.amounts import FEE_PER_SIGNATURE, LAMPORTS_PER_SOL
+from ..payments.token_accounts import MINT_LEN, NATIVE_MINT, native_mint_data
 
 __all__ = [
     "MAX_BLOCKHASH_AGE",

@@ -33,8 +33,7 @@ from spl.token.constants import TOKEN_PROGRAM_ID
 from tornado import httpserver, web
 from tornado.netutil import bind_sockets
 
-from .ledger import EmbeddedLedger, TransactionRecord, TransactionRejected, error_json
-from .token_accounts import (
+from ..payments.token_accounts import (
     NATIVE_DECIMALS,
     NATIVE_MINT,
     decode_mint,
@@ -45,6 +44,7 @@ from .token_accounts import (
     token_account_json,
     ui_token_amount,
 )
+from .embedded_ledger import EmbeddedLedger, TransactionRecord, TransactionRejected, error_json
 
 __all__ = [
     "SOLANA_CORE_VERSION",
