@@ -9,6 +9,7 @@ provider's deployment.
 * The contracts two parties speak (``jupyter_io.protocol``, ``.provider_link``, ``.signing``,
   ``.gpu_names``, ``.leases``) do no I/O: they import the standard library, solders and each
   other only.
+* No import circles among the modules of the three packages.
 """
 
 from __future__ import annotations
@@ -133,3 +134,48 @@ def test_a_contract_imports_only_the_stdlib_solders_and_other_contracts(contract
         and not any(_under(name, allowed) for allowed in CONTRACT_IMPORTS)
     )
     assert not stray, f"{contract} is a sans-I/O contract; it may not import {stray}"
+
+
+def _cycle() -> list[str] | None:
+    """One import circle, as the modules around it, or None.
+
+    A module's import of one of its own packages (``from .. import __version__``) is left
+    out: Python imports a module's packages before the module anyway, so that edge is always
+    there and says nothing about how the modules depend on each other.
+    """
+    graph = {
+        module: sorted(
+            name
+            for name in names
+            if name in MODULES and name != module and not module.startswith(name + ".")
+        )
+        for module, names in IMPORTS.items()
+    }
+    done: set[str] = set()
+    path: list[str] = []
+    on_path: set[str] = set()
+
+    def visit(module: str) -> list[str] | None:
+        path.append(module)
+        on_path.add(module)
+        for name in graph[module]:
+            if name in on_path:
+                return [*path[path.index(name) :], name]
+            if name not in done and (found := visit(name)) is not None:
+                return found
+        on_path.discard(path.pop())
+        done.add(module)
+        return None
+
+    for module in sorted(graph):
+        if module not in done and (found := visit(module)) is not None:
+            return found
+    return None
+
+
+def test_no_import_circles() -> None:
+    cycle = _cycle()
+    assert cycle is None, (
+        f"import circle: {' -> '.join(cycle or [])}; pass what one side needs in (a callback, "
+        f"a Protocol) instead of importing it back"
+    )

@@ -36,7 +36,7 @@ from ..identity import DEFAULT_KEYPAIR_PATH
 from ..kernelspec import lease_kernel_json, validate_coordinator_url
 from ..payments.hooks import SolanaEscrowHook
 from .billing import LeaseBook
-from .handlers import handlers
+from .handlers import ExtensionServices, handlers
 from .kernelspecs import (
     DIRECT_PREFIX,
     SPEC_PREFIX,
@@ -544,3 +544,7 @@ class JupyterIOExtension(ExtensionApp):
 
     def progress_json(self, since: float | None) -> dict[str, Any]:
         return {"launches": self.progress.launches(since), "now": time.time()}
+
+
+# The handlers know the app only as the services they call; mypy holds the app to them.
+_SERVICES: type[ExtensionServices] = JupyterIOExtension

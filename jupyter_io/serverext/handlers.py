@@ -19,13 +19,14 @@ cannot be reached, 503 when none is configured, 409 when the wallet has no keypa
 ledger to act with (or an escrow cannot be topped up), 402 when the wallet is short, 400
 for invalid input. The handlers only
 translate HTTP; the work is done by the services on the extension
-(:class:`~jupyter_io.serverext.app.JupyterIOExtension`).
+(:class:`~jupyter_io.serverext.app.JupyterIOExtension`), which they know only as
+:class:`ExtensionServices`: the app imports this module, and this module does not import it.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
@@ -35,13 +36,11 @@ from tornado import web
 
 from ..errors import ConfigError, InsufficientFunds, JupyterIOError, PaymentError
 from .offers import CoordinatorUnavailable, NoCoordinator
-from .preferences import PreferencesError
-from .wallet import WalletError
+from .preferences import Preferences, PreferencesError
+from .progress import ProgressBoard
+from .wallet import Wallet, WalletError
 
-if TYPE_CHECKING:
-    from .app import JupyterIOExtension
-
-__all__ = ["AUTH_RESOURCE", "URL_PREFIX", "handlers"]
+__all__ = ["AUTH_RESOURCE", "URL_PREFIX", "ExtensionServices", "handlers"]
 
 #: The resource name authorizers see for every jupyter-io endpoint.
 AUTH_RESOURCE = "jupyter_io"
@@ -51,12 +50,28 @@ URL_PREFIX = "jupyter-io"
 MAX_AIRDROP_LAMPORTS = 1_000_000_000
 
 
+class ExtensionServices(Protocol):
+    """What the handlers ask of the extension app (:class:`~.app.JupyterIOExtension`)."""
+
+    preferences: Preferences
+    wallet: Wallet
+    progress: ProgressBoard
+
+    async def offers_json(self) -> dict[str, Any]: ...
+    def set_preferences(self, body: Any) -> Preferences: ...
+    async def wallet_json(self) -> dict[str, Any]: ...
+    async def airdrop(self, lamports: int) -> str: ...
+    async def sessions_json(self) -> dict[str, Any]: ...
+    async def top_up(self, kernel_id: str, lamports: int) -> dict[str, Any]: ...
+    def progress_json(self, since: float | None) -> dict[str, Any]: ...
+
+
 class _Handler(ExtensionHandlerMixin, APIHandler):
     auth_resource = AUTH_RESOURCE
 
     @property
-    def io(self) -> JupyterIOExtension:
-        return cast("JupyterIOExtension", self.extensionapp)
+    def io(self) -> ExtensionServices:
+        return cast(ExtensionServices, self.extensionapp)
 
     def reply(self, body: Any, status: int = 200) -> None:
         self.set_status(status)
