@@ -1,1 +1,3 @@
-"""Payments: ledger access (embedded LiteSVM or any Solana RPC), SOL escrow, metering."""
+"""Payments: the SOL escrow and its client (any Solana JSON-RPC), amounts, token accounts,
+payment hooks and the wallet command. The embedded LiteSVM ledger that the coordinator serves
+for local use is :mod:`jupyter_io.coordinator.embedded_ledger`."""
