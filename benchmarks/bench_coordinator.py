@@ -42,6 +42,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from jupyter_io.coordinator_client import CoordinatorClient
+from jupyter_io.protocol import FrameKind, encode_control
 from jupyter_io.signing import sign_provider_hello, sign_request
 
 READY = re.compile(r"^jupyter-io coordinator listening on (http://\S+)$")
@@ -297,6 +298,11 @@ async def bench_relay(url: str, echoes: int) -> dict[str, Any]:
         additional_headers=sign_request(provider, "GET", f"{parts.path}?{parts.query}"),
         compression=None, max_size=None,
     )  # fmt: skip
+    # A real provider host welcomes the client first; until then the relay holds both sides
+    # to the tunnel handshake's small frames (issue 11).
+    welcome = encode_control(FrameKind.WELCOME, {"session": "echo"})
+    await peer.send(welcome)
+    assert await relayed.recv() == welcome
     peer_task = asyncio.create_task(echo(peer))
     server = await serve(echo, "127.0.0.1", 0, compression=None, max_size=None)
     port = server.sockets[0].getsockname()[1]
