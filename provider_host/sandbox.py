@@ -59,6 +59,7 @@ __all__ = [
     "GPU_CONTROL_NODES",
     "INSTALL_HINT",
     "MIN_BWRAP_VERSION",
+    "PRIVATE_TMPFS",
     "Sandbox",
     "SandboxPaths",
     "bwrap_argv",
@@ -73,6 +74,8 @@ GPU_CONTROL_NODES = (
     "/dev/nvidia-uvm-tools",
     "/dev/nvidia-modeset",
 )
+#: Private, size-limited tmpfs in every sandbox (nothing of the host's shows there).
+PRIVATE_TMPFS = ("/tmp", "/dev/shm")
 #: The oldest bubblewrap with every option used here (``--disable-userns``, ``--size``).
 MIN_BWRAP_VERSION = "0.8.0"
 #: What a host without bubblewrap is told to do.
@@ -91,7 +94,8 @@ class SandboxPaths:
     hidden_dirs: tuple[str, ...]
     """Replaced by an empty tmpfs: home directories."""
     software: tuple[str, ...]
-    """Bound back read-only inside ``hidden_dirs``: the interpreter and its import paths."""
+    """Bound back read-only inside ``hidden_dirs`` or :data:`PRIVATE_TMPFS`: the interpreter
+    and its import paths."""
     host_dirs: tuple[str, ...]
     """The host's state, replaced by an empty tmpfs after ``software`` is bound back."""
     host_files: tuple[str, ...]
@@ -131,6 +135,9 @@ def sandbox_paths(
     """
     homes = {"/root", "/home", _real(Path.home())}
     hidden = _minimal(p for p in homes if os.path.isdir(p) and p != "/")
+    # The sandbox's /tmp and /dev/shm are private tmpfs too: an installation there (a
+    # checkout's venv under /tmp) is bound back like one under a home directory.
+    covered = [*hidden, *(_real(p) for p in PRIVATE_TMPFS if os.path.isdir(p))]
     if python_paths is None:
         python_paths = [
             sys.prefix,
@@ -145,7 +152,7 @@ def sandbox_paths(
         for path in python_paths
         if path and os.path.isabs(path)
         for real in [_real(path)]
-        if os.path.exists(real) and _under(real, hidden) and real not in hidden
+        if os.path.exists(real) and _under(real, covered) and real not in covered
     )
     wanted = [workspace_root, data_dir, runtime_root, jupyter_config_dir(), jupyter_data_dir()]
     wanted += [jupyter_runtime_dir(), *jupyter_config_path()]
@@ -228,7 +235,7 @@ def bwrap_argv(
         args.extend([option, path, path])
         mounts.append((path, False))
 
-    for path in ("/tmp", "/dev/shm"):
+    for path in PRIVATE_TMPFS:
         tmpfs(path, *size, "--perms", "1777")
     for path in paths.hidden_dirs:
         tmpfs(path)

@@ -367,6 +367,42 @@ def test_user_namespace_mode_hides_the_host_too(tmp_path: Path):
     assert "--unshare-user" in argv and "setpriv" not in " ".join(argv)
 
 
+def test_an_installation_under_tmp_is_bound_back_into_the_private_tmp(tmp_path: Path):
+    """A checkout (and its venv) under /tmp, as a CI clone may be: the sandbox's /tmp is a
+    private tmpfs, so the kernel's import paths there must be bound back (run for real)."""
+    assert str(tmp_path).startswith("/tmp/")
+    site = tmp_path / "checkout" / "site"
+    site.mkdir(parents=True)
+    (site / "jio_probe.py").write_text("ANSWER = 42\n")
+    (tmp_path / "checkout" / "private.txt").write_text("not for kernels")
+    workspace, runtime = tmp_path / "ws" / "s1", tmp_path / "rt"
+    workspace.mkdir(parents=True)
+    runtime.mkdir()
+    interpreter = [sys.prefix, sys.base_prefix, str(Path(sys.executable).resolve().parent)]
+    paths = sandbox_paths(
+        workspace_root=str(tmp_path / "ws"),
+        data_dir=str(tmp_path / "state"),
+        runtime_root=str(runtime),
+        secret_files=[],
+        python_paths=[*interpreter, str(site)],
+    )
+    assert str(site) in paths.software
+    argv = bwrap_argv(
+        bwrap="bwrap", paths=paths, workspace=str(workspace), runtime_dir=str(runtime),
+        gpus=(), user=None, setpriv=None, tmpfs_bytes=0,
+    )  # fmt: skip
+    code = (
+        f"import os, sys\nsys.path.insert(0, {str(site)!r})\nimport jio_probe\n"
+        f"assert not os.path.exists({str(tmp_path / 'checkout' / 'private.txt')!r})\n"
+        "print(jio_probe.ANSWER)\n"
+    )
+    done = subprocess.run(
+        [*argv, sys.executable, "-c", code], capture_output=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.strip() == b"42"
+
+
 # -- refusals ------------------------------------------------------------------------------
 
 
