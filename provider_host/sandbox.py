@@ -161,6 +161,8 @@ def sandbox_paths(
         real = _real(path)
         if real == "/" or not os.path.isdir(real):
             continue
+        if _under(real, covered):
+            continue  # out of sight already (a hidden home, the private /tmp)
         for soft in software:
             if _under(soft, [real]):
                 raise ConfigError(

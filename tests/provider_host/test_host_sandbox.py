@@ -378,11 +378,12 @@ def test_an_installation_under_tmp_is_bound_back_into_the_private_tmp(tmp_path: 
     workspace, runtime = tmp_path / "ws" / "s1", tmp_path / "rt"
     workspace.mkdir(parents=True)
     runtime.mkdir()
+    (tmp_path / "state").mkdir()
     interpreter = [sys.prefix, sys.base_prefix, str(Path(sys.executable).resolve().parent)]
     paths = sandbox_paths(
         workspace_root=str(tmp_path / "ws"),
         data_dir=str(tmp_path / "state"),
-        runtime_root=str(runtime),
+        runtime_root="/tmp",  # the host's default: session runtime dirs are /tmp/jio-*
         secret_files=[],
         python_paths=[*interpreter, str(site)],
     )
