@@ -21,15 +21,14 @@ settlement worker, woken by the registry, settles it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
 
 from ..provider_link import End
 from ..usage_acks import NOT_ACKNOWLEDGED
+from .lease_timers import LeaseTimers
 from .models import LeaseState
 from .registry import Registry
 from .store import LeaseRecord, Store
@@ -65,9 +64,7 @@ class AckWatch:
         self.log = log or logging.getLogger("jupyter_io.coordinator")
         #: Leases this watch ended (for ``GET /api/v1/status`` and tests).
         self.ended = 0
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._stopped = False
+        self._timers = LeaseTimers(self._check, what="acknowledgement check", log=self.log)
 
     async def start(self) -> None:
         """Watch every lease that becomes active, and the active funded ones now (a
@@ -78,54 +75,31 @@ class AckWatch:
 
     async def stop(self) -> None:
         """Cancel the timers and wait for an end in progress."""
-        self._stopped = True
-        for handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._timers.stop()
 
     def watch(self, lease: LeaseRecord) -> None:
         """(Re)arm ``lease``'s timer: due ``timeout`` after it was last heard from. Only
         active funded leases that take acknowledgements (not one recorded before them)."""
-        old = self._timers.pop(lease.id, None)
-        if old is not None:
-            old.cancel()
+        self._timers.cancel(lease.id)
         last = _last_heard(lease)
         if (
-            self._stopped
-            or lease.state is not LeaseState.ACTIVE
+            lease.state is not LeaseState.ACTIVE
             or not lease.funded
             or lease.acked_seconds is None
             or last is None
         ):
             return
-        delay = max(0.0, last + self.timeout - self.clock())
-        self._timers[lease.id] = asyncio.get_running_loop().call_later(
-            delay, self._due, lease.id
-        )
-
-    def _due(self, lease_id: str) -> None:
-        self._timers.pop(lease_id, None)
-        task = asyncio.create_task(self._check(lease_id))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._timers.arm(lease.id, last + self.timeout - self.clock())
 
     async def _check(self, lease_id: str) -> None:
-        try:
-            lease = await self.store.get_lease(lease_id)
-            if lease is None or lease.state is not LeaseState.ACTIVE:
-                return
-            last = _last_heard(lease)
-            if last is not None and self.clock() - last < self.timeout:
-                self.watch(lease)  # acknowledged meanwhile
-                return
-            await self._end(lease)
-        except Exception:
-            self.log.exception("acknowledgement check of lease %s failed; retrying", lease_id)
-            if not self._stopped:
-                handle = asyncio.get_running_loop().call_later(1.0, self._due, lease_id)
-                self._timers[lease_id] = handle
+        lease = await self.store.get_lease(lease_id)
+        if lease is None or lease.state is not LeaseState.ACTIVE:
+            return
+        last = _last_heard(lease)
+        if last is not None and self.clock() - last < self.timeout:
+            self.watch(lease)  # acknowledged meanwhile
+            return
+        await self._end(lease)
 
     async def _end(self, lease: LeaseRecord) -> None:
         at = datetime.fromtimestamp(self.clock(), tz=timezone.utc)

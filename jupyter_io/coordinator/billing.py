@@ -61,6 +61,7 @@ from ..payments.escrow import (
 )
 from ..provider_link import End
 from ..usage_acks import DEFAULT_ACK_GRACE_S, UsageAck, ack_bound, check_ack
+from .lease_timers import LeaseTimers
 from .models import LeaseState, SettlementKind, SettlementState
 from .registry import Registry
 from .store import LeaseRecord, SettlementRecord, Store
@@ -231,9 +232,7 @@ class Billing:
         self.clock = clock
         #: Called after the budget watch ended a lease (the settlement worker wakes up).
         self.on_budget_exhausted: Callable[[str], None] | None = None
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._stopped = False
+        self._timers = LeaseTimers(self._check_budget, what="budget check", log=self.log)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -245,12 +244,7 @@ class Billing:
 
     async def stop(self) -> None:
         """Cancel the budget timers and wait for an end in progress."""
-        self._stopped = True
-        for handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._timers.stop()
 
     # -- the ledger ------------------------------------------------------------------------
 
@@ -399,10 +393,8 @@ class Billing:
         """(Re)arm the timer of ``lease``'s next budget check: when its deposit runs out, or
         in ``escrow_check_interval`` if that is sooner (each check re-reads the escrow). One
         timer per lease; unfunded and inactive leases need none."""
-        old = self._timers.pop(lease.id, None)
-        if old is not None:
-            old.cancel()
-        if self._stopped or not lease.funded or lease.state is not LeaseState.ACTIVE:
+        self._timers.cancel(lease.id)
+        if not lease.funded or lease.state is not LeaseState.ACTIVE:
             return
         if lease.active_at is None:
             return
@@ -410,35 +402,23 @@ class Billing:
         delay = self.escrow_check_interval
         if covered is not None:
             due = lease.active_at.timestamp() + covered
-            delay = max(0.0, min(delay, due - self.clock()))
-        loop = asyncio.get_running_loop()
-        self._timers[lease.id] = loop.call_later(delay, self._due, lease.id)
-
-    def _due(self, lease_id: str) -> None:
-        self._timers.pop(lease_id, None)
-        task = asyncio.create_task(self._check_budget(lease_id))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            delay = min(delay, due - self.clock())
+        self._timers.arm(lease.id, delay)
 
     async def _check_budget(self, lease_id: str) -> None:
-        try:
-            lease = await self.store.get_lease(lease_id)
-            if lease is None or not lease.live:
-                return
-            broken = await self.escrow_broken(lease)
-            if broken is not None:
-                await self.end_not_intact(lease, broken)
-                return
-            metered = await self.meter(lease)
-            covered = metered.covered_seconds
-            if covered is None or metered.observed_seconds < covered:
-                self.watch(lease)  # topped up (maybe through another coordinator)
-                return
-            await self.end_exhausted(lease)
-        except Exception:
-            self.log.exception("budget check of lease %s failed; retrying", lease_id)
-            handle = asyncio.get_running_loop().call_later(1.0, self._due, lease_id)
-            self._timers[lease_id] = handle
+        lease = await self.store.get_lease(lease_id)
+        if lease is None or not lease.live:
+            return
+        broken = await self.escrow_broken(lease)
+        if broken is not None:
+            await self.end_not_intact(lease, broken)
+            return
+        metered = await self.meter(lease)
+        covered = metered.covered_seconds
+        if covered is None or metered.observed_seconds < covered:
+            self.watch(lease)  # topped up (maybe through another coordinator)
+            return
+        await self.end_exhausted(lease)
 
     async def escrow_broken(self, lease: LeaseRecord) -> str | None:
         """Why ``lease``'s escrow is no longer intact (closed, no longer exactly what was
