@@ -261,28 +261,16 @@ class SettlementQueries(Aggregate):
         row (closed by a transaction not known then) is done too once its closer reports a
         landed one. Returns whether it changed: a second call (another coordinator, a
         duplicate) changes nothing."""
-        at = _when(at)
-        async with self._write() as conn:
-            result = await conn.execute(
-                sa.update(_settlements)
-                .where(
-                    _settlements.c.lease_id == lease_id,
-                    _settlements.c.state.in_(
-                        [SettlementState.PENDING.value, SettlementState.FAILED.value]
-                    ),
-                )
-                .values(
-                    state=SettlementState.DONE.value,
-                    signature=signature,
-                    amount_lamports=amount_lamports,
-                    fee_lamports=fee_lamports,
-                    error=None,
-                    claimed_by=None,
-                    claimed_until=None,
-                    updated_at=at,
-                )
-            )
-            return bool(result.rowcount)
+        return await self._conclude_settlement(
+            lease_id,
+            (SettlementState.PENDING, SettlementState.FAILED),
+            SettlementState.DONE,
+            signature=signature,
+            amount_lamports=amount_lamports,
+            fee_lamports=fee_lamports,
+            error=None,
+            at=at,
+        )
 
     async def fail_settlement(
         self, lease_id: str, *, error: str, at: datetime | None = None
@@ -291,23 +279,47 @@ class SettlementQueries(Aggregate):
         by a transaction this coordinator did not submit, or no longer movable by arbiter +
         provider). Nothing is recorded as paid (amount and fee 0, no signature); ``error``
         says why. Returns whether it changed."""
-        at = _when(at)
+        return await self._conclude_settlement(
+            lease_id,
+            (SettlementState.PENDING,),
+            SettlementState.FAILED,
+            signature=None,
+            amount_lamports=0,
+            fee_lamports=0,
+            error=error,
+            at=at,
+        )
+
+    async def _conclude_settlement(
+        self,
+        lease_id: str,
+        from_states: tuple[SettlementState, ...],
+        state: SettlementState,
+        *,
+        signature: str | None,
+        amount_lamports: int,
+        fee_lamports: int,
+        error: str | None,
+        at: datetime | None,
+    ) -> bool:
+        """Move a settlement in one of ``from_states`` to ``state`` with what it paid, and
+        release its claim; whether it changed (one writer wins)."""
         async with self._write() as conn:
             result = await conn.execute(
                 sa.update(_settlements)
                 .where(
                     _settlements.c.lease_id == lease_id,
-                    _settlements.c.state == SettlementState.PENDING.value,
+                    _settlements.c.state.in_([s.value for s in from_states]),
                 )
                 .values(
-                    state=SettlementState.FAILED.value,
-                    signature=None,
-                    amount_lamports=0,
-                    fee_lamports=0,
+                    state=state.value,
+                    signature=signature,
+                    amount_lamports=amount_lamports,
+                    fee_lamports=fee_lamports,
                     error=error,
                     claimed_by=None,
                     claimed_until=None,
-                    updated_at=at,
+                    updated_at=_when(at),
                 )
             )
             return bool(result.rowcount)
