@@ -51,6 +51,7 @@ __all__ = [
     "MAX_PARTS",
     "PROTOCOL_VERSION",
     "SUBPROTOCOL",
+    "TUNNEL_PATH",
     "VIEW_THRESHOLD",
     "Channel",
     "CloseCode",
@@ -66,6 +67,8 @@ __all__ = [
 PROTOCOL_VERSION = 1
 #: Websocket subprotocol both ends request.
 SUBPROTOCOL = "jupyter-io.tunnel.v1"
+#: The HTTP path a provider host serves its tunnel websocket on.
+TUNNEL_PATH = "/tunnel"
 #: Default largest frame accepted (a 10 MB comm buffer fits many times over).
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 #: Largest websocket message the host (and the coordinator's relay) accepts before WELCOME; a

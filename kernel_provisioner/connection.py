@@ -61,6 +61,7 @@ from jupyter_io.protocol import (
     HEADER,
     PROTOCOL_VERSION,
     SUBPROTOCOL,
+    TUNNEL_PATH,
     Channel,
     CloseCode,
     Frame,
@@ -73,7 +74,6 @@ from jupyter_io.tls import SchemeMismatch, dial_checked, scheme_mismatch, untrus
 
 __all__ = [
     "LOST_EXIT_CODE",
-    "TUNNEL_PATH",
     "CredentialSource",
     "Credentials",
     "KernelState",
@@ -84,8 +84,6 @@ __all__ = [
     "tunnel_url",
 ]
 
-#: Where a provider host serves its tunnel (``docs/tunnel-contract.md``).
-TUNNEL_PATH = "/tunnel"
 
 #: The exit code reported for a kernel whose host was lost (it died with the host, or the
 #: host forgot it). Negative like a signal death, and distinct from any real signal.

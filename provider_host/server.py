@@ -53,6 +53,7 @@ from jupyter_io.leases import LeaseClaims
 from jupyter_io.protocol import (
     HANDSHAKE_MAX_FRAME_SIZE,
     SUBPROTOCOL,
+    TUNNEL_PATH,
     CloseCode,
     FrameKind,
     decode_frame,
@@ -91,10 +92,8 @@ from .settlement import SettlementBook
 from .usage import GpuUtilisation, UsageMeter
 from .workspaces import wipe_orphaned_workspaces
 
-__all__ = ["JOINING_PREFIX", "LISTENING_PREFIX", "TUNNEL_PATH", "ProviderServer"]
+__all__ = ["JOINING_PREFIX", "LISTENING_PREFIX", "ProviderServer"]
 
-#: The websocket path of the tunnel endpoint.
-TUNNEL_PATH = "/tunnel"
 #: Start of the one line printed once the host accepts connections.
 LISTENING_PREFIX = "jupyter-io provider listening on "
 #: Start of the line that says which coordinator the host joins (printed before listening).
