@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from jupyter_io.errors import ConfigError
-from jupyter_io.gpu_names import normalise_gpu_name
+from jupyter_io.gpu_names import CPU_OFFER, normalise_gpu_name
 from jupyter_io.provider_link import OfferGroup
 
 __all__ = [
@@ -35,8 +35,8 @@ __all__ = [
     "render_inventory",
 ]
 
-#: How the CPU is labelled when the host has no GPU.
-CPU_LABEL = "cpu (no GPU)"
+#: How the CPU is labelled when the host has no GPU: the marketplace's own name for it.
+CPU_LABEL = CPU_OFFER
 
 _GIB = 1024**3
 log = logging.getLogger(__name__)
