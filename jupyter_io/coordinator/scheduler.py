@@ -463,6 +463,8 @@ class OfferIndex:
         self._region_names: dict[str, str] = {}
         self._shelves: dict[_ShelfKey, _SortedKeys] = {}
         self._stats: dict[str, _TypeStats] = {}
+        # gpu_key -> {cohort id: GPUs held back for its reservation} (see :meth:`hold`).
+        self._held: dict[str, dict[str, int]] = {}
         for offer in offers:
             self.upsert(offer)
 
@@ -571,6 +573,34 @@ class OfferIndex:
             self._delete(offer)
         return removed
 
+    def hold(self, cohort: str, gpu: str, gpus: int) -> None:
+        """Hold ``gpus`` free GPUs of model ``gpu`` back for ``cohort`` (its reservation's
+        unused part; 0 releases): every other request sees the model's free GPUs minus what
+        is held for others. O(1); a decision checks only the held models."""
+        key = normalise_gpu_name(gpu)
+        holds = self._held.setdefault(key, {})
+        if gpus > 0:
+            holds[cohort] = gpus
+        else:
+            holds.pop(cohort, None)
+            if not holds:
+                del self._held[key]
+
+    def held(self, gpu: str, cohort: str | None = None) -> int:
+        """GPUs of model ``gpu`` held back from ``cohort`` (from everyone for None)."""
+        holds = self._held.get(normalise_gpu_name(gpu), {})
+        return sum(n for c, n in holds.items() if c != cohort)
+
+    def _blocked(self, request: LeaseRequest, cohort: str | None) -> set[str]:
+        """Models whose free GPUs, less the holds for other cohorts, cannot serve it."""
+        blocked = set()
+        for key, holds in self._held.items():
+            stats = self._stats.get(key)
+            others = sum(n for c, n in holds.items() if c != cohort)
+            if others and stats is not None and stats.gpus_free - others < request.gpus:
+                blocked.add(key)
+        return blocked
+
     # -- deciding --------------------------------------------------------------------------
 
     def candidates(
@@ -579,15 +609,19 @@ class OfferIndex:
         *,
         limit: int = DEFAULT_CANDIDATES,
         latencies: Mapping[str, float] | None = None,
+        cohort: str | None = None,
     ) -> list[Offer]:
         """The first ``limit`` eligible offers in ``(price, provider, gpu_key)`` order.
 
         This is rule 2 of the module docstring; :func:`schedule` scores what it returns.
         Only shelves that can match are merged, and the walk stops at ``limit`` offers or at
         the price cap. Per-request filters the shelves cannot pre-sort (latency, a GPU count
-        between tiers) may skip offers on the way.
+        between tiers) may skip offers on the way. A model whose free GPUs are held back for
+        other cohorts' reservations (:meth:`hold`; ``cohort`` is the requester's) is skipped.
         """
-        return list(self._walk(request, request.max_price_lamports_per_hour, latencies, limit))
+        return list(
+            self._walk(request, request.max_price_lamports_per_hour, latencies, limit, cohort)
+        )
 
     def _walk(
         self,
@@ -595,10 +629,14 @@ class OfferIndex:
         cap: int | None,
         latencies: Mapping[str, float] | None,
         limit: int,
+        cohort: str | None = None,
+        holds: bool = True,
     ) -> Iterator[Offer]:
         if limit <= 0:
             return
         groups = self._matching_groups(request)
+        if holds and self._held and (blocked := self._blocked(request, cohort)):
+            groups = [g for g in groups if g[0] not in blocked]
         max_latency = request.max_latency_ms
         sources: list[Iterable[_Item]]
         measured: set[str] = set()
@@ -669,7 +707,11 @@ class OfferIndex:
         ]
 
     def explain(
-        self, request: LeaseRequest, *, latencies: Mapping[str, float] | None = None
+        self,
+        request: LeaseRequest,
+        *,
+        latencies: Mapping[str, float] | None = None,
+        cohort: str | None = None,
     ) -> LeaseError:
         """Why nothing is eligible for ``request``, as an error that says what to change.
 
@@ -709,7 +751,13 @@ class OfferIndex:
                     f"{where}. Change or drop the region"
                 )
         unlimited = replace(request, max_latency_ms=None)
-        if next(self._walk(unlimited, None, None, 1), None) is None:
+        if next(self._walk(unlimited, None, None, 1, cohort), None) is None:
+            free = next(self._walk(unlimited, None, None, 1, holds=False), None)
+            if free is not None:
+                return LeaseError(
+                    f"the free {what} GPUs are reserved for a class's session right now; try "
+                    f"again after it, or choose another type ({types})"
+                )
             offers = sum(
                 self._groups[m][(vram, reg)] for m, vram, reg in self._matching_groups(request)
             )
@@ -718,7 +766,7 @@ class OfferIndex:
                 f"all {offers} {what} offers are at capacity (none has {need} free right now); "
                 f"try again shortly, ask for fewer GPUs, or choose another type ({types})"
             )
-        cheapest = next(self._walk(request, None, latencies, 1), None)
+        cheapest = next(self._walk(request, None, latencies, 1, cohort), None)
         if cheapest is None:
             return LeaseError(
                 f"no available {what} is within {request.max_latency_ms:g} ms of you (or has "
@@ -894,6 +942,7 @@ def schedule(
     weights: Weights = DEFAULT_WEIGHTS,
     candidates: int = DEFAULT_CANDIDATES,
     latencies: Mapping[str, float] | None = None,
+    cohort: str | None = None,
 ) -> Offer:
     """Choose the offer that serves ``request`` best; raise :class:`LeaseError` if none can.
 
@@ -902,12 +951,14 @@ def schedule(
     provider key. ``latencies`` maps provider keys to the round trip measured from this
     requester; it overrides the offers' own ``latency_ms``. The error says what to change:
     the GPU types on offer, the cheapest price against the cap, full capacity, the region.
+    ``cohort`` is the requesting cohort, which may use the GPUs held for its own reservation
+    (:meth:`OfferIndex.hold`); every other request sees them taken.
     Next: :meth:`OfferIndex.reserve` the GPUs, then sign a lease token
     (:func:`jupyter_io.leases.issue_token`).
     """
-    found = index.candidates(request, limit=candidates, latencies=latencies)
+    found = index.candidates(request, limit=candidates, latencies=latencies, cohort=cohort)
     if not found:
-        raise index.explain(request, latencies=latencies)
+        raise index.explain(request, latencies=latencies, cohort=cohort)
     cheapest = found[0].price_lamports_per_hour
     best = found[0]
     best_score = -1.0
