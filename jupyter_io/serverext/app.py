@@ -36,6 +36,7 @@ from ..identity import DEFAULT_KEYPAIR_PATH
 from ..kernelspec import lease_kernel_json, validate_coordinator_url
 from ..payments.hooks import SolanaEscrowHook
 from .billing import LeaseBook
+from .cohorts import CohortDesk, cohort_kernel_json, cohort_kernelspecs, parse_cohort_spec_name
 from .handlers import ExtensionServices, handlers
 from .kernelspecs import (
     DIRECT_PREFIX,
@@ -212,6 +213,9 @@ class JupyterIOExtension(ExtensionApp):
         #: kernel id → the leases its sessions held (so a lease the coordinator ended for
         #: its budget can be told to the kernel's page).
         self._kernel_leases: dict[str, set[str]] = {}
+        self.cohorts = CohortDesk(
+            self.coordinator_url, self.keypair_path, timeout=self.coordinator_timeout
+        )
         self.progress = ProgressBoard()
         self.progress.listeners.append(lambda _event: self.changed())
         #: Bumped whenever what the picker shows may have changed (see :meth:`changed`).
@@ -294,6 +298,7 @@ class JupyterIOExtension(ExtensionApp):
         self.progress.close()
         self.catalog.close()
         self.lease_book.close()
+        self.cohorts.close()
         self.wallet.close()
 
     async def _refresh_offers(self) -> None:
@@ -335,6 +340,14 @@ class JupyterIOExtension(ExtensionApp):
             keypair_path=keypair,
             preferences=self.preferences,
         )
+        current.update(
+            cohort_kernelspecs(
+                self.cohorts.latest,
+                snapshot.types,
+                coordinator_url=self.coordinator_url,
+                keypair_path=keypair,
+            )
+        )
         self._remembered.update(current)
         return {**current, **found}
 
@@ -350,6 +363,19 @@ class JupyterIOExtension(ExtensionApp):
             return None
         if name in self._remembered:
             return self._remembered[name]
+        cohort = parse_cohort_spec_name(name)
+        if cohort is not None:
+            # A notebook saved with a class's kernel, opened before the cohorts were listed:
+            # the coordinator says whether the user may still lease for that class.
+            cohort_id, gpu = cohort
+            return cohort_kernel_json(
+                cohort_id,
+                cohort_id,
+                gpu,
+                gpu,
+                coordinator_url=self.coordinator_url,
+                keypair_path=str(Path(self.keypair_path).expanduser().absolute()),
+            )
         if not name.startswith(SPEC_PREFIX) or len(name) == len(SPEC_PREFIX):
             return None
         gpu = name[len(SPEC_PREFIX) :]
@@ -544,6 +570,24 @@ class JupyterIOExtension(ExtensionApp):
 
     def progress_json(self, since: float | None) -> dict[str, Any]:
         return {"launches": self.progress.launches(since), "now": time.time()}
+
+    async def cohorts_json(self) -> dict[str, Any]:
+        """The body of ``GET /jupyter-io/cohorts`` (:meth:`.CohortDesk.cohorts_json`), each
+        student cohort's GPU types joined with the latest offers (what is free now)."""
+        try:
+            types = with_price_max(*(await self._offer_rows()))
+        except (CoordinatorUnavailable, ConfigError):
+            types = []
+        return await self.cohorts.cohorts_json(types)
+
+    async def _offer_rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        snapshot = await self.catalog.get()
+        return list(snapshot.types), list(snapshot.providers)
+
+    def cohorts_changed(self) -> None:
+        """A join, a removal, a top-up: list the cohorts (and their kernelspecs) afresh."""
+        self.cohorts.invalidate()
+        self.changed()
 
 
 # The handlers know the app only as the services they call; mypy holds the app to them.

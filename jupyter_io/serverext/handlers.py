@@ -10,6 +10,13 @@
 ``POST sessions/{kernel_id}/topup``     add to a kernel's escrow from the wallet
 ``GET  progress[?since=T]``             recent kernel starts, step by step
 ``GET  progress/{kernel_id}``           one kernel's start
+``GET  cohorts``                        the user's classes (a student's with quota left)
+``POST cohorts/join``                   join a class with a code or join link
+``GET  cohorts/{id}``                   one class, with the user's week if a student
+``GET  cohorts/{id}/dashboard``         instructors: per-student week, pool, queue
+                                        (``?format=csv``: one row per student)
+``DELETE cohorts/{id}/members/{key}``   instructors: remove a student
+``POST cohorts/{id}/topup``             instructors: add to the pool (cohort funding)
 ======================================  ==================================================
 
 Every handler needs a logged-in user (``@web.authenticated``) allowed to act on the
@@ -35,6 +42,7 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 
 from ..errors import ConfigError, InsufficientFunds, JupyterIOError, PaymentError
+from .cohorts import CohortDesk, CohortError
 from .offers import CoordinatorUnavailable, NoCoordinator
 from .preferences import Preferences, PreferencesError
 from .progress import ProgressBoard
@@ -48,6 +56,8 @@ AUTH_RESOURCE = "jupyter_io"
 URL_PREFIX = "jupyter-io"
 #: The most an airdrop may ask for (1 SOL); ledgers cap airdrops themselves too.
 MAX_AIRDROP_LAMPORTS = 1_000_000_000
+#: A cohort id in a route ("c_" and url-safe characters; "join" is a route of its own).
+_COHORT = r"(?P<cohort_id>c_[\w-]+)"
 
 
 class ExtensionServices(Protocol):
@@ -56,6 +66,7 @@ class ExtensionServices(Protocol):
     preferences: Preferences
     wallet: Wallet
     progress: ProgressBoard
+    cohorts: CohortDesk
 
     async def offers_json(self) -> dict[str, Any]: ...
     def set_preferences(self, body: Any) -> Preferences: ...
@@ -64,6 +75,8 @@ class ExtensionServices(Protocol):
     async def sessions_json(self) -> dict[str, Any]: ...
     async def top_up(self, kernel_id: str, lamports: int) -> dict[str, Any]: ...
     def progress_json(self, since: float | None) -> dict[str, Any]: ...
+    async def cohorts_json(self) -> dict[str, Any]: ...
+    def cohorts_changed(self) -> None: ...
 
 
 class _Handler(ExtensionHandlerMixin, APIHandler):
@@ -210,6 +223,89 @@ class ProgressHandler(_Handler):
         self.reply(launch)
 
 
+class _CohortHandler(_Handler):
+    async def answer(self, call: Any, *, changed: bool = False) -> None:
+        """Reply with what ``call`` gives, or the coordinator's refusal with its status."""
+        try:
+            body = await call
+        except CohortError as exc:
+            raise web.HTTPError(exc.status, str(exc)) from None
+        if changed:
+            self.io.cohorts_changed()  # the cohort kernelspecs follow
+        self.reply(body)
+
+
+class CohortsHandler(_CohortHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        """``{"coordinator_url", "cohorts": [... + "role", a student's + "me", "gpus"], "now"}``."""
+        await self.answer(self.io.cohorts_json())
+
+
+class CohortJoinHandler(_CohortHandler):
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        """Body ``{"code": "..."}``: a join code or a join link."""
+        body = self.json_body()
+        code = body.get("code") if isinstance(body, dict) else None
+        if not isinstance(code, str) or not code.strip() or len(code) > 2000:
+            raise web.HTTPError(
+                400, 'send {"code": "..."} with the class\'s join code or its jupyter-io:join link'
+            )
+        await self.answer(self.io.cohorts.join(code.strip()), changed=True)
+
+
+class CohortHandler(_CohortHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, cohort_id: str) -> None:
+        await self.answer(self.io.cohorts.cohort_json(cohort_id))
+
+
+class CohortDashboardHandler(_CohortHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, cohort_id: str) -> None:
+        """The instructor's dashboard; ``?format=csv``: a CSV download, a row per student."""
+        if self.get_query_argument("format", "json") != "csv":
+            await self.answer(self.io.cohorts.dashboard(cohort_id))
+            return
+        try:
+            text = await self.io.cohorts.dashboard_csv(cohort_id)
+        except CohortError as exc:
+            raise web.HTTPError(exc.status, str(exc)) from None
+        self.set_header("Content-Type", "text/csv; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header(
+            "Content-Disposition", f'attachment; filename="cohort-{cohort_id}-week.csv"'
+        )
+        self.finish(text)
+
+
+class CohortMemberHandler(_CohortHandler):
+    @web.authenticated
+    @authorized
+    async def delete(self, cohort_id: str, student: str) -> None:
+        await self.answer(self.io.cohorts.remove_student(cohort_id, student), changed=True)
+
+
+class CohortTopUpHandler(_CohortHandler):
+    @web.authenticated
+    @authorized
+    async def post(self, cohort_id: str) -> None:
+        """Body ``{"lamports": N, "student": KEY|null}`` (null: every student)."""
+        body = self.json_body()
+        lamports = body.get("lamports") if isinstance(body, dict) else None
+        student = body.get("student") if isinstance(body, dict) else None
+        if isinstance(lamports, bool) or not isinstance(lamports, int) or lamports <= 0:
+            raise web.HTTPError(400, 'send {"lamports": N} with N > 0')
+        if student is not None and not isinstance(student, str):
+            raise web.HTTPError(400, '"student" is a base58 public key, or null for every student')
+        await self.answer(self.io.cohorts.top_up(cohort_id, student, lamports), changed=True)
+
+
 def handlers() -> list[tuple[str, type[_Handler]]]:
     """The routes, relative to the base URL (the extension app prefixes it)."""
     routes: list[tuple[tuple[str, ...], type[_Handler]]] = [
@@ -221,5 +317,11 @@ def handlers() -> list[tuple[str, type[_Handler]]]:
         (("sessions", r"(?P<kernel_id>[\w-]+)", "topup"), TopUpHandler),
         (("progress",), ProgressListHandler),
         (("progress", r"(?P<kernel_id>[\w-]+)"), ProgressHandler),
+        (("cohorts",), CohortsHandler),
+        (("cohorts", "join"), CohortJoinHandler),
+        (("cohorts", _COHORT), CohortHandler),
+        (("cohorts", _COHORT, "dashboard"), CohortDashboardHandler),
+        (("cohorts", _COHORT, "members", r"(?P<student>\w+)"), CohortMemberHandler),
+        (("cohorts", _COHORT, "topup"), CohortTopUpHandler),
     ]
     return [(url_path_join("/", URL_PREFIX, *parts), handler) for parts, handler in routes]

@@ -13,4 +13,8 @@ export namespace CommandIDs {
   /** Add SOL from the wallet to a GPU kernel's escrow: args `{kernelId}` (default: the
    * current kernel); asks how much. */
   export const topUp = 'jupyter-io:top-up';
+  /** Join a class: args `{code}` (a join code or `jupyter-io:join?...` link); asks without. */
+  export const joinCohort = 'jupyter-io:join-cohort';
+  /** Open a class's dashboard (instructors): args `{cohortId}` (default: the first taught). */
+  export const openDashboard = 'jupyter-io:open-dashboard';
 }

@@ -8,7 +8,9 @@ import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 
 import { BudgetNotifier } from './budget';
+import { CohortModel, joinWithCode, WarningNotifier } from './cohorts';
 import { CommandIDs } from './commands';
+import { CohortDashboard, firstTaught } from './dashboard';
 import { parseSol, sol } from './format';
 import { errorMessage } from './handler';
 import { gpuIcon } from './icons';
@@ -70,7 +72,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
       onSettings: () => void commands.execute('settingeditor:open', { query: 'jupyter-io' })
     });
 
-    const picker = new GpuPicker({ model, commands });
+    const cohorts = new CohortModel(model);
+    new WarningNotifier(model);
+    const picker = new GpuPicker({ model, commands, cohorts });
     app.shell.add(picker, 'left', { rank: 650 });
 
     const start = (command: string, args: Record<string, unknown>, kernelName: string) =>
@@ -105,7 +109,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     });
     commands.addCommand(CommandIDs.refresh, {
       label: 'Refresh GPU offers',
-      execute: () => model.refresh()
+      execute: () => Promise.all([model.refresh(), cohorts.refresh()])
     });
     commands.addCommand(CommandIDs.airdrop, {
       label: 'Airdrop 1 SOL to the jupyter-io wallet (test ledgers)',
@@ -149,8 +153,62 @@ const plugin: JupyterFrontEndPlugin<void> = {
         }
       }
     });
+    commands.addCommand(CommandIDs.joinCohort, {
+      label: 'Join a class (jupyter-io)',
+      icon: gpuIcon,
+      execute: async args => {
+        let code = typeof args.code === 'string' ? args.code : '';
+        if (!code) {
+          const answer = await InputDialog.getText({
+            title: 'Join a class',
+            label: 'The join code or link your instructor gave you',
+            placeholder: 'K7QX-M2PA-9R or jupyter-io:join?…',
+            okLabel: 'Join'
+          });
+          if (!answer.button.accept || !answer.value) {
+            return;
+          }
+          code = answer.value;
+        }
+        const cohort = await joinWithCode(cohorts, code);
+        if (cohort) {
+          app.shell.activateById(picker.id);
+        }
+      }
+    });
+    const dashboards = new Map<string, CohortDashboard>();
+    commands.addCommand(CommandIDs.openDashboard, {
+      label: 'Open a class dashboard (jupyter-io)',
+      icon: gpuIcon,
+      execute: async args => {
+        if (!cohorts.loaded) {
+          await cohorts.refresh().catch(() => undefined);
+        }
+        const cohortId = typeof args.cohortId === 'string' ? args.cohortId : firstTaught(cohorts);
+        if (!cohortId) {
+          Notification.info('You teach no class on this coordinator: create one with `jupyter io cohort create`.', {
+            autoClose: 6000
+          });
+          return;
+        }
+        let dashboard = dashboards.get(cohortId);
+        if (!dashboard || dashboard.isDisposed) {
+          dashboard = new CohortDashboard({ cohorts, cohortId });
+          dashboards.set(cohortId, dashboard);
+          app.shell.add(dashboard, 'main');
+        }
+        app.shell.activateById(dashboard.id);
+      }
+    });
     if (palette) {
-      for (const command of [CommandIDs.openPicker, CommandIDs.refresh, CommandIDs.airdrop, CommandIDs.topUp]) {
+      for (const command of [
+        CommandIDs.openPicker,
+        CommandIDs.refresh,
+        CommandIDs.airdrop,
+        CommandIDs.topUp,
+        CommandIDs.joinCohort,
+        CommandIDs.openDashboard
+      ]) {
         palette.addItem({ command, category: 'jupyter-io' });
       }
     }

@@ -9,6 +9,7 @@ import { gpuIcon } from './icons';
 import { Change, GpuModel } from './model';
 import { IGpuType, ISession } from './types';
 import { CommandIDs } from './commands';
+import { CohortModel, CohortSection } from './cohorts';
 
 /** `0.12 SOL/h` for one price, `from 0.12 SOL/h (median 0.2)` for a range. */
 export function priceText(type: IGpuType): string {
@@ -180,6 +181,7 @@ export class GpuPicker extends Widget {
     super();
     this._model = options.model;
     this._commands = options.commands;
+    this._cohorts = new CohortSection(options.cohorts, options.commands);
     this.id = 'jupyter-io-picker';
     this.addClass('jio-Picker');
     this.title.icon = gpuIcon;
@@ -211,6 +213,7 @@ export class GpuPicker extends Widget {
       this._walletNode,
       this._limitsNode,
       this._errorNode,
+      this._cohorts.node,
       this._listNote,
       this._listNode,
       this._sessionsNode
@@ -220,6 +223,7 @@ export class GpuPicker extends Widget {
 
   dispose(): void {
     this._model.changed.disconnect(this._onChange, this);
+    this._cohorts.dispose();
     super.dispose();
   }
 
@@ -235,6 +239,7 @@ export class GpuPicker extends Widget {
 
   protected onAfterShow(): void {
     void this._model.refreshOffers().catch(() => undefined);
+    this._cohorts.render();
     this._render();
   }
 
@@ -347,6 +352,8 @@ export class GpuPicker extends Widget {
 
   private _model: GpuModel;
   private _commands: CommandRegistry;
+  /** The user's classes: "Join a class", a student's GPUs paid by the class. */
+  private _cohorts: CohortSection;
   private _cards = new Map<string, GpuCard>();
   private _rows = new Map<string, SessionRow>();
   private _walletAddress = h('code', { class: 'jio-Wallet-address' });
@@ -384,6 +391,7 @@ export namespace GpuPicker {
   export interface IOptions {
     model: GpuModel;
     commands: CommandRegistry;
+    cohorts: CohortModel;
   }
 }
 

@@ -3,13 +3,13 @@ import { CommandRegistry } from '@lumino/commands';
 
 import { CommandIDs } from './commands';
 
-import { sol } from './format';
+import { duration, sol } from './format';
 import { GpuModel } from './model';
 import { ILaunch } from './types';
 
 /** The steps a user sees, and the provisioner steps each one covers. */
 const STAGES: { label: string; steps: string[] }[] = [
-  { label: 'leasing', steps: ['queued', 'leased'] },
+  { label: 'leasing', steps: ['queued', 'queue', 'leased'] },
   { label: 'escrow', steps: ['escrowed'] },
   { label: 'launching', steps: ['launching'] },
   { label: 'ready', steps: ['ready'] }
@@ -26,6 +26,12 @@ function advice(message: string): string {
   }
   if (SHORT_OF.test(message) || text.includes('insufficient') || text.includes('fund')) {
     return 'Airdrop (local ledger) or fund the wallet, then retry.';
+  }
+  if (text.includes('quota')) {
+    return 'The class’s GPU-hours of this week are used up: they come back on Monday (UTC), or ask your instructor.';
+  }
+  if (text.includes('not a member') || text.includes('removed from the cohort')) {
+    return 'Join the class again with a code from your instructor.';
   }
   if (text.includes('above your cap')) {
     return 'Raise the cap in GPU picker → Limits.';
@@ -80,6 +86,26 @@ export function stepLine(launch: ILaunch): string {
     }
     return mark ? `${stage.label} ${mark}` : stage.label;
   }).join(' · ');
+}
+
+/**
+ * `place 3 in CS229's queue, about 2:00` while a class's start waits for a GPU (the
+ * coordinator's `queue` step: `place`, `estimated_wait_seconds`, `cohort_name`); null when
+ * the start is not queued now.
+ */
+export function queueText(launch: ILaunch): string | null {
+  if (launch.step !== 'queue') {
+    return null;
+  }
+  const event = [...launch.events].reverse().find(e => e.step === 'queue');
+  const place = event?.place;
+  const wait = event?.estimated_wait_seconds ?? event?.wait_seconds;
+  const where = typeof event?.cohort_name === 'string' ? ` in ${event.cohort_name}'s queue` : ' in the queue';
+  const parts = [typeof place === 'number' ? `place ${place}${where}` : `waiting${where}`];
+  if (typeof wait === 'number') {
+    parts.push(`about ${duration(wait)}`);
+  }
+  return parts.join(', ');
 }
 
 /** The GPU's name for people (the queued step knows only the key asked for). */
@@ -149,6 +175,10 @@ export class LaunchNotifier {
       message = `${title(this._model, launch)} is ready · ${stepLine(launch)}`;
       type = 'success';
       autoClose = 5000;
+    } else if (queueText(launch) !== null) {
+      message = `Queued for a ${title(this._model, launch)}: ${queueText(launch)} · ${stepLine(launch)}`;
+      type = 'in-progress';
+      autoClose = false;
     } else {
       message = `Starting a ${title(this._model, launch)} · ${stepLine(launch)}`;
       type = 'in-progress';

@@ -108,6 +108,10 @@ export interface ISession {
   end_reason: string | null;
   coordinator_url: string | null;
   provider_url: string | null;
+  /** The class paying for it (null: the user's own wallet). */
+  cohort?: string | null;
+  /** Stops coming (idle, max length, quota), newest last. */
+  warnings?: ILeaseWarning[];
 }
 
 /** A lease the coordinator ended because its deposit was spent (`GET sessions` → `stopped`). */
@@ -159,4 +163,99 @@ export interface ILaunch {
 export interface IProgress {
   launches: ILaunch[];
   now: number;
+}
+
+/** A student's week in a cohort (a dashboard row; a student's own `me`). GPU-seconds are
+ * billed seconds × GPUs; the week is the ISO week in UTC. */
+export interface IStudentUsage {
+  student: string;
+  gpu_seconds_week: number;
+  cost_lamports_week: number;
+  live_kernels: number;
+  /** Seconds the student's live kernel has been idle (null: none live, or not known). */
+  idle_seconds: number | null;
+  /** Queue tickets waiting. */
+  queued: number;
+  quota_left_gpu_seconds: number;
+  /** When the week's quota resets (next Monday 00:00 UTC). */
+  week_resets_at: number;
+  joined_at: number | null;
+  allowance: { [key: string]: unknown } | null;
+}
+
+/** One GPU type a cohort pays for, joined with the offers (`GET cohorts` → `gpus`). */
+export interface ICohortGpu {
+  gpu: string;
+  display: string;
+  available: number;
+  total: number;
+  /** Whether any provider offers it now. */
+  offered: boolean;
+  price_min?: number | null;
+  simulated?: boolean;
+  /** The kernelspec that starts a kernel on it, paid by the cohort. */
+  kernel_name: string;
+}
+
+export type CohortRole = 'instructor' | 'co_instructor' | 'student';
+
+/** A class (`GET cohorts` → `cohorts`). */
+export interface ICohort {
+  id: string;
+  name: string;
+  role: CohortRole | null;
+  instructor: string;
+  gpu_types: string[];
+  max_price_lamports_per_hour: number;
+  quota_gpu_seconds_per_week: number;
+  max_concurrent_per_student: number;
+  idle_timeout_seconds: number;
+  max_session_seconds: number;
+  term_ends_at: number;
+  state: 'active' | 'ended';
+  students: number;
+  /** The caller's week, when a student. */
+  me: IStudentUsage | null;
+  /** A student's: the cohort's GPU types with a kernelspec each. */
+  gpus?: ICohortGpu[];
+}
+
+export interface ICohorts {
+  coordinator_url: string;
+  cohorts: ICohort[];
+  now: number;
+}
+
+/** One queued start (`dashboard` → `queue`). */
+export interface IQueueEntry {
+  ticket?: string;
+  student?: string;
+  gpu?: string;
+  place?: number;
+  estimated_wait_seconds?: number | null;
+  queued_at?: number;
+  [detail: string]: unknown;
+}
+
+/** The instructor's dashboard (`GET cohorts/{id}/dashboard`). */
+export interface IDashboard {
+  cohort: ICohort;
+  students: IStudentUsage[];
+  pool: {
+    allowance_lamports: number | null;
+    spent_lamports_term: number;
+    /** When the pool runs out at this term's pace (null: not projected). */
+    projected_run_out: number | null;
+    [detail: string]: unknown;
+  };
+  queue: IQueueEntry[];
+  generated_at: number;
+}
+
+/** A warning on a running lease: idle stop, max length or quota coming (`sessions` rows). */
+export interface ILeaseWarning {
+  kind: 'idle' | 'max_length' | 'quota' | string;
+  /** When the kernel will be stopped (Unix seconds). */
+  at: number;
+  message: string;
 }
