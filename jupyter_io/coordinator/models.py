@@ -30,6 +30,12 @@ from sqlalchemy.types import TypeDecorator
 __all__ = [
     "LIVE_LEASE_STATES",
     "Base",
+    "Cohort",
+    "CohortCode",
+    "CohortInstructor",
+    "CohortMember",
+    "CohortReservation",
+    "CohortState",
     "Lease",
     "LeaseState",
     "Offer",
@@ -71,6 +77,13 @@ class LeaseState(str, enum.Enum):
     ACTIVE = "active"
     ENDED = "ended"
     FAILED = "failed"
+
+
+class CohortState(str, enum.Enum):
+    """A cohort is ``active`` until its instructor ends the term (``ended``)."""
+
+    ACTIVE = "active"
+    ENDED = "ended"
 
 
 class SettlementKind(str, enum.Enum):
@@ -263,6 +276,9 @@ class Lease(Base):
     #: acknowledgements existed (billed without them).
     acked_seconds: Mapped[int | None] = mapped_column(sa.BigInteger)
     acked_at: Mapped[datetime | None]
+    #: The cohort whose pool and quota the lease runs on (null: the user's own lease). No
+    #: foreign key: adding one would make SQLite copy the leases table (see 0006).
+    cohort_id: Mapped[str | None] = mapped_column(sa.String(24), index=True)
 
 
 class SettlementRow(Base):
@@ -319,3 +335,112 @@ class UsageReportRow(Base):
     signature: Mapped[str] = mapped_column(sa.Text)
     reported_at: Mapped[datetime]
     received_at: Mapped[datetime]
+
+
+class Cohort(Base):
+    """A class sharing a pool: its instructor (the creator), what it pays for (GPU types,
+    price cap), each student's limits, its term and course environment.
+
+    ``gpu_types`` are model names as the instructor typed them (compared with
+    :func:`jupyter_io.gpu_names.normalise_gpu_name`). ``environment_sha256`` is the SHA-256
+    of ``requirements`` (UTF-8), which providers cache the built environment by.
+    """
+
+    __tablename__ = "cohorts"
+    __table_args__ = (
+        sa.CheckConstraint(_in_check("state", CohortState), name="state"),
+        sa.CheckConstraint("max_price_lamports_per_hour >= 0", name="price_not_negative"),
+        sa.CheckConstraint("quota_gpu_seconds_per_week >= 0", name="quota_not_negative"),
+        sa.CheckConstraint("max_concurrent_per_student >= 1", name="concurrent_positive"),
+        sa.Index(None, "instructor"),
+        sa.Index(None, "environment_sha256"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(24), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200))
+    instructor: Mapped[str] = mapped_column(sa.String(PUBKEY_LENGTH))
+    gpu_types: Mapped[list[str]] = mapped_column(sa.JSON)
+    max_price_lamports_per_hour: Mapped[int] = mapped_column(sa.BigInteger)
+    quota_gpu_seconds_per_week: Mapped[int] = mapped_column(sa.BigInteger)
+    max_concurrent_per_student: Mapped[int] = mapped_column(sa.Integer)
+    idle_timeout_seconds: Mapped[int] = mapped_column(sa.Integer)
+    max_session_seconds: Mapped[int] = mapped_column(sa.Integer)
+    queue_max_wait_seconds: Mapped[int] = mapped_column(sa.Integer)
+    student_cap_lamports: Mapped[int | None] = mapped_column(sa.BigInteger)
+    term_ends_at: Mapped[datetime]
+    requirements: Mapped[str | None] = mapped_column(sa.Text)
+    environment_sha256: Mapped[str | None] = mapped_column(sa.String(64))
+    state: Mapped[str] = mapped_column(sa.String(16))
+    created_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+
+
+class CohortInstructor(Base):
+    """A co-instructor of a cohort (the creator is ``cohorts.instructor``, not a row here)."""
+
+    __tablename__ = "cohort_instructors"
+    __table_args__ = (sa.Index(None, "pubkey"),)
+
+    cohort_id: Mapped[str] = mapped_column(
+        sa.String(24), sa.ForeignKey("cohorts.id", ondelete="CASCADE"), primary_key=True
+    )
+    pubkey: Mapped[str] = mapped_column(sa.String(PUBKEY_LENGTH), primary_key=True)
+    added_at: Mapped[datetime]
+
+
+class CohortMember(Base):
+    """A student of a cohort. ``removed_at`` set: removed by an instructor (the row stays,
+    so the dashboard's history and the refusal of a rejoin by code can name it)."""
+
+    __tablename__ = "cohort_members"
+    __table_args__ = (sa.Index(None, "student"),)
+
+    cohort_id: Mapped[str] = mapped_column(
+        sa.String(24), sa.ForeignKey("cohorts.id", ondelete="CASCADE"), primary_key=True
+    )
+    student: Mapped[str] = mapped_column(sa.String(PUBKEY_LENGTH), primary_key=True)
+    joined_at: Mapped[datetime]
+    removed_at: Mapped[datetime | None]
+
+
+class CohortCode(Base):
+    """A join code of a cohort: valid until ``expires_at``, unless ``revoked`` or used
+    ``max_uses`` times (null: no limit)."""
+
+    __tablename__ = "cohort_codes"
+    __table_args__ = (
+        sa.CheckConstraint("uses >= 0", name="uses_not_negative"),
+        sa.Index(None, "cohort_id"),
+    )
+
+    code: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
+    cohort_id: Mapped[str] = mapped_column(
+        sa.String(24), sa.ForeignKey("cohorts.id", ondelete="CASCADE")
+    )
+    expires_at: Mapped[datetime]
+    revoked: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
+    uses: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
+    max_uses: Mapped[int | None] = mapped_column(sa.Integer)
+    created_at: Mapped[datetime]
+
+
+class CohortReservation(Base):
+    """Capacity an instructor reserved for a lab session: ``count`` GPUs of ``gpu`` from
+    ``starts_at`` to ``ends_at`` (the scheduler keeps them for the cohort then)."""
+
+    __tablename__ = "cohort_reservations"
+    __table_args__ = (
+        sa.CheckConstraint("count >= 1", name="count_positive"),
+        sa.CheckConstraint("ends_at > starts_at", name="ends_after_start"),
+        sa.Index(None, "cohort_id"),
+        sa.Index(None, "ends_at"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    cohort_id: Mapped[str] = mapped_column(
+        sa.String(24), sa.ForeignKey("cohorts.id", ondelete="CASCADE")
+    )
+    gpu: Mapped[str] = mapped_column(sa.String(128))
+    count: Mapped[int] = mapped_column(sa.Integer)
+    starts_at: Mapped[datetime]
+    ends_at: Mapped[datetime]

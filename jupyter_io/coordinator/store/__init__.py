@@ -30,7 +30,8 @@ processes too.
 One module per aggregate, each with its records and queries, all on one engine
 (:mod:`.engine`) and one Alembic history (``jupyter_io/coordinator/migrations``):
 :mod:`.providers` (providers and offers), :mod:`.leases` (leases, their escrows and
-acknowledgements), :mod:`.settlements` (settlements and usage reports), and
+acknowledgements), :mod:`.settlements` (settlements and usage reports), :mod:`.cohorts`
+(classroom cohorts: instructors, students, join codes, reservations), and
 :mod:`.ledger_accounts` (the embedded ledger's accounts, tables of its own in the same
 database). :class:`Store` is the first three on one engine; import every name from this
 package.
@@ -44,6 +45,14 @@ from typing import Any
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .cohorts import (
+    CodeRecord,
+    CodeRefused,
+    CohortQueries,
+    CohortRecord,
+    MemberRecord,
+    ReservationRecord,
+)
 from .engine import (
     MIGRATIONS_DIR,
     alembic_config,
@@ -67,14 +76,20 @@ from .settlements import SettlementQueries, SettlementRecord, UsageReport
 
 __all__ = [
     "MIGRATIONS_DIR",
+    "CodeRecord",
+    "CodeRefused",
+    "CohortQueries",
+    "CohortRecord",
     "LeaseQueries",
     "LeaseRecord",
     "LiveOffer",
+    "MemberRecord",
     "OfferRecord",
     "OfferSpec",
     "ProviderProfile",
     "ProviderQueries",
     "ProviderRecord",
+    "ReservationRecord",
     "SettlementQueries",
     "SettlementRecord",
     "SqlLedgerStore",
@@ -88,12 +103,12 @@ __all__ = [
 ]
 
 
-class Store(ProviderQueries, LeaseQueries, SettlementQueries):
+class Store(ProviderQueries, LeaseQueries, SettlementQueries, CohortQueries):
     """Durable state of one coordinator (or of several sharing one PostgreSQL database).
 
     Create it with :meth:`Store.open` and :meth:`close` it when done (or use ``async with``).
     Its methods are its aggregates' queries (:class:`ProviderQueries`, :class:`LeaseQueries`,
-    :class:`SettlementQueries`), all on this one engine.
+    :class:`SettlementQueries`, :class:`CohortQueries`), all on this one engine.
     """
 
     @property

@@ -60,6 +60,8 @@ class LeaseRecord:
     #: recorded before acknowledgements existed.
     acked_seconds: int | None = None
     acked_at: datetime | None = None
+    #: The cohort the lease runs for (None: the user's own lease).
+    cohort_id: str | None = None
 
     @property
     def live(self) -> bool:
@@ -86,6 +88,7 @@ class LeaseQueries(Aggregate):
         relay: bool = False,
         token_expires_at: datetime | None = None,
         lease_id: str | None = None,
+        cohort_id: str | None = None,
         at: datetime | None = None,
     ) -> LeaseRecord:
         """Claim ``gpu_count`` free ``gpu_model`` GPUs of a provider for a user, atomically.
@@ -95,7 +98,7 @@ class LeaseQueries(Aggregate):
         cheapest group of that model with enough free GPUs (under ``max_price...`` if given)
         and the lowest free indices; copies the group's price into the lease. The lease
         starts ``requested``: sign its token, then :meth:`activate_lease` once the kernel
-        runs.
+        runs. ``cohort_id``: the cohort it runs for (checked by the caller).
 
         Raises :class:`~jupyter_io.errors.LeaseError` when the provider is unknown or not
         online, offers no such GPU, has none free, or none under the price cap.
@@ -152,6 +155,7 @@ class LeaseQueries(Aggregate):
                             token_expires_at=token_expires_at,
                             relay=relay,
                             acked_seconds=0,
+                            cohort_id=cohort_id,
                         )
                         .returning(*_leases.c)
                     )
@@ -524,4 +528,5 @@ def _lease_record(row: sa.Row[Any]) -> LeaseRecord:
         funded_at=m["funded_at"],
         acked_seconds=m["acked_seconds"],
         acked_at=m["acked_at"],
+        cohort_id=m["cohort_id"],
     )
