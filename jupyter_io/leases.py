@@ -25,6 +25,7 @@ import base64
 import binascii
 import heapq
 import json
+import re
 import sys
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
@@ -57,6 +58,9 @@ MAX_TOKEN_LENGTH = 4096
 #: How far in the future ``issued_at`` may be before a token is refused: clocks differ.
 CLOCK_SKEW_S = 60.0
 _MAX_FLOAT = sys.float_info.max
+#: Claims a token may leave out (absent means None); the rest must all be there.
+_OPTIONAL = frozenset({"env"})
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,11 @@ class LeaseClaims:
     expires_at: float
     coordinator: Pubkey
     relay: bool = False
+    #: The course environment the lease's kernels run in: the sha256 (64 lowercase hex) of
+    #: its requirements text, which the provider fetches over its link and builds once
+    #: (``provider_host.environments``). None: the provider's own Python. Left out of the
+    #: JSON when None, so a token without one reads as it did before the claim existed.
+    env: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.lease_id, str) or not self.lease_id:
@@ -105,12 +114,18 @@ class LeaseClaims:
             raise ValueError("expires_at must be after issued_at")
         if type(self.relay) is not bool:
             raise ValueError("relay must be a bool")
+        if self.env is not None and (
+            not isinstance(self.env, str) or _SHA256_HEX.fullmatch(self.env) is None
+        ):
+            raise ValueError("env must be the sha256 of the requirements text, 64 lowercase hex")
 
     def to_json(self) -> bytes:
         """The canonical JSON bytes a token carries (and the coordinator signs)."""
         body: dict[str, Any] = {"v": TOKEN_VERSION}
         for f in fields(self):
             value = getattr(self, f.name)
+            if value is None and f.name in _OPTIONAL:
+                continue
             if isinstance(value, Pubkey):
                 value = str(value)
             elif isinstance(value, tuple):
@@ -132,8 +147,8 @@ class LeaseClaims:
         if body.get("v") != TOKEN_VERSION:
             raise _malformed(f"claims version {body.get('v')!r}, expected {TOKEN_VERSION}")
         names = {f.name for f in fields(cls)}
-        if set(body) != names | {"v"}:
-            missing = sorted(names - set(body))
+        if not names - _OPTIONAL <= set(body) - {"v"} <= names:
+            missing = sorted(names - _OPTIONAL - set(body))
             extra = sorted(set(body) - names - {"v"})
             raise _malformed(f"claims missing {missing} or unexpected {extra}")
         try:

@@ -49,6 +49,8 @@ __all__ = [
     "HEADER",
     "MAX_CONTROL_SIZE",
     "MAX_PARTS",
+    "PROGRESS_STATES",
+    "PROGRESS_STEPS",
     "PROTOCOL_VERSION",
     "SUBPROTOCOL",
     "TUNNEL_PATH",
@@ -57,6 +59,7 @@ __all__ = [
     "CloseCode",
     "Frame",
     "FrameKind",
+    "Progress",
     "Tunnel",
     "decode_frame",
     "encode_control",
@@ -117,7 +120,19 @@ class FrameKind(enum.IntEnum):
     """client → host: end the session: stop the kernel, delete its workspace, close."""
     ERROR = 10
     """Either way, then close: ``{"code", "reason"}``. Unsequenced."""
+    PROGRESS = 11
+    """host → client: a step of a LAUNCH the host is working on before STARTED/EXITED:
+    ``{"step", "state", "message"}``, :data:`PROGRESS_STEPS` and :data:`PROGRESS_STATES`
+    (``{"step": "environment", "state": "building", "timeout"}``: the host is building the
+    lease's course environment and may take up to ``timeout`` more seconds). Sent only for
+    a lease that asks for such a step (a cohort's environment), so older clients never
+    meet it."""
 
+
+#: PROGRESS ``step`` values.
+PROGRESS_STEPS = frozenset({"environment"})
+#: PROGRESS ``state`` values.
+PROGRESS_STATES = frozenset({"building", "ready", "failed"})
 
 UNSEQUENCED = frozenset(
     {FrameKind.CHALLENGE, FrameKind.HELLO, FrameKind.WELCOME, FrameKind.ACK, FrameKind.ERROR}
@@ -179,6 +194,39 @@ class Frame:
         if not isinstance(value, dict):
             raise ProtocolError(f"{self.kind.name} frame body must be a JSON object")
         return value
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """The body of a PROGRESS frame (see :attr:`FrameKind.PROGRESS`)."""
+
+    step: str
+    state: str
+    message: str
+    #: With ``state == "building"``: the most seconds the step may still take.
+    timeout: float | None = None
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> Progress:
+        """Check a PROGRESS body; :class:`ProtocolError` naming what is wrong."""
+        step, state, message = body.get("step"), body.get("state"), body.get("message")
+        if step not in PROGRESS_STEPS:
+            raise ProtocolError(f"PROGRESS 'step' must be one of {sorted(PROGRESS_STEPS)}")
+        if state not in PROGRESS_STATES:
+            raise ProtocolError(f"PROGRESS 'state' must be one of {sorted(PROGRESS_STATES)}")
+        if not isinstance(message, str):
+            raise ProtocolError("PROGRESS 'message' must be a string")
+        timeout = body.get("timeout")
+        if timeout is not None and (type(timeout) not in (int, float) or not 0 <= timeout <= 1e9):
+            raise ProtocolError("PROGRESS 'timeout' must be seconds between 0 and 1e9")
+        return cls(step, state, message, None if timeout is None else float(timeout))
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON object to send with ``send_control(FrameKind.PROGRESS, ...)``."""
+        body: dict[str, Any] = {"step": self.step, "state": self.state, "message": self.message}
+        if self.timeout is not None:
+            body["timeout"] = self.timeout
+        return body
 
 
 def encode_frame(

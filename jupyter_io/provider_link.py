@@ -16,7 +16,9 @@ before anything is stored; a malformed message with ``code: "protocol"`` and clo
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,12 +35,16 @@ __all__ = [
     "MAX_LEASE_ID_LENGTH",
     "MAX_MESSAGE_SIZE",
     "MAX_OFFERS",
+    "MAX_REQUIREMENTS_SIZE",
     "MAX_SESSIONS",
     "MAX_SETTLEMENT_MESSAGE",
     "Challenge",
     "Dial",
     "End",
+    "Environment",
+    "EnvironmentRefused",
     "ErrorMessage",
+    "GetEnvironment",
     "Heartbeat",
     "Hello",
     "Inventory",
@@ -51,6 +57,7 @@ __all__ = [
     "SignSettlement",
     "Usage",
     "Welcome",
+    "environment_sha256",
     "parse_message",
 ]
 
@@ -70,7 +77,10 @@ MAX_MESSAGE_SIZE = 1 << 20
 MAX_HELLO_SIZE = 64 * 1024
 #: Largest integer a link message may carry: the store's columns are signed 64-bit.
 MAX_INT = (1 << 63) - 1
+#: Largest requirements text of a course environment (bytes of UTF-8).
+MAX_REQUIREMENTS_SIZE = 64 * 1024
 _MAX_TEXT = 2048
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _MAX_FLOAT = sys.float_info.max
 
 
@@ -552,6 +562,82 @@ class SettlementRefused(_Message):
         return {"type": self.type, "lease": self.lease, "reason": self.reason, "code": self.code}
 
 
+def environment_sha256(requirements: str) -> str:
+    """The hex sha256 naming a course environment: of its requirements text's UTF-8 bytes,
+    exactly as stored (the coordinator stores the normalised text, so both ends hash the
+    same bytes)."""
+    return hashlib.sha256(requirements.encode("utf-8")).hexdigest()
+
+
+def _sha256(body: Mapping[str, Any]) -> str:
+    value = body.get("sha256")
+    if not isinstance(value, str) or _SHA256_HEX.fullmatch(value) is None:
+        raise _fail(f"'sha256' must be 64 lowercase hex digits, not {value!r:.80}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class GetEnvironment(_Message):
+    """provider → coordinator: the requirements text of the course environment ``sha256``
+    (named by a lease token's ``env`` claim). Answered with :class:`Environment` or
+    :class:`EnvironmentRefused`."""
+
+    type: ClassVar[str] = "get_environment"
+    sha256: str
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> GetEnvironment:
+        return cls(_sha256(body))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "sha256": self.sha256}
+
+
+@dataclass(frozen=True, slots=True)
+class Environment(_Message):
+    """coordinator → provider: the requirements text of environment ``sha256`` (at most
+    :data:`MAX_REQUIREMENTS_SIZE` bytes). The receiver checks
+    ``environment_sha256(requirements) == sha256`` (:meth:`matches`) before using it."""
+
+    type: ClassVar[str] = "environment"
+    sha256: str
+    requirements: str
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> Environment:
+        text = _str(body, "requirements", limit=MAX_REQUIREMENTS_SIZE)
+        if len(text.encode("utf-8", errors="surrogatepass")) > MAX_REQUIREMENTS_SIZE:
+            raise _fail(f"'requirements' must be at most {MAX_REQUIREMENTS_SIZE} bytes")
+        return cls(_sha256(body), text)
+
+    def matches(self) -> bool:
+        """True when the text is the one its hash names."""
+        try:
+            return environment_sha256(self.requirements) == self.sha256
+        except UnicodeEncodeError:  # a lone surrogate: no stored text is that
+            return False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "sha256": self.sha256, "requirements": self.requirements}
+
+
+@dataclass(frozen=True, slots=True)
+class EnvironmentRefused(_Message):
+    """coordinator → provider: no environment ``sha256`` for this provider, and why (unknown
+    hash, or no lease of this provider names it)."""
+
+    type: ClassVar[str] = "environment_refused"
+    sha256: str
+    reason: str
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> EnvironmentRefused:
+        return cls(_sha256(body), _str(body, "reason"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "sha256": self.sha256, "reason": self.reason}
+
+
 #: A provider's answer to :class:`SignSettlement`.
 SettlementReply = SettlementSignature | SettlementRefused
 
@@ -568,6 +654,9 @@ LinkMessage = (
     | SignSettlement
     | SettlementSignature
     | SettlementRefused
+    | GetEnvironment
+    | Environment
+    | EnvironmentRefused
 )
 
 _PARSERS: dict[str, Callable[[Mapping[str, Any]], LinkMessage]] = {
@@ -585,6 +674,9 @@ _PARSERS: dict[str, Callable[[Mapping[str, Any]], LinkMessage]] = {
         SignSettlement,
         SettlementSignature,
         SettlementRefused,
+        GetEnvironment,
+        Environment,
+        EnvironmentRefused,
     )
 }
 

@@ -11,7 +11,10 @@ challenge with the host's keypair, checks and pins the coordinator's key, sends 
   reports) in order; what is queued while the link is down waits for the next link, and the
   leases of queued ``ended`` events are still listed in that hello so the coordinator ends
   them rather than failing them;
-* hands ``dial``, ``end`` and ``sign_settlement`` to the host (:class:`LinkHost`).
+* hands ``dial``, ``end`` and ``sign_settlement`` to the host (:class:`LinkHost`);
+* fetches a course environment's requirements text for the host
+  (:meth:`CoordinatorLink.environment`: ``get_environment``, answered by ``environment``
+  or ``environment_refused``), checking the text against its hash.
 
 When the link drops it links again with exponential backoff (0.1 s doubling to
 ``backoff_max``), listing the hosted leases so the coordinator keeps them live; sessions and
@@ -38,13 +41,16 @@ from solders.pubkey import Pubkey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from jupyter_io.errors import AuthError, ProtocolError
+from jupyter_io.errors import AuthError, KernelLaunchError, ProtocolError
 from jupyter_io.identity import new_nonce
 from jupyter_io.provider_link import (
     Challenge,
     Dial,
     End,
+    Environment,
+    EnvironmentRefused,
     ErrorMessage,
+    GetEnvironment,
     Heartbeat,
     Hello,
     Inventory,
@@ -140,6 +146,8 @@ class CoordinatorLink:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        #: Requirements asked for and not answered yet, by hash (one request per hash).
+        self._environments: dict[str, asyncio.Future[str]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -198,6 +206,53 @@ class CoordinatorLink:
                 self._outbox.remove(stale)
         self._outbox.append((json.dumps(body, separators=(",", ":")), ended, usage))
         self._queued.set()
+
+    async def environment(self, sha256: str, timeout: float) -> str:
+        """The requirements text of course environment ``sha256``, from the coordinator.
+
+        Asks once per hash however many callers wait (the request waits for a relink if
+        the link is down). Raises :class:`KernelLaunchError` when the coordinator refuses,
+        when its text does not hash to ``sha256`` (it is not used), or after ``timeout``
+        seconds without an answer.
+        """
+        future = self._environments.get(sha256)
+        if future is None or future.done():
+            future = asyncio.get_running_loop().create_future()
+            self._environments[sha256] = future
+            self.send(GetEnvironment(sha256))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except asyncio.TimeoutError:
+            if self._environments.get(sha256) is future and not future.done():
+                del self._environments[sha256]
+                future.cancel()
+            raise KernelLaunchError(
+                f"the coordinator did not send course environment {sha256[:12]} within "
+                f"{timeout:g} s; try again"
+            ) from None
+
+    def _answer_environment(self, message: Environment | EnvironmentRefused) -> None:
+        future = self._environments.pop(message.sha256, None)
+        if future is None or future.done():
+            self.log.warning("ignoring an unrequested environment %s", message.sha256[:12])
+            return
+        if isinstance(message, EnvironmentRefused):
+            future.set_exception(
+                KernelLaunchError(
+                    f"the coordinator has no course environment {message.sha256[:12]} for "
+                    f"this provider: {message.reason}"
+                )
+            )
+        elif not message.matches():
+            self.log.warning("the coordinator's environment %s fails its hash", message.sha256)
+            future.set_exception(
+                KernelLaunchError(
+                    f"the requirements the coordinator sent for course environment "
+                    f"{message.sha256[:12]} do not match their sha256; refusing to build them"
+                )
+            )
+        else:
+            future.set_result(message.requirements)
 
     def _pending_ended(self) -> frozenset[str]:
         return frozenset(entry[1] for entry in self._outbox if entry[1] is not None)
@@ -372,6 +427,8 @@ class CoordinatorLink:
             self.host.end_lease(message)
         elif isinstance(message, SignSettlement):
             self.host.settle(message)
+        elif isinstance(message, (Environment, EnvironmentRefused)):
+            self._answer_environment(message)
         elif isinstance(message, ErrorMessage):
             self.log.warning("coordinator: %s: %s", message.code, message.message)
         else:

@@ -189,18 +189,25 @@ def bwrap_argv(
     user: SessionUser | None,
     setpriv: str | None,
     tmpfs_bytes: int,
+    read_only: Sequence[str] = (),
+    network: bool = True,
 ) -> list[str]:
     """The command prefix that runs a kernel in its sandbox (pure: no I/O).
 
     ``user`` and ``setpriv`` are given together (a root host: drop to ``user``) or both None
     (a user namespace). ``gpus`` are the leased devices' indices: only their
     ``/dev/nvidiaN`` and, when any, :data:`GPU_CONTROL_NODES` are bound (``--dev-bind-try``:
-    a node this machine lacks is skipped). The kernel command follows the returned list.
+    a node this machine lacks is skipped). ``read_only`` are host directories shown
+    read-only even where the host's state is hidden (a course environment in the data
+    dir); ``network=False`` gives the sandbox a network namespace of its own (loopback
+    only). The kernel command follows the returned list.
     """
     if (user is None) != (setpriv is None):
         raise ValueError("give user and setpriv together (root host) or neither (user namespace)")
     args = [bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
     args += ["--unshare-cgroup-try"]
+    if not network:
+        args += ["--unshare-net"]
     if user is None:
         args += ["--unshare-user", "--disable-userns", "--cap-drop", "ALL"]
     else:
@@ -249,6 +256,8 @@ def bwrap_argv(
     for path in paths.host_files:
         if not covering(path)[1]:
             args += ["--ro-bind", "/dev/null", path]
+    for path in read_only:
+        bind("--ro-bind", path)
     for path in (workspace, runtime_dir):
         bind("--bind", path)
     if gpus:
@@ -282,9 +291,17 @@ class Sandbox:
     setpriv: str | None
 
     def argv(
-        self, *, workspace: Path, runtime_dir: Path, gpus: Sequence[int], user: SessionUser | None
+        self,
+        *,
+        workspace: Path,
+        runtime_dir: Path,
+        gpus: Sequence[int],
+        user: SessionUser | None,
+        read_only: Sequence[Path] = (),
+        network: bool = True,
     ) -> list[str]:
-        """The command prefix for one kernel of the session running as ``user``."""
+        """The command prefix for one kernel of the session running as ``user`` (see
+        :func:`bwrap_argv` for ``read_only`` and ``network``)."""
         return bwrap_argv(
             bwrap=self.bwrap,
             paths=self.paths,
@@ -294,6 +311,8 @@ class Sandbox:
             user=user,
             setpriv=self.setpriv,
             tmpfs_bytes=self.tmpfs_bytes,
+            read_only=[str(path) for path in read_only],
+            network=network,
         )
 
     def probe(self) -> None:

@@ -15,6 +15,7 @@ from jupyter_io.protocol import (
     Channel,
     Frame,
     FrameKind,
+    Progress,
     Tunnel,
     decode_frame,
     encode_control,
@@ -236,3 +237,25 @@ def test_message_larger_than_frame_size_is_refused_on_send() -> None:
     with pytest.raises(FrameTooLarge):
         a.send_data(Channel.SHELL, [b"x" * 200])
     assert a.sent == 0
+
+
+def test_progress_frames_are_sequenced_byte_for_byte_and_checked() -> None:
+    a, b = Tunnel(), Tunnel()
+    step = Progress("environment", "building", "building the course environment", 1800.0)
+    data = a.send_control(FrameKind.PROGRESS, step.to_body())
+    body = json.dumps(step.to_body(), separators=(",", ":")).encode()
+    assert data == HEADER.pack(11, 0, 1, 1, 0) + struct.pack("<I", len(body)) + body
+    frame = b.receive(data)
+    assert frame is not None and frame.kind is FrameKind.PROGRESS and frame.seq == 1
+    assert Progress.parse(frame.body) == step
+    ready = Progress("environment", "ready", "ready")
+    assert "timeout" not in ready.to_body() and Progress.parse(ready.to_body()) == ready
+    for bad, match in [
+        ({"step": "pip", "state": "ready", "message": ""}, "'step'"),
+        ({"step": "environment", "state": "done", "message": ""}, "'state'"),
+        ({"step": "environment", "state": "ready", "message": 3}, "'message'"),
+        ({"step": "environment", "state": "ready", "message": "", "timeout": -1}, "'timeout'"),
+        ({"step": "environment", "state": "ready", "message": "", "timeout": True}, "'timeout'"),
+    ]:
+        with pytest.raises(ProtocolError, match=match):
+            Progress.parse(bad)
