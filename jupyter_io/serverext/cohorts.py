@@ -32,7 +32,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import AuthError, ConfigError, JupyterIOError, LeaseError
+from ..coordinator_client import CoordinatorClient
+from ..errors import (
+    AuthError,
+    ConfigError,
+    InsufficientFunds,
+    JupyterIOError,
+    LeaseError,
+    PaymentError,
+)
 from ..identity import load_keypair
 from ..kernelspec import lease_kernel_json
 from .kernelspecs import SPEC_PREFIX
@@ -258,22 +266,67 @@ class CohortDesk:
 
     async def top_up(self, cohort_id: str, student: str | None, lamports: int) -> dict[str, Any]:
         """Add ``lamports`` to ``student``'s allowance (every student's with None) from the
-        instructor's wallet: the cohort pool's funding (:mod:`jupyter_io.payments.cohort_pool`),
-        one transaction the instructor's key signs."""
+        instructor's wallet, and approve the delegate for all it then holds: the cohort
+        pool's funding (:mod:`jupyter_io.payments.cohort_pool`), transactions only the
+        instructor's key signs. Only the cohort's creator can: the allowances are theirs.
+
+        Answers ``{"students", "lamports", "signatures", "fee_lamports"}``. 402 when the
+        wallet cannot pay (nothing sent), 409 when an allowance is not as agreed."""
         try:
             pool: Any = importlib.import_module("jupyter_io.payments.cohort_pool")
         except ModuleNotFoundError:
             pool = None
-        fund = getattr(pool, "fund_from_lab", None)
-        if fund is None:
+        if getattr(pool, "CohortPoolClient", None) is None:
             raise CohortError(
-                "topping up a cohort's pool from Lab needs the cohort pool's funding "
-                "(jupyter_io.payments.cohort_pool), which this installation does not have "
-                "yet; nothing was moved. Fund from a terminal instead: `jupyter io cohort "
-                f"fund {cohort_id} ...`",
+                "topping up a cohort's pool needs the cohort pool's funding "
+                "(jupyter_io.payments.cohort_pool), which this installation does not have; "
+                "nothing was moved",
                 501,
             )
-        return dict(await self._ask(fund(self._connect(), cohort_id, student, lamports)))
+        from solders.pubkey import Pubkey
+
+        board = await self.dashboard(cohort_id)  # 403 unless the caller teaches it
+        keypair = load_keypair(self.keypair_path)
+        if board.get("cohort", {}).get("instructor") != str(keypair.pubkey()):
+            raise CohortError(
+                "only the instructor who created the cohort can fund its allowances (they "
+                "are that instructor's accounts); ask them to top up",
+                403,
+            )
+        enrolled = [str(row["student"]) for row in board.get("students") or []]
+        if student is not None and student not in enrolled:
+            raise CohortError(f"{student} is not a student of cohort {cohort_id}", 404)
+        students = enrolled if student is None else [student]
+        if not students:
+            raise CohortError("the cohort has no students to fund yet", 409)
+        async with CoordinatorClient(self.coordinator_url, timeout=self.timeout) as info:
+            payments = await self._ask(info.payments())
+        if not payments.solana_url or not payments.arbiter:
+            raise CohortError(
+                f"the coordinator at {self.coordinator_url} takes no escrow payments, so "
+                f"there is no pool to fund",
+                409,
+            )
+        arbiter = Pubkey.from_string(payments.arbiter)
+        ledger = pool.CohortPoolClient.connect(payments.solana_url)
+        try:
+            targets = []
+            for key in students:
+                terms = pool.AllowanceTerms(
+                    keypair.pubkey(), Pubkey.from_string(key), arbiter, cohort_id
+                )
+                state = await self._ask(ledger.allowance_state(terms))
+                targets.append((terms, (state.amount if state is not None else 0) + lamports))
+            grants = await self._ask(ledger.plan_grants(targets))
+            receipts = await self._ask(ledger.fund(keypair, grants))
+        finally:
+            await ledger.close()
+        return {
+            "students": students,
+            "lamports": lamports * len(students),
+            "signatures": [str(r.signature) for r in receipts],
+            "fee_lamports": sum(r.fee for r in receipts),
+        }
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -308,14 +361,25 @@ class CohortDesk:
             return await call
         except CohortError:
             raise
-        except AuthError as exc:
-            raise CohortError(str(exc), 403) from None
-        except LeaseError as exc:
-            raise CohortError(str(exc), 409) from None
-        except ConfigError as exc:
-            raise CohortError(str(exc), 400) from None
         except JupyterIOError as exc:
             status = getattr(exc, "status", None)
             if isinstance(status, int) and 400 <= status < 500:
-                raise CohortError(str(exc), status) from None
-            raise CohortError(str(exc), 502) from None
+                raise CohortError(str(exc), status) from None  # the coordinator's own
+            raise self._mapped(exc) from None
+
+    @staticmethod
+    def _mapped(exc: JupyterIOError) -> CohortError:
+        for kind, status in _STATUSES:
+            if isinstance(exc, kind):
+                return CohortError(str(exc), status)
+        return CohortError(str(exc), 502)
+
+
+#: The HTTP status of an error without one of its own, by its kind (first match).
+_STATUSES: tuple[tuple[type[JupyterIOError], int], ...] = (
+    (AuthError, 403),
+    (InsufficientFunds, 402),
+    (PaymentError, 409),
+    (LeaseError, 409),
+    (ConfigError, 400),
+)
