@@ -59,7 +59,8 @@ MAX_TOKEN_LENGTH = 4096
 CLOCK_SKEW_S = 60.0
 _MAX_FLOAT = sys.float_info.max
 #: Claims a token may leave out (absent means None); the rest must all be there.
-_OPTIONAL = frozenset({"env"})
+_OPTIONAL = frozenset({"env", "cohort", "cohort_instructor"})
+_MAX_COHORT_ID = 64
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -88,6 +89,12 @@ class LeaseClaims:
     #: (``provider_host.environments``). None: the provider's own Python. Left out of the
     #: JSON when None, so a token without one reads as it did before the claim existed.
     env: str | None = None
+    #: A cohort lease (paid from the student's allowance, ``jupyter_io.payments.cohort_pool``):
+    #: the cohort id and the instructor who owns the allowance, both or neither. The provider
+    #: derives the allowance from them (with the user and the coordinator) to check that a
+    #: settlement returns the unspent deposit there. Left out of the JSON when None.
+    cohort: str | None = None
+    cohort_instructor: Pubkey | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.lease_id, str) or not self.lease_id:
@@ -118,6 +125,14 @@ class LeaseClaims:
             not isinstance(self.env, str) or _SHA256_HEX.fullmatch(self.env) is None
         ):
             raise ValueError("env must be the sha256 of the requirements text, 64 lowercase hex")
+        if (self.cohort is None) != (self.cohort_instructor is None):
+            raise ValueError("cohort and cohort_instructor go together: both or neither")
+        if self.cohort is not None and (
+            not isinstance(self.cohort, str) or not 0 < len(self.cohort) <= _MAX_COHORT_ID
+        ):
+            raise ValueError(f"cohort must be a cohort id of 1 to {_MAX_COHORT_ID} characters")
+        if self.cohort_instructor is not None and not isinstance(self.cohort_instructor, Pubkey):
+            raise TypeError("cohort_instructor must be a solders Pubkey")
 
     def to_json(self) -> bytes:
         """The canonical JSON bytes a token carries (and the coordinator signs)."""
@@ -161,6 +176,10 @@ class LeaseClaims:
             if not isinstance(values["gpu_indices"], list):
                 raise TypeError("gpu_indices")
             values["gpu_indices"] = tuple(values["gpu_indices"])
+            if values.get("cohort_instructor") is not None:
+                if not isinstance(values["cohort_instructor"], str):
+                    raise TypeError("cohort_instructor")
+                values["cohort_instructor"] = Pubkey.from_string(values["cohort_instructor"])
             return cls(**values)
         except (TypeError, ValueError) as exc:
             raise _malformed(f"invalid claim: {exc}") from None

@@ -12,7 +12,10 @@ session opens until the lease is settled, even long after the session ended.
 * the message is byte for byte :func:`~jupyter_io.payments.escrow.settlement_message` of
   this lease's escrow terms (user from the token, provider = this host, arbiter = the
   coordinator pinned on the link, session id = the lease id) for the amount asked, fee paid
-  by this host; and
+  by this host — for a cohort lease (the token's ``cohort`` claims) a
+  :func:`~jupyter_io.payments.cohort_pool.cohort_settlement_message` returning the rest to
+  the student's allowance (or its instructor), checked by
+  :func:`~jupyter_io.payments.cohort_pool.match_cohort_settlement`; and
 * the amount is at least price x (own delivered seconds - ``tolerance_seconds``) / 3600.
 
 Otherwise it answers ``settlement_refused`` with the reason (code ``unknown_lease`` for a
@@ -53,6 +56,7 @@ from solders.pubkey import Pubkey
 from jupyter_io.errors import PaymentError
 from jupyter_io.leases import LeaseClaims
 from jupyter_io.payments.amounts import SECONDS_PER_HOUR, format_sol
+from jupyter_io.payments.cohort_pool import AllowanceTerms, CohortSession, match_cohort_settlement
 from jupyter_io.payments.escrow import EscrowTerms, settlement_message
 from jupyter_io.provider_link import (
     SettlementRefused,
@@ -218,23 +222,37 @@ class SettlementBook:
         try:
             message = MessageV0.from_bytes(request.message)
             terms = EscrowTerms(claims.user, me, coordinator, request.lease)
-            expected = [
-                bytes(
-                    settlement_message(
-                        terms,
-                        request.amount,
-                        blockhash=message.recent_blockhash,
-                        fee_payer=me,
-                        create_payout_account=create,
-                    )
+            if claims.cohort is not None and claims.cohort_instructor is not None:
+                # A cohort lease: the rest goes back to the student's allowance (or, reclaimed,
+                # to its instructor), never anywhere else.
+                allowance = AllowanceTerms(
+                    claims.cohort_instructor, claims.user, coordinator, claims.cohort
                 )
-                for create in (True, False)
-            ]
+                exact = match_cohort_settlement(
+                    CohortSession(allowance, terms),
+                    request.amount,
+                    request.message,
+                    blockhash=message.recent_blockhash,
+                )
+            else:
+                exact = request.message in [
+                    bytes(
+                        settlement_message(
+                            terms,
+                            request.amount,
+                            blockhash=message.recent_blockhash,
+                            fee_payer=me,
+                            create_payout_account=create,
+                        )
+                    )
+                    for create in (True, False)
+                ]
         except (ValueError, PaymentError) as exc:
             raise PaymentError(f"the settlement message does not parse: {exc}") from None
-        if request.message not in expected:
+        if not exact:
+            what = "cohort lease" if claims.cohort is not None else "lease"
             raise PaymentError(
-                f"the message is not the settlement of lease {request.lease}'s escrow paying "
+                f"the message is not the settlement of {what} {request.lease}'s escrow paying "
                 f"this provider {request.amount} lamports with this provider as fee payer"
             )
         owed = self.owed(request.lease)
@@ -303,6 +321,10 @@ def _entry_to_json(entry: _Lease) -> dict[str, Any]:
         "issued_at": claims.issued_at,
         "expires_at": claims.expires_at,
         "relay": claims.relay,
+        "cohort": claims.cohort,
+        "cohort_instructor": None
+        if claims.cohort_instructor is None
+        else str(claims.cohort_instructor),
         "seconds": meter.seconds(),
         "seq": meter.seq,
         "signed_at": entry.signed_at,
@@ -328,6 +350,10 @@ def _entry_from_json(record: Any, provider: Pubkey) -> _Lease:
         expires_at=float(record["expires_at"]),
         coordinator=Pubkey.from_string(record["coordinator"]),
         relay=bool(record["relay"]),
+        cohort=record.get("cohort"),
+        cohort_instructor=None
+        if record.get("cohort_instructor") is None
+        else Pubkey.from_string(record["cohort_instructor"]),
     )
     meter = UsageMeter.restored(claims.lease_id, seconds, seq, claims.gpu_indices)
     return _Lease(claims, meter, None if signed_at is None else float(signed_at))
