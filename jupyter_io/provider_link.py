@@ -391,6 +391,8 @@ class Heartbeat(_Message):
 class Usage(_Message):
     """provider → coordinator: signed seconds delivered on a lease so far (cumulative).
 
+    ``idle_seconds`` (optional, signed like the rest): seconds since the lease's kernel last
+    executed anything; a cohort's idle timeout counts it (``docs/cohorts.md``, "Time rules").
     ``raw`` is the object as received, which the signature covers (see
     :func:`~jupyter_io.signing.verify_usage`); build outgoing reports with
     :func:`~jupyter_io.signing.sign_usage` instead.
@@ -404,10 +406,12 @@ class Usage(_Message):
     at: float
     signature: str
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    idle_seconds: int | None = None
 
     @classmethod
     def parse(cls, body: Mapping[str, Any]) -> Usage:
         utilisation = _float(body, "gpu_utilisation", optional=True)
+        idle = _int(body, "idle_seconds") if body.get("idle_seconds") is not None else None
         return cls(
             lease=_lease_id(body.get("lease"), "'lease'"),
             seq=_int(body, "seq"),
@@ -416,10 +420,11 @@ class Usage(_Message):
             at=_float(body, "at"),
             signature=_str(body, "signature", limit=100),
             raw=dict(body),
+            idle_seconds=idle,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        body = {
             "type": self.type,
             "lease": self.lease,
             "seq": self.seq,
@@ -428,6 +433,9 @@ class Usage(_Message):
             "at": self.at,
             "signature": self.signature,
         }
+        if self.idle_seconds is not None:
+            body["idle_seconds"] = self.idle_seconds
+        return body
 
 
 @dataclass(frozen=True, slots=True)

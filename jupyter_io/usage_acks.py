@@ -95,13 +95,21 @@ def ack_path(lease_id: str) -> str:
 @dataclass(frozen=True, slots=True)
 class UsageAck:
     """The user saw lease ``lease``'s kernel tunnel alive for ``seconds`` whole seconds
-    since the kernel first became ready on it (gaps it resumed after included)."""
+    since the kernel first became ready on it (gaps it resumed after included).
+
+    ``idle_seconds`` (optional): seconds since the kernel last executed anything as the
+    user's side saw it; a cohort's idle timeout counts it (``docs/cohorts.md``, "Time
+    rules": idle when either party says idle)."""
 
     lease: str
     seconds: int
+    idle_seconds: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"lease": self.lease, "seconds": self.seconds}
+        body: dict[str, Any] = {"lease": self.lease, "seconds": self.seconds}
+        if self.idle_seconds is not None:
+            body["idle_seconds"] = self.idle_seconds
+        return body
 
     def encode(self) -> bytes:
         """The request body (what the request's signature covers)."""
@@ -110,14 +118,20 @@ class UsageAck:
     @classmethod
     def parse(cls, body: bytes | str, lease_id: str) -> UsageAck:
         """The acknowledgement in a request body sent to ``lease_id``'s endpoint. Raises
-        :class:`AckRefused` when it is not ``{"lease": lease_id, "seconds": N}`` with a
-        whole ``0 <= N <=`` :data:`MAX_ACK_SECONDS`."""
+        :class:`AckRefused` when it is not ``{"lease": lease_id, "seconds": N}`` (and
+        optionally ``"idle_seconds": I``) with whole ``0 <= N, I <=``
+        :data:`MAX_ACK_SECONDS`."""
         try:
             fields = json.loads(body)
         except (ValueError, RecursionError):
             raise AckRefused('the body must be JSON: {"lease": ID, "seconds": N}') from None
-        if not isinstance(fields, dict) or set(fields) != {"lease", "seconds"}:
-            raise AckRefused('an acknowledgement is exactly {"lease": ID, "seconds": N}')
+        if not isinstance(fields, dict) or not (
+            {"lease", "seconds"} <= set(fields) <= {"lease", "seconds", "idle_seconds"}
+        ):
+            raise AckRefused(
+                'an acknowledgement is exactly {"lease": ID, "seconds": N} and optionally '
+                '"idle_seconds": I'
+            )
         lease, seconds = fields["lease"], fields["seconds"]
         if lease != lease_id:
             raise AckRefused(
@@ -126,7 +140,12 @@ class UsageAck:
             )
         if type(seconds) is not int or not 0 <= seconds <= MAX_ACK_SECONDS:
             raise AckRefused(f"'seconds' must be a whole number from 0 to {MAX_ACK_SECONDS}")
-        return cls(lease_id, seconds)
+        idle = fields.get("idle_seconds")
+        if idle is not None and (type(idle) is not int or not 0 <= idle <= MAX_ACK_SECONDS):
+            raise AckRefused(
+                f"'idle_seconds' must be a whole number from 0 to {MAX_ACK_SECONDS} or absent"
+            )
+        return cls(lease_id, seconds, idle)
 
 
 def check_ack(ack: UsageAck, *, recorded: int | None, observed: int) -> None:

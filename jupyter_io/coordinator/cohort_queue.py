@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import LeaseError
+from ..errors import JupyterIOError, LeaseError
 
 __all__ = [
     "DEFAULT_MAX_PER_COHORT",
@@ -383,7 +383,8 @@ class _CohortTimes:
 
 
 #: ``lease(ticket)``: try to lease for the ticket now; a :class:`Served`, or None when there
-#: is no capacity for it yet. Any other :class:`LeaseError` ends the ticket with its message.
+#: is no capacity for it yet. A :class:`~jupyter_io.errors.JupyterIOError` (the student left
+#: the class, reached their quota, ...) cancels the ticket with its message.
 LeaseAttempt = Callable[[Ticket], Awaitable[Served | None]]
 
 
@@ -508,7 +509,7 @@ class QueueService:
                 continue
             try:
                 served = await self._lease(ticket)
-            except LeaseError as exc:
+            except JupyterIOError as exc:
                 if ticket.state is TicketState.WAITING:
                     self.queue.cancel(ticket, self.clock(), str(exc))
                     self._tell(ticket)

@@ -226,6 +226,9 @@ class Registry:
         self.activation_listeners: list[Callable[[LeaseRecord], None]] = []
         #: Called with the provider's key when a provider links here.
         self.link_listeners: list[Callable[[str], None]] = []
+        #: Called with each verified usage report (a cohort's idle watch reads
+        #: ``idle_seconds``).
+        self.usage_listeners: list[Callable[[Usage], None]] = []
         #: Gets each provider's answer to a ``sign_settlement`` (the settlement worker).
         self.settlement_replies: Callable[[str, SettlementReply], None] | None = None
         self._providers: dict[str, ProviderState] = {}
@@ -534,6 +537,7 @@ class Registry:
         stored = await self.store.add_usage_report(report)
         self.stats.usage_received += 1
         self.stats.usage_stored += stored
+        self._call_listeners(self.usage_listeners, usage)
         self._notify()
         return stored
 

@@ -58,6 +58,7 @@ __all__ = [
     "TIERS",
     "GpuTypeSummary",
     "LeaseRequest",
+    "NoCapacity",
     "Offer",
     "OfferIndex",
     "Weights",
@@ -79,6 +80,11 @@ TIERS = (1, 2, 4, 8)
 #: sit on a shelf per band, so a request with ``max_latency_ms`` walks only the bands that
 #: can satisfy it instead of skipping every offer that is too far away.
 LATENCY_BANDS = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0, float("inf"))
+
+
+class NoCapacity(LeaseError):
+    """Offers match the request but none has the GPUs free now (or they are reserved for a
+    class): the request could be served later, so a cohort's request queues on it."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -754,7 +760,7 @@ class OfferIndex:
         if next(self._walk(unlimited, None, None, 1, cohort), None) is None:
             free = next(self._walk(unlimited, None, None, 1, holds=False), None)
             if free is not None:
-                return LeaseError(
+                return NoCapacity(
                     f"the free {what} GPUs are reserved for a class's session right now; try "
                     f"again after it, or choose another type ({types})"
                 )
@@ -762,7 +768,7 @@ class OfferIndex:
                 self._groups[m][(vram, reg)] for m, vram, reg in self._matching_groups(request)
             )
             need = "a GPU" if request.gpus == 1 else f"{request.gpus} GPUs"
-            return LeaseError(
+            return NoCapacity(
                 f"all {offers} {what} offers are at capacity (none has {need} free right now); "
                 f"try again shortly, ask for fewer GPUs, or choose another type ({types})"
             )
