@@ -17,6 +17,7 @@ from traitlets import Bool, Float, TraitError, Unicode
 
 from . import __version__
 from .demo import Demo
+from .demo_cohort import CohortDemo
 from .errors import JupyterIOError
 from .identity import DEFAULT_KEYPAIR_PATH
 from .options import flag_names
@@ -352,7 +353,8 @@ class DemoApp(IOCommand):
     )
     examples = """jupyter io demo
 jupyter io demo --no-browser --port 8890
-jupyter io demo --no-lab --data-dir /tmp/io-demo"""
+jupyter io demo --no-lab --data-dir /tmp/io-demo
+jupyter io demo --cohort --cohort-students 5"""
 
     aliases = {
         **base_aliases,
@@ -364,8 +366,14 @@ jupyter io demo --no-lab --data-dir /tmp/io-demo"""
         "simulate-gpu": "Demo.simulate_gpus",
         "price": "Demo.price",
         "payments": "Demo.payments",
+        "cohort-students": "CohortDemo.students",
     }
     flags = {
+        "cohort": (
+            {"DemoApp": {"cohort": True}},
+            "Also make a class (cohort) taught by the demo user, with simulated students who "
+            "have keys of their own and one a JupyterLab of its own (c.CohortDemo.*).",
+        ),
         "no-lab": (
             {"Demo": {"lab": False}},
             "Run only the coordinator, the provider and the kernelspecs.",
@@ -373,7 +381,11 @@ jupyter io demo --no-lab --data-dir /tmp/io-demo"""
         "debug": base_flags["debug"],
     }
 
-    classes = [Demo]
+    classes = [Demo, CohortDemo]
+
+    cohort = Bool(
+        False, config=True, help="Run the demo with a class (jupyter_io.demo_cohort.CohortDemo)."
+    )
 
     def parse_command_line(self, argv: Any = None) -> None:
         ours, self.lab_args = _split_argv(
@@ -382,7 +394,7 @@ jupyter io demo --no-lab --data-dir /tmp/io-demo"""
         super().parse_command_line(ours)
 
     def run(self) -> int:
-        demo = Demo(parent=self)
+        demo = CohortDemo(parent=self) if self.cohort else Demo(parent=self)
         demo.lab_args = [*demo.lab_args, *self.lab_args]
         return asyncio.run(demo.run())
 
@@ -399,6 +411,10 @@ class JupyterIOApp(_CommandGroup):
 jupyter io provider --listen 0.0.0.0:8765 --allow USER_PUBKEY --keypair provider.json
 jupyter io kernelspec install --provider-url ws://HOST:8765/tunnel --user"""
     subcommands = dict(SUBCOMMANDS)
+
+
+#: The classes whose ``--Class.trait=value`` options the demo takes (the rest go to Lab).
+_CONFIGURED = ("Demo", "CohortDemo", "DemoApp", "Application")
 
 
 def _split_argv(
@@ -424,7 +440,7 @@ def _split_argv(
             ours.append(arg)
             if not has_value:
                 ours.append(next(args, ""))
-        elif name in known or name.split(".")[0] in ("Demo", "DemoApp", "Application"):
+        elif name in known or name.split(".")[0] in _CONFIGURED:
             ours.append(arg)
         else:
             rest.append(arg)
