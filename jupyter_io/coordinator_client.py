@@ -359,6 +359,13 @@ class LeaseInfo:
     end_reason: str | None = None
     escrow: EscrowOffer | None = None
     billing: Billing | None = None
+    #: The cohort paying for it (None: the user's own escrow).
+    cohort: str | None = None
+    #: The coordinator's warnings of a coming stop (a cohort's idle timeout, max session
+    #: length, weekly quota): ``{"kind", "at", "message"}`` each.
+    warnings: tuple[dict[str, Any], ...] = ()
+    #: When the coordinator will end it (Unix seconds), when it has said.
+    ends_at: float | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> LeaseInfo:
@@ -381,6 +388,9 @@ class LeaseInfo:
             end_reason=body.get("end_reason") or body.get("reason"),
             escrow=EscrowOffer.from_json(body.get("escrow")),
             billing=Billing.from_json(body.get("billing")),
+            cohort=body.get("cohort") or None,
+            warnings=tuple(w for w in body.get("warnings") or () if isinstance(w, dict)),
+            ends_at=body.get("ends_at"),
         )
 
     @property

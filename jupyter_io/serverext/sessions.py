@@ -88,7 +88,9 @@ def session_json(
     budget_hours = preferences.session_budget_hours
     budget = None if price is None or budget_hours is None else int(price * budget_hours)
     spec = provisioner.kernel_spec
-    spec_gpu = ((spec.metadata or {}).get("jupyter_io") or {}).get("display") if spec else None
+    spec_io = ((spec.metadata or {}).get("jupyter_io") or {}) if spec else {}
+    spec_gpu = spec_io.get("display")
+    spec_cohort = spec_io.get("cohort")
     return {
         "kernel_id": kernel_id,
         "kernel_name": kernel_name,
@@ -107,6 +109,10 @@ def session_json(
         "budget_lamports": budget,
         "budget_left_lamports": None if budget is None or cost is None else budget - cost,
         **_escrow_fields(lease_info),
+        # A class's kernel: which class pays, and the stops it warns of (idle, max length,
+        # quota) while the lease lives.
+        "cohort": lease_info.cohort if lease_info is not None else spec_cohort,
+        "warnings": list(lease_info.warnings) if lease_info is not None and lease_info.live else [],
     }
 
 
