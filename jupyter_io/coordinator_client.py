@@ -56,6 +56,7 @@ from .errors import (
     PaymentError,
 )
 from .payments.amounts import covered_seconds
+from .queue_tickets import QueuePlace, progress_message, queue_path
 from .signing import HEADER_LEASE_TOKEN, sign_request
 from .tls import SchemeMismatch, dial_checked, scheme_mismatch, untrusted_certificate
 from .usage_acks import UsageAck, ack_path
@@ -72,6 +73,7 @@ __all__ = [
     "EscrowOffer",
     "LeaseGrant",
     "LeaseInfo",
+    "LeaseQueued",
     "PaymentsInfo",
     "RefundOffer",
     "SettlementInfo",
@@ -110,6 +112,18 @@ class TooManyPendingLeases(LeaseError):
         super().__init__(message)
         self.code = code
         self.retry_after = retry_after
+
+
+class LeaseQueued(LeaseError):
+    """A cohort's lease request was queued (HTTP 202): no GPU of the class's types is free
+    now. ``place`` says where it waits; poll it with :meth:`CoordinatorClient.queue_ticket`
+    (every :data:`~jupyter_io.queue_tickets.POLL_SECONDS`) until it is served, or cancel it
+    with :meth:`CoordinatorClient.cancel_queue_ticket`. A caller that does not wait treats it
+    as the refusal it also is."""
+
+    def __init__(self, place: QueuePlace) -> None:
+        super().__init__(progress_message(place))
+        self.place = place
 
 
 class CoordinatorPaymentError(PaymentError):
@@ -552,7 +566,27 @@ class CoordinatorClient:
             "max_price_lamports_per_hour": max_price_lamports_per_hour,
             "region": region,
         }
-        return LeaseGrant.from_json(await self._call("POST", "/api/v1/leases", body, sign=True))
+        payload = await self._call("POST", "/api/v1/leases", body, sign=True)
+        if "queued" in payload:
+            raise LeaseQueued(QueuePlace.from_json(payload["queued"]))
+        return LeaseGrant.from_json(payload)
+
+    async def queue_ticket(self, place: QueuePlace) -> LeaseGrant | QueuePlace:
+        """Your queued request now: its new place, or the lease grant once served. Raises
+        :class:`LeaseError` with the coordinator's reason when it expired or was cancelled."""
+        try:
+            payload = await self._call("GET", queue_path(place.cohort, place.ticket), sign=True)
+        except CoordinatorError as exc:
+            if exc.status in (404, 410):
+                raise LeaseError(str(exc)) from None
+            raise
+        if "lease" in payload:
+            return LeaseGrant.from_json(payload["lease"])
+        return QueuePlace.from_json(payload.get("queued"))
+
+    async def cancel_queue_ticket(self, place: QueuePlace) -> None:
+        """Withdraw your queued request (a served or expired one is left as it is)."""
+        await self._call("DELETE", queue_path(place.cohort, place.ticket), sign=True)
 
     async def get_lease(self, lease_id: str) -> LeaseInfo:
         """Your lease's record (state, times, failure reason)."""

@@ -52,7 +52,13 @@ from typing import Any
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
-from jupyter_io.coordinator_client import CoordinatorClient, CoordinatorError, LeaseGrant, LeaseInfo
+from jupyter_io.coordinator_client import (
+    CoordinatorClient,
+    CoordinatorError,
+    LeaseGrant,
+    LeaseInfo,
+    LeaseQueued,
+)
 from jupyter_io.errors import (
     ConfigError,
     InsufficientFunds,
@@ -64,6 +70,7 @@ from jupyter_io.errors import (
 from jupyter_io.payments.amounts import format_sol
 from jupyter_io.payments.escrow import TransactionFailed
 from jupyter_io.payments.hooks import EscrowInfo, PaymentHook, SessionTerms
+from jupyter_io.queue_tickets import POLL_SECONDS, QueuePlace
 from jupyter_io.usage_acks import UsageAck
 
 from .connection import Credentials
@@ -171,6 +178,9 @@ class KernelLease:
         self._acking: asyncio.Task[None] | None = None
         self._ack_lock = asyncio.Lock()
         self._ack_failures = 0
+        #: Called with each place while a cohort request waits in the class's queue (the
+        #: provisioner reports it as the start's ``queue`` step).
+        self.on_queue: Callable[[QueuePlace], None] | None = None
 
     @property
     def client(self) -> CoordinatorClient:
@@ -283,6 +293,8 @@ class KernelLease:
                 max_price_lamports_per_hour=terms.max_price_lamports_per_hour,
                 region=terms.region,
             )
+        except LeaseQueued as queued:
+            grant = await self._wait_in_queue(queued.place)
         except LeaseError as exc:
             raise LeaseRefused(f"no lease from {self.coordinator_url}: {exc}") from None
         except JupyterIOError as exc:
@@ -295,6 +307,37 @@ class KernelLease:
         self.acked_seconds = 0
         self._learn_life(grant)
         return grant
+
+    async def _wait_in_queue(self, place: QueuePlace) -> LeaseGrant:
+        """Wait in the class's queue: poll the ticket every :data:`POLL_SECONDS` (reporting
+        each place to :attr:`on_queue`) until it is served; :class:`LeaseRefused` with the
+        coordinator's reason when it expires. A cancelled start withdraws the ticket."""
+        client = self.client
+        try:
+            while True:
+                if self.on_queue is not None:
+                    self.on_queue(place)
+                # The ticket's REST is the protocol: the coordinator serves on events, so the
+                # lease is waiting at the next poll; never past the ticket's expiry.
+                await asyncio.sleep(min(POLL_SECONDS, max(0.05, place.expires_at - time.time())))
+                try:
+                    answer = await asyncio.wait_for(client.queue_ticket(place), self.timeout)
+                except LeaseError as exc:
+                    raise LeaseRefused(f"no lease from {self.coordinator_url}: {exc}") from None
+                except (JupyterIOError, asyncio.TimeoutError) as exc:
+                    if time.time() < place.expires_at:
+                        self.log.info("jupyter-io: queue poll failed (%s); retrying", exc)
+                        continue
+                    raise KernelLaunchError(
+                        f"lost the class's queue at {self.coordinator_url}: {exc}"
+                    ) from None
+                if isinstance(answer, LeaseGrant):
+                    return answer
+                place = answer
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.cancel_queue_ticket(place), 5.0)
+            raise
 
     async def fund(self) -> EscrowInfo | None:
         """Pay for the granted lease before any kernel starts; returns its escrow (None when

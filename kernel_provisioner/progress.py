@@ -3,7 +3,10 @@
 A remote start takes longer than a local one (a lease from the coordinator, a tunnel, the
 provider's own kernel start), so the provisioner reports each step as it happens::
 
-    queued → leased → escrowed → launching → ready        (or failed, at any point)
+    queued → [queue …] → leased → escrowed → launching → ready    (or failed, at any point)
+
+``queue`` only for a class's kernel waiting for a GPU in the class's queue (once per new
+place or estimate: ``"In the queue: place 3, about 4 min"``).
 
 ``queued`` and ``leased`` only happen with a coordinator (``coordinator_url``), ``escrowed``
 only with a coordinator that is paid through an escrow (``docs/payments-contract.md``); a
@@ -40,6 +43,10 @@ class ProgressStep(str, enum.Enum):
 
     QUEUED = "queued"
     """A lease was requested from the coordinator."""
+    QUEUE = "queue"
+    """A class's request waits in the class's queue (no GPU of its types free): ``place``,
+    ``waiting``, ``estimated_wait_seconds``, ``expires_at``, ``ticket``; repeated as they
+    change (:mod:`jupyter_io.queue_tickets`)."""
     LEASED = "leased"
     """The coordinator granted a lease: provider, GPU and price are known."""
     ESCROWED = "escrowed"

@@ -67,6 +67,7 @@ from jupyter_io.identity import DEFAULT_KEYPAIR_PATH, load_keypair, parse_pubkey
 from jupyter_io.payments.amounts import DEFAULT_SESSION_HOURS, format_sol, parse_sol
 from jupyter_io.payments.hooks import PaymentHook, SolanaEscrowHook, close_ledger_clients
 from jupyter_io.protocol import DEFAULT_MAX_FRAME_SIZE
+from jupyter_io.queue_tickets import QueuePlace, progress_message
 from jupyter_io.usage_acks import DEFAULT_ACK_INTERVAL_S
 
 from .connection import LOST_EXIT_CODE, KernelState, TunnelClient, tunnel_url
@@ -611,13 +612,22 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
 
     def _new_lease(self, keypair: Keypair) -> KernelLease:
         """A lease with a payment hook of its own (one escrow per lease)."""
-        return KernelLease(
+        lease = KernelLease(
             self.coordinator_url,
             keypair,
             hook=self._new_hook(),
             timeout=self.coordinator_timeout,
             log=self.log,
         )
+        lease.on_queue = self._queue_progress
+        return lease
+
+    def _queue_progress(self, place: QueuePlace) -> None:
+        """A class's start waits in the class's queue: report each new place or estimate."""
+        message = progress_message(place)
+        last = self.progress[-1] if self.progress else None
+        if last is None or last.step is not ProgressStep.QUEUE or last.message != message:
+            self._report(ProgressStep.QUEUE, message, **place.to_json())
 
     def _new_hook(self) -> PaymentHook:
         # The hook is configured like any Configurable below this provisioner
