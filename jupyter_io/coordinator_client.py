@@ -40,7 +40,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from solders.keypair import Keypair
 from solders.message import MessageV0
@@ -557,15 +557,25 @@ class CoordinatorClient:
         min_vram_bytes: int | None = None,
         max_price_lamports_per_hour: int | None = None,
         region: str | None = None,
+        max_latency_ms: float | None = None,
+        latency_ms: Mapping[str, float] | None = None,
     ) -> LeaseGrant:
-        """Lease GPUs; :class:`LeaseError` with the coordinator's reason when none fits."""
-        body = {
+        """Lease GPUs; :class:`LeaseError` with the coordinator's reason when none fits.
+
+        ``latency_ms``: the round trips you measured to providers (``jupyter_io.latency``);
+        the scheduler weighs them, and ``max_latency_ms`` only admits providers measured
+        within it."""
+        body: dict[str, Any] = {
             "gpu": gpu,
             "min_vram_bytes": min_vram_bytes,
             "gpus": gpus,
             "max_price_lamports_per_hour": max_price_lamports_per_hour,
             "region": region,
         }
+        if max_latency_ms is not None:
+            body["max_latency_ms"] = max_latency_ms
+        if latency_ms:
+            body["latency_ms"] = dict(latency_ms)
         payload = await self._call("POST", "/api/v1/leases", body, sign=True)
         if "queued" in payload:
             raise LeaseQueued(QueuePlace.from_json(payload["queued"]))
@@ -587,6 +597,33 @@ class CoordinatorClient:
     async def cancel_queue_ticket(self, place: QueuePlace) -> None:
         """Withdraw your queued request (a served or expired one is left as it is)."""
         await self._call("DELETE", queue_path(place.cohort, place.ticket), sign=True)
+
+    async def candidates(
+        self,
+        gpu: str | None = None,
+        *,
+        gpus: int = 1,
+        min_vram_bytes: int | None = None,
+        max_price_lamports_per_hour: int | None = None,
+        region: str | None = None,
+        limit: int = 8,
+    ) -> list[dict[str, Any]]:
+        """The offers a lease request with these terms would weigh, cheapest first, each with
+        what to ping (``probe_url``, ``via_relay``, ``relay_hop_ms``): measure them with
+        :class:`jupyter_io.latency.LatencyProber`, then pass the figures to
+        :meth:`request_lease`. Unsigned."""
+        query: dict[str, Any] = {"gpus": gpus, "limit": limit}
+        for name, value in (
+            ("gpu", gpu),
+            ("min_vram_bytes", min_vram_bytes),
+            ("max_price_lamports_per_hour", max_price_lamports_per_hour),
+            ("region", region),
+        ):
+            if value is not None:
+                query[name] = value
+        body = await self._call("GET", f"/api/v1/offers/candidates?{urlencode(query)}")
+        found = body.get("candidates")
+        return [c for c in found if isinstance(c, dict)] if isinstance(found, list) else []
 
     async def get_lease(self, lease_id: str) -> LeaseInfo:
         """Your lease's record (state, times, failure reason)."""

@@ -100,18 +100,23 @@ class CohortDemoService(Service):
             payments = await plain.payments()
         if not types:
             raise JupyterIOError(f"the coordinator at {url} has nothing on offer for a class")
-        async with CohortClient(url, instructor, timeout=10) as teacher:
+        teacher = CohortClient(url, instructor, timeout=10)
+        try:
             self.cohort = await self._find_or_create(teacher, types)
-            cohort_id = str(self.cohort["id"])
-            code = await teacher.create_code(cohort_id)
-            self.code, self.link = str(code["code"]), str(code["link"])
+            code = await teacher.create_code(str(self.cohort["id"]))
+            self.code, self.link = code.code, code.link
+        finally:
+            teacher.close()
         (self.data_dir / "students").mkdir(exist_ok=True, mode=0o700)
         for index in range(1, self.students + 1):
             path = self.student_key(index)
             keypair = load_or_create_keypair(path)
             self.student_keys.append(path)
-            async with CohortClient(url, keypair, timeout=10) as student:
+            student = CohortClient(url, keypair, timeout=10)
+            try:
                 await student.join(self.code)
+            finally:
+                student.close()
         if payments.payments == "escrow" and payments.solana_url and payments.arbiter:
             await self._fund(instructor, payments.solana_url, payments.arbiter)
         else:
@@ -124,20 +129,18 @@ class CohortDemoService(Service):
         except (OSError, ValueError, KeyError, TypeError):
             known = None
         if known:
-            for cohort in await teacher.list_cohorts():
-                if cohort.get("id") == known and cohort.get("state") == "active":
-                    return dict(cohort)
-        cohort = await teacher.create_cohort(
-            {
-                "name": COHORT_NAME,
-                "gpu_types": types,
-                "max_price_lamports_per_hour": self.price_cap_lamports,
-                "quota_gpu_seconds_per_week": round(self.quota_hours * 3600),
-                "term_ends_at": time.time() + TERM_SECONDS,
-            }
+            for view in await teacher.cohorts():
+                if view.id == known and view.state == "active":
+                    return dict(view.to_json())
+        view = await teacher.create(
+            name=COHORT_NAME,
+            gpu_types=types,
+            max_price_lamports_per_hour=self.price_cap_lamports,
+            quota_gpu_seconds_per_week=round(self.quota_hours * 3600),
+            term_ends_at=time.time() + TERM_SECONDS,
         )
-        self.state_path.write_text(json.dumps({"id": cohort["id"]}))
-        return dict(cohort)
+        self.state_path.write_text(json.dumps({"id": view.id}))
+        return dict(view.to_json())
 
     async def _fund(self, instructor: Any, solana_url: str, arbiter_key: str) -> None:
         """Bring each student's allowance up to ``allowance_lamports`` (a restarted demo

@@ -267,6 +267,21 @@ class TunnelClient:
         return self._ws is not None
 
     @property
+    def round_trip_ms(self) -> float | None:
+        """The tunnel's round trip from its keepalive pings, ms: the last ping's, or how long
+        the ping in flight has waited if that is longer (a stalled link shows at once, not
+        only when its pong finally comes). None while disconnected or before the first pong.
+        """
+        ws = self._ws
+        if ws is None:
+            return None
+        latency = ws.latency * 1000.0 if ws.latency > 0 else None
+        pending = [sent for _, sent in ws.pending_pings.values()]
+        if latency is not None and pending:
+            return max(latency, (ws.loop.time() - min(pending)) * 1000.0)
+        return latency
+
+    @property
     def alive(self) -> bool:
         """True until the session is declared dead or ended."""
         return self.dead_reason is None and not self.ended

@@ -45,7 +45,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -124,9 +124,11 @@ class LeaseTerms:
     max_price_lamports_per_hour: int | None = None
     region: str | None = None
     gpus: int = 1
+    #: Only providers measured within this round trip, ms (None: no cap).
+    max_latency_ms: float | None = None
 
     def describe(self) -> str:
-        """``RTX 4090, ≤ 0.5 SOL/h, region eu-west`` (for progress messages)."""
+        """``RTX 4090, ≤ 0.5 SOL/h, region eu-west, ≤ 50 ms`` (for progress messages)."""
         parts = [self.gpu or "any GPU"]
         if self.min_vram_bytes:
             parts.append(f"≥ {self.min_vram_bytes / (1 << 30):g} GiB VRAM")
@@ -134,6 +136,8 @@ class LeaseTerms:
             parts.append(f"≤ {format_sol(self.max_price_lamports_per_hour)}/h")
         if self.region:
             parts.append(f"region {self.region}")
+        if self.max_latency_ms is not None:
+            parts.append(f"≤ {self.max_latency_ms:g} ms")
         return ", ".join(parts)
 
 
@@ -278,9 +282,12 @@ class KernelLease:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def request(self, terms: LeaseTerms) -> LeaseGrant:
+    async def request(
+        self, terms: LeaseTerms, latencies: Mapping[str, float] | None = None
+    ) -> LeaseGrant:
         """Lease GPUs on ``terms``; remember and return the grant (with an escrow coordinator
-        it has no token yet: :meth:`fund` next).
+        it has no token yet: :meth:`fund` next). ``latencies`` are the round trips measured
+        to candidate providers (:mod:`jupyter_io.latency`), ms.
 
         Raises :class:`LeaseRefused` with the coordinator's reason when no offer fits, and
         :class:`KernelLaunchError` when the coordinator cannot be reached or refuses our key.
@@ -292,6 +299,8 @@ class KernelLease:
                 min_vram_bytes=terms.min_vram_bytes,
                 max_price_lamports_per_hour=terms.max_price_lamports_per_hour,
                 region=terms.region,
+                max_latency_ms=terms.max_latency_ms,
+                latency_ms=latencies,
             )
         except LeaseQueued as queued:
             grant = await self._wait_in_queue(queued.place)

@@ -49,6 +49,7 @@ import asyncio
 import atexit
 import functools
 import signal
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Coroutine, Mapping
@@ -64,6 +65,15 @@ from traitlets import CaselessStrEnum, Float, Int, Type, Unicode, Union, validat
 from jupyter_io.coordinator_client import LeaseGrant
 from jupyter_io.errors import ConfigError, JupyterIOError, KernelLaunchError, PaymentError
 from jupyter_io.identity import DEFAULT_KEYPAIR_PATH, load_keypair, parse_pubkey
+from jupyter_io.latency import (
+    DEFAULT_PROBE_TIMEOUT,
+    DEFAULT_PROBES,
+    Candidate,
+    Measurement,
+    RoundTripWatch,
+    latencies,
+    shared_prober,
+)
 from jupyter_io.payments.amounts import DEFAULT_SESSION_HOURS, format_sol, parse_sol
 from jupyter_io.payments.hooks import PaymentHook, SolanaEscrowHook, close_ledger_clients
 from jupyter_io.protocol import DEFAULT_MAX_FRAME_SIZE
@@ -169,6 +179,25 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
     )
     region = Unicode(
         "", config=True, help="Region to lease in (empty: any). Only with coordinator_url."
+    )
+    max_latency_ms = Float(
+        0.0,
+        config=True,
+        help="Lease only from providers whose round trip from here, measured before the "
+        "lease, is at most this many ms (0: no cap; latency still counts in the choice). "
+        "Only with coordinator_url.",
+    )
+    probe_candidates = Int(
+        DEFAULT_PROBES,
+        config=True,
+        help="How many of the coordinator's candidate providers to measure before a lease "
+        "(0: measure none). Measurements are reused for minutes.",
+    )
+    probe_timeout = Float(
+        DEFAULT_PROBE_TIMEOUT,
+        config=True,
+        help="Seconds all latency probes before a lease may take together; a provider that "
+        "has not answered by then counts as unreachable.",
     )
     coordinator_timeout = Float(
         30.0, config=True, help="Seconds allowed for one request to the coordinator."
@@ -284,6 +313,9 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         self._at_exit: Callable[[], None] | None = None
         #: Started with ``independent=True``: the session outlives this process.
         self._independent = False
+        #: The round trip measured to the leased provider before the lease (None: unknown).
+        self.latency: Measurement | None = None
+        self._round_trip = RoundTripWatch()
 
     @validate("provider_url")
     def _check_provider_url(self, proposal: Any) -> str:
@@ -374,6 +406,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             min_vram_bytes=int(self.min_vram_gb * (1 << 30)) or None,
             max_price_lamports_per_hour=self.max_price_lamports_per_hour,
             region=self.region.strip() or None,
+            max_latency_ms=self.max_latency_ms or None,
         )
 
     @property
@@ -666,7 +699,9 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
                 max_price_lamports_per_hour=terms.max_price_lamports_per_hour,
                 region=terms.region,
             )
-            grant = await lease.request(terms)
+            measured = await self._measure_latency(lease, terms)
+            grant = await lease.request(terms, latencies(measured.values()))
+            self.latency = measured.get(grant.provider)
             self._report(
                 ProgressStep.LEASED,
                 f"leased {grant.gpu} from provider {grant.provider} at "
@@ -678,12 +713,63 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
                 gpu_indices=list(grant.gpu_indices),
                 price_lamports_per_hour=grant.price_lamports_per_hour,
                 relay=grant.relay,
+                latency_ms=None if self.latency is None else self.latency.latency_ms,
             )
         assert lease.grant is not None
         if lease.grant.token is None:
             await self._fund(lease)
         assert lease.grant is not None
         return lease.grant.tunnel_url
+
+    async def _measure_latency(
+        self, lease: KernelLease, terms: LeaseTerms
+    ) -> dict[str, Measurement]:
+        """Round trips to the coordinator's candidates for ``terms``, measured from here
+        (:mod:`jupyter_io.latency`): cached ones cost nothing, the others are pinged at once
+        within ``probe_timeout``. Never fails the start: without figures the coordinator
+        scores latency as unknown (and a latency cap then finds no provider)."""
+        if self.probe_candidates <= 0:
+            return {}
+        try:
+            rows = await lease.client.candidates(
+                terms.gpu,
+                gpus=terms.gpus,
+                min_vram_bytes=terms.min_vram_bytes,
+                max_price_lamports_per_hour=terms.max_price_lamports_per_hour,
+                region=terms.region,
+                limit=min(16, self.probe_candidates),
+            )
+        except JupyterIOError as exc:
+            self.log.info("jupyter-io: no latency candidates from the coordinator: %s", exc)
+            return {}
+        measured = await shared_prober().measure(
+            [Candidate.from_json(row) for row in rows],
+            probes=self.probe_candidates,
+            timeout=self.probe_timeout,
+        )
+        if measured:
+            shown = ", ".join(
+                f"{p[:8]}… {'unreachable' if m.latency_ms is None else f'{m.latency_ms:.0f} ms'}"
+                f"{' via relay' if m.via_relay else ''}"
+                for p, m in measured.items()
+            )
+            self.log.info("jupyter-io: round trips measured from here: %s", shown)
+        return measured
+
+    def round_trip_json(self) -> dict[str, Any]:
+        """The running tunnel's round trip from its keepalive pings (``ms``, ``best_ms``,
+        ``degraded``, ``degraded_for_s``), and what was measured before the lease
+        (``measured_ms``, ``via_relay``): the server extension's sessions JSON shows it."""
+        now = time.monotonic()
+        client = self._client
+        self._round_trip.observe(client.round_trip_ms if client is not None else None, now)
+        found = self.latency
+        measured = found.latency_ms if found is not None else None
+        return {
+            **self._round_trip.to_json(now),
+            "measured_ms": None if measured is None else round(measured, 2),
+            "via_relay": found.via_relay if found is not None else None,
+        }
 
     async def _fund(self, lease: KernelLease) -> None:
         """Open the lease's escrow and have the coordinator verify it; on failure end the

@@ -115,6 +115,12 @@ class ProviderConfig(Configurable):
         help="Most connections in their handshake at once from one source address; more "
         "from that address are answered 503.",
     )
+    ping_rate = Float(
+        2.0,
+        config=True,
+        help="Latency pings (GET /tunnel/ping, docs/tunnel-contract.md) answered per second "
+        "per source address, in bursts of up to 10; more get no answer. 0 answers none.",
+    )
     max_sessions = Integer(64, config=True, help="Most kernel sessions hosted at once.")
     mem_limit = Integer(
         0,

@@ -12,6 +12,9 @@ bounds what it reads and how long it waits:
   past ``max_unauthenticated_per_address`` or ``max_unauthenticated`` it is answered 503;
 * ``handshake_timeout`` runs from the TCP accept to the verified HELLO.
 
+A latency ping (``GET /tunnel/ping``, :mod:`jupyter_io.ping`) is such a connection too: it
+holds its slot until the host has answered it and closed.
+
 Build the connection class once per server with :func:`tunnel_connection_class` and give it
 to ``websockets.asyncio.server.serve(create_connection=...)``; once the HELLO checks out,
 :func:`authenticated` lifts the limits to the session's and releases the slot.
@@ -54,6 +57,12 @@ class TunnelConnection(ServerConnection):
     #: Event-loop time of the TCP accept (the handshake deadline runs from there).
     accepted_at: float = 0.0
     _request_bytes: int = 0
+
+    @property
+    def request_bytes(self) -> int:
+        """Bytes received before the websocket opened: the HTTP request (a latency ping's
+        size is checked against it, ``jupyter_io.ping``)."""
+        return self._request_bytes
 
     def _slots(self) -> HandshakeSlots:
         raise NotImplementedError  # bound by tunnel_connection_class

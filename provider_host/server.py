@@ -42,6 +42,7 @@ from solders.pubkey import Pubkey
 from websockets.asyncio.client import connect
 from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.http11 import Request, Response
 
@@ -50,6 +51,7 @@ from jupyter_io.daemon import capture_signals, is_loopback
 from jupyter_io.errors import ConfigError, ProtocolError
 from jupyter_io.identity import new_nonce
 from jupyter_io.leases import LeaseClaims
+from jupyter_io.ping import PING_SUFFIX, PingLimiter, parse_ping_path
 from jupyter_io.protocol import (
     HANDSHAKE_MAX_FRAME_SIZE,
     SUBPROTOCOL,
@@ -98,6 +100,8 @@ __all__ = ["JOINING_PREFIX", "LISTENING_PREFIX", "ProviderServer"]
 LISTENING_PREFIX = "jupyter-io provider listening on "
 #: Start of the line that says which coordinator the host joins (printed before listening).
 JOINING_PREFIX = "jupyter-io provider joining coordinator "
+#: Where the latency ping is answered (``jupyter_io.ping``).
+PING_PATH = TUNNEL_PATH + PING_SUFFIX
 
 
 def _make_private_dir(path: str) -> None:
@@ -155,6 +159,8 @@ class ProviderServer:
         self.sandbox: Sandbox | None = None
         #: Where sessions get their memory cgroups (None: no memory limit), after startup.
         self.cgroups: CgroupTree | None = None
+        #: Latency pings answered per address (None: ``ping_rate`` 0, none answered).
+        self.pings = PingLimiter(rate=config.ping_rate) if config.ping_rate > 0 else None
 
     # -- the whole life --------------------------------------------------------------------
 
@@ -378,15 +384,36 @@ class ProviderServer:
     # -- connections -----------------------------------------------------------------------
 
     def _check_path(self, connection: ServerConnection, request: Request) -> Response | None:
-        if urlsplit(request.path).path != TUNNEL_PATH:
-            return connection.respond(HTTPStatus.NOT_FOUND, f"the tunnel is at {TUNNEL_PATH}\n")
+        path = urlsplit(request.path).path
         slot = connection.slot if isinstance(connection, TunnelConnection) else None
+        if path == PING_PATH:
+            return self._ping(connection, request, refused=slot is not None and bool(slot.refusal))
+        if path != TUNNEL_PATH:
+            return connection.respond(HTTPStatus.NOT_FOUND, f"the tunnel is at {TUNNEL_PATH}\n")
         if slot is not None and slot.refusal is not None:
             self.log.warning("refusing a tunnel connection: %s", slot.refusal)
             response = connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{slot.refusal}\n")
             response.headers["Retry-After"] = "5"
             return response
         return None
+
+    def _ping(self, connection: ServerConnection, request: Request, *, refused: bool) -> Response:
+        """Answer a latency ping (:mod:`jupyter_io.ping`) with its nonce, or cut the
+        connection without a word: a short or malformed ping, one over the rate limit, or one
+        past the caps on connections in their handshake (``refused``)."""
+        size = connection.request_bytes if isinstance(connection, TunnelConnection) else 0
+        nonce = parse_ping_path(request.path, size)
+        peer = connection.remote_address
+        address = str(peer[0]) if peer else "unknown"
+        pings = self.pings
+        if refused or nonce is None or pings is None or not pings.allow(address, time.monotonic()):
+            connection.transport.abort()
+            # A response keeps websockets from going on with the upgrade; nothing of it is
+            # sent on the aborted connection.
+            return Response(HTTPStatus.FORBIDDEN, "Forbidden", Headers(), b"")
+        body = nonce.encode()
+        headers = Headers([("Content-Length", str(len(body))), ("Connection", "close")])
+        return Response(HTTPStatus.OK, "OK", headers, body)
 
     async def _handle(self, ws: ServerConnection) -> None:
         await self.serve_connection(ws)

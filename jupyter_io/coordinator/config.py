@@ -144,6 +144,12 @@ class CoordinatorConfig(Configurable):
         "address; more from that address are answered 503.",
     )
     offers_cache_ttl = Float(2.0, config=True, help="Seconds the offers list is cached.")
+    ping_rate = Float(
+        2.0,
+        config=True,
+        help="Latency pings of the relay (GET /relay/ping, docs/tunnel-contract.md) answered "
+        "per second per source address, in bursts of up to 10; more get no answer. 0: none.",
+    )
     request_max_skew = Float(
         60.0, config=True, help="Seconds a signed request's timestamp may differ from ours."
     )
@@ -268,7 +274,7 @@ class CoordinatorConfig(Configurable):
             raise TraitError(f"{proposal['trait'].name} must be at least 1")  # type: ignore[attr-defined]
         return value
 
-    @validate("offers_cache_ttl", "usage_ack_grace")
+    @validate("offers_cache_ttl", "usage_ack_grace", "ping_rate")
     def _validate_non_negative(self, proposal: dict[str, object]) -> float:
         value = float(proposal["value"])  # type: ignore[arg-type]
         if value < 0:

@@ -8,6 +8,7 @@ Routes (``docs/coordinator-contract.md``; every REST error is
 ``GET  /api/v1/status``               counters (providers linked, heartbeats, leases, relay,
                                       settlements)
 ``GET  /api/v1/offers``               offers by GPU type and per provider (cached briefly)
+``GET  /api/v1/offers/candidates``    the offers a lease request would weigh, what to ping
 ``POST /api/v1/leases``               signed: lease GPUs → 201 grant, 409 ``no_offer``,
                                       429 ``unfunded_limit`` / ``unfunded_capacity``
 ``GET  /api/v1/leases``               signed: the caller's leases, newest first (``?limit=``)
@@ -44,6 +45,7 @@ from tornado import web
 
 from ..admission import HandshakeSlot, HandshakeSlots
 from ..errors import AuthError, JupyterIOError, LeaseError, PaymentError
+from ..ping import PingLimiter, parse_ping_path
 from ..protocol import SUBPROTOCOL
 from ..provider_link import MAX_INT
 from ..signing import HEADER_LEASE_TOKEN, ReplayGuard, SignedRequest, verify_request
@@ -55,6 +57,14 @@ from .billing import (
     NotFunded,
     RefundNotAllowed,
     acknowledge,
+)
+from .latency import (
+    DEFAULT_CANDIDATE_LIMIT,
+    MAX_CANDIDATE_LIMIT,
+    ProbeDirectory,
+    candidates_json,
+    parse_latencies,
+    parse_max_latency,
 )
 from .leasing import (
     LeaseGone,
@@ -125,6 +135,10 @@ class Services:
     solana_url: str = ""
     #: The settlement worker (None when payments are free), for its counters.
     settlements: SettlementWorker | None = None
+    #: What users ping to measure each offer (None: offers carry no probe fields).
+    probes: ProbeDirectory | None = None
+    #: The relay ping's rate limit (None: pings are not answered).
+    pings: PingLimiter | None = field(default_factory=PingLimiter)
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,6 +290,33 @@ class OffersHandler(_ApiHandler):
         self.finish(self.services.offers.body())
 
 
+class CandidatesHandler(_ApiHandler):
+    """``GET /api/v1/offers/candidates?gpu=..&min_vram_bytes=..&gpus=..&max_price_lamports_per
+    _hour=..&region=..&limit=..``: the lease request's fields as query arguments."""
+
+    def get(self) -> None:
+        query: dict[str, Any] = {}
+        try:
+            for name in ("gpu", "region"):
+                value = self.get_query_argument(name, None)
+                if value:
+                    query[name] = value
+            for name in ("min_vram_bytes", "gpus", "max_price_lamports_per_hour"):
+                value = self.get_query_argument(name, None)
+                if value:
+                    query[name] = int(value)
+            limit = int(self.get_query_argument("limit", str(DEFAULT_CANDIDATE_LIMIT)))
+            if not 1 <= limit <= MAX_CANDIDATE_LIMIT:
+                raise ValueError(f"'limit' must be between 1 and {MAX_CANDIDATE_LIMIT}")
+            request = _lease_request(query)
+        except ValueError as exc:
+            self.fail(400, "bad_request", f"candidates: {exc}")
+            return
+        services = self.services
+        directory = services.probes or ProbeDirectory(services.relay.base_url, lambda _: None)
+        self.send_json(candidates_json(services.leases.index, request, directory, limit))
+
+
 def _json_body(raw: bytes | None) -> Any:
     """A request body's JSON value (``{}`` when empty); :class:`ValueError` if it is not JSON,
     nests too deeply, or holds an integer of over 4300 digits."""
@@ -288,7 +329,15 @@ def _json_body(raw: bytes | None) -> Any:
 def _lease_request(body: Any) -> LeaseRequest:
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object")
-    known = {"gpu", "min_vram_bytes", "gpus", "max_price_lamports_per_hour", "region"}
+    known = {
+        "gpu",
+        "min_vram_bytes",
+        "gpus",
+        "max_price_lamports_per_hour",
+        "region",
+        "max_latency_ms",
+        "latency_ms",
+    }
     unknown = sorted(set(body) - known)
     if unknown:
         raise ValueError(f"unknown fields {unknown}; expected some of {sorted(known)}")
@@ -314,6 +363,7 @@ def _lease_request(body: Any) -> LeaseRequest:
         gpus=gpus,
         max_price_lamports_per_hour=numbers["max_price_lamports_per_hour"],
         region=region or None,
+        max_latency_ms=parse_max_latency(body.get("max_latency_ms")),
     )
 
 
@@ -323,12 +373,15 @@ class LeasesHandler(_ApiHandler):
         if user is None:
             return
         try:
-            request = _lease_request(_json_body(self.request.body))
+            body = _json_body(self.request.body)
+            request = _lease_request(body)
+            # What the user measured; a provider's own word on its latency is never asked.
+            latencies = parse_latencies(body.get("latency_ms"))
         except ValueError as exc:
             self.fail(400, "bad_request", f"lease request: {exc}")
             return
         try:
-            grant = await self.services.leases.request(user, request)
+            grant = await self.services.leases.request(user, request, latencies=latencies)
         except PaymentError as exc:
             self.payment_failure(exc)
             return
@@ -520,6 +573,40 @@ def _handshake_slot(handler: web.RequestHandler, services: Services) -> Handshak
 # The relay
 
 
+class RelayPingHandler(web.RequestHandler):
+    """The relay's latency ping (:mod:`jupyter_io.ping`): the nonce back in a reply smaller
+    than the request, or the connection cut without a word (a short or malformed ping, or one
+    over the rate limit)."""
+
+    services: Services
+
+    def initialize(self, services: Services) -> None:
+        self.services = services
+
+    def set_default_headers(self) -> None:
+        for name in ("Server", "Content-Type", "Date"):
+            self.clear_header(name)  # the reply stays far below the request
+
+    def compute_etag(self) -> None:
+        return None
+
+    def get(self) -> None:
+        request = self.request
+        size = len(request.method or "") + len(request.uri or "") + len(request.version) + 6
+        size += sum(len(name) + len(value) + 4 for name, value in request.headers.get_all())
+        nonce = parse_ping_path(request.uri or "", size)
+        pings = self.services.pings
+        if (
+            nonce is None
+            or pings is None
+            or not pings.allow(request.remote_ip or "unknown", time.monotonic())
+        ):
+            self.detach().close()
+            return
+        self.set_header("Connection", "close")
+        self.finish(nonce)
+
+
 class RelayHandler(web.RequestHandler):
     """Checks who connects to the relay, answers the websocket upgrade and hands the socket
     to the :class:`~jupyter_io.coordinator.relay.Relay`, whose frame forwarding is cheaper
@@ -619,6 +706,7 @@ def make_app(
             (rf"{API_PREFIX}/info", InfoHandler, init),
             (rf"{API_PREFIX}/status", StatusHandler, init),
             (rf"{API_PREFIX}/offers", OffersHandler, init),
+            (rf"{API_PREFIX}/offers/candidates", CandidatesHandler, init),
             (rf"{API_PREFIX}/leases", LeasesHandler, init),
             (rf"{API_PREFIX}/leases/([A-Za-z0-9_-]{{1,64}})", LeaseHandler, init),
             (rf"{API_PREFIX}/leases/([A-Za-z0-9_-]{{1,64}})/token", LeaseTokenHandler, init),
@@ -626,6 +714,7 @@ def make_app(
             (rf"{API_PREFIX}/leases/([A-Za-z0-9_-]{{1,64}})/refund", LeaseRefundHandler, init),
             (rf"{API_PREFIX}/leases/([A-Za-z0-9_-]{{1,64}})/ack", LeaseAckHandler, init),
             (LINK_PATH, ProviderLinkHandler, init),
+            (rf"{RELAY_PREFIX}/ping", RelayPingHandler, init),
             (rf"{RELAY_PREFIX}/([A-Za-z0-9_-]{{1,64}})", RelayHandler, init),
         ],
         default_handler_class=_NotFound,

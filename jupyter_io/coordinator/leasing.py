@@ -25,7 +25,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -275,25 +275,39 @@ class LeaseService:
 
     # -- users -----------------------------------------------------------------------------
 
-    async def request(self, user: Pubkey, request: LeaseRequest) -> LeaseGrant:
+    async def request(
+        self,
+        user: Pubkey,
+        request: LeaseRequest,
+        *,
+        latencies: Mapping[str, float] | None = None,
+    ) -> LeaseGrant:
         """Lease GPUs for ``user``; :class:`LeaseError` (the scheduler's message: GPU types
         on offer, the cheapest price against the cap, capacity) when none can be had.
 
         With escrow payments the ledger is checked first (an unreachable one raises
         :class:`~jupyter_io.coordinator.billing.LedgerUnreachable` before anything is stored)
-        and the grant carries no token: fund the escrow, then :meth:`fund`."""
+        and the grant carries no token: fund the escrow, then :meth:`fund`.
+
+        ``latencies``: round trips the user measured to providers, ms (the scheduler's
+        ``latencies``: they count in the score and against ``max_latency_ms``)."""
         if self.billing is not None:
             await self.billing.check_ledger()
         self.pending.admit(str(user), now=self.clock())  # TooManyUnfunded: a 429
         try:
-            return await self._request(user, request)
+            return await self._request(user, request, latencies)
         finally:
             self.pending.unreserve(str(user))  # the lease, if stored, is tracked now
 
-    async def _request(self, user: Pubkey, request: LeaseRequest) -> LeaseGrant:
+    async def _request(
+        self,
+        user: Pubkey,
+        request: LeaseRequest,
+        latencies: Mapping[str, float] | None = None,
+    ) -> LeaseGrant:
         error: LeaseError | None = None
         for _ in range(ATTEMPTS):
-            offer = schedule(self.index, request)
+            offer = schedule(self.index, request, latencies=latencies)
             self.index.reserve(offer.provider, offer.gpu, request.gpus)
             now = self.clock()
             expires = now + self.token_ttl

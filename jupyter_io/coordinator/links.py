@@ -97,6 +97,10 @@ class ProviderLinkSession:
         self.hello_received = False
         self._nonce = new_nonce()
         self._closing = False
+        #: The latest round trip to the provider over this link, ms (websocket ping to
+        #: pong; None until measured, or when the last ping went unanswered): the relay's
+        #: hop to the provider, which users add to their ping of the relay.
+        self.round_trip_ms: float | None = None
 
     def open(self) -> None:
         """Send the challenge."""
@@ -227,6 +231,10 @@ class LinkConnection:
         #: close frame).
         self._lost = False
         self._close_code: int | None = None
+        #: Seconds between the pings that measure the link's round trip.
+        self.ping_interval = max(0.1, float(getattr(registry, "heartbeat_interval", 5.0)))
+        self._ping: tuple[bytes, float] | None = None
+        self._ping_timer: asyncio.TimerHandle | None = None
 
     async def start(self, stream: IOStream) -> None:
         """Take over ``stream`` (upgrade answered), send the challenge, start the hello timer."""
@@ -266,6 +274,9 @@ class LinkConnection:
             if not isinstance(event, Frame):
                 continue
             opcode, payload = event.opcode, bytes(event.data)
+            if opcode is Opcode.PONG:
+                self._pong(payload)
+                continue
             if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
                 if event.fin:
                     self._queue.append(_text(payload) if opcode is Opcode.TEXT else payload)
@@ -285,6 +296,8 @@ class LinkConnection:
     def connection_lost(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
         if self.slot is not None:
             self.slot.release()
         self.ws.receive_eof()
@@ -311,6 +324,29 @@ class LinkConnection:
         """Cut the TCP connection now (coordinator shutdown, after the close timeout)."""
         if hasattr(self, "channel"):
             self.channel.abort()
+
+    # -- the link's round trip (the relay's hop to the provider) -------------------------
+
+    def _send_ping(self) -> None:
+        """Ping the provider (its websocket answers with a pong) and schedule the next one; a
+        ping still unanswered by then makes the hop unknown."""
+        if self.ws.state is not State.OPEN:
+            return
+        if self._ping is not None:
+            self.session.round_trip_ms = None
+        loop = asyncio.get_running_loop()
+        payload = new_nonce()[:8]
+        self._ping = (payload, loop.time())
+        self.ws.send_ping(payload)
+        self._flush()
+        self._ping_timer = loop.call_later(self.ping_interval, self._send_ping)
+
+    def _pong(self, payload: bytes) -> None:
+        sent = self._ping
+        if sent is None or payload != sent[0]:
+            return  # unsolicited, or the answer to a ping given up on
+        self._ping = None
+        self.session.round_trip_ms = (asyncio.get_running_loop().time() - sent[1]) * 1000.0
 
     # -- internals -------------------------------------------------------------------------
 
@@ -340,6 +376,8 @@ class LinkConnection:
             self.ws.max_message_size = MAX_MESSAGE_SIZE
             if self.slot is not None:
                 self.slot.release()
+            if not self._lost:
+                self._send_ping()
         if not self._lost:
             self.channel.resume_reading()
         self._next()

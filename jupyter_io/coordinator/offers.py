@@ -15,18 +15,20 @@ from collections.abc import Callable
 from typing import Any
 
 from ..payments.amounts import format_sol
+from .latency import ProbeDirectory
 from .scheduler import OfferIndex
 
 __all__ = ["OffersCache", "format_offers_table", "offers_json"]
 
 
-def offers_json(index: OfferIndex) -> dict[str, Any]:
+def offers_json(index: OfferIndex, directory: ProbeDirectory | None = None) -> dict[str, Any]:
     """``{"types": [...], "providers": [...]}`` as ``docs/coordinator-contract.md`` says.
 
     ``types`` per GPU model (``gpu`` is the model key a lease request can name, ``display``
     the name for people; ``available`` / ``total`` count GPUs; prices are lamports per
     GPU-hour over offers with a GPU free, ``None`` when none is); ``providers`` one row per
-    provider offer, cheapest first within a model.
+    provider offer, cheapest first within a model, with what to ping to measure it
+    (``probe_url``, ``via_relay``, ``relay_hop_ms``) when ``directory`` is given.
     """
     offers = sorted(index, key=lambda o: (o.gpu_key, o.price_lamports_per_hour, o.provider))
     vram: dict[str, int] = {}
@@ -62,6 +64,7 @@ def offers_json(index: OfferIndex) -> dict[str, Any]:
             "benchmark_tflops": offer.benchmark_tflops,
             "simulated": offer.simulated,
             "reachable": offer.reachable_url is not None,
+            **(directory.fields(offer) if directory is not None else {}),
         }
         for offer in offers
     ]
@@ -77,8 +80,10 @@ class OffersCache:
         *,
         ttl: float = 2.0,
         monotonic: Callable[[], float] = time.monotonic,
+        directory: ProbeDirectory | None = None,
     ) -> None:
         self.index = index
+        self.directory = directory
         self.ttl = ttl
         self.monotonic = monotonic
         self._body = b""
@@ -88,7 +93,8 @@ class OffersCache:
         """The JSON body, at most ``ttl`` seconds old."""
         now = self.monotonic()
         if now - self._built >= self.ttl:
-            self._body = json.dumps(offers_json(self.index), separators=(",", ":")).encode()
+            body = offers_json(self.index, self.directory)
+            self._body = json.dumps(body, separators=(",", ":")).encode()
             self._built = now
         return self._body
 

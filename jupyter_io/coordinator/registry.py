@@ -801,6 +801,14 @@ class Registry:
                 )
             )
 
+    def relay_hop_ms(self, pubkey: str) -> float | None:
+        """The coordinator's latest round trip to ``pubkey`` over its link, ms (None while the
+        provider is not linked here or not measured yet): a relayed session's extra hop."""
+        state = self._providers.get(pubkey)
+        link = state.link if state is not None else None
+        hop = getattr(link, "round_trip_ms", None)
+        return hop if isinstance(hop, float) else None
+
     def group_of(self, pubkey: str, gpu: str) -> OfferRecord | None:
         """The provider's offer group of GPU model ``gpu`` (any spelling), or None."""
         state = self._providers.get(pubkey)

@@ -42,6 +42,7 @@ from ..admission import HandshakeSlots
 from ..daemon import capture_signals, is_loopback
 from ..errors import ConfigError
 from ..payments.escrow import EscrowClient
+from ..ping import PingLimiter
 from ..signing import ReplayGuard
 from .ack_watch import AckWatch
 from .billing import Billing
@@ -49,6 +50,7 @@ from .body_limits import BodyLimits
 from .config import CoordinatorConfig
 from .embedded_ledger import EmbeddedLedger
 from .handlers import BODY_LIMITS, MAX_BODY_SIZE, RELAY_PREFIX, Services, make_app
+from .latency import ProbeDirectory
 from .leasing import LeaseService
 from .ledger_rpc import ledger_handlers
 from .offers import OffersCache
@@ -228,12 +230,15 @@ class CoordinatorServer:
             if self.ack_watch is not None:
                 await self.ack_watch.start()
             self.settlements.start()
+        probes = ProbeDirectory(relay.base_url, registry.relay_hop_ms)
         self._services = services = Services(
             coordinator=keypair.pubkey(),
             registry=registry,
             leases=leases,
             relay=relay,
-            offers=OffersCache(self.index, ttl=config.offers_cache_ttl),
+            offers=OffersCache(self.index, ttl=config.offers_cache_ttl, directory=probes),
+            probes=probes,
+            pings=PingLimiter(rate=config.ping_rate) if config.ping_rate > 0 else None,
             replay_guard=ReplayGuard(config.request_max_skew),
             hello_timeout=config.hello_timeout,
             handshakes=HandshakeSlots(

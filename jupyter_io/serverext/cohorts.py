@@ -163,7 +163,7 @@ def cohort_kernel_json(
 class CohortDesk:
     """The cohort side of the server extension for the keypair at ``keypair_path``.
 
-    ``client_factory(url, keypair, timeout)`` makes the coordinator's cohort client
+    ``client_factory(url, keypair, timeout=...)`` makes the coordinator's cohort client
     (:class:`jupyter_io.cohort_client.CohortClient` by default). Call :meth:`close` when done.
     """
 
@@ -204,12 +204,12 @@ class CohortDesk:
         pays for, each with the ``kernel_name`` that starts a kernel on it."""
         if self._monotonic() - self._listed_at >= LIST_TTL_SECONDS:
             client = self._connect()
-            listed = await self._ask(client.list_cohorts())
+            listed = await self._ask(client.cohorts())
             cohorts = []
-            for cohort in listed:
-                row = dict(cohort)
-                if row.get("role") == "student":
-                    detail = await self._ask(client.get_cohort(str(row["id"])))
+            for view in listed:
+                row = view.to_json()
+                if row.get("role") == "student" and not row.get("me"):
+                    detail = (await self._ask(client.get(view.id))).to_json()
                     row.update({k: v for k, v in detail.items() if k != "role"})
                 cohorts.append(row)
             self.latest = cohorts
@@ -243,12 +243,12 @@ class CohortDesk:
                 f"(--JupyterIOExtension.coordinator_url)",
                 400,
             )
-        body = await self._ask(self._connect().join(code))
+        view = await self._ask(self._connect().join(code))
         self.invalidate()
-        return dict(body)
+        return {"cohort": view.to_json(), "role": "student"}
 
     async def cohort_json(self, cohort_id: str) -> dict[str, Any]:
-        return dict(await self._ask(self._connect().get_cohort(cohort_id)))
+        return dict((await self._ask(self._connect().get(cohort_id))).to_json())
 
     async def dashboard(self, cohort_id: str) -> dict[str, Any]:
         """The instructor's dashboard (see the coordinator's ``GET .../dashboard``)."""
@@ -260,9 +260,9 @@ class CohortDesk:
     async def remove_student(self, cohort_id: str, student: str) -> dict[str, Any]:
         """Remove ``student`` from the cohort (their live kernels end, their queue tickets
         are dropped)."""
-        body = await self._ask(self._connect().remove_member(cohort_id, student))
+        ended = await self._ask(self._connect().remove_student(cohort_id, student))
         self.invalidate()
-        return dict(body or {})
+        return {"student": student, "removed": True, "leases_ended": int(ended)}
 
     async def top_up(self, cohort_id: str, student: str | None, lamports: int) -> dict[str, Any]:
         """Add ``lamports`` to ``student``'s allowance (every student's with None) from the
@@ -344,14 +344,9 @@ class CohortDesk:
                 raise CohortError(str(exc), 409) from None
             factory = self._factory
             if factory is None:
-                try:
-                    factory = importlib.import_module("jupyter_io.cohort_client").CohortClient
-                except (ModuleNotFoundError, AttributeError):
-                    raise CohortError(
-                        "this jupyter-io has no cohort client (jupyter_io.cohort_client); "
-                        "upgrade jupyter-io to use classes",
-                        501,
-                    ) from None
+                from ..cohort_client import CohortClient
+
+                factory = CohortClient
             self._client = factory(self.coordinator_url, keypair, timeout=self.timeout)
         return self._client
 

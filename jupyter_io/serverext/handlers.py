@@ -281,7 +281,8 @@ class CohortDashboardHandler(_CohortHandler):
         self.set_header(
             "Content-Disposition", f'attachment; filename="cohort-{cohort_id}-week.csv"'
         )
-        self.finish(text)
+        # APIHandler.finish would call it JSON.
+        super(APIHandler, self).finish(text)
 
 
 class CohortMemberHandler(_CohortHandler):

@@ -354,8 +354,8 @@ export class WarningNotifier {
 export async function joinWithCode(model: CohortModel, code: string): Promise<ICohort | null> {
   try {
     const cohort = await model.join(code);
-    const what = cohort.role === 'student' || cohort.me ? quotaText(cohort) : cohort.name;
-    Notification.success(`Joined ${cohort.name}. ${what}.`, { autoClose: 6000 });
+    // "Joined CS229: 10 of 10 GPU-h left this week. Its GPUs are in the picker."
+    Notification.success(`Joined ${quotaText(cohort)}. Its GPUs are in the GPU picker.`, { autoClose: 6000 });
     return cohort;
   } catch (error) {
     Notification.error(`Not joined: ${errorMessage(error)}`, { autoClose: false });

@@ -226,7 +226,8 @@ class Stack:
                 raise TimeoutError(f"GPUs not free: {types}")
             time.sleep(0.1)
 
-    def start_lab(self, name: str, extension: bool = True) -> Lab:
+    def start_lab(self, name: str, extension: bool = True, keypair: Path | None = None) -> Lab:
+        """A JupyterLab named ``name``, leasing with ``keypair`` (default: the user's)."""
         env = self._env(name)
         lab_root = self.root / name
         notebooks = lab_root / "notebooks"
@@ -249,7 +250,7 @@ class Stack:
         if extension:
             argv += [
                 f"--JupyterIOExtension.coordinator_url={self.coordinator_url}",
-                f"--JupyterIOExtension.keypair_path={self.user_keypair}",
+                f"--JupyterIOExtension.keypair_path={keypair or self.user_keypair}",
                 f"--JupyterIOExtension.preferences_path={lab_root / 'preferences.json'}",
                 "--JupyterIOExtension.offers_refresh_seconds=2",
             ]
