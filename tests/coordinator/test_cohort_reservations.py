@@ -3,9 +3,19 @@ unused reserved GPUs from everyone else, and the cohort itself can still use the
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import secrets
+import time
+from datetime import datetime, timezone
+from pathlib import Path
 
+import pytest
+from solders.pubkey import Pubkey
+
+from jupyter_io.cohorts import CohortSettings, new_cohort_id
+from jupyter_io.coordinator.cohort_reservations import Reservations, parse_reservation
 from jupyter_io.coordinator.scheduler import LeaseRequest, Offer, OfferIndex, schedule
+from jupyter_io.coordinator.store import OfferSpec, ProviderProfile, Store
 from jupyter_io.errors import LeaseError
 
 GIB = 1 << 30
@@ -37,3 +47,63 @@ def test_holds_leave_other_models_alone() -> None:
     index.hold("c_class", "T4", 1)
     assert schedule(index, LeaseRequest()).gpu == "A100"  # no type named: the T4 is held
     assert schedule(index, LeaseRequest(), cohort="c_class").gpu == "Tesla T4"
+
+
+async def test_the_holds_follow_the_window_and_the_cohorts_own_leases(tmp_path: Path) -> None:
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}")
+    try:
+        now = time.time()
+        cohort = new_cohort_id()
+        settings = CohortSettings("lab", ("T4",), 10**6, now + 86400)
+        await store.create_cohort(instructor=_key(), settings=settings, cohort_id=cohort)
+        await store.add_reservation(
+            cohort, gpu="T4", count=2, starts_at=_utc(now - 1), ends_at=_utc(now + 2.0)
+        )
+        index = OfferIndex([_t4("p1", 3)])
+        changed: asyncio.Queue[None] = asyncio.Queue()
+        reservations = Reservations(store, index, on_change=lambda: changed.put_nowait(None))
+        await reservations.start()
+        assert index.held("T4") == 2 and reservations.open_cohorts() == {cohort}
+        await asyncio.wait_for(changed.get(), 5)
+        # The class's own lease of a T4 uses one of its reserved GPUs: one stays held.
+        provider = _key()
+        await store.upsert_provider(ProviderProfile(provider, "rig", "eu", None))
+        await store.replace_offers(
+            provider, [OfferSpec("Tesla T4", 16 << 30, 1, 1000, simulated=True, gpu_indices=(0,))]
+        )
+        await store.create_lease(
+            user_pubkey=_key(), provider_pubkey=provider, gpu_model="Tesla T4", cohort_id=cohort
+        )
+        await reservations.recount(cohort)
+        assert index.held("T4") == 1
+        await asyncio.wait_for(changed.get(), 5)
+        # The window closes: the hold goes, on the boundary's timer.
+        await asyncio.wait_for(changed.get(), 5)
+        assert index.held("T4") == 0 and reservations.open_cohorts() == set()
+        await reservations.stop()
+    finally:
+        await store.close()
+
+
+def test_a_reservation_request_is_checked() -> None:
+    now = 1_000_000.0
+    good = {"gpu": "T4", "count": 30, "starts_at": now + 3600, "ends_at": now + 3 * 3600}
+    assert parse_reservation(good, now=now).count == 30
+    for bad, why in (
+        ({**good, "count": 0}, "count"),
+        ({**good, "gpu": ""}, "gpu"),
+        ({**good, "ends_at": now + 1800}, "after"),
+        ({**good, "ends_at": now + 30 * 3600}, "24 hours"),
+        ({**good, "extra": 1}, "unknown"),
+        ([], "body"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            parse_reservation(bad, now=now)
+
+
+def _key() -> str:
+    return str(Pubkey(secrets.token_bytes(32)))
+
+
+def _utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)

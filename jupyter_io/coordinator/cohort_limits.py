@@ -1,0 +1,251 @@
+"""A cohort's time rules: idle kernels stop, sessions end at the max length (issue 14.3).
+
+A lease run for a cohort (``LeaseRecord.cohort_id``) is watched from the moment it becomes
+active: it ends after the cohort's ``max_session_seconds`` (reason
+:data:`MAX_LENGTH_REACHED`) and after ``idle_timeout_seconds`` without execution activity
+(reason ``"idle for N min"``, :func:`idle_reason`). A minute before either (``warning``),
+the lease JSON carries ``"warnings": [{"kind": "idle"|"max_length", "at", "message"}]`` and
+``"ends_at"`` (:meth:`CohortLimits.view`), which the provisioner and Lab show.
+
+Idle is measured by the two parties of the session, each reporting ``idle_seconds`` (seconds
+since the kernel last executed anything): the provider host in its signed usage reports, the
+user's side in its usage acknowledgements. Each report sets that party's *last activity* to
+``received_at - idle_seconds``; the lease is idle since the **earliest** last activity any
+party reported, i.e. **idle when either party says idle**. So neither can keep a kernel alive
+at the other's cost by lying: a student whose client claims activity is stopped on the
+provider's word, a provider that claims activity to bill longer is stopped on the user's.
+Either can end the session anyway (the user ends the lease, the provider stops the kernel),
+so a false "idle" gains nothing. While neither party has reported ``idle_seconds`` the idle
+rule does not apply (older clients); the max length always does.
+
+One :class:`~jupyter_io.coordinator.lease_timers.LeaseTimers` timer per watched lease, due at
+its next warning or end; a report re-arms it. No polling.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from ..provider_link import End
+from .lease_timers import LeaseTimers
+from .models import LeaseState
+from .registry import Registry
+from .store import LeaseRecord, Store
+
+__all__ = [
+    "MAX_LENGTH_REACHED",
+    "PARTY_PROVIDER",
+    "PARTY_USER",
+    "WARNING_SECONDS",
+    "CohortLimits",
+    "SessionRules",
+    "idle_reason",
+]
+
+#: The end reason of a cohort session that reached the cohort's max session length.
+MAX_LENGTH_REACHED = "cohort max session length"
+#: Seconds before an idle stop or the max length that the warning appears.
+WARNING_SECONDS = 60.0
+#: Who reported an ``idle_seconds``.
+PARTY_PROVIDER = "provider"
+PARTY_USER = "user"
+
+
+def idle_reason(idle_timeout: float) -> str:
+    """The end reason of a session stopped for idling: ``"idle for N min"``."""
+    minutes = idle_timeout / 60
+    shown = f"{minutes:.0f}" if minutes >= 1 else f"{minutes:.2g}"
+    return f"idle for {shown} min"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRules:
+    """A cohort's time rules, in seconds (None or 0: no such rule)."""
+
+    idle_timeout: float | None
+    max_session: float | None
+
+
+@dataclass(slots=True)
+class _Watch:
+    cohort: str
+    provider: str
+    user: str
+    started: float
+    rules: SessionRules
+    #: party -> Unix seconds of its reported last activity.
+    activity: dict[str, float] = field(default_factory=dict)
+    warnings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ends_at: float | None = None
+
+
+#: ``rules(cohort_id)``: the cohort's rules, or None when the cohort is unknown.
+RulesLookup = Callable[[str], Awaitable[SessionRules | None]]
+
+
+class CohortLimits:
+    """Watches active cohort leases (see the module docstring). :meth:`start` after the
+    registry, :meth:`stop` at shutdown; :meth:`activity` for each ``idle_seconds`` report."""
+
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        rules: RulesLookup,
+        *,
+        warning: float = WARNING_SECONDS,
+        clock: Callable[[], float] = time.time,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self._rules = rules
+        self.warning = warning
+        self.clock = clock
+        self.log = log or logging.getLogger("jupyter_io.coordinator")
+        self._watches: dict[str, _Watch] = {}
+        self._timers = LeaseTimers(self._check, what="cohort time rules", log=self.log)
+        #: Leases ended for idling / for the max length.
+        self.ended_idle = 0
+        self.ended_max_length = 0
+        #: Called with the lease id after each check (its :meth:`view` is current then).
+        self.checked: list[Callable[[str], None]] = []
+
+    async def start(self) -> None:
+        """Watch cohort leases that become active, and the active ones now (after a
+        restart: the idle clock restarts at the restart, the max length does not)."""
+        self.registry.activation_listeners.append(self.watch)
+        self.registry.lease_listeners.append(self._gone)
+        for lease in await self.store.live_leases():
+            self.watch(lease)
+
+    async def stop(self) -> None:
+        for listeners, fn in (
+            (self.registry.activation_listeners, self.watch),
+            (self.registry.lease_listeners, self._gone),
+        ):
+            if fn in listeners:
+                listeners.remove(fn)  # type: ignore[arg-type]
+        await self._timers.stop()
+
+    def watch(self, lease: LeaseRecord) -> None:
+        """Start watching an active cohort lease (others are ignored)."""
+        cohort = getattr(lease, "cohort_id", None)
+        if cohort is None or lease.state is not LeaseState.ACTIVE or lease.id in self._watches:
+            return
+        started = (lease.active_at or lease.requested_at).timestamp()
+        self._watches[lease.id] = _Watch(
+            cohort, lease.provider_pubkey, lease.user_pubkey, started, SessionRules(None, None)
+        )
+        self._timers.arm(lease.id, 0.0)  # the first check loads the cohort's rules
+
+    def activity(self, lease_id: str, party: str, idle_seconds: float) -> None:
+        """``party`` reports the kernel idle for ``idle_seconds`` now: re-check the lease."""
+        watch = self._watches.get(lease_id)
+        if watch is None or not math.isfinite(idle_seconds) or idle_seconds < 0:
+            return
+        watch.activity[party] = self.clock() - idle_seconds
+        self._timers.arm(lease_id, 0.0)
+
+    def view(self, lease_id: str) -> dict[str, Any]:
+        """The lease JSON's ``warnings`` and ``ends_at`` (the earliest end the rules set)."""
+        watch = self._watches.get(lease_id)
+        if watch is None:
+            return {"warnings": [], "ends_at": None}
+        return {"warnings": list(watch.warnings.values()), "ends_at": watch.ends_at}
+
+    def _gone(self, lease_id: str, reason: str) -> None:
+        self._watches.pop(lease_id, None)
+        self._timers.cancel(lease_id)
+
+    async def _check(self, lease_id: str) -> None:
+        try:
+            await self._check_rules(lease_id)
+        finally:
+            for listener in list(self.checked):
+                listener(lease_id)
+
+    async def _check_rules(self, lease_id: str) -> None:
+        watch = self._watches.get(lease_id)
+        if watch is None:
+            return
+        if watch.rules == SessionRules(None, None):
+            rules = await self._rules(watch.cohort)
+            if rules is None or not (rules.idle_timeout or rules.max_session):
+                self._watches.pop(lease_id, None)
+                return
+            watch.rules = rules
+        now = self.clock()
+        deadlines = self._deadlines(watch)
+        if not deadlines:
+            watch.ends_at = None
+            watch.warnings.clear()
+            return
+        end_kind, end_at = min(deadlines.items(), key=lambda item: item[1])
+        watch.ends_at = end_at
+        if end_at <= now:
+            await self._end(lease_id, watch, end_kind)
+            return
+        for kind, at in deadlines.items():
+            if at - now <= self.warning:
+                watch.warnings[kind] = {"kind": kind, "at": at, "message": _message(kind, at - now)}
+            else:
+                watch.warnings.pop(kind, None)  # activity resumed: the warning is over
+        for kind in list(watch.warnings):
+            if kind not in deadlines:
+                del watch.warnings[kind]
+        wake = min(
+            (at - self.warning if at - self.warning > now else at) for at in deadlines.values()
+        )
+        self._timers.arm(lease_id, wake - now)
+
+    def _deadlines(self, watch: _Watch) -> dict[str, float]:
+        rules = watch.rules
+        deadlines: dict[str, float] = {}
+        if rules.max_session:
+            deadlines["max_length"] = watch.started + rules.max_session
+        if rules.idle_timeout and watch.activity:
+            # Idle when either party says idle: the earliest last activity counts.
+            last = max(watch.started, min(watch.activity.values()))
+            deadlines["idle"] = last + rules.idle_timeout
+        return deadlines
+
+    async def _end(self, lease_id: str, watch: _Watch, kind: str) -> None:
+        rules = watch.rules
+        reason = (
+            MAX_LENGTH_REACHED if kind == "max_length" else idle_reason(rules.idle_timeout or 0)
+        )
+        at = datetime.fromtimestamp(self.clock(), tz=timezone.utc)
+        lease = await self.store.get_lease(lease_id)
+        if (
+            lease is None
+            or not lease.live
+            or not await self.store.end_lease(lease_id, reason, at=at)
+        ):
+            self._watches.pop(lease_id, None)
+            return
+        if kind == "max_length":
+            self.ended_max_length += 1
+        else:
+            self.ended_idle += 1
+        self.log.info(
+            "cohort %s lease %s of %s ended: %s", watch.cohort, lease_id, watch.user, reason
+        )
+        self.registry.deliver(watch.provider, End(lease_id, reason), ttl=60.0)
+        self.registry.lease_over(watch.provider, lease_id, ok=True, reason=reason)
+
+
+def _message(kind: str, left: float) -> str:
+    when = f"in {left:.0f} s" if left < 90 else f"in {left / 60:.0f} min"
+    if kind == "idle":
+        return (
+            f"this kernel has been idle and stops {when}; run a cell to keep it "
+            f"(save your work: the class's idle timeout frees the GPU for others)"
+        )
+    return f"this session reaches the class's maximum length and ends {when}; save your work"

@@ -1,0 +1,164 @@
+"""A cohort's time rules (issue 14.3) on a real store and registry: idle stop when either
+party says idle (a lying student cannot keep the kernel), warnings a minute (here: the
+configured window) before, the max session length. Timeouts are short, set per test; every
+wait is on an event (the watch's check listener, the registry's lease listener), bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from solders.keypair import Keypair
+from solders.pubkey import Pubkey
+
+from jupyter_io.coordinator.cohort_limits import (
+    MAX_LENGTH_REACHED,
+    PARTY_PROVIDER,
+    PARTY_USER,
+    CohortLimits,
+    SessionRules,
+    idle_reason,
+)
+from jupyter_io.coordinator.registry import Registry
+from jupyter_io.coordinator.scheduler import OfferIndex
+from jupyter_io.coordinator.store import LeaseRecord, OfferSpec, ProviderProfile, Store
+
+pytestmark = pytest.mark.timeout(60)
+WAIT = 10.0
+COHORT = "c_" + "A" * 16
+
+
+def new_key() -> str:
+    return str(Pubkey(secrets.token_bytes(32)))
+
+
+@dataclass
+class Rig:
+    store: Store
+    registry: Registry
+    ended: dict[str, asyncio.Future[str]]
+    checks: asyncio.Queue[str]
+
+    async def active_lease(self, ago: float = 0.0) -> LeaseRecord:
+        """A cohort lease, active since ``ago`` seconds."""
+        provider = new_key()
+        await self.store.upsert_provider(ProviderProfile(provider, "rig", "eu", None))
+        await self.store.replace_offers(
+            provider, [OfferSpec("Tesla T4", 16 << 30, 1, 1000, simulated=True, gpu_indices=(0,))]
+        )
+        lease = await self.store.create_lease(
+            user_pubkey=new_key(), provider_pubkey=provider, gpu_model="Tesla T4",
+            cohort_id=COHORT,
+        )  # fmt: skip
+        await self.store.activate_lease(
+            lease.id, at=datetime.fromtimestamp(time.time() - ago, tz=timezone.utc)
+        )
+        active = await self.store.get_lease(lease.id)
+        assert active is not None
+        self.ended[lease.id] = asyncio.get_running_loop().create_future()
+        return active
+
+    async def next_check(self, lease_id: str) -> None:
+        while await asyncio.wait_for(self.checks.get(), WAIT) != lease_id:
+            pass
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")
+    registry = Registry(store, OfferIndex(), coordinator=Keypair().pubkey())
+    ended: dict[str, asyncio.Future[str]] = {}
+
+    def gone(lease_id: str, reason: str) -> None:
+        future = ended.get(lease_id)
+        if future is not None and not future.done():
+            future.set_result(reason)
+
+    registry.lease_listeners.append(gone)
+    try:
+        yield Rig(store, registry, ended, asyncio.Queue())
+    finally:
+        await store.close()
+
+
+@contextlib.asynccontextmanager
+async def watching(rig: Rig, rules: SessionRules, warning: float) -> AsyncIterator[CohortLimits]:
+    async def lookup(cohort: str) -> SessionRules | None:
+        return rules if cohort == COHORT else None
+
+    limits = CohortLimits(rig.store, rig.registry, lookup, warning=warning)
+    limits.checked.append(rig.checks.put_nowait)
+    await limits.start()
+    try:
+        yield limits
+    finally:
+        await limits.stop()
+
+
+async def test_idle_when_either_party_says_idle_a_lying_student_cannot_keep_it(rig: Rig) -> None:
+    async with watching(rig, SessionRules(idle_timeout=0.8, max_session=None), 0.5) as limits:
+        lease = await rig.active_lease()
+        limits.watch(lease)
+        await rig.next_check(lease.id)
+        assert limits.view(lease.id) == {"warnings": [], "ends_at": None}  # nobody reported
+        limits.activity(lease.id, PARTY_PROVIDER, 0)  # the provider: it ran a cell just now
+
+        async def student_claims_activity() -> None:
+            while True:  # the student's client keeps saying "busy"
+                limits.activity(lease.id, PARTY_USER, 0)
+                await asyncio.sleep(0.05)
+
+        liar = asyncio.create_task(student_claims_activity())
+        try:
+            reason = await asyncio.wait_for(rig.ended[lease.id], WAIT)
+        finally:
+            liar.cancel()
+        assert reason == idle_reason(0.8)
+        ended = await rig.store.get_lease(lease.id)
+        assert ended is not None and ended.end_reason == idle_reason(0.8) and not ended.live
+        assert limits.ended_idle == 1
+
+
+async def test_the_idle_warning_comes_first_and_activity_clears_it(rig: Rig) -> None:
+    async with watching(rig, SessionRules(idle_timeout=30, max_session=None), 10) as limits:
+        lease = await rig.active_lease(ago=100)
+        limits.watch(lease)
+        await rig.next_check(lease.id)
+        limits.activity(lease.id, PARTY_USER, 25)  # idle 25 s: 5 s left, within the warning
+        await rig.next_check(lease.id)
+        view = limits.view(lease.id)
+        (warning,) = view["warnings"]
+        assert warning["kind"] == "idle" and "run a cell to keep it" in warning["message"]
+        assert view["ends_at"] == pytest.approx(warning["at"])
+        limits.activity(lease.id, PARTY_USER, 0)  # the student ran a cell
+        await rig.next_check(lease.id)
+        view = limits.view(lease.id)
+        assert view["warnings"] == [] and view["ends_at"] == pytest.approx(warning["at"] + 25, 1)
+        assert not rig.ended[lease.id].done()
+
+
+async def test_a_session_ends_at_the_max_length_with_a_warning(rig: Rig) -> None:
+    async with watching(rig, SessionRules(idle_timeout=None, max_session=1.0), 0.6) as limits:
+        lease = await rig.active_lease()
+        limits.watch(lease)
+        await rig.next_check(lease.id)
+        view = limits.view(lease.id)
+        assert view["ends_at"] == pytest.approx(lease.active_at.timestamp() + 1.0)  # type: ignore[union-attr]
+        reason = await asyncio.wait_for(rig.ended[lease.id], WAIT)
+        assert reason == MAX_LENGTH_REACHED and limits.ended_max_length == 1
+
+
+async def test_leases_of_no_cohort_are_not_watched(rig: Rig) -> None:
+    async with watching(rig, SessionRules(idle_timeout=0.1, max_session=0.1), 0.05) as limits:
+        lease = await rig.active_lease()
+        limits.watch(replace(lease, cohort_id=None))
+        limits.activity(lease.id, PARTY_PROVIDER, 100)
+        assert limits.view(lease.id) == {"warnings": [], "ends_at": None}
+        assert rig.checks.empty() and not rig.ended[lease.id].done()
