@@ -18,7 +18,9 @@ the handlers call; it decides nothing about scheduling and moves no funds on its
   intact"). Either way the provider is sent ``end`` and the settlement worker
   (:mod:`~jupyter_io.coordinator.settlement`) takes over;
 * :meth:`Billing.refund_offer` / :meth:`Billing.refund_submitted`
-  (``POST /leases/{id}/refund``): the arbiter's half of a user + arbiter refund.
+  (``POST /leases/{id}/refund``): the arbiter's half of a user + arbiter refund (for a cohort
+  lease, :meth:`Billing.cohort_session`, the cohort shape: the arbiter pays the fee, the rest
+  goes back to the student's allowance).
 
 With ``payments = "free"`` there is no :class:`Billing` object at all; handlers answer
 ``"escrow": {"required": false}`` (see :func:`free_escrow_block`).
@@ -34,6 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Any
 
 from solana.exceptions import SolanaRpcException
@@ -51,6 +54,7 @@ from ..payments.amounts import (
     format_sol,
     min_deposit,
 )
+from ..payments.cohort_pool import AllowanceTerms, CohortPoolClient, CohortSession
 from ..payments.escrow import (
     EscrowClient,
     EscrowError,
@@ -289,6 +293,30 @@ class Billing:
             lease.id,
         )
 
+    @cached_property
+    def pool(self) -> CohortPoolClient:
+        """The cohort-pool operations, on the escrow client's connection."""
+        return CohortPoolClient(self.escrow.client, commitment=self.escrow.commitment)
+
+    async def cohort_session(self, lease: LeaseRecord) -> CohortSession | None:
+        """The allowance and escrow of a cohort lease (None: not a cohort lease); raises
+        :class:`EscrowMissing` if its cohort is gone from the store."""
+        if lease.cohort_id is None:
+            return None
+        cohort = await self.store.get_cohort(lease.cohort_id)
+        if cohort is None:
+            raise EscrowMissing(
+                f"lease {lease.id} names cohort {lease.cohort_id}, which this coordinator "
+                f"does not know"
+            )
+        allowance = AllowanceTerms(
+            Pubkey.from_string(cohort.instructor),
+            Pubkey.from_string(lease.user_pubkey),
+            self.arbiter.pubkey(),
+            cohort.id,
+        )
+        return allowance.session(Pubkey.from_string(lease.provider_pubkey), lease.id)
+
     async def escrow_state(self, lease: LeaseRecord) -> EscrowState | None:
         """The lease's escrow on-chain (None: closed or never opened)."""
         return await self._ledger("reading the escrow", self.escrow.escrow_state(self.terms(lease)))
@@ -306,18 +334,33 @@ class Billing:
             "solana_url": self.solana_url,
             "min_deposit_lamports": self.min_deposit(lease),
         }
+        if lease.cohort_id is not None:
+            # Paid from the student's allowance: POST /leases/{id}/cohort-funding.
+            block["funding"] = "cohort"
         if lease.escrow_address is not None:
             block["address"] = lease.escrow_address
             block["deposit_lamports"] = lease.deposit_lamports
         return block
 
-    async def fund(self, lease: LeaseRecord, signature: str | None) -> LeaseRecord:
+    async def fund(
+        self, lease: LeaseRecord, signature: str | None, *, cohort: bool = False
+    ) -> LeaseRecord:
         """Verify the lease's escrow on-chain and record it (again after a top-up).
 
         Raises :class:`EscrowMissing`, :class:`DepositTooSmall` (402),
         :class:`LedgerUnreachable` (503). Returns the lease as recorded, or raises
         ``LookupError`` when it is no longer live. Next: the lease service issues the token.
+
+        A cohort lease is recorded only from its cohort funding (``cohort``: the call of
+        :mod:`~jupyter_io.coordinator.cohort_funding`, once its transaction landed): its
+        settlement returns the rest to the allowance, so an escrow the student opened with
+        their own SOL must not pass for it.
         """
+        if lease.cohort_id is not None and not cohort:
+            raise EscrowMissing(
+                f"lease {lease.id} is a lease of cohort {lease.cohort_id}: the cohort's pool "
+                f"funds it (POST /api/v1/leases/{lease.id}/cohort-funding), not your wallet"
+            )
         if signature is not None:
             try:
                 Signature.from_string(signature)
@@ -495,17 +538,27 @@ class Billing:
         metered = await self.meter(lease)
         share = min(state.amount, metered.spent_lamports)
         terms = self.terms(lease)
-        payout = await self._ledger(
-            "reading the provider's wSOL account",
-            self.escrow.client.get_account_info(terms.provider_wsol),
-        )
-        message = refund_message(
-            terms,
-            share,
-            blockhash=await self.latest_blockhash(),
-            provider_has_wsol_account=payout.value is not None,
-            fee_payer=terms.user,
-        )
+        session = await self.cohort_session(lease)
+        if session is not None:
+            # The arbiter pays the fee (the student holds no SOL) and takes it back from the
+            # escrow; the rest returns to the allowance (or, reclaimed, to the instructor).
+            plan = await self._ledger("reading the escrow", self.pool.refund_plan(session, share))
+            if plan is None:
+                raise RefundNotAllowed(f"the escrow of lease {lease.id} is already closed")
+            build = self.pool.refund_builder(session, share, plan)
+            message = build(await self.latest_blockhash())
+        else:
+            payout = await self._ledger(
+                "reading the provider's wSOL account",
+                self.escrow.client.get_account_info(terms.provider_wsol),
+            )
+            message = refund_message(
+                terms,
+                share,
+                blockhash=await self.latest_blockhash(),
+                provider_has_wsol_account=payout.value is not None,
+                fee_payer=terms.user,
+            )
         signature = self.arbiter.sign_message(to_bytes_versioned(message))
         return {
             "message": base64.b64encode(bytes(message)).decode(),

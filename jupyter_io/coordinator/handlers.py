@@ -20,6 +20,9 @@ Routes (``docs/coordinator-contract.md``; every REST error is
 ``POST /api/v1/leases/{id}/ack``      signed, owner only: the user acknowledges usage
 ``GET  /api/v1/providers/connect``    websocket: the provider link
 ``GET  /relay/{lease}``               websocket: the relay (``?side=client|provider``)
+``POST .../{id}/cohort-funding``      signed, the student: fund a cohort lease from
+                                      the allowance (:mod:`.cohort_funding`, its route
+                                      passed in by the server: it builds on this module)
 ====================================  ========================================================
 
 :func:`make_app` builds the application from a :class:`Services` bundle. Handlers parse,

@@ -365,13 +365,17 @@ class LeaseService:
             return ended
         return await self.get(user, lease_id)
 
-    async def fund(self, user: Pubkey, lease_id: str, signature: str | None) -> LeaseGrant:
+    async def fund(
+        self, user: Pubkey, lease_id: str, signature: str | None, *, cohort: bool = False
+    ) -> LeaseGrant:
         """``user`` says the lease's escrow is open: verify it on-chain, record it and grant
         the token (again after a top-up: the deposit is raised, the token renewed).
 
         Raises :class:`LeaseNotLive` for a lease that is over, and the billing errors
         (:class:`~jupyter_io.coordinator.billing.EscrowMissing`, ``DepositTooSmall``,
-        ``LedgerUnreachable``). Without escrow payments the token is simply renewed."""
+        ``LedgerUnreachable``). Without escrow payments the token is simply renewed.
+        ``cohort``: called by the cohort funding once its transaction landed (a cohort lease
+        is funded no other way)."""
         lease = await self.get(user, lease_id)
         if self.billing is None:
             return await self.renew(user, lease_id)
@@ -382,7 +386,7 @@ class LeaseService:
             )
         try:
             with self.pending.holding(lease_id):  # not expired while its escrow is read
-                await self.billing.fund(lease, signature)
+                await self.billing.fund(lease, signature, cohort=cohort)
         except LookupError:
             raise LeaseNotLive(f"lease {lease_id} ended meanwhile; request a new lease") from None
         finally:

@@ -47,6 +47,7 @@ from ..signing import ReplayGuard
 from .ack_watch import AckWatch
 from .billing import Billing
 from .body_limits import BodyLimits
+from .cohort_funding import cohort_funding_routes
 from .config import CoordinatorConfig
 from .embedded_ledger import EmbeddedLedger
 from .handlers import BODY_LIMITS, MAX_BODY_SIZE, RELAY_PREFIX, Services, make_app
@@ -254,7 +255,7 @@ class CoordinatorServer:
         )
         #: Per-endpoint body limits, answered 413 before a body is read.
         self.body_limits = limits = BodyLimits(
-            make_app(services, ledger_routes),
+            make_app(services, [*ledger_routes, *cohort_funding_routes({"services": services})]),
             [*BODY_LIMITS, (SOLANA_PATH, LEDGER_MAX_BODY_SIZE)],
             MAX_BODY_SIZE,
         )

@@ -18,7 +18,10 @@ provider links or a provider answers):
    for what it still holds; if arbiter + provider cannot move it, the row is ``failed``;
 3. if the lease's provider is linked here, build
    :func:`~jupyter_io.payments.escrow.settlement_message` (the billed amount, fee payer the
-   provider), send it a :class:`~jupyter_io.provider_link.SignSettlement` and
+   provider; for a cohort lease
+   :func:`~jupyter_io.payments.cohort_pool.cohort_settlement_message`, the rest back to the
+   student's allowance, or to the instructor once it was reclaimed), send it a
+   :class:`~jupyter_io.provider_link.SignSettlement` and
    wait (bounded) for its ``settlement_signature``; check that signature, note it on the row,
    add the arbiter's and submit (:meth:`~jupyter_io.payments.escrow.EscrowClient.submit`
    with a ``Presigner``); once it landed, ``done`` with its amount (never before);
@@ -53,6 +56,7 @@ from solders.signature import Signature
 
 from ..errors import PaymentError
 from ..payments.amounts import FEE_PER_SIGNATURE
+from ..payments.cohort_pool import cohort_settlement_message
 from ..payments.escrow import EscrowError, TransactionFailed, settlement_message
 from ..provider_link import SettlementRefused, SettlementReply, SignSettlement
 from .billing import Billing
@@ -307,12 +311,25 @@ class SettlementWorker:
                 f"(or for the user's refund)",
             )
             return False
-        message = settlement_message(
-            terms,
-            amount,
-            blockhash=await self.billing.latest_blockhash(),
-            fee_payer=terms.provider,
-        )
+        session = await self.billing.cohort_session(lease)
+        if session is not None:
+            # A cohort lease: the rest goes back to the student's allowance, or to the
+            # instructor if it was reclaimed meanwhile; the rent to the arbiter, who fronted it.
+            to = await self._read(self.billing.pool.remainder_destination(session))
+            message = cohort_settlement_message(
+                session,
+                amount,
+                remainder=state.amount - amount,
+                remainder_to=to,
+                blockhash=await self.billing.latest_blockhash(),
+            )
+        else:
+            message = settlement_message(
+                terms,
+                amount,
+                blockhash=await self.billing.latest_blockhash(),
+                fee_payer=terms.provider,
+            )
         reply = await self.ask(provider, SignSettlement(lease.id, amount, bytes(message)))
         if reply is None:
             await self._later(lease, f"provider {provider} did not answer in time")

@@ -34,7 +34,8 @@ Transactions (each one message, built by a pure function below):
 Checks (pure, on exact on-chain bytes, each refusal naming the field):
 :func:`allowance_problems` and :func:`delegate_problems`; a cohort escrow must pass the plain
 :func:`~jupyter_io.payments.escrow.token_problems` / ``multisig_problems``.
-:func:`match_cohort_settlement` is the provider's check of a settlement it is asked to sign.
+:func:`match_cohort_settlement` is the provider's check of a settlement it is asked to sign,
+:func:`match_cohort_funding` the student's of a funding.
 
 I/O: :class:`CohortPoolClient` (an :class:`~jupyter_io.payments.escrow.EscrowClient`).
 """
@@ -56,6 +57,7 @@ from solders.keypair import Keypair
 from solders.message import MessageV0, to_bytes_versioned
 from solders.pubkey import Pubkey
 from solders.signature import Signature
+from solders.system_program import ID as SYSTEM_PROGRAM_ID
 from solders.system_program import (
     CreateAccountWithSeedParams,
     TransferParams,
@@ -130,6 +132,7 @@ __all__ = [
     "delegate_seed",
     "fund_message",
     "funding_message",
+    "match_cohort_funding",
     "match_cohort_settlement",
     "pack_grants",
     "reclaim_message",
@@ -151,6 +154,7 @@ _SEED_DOMAIN = b"jupyter-io/cohort/v1/"
 _Builder = Callable[[Hash], MessageV0]
 _TRANSFER_CHECKED = 12
 _SYSTEM_TRANSFER = (2).to_bytes(4, "little")
+_CREATE_WITH_SEED = (3).to_bytes(4, "little")
 
 
 class CohortPoolError(EscrowError):
@@ -739,6 +743,47 @@ def match_cohort_settlement(
                 )
                 if bytes(candidate) == message:
                     return True
+    return False
+
+
+def match_cohort_funding(session: CohortSession, deposit: int, message: bytes) -> bool:
+    """True when ``message`` is byte for byte a :func:`funding_message` of ``session`` moving
+    ``deposit`` into its escrow and reimbursing the arbiter exactly its fee plus the rent of
+    the multisig it creates (the rents read from the message, the whole message rebuilt
+    around them and compared). What the student checks before signing a cohort funding: it
+    moves allowance funds into this lease's escrow and nowhere else."""
+    try:
+        parsed = MessageV0.from_bytes(message)
+    except ValueError:
+        return False
+    keys = list(parsed.account_keys)
+    rents: set[int] = set()
+    for ix in parsed.instructions:
+        data = bytes(ix.data)
+        if keys[ix.program_id_index] != SYSTEM_PROGRAM_ID or data[:4] != _CREATE_WITH_SEED:
+            continue
+        if len(data) < 44:
+            return False
+        end = 44 + int.from_bytes(data[36:44], "little")
+        if len(data) < end + 8:
+            return False
+        rents.add(int.from_bytes(data[end : end + 8], "little"))
+    blockhash = parsed.recent_blockhash
+    for escrow_rent in rents:
+        for multisig_rent in [None, *rents]:
+            try:
+                candidate = funding_message(
+                    session,
+                    deposit,
+                    escrow_rent=escrow_rent,
+                    multisig_rent=multisig_rent,
+                    reimbursement=FEE_PER_SIGNATURE * FUNDING_SIGNATURES + (multisig_rent or 0),
+                    blockhash=blockhash,
+                )
+            except CohortPoolError:
+                return False
+            if bytes(candidate) == message:
+                return True
     return False
 
 

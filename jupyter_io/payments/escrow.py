@@ -904,7 +904,9 @@ class EscrowClient:
             elif program == TOKEN_PROGRAM_ID and data[:1] == bytes([_CLOSE_ACCOUNT]):
                 closed = closed or accounts[:1] == [terms.escrow]
             elif program == SYSTEM_PROGRAM_ID and data[:4] == _SYSTEM_TRANSFER:
-                if accounts[:2] == [terms.user, terms.provider]:
+                # From the user's refund, or (a cohort refund) from the closed escrow's
+                # lamports, passed on by the arbiter.
+                if accounts[:2] in ([terms.user, terms.provider], [terms.arbiter, terms.provider]):
                     paid += int.from_bytes(data[4:12], "little")
         if not closed:
             return None

@@ -30,6 +30,8 @@ from jupyter_io.payments.cohort_pool import (
     cohort_settlement_message,
     delegate_problems,
     fund_message,
+    funding_message,
+    match_cohort_funding,
     match_cohort_settlement,
     pack_grants,
     transaction_size,
@@ -475,3 +477,29 @@ def test_several_students_fit_one_funding_transaction() -> None:
     assert [len(b) for b in batches] == [2] * 6
     for batch in batches:
         assert transaction_size(fund_message(batch, blockhash=Hash.default())) <= 1232
+
+
+def test_the_student_matches_only_the_exact_funding_of_its_lease() -> None:
+    i, s, a, p = (Keypair().pubkey() for _ in range(4))
+    session = AllowanceTerms(i, s, a, "c_x").session(p, "lease")
+    blockhash = Hash.new_unique()
+    for multisig_rent in (None, MULTISIG_LEN_RENT):
+        good = funding_message(
+            session, DEPOSIT, escrow_rent=ALLOWANCE_RENT, multisig_rent=multisig_rent,
+            reimbursement=FUNDING_FEE + (multisig_rent or 0), blockhash=blockhash,
+        )  # fmt: skip
+        assert match_cohort_funding(session, DEPOSIT, bytes(good))
+        assert not match_cohort_funding(session, DEPOSIT + 1, bytes(good))
+    # The arbiter asks for more than its fee back, or funds another lease's escrow: refused.
+    greedy = funding_message(
+        session, DEPOSIT, escrow_rent=ALLOWANCE_RENT, multisig_rent=None,
+        reimbursement=FUNDING_FEE + 1, blockhash=blockhash,
+    )  # fmt: skip
+    assert not match_cohort_funding(session, DEPOSIT, bytes(greedy))
+    other = AllowanceTerms(i, s, a, "c_x").session(p, "another-lease")
+    elsewhere = funding_message(
+        other, DEPOSIT, escrow_rent=ALLOWANCE_RENT, multisig_rent=None,
+        reimbursement=FUNDING_FEE, blockhash=blockhash,
+    )  # fmt: skip
+    assert not match_cohort_funding(session, DEPOSIT, bytes(elsewhere))
+    assert not match_cohort_funding(session, DEPOSIT, b"\x80garbage")
