@@ -410,7 +410,13 @@ class LeaseService:
             raise LeaseGone(f"lease {lease_id} is {lease.state.value}; request a new lease")
         renewed = await self.get(user, lease_id)
         self.registry.lease_token_renewed(renewed)
-        grant = self._grant(renewed, now, expires, await self.reachable_url(renewed))
+        grant = self._grant(
+            renewed,
+            now,
+            expires,
+            await self.reachable_url(renewed),
+            cohort_instructor=await self._cohort_instructor(renewed),
+        )
         if self.billing is None:
             return grant
         return LeaseGrant(
@@ -498,8 +504,23 @@ class LeaseService:
 
     # -- internals -------------------------------------------------------------------------
 
+    async def _cohort_instructor(self, lease: LeaseRecord) -> str | None:
+        """The instructor who owns a cohort lease's allowance (the token's cohort claims, by
+        which the provider checks its settlement), None for other leases and without escrow
+        payments (nothing is settled)."""
+        if lease.cohort_id is None or self.billing is None:
+            return None
+        cohort = await self.store.get_cohort(lease.cohort_id)
+        return None if cohort is None else cohort.instructor
+
     def _grant(
-        self, lease: LeaseRecord, now: float, expires: float, reachable_url: str | None
+        self,
+        lease: LeaseRecord,
+        now: float,
+        expires: float,
+        reachable_url: str | None,
+        *,
+        cohort_instructor: str | None = None,
     ) -> LeaseGrant:
         claims = LeaseClaims(
             lease_id=lease.id,
@@ -512,6 +533,10 @@ class LeaseService:
             expires_at=expires,
             coordinator=self.coordinator,
             relay=lease.relay,
+            cohort=lease.cohort_id if cohort_instructor is not None else None,
+            cohort_instructor=None
+            if cohort_instructor is None
+            else Pubkey.from_string(cohort_instructor),
         )
         token = issue_token(self.keypair, claims)
         escrow = self.escrow_block(lease)

@@ -22,6 +22,7 @@ from solders.pubkey import Pubkey
 from jupyter_io.cohorts import CohortSettings, new_cohort_id
 from jupyter_io.coordinator.models import SettlementState
 from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.leases import verify_token
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
 from jupyter_io.payments.cohort_pool import (
     AllowanceTerms,
@@ -88,7 +89,13 @@ class Cohort:
             {"signature": str(signature), "message": offer["message"]},
         )
         assert code == 200, grant
-        assert grant["token"] is not None
+        # The token names the cohort and its instructor: the provider derives the allowance
+        # from them to check the settlement.
+        claims = verify_token(
+            grant["token"], coordinator=self.arbiter, user=self.student.pubkey(),
+            provider=Pubkey.from_string(self.provider.pubkey), now=time.time(),
+        )  # fmt: skip
+        assert (claims.cohort, claims.cohort_instructor) == (self.id, self.instructor.pubkey())
         return str(grant["escrow"]["address"]), int(offer["deposit_lamports"])
 
     async def settle_as_provider(self, lease: str) -> int:
