@@ -198,7 +198,8 @@ export class CohortDashboard extends Widget {
     placeChildren(this._rowsNode, nodes);
     show(this._empty, nodes.length === 0);
     setText(this._empty, 'No students yet: share a join code (`jupyter io cohort code`).');
-    placeChildren(this._queue, data.queue.length ? data.queue.map(queueLine) : [h('div', { class: 'jio-Note' }, 'Nobody is waiting.')]);
+    const waiting = data.queue.map((entry, index) => queueLine(entry, index, data.generated_at));
+    placeChildren(this._queue, waiting.length ? waiting : [h('div', { class: 'jio-Note' }, 'Nobody is waiting.')]);
     setText(this._updated, `Updated ${new Date(data.generated_at * 1000).toLocaleTimeString()}`);
   }
 
@@ -262,15 +263,20 @@ export class CohortDashboard extends Widget {
   private _updated = h('div', { class: 'jio-Note jio-Dashboard-updated' });
 }
 
-/** `1. 7xKX…gAsU for RTX 4090 · about 3:00` */
-function queueLine(entry: IQueueEntry, index: number): HTMLElement {
+/** `1. 7xKX…gAsU · waiting 2:13 · about 3:00 more` (as of the dashboard's `now`). */
+function queueLine(entry: IQueueEntry, index: number, now: number): HTMLElement {
   const wait = entry.estimated_wait_seconds;
-  const parts = [
-    `${entry.place ?? index + 1}. ${shortKey(entry.student ?? null)}`,
-    entry.gpu ? ` for ${entry.gpu}` : '',
-    typeof wait === 'number' ? ` · about ${duration(wait)}` : ''
-  ];
-  return h('div', { class: 'jio-Dashboard-queued-entry' }, parts.join(''));
+  const parts = [`${entry.place ?? index + 1}. ${shortKey(entry.student ?? null)}`];
+  if (entry.gpu) {
+    parts.push(`for ${entry.gpu}`);
+  }
+  if (typeof entry.queued_at === 'number') {
+    parts.push(`waiting ${duration(now - entry.queued_at)}`);
+  }
+  if (typeof wait === 'number') {
+    parts.push(`about ${duration(wait)} more`);
+  }
+  return h('div', { class: 'jio-Dashboard-queued-entry', 'data-student': entry.student }, parts.join(' · '));
 }
 
 export namespace CohortDashboard {
