@@ -146,10 +146,11 @@ def lease_kernel_json(
     region: str = "",
     min_vram_gb: float = 0,
     max_session_hours: float = 0,
+    max_latency_ms: float = 0,
 ) -> dict[str, Any]:
     """The kernel.json of a kernelspec whose kernels lease ``gpu`` through the coordinator
     at ``coordinator_url``. Empty options are left out (the provisioner's defaults: any
-    GPU, no cap, any region, the escrow hook's budget)."""
+    GPU, no cap, any region, the escrow hook's budget, no latency cap)."""
     config: dict[str, Any] = {"coordinator_url": coordinator_url, "keypair_path": keypair_path}
     if gpu:
         config["gpu"] = gpu
@@ -161,6 +162,8 @@ def lease_kernel_json(
         config["min_vram_gb"] = min_vram_gb
     if max_session_hours:
         config["max_session_hours"] = max_session_hours
+    if max_latency_ms:
+        config["max_latency_ms"] = max_latency_ms
     return _spec(display_name, config)
 
 

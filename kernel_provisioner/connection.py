@@ -66,6 +66,7 @@ from jupyter_io.protocol import (
     CloseCode,
     Frame,
     FrameKind,
+    Progress,
     Tunnel,
     decode_frame,
     encode_control,
@@ -220,8 +221,15 @@ class TunnelClient:
         ping_interval: float | None = 10.0,
         ping_timeout: float | None = 10.0,
         log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
     ) -> None:
+        """``on_progress`` hears each PROGRESS frame (a step of the start the provider works
+        on before STARTED, e.g. building a course environment)."""
         self.url = tunnel_url(url)
+        self.on_progress = on_progress
+        # Set by a PROGRESS frame: when the launch's own timeout starts counting again
+        # (after the step's timeout while it runs, from its end once it is over).
+        self._launch_grace: float | None = None
         self.keypair = keypair
         self.host_pubkey = host_pubkey
         self.credentials = credentials
@@ -673,6 +681,8 @@ class TunnelClient:
                     )
                 else:
                     self.log.info("remote kernel (generation %d) exited: %s", generation, exit_code)
+        elif kind is FrameKind.PROGRESS:
+            self._on_progress(frame)
         elif kind is FrameKind.ERROR:
             body = frame.body
             self.log.warning("provider error: %s", body)
@@ -681,6 +691,24 @@ class TunnelClient:
         else:
             raise ProtocolError(f"{kind.name} is not a frame the provider sends")
         self._notify()
+
+    def _on_progress(self, frame: Frame) -> None:
+        try:
+            progress = Progress.parse(frame.body)
+        except ProtocolError as exc:  # only news: the launch's answer still comes
+            self.log.warning("ignoring a malformed PROGRESS frame: %s", exc)
+            return
+        now = asyncio.get_running_loop().time()
+        if progress.state == "building" and progress.timeout is not None:
+            self._launch_grace = now + progress.timeout
+        else:
+            self._launch_grace = now
+        if self.on_progress is not None:
+            self.on_progress(progress)
+
+    def _launch_remaining(self, start: float, timeout: float) -> float:
+        base = start if self._launch_grace is None else max(start, self._launch_grace)
+        return base + timeout - asyncio.get_running_loop().time()
 
     def _apply_kernel_report(self, report: Any) -> None:
         # WELCOME's summary; the reliable STARTED/EXITED frames replayed after it are the
@@ -717,10 +745,18 @@ class TunnelClient:
         if body != pipelined:  # else open() sent it already; its answer may even be here
             self._launch_answer = None
             await self.bridge.send_control(FrameKind.LAUNCH, body)
-        answered = await self.wait_for(
-            lambda: self._launch_answer is not None or not self.alive, timeout
-        )
-        if not answered:
+        # A step the provider reports (a course environment's build) holds the timeout off
+        # for as long as it says it may take.
+        start = asyncio.get_running_loop().time()
+        self._launch_grace = None
+
+        def answered() -> bool:
+            return self._launch_answer is not None or not self.alive
+
+        while not await self.wait_for(answered, max(0.0, self._launch_remaining(start, timeout))):
+            if self._launch_remaining(start, timeout) <= 0:
+                break
+        if not answered():
             raise KernelLaunchError(
                 f"provider at {self.url} did not start the kernel within {timeout:g} s; "
                 f"raise launch_timeout if the provider is slow to start kernels"

@@ -3,14 +3,17 @@
 A remote start takes longer than a local one (a lease from the coordinator, a tunnel, the
 provider's own kernel start), so the provisioner reports each step as it happens::
 
-    queued → [queue …] → leased → escrowed → launching → ready    (or failed, at any point)
+    queued → [queue …] → leased → escrowed → launching → [environment] → ready
+                                                                (or failed, anywhere)
 
 ``queue`` only for a class's kernel waiting for a GPU in the class's queue (once per new
 place or estimate: ``"In the queue: place 3, about 4 min"``).
 
 ``queued`` and ``leased`` only happen with a coordinator (``coordinator_url``), ``escrowed``
-only with a coordinator that is paid through an escrow (``docs/payments-contract.md``); a
-kernelspec that names its provider directly starts at ``launching``. Each step is one
+only with a coordinator that is paid through an escrow (``docs/payments-contract.md``),
+``environment`` only when the provider builds a cohort's course environment first (its
+``state`` detail: ``building``, then ``ready`` or ``failed``); a kernelspec that names its
+provider directly starts at ``launching``. Each step is one
 :class:`ProgressEvent`, logged at INFO on the provisioner's logger with the event's JSON
 form in the record's :data:`PROGRESS_ATTR` attribute, so a logging handler (a Jupyter
 Server extension, say) can pick the records out and publish them without parsing text::
@@ -54,6 +57,9 @@ class ProgressStep(str, enum.Enum):
     deposit, setup signature are known); the lease has its token."""
     LAUNCHING = "launching"
     """The tunnel to the provider is open; the provider is starting the kernel."""
+    ENVIRONMENT = "environment"
+    """The provider builds the cohort's course environment before the kernel can start
+    (only on its first start there); ``state`` is ``building``, ``ready`` or ``failed``."""
     READY = "ready"
     """The kernel runs and answers through the local facade."""
     FAILED = "failed"

@@ -76,7 +76,7 @@ from jupyter_io.latency import (
 )
 from jupyter_io.payments.amounts import DEFAULT_SESSION_HOURS, format_sol, parse_sol
 from jupyter_io.payments.hooks import PaymentHook, SolanaEscrowHook, close_ledger_clients
-from jupyter_io.protocol import DEFAULT_MAX_FRAME_SIZE
+from jupyter_io.protocol import DEFAULT_MAX_FRAME_SIZE, Progress
 from jupyter_io.queue_tickets import QueuePlace, progress_message
 from jupyter_io.usage_acks import DEFAULT_ACK_INTERVAL_S
 
@@ -885,7 +885,12 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             ping_interval=self.ping_interval,
             ping_timeout=self.ping_timeout,
             log=self.log,
+            on_progress=self._provider_progress,
         )
+
+    def _provider_progress(self, progress: Progress) -> None:
+        """A step the provider reports before STARTED: a course environment's build."""
+        self._report(ProgressStep.ENVIRONMENT, progress.message, state=progress.state)
 
     async def _drop_session(self) -> None:
         client, self._client = self._client, None

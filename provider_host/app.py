@@ -54,6 +54,10 @@ _aliases: dict[Any, Any] = {
     "public-url": "ProviderConfig.public_url",
     "usage-interval": "ProviderConfig.usage_interval",
     "isolation": "ProviderConfig.isolation",
+    "environment-pip-arg": "ProviderConfig.environment_pip_args",
+    "environment-cache": "ProviderConfig.environment_cache_count",
+    "environment-build-timeout": "ProviderConfig.environment_build_timeout",
+    "environment-max-bytes": "ProviderConfig.environment_max_bytes",
 }
 
 _flags: dict[Any, Any] = {
@@ -61,6 +65,11 @@ _flags: dict[Any, Any] = {
     "no-benchmark": (
         {"ProviderConfig": {"benchmark": False}},
         "Publish no benchmark (skip the torch matmul measurement at startup).",
+    ),
+    "no-environment-network": (
+        {"ProviderConfig": {"environment_network": False}},
+        "Build course environments without the network (pip sees only --environment-pip-arg "
+        "paths, e.g. --find-links=/srv/wheels).",
     ),
 }
 

@@ -271,6 +271,43 @@ class ProviderConfig(Configurable):
         help="Longest wait, seconds, between attempts to relink to the coordinator (the wait "
         "starts at 0.1 s and doubles).",
     )
+    # -- course environments (provider_host.environments) ----------------------------------
+
+    environment_pip_args = List(
+        Unicode(),
+        config=True,
+        help="Extra arguments for the pip that builds a cohort's course environment "
+        "(repeatable), e.g. --no-index and --find-links=/srv/wheels on an air-gapped host, or "
+        "--index-url of a mirror. Arguments naming an absolute path on this host are shown "
+        "to the (sandboxed) build read-only. A course's requirements may not carry pip "
+        "options of their own: where packages come from is the provider's choice.",
+    )
+    environment_network = Bool(
+        True,
+        config=True,
+        help="Let the sandboxed pip build of a course environment use the network (to reach "
+        "the package index). False: it runs in a network namespace of its own (loopback only) "
+        "and can install only from what environment_pip_args show it (--find-links).",
+    )
+    environment_cache_count = Integer(
+        8,
+        config=True,
+        help="Most course environments kept in data_dir/environments; beyond it the least "
+        "recently used one that no session runs is deleted (built again when next needed).",
+    )
+    environment_build_timeout = Float(
+        1800.0,
+        config=True,
+        help="Seconds a course environment's build (venv + pip install) may take; it is "
+        "stopped after that and the session's kernel start fails with that reason.",
+    )
+    environment_max_bytes = Integer(
+        20 * 1024**3,
+        config=True,
+        help="Largest course environment on disk, bytes (measured after the build; also the "
+        "largest single file it may write); a bigger one is deleted and the start fails. "
+        "0 = no limit.",
+    )
     benchmark = Bool(
         True,
         config=True,
@@ -339,7 +376,12 @@ class ProviderConfig(Configurable):
             )
         return value
 
-    @validate("usage_interval", "link_backoff_max", "workspace_check_interval")
+    @validate(
+        "usage_interval",
+        "link_backoff_max",
+        "workspace_check_interval",
+        "environment_build_timeout",
+    )
     def _validate_positive_float(self, proposal: dict[str, object]) -> float:
         value = float(proposal["value"])  # type: ignore[arg-type]
         if value <= 0:
@@ -365,6 +407,7 @@ class ProviderConfig(Configurable):
         "max_unacked_bytes",
         "max_unauthenticated",
         "max_unauthenticated_per_address",
+        "environment_cache_count",
     )
     def _validate_positive(self, proposal: dict[str, object]) -> int:
         value = int(proposal["value"])  # type: ignore[call-overload]
@@ -413,6 +456,10 @@ class ProviderConfig(Configurable):
         """The file of ``host``'s settlement records (:class:`provider_host.settlement.
         SettlementBook`): one per host key, so hosts sharing a data directory never mix."""
         return Path(self.data_dir).expanduser() / f"settlements-{host}.json"
+
+    def environments_path(self) -> Path:
+        """Where course environments are built and kept: ``data_dir/environments``."""
+        return Path(self.data_dir).expanduser() / "environments"
 
     def pinned_coordinator(self) -> Pubkey | None:
         """The configured ``coordinator_pubkey``, or None to pin the first one seen."""

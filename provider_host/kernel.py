@@ -65,16 +65,18 @@ def kernel_endpoints(runtime_dir: str | os.PathLike[str]) -> dict[Channel, str]:
 
 
 class _ProviderKernelSpecs(KernelSpecManager):
-    """Always this interpreter's ipykernel, whatever kernelspecs the host has installed,
-    behind the sandbox's command prefix (if any)."""
+    """Always this interpreter's ipykernel (or a course environment's interpreter, which
+    imports it from here), whatever kernelspecs the host has installed, behind the
+    sandbox's command prefix (if any)."""
 
-    def __init__(self, prefix: list[str], **kwargs: Any) -> None:
+    def __init__(self, prefix: list[str], python: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.prefix = prefix
+        self.python = python or sys.executable
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
         # Lossless iopub: see provider_host.kernel_launcher.
-        launch = [sys.executable, "-m", "provider_host.kernel_launcher", "-f", "{connection_file}"]
+        launch = [self.python, "-m", "provider_host.kernel_launcher", "-f", "{connection_file}"]
         return KernelSpec(
             argv=[*self.prefix, *launch],
             display_name="Python 3 (jupyter-io)",
@@ -109,11 +111,13 @@ class KernelProcess:
         sandbox: list[str] | None = None,
         owner: tuple[int, int] | None = None,
         cgroup: SessionCgroup | None = None,
+        python: str | None = None,
     ) -> None:
         """``sandbox`` is the command prefix that sandboxes the kernel
         (:meth:`provider_host.sandbox.Sandbox.argv`; None: run it directly as the host's
         user); ``owner`` the (uid, gid) it runs as there, which must read the connection
-        file; ``cgroup`` the session's memory cgroup, which the process joins before exec."""
+        file; ``cgroup`` the session's memory cgroup, which the process joins before exec;
+        ``python`` the interpreter (a course environment's; None: the host's own)."""
         self.generation = generation
         self.runtime_dir = runtime_dir
         self.log = log
@@ -123,7 +127,7 @@ class KernelProcess:
         self._manager = _KernelManager(
             transport="ipc",
             connection_file=str(runtime_dir / "kernel.json"),
-            kernel_spec_manager=_ProviderKernelSpecs(sandbox or []),
+            kernel_spec_manager=_ProviderKernelSpecs(sandbox or [], python),
             context=context,
             log=log,
             **{trait: KERNEL_PORTS[channel] for channel, trait in _PORT_TRAITS.items()},

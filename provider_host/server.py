@@ -48,7 +48,7 @@ from websockets.http11 import Request, Response
 
 from jupyter_io.admission import HandshakeSlots
 from jupyter_io.daemon import capture_signals, is_loopback
-from jupyter_io.errors import ConfigError, ProtocolError
+from jupyter_io.errors import ConfigError, KernelLaunchError, ProtocolError
 from jupyter_io.identity import new_nonce
 from jupyter_io.leases import LeaseClaims
 from jupyter_io.ping import PING_SUFFIX, PingLimiter, parse_ping_path
@@ -78,6 +78,7 @@ from .benchmark import measure_inventory
 from .cgroups import CgroupTree, prepare_cgroups
 from .config import ProviderConfig
 from .coordinator_link import CoordinatorLink
+from .environments import EnvironmentCache
 from .handshake import TRY_AGAIN_LATER, Hello, Refusal, challenge_body, check_hello
 from .inventory import CPU_LABEL, Inventory, offer_groups, probe_inventory, render_inventory
 from .lease_gate import LeaseGate
@@ -89,7 +90,7 @@ from .preauth import (
     tunnel_connection_class,
 )
 from .sandbox import Sandbox, prepare_isolation
-from .session import KernelSession
+from .session import ENVIRONMENT_FETCH_TIMEOUT, KernelSession
 from .settlement import SettlementBook
 from .usage import GpuUtilisation, UsageMeter
 from .workspaces import wipe_orphaned_workspaces
@@ -159,6 +160,8 @@ class ProviderServer:
         self.sandbox: Sandbox | None = None
         #: Where sessions get their memory cgroups (None: no memory limit), after startup.
         self.cgroups: CgroupTree | None = None
+        #: Course environments (with a coordinator, after startup; None otherwise).
+        self.environments: EnvironmentCache | None = None
         #: Latency pings answered per address (None: ``ping_rate`` 0, none answered).
         self.pings = PingLimiter(rate=config.ping_rate) if config.ping_rate > 0 else None
 
@@ -204,6 +207,19 @@ class ProviderServer:
             pids=config.max_processes,
         )
         wipe_orphaned_workspaces(config.workspace_root, self.log)
+        if config.coordinator_url:
+            self.environments = EnvironmentCache(
+                config.environments_path(),
+                sandbox=self.sandbox,
+                pip_args=config.environment_pip_args,
+                network=config.environment_network,
+                keep=config.environment_cache_count,
+                build_timeout=config.environment_build_timeout,
+                max_bytes=config.environment_max_bytes,
+                limits=config.resource_limits(),
+                env_keep=config.env_keep,
+                log=self.log,
+            )
         self._context = zmq.asyncio.Context()
         #: Connections in their handshake (see :mod:`provider_host.preauth`).
         self.handshakes = HandshakeSlots(
@@ -536,6 +552,9 @@ class ProviderServer:
             on_started=self._kernel_started,
             sandbox=self.sandbox,
             cgroups=self.cgroups,
+            environment=None if claims is None else claims.env,
+            environments=self.environments,
+            fetch_requirements=self._fetch_requirements,
         )
         if claims is None:
             gpus = self._gpus.acquire(session.id)
@@ -573,6 +592,13 @@ class ProviderServer:
                 "session %s opened for %s (gpus %s)", session.id, owner, list(gpus) or "none"
             )
         return session
+
+    async def _fetch_requirements(self, sha256: str) -> str:
+        """A course environment's requirements text, from the coordinator (hash checked)."""
+        link = self.coordinator_link
+        if link is None:
+            raise KernelLaunchError("course environments need a coordinator to fetch them from")
+        return await link.environment(sha256, ENVIRONMENT_FETCH_TIMEOUT)
 
     def _session_ended(self, session: KernelSession) -> None:
         self.sessions.pop(session.id, None)

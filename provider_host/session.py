@@ -21,6 +21,11 @@ connections. It owns:
 - the current :class:`~provider_host.kernel.KernelProcess`, watched so that EXITED goes out
   whenever it ends.
 
+A session whose lease names a course environment (the token's ``env``) has it built or
+found (:mod:`provider_host.environments`) before its first kernel starts, in the background
+(the tunnel goes on meanwhile), telling the client with PROGRESS frames; its kernels then run
+that environment's interpreter, which their sandbox shows read-only.
+
 Call :meth:`KernelSession.open`, then :meth:`KernelSession.serve` with each handshaken
 websocket (accepted by the host's endpoint or dialled to the coordinator's relay: both are
 ``websockets`` connections), and :meth:`KernelSession.end` to finish it. ``on_started`` hears
@@ -37,7 +42,7 @@ import secrets
 import signal
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,17 +54,26 @@ from websockets.exceptions import ConnectionClosed
 
 from jupyter_io.bridge import Bridge
 from jupyter_io.errors import JupyterIOError, KernelLaunchError, ProtocolError
-from jupyter_io.protocol import Channel, CloseCode, Frame, FrameKind, Tunnel, encode_control
+from jupyter_io.protocol import (
+    Channel,
+    CloseCode,
+    Frame,
+    FrameKind,
+    Progress,
+    Tunnel,
+    encode_control,
+)
 
 from .cgroups import CgroupTree, SessionCgroup
 from .config import ProviderConfig
+from .environments import Environment, EnvironmentCache
 from .isolation import kernel_env
 from .kernel import KERNEL_PORTS, KernelProcess, kernel_endpoints
 from .sandbox import Sandbox
 from .userpool import SessionUser
 from .workspaces import create_workspace, disk_usage, remove_tree, remove_workspace
 
-__all__ = ["KernelSession"]
+__all__ = ["ENVIRONMENT_FETCH_TIMEOUT", "KernelSession"]
 
 #: Bytes a kernel started in a workspace over its limit may still write at start-up (IPython
 #: creates its history database in HOME) before the workspace watch counts it as growing.
@@ -73,6 +87,9 @@ _HWM = 100_000
 
 # Unix socket paths are limited to ~107 bytes; the longest we make is <runtime>/kernel-ipc-N.
 _MAX_RUNTIME_DIR = 80
+
+#: Seconds the host waits for the coordinator to send a course environment's requirements.
+ENVIRONMENT_FETCH_TIMEOUT = 60.0
 
 
 class KernelSession:
@@ -91,9 +108,15 @@ class KernelSession:
         on_started: Callable[[KernelSession], None] | None = None,
         sandbox: Sandbox | None = None,
         cgroups: CgroupTree | None = None,
+        environment: str | None = None,
+        environments: EnvironmentCache | None = None,
+        fetch_requirements: Callable[[str], Awaitable[str]] | None = None,
     ) -> None:
         """``sandbox``: run each kernel in it (None: as the host's own user); ``cgroups``:
-        give the session a memory cgroup there, which its kernels join (None: no limit)."""
+        give the session a memory cgroup there, which its kernels join (None: no limit).
+        ``environment``: the sha256 of the course environment its kernels run in (the lease
+        token's ``env``), built from ``environments`` with the text ``fetch_requirements``
+        gets (the coordinator's) before the first kernel starts; None: the host's Python."""
         self.id = secrets.token_urlsafe(16)
         self.owner = owner
         self.gpus = gpus
@@ -133,6 +156,14 @@ class KernelSession:
         self._watcher: asyncio.Task[None] | None = None
         self._kernel_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
+        #: The course environment's hash (None: the host's own Python).
+        self.environment = environment
+        self._environments = environments
+        self._fetch_requirements = fetch_requirements
+        #: The built course environment, once ready (held from eviction until the end).
+        self._environment: Environment | None = None
+        self._environment_hold: int | None = None
+        self._preparing: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -258,6 +289,9 @@ class KernelSession:
             return
         self._ending = True
         self._cancel_grace()
+        preparing = self._preparing
+        if preparing is not None and not preparing.done():
+            preparing.cancel()  # a build others wait for goes on; this session stops waiting
         try:
             async with self._kernel_lock:
                 await self._stop_kernel()
@@ -293,13 +327,22 @@ class KernelSession:
             self.cgroup = None
         if self.user is not None and self.sandbox is not None and self.sandbox.users is not None:
             self.sandbox.users.release(self.user)
+        if self._environment_hold is not None:
+            EnvironmentCache.release(self._environment_hold)
+            self._environment_hold = None
 
     # -- control frames from the client ----------------------------------------------------
 
     async def _on_control(self, frame: Frame) -> None:
         kind = frame.kind
         if kind is FrameKind.LAUNCH:
-            await self._launch(frame.body)
+            if self.environment is not None and self._environment is None:
+                # A build may take minutes: the tunnel goes on reading (END, acks) meanwhile.
+                self._preparing = task = asyncio.ensure_future(self._launch_prepared(frame.body))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            else:
+                await self._launch(frame.body)
         elif kind is FrameKind.SIGNAL:
             self._signal(frame.body)
         elif kind is FrameKind.END:
@@ -307,7 +350,43 @@ class KernelSession:
         else:
             raise ProtocolError(f"{kind.name} frames do not travel from client to host")
 
-    async def _launch(self, body: dict[str, Any]) -> None:
+    async def _launch_prepared(self, body: dict[str, Any]) -> None:
+        """LAUNCH once the session's course environment is ready (built, or found built)."""
+        try:
+            await self._prepare_environment()
+        except KernelLaunchError as exc:
+            await self._launch(body, refusal=str(exc))
+            return
+        await self._launch(body)
+
+    async def _prepare_environment(self) -> None:
+        cache, sha256, fetch = self._environments, self.environment, self._fetch_requirements
+        if self._environment is not None or sha256 is None:
+            return
+        if cache is None or fetch is None:
+            raise KernelLaunchError(
+                f"this lease asks for course environment {sha256[:12]}, and this host builds "
+                f"course environments only when joined to a coordinator"
+            )
+
+        async def requirements() -> str:
+            return await fetch(sha256)
+
+        async def progress(state: str, message: str) -> None:
+            timeout = self.config.environment_build_timeout + ENVIRONMENT_FETCH_TIMEOUT
+            step = Progress("environment", state, message, timeout if state == "building" else None)
+            await self._send(FrameKind.PROGRESS, step.to_body())
+
+        for _ in range(2):  # once more if another host process evicted it in between
+            env = await cache.get(sha256, requirements, progress)
+            hold = await asyncio.to_thread(cache.hold, env)
+            if await asyncio.to_thread(cache.cached, sha256) is not None:
+                self._environment, self._environment_hold = env, hold
+                return
+            EnvironmentCache.release(hold)
+        raise KernelLaunchError(f"course environment {sha256[:12]} was deleted as it was built")
+
+    async def _launch(self, body: dict[str, Any], refusal: str | None = None) -> None:
         async with self._kernel_lock:
             if self._ending:
                 return
@@ -318,6 +397,8 @@ class KernelSession:
             self.generation += 1
             generation = self.generation
             try:
+                if refusal is not None:
+                    raise KernelLaunchError(refusal)
                 kernel, refused = await self._start_kernel(generation, body)
             except KernelLaunchError as exc:
                 self.state, self.exit_code = "exited", None
@@ -364,9 +445,14 @@ class KernelSession:
         assert self.runtime_dir is not None, "open() first"
         user = self.user
         sandbox = None
+        environment = self._environment
         if self.sandbox is not None:
             sandbox = self.sandbox.argv(
-                workspace=self.workspace, runtime_dir=self.runtime_dir, gpus=self.gpus, user=user
+                workspace=self.workspace,
+                runtime_dir=self.runtime_dir,
+                gpus=self.gpus,
+                user=user,
+                read_only=() if environment is None else (environment.path,),
             )
         kernel = KernelProcess(
             generation=generation,
@@ -376,6 +462,7 @@ class KernelSession:
             sandbox=sandbox,
             owner=None if user is None else (user.uid, user.gid),
             cgroup=self.cgroup,
+            python=None if environment is None else str(environment.python),
         )
         await kernel.start(
             key=key,

@@ -338,7 +338,8 @@ class LeaseService:
             if self.billing is not None:
                 url = self._tunnel_url(lease, offer.reachable_url)
                 return LeaseGrant(lease, None, url, expires, self.billing.escrow_block(lease))
-            return self._grant(lease, now, expires, offer.reachable_url)
+            env = await self._environment_of(lease)
+            return self._grant(lease, now, expires, offer.reachable_url, env=env)
         assert error is not None
         raise error
 
@@ -415,6 +416,7 @@ class LeaseService:
             now,
             expires,
             await self.reachable_url(renewed),
+            env=await self._environment_of(renewed),
             cohort_instructor=await self._cohort_instructor(renewed),
         )
         if self.billing is None:
@@ -513,6 +515,14 @@ class LeaseService:
         cohort = await self.store.get_cohort(lease.cohort_id)
         return None if cohort is None else cohort.instructor
 
+    async def _environment_of(self, lease: LeaseRecord) -> str | None:
+        """The course environment a cohort lease's kernels run in: the sha256 of its
+        cohort's requirements (the token's ``env``), None for other leases."""
+        if lease.cohort_id is None:
+            return None
+        cohort = await self.store.get_cohort(lease.cohort_id)
+        return None if cohort is None else cohort.environment_sha256
+
     def _grant(
         self,
         lease: LeaseRecord,
@@ -520,6 +530,7 @@ class LeaseService:
         expires: float,
         reachable_url: str | None,
         *,
+        env: str | None = None,
         cohort_instructor: str | None = None,
     ) -> LeaseGrant:
         claims = LeaseClaims(
@@ -537,6 +548,7 @@ class LeaseService:
             cohort_instructor=None
             if cohort_instructor is None
             else Pubkey.from_string(cohort_instructor),
+            env=env,
         )
         token = issue_token(self.keypair, claims)
         escrow = self.escrow_block(lease)

@@ -33,8 +33,12 @@ from ..provider_link import (
     CLOSE_PROTOCOL,
     MAX_HELLO_SIZE,
     MAX_MESSAGE_SIZE,
+    MAX_REQUIREMENTS_SIZE,
     Challenge,
+    Environment,
+    EnvironmentRefused,
     ErrorMessage,
+    GetEnvironment,
     Heartbeat,
     Hello,
     LinkMessage,
@@ -42,6 +46,7 @@ from ..provider_link import (
     SettlementRefused,
     SettlementSignature,
     Usage,
+    environment_sha256,
     parse_message,
 )
 from ..signing import verify_provider_hello
@@ -146,6 +151,8 @@ class ProviderLinkSession:
         if isinstance(message, (SettlementSignature, SettlementRefused)):
             self.registry.settlement_reply(provider, message)
             return None
+        if isinstance(message, GetEnvironment):
+            return self._environment(provider, message.sha256)
         self._refuse(
             "protocol", f"a provider may not send {message.type!r} messages", CLOSE_PROTOCOL
         )
@@ -175,6 +182,35 @@ class ProviderLinkSession:
             await self.registry.usage_report(provider, usage)
         except AuthError as exc:
             self.log.warning("usage report refused from %s: %s", provider, exc)
+
+    async def _environment(self, provider: str, sha256: str) -> None:
+        """Answer ``get_environment``: the requirements text, only to a provider that hosts a
+        live lease of a cohort whose environment it is, and only text that hashes to
+        ``sha256`` and fits :data:`MAX_REQUIREMENTS_SIZE`."""
+        store = self.registry.store
+        text: str | None = None
+        for cohort_id in {
+            lease.cohort_id
+            for lease in await store.live_leases(provider_pubkey=provider)
+            if lease.cohort_id is not None
+        }:
+            cohort = await store.get_cohort(cohort_id)
+            if cohort is not None and cohort.environment_sha256 == sha256:
+                text = cohort.requirements
+                break
+        if text is None:
+            reason = "no live lease of this provider runs a cohort with that environment"
+        elif environment_sha256(text) != sha256:
+            reason = "the stored requirements no longer match their hash"
+            text = None
+        elif len(text.encode()) > MAX_REQUIREMENTS_SIZE:
+            reason = f"the requirements are larger than {MAX_REQUIREMENTS_SIZE} bytes"
+            text = None
+        if text is None:
+            self.log.warning("environment %s refused to %s: %s", sha256[:12], provider, reason)
+            self.send(EnvironmentRefused(sha256, reason))
+        else:
+            self.send(Environment(sha256, text))
 
     def closed(self, code: int | None) -> None:
         """The websocket closed (``code`` as the provider sent it, if any)."""

@@ -34,6 +34,7 @@ from ..coordinator_client import CoordinatorClient, LeaseInfo
 from ..errors import ConfigError, JupyterIOError
 from ..identity import DEFAULT_KEYPAIR_PATH
 from ..kernelspec import lease_kernel_json, validate_coordinator_url
+from ..latency import shared_prober
 from ..payments.hooks import SolanaEscrowHook
 from .billing import LeaseBook
 from .cohorts import CohortDesk, cohort_kernel_json, cohort_kernelspecs, parse_cohort_spec_name
@@ -48,6 +49,7 @@ from .kernelspecs import (
     gpu_kernelspecs,
     with_price_max,
 )
+from .latency import LatencyBoard
 from .offers import CoordinatorUnavailable, OffersCatalog
 from .preferences import Preferences, PreferencesError, PreferencesStore
 from .progress import ProgressBoard, ProgressLogFilter
@@ -193,6 +195,8 @@ class JupyterIOExtension(ExtensionApp):
         self.catalog = OffersCatalog(
             self.coordinator_url, ttl=self.offers_cache_seconds, timeout=self.coordinator_timeout
         )
+        #: Round trips from here for the picker (the provisioner's cache: the same figures).
+        self.latency_board = LatencyBoard(shared_prober(), on_measured=self._latency_measured)
         # An unchosen budget is the one the kernels' escrow hook takes: its configured
         # max_session_hours (DEFAULT_SESSION_HOURS unless c.SolanaEscrowHook sets it).
         assert self.serverapp is not None
@@ -297,6 +301,7 @@ class JupyterIOExtension(ExtensionApp):
         self._progress_logger.removeFilter(self._progress_filter)
         self.progress.close()
         self.catalog.close()
+        self.latency_board.close()
         self.lease_book.close()
         self.cohorts.close()
         self.wallet.close()
@@ -386,6 +391,7 @@ class JupyterIOExtension(ExtensionApp):
             gpu=gpu,
             max_price_per_hour=self.preferences.max_price_per_hour,
             region=self.preferences.region,
+            max_latency_ms=self.preferences.max_latency_ms or 0,
         )
         if self.preferences.chosen_budget_hours is not None:
             config = spec["metadata"]["kernel_provisioner"]["config"]
@@ -417,11 +423,12 @@ class JupyterIOExtension(ExtensionApp):
                     "within_cap": cap is None or price is None or price <= cap,
                 }
             )
+        types, providers = self.latency_board.annotate(types, snapshot.providers)
         return {
             "coordinator_url": snapshot.coordinator_url,
             "fetched_at": snapshot.fetched_at,
             "types": types,
-            "providers": snapshot.providers,
+            "providers": providers,
             "preferences": self.preferences.to_json(),
             "gpu_kernelspecs": self.kernel_spec_manager is not None,
         }
@@ -489,6 +496,10 @@ class JupyterIOExtension(ExtensionApp):
         self.preferences = preferences
         self.changed()  # the cap moves which offers are within it
         return preferences
+
+    def _latency_measured(self) -> None:
+        """New round trips are in: the browser fetches the offers again (``version``)."""
+        self.changes += 1
 
     def changed(self) -> None:
         """Something that moves offers, wallet or sessions happened (a start's step, a

@@ -1,4 +1,4 @@
-"""The user's preferences for GPU kernels: price cap, region, session budget.
+"""The user's preferences for GPU kernels: price cap, region, latency cap, session budget.
 
 Stored as one JSON file (default ``JUPYTER_DATA_DIR/io/preferences.json``) by
 :class:`PreferencesStore`; read by the GPU kernelspecs (the cap and region go into each
@@ -31,7 +31,9 @@ __all__ = ["MAX_BUDGET_HOURS", "Preferences", "PreferencesError", "PreferencesSt
 #: The longest session budget accepted, in hours (a month).
 MAX_BUDGET_HOURS = MAX_SESSION_HOURS
 _REGION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_FIELDS = ("max_price_per_hour", "region", "session_budget_hours")
+_FIELDS = ("max_price_per_hour", "region", "max_latency_ms", "session_budget_hours")
+#: The highest latency cap accepted, ms (a round trip of more is no interactive session).
+MAX_LATENCY_CAP_MS = 10_000.0
 #: Fields of the GET body that a client may send back; they are derived, so ignored.
 _DERIVED = (
     "max_price_lamports_per_hour",
@@ -53,6 +55,8 @@ class Preferences:
     max_price_per_hour: str = ""
     #: Region to lease in ("" for any).
     region: str = ""
+    #: Most round trip to accept, ms, as measured from this server (None: no cap).
+    max_latency_ms: float | None = None
     #: The session budget the user chose, in hours (None: the default).
     chosen_budget_hours: float | None = None
     #: The budget when the user chose none: the escrow hook's ``max_session_hours``.
@@ -78,6 +82,7 @@ class Preferences:
             "max_price_lamports_per_hour": cap,
             "max_price_display": None if cap is None else f"{format_sol(cap)}/h",
             "region": self.region or None,
+            "max_latency_ms": self.max_latency_ms,
             "session_budget_hours": self.session_budget_hours,
             "session_budget_default_hours": self.default_budget_hours,
             "session_budget_is_default": self.chosen_budget_hours is None,
@@ -85,11 +90,14 @@ class Preferences:
 
     def stored(self) -> dict[str, Any]:
         """What the preferences file keeps: the user's choices only (a default stays one)."""
-        return {
+        stored: dict[str, Any] = {
             "max_price_per_hour": self.max_price_per_hour or None,
             "region": self.region or None,
             "session_budget_hours": self.chosen_budget_hours,
         }
+        if self.max_latency_ms is not None:
+            stored["max_latency_ms"] = self.max_latency_ms
+        return stored
 
     def updated(self, body: Any) -> Preferences:
         """These preferences with the fields of ``body`` (a JSON object) changed; fields
@@ -111,6 +119,8 @@ class Preferences:
             changes["max_price_per_hour"] = _price(body["max_price_per_hour"])
         if "region" in body:
             changes["region"] = _region(body["region"])
+        if "max_latency_ms" in body:
+            changes["max_latency_ms"] = _latency(body["max_latency_ms"])
         if "session_budget_hours" in body:
             changes["chosen_budget_hours"] = _budget(body["session_budget_hours"])
         return replace(self, **changes)
@@ -146,6 +156,22 @@ def _region(value: Any) -> str:
             f"'-'; or null for any), not {value!r}"
         )
     return value.strip()
+
+
+def _latency(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PreferencesError(
+            f"max_latency_ms must be a number of milliseconds such as 50 (or null for no "
+            f"cap), not {value!r}"
+        )
+    ms = float(value)
+    if not 0 < ms <= MAX_LATENCY_CAP_MS:
+        raise PreferencesError(
+            f"max_latency_ms must be more than 0 and at most {MAX_LATENCY_CAP_MS:g}, not {value!r}"
+        )
+    return ms
 
 
 def _budget(value: Any) -> float | None:

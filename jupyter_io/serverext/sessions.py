@@ -102,6 +102,8 @@ def session_json(
         "coordinator_url": provisioner.coordinator_url or None,
         "provider_url": provisioner.provider_url or None,
         "price_lamports_per_hour": price,
+        # The tunnel's live round trip (keepalive pings) and the one measured before the lease.
+        "round_trip": provisioner.round_trip_json(),
         "started_at": begun,
         "elapsed_seconds": elapsed,
         "cost_lamports": cost,
