@@ -287,6 +287,11 @@ class EnvironmentCache:
             pip += ["-r", str(env.path / "requirements.txt")]
             await self._run(env, [*prefix, *pip], "pip install")
             await asyncio.to_thread(self._finish, env, text, time.monotonic() - started)
+        except OSError as exc:
+            await asyncio.shield(asyncio.to_thread(remove_tree, env.path))
+            raise EnvironmentBuildError(
+                f"the provider could not build the course environment: {exc}"
+            ) from None
         except BaseException:
             await asyncio.shield(asyncio.to_thread(remove_tree, env.path))
             raise

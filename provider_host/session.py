@@ -355,9 +355,15 @@ class KernelSession:
         try:
             await self._prepare_environment()
         except KernelLaunchError as exc:
-            await self._launch(body, refusal=str(exc))
-            return
-        await self._launch(body)
+            refusal: str | None = str(exc)
+        except Exception as exc:  # the client must hear of it, not wait out its timeout
+            self.log.exception("preparing course environment %s failed", self.environment)
+            refusal = f"the provider could not prepare the course environment: {exc}"
+        else:
+            refusal = None
+        if self._preparing is asyncio.current_task():
+            self._preparing = None  # end() may cancel the wait, never a kernel's start
+        await self._launch(body, refusal=refusal)
 
     async def _prepare_environment(self) -> None:
         cache, sha256, fetch = self._environments, self.environment, self._fetch_requirements
