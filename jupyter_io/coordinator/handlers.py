@@ -23,6 +23,7 @@ Routes (``docs/coordinator-contract.md``; every REST error is
 ``POST .../{id}/cohort-funding``      signed, the student: fund a cohort lease from
                                       the allowance (:mod:`.cohort_funding`, its route
                                       passed in by the server: it builds on this module)
+``/api/v1/cohorts...``                classroom cohorts (:mod:`.cohort_handlers`)
 ====================================  ========================================================
 
 :func:`make_app` builds the application from a :class:`Services` bundle. Handlers parse,
@@ -47,6 +48,7 @@ from solders.pubkey import Pubkey
 from tornado import web
 
 from ..admission import HandshakeSlot, HandshakeSlots
+from ..cohorts import is_cohort_id
 from ..errors import AuthError, JupyterIOError, LeaseError, PaymentError
 from ..ping import PingLimiter, parse_ping_path
 from ..protocol import SUBPROTOCOL
@@ -61,6 +63,7 @@ from .billing import (
     RefundNotAllowed,
     acknowledge,
 )
+from .cohorts import CohortError, CohortNotFound, CohortService, TooManyKernels
 from .latency import (
     DEFAULT_CANDIDATE_LIMIT,
     MAX_CANDIDATE_LIMIT,
@@ -71,6 +74,7 @@ from .latency import (
 )
 from .leasing import (
     LeaseGone,
+    LeaseGrant,
     LeaseNotFound,
     LeaseNotLive,
     LeaseService,
@@ -138,6 +142,8 @@ class Services:
     solana_url: str = ""
     #: The settlement worker (None when payments are free), for its counters.
     settlements: SettlementWorker | None = None
+    #: Classroom cohorts (None: the cohort routes answer 404, leases take no ``cohort``).
+    cohorts: CohortService | None = None
     #: What users ping to measure each offer (None: offers carry no probe fields).
     probes: ProbeDirectory | None = None
     #: The relay ping's rate limit (None: pings are not answered).
@@ -333,6 +339,7 @@ def _lease_request(body: Any) -> LeaseRequest:
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object")
     known = {
+        "cohort",
         "gpu",
         "min_vram_bytes",
         "gpus",
@@ -383,8 +390,17 @@ class LeasesHandler(_ApiHandler):
         except ValueError as exc:
             self.fail(400, "bad_request", f"lease request: {exc}")
             return
+        cohort = body.get("cohort")
         try:
-            grant = await self.services.leases.request(user, request, latencies=latencies)
+            if cohort is not None:
+                grant = await self._for_cohort(user, cohort, request, latencies=latencies)
+            else:
+                grant = await self.services.leases.request(user, request, latencies=latencies)
+        except CohortError as exc:
+            if isinstance(exc, TooManyKernels):
+                self.set_header("Retry-After", "60")
+            self.fail(exc.status, exc.code, str(exc))
+            return
         except PaymentError as exc:
             self.payment_failure(exc)
             return
@@ -396,6 +412,15 @@ class LeasesHandler(_ApiHandler):
             self.fail(409, "no_offer", str(exc))
             return
         self.send_json(grant.to_json(), 201)
+
+    async def _for_cohort(
+        self, user: Pubkey, cohort: Any, request: LeaseRequest, **options: Any
+    ) -> LeaseGrant:
+        """A lease on a cohort's pool (:meth:`CohortService.request_lease`)."""
+        cohorts = self.services.cohorts
+        if not is_cohort_id(cohort) or cohorts is None:
+            raise CohortNotFound("'cohort' must be the id of a cohort on this coordinator")
+        return await cohorts.request_lease(user, cohort, request, **options)
 
     async def get(self) -> None:
         user = self.signed()
@@ -702,6 +727,9 @@ def make_app(
 ) -> web.Application:
     """The tornado application serving every route of the module docstring (and ``extra``
     routes: the embedded ledger's ``/solana``)."""
+    # Imported here: the cohort handlers build on this module's base handler.
+    from .cohort_handlers import cohort_routes
+
     init = {"services": services}
     return web.Application(
         [
@@ -719,6 +747,7 @@ def make_app(
             (LINK_PATH, ProviderLinkHandler, init),
             (rf"{RELAY_PREFIX}/ping", RelayPingHandler, init),
             (rf"{RELAY_PREFIX}/([A-Za-z0-9_-]{{1,64}})", RelayHandler, init),
+            *cohort_routes(init),
         ],
         default_handler_class=_NotFound,
         default_handler_args=init,

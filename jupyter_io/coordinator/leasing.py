@@ -116,6 +116,7 @@ class LeaseGrant:
             "price_lamports_per_hour": lease.price_lamports_per_hour,
             "expires_at": self.expires_at,
             "escrow": self.escrow,
+            "cohort": lease.cohort_id,
         }
         if self.billing is not None:
             body["billing"] = self.billing
@@ -145,6 +146,7 @@ def lease_json(lease: LeaseRecord, tunnel_url: str | None = None) -> dict[str, A
         "failure_reason": lease.failure_reason,
         "end_reason": lease.end_reason,
         "expires_at": _seconds(lease.token_expires_at),
+        "cohort": lease.cohort_id,
     }
 
 
@@ -280,6 +282,7 @@ class LeaseService:
         user: Pubkey,
         request: LeaseRequest,
         *,
+        cohort_id: str | None = None,
         latencies: Mapping[str, float] | None = None,
     ) -> LeaseGrant:
         """Lease GPUs for ``user``; :class:`LeaseError` (the scheduler's message: GPU types
@@ -289,13 +292,17 @@ class LeaseService:
         :class:`~jupyter_io.coordinator.billing.LedgerUnreachable` before anything is stored)
         and the grant carries no token: fund the escrow, then :meth:`fund`.
 
+        ``cohort_id``: the lease runs for that cohort (recorded on the lease); the caller,
+        :meth:`~jupyter_io.coordinator.cohorts.CohortService.request_lease`, checked the
+        student's right to it and restricted ``request`` to what the cohort pays for.
+
         ``latencies``: round trips the user measured to providers, ms (the scheduler's
         ``latencies``: they count in the score and against ``max_latency_ms``)."""
         if self.billing is not None:
             await self.billing.check_ledger()
         self.pending.admit(str(user), now=self.clock())  # TooManyUnfunded: a 429
         try:
-            return await self._request(user, request, latencies)
+            return await self._request(user, request, cohort_id, latencies)
         finally:
             self.pending.unreserve(str(user))  # the lease, if stored, is tracked now
 
@@ -303,6 +310,7 @@ class LeaseService:
         self,
         user: Pubkey,
         request: LeaseRequest,
+        cohort_id: str | None = None,
         latencies: Mapping[str, float] | None = None,
     ) -> LeaseGrant:
         error: LeaseError | None = None
@@ -320,6 +328,7 @@ class LeaseService:
                     max_price_lamports_per_hour=request.max_price_lamports_per_hour,
                     relay=offer.reachable_url is None,
                     token_expires_at=_utc(expires),
+                    cohort_id=cohort_id,
                     at=_utc(now),
                 )
             except LeaseError as exc:

@@ -48,6 +48,7 @@ from .ack_watch import AckWatch
 from .billing import Billing
 from .body_limits import BodyLimits
 from .cohort_funding import cohort_funding_routes
+from .cohorts import CohortService
 from .config import CoordinatorConfig
 from .embedded_ledger import EmbeddedLedger
 from .handlers import BODY_LIMITS, MAX_BODY_SIZE, RELAY_PREFIX, Services, make_app
@@ -111,6 +112,8 @@ class CoordinatorServer:
         self.billing: Billing | None = None
         self.settlements: SettlementWorker | None = None
         self.ack_watch: AckWatch | None = None
+        #: Classroom cohorts (:mod:`~jupyter_io.coordinator.cohorts`).
+        self.cohorts: CohortService | None = None
         self.should_exit = asyncio.Event()
         #: Set once :meth:`startup` is done and the ready line is out.
         self.started = asyncio.Event()
@@ -226,6 +229,10 @@ class CoordinatorServer:
         )
         await registry.start()
         await leases.start()
+        self.cohorts = cohorts = CohortService(
+            store, leases, registry, self.index, public_url=lambda: self.url, log=self.log
+        )
+        await cohorts.start()
         if self.billing is not None and self.settlements is not None:
             await self.billing.start()
             if self.ack_watch is not None:
@@ -252,6 +259,7 @@ class CoordinatorServer:
             payments=config.payments,
             solana_url=self.solana_url,
             settlements=self.settlements,
+            cohorts=cohorts,
         )
         #: Per-endpoint body limits, answered 413 before a body is read.
         self.body_limits = limits = BodyLimits(
@@ -321,6 +329,8 @@ class CoordinatorServer:
         last heartbeats; close the store. Leases are left as they are."""
         if self._http is not None:
             self._http.stop()
+        if self.cohorts is not None:
+            await self.cohorts.stop()
         if self.leases is not None:
             await self.leases.stop()
         if self.settlements is not None:

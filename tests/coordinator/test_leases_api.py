@@ -330,9 +330,10 @@ async def test_error_answers_have_the_contracts_status_and_shape(
         code, grant = await call(alice, "POST", "/api/v1/leases", {"gpu": "RTX 4090"})
         assert code == 201 and set(grant) == {
             "lease", "token", "state", "provider", "tunnel_url", "relay", "gpu", "gpu_indices",
-            "price_lamports_per_hour", "expires_at", "escrow",
+            "price_lamports_per_hour", "expires_at", "escrow", "cohort",
         }  # fmt: skip
         assert grant["escrow"] == {"required": False}  # a free coordinator
+        assert grant["cohort"] is None  # the user's own lease
         path = f"/api/v1/leases/{grant['lease']}"
         for method in ("GET", "DELETE"):
             code, body = await call(bob, method, path)
