@@ -10,8 +10,10 @@ import { GpuModel } from './model';
 import { ICohort, ICohortGpu, ICohorts } from './types';
 
 /** The classes change seldom (a join, a week's usage): every 10 s is enough, and a join or
- * a kernel's start fetches at once. Paused while the page is hidden. */
+ * a kernel's start fetches at once; a user in no class is asked every minute (a join made
+ * here fetches at once). Paused while the page is hidden. */
 const COHORTS_INTERVAL = 10_000;
+const NO_COHORTS_INTERVAL = 60_000;
 
 /** `7.5`, `10`, `0.25`: GPU-hours for people, at most two decimals. */
 export function gpuHours(seconds: number): string {
@@ -105,6 +107,10 @@ export class CohortModel {
       const body = await requestAPI<ICohorts>('cohorts');
       this._cohorts = body.cohorts;
       this._error = null;
+      const interval = this._cohorts.length ? COHORTS_INTERVAL : NO_COHORTS_INTERVAL;
+      if (this._poll.frequency.interval !== interval) {
+        this._poll.frequency = { interval, backoff: true, max: 60_000 };
+      }
     } catch (error) {
       // 501: this installation has no cohorts at all; nothing to report in the picker.
       const status = (error as { response?: Response }).response?.status;
