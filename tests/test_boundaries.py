@@ -33,6 +33,7 @@ CONTRACTS = (
     "jupyter_io.signing",
     "jupyter_io.gpu_names",
     "jupyter_io.leases",
+    "jupyter_io.queue_tickets",
 )
 #: What a contract may import besides the standard library: its own package's error tree
 #: and the other contracts, and solders (keys and signatures).

@@ -85,6 +85,9 @@ class _Watch:
     ends_at: float | None = None
 
 
+#: The rules of a watch before they were read.
+_UNKNOWN = SessionRules(None, None)
+
 #: ``rules(cohort_id)``: the cohort's rules, or None when the cohort is unknown.
 RulesLookup = Callable[[str], Awaitable[SessionRules | None]]
 
@@ -141,7 +144,7 @@ class CohortLimits:
             return
         started = (lease.active_at or lease.requested_at).timestamp()
         self._watches[lease.id] = _Watch(
-            cohort, lease.provider_pubkey, lease.user_pubkey, started, SessionRules(None, None)
+            cohort, lease.provider_pubkey, lease.user_pubkey, started, _UNKNOWN
         )
         self._timers.arm(lease.id, 0.0)  # the first check loads the cohort's rules
 
@@ -151,7 +154,18 @@ class CohortLimits:
         if watch is None or not math.isfinite(idle_seconds) or idle_seconds < 0:
             return
         watch.activity[party] = self.clock() - idle_seconds
-        self._timers.arm(lease_id, 0.0)
+        # With the rules known the new state is computed at once (the lease JSON read
+        # right after the report shows it); an end that is due runs in the timer's task.
+        if watch.rules == _UNKNOWN or self._evaluate(lease_id, watch) is not None:
+            self._timers.arm(lease_id, 0.0)
+
+    def idle_seconds(self, lease_id: str) -> float | None:
+        """Seconds the lease has been idle by the earliest activity reported (None while
+        nobody reported)."""
+        watch = self._watches.get(lease_id)
+        if watch is None or not watch.activity:
+            return None
+        return max(0.0, self.clock() - max(watch.started, min(watch.activity.values())))
 
     def view(self, lease_id: str) -> dict[str, Any]:
         """The lease JSON's ``warnings`` and ``ends_at`` (the earliest end the rules set)."""
@@ -175,23 +189,29 @@ class CohortLimits:
         watch = self._watches.get(lease_id)
         if watch is None:
             return
-        if watch.rules == SessionRules(None, None):
+        if watch.rules == _UNKNOWN:
             rules = await self._rules(watch.cohort)
             if rules is None or not (rules.idle_timeout or rules.max_session):
                 self._watches.pop(lease_id, None)
                 return
             watch.rules = rules
+        due = self._evaluate(lease_id, watch)
+        if due is not None:
+            await self._end(lease_id, watch, due)
+
+    def _evaluate(self, lease_id: str, watch: _Watch) -> str | None:
+        """Update the lease's ``ends_at``, warnings and timer from its rules; the kind of
+        end that is due now (None: none)."""
         now = self.clock()
         deadlines = self._deadlines(watch)
         if not deadlines:
             watch.ends_at = None
             watch.warnings.clear()
-            return
+            return None
         end_kind, end_at = min(deadlines.items(), key=lambda item: item[1])
         watch.ends_at = end_at
         if end_at <= now:
-            await self._end(lease_id, watch, end_kind)
-            return
+            return end_kind
         for kind, at in deadlines.items():
             if at - now <= self.warning:
                 watch.warnings[kind] = {"kind": kind, "at": at, "message": _message(kind, at - now)}
@@ -204,6 +224,7 @@ class CohortLimits:
             (at - self.warning if at - self.warning > now else at) for at in deadlines.values()
         )
         self._timers.arm(lease_id, wake - now)
+        return None
 
     def _deadlines(self, watch: _Watch) -> dict[str, float]:
         rules = watch.rules

@@ -214,6 +214,19 @@ class CoordinatorConfig(Configurable):
         "providers' settle_tolerance_seconds (10 s): a provider host refuses to co-sign a "
         "settlement that pays less than it metered, less that tolerance.",
     )
+    max_queue_per_cohort = Integer(
+        2000,
+        config=True,
+        help="Lease requests one class (cohort) may have waiting in its queue at once; more "
+        "are answered 429 queue_full (docs/cohorts.md). Each student waits with at most as "
+        "many as the kernels the class lets them run.",
+    )
+    cohort_warning_seconds = Float(
+        60.0,
+        config=True,
+        help="Seconds before a class's idle stop or max session length that the lease JSON "
+        "warns of it ('warnings', 'ends_at').",
+    )
 
     @default("data_dir")
     def _data_dir_default(self) -> str:

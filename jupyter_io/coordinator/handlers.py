@@ -63,6 +63,8 @@ from .billing import (
     RefundNotAllowed,
     acknowledge,
 )
+from .cohort_queue import QueueFull, TooManyTickets
+from .cohort_scheduling import CohortScheduling
 from .cohorts import CohortError, CohortNotFound, CohortService, TooManyKernels
 from .latency import (
     DEFAULT_CANDIDATE_LIMIT,
@@ -85,7 +87,7 @@ from .links import LinkConnection
 from .offers import OffersCache
 from .registry import Registry
 from .relay import Relay
-from .scheduler import LeaseRequest
+from .scheduler import LeaseRequest, NoCapacity
 from .settlement import SettlementWorker
 from .sockets import accept_upgrade, check_upgrade
 
@@ -144,6 +146,8 @@ class Services:
     settlements: SettlementWorker | None = None
     #: Classroom cohorts (None: the cohort routes answer 404, leases take no ``cohort``).
     cohorts: CohortService | None = None
+    #: The cohorts' queue, reservations and time rules (None: a full cohort is a 409).
+    cohort_scheduling: CohortScheduling | None = None
     #: What users ping to measure each offer (None: offers carry no probe fields).
     probes: ProbeDirectory | None = None
     #: The relay ping's rate limit (None: pings are not answered).
@@ -408,10 +412,31 @@ class LeasesHandler(_ApiHandler):
             self.set_header("Retry-After", str(exc.retry_after_seconds))
             self.fail(429, exc.code, str(exc))
             return
+        except NoCapacity as exc:
+            if cohort is not None and self.services.cohort_scheduling is not None:
+                await self._queue(user, cohort, request)  # 202: a place in the class's queue
+            else:
+                self.fail(409, "no_offer", str(exc))
+            return
         except LeaseError as exc:
             self.fail(409, "no_offer", str(exc))
             return
         self.send_json(grant.to_json(), 201)
+
+    async def _queue(self, user: Pubkey, cohort: str, request: LeaseRequest) -> None:
+        """Queue a cohort request that found no capacity (``docs/cohorts.md``, the queue)."""
+        scheduling = self.services.cohort_scheduling
+        assert scheduling is not None
+        try:
+            body = await scheduling.queue_request(str(user), cohort, request)
+        except (TooManyTickets, QueueFull) as exc:
+            self.set_header("Retry-After", "60")
+            self.fail(429, exc.code, str(exc))
+            return
+        except JupyterIOError as exc:
+            self.fail(409, "no_offer", str(exc))
+            return
+        self.send_json(body, 202)
 
     async def _for_cohort(
         self, user: Pubkey, cohort: Any, request: LeaseRequest, **options: Any
@@ -545,6 +570,8 @@ class LeaseAckHandler(_ApiHandler):
         except JupyterIOError as exc:
             self.lease_failure(exc)
             return
+        if self.services.cohort_scheduling is not None:
+            self.services.cohort_scheduling.user_idle(lease_id, ack.idle_seconds)
         self.send_json({"lease": lease_id, "acknowledged_seconds": seconds})
 
 

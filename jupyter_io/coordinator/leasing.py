@@ -189,6 +189,10 @@ class LeaseService:
             total=max_unfunded,
             caps=billing is not None,
         )
+        #: Extra fields of the lease JSON (:meth:`describe`): each gives ``{"warnings":
+        #: [...], "ends_at": unix | None}`` for a lease (a cohort's time rules, its quota);
+        #: the warnings add up, the earliest ``ends_at`` wins.
+        self.notices: list[Callable[[LeaseRecord], dict[str, Any]]] = []
         self._wake = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
 
@@ -315,7 +319,7 @@ class LeaseService:
     ) -> LeaseGrant:
         error: LeaseError | None = None
         for _ in range(ATTEMPTS):
-            offer = schedule(self.index, request, latencies=latencies)
+            offer = schedule(self.index, request, latencies=latencies, cohort=cohort_id)
             self.index.reserve(offer.provider, offer.gpu, request.gpus)
             now = self.clock()
             expires = now + self.token_ttl
@@ -462,6 +466,8 @@ class LeaseService:
             body["escrow"] = self.escrow_block(lease)
             if billing is not None:
                 body["billing"] = await billing.view(lease, settlements.get(lease.id))
+            if self.notices:
+                body.update(_notices(lease, self.notices))
             bodies.append(body)
         return bodies
 
@@ -567,6 +573,19 @@ class LeaseService:
         if lease.relay or not reachable_url:
             return self.relay.client_url(lease.id)
         return reachable_url
+
+
+def _notices(
+    lease: LeaseRecord, notices: list[Callable[[LeaseRecord], dict[str, Any]]]
+) -> dict[str, Any]:
+    warnings: list[dict[str, Any]] = []
+    ends: list[float] = []
+    for notice in notices:
+        found = notice(lease)
+        warnings += found.get("warnings") or []
+        if found.get("ends_at") is not None:
+            ends.append(found["ends_at"])
+    return {"warnings": warnings, "ends_at": min(ends, default=None)}
 
 
 def _utc(seconds: float) -> datetime:

@@ -229,6 +229,9 @@ class Registry:
         #: Called with each verified usage report (a cohort's idle watch reads
         #: ``idle_seconds``).
         self.usage_listeners: list[Callable[[Usage], None]] = []
+        #: Called with each lease the lease service stored here (a cohort's queue and
+        #: reservations count the class's leases).
+        self.creation_listeners: list[Callable[[LeaseRecord], None]] = []
         #: Gets each provider's answer to a ``sign_settlement`` (the settlement worker).
         self.settlement_replies: Callable[[str, SettlementReply], None] | None = None
         self._providers: dict[str, ProviderState] = {}
@@ -718,6 +721,7 @@ class Registry:
         if state is not None:
             state.leases[lease.id] = TrackedLease.of(lease)
             self._reindex(state)
+        self._call_listeners(self.creation_listeners, lease)
         self._notify()
 
     def lease_token_renewed(self, lease: LeaseRecord) -> None:

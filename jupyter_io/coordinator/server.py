@@ -35,6 +35,7 @@ from typing import IO, Any
 
 from solana.rpc.async_api import AsyncClient
 from solders.keypair import Keypair
+from solders.pubkey import Pubkey
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
@@ -48,6 +49,8 @@ from .ack_watch import AckWatch
 from .billing import Billing
 from .body_limits import BodyLimits
 from .cohort_funding import cohort_funding_routes
+from .cohort_queue_handlers import queue_routes
+from .cohort_scheduling import CohortScheduling
 from .cohorts import CohortService
 from .config import CoordinatorConfig
 from .embedded_ledger import EmbeddedLedger
@@ -114,6 +117,8 @@ class CoordinatorServer:
         self.ack_watch: AckWatch | None = None
         #: Classroom cohorts (:mod:`~jupyter_io.coordinator.cohorts`).
         self.cohorts: CohortService | None = None
+        #: The cohorts' queue, reservations and time rules.
+        self.cohort_scheduling: CohortScheduling | None = None
         self.should_exit = asyncio.Event()
         #: Set once :meth:`startup` is done and the ready line is out.
         self.started = asyncio.Event()
@@ -233,6 +238,8 @@ class CoordinatorServer:
             store, leases, registry, self.index, public_url=lambda: self.url, log=self.log
         )
         await cohorts.start()
+        self.cohort_scheduling = scheduling = self._cohort_scheduling(cohorts)
+        await scheduling.start()
         if self.billing is not None and self.settlements is not None:
             await self.billing.start()
             if self.ack_watch is not None:
@@ -260,10 +267,18 @@ class CoordinatorServer:
             solana_url=self.solana_url,
             settlements=self.settlements,
             cohorts=cohorts,
+            cohort_scheduling=scheduling,
         )
         #: Per-endpoint body limits, answered 413 before a body is read.
         self.body_limits = limits = BodyLimits(
-            make_app(services, [*ledger_routes, *cohort_funding_routes({"services": services})]),
+            make_app(
+                services,
+                [
+                    *ledger_routes,
+                    *cohort_funding_routes({"services": services}),
+                    *queue_routes({"services": services}),
+                ],
+            ),
             [*BODY_LIMITS, (SOLANA_PATH, LEDGER_MAX_BODY_SIZE)],
             MAX_BODY_SIZE,
         )
@@ -314,6 +329,31 @@ class CoordinatorServer:
         self.escrow = EscrowClient(client, owns_client=True, confirm_timeout=30.0)
         return routes
 
+    def _cohort_scheduling(self, cohorts: CohortService) -> CohortScheduling:
+        """The cohorts' queue, reservations and time rules, wired to the cohort service: a
+        queued request is served through the same checks as a direct one."""
+        assert self.store is not None and self.registry is not None and self.leases is not None
+        scheduling = CohortScheduling(
+            self.store,
+            self.registry,
+            self.index,
+            max_queue_per_cohort=self.config.max_queue_per_cohort,
+            warning_seconds=self.config.cohort_warning_seconds,
+            log=self.log,
+        )
+
+        async def lease_for(student: str, cohort: Any, request: Any) -> Any:
+            return await cohorts.request_lease(Pubkey.from_string(student), cohort.id, request)
+
+        scheduling.lease_for = lease_for
+        cohorts.queue_of = scheduling.queue_view
+        cohorts.queued_of = scheduling.queue.waiting_of
+        cohorts.idle_of = scheduling.idle_seconds
+        cohorts.removed_listeners.append(scheduling.student_removed)
+        cohorts.ended_listeners.append(scheduling.cohort_ended)
+        self.leases.notices.append(scheduling.notice)
+        return scheduling
+
     async def main_loop(self) -> None:
         """Wait until asked to exit."""
         await self.should_exit.wait()
@@ -329,6 +369,8 @@ class CoordinatorServer:
         last heartbeats; close the store. Leases are left as they are."""
         if self._http is not None:
             self._http.stop()
+        if self.cohort_scheduling is not None:
+            await self.cohort_scheduling.stop()
         if self.cohorts is not None:
             await self.cohorts.stop()
         if self.leases is not None:

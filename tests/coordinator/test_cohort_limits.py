@@ -18,6 +18,7 @@ import pytest
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
+from jupyter_io.cohort_client import CohortClient
 from jupyter_io.coordinator.cohort_limits import (
     MAX_LENGTH_REACHED,
     PARTY_PROVIDER,
@@ -29,6 +30,11 @@ from jupyter_io.coordinator.cohort_limits import (
 from jupyter_io.coordinator.registry import Registry
 from jupyter_io.coordinator.scheduler import OfferIndex
 from jupyter_io.coordinator.store import LeaseRecord, OfferSpec, ProviderProfile, Store
+from jupyter_io.coordinator_client import CoordinatorClient
+from jupyter_io.signing import sign_usage
+from jupyter_io.usage_acks import UsageAck
+
+from .conftest import FakeProvider, Starter, gpu_offer
 
 pytestmark = pytest.mark.timeout(60)
 WAIT = 10.0
@@ -132,13 +138,11 @@ async def test_the_idle_warning_comes_first_and_activity_clears_it(rig: Rig) -> 
         limits.watch(lease)
         await rig.next_check(lease.id)
         limits.activity(lease.id, PARTY_USER, 25)  # idle 25 s: 5 s left, within the warning
-        await rig.next_check(lease.id)
         view = limits.view(lease.id)
         (warning,) = view["warnings"]
         assert warning["kind"] == "idle" and "run a cell to keep it" in warning["message"]
         assert view["ends_at"] == pytest.approx(warning["at"])
         limits.activity(lease.id, PARTY_USER, 0)  # the student ran a cell
-        await rig.next_check(lease.id)
         view = limits.view(lease.id)
         assert view["warnings"] == [] and view["ends_at"] == pytest.approx(warning["at"] + 25, 1)
         assert not rig.ended[lease.id].done()
@@ -162,3 +166,44 @@ async def test_leases_of_no_cohort_are_not_watched(rig: Rig) -> None:
         limits.activity(lease.id, PARTY_PROVIDER, 100)
         assert limits.view(lease.id) == {"warnings": [], "ends_at": None}
         assert rig.checks.empty() and not rig.ended[lease.id].done()
+
+
+async def test_through_the_coordinator_the_ack_warns_and_the_idle_kernel_stops(
+    start_coordinator: Starter, providers: list[FakeProvider]
+) -> None:
+    server = await start_coordinator(cohort_warning_seconds=100.0)
+    provider = FakeProvider(server.url, [gpu_offer("Tesla T4", count=1)])
+    providers.append(provider)
+    await provider.connect()
+    assert server.registry is not None and server.store is not None
+    await server.registry.wait_for(lambda: len(server.index) == 1, WAIT)
+    instructor = CohortClient(server.url, Keypair(), timeout=WAIT)
+    student = CoordinatorClient(server.url, Keypair(), timeout=WAIT)
+    try:
+        view = await instructor.create(
+            name="lab", gpu_types=["T4"], max_price_lamports_per_hour=10**7,
+            term_ends_at=time.time() + 86400,
+        )  # fmt: skip
+        await instructor.add_students(view.id, [str(student.keypair.pubkey())])  # type: ignore[union-attr]
+        # Shorter than the API allows (60 s): set in the store, as a test may.
+        await server.store.update_cohort(view.id, idle_timeout_seconds=2)
+        grant = await student.request_lease("T4", cohort=view.id)
+        assert server.cohort_scheduling is not None
+        checked: asyncio.Queue[str] = asyncio.Queue()
+        server.cohort_scheduling.limits.checked.append(checked.put_nowait)
+        await provider.session(grant.lease, "active")
+        assert await asyncio.wait_for(checked.get(), WAIT) == grant.lease  # watched now
+        # The provider's signed report may carry idle_seconds (stored: the signature holds).
+        fields = {"type": "usage", "lease": grant.lease, "seq": 1, "seconds": 0,
+                  "gpu_utilisation": None, "at": time.time(), "idle_seconds": 0}  # fmt: skip
+        await provider.send(sign_usage(provider.keypair, fields))
+        await student.acknowledge_usage(UsageAck(grant.lease, 0, idle_seconds=0))
+        info = await student.get_lease(grant.lease)
+        assert [w["kind"] for w in info.warnings] == ["idle"] and info.ends_at is not None
+        end = await provider.next_message("end")
+        assert end["lease"] == grant.lease and end["reason"].startswith("idle for ")
+        ended = await student.get_lease(grant.lease)
+        assert ended.state == "ended" and ended.end_reason == end["reason"]
+    finally:
+        instructor.close()
+        student.close()

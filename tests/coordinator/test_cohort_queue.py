@@ -4,9 +4,13 @@ the service serving it on events. The REST half against a real coordinator is at
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 
 import pytest
+from solders.keypair import Keypair
 
+from jupyter_io.cohort_client import CohortClient
 from jupyter_io.coordinator.cohort_queue import (
     CohortQueue,
     QueueFull,
@@ -18,7 +22,18 @@ from jupyter_io.coordinator.cohort_queue import (
     estimate_wait,
     expected_session_seconds,
 )
-from jupyter_io.errors import LeaseError
+from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.coordinator_client import (
+    CoordinatorClient,
+    LeaseGrant,
+    LeaseQueued,
+    TooManyPendingLeases,
+)
+from jupyter_io.errors import AuthError, LeaseError
+from jupyter_io.queue_tickets import QueuePlace, progress_message
+from kernel_provisioner.lease import KernelLease
+
+from .conftest import WAIT, FakeProvider, Starter, gpu_offer
 
 C = "c_AAAAAAAAAAAAAAAA"
 
@@ -149,3 +164,136 @@ async def test_the_service_expires_tickets_on_its_timer() -> None:
     assert ticket.state is TicketState.EXPIRED
     assert "no GPU of the class's types came free within" in (ticket.reason or "")
     await service.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Against a real coordinator: the 202, the ticket endpoint, strangers, floods, expiry, serving
+
+
+async def _class_with_one_t4(
+    start_coordinator: Starter, providers: list[FakeProvider], students: int, **settings: Any
+) -> tuple[CoordinatorServer, str, list[CoordinatorClient]]:
+    server = await start_coordinator()
+    provider = FakeProvider(server.url, [gpu_offer("Tesla T4", count=1)])
+    providers.append(provider)
+    await provider.connect()
+    assert server.registry is not None
+    await server.registry.wait_for(lambda: len(server.index) == 1, WAIT)
+    instructor = CohortClient(server.url, Keypair(), timeout=WAIT)
+    view = await instructor.create(
+        name="rush", gpu_types=["T4"], max_price_lamports_per_hour=10**7,
+        term_ends_at=time.time() + 86400, **settings,
+    )  # fmt: skip
+    clients = [CoordinatorClient(server.url, Keypair(), timeout=WAIT) for _ in range(students)]
+    await instructor.add_students(view.id, [str(c.keypair.pubkey()) for c in clients])  # type: ignore[union-attr]
+    instructor.close()
+    return server, view.id, clients
+
+
+def _served(server: CoordinatorServer) -> asyncio.Queue[Ticket]:
+    assert server.cohort_scheduling is not None
+    events: asyncio.Queue[Ticket] = asyncio.Queue()
+    server.cohort_scheduling.service.listeners.append(events.put_nowait)
+    return events
+
+
+async def test_a_full_class_queues_and_the_freed_gpu_serves_the_head(
+    start_coordinator: Starter, providers: list[FakeProvider]
+) -> None:
+    server, cohort, (alice, bob, carol) = await _class_with_one_t4(start_coordinator, providers, 3)
+    events = _served(server)
+    try:
+        grant = await alice.request_lease("T4", cohort=cohort)
+        with pytest.raises(LeaseQueued) as queued_bob:
+            await bob.request_lease("T4", cohort=cohort)
+        with pytest.raises(LeaseQueued) as queued_carol:
+            await carol.request_lease(cohort=cohort)
+        bob_place, carol_place = queued_bob.value.place, queued_carol.value.place
+        assert (bob_place.place, carol_place.place) == (1, 2)
+        assert bob_place.cohort == cohort and bob_place.expires_at > time.time()
+        assert carol_place.estimated_wait_seconds >= bob_place.estimated_wait_seconds > 0
+        # A stranger (another student) can neither read nor cancel bob's ticket.
+        with pytest.raises(AuthError):
+            await carol.queue_ticket(bob_place)
+        with pytest.raises(AuthError):
+            await carol.cancel_queue_ticket(bob_place)
+        # A flood by bob does not grow the queue beyond his allowance (1 kernel).
+        for _ in range(5):
+            with pytest.raises(TooManyPendingLeases) as flood:
+                await bob.request_lease("T4", cohort=cohort)
+            assert flood.value.code == "too_many_tickets"
+        again = await carol.queue_ticket(carol_place)
+        assert isinstance(again, QueuePlace) and again.place == 2 and again.waiting == 2
+        # Alice ends her kernel: the GPU goes to the head of the queue at once.
+        await alice.end_lease(grant.lease)
+        served = await asyncio.wait_for(events.get(), WAIT)
+        assert served.id == bob_place.ticket
+        won = await bob.queue_ticket(bob_place)
+        assert isinstance(won, LeaseGrant) and won.gpu == "Tesla T4"
+        assert (await carol.queue_ticket(carol_place)).place == 1  # type: ignore[union-attr]
+        await carol.cancel_queue_ticket(carol_place)
+        with pytest.raises(LeaseError, match="cancelled by the student"):
+            await carol.queue_ticket(carol_place)
+    finally:
+        for client in (alice, bob, carol):
+            client.close()
+
+
+async def test_a_ticket_not_served_in_time_is_refused_with_the_reason(
+    start_coordinator: Starter, providers: list[FakeProvider]
+) -> None:
+    server, cohort, (alice, bob) = await _class_with_one_t4(
+        start_coordinator, providers, 2, queue_max_wait_seconds=1
+    )
+    events = _served(server)
+    try:
+        await alice.request_lease("T4", cohort=cohort)
+        with pytest.raises(LeaseQueued) as queued:
+            await bob.request_lease("T4", cohort=cohort)
+        expired = await asyncio.wait_for(events.get(), WAIT)
+        assert expired.state is TicketState.EXPIRED
+        with pytest.raises(LeaseError, match="no GPU of the class's types came free within 1 s"):
+            await bob.queue_ticket(queued.value.place)
+    finally:
+        alice.close()
+        bob.close()
+
+
+async def test_the_provisioner_waits_in_the_queue_and_withdraws_when_cancelled(
+    start_coordinator: Starter, providers: list[FakeProvider]
+) -> None:
+    server, cohort, (alice, bob, carol) = await _class_with_one_t4(start_coordinator, providers, 3)
+    assert server.cohort_scheduling is not None and bob.keypair and carol.keypair
+    queue = server.cohort_scheduling.queue
+    grant = await alice.request_lease("T4", cohort=cohort)
+    waits: list[tuple[asyncio.Task[LeaseGrant], QueuePlace]] = []
+    leases = [KernelLease(server.url, c.keypair, timeout=WAIT) for c in (bob, carol)]
+    try:
+        for client, lease in zip((bob, carol), leases, strict=True):
+            seen: asyncio.Queue[QueuePlace] = asyncio.Queue()
+            lease.on_queue = seen.put_nowait
+            with pytest.raises(LeaseQueued) as queued:
+                await client.request_lease("T4", cohort=cohort)
+            waits.append(
+                (asyncio.create_task(lease._wait_in_queue(queued.value.place)), queued.value.place)
+            )
+            shown = await asyncio.wait_for(seen.get(), WAIT)
+            assert progress_message(shown).startswith(f"In the queue: place {len(waits)}, ")
+        # Carol's start is cancelled: her ticket is withdrawn, not left to hold a place.
+        carol_wait, carol_place = waits[1]
+        carol_wait.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await carol_wait
+        ticket = queue.get(carol_place.ticket)
+        assert ticket is not None and ticket.state is TicketState.CANCELLED
+        # Alice's kernel ends: Bob's waiting start gets the lease.
+        await alice.end_lease(grant.lease)
+        bob_grant = await asyncio.wait_for(waits[0][0], WAIT)
+        assert bob_grant.gpu == "Tesla T4" and bob_grant.token
+    finally:
+        for task, _ in waits:
+            task.cancel()
+        for lease in leases:
+            await lease.close()
+        for client in (alice, bob, carol):
+            client.close()

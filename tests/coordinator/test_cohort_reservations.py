@@ -10,13 +10,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
+from jupyter_io.cohort_client import CohortClient
 from jupyter_io.cohorts import CohortSettings, new_cohort_id
 from jupyter_io.coordinator.cohort_reservations import Reservations, parse_reservation
 from jupyter_io.coordinator.scheduler import LeaseRequest, Offer, OfferIndex, schedule
 from jupyter_io.coordinator.store import OfferSpec, ProviderProfile, Store
-from jupyter_io.errors import LeaseError
+from jupyter_io.coordinator_client import CoordinatorClient
+from jupyter_io.errors import AuthError, LeaseError
+
+from .conftest import WAIT, FakeProvider, Starter, gpu_offer
 
 GIB = 1 << 30
 
@@ -107,3 +112,43 @@ def _key() -> str:
 
 def _utc(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+async def test_a_reserved_gpu_is_the_class_s_during_its_window(
+    start_coordinator: Starter, providers: list[FakeProvider]
+) -> None:
+    server = await start_coordinator()
+    provider = FakeProvider(server.url, [gpu_offer("Tesla T4", count=1)])
+    providers.append(provider)
+    await provider.connect()
+    assert server.registry is not None
+    await server.registry.wait_for(lambda: len(server.index) == 1, WAIT)
+    instructor = CohortClient(server.url, Keypair(), timeout=WAIT)
+    student = CoordinatorClient(server.url, Keypair(), timeout=WAIT)
+    stranger = CoordinatorClient(server.url, Keypair(), timeout=WAIT)
+    try:
+        now = time.time()
+        view = await instructor.create(
+            name="lab", gpu_types=["T4"], max_price_lamports_per_hour=10**7,
+            term_ends_at=now + 86400,
+        )  # fmt: skip
+        await instructor.add_students(view.id, [str(student.keypair.pubkey())])  # type: ignore[union-attr]
+        path = f"/api/v1/cohorts/{view.id}/reservations"
+        body = {"gpu": "T4", "count": 1, "starts_at": now - 60, "ends_at": now + 3600}
+        with pytest.raises(AuthError, match="instructors"):
+            await stranger._call("POST", path, body, sign=True)
+        made = await instructor._call("POST", path, body, sign=True)
+        assert made["count"] == 1 and made["id"].startswith("r_")
+        listed = await instructor._call("GET", path, sign=True)
+        assert [r["id"] for r in listed["reservations"]] == [made["id"]]
+        # Anyone else finds the class's T4 taken; the class's student gets it.
+        with pytest.raises(LeaseError, match="reserved for a class"):
+            await stranger.request_lease("T4")
+        grant = await student.request_lease("T4", cohort=view.id)
+        assert grant.gpu == "Tesla T4"
+        await student.end_lease(grant.lease)
+        await instructor._call("DELETE", f"{path}/{made['id']}", sign=True)
+        assert (await stranger.request_lease("T4")).gpu == "Tesla T4"  # released
+    finally:
+        for client in (instructor, student, stranger):
+            client.close()
