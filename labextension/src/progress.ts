@@ -3,7 +3,7 @@ import { CommandRegistry } from '@lumino/commands';
 
 import { CommandIDs } from './commands';
 
-import { duration, sol } from './format';
+import { sol } from './format';
 import { GpuModel } from './model';
 import { ILaunch } from './types';
 
@@ -89,9 +89,9 @@ export function stepLine(launch: ILaunch): string {
 }
 
 /**
- * `place 3 in CS229's queue, about 2:00` while a class's start waits for a GPU (the
- * coordinator's `queue` step: `place`, `estimated_wait_seconds`, `cohort_name`); null when
- * the start is not queued now.
+ * `place 3 of 12, about 4 min` while a class's start waits for a GPU (the provisioner's
+ * `queue` step: `place`, `waiting`, `estimated_wait_seconds`, see
+ * jupyter_io/queue_tickets.py); null when the start is not waiting in a queue now.
  */
 export function queueText(launch: ILaunch): string | null {
   if (launch.step !== 'queue') {
@@ -99,13 +99,15 @@ export function queueText(launch: ILaunch): string | null {
   }
   const event = [...launch.events].reverse().find(e => e.step === 'queue');
   const place = event?.place;
-  const wait = event?.estimated_wait_seconds ?? event?.wait_seconds;
-  const where = typeof event?.cohort_name === 'string' ? ` in ${event.cohort_name}'s queue` : ' in the queue';
-  const parts = [typeof place === 'number' ? `place ${place}${where}` : `waiting${where}`];
-  if (typeof wait === 'number') {
-    parts.push(`about ${duration(wait)}`);
+  const waiting = event?.waiting;
+  const wait = event?.estimated_wait_seconds;
+  if (typeof place !== 'number') {
+    return launch.message;
   }
-  return parts.join(', ');
+  const of = typeof waiting === 'number' && waiting >= place ? ` of ${waiting}` : '';
+  const about =
+    typeof wait !== 'number' ? '' : wait < 60 ? ', less than a minute' : `, about ${Math.ceil(wait / 60)} min`;
+  return `place ${place}${of}${about}`;
 }
 
 /** The GPU's name for people (the queued step knows only the key asked for). */
@@ -176,7 +178,7 @@ export class LaunchNotifier {
       type = 'success';
       autoClose = 5000;
     } else if (queueText(launch) !== null) {
-      message = `Queued for a ${title(this._model, launch)}: ${queueText(launch)} · ${stepLine(launch)}`;
+      message = `In the class's queue for a ${title(this._model, launch)}: ${queueText(launch)} · ${stepLine(launch)}`;
       type = 'in-progress';
       autoClose = false;
     } else {
