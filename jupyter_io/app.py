@@ -63,6 +63,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "jupyter_io.coordinator.app.OffersApp",
         "Show the GPUs on offer at a coordinator (--json for scripts).",
     ),
+    "cohort": (
+        "jupyter_io.cohort_app.CohortApp",
+        "Classroom cohorts: create one, join with a code, quotas, roster, dashboard.",
+    ),
     "keygen": (
         "jupyter_io.app.KeygenApp",
         "Create a Solana keypair file (the Solana CLI's format) and print its public key.",

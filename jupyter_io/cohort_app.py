@@ -1,0 +1,435 @@
+"""``jupyter io cohort ...``: classroom cohorts from the command line, signed by your key.
+
+Instructors: ``create``, ``list``, ``show``, ``code``, ``revoke-code``, ``roster`` (a file of
+public keys), ``remove``, ``add-instructor``, ``set`` (quotas and limits), ``end``,
+``dashboard [--csv]``. Students: ``join CODE|LINK`` (a link names its coordinator), ``list``,
+``show``. Each is a :class:`CohortCommand` subclass in :data:`COHORT_SUBCOMMANDS`; the
+command parses options and delegates to :class:`~jupyter_io.cohort_client.CohortClient`. To
+add one (``fund``, ``reclaim``), subclass :class:`CohortCommand` and add a line to
+:data:`COHORT_SUBCOMMANDS`. ``docs/cohorts.md`` describes what each does on the coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from jupyter_core.application import base_flags
+from traitlets import Bool, Float, Integer, Unicode
+
+from .app import IOCommand, _CommandGroup
+from .cohort_client import CohortClient
+from .cohorts import (
+    CohortRequestError,
+    CohortView,
+    gpu_hours_to_seconds,
+    gpu_seconds_to_hours,
+    parse_join_target,
+    parse_roster_csv,
+)
+from .errors import ConfigError
+from .identity import DEFAULT_KEYPAIR_PATH, load_keypair
+from .payments.amounts import format_sol, parse_sol
+
+__all__ = [
+    "COHORT_SUBCOMMANDS",
+    "CohortApp",
+    "CohortCommand",
+    "cohort_text",
+]
+
+_T = TypeVar("_T")
+
+#: The coordinator a command talks to unless ``--coordinator`` says otherwise.
+DEFAULT_COORDINATOR = "http://127.0.0.1:8700"
+
+
+def cohort_text(view: CohortView) -> str:
+    """A cohort for people: its settings, and a student's own week."""
+    term = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(view.term_ends_at))
+    lines = [
+        f"{view.name}  ({view.id}, {view.state}{', you: ' + view.role if view.role else ''})",
+        f"  GPU types     {', '.join(view.gpu_types)} up to "
+        f"{format_sol(view.max_price_lamports_per_hour)}/GPU-hour",
+        f"  quota         {gpu_seconds_to_hours(view.quota_gpu_seconds_per_week):g} GPU-hours "
+        f"a week per student, {view.max_concurrent_per_student} kernel(s) at a time",
+        f"  sessions      idle stop after {view.idle_timeout_seconds // 60} min, at most "
+        f"{view.max_session_seconds / 3600:g} h; queue waits at most "
+        f"{view.queue_max_wait_seconds // 60} min",
+        f"  term ends     {term}",
+        f"  instructors   {', '.join(view.instructors)}",
+        f"  students      {view.students}",
+    ]
+    if view.environment_sha256:
+        lines.append(f"  environment   {view.environment_sha256[:16]}… (requirements)")
+    if view.me is not None:
+        me = view.me
+        lines.append(
+            f"  this week     {gpu_seconds_to_hours(me.gpu_seconds_week):.2f} GPU-h used, "
+            f"{gpu_seconds_to_hours(me.quota_left_gpu_seconds):.2f} left, "
+            f"{me.live_kernels} kernel(s) running"
+        )
+    return "\n".join(lines)
+
+
+class CohortCommand(IOCommand):
+    """Base of the cohort commands: the coordinator, your key, ``--json``; positional
+    arguments checked against :attr:`usage`."""
+
+    #: The positional arguments, e.g. ``"COHORT CODE"`` (checked by :meth:`arguments`).
+    usage = ""
+
+    coordinator = Unicode(DEFAULT_COORDINATOR, help="The coordinator's http(s)://HOST:PORT.").tag(
+        config=True
+    )
+    keypair_path = Unicode(DEFAULT_KEYPAIR_PATH, help="Your Solana keypair file.").tag(config=True)
+    timeout = Float(30.0, help="Seconds to wait for the coordinator.").tag(config=True)
+    json_output = Bool(False, help="Print JSON for scripts.").tag(config=True)
+
+    aliases: dict[str, Any] = {
+        "coordinator": "CohortCommand.coordinator",
+        "keypair": "CohortCommand.keypair_path",
+        "timeout": "CohortCommand.timeout",
+    }
+    flags: dict[str, Any] = {
+        "json": ({"CohortCommand": {"json_output": True}}, "Print JSON for scripts."),
+        "debug": base_flags["debug"],
+    }
+
+    def arguments(self) -> list[str]:
+        """The positional arguments, as many as :attr:`usage` names."""
+        names = self.usage.split()
+        if len(self.extra_args) != len(names):
+            raise ConfigError(f"usage: {self.name} {self.usage}".rstrip())
+        return list(self.extra_args)
+
+    def client(self, url: str | None = None) -> CohortClient:
+        """A client of ``url`` (default ``--coordinator``) signing with ``--keypair``."""
+        return CohortClient(
+            url or self.coordinator, load_keypair(self.keypair_path), timeout=self.timeout
+        )
+
+    def talk(self, work: Callable[[CohortClient], Awaitable[_T]], url: str | None = None) -> _T:
+        """Run ``work(client)`` and close the client."""
+
+        async def run() -> _T:
+            client = self.client(url)
+            try:
+                return await work(client)
+            finally:
+                client.close()
+
+        return asyncio.run(run())
+
+    def show(self, body: Any, text: str) -> None:
+        """Print ``body`` as JSON with ``--json``, else ``text``."""
+        print(json.dumps(body, indent=2) if self.json_output else text)
+
+
+class CohortSettingsCommand(CohortCommand):
+    """The options of ``create`` and ``set`` (in people's units)."""
+
+    gpu_types = Unicode("", help="GPU types the cohort pays for, comma-separated.").tag(config=True)
+    max_price = Unicode("", help="The most it pays per GPU-hour, in SOL (e.g. 0.5).").tag(
+        config=True
+    )
+    quota_hours = Unicode("", help="GPU-hours a week per student (e.g. 10).").tag(config=True)
+    max_kernels = Integer(0, help="Kernels a student may run at once.").tag(config=True)
+    idle_minutes = Float(0.0, help="Stop a kernel idle this many minutes.").tag(config=True)
+    max_session_hours = Float(0.0, help="End a session after this many hours.").tag(config=True)
+    queue_minutes = Float(0.0, help="Refuse a queued start after this many minutes.").tag(
+        config=True
+    )
+    term_days = Float(0.0, help="The term ends this many days from now.").tag(config=True)
+    requirements = Unicode("", help="A requirements file: the course environment.").tag(config=True)
+
+    aliases = {
+        **CohortCommand.aliases,
+        "gpu-types": "CohortSettingsCommand.gpu_types",
+        "max-price": "CohortSettingsCommand.max_price",
+        "quota-hours": "CohortSettingsCommand.quota_hours",
+        "max-kernels": "CohortSettingsCommand.max_kernels",
+        "idle-minutes": "CohortSettingsCommand.idle_minutes",
+        "max-session-hours": "CohortSettingsCommand.max_session_hours",
+        "queue-minutes": "CohortSettingsCommand.queue_minutes",
+        "term-days": "CohortSettingsCommand.term_days",
+        "requirements": "CohortSettingsCommand.requirements",
+    }
+
+    def fields(self) -> dict[str, Any]:
+        """The settings given on the command line, as the API names them."""
+        body: dict[str, Any] = {}
+        if self.gpu_types:
+            body["gpu_types"] = [t.strip() for t in self.gpu_types.split(",") if t.strip()]
+        if self.max_price:
+            body["max_price_lamports_per_hour"] = parse_sol(self.max_price)
+        if self.quota_hours:
+            try:
+                body["quota_gpu_seconds_per_week"] = gpu_hours_to_seconds(self.quota_hours)
+            except ValueError as exc:
+                raise ConfigError(f"--quota-hours: {exc}") from None
+        if self.max_kernels:
+            body["max_concurrent_per_student"] = self.max_kernels
+        if self.idle_minutes:
+            body["idle_timeout_seconds"] = round(self.idle_minutes * 60)
+        if self.max_session_hours:
+            body["max_session_seconds"] = round(self.max_session_hours * 3600)
+        if self.queue_minutes:
+            body["queue_max_wait_seconds"] = round(self.queue_minutes * 60)
+        if self.term_days:
+            body["term_ends_at"] = time.time() + self.term_days * 86400
+        if self.requirements:
+            try:
+                body["requirements"] = Path(self.requirements).read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(
+                    f"cannot read --requirements {self.requirements}: {exc}"
+                ) from None
+        return body
+
+
+class CohortCreateApp(CohortSettingsCommand):
+    name = "jupyter io cohort create"
+    description = "Create a cohort you teach; prints its id (then `code` for a join code)."
+    usage = "NAME"
+    examples = (
+        "jupyter io cohort create CS229 --gpu-types T4 --max-price 0.3 --quota-hours 10 "
+        "--term-days 90"
+    )
+
+    def run(self) -> None:
+        (name,) = self.arguments()
+        body = {"name": name, **self.fields()}
+        body.setdefault("term_ends_at", time.time() + 120 * 86400)
+        for required, flag in (
+            ("gpu_types", "--gpu-types"),
+            ("max_price_lamports_per_hour", "--max-price"),
+        ):
+            if required not in body:
+                raise ConfigError(f"create needs {flag} (see --help)")
+        view = self.talk(lambda c: c.create(**body))
+        self.show(view.to_json(), cohort_text(view))
+
+
+class CohortSetApp(CohortSettingsCommand):
+    name = "jupyter io cohort set"
+    description = "Change a cohort's quota, limits, GPU types, price cap or term (instructors)."
+    usage = "COHORT"
+    examples = "jupyter io cohort set c_Ab12... --quota-hours 15 --max-kernels 2"
+
+    def run(self) -> None:
+        (cohort,) = self.arguments()
+        changes = self.fields()
+        if not changes:
+            raise ConfigError("name at least one setting to change (see --help)")
+        view = self.talk(lambda c: c.update(cohort, **changes))
+        self.show(view.to_json(), cohort_text(view))
+
+
+class CohortListApp(CohortCommand):
+    name = "jupyter io cohort list"
+    description = "The cohorts you teach or study in, newest first."
+
+    def run(self) -> None:
+        self.arguments()
+        views = self.talk(lambda c: c.cohorts())
+        text = (
+            "\n".join(f"{v.id}  {v.role or '':<13} {v.state:<6} {v.name}" for v in views)
+            or "No cohorts yet: `jupyter io cohort create NAME ...` or `join CODE`."
+        )
+        self.show([v.to_json() for v in views], text)
+
+
+class CohortShowApp(CohortCommand):
+    name = "jupyter io cohort show"
+    description = "A cohort's settings (a student's: their week too)."
+    usage = "COHORT"
+
+    def run(self) -> None:
+        (cohort,) = self.arguments()
+        view = self.talk(lambda c: c.get(cohort))
+        self.show(view.to_json(), cohort_text(view))
+
+
+class CohortCodeApp(CohortCommand):
+    name = "jupyter io cohort code"
+    description = "A join code and link for students (instructors)."
+    usage = "COHORT"
+    ttl_days = Float(7.0, help="Days the code stays valid.").tag(config=True)
+    max_uses = Integer(0, help="How many students may use it (0: no limit).").tag(config=True)
+    aliases = {
+        **CohortCommand.aliases,
+        "ttl-days": "CohortCodeApp.ttl_days",
+        "max-uses": "CohortCodeApp.max_uses",
+    }
+
+    def run(self) -> None:
+        (cohort,) = self.arguments()
+        ttl = round(self.ttl_days * 86400)
+        code = self.talk(
+            lambda c: c.create_code(cohort, ttl_seconds=ttl, max_uses=self.max_uses or None)
+        )
+        until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(code.expires_at))
+        self.show(
+            {"code": code.code, "link": code.link, "expires_at": code.expires_at},
+            f"code {code.code} (valid until {until})\nlink {code.link}",
+        )
+
+
+class CohortRevokeCodeApp(CohortCommand):
+    name = "jupyter io cohort revoke-code"
+    description = "Revoke a join code (instructors)."
+    usage = "COHORT CODE"
+
+    def run(self) -> None:
+        cohort, code = self.arguments()
+        self.talk(lambda c: c.revoke_code(cohort, code))
+        self.show({"code": code, "revoked": True}, f"code {code} revoked")
+
+
+class CohortJoinApp(CohortCommand):
+    name = "jupyter io cohort join"
+    description = "Join a cohort as a student with the code or link your instructor gave you."
+    usage = "CODE_OR_LINK"
+
+    def run(self) -> None:
+        (text,) = self.arguments()
+        try:
+            target = parse_join_target(text)
+        except CohortRequestError as exc:
+            raise ConfigError(str(exc)) from None
+        view = self.talk(lambda c: c.join(target.code), target.coordinator)
+        self.show(view.to_json(), f"joined\n{cohort_text(view)}")
+
+
+class CohortRosterApp(CohortCommand):
+    name = "jupyter io cohort roster"
+    description = (
+        "Add students from a file of public keys: one per line, or a CSV with a 'pubkey' "
+        "column (instructors)."
+    )
+    usage = "COHORT FILE"
+
+    def run(self) -> int | None:
+        cohort, path = self.arguments()
+        try:
+            keys, bad = parse_roster_csv(Path(path).read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the roster {path}: {exc}") from None
+        if not keys:
+            raise ConfigError(
+                f"{path} holds no public keys" + (f" ({len(bad)} bad)" if bad else "")
+            )
+        result = self.talk(lambda c: c.add_students(cohort, keys))
+        invalid = [*bad, *result.invalid]
+        text = f"added {len(result.added)}, already members {len(result.already)}"
+        if invalid:
+            text += f"\nnot public keys ({len(invalid)}): " + ", ".join(repr(b) for b in invalid)
+        self.show(
+            {"added": list(result.added), "already": list(result.already), "invalid": invalid},
+            text,
+        )
+        return 1 if invalid else None
+
+
+class CohortRemoveApp(CohortCommand):
+    name = "jupyter io cohort remove"
+    description = "Remove a student; their running sessions end (instructors)."
+    usage = "COHORT PUBKEY"
+
+    def run(self) -> None:
+        cohort, student = self.arguments()
+        ended = self.talk(lambda c: c.remove_student(cohort, student))
+        self.show(
+            {"student": student, "removed": True, "leases_ended": ended},
+            f"removed {student} ({ended} session(s) ended)",
+        )
+
+
+class CohortAddInstructorApp(CohortCommand):
+    name = "jupyter io cohort add-instructor"
+    description = "Make a key a co-instructor (instructors)."
+    usage = "COHORT PUBKEY"
+
+    def run(self) -> None:
+        cohort, pubkey = self.arguments()
+        view = self.talk(lambda c: c.add_instructor(cohort, pubkey))
+        self.show(view.to_json(), cohort_text(view))
+
+
+class CohortEndApp(CohortCommand):
+    name = "jupyter io cohort end"
+    description = "End the term: codes revoked, running sessions ended (instructors)."
+    usage = "COHORT"
+
+    def run(self) -> None:
+        (cohort,) = self.arguments()
+        view = self.talk(lambda c: c.end(cohort))
+        self.show(view.to_json(), cohort_text(view))
+
+
+class CohortDashboardApp(CohortCommand):
+    name = "jupyter io cohort dashboard"
+    description = "A row per student: this week's GPU-hours, cost, kernels, queue (instructors)."
+    usage = "COHORT"
+    csv = Bool(False, help="Print CSV, one row per student.").tag(config=True)
+    flags = {
+        **CohortCommand.flags,
+        "csv": ({"CohortDashboardApp": {"csv": True}}, "Print CSV, one row per student."),
+    }
+
+    def run(self) -> None:
+        (cohort,) = self.arguments()
+        if self.csv:
+            sys.stdout.write(self.talk(lambda c: c.dashboard_csv(cohort)))
+            return
+        board = self.talk(lambda c: c.dashboard(cohort))
+        rows = board.get("students") or []
+        lines = [f"{'student':<45} {'GPU-h':>7} {'cost SOL':>12} {'kernels':>7} {'left':>7}"]
+        for row in rows:
+            lines.append(
+                f"{row['student']:<45} {row['gpu_seconds_week'] / 3600:>7.2f} "
+                f"{format_sol(row['cost_lamports_week']):>12} {row['live_kernels']:>7} "
+                f"{row['quota_left_gpu_seconds'] / 3600:>7.2f}"
+            )
+        pool = board.get("pool") or {}
+        lines.append(f"spent this term: {format_sol(pool.get('spent_lamports_term') or 0)}")
+        self.show(board, "\n".join(lines))
+
+
+#: ``jupyter io cohort NAME``: (the command class, one line of help).
+COHORT_SUBCOMMANDS: dict[str, tuple[type[CohortCommand], str]] = {
+    "create": (CohortCreateApp, CohortCreateApp.description),
+    "list": (CohortListApp, CohortListApp.description),
+    "show": (CohortShowApp, CohortShowApp.description),
+    "code": (CohortCodeApp, CohortCodeApp.description),
+    "revoke-code": (CohortRevokeCodeApp, CohortRevokeCodeApp.description),
+    "join": (CohortJoinApp, CohortJoinApp.description),
+    "roster": (CohortRosterApp, CohortRosterApp.description),
+    "remove": (CohortRemoveApp, CohortRemoveApp.description),
+    "add-instructor": (CohortAddInstructorApp, CohortAddInstructorApp.description),
+    "set": (CohortSetApp, CohortSetApp.description),
+    "end": (CohortEndApp, CohortEndApp.description),
+    "dashboard": (CohortDashboardApp, CohortDashboardApp.description),
+}
+
+
+class CohortApp(_CommandGroup):
+    """``jupyter io cohort``"""
+
+    name = "jupyter io cohort"
+    description = (
+        "Classroom cohorts: an instructor's pool of GPU time with weekly quotas per student. "
+        "Run `jupyter io cohort COMMAND --help` for a command's options."
+    )
+    examples = """jupyter io cohort create CS229 --gpu-types T4 --max-price 0.3 --quota-hours 10
+jupyter io cohort code c_Ab12... --ttl-days 7
+jupyter io cohort join 'jupyter-io:join?coordinator=...&code=...'
+jupyter io cohort roster c_Ab12... students.csv
+jupyter io cohort dashboard c_Ab12... --csv > week.csv"""
+    subcommands = dict(COHORT_SUBCOMMANDS)

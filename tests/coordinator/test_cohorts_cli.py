@@ -1,0 +1,86 @@
+"""``jupyter io cohort ...`` as people type it, against a real coordinator: an instructor
+creates a class, shares a code, imports a roster file, sets the quota, reads the dashboard as
+CSV and ends the term; a student joins with the link; bad input is an error naming the flag
+or the file, with exit status 1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from solders.keypair import Keypair
+
+from jupyter_io.identity import write_keypair
+
+from .conftest import Starter
+
+pytestmark = pytest.mark.timeout(90)
+
+JUPYTER = str(Path(sys.executable).with_name("jupyter"))
+
+
+async def cohort(*args: str, keypair: Path, url: str, ok: bool = True) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        JUPYTER, "io", "cohort", *args, "--keypair", str(keypair), "--coordinator", url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert (proc.returncode == 0) is ok, (args, out.decode(), err.decode())
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_the_cohort_commands_run_a_term(start_coordinator: Starter, tmp_path: Path) -> None:
+    server = await start_coordinator()
+    url = server.url
+    teacher, student, other = Keypair(), Keypair(), Keypair()
+    teacher_file = write_keypair(teacher, tmp_path / "teacher.json")
+    student_file = write_keypair(student, tmp_path / "student.json")
+
+    _, out, _ = await cohort(
+        "create", "CS229", "--gpu-types", "T4, RTX 4090", "--max-price", "0.002",
+        "--quota-hours", "7.5", "--term-days", "30", "--json",
+        keypair=teacher_file, url=url,
+    )  # fmt: skip
+    created = json.loads(out)
+    cid = created["id"]
+    assert created["gpu_types"] == ["T4", "RTX 4090"]
+    assert created["max_price_lamports_per_hour"] == 2_000_000
+    assert created["quota_gpu_seconds_per_week"] == 27_000
+
+    _, out, _ = await cohort(
+        "code", cid, "--max-uses", "3", "--json", keypair=teacher_file, url=url
+    )
+    link = json.loads(out)["link"]
+    # The student names no coordinator: the link does.
+    _, out, _ = await cohort("join", link, keypair=student_file, url="http://127.0.0.1:9")
+    assert "joined" in out and "7.50 left" in out
+
+    roster = tmp_path / "roster.csv"
+    roster.write_text(f"name,pubkey\nAda,{other.pubkey()}\nBob,{student.pubkey()}\nEve,oops\n")
+    status, out, _ = await cohort(
+        "roster", cid, str(roster), keypair=teacher_file, url=url, ok=False
+    )
+    assert status == 1 and "added 1, already members 1" in out and "'oops'" in out
+
+    await cohort("set", cid, "--quota-hours", "2", keypair=teacher_file, url=url)
+    _, out, _ = await cohort("dashboard", cid, "--csv", keypair=teacher_file, url=url)
+    lines = out.splitlines()
+    assert lines[0].startswith("student,gpu_hours_week") and len(lines) == 3
+    assert all(line.split(",")[6] == "2.0000" for line in lines[1:])  # quota left: 2 GPU-h
+
+    # A student sees no dashboard; errors go to stderr with status 1.
+    _, _, err = await cohort("dashboard", cid, keypair=student_file, url=url, ok=False)
+    assert "only the instructors" in err
+    _, _, err = await cohort("set", cid, "--quota-hours", "lots", keypair=teacher_file, url=url,
+                             ok=False)  # fmt: skip
+    assert "--quota-hours" in err
+    _, _, err = await cohort("join", "IO01", keypair=student_file, url=url, ok=False)
+    assert "join code" in err
+
+    _, out, _ = await cohort("end", cid, "--json", keypair=teacher_file, url=url)
+    assert json.loads(out)["state"] == "ended"
+    _, out, _ = await cohort("list", keypair=student_file, url=url)
+    assert cid in out and "student" in out and "ended" in out
