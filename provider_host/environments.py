@@ -31,7 +31,8 @@ Each session holds its environment with a shared ``flock`` (:meth:`EnvironmentCa
 while its kernels may run; past ``environment_cache_count`` environments the least recently
 used ones that nobody holds are deleted.
 
-Call :meth:`EnvironmentCache.get` before a kernel starts, then :meth:`EnvironmentCache.hold`.
+Call :meth:`EnvironmentCache.get` before a kernel starts, then :meth:`EnvironmentCache.hold`;
+:meth:`EnvironmentCache.close` when the host shuts down.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}\Z")
 _HOST_PTH = "_jupyter_io_host.pth"
 # Lock polling: builds take seconds to minutes; a waiter need not hear of the end sooner.
 _LOCK_POLL = 0.1
+# Seconds a step's output may still take to drain once it has exited.
+_READ_AFTER_EXIT = 5.0
 
 Progress = Callable[[str, str], Awaitable[None]]
 """``progress(state, message)``: ``state`` is ``"building"``, ``"ready"`` or ``"failed"``."""
@@ -231,6 +234,14 @@ class EnvironmentCache:
             raise
         return fd
 
+    async def close(self) -> None:
+        """Stop the builds in progress (their processes killed, their directories removed):
+        the host is shutting down."""
+        tasks = list(self._building.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     @staticmethod
     def release(fd: int) -> None:
         """Let go of an environment held with :meth:`hold`."""
@@ -376,20 +387,21 @@ class EnvironmentCache:
 
         reader = asyncio.ensure_future(read())
         try:
-            await asyncio.wait_for(asyncio.gather(reader, process.wait()), self.build_timeout)
+            await asyncio.wait_for(process.wait(), self.build_timeout)
         except asyncio.TimeoutError:
             raise EnvironmentBuildError(
                 f"building the course environment took longer than this provider allows "
                 f"({self.build_timeout:g} s, environment_build_timeout); it was stopped"
             ) from None
         finally:
+            # Whatever of the step still runs (all of it, on a timeout or a cancellation;
+            # a straggler it left, after an exit) goes now, which also ends its output.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                await process.wait()
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+                await asyncio.shield(process.wait())
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(reader, _READ_AFTER_EXIT)
         if process.returncode != 0:
             said = b"".join(tail).decode(errors="replace")[-_TAIL_BYTES:].strip()
             raise EnvironmentBuildError(

@@ -382,6 +382,8 @@ class ProviderServer:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        if self.environments is not None:
+            await self.environments.close()  # builds no session waits for any more
         self._utilisation.close()
         if self._server is not None:
             self._server.close(close_connections=True)

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hashlib
 import secrets
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -308,11 +309,55 @@ async def test_a_cache_on_the_same_directory_finds_the_build_and_evicts_the_leas
     assert (await again.get(first.sha256, lambda: fetch("unused"))) == first
     assert again.builds == 0
 
-    # keep=1: a second environment evicts the first unless a session holds it.
+    # keep=1: past it the least recently used environment goes, unless a session holds it.
+    other = environment_sha256("coursepkg\n")
+    shutil.copytree(first.path, cache.root / other, symlinks=True)  # as if built just now
     hold = cache.hold(first)
-    other = "coursepkg\n"
-    second = await cache.get(environment_sha256(other), lambda: fetch(other))
-    assert first.path.exists() and second.path.exists()
+    assert cache._evict(keep_hash=other) == [] and first.path.exists()
     EnvironmentCache.release(hold)
-    assert cache._evict(keep_hash=second.sha256) == [first.sha256]
-    assert not first.path.exists() and second.path.exists() and cache.builds == 2
+    assert cache._evict(keep_hash=other) == [first.sha256]
+    assert not first.path.exists() and (cache.root / other).exists() and cache.builds == 1
+
+
+async def test_a_session_ends_at_once_while_its_environment_builds_and_shutdown_stops_the_build(
+    coordinator: CoordinatorServer, market_host: HostFactory, make_user: UserFactory
+) -> None:
+    # An index that accepts pip's connection and never answers: the build hangs in pip.
+    connections: list[asyncio.StreamWriter] = []
+    asked = asyncio.Event()
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        asked.set()
+
+    index = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = index.sockets[0].getsockname()[1]
+    host = await market_host(
+        direct=True,
+        environment_pip_args=["--index-url", f"http://127.0.0.1:{port}/simple", "--timeout", "90"],
+    )
+    cohort_id = await new_cohort(coordinator, "slowpkg\n")
+    client = await cohort_client(coordinator, make_user, cohort_id)
+    cache = built(host)
+    try:
+        await client.connect()
+        await client.send_control(
+            FrameKind.LAUNCH, {"key": client.key, "signature_scheme": "hmac-sha256", "env": {}}
+        )
+        building = Progress.parse(await client.control(FrameKind.PROGRESS))
+        assert building.state == "building"
+        await asyncio.wait_for(asked.wait(), DEFAULT_TIMEOUT)  # pip is waiting on the index
+        # The tunnel is not held by the build: END is heard and answered now.
+        await client.send_control(FrameKind.END)
+        code, _ = await client.wait_closed(DEFAULT_TIMEOUT)
+        assert code == 4010
+        assert cache.builds == 1 and cache._building  # the build itself goes on...
+        build_dir = cache.root / environment_sha256("slowpkg\n")
+        assert build_dir.exists()
+        await asyncio.wait_for(cache.close(), DEFAULT_TIMEOUT)  # ...until the host stops it
+        assert not cache._building and not build_dir.exists()
+    finally:
+        await client.disconnect()
+        for writer in connections:
+            writer.close()
+        index.close()
