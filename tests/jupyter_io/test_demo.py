@@ -635,3 +635,107 @@ async def test_lab_is_pointed_at_the_demo_coordinator_and_wallet(tmp_path: Path)
             f"--JupyterIOExtension.keypair_path={tmp_path / 'user.json'}",
         ]
     ]
+
+
+# -- demo --cohort: a class with simulated students ------------------------------------------
+
+
+def class_lines(out: str) -> tuple[str, str, list[Path]]:
+    """The demo class's id, its join code and the students' key files, from the ready lines."""
+    cohort_id = re.findall(r"class:\s+Demo class \((c_[\w-]+)\)", out)[-1]
+    code = re.findall(r"join code:\s+(\S+)", out)[-1]
+    keys = [Path(key) for key in re.findall(r"student \d+:\s+key (\S+)", out)]
+    return cohort_id, code, keys
+
+
+async def test_demo_cohort_makes_a_class_whose_students_joined_with_funded_allowances(
+    jupyter_env: Path, tmp_path: Path, fake_provider: list[str]
+) -> None:
+    from solders.pubkey import Pubkey
+
+    from jupyter_io.cohort_client import CohortClient
+    from jupyter_io.coordinator_client import CoordinatorClient
+    from jupyter_io.payments.amounts import parse_sol
+    from jupyter_io.payments.cohort_pool import AllowanceTerms, CohortPoolClient
+
+    args = ("--no-lab", "--cohort", "--cohort-students", "2")
+    proc, out = await start_demo(*args, *demo_args(jupyter_env, tmp_path, fake_provider))
+    data = tmp_path / "demo"
+    try:
+        cohort_id, code, keys = class_lines(out)
+        assert keys == [data / "students" / f"student-{i}.json" for i in (1, 2)]
+        students = {str(load_keypair(key).pubkey()) for key in keys}
+        instructor = load_keypair(data / "user-keypair.json")
+        url = coordinator_url(out)
+        # The demo user teaches it, the students are in it: the coordinator says so.
+        teacher = CohortClient(url, instructor, timeout=10)
+        try:
+            board = await teacher.dashboard(cohort_id)
+        finally:
+            teacher.close()
+        assert board["cohort"]["instructor"] == str(instructor.pubkey())
+        assert board["cohort"]["gpu_types"] == ["rtx4090"]
+        assert {row["student"] for row in board["students"]} == students
+        # Each student's allowance holds 0.5 SOL on the coordinator's ledger, delegated.
+        async with CoordinatorClient(url, timeout=10) as client:
+            payments = await client.payments()
+        assert payments.solana_url and payments.arbiter
+        ledger = CohortPoolClient.connect(payments.solana_url)
+        try:
+            for key in keys:
+                terms = AllowanceTerms(
+                    instructor.pubkey(),
+                    load_keypair(key).pubkey(),
+                    Pubkey.from_string(payments.arbiter),
+                    cohort_id,
+                )
+                state = await ledger.allowance_state(terms)  # type: ignore[attr-defined]
+                assert state is not None
+                assert state.amount == state.delegated_amount == parse_sol("0.5")
+        finally:
+            await ledger.close()
+        assert "moved now in 1 transaction(s)" in out, out
+    finally:
+        _, err = await stop_demo(proc, signal.SIGINT)
+    assert proc.returncode == 0, err
+
+    # Started again on its data dir: the same class, a fresh code, nothing more to fund.
+    proc, out = await start_demo(*args, *demo_args(jupyter_env, tmp_path, fake_provider))
+    try:
+        again, new_code, keys_again = class_lines(out)
+        assert (again, keys_again) == (cohort_id, keys)
+        assert new_code != code
+        assert "(0 SOL moved now in 0 transaction(s))" in out, out
+    finally:
+        _, err = await stop_demo(proc, signal.SIGINT)
+    assert proc.returncode == 0, err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jupyterlab") is None, reason="needs JupyterLab")
+async def test_demo_cohort_gives_the_first_student_a_lab_of_their_own(
+    jupyter_env: Path, tmp_path: Path, fake_provider: list[str]
+) -> None:
+    proc, out = await start_demo(
+        "--cohort", "--cohort-students", "2", "--Demo.payments=free",
+        *demo_args(jupyter_env, tmp_path, fake_provider), *lab_args(tmp_path),
+    )  # fmt: skip
+    children = descendants(proc.pid)
+    async with shown_on_failure(proc):
+        cohort_id, _, keys = class_lines(out)
+        [student_lab] = re.findall(r"jupyterlab \(student 1\): (http://\S+/lab\?token=\S+)", out)
+        assert "student 2): http" not in out  # one student Lab by default
+        # That Lab leases with student 1's key: it sees the class as a student, quota and all.
+        cohorts_url = student_lab.replace("/lab?", "/jupyter-io/cohorts?")
+        body = json.loads(await asyncio.to_thread(http_get, cohorts_url))
+        [cohort] = body["cohorts"]
+        assert (cohort["id"], cohort["role"]) == (cohort_id, "student")
+        assert cohort["me"]["student"] == str(load_keypair(keys[0]).pubkey())
+        wallet = json.loads(
+            await asyncio.to_thread(http_get, student_lab.replace("/lab?", "/jupyter-io/wallet?"))
+        )
+        assert wallet["keypair_path"] == str(keys[0])
+        assert "free coordinator" in out
+    _, err = await stop_demo(proc, signal.SIGINT)
+    assert proc.returncode == 0, err
+    assert not await wait_gone(children, timeout=0)
+    assert "jupyterlab (student 1): stopping" in err

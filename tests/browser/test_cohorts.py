@@ -1,0 +1,212 @@
+"""Classes in JupyterLab, in Chromium: an instructor's Lab and a student's Lab (two keys, one
+coordinator). The student joins with the code in the GPU picker and sees the class's GPUs
+with the week's quota; the instructor's dashboard lists the student and follows the class
+without a reload. Screenshots for the README: see conftest.py."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import secrets
+import time
+import urllib.request
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from solders.keypair import Keypair
+
+from jupyter_io.identity import load_keypair, write_keypair
+from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
+
+from .conftest import PICKER_TAB
+from .lab_stack import START_TIMEOUT, Lab
+from .lab_stack import Stack as Backend
+
+pytest.importorskip("playwright.sync_api")
+
+T = TypeVar("T")
+CLASS = "Browser class"
+QUOTA_HOURS = 10
+
+
+def run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine on a loop of its own, in a thread (Playwright's sync API may run an
+    event loop in this one)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, factory()).result(timeout=60)
+
+
+def as_user(coordinator_url: str, keypair: Keypair, call: str, *args: Any, **kwargs: Any) -> Any:
+    """``CohortClient(coordinator_url, keypair).call(*args, **kwargs)``, signed by ``keypair``."""
+    from jupyter_io.cohort_client import CohortClient
+
+    async def ask() -> Any:
+        async with CohortClient(coordinator_url, keypair, timeout=20) as client:
+            return await getattr(client, call)(*args, **kwargs)
+
+    return run_async(ask)
+
+
+@dataclass
+class Classroom:
+    backend: Backend
+    instructor_lab: Lab
+    student_lab: Lab
+    instructor: Keypair
+    student: Keypair
+    cohort_id: str
+    code: str
+
+    @property
+    def url(self) -> str:
+        return self.backend.coordinator_url
+
+
+@pytest.fixture(scope="module")
+def classroom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Classroom]:
+    root = tmp_path_factory.mktemp("classroom")
+    backend = Backend(root)
+    try:
+        backend.start_backend(user_funds=5 * LAMPORTS_PER_SOL, min_deposit_seconds=1)
+        assert backend.user_keypair is not None
+        instructor = load_keypair(backend.user_keypair)
+        student = Keypair()
+        student_key = write_keypair(student, root / "student.json")
+        cohort = as_user(
+            backend.coordinator_url,
+            instructor,
+            "create",
+            name=CLASS,
+            gpu_types=["rtx4090"],
+            max_price_lamports_per_hour=LAMPORTS_PER_SOL,
+            quota_gpu_seconds_per_week=QUOTA_HOURS * 3600,
+            term_ends_at=time.time() + 30 * 24 * 3600,
+        )
+        code = as_user(backend.coordinator_url, instructor, "create_code", cohort.id)
+        yield Classroom(
+            backend,
+            backend.start_lab("instructor"),
+            backend.start_lab("student", keypair=student_key),
+            instructor,
+            student,
+            cohort.id,
+            code.code,
+        )
+    finally:
+        backend.close()
+
+
+def open_lab(browser: Any, lab: Lab) -> Any:
+    """A fresh page with ``lab`` loaded in a workspace of its own."""
+    context = browser.new_context(viewport={"width": 1400, "height": 860})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(
+        f"{lab.url}/lab/workspaces/test-{secrets.token_hex(4)}?reset&token={lab.token}",
+        timeout=START_TIMEOUT * 1000,
+    )
+    page.wait_for_selector("#jp-main-dock-panel", timeout=START_TIMEOUT * 1000)
+    return page
+
+
+def fetch_text(lab: Lab, path: str) -> tuple[str, str]:
+    """``path`` on ``lab``'s server: (Content-Type, body)."""
+    request = urllib.request.Request(
+        f"{lab.url}{path}", headers={"Authorization": f"token {lab.token}"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.headers.get("Content-Type", ""), response.read().decode()
+
+
+def test_a_student_joins_with_the_code_and_sees_the_class_gpus_with_the_quota_left(
+    browser: Any, classroom: Classroom, screenshots: Path
+) -> None:
+    page = open_lab(browser, classroom.student_lab)
+    try:
+        page.locator(PICKER_TAB).click()
+        picker = page.locator("#jupyter-io-picker")
+        picker.locator(".jio-Cohorts-join").click()
+        dialog = page.locator(".jp-Dialog")
+        # The code as an instructor would read it out: lower case, dashes between groups.
+        code = classroom.code.lower()
+        dialog.locator("input").fill(f"{code[:4]}-{code[4:]}")
+        dialog.locator(".jp-mod-accept").click()
+        toast = page.locator(".Toastify__toast", has_text=f"Joined {CLASS}").first
+        toast.wait_for()
+        assert f"Joined {CLASS}: {QUOTA_HOURS} of {QUOTA_HOURS} GPU-h left" in toast.inner_text()
+
+        card = picker.locator(f'.jio-Cohort[data-cohort="{classroom.cohort_id}"]')
+        quota = card.locator(".jio-Cohort-quota")
+        quota.wait_for()
+        assert quota.inner_text() == f"{CLASS}: {QUOTA_HOURS} of {QUOTA_HOURS} GPU-h left this week"
+        assert card.get_attribute("data-role") == "student"
+        row = card.locator('.jio-CohortGpu[data-gpu="rtx4090"]')
+        assert row.locator(".jio-CohortGpu-name").inner_text() == "RTX 4090 (simulated)"
+        assert row.locator(".jio-CohortGpu-free").inner_text() == "1/1 free"
+        assert row.locator(".jio-CohortGpu-notebook").is_enabled()
+        kernel_name = row.get_attribute("data-kernel-name")
+        assert kernel_name and kernel_name.startswith("jupyter-io-cohort-")
+        page.wait_for_timeout(500)  # the success toast settles
+        page.screenshot(path=str(screenshots / "cohort-picker.png"))
+    finally:
+        page.context.close()
+
+    # The section's buttons start that kernelspec: it leases for the class.
+    specs = classroom.student_lab.api("GET", "/api/kernelspecs")["kernelspecs"]
+    config = specs[kernel_name]["spec"]["metadata"]["kernel_provisioner"]["config"]
+    assert config["cohort"] == classroom.cohort_id and config["gpu"] == "rtx4090"
+    assert config["keypair_path"].endswith("student.json")
+    # The instructor's Lab has no such kernelspec: it teaches the class, it does not study.
+    specs = classroom.instructor_lab.api("GET", "/api/kernelspecs")["kernelspecs"]
+    assert not [name for name in specs if name.startswith("jupyter-io-cohort-")]
+
+
+def test_the_instructor_dashboard_lists_the_student_and_follows_the_class(
+    browser: Any, classroom: Classroom, screenshots: Path
+) -> None:
+    student = str(classroom.student.pubkey())
+    if not [
+        c for c in classroom.student_lab.api("GET", "/jupyter-io/cohorts")["cohorts"]
+        if c["id"] == classroom.cohort_id
+    ]:  # fmt: skip
+        as_user(classroom.url, classroom.student, "join", classroom.code)  # run alone
+    page = open_lab(browser, classroom.instructor_lab)
+    try:
+        page.locator(PICKER_TAB).click()
+        card = page.locator(f'#jupyter-io-picker .jio-Cohort[data-cohort="{classroom.cohort_id}"]')
+        card.wait_for()
+        assert card.get_attribute("data-role") == "instructor"
+        card.locator(".jio-Cohort-dashboard").click()
+
+        dashboard = page.locator(f"#jupyter-io-dashboard-{classroom.cohort_id}")
+        row = dashboard.locator(f'.jio-Dashboard-row[data-student="{student}"]')
+        row.wait_for()
+        assert row.locator(".jio-Dashboard-hours").inner_text() == "0"
+        assert row.locator(".jio-Dashboard-cost").inner_text() == "0 SOL"
+        assert row.locator(".jio-Dashboard-live").inner_text() == "0"
+        assert row.locator(".jio-Dashboard-left").inner_text() == str(QUOTA_HOURS)
+        assert dashboard.locator(".jio-Dashboard-title").inner_text().startswith(CLASS)
+
+        # A second student joins from a terminal: the open dashboard shows them within 10 s.
+        late = Keypair()
+        as_user(classroom.url, late, "join", classroom.code)
+        seen = time.monotonic()
+        dashboard.locator(f'.jio-Dashboard-row[data-student="{late.pubkey()}"]').wait_for(
+            timeout=10_000
+        )
+        print(f"a join reached the open dashboard in {time.monotonic() - seen:.1f} s")
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(screenshots / "cohort-dashboard.png"))
+    finally:
+        page.context.close()
+
+    kind, text = fetch_text(
+        classroom.instructor_lab, f"/jupyter-io/cohorts/{classroom.cohort_id}/dashboard?format=csv"
+    )
+    assert kind.startswith("text/csv")
+    lines = text.splitlines()
+    assert lines[0].startswith("student,gpu_hours_week,")
+    assert {line.split(",")[0] for line in lines[1:]} == {student, str(late.pubkey())}
