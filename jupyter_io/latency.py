@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .gpu_names import normalise_gpu_name
 from .ping import PING_MAX_REPLY, build_ping_request, parse_ping_reply, ping_target
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "Measurement",
     "PingFailed",
     "RoundTripWatch",
+    "annotate_offers",
     "latencies",
     "ping",
     "shared_prober",
@@ -56,6 +58,9 @@ DEFAULT_PROBES = 8
 DEFAULT_TTL = 300.0
 #: Seconds an unreachable verdict is reused (shorter: a provider may come back).
 DEFAULT_UNREACHABLE_TTL = 60.0
+#: Pings sent at once to each endpoint; the fastest answer counts (a busy machine only ever
+#: adds to a round trip, so the least of a few is the closest to the network's).
+DEFAULT_SAMPLES = 2
 
 
 class PingFailed(OSError):
@@ -190,6 +195,7 @@ class LatencyProber:
         unreachable_ttl: float = DEFAULT_UNREACHABLE_TTL,
         timeout: float = DEFAULT_PROBE_TIMEOUT,
         probes: int = DEFAULT_PROBES,
+        samples: int = DEFAULT_SAMPLES,
         max_entries: int = 4096,
         ssl_context: ssl.SSLContext | None = None,
         monotonic: Callable[[], float] = time.monotonic,
@@ -198,6 +204,7 @@ class LatencyProber:
         self.unreachable_ttl = unreachable_ttl
         self.timeout = timeout
         self.probes = probes
+        self.samples = max(1, samples)
         self.max_entries = max_entries
         self.ssl_context = ssl_context
         self.monotonic = monotonic
@@ -257,27 +264,30 @@ class LatencyProber:
         if not wanted:
             return found
         tasks = {
-            url: asyncio.ensure_future(ping(url, timeout=deadline, ssl_context=self.ssl_context))
+            url: [
+                asyncio.ensure_future(ping(url, timeout=deadline, ssl_context=self.ssl_context))
+                for _ in range(self.samples)
+            ]
             for url in wanted
         }
-        self.pings_sent += len(tasks)
-        await asyncio.wait(tasks.values(), timeout=deadline)
+        self.pings_sent += len(tasks) * self.samples
+        await asyncio.wait([t for group in tasks.values() for t in group], timeout=deadline)
         now = time.time()
-        for url, task in tasks.items():
-            rtt: float | None = None
+        late = f"no answer within {deadline * 1000:.0f} ms"
+        for url, group in tasks.items():
+            answers = []
             error: str | None = None
-            if not task.done():
-                task.cancel()
-                error = f"no answer within {deadline * 1000:.0f} ms"
-            elif task.cancelled() or task.exception() is not None:
-                exc = None if task.cancelled() else task.exception()
-                error = (
-                    f"no answer within {deadline * 1000:.0f} ms"
-                    if isinstance(exc, asyncio.TimeoutError) or exc is None
-                    else str(exc) or type(exc).__name__
-                )
-            else:
-                rtt = task.result()
+            for task in group:
+                if not task.done():
+                    task.cancel()
+                    error = error or late
+                elif task.cancelled():
+                    error = error or late
+                elif (exc := task.exception()) is not None:
+                    error = late if isinstance(exc, asyncio.TimeoutError) else str(exc) or repr(exc)
+                else:
+                    answers.append(task.result())
+            rtt = min(answers) if answers else None
             for candidate in wanted[url]:
                 found[candidate.provider] = self._remember(_measurement(candidate, rtt, error, now))
         return found
@@ -311,6 +321,70 @@ def _measurement(
             error="the relay's hop to this provider is not measured yet",
         )
     return Measurement(candidate.provider, rtt + hop, True, now, relay_ms=rtt, hop_ms=hop)
+
+
+def annotate_offers(
+    types: Iterable[Mapping[str, Any]],
+    providers: Iterable[Mapping[str, Any]],
+    lookup: Callable[[str], Measurement | None],
+    *,
+    probing: Iterable[str] = (),
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The offers' ``types`` and ``providers`` rows (``GET /api/v1/offers``) with what was
+    measured from here (``lookup(provider)``; None: not measured).
+
+    Per provider: ``latency_ms``, ``latency_via_relay``, ``latency_unreachable``. Per type:
+    ``latency_ms`` (its best measured round trip), ``latency_via_relay`` (of that one) and
+    ``latency_state``: ``measured``, ``unreachable`` (every provider probed failed to answer
+    in time) or ``pending`` (none measured yet, or some of the types in ``probing``, GPU type
+    keys, are being measured now).
+    """
+    busy = set(probing)
+    best: dict[str, Measurement] = {}
+    probed: set[str] = set()
+    rows = []
+    for row in providers:
+        provider = str(row.get("provider") or "")
+        gpu = normalise_gpu_name(str(row.get("gpu") or ""))
+        found = lookup(provider) if provider else None
+        if found is not None:
+            probed.add(gpu)
+            held = best.get(gpu)
+            if found.latency_ms is not None and (
+                held is None or held.latency_ms is None or found.latency_ms < held.latency_ms
+            ):
+                best[gpu] = found
+        rows.append(
+            {
+                **row,
+                "latency_ms": _ms(found.latency_ms) if found is not None else None,
+                "latency_via_relay": found.via_relay if found is not None else None,
+                "latency_unreachable": found.unreachable if found is not None else None,
+            }
+        )
+    out = []
+    for row in types:
+        gpu = str(row.get("gpu") or "")
+        top = best.get(gpu)
+        if top is not None:
+            state = "measured"
+        elif gpu in probed and gpu not in busy:
+            state = "unreachable"
+        else:
+            state = "pending"
+        out.append(
+            {
+                **row,
+                "latency_ms": None if top is None else _ms(top.latency_ms),
+                "latency_via_relay": None if top is None else top.via_relay,
+                "latency_state": state,
+            }
+        )
+    return out, rows
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 _SHARED: LatencyProber | None = None

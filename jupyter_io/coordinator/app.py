@@ -25,6 +25,7 @@ from .. import __version__
 from ..app import IOCommand
 from ..coordinator_client import CoordinatorClient
 from ..errors import ConfigError
+from ..latency import Candidate, LatencyProber, annotate_offers
 from ..options import flag_names
 from .config import DEFAULT_PORT, CoordinatorConfig
 from .offers import format_offers_table
@@ -88,7 +89,9 @@ class OffersApp(IOCommand):
     name = "jupyter io offers"
     description = (
         "Show the GPUs on offer at a coordinator, by type: available, price min/median in "
-        "SOL per GPU-hour, regions, reliability, benchmark; simulated GPUs are marked."
+        "SOL per GPU-hour, regions, reliability, benchmark, and the best round trip measured "
+        "from this machine (pinging each provider, or the relay plus its hop: 'via relay'); "
+        "simulated GPUs are marked."
     )
     examples = """jupyter io offers
 jupyter io offers --coordinator https://coord.example:8700 --json"""
@@ -98,14 +101,20 @@ jupyter io offers --coordinator https://coord.example:8700 --json"""
     ).tag(config=True)
     json_output = Bool(False, help="Print the offers as JSON (for scripts).").tag(config=True)
     timeout = Float(15.0, help="Seconds to wait for the coordinator's answer.").tag(config=True)
+    probe = Bool(True, help="Measure the round trip to the providers on offer.").tag(config=True)
+    probe_timeout = Float(
+        1.0, help="Seconds all latency probes may take together (no answer: unreachable)."
+    ).tag(config=True)
 
     aliases = {
         "coordinator": "OffersApp.coordinator",
         "coordinator-url": "OffersApp.coordinator",
         "timeout": "OffersApp.timeout",
+        "probe-timeout": "OffersApp.probe_timeout",
     }
     flags = {
         "json": ({"OffersApp": {"json_output": True}}, "Print the offers as JSON."),
+        "no-probe": ({"OffersApp": {"probe": False}}, "Do not measure round trips."),
         "debug": base_flags["debug"],
     }
 
@@ -118,4 +127,12 @@ jupyter io offers --coordinator https://coord.example:8700 --json"""
 
     async def _fetch(self) -> dict[str, Any]:
         async with CoordinatorClient(self.coordinator, timeout=self.timeout) as client:
-            return await client.offers()
+            body = await client.offers()
+        if not self.probe:
+            return body
+        prober = LatencyProber(timeout=self.probe_timeout)
+        rows = [r for r in body.get("providers") or [] if isinstance(r, dict)]
+        wanted = [Candidate.from_json(r) for r in rows if r.get("free")]
+        measured = await prober.measure(wanted, probes=len(wanted))
+        types, providers = annotate_offers(body.get("types") or [], rows, measured.get)
+        return {**body, "types": types, "providers": providers}

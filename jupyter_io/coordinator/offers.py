@@ -107,16 +107,30 @@ def _sol(lamports: int | None) -> str:
     return "-" if lamports is None else format_sol(lamports).removesuffix(" SOL")
 
 
+def _latency(row: dict[str, Any]) -> str:
+    ms = row.get("latency_ms")
+    if isinstance(ms, (int, float)):
+        return f"{ms:.0f} ms" + (" via relay" if row.get("latency_via_relay") else "")
+    return "unreachable" if row.get("latency_state") == "unreachable" else "not measured"
+
+
 def format_offers_table(body: dict[str, Any]) -> str:
     """A table of ``body["types"]`` for a terminal: one row per GPU type, prices in SOL per
-    GPU-hour, ``(simulated)`` after simulated types. Says so when nothing is on offer."""
+    GPU-hour, ``(simulated)`` after simulated types, and the best round trip measured from
+    here when the body carries one (:func:`jupyter_io.latency.annotate_offers`). Says so when
+    nothing is on offer."""
     types = body.get("types") or []
     if not types:
         return (
             "No GPUs on offer right now: no provider is linked to this coordinator "
             "(start one with `jupyter io provider --coordinator URL`)."
         )
-    header = ("GPU", "AVAILABLE", "MIN SOL/h", "MEDIAN SOL/h", "REGIONS", "RELIABILITY", "TFLOPS")
+    header: tuple[str, ...] = (
+        "GPU", "AVAILABLE", "MIN SOL/h", "MEDIAN SOL/h", "REGIONS", "RELIABILITY", "TFLOPS"
+    )  # fmt: skip
+    measured = any("latency_state" in row for row in types)
+    if measured:
+        header += ("LATENCY",)
     rows = [header]
     for row in types:
         name = row["display"] + (" (simulated)" if row.get("simulated") else "")
@@ -131,6 +145,7 @@ def format_offers_table(body: dict[str, Any]) -> str:
                 f"{row['reliability']:.2f}",
                 "-" if tflops is None else f"{tflops:.1f}",
             )
+            + ((_latency(row),) if measured else ())
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     right = {1, 2, 3, 5, 6}

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..gpu_names import normalise_gpu_name
-from ..latency import Candidate, LatencyProber, Measurement
+from ..latency import Candidate, LatencyProber, annotate_offers
 
 __all__ = ["LatencyBoard"]
 
@@ -52,60 +52,26 @@ class LatencyBoard:
     def annotate(
         self, types: list[dict[str, Any]], providers: list[dict[str, Any]]
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """``types`` and ``providers`` with the latency fields; starts measuring what is not
+        """``types`` and ``providers`` with the latency fields
+        (:func:`~jupyter_io.latency.annotate_offers`); starts measuring what is not
         measured yet (at most one round at a time)."""
-        rows = []
-        best: dict[str, Measurement] = {}
-        probed: dict[str, int] = {}
         wanted: list[Candidate] = []
         per_type: dict[str, int] = {}
         for row in providers:
             provider = str(row.get("provider") or "")
             gpu = normalise_gpu_name(str(row.get("gpu") or ""))
-            found = self.prober.cached(provider) if provider else None
-            if found is None:
-                if (
-                    row.get("free")
-                    and per_type.get(gpu, 0) < self.per_type
-                    and len(wanted) < self.limit
-                ):
-                    per_type[gpu] = per_type.get(gpu, 0) + 1
-                    wanted.append(Candidate.from_json(row))
-            else:
-                probed[gpu] = probed.get(gpu, 0) + 1
-                ms = found.latency_ms
-                if ms is not None:
-                    held = best.get(gpu)
-                    if held is None or held.latency_ms is None or ms < held.latency_ms:
-                        best[gpu] = found
-            rows.append(
-                {
-                    **row,
-                    "latency_ms": None
-                    if found is None or found.latency_ms is None
-                    else round(found.latency_ms, 1),
-                    "latency_via_relay": found.via_relay if found is not None else None,
-                    "latency_unreachable": found.unreachable if found is not None else None,
-                }
-            )
-        out = []
-        for row in types:
-            gpu = str(row.get("gpu") or "")
-            top = best.get(gpu)
-            state = "measured" if top else ("unreachable" if probed.get(gpu) else "pending")
-            if state == "unreachable" and per_type.get(gpu):
-                state = "pending"  # others of the type are being measured now
-            out.append(
-                {
-                    **row,
-                    "latency_ms": None if top is None else round(top.latency_ms or 0.0, 1),
-                    "latency_via_relay": None if top is None else top.via_relay,
-                    "latency_state": state,
-                }
-            )
+            if (
+                provider
+                and row.get("free")
+                and self.prober.cached(provider) is None
+                and per_type.get(gpu, 0) < self.per_type
+                and len(wanted) < self.limit
+            ):
+                per_type[gpu] = per_type.get(gpu, 0) + 1
+                wanted.append(Candidate.from_json(row))
         if wanted:
             self._measure(wanted)
-        return out, rows
+        return annotate_offers(types, providers, self.prober.cached, probing=per_type)
 
     def _measure(self, wanted: list[Candidate]) -> None:
         if self._task is not None and not self._task.done():

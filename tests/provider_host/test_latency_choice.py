@@ -11,6 +11,10 @@ never answers costs the measurement no more than its deadline and is never taken
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -149,3 +153,28 @@ async def test_a_dead_provider_costs_the_measurement_only_its_deadline(
         grant = await user.request_lease("RTX 4090", max_latency_ms=50, latency_ms=figures)
         assert grant.provider == market.near_key
         await dead.close()
+
+
+async def _cli(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from jupyter_io.app import main; main()", "offers", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_jupyter_io_offers_shows_the_round_trip_from_this_machine(
+    coordinator: CoordinatorServer, market: Market
+) -> None:
+    body = json.loads(await _cli("--coordinator", coordinator.url, "--json"))
+    rtx = next(t for t in body["types"] if t["gpu"] == "rtx4090")
+    assert rtx["latency_state"] == "measured" and rtx["latency_via_relay"] is False
+    assert NEAR_MS <= rtx["latency_ms"] <= NEAR_MS + SLACK_MS  # the best of the type
+    rows = {p["provider"]: p for p in body["providers"]}
+    assert FAR_MS <= rows[market.far_key]["latency_ms"] <= FAR_MS + SLACK_MS
+    table = await _cli("--coordinator", coordinator.url)
+    header, line = table.splitlines()[:2]
+    assert header.split()[-1] == "LATENCY" and re.search(r"\b1\d ms$", line), table
+    assert "LATENCY" not in await _cli("--coordinator", coordinator.url, "--no-probe")
