@@ -499,7 +499,9 @@ class CohortService:
         # The type whose cheapest free GPU under the cap is cheapest.
         best: tuple[int, str] | None = None
         for name in names:
-            found = self.index.candidates(_with(request, gpu=name, cap=cap), limit=1)
+            # The cohort's own reservation holds count as free for it (cohort=).
+            wanted = _with(request, gpu=name, cap=cap)
+            found = self.index.candidates(wanted, limit=1, cohort=cohort.id)
             if found and (best is None or found[0].price_lamports_per_hour < best[0]):
                 best = (found[0].price_lamports_per_hour, name)
         if best is not None:

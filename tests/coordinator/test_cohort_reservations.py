@@ -152,3 +152,31 @@ async def test_a_reserved_gpu_is_the_class_s_during_its_window(
     finally:
         for client in (instructor, student, stranger):
             client.close()
+
+
+async def test_a_class_without_a_type_named_gets_its_own_reserved_gpu(
+    start_coordinator: Starter, providers: list[FakeProvider]
+) -> None:
+    server = await start_coordinator()
+    offers = [gpu_offer("Tesla T4", price=1000), gpu_offer("A100", price=9000, first_index=1)]
+    provider = FakeProvider(server.url, offers)
+    providers.append(provider)
+    await provider.connect()
+    assert server.registry is not None
+    await server.registry.wait_for(lambda: len(server.index) == 2, WAIT)
+    instructor = CohortClient(server.url, Keypair(), timeout=WAIT)
+    student = CoordinatorClient(server.url, Keypair(), timeout=WAIT)
+    try:
+        now = time.time()
+        view = await instructor.create(
+            name="lab", gpu_types=["T4", "A100"], max_price_lamports_per_hour=10**7,
+            term_ends_at=now + 86400,
+        )  # fmt: skip
+        await instructor.add_students(view.id, [str(student.keypair.pubkey())])  # type: ignore[union-attr]
+        body = {"gpu": "T4", "count": 1, "starts_at": now - 60, "ends_at": now + 3600}
+        await instructor._call("POST", f"/api/v1/cohorts/{view.id}/reservations", body, sign=True)
+        # The cheapest covered type is the class's reserved T4, free for the class itself.
+        assert (await student.request_lease(cohort=view.id)).gpu == "Tesla T4"
+    finally:
+        instructor.close()
+        student.close()
