@@ -67,6 +67,7 @@ from .store import CodeRecord, CohortRecord, LeaseRecord, Store
 from .store.cohorts import gpu_seconds, lease_cost
 
 __all__ = [
+    "QUOTA_WARNING_SECONDS",
     "CohortEnded",
     "CohortError",
     "CohortNotFound",
@@ -78,6 +79,9 @@ __all__ = [
     "QuotaWatch",
     "TooManyKernels",
 ]
+
+#: Seconds before the quota runs out that a lease's JSON warns of it.
+QUOTA_WARNING_SECONDS = 60.0
 
 
 class CohortError(JupyterIOError):
@@ -619,9 +623,12 @@ class QuotaWatch:
         self._timers = LeaseTimers(self._check, what="cohort quota check", log=service.log)
         #: Leases this watch ended (tests, status).
         self.ended = 0
+        #: When each watched lease's student runs out of quota at the current rate (Unix).
+        self._runs_out: dict[str, float] = {}
 
     async def start(self) -> None:
         self.service.registry.activation_listeners.append(self.watch)
+        self.service.leases.notices.append(self.notice)
         for lease in await self.service.store.live_leases():
             if lease.cohort_id is not None and lease.state is LeaseState.ACTIVE:
                 self.watch(lease)
@@ -629,10 +636,38 @@ class QuotaWatch:
     async def stop(self) -> None:
         with contextlib.suppress(ValueError):
             self.service.registry.activation_listeners.remove(self.watch)
+        with contextlib.suppress(ValueError):
+            self.service.leases.notices.remove(self.notice)
         await self._timers.stop()
 
     def forget(self, lease_id: str) -> None:
         self._timers.cancel(lease_id)
+        self._runs_out.pop(lease_id, None)
+
+    def runs_out(self, lease_id: str) -> float | None:
+        """When the quota of ``lease_id``'s student runs out at the rate measured last (Unix
+        seconds), or None (not watched, or not within this week)."""
+        return self._runs_out.get(lease_id)
+
+    def notice(self, lease: LeaseRecord) -> dict[str, Any]:
+        """The lease JSON's quota fields (:attr:`LeaseService.notices`): ``ends_at`` when the
+        quota runs out at the current rate and, within :data:`QUOTA_WARNING_SECONDS` of
+        it, a ``quota`` warning."""
+        due = self._runs_out.get(lease.id) if lease.live else None
+        if due is None:
+            return {}
+        warnings = []
+        left = due - self.service.clock()
+        if left <= QUOTA_WARNING_SECONDS:
+            warnings.append(
+                {
+                    "kind": "quota",
+                    "at": due,
+                    "message": f"your week's GPU quota of the class runs out in "
+                    f"{max(0, math.ceil(left))} s: the session ends then",
+                }
+            )
+        return {"warnings": warnings, "ends_at": due}
 
     def watch(self, lease: LeaseRecord) -> None:
         """(Re)arm ``lease``'s check: at once (the check measures and arms the real due
@@ -646,6 +681,7 @@ class QuotaWatch:
         store = service.store
         lease = await store.get_lease(lease_id)
         if lease is None or lease.cohort_id is None or lease.state is not LeaseState.ACTIVE:
+            self._runs_out.pop(lease_id, None)
             return
         cohort = await store.get_cohort(lease.cohort_id)
         if cohort is None:
@@ -660,6 +696,10 @@ class QuotaWatch:
             rate = sum(len(other.gpu_indices) for other in mine if other.state is LeaseState.ACTIVE)
             # At most until the week ends: usage is measured afresh then.
             due = min(left / max(1, rate), (next_week_start(now) - now).total_seconds())
+            if due < (next_week_start(now) - now).total_seconds():
+                self._runs_out[lease_id] = now.timestamp() + due
+            else:
+                self._runs_out.pop(lease_id, None)
             self._timers.arm(lease_id, due)
             return
         live = await store.cohort_live_leases(cohort.id, student=student)

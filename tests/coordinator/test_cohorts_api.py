@@ -316,3 +316,33 @@ async def test_the_price_cap_is_the_cohorts(
     finally:
         teacher.close()
         student.close()
+
+
+async def test_a_lease_warns_a_minute_before_the_quota_runs_out(
+    start_coordinator: Starter, providers: list[FakeProvider]
+) -> None:
+    server = await start_coordinator()
+    provider = await linked(server, providers)
+    assert server.cohorts is not None and server.registry is not None
+    teacher, student = Caller(server), Caller(server)
+    try:
+        status, cohort = await teacher(
+            "POST", "/api/v1/cohorts", create_body(quota_gpu_seconds_per_week=100)
+        )
+        cid = cohort["id"]
+        await teacher("POST", f"/api/v1/cohorts/{cid}/roster", {"students": [student.pubkey]})
+        status, grant = await student("POST", "/api/v1/leases", {"cohort": cid, "gpus": 2})
+        status, lease = await student("GET", f"/api/v1/leases/{grant['lease']}")
+        assert not lease.get("warnings")  # not running yet: nothing to warn of
+        await provider.session(grant["lease"], "active")
+        quota = server.cohorts.quota
+        await server.registry.wait_for(lambda: quota.runs_out(grant["lease"]) is not None, WAIT)
+        status, lease = await student("GET", f"/api/v1/leases/{grant['lease']}")
+        assert status == 200
+        # 100 GPU-seconds on 2 GPUs: 50 s from activation, within the minute's warning.
+        assert lease["ends_at"] == pytest.approx(lease["active_at"] + 50, abs=2)
+        (warning,) = [w for w in lease["warnings"] if w["kind"] == "quota"]
+        assert warning["at"] == lease["ends_at"] and "quota" in warning["message"]
+    finally:
+        teacher.close()
+        student.close()
