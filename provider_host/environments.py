@@ -52,7 +52,7 @@ import sys
 import sysconfig
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,8 @@ class EnvironmentCache:
     ) -> None:
         """``root``: where environments live (created 0700); ``sandbox``: the host's (None:
         builds run as the host's user, only with ``isolation = "none"``); ``keep``: most
-        environments kept; ``max_bytes``: largest environment (0: no cap); ``env_keep``:
+        environments kept; ``max_bytes``: largest environment and largest file in it (0: no
+        cap); ``limits``: the build's other rlimits (the kernels'); ``env_keep``:
         host variables the build inherits besides PATH and the locale (a proxy, say)."""
         self.root = Path(root).expanduser()
         self.sandbox = sandbox
@@ -159,7 +160,8 @@ class EnvironmentCache:
         self.keep = max(1, keep)
         self.build_timeout = build_timeout
         self.max_bytes = max_bytes
-        self.limits = limits or ResourceLimits()
+        # A course's files are no workspace's: the largest one is bounded by max_bytes alone.
+        self.limits = replace(limits or ResourceLimits(), file_size=max(0, max_bytes))
         self.host_env = dict(os.environ if host_env is None else host_env)
         self.env_keep = set(env_keep)
         self.log = log or logging.getLogger("provider_host")
