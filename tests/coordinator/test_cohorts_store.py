@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
+import sqlalchemy as sa
+from alembic import command
 from solders.pubkey import Pubkey
 
 from jupyter_io.cohorts import CohortSettings, new_cohort_id, new_join_code
@@ -20,6 +22,10 @@ from jupyter_io.coordinator.store import (
     OfferSpec,
     ProviderProfile,
     Store,
+    alembic_config,
+    make_engine,
+    migration_transaction,
+    upgrade_database,
 )
 from jupyter_io.coordinator.store.cohorts import environment_sha256, gpu_seconds, lease_cost
 
@@ -207,3 +213,67 @@ async def test_reservations_are_stored_for_the_scheduler(store: Store) -> None:
         await store.add_reservation(cohort.id, gpu="T4", count=1, starts_at=at(5), ends_at=at(5))
     assert await store.delete_reservation(cohort.id, lab.id)
     assert not await store.delete_reservation(cohort.id, lab.id)
+
+
+async def test_migration_0006_up_keeps_leases_and_down_removes_the_cohort_tables(
+    store_url: str,
+) -> None:
+    await upgrade_database(store_url, "0005")
+    provider = new_key()
+    engine = make_engine(store_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO providers (pubkey, display_name, region, status, first_seen, "
+                    "last_heartbeat, link_generation) VALUES (:p, 'rig', 'eu', 'online', :t, :t, 0)"
+                ),
+                {"p": provider, "t": T0.replace(tzinfo=None)},
+            )
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO leases (id, user_pubkey, provider_pubkey, gpu_model, gpu_indices,"
+                    " price_lamports_per_hour, state, requested_at, relay) VALUES ('old', :u, :p,"
+                    " 'T4', '[0]', 5, 'requested', :t, false)"
+                ),
+                {"u": new_key(), "p": provider, "t": T0.replace(tzinfo=None)},
+            )
+    finally:
+        await engine.dispose()
+
+    store = await Store.open(store_url)  # 0005 -> head
+    try:
+        old = await store.get_lease("old")
+        assert old is not None and old.cohort_id is None
+        cohort = await store.create_cohort(
+            instructor=new_key(), settings=settings(), cohort_id=new_cohort_id(), at=T0
+        )
+        assert await store.get_cohort(cohort.id) is not None
+    finally:
+        await store.close()
+
+    await downgrade_database(store_url, "0005")
+    engine = make_engine(store_url)
+    try:
+        async with engine.connect() as conn:
+            tables, columns = await conn.run_sync(
+                lambda sync: (
+                    set(sa.inspect(sync).get_table_names()),
+                    {c["name"] for c in sa.inspect(sync).get_columns("leases")},
+                )
+            )
+            kept = (await conn.execute(sa.text("SELECT id FROM leases"))).scalars().all()
+    finally:
+        await engine.dispose()
+    assert not {"cohorts", "cohort_members", "cohort_codes", "cohort_instructors",
+                "cohort_reservations"} & tables  # fmt: skip
+    assert "cohort_id" not in columns and list(kept) == ["old"]
+
+
+async def downgrade_database(url: str, revision: str) -> None:
+    engine = make_engine(url)
+    try:
+        async with migration_transaction(engine) as conn:
+            await conn.run_sync(lambda sync: command.downgrade(alembic_config(sync), revision))
+    finally:
+        await engine.dispose()
