@@ -402,6 +402,140 @@ class CohortDashboardApp(CohortCommand):
         self.show(board, "\n".join(lines))
 
 
+class _PoolCommand(CohortCommand):
+    """``fund`` and ``reclaim``: transactions on the cohort's ledger that only your key (the
+    cohort's creator: the allowances are yours) signs (``docs/payments-contract.md`` 6)."""
+
+    async def _allowances(
+        self, client: CohortClient, cohort: str, students: list[str] | None
+    ) -> tuple[Any, list[Any], Any, Any]:
+        """The ledger client, the allowance terms of ``students`` (every current student's
+        with None), the cohort's dashboard and your keypair."""
+        from solders.pubkey import Pubkey
+
+        from .payments.cohort_pool import AllowanceTerms, CohortPoolClient
+
+        board = await client.dashboard(cohort)  # 403 unless you teach it
+        keypair = load_keypair(self.keypair_path)
+        me = keypair.pubkey()
+        if (board.get("cohort") or {}).get("instructor") != str(me):
+            raise ConfigError(
+                f"only the creator of cohort {cohort} funds or reclaims its allowances (they "
+                f"are the creator's); {me} is not"
+            )
+        payments = await client.payments()
+        if payments.payments != "escrow" or not payments.arbiter or not payments.solana_url:
+            raise ConfigError(f"the coordinator at {self.coordinator} runs free leases: no pool")
+        keys = students or [row["student"] for row in board.get("students") or []]
+        arbiter = Pubkey.from_string(payments.arbiter)
+        try:
+            terms = [AllowanceTerms(me, Pubkey.from_string(k), arbiter, cohort) for k in keys]
+        except ValueError as exc:
+            raise ConfigError(f"not a student's public key: {exc}") from None
+        return CohortPoolClient.connect(payments.solana_url), terms, board, keypair
+
+
+class CohortFundApp(_PoolCommand):
+    name = "jupyter io cohort fund"
+    description = (
+        "Create or top up every current student's allowance to the cap, delegated to the "
+        "student + the coordinator (the cohort's creator; your wallet pays)."
+    )
+    usage = "COHORT"
+    cap = Unicode("", help="SOL per student (default: the cohort's student cap).").tag(config=True)
+    aliases = {**CohortCommand.aliases, "cap": "CohortFundApp.cap"}
+
+    def run(self) -> None:
+        (cohort,) = self.arguments()
+
+        async def fund(client: CohortClient) -> list[dict[str, Any]]:
+            ledger, terms, board, keypair = await self._allowances(client, cohort, None)
+            cap = (
+                parse_sol(self.cap)
+                if self.cap
+                else (board.get("cohort") or {}).get("student_cap_lamports")
+            )
+            if not cap:
+                raise ConfigError(
+                    f"cohort {cohort} has no student cap: pass --cap SOL (what each "
+                    f"student's allowance holds and may spend)"
+                )
+            try:
+                grants = await ledger.plan_grants([(t, int(cap)) for t in terms])
+                receipts = await ledger.fund(keypair, grants)
+            finally:
+                await ledger.close()
+            sent = {g.terms.student: (g, r) for r in receipts for g in r.grants}
+            rows = []
+            for t in terms:
+                grant, receipt = sent.get(t.student, (None, None))
+                rows.append(
+                    {
+                        "student": str(t.student),
+                        "allowance": str(t.allowance),
+                        "cap_lamports": int(cap),
+                        "added_lamports": 0 if grant is None else grant.lamports,
+                        "created": grant is not None and grant.allowance_rent is not None,
+                        "signature": None if receipt is None else str(receipt.signature),
+                    }
+                )
+            return rows
+
+        rows = self.talk(fund)
+        lines = []
+        for row in rows:
+            what = (
+                "created" if row["created"] else
+                "topped up" if row["added_lamports"] else "already at the cap"
+            )  # fmt: skip
+            lines.append(
+                f"{row['student']}  {what}: +{format_sol(row['added_lamports'])}, "
+                f"{format_sol(row['cap_lamports'])} delegated  (allowance {row['allowance']})"
+            )
+        self.show({"cohort": cohort, "students": rows}, "\n".join(lines) or "no students")
+
+
+class CohortReclaimApp(_PoolCommand):
+    name = "jupyter io cohort reclaim"
+    description = (
+        "Revoke and close allowances: everything unspent comes back to your wallet (all "
+        "current students', or --student KEY's; live sessions finish, their rest comes to you)."
+    )
+    usage = "COHORT"
+    student = Unicode("", help="Only this student's allowance (also a removed student's).").tag(
+        config=True
+    )
+    aliases = {**CohortCommand.aliases, "student": "CohortReclaimApp.student"}
+
+    def run(self) -> None:
+        (cohort,) = self.arguments()
+
+        async def reclaim(client: CohortClient) -> list[dict[str, Any]]:
+            only = [self.student] if self.student else None
+            ledger, terms, _, keypair = await self._allowances(client, cohort, only)
+            try:
+                receipts = await ledger.reclaim(keypair, terms)
+            finally:
+                await ledger.close()
+            return [
+                {
+                    "students": [str(t.student) for t in r.closed],
+                    "returned_lamports": r.returned,
+                    "fee_lamports": r.fee,
+                    "signature": str(r.signature),
+                }
+                for r in receipts
+            ]
+
+        done = self.talk(reclaim)
+        returned = sum(r["returned_lamports"] for r in done)
+        closed = sum(len(r["students"]) for r in done)
+        self.show(
+            {"cohort": cohort, "transactions": done},
+            f"closed {closed} allowance(s): {format_sol(returned)} back to your wallet",
+        )
+
+
 #: ``jupyter io cohort NAME``: (the command class, one line of help).
 COHORT_SUBCOMMANDS: dict[str, tuple[type[CohortCommand], str]] = {
     "create": (CohortCreateApp, CohortCreateApp.description),
@@ -416,6 +550,8 @@ COHORT_SUBCOMMANDS: dict[str, tuple[type[CohortCommand], str]] = {
     "set": (CohortSetApp, CohortSetApp.description),
     "end": (CohortEndApp, CohortEndApp.description),
     "dashboard": (CohortDashboardApp, CohortDashboardApp.description),
+    "fund": (CohortFundApp, CohortFundApp.description),
+    "reclaim": (CohortReclaimApp, CohortReclaimApp.description),
 }
 
 
