@@ -41,10 +41,13 @@ __all__ = [
     "DEFAULT_CODE_TTL",
     "JOIN_SCHEME",
     "MAX_CODE_TTL",
+    "MAX_COHORTS_PER_INSTRUCTOR",
     "MAX_GPU_TYPES",
+    "MAX_LIVE_CODES",
     "MAX_NAME",
     "MAX_REQUIREMENTS",
     "MAX_ROSTER",
+    "MAX_STUDENTS",
     "PATCHABLE",
     "QUOTA_USED_UP",
     "REMOVED_FROM_COHORT",
@@ -97,6 +100,11 @@ MAX_REQUIREMENTS = 8 * 1024
 #: Most students one roster request may add (a body of 300 keys is about 14 KB); the CLI
 #: sends a longer roster in several requests.
 MAX_ROSTER = 300
+#: What one signed key can make the coordinator store is bounded: active cohorts per
+#: instructor, join codes still valid per cohort, students per cohort.
+MAX_COHORTS_PER_INSTRUCTOR = 50
+MAX_LIVE_CODES = 100
+MAX_STUDENTS = 5000
 #: Longest term: two years from now.
 MAX_TERM_SECONDS = 2 * 366 * 24 * 3600
 _MAX_INT = 2**63 - 1

@@ -66,6 +66,7 @@ _CODE_REFUSALS: dict[str, tuple[int, str]] = {
     "used_up": (410, "code_used_up"),
     "removed": (403, "removed"),
     "ended": (409, "cohort_ended"),
+    "full": (409, "cohort_full"),
 }
 
 

@@ -44,6 +44,9 @@ from solders.pubkey import Pubkey
 
 from ..cohorts import (
     COHORT_ENDED,
+    MAX_COHORTS_PER_INSTRUCTOR,
+    MAX_LIVE_CODES,
+    MAX_STUDENTS,
     QUOTA_USED_UP,
     REMOVED_FROM_COHORT,
     CohortSettings,
@@ -77,6 +80,7 @@ __all__ = [
     "NotMember",
     "QuotaExhausted",
     "QuotaWatch",
+    "TooMany",
     "TooManyKernels",
 ]
 
@@ -126,6 +130,12 @@ class TooManyKernels(CohortError, LeaseError):
     """The student runs as many kernels as the cohort allows (429 ``too_many_kernels``)."""
 
     status, code = 429, "too_many_kernels"
+
+
+class TooMany(CohortError):
+    """A bound on what one key can make the coordinator store (429 ``too_many``)."""
+
+    status, code = 429, "too_many"
 
 
 class QuotaExhausted(CohortError, LeaseError):
@@ -282,7 +292,13 @@ class CohortService:
     # -- instructors -------------------------------------------------------------------------
 
     async def create(self, user: Pubkey, settings: CohortSettings) -> CohortView:
-        """A new cohort with ``user`` as its instructor."""
+        """A new cohort with ``user`` as its instructor (:class:`TooMany` past
+        :data:`~jupyter_io.cohorts.MAX_COHORTS_PER_INSTRUCTOR` active ones)."""
+        if await self.store.active_cohorts_of(str(user)) >= MAX_COHORTS_PER_INSTRUCTOR:
+            raise TooMany(
+                f"you already teach {MAX_COHORTS_PER_INSTRUCTOR} active cohorts: end one "
+                f"(`jupyter io cohort end`) before creating another"
+            )
         cohort = await self.store.create_cohort(
             instructor=str(user), settings=settings, cohort_id=new_cohort_id(), at=self._now()
         )
@@ -308,6 +324,11 @@ class CohortService:
         cohort = await self.instructed(user, cohort_id)
         self._still_active(cohort)
         now = self._now()
+        if await self.store.live_code_count(cohort_id, now) >= MAX_LIVE_CODES:
+            raise TooMany(
+                f"cohort {cohort.name!r} has {MAX_LIVE_CODES} valid join codes: revoke some "
+                f"first (`jupyter io cohort revoke-code`)"
+            )
         expires = min(now + timedelta(seconds=ttl_seconds), cohort.term_ends_at)
         record = await self.store.create_code(
             cohort_id, new_join_code(), expires_at=expires, max_uses=max_uses, at=now
@@ -342,6 +363,8 @@ class CohortService:
         """A roster import: (added, already members). Students removed earlier come back."""
         cohort = await self.instructed(user, cohort_id)
         self._still_active(cohort)
+        if await self.store.member_count(cohort_id) + len(students) > MAX_STUDENTS:
+            raise TooMany(f"a cohort has at most {MAX_STUDENTS} students")
         return await self.store.add_members(cohort_id, students, at=self._now())
 
     async def remove_student(self, user: Pubkey, cohort_id: str, student: str) -> int:
@@ -416,7 +439,7 @@ class CohortService:
         """Join the cohort of ``code`` as a student (again: a no-op). Raises
         :class:`CodeRefused` (unknown, expired, revoked, used up, removed, ended)."""
         now = self._now()
-        record = await self.store.redeem_code(code, str(user), at=now)
+        record = await self.store.redeem_code(code, str(user), at=now, max_students=MAX_STUDENTS)
         cohort, joined = record
         if cohort.role_of(str(user)) is not None and joined:
             await self.store.remove_member(cohort.id, str(user), at=now)

@@ -346,3 +346,45 @@ async def test_a_lease_warns_a_minute_before_the_quota_runs_out(
     finally:
         teacher.close()
         student.close()
+
+
+async def test_what_one_key_can_store_is_bounded(
+    start_coordinator: Starter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import jupyter_io.coordinator.cohorts as service
+
+    monkeypatch.setattr(service, "MAX_COHORTS_PER_INSTRUCTOR", 2)
+    monkeypatch.setattr(service, "MAX_LIVE_CODES", 2)
+    monkeypatch.setattr(service, "MAX_STUDENTS", 2)
+    server = await start_coordinator()
+    teacher, students = Caller(server), [Caller(server) for _ in range(3)]
+    try:
+        ids = [(await teacher("POST", "/api/v1/cohorts", create_body()))[1]["id"] for _ in range(2)]
+        status, body = await teacher("POST", "/api/v1/cohorts", create_body())
+        assert (status, error_code(body)) == (429, "too_many") and "end one" in body["error"][
+            "message"
+        ]
+        await teacher("POST", f"/api/v1/cohorts/{ids[1]}/end", {})
+        assert (await teacher("POST", "/api/v1/cohorts", create_body()))[0] == 201
+
+        cid = ids[0]
+        codes = [(await teacher("POST", f"/api/v1/cohorts/{cid}/codes", {}))[1] for _ in range(2)]
+        status, body = await teacher("POST", f"/api/v1/cohorts/{cid}/codes", {})
+        assert (status, error_code(body)) == (429, "too_many")
+        await teacher("DELETE", f"/api/v1/cohorts/{cid}/codes/{codes[0]['code']}")
+        assert (await teacher("POST", f"/api/v1/cohorts/{cid}/codes", {}))[0] == 201
+
+        for student in students[:2]:
+            assert (await student("POST", "/api/v1/cohorts/join", {"code": codes[1]["code"]}))[
+                0
+            ] == 200
+        status, body = await students[2]("POST", "/api/v1/cohorts/join", {"code": codes[1]["code"]})
+        assert (status, error_code(body)) == (409, "cohort_full")
+        status, body = await teacher(
+            "POST", f"/api/v1/cohorts/{cid}/roster", {"students": [students[2].pubkey]}
+        )
+        assert (status, error_code(body)) == (429, "too_many")
+    finally:
+        teacher.close()
+        for student in students:
+            student.close()

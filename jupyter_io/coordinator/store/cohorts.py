@@ -63,8 +63,8 @@ _leases = cast(sa.Table, Lease.__table__)
 
 class CodeRefused(JupyterIOError):
     """A join code could not be redeemed; ``reason`` is one of ``unknown``, ``expired``,
-    ``revoked``, ``used_up``, ``ended`` (the cohort's term is over) or ``removed`` (an
-    instructor removed this student)."""
+    ``revoked``, ``used_up``, ``ended`` (the cohort's term is over), ``removed`` (an
+    instructor removed this student) or ``full`` (the cohort has its most students)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -420,6 +420,33 @@ class CohortQueries(Aggregate):
         async with self._read() as conn:
             return [_member_record(row) for row in await conn.execute(query)]
 
+    async def active_cohorts_of(self, instructor: str) -> int:
+        """How many active cohorts ``instructor`` created."""
+        async with self._read() as conn:
+            return int(
+                await conn.scalar(
+                    sa.select(sa.func.count()).where(
+                        _cohorts.c.instructor == instructor,
+                        _cohorts.c.state == CohortState.ACTIVE.value,
+                    )
+                )
+                or 0
+            )
+
+    async def live_code_count(self, cohort_id: str, at: datetime) -> int:
+        """How many of the cohort's codes are neither revoked nor expired at ``at``."""
+        async with self._read() as conn:
+            return int(
+                await conn.scalar(
+                    sa.select(sa.func.count()).where(
+                        _codes.c.cohort_id == cohort_id,
+                        _codes.c.revoked.is_(False),
+                        _codes.c.expires_at > _aware(at),
+                    )
+                )
+                or 0
+            )
+
     async def member_count(self, cohort_id: str) -> int:
         """How many students the cohort has now."""
         async with self._read() as conn:
@@ -484,14 +511,21 @@ class CohortQueries(Aggregate):
             return bool(result.rowcount)
 
     async def redeem_code(
-        self, code: str, student: str, *, at: datetime | None = None
+        self,
+        code: str,
+        student: str,
+        *,
+        at: datetime | None = None,
+        max_students: int | None = None,
     ) -> tuple[CohortRecord, bool]:
         """Join the cohort of ``code`` as ``student``, in one transaction: the code must be
-        valid (not revoked, expired or used up), its cohort active, and the student not
-        removed by an instructor. Returns (the cohort, whether the student joined now: a
-        member using a code again is not counted as a use).
+        valid (not revoked, expired or used up), its cohort active (with fewer than
+        ``max_students`` students, if given), and the student not removed by an
+        instructor. Returns (the cohort, whether the student joined now: a member using a
+        code again is not counted as a use).
 
-        Raises :class:`CodeRefused` otherwise."""
+        Raises :class:`CodeRefused` otherwise (reason ``full`` for a cohort at
+        ``max_students``)."""
         at = _when(at)
         async with self._write() as conn:
             row = (
@@ -525,6 +559,19 @@ class CohortQueries(Aggregate):
                 refusal = record.refusal(at)
                 if refusal is not None:
                     raise CodeRefused(refusal, _code_message(refusal, code, record))
+                if max_students is not None:
+                    count = await conn.scalar(
+                        sa.select(sa.func.count()).where(
+                            _members.c.cohort_id == record.cohort_id,
+                            _members.c.removed_at.is_(None),
+                        )
+                    )
+                    if (count or 0) >= max_students:
+                        raise CodeRefused(
+                            "full",
+                            f"cohort {cohort.name!r} has its {max_students} students; ask "
+                            f"your instructor",
+                        )
                 updated = await conn.execute(
                     sa.update(_codes)
                     .where(
