@@ -4,7 +4,9 @@
 chunk for ``one_way`` seconds before writing it on, in order, with no bandwidth limit: a
 round trip through it costs ``2 * one_way`` plus the event loop's timer slack (about 1 ms).
 Start it with :meth:`LatencyProxy.start`, point clients at :attr:`LatencyProxy.url`, and
-:meth:`LatencyProxy.close` it at the end.
+:meth:`LatencyProxy.close` it at the end. Run as a script (``python _latency_proxy.py
+HOST:PORT ONE_WAY_SECONDS``) it serves until killed and prints ``latency proxy listening on
+URL`` once it accepts connections.
 """
 
 from __future__ import annotations
@@ -97,3 +99,23 @@ class LatencyProxy:
             pass
         finally:
             sender.cancel()
+
+
+async def _serve(upstream: tuple[str, int], one_way: float) -> None:
+    proxy = LatencyProxy(upstream, one_way)
+    await proxy.start()
+    print(f"latency proxy listening on {proxy.url}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await proxy.close()
+
+
+if __name__ == "__main__":
+    # python benchmarks/_latency_proxy.py HOST:PORT ONE_WAY_SECONDS: a proxy as a process of
+    # its own (the browser tests put one in front of each provider host).
+    import sys
+
+    host, _, port = sys.argv[1].rpartition(":")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve((host, int(port)), float(sys.argv[2])))

@@ -58,8 +58,9 @@ DEFAULT_PROBES = 8
 DEFAULT_TTL = 300.0
 #: Seconds an unreachable verdict is reused (shorter: a provider may come back).
 DEFAULT_UNREACHABLE_TTL = 60.0
-#: Pings sent at once to each endpoint; the fastest answer counts (a busy machine only ever
-#: adds to a round trip, so the least of a few is the closest to the network's).
+#: Pings sent to each endpoint, one after the other while the deadline allows; the fastest
+#: answer counts (a busy machine only ever adds to a round trip, so the least of a few is
+#: the closest to the network's).
 DEFAULT_SAMPLES = 2
 
 
@@ -234,11 +235,17 @@ class LatencyProber:
         *,
         probes: int | None = None,
         timeout: float | None = None,
+        refine: bool = False,
     ) -> dict[str, Measurement]:
         """Measurements of the first ``probes`` candidates (default :attr:`probes`) by
-        provider: cached ones as they are, the others pinged now, all at once, within
+        provider: cached ones as they are, the others pinged now, all endpoints at once
+        (each up to :attr:`samples` times in a row, the fastest answer counting), within
         ``timeout`` seconds (default :attr:`timeout`) in all. Never raises for a provider
-        that does not answer: it comes back ``unreachable``."""
+        that does not answer: it comes back ``unreachable``.
+
+        ``refine``: ping the cached ones too and keep the faster figure for the rest of
+        their cache period (a figure taken while this machine was busy is only ever too
+        high); the period is not extended."""
         limit = self.probes if probes is None else probes
         deadline = self.timeout if timeout is None else timeout
         chosen: dict[str, Candidate] = {}
@@ -251,7 +258,7 @@ class LatencyProber:
         wanted: dict[str, list[Candidate]] = {}
         for provider, candidate in chosen.items():
             hit = self.cached(provider)
-            if hit is not None:
+            if hit is not None and not (refine and candidate.probe_url):
                 found[provider] = hit
             elif candidate.probe_url is None:
                 found[provider] = self._remember(
@@ -263,37 +270,56 @@ class LatencyProber:
                 wanted.setdefault(candidate.probe_url, []).append(candidate)
         if not wanted:
             return found
-        tasks = {
-            url: [
-                asyncio.ensure_future(ping(url, timeout=deadline, ssl_context=self.ssl_context))
-                for _ in range(self.samples)
-            ]
+        answers: dict[str, list[float]] = {url: [] for url in wanted}
+        errors: dict[str, str] = {}
+        tasks = [
+            asyncio.ensure_future(self._sample(url, deadline, answers[url], errors))
             for url in wanted
-        }
-        self.pings_sent += len(tasks) * self.samples
-        await asyncio.wait([t for group in tasks.values() for t in group], timeout=deadline)
+        ]
+        await asyncio.wait(tasks, timeout=deadline)
+        for task in tasks:
+            task.cancel()
         now = time.time()
         late = f"no answer within {deadline * 1000:.0f} ms"
-        for url, group in tasks.items():
-            answers = []
-            error: str | None = None
-            for task in group:
-                if not task.done():
-                    task.cancel()
-                    error = error or late
-                elif task.cancelled():
-                    error = error or late
-                elif (exc := task.exception()) is not None:
-                    error = late if isinstance(exc, asyncio.TimeoutError) else str(exc) or repr(exc)
-                else:
-                    answers.append(task.result())
-            rtt = min(answers) if answers else None
+        for url, got in answers.items():
+            rtt = min(got) if got else None
+            error = None if got else errors.get(url, late)
             for candidate in wanted[url]:
-                found[candidate.provider] = self._remember(_measurement(candidate, rtt, error, now))
+                fresh = _measurement(candidate, rtt, error, now)
+                found[candidate.provider] = self._remember(fresh, keep_best=refine)
         return found
 
-    def _remember(self, found: Measurement) -> Measurement:
+    async def _sample(
+        self, url: str, deadline: float, answers: list[float], errors: dict[str, str]
+    ) -> None:
+        """Ping ``url`` up to :attr:`samples` times in a row (one after the other: a stall
+        of this machine that delays one answer rarely delays the next)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        for _ in range(self.samples):
+            left = end - loop.time()
+            if left <= 0:
+                return
+            self.pings_sent += 1
+            try:
+                answers.append(await ping(url, timeout=left, ssl_context=self.ssl_context))
+            except asyncio.TimeoutError:
+                return
+            except (OSError, ValueError, ssl.SSLError) as exc:
+                errors[url] = str(exc) or repr(exc)
+                return
+
+    def _remember(self, found: Measurement, *, keep_best: bool = False) -> Measurement:
         cache = self._cache
+        held = cache.get(found.provider)
+        if keep_best and held is not None and self.cached(found.provider) is not None:
+            stamp, old = held
+            if old.latency_ms is not None and (
+                found.latency_ms is None or old.latency_ms <= found.latency_ms
+            ):
+                return old
+            cache[found.provider] = (stamp, found)  # the faster figure, the same period
+            return found
         if found.provider not in cache and len(cache) >= self.max_entries:
             del cache[next(iter(cache))]  # the oldest entry
         cache.pop(found.provider, None)

@@ -5,7 +5,8 @@ what :func:`~jupyter_io.latency.shared_prober` has measured, the same cache the 
 uses before a lease, so the figure the picker shows is the one the lease is chosen on. It
 never waits for a measurement: offers not measured yet are sent as such and measured in the
 background (a few of the cheapest available offers per type, all at once under one
-deadline), after which ``on_measured`` is called so the browser fetches the offers again.
+deadline, and once more a few seconds later keeping the faster figures), after each of which
+``on_measured`` is called so the browser fetches the offers again.
 
 Per type the body gains ``latency_ms`` (the best measured round trip, ms, or None),
 ``latency_via_relay`` (that figure went through the coordinator's relay) and
@@ -41,12 +42,14 @@ class LatencyBoard:
         per_type: int = 4,
         limit: int = 16,
         timeout: float | None = None,
+        refine_after: float = 3.0,
     ) -> None:
         self.prober = prober
         self.on_measured = on_measured
         self.per_type = per_type
         self.limit = limit
         self.timeout = timeout
+        self.refine_after = refine_after
         self._task: asyncio.Task[None] | None = None
 
     def annotate(
@@ -79,12 +82,20 @@ class LatencyBoard:
         self._task = asyncio.ensure_future(self._round(wanted))
 
     async def _round(self, wanted: list[Candidate]) -> None:
-        try:
-            await self.prober.measure(wanted, probes=len(wanted), timeout=self.timeout)
-        except Exception:  # a probe never fails the picker
-            _LOG.warning("jupyter-io: measuring round trips failed", exc_info=True)
-            return
-        self.on_measured()
+        """Measure ``wanted``, then once more ``refine_after`` seconds later keeping the
+        faster figures: the first round often runs while the page loads and this server is
+        busy, which only ever adds to a round trip."""
+        for refine in (False, True):
+            if refine:
+                await asyncio.sleep(self.refine_after)
+            try:
+                await self.prober.measure(
+                    wanted, probes=len(wanted), timeout=self.timeout, refine=refine
+                )
+            except Exception:  # a probe never fails the picker
+                _LOG.warning("jupyter-io: measuring round trips failed", exc_info=True)
+                return
+            self.on_measured()
 
     def close(self) -> None:
         """Stop a round in progress."""

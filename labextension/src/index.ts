@@ -16,6 +16,7 @@ import { errorMessage } from './handler';
 import { gpuIcon } from './icons';
 import { GpuModel } from './model';
 import { GpuPicker, notifyError } from './picker';
+import { RoundTripNotifier } from './latency';
 import { LaunchNotifier } from './progress';
 import { CostStatus } from './status';
 import { IPreferencesUpdate } from './types';
@@ -37,9 +38,11 @@ function preferencesFrom(settings: ISettingRegistry.ISettings): IPreferencesUpda
   const price = String(settings.get('maxPricePerHour').composite ?? '').trim();
   const region = String(settings.get('region').composite ?? '').trim();
   const budget = Number(settings.get('sessionBudgetHours').composite ?? 0);
+  const latency = Number(settings.get('maxLatencyMs').composite ?? 0);
   return {
     max_price_per_hour: price || null,
     region: region || null,
+    max_latency_ms: latency > 0 ? latency : null,
     session_budget_hours: budget > 0 ? budget : null
   };
 }
@@ -74,6 +77,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
 
     const cohorts = new CohortModel(model);
     new WarningNotifier(model);
+    new RoundTripNotifier(model);
     const picker = new GpuPicker({ model, commands, cohorts });
     app.shell.add(picker, 'left', { rank: 650 });
 

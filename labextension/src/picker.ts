@@ -10,6 +10,7 @@ import { Change, GpuModel } from './model';
 import { IGpuType, ISession } from './types';
 import { CommandIDs } from './commands';
 import { CohortModel, CohortSection } from './cohorts';
+import { latencyText, latencyTitle, ms } from './latency';
 
 /** `0.12 SOL/h` for one price, `from 0.12 SOL/h (median 0.2)` for a range. */
 export function priceText(type: IGpuType): string {
@@ -55,7 +56,9 @@ class GpuCard {
         ' · ',
         this._perf,
         ' · ',
-        this._providers
+        this._providers,
+        ' · ',
+        this._latency
       ),
       this._overcap,
       h('div', { class: 'jio-GpuCard-actions' }, this.notebook, this.console)
@@ -80,6 +83,10 @@ class GpuCard {
     );
     const providers = `${type.offers} provider${type.offers === 1 ? '' : 's'}`;
     setText(this._providers, providers + (type.regions.length ? ` · ${type.regions.join(', ')}` : ''));
+    setText(this._latency, latencyText(type));
+    setAttr(this._latency, 'title', latencyTitle(type));
+    const measured = type.latency_ms !== null && type.latency_ms !== undefined;
+    this._latency.classList.toggle('jio-mod-pending', !measured);
     show(this._overcap, !type.within_cap);
     const disabled = !type.kernel_name || !free;
     const title = type.kernel_name
@@ -120,6 +127,7 @@ class GpuCard {
     title: 'Measured by the provider host (matmul benchmark)'
   });
   private _providers = h('span', { class: 'jio-GpuCard-providers' });
+  private _latency = h('span', { class: 'jio-GpuCard-latency' });
   private _overcap = h(
     'div',
     { class: 'jio-Note jio-GpuCard-overcap' },
@@ -276,6 +284,7 @@ export class GpuPicker extends Widget {
     const parts = [
       `cap ${prefs.max_price_display ?? 'none'}`,
       `region ${prefs.region ?? 'any'}`,
+      `latency ${prefs.max_latency_ms ? `≤ ${ms(prefs.max_latency_ms)}` : 'any'}`,
       `budget ${prefs.session_budget_hours ? hours(prefs.session_budget_hours) : 'none'}`
     ];
     setText(this._limitsText, parts.join(' · '));

@@ -1,6 +1,7 @@
 import { Widget } from '@lumino/widgets';
 
 import { duration, sol, solShort } from './format';
+import { roundTripText, roundTripTitle } from './latency';
 import { GpuModel } from './model';
 
 /**
@@ -71,7 +72,12 @@ export class CostStatus extends Widget {
     } else if (session.budget_lamports !== null && cost !== null) {
       parts.push(`budget left ${solShort(Math.max(0, session.budget_lamports - cost))}`);
     }
+    const roundTrip = roundTripText(session.round_trip);
+    if (roundTrip !== null) {
+      parts.push(roundTrip);
+    }
     this.node.textContent = parts.join(' · ');
+    this.toggleClass('jio-mod-slow', !!session.round_trip?.degraded);
     this.node.dataset.kernelId = session.kernel_id;
     this._mark(session.warning);
     const escrow =
@@ -88,6 +94,7 @@ export class CostStatus extends Widget {
       price !== null ? `Price: ${sol(price)} per hour` : null,
       session.provider ? `Provider: ${session.provider}${session.relay ? ' (through the relay)' : ''}` : null,
       session.lease ? `Lease: ${session.lease}` : null,
+      ...roundTripTitle(session.round_trip),
       ...escrow
     ]
       .filter(Boolean)

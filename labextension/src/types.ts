@@ -27,6 +27,12 @@ export interface IGpuType {
   display_name: string | null;
   /** Whether the cheapest free GPU is within the user's price cap. */
   within_cap: boolean;
+  /** The best round trip measured from this server to a provider of the type, ms. */
+  latency_ms?: number | null;
+  /** That figure went through the coordinator's relay (its ping + its hop). */
+  latency_via_relay?: boolean | null;
+  /** `measured`, `pending` (not measured yet) or `unreachable` (no provider answered). */
+  latency_state?: 'measured' | 'pending' | 'unreachable';
 }
 
 /** One provider's offer of one GPU type (`GET offers` → `providers`). */
@@ -42,6 +48,9 @@ export interface IProviderOffer {
   benchmark_tflops: number | null;
   simulated: boolean;
   reachable: boolean;
+  latency_ms?: number | null;
+  latency_via_relay?: boolean | null;
+  latency_unreachable?: boolean | null;
 }
 
 export interface IPreferences {
@@ -49,6 +58,8 @@ export interface IPreferences {
   max_price_lamports_per_hour: number | null;
   max_price_display: string | null;
   region: string | null;
+  /** Most round trip accepted, ms (null: no cap). */
+  max_latency_ms?: number | null;
   session_budget_hours: number | null;
 }
 
@@ -56,6 +67,7 @@ export interface IPreferences {
 export interface IPreferencesUpdate {
   max_price_per_hour?: string | null;
   region?: string | null;
+  max_latency_ms?: number | null;
   session_budget_hours?: number | null;
 }
 
@@ -112,6 +124,22 @@ export interface ISession {
   cohort?: string | null;
   /** Stops coming (idle, max length, quota), newest last. */
   warnings?: ILeaseWarning[];
+  /** The tunnel's round trip (keepalive pings) and the one measured before the lease. */
+  round_trip?: IRoundTrip;
+}
+
+/** A running kernel's tunnel round trip (`GET sessions` → `sessions[].round_trip`). */
+export interface IRoundTrip {
+  /** The last keepalive round trip, ms (null: not measured yet, or disconnected). */
+  ms: number | null;
+  /** The best of the session, ms. */
+  best_ms: number | null;
+  /** Much worse than the best for a while (the server decides: 2x and +30 ms for 30 s). */
+  degraded: boolean;
+  degraded_for_s: number;
+  /** Measured before the lease, from this server, ms. */
+  measured_ms: number | null;
+  via_relay: boolean | null;
 }
 
 /** A lease the coordinator ended because its deposit was spent (`GET sessions` → `stopped`). */
