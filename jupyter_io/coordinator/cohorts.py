@@ -566,9 +566,12 @@ class CohortService:
         resets = next_week_start(now).timestamp()
         leases = await self.store.cohort_leases_since(cohort.id, since)
         joined = {m.student: m.joined_at.timestamp() for m in members or []}
+        by_student: dict[str, list[LeaseRecord]] = {}
+        for lease in leases:
+            by_student.setdefault(lease.user_pubkey, []).append(lease)
         rows = []
         for student in students:
-            mine = [lease for lease in leases if lease.user_pubkey == student]
+            mine = by_student.get(student, [])
             used = sum(gpu_seconds(lease, since, now) for lease in mine)
             live = [lease for lease in mine if lease.live]
             idle = None
