@@ -44,6 +44,7 @@ from urllib.parse import urlencode, urlsplit
 
 from solders.keypair import Keypair
 from solders.message import MessageV0
+from solders.pubkey import Pubkey
 from solders.signature import Signature
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
@@ -67,6 +68,7 @@ __all__ = [
     "NOT_FUNDED_IN_TIME",
     "NOT_STARTED_IN_TIME",
     "Billing",
+    "CohortFundingOffer",
     "CoordinatorClient",
     "CoordinatorError",
     "CoordinatorPaymentError",
@@ -158,6 +160,9 @@ class EscrowOffer:
     #: Once funded: the escrow's address and the deposit the coordinator verified.
     address: str | None = None
     deposit_lamports: int | None = None
+    #: ``"cohort"``: the cohort's pool pays (:meth:`CoordinatorClient.cohort_funding_offer`,
+    #: not your own escrow); None: your wallet does.
+    funding: str | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any] | None) -> EscrowOffer | None:
@@ -171,6 +176,7 @@ class EscrowOffer:
             min_deposit_lamports=_int(body, "min_deposit_lamports"),
             address=body.get("address"),
             deposit_lamports=None if deposit is None else int(deposit),
+            funding=body.get("funding") if isinstance(body.get("funding"), str) else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -184,6 +190,8 @@ class EscrowOffer:
             "solana_url": self.solana_url,
             "min_deposit_lamports": self.min_deposit_lamports,
         }
+        if self.funding is not None:
+            body["funding"] = self.funding
         if self.address is not None:
             body["address"] = self.address
             body["deposit_lamports"] = self.deposit_lamports
@@ -447,6 +455,33 @@ class LeaseInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class CohortFundingOffer:
+    """The funding of a cohort lease from your allowance (``POST /api/v1/leases/{id}/
+    cohort-funding`` with ``{}``): the transaction's ``message`` (fee payer: the arbiter) and
+    the ``deposit`` it moves into the lease's escrow. Check it
+    (:func:`~jupyter_io.payments.cohort_pool.match_cohort_funding`), sign it, then
+    :meth:`CoordinatorClient.submit_cohort_funding`."""
+
+    lease: str
+    message: MessageV0
+    raw: bytes
+    deposit: int
+
+    @classmethod
+    def from_json(cls, lease: str, body: Mapping[str, Any]) -> CohortFundingOffer:
+        try:
+            raw = base64.b64decode(body["message"], validate=True)
+            message = MessageV0.from_bytes(raw)
+            deposit = int(body["deposit_lamports"])
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise CoordinatorPaymentError(
+                f"the coordinator's funding of cohort lease {lease} is malformed ({exc}); "
+                f"nothing was signed"
+            ) from None
+        return cls(lease, message, raw, deposit)
+
+
+@dataclass(frozen=True, slots=True)
 class RefundOffer:
     """The refund of a failed lease's escrow (``POST /api/v1/leases/{id}/refund``): the
     transaction's ``message`` (fee payer: the user), the arbiter's signature of it, and the
@@ -559,6 +594,7 @@ class CoordinatorClient:
         region: str | None = None,
         max_latency_ms: float | None = None,
         latency_ms: Mapping[str, float] | None = None,
+        cohort: str | None = None,
     ) -> LeaseGrant:
         """Lease GPUs; :class:`LeaseError` with the coordinator's reason when none fits.
 
@@ -572,6 +608,8 @@ class CoordinatorClient:
             "max_price_lamports_per_hour": max_price_lamports_per_hour,
             "region": region,
         }
+        if cohort is not None:  # on that cohort's pool (docs/cohorts.md)
+            body["cohort"] = cohort
         if max_latency_ms is not None:
             body["max_latency_ms"] = max_latency_ms
         if latency_ms:
@@ -668,6 +706,35 @@ class CoordinatorClient:
         body = {"signature": signature}
         return LeaseGrant.from_json(
             await self._call("POST", f"/api/v1/leases/{lease_id}/escrow", body, sign=True)
+        )
+
+    async def cohort_funding_offer(self, lease_id: str) -> CohortFundingOffer:
+        """The funding of your cohort lease from your allowance, as the arbiter built it:
+        check it, sign it, then :meth:`submit_cohort_funding`."""
+        body = await self._call("POST", f"/api/v1/leases/{lease_id}/cohort-funding", {}, sign=True)
+        return CohortFundingOffer.from_json(lease_id, body)
+
+    async def cohort_instructor(self, cohort_id: str) -> Pubkey:
+        """The instructor who created cohort ``cohort_id`` and owns its students'
+        allowances (from ``GET /api/v1/cohorts/{id}``: you must be in the cohort)."""
+        body = await self._call("GET", f"/api/v1/cohorts/{cohort_id}", sign=True)
+        try:
+            return Pubkey.from_string(body["instructor"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CoordinatorPaymentError(
+                f"the coordinator's cohort {cohort_id} names no instructor ({exc})"
+            ) from None
+
+    async def submit_cohort_funding(
+        self, offer: CohortFundingOffer, signature: Signature
+    ) -> LeaseGrant:
+        """Your ``signature`` of ``offer``'s message: the arbiter co-signs and submits it,
+        verifies the escrow and answers the grant with its token."""
+        body = {"signature": str(signature), "message": base64.b64encode(offer.raw).decode()}
+        return LeaseGrant.from_json(
+            await self._call(
+                "POST", f"/api/v1/leases/{offer.lease}/cohort-funding", body, sign=True
+            )
         )
 
     async def request_refund(self, lease_id: str) -> RefundOffer:

@@ -147,6 +147,7 @@ def lease_kernel_json(
     min_vram_gb: float = 0,
     max_session_hours: float = 0,
     max_latency_ms: float = 0,
+    cohort: str = "",
 ) -> dict[str, Any]:
     """The kernel.json of a kernelspec whose kernels lease ``gpu`` through the coordinator
     at ``coordinator_url``. Empty options are left out (the provisioner's defaults: any
@@ -164,6 +165,8 @@ def lease_kernel_json(
         config["max_session_hours"] = max_session_hours
     if max_latency_ms:
         config["max_latency_ms"] = max_latency_ms
+    if cohort:
+        config["cohort"] = cohort  # the class's pool pays (RemoteKernelProvisioner.cohort)
     return _spec(display_name, config)
 
 

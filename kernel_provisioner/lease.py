@@ -15,8 +15,10 @@ lease's :class:`~jupyter_io.payments.hooks.PaymentHook` for the provisioner
 
 With an escrow coordinator the grant has no token until :meth:`KernelLease.fund` opened the
 escrow (deposit = price * the hook's ``max_session_hours``) and the coordinator verified it
-on-chain; a free coordinator's grant has its token at once and no hook is called. One lease,
-one escrow: a restart keeps both; a new lease (after a lost provider) gets a new hook and a
+on-chain (a cohort lease, ``LeaseTerms.cohort``: the coordinator funds it from the student's
+allowance and the student only co-signs, ``POST /leases/{id}/cohort-funding``); a free
+coordinator's grant has its token at once and no hook is called. One lease, one escrow:
+a restart keeps both; a new lease (after a lost provider) gets a new hook and a
 new escrow.
 
 :meth:`KernelLease.credentials` is the tunnel's
@@ -50,14 +52,19 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from solders.keypair import Keypair
+from solders.message import to_bytes_versioned
+from solders.presigner import Presigner
 from solders.pubkey import Pubkey
+from solders.signature import Signature
 
 from jupyter_io.coordinator_client import (
     CoordinatorClient,
     CoordinatorError,
+    EscrowOffer,
     LeaseGrant,
     LeaseInfo,
     LeaseQueued,
+    RefundOffer,
 )
 from jupyter_io.errors import (
     ConfigError,
@@ -67,8 +74,13 @@ from jupyter_io.errors import (
     LeaseError,
     PaymentError,
 )
-from jupyter_io.payments.amounts import format_sol
-from jupyter_io.payments.escrow import TransactionFailed
+from jupyter_io.payments.amounts import amount_for, format_sol
+from jupyter_io.payments.cohort_pool import (
+    AllowanceTerms,
+    match_cohort_funding,
+    match_cohort_refund,
+)
+from jupyter_io.payments.escrow import EscrowClient, TransactionFailed
 from jupyter_io.payments.hooks import EscrowInfo, PaymentHook, SessionTerms
 from jupyter_io.queue_tickets import POLL_SECONDS, QueuePlace
 from jupyter_io.usage_acks import UsageAck
@@ -126,6 +138,8 @@ class LeaseTerms:
     gpus: int = 1
     #: Only providers measured within this round trip, ms (None: no cap).
     max_latency_ms: float | None = None
+    #: The cohort (class) whose pool pays (its allowance for this student), or None.
+    cohort: str | None = None
 
     def describe(self) -> str:
         """``RTX 4090, ≤ 0.5 SOL/h, region eu-west, ≤ 50 ms`` (for progress messages)."""
@@ -138,6 +152,8 @@ class LeaseTerms:
             parts.append(f"region {self.region}")
         if self.max_latency_ms is not None:
             parts.append(f"≤ {self.max_latency_ms:g} ms")
+        if self.cohort:
+            parts.append(f"paid by class {self.cohort}")
         return ", ".join(parts)
 
 
@@ -185,6 +201,10 @@ class KernelLease:
         #: Called with each place while a cohort request waits in the class's queue (the
         #: provisioner reports it as the start's ``queue`` step).
         self.on_queue: Callable[[QueuePlace], None] | None = None
+        #: The cohort whose pool pays for the lease (set by :meth:`request`), or None.
+        self.cohort: str | None = None
+        #: A cohort lease's funding once it landed: (escrow address, deposit).
+        self.cohort_funding: tuple[str, int] | None = None
 
     @property
     def client(self) -> CoordinatorClient:
@@ -203,7 +223,10 @@ class KernelLease:
 
     @property
     def funded(self) -> bool:
-        """True when the lease is paid through an escrow (not a free pool's lease)."""
+        """True when the lease is paid through an escrow (not a free pool's lease): the
+        hook's, or a cohort's funded from the student's allowance."""
+        if self.cohort_funding is not None:
+            return True
         escrow = self.escrow
         return escrow is not None and escrow.state is not None
 
@@ -301,6 +324,7 @@ class KernelLease:
                 region=terms.region,
                 max_latency_ms=terms.max_latency_ms,
                 latency_ms=latencies,
+                cohort=terms.cohort,
             )
         except LeaseQueued as queued:
             grant = await self._wait_in_queue(queued.place)
@@ -311,6 +335,7 @@ class KernelLease:
                 f"cannot lease from the coordinator at {self.coordinator_url}: {exc}"
             ) from None
         self.grant = grant
+        self.cohort = terms.cohort
         self.bound = False
         self.ready_at = self._ready_clock = None
         self.acked_seconds = 0
@@ -372,6 +397,9 @@ class KernelLease:
                     f"the coordinator at {self.coordinator_url} of this jupyter-io version?"
                 )
             return None
+        if offer.funding == "cohort":
+            await self._fund_from_cohort(grant, offer)
+            return None
         hook = self.hook
         if hook is None:
             raise ConfigError(
@@ -426,12 +454,57 @@ class KernelLease:
         self._take(funded)
         return escrow
 
+    async def _fund_from_cohort(self, grant: LeaseGrant, offer: EscrowOffer) -> None:
+        """A cohort lease: the arbiter funds the escrow from this student's allowance in a
+        transaction it pays for; the student signs only once the message is exactly the
+        funding of this lease from their allowance
+        (:func:`~jupyter_io.payments.cohort_pool.match_cohort_funding`)."""
+        cohort = self.cohort
+        if cohort is None or not offer.arbiter:
+            raise LeaseNotFunded(
+                f"the coordinator asks a cohort's pool to fund lease {grant.lease}, but this "
+                f"kernel asked for no cohort (or the coordinator names no arbiter)"
+            )
+        try:
+            instructor = await self.client.cohort_instructor(cohort)
+            funding = await self.client.cohort_funding_offer(grant.lease)
+        except InsufficientFunds as exc:
+            raise LeaseUnaffordable(f"class {cohort} cannot pay for {grant.lease}: {exc}") from None
+        except JupyterIOError as exc:
+            raise LeaseNotFunded(
+                f"cannot fund lease {grant.lease} from class {cohort}: {exc}"
+            ) from None
+        allowance = AllowanceTerms(
+            instructor, self.keypair.pubkey(), Pubkey.from_string(offer.arbiter), cohort
+        )
+        session = allowance.session(Pubkey.from_string(grant.provider), grant.lease)
+        if not match_cohort_funding(session, funding.deposit, funding.raw):
+            raise LeaseNotFunded(
+                f"refusing to sign the coordinator's funding of lease {grant.lease}: it is not "
+                f"exactly the transfer of {format_sol(funding.deposit)} from your allowance in "
+                f"class {cohort} into this lease's escrow; nothing was signed"
+            )
+        signature = self.keypair.sign_message(to_bytes_versioned(funding.message))
+        try:
+            funded = await self.client.submit_cohort_funding(funding, signature)
+        except JupyterIOError as exc:
+            raise LeaseNotFunded(
+                f"the funding of lease {grant.lease} did not go through: {exc}"
+            ) from None
+        self.cohort_funding = (str(session.escrow.escrow), funding.deposit)
+        self._take(funded)
+
     async def top_up(self, lamports: int) -> LeaseGrant:
         """Add ``lamports`` to the lease's escrow from the user's wallet and have the
         coordinator record the higher deposit (``POST /leases/{id}/escrow`` again). Returns
         the grant with its new ``billing``. Raises :class:`PaymentError` (an
         :class:`InsufficientFunds` when the wallet is short) when it cannot."""
         grant = self.grant
+        if self.cohort_funding is not None:
+            raise PaymentError(
+                "this kernel's lease is paid by its class: its instructor tops up the "
+                "allowances (`jupyter io cohort fund`), not your wallet"
+            )
         if grant is None or self.hook is None or not self.funded:
             raise PaymentError("this kernel's lease has no escrow to top up")
         receipt = await self.hook.top_up(lamports)
@@ -641,26 +714,34 @@ class KernelLease:
         """The most a refund may pay the provider: the price of the seconds since the kernel
         first ran on this lease (plus :data:`REFUND_TOLERANCE_S`); 0 if it never ran."""
         escrow = self.escrow
-        if escrow is None:
+        grant = self.grant
+        if escrow is None and (self.cohort_funding is None or grant is None):
             return None
         if self.ready_at is None:
             return 0
-        seconds = max(0.0, (time.time() if now is None else now) - self.ready_at)
-        return escrow.session.amount_for(int(seconds + REFUND_TOLERANCE_S) + 1)
+        seconds = int(max(0.0, (time.time() if now is None else now) - self.ready_at))
+        seconds += int(REFUND_TOLERANCE_S) + 1
+        if escrow is None:
+            assert grant is not None
+            return amount_for(grant.price_lamports_per_hour, seconds)
+        return escrow.session.amount_for(seconds)
 
     async def _refund(self, grant: LeaseGrant) -> str:
         hook = self.hook
-        assert hook is not None
         lease = grant.lease
         for attempt in range(1, REFUND_ATTEMPTS + 1):
             try:
                 offer = await self.client.request_refund(lease)
-                signature = await hook.complete_refund(
-                    offer.message,
-                    offer.arbiter_signature,
-                    offer.provider_share,
-                    max_provider_share=self.max_provider_share(),
-                )
+                if self.cohort_funding is not None:
+                    signature = await self._cosign_cohort_refund(grant, offer)
+                else:
+                    assert hook is not None
+                    signature = await hook.complete_refund(
+                        offer.message,
+                        offer.arbiter_signature,
+                        offer.provider_share,
+                        max_provider_share=self.max_provider_share(),
+                    )
             except TransactionFailed as exc:
                 if exc.err == "BlockhashNotFound" and attempt < REFUND_ATTEMPTS:
                     continue  # the offer aged on the ledger; ask for a fresh one
@@ -684,6 +765,50 @@ class KernelLease:
                 f"for the time it delivered, the rest came back (signature {signature})"
             )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _cosign_cohort_refund(
+        self, grant: LeaseGrant, offer: RefundOffer
+    ) -> Signature | None:
+        """A cohort lease's refund (provider lost): co-sign only the exact cohort refund of
+        this lease's escrow (:func:`~jupyter_io.payments.cohort_pool.match_cohort_refund`:
+        the provider's share at most what the user saw delivered, the rest back to the
+        allowance or the instructor, at most the arbiter's fee kept) and submit it; the
+        arbiter pays its fee (reimbursed from the escrow), so no SOL is needed. None when the
+        escrow was closed already."""
+        assert self.cohort is not None and self.cohort_funding is not None
+        terms = grant.escrow
+        if terms is None or not terms.arbiter or not terms.solana_url:
+            raise PaymentError(f"lease {grant.lease} names no arbiter or ledger to refund on")
+        arbiter = Pubkey.from_string(terms.arbiter)
+        instructor = await self.client.cohort_instructor(self.cohort)
+        allowance = AllowanceTerms(instructor, self.keypair.pubkey(), arbiter, self.cohort)
+        session = allowance.session(Pubkey.from_string(grant.provider), grant.lease)
+        limit = self.max_provider_share()
+        if limit is not None and offer.provider_share > limit:
+            raise PaymentError(
+                f"the refund of lease {grant.lease} pays the provider "
+                f"{format_sol(offer.provider_share)}, more than the {format_sol(limit)} of the "
+                f"time you saw delivered; nothing was signed"
+            )
+        deposit = self.cohort_funding[1]
+        if not match_cohort_refund(
+            session,
+            offer.provider_share,
+            bytes(offer.message),
+            max_remainder=deposit - offer.provider_share,
+        ):
+            raise PaymentError(
+                f"refusing to co-sign the refund of lease {grant.lease}: it is not exactly the "
+                f"refund of its escrow to your class's allowance; nothing was signed"
+            )
+        async with EscrowClient.connect(terms.solana_url) as ledger:
+            if await ledger.escrow_state(session.escrow) is None:
+                return None
+            return await ledger.submit(
+                offer.message,
+                [Presigner(arbiter, offer.arbiter_signature), self.keypair],
+                what=f"refunding cohort lease {grant.lease}",
+            )
 
     def _refund_failed(self, lease: str, exc: Exception) -> str:
         escrow = self.escrow

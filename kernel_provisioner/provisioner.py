@@ -180,6 +180,13 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
     region = Unicode(
         "", config=True, help="Region to lease in (empty: any). Only with coordinator_url."
     )
+    cohort = Unicode(
+        "",
+        config=True,
+        help="The class (cohort id, c_...) whose pool pays for this kernel: the lease is "
+        "requested for it and funded from your allowance there (the coordinator pays the fees; "
+        "your wallet needs no SOL). Empty: your own escrow pays. Only with coordinator_url.",
+    )
     max_latency_ms = Float(
         0.0,
         config=True,
@@ -407,6 +414,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             max_price_lamports_per_hour=self.max_price_lamports_per_hour,
             region=self.region.strip() or None,
             max_latency_ms=self.max_latency_ms or None,
+            cohort=self.cohort.strip() or None,
         )
 
     @property
@@ -780,6 +788,18 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             await asyncio.shield(lease.release(self.end_timeout))
             raise
         grant = lease.grant
+        if escrow is None and grant is not None and lease.cohort_funding is not None:
+            address, deposit = lease.cohort_funding
+            self._report(
+                ProgressStep.ESCROWED,
+                f"class {lease.cohort} funded escrow {address} with {format_sol(deposit)} from "
+                f"your allowance, verified by the coordinator",
+                lease=grant.lease,
+                escrow=address,
+                deposit_lamports=deposit,
+                cohort=lease.cohort,
+            )
+            return
         if escrow is None or grant is None:
             return
         price = grant.price_lamports_per_hour

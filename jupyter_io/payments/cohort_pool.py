@@ -133,6 +133,7 @@ __all__ = [
     "fund_message",
     "funding_message",
     "match_cohort_funding",
+    "match_cohort_refund",
     "match_cohort_settlement",
     "pack_grants",
     "reclaim_message",
@@ -784,6 +785,45 @@ def match_cohort_funding(session: CohortSession, deposit: int, message: bytes) -
                 return False
             if bytes(candidate) == message:
                 return True
+    return False
+
+
+def match_cohort_refund(
+    session: CohortSession, provider_share: int, message: bytes, *, max_remainder: int
+) -> bool:
+    """True when ``message`` is byte for byte a :func:`cohort_refund_message` of ``session``
+    paying the provider ``provider_share`` (wSOL, or SOL passed on by the arbiter) and
+    returning a remainder (read from the message) to the allowance or the instructor, with at
+    most the arbiter's fee left to it: the remainder is at least ``max_remainder`` (what the
+    escrow holds beyond the share) less that fee. What the student checks before co-signing
+    a cohort refund."""
+    try:
+        parsed = MessageV0.from_bytes(message)
+    except ValueError:
+        return False
+    remainders = {0}
+    for ix in parsed.instructions:
+        data = bytes(ix.data)
+        if len(data) == 10 and data[0] == _TRANSFER_CHECKED:
+            remainders.add(int.from_bytes(data[1:9], "little"))
+        elif len(data) == 12 and data[:4] == _SYSTEM_TRANSFER:
+            remainders.add(int.from_bytes(data[4:12], "little"))
+    fee = FEE_PER_SIGNATURE * 2
+    for remainder in remainders:
+        if remainder < max_remainder - fee:
+            continue
+        for to in ("allowance", "instructor"):
+            for has_wsol in (True, False):
+                candidate = cohort_refund_message(
+                    session,
+                    provider_share,
+                    remainder=remainder,
+                    remainder_to=to,
+                    provider_has_wsol_account=has_wsol,
+                    blockhash=parsed.recent_blockhash,
+                )
+                if bytes(candidate) == message:
+                    return True
     return False
 
 

@@ -22,6 +22,7 @@ from solders.pubkey import Pubkey
 from jupyter_io.cohorts import CohortSettings, new_cohort_id
 from jupyter_io.coordinator.models import SettlementState
 from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.coordinator_client import CohortFundingOffer, CoordinatorClient
 from jupyter_io.leases import verify_token
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
 from jupyter_io.payments.cohort_pool import (
@@ -31,6 +32,7 @@ from jupyter_io.payments.cohort_pool import (
     match_cohort_funding,
     match_cohort_settlement,
 )
+from kernel_provisioner.lease import KernelLease, LeaseNotFunded, LeaseTerms
 
 from ..cohort_books import CohortBooks
 from .conftest import WAIT, FakeProvider, Starter, gpu_offer
@@ -161,7 +163,7 @@ async def _settled(server: CoordinatorServer, lease: str) -> Any:
     while (
         row := await store.get_settlement(lease)
     ) is None or row.state is not SettlementState.DONE:
-        assert asyncio.get_running_loop().time() < deadline, (row.error if row else None)
+        assert asyncio.get_running_loop().time() < deadline, row.error if row else None
         await asyncio.sleep(0.05)
     return row
 
@@ -269,3 +271,82 @@ async def test_a_spent_allowance_is_a_402_that_names_the_top_up(cohort: Cohort) 
     lease = await cohort.lease()
     code, body = await cohort.api("POST", f"/api/v1/leases/{lease}/cohort-funding", {})
     assert code == 402 and "cohort fund" in body["error"]["message"]
+
+
+async def test_the_provisioner_funds_a_cohort_lease_and_refuses_a_tampered_funding(
+    cohort: Cohort, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lease = KernelLease(cohort.server.url, cohort.student, hook=None, timeout=WAIT)
+    try:
+        grant = await lease.request(LeaseTerms(gpu="RTX 4090", cohort=cohort.id))
+        assert grant.escrow is not None and grant.escrow.funding == "cohort"
+        assert await lease.fund() is None  # no hook, no wallet: the pool paid
+        assert lease.grant is not None and lease.grant.token is not None
+        assert lease.cohort_funding is not None
+        address, deposit = lease.cohort_funding
+        assert address == str(cohort.session(grant.lease).escrow.escrow) and deposit > 0
+        assert await cohort.pool.balance(cohort.student.pubkey()) == 0
+    finally:
+        await lease.end()
+        await lease.close()
+
+    # A coordinator that hands out anything but the exact funding (here the deposit sent to
+    # another account) gets no signature from the student's key.
+    lease = KernelLease(cohort.server.url, cohort.student, hook=None, timeout=WAIT)
+    try:
+        await lease.request(LeaseTerms(gpu="RTX 4090", cohort=cohort.id))
+        genuine = CoordinatorClient.cohort_funding_offer
+        signed: list[object] = []
+
+        async def hostile(self: CoordinatorClient, lease_id: str) -> CohortFundingOffer:
+            offer = await genuine(self, lease_id)
+            raw = bytearray(offer.raw)
+            at = raw.index(bytes(cohort.session(lease_id).escrow.escrow))
+            raw[at : at + 32] = bytes(Keypair().pubkey())
+            return CohortFundingOffer(
+                lease_id, MessageV0.from_bytes(bytes(raw)), bytes(raw), offer.deposit
+            )
+
+        async def submit(*args: object) -> None:
+            signed.append(args)
+
+        monkeypatch.setattr(CoordinatorClient, "cohort_funding_offer", hostile)
+        monkeypatch.setattr(CoordinatorClient, "submit_cohort_funding", submit)
+        with pytest.raises(LeaseNotFunded, match="nothing was signed"):
+            await lease.fund()
+        assert signed == []
+    finally:
+        await lease.end()
+        await lease.close()
+
+
+async def test_a_lost_provider_s_cohort_lease_is_refunded_to_the_allowance_by_the_provisioner(
+    cohort: Cohort,
+) -> None:
+    books = CohortBooks(lambda: cohort.pool.client)
+    lease = KernelLease(cohort.server.url, cohort.student, hook=None, timeout=WAIT)
+    try:
+        grant = await lease.request(LeaseTerms(gpu="RTX 4090", cohort=cohort.id))
+        session = cohort.session(grant.lease)
+        before = await books.snapshot([session])
+        await lease.fund()
+        funding = await _funding_signatures(cohort, grant.lease)
+        await cohort.provider.close(1001)  # the provider is lost: the coordinator fails it
+        said = await lease.wind_up_lost(timeout=WAIT)
+        assert "refunded lease" in said, said
+        after = await books.snapshot([session])
+        assert after.escrows == 0 and after.student == 0
+        store = cohort.server.store
+        assert store is not None
+        row = await store.get_settlement(grant.lease)
+        assert row is not None and row.state is SettlementState.DONE and row.signature
+        await books.assert_conserved(
+            [session], before, after, paid_to_provider=0, signatures=[*funding, row.signature]
+        )
+        # Never active: all of the deposit came back to the allowance; the pool paid only the
+        # funding's fee and the escrow multisig's rent, the refund's fee came out of the escrow.
+        state = await cohort.pool.allowance_state(cohort.terms())
+        assert state is not None
+        assert state.amount == CAP - 10_000 - 3_361_680 - 10_000
+    finally:
+        await lease.close()
