@@ -191,6 +191,10 @@ class CohortQueue:
         order = self._order.get(ticket.cohort, [])
         return bisect_left(order, (ticket.usage, ticket.seq, ticket.id)) + 1
 
+    def waiting_count(self, cohort: str) -> int:
+        """How many tickets wait in ``cohort``'s queue."""
+        return len(self._order.get(cohort, ()))
+
     def waiting_of(self, cohort: str, student: str) -> int:
         """How many tickets ``student`` has waiting in ``cohort``."""
         return len(self._by_student.get((cohort, student), ()))

@@ -18,11 +18,16 @@ student removed while waiting is not served); the coordinator sets it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
+
+from solders.pubkey import Pubkey
 
 from ..cohorts import COHORT_ENDED, REMOVED_FROM_COHORT, week_start
 from ..errors import JupyterIOError
@@ -41,7 +46,11 @@ from .registry import Registry
 from .scheduler import NoCapacity, OfferIndex
 from .store import LeaseRecord, Store
 
-__all__ = ["CohortScheduling", "LeaseFor", "TicketGone"]
+__all__ = ["TURN_SECONDS", "CohortScheduling", "LeaseFor", "TicketGone"]
+
+#: Longest a request that takes its turn in a busy queue waits for a serving pass before it
+#: is answered 202 (its ticket is served all the same when its turn comes).
+TURN_SECONDS = 0.5
 
 #: ``lease_for(student, cohort_record, request)``: lease for a cohort student now; returns
 #: the grant (its ``to_json()`` and ``lease.id``), raises :class:`NoCapacity` when full.
@@ -68,6 +77,7 @@ class CohortScheduling:
     ) -> None:
         self.store = store
         self.registry = registry
+        self.index = index
         self.clock = clock
         self.log = log or logging.getLogger("jupyter_io.coordinator")
         self.queue = CohortQueue(per_cohort=max_queue_per_cohort)
@@ -78,8 +88,10 @@ class CohortScheduling:
         self.limits = CohortLimits(
             store, registry, self._rules, warning=warning_seconds, clock=clock, log=self.log
         )
-        #: Set by the coordinator: how a cohort lease is made (see the module docstring).
+        #: Set by the coordinator: how a cohort lease is made (see the module docstring),
+        #: and how a request is checked without leasing (membership, term, quota, ...).
         self.lease_for: LeaseFor | None = None
+        self.check: Callable[[Pubkey, str, Any], Awaitable[Any]] | None = None
         #: cohort id -> its ``max_session_seconds`` as last read (the polls' estimate).
         self._max_session: dict[str, float | None] = {}
 
@@ -152,6 +164,30 @@ class CohortScheduling:
 
     # -- the queue ---------------------------------------------------------------------------
 
+    def busy(self, cohort_id: str) -> bool:
+        """Whether students of the cohort wait in its queue (a new request queues too)."""
+        return self.queue.waiting_count(cohort_id) > 0
+
+    async def take_turn(
+        self, user: Pubkey, cohort_id: str, request: Any
+    ) -> tuple[int, dict[str, Any]]:
+        """A request while others of the class wait: checked like any (the cohort's errors
+        raise), then queued in fair-share order rather than handed a GPU another student
+        waits for. One serving pass runs at once: ``(201, grant)`` when it got a GPU in it,
+        else ``(202, {"queued": ...})``."""
+        if self.check is None or self.lease_for is None:
+            raise TicketGone("this coordinator does not queue cohort requests")
+        await self.check(user, cohort_id, request)
+        body = await self.queue_request(str(user), cohort_id, request)
+        ticket = self.queue.get(body["queued"]["ticket"])
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.service.serve_now(), TURN_SECONDS)
+        if ticket is not None and ticket.state is TicketState.SERVED and ticket.grant:
+            return 201, ticket.grant
+        if ticket is not None and ticket.state is TicketState.WAITING:
+            return 202, self.ticket_json(ticket, self._max_session.get(cohort_id))
+        return 202, body
+
     async def queue_request(self, student: str, cohort_id: str, request: Any) -> dict[str, Any]:
         """Queue a cohort request the scheduler found no capacity for: the 202's body.
         Raises :class:`~.cohort_queue.TooManyTickets` / :class:`~.cohort_queue.QueueFull`."""
@@ -211,7 +247,7 @@ class CohortScheduling:
             place=self.queue.place(ticket),
             estimated_wait_seconds=self.service.estimate(ticket, max_session),
             expires_at=ticket.expires_at,
-            waiting=len(self.queue.waiting(ticket.cohort)),
+            waiting=self.queue.waiting_count(ticket.cohort),
         )
         return {"queued": place.to_json()}
 
@@ -256,11 +292,26 @@ class CohortScheduling:
         if cohort is None:
             raise TicketGone("the class no longer exists")
         self._max_session[cohort.id] = cohort.max_session_seconds
+        if not self._may_fit(cohort, ticket.request):
+            return None  # nothing free for it: no need for the checks' reads
         try:
             grant = await self.lease_for(ticket.student, cohort, ticket.request)
         except NoCapacity:
             return None
         return Served(grant.to_json(), grant.lease.id)
+
+    def _may_fit(self, cohort: Any, request: Any) -> bool:
+        """Whether some free GPU of the cohort's types (the one the request names, if any)
+        could serve ``request`` now, by the index alone; the full path decides."""
+        cap = cohort.max_price_lamports_per_hour
+        if request.max_price_lamports_per_hour is not None:
+            cap = min(cap, request.max_price_lamports_per_hour)
+        types = (request.gpu,) if request.gpu is not None else cohort.gpu_types
+        for gpu in types:
+            wanted = replace(request, gpu=gpu, max_price_lamports_per_hour=cap)
+            if self.index.candidates(wanted, limit=1, cohort=cohort.id):
+                return True
+        return False
 
     async def _rules(self, cohort_id: str) -> SessionRules | None:
         cohort = await self.store.get_cohort(cohort_id)

@@ -64,7 +64,7 @@ from .billing import (
     acknowledge,
 )
 from .cohort_queue import QueueFull, TooManyTickets
-from .cohort_scheduling import CohortScheduling
+from .cohort_scheduling import CohortScheduling, TicketGone
 from .cohorts import CohortError, CohortNotFound, CohortService, TooManyKernels
 from .latency import (
     DEFAULT_CANDIDATE_LIMIT,
@@ -395,7 +395,13 @@ class LeasesHandler(_ApiHandler):
             self.fail(400, "bad_request", f"lease request: {exc}")
             return
         cohort = body.get("cohort")
+        scheduling = self.services.cohort_scheduling
         try:
+            if cohort is not None and scheduling is not None and scheduling.busy(cohort):
+                # Others of the class wait: this request takes its turn in the queue.
+                status, answer = await scheduling.take_turn(user, cohort, request)
+                self.send_json(answer, status)
+                return
             if cohort is not None:
                 grant = await self._for_cohort(user, cohort, request, latencies=latencies)
             else:
@@ -411,6 +417,13 @@ class LeasesHandler(_ApiHandler):
         except TooManyUnfunded as exc:
             self.set_header("Retry-After", str(exc.retry_after_seconds))
             self.fail(429, exc.code, str(exc))
+            return
+        except (TooManyTickets, QueueFull) as exc:
+            self.set_header("Retry-After", "60")
+            self.fail(429, exc.code, str(exc))
+            return
+        except TicketGone as exc:
+            self.fail(409, "no_offer", str(exc))
             return
         except NoCapacity as exc:
             if cohort is not None and self.services.cohort_scheduling is not None:

@@ -346,6 +346,7 @@ class CoordinatorServer:
             return await cohorts.request_lease(Pubkey.from_string(student), cohort.id, request)
 
         scheduling.lease_for = lease_for
+        scheduling.check = cohorts.check_request
         cohorts.queue_of = scheduling.queue_view
         cohorts.queued_of = scheduling.queue.waiting_of
         cohorts.idle_of = scheduling.idle_seconds

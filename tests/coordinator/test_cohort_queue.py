@@ -297,3 +297,35 @@ async def test_the_provisioner_waits_in_the_queue_and_withdraws_when_cancelled(
             await lease.close()
         for client in (alice, bob, carol):
             client.close()
+
+
+async def test_a_new_request_does_not_jump_the_queue_for_a_freed_gpu(
+    start_coordinator: Starter, providers: list[FakeProvider]
+) -> None:
+    server, cohort, (alice, bob, carol) = await _class_with_one_t4(start_coordinator, providers, 3)
+    scheduling = server.cohort_scheduling
+    assert scheduling is not None and scheduling.lease_for is not None
+    events = _served(server)
+    # Hold the serving of the queue at a gate: the freed GPU stays free while bob waits.
+    gate, serve = asyncio.Event(), scheduling.lease_for
+
+    async def gated(student: str, cohort_record: Any, request: Any) -> Any:
+        await gate.wait()
+        return await serve(student, cohort_record, request)
+
+    scheduling.lease_for = gated
+    try:
+        grant = await alice.request_lease("T4", cohort=cohort)
+        with pytest.raises(LeaseQueued) as queued_bob:
+            await bob.request_lease("T4", cohort=cohort)
+        await alice.end_lease(grant.lease)
+        with pytest.raises(LeaseQueued) as queued_carol:
+            await carol.request_lease("T4", cohort=cohort)  # the T4 is free, bob came first
+        assert queued_carol.value.place.place == 2
+        gate.set()
+        served = await asyncio.wait_for(events.get(), WAIT)
+        assert served.id == queued_bob.value.place.ticket
+    finally:
+        gate.set()
+        for client in (alice, bob, carol):
+            client.close()
