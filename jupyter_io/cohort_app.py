@@ -2,11 +2,15 @@
 
 Instructors: ``create``, ``list``, ``show``, ``code``, ``revoke-code``, ``roster`` (a file of
 public keys), ``remove``, ``add-instructor``, ``set`` (quotas and limits), ``end``,
-``dashboard [--csv]``. Students: ``join CODE|LINK`` (a link names its coordinator), ``list``,
-``show``. Each is a :class:`CohortCommand` subclass in :data:`COHORT_SUBCOMMANDS`; the
-command parses options and delegates to :class:`~jupyter_io.cohort_client.CohortClient`. To
-add one (``fund``, ``reclaim``), subclass :class:`CohortCommand` and add a line to
-:data:`COHORT_SUBCOMMANDS`. ``docs/cohorts.md`` describes what each does on the coordinator.
+``dashboard [--csv]``, and the pool's money: ``fund`` (create or top up every student's
+allowance to the cap) and ``reclaim`` (close allowances, everything unspent back; the
+creator's key signs, ``docs/payments-contract.md`` section 6). Students: ``join CODE|LINK``
+(a link names its coordinator), ``list``, ``show``. Each is a :class:`CohortCommand`
+subclass in :data:`COHORT_SUBCOMMANDS`; the command parses options and delegates to
+:class:`~jupyter_io.cohort_client.CohortClient` (and, for the pool,
+:class:`~jupyter_io.payments.cohort_pool.CohortPoolClient`). To add one, subclass
+:class:`CohortCommand` and add a line to :data:`COHORT_SUBCOMMANDS`. ``docs/cohorts.md``
+describes what each does on the coordinator.
 """
 
 from __future__ import annotations

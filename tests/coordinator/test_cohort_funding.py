@@ -350,3 +350,25 @@ async def test_a_lost_provider_s_cohort_lease_is_refunded_to_the_allowance_by_th
         assert state.amount == CAP - 10_000 - 3_361_680 - 10_000
     finally:
         await lease.close()
+
+
+async def test_a_lease_of_another_cohort_never_draws_on_this_cohort_s_allowance(
+    cohort: Cohort,
+) -> None:
+    # The student is in a second class with no allowance funded: a lease there is refused,
+    # and the first class's allowance (same instructor, student and arbiter) is untouched.
+    store = cohort.server.store
+    assert store is not None
+    settings = CohortSettings(
+        name="GPU 102", gpu_types=("RTX 4090",), max_price_lamports_per_hour=PRICE,
+        term_ends_at=time.time() + 86400, max_session_seconds=600,
+    )  # fmt: skip
+    other = await store.create_cohort(
+        instructor=str(cohort.instructor.pubkey()), settings=settings, cohort_id=new_cohort_id()
+    )
+    await store.add_members(other.id, [str(cohort.student.pubkey())])
+    before = await cohort.pool.allowance_state(cohort.terms())
+    lease = await cohort.lease(cohort=other.id)
+    code, body = await cohort.api("POST", f"/api/v1/leases/{lease}/cohort-funding", {})
+    assert code == 402 and f"no allowance in cohort {other.id}" in body["error"]["message"]
+    assert await cohort.pool.allowance_state(cohort.terms()) == before
