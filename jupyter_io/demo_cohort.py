@@ -42,6 +42,8 @@ __all__ = ["COHORT_NAME", "CohortDemo", "CohortDemoService", "StudentLabService"
 COHORT_NAME = "Demo class"
 #: The demo term: 90 days from the first start.
 TERM_SECONDS = 90 * 24 * 3600
+#: What the coordinator's arbiter key holds on the demo's ledger to front class sessions' rents.
+ARBITER_LAMPORTS = 1_000_000_000
 #: How long the demo waits for a student Lab to say where it serves.
 LAB_URL_TIMEOUT = 90.0
 
@@ -152,6 +154,11 @@ class CohortDemoService(Service):
         arbiter = Pubkey.from_string(arbiter_key)
         ledger = cast(CohortPoolClient, CohortPoolClient.connect(solana_url))
         try:
+            # The coordinator's arbiter fronts each class session's rents and fee (all of it
+            # comes back): on the demo's ledger, the demo funds it as it funds the provider.
+            held = await ledger.balance(arbiter)
+            if held < ARBITER_LAMPORTS:
+                await ledger.airdrop(arbiter, ARBITER_LAMPORTS - held)
             targets = [
                 (
                     AllowanceTerms(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import secrets
 import time
 import urllib.request
@@ -17,15 +18,17 @@ from typing import Any, TypeVar
 
 import pytest
 from solders.keypair import Keypair
+from solders.pubkey import Pubkey
 
 from jupyter_io.identity import load_keypair, write_keypair
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
 
 from .conftest import PICKER_TAB
-from .lab_stack import START_TIMEOUT, Lab
+from .lab_stack import START_TIMEOUT, Lab, airdrop
 from .lab_stack import Stack as Backend
 
 pytest.importorskip("playwright.sync_api")
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 T = TypeVar("T")
 CLASS = "Browser class"
@@ -48,6 +51,15 @@ def as_user(coordinator_url: str, keypair: Keypair, call: str, *args: Any, **kwa
             return await getattr(client, call)(*args, **kwargs)
 
     return run_async(ask)
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    """``check()`` once it is truthy; AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
+        time.sleep(0.2)
+    return found
 
 
 @dataclass
@@ -73,6 +85,9 @@ def classroom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Classroom]:
         backend.start_backend(user_funds=5 * LAMPORTS_PER_SOL, min_deposit_seconds=1)
         assert backend.user_keypair is not None
         instructor = load_keypair(backend.user_keypair)
+        # The coordinator's arbiter fronts a class session's rents and fee (it gets them back).
+        info = json.loads(urllib.request.urlopen(f"{backend.coordinator_url}/api/v1/info").read())
+        airdrop(backend.solana_url, Pubkey.from_string(info["arbiter"]), LAMPORTS_PER_SOL)
         student = Keypair()
         student_key = write_keypair(student, root / "student.json")
         cohort = as_user(
@@ -86,10 +101,13 @@ def classroom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Classroom]:
             term_ends_at=time.time() + 30 * 24 * 3600,
         )
         code = as_user(backend.coordinator_url, instructor, "create_code", cohort.id)
+        labs = [backend.start_lab("instructor"), backend.start_lab("student", keypair=student_key)]
+        for lab in labs:
+            # Jupyter Server prints its URL just before it binds the port.
+            wait_for(lambda lab=lab: answers(lab), f"{lab.url} answers", START_TIMEOUT)
         yield Classroom(
             backend,
-            backend.start_lab("instructor"),
-            backend.start_lab("student", keypair=student_key),
+            *labs,
             instructor,
             student,
             cohort.id,
@@ -97,6 +115,14 @@ def classroom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Classroom]:
         )
     finally:
         backend.close()
+
+
+def answers(lab: Lab) -> bool:
+    try:
+        lab.api("GET", "/api/status")
+    except OSError:
+        return False
+    return True
 
 
 def open_lab(browser: Any, lab: Lab) -> Any:
@@ -210,3 +236,60 @@ def test_the_instructor_dashboard_lists_the_student_and_follows_the_class(
     lines = text.splitlines()
     assert lines[0].startswith("student,gpu_hours_week,")
     assert {line.split(",")[0] for line in lines[1:]} == {student, str(late.pubkey())}
+
+
+def rtx_free(classroom: Classroom) -> int:
+    types = classroom.backend.offers()["types"]
+    return next(t["available"] for t in types if t["gpu"] == "rtx4090")
+
+
+def test_a_start_on_a_busy_class_gpu_queues_with_its_place_then_runs_paid_by_the_class(
+    browser: Any, classroom: Classroom, screenshots: Path
+) -> None:
+    student = str(classroom.student.pubkey())
+    if not classroom.student_lab.api("GET", "/jupyter-io/cohorts")["cohorts"]:
+        as_user(classroom.url, classroom.student, "join", classroom.code)  # run alone
+    # The instructor funds the student's allowance from Lab (the student holds no SOL).
+    funded = classroom.instructor_lab.api(
+        "POST",
+        f"/jupyter-io/cohorts/{classroom.cohort_id}/topup",
+        {"lamports": LAMPORTS_PER_SOL // 2, "student": student},
+    )
+    assert funded["students"] == [student]
+    # The instructor's own kernel (their wallet) takes the only RTX 4090.
+    busy = classroom.instructor_lab.api("POST", "/api/kernels", {"name": "jupyter-io-rtx-4090"})
+    wait_for(lambda: rtx_free(classroom) == 0, "the instructor's kernel holds the RTX 4090")
+
+    page = open_lab(browser, classroom.student_lab)
+    try:
+        page.locator(PICKER_TAB).click()
+        row = page.locator(
+            f'#jupyter-io-picker .jio-Cohort[data-cohort="{classroom.cohort_id}"] '
+            '.jio-CohortGpu[data-gpu="rtx4090"]'
+        )
+        row.locator(".jio-CohortGpu-free", has_text="all busy").wait_for(timeout=20_000)
+        row.locator(".jio-CohortGpu-notebook").click()
+        queued = page.locator(".Toastify__toast", has_text="In the class's queue").first
+        queued.wait_for(timeout=60_000)
+        assert "place 1" in queued.inner_text()
+        page.wait_for_timeout(400)  # the toast slides in
+        page.screenshot(path=str(screenshots / "cohort-queue.png"))
+
+        # The RTX 4090 comes free: the queue serves the student, paid by the class.
+        classroom.instructor_lab.api("DELETE", f"/api/kernels/{busy['id']}")
+        try:
+            page.locator(".Toastify__toast", has_text="is ready").first.wait_for(timeout=60_000)
+        except PlaywrightTimeout:
+            progress = classroom.student_lab.api("GET", "/jupyter-io/progress")
+            raise AssertionError(
+                f"the queued start did not run: {progress}\n{classroom.backend.logs()}"
+            ) from None
+        sessions = classroom.student_lab.api("GET", "/jupyter-io/sessions")["sessions"]
+        [session] = [s for s in sessions if s["state"] == "running"]
+        assert session["cohort"] == classroom.cohort_id and session["gpu"] == "RTX 4090"
+    finally:
+        page.context.close()
+        for lab in (classroom.student_lab, classroom.instructor_lab):
+            for kernel in lab.api("GET", "/api/kernels"):
+                lab.api("DELETE", f"/api/kernels/{kernel['id']}")
+        wait_for(lambda: rtx_free(classroom) == 1, "the RTX 4090 is free again")
