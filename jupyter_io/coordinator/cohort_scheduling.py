@@ -18,8 +18,6 @@ student removed while waiting is not served); the coordinator sets it.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -46,11 +44,7 @@ from .registry import Registry
 from .scheduler import NoCapacity, OfferIndex
 from .store import LeaseRecord, Store
 
-__all__ = ["TURN_SECONDS", "CohortScheduling", "LeaseFor", "TicketGone"]
-
-#: Longest a request that takes its turn in a busy queue waits for a serving pass before it
-#: is answered 202 (its ticket is served all the same when its turn comes).
-TURN_SECONDS = 0.5
+__all__ = ["CohortScheduling", "LeaseFor", "TicketGone"]
 
 #: ``lease_for(student, cohort_record, request)``: lease for a cohort student now; returns
 #: the grant (its ``to_json()`` and ``lease.id``), raises :class:`NoCapacity` when full.
@@ -173,25 +167,21 @@ class CohortScheduling:
     ) -> tuple[int, dict[str, Any]]:
         """A request while others of the class wait: checked like any (the cohort's errors
         raise), then queued in fair-share order rather than handed a GPU another student
-        waits for. One serving pass runs at once: ``(201, grant)`` when it got a GPU in it,
-        else ``(202, {"queued": ...})``."""
+        waits for: ``(202, {"queued": ...})`` at once; the serving pass it starts may serve
+        it before its first poll."""
         if self.check is None or self.lease_for is None:
             raise TicketGone("this coordinator does not queue cohort requests")
-        await self.check(user, cohort_id, request)
-        body = await self.queue_request(str(user), cohort_id, request)
-        ticket = self.queue.get(body["queued"]["ticket"])
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.service.serve_now(), TURN_SECONDS)
-        if ticket is not None and ticket.state is TicketState.SERVED and ticket.grant:
-            return 201, ticket.grant
-        if ticket is not None and ticket.state is TicketState.WAITING:
-            return 202, self.ticket_json(ticket, self._max_session.get(cohort_id))
-        return 202, body
+        cohort, _ = await self.check(user, cohort_id, request)
+        return 202, await self.queue_request(str(user), cohort_id, request, cohort=cohort)
 
-    async def queue_request(self, student: str, cohort_id: str, request: Any) -> dict[str, Any]:
-        """Queue a cohort request the scheduler found no capacity for: the 202's body.
-        Raises :class:`~.cohort_queue.TooManyTickets` / :class:`~.cohort_queue.QueueFull`."""
-        cohort = await self.store.get_cohort(cohort_id)
+    async def queue_request(
+        self, student: str, cohort_id: str, request: Any, *, cohort: Any = None
+    ) -> dict[str, Any]:
+        """Queue a cohort request the scheduler found no capacity for: the 202's body
+        (``cohort``: its record, when the caller read it already). Raises
+        :class:`~.cohort_queue.TooManyTickets` / :class:`~.cohort_queue.QueueFull`."""
+        if cohort is None:
+            cohort = await self.store.get_cohort(cohort_id)
         if cohort is None:
             raise TicketGone(f"no class {cohort_id}")
         live = await self.store.cohort_live_leases(cohort_id, student=student)
