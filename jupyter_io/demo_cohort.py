@@ -194,9 +194,11 @@ class CohortDemoService(Service):
         for index, path in enumerate(self.student_keys, 1):
             lines.append(f"  student {index}:   key {path}")
         lines.append(
-            "  A student joins from a terminal with `jupyter io cohort join CODE --keypair "
-            "KEY`, or in Lab: GPU picker → Join a class. The instructor's dashboard: GPU "
-            "picker → Classes → Open dashboard."
+            f"  A student joins from a terminal with `jupyter io cohort join '{self.link}' "
+            f"--keypair KEY`, or in Lab: GPU picker → Join a class. The instructor's dashboard: "
+            f"GPU picker → Classes → Open dashboard, or `jupyter io cohort dashboard "
+            f"{self.cohort.get('id')} --coordinator {self.coordinator.url} --keypair "
+            f"{self.instructor_keypair_path}`."
         )
         return lines
 
