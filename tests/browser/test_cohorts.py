@@ -226,16 +226,60 @@ def test_the_instructor_dashboard_lists_the_student_and_follows_the_class(
         print(f"a join reached the open dashboard in {time.monotonic() - seen:.1f} s")
         page.wait_for_timeout(300)
         page.screenshot(path=str(screenshots / "cohort-dashboard.png"))
+
+        # Export CSV: a download of the week, a row per student.
+        with page.expect_download() as download:
+            dashboard.locator(".jio-Dashboard-csv").click()
+        assert download.value.suggested_filename == f"cohort-{classroom.cohort_id}-week.csv"
+        lines = Path(download.value.path()).read_text().splitlines()
+        assert lines[0].startswith("student,gpu_hours_week,")
+        assert {line.split(",")[0] for line in lines[1:]} == {student, str(late.pubkey())}
+
+        # Remove the late student: asked first, then gone from the class and the table.
+        late_row = dashboard.locator(f'.jio-Dashboard-row[data-student="{late.pubkey()}"]')
+        late_row.locator(".jio-Dashboard-revoke").click()
+        page.locator(".jp-Dialog").get_by_role("button", name="Remove").click()
+        page.locator(".Toastify__toast", has_text="Removed").first.wait_for()
+        late_row.wait_for(state="detached", timeout=10_000)
+
+        # Top up the student's allowance from the instructor's wallet.
+        row.locator(".jio-Dashboard-topup").click()
+        dialog = page.locator(".jp-Dialog")
+        dialog.locator("input").fill("0.25")
+        dialog.get_by_role("button", name="Top up").click()
+        page.locator(".Toastify__toast", has_text="Topped up by 0.25 SOL").first.wait_for()
     finally:
         page.context.close()
 
+    assert allowance(classroom, classroom.student) == LAMPORTS_PER_SOL // 4
     kind, text = fetch_text(
         classroom.instructor_lab, f"/jupyter-io/cohorts/{classroom.cohort_id}/dashboard?format=csv"
     )
     assert kind.startswith("text/csv")
-    lines = text.splitlines()
-    assert lines[0].startswith("student,gpu_hours_week,")
-    assert {line.split(",")[0] for line in lines[1:]} == {student, str(late.pubkey())}
+    assert [line.split(",")[0] for line in text.splitlines()[1:]] == [student]
+
+
+def allowance(classroom: Classroom, student: Keypair) -> int:
+    """What ``student``'s allowance in the class holds on the ledger (0: none)."""
+    from jupyter_io.payments.cohort_pool import AllowanceTerms, CohortPoolClient
+
+    info = json.loads(urllib.request.urlopen(f"{classroom.url}/api/v1/info").read())
+    terms = AllowanceTerms(
+        classroom.instructor.pubkey(),
+        student.pubkey(),
+        Pubkey.from_string(info["arbiter"]),
+        classroom.cohort_id,
+    )
+
+    async def read() -> int:
+        ledger = CohortPoolClient.connect(classroom.backend.solana_url)
+        try:
+            state = await ledger.allowance_state(terms)  # type: ignore[attr-defined]
+        finally:
+            await ledger.close()
+        return 0 if state is None else int(state.amount)
+
+    return run_async(read)
 
 
 def rtx_free(classroom: Classroom) -> int:
@@ -293,3 +337,50 @@ def test_a_start_on_a_busy_class_gpu_queues_with_its_place_then_runs_paid_by_the
             for kernel in lab.api("GET", "/api/kernels"):
                 lab.api("DELETE", f"/api/kernels/{kernel['id']}")
         wait_for(lambda: rtx_free(classroom) == 1, "the RTX 4090 is free again")
+
+
+def test_a_class_kernel_near_its_max_length_is_announced_in_a_notification(
+    browser: Any, classroom: Classroom
+) -> None:
+    # A class whose sessions last at most a minute: the coordinator warns a minute before
+    # the end, that is from the start.
+    cohort = as_user(
+        classroom.url,
+        classroom.instructor,
+        "create",
+        name="Short sessions",
+        gpu_types=["a100"],
+        max_price_lamports_per_hour=LAMPORTS_PER_SOL,
+        max_session_seconds=60,
+        term_ends_at=time.time() + 86400,
+    )
+    code = as_user(classroom.url, classroom.instructor, "create_code", cohort.id)
+    as_user(classroom.url, classroom.student, "join", code.code)
+    student = str(classroom.student.pubkey())
+    classroom.instructor_lab.api(
+        "POST",
+        f"/jupyter-io/cohorts/{cohort.id}/topup",
+        {"lamports": LAMPORTS_PER_SOL, "student": student},
+    )
+    page = open_lab(browser, classroom.student_lab)
+    try:
+        page.locator(PICKER_TAB).click()
+        row = page.locator(
+            f'#jupyter-io-picker .jio-Cohort[data-cohort="{cohort.id}"] '
+            '.jio-CohortGpu[data-gpu="a100"]'
+        )
+        row.locator(".jio-CohortGpu-notebook").click()
+        page.locator(".Toastify__toast", has_text="is ready").first.wait_for(timeout=60_000)
+        warning = page.locator(".Toastify__toast", has_text="A100 kernel:").first
+        warning.wait_for(timeout=20_000)
+        [session] = [
+            s
+            for s in classroom.student_lab.api("GET", "/jupyter-io/sessions")["sessions"]
+            if s["cohort"] == cohort.id
+        ]
+        [notice] = [w for w in session["warnings"] if w["kind"] == "max_length"]
+        assert notice["message"] in warning.inner_text()
+    finally:
+        page.context.close()
+        for kernel in classroom.student_lab.api("GET", "/api/kernels"):
+            classroom.student_lab.api("DELETE", f"/api/kernels/{kernel['id']}")
