@@ -18,7 +18,7 @@ import contextlib
 import logging
 import secrets
 import struct
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import zmq
@@ -31,10 +31,15 @@ from websockets.protocol import Side
 from .errors import JupyterIOError, ProtocolError
 from .protocol import VIEW_THRESHOLD, Channel, CloseCode, Frame, FrameKind, Tunnel
 
-__all__ = ["Bridge", "ControlHandler"]
+__all__ = ["Bridge", "ControlHandler", "Gate", "Tap"]
 
 ControlHandler = Callable[[Frame], Awaitable[None] | None]
 """Called with every reliable control frame (LAUNCH, SIGNAL, STARTED, EXITED, END)."""
+Gate = Callable[[list[bytes]], Awaitable[None] | None]
+"""Looks at each outbound message of its channel before it is sequenced; an awaitable
+holds that message (and the channel's later ones) until it completes."""
+Tap = Callable[[Sequence[bytes]], None]
+"""Hears each inbound message of its channel once it is handed to the socket."""
 
 _BURST = 64
 """The most ZMQ messages a pump reads per wake-up before it sends them and yields."""
@@ -124,8 +129,17 @@ class Bridge:
         on_failure: Callable[[JupyterIOError], None] | None = None,
         log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
         ack_interval: float = 0.05,
+        gates: Mapping[Channel, Gate] | None = None,
+        taps: Mapping[Channel, Tap] | None = None,
     ) -> None:
+        """``gates`` and ``taps`` (per channel) let the file channel hold an execute_request
+        until local edits are sent, and hear execute_replies; channels without one pay
+        nothing."""
         self.tunnel = tunnel
+        self.gates = dict(gates or {})
+        self.taps = dict(taps or {})
+        self._window = asyncio.Event()
+        self._window_limit: int | None = None
         self.outbound = dict(outbound)
         self.inbound = dict(inbound)
         self.on_control = on_control
@@ -219,6 +233,19 @@ class Bridge:
         frame = self.tunnel.send_control(kind, body)
         await self._write(frame)
 
+    async def send_chunk(self, parts: Sequence[bytes]) -> None:
+        """Send one FILE_CHUNK now, or on the next attach if disconnected. Bulk senders
+        call :meth:`wait_window` first."""
+        await self._write(self.tunnel.send_chunk(parts))
+
+    async def wait_window(self, limit: int) -> None:
+        """Return once at most ``limit`` bytes of sent frames await acknowledgement: a bulk
+        sender keeps at most that much queued ahead of the kernel's next message."""
+        while self.tunnel.unacked_bytes > limit:
+            self._window_limit = limit
+            self._window.clear()
+            await self._window.wait()
+
     async def _write(self, frame: bytes) -> None:
         ws = self.ws
         if ws is None:
@@ -237,9 +264,18 @@ class Bridge:
         raw: zmq.Socket[Any] = zmq.Socket.shadow(sock.underlying)
         recv_ready = raw.recv_multipart
         events: Callable[[int], int] = raw.getsockopt  # type: ignore[assignment]
+        gate = self.gates.get(channel)
+        held: list[bytes] | None = None
         try:
             while True:
-                burst = [send_data(channel, await sock.recv_multipart())]
+                if held is None:
+                    parts = await sock.recv_multipart()
+                    wait = gate(parts) if gate is not None else None
+                    if wait is not None:
+                        await wait
+                else:
+                    parts, held = held, None
+                burst = [send_data(channel, parts)]
                 size = len(burst[0])
                 # EVENTS before each recv: a message-less socket costs no zmq.Again raised.
                 while (
@@ -249,6 +285,12 @@ class Bridge:
                         parts = recv_ready(zmq.NOBLOCK)
                     except zmq.Again:
                         break
+                    if gate is not None:
+                        wait = gate(parts)
+                        if wait is not None:
+                            # Send what has its seqs first; the held message waits.
+                            held = parts
+                            break
                     burst.append(send_data(channel, parts))
                     size += len(burst[-1])
                 ws = self.ws
@@ -262,6 +304,8 @@ class Bridge:
                     while self.ws is not None and tunnel.unacked_bytes > self._high_water:
                         self._acked.clear()
                         await self._acked.wait()
+                if held is not None and wait is not None:
+                    await wait
                 if len(burst) == _BURST or size >= _BURST_BYTES:
                     await asyncio.sleep(0)  # a busy socket must not starve the event loop
         except JupyterIOError as exc:
@@ -289,6 +333,10 @@ class Bridge:
                 frame = receive(message, views=True)
                 if not self._acked.is_set() and tunnel.unacked_bytes <= self._high_water:
                     self._acked.set()
+                limit = self._window_limit
+                if limit is not None and tunnel.unacked_bytes <= limit:
+                    self._window_limit = None
+                    self._window.set()
                 if frame is None:
                     continue
                 if frame.kind is FrameKind.DATA:
@@ -298,6 +346,16 @@ class Bridge:
                     # Large parts go zero-copy (a view of the frame that libzmq releases later).
                     parts = frame.parts
                     await sock.send_multipart(parts, copy=len(parts[-1]) < VIEW_THRESHOLD)
+                    tap = self.taps.get(frame.channel) if self.taps else None
+                    if tap is not None:
+                        tap(parts)
+                elif frame.kind is FrameKind.FILE_CHUNK:
+                    result = self.on_control(frame)
+                    if result is not None:
+                        await result
+                    # A bulk sender waits for acks to send more: acknowledge each chunk.
+                    await ws.send(tunnel.ack_frame())
+                    continue
                 else:
                     result = self.on_control(frame)
                     if result is not None:

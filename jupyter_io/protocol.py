@@ -44,6 +44,7 @@ from typing import Any
 from .errors import BufferOverflow, FrameTooLarge, ProtocolError
 
 __all__ = [
+    "BINARY_KINDS",
     "DEFAULT_MAX_FRAME_SIZE",
     "HANDSHAKE_MAX_FRAME_SIZE",
     "HEADER",
@@ -127,7 +128,17 @@ class FrameKind(enum.IntEnum):
     lease's course environment and may take up to ``timeout`` more seconds). Sent only for
     a lease that asks for such a step (a cohort's environment), so older clients never
     meet it."""
+    FILES = 12
+    """Either way: a message of the file channel (:mod:`jupyter_io.files`): ``{"op": "offer"
+    | "want" | "done" | "pull", "id", ...}``. Sent only to a host whose WELCOME lists
+    ``"files"`` in its ``features``."""
+    FILE_CHUNK = 13
+    """Either way: content of a file transfer, two parts: a header
+    (:data:`jupyter_io.files.CHUNK_HEADER`) and up to 1 MiB of bytes."""
 
+
+#: Kinds whose parts are raw bytes, not one JSON body.
+BINARY_KINDS = frozenset({FrameKind.DATA, FrameKind.FILE_CHUNK})
 
 #: PROGRESS ``step`` values.
 PROGRESS_STEPS = frozenset({"environment"})
@@ -304,14 +315,16 @@ def decode_frame(
             f"frame length mismatch: parts add up to {table_end + sum(lengths)} bytes, "
             f"the frame has {size}"
         )
-    if kind is not FrameKind.DATA and n and lengths[0] > MAX_CONTROL_SIZE:
+    if kind is FrameKind.FILE_CHUNK and n != 2:
+        raise ProtocolError(f"FILE_CHUNK frame must have 2 parts, not {n}")
+    if kind not in BINARY_KINDS and n and lengths[0] > MAX_CONTROL_SIZE:
         raise FrameTooLarge(
             f"{kind.name} body of {lengths[0]} bytes exceeds the maximum of {MAX_CONTROL_SIZE}"
         )
     view = memoryview(data)
     parts: list[bytes] = []
     pos = table_end
-    views = views and kind is FrameKind.DATA
+    views = views and kind in BINARY_KINDS
     for length in lengths:
         # Large DATA parts (comm buffers, bulk output) stay views of ``data``: the copy is
         # cheap, the fresh pages a megabyte-sized copy needs are not.
@@ -321,7 +334,7 @@ def decode_frame(
         pos += length
     if kind is FrameKind.DATA and not parts:
         raise ProtocolError(f"{channel.name} DATA frame with no parts")
-    if kind is not FrameKind.DATA and len(parts) > 1:
+    if kind not in BINARY_KINDS and len(parts) > 1:
         raise ProtocolError(f"{kind.name} frame must have at most one part, not {len(parts)}")
     return Frame(kind, channel, seq, ack, tuple(parts))
 
@@ -369,9 +382,15 @@ class Tunnel:
             )
         )
 
+    def send_chunk(self, parts: Sequence[bytes]) -> bytes:
+        """Sequence one FILE_CHUNK (parts from :func:`jupyter_io.files.encode_chunk`)."""
+        return self._keep(
+            encode_frame(FrameKind.FILE_CHUNK, parts, seq=self.sent + 1, ack=self.received)
+        )
+
     def send_control(self, kind: FrameKind, body: dict[str, Any] | None = None) -> bytes:
         """Sequence a reliable control frame (LAUNCH, SIGNAL, STARTED, EXITED, END)."""
-        if kind in UNSEQUENCED or kind is FrameKind.DATA:
+        if kind in UNSEQUENCED or kind in BINARY_KINDS:
             raise ValueError(f"{kind.name} is not a reliable control frame")
         return self._keep(encode_control(kind, body, seq=self.sent + 1, ack=self.received))
 

@@ -266,6 +266,10 @@ class TunnelClient:
         self._pipelined_launch: dict[str, Any] | None = None
         self._fatal_error: str | None = None
         self._stale_token = False
+        #: What the host's WELCOME says it speaks beyond the base protocol ("files").
+        self.features: frozenset[str] = frozenset()
+        #: Handles FILES and FILE_CHUNK frames (the file channel); None: they are refused.
+        self.on_files: Callable[[Frame], Awaitable[None]] | None = None
 
     # -- state -----------------------------------------------------------------------------
 
@@ -381,6 +385,9 @@ class TunnelClient:
                 raise UnknownSession(f"provider at {self.url} no longer has session {resume}")
             self.tunnel.adopt(int(welcome.get("received", 0)), received)
         self.session_id = str(welcome["session"])
+        features = welcome.get("features")
+        if isinstance(features, list):
+            self.features = frozenset(f for f in features if isinstance(f, str))
         self._apply_kernel_report(welcome.get("kernel"))
         try:
             await self._attach(ws, welcome)
@@ -653,8 +660,12 @@ class TunnelClient:
 
     # -- control frames --------------------------------------------------------------------
 
-    def _on_control(self, frame: Frame) -> None:
+    def _on_control(self, frame: Frame) -> Awaitable[None] | None:
         kind = frame.kind
+        if kind is FrameKind.FILES or kind is FrameKind.FILE_CHUNK:
+            if self.on_files is None:
+                raise ProtocolError(f"{kind.name} frame, and no file channel was asked for")
+            return self.on_files(frame)
         if kind is FrameKind.STARTED:
             body = frame.body
             self.kernel = KernelStatus(
@@ -691,6 +702,7 @@ class TunnelClient:
         else:
             raise ProtocolError(f"{kind.name} is not a frame the provider sends")
         self._notify()
+        return None
 
     def _on_progress(self, frame: Frame) -> None:
         try:

@@ -60,7 +60,7 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.manager import AsyncKernelManager, KernelManager
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from solders.keypair import Keypair
-from traitlets import CaselessStrEnum, Float, Int, Type, Unicode, Union, validate
+from traitlets import Bool, CaselessStrEnum, Float, Int, Type, Unicode, Union, validate
 
 from jupyter_io.coordinator_client import LeaseGrant
 from jupyter_io.errors import ConfigError, JupyterIOError, KernelLaunchError, PaymentError
@@ -82,6 +82,7 @@ from jupyter_io.usage_acks import DEFAULT_ACK_INTERVAL_S
 
 from .connection import LOST_EXIT_CODE, KernelState, TunnelClient, tunnel_url
 from .facade import CHANNEL_PORT_NAMES, Facade
+from .files import NotebookFiles, default_store_root
 from .lease import BudgetExhausted, KernelLease, LeaseTerms
 from .loop_thread import LoopThread
 from .progress import ProgressEvent, ProgressStep, report
@@ -258,6 +259,43 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         "settle its escrow (the provider co-signs), so that a process stopping with its "
         "kernels (Jupyter Server, the demo) leaves nothing to settle later; 0: do not wait.",
     )
+    sync_files = Bool(
+        True,
+        config=True,
+        help="Mirror the notebook's directory (the kernel's cwd, as Jupyter Server gives it) "
+        "into the remote workspace before the first execution, send local edits before each "
+        "execution and bring back what the kernel writes (docs/architecture.md, 'Files').",
+    )
+    files_max_bytes = Int(
+        2 * 1024**3,
+        config=True,
+        help="Most bytes of the notebook's directory a kernel start sends; over it the start "
+        "fails naming the biggest files to list in .jupyter-io-ignore. 0: no cap.",
+    )
+    files_pull_max_size = Int(
+        16 * 1024**2,
+        config=True,
+        help="Largest file the kernel wrote that comes back on its own after an execution; "
+        "larger ones come back when pulled (jupyter io files pull) or at the session's end.",
+    )
+    files_store_max_bytes = Int(
+        10 * 1024**3,
+        config=True,
+        help="Most bytes kept in the local store of files received from kernels "
+        "(Jupyter's data dir, io/files); the least recently used go first.",
+    )
+    files_window = Int(
+        4 * 1024**2,
+        config=True,
+        help="Most bytes of file transfer in flight on the tunnel: a kernel message waits "
+        "behind at most this much of a transfer.",
+    )
+    files_timeout = Float(
+        300.0,
+        config=True,
+        help="Seconds the first sync of the notebook's directory, and the last transfer "
+        "back at the session's end, may take.",
+    )
     payment_hook_class = Type(
         SolanaEscrowHook,
         klass=PaymentHook,
@@ -323,6 +361,9 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         #: The round trip measured to the leased provider before the lease (None: unknown).
         self.latency: Measurement | None = None
         self._round_trip = RoundTripWatch()
+        #: The notebook's directory as the kernel manager gave it (``cwd``), if any.
+        self._cwd: str | None = None
+        self._files: NotebookFiles | None = None
 
     @validate("provider_url")
     def _check_provider_url(self, proposal: Any) -> str:
@@ -536,6 +577,8 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         cmd = [*self.kernel_spec.argv, *extra_arguments] if self.kernel_spec else []
         kwargs = await super().pre_launch(cmd=cmd, **kwargs)
         env: Mapping[str, str] = kwargs.get("env") or {}
+        cwd = kwargs.get("cwd")
+        self._cwd = str(cwd) if cwd and self.sync_files else None
         wanted = set(self.kernel_spec.env if self.kernel_spec else ()) | set(FORWARDED_ENV)
         self._remote_env = {k: str(env[k]) for k in sorted(wanted) if k in env}
         return kwargs
@@ -567,13 +610,19 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         try:
             if self.connection_info and self._lease is not None:
                 await self._check_budget(self._lease)  # a restart: is the lease still paid?
+            await self._check_files()
             client = await self._ensure_session(launch=(self._key, self._remote_env))
+            files = self._files
+            if files is not None and files.enabled:
+                files.start_sync()  # beside the kernel's start; executions wait for it
             self._report(
                 ProgressStep.LAUNCHING,
                 f"starting the kernel on {self._where()}",
                 session=client.session_id,
             )
             started = await client.launch(self._key, self._remote_env, self.launch_timeout)
+            if files is not None:
+                await files.wait_synced(self.files_timeout)
         except JupyterIOError as exc:
             self._report(ProgressStep.FAILED, str(exc))
             if not self.connection_info:
@@ -638,6 +687,8 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             facade = self._facade = Facade()
             facade.bind()
         client = self._new_client(url, keypair, facade)
+        if self._files is not None:
+            self._files.attach(client)
         self.log.info("jupyter-io: connecting to %s", self._where())
         try:
             await client.open(launch=launch)
@@ -912,6 +963,28 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         """A step the provider reports before STARTED: a course environment's build."""
         self._report(ProgressStep.ENVIRONMENT, progress.message, state=progress.state)
 
+    @property
+    def files(self) -> NotebookFiles | None:
+        """The notebook directory's file channel (None: no cwd, or ``sync_files`` off)."""
+        return self._files
+
+    async def _check_files(self) -> None:
+        """Scan the notebook's directory before a session opens: a start over the cap
+        fails here (:class:`~kernel_provisioner.files.FilesOverCap`)."""
+        if self._cwd is None:
+            return
+        if self._files is None or self._files.origin != self._cwd:
+            self._files = NotebookFiles(
+                self._cwd,
+                max_bytes=self.files_max_bytes,
+                pull_max_size=self.files_pull_max_size,
+                store_root=default_store_root(),
+                store_max_bytes=self.files_store_max_bytes,
+                window=self.files_window,
+                log=self.log,
+            )
+        await asyncio.to_thread(self._files.check)
+
     async def _drop_session(self) -> None:
         client, self._client = self._client, None
         if client is not None:
@@ -1033,6 +1106,9 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             if client is not None and client.connected:
                 # The last acknowledgement covers the session up to its end.
                 await lease.acknowledge(self.end_timeout)
+        files, self._files = self._files, None
+        if files is not None and client is not None and client.alive:
+            await files.finish(self.files_timeout)
         if client is not None:
             if client.alive and not await client.end(self.end_timeout):
                 self.log.warning(

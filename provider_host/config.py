@@ -170,6 +170,19 @@ class ProviderConfig(Configurable):
         "workspace: a kernel whose workspace is over the limit and still growing is killed "
         "(the client sees it exit with the reason; after a new LAUNCH it may delete files).",
     )
+    file_store_max_bytes = Integer(
+        20 * 1024**3,
+        config=True,
+        help="Most bytes of file content kept per user in data_dir/files/<user> (what a "
+        "notebook's directory sent: a restart or a second kernel re-sends none of it); the "
+        "least recently used content is deleted beyond it. 0 = no limit.",
+    )
+    file_window = Integer(
+        4 * 1024**2,
+        config=True,
+        help="Most bytes of file transfer frames awaiting acknowledgement at once: a kernel "
+        "message waits behind at most this much of a transfer.",
+    )
     workspace_check_interval = Float(
         5.0, config=True, help="Seconds between measurements of a workspace's size."
     )
@@ -456,6 +469,10 @@ class ProviderConfig(Configurable):
         """The file of ``host``'s settlement records (:class:`provider_host.settlement.
         SettlementBook`): one per host key, so hosts sharing a data directory never mix."""
         return Path(self.data_dir).expanduser() / f"settlements-{host}.json"
+
+    def file_store_path(self, owner: Pubkey) -> Path:
+        """The content store of ``owner``'s files: ``data_dir/files/<pubkey>``."""
+        return Path(self.data_dir).expanduser() / "files" / str(owner)
 
     def environments_path(self) -> Path:
         """Where course environments are built and kept: ``data_dir/environments``."""

@@ -54,6 +54,7 @@ from websockets.exceptions import ConnectionClosed
 
 from jupyter_io.bridge import Bridge
 from jupyter_io.errors import JupyterIOError, KernelLaunchError, ProtocolError
+from jupyter_io.file_endpoint import FileEndpoint
 from jupyter_io.protocol import (
     Channel,
     CloseCode,
@@ -67,6 +68,7 @@ from jupyter_io.protocol import (
 from .cgroups import CgroupTree, SessionCgroup
 from .config import ProviderConfig
 from .environments import Environment, EnvironmentCache
+from .files import session_files
 from .isolation import kernel_env
 from .kernel import KERNEL_PORTS, KernelProcess, kernel_endpoints
 from .sandbox import Sandbox
@@ -164,6 +166,8 @@ class KernelSession:
         self._environment: Environment | None = None
         self._environment_hold: int | None = None
         self._preparing: asyncio.Task[None] | None = None
+        #: The file channel: the notebook's directory mirrored into the workspace (open()).
+        self.files: FileEndpoint | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -223,6 +227,16 @@ class KernelSession:
             on_failure=self._bridge_failed,
             log=self.log,
         )
+        self.files = session_files(
+            bridge=self._bridge,
+            workspace=self.workspace,
+            store_root=self.config.file_store_path(self.owner),
+            store_max_bytes=self.config.file_store_max_bytes,
+            max_workspace_bytes=self.config.max_workspace_bytes,
+            owner=owner,
+            log=self.log,
+            window=self.config.file_window,
+        )
         self._bridge.start()
 
     @property
@@ -267,6 +281,7 @@ class KernelSession:
                         "received": self.tunnel.received,
                         "resumed": resumed,
                         "kernel": self.kernel_info(),
+                        "features": ["files"],
                     },
                 )
             )
@@ -295,6 +310,8 @@ class KernelSession:
         try:
             async with self._kernel_lock:
                 await self._stop_kernel()
+            if self.files is not None:
+                await self.files.close()
             if self._bridge is not None:
                 await self._bridge.stop()
             ws = self._ws
@@ -343,6 +360,9 @@ class KernelSession:
                 task.add_done_callback(self._background.discard)
             else:
                 await self._launch(frame.body)
+        elif kind is FrameKind.FILES or kind is FrameKind.FILE_CHUNK:
+            if self.files is not None:
+                await self.files.handle(frame)
         elif kind is FrameKind.SIGNAL:
             self._signal(frame.body)
         elif kind is FrameKind.END:

@@ -37,11 +37,13 @@ PARTS = st.lists(st.binary(max_size=64), max_size=8)
 @st.composite
 def frames(draw: st.DrawFn) -> Frame:
     """A valid frame of any kind: sequenced or not as its kind says, DATA with >= 1 part,
-    control frames with at most one."""
+    FILE_CHUNK with 2, control frames with at most one."""
     kind = draw(st.sampled_from(FrameKind))
     seq = 0 if kind in UNSEQUENCED else draw(st.integers(1, 2**64 - 1))
     if kind is FrameKind.DATA:
         parts = draw(st.lists(st.binary(max_size=64), min_size=1, max_size=8))
+    elif kind is FrameKind.FILE_CHUNK:  # a chunk header and its bytes
+        parts = draw(st.lists(st.binary(max_size=64), min_size=2, max_size=2))
     else:
         parts = draw(st.lists(st.binary(max_size=64), max_size=1))
     return Frame(kind, draw(st.sampled_from(Channel)), seq, draw(U64), tuple(parts))

@@ -1,0 +1,263 @@
+"""File access confined beneath a root directory, for both ends of the file channel.
+
+Every path handed here has passed :func:`jupyter_io.files.check_path` (relative, no ``..``);
+this module makes sure a *link* cannot take it out of its root either: each directory on
+the way is opened relative to its parent with ``O_NOFOLLOW``, files are read only when they
+are regular files with a single link (a hard link could point at a file outside), and a
+file is written by creating a temporary file in its directory and renaming it over the
+name, which replaces a planted link instead of writing through it.
+
+Start with :func:`scan` (what a tree holds), :func:`open_beneath` (read one file) and
+:func:`place` (write one file from a source descriptor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import secrets
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .files import UnsafePath
+
+__all__ = [
+    "HashCache",
+    "Scanned",
+    "copy_fd",
+    "hash_fd",
+    "open_beneath",
+    "open_parent",
+    "place",
+    "scan",
+]
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ = 1024 * 1024
+
+
+def open_parent(
+    root: str, path: str, *, create: bool = False, owner: tuple[int, int] | None = None
+) -> tuple[int, str]:
+    """A descriptor of ``path``'s directory beneath ``root`` and the file's name in it.
+
+    ``create`` makes missing directories (0755, owned by ``owner`` when given). Raises
+    :class:`UnsafePath` when a component on the way is a link or not a directory; the caller
+    closes the descriptor.
+    """
+    *dirs, name = path.split("/")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in dirs:
+            try:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                made = False
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    made = True
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                if made and owner is not None:
+                    os.fchown(child, *owner)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafePath(f"{path!r}: {part!r} is a link or not a directory") from None
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, name
+
+
+def open_beneath(root: str, path: str) -> tuple[int, os.stat_result]:
+    """Open ``path`` beneath ``root`` for reading: a regular file with one link only.
+
+    Raises :class:`UnsafePath` for a link, a device, a FIFO, a hard-linked file;
+    :class:`FileNotFoundError` when it is gone.
+    """
+    parent, name = open_parent(root, path)
+    try:
+        try:
+            fd = os.open(
+                name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=parent
+            )
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafePath(f"{path!r} is a symbolic link; links are not followed") from None
+            raise
+    finally:
+        os.close(parent)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        what = "has other hard links" if stat.S_ISREG(info.st_mode) else "is not a plain file"
+        raise UnsafePath(f"{path!r} {what}; it is not sent")
+    return fd, info
+
+
+def hash_fd(fd: int) -> str:
+    """The sha256 (hex) of everything in ``fd`` from offset 0."""
+    digest = hashlib.sha256()
+    offset = 0
+    while True:
+        block = os.pread(fd, _READ, offset)
+        if not block:
+            return digest.hexdigest()
+        digest.update(block)
+        offset += len(block)
+
+
+def copy_fd(source: int, target: int, size: int) -> None:
+    """Copy ``size`` bytes from ``source`` (offset 0) to ``target`` (in the kernel when it can)."""
+    offset = 0
+    while offset < size:
+        try:
+            n = os.copy_file_range(source, target, size - offset, offset, offset)
+        except OSError:
+            n = 0
+        if n <= 0:  # not supported across these filesystems: read and write
+            block = os.pread(source, _READ, offset)
+            if not block:
+                raise OSError(f"source ended at {offset} of {size} bytes")
+            n = os.pwrite(target, block, offset)
+        offset += n
+
+
+def place(
+    root: str,
+    path: str,
+    source: int,
+    size: int,
+    mode: int,
+    *,
+    owner: tuple[int, int] | None = None,
+) -> os.stat_result:
+    """Write ``size`` bytes of ``source`` as ``path`` beneath ``root``; return its stat.
+
+    The file is created beside its final name and renamed over it: a link planted under
+    that name is replaced, never written through, and a reader never sees half a file.
+    ``mode`` keeps its rwx bits for the owner only plus read for others (no set-id bits).
+    Raises :class:`UnsafePath` when a directory on the way is a link, or the name is a
+    directory.
+    """
+    parent, name = open_parent(root, path, create=True, owner=owner)
+    temp = f".{name[:200]}.jio-{secrets.token_hex(4)}"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+                raise UnsafePath(f"{path!r} is a directory here; the file is not written")
+        fd = os.open(
+            temp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=parent,
+        )
+        try:
+            copy_fd(source, fd, size)
+            os.fchmod(fd, (mode & 0o755) | 0o600)
+            if owner is not None:
+                os.fchown(fd, *owner)
+            info = os.fstat(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
+        return info
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=parent)
+        raise
+    finally:
+        os.close(parent)
+
+
+@dataclass(frozen=True, slots=True)
+class Scanned:
+    """One regular file a scan found."""
+
+    path: str
+    size: int
+    mode: int
+    mtime_ns: int
+    ino: int
+
+
+def scan(
+    root: str,
+    skip: Callable[[str, bool], bool],
+    refused: list[tuple[str, str]] | None = None,
+) -> Iterator[Scanned]:
+    """Every regular, singly linked file beneath ``root``, links never followed.
+
+    ``skip(relpath, is_dir)`` prunes (a skipped directory is not entered). What is not a
+    plain file (links, devices, FIFOs, sockets, hard-linked files) is left out and, when
+    ``refused`` is given, listed there with the reason.
+    """
+    stack = [""]
+    while stack:
+        prefix = stack.pop()
+        try:
+            entries = list(os.scandir(os.path.join(root, prefix) if prefix else root))
+        except OSError:
+            continue
+        for entry in sorted(entries, key=lambda e: e.name):
+            rel = f"{prefix}/{entry.name}" if prefix else entry.name
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                if not skip(rel, True):
+                    stack.append(rel)
+                continue
+            if skip(rel, False):
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                if refused is not None:
+                    kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a plain file"
+                    refused.append((rel, f"{kind}; not sent"))
+                continue
+            if info.st_nlink != 1:
+                if refused is not None:
+                    refused.append((rel, "has other hard links; not sent"))
+                continue
+            yield Scanned(rel, info.st_size, info.st_mode & 0o777, info.st_mtime_ns, info.st_ino)
+
+
+class HashCache:
+    """sha256 of files by path, recomputed only when size, mtime or inode changed."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[int, int, int, str]] = {}
+
+    def get(self, item: Scanned) -> str | None:
+        known = self._known.get(item.path)
+        if known is not None and known[:3] == (item.size, item.mtime_ns, item.ino):
+            return known[3]
+        return None
+
+    def put(self, path: str, info: os.stat_result | Scanned, sha: str) -> None:
+        if isinstance(info, Scanned):
+            self._known[path] = (info.size, info.mtime_ns, info.ino, sha)
+        else:
+            self._known[path] = (info.st_size, info.st_mtime_ns, info.st_ino, sha)
+
+    def hash(self, root: str, item: Scanned) -> str:
+        """The file's sha256 (cached); :class:`UnsafePath`/:class:`OSError` as
+        :func:`open_beneath`."""
+        sha = self.get(item)
+        if sha is not None:
+            return sha
+        fd, info = open_beneath(root, item.path)
+        try:
+            sha = hash_fd(fd)
+        finally:
+            os.close(fd)
+        self.put(item.path, info, sha)
+        return sha

@@ -1,0 +1,437 @@
+"""One end of the file channel over a tunnel :class:`~jupyter_io.bridge.Bridge`.
+
+Both the provisioner (the notebook's directory) and the provider host (the session's
+workspace) run a :class:`FileEndpoint` over their bridge: it answers the other end's
+offers (content it lacks is wanted, written to its :class:`~jupyter_io.content_store.
+ContentStore`, then placed beneath its root without following links), and sends files the
+other end asks for or its owner pushes (:meth:`FileEndpoint.send`), at most ``window``
+bytes of file frames awaiting acknowledgement at a time so that kernel messages never
+wait behind more than that.
+
+Feed it every FILES and FILE_CHUNK frame with :meth:`FileEndpoint.handle`. The wire
+messages are :mod:`jupyter_io.files`; confinement is :mod:`jupyter_io.confine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .bridge import Bridge
+from .confine import HashCache, Scanned, hash_fd, open_beneath, open_parent, place
+from .content_store import ContentStore
+from .errors import JupyterIOError, ProtocolError
+from .files import (
+    CHUNK_SIZE,
+    DEFAULT_WINDOW,
+    Done,
+    FileEntry,
+    Incoming,
+    Offer,
+    Outgoing,
+    Pull,
+    Resolution,
+    UnsafePath,
+    Want,
+    conflict_name,
+    decode_chunk,
+    encode_chunk,
+    parse_files_body,
+    resolve,
+)
+from .protocol import Frame, FrameKind
+
+__all__ = ["FileEndpoint", "Transfer", "TransferFailed"]
+
+
+class TransferFailed(JupyterIOError):
+    """A transfer did not complete (the other end refused it, or it timed out)."""
+
+
+@dataclass
+class Transfer:
+    """What one transfer did, for logs, status and the caller."""
+
+    id: str
+    direction: str
+    """"sent" or "received"."""
+    why: str
+    files: int = 0
+    bytes: int = 0
+    """Content bytes that travelled (what the receiver held already did not)."""
+    written: list[str] = field(default_factory=list)
+    conflicts: list[tuple[str, str]] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    held_back: list[tuple[str, int]] = field(default_factory=list)
+    seconds: float = 0.0
+    started: float = field(default_factory=time.monotonic, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "direction": self.direction,
+            "why": self.why,
+            "files": self.files,
+            "bytes": self.bytes,
+            "written": self.written,
+            "conflicts": [list(c) for c in self.conflicts],
+            "refused": [list(r) for r in self.refused],
+            "held_back": [list(h) for h in self.held_back],
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class FileEndpoint:
+    """The file channel's end over ``bridge``, placing files beneath ``root``.
+
+    ``conflict``: what to do with an incoming file both ends changed since they last
+    agreed on it: ``"beside"`` writes the incoming copy as ``name.remote-conflict.ext``
+    (the local end), ``"aside"`` moves this end's copy there and writes the incoming one
+    (the provider, whose aside copy then travels back). ``check_space(bytes)`` returns why
+    an offer needing that many new bytes must be refused (a workspace quota), or None.
+    ``on_pull`` serves the other end's pulls (the provider). ``owner`` (uid, gid) owns the
+    files written.
+    """
+
+    def __init__(
+        self,
+        bridge: Bridge,
+        root: str,
+        store: ContentStore,
+        *,
+        conflict: str = "beside",
+        window: int = DEFAULT_WINDOW,
+        reply_timeout: float = 60.0,
+        owner: tuple[int, int] | None = None,
+        check_space: Callable[[int], str | None] | None = None,
+        on_pull: Callable[[Pull], Awaitable[None]] | None = None,
+        log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+    ) -> None:
+        self.bridge = bridge
+        self.root = root
+        self.store = store
+        self.conflict = conflict
+        self.window = window
+        self.reply_timeout = reply_timeout
+        self.owner = owner
+        self.check_space = check_space
+        self.on_pull = on_pull
+        self.log = log or logging.getLogger(__name__)
+        #: path -> sha256 both ends agreed on at the last transfer of that path.
+        self.baseline: dict[str, str] = {}
+        self.hashes = HashCache()
+        #: The most recent transfers, newest last.
+        self.history: deque[Transfer] = deque(maxlen=50)
+        #: Content bytes sent and received over the session.
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._incoming: dict[str, tuple[Incoming, Transfer, float]] = {}
+        self._wants: dict[str, asyncio.Future[Want]] = {}
+        self._dones: dict[str, asyncio.Future[Done]] = {}
+        self._pulls: dict[str, tuple[asyncio.Future[Transfer], list[tuple[str, int]]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        #: Transfers in progress (sent or received), by id.
+        self.active: dict[str, Transfer] = {}
+
+    # -- frames from the other end ---------------------------------------------------------
+
+    async def handle(self, frame: Frame) -> None:
+        """Act on one FILES or FILE_CHUNK frame. A bad offer or chunk fails its transfer
+        (the other end hears why in DONE); it never ends the tunnel."""
+        if frame.kind is FrameKind.FILE_CHUNK:
+            await self._on_chunk(frame)
+            return
+        body = frame.body
+        try:
+            message = parse_files_body(body)
+        except ProtocolError as exc:
+            self.log.warning("refusing a file channel message: %s", exc)
+            ident = body.get("id")
+            if body.get("op") == "offer" and isinstance(ident, str) and len(ident) == 32:
+                with contextlib.suppress(ValueError):
+                    bytes.fromhex(ident)
+                    await self._send_done(Done(ident, refused=(("", str(exc)),)))
+            return
+        if isinstance(message, Offer):
+            await self._on_offer(message, body)
+        elif isinstance(message, Want):
+            waiter = self._wants.pop(message.id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(message)
+        elif isinstance(message, Done):
+            waiter_done = self._dones.pop(message.id, None)
+            if waiter_done is not None and not waiter_done.done():
+                waiter_done.set_result(message)
+        elif isinstance(message, Pull):
+            if self.on_pull is None:
+                await self._send_done(Done(message.id, refused=(("", "pulls go the other way"),)))
+            else:
+                self._spawn(self.on_pull(message))
+
+    async def _on_offer(self, offer: Offer, body: dict[str, Any]) -> None:
+        transfer = Transfer(offer.id, "received", offer.why, files=len(offer.files))
+        held_back = body.get("held_back") or []
+        if isinstance(held_back, list):
+            transfer.held_back = [
+                (str(h[0]), int(h[1]))
+                for h in held_back[:1000]
+                if isinstance(h, list) and len(h) == 2 and isinstance(h[1], int)
+            ]
+        incoming = Incoming(offer, self.store.held)
+        refusal = self.check_space(incoming.wanted_bytes) if self.check_space else None
+        if refusal is not None:
+            transfer.refused = [(e.path, refusal) for e in offer.files]
+            await self._finish_received(transfer, Done(offer.id, refused=tuple(transfer.refused)))
+            return
+        self._incoming[offer.id] = (incoming, transfer, time.monotonic())
+        self.active[offer.id] = transfer
+        await self.bridge.send_control(FrameKind.FILES, incoming.want().to_body())
+        if incoming.complete:
+            await self._place_all(offer.id)
+
+    async def _on_chunk(self, frame: Frame) -> None:
+        chunk = decode_chunk(frame.parts)  # a corrupt chunk is a broken peer: ProtocolError
+        found = self._incoming.get(chunk.id)
+        if found is None:
+            return  # a transfer already failed; its remaining chunks are dropped
+        incoming, transfer, _ = found
+        try:
+            whole = incoming.accept(chunk)
+            self.store.write(chunk.sha256, chunk.offset, chunk.data)
+        except (ProtocolError, OSError) as exc:
+            self._incoming.pop(chunk.id, None)
+            self.store.close(chunk.sha256)
+            transfer.refused = [("", f"transfer failed: {exc}")]
+            await self._finish_received(transfer, Done(chunk.id, refused=tuple(transfer.refused)))
+            return
+        transfer.bytes += len(chunk.data)
+        if whole and not self.store.finish(chunk.sha256):
+            self._incoming.pop(chunk.id, None)
+            reason = f"content {chunk.sha256[:12]} does not match its sha256"
+            transfer.refused = [("", reason)]
+            await self._finish_received(transfer, Done(chunk.id, refused=((("", reason)),)))
+            return
+        if incoming.complete:
+            await self._place_all(chunk.id)
+
+    async def _place_all(self, ident: str) -> None:
+        incoming, transfer, _ = self._incoming.pop(ident)
+        offer = incoming.offer
+        await asyncio.to_thread(self._place_sync, offer.files, transfer)
+        self.store.evict(keep=frozenset(e.sha256 for e in offer.files))
+        done = Done(
+            ident,
+            tuple(transfer.written),
+            tuple(transfer.conflicts),
+            tuple(transfer.refused),
+            transfer.bytes,
+        )
+        await self._finish_received(transfer, done)
+
+    def _place_sync(self, files: Iterable[FileEntry], transfer: Transfer) -> None:
+        for entry in files:
+            try:
+                self._place_one(entry, transfer)
+            except (UnsafePath, OSError) as exc:
+                self.log.warning("not writing %s: %s", entry.path, exc)
+                transfer.refused.append((entry.path, str(exc)))
+
+    def _current(self, path: str) -> str | None:
+        """sha256 of ``path`` beneath the root now (None when absent)."""
+        try:
+            fd, info = open_beneath(self.root, path)
+        except FileNotFoundError:
+            return None
+        try:
+            item = Scanned(path, info.st_size, info.st_mode, info.st_mtime_ns, info.st_ino)
+            known = self.hashes.get(item)
+            if known is not None:
+                return known
+            sha = hash_fd(fd)
+            self.hashes.put(path, info, sha)
+            return sha
+        finally:
+            os.close(fd)
+
+    def _place_one(self, entry: FileEntry, transfer: Transfer) -> None:
+        path = entry.path
+        try:
+            current = self._current(path)
+        except UnsafePath:
+            if self.conflict != "aside":
+                raise
+            current = "link"  # the provider's own tenant planted it: move it aside
+        decision = resolve(current, self.baseline.get(path), entry.sha256)
+        target = path
+        if decision is Resolution.SAME:
+            self.baseline[path] = entry.sha256
+            return
+        if decision is Resolution.CONFLICT:
+            aside = conflict_name(path)
+            if self.conflict == "aside":
+                parent, name = open_parent(self.root, path)
+                try:
+                    os.replace(name, aside.rsplit("/", 1)[-1], src_dir_fd=parent, dst_dir_fd=parent)
+                finally:
+                    os.close(parent)
+            else:
+                target = aside
+            transfer.conflicts.append((path, aside))
+            self.log.warning(
+                "%s changed on both ends; the remote copy is kept as %s",
+                path,
+                path if self.conflict == "aside" else aside,
+            )
+        source = self.store.open(entry.sha256)
+        try:
+            info = place(self.root, target, source, entry.size, entry.mode, owner=self.owner)
+        finally:
+            os.close(source)
+        self.hashes.put(target, info, entry.sha256)
+        if target == path:
+            self.baseline[path] = entry.sha256
+            transfer.written.append(path)
+
+    async def _finish_received(self, transfer: Transfer, done: Done) -> None:
+        self.active.pop(transfer.id, None)
+        self.bytes_received += transfer.bytes
+        self._incoming.pop(transfer.id, None)
+        transfer.seconds = time.monotonic() - transfer.started
+        self.history.append(transfer)
+        await self._send_done(done)
+        pull = self._pulls.pop(transfer.id, None)
+        if pull is not None and not pull[0].done():
+            pull[0].set_result(transfer)
+        if transfer.conflicts:
+            self.log.warning(
+                "kept both copies of %d file(s): %s", len(transfer.conflicts), transfer.conflicts
+            )
+
+    async def _send_done(self, done: Done) -> None:
+        await self.bridge.send_control(FrameKind.FILES, done.to_body())
+
+    # -- sending ---------------------------------------------------------------------------
+
+    async def send(
+        self,
+        entries: Iterable[FileEntry],
+        why: str,
+        ident: str | None = None,
+        held_back: Iterable[tuple[str, int]] = (),
+    ) -> Transfer:
+        """Offer ``entries`` (files beneath the root), send what the other end wants, and
+        return once it says DONE. Raises :class:`TransferFailed` when it does not answer
+        within ``reply_timeout`` (counted afresh for each chunk acknowledged)."""
+        outgoing = Outgoing(entries, why, ident)
+        transfer = Transfer(outgoing.id, "sent", why, files=len(outgoing.files))
+        self.active[outgoing.id] = transfer
+        start = time.monotonic()
+        loop = asyncio.get_running_loop()
+        want_waiter: asyncio.Future[Want] = loop.create_future()
+        done_waiter: asyncio.Future[Done] = loop.create_future()
+        self._wants[outgoing.id] = want_waiter
+        self._dones[outgoing.id] = done_waiter
+        body = outgoing.offer().to_body()
+        held = list(held_back)
+        if held:
+            body["held_back"] = [list(h) for h in held]
+        try:
+            await self.bridge.send_control(FrameKind.FILES, body)
+            want = await self._await(want_waiter, done_waiter)
+            if isinstance(want, Done):
+                done = want
+            else:
+                paths: dict[str, str] = {}
+                for entry in outgoing.files:
+                    paths.setdefault(entry.sha256, entry.path)
+                for sha, offset, end in outgoing.plan(want):
+                    transfer.bytes += await self._send_object(
+                        outgoing.id, paths[sha], sha, offset, end
+                    )
+                done = await self._await(done_waiter)
+        finally:
+            self._wants.pop(outgoing.id, None)
+            self._dones.pop(outgoing.id, None)
+            self.active.pop(outgoing.id, None)
+        assert isinstance(done, Done)
+        sent = {e.path: e.sha256 for e in outgoing.files}
+        for path in done.written:
+            if path in sent:
+                self.baseline[path] = sent[path]
+        for path, _ in done.conflicts:
+            if path in sent:
+                self.baseline[path] = sent[path]
+        transfer.written = list(done.written)
+        transfer.conflicts = list(done.conflicts)
+        transfer.refused = list(done.refused)
+        transfer.held_back = held
+        transfer.seconds = time.monotonic() - start
+        self.bytes_sent += transfer.bytes
+        self.history.append(transfer)
+        return transfer
+
+    async def _await(self, *waiters: asyncio.Future[Any]) -> Any:
+        done, _ = await asyncio.wait(
+            waiters, timeout=self.reply_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done:
+            raise TransferFailed(
+                f"the other end did not answer a file transfer within {self.reply_timeout:g} s"
+            )
+        return next(iter(done)).result()
+
+    async def _send_object(self, ident: str, path: str, sha: str, offset: int, end: int) -> int:
+        try:
+            fd, _ = open_beneath(self.root, path)
+        except (UnsafePath, OSError) as exc:
+            raise TransferFailed(f"cannot read {path}: {exc}") from exc
+        sent = 0
+        try:
+            while offset < end:
+                await self.bridge.wait_window(self.window)
+                data = os.pread(fd, min(CHUNK_SIZE, end - offset), offset)
+                if not data:
+                    raise TransferFailed(f"{path} shrank while it was sent; push it again")
+                await self.bridge.send_chunk(encode_chunk(ident, sha, offset, data))
+                offset += len(data)
+                sent += len(data)
+        finally:
+            os.close(fd)
+        return sent
+
+    async def request_pull(self, pull: Pull, timeout: float | None = None) -> Transfer:
+        """Ask the other end for files (:class:`~jupyter_io.files.Pull`); return the
+        transfer that answered it once it is placed here."""
+        waiter: asyncio.Future[Transfer] = asyncio.get_running_loop().create_future()
+        self._pulls[pull.id] = (waiter, [])
+        try:
+            await self.bridge.send_control(FrameKind.FILES, pull.to_body())
+            return await asyncio.wait_for(waiter, timeout)
+        finally:
+            self._pulls.pop(pull.id, None)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done_task)
+
+    def _done_task(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.warning("file transfer failed: %s", task.exception())
+
+    async def close(self) -> None:
+        """Stop background work and close partial objects (kept for a resume)."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        self.store.close()

@@ -1,0 +1,464 @@
+"""The tunnel's file channel: a sans-I/O contract both ends import.
+
+The notebook's directory (local) and the session's workspace (provider) are kept alike by
+transfers over the kernel tunnel. A transfer goes one way, from a *sender* to a *receiver*,
+in the tunnel's own reliable frames, so it is sequenced, acknowledged and replayed after a
+reconnect like every other frame:
+
+1. sender → FILES ``{"op": "offer", "id", "files": [entry...], "why"}``: these files should
+   exist at these paths with this content (an entry: ``{"path", "size", "mode", "sha256"}``);
+2. receiver → FILES ``{"op": "want", "id", "want": [{"sha256", "offset"}...]}``: the content
+   it does not hold yet, each from the offset it already holds (a partial object left by an
+   earlier, interrupted transfer resumes there) — content the receiver holds travels never;
+3. sender → FILE_CHUNK frames (:func:`encode_chunk`): the wanted bytes in chunks of at most
+   :data:`CHUNK_SIZE`, each with its own sha256, in order per object;
+4. receiver → FILES ``{"op": "done", "id", "written", "conflicts", "refused", "received"}``.
+
+The local end asks the provider for what the kernel wrote with FILES ``{"op": "pull", "id",
+"paths": [...] | null, "max_size"}``; the provider answers with an offer under the same id
+(``paths`` null: every file changed since the last transfer, each at most ``max_size``).
+
+Every path that crosses is checked by :func:`check_path` on both ends, and a chunk is
+checked against its own hash and its object's expected offset before a byte is written.
+Start with :class:`Outgoing` (sender) and :class:`Incoming` (receiver); the I/O around them
+(reading, writing beneath a root) is :mod:`jupyter_io.confine`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import posixpath
+import re
+import struct
+import unicodedata
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ProtocolError
+
+__all__ = [
+    "CHUNK_HEADER",
+    "CHUNK_SIZE",
+    "CONFLICT_TAG",
+    "DEFAULT_WINDOW",
+    "MAX_ENTRIES",
+    "MAX_PATH_BYTES",
+    "Chunk",
+    "Done",
+    "FileEntry",
+    "FileOp",
+    "Incoming",
+    "Offer",
+    "Outgoing",
+    "Pull",
+    "Resolution",
+    "UnsafePath",
+    "Want",
+    "check_path",
+    "conflict_name",
+    "decode_chunk",
+    "encode_chunk",
+    "new_transfer_id",
+    "parse_files_body",
+    "resolve",
+]
+
+#: Largest chunk of content in one FILE_CHUNK frame.
+CHUNK_SIZE = 1024 * 1024
+#: Default bytes of file frames a sender lets await acknowledgement before it sends more:
+#: a kernel message queued behind a transfer waits behind at most this much.
+DEFAULT_WINDOW = 4 * 1024 * 1024
+#: Most entries one offer (or want) may list; an offer must also fit a control frame.
+MAX_ENTRIES = 5000
+#: Longest relative path (UTF-8 bytes) and longest component accepted.
+MAX_PATH_BYTES = 1024
+_MAX_COMPONENT = 255
+#: What marks the remote copy of a file both ends changed.
+CONFLICT_TAG = ".remote-conflict"
+#: FILE_CHUNK's first part: transfer id, object sha256, offset, chunk sha256.
+CHUNK_HEADER = struct.Struct("<16s32sQ32s")
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class UnsafePath(ProtocolError):
+    """A path that would leave its root, or names something that is not a plain file."""
+
+
+def check_path(name: object) -> str:
+    """The normalised relative POSIX path ``name`` stands for, or :class:`UnsafePath`.
+
+    Refused: anything not a non-empty string, absolute paths, ``..`` components, NUL or
+    control characters, backslashes (a Windows separator on the other end), components
+    that are empty or ``.`` after normalisation, over-long names. Names are NFC-normalised
+    so one file has one name on both ends. Both ends call it on every path they send and
+    every path they receive; what it returns is still joined beneath the root without
+    following links (:mod:`jupyter_io.confine`), since a link can leave a root too.
+    """
+    if not isinstance(name, str) or not name:
+        raise UnsafePath(f"a file path must be a non-empty string, not {name!r}")
+    text = unicodedata.normalize("NFC", name)
+    if any(ord(c) < 32 or c == "\x7f" for c in text) or "\\" in text:
+        raise UnsafePath(f"file path {name!r} holds a control character or a backslash")
+    if text.startswith("/"):
+        raise UnsafePath(f"file path {name!r} is absolute; only paths inside the root travel")
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if not parts:
+        raise UnsafePath(f"file path {name!r} names no file")
+    if ".." in parts:
+        raise UnsafePath(f"file path {name!r} climbs out of its root with '..'")
+    if any(len(p.encode()) > _MAX_COMPONENT for p in parts):
+        raise UnsafePath(f"file path {name[:80]!r}... has a component over 255 bytes")
+    path = "/".join(parts)
+    if len(path.encode()) > MAX_PATH_BYTES:
+        raise UnsafePath(f"file path {name[:80]!r}... is over {MAX_PATH_BYTES} bytes")
+    return path
+
+
+def conflict_name(path: str) -> str:
+    """Where the remote copy of ``path`` goes when both ends changed it:
+    ``dir/model.remote-conflict.pt`` for ``dir/model.pt``."""
+    head, tail = posixpath.split(path)
+    stem, ext = posixpath.splitext(tail)
+    if not stem:  # ".bashrc": no extension to keep
+        stem, ext = tail, ""
+    return posixpath.join(head, f"{stem}{CONFLICT_TAG}{ext}")
+
+
+def new_transfer_id() -> str:
+    """A fresh transfer id (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+class FileOp(str, enum.Enum):
+    """The ``op`` of a FILES frame."""
+
+    OFFER = "offer"
+    WANT = "want"
+    DONE = "done"
+    PULL = "pull"
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One file of an offer: where it goes and what it holds."""
+
+    path: str
+    size: int
+    mode: int
+    sha256: str
+
+    @classmethod
+    def parse(cls, raw: object) -> FileEntry:
+        """Check one offered entry; :class:`ProtocolError` (:class:`UnsafePath`) if bad."""
+        if not isinstance(raw, dict):
+            raise ProtocolError("a file entry must be an object")
+        path = check_path(raw.get("path"))
+        size, mode, sha = raw.get("size"), raw.get("mode"), raw.get("sha256")
+        if type(size) is not int or size < 0 or size > 1 << 50:
+            raise ProtocolError(f"file entry {path!r}: 'size' must be bytes, 0 to 2**50")
+        if type(mode) is not int or not 0 <= mode <= 0o777:
+            raise ProtocolError(f"file entry {path!r}: 'mode' must be permission bits")
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            raise ProtocolError(f"file entry {path!r}: 'sha256' must be 64 lowercase hex digits")
+        return cls(path, size, mode, sha)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "mode": self.mode, "sha256": self.sha256}
+
+
+def _check_id(raw: object) -> str:
+    if not isinstance(raw, str) or not _ID.fullmatch(raw):
+        raise ProtocolError("a transfer 'id' must be 32 lowercase hex digits")
+    return raw
+
+
+def _list(body: Mapping[str, Any], name: str) -> list[Any]:
+    value = body.get(name)
+    if not isinstance(value, list):
+        raise ProtocolError(f"FILES {body.get('op')} needs a list '{name}'")
+    if len(value) > MAX_ENTRIES:
+        raise ProtocolError(f"FILES {body.get('op')} lists over {MAX_ENTRIES} '{name}'")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    id: str
+    files: tuple[FileEntry, ...]
+    #: Why it is sent: "sync" (kernel start), "push" (asked), "changed" (local edits),
+    #: "pull" (an answer to :class:`Pull`).
+    why: str = "push"
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "op": FileOp.OFFER.value,
+            "id": self.id,
+            "why": self.why,
+            "files": [e.to_json() for e in self.files],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Want:
+    id: str
+    #: (sha256, offset already held) for each object the receiver lacks.
+    want: tuple[tuple[str, int], ...]
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "op": FileOp.WANT.value,
+            "id": self.id,
+            "want": [{"sha256": s, "offset": o} for s, o in self.want],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    id: str
+    written: tuple[str, ...] = ()
+    #: (path, where the remote copy was kept).
+    conflicts: tuple[tuple[str, str], ...] = ()
+    #: (path, why it was not written).
+    refused: tuple[tuple[str, str], ...] = ()
+    #: Content bytes that travelled for this transfer.
+    received: int = 0
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "op": FileOp.DONE.value,
+            "id": self.id,
+            "written": list(self.written),
+            "conflicts": [list(c) for c in self.conflicts],
+            "refused": [list(r) for r in self.refused],
+            "received": self.received,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Pull:
+    id: str
+    #: Paths asked for (None: whatever changed since the last transfer).
+    paths: tuple[str, ...] | None
+    #: With ``paths`` None: largest file sent (larger ones wait for a pull by name).
+    max_size: int
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "op": FileOp.PULL.value,
+            "id": self.id,
+            "paths": None if self.paths is None else list(self.paths),
+            "max_size": self.max_size,
+        }
+
+
+FilesMessage = Offer | Want | Done | Pull
+
+
+def _pairs(raw: list[Any], what: str) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in raw:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not all(isinstance(x, str) and len(x) <= 4 * MAX_PATH_BYTES for x in item)
+        ):
+            raise ProtocolError(f"FILES done '{what}' must be pairs of strings")
+        out.append((item[0], item[1]))
+    return tuple(out)
+
+
+def parse_files_body(body: Mapping[str, Any]) -> FilesMessage:
+    """The typed message of a FILES frame body; :class:`ProtocolError` naming what is wrong."""
+    op = body.get("op")
+    ident = _check_id(body.get("id"))
+    if op == FileOp.OFFER:
+        files = tuple(FileEntry.parse(e) for e in _list(body, "files"))
+        if len({e.path for e in files}) != len(files):
+            raise ProtocolError("FILES offer names a path twice")
+        why = body.get("why", "push")
+        if not isinstance(why, str) or len(why) > 16:
+            raise ProtocolError("FILES offer 'why' must be a short string")
+        return Offer(ident, files, why)
+    if op == FileOp.WANT:
+        wants = []
+        for item in _list(body, "want"):
+            sha = item.get("sha256") if isinstance(item, dict) else None
+            offset = item.get("offset") if isinstance(item, dict) else None
+            if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+                raise ProtocolError("FILES want entries need a 'sha256' of 64 hex digits")
+            if type(offset) is not int or offset < 0:
+                raise ProtocolError("FILES want entries need an 'offset' of 0 or more")
+            wants.append((sha, offset))
+        return Want(ident, tuple(wants))
+    if op == FileOp.DONE:
+        written = _list(body, "written")
+        if not all(isinstance(p, str) for p in written):
+            raise ProtocolError("FILES done 'written' must be paths")
+        received = body.get("received", 0)
+        if type(received) is not int or received < 0:
+            raise ProtocolError("FILES done 'received' must be bytes")
+        return Done(
+            ident,
+            tuple(written),
+            _pairs(_list(body, "conflicts"), "conflicts"),
+            _pairs(_list(body, "refused"), "refused"),
+            received,
+        )
+    if op == FileOp.PULL:
+        raw_paths = body.get("paths")
+        paths = None if raw_paths is None else tuple(check_path(p) for p in _list(body, "paths"))
+        max_size = body.get("max_size")
+        if type(max_size) is not int or max_size < 0:
+            raise ProtocolError("FILES pull needs a 'max_size' of 0 or more bytes")
+        return Pull(ident, paths, max_size)
+    raise ProtocolError(f"unknown FILES op {op!r}; one of offer, want, done, pull")
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One decoded FILE_CHUNK: ``data`` of object ``sha256`` from ``offset``."""
+
+    id: str
+    sha256: str
+    offset: int
+    data: bytes | memoryview
+
+
+def encode_chunk(transfer: str, sha256: str, offset: int, data: bytes | memoryview) -> list[bytes]:
+    """The two parts of a FILE_CHUNK frame carrying ``data`` (hashed here)."""
+    head = CHUNK_HEADER.pack(
+        bytes.fromhex(transfer), bytes.fromhex(sha256), offset, hashlib.sha256(data).digest()
+    )
+    return [head, data]  # type: ignore[list-item]
+
+
+def decode_chunk(parts: Sequence[bytes | memoryview]) -> Chunk:
+    """Check a FILE_CHUNK's parts: the header's shape, the size, the chunk's own hash."""
+    if len(parts) != 2 or len(parts[0]) != CHUNK_HEADER.size:
+        raise ProtocolError("a FILE_CHUNK frame has a 88-byte header part and a data part")
+    transfer, sha, offset, digest = CHUNK_HEADER.unpack(bytes(parts[0]))
+    data = parts[1]
+    if not 0 < len(data) <= CHUNK_SIZE:
+        raise ProtocolError(f"a FILE_CHUNK carries 1 to {CHUNK_SIZE} bytes, not {len(data)}")
+    if hashlib.sha256(data).digest() != digest:
+        raise ProtocolError(f"a chunk of {sha.hex()[:12]} at {offset} does not match its hash")
+    return Chunk(transfer.hex(), sha.hex(), offset, data)
+
+
+# -- the two ends of a transfer -------------------------------------------------------------
+
+
+class Outgoing:
+    """The sender's side of one transfer: the offer, then what to send for a want."""
+
+    def __init__(self, entries: Iterable[FileEntry], why: str = "push", ident: str | None = None):
+        self.id = ident or new_transfer_id()
+        self.files = tuple(entries)
+        self.why = why
+        self._sizes = {e.sha256: e.size for e in self.files}
+
+    def offer(self) -> Offer:
+        return Offer(self.id, self.files, self.why)
+
+    def plan(self, want: Want) -> list[tuple[str, int, int]]:
+        """``(sha256, offset, end)`` ranges to send, from a want; :class:`ProtocolError`
+        when it asks for content this transfer never offered or past its end."""
+        ranges = []
+        for sha, offset in want.want:
+            size = self._sizes.get(sha)
+            if size is None:
+                raise ProtocolError(
+                    f"want names {sha[:12]}, which transfer {self.id} never offered"
+                )
+            if offset > size:
+                raise ProtocolError(f"want asks {sha[:12]} from {offset}, past its {size} bytes")
+            if offset < size:
+                ranges.append((sha, offset, size))
+        return ranges
+
+
+@dataclass
+class _Object:
+    size: int
+    offset: int
+
+
+@dataclass
+class Incoming:
+    """The receiver's side of one transfer.
+
+    ``held(sha256, size)`` says how many bytes of an object the receiver already holds
+    (``size``: all of it; a partial object resumes at what it returns). Call :meth:`want`
+    once, then :meth:`accept` for each chunk; :attr:`complete` once every object is whole.
+    """
+
+    offer: Offer
+    held: Callable[[str, int], int]
+    _objects: dict[str, _Object] = field(default_factory=dict, init=False)
+    #: Content bytes accepted so far.
+    received: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        for entry in self.offer.files:
+            if entry.sha256 in self._objects:
+                continue
+            have = min(max(self.held(entry.sha256, entry.size), 0), entry.size)
+            if have < entry.size:
+                self._objects[entry.sha256] = _Object(entry.size, have)
+
+    def want(self) -> Want:
+        return Want(self.offer.id, tuple((s, o.offset) for s, o in self._objects.items()))
+
+    @property
+    def complete(self) -> bool:
+        return not self._objects
+
+    @property
+    def wanted_bytes(self) -> int:
+        return sum(o.size - o.offset for o in self._objects.values())
+
+    def accept(self, chunk: Chunk) -> bool:
+        """Check ``chunk`` follows what was received of its object; True when the object
+        is now whole. :class:`ProtocolError` for content not wanted, out of order, or past
+        the object's size (nothing of it may be written then)."""
+        obj = self._objects.get(chunk.sha256)
+        if chunk.id != self.offer.id or obj is None:
+            raise ProtocolError(f"chunk of {chunk.sha256[:12]} was not wanted by {self.offer.id}")
+        if chunk.offset != obj.offset:
+            raise ProtocolError(
+                f"chunk of {chunk.sha256[:12]} at {chunk.offset}, expected {obj.offset}"
+            )
+        end = chunk.offset + len(chunk.data)
+        if end > obj.size:
+            raise ProtocolError(f"chunk of {chunk.sha256[:12]} runs past its {obj.size} bytes")
+        obj.offset = end
+        self.received += len(chunk.data)
+        if end == obj.size:
+            del self._objects[chunk.sha256]
+            return True
+        return False
+
+
+class Resolution(str, enum.Enum):
+    """What the receiver does with one offered file (:func:`resolve`)."""
+
+    WRITE = "write"
+    SAME = "same"
+    CONFLICT = "conflict"
+
+
+def resolve(local: str | None, base: str | None, remote: str) -> Resolution:
+    """Decide one incoming file: ``local`` its current hash here (None: absent), ``base``
+    the hash both ends agreed on at the last transfer (None: never transferred), ``remote``
+    the offered hash. Unchanged here since the last transfer (or absent): WRITE. Changed
+    here to the same content: SAME. Changed here to other content: CONFLICT (keep both)."""
+    if local == remote:
+        return Resolution.SAME
+    if local is None or local == base:
+        return Resolution.WRITE
+    return Resolution.CONFLICT

@@ -1,0 +1,406 @@
+"""The local end of the file channel: the notebook's directory travels with its kernel.
+
+:class:`NotebookFiles` belongs to one :class:`~kernel_provisioner.provisioner.
+RemoteKernelProvisioner` whose kernel manager gave a ``cwd`` (Jupyter Server gives the
+notebook's directory). It
+
+- scans that directory (:meth:`NotebookFiles.check`, before the session opens), honouring
+  ``.gitignore`` files and a ``.jupyter-io-ignore`` (gitignore syntax, ``pathspec``),
+  skipping :data:`DEFAULT_SKIP` (version control, virtual environments, node_modules,
+  caches, checkpoints), and refuses a start over ``max_bytes`` naming the biggest files;
+- mirrors it into the session's workspace (:meth:`NotebookFiles.start_sync`, run beside the
+  kernel's start); the provider's per-user store makes content it holds travel never;
+- holds each execute_request until local edits made since the last transfer have been sent
+  (a gate on the facade's shell channel), so the kernel reads what the user saved;
+- after each execute_reply, pulls back what the kernel created or changed, files up to
+  ``pull_max_size``; larger ones are listed as held back, pulled by name
+  (:meth:`NotebookFiles.pull`) or at the session's end (:meth:`NotebookFiles.finish`).
+
+A file both ends changed keeps both copies: the remote one beside the local one as
+``name.remote-conflict.ext`` (logged, and listed in the transfer's ``conflicts``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pathspec
+
+from jupyter_io.confine import HashCache, Scanned, scan
+from jupyter_io.content_store import ContentStore
+from jupyter_io.errors import JupyterIOError, KernelLaunchError
+from jupyter_io.file_endpoint import FileEndpoint, Transfer
+from jupyter_io.files import FileEntry, Pull, check_path, new_transfer_id
+from jupyter_io.protocol import Channel
+
+if TYPE_CHECKING:
+    from .connection import TunnelClient
+
+__all__ = ["DEFAULT_SKIP", "IGNORE_FILE", "FilesOverCap", "IgnoreRules", "NotebookFiles"]
+
+#: Directory names never sent, wherever they are.
+DEFAULT_SKIP = frozenset(
+    {
+        ".git",
+        ".hg",
+        ".svn",
+        "node_modules",
+        "__pycache__",
+        ".ipynb_checkpoints",
+        ".venv",
+        "venv",
+        ".tox",
+        ".nox",
+        ".mypy_cache",
+        ".pytest_cache",
+        ".ruff_cache",
+        ".cache",
+    }
+)
+#: The ignore file of the notebook's directory, in gitignore syntax.
+IGNORE_FILE = ".jupyter-io-ignore"
+
+_DELIMITER = b"<IDS|MSG>"
+
+
+class FilesOverCap(KernelLaunchError):
+    """The notebook's directory holds more to send than the configured cap."""
+
+
+class IgnoreRules:
+    """``.gitignore`` files (each applies beneath its directory) and ``.jupyter-io-ignore``
+    (the root's), plus :data:`DEFAULT_SKIP` and virtual environments (``pyvenv.cfg``)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._specs: dict[str, pathspec.PathSpec | None] = {}
+
+    def _spec(self, directory: str) -> pathspec.PathSpec | None:
+        if directory not in self._specs:
+            lines: list[str] = []
+            names = [".gitignore", IGNORE_FILE] if directory == "" else [".gitignore"]
+            for name in names:
+                path = os.path.join(self.root, directory, name)
+                with contextlib.suppress(OSError, UnicodeDecodeError):
+                    if os.path.isfile(path) and not os.path.islink(path):
+                        with open(path, encoding="utf-8") as f:
+                            lines += f.read().splitlines()
+            self._specs[directory] = pathspec.GitIgnoreSpec.from_lines(lines) if lines else None
+        return self._specs[directory]
+
+    def skip(self, path: str, is_dir: bool) -> bool:
+        """True when ``path`` (relative, ``/``-separated) is not sent."""
+        name = path.rsplit("/", 1)[-1]
+        if is_dir and (
+            name in DEFAULT_SKIP or os.path.isfile(os.path.join(self.root, path, "pyvenv.cfg"))
+        ):
+            return True
+        if not is_dir and name.startswith(".") and ".jio-" in name:
+            return True  # a placement in progress
+        parts = path.split("/")
+        for depth in range(len(parts)):
+            spec = self._spec("/".join(parts[:depth]))
+            if spec is not None:
+                rel = "/".join(parts[depth:]) + ("/" if is_dir else "")
+                if spec.match_file(rel):
+                    return True
+        return False
+
+
+def _msg_type_is(parts: Sequence[bytes], msg_type: bytes) -> bool:
+    """Is this ZMQ multipart Jupyter message of ``msg_type``? (Cheap for the others.)"""
+    try:
+        index = list(parts).index(_DELIMITER)
+        header = bytes(parts[index + 2])
+    except (ValueError, IndexError):
+        return False
+    if msg_type not in header:
+        return False
+    try:
+        return json.loads(header).get("msg_type") == msg_type.decode()
+    except (ValueError, AttributeError):
+        return False
+
+
+class NotebookFiles:
+    """The notebook directory's side of the file channel (see the module docstring)."""
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        max_bytes: int,
+        pull_max_size: int,
+        store_root: str,
+        store_max_bytes: int,
+        window: int,
+        log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+    ) -> None:
+        #: The directory as given, and resolved.
+        self.origin = root
+        self.root = os.path.realpath(root)
+        self.max_bytes = max_bytes
+        self.pull_max_size = pull_max_size
+        self.window = window
+        self.log = log or logging.getLogger(__name__)
+        self.store = ContentStore(store_root, store_max_bytes)
+        self.hashes = HashCache()
+        self.endpoint: FileEndpoint | None = None
+        #: The last scan's refusals (links, devices, hard links): (path, why).
+        self.refused: list[tuple[str, str]] = []
+        #: Changed remote files too large to come back on their own: (path, size).
+        self.held_back: dict[str, int] = {}
+        self._client: TunnelClient | None = None
+        self._sync: asyncio.Task[Transfer | None] | None = None
+        self._push_lock = asyncio.Lock()
+        self._pull_lock = asyncio.Lock()
+        self._pull_queued = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._settled = asyncio.Event()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) until ``predicate()`` holds, checked after each
+        transfer; False on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._settled.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), remaining)
+        return True
+
+    def _transferred(self) -> None:
+        self._settled.set()
+
+    # -- scanning --------------------------------------------------------------------------
+
+    def scan(self) -> list[Scanned]:
+        """The files to mirror (blocking). Raises :class:`FilesOverCap` over ``max_bytes``."""
+        rules = IgnoreRules(self.root)
+        refused: list[tuple[str, str]] = []
+        files = list(scan(self.root, rules.skip, refused))
+        self.refused = refused
+        total = sum(f.size for f in files)
+        if self.max_bytes > 0 and total > self.max_bytes:
+            biggest = sorted(files, key=lambda f: f.size, reverse=True)[:5]
+            names = ", ".join(f"{f.path} ({f.size / 1e6:,.1f} MB)" for f in biggest)
+            raise FilesOverCap(
+                f"the notebook's directory {self.root} holds {total / 1e6:,.1f} MB to send to "
+                f"the remote kernel, over the cap of {self.max_bytes / 1e6:,.1f} MB "
+                f"(files_max_bytes); the biggest: {names}. List what the kernel does not "
+                f"need in {IGNORE_FILE} (gitignore syntax) or raise files_max_bytes"
+            )
+        return files
+
+    def check(self) -> None:
+        """Scan once before the session opens, so a start over the cap fails first."""
+        self.scan()
+
+    def _changed(self) -> list[FileEntry]:
+        """Files whose content differs from what both ends last agreed on (blocking)."""
+        endpoint = self.endpoint
+        assert endpoint is not None
+        entries = []
+        for item in self.scan():
+            try:
+                sha = self.hashes.hash(self.root, item)
+            except (OSError, JupyterIOError):
+                continue
+            if endpoint.baseline.get(item.path) != sha:
+                entries.append(FileEntry(item.path, item.size, item.mode, sha))
+        return entries
+
+    # -- the session -----------------------------------------------------------------------
+
+    def attach(self, client: TunnelClient) -> None:
+        """Serve the file channel over ``client`` (a new tunnel session; call before its
+        ``open``): route its file frames here, gate execute_requests, tap execute_replies."""
+        self._client = client
+        self.endpoint = FileEndpoint(
+            client.bridge,
+            self.root,
+            self.store,
+            conflict="beside",
+            window=self.window,
+            log=self.log,
+        )
+        self.endpoint.hashes = self.hashes
+        self._sync = None
+        client.on_files = self.endpoint.handle
+        client.bridge.gates[Channel.SHELL] = self._gate
+        client.bridge.taps[Channel.SHELL] = self._tap
+
+    @property
+    def enabled(self) -> bool:
+        """True once attached to a session whose host speaks the file channel."""
+        client = self._client
+        return client is not None and "files" in client.features and self.endpoint is not None
+
+    def start_sync(self) -> asyncio.Task[Transfer | None]:
+        """Mirror the directory now (in the background; :meth:`wait_synced` waits). The
+        first execute_request waits for it."""
+        self._sync = asyncio.ensure_future(self._push("sync"))
+        return self._sync
+
+    async def wait_synced(self, timeout: float) -> Transfer | None:
+        """The start's transfer, once done; :class:`KernelLaunchError` when it failed."""
+        if self._sync is None:
+            return None
+        try:
+            transfer = await asyncio.wait_for(asyncio.shield(self._sync), timeout)
+        except asyncio.TimeoutError:
+            raise KernelLaunchError(
+                f"the notebook's files did not reach the provider within {timeout:g} s"
+            ) from None
+        except JupyterIOError as exc:
+            raise KernelLaunchError(f"sending the notebook's files failed: {exc}") from exc
+        if transfer is not None and transfer.refused:
+            self.log.warning(
+                "jupyter-io: the provider did not take %d file(s): %s",
+                len(transfer.refused),
+                "; ".join(f"{p or '*'}: {why}" for p, why in transfer.refused[:5]),
+            )
+        return transfer
+
+    async def _push(self, why: str) -> Transfer | None:
+        if not self.enabled:
+            return None
+        assert self.endpoint is not None
+        async with self._push_lock:
+            entries = await asyncio.to_thread(self._changed)
+            if not entries and why != "sync":
+                return None
+            try:
+                transfer = await self.endpoint.send(entries, why)
+            finally:
+                self._transferred()
+        self.log.info(
+            "jupyter-io: %s: %d file(s), %d bytes travelled in %.2f s",
+            why,
+            transfer.files,
+            transfer.bytes,
+            transfer.seconds,
+        )
+        return transfer
+
+    async def push(self) -> Transfer | None:
+        """Send local changes now (None when nothing changed)."""
+        return await self._push("push")
+
+    async def pull(
+        self,
+        paths: Sequence[str] | None = None,
+        max_size: int | None = None,
+        timeout: float | None = None,
+    ) -> Transfer:
+        """Bring back ``paths`` (any size), or every changed file up to ``max_size``
+        (default ``pull_max_size``); returns the transfer (``conflicts``, ``held_back``)."""
+        if not self.enabled:
+            raise JupyterIOError("this kernel's provider does not speak the file channel")
+        assert self.endpoint is not None
+        wanted = None if paths is None else tuple(check_path(p) for p in paths)
+        limit = self.pull_max_size if max_size is None else max_size
+        async with self._pull_lock:
+            self._pull_queued = False
+            try:
+                transfer = await self.endpoint.request_pull(
+                    Pull(new_transfer_id(), wanted, limit), timeout
+                )
+            finally:
+                self._transferred()
+        if wanted is None:
+            self.held_back = dict(transfer.held_back)
+        else:
+            for path in transfer.written:
+                self.held_back.pop(path, None)
+        if transfer.written or transfer.conflicts:
+            self.log.info(
+                "jupyter-io: from the kernel: %s%s",
+                ", ".join(transfer.written[:10]),
+                f"; kept both copies of {transfer.conflicts}" if transfer.conflicts else "",
+            )
+        return transfer
+
+    async def finish(self, timeout: float) -> Transfer | None:
+        """At the session's end: bring back every changed file, whatever its size."""
+        if not self.enabled:
+            return None
+        try:
+            return await self.pull(max_size=1 << 62, timeout=timeout)
+        except (JupyterIOError, asyncio.TimeoutError) as exc:
+            self.log.warning("jupyter-io: could not bring the kernel's files back: %s", exc)
+            return None
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self.endpoint is not None:
+            await self.endpoint.close()
+
+    # -- the facade's shell channel --------------------------------------------------------
+
+    def _gate(self, parts: list[bytes]) -> Awaitable[None] | None:
+        if not _msg_type_is(parts, b"execute_request") or not self.enabled:
+            return None
+        return self._before_execute()
+
+    async def _before_execute(self) -> None:
+        try:
+            if self._sync is not None and not self._sync.done():
+                await asyncio.shield(self._sync)
+            await self._push("changed")
+        except Exception as exc:  # an execution must not hang on a failed transfer
+            self.log.warning("jupyter-io: local edits were not sent before execution: %s", exc)
+
+    def _tap(self, parts: Sequence[bytes]) -> None:
+        if self._pull_queued or not _msg_type_is(parts, b"execute_reply"):
+            return
+        self._pull_queued = True
+        task = asyncio.ensure_future(self._after_execute())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _after_execute(self) -> None:
+        try:
+            await self.pull()
+        except Exception as exc:
+            self.log.warning("jupyter-io: the kernel's new files did not come back: %s", exc)
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The sync state for ``jupyter io files status`` and Lab (JSON)."""
+        endpoint = self.endpoint
+        conflicts = [list(c) for t in (endpoint.history if endpoint else ()) for c in t.conflicts]
+        return {
+            "root": self.root,
+            "enabled": self.enabled,
+            "synced": self._sync is not None and self._sync.done(),
+            "files": len(endpoint.baseline) if endpoint else 0,
+            "bytes_sent": endpoint.bytes_sent if endpoint else 0,
+            "bytes_received": endpoint.bytes_received if endpoint else 0,
+            "active": [t.to_json() for t in endpoint.active.values()] if endpoint else [],
+            "held_back": [[p, s] for p, s in sorted(self.held_back.items())],
+            "conflicts": conflicts,
+            "refused": [list(r) for r in self.refused],
+            "history": [t.to_json() for t in endpoint.history] if endpoint else [],
+        }
+
+
+def default_store_root() -> str:
+    """The local content store: Jupyter's data directory, ``io/files``."""
+    from jupyter_core.paths import jupyter_data_dir
+
+    return str(Path(jupyter_data_dir()) / "io" / "files")

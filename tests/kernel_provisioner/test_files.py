@@ -1,0 +1,175 @@
+"""The notebook's directory travels with its remote kernel (issue 15), end to end: a real
+provider host, real ipykernel, AsyncKernelManager started with the notebook's ``cwd`` as
+Jupyter Server starts it, the provisioner's file channel over the real tunnel."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+
+from kernel_provisioner.files import FilesOverCap, NotebookFiles
+from kernel_provisioner.provisioner import RemoteKernelProvisioner
+
+DATA = "x,y\n1,2\n3,4\n"
+
+
+def _notebook_dir(tmp_path: Path) -> Path:
+    nb = tmp_path / "notebook"
+    (nb / "sub").mkdir(parents=True)
+    (nb / "data.csv").write_text(DATA)
+    (nb / "sub" / "notes.txt").write_text("nested")
+    (nb / ".gitignore").write_text("*.log\n")
+    (nb / "run.log").write_text("ignored by .gitignore")
+    (nb / ".jupyter-io-ignore").write_text("secret/\n")
+    (nb / "secret").mkdir()
+    (nb / "secret" / "key.txt").write_text("never sent")
+    (nb / "node_modules").mkdir()
+    (nb / "node_modules" / "a.js").write_text("skipped by default")
+    (nb / "passwd").symlink_to("/etc/passwd")
+    return nb
+
+
+async def _start(spec: str, cwd: Path, managers: list[AsyncKernelManager]) -> AsyncKernelManager:
+    km = AsyncKernelManager(kernel_name=spec)
+    managers.append(km)
+    await km.start_kernel(cwd=str(cwd))
+    return km
+
+
+@pytest.fixture
+async def managers() -> Any:
+    started: list[AsyncKernelManager] = []
+    yield started
+    for km in started:
+        if km.has_kernel:
+            await km.shutdown_kernel(now=True)
+
+
+def _files(km: AsyncKernelManager) -> NotebookFiles:
+    provisioner = km.provisioner
+    assert isinstance(provisioner, RemoteKernelProvisioner)
+    files = provisioner.files
+    assert files is not None and files.enabled
+    return files
+
+
+async def test_files_go_with_the_kernel_and_come_back(
+    remote_spec: str, managers: Any, cells: Any, tmp_path: Path
+) -> None:
+    nb = _notebook_dir(tmp_path)
+    km = await _start(remote_spec, nb, managers)
+    files = _files(km)
+    kc = await cells.connect(km)
+    try:
+        ex = await cells.run(
+            kc,
+            "import os\n"
+            "print(open('data.csv').read(), end='')\n"
+            "print(open('sub/notes.txt').read())\n"
+            "print(sorted(p for p in ['run.log', 'secret', 'node_modules', 'passwd'] "
+            "if os.path.lexists(p)))",
+        )
+        assert ex.status == "ok", ex.reply
+        assert ex.stream() == DATA + "nested\n[]\n"
+
+        # The kernel writes a model: it appears beside the notebook after the execution.
+        ex = await cells.run(kc, "open('model.pt', 'wb').write(bytes(range(256)) * 400)")
+        assert ex.status == "ok"
+        assert await files.wait_for((nb / "model.pt").exists, 10)
+        assert (nb / "model.pt").read_bytes() == bytes(range(256)) * 400
+
+        # A local edit made while the kernel runs is there before the next execution.
+        (nb / "data.csv").write_text("x,y\n5,6\n")
+        ex = await cells.run(kc, "print(open('data.csv').read(), end='')")
+        assert ex.stream() == "x,y\n5,6\n"
+        assert not (nb / "data.remote-conflict.csv").exists()
+    finally:
+        kc.stop_channels()
+
+
+async def test_both_changed_keeps_both(
+    remote_spec: str, managers: Any, cells: Any, tmp_path: Path
+) -> None:
+    nb = _notebook_dir(tmp_path)
+    km = await _start(remote_spec, nb, managers)
+    files = _files(km)
+    kc = await cells.connect(km)
+    try:
+        # The kernel rewrites data.csv, then waits for input; meanwhile the user saves it.
+        msg_id = kc.execute(
+            "open('data.csv', 'w').write('remote\\n')\ninput('go? ')", allow_stdin=True
+        )
+        await kc.get_stdin_msg(timeout=30)
+        (nb / "data.csv").write_text("local\n")
+        kc.input("yes")
+        ex = await cells.collect(kc, msg_id)
+        assert ex.status == "ok"
+        conflict = nb / "data.remote-conflict.csv"
+        assert await files.wait_for(conflict.exists, 10)
+        assert conflict.read_text() == "remote\n"
+        assert (nb / "data.csv").read_text() == "local\n"
+        [transfer] = [t for t in files.endpoint.history if t.conflicts]  # type: ignore[union-attr]
+        assert transfer.conflicts == [("data.csv", "data.remote-conflict.csv")]
+        # The local copy wins the name on the provider too, before the next execution.
+        ex = await cells.run(kc, "print(open('data.csv').read(), end='')")
+        assert ex.stream() == "local\n"
+    finally:
+        kc.stop_channels()
+
+
+async def test_a_second_session_re_sends_nothing(
+    remote_spec: str, managers: Any, cells: Any, tmp_path: Path
+) -> None:
+    nb = _notebook_dir(tmp_path)
+    (nb / "weights.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    km = await _start(remote_spec, nb, managers)
+    first = _files(km).endpoint
+    assert first is not None
+    assert first.bytes_sent >= 3 * 1024 * 1024  # this user's store was empty: all of it
+    await km.restart_kernel(now=True)
+    assert first.bytes_sent == first.history[-1].bytes + first.history[0].bytes
+    assert first.history[-1].bytes == 0  # a restart: the workspace and the store hold it
+    await km.shutdown_kernel(now=True)
+
+    km2 = await _start(remote_spec, nb, managers)
+    second = _files(km2).endpoint
+    assert second is not None and second is not first
+    [sync] = [t for t in second.history if t.why == "sync"]
+    # A new workspace, filled from the user's store on the provider: no content travelled.
+    assert sync.bytes == 0
+    assert sorted(sync.written) == [
+        ".gitignore",
+        ".jupyter-io-ignore",
+        "data.csv",
+        "sub/notes.txt",
+        "weights.bin",
+    ]
+    kc = await cells.connect(km2)
+    try:
+        ex = await cells.run(kc, "import os; print(os.path.getsize('weights.bin'))")
+        assert ex.stream() == f"{3 * 1024 * 1024}\n"
+    finally:
+        kc.stop_channels()
+
+
+async def test_a_start_over_the_cap_names_what_to_ignore(
+    kernelspecs: Any, provider_host: Any, tmp_path: Path
+) -> None:
+    nb = _notebook_dir(tmp_path)
+    (nb / "dataset.bin").write_bytes(b"\0" * 200_000)
+    spec = kernelspecs.install(
+        "io-remote-capped",
+        provider_host.url,
+        provider_host.user_keypair_path,
+        files_max_bytes=100_000,
+    )
+    km = AsyncKernelManager(kernel_name=spec)
+    with pytest.raises(FilesOverCap) as refused:
+        await km.start_kernel(cwd=str(nb))
+    message = str(refused.value)
+    assert "dataset.bin (0.2 MB)" in message and ".jupyter-io-ignore" in message
+    assert "files_max_bytes" in message
