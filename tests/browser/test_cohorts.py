@@ -248,6 +248,21 @@ def test_the_instructor_dashboard_lists_the_student_and_follows_the_class(
         dialog.locator("input").fill("0.25")
         dialog.get_by_role("button", name="Top up").click()
         page.locator(".Toastify__toast", has_text="Topped up by 0.25 SOL").first.wait_for()
+
+        # Behind another tab the dashboard asks nothing; shown again, it asks at once.
+        asked: list[float] = []
+        page.on(
+            "request",
+            lambda r: asked.append(time.monotonic()) if "/dashboard" in r.url else None,
+        )
+        page.locator(".lm-DockPanel-tabBar .lm-TabBar-addButton").first.click()  # a launcher
+        page.locator(".jp-Launcher:visible").first.wait_for()
+        hidden_at = time.monotonic()
+        page.wait_for_timeout(6_000)  # past the next of its 5 s polls
+        assert [t for t in asked if t > hidden_at + 0.5] == []
+        page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab", has_text="dashboard").click()
+        page.wait_for_timeout(1_500)
+        assert [t for t in asked if t > hidden_at + 6]
     finally:
         page.context.close()
 
