@@ -67,6 +67,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "jupyter_io.cohort_app.CohortApp",
         "Classroom cohorts: create one, join with a code, quotas, roster, dashboard.",
     ),
+    "files": (
+        "jupyter_io.files_app.FilesApp",
+        "A remote kernel's files: status, pull large ones back, push local edits now.",
+    ),
     "keygen": (
         "jupyter_io.app.KeygenApp",
         "Create a Solana keypair file (the Solana CLI's format) and print its public key.",

@@ -38,6 +38,7 @@ from ..latency import shared_prober
 from ..payments.hooks import SolanaEscrowHook
 from .billing import LeaseBook
 from .cohorts import CohortDesk, cohort_kernel_json, cohort_kernelspecs, parse_cohort_spec_name
+from .files import file_handlers
 from .handlers import ExtensionServices, handlers
 from .kernelspecs import (
     DIRECT_PREFIX,
@@ -273,6 +274,7 @@ class JupyterIOExtension(ExtensionApp):
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers())
+        self.handlers.extend(file_handlers())
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         self._stop_gracefully_on_sigint(serverapp)
