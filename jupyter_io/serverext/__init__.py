@@ -7,7 +7,8 @@ provider (:mod:`.kernelspecs`), and turns on pending kernels (a cell run while a
 starts is queued). Its services, one job each: :mod:`.offers` (the coordinator's offers,
 cached), :mod:`.preferences` (price cap, region, budget), :mod:`.wallet`, :mod:`.billing`
 (the coordinator's billing of the user's leases), :mod:`.sessions` (cost so far, escrow
-left), :mod:`.progress` (kernel start steps, and the hook to publish more).
+left), :mod:`.progress` (kernel start steps, and the hook to publish more), :mod:`.cohorts`
+(the user's classes, their kernelspecs, an instructor's dashboard and top-ups).
 """
 
 from __future__ import annotations
