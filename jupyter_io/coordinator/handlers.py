@@ -767,9 +767,6 @@ def make_app(
 ) -> web.Application:
     """The tornado application serving every route of the module docstring (and ``extra``
     routes: the embedded ledger's ``/solana``)."""
-    # Imported here: the cohort handlers build on this module's base handler.
-    from .cohort_handlers import cohort_routes
-
     init = {"services": services}
     return web.Application(
         [
@@ -787,7 +784,6 @@ def make_app(
             (LINK_PATH, ProviderLinkHandler, init),
             (rf"{RELAY_PREFIX}/ping", RelayPingHandler, init),
             (rf"{RELAY_PREFIX}/([A-Za-z0-9_-]{{1,64}})", RelayHandler, init),
-            *cohort_routes(init),
         ],
         default_handler_class=_NotFound,
         default_handler_args=init,

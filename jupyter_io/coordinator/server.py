@@ -49,6 +49,7 @@ from .ack_watch import AckWatch
 from .billing import Billing
 from .body_limits import BodyLimits
 from .cohort_funding import cohort_funding_routes
+from .cohort_handlers import cohort_routes
 from .cohort_queue_handlers import queue_routes
 from .cohort_scheduling import CohortScheduling
 from .cohorts import CohortService
@@ -275,6 +276,7 @@ class CoordinatorServer:
                 services,
                 [
                     *ledger_routes,
+                    *cohort_routes({"services": services}),
                     *cohort_funding_routes({"services": services}),
                     *queue_routes({"services": services}),
                 ],
