@@ -201,6 +201,9 @@ class KernelLease:
         #: Called with each place while a cohort request waits in the class's queue (the
         #: provisioner reports it as the start's ``queue`` step).
         self.on_queue: Callable[[QueuePlace], None] | None = None
+        #: Seconds the kernel has been idle (:class:`~kernel_provisioner.activity.KernelActivity`):
+        #: a class's lease acknowledges them for its idle timeout.
+        self.idle_of: Callable[[], int] | None = None
         #: The cohort whose pool pays for the lease (set by :meth:`request`), or None.
         self.cohort: str | None = None
         #: A cohort lease's funding once it landed: (escrow address, deposit).
@@ -256,7 +259,10 @@ class KernelLease:
         if grant is None or self.ready_at is None:
             return None
         async with self._ack_lock:  # in order: a later count never goes out first
-            ack = UsageAck(grant.lease, max(self.seconds_served(), self.acked_seconds))
+            # Only a class's lease says how long it idled (a coordinator without classes
+            # would refuse the field, and nothing else asks for it).
+            idle = self.idle_of() if self.cohort and self.idle_of is not None else None
+            ack = UsageAck(grant.lease, max(self.seconds_served(), self.acked_seconds), idle)
             try:
                 held = await asyncio.wait_for(
                     self.client.acknowledge_usage(ack), timeout or self.timeout

@@ -80,6 +80,7 @@ from jupyter_io.protocol import DEFAULT_MAX_FRAME_SIZE, Progress
 from jupyter_io.queue_tickets import QueuePlace, progress_message
 from jupyter_io.usage_acks import DEFAULT_ACK_INTERVAL_S
 
+from .activity import KernelActivity
 from .connection import LOST_EXIT_CODE, KernelState, TunnelClient, tunnel_url
 from .facade import CHANNEL_PORT_NAMES, Facade
 from .files import NotebookFiles, default_store_root
@@ -364,6 +365,8 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         #: The notebook's directory as the kernel manager gave it (``cwd``), if any.
         self._cwd: str | None = None
         self._files: NotebookFiles | None = None
+        #: Executions on the kernel, for a class's idle timeout (``docs/cohorts.md``).
+        self._activity = KernelActivity()
 
     @validate("provider_url")
     def _check_provider_url(self, proposal: Any) -> str:
@@ -689,6 +692,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         client = self._new_client(url, keypair, facade)
         if self._files is not None:
             self._files.attach(client)
+        self._activity.watch(client.bridge)
         self.log.info("jupyter-io: connecting to %s", self._where())
         try:
             await client.open(launch=launch)
@@ -712,6 +716,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             log=self.log,
         )
         lease.on_queue = self._queue_progress
+        lease.idle_of = self._activity.idle_seconds
         return lease
 
     def _queue_progress(self, place: QueuePlace) -> None:
