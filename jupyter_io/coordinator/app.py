@@ -130,7 +130,8 @@ jupyter io offers --coordinator https://coord.example:8700 --json"""
             body = await client.offers()
         if not self.probe:
             return body
-        prober = LatencyProber(timeout=self.probe_timeout)
+        # Three pings per endpoint, the fastest counting: a one-off command can afford it.
+        prober = LatencyProber(timeout=self.probe_timeout, samples=3)
         rows = [r for r in body.get("providers") or [] if isinstance(r, dict)]
         wanted = [Candidate.from_json(r) for r in rows if r.get("free")]
         measured = await prober.measure(wanted, probes=len(wanted))
