@@ -6,7 +6,11 @@
   session events and usage reports to the :class:`~jupyter_io.coordinator.registry.Registry`)
   and :meth:`~ProviderLinkSession.closed` reports the end. The websocket handler only moves
   text between the socket and this object.
-* :class:`LinkConnection`, one link on a socket taken over from tornado.
+* :class:`LinkConnection`, one link on a socket taken over from tornado. Once the hello
+  checks out it pings the provider every ``heartbeat_interval`` (websocket ping frames,
+  which the provider's websocket answers by itself) and keeps the round trip on the session
+  (:attr:`ProviderLinkSession.round_trip_ms`): the relay's hop to that provider, which users
+  add to their own ping of the relay (``docs/coordinator-contract.md`` section 6).
 
 The messages themselves are the contract in :mod:`jupyter_io.provider_link`.
 """
