@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from jupyter_core.application import JupyterApp, base_aliases, base_flags
-from traitlets import Bool, Float, TraitError, Unicode
+from traitlets import Bool, Float, Int, TraitError, Unicode
 
 from . import __version__
 from .demo import Demo
@@ -374,7 +374,7 @@ jupyter io demo --cohort --cohort-students 5"""
         "simulate-gpu": "Demo.simulate_gpus",
         "price": "Demo.price",
         "payments": "Demo.payments",
-        "cohort-students": "CohortDemo.students",
+        "cohort-students": "DemoApp.cohort_students",
     }
     flags = {
         "cohort": (
@@ -389,10 +389,18 @@ jupyter io demo --cohort --cohort-students 5"""
         "debug": base_flags["debug"],
     }
 
-    classes = [Demo, CohortDemo]
+    # Not CohortDemo: with a subclass of Demo listed, traitlets would move every Demo alias
+    # (--port, --price...) onto CohortDemo, and a plain demo would not see them.
+    classes = [Demo]
 
     cohort = Bool(
         False, config=True, help="Run the demo with a class (jupyter_io.demo_cohort.CohortDemo)."
+    )
+    cohort_students = Int(
+        None,
+        allow_none=True,
+        config=True,
+        help="With --cohort: how many simulated students (default c.CohortDemo.students, 3).",
     )
 
     def parse_command_line(self, argv: Any = None) -> None:
@@ -402,7 +410,11 @@ jupyter io demo --cohort --cohort-students 5"""
         super().parse_command_line(ours)
 
     def run(self) -> int:
-        demo = CohortDemo(parent=self) if self.cohort else Demo(parent=self)
+        demo = Demo(parent=self)
+        if self.cohort:
+            demo = CohortDemo(parent=self)
+            if self.cohort_students is not None:
+                demo.students = self.cohort_students
         demo.lab_args = [*demo.lab_args, *self.lab_args]
         return asyncio.run(demo.run())
 
