@@ -170,7 +170,8 @@ export class CohortDashboard extends Widget {
     setText(this._title, `${cohort.name}: ${gpuHours(cohort.quota_gpu_seconds_per_week)} GPU-h a week per student`);
     const pool = data.pool;
     const parts = [
-      pool.allowance_lamports === null ? 'pool not funded yet' : `pool left ${sol(pool.allowance_lamports)}`,
+      // null: this coordinator does not read the allowances on-chain (not "unfunded").
+      pool.allowance_lamports === null ? 'pool left not reported' : `pool left ${sol(pool.allowance_lamports)}`,
       `spent this term ${sol(pool.spent_lamports_term)}`,
       pool.projected_run_out === null ? 'no run-out projected' : `runs out around ${day(pool.projected_run_out)}`
     ];
