@@ -236,7 +236,24 @@ class Bridge:
     async def send_chunk(self, parts: Sequence[bytes]) -> None:
         """Send one FILE_CHUNK now, or on the next attach if disconnected. Bulk senders
         call :meth:`wait_window` first."""
-        await self._write(self.tunnel.send_chunk(parts))
+        frame = self.tunnel.send_chunk(parts)
+        ws = self.ws
+        if ws is None:
+            return  # kept in the tunnel; replayed on the next attach
+        try:
+            await _send_frames(ws, [frame])  # one copy less than ws.send for 1 MB
+        except ConnectionClosed:
+            self.detach(ws)
+
+    async def send_ack(self) -> None:
+        """Acknowledge what arrived, now: a bulk receiver calls it once it has stored a
+        chunk, so that the sender's window moves on that rather than on a timer."""
+        ws = self.ws
+        if ws is not None and self.tunnel.ack_pending:
+            try:
+                await ws.send(self.tunnel.ack_frame())
+            except ConnectionClosed:
+                self.detach(ws)
 
     async def wait_window(self, limit: int) -> None:
         """Return once at most ``limit`` bytes of sent frames await acknowledgement: a bulk
@@ -349,13 +366,6 @@ class Bridge:
                     tap = self.taps.get(frame.channel) if self.taps else None
                     if tap is not None:
                         tap(parts)
-                elif frame.kind is FrameKind.FILE_CHUNK:
-                    result = self.on_control(frame)
-                    if result is not None:
-                        await result
-                    # A bulk sender waits for acks to send more: acknowledge each chunk.
-                    await ws.send(tunnel.ack_frame())
-                    continue
                 else:
                     result = self.on_control(frame)
                     if result is not None:

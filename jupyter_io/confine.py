@@ -22,7 +22,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .files import UnsafePath
+from .files import CHUNK_SIZE, UnsafePath, content_hash
 
 __all__ = [
     "HashCache",
@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ = 1024 * 1024
+_READ = CHUNK_SIZE
 
 
 def open_parent(
@@ -102,15 +102,16 @@ def open_beneath(root: str, path: str) -> tuple[int, os.stat_result]:
     return fd, info
 
 
-def hash_fd(fd: int) -> str:
-    """The sha256 (hex) of everything in ``fd`` from offset 0."""
-    digest = hashlib.sha256()
+def hash_fd(fd: int) -> tuple[str, list[bytes]]:
+    """The :func:`~jupyter_io.files.content_hash` of everything in ``fd`` from offset 0, and
+    its chunks' sha256 digests."""
+    digests: list[bytes] = []
     offset = 0
     while True:
-        block = os.pread(fd, _READ, offset)
+        block = os.pread(fd, CHUNK_SIZE, offset)
         if not block:
-            return digest.hexdigest()
-        digest.update(block)
+            return content_hash(digests), digests
+        digests.append(hashlib.sha256(block).digest())
         offset += len(block)
 
 
@@ -231,10 +232,11 @@ def scan(
 
 
 class HashCache:
-    """sha256 of files by path, recomputed only when size, mtime or inode changed."""
+    """Content hashes of files by path (and their chunk digests), recomputed only when
+    size, mtime or inode changed."""
 
     def __init__(self) -> None:
-        self._known: dict[str, tuple[int, int, int, str]] = {}
+        self._known: dict[str, tuple[int, int, int, str, list[bytes] | None]] = {}
 
     def get(self, item: Scanned) -> str | None:
         known = self._known.get(item.path)
@@ -242,11 +244,24 @@ class HashCache:
             return known[3]
         return None
 
-    def put(self, path: str, info: os.stat_result | Scanned, sha: str) -> None:
+    def digests(self, path: str, info: os.stat_result, sha: str) -> list[bytes] | None:
+        """The chunk digests of ``path`` as hashed, if it is still that file with ``sha``."""
+        known = self._known.get(path)
+        if known is None or known[:4] != (info.st_size, info.st_mtime_ns, info.st_ino, sha):
+            return None
+        return known[4]
+
+    def put(
+        self,
+        path: str,
+        info: os.stat_result | Scanned,
+        sha: str,
+        digests: list[bytes] | None = None,
+    ) -> None:
         if isinstance(info, Scanned):
-            self._known[path] = (info.size, info.mtime_ns, info.ino, sha)
+            self._known[path] = (info.size, info.mtime_ns, info.ino, sha, digests)
         else:
-            self._known[path] = (info.st_size, info.st_mtime_ns, info.st_ino, sha)
+            self._known[path] = (info.st_size, info.st_mtime_ns, info.st_ino, sha, digests)
 
     def hash(self, root: str, item: Scanned) -> str:
         """The file's sha256 (cached); :class:`UnsafePath`/:class:`OSError` as
@@ -256,8 +271,8 @@ class HashCache:
             return sha
         fd, info = open_beneath(root, item.path)
         try:
-            sha = hash_fd(fd)
+            sha, digests = hash_fd(fd)
         finally:
             os.close(fd)
-        self.put(item.path, info, sha)
+        self.put(item.path, info, sha, digests)
         return sha

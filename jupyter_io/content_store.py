@@ -19,9 +19,9 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .errors import ProtocolError
+from .files import CHUNK_SIZE, content_hash
 
 __all__ = ["ContentStore"]
 
@@ -32,7 +32,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 class _Writer:
     fd: int
     offset: int
-    digest: Any
+    digests: list[bytes]
 
 
 class ContentStore:
@@ -64,18 +64,19 @@ class ContentStore:
         if writer is not None:
             return writer.offset
         try:
-            return min(os.stat(self.partial / sha).st_size, size)
+            held = min(os.stat(self.partial / sha).st_size, size)
         except OSError:
             return 0
+        return held - held % CHUNK_SIZE  # a torn last chunk is written again
 
-    def write(self, sha: str, offset: int, data: bytes | memoryview) -> None:
-        """Append ``data`` at ``offset`` of the partial object ``sha`` (the caller checked
-        the order: :class:`jupyter_io.files.Incoming`)."""
+    def write(self, sha: str, offset: int, data: bytes | memoryview, digest: bytes) -> None:
+        """Append chunk ``data`` (its checked sha256 ``digest``) at ``offset`` of the partial
+        object ``sha`` (the caller checked the order: :class:`jupyter_io.files.Incoming`)."""
         writer = self._writers.get(sha)
         if writer is None or writer.offset != offset:
             writer = self._open(sha, offset)
         os.pwrite(writer.fd, data, offset)
-        writer.digest.update(data)
+        writer.digests.append(digest)
         writer.offset = offset + len(data)
 
     def _open(self, sha: str, offset: int) -> _Writer:
@@ -84,18 +85,18 @@ class ContentStore:
         fd = os.open(self.partial / sha, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, offset)
-            digest = hashlib.sha256()
+            digests = []
             done = 0
             while done < offset:  # a resumed object: hash what it holds already
-                block = os.pread(fd, min(1 << 20, offset - done), done)
+                block = os.pread(fd, min(CHUNK_SIZE, offset - done), done)
                 if not block:
                     raise OSError(f"partial object {sha[:12]} is shorter than {offset}")
-                digest.update(block)
+                digests.append(hashlib.sha256(block).digest())
                 done += len(block)
         except BaseException:
             os.close(fd)
             raise
-        writer = self._writers[sha] = _Writer(fd, offset, digest)
+        writer = self._writers[sha] = _Writer(fd, offset, digests)
         return writer
 
     def finish(self, sha: str) -> bool:
@@ -109,7 +110,7 @@ class ContentStore:
                 return (self.objects / sha).exists()
             self._writers.pop(sha, None)
         try:
-            good = writer.digest.hexdigest() == sha
+            good = content_hash(writer.digests) == sha
         finally:
             os.close(writer.fd)
         if good:
@@ -126,23 +127,6 @@ class ContentStore:
         with contextlib.suppress(OSError):
             os.utime(path)
         return fd
-
-    def add(self, sha: str, source: int, size: int) -> None:
-        """Keep a copy of ``size`` bytes of ``source`` as object ``sha`` (checked)."""
-        if self.held(sha, size) == size:
-            with contextlib.suppress(OSError):
-                os.utime(self.objects / sha)
-            return
-        writer = self._open(sha, 0)
-        offset = 0
-        while offset < size:
-            block = os.pread(source, 1 << 20, offset)
-            if not block:
-                break
-            self.write(sha, offset, block)
-            offset += len(block)
-        del writer
-        self.finish(sha)
 
     def close(self, sha: str | None = None) -> None:
         """Close the partial object ``sha`` (all when None), keeping what it holds."""

@@ -50,6 +50,9 @@ from .protocol import Frame, FrameKind
 
 __all__ = ["FileEndpoint", "Transfer", "TransferFailed"]
 
+#: Chunks at least this large are hashed and written (read and hashed) in a thread.
+_THREAD_BYTES = 256 * 1024
+
 
 class TransferFailed(JupyterIOError):
     """A transfer did not complete (the other end refused it, or it timed out)."""
@@ -139,6 +142,9 @@ class FileEndpoint:
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Transfers in progress (sent or received), by id.
         self.active: dict[str, Transfer] = {}
+        # Chunks wait here for the worker; the sender's window (acks once stored) bounds it.
+        self._chunks: asyncio.Queue[Frame] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
 
     # -- frames from the other end ---------------------------------------------------------
 
@@ -146,7 +152,11 @@ class FileEndpoint:
         """Act on one FILES or FILE_CHUNK frame. A bad offer or chunk fails its transfer
         (the other end hears why in DONE); it never ends the tunnel."""
         if frame.kind is FrameKind.FILE_CHUNK:
-            await self._on_chunk(frame)
+            # Stored by a worker, in order, while the tunnel goes on delivering the kernel's
+            # messages that follow it (a kernel message never waits for a chunk's disk write).
+            self._chunks.put_nowait(frame)
+            if self._worker is None or self._worker.done():
+                self._worker = asyncio.ensure_future(self._store_chunks())
             return
         body = frame.body
         try:
@@ -196,30 +206,62 @@ class FileEndpoint:
         if incoming.complete:
             await self._place_all(offer.id)
 
+    async def _store_chunks(self) -> None:
+        while True:
+            frame = await self._chunks.get()
+            try:
+                await self._on_chunk(frame)
+            except ProtocolError as exc:  # a broken peer: its transfer times out there
+                self.log.warning("dropping a file chunk: %s", exc)
+            except Exception:
+                self.log.exception("storing a file chunk failed")
+            finally:
+                self._chunks.task_done()
+            # The sender's window moves as what it sent is stored.
+            await self.bridge.send_ack()
+
+    async def flush(self) -> None:
+        """Return once every chunk received so far is stored (and its transfer answered)."""
+        await self._chunks.join()
+
     async def _on_chunk(self, frame: Frame) -> None:
-        chunk = decode_chunk(frame.parts)  # a corrupt chunk is a broken peer: ProtocolError
+        parts = frame.parts
+        if len(parts) == 2 and len(parts[1]) >= _THREAD_BYTES:
+            # Hashed and written in a thread: the event loop goes on reading the websocket.
+            outcome = await asyncio.to_thread(self._take_chunk, parts)
+        else:
+            outcome = self._take_chunk(parts)
+        if outcome is None:
+            return
+        ident, transfer, whole, sha, failure = outcome
+        if failure is None and whole and not self.store.finish(sha):
+            failure = f"content {sha[:12]} does not match its sha256"
+        if failure is not None:
+            self._incoming.pop(ident, None)
+            self.store.close(sha)
+            transfer.refused = [("", failure)]
+            await self._finish_received(transfer, Done(ident, refused=tuple(transfer.refused)))
+            return
+        incoming = self._incoming[ident][0]
+        if incoming.complete:
+            await self._place_all(ident)
+
+    def _take_chunk(self, parts: Any) -> tuple[str, Transfer, bool, str, str | None] | None:
+        """Check and store one chunk: (transfer id, transfer, object whole?, object, why it
+        failed or None); None for a transfer that already failed. A chunk whose bytes do
+        not match its hash is a broken peer: :class:`ProtocolError`."""
+        chunk = decode_chunk(parts)
         found = self._incoming.get(chunk.id)
         if found is None:
-            return  # a transfer already failed; its remaining chunks are dropped
+            return None  # a transfer already failed; its remaining chunks are dropped
         incoming, transfer, _ = found
         try:
             whole = incoming.accept(chunk)
-            self.store.write(chunk.sha256, chunk.offset, chunk.data)
+            self.store.write(chunk.sha256, chunk.offset, chunk.data, chunk.digest)
         except (ProtocolError, OSError) as exc:
-            self._incoming.pop(chunk.id, None)
-            self.store.close(chunk.sha256)
-            transfer.refused = [("", f"transfer failed: {exc}")]
-            await self._finish_received(transfer, Done(chunk.id, refused=tuple(transfer.refused)))
-            return
+            return chunk.id, transfer, False, chunk.sha256, f"transfer failed: {exc}"
         transfer.bytes += len(chunk.data)
-        if whole and not self.store.finish(chunk.sha256):
-            self._incoming.pop(chunk.id, None)
-            reason = f"content {chunk.sha256[:12]} does not match its sha256"
-            transfer.refused = [("", reason)]
-            await self._finish_received(transfer, Done(chunk.id, refused=((("", reason)),)))
-            return
-        if incoming.complete:
-            await self._place_all(chunk.id)
+        return chunk.id, transfer, whole, chunk.sha256, None
 
     async def _place_all(self, ident: str) -> None:
         incoming, transfer, _ = self._incoming.pop(ident)
@@ -254,8 +296,8 @@ class FileEndpoint:
             known = self.hashes.get(item)
             if known is not None:
                 return known
-            sha = hash_fd(fd)
-            self.hashes.put(path, info, sha)
+            sha, digests = hash_fd(fd)
+            self.hashes.put(path, info, sha, digests)
             return sha
         finally:
             os.close(fd)
@@ -389,19 +431,30 @@ class FileEndpoint:
 
     async def _send_object(self, ident: str, path: str, sha: str, offset: int, end: int) -> int:
         try:
-            fd, _ = open_beneath(self.root, path)
+            fd, info = open_beneath(self.root, path)
         except (UnsafePath, OSError) as exc:
             raise TransferFailed(f"cannot read {path}: {exc}") from exc
+        digests = self.hashes.digests(path, info, sha)  # hashed by the scan: not again
         sent = 0
+
+        def read(offset: int) -> list[bytes]:
+            data = os.pread(fd, min(CHUNK_SIZE, end - offset), offset)
+            if not data:
+                raise TransferFailed(f"{path} shrank while it was sent; push it again")
+            index = offset // CHUNK_SIZE
+            digest = digests[index] if digests is not None and index < len(digests) else None
+            return encode_chunk(ident, sha, offset, data, digest)
+
         try:
             while offset < end:
                 await self.bridge.wait_window(self.window)
-                data = os.pread(fd, min(CHUNK_SIZE, end - offset), offset)
-                if not data:
-                    raise TransferFailed(f"{path} shrank while it was sent; push it again")
-                await self.bridge.send_chunk(encode_chunk(ident, sha, offset, data))
-                offset += len(data)
-                sent += len(data)
+                size = min(CHUNK_SIZE, end - offset)
+                parts = (
+                    await asyncio.to_thread(read, offset) if size >= _THREAD_BYTES else read(offset)
+                )
+                await self.bridge.send_chunk(parts)
+                offset += size
+                sent += size
         finally:
             os.close(fd)
         return sent
@@ -429,6 +482,10 @@ class FileEndpoint:
 
     async def close(self) -> None:
         """Stop background work and close partial objects (kept for a resume)."""
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(BaseException):
+                await self._worker
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

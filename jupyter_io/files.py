@@ -6,12 +6,13 @@ in the tunnel's own reliable frames, so it is sequenced, acknowledged and replay
 reconnect like every other frame:
 
 1. sender → FILES ``{"op": "offer", "id", "files": [entry...], "why"}``: these files should
-   exist at these paths with this content (an entry: ``{"path", "size", "mode", "sha256"}``);
+   exist at these paths with this content (an entry: ``{"path", "size", "mode", "sha256"}``,
+   ``sha256`` being the :func:`content_hash`: the sha256 of the chunks' sha256 digests);
 2. receiver → FILES ``{"op": "want", "id", "want": [{"sha256", "offset"}...]}``: the content
    it does not hold yet, each from the offset it already holds (a partial object left by an
    earlier, interrupted transfer resumes there) — content the receiver holds travels never;
-3. sender → FILE_CHUNK frames (:func:`encode_chunk`): the wanted bytes in chunks of at most
-   :data:`CHUNK_SIZE`, each with its own sha256, in order per object;
+3. sender → FILE_CHUNK frames (:func:`encode_chunk`): the wanted bytes in chunks of
+   :data:`CHUNK_SIZE` (the last one shorter), each with its own sha256, in order per object;
 4. receiver → FILES ``{"op": "done", "id", "written", "conflicts", "refused", "received"}``.
 
 The local end asks the provider for what the kernel wrote with FILES ``{"op": "pull", "id",
@@ -58,7 +59,9 @@ __all__ = [
     "UnsafePath",
     "Want",
     "check_path",
+    "chunk_digests",
     "conflict_name",
+    "content_hash",
     "decode_chunk",
     "encode_chunk",
     "new_transfer_id",
@@ -70,7 +73,7 @@ __all__ = [
 CHUNK_SIZE = 1024 * 1024
 #: Default bytes of file frames a sender lets await acknowledgement before it sends more:
 #: a kernel message queued behind a transfer waits behind at most this much.
-DEFAULT_WINDOW = 4 * 1024 * 1024
+DEFAULT_WINDOW = 2 * 1024 * 1024
 #: Most entries one offer (or want) may list; an offer must also fit a control frame.
 MAX_ENTRIES = 5000
 #: Longest relative path (UTF-8 bytes) and longest component accepted.
@@ -127,6 +130,22 @@ def conflict_name(path: str) -> str:
     if not stem:  # ".bashrc": no extension to keep
         stem, ext = tail, ""
     return posixpath.join(head, f"{stem}{CONFLICT_TAG}{ext}")
+
+
+def content_hash(digests: Iterable[bytes]) -> str:
+    """A file's content hash (hex): the sha256 of its chunks' sha256 digests, back to back
+    (chunks of :data:`CHUNK_SIZE` from offset 0). Equal content, equal hash; and a receiver
+    that checked each chunk's digest as it arrived checks the whole file with no second
+    pass over its bytes."""
+    return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def chunk_digests(data: bytes | memoryview) -> list[bytes]:
+    """The per-chunk sha256 digests of ``data`` (for tests and small files)."""
+    view = memoryview(data)
+    return [
+        hashlib.sha256(view[i : i + CHUNK_SIZE]).digest() for i in range(0, len(view), CHUNK_SIZE)
+    ]
 
 
 def new_transfer_id() -> str:
@@ -321,19 +340,28 @@ def parse_files_body(body: Mapping[str, Any]) -> FilesMessage:
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """One decoded FILE_CHUNK: ``data`` of object ``sha256`` from ``offset``."""
+    """One decoded FILE_CHUNK: ``data`` of object ``sha256`` from ``offset``, whose own
+    sha256 ``digest`` was checked."""
 
     id: str
     sha256: str
     offset: int
     data: bytes | memoryview
+    digest: bytes
 
 
-def encode_chunk(transfer: str, sha256: str, offset: int, data: bytes | memoryview) -> list[bytes]:
-    """The two parts of a FILE_CHUNK frame carrying ``data`` (hashed here)."""
-    head = CHUNK_HEADER.pack(
-        bytes.fromhex(transfer), bytes.fromhex(sha256), offset, hashlib.sha256(data).digest()
-    )
+def encode_chunk(
+    transfer: str,
+    sha256: str,
+    offset: int,
+    data: bytes | memoryview,
+    digest: bytes | None = None,
+) -> list[bytes]:
+    """The two parts of a FILE_CHUNK frame carrying ``data`` (its sha256 ``digest``, hashed
+    here when not given)."""
+    if digest is None:
+        digest = hashlib.sha256(data).digest()
+    head = CHUNK_HEADER.pack(bytes.fromhex(transfer), bytes.fromhex(sha256), offset, digest)
     return [head, data]  # type: ignore[list-item]
 
 
@@ -347,7 +375,7 @@ def decode_chunk(parts: Sequence[bytes | memoryview]) -> Chunk:
         raise ProtocolError(f"a FILE_CHUNK carries 1 to {CHUNK_SIZE} bytes, not {len(data)}")
     if hashlib.sha256(data).digest() != digest:
         raise ProtocolError(f"a chunk of {sha.hex()[:12]} at {offset} does not match its hash")
-    return Chunk(transfer.hex(), sha.hex(), offset, data)
+    return Chunk(transfer.hex(), sha.hex(), offset, data, digest)
 
 
 # -- the two ends of a transfer -------------------------------------------------------------
@@ -375,8 +403,11 @@ class Outgoing:
                 raise ProtocolError(
                     f"want names {sha[:12]}, which transfer {self.id} never offered"
                 )
-            if offset > size:
-                raise ProtocolError(f"want asks {sha[:12]} from {offset}, past its {size} bytes")
+            if offset > size or (offset % CHUNK_SIZE and offset != size):
+                raise ProtocolError(
+                    f"want asks {sha[:12]} from {offset}: past its {size} bytes or not at a "
+                    f"chunk boundary"
+                )
             if offset < size:
                 ranges.append((sha, offset, size))
         return ranges
@@ -409,6 +440,8 @@ class Incoming:
                 continue
             have = min(max(self.held(entry.sha256, entry.size), 0), entry.size)
             if have < entry.size:
+                have -= have % CHUNK_SIZE  # resume at a chunk boundary
+            if have < entry.size:
                 self._objects[entry.sha256] = _Object(entry.size, have)
 
     def want(self) -> Want:
@@ -434,8 +467,12 @@ class Incoming:
                 f"chunk of {chunk.sha256[:12]} at {chunk.offset}, expected {obj.offset}"
             )
         end = chunk.offset + len(chunk.data)
-        if end > obj.size:
-            raise ProtocolError(f"chunk of {chunk.sha256[:12]} runs past its {obj.size} bytes")
+        if len(chunk.data) != min(CHUNK_SIZE, obj.size - chunk.offset):
+            # Chunks are whole CHUNK_SIZE pieces from offset 0: the content hash is theirs.
+            raise ProtocolError(
+                f"chunk of {chunk.sha256[:12]} at {chunk.offset} holds {len(chunk.data)} "
+                f"bytes, not {min(CHUNK_SIZE, obj.size - chunk.offset)}"
+            )
         obj.offset = end
         self.received += len(chunk.data)
         if end == obj.size:

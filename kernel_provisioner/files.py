@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import pathspec
 
+from jupyter_io.bridge import Gate, Tap
 from jupyter_io.confine import HashCache, Scanned, scan
 from jupyter_io.content_store import ContentStore
 from jupyter_io.errors import JupyterIOError, KernelLaunchError
@@ -129,6 +130,37 @@ def _msg_type_is(parts: Sequence[bytes], msg_type: bytes) -> bool:
         return False
 
 
+def _both_gates(first: Gate, second: Gate | None) -> Gate:
+    if second is None:
+        return first
+
+    def gate(parts: list[bytes]) -> Awaitable[None] | None:
+        waits = [w for w in (first(parts), second(parts)) if w is not None]
+        if not waits:
+            return None
+        if len(waits) == 1:
+            return waits[0]
+
+        async def both() -> None:
+            for wait in waits:
+                await wait
+
+        return both()
+
+    return gate
+
+
+def _both_taps(first: Tap, second: Tap | None) -> Tap:
+    if second is None:
+        return first
+
+    def tap(parts: Sequence[bytes]) -> None:
+        first(parts)
+        second(parts)
+
+    return tap
+
+
 class NotebookFiles:
     """The notebook directory's side of the file channel (see the module docstring)."""
 
@@ -160,6 +192,8 @@ class NotebookFiles:
         self._client: TunnelClient | None = None
         self._sync: asyncio.Task[Transfer | None] | None = None
         self._push_lock = asyncio.Lock()
+        #: path -> content hash of files offered by a push still running.
+        self._inflight: dict[str, str] = {}
         self._pull_lock = asyncio.Lock()
         self._pull_queued = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -216,7 +250,7 @@ class NotebookFiles:
                 sha = self.hashes.hash(self.root, item)
             except (OSError, JupyterIOError):
                 continue
-            if endpoint.baseline.get(item.path) != sha:
+            if endpoint.baseline.get(item.path) != sha and self._inflight.get(item.path) != sha:
                 entries.append(FileEntry(item.path, item.size, item.mode, sha))
         return entries
 
@@ -237,8 +271,10 @@ class NotebookFiles:
         self.endpoint.hashes = self.hashes
         self._sync = None
         client.on_files = self.endpoint.handle
-        client.bridge.gates[Channel.SHELL] = self._gate
-        client.bridge.taps[Channel.SHELL] = self._tap
+        # Beside any gate and tap already there (the idle watch's): both hear every message.
+        gate, tap = client.bridge.gates.get(Channel.SHELL), client.bridge.taps.get(Channel.SHELL)
+        client.bridge.gates[Channel.SHELL] = _both_gates(self._gate, gate)
+        client.bridge.taps[Channel.SHELL] = _both_taps(self._tap, tap)
 
     @property
     def enabled(self) -> bool:
@@ -276,14 +312,21 @@ class NotebookFiles:
         if not self.enabled:
             return None
         assert self.endpoint is not None
-        async with self._push_lock:
+        async with self._push_lock:  # one scan at a time; the transfers may overlap
             entries = await asyncio.to_thread(self._changed)
             if not entries and why != "sync":
                 return None
-            try:
-                transfer = await self.endpoint.send(entries, why)
-            finally:
-                self._transferred()
+            for entry in entries:
+                self._inflight[entry.path] = entry.sha256
+        try:
+            # Content already on its way (a large push still running) is not offered again:
+            # an execution waits only for edits no transfer carries yet.
+            transfer = await self.endpoint.send(entries, why)
+        finally:
+            for entry in entries:
+                if self._inflight.get(entry.path) == entry.sha256:
+                    del self._inflight[entry.path]
+            self._transferred()
         self.log.info(
             "jupyter-io: %s: %d file(s), %d bytes travelled in %.2f s",
             why,

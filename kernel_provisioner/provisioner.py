@@ -64,6 +64,7 @@ from traitlets import Bool, CaselessStrEnum, Float, Int, Type, Unicode, Union, v
 
 from jupyter_io.coordinator_client import LeaseGrant
 from jupyter_io.errors import ConfigError, JupyterIOError, KernelLaunchError, PaymentError
+from jupyter_io.files import DEFAULT_WINDOW
 from jupyter_io.identity import DEFAULT_KEYPAIR_PATH, load_keypair, parse_pubkey
 from jupyter_io.latency import (
     DEFAULT_PROBE_TIMEOUT,
@@ -286,7 +287,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         "(Jupyter's data dir, io/files); the least recently used go first.",
     )
     files_window = Int(
-        4 * 1024**2,
+        DEFAULT_WINDOW,
         config=True,
         help="Most bytes of file transfer in flight on the tunnel: a kernel message waits "
         "behind at most this much of a transfer.",

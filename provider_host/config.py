@@ -31,6 +31,7 @@ from traitlets.config import Configurable
 from jupyter_io.daemon import parse_listen as _parse_listen
 from jupyter_io.daemon import server_ssl_context
 from jupyter_io.errors import ConfigError
+from jupyter_io.files import DEFAULT_WINDOW
 from jupyter_io.identity import load_allowlist, load_keypair, load_or_create_keypair
 from jupyter_io.payments.amounts import parse_sol
 from jupyter_io.protocol import DEFAULT_MAX_FRAME_SIZE
@@ -178,7 +179,7 @@ class ProviderConfig(Configurable):
         "least recently used content is deleted beyond it. 0 = no limit.",
     )
     file_window = Integer(
-        4 * 1024**2,
+        DEFAULT_WINDOW,
         config=True,
         help="Most bytes of file transfer frames awaiting acknowledgement at once: a kernel "
         "message waits behind at most this much of a transfer.",

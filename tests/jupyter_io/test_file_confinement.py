@@ -4,7 +4,6 @@ nothing that is not a plain file of the tree: a real :class:`FileEndpoint` over 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,14 @@ from jupyter_io.bridge import Bridge
 from jupyter_io.confine import scan
 from jupyter_io.content_store import ContentStore
 from jupyter_io.file_endpoint import FileEndpoint
-from jupyter_io.files import Offer, Want, encode_chunk, parse_files_body
+from jupyter_io.files import (
+    Offer,
+    Want,
+    chunk_digests,
+    content_hash,
+    encode_chunk,
+    parse_files_body,
+)
 from jupyter_io.protocol import Frame, FrameKind, Tunnel, decode_frame, encode_control
 
 ID = "ab" * 16
@@ -41,11 +47,12 @@ def _files_frame(body: dict[str, Any]) -> Frame:
 
 
 async def _offer_and_send(endpoint: FileEndpoint, path: str, content: bytes) -> None:
-    sha = hashlib.sha256(content).hexdigest()
+    sha = content_hash(chunk_digests(content))
     entry = {"path": path, "size": len(content), "mode": 0o644, "sha256": sha}
     await endpoint.handle(_files_frame({"op": "offer", "id": ID, "files": [entry]}))
     chunk = Frame(FrameKind.FILE_CHUNK, seq=2, parts=tuple(encode_chunk(ID, sha, 0, content)))
     await endpoint.handle(chunk)
+    await endpoint.flush()
 
 
 @pytest.mark.parametrize("path", ["../escaped.txt", "/tmp/escaped.txt", "a/../../escaped.txt"])
@@ -101,6 +108,7 @@ async def test_a_forged_object_is_not_placed(tmp_path: Path) -> None:
     await endpoint.handle(_files_frame({"op": "offer", "id": ID, "files": [entry]}))
     chunk = Frame(FrameKind.FILE_CHUNK, seq=2, parts=tuple(encode_chunk(ID, "0" * 64, 0, b"pwned")))
     await endpoint.handle(chunk)
+    await endpoint.flush()
     [_, done] = _sent(tunnel)
     assert "does not match its sha256" in done.refused[0][1]
     assert not (root / "a.txt").exists()

@@ -8,7 +8,6 @@ a receiver accepts exactly the bytes it wanted, in order, checked against their 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 
@@ -24,6 +23,8 @@ from jupyter_io.files import (
     Outgoing,
     UnsafePath,
     check_path,
+    chunk_digests,
+    content_hash,
     decode_chunk,
     encode_chunk,
     parse_files_body,
@@ -91,45 +92,54 @@ def test_each_op_checks_its_fields(op: str, fields: dict[str, object]) -> None:
         pass
 
 
-@given(st.binary(min_size=1, max_size=3 * 1024), st.integers(1, 1024), st.integers(0, 3))
-def test_a_receiver_takes_exactly_what_it_wanted(content: bytes, chunk: int, held: int) -> None:
-    sha = hashlib.sha256(content).hexdigest()
+SIZES = st.sampled_from([1, 100, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 2 * CHUNK_SIZE + 5])
+
+
+@given(SIZES, st.integers(0, 3 * CHUNK_SIZE), st.binary(min_size=1, max_size=16))
+def test_a_receiver_takes_exactly_what_it_wanted(size: int, held: int, seed: bytes) -> None:
+    content = (seed * (size // len(seed) + 1))[:size]
+    sha = content_hash(chunk_digests(content))
     entry = FileEntry("a/model.pt", len(content), 0o644, sha)
     out = Outgoing([entry, FileEntry("copy.pt", len(content), 0o600, sha)])
-    held_bytes = min(held * chunk, len(content))
-    incoming = Incoming(out.offer(), lambda s, size: held_bytes)
+    incoming = Incoming(out.offer(), lambda s, n: held)
     want = incoming.want()
-    if held_bytes == len(content):
+    if held >= size:
         assert incoming.complete and want.want == ()
         return
-    assert want.want == ((sha, held_bytes),)  # one object, once, from what is held
-    [(_, start, end)] = out.plan(want)
+    start = held - held % CHUNK_SIZE  # a partial object resumes at a chunk boundary
+    assert want.want == ((sha, start),)  # one object, once, from what is held
+    [(_, first, end)] = out.plan(want)
+    assert (first, end) == (start, size)
     received = bytearray(content[:start])
-    for offset in range(start, end, chunk):
-        parts = encode_chunk(out.id, sha, offset, content[offset : offset + chunk])
-        decoded = decode_chunk(parts)
+    for offset in range(start, end, CHUNK_SIZE):
+        decoded = decode_chunk(
+            encode_chunk(out.id, sha, offset, content[offset : offset + CHUNK_SIZE])
+        )
         whole = incoming.accept(decoded)
         received += decoded.data
-        assert whole == (offset + chunk >= end)
+        assert whole == (offset + CHUNK_SIZE >= end)
     assert bytes(received) == content and incoming.complete
+    assert content_hash(chunk_digests(bytes(received))) == sha
 
 
 def test_a_chunk_out_of_order_or_forged_is_refused() -> None:
     content = os.urandom(100)
-    sha = hashlib.sha256(content).hexdigest()
+    sha = content_hash(chunk_digests(content))
     out = Outgoing([FileEntry("x", 100, 0o644, sha)])
     incoming = Incoming(out.offer(), lambda s, size: 0)
     with pytest.raises(ProtocolError, match="expected 0"):
         incoming.accept(decode_chunk(encode_chunk(out.id, sha, 50, content[50:])))
+    with pytest.raises(ProtocolError, match="holds 50 bytes, not 100"):
+        incoming.accept(decode_chunk(encode_chunk(out.id, sha, 0, content[:50])))
     head, data = encode_chunk(out.id, sha, 0, content)
     with pytest.raises(ProtocolError, match="does not match its hash"):
         decode_chunk([head, b"X" + data[1:]])
     with pytest.raises(ProtocolError, match="not wanted"):
-        other = hashlib.sha256(b"other").hexdigest()
+        other = content_hash(chunk_digests(b"other"))
         incoming.accept(decode_chunk(encode_chunk(out.id, other, 0, b"other")))
     with pytest.raises(ProtocolError, match="1 to"):
         decode_chunk(encode_chunk(out.id, sha, 0, b"\0" * (CHUNK_SIZE + 1)))
     with pytest.raises(ProtocolError, match="never offered"):
         from jupyter_io.files import Want
 
-        out.plan(Want(out.id, ((hashlib.sha256(b"?").hexdigest(), 0),)))
+        out.plan(Want(out.id, ((content_hash(chunk_digests(b"?")), 0),)))

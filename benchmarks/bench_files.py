@@ -1,0 +1,352 @@
+"""The file channel (issue 15) against the same work without it, in one run.
+
+Starts a real provider host on loopback and remote kernels through ``AsyncKernelManager``
+with a ``cwd`` (as Jupyter Server starts a notebook's kernel), and measures:
+
+1. cold start: ``start_kernel(cwd=D)`` → first kernel_info_reply with D holding 1,000
+   small files (10 MB; the provider's store emptied before each start, so all content
+   travels) against D empty; interleaved. Target: ≤ 1 s added.
+2. unchanged: a restart (same session) and a new session (the user's store on the
+   provider holds the content) with the same 1,000 files, against D empty. Target ≤ 100 ms.
+3. one 1 GB file each way: push (local edit sent: scan + hash + transfer + placement) and
+   pull (a file the kernel wrote, held back, pulled by name). Target ≥ 200 MB/s. Beside
+   them the floors measured in the same run: a plain loopback TCP copy of the same bytes
+   between two processes, websockets bulk between two processes, ``cp`` of the file.
+4. ``1+1`` execute round trip while a 500 MB pull, then a 500 MB push, runs, against the
+   same kernel idle. Target ≤ 1.5x.
+
+    python benchmarks/bench_files.py            # ~2 min
+    python benchmarks/bench_files.py --quick    # smaller (100 MB transfers), ~40 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import zmq
+import zmq.asyncio
+from _floors import WsSender
+from _provider import ProviderHost, install_remote_spec, install_specs, start_host
+from _wire_client import WireClient
+from bench_tunnel import Row, machine, render
+from jupyter_client.manager import AsyncKernelManager
+
+from kernel_provisioner.files import NotebookFiles
+
+MB = 1024 * 1024
+
+
+def ms(seconds: float) -> float:
+    return seconds * 1000
+
+
+def make_small_files(root: Path, count: int = 1000, size: int = 10 * 1024) -> None:
+    for i in range(count):
+        sub = root / f"d{i % 20:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i:04d}.bin").write_bytes(os.urandom(size))
+
+
+def write_big(path: Path, size: int) -> None:
+    block = os.urandom(MB)
+    with open(path, "wb") as f:
+        for _ in range(size // MB):
+            f.write(block)
+
+
+def provider_store(host_tmp: Path) -> Path:
+    return host_tmp / "workspace-state" / "files"
+
+
+async def start(
+    spec: str, cwd: Path, ctx: zmq.asyncio.Context
+) -> tuple[AsyncKernelManager, WireClient, float]:
+    t0 = time.perf_counter()
+    km = AsyncKernelManager(kernel_name=spec)
+    await asyncio.wait_for(km.start_kernel(cwd=str(cwd), stderr=subprocess.DEVNULL), 120)
+    client = WireClient(km.get_connection_info(), ctx)
+    await client.kernel_info(timeout=60)
+    return km, client, time.perf_counter() - t0
+
+
+async def stop(km: AsyncKernelManager, client: WireClient) -> None:
+    client.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(km.shutdown_kernel(now=True), 60)
+
+
+def files_of(km: AsyncKernelManager) -> NotebookFiles:
+    files = km.provisioner.files  # type: ignore[union-attr]
+    assert files is not None and files.enabled
+    return files
+
+
+# -- 1 and 2: starts ------------------------------------------------------------------------
+
+
+async def bench_starts(
+    spec: str, host_tmp: Path, tmp: Path, ctx: zmq.asyncio.Context, reps: int
+) -> list[Row]:
+    empty = tmp / "empty"
+    empty.mkdir()
+    small = tmp / "small"
+    make_small_files(small)
+    cold_empty, cold_files, warm_files = [], [], []
+    restart_empty, restart_files = [], []
+    for i in range(reps + 1):  # the first round warms imports and caches; not counted
+        order = [empty, small] if i % 2 else [small, empty]
+        for cwd in order:
+            if cwd is small:
+                shutil.rmtree(provider_store(host_tmp), ignore_errors=True)
+            km, client, took = await start(spec, cwd, ctx)
+            t0 = time.perf_counter()
+            await km.restart_kernel(now=True)
+            await client.kernel_info(timeout=60)
+            restarted = time.perf_counter() - t0
+            if cwd is small:
+                sync = [t for t in files_of(km).endpoint.history if t.why == "sync"]  # type: ignore[union-attr]
+                assert sync[0].bytes >= 10 * 1000 * 1024 and sync[-1].bytes == 0, sync
+            await stop(km, client)
+            if cwd is small:
+                km, client, warm = await start(spec, cwd, ctx)
+                assert files_of(km).endpoint.history[0].bytes == 0  # type: ignore[union-attr]
+                await stop(km, client)
+            if i == 0:
+                continue
+            if cwd is small:
+                cold_files.append(took)
+                restart_files.append(restarted)
+                warm_files.append(warm)
+            else:
+                cold_empty.append(took)
+                restart_empty.append(restarted)
+    ce, cf, wf = (statistics.median(x) for x in (cold_empty, cold_files, warm_files))
+    re_, rf = statistics.median(restart_empty), statistics.median(restart_files)
+    return [
+        Row("1 cold", f"start → kernel_info, empty dir vs 1,000 files (10 MB), median of {reps}",
+            "ms", ms(ce), ms(cf)),
+        Row("1 cold", "  added by the files (all content travels)", "ms", None, ms(cf - ce),
+            "≤1000 ms", cf - ce <= 1.0),
+        Row("2 same", "new session, store holds the content: start → kernel_info", "ms",
+            ms(ce), ms(wf)),
+        Row("2 same", "  added by the unchanged files", "ms", None, ms(wf - ce), "≤100 ms",
+            wf - ce <= 0.1),
+        Row("2 same", "restart (same session) → kernel_info", "ms", ms(re_), ms(rf)),
+        Row("2 same", "  added by the unchanged files", "ms", None, ms(rf - re_), "≤100 ms",
+            rf - re_ <= 0.1),
+    ]  # fmt: skip
+
+
+# -- 3: 1 GB each way ------------------------------------------------------------------------
+
+_TCP_SINK = r"""
+import socket, sys
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+total = 0
+buf = bytearray(1 << 20)
+while True:
+    n = conn.recv_into(buf)
+    if not n: break
+    total += n
+conn.sendall(str(total).encode()); conn.close()
+"""
+
+
+def tcp_floor(path: Path) -> float:
+    """MB/s of a plain loopback TCP copy of ``path`` to another process (sendfile)."""
+    proc = subprocess.Popen([sys.executable, "-c", _TCP_SINK], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    size = path.stat().st_size
+    with socket.create_connection(("127.0.0.1", port)) as sock, open(path, "rb") as f:
+        t0 = time.perf_counter()
+        sent = sock.sendfile(f)
+        sock.shutdown(socket.SHUT_WR)
+        got = int(sock.recv(64))
+        took = time.perf_counter() - t0
+    proc.wait()
+    assert sent == got == size
+    return size / MB / took
+
+
+async def bench_bulk(spec: str, tmp: Path, ctx: zmq.asyncio.Context, size: int) -> list[Row]:
+    nb = tmp / "bulk"
+    nb.mkdir()
+    (nb / "notebook.ipynb").write_text("{}")
+    km, client, _ = await start(spec, nb, ctx)
+    rows = []
+    try:
+        files = files_of(km)
+        big = nb / "push.bin"
+        write_big(big, size)
+        t0 = time.perf_counter()
+        shutil.copyfile(big, tmp / "copy.bin")
+        cp = size / MB / (time.perf_counter() - t0)
+        (tmp / "copy.bin").unlink()
+        floor_tcp = tcp_floor(big)
+        sender = WsSender(MB, size // MB)
+        try:
+            floor_ws = await sender.measure()
+        finally:
+            sender.close()
+
+        t0 = time.perf_counter()
+        pushed = await files.push()
+        push_total = time.perf_counter() - t0
+        assert pushed is not None and pushed.bytes == size, pushed
+        ex = await client.execute(
+            f"import os\nassert os.path.getsize('push.bin') == {size}\n"
+            f"with open('pull.bin', 'wb') as f:\n"
+            f"    b = os.urandom(1 << 20)\n"
+            f"    for _ in range({size // MB}): f.write(b)\n"
+        )
+        assert ex.status == "ok", ex
+        await files.wait_for(lambda: "pull.bin" in files.held_back, 60)
+        t0 = time.perf_counter()
+        pulled = await files.pull(["pull.bin"], timeout=600)
+        pull_total = time.perf_counter() - t0
+        assert pulled.bytes == size and (nb / "pull.bin").stat().st_size == size, pulled
+        gb = size / MB
+        rows = [
+            Row("3 bulk", f"push {gb:,.0f} MB: scan + hash + send + place", "MB/s", None,
+                gb / push_total, "≥200 MB/s", gb / push_total >= 200),
+            Row("3 bulk", "  of which the transfer (offer → done)", "MB/s", None,
+                gb / pushed.seconds),
+            Row("3 bulk", f"pull {gb:,.0f} MB: hash on the provider + send + place", "MB/s",
+                None, gb / pull_total, "≥200 MB/s", gb / pull_total >= 200),
+            Row("3 bulk", "  floor: loopback TCP copy, 2 processes (sendfile)", "MB/s", None,
+                floor_tcp),
+            Row("3 bulk", "  floor: websockets bulk, 1 MB messages, 2 processes", "MB/s", None,
+                floor_ws),
+            Row("3 bulk", "  local: cp of the same file", "MB/s", None, cp),
+        ]  # fmt: skip
+    finally:
+        await stop(km, client)
+    return rows
+
+
+# -- 4: 1+1 while a transfer runs -----------------------------------------------------------
+
+
+async def rtts_while(client: WireClient, transfer: asyncio.Task[Any]) -> list[float]:
+    samples = []
+    while not transfer.done():
+        samples.append((await client.execute("1+1")).reply)
+    await transfer
+    return samples
+
+
+async def bench_rtt_loaded(spec: str, tmp: Path, ctx: zmq.asyncio.Context, size: int) -> list[Row]:
+    nb = tmp / "loaded"
+    nb.mkdir()
+    km, client, _ = await start(spec, nb, ctx)
+    try:
+        files = files_of(km)
+        for _ in range(30):
+            await client.execute("1+1")
+        idle = [(await client.execute("1+1")).reply for _ in range(200)]
+        ex = await client.execute(
+            f"import os\nwith open('out.bin', 'wb') as f:\n"
+            f"    b = os.urandom(1 << 20)\n    for _ in range({size // MB}): f.write(b)\n"
+        )
+        assert ex.status == "ok"
+        await files.wait_for(lambda: "out.bin" in files.held_back, 60)
+        pulling = asyncio.ensure_future(files.pull(["out.bin"], timeout=600))
+        during_pull = await rtts_while(client, pulling)
+        write_big(nb / "in.bin", size)
+        pushing = asyncio.ensure_future(files.push())
+        during_push = await rtts_while(client, pushing)
+        idle_after = [(await client.execute("1+1")).reply for _ in range(200)]
+    finally:
+        await stop(km, client)
+    base = statistics.median(idle + idle_after)
+    rows = [Row("4 load", "1+1 → reply, idle, median", "ms", ms(base), ms(base))]
+    for what, samples in (("pull", during_pull), ("push", during_push)):
+        med = statistics.median(samples)
+        rows.append(
+            Row("4 load", f"  while a {size // MB} MB {what} runs, median of {len(samples)}",
+                "ms", ms(base), ms(med), "≤1.5x", med / base <= 1.5)
+        )  # fmt: skip
+        rows.append(Row("4 load", "    slowest", "ms", None, ms(max(samples))))
+    return rows
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> list[Row]:
+    tmp = Path(tempfile.mkdtemp(prefix="jio-bench-files-"))
+    spec_root = tmp / "jupyter"
+    install_specs(spec_root)
+    os.environ["JUPYTER_PATH"] = str(spec_root)
+    os.environ["JUPYTER_DATA_DIR"] = str(tmp / "data")
+    ctx = zmq.asyncio.Context()
+    extra = [f"--ProviderConfig.file_window={args.window}"] if args.window else []
+    host: ProviderHost = start_host(tmp / "host", *extra)
+    rows: list[Row] = []
+    only = set(args.only.split(",")) if args.only else {"starts", "bulk", "load"}
+    try:
+        spec = install_remote_spec(spec_root, "bench-files", host.url, host.user_keypair)
+        if args.window:
+            kernel_json = spec_root / "kernels" / spec / "kernel.json"
+            spec_data = json.loads(kernel_json.read_text())
+            spec_data["metadata"]["kernel_provisioner"]["config"]["files_window"] = args.window
+            kernel_json.write_text(json.dumps(spec_data))
+        steps = [
+            ("starts", lambda: bench_starts(spec, tmp / "host", tmp, ctx, 3 if args.quick else 5)),
+            ("bulk", lambda: bench_bulk(spec, tmp, ctx, (100 if args.quick else 1024) * MB)),
+            ("load", lambda: bench_rtt_loaded(spec, tmp, ctx, (100 if args.quick else 500) * MB)),
+        ]
+        for name, step in steps:
+            if name not in only:
+                continue
+            t0 = time.perf_counter()
+            new = await step()
+            rows += new
+            print(f"[{name}: {time.perf_counter() - t0:.0f} s]\n{render(new)}", flush=True)
+    finally:
+        host.stop()
+        ctx.destroy(linger=0)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller transfers, fewer reps")
+    parser.add_argument("--only", default="", help="comma-separated subset of starts,bulk,load")
+    parser.add_argument(
+        "--window", type=int, default=0, help="files_window / file_window in bytes (both ends)"
+    )
+    args = parser.parse_args()
+    started = time.perf_counter()
+    print(
+        f"# bench_files {'--quick ' if args.quick else ''}"
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n# {machine()}",
+        flush=True,
+    )
+    rows = asyncio.run(run(args))
+    print(f"\n{render(rows)}\n# {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
