@@ -209,6 +209,12 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         help="Seconds all latency probes before a lease may take together; a provider that "
         "has not answered by then counts as unreachable.",
     )
+    round_trip_notice_after = Float(
+        30.0,
+        config=True,
+        help="Seconds the tunnel's round trip must stay above twice its best (and 30 ms more) "
+        "before the session is reported degraded (Lab then shows a notice).",
+    )
     coordinator_timeout = Float(
         30.0, config=True, help="Seconds allowed for one request to the coordinator."
     )
@@ -827,6 +833,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         (``measured_ms``, ``via_relay``): the server extension's sessions JSON shows it."""
         now = time.monotonic()
         client = self._client
+        self._round_trip.after = self.round_trip_notice_after
         self._round_trip.observe(client.round_trip_ms if client is not None else None, now)
         found = self.latency
         measured = found.latency_ms if found is not None else None

@@ -5,7 +5,7 @@ what :func:`~jupyter_io.latency.shared_prober` has measured, the same cache the 
 uses before a lease, so the figure the picker shows is the one the lease is chosen on. It
 never waits for a measurement: offers not measured yet are sent as such and measured in the
 background (a few of the cheapest available offers per type, all at once under one
-deadline, and once more a few seconds later keeping the faster figures), after each of which
+deadline, and twice more in the next seconds keeping the faster figures), after each of which
 ``on_measured`` is called so the browser fetches the offers again.
 
 Per type the body gains ``latency_ms`` (the best measured round trip, ms, or None),
@@ -42,7 +42,7 @@ class LatencyBoard:
         per_type: int = 4,
         limit: int = 16,
         timeout: float | None = None,
-        refine_after: float = 3.0,
+        refine_after: tuple[float, ...] = (3.0, 10.0),
     ) -> None:
         self.prober = prober
         self.on_measured = on_measured
@@ -82,12 +82,13 @@ class LatencyBoard:
         self._task = asyncio.ensure_future(self._round(wanted))
 
     async def _round(self, wanted: list[Candidate]) -> None:
-        """Measure ``wanted``, then once more ``refine_after`` seconds later keeping the
-        faster figures: the first round often runs while the page loads and this server is
-        busy, which only ever adds to a round trip."""
-        for refine in (False, True):
-            if refine:
-                await asyncio.sleep(self.refine_after)
+        """Measure ``wanted``, then again ``refine_after`` seconds later (each delay after
+        the previous round) keeping the faster figures: the first round often runs while the
+        page loads and this server is busy, which only ever adds to a round trip."""
+        for delay in (None, *self.refine_after):
+            refine = delay is not None
+            if delay is not None:
+                await asyncio.sleep(delay)
             try:
                 await self.prober.measure(
                     wanted, probes=len(wanted), timeout=self.timeout, refine=refine

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -90,11 +92,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             backend.processes.append(provider)
         backend.user_keypair = write_keypair(Keypair(), root / "user.json")
         backend.wait_for_free_gpus()
-        # Keepalive pings every second, so a kernel's round trip shows within seconds.
+        # Keepalive pings every second, so a kernel's round trip shows within seconds, and a
+        # slow tunnel noticed after 3 s instead of 30.
         config = root / "lab" / "jupyter-config"
         config.mkdir(parents=True)
+        provisioner = {"ping_interval": 1.0, "round_trip_notice_after": 3.0}
         (config / "jupyter_server_config.json").write_text(
-            json.dumps({"RemoteKernelProvisioner": {"ping_interval": 1.0}})
+            json.dumps({"RemoteKernelProvisioner": provisioner})
         )
         yield Stack(backend, backend.start_lab("lab"))
     finally:
@@ -137,15 +141,49 @@ def test_the_status_bar_shows_the_running_kernels_round_trip(page: Any, stack: S
     picker.locator(CARD.format(gpu="rtx4090")).locator(".jio-GpuCard-notebook").click()
     status = page.locator(".jio-CostStatus", has_text=re.compile(r"RTT \d"))
     status.wait_for(timeout=120_000)
-    text = status.inner_text()
-    found = re.search(r"RTT (\d+(?:\.\d+)?) ms", text)
-    assert found, text
-    assert abs(float(found.group(1)) - INJECTED["RTX 4090"]) <= TOLERANCE_MS, text
+    # It is live (the last keepalive ping's, one a second): a sample may carry this loaded
+    # machine's hiccup, the next one not.
+    deadline = time.monotonic() + 20
+    while True:
+        text = status.inner_text()
+        found = re.search(r"RTT (\d+(?:\.\d+)?) ms", text)
+        assert found, text
+        close = abs(float(found.group(1)) - INJECTED["RTX 4090"]) <= TOLERANCE_MS
+        if close or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert close, text
     assert "Measured before the lease" in (status.get_attribute("title") or "")
     sessions = stack.api("GET", "/jupyter-io/sessions")["sessions"]
     (row,) = sessions
     assert row["round_trip"]["degraded"] is False
     assert row["round_trip"]["measured_ms"] is not None
+
+
+def test_a_tunnel_that_stays_slow_is_noticed(page: Any, stack: Stack) -> None:
+    picker = open_picker(page)
+    _figure(picker, "rtx4090")
+    picker.locator(CARD.format(gpu="rtx4090")).locator(".jio-GpuCard-notebook").click()
+    status = page.locator(".jio-CostStatus", has_text=re.compile(r"RTT \d"))
+    status.wait_for(timeout=120_000)
+    assert "(slow)" not in status.inner_text()
+    # Freeze the RTX 4090's proxy: the keepalive ping in flight waits, the round trip grows
+    # far past twice its best, and after 3 s (the Lab's setting) Lab says so, once.
+    proxy = next(p for p in stack.processes if p.name == "proxy-0").proc
+    os.kill(proxy.pid, signal.SIGSTOP)
+    try:
+        toast = page.locator(".Toastify__toast", has_text="is slow")
+        toast.first.wait_for(timeout=30_000)
+        text = toast.first.inner_text()
+        assert "round trip" in text and "the kernel keeps running" in text, text
+        assert "(slow)" in status.inner_text()
+        assert "jio-mod-slow" in (status.get_attribute("class") or "")
+    finally:
+        os.kill(proxy.pid, signal.SIGCONT)
+    # Back to normal once the link is: the status loses its mark.
+    page.locator(".jio-CostStatus:not(.jio-mod-slow)", has_text=re.compile(r"RTT \d")).wait_for(
+        timeout=30_000
+    )
 
 
 def test_the_latency_cap_keeps_a_start_off_a_gpu_too_far_away(page: Any, stack: Stack) -> None:
