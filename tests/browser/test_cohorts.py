@@ -334,6 +334,21 @@ def test_a_start_on_a_busy_class_gpu_queues_with_its_place_then_runs_paid_by_the
         page.wait_for_timeout(400)  # the toast slides in
         page.screenshot(path=str(screenshots / "cohort-queue.png"))
 
+        # The instructor's dashboard shows who waits.
+        teacher = open_lab(browser, classroom.instructor_lab)
+        teacher.locator(PICKER_TAB).click()
+        teacher.locator(
+            f'#jupyter-io-picker .jio-Cohort[data-cohort="{classroom.cohort_id}"] '
+            ".jio-Cohort-dashboard"
+        ).click()
+        dashboard = teacher.locator(f"#jupyter-io-dashboard-{classroom.cohort_id}")
+        waiting = dashboard.locator(f'.jio-Dashboard-queued-entry[data-student="{student}"]')
+        waiting.wait_for(timeout=10_000)
+        assert waiting.inner_text().startswith("1. ")
+        row = dashboard.locator(f'.jio-Dashboard-row[data-student="{student}"]')
+        assert row.locator(".jio-Dashboard-queued").inner_text() == "1 waiting"
+        teacher.screenshot(path=str(screenshots / "cohort-dashboard-queue.png"))
+
         # The RTX 4090 comes free: the queue serves the student, paid by the class.
         classroom.instructor_lab.api("DELETE", f"/api/kernels/{busy['id']}")
         try:
@@ -346,8 +361,13 @@ def test_a_start_on_a_busy_class_gpu_queues_with_its_place_then_runs_paid_by_the
         sessions = classroom.student_lab.api("GET", "/jupyter-io/sessions")["sessions"]
         [session] = [s for s in sessions if s["state"] == "running"]
         assert session["cohort"] == classroom.cohort_id and session["gpu"] == "RTX 4090"
+        # ... and the dashboard follows: a live kernel, nobody waiting.
+        row.locator(".jio-Dashboard-live", has_text="1").wait_for(timeout=10_000)
+        waiting.wait_for(state="detached", timeout=10_000)
     finally:
         page.context.close()
+        if "teacher" in locals():
+            teacher.context.close()
         for lab in (classroom.student_lab, classroom.instructor_lab):
             for kernel in lab.api("GET", "/api/kernels"):
                 lab.api("DELETE", f"/api/kernels/{kernel['id']}")
