@@ -580,6 +580,10 @@ class ProviderServer:
             self.lease_gate.bind(claims, session.id)  # no await since the gate's check
             self._by_lease[claims.lease_id] = session
             meter = self._meters[claims.lease_id] = UsageMeter(claims.lease_id, gpus)
+            # A class's idle timeout counts the kernel's word. Every lease reports it: a
+            # token names its class only where the class pays by escrow, and the
+            # coordinator ignores it for other leases.
+            meter.idle = session.activity.idle_seconds
             if self.settlements is not None:
                 self.settlements.admit(claims, meter)
             self.log.info(

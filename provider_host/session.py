@@ -65,6 +65,7 @@ from jupyter_io.protocol import (
     encode_control,
 )
 
+from .activity import SessionActivity
 from .cgroups import CgroupTree, SessionCgroup
 from .config import ProviderConfig
 from .environments import Environment, EnvironmentCache
@@ -168,6 +169,8 @@ class KernelSession:
         self._preparing: asyncio.Task[None] | None = None
         #: The file channel: the notebook's directory mirrored into the workspace (open()).
         self.files: FileEndpoint | None = None
+        #: When the kernel last executed anything (a class's idle timeout: provider_host.activity).
+        self.activity = SessionActivity()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -237,6 +240,7 @@ class KernelSession:
             log=self.log,
             window=self.config.file_window,
         )
+        self.activity.watch(self._bridge)
         self._bridge.start()
 
     @property
@@ -437,6 +441,7 @@ class KernelSession:
             self.kernel = kernel
             self._spawn(self._link_sockets(kernel))
             self.state, self.exit_code = "running", None
+            self.activity.kernel_changed()
             # STARTED is sequenced before the watcher can ever queue this kernel's EXITED.
             started: dict[str, Any] = {"generation": generation, "pid": kernel.pid}
             if refused:
@@ -523,6 +528,7 @@ class KernelSession:
         kernel.kill_group()  # whatever it spawned dies with it
         if self.kernel is kernel:
             self.state, self.exit_code = "exited", code
+            self.activity.kernel_changed()
         if not kernel.killed and code == 0:
             # A clean exit (a shutdown_request, exit()): its output is no diagnosis, and
             # ipykernel shut down in a busy cell prints a ZMQError traceback of its own.

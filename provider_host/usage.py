@@ -7,7 +7,9 @@ kernel ready, not from connect), :meth:`UsageMeter.report` makes the next report
 counts up, ``seconds`` is the total so far, so a lost report costs nothing: the next one
 carries it) and :meth:`UsageMeter.stop` freezes the total when the session ends, before the
 last report. Reports are signed with the provider's key by
-:func:`jupyter_io.signing.sign_usage`.
+:func:`jupyter_io.signing.sign_usage`. With :attr:`UsageMeter.idle` set (the session's
+:meth:`~provider_host.activity.SessionActivity.idle_seconds`) they carry ``idle_seconds``,
+which a class's idle timeout counts.
 
 :class:`GpuUtilisation` reads NVML's utilisation of the lease's GPUs (None where NVML is
 missing, and for simulated GPUs or CPU slots, which have none).
@@ -102,6 +104,9 @@ class UsageMeter:
         self._started: float | None = None
         self._stopped: float | None = None
         self._seq = 0
+        #: Seconds the kernel has been idle, reported as ``idle_seconds`` (None: not
+        #: reported). Coordinators that predate the field ignore it; the signature covers it.
+        self.idle: Callable[[], int] | None = None
 
     @classmethod
     def restored(
@@ -158,4 +163,6 @@ class UsageMeter:
             "gpu_utilisation": utilisation,
             "at": self._wall(),
         }
+        if self.idle is not None:
+            fields["idle_seconds"] = self.idle()
         return sign_usage(keypair, fields)

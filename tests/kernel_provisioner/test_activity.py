@@ -11,8 +11,8 @@ from jupyter_io.protocol import Channel, Tunnel
 from kernel_provisioner.activity import KernelActivity
 
 
-def _parts(session: Session, msg_type: str) -> list[bytes]:
-    message = session.msg(msg_type, {})
+def _parts(session: Session, msg_type: str, parent: dict[str, object] | None = None) -> list[bytes]:
+    message = session.msg(msg_type, {}, parent=parent)
     return [b"client-identity", *session.serialize(message)]
 
 
@@ -35,10 +35,11 @@ def test_an_execution_in_flight_is_activity_and_idle_counts_from_the_last_reply(
     assert activity.idle_seconds() == 50  # nothing ran since the start
     gate(_parts(session, "complete_request"))  # not an execution
     assert activity.idle_seconds() == 50
-    gate(_parts(session, "execute_request"))
+    request = session.msg("execute_request", {})
+    gate([b"client-identity", *session.serialize(request)])
     now[0] += 3600  # a silent hour-long cell
     assert activity.idle_seconds() == 0
-    tap(_parts(session, "execute_reply"))
+    tap(_parts(session, "execute_reply", parent=request))
     now[0] += 90
     assert activity.idle_seconds() == 90
     assert heard == ["gate", "gate", "tap"]  # the file channel's hooks still heard them
