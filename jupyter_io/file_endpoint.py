@@ -217,8 +217,10 @@ class FileEndpoint:
                 self.log.exception("storing a file chunk failed")
             finally:
                 self._chunks.task_done()
-            # The sender's window moves as what it sent is stored.
-            await self.bridge.send_ack()
+            # The sender's window moves as what it sent is stored (small chunks: once the
+            # queue is empty, not one ack each).
+            if self._chunks.empty() or len(frame.parts[-1]) >= _THREAD_BYTES:
+                await self.bridge.send_ack()
 
     async def flush(self) -> None:
         """Return once every chunk received so far is stored (and its transfer answered)."""
