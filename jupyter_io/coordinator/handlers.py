@@ -24,6 +24,14 @@ Routes (``docs/coordinator-contract.md``; every REST error is
                                       the allowance (:mod:`.cohort_funding`, its route
                                       passed in by the server: it builds on this module)
 ``/api/v1/cohorts...``                classroom cohorts (:mod:`.cohort_handlers`)
+``GET  .../{id}/queue/{ticket}``      signed, the ticket's student (a cohort's route, as
+                                      the four below): its place and wait, the grant once
+                                      served, or 410 ``gone`` (:mod:`.cohort_queue_handlers`)
+``DELETE .../{id}/queue/{ticket}``    signed once, the ticket's student: leave the queue
+``GET  .../{id}/reservations``        signed, instructors: the cohort's reservations
+``POST .../{id}/reservations``        signed once, instructors: hold GPUs for a window
+                                      → 201 the reservation
+``DELETE .../{id}/reservations/{r}``  signed once, instructors: delete a reservation
 ====================================  ========================================================
 
 :func:`make_app` builds the application from a :class:`Services` bundle. Handlers parse,
