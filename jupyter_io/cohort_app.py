@@ -2,7 +2,8 @@
 
 Instructors: ``create``, ``list``, ``show``, ``code``, ``revoke-code``, ``roster`` (a file of
 public keys), ``remove``, ``add-instructor``, ``set`` (quotas and limits), ``end``,
-``dashboard [--csv]``, and the pool's money: ``fund`` (create or top up every student's
+``dashboard [--csv]``, ``reserve`` / ``reservations`` / ``unreserve`` (GPUs kept for a
+lab session), and the pool's money: ``fund`` (create or top up every student's
 allowance to the cap) and ``reclaim`` (close allowances, everything unspent back; the
 creator's key signs, ``docs/payments-contract.md`` section 6). Students: ``join CODE|LINK``
 (a link names its coordinator), ``list``, ``show``. Each is a :class:`CohortCommand`
@@ -20,6 +21,7 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,7 +29,7 @@ from jupyter_core.application import base_flags
 from traitlets import Bool, Float, Integer, Unicode
 
 from .app import IOCommand, _CommandGroup
-from .cohort_client import CohortClient
+from .cohort_client import CohortClient, ReservationView
 from .cohorts import (
     CohortRequestError,
     CohortView,
@@ -45,6 +47,8 @@ __all__ = [
     "CohortApp",
     "CohortCommand",
     "cohort_text",
+    "parse_utc_time",
+    "reservation_text",
 ]
 
 _T = TypeVar("_T")
@@ -406,6 +410,113 @@ class CohortDashboardApp(CohortCommand):
         self.show(board, "\n".join(lines))
 
 
+def parse_utc_time(flag: str, text: str) -> float:
+    """``text``, an ISO 8601 time (``2026-12-07T14:00``, ``2026-12-07 14:00Z``,
+    ``2026-12-07T15:00+01:00``; without an offset it is UTC, like every time the coordinator
+    shows), as Unix seconds; :class:`ConfigError` naming ``flag`` otherwise."""
+    value = text.strip()
+    if value[-1:] in ("Z", "z"):
+        value = value[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(
+            f"{flag} {text!r} is not a time: write it in ISO 8601, e.g. 2026-12-07T14:00 "
+            f"(UTC) or 2026-12-07T15:00+01:00"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
+
+
+def reservation_text(r: ReservationView, now: float) -> str:
+    """One reservation for people: id, GPUs, window in UTC and whether it is open."""
+    state = "open now" if r.starts_at <= now < r.ends_at else "over" if r.ends_at <= now else ""
+    window = f"{_utc(r.starts_at)} to {_utc(r.ends_at)}"
+    return f"{r.id}  {r.count} x {r.gpu}  {window}  {state}".rstrip()
+
+
+class CohortReserveApp(CohortCommand):
+    name = "jupyter io cohort reserve"
+    description = (
+        "Keep GPUs of one type for the class's lab session: other users cannot take the "
+        "free ones during the window (instructors)."
+    )
+    usage = "COHORT"
+    examples = (
+        "jupyter io cohort reserve c_Ab12... --gpu T4 --count 30 --start 2026-12-07T14:00 "
+        "--end 2026-12-07T16:00"
+    )
+    gpu = Unicode("", help="The GPU type to keep (one the class pays for), e.g. T4.").tag(
+        config=True
+    )
+    count = Integer(0, help="How many GPUs (1 to 1,000).").tag(config=True)
+    window_start = Unicode("", help="When the window opens, ISO 8601 (UTC without an offset).").tag(
+        config=True
+    )
+    window_end = Unicode("", help="When it closes (at most 24 h after --start).").tag(config=True)
+    aliases = {
+        **CohortCommand.aliases,
+        "gpu": "CohortReserveApp.gpu",
+        "count": "CohortReserveApp.count",
+        "start": "CohortReserveApp.window_start",
+        "end": "CohortReserveApp.window_end",
+    }
+
+    def run(self) -> None:
+        (cohort,) = self.arguments()
+        for value, flag in (
+            (self.gpu, "--gpu"),
+            (self.window_start, "--start"),
+            (self.window_end, "--end"),
+        ):
+            if not value.strip():
+                raise ConfigError(f"reserve needs {flag} (see --help)")
+        if self.count < 1:
+            raise ConfigError("reserve needs --count, a whole number of GPUs from 1")
+        starts = parse_utc_time("--start", self.window_start)
+        ends = parse_utc_time("--end", self.window_end)
+        if ends <= starts:
+            raise ConfigError(f"--end ({_utc(ends)}) must be after --start ({_utc(starts)})")
+        made = self.talk(
+            lambda c: c.reserve(
+                cohort, gpu=self.gpu.strip(), count=self.count, starts_at=starts, ends_at=ends
+            )
+        )
+        self.show(made.to_json(), f"reserved {reservation_text(made, time.time())}")
+
+
+class CohortReservationsApp(CohortCommand):
+    name = "jupyter io cohort reservations"
+    description = "The class's reservations, by start (instructors)."
+    usage = "COHORT"
+
+    def run(self) -> None:
+        (cohort,) = self.arguments()
+        found = self.talk(lambda c: c.reservations(cohort))
+        now = time.time()
+        text = "\n".join(reservation_text(r, now) for r in found) or (
+            f"no reservations: `jupyter io cohort reserve {cohort} --gpu T4 --count 30 "
+            f"--start ... --end ...`"
+        )
+        self.show([r.to_json() for r in found], text)
+
+
+class CohortUnreserveApp(CohortCommand):
+    name = "jupyter io cohort unreserve"
+    description = "Delete a reservation; its GPUs are free for anyone at once (instructors)."
+    usage = "COHORT RESERVATION"
+
+    def run(self) -> None:
+        cohort, rid = self.arguments()
+        self.talk(lambda c: c.unreserve(cohort, rid))
+        self.show({"id": rid, "deleted": True}, f"reservation {rid} deleted")
+
+
 class _PoolCommand(CohortCommand):
     """``fund`` and ``reclaim``: transactions on the cohort's ledger that only your key (the
     cohort's creator: the allowances are yours) signs (``docs/payments-contract.md`` 6)."""
@@ -554,6 +665,9 @@ COHORT_SUBCOMMANDS: dict[str, tuple[type[CohortCommand], str]] = {
     "set": (CohortSetApp, CohortSetApp.description),
     "end": (CohortEndApp, CohortEndApp.description),
     "dashboard": (CohortDashboardApp, CohortDashboardApp.description),
+    "reserve": (CohortReserveApp, CohortReserveApp.description),
+    "reservations": (CohortReservationsApp, CohortReservationsApp.description),
+    "unreserve": (CohortUnreserveApp, CohortUnreserveApp.description),
     "fund": (CohortFundApp, CohortFundApp.description),
     "reclaim": (CohortReclaimApp, CohortReclaimApp.description),
 }
@@ -571,5 +685,7 @@ class CohortApp(_CommandGroup):
 jupyter io cohort code c_Ab12... --ttl-days 7
 jupyter io cohort join 'jupyter-io:join?coordinator=...&code=...'
 jupyter io cohort roster c_Ab12... students.csv
-jupyter io cohort dashboard c_Ab12... --csv > week.csv"""
+jupyter io cohort dashboard c_Ab12... --csv > week.csv
+jupyter io cohort reserve c_Ab12... --gpu T4 --count 30 --start 2026-12-07T14:00 \
+    --end 2026-12-07T16:00"""
     subcommands = dict(COHORT_SUBCOMMANDS)

@@ -20,6 +20,10 @@ cohort ended, a type it does not cover), ``CoordinatorPaymentError`` (402
 ``quota_exhausted``), ``TooManyPendingLeases`` (429 ``too_many_kernels``),
 ``CoordinatorError`` (400 naming the field, 404, 410 for a code that expired or was
 revoked), each with the coordinator's message.
+
+Reservations (instructors): :meth:`CohortClient.reserve` keeps GPUs of one type for a
+class's lab session, :meth:`CohortClient.reservations` lists them and
+:meth:`CohortClient.unreserve` deletes one (``docs/cohorts.md``, "Reservations").
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from .cohorts import (
 )
 from .coordinator_client import CoordinatorClient, CoordinatorError
 
-__all__ = ["CohortClient", "JoinCode", "RosterResult"]
+__all__ = ["CohortClient", "JoinCode", "ReservationView", "RosterResult"]
 
 _BASE = "/api/v1/cohorts"
 
@@ -74,6 +78,45 @@ class RosterResult:
     added: tuple[str, ...] = ()
     already: tuple[str, ...] = ()
     invalid: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationView:
+    """``count`` GPUs of type ``gpu`` kept for the class from ``starts_at`` to ``ends_at``
+    (Unix seconds); ``id`` (``r_...``) deletes it."""
+
+    id: str
+    cohort: str
+    gpu: str
+    count: int
+    starts_at: float
+    ends_at: float
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> ReservationView:
+        try:
+            return cls(
+                id=str(body["id"]),
+                cohort=str(body["cohort"]),
+                gpu=str(body["gpu"]),
+                count=int(body["count"]),
+                starts_at=float(body["starts_at"]),
+                ends_at=float(body["ends_at"]),
+            )
+        except (TypeError, KeyError, ValueError) as exc:
+            raise CoordinatorError(
+                f"the coordinator's answer is not a reservation: {exc!r}"
+            ) from None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "cohort": self.cohort,
+            "gpu": self.gpu,
+            "count": self.count,
+            "starts_at": self.starts_at,
+            "ends_at": self.ends_at,
+        }
 
 
 def _view(body: Mapping[str, Any], what: str) -> CohortView:
@@ -185,3 +228,23 @@ class CohortClient(CoordinatorClient):
         """The dashboard's rows as CSV (the same as ``?format=csv``)."""
         body = await self.dashboard(cohort_id)
         return dashboard_csv(StudentUsage.from_json(row) for row in body.get("students") or [])
+
+    async def reserve(
+        self, cohort_id: str, *, gpu: str, count: int, starts_at: float, ends_at: float
+    ) -> ReservationView:
+        """Keep ``count`` GPUs of type ``gpu`` for the class from ``starts_at`` to
+        ``ends_at`` (Unix seconds; a window of at most 24 h, at most 200 days ahead;
+        instructors). The coordinator's 400 names the field it refuses."""
+        body = {"gpu": gpu, "count": count, "starts_at": starts_at, "ends_at": ends_at}
+        answer = await self._call("POST", f"{_BASE}/{cohort_id}/reservations", body, sign=True)
+        return ReservationView.from_json(answer)
+
+    async def reservations(self, cohort_id: str) -> list[ReservationView]:
+        """The class's reservations (instructors), as the coordinator keeps them."""
+        body = await self._call("GET", f"{_BASE}/{cohort_id}/reservations", sign=True)
+        return [ReservationView.from_json(row) for row in body.get("reservations") or []]
+
+    async def unreserve(self, cohort_id: str, reservation_id: str) -> None:
+        """Delete a reservation (instructors); its GPUs are free for anyone at once."""
+        rid = quote(reservation_id, safe="")
+        await self._call("DELETE", f"{_BASE}/{cohort_id}/reservations/{rid}", sign=True)
