@@ -7,11 +7,16 @@ import { sol } from './format';
 import { GpuModel } from './model';
 import { ILaunch } from './types';
 
-/** The steps a user sees, and the provisioner steps each one covers. */
-const STAGES: { label: string; steps: string[] }[] = [
+/**
+ * The steps a user sees, and the provisioner steps each one covers. An optional stage is
+ * shown only on a start that takes it: `environment` when the provider first builds a
+ * class's course environment (kernel_provisioner/progress.py), which most starts skip.
+ */
+const STAGES: { label: string; steps: string[]; optional?: boolean }[] = [
   { label: 'leasing', steps: ['queued', 'queue', 'leased'] },
   { label: 'escrow', steps: ['escrowed'] },
   { label: 'launching', steps: ['launching'] },
+  { label: 'environment', steps: ['environment'], optional: true },
   { label: 'ready', steps: ['ready'] }
 ];
 
@@ -72,8 +77,11 @@ export function failureText(name: string, message: string): string {
 export function stepLine(launch: ILaunch): string {
   const seen = new Set(launch.events.map(e => e.step));
   const current = launch.step;
-  const currentStage = STAGES.findIndex(stage => stage.steps.includes(current));
-  return STAGES.map((stage, index) => {
+  const stages = STAGES.filter(
+    stage => !stage.optional || stage.steps.includes(current) || stage.steps.some(step => seen.has(step))
+  );
+  const currentStage = stages.findIndex(stage => stage.steps.includes(current));
+  return stages.map((stage, index) => {
     let mark: string;
     if (stage.steps.some(step => seen.has(step)) && index < currentStage) {
       mark = '✓';
@@ -110,6 +118,19 @@ export function queueText(launch: ILaunch): string | null {
   return `place ${place}${of}${about}`;
 }
 
+/**
+ * What the provider says of a class's course environment while the start waits on it
+ * (`building the course environment 3f2a9c01b2d4 (pip install -r; up to 600 s)`, then `course
+ * environment 3f2a9c01b2d4 ready (41.2 s)` until the kernel runs); null at any other step.
+ */
+export function environmentText(launch: ILaunch): string | null {
+  if (launch.step !== 'environment' || launch.state !== 'starting') {
+    return null;
+  }
+  const event = [...launch.events].reverse().find(e => e.step === 'environment');
+  return event?.message || launch.message || 'building the course environment';
+}
+
 /** The GPU's name for people (the queued step knows only the key asked for). */
 function gpuName(model: GpuModel, launch: ILaunch): string | null {
   const gpu = launch.gpu;
@@ -133,7 +154,7 @@ function title(model: GpuModel, launch: ILaunch): string {
 
 /**
  * Shows a notification per kernel start: it follows the steps (leasing → escrow →
- * launching → ready) and ends as a success that closes by itself, or as an error that
+ * launching → [environment] → ready) and ends as a success that closes by itself, or as an error that
  * stays, saying what went wrong and what to do (with an Airdrop button when the wallet is
  * short and its ledger can airdrop).
  */
@@ -177,6 +198,10 @@ export class LaunchNotifier {
       message = `${title(this._model, launch)} is ready · ${stepLine(launch)}`;
       type = 'success';
       autoClose = 5000;
+    } else if (environmentText(launch) !== null) {
+      message = `Starting a ${title(this._model, launch)}: ${environmentText(launch)} · ${stepLine(launch)}`;
+      type = 'in-progress';
+      autoClose = false;
     } else if (queueText(launch) !== null) {
       message = `In the class's queue for a ${title(this._model, launch)}: ${queueText(launch)} · ${stepLine(launch)}`;
       type = 'in-progress';
