@@ -40,6 +40,7 @@ from .files import (
     Resolution,
     UnsafePath,
     Want,
+    check_path,
     conflict_name,
     decode_chunk,
     encode_chunk,
@@ -73,6 +74,8 @@ class Transfer:
     conflicts: list[tuple[str, str]] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
     held_back: list[tuple[str, int]] = field(default_factory=list)
+    #: Paths the other end asks this one to send (``%io push`` in the kernel).
+    push_requests: list[str] = field(default_factory=list)
     seconds: float = 0.0
     started: float = field(default_factory=time.monotonic, repr=False)
 
@@ -87,6 +90,7 @@ class Transfer:
             "conflicts": [list(c) for c in self.conflicts],
             "refused": [list(r) for r in self.refused],
             "held_back": [list(h) for h in self.held_back],
+            "push_requests": self.push_requests,
             "seconds": round(self.seconds, 3),
         }
 
@@ -126,6 +130,8 @@ class FileEndpoint:
         self.owner = owner
         self.check_space = check_space
         self.on_pull = on_pull
+        #: Hears each offer received, before its content arrives.
+        self.on_offer: Callable[[Transfer], None] | None = None
         self.log = log or logging.getLogger(__name__)
         #: path -> sha256 both ends agreed on at the last transfer of that path.
         self.baseline: dict[str, str] = {}
@@ -194,6 +200,13 @@ class FileEndpoint:
                 for h in held_back[:1000]
                 if isinstance(h, list) and len(h) == 2 and isinstance(h[1], int)
             ]
+        requests = body.get("push_requests") or []
+        if isinstance(requests, list):
+            for raw in requests[:1000]:
+                with contextlib.suppress(ProtocolError):
+                    transfer.push_requests.append(check_path(raw))
+        if self.on_offer is not None:
+            self.on_offer(transfer)
         incoming = Incoming(offer, self.store.held)
         refusal = self.check_space(incoming.wanted_bytes) if self.check_space else None
         if refusal is not None:
@@ -369,6 +382,7 @@ class FileEndpoint:
         why: str,
         ident: str | None = None,
         held_back: Iterable[tuple[str, int]] = (),
+        push_requests: Iterable[str] = (),
     ) -> Transfer:
         """Offer ``entries`` (files beneath the root), send what the other end wants, and
         return once it says DONE. Raises :class:`TransferFailed` when it does not answer
@@ -386,6 +400,9 @@ class FileEndpoint:
         held = list(held_back)
         if held:
             body["held_back"] = [list(h) for h in held]
+        asked = list(push_requests)
+        if asked:
+            body["push_requests"] = asked
         try:
             await self.bridge.send_control(FrameKind.FILES, body)
             want = await self._await(want_waiter, done_waiter)

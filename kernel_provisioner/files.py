@@ -198,6 +198,9 @@ class NotebookFiles:
         self._pull_queued = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._settled = asyncio.Event()
+        self._requested: asyncio.Future[Transfer | None] | None = None
+        #: ``%io push`` paths not sent: absent, kept back by the rules, not plain files.
+        self.push_refused: list[str] = []
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait (at most ``timeout`` s) until ``predicate()`` holds, checked after each
@@ -269,6 +272,7 @@ class NotebookFiles:
             log=self.log,
         )
         self.endpoint.hashes = self.hashes
+        self.endpoint.on_offer = self._offered
         self._sync = None
         client.on_files = self.endpoint.handle
         # Beside any gate and tap already there (the idle watch's): both hear every message.
@@ -399,10 +403,48 @@ class NotebookFiles:
             return None
         return self._before_execute()
 
+    def _offered(self, transfer: Transfer) -> None:
+        if transfer.push_requests:  # %io push in the kernel: before the next execution
+            self._requested = asyncio.ensure_future(self._push_paths(transfer.push_requests))
+
+    async def _push_paths(self, paths: Sequence[str]) -> Transfer | None:
+        """Send ``paths`` again whatever the provider holds (``%io push``): only paths
+        the scan would send (the provider asked; it gets nothing the rules keep back)."""
+        assert self.endpoint is not None
+        wanted = set(paths)
+
+        def entries() -> list[FileEntry]:
+            found = []
+            for item in self.scan():
+                if item.path in wanted:
+                    with contextlib.suppress(OSError, JupyterIOError):
+                        sha = self.hashes.hash(self.root, item)
+                        found.append(FileEntry(item.path, item.size, item.mode, sha))
+            return found
+
+        chosen = await asyncio.to_thread(entries)
+        refused = sorted(wanted - {e.path for e in chosen})
+        if refused:
+            self.push_refused.extend(refused)
+            self.log.warning(
+                "jupyter-io: %%io push: not sent (absent, ignored or not a plain file): %s",
+                ", ".join(refused),
+            )
+        if not chosen:
+            self._transferred()
+            return None
+        try:
+            return await self.endpoint.send(chosen, "push")
+        finally:
+            self._transferred()
+
     async def _before_execute(self) -> None:
         try:
             if self._sync is not None and not self._sync.done():
                 await asyncio.shield(self._sync)
+            requested = self._requested
+            if requested is not None and not requested.done():
+                await asyncio.shield(requested)
             await self._push("changed")
         except Exception as exc:  # an execution must not hang on a failed transfer
             self.log.warning("jupyter-io: local edits were not sent before execution: %s", exc)

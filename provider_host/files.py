@@ -14,21 +14,25 @@ last transfer (:func:`changed_files`), leaving out the kernel's own state in HOM
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from jupyter_io.bridge import Bridge
-from jupyter_io.confine import HashCache, scan
+from jupyter_io.confine import HashCache, open_beneath, open_parent, scan
 from jupyter_io.content_store import ContentStore
-from jupyter_io.errors import JupyterIOError
+from jupyter_io.errors import JupyterIOError, ProtocolError
 from jupyter_io.file_endpoint import FileEndpoint
-from jupyter_io.files import FileEntry, Pull, UnsafePath
+from jupyter_io.files import FileEntry, Pull, UnsafePath, check_path
+from jupyter_io.magics import REQUESTS_FILE
 
 from .workspaces import disk_usage
 
-__all__ = ["WORKSPACE_SKIP", "changed_files", "session_files"]
+__all__ = ["WORKSPACE_SKIP", "changed_files", "session_files", "take_requests"]
 
 #: Directories of a workspace never sent back unless pulled by name: the kernel's HOME
 #: state (the workspace is its HOME), caches and checkpoints.
@@ -43,6 +47,7 @@ WORKSPACE_SKIP = frozenset(
         ".npm",
         ".nv",
         ".triton",
+        ".jupyter-io",
         "__pycache__",
         ".ipynb_checkpoints",
     }
@@ -92,6 +97,38 @@ def changed_files(
     return entries, held_back
 
 
+def take_requests(root: str) -> tuple[list[str], list[str]]:
+    """The ``%io pull`` and ``%io push`` paths the kernel left in its workspace
+    (:data:`jupyter_io.magics.REQUESTS_FILE`), removing the file. The kernel wrote it: at
+    most 64 KB is read, and each path is checked."""
+    try:
+        fd, _ = open_beneath(root, REQUESTS_FILE)
+    except (OSError, UnsafePath):
+        return [], []
+    try:
+        text = os.read(fd, 64 * 1024).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError, UnsafePath):
+        parent, name = open_parent(root, REQUESTS_FILE)
+        try:
+            os.unlink(name, dir_fd=parent)
+        finally:
+            os.close(parent)
+    pulls: list[str] = []
+    pushes: list[str] = []
+    for line in text.splitlines()[:1000]:
+        try:
+            item = json.loads(line)
+            path = check_path(item.get("path"))
+        except (ValueError, AttributeError, ProtocolError):
+            continue
+        target = pulls if item.get("op") == "pull" else pushes if item.get("op") == "push" else None
+        if target is not None and path not in target:
+            target.append(path)
+    return pulls, pushes
+
+
 def session_files(
     *,
     bridge: Bridge,
@@ -121,10 +158,21 @@ def session_files(
 
     async def on_pull(pull: Pull) -> None:
         try:
+            pulls, pushes = await asyncio.to_thread(take_requests, str(workspace))
             entries, held_back = await asyncio.to_thread(
                 changed_files, str(workspace), endpoint.baseline, endpoint.hashes, pull
             )
-            await endpoint.send(entries, "pull", ident=pull.id, held_back=held_back)
+            if pulls:  # %io pull in the kernel: these whatever their size
+                asked = Pull(pull.id, tuple(pulls), 0)
+                extra, _ = await asyncio.to_thread(
+                    changed_files, str(workspace), endpoint.baseline, endpoint.hashes, asked
+                )
+                have = {e.path for e in entries}
+                entries += [e for e in extra if e.path not in have]
+                held_back = [h for h in held_back if h[0] not in pulls]
+            await endpoint.send(
+                entries, "pull", ident=pull.id, held_back=held_back, push_requests=pushes
+            )
         except JupyterIOError as exc:
             log.warning("a pull of the workspace's files failed: %s", exc)
 

@@ -173,3 +173,49 @@ async def test_a_start_over_the_cap_names_what_to_ignore(
     message = str(refused.value)
     assert "dataset.bin (0.2 MB)" in message and ".jupyter-io-ignore" in message
     assert "files_max_bytes" in message
+
+
+async def test_magics_pull_a_large_file_and_push_one_again(
+    kernelspecs: Any, provider_host: Any, managers: Any, cells: Any, tmp_path: Path
+) -> None:
+    nb = _notebook_dir(tmp_path)
+    spec = kernelspecs.install(
+        "io-remote-small-pulls",
+        provider_host.url,
+        provider_host.user_keypair_path,
+        files_pull_max_size=1000,
+    )
+    km = await _start(spec, nb, managers)
+    files = _files(km)
+    kc = await cells.connect(km)
+    try:
+        # Over files_pull_max_size: held back, unless the cell asks for it.
+        ex = await cells.run(
+            kc,
+            "%load_ext jupyter_io.magics\n"
+            "open('big.bin', 'wb').write(b'b' * 5000)\n"
+            "open('other.bin', 'wb').write(b'o' * 5000)\n"
+            "%io pull big.bin",
+        )
+        assert ex.status == "ok", ex.reply
+        assert "big.bin comes back" in ex.stream()
+        assert await files.wait_for(lambda: "other.bin" in files.held_back, 10)
+        assert (nb / "big.bin").read_bytes() == b"b" * 5000
+        assert not (nb / "other.bin").exists()
+
+        # The kernel lost its copy of data.csv; %io push sends the notebook's again.
+        ex = await cells.run(kc, "import os\nos.remove('data.csv')\n%io push data.csv")
+        assert "data.csv is sent again" in ex.stream()
+        assert await files.wait_for(
+            lambda: any(t.why == "push" for t in files.endpoint.history),  # type: ignore[union-attr]
+            10,
+        )
+        ex = await cells.run(kc, "print(open('data.csv').read(), end='')")
+        assert ex.stream() == DATA
+        # A path the rules keep back is not sent, whoever asks.
+        await cells.run(kc, "%io push secret/key.txt")
+        assert await files.wait_for(lambda: "secret/key.txt" in files.push_refused, 10)
+        ex = await cells.run(kc, "import os; print(os.path.exists('secret/key.txt'))")
+        assert ex.stream() == "False\n"
+    finally:
+        kc.stop_channels()
