@@ -103,6 +103,7 @@ def history_json(leases: list[LeaseInfo]) -> list[dict[str, Any]]:
                 "expires_at": info.expires_at,
                 "end_reason": info.end_reason,
                 "failure_reason": info.failure_reason,
+                "cohort": info.cohort,
                 "escrow_offer": info.escrow.to_json() if info.escrow is not None else None,
                 "billing": billing.to_json() if billing is not None else None,
                 # Derived, for scripts:
