@@ -25,9 +25,10 @@ Usage is GPU-seconds of service the coordinator observed (active time x GPUs,
 :func:`~jupyter_io.coordinator.store.cohorts.gpu_seconds`) in the ISO week (UTC).
 
 Hooks for the other parts of issue 14 (all optional): :attr:`CohortService.removed_listeners`
-and :attr:`CohortService.ended_listeners` (the queue drops tickets), :attr:`allowance_of` and
-:attr:`pool_of` (the on-chain pool's figures on the dashboard), :attr:`queue_of`,
-:attr:`queued_of` and :attr:`idle_of` (the queue's and the idle watch's figures).
+and :attr:`CohortService.ended_listeners` (the queue drops tickets), :attr:`allowances_of`
+(the students' allowances on-chain, from which the dashboard's pool figures follow:
+:mod:`.cohort_allowances`), :attr:`queue_of`, :attr:`queued_of` and :attr:`idle_of` (the
+queue's and the idle watch's figures).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -61,6 +62,7 @@ from ..cohorts import (
 from ..errors import AuthError, JupyterIOError, LeaseError
 from ..gpu_names import normalise_gpu_name
 from ..provider_link import End
+from .cohort_allowances import pool_figures
 from .lease_timers import LeaseTimers
 from .leasing import LeaseGrant, LeaseService
 from .models import CohortState, LeaseState
@@ -192,11 +194,19 @@ class CohortService:
         self.removed_listeners: list[Callable[[str, str], None]] = []
         #: ``(cohort_id)`` after a cohort's term was ended (its leases ended).
         self.ended_listeners: list[Callable[[str], None]] = []
-        #: The on-chain allowance of a student (payments contract section 6), or None.
-        self.allowance_of: Callable[[CohortRecord, str], Awaitable[dict[str, Any] | None]] | None
-        self.allowance_of = None
-        #: The pool's on-chain figures: ``{"allowance_lamports", ...}``, or None.
-        self.pool_of: Callable[[CohortRecord], Awaitable[dict[str, Any] | None]] | None = None
+        #: The students' allowances on-chain (payments contract section 6), read in one
+        #: batch for the dashboard: ``(blocks by student, read at)``
+        #: (:meth:`.cohort_allowances.AllowanceReader.read`). None: no pool on-chain, for
+        #: :attr:`no_pool_reason`.
+        self.allowances_of: (
+            Callable[
+                [CohortRecord, Sequence[str]],
+                Awaitable[tuple[Mapping[str, dict[str, Any] | None], float]],
+            ]
+            | None
+        ) = None
+        #: Why the dashboard's pool figures are null when :attr:`allowances_of` is None.
+        self.no_pool_reason = "this coordinator runs free leases (payments = free): no pool"
         #: The cohort's queue (JSON rows), and how many tickets a student has in it.
         self.queue_of: Callable[[str], list[dict[str, Any]]] | None = None
         self.queued_of: Callable[[str, str], int] | None = None
@@ -416,15 +426,35 @@ class CohortService:
         "generated_at"}`` (``docs/cohorts.md``)."""
         cohort = await self.instructed(user, cohort_id)
         members = await self.store.members(cohort_id)
-        rows = await self._week_rows(cohort, [m.student for m in members], members)
+        students = [m.student for m in members]
+        now = self._now()
+        since = week_start(now)
+        week = await self.store.cohort_leases_since(cohort.id, since)
+        spent_week = sum(lease_cost(lease, since, now) for lease in week)
         spent = await self._spent_term(cohort)
+        allowances: Mapping[str, dict[str, Any] | None] | None = None
         pool: dict[str, Any] = {
             "allowance_lamports": None,
             "spent_lamports_term": spent,
+            "spent_lamports_week": spent_week,
             "projected_run_out": None,
+            "reason": self.no_pool_reason,
         }
-        if self.pool_of is not None:
-            pool.update(await self.pool_of(cohort) or {})
+        if self.allowances_of is not None:
+            try:
+                allowances, read_at = await self.allowances_of(cohort, students)
+            except JupyterIOError as exc:
+                pool["reason"] = f"the allowances could not be read on-chain: {exc}"
+            else:
+                pool = pool_figures(
+                    allowances,
+                    spent_term=spent,
+                    spent_week=spent_week,
+                    week_start=since.timestamp(),
+                    now=now.timestamp(),
+                    read_at=read_at,
+                )
+        rows = await self._week_rows(cohort, students, members, leases=week, allowances=allowances)
         return {
             "cohort": (await self.view(cohort, cohort.role_of(str(user)))).to_json(),
             "students": [row.to_json() for row in rows],
@@ -559,12 +589,19 @@ class CohortService:
                 del self._admitting[key]
 
     async def _week_rows(
-        self, cohort: CohortRecord, students: list[str], members: list[Any] | None = None
+        self,
+        cohort: CohortRecord,
+        students: list[str],
+        members: list[Any] | None = None,
+        *,
+        leases: list[LeaseRecord] | None = None,
+        allowances: Mapping[str, dict[str, Any] | None] | None = None,
     ) -> list[StudentUsage]:
         now = self._now()
         since = week_start(now)
         resets = next_week_start(now).timestamp()
-        leases = await self.store.cohort_leases_since(cohort.id, since)
+        if leases is None:
+            leases = await self.store.cohort_leases_since(cohort.id, since)
         joined = {m.student: m.joined_at.timestamp() for m in members or []}
         by_student: dict[str, list[LeaseRecord]] = {}
         for lease in leases:
@@ -579,9 +616,7 @@ class CohortService:
                 idles = [self.idle_of(lease.id) for lease in live]
                 known = [value for value in idles if value is not None]
                 idle = int(min(known)) if known else None
-            allowance = None
-            if self.allowance_of is not None:
-                allowance = await self.allowance_of(cohort, student)
+            allowance = allowances.get(student) if allowances is not None else None
             rows.append(
                 StudentUsage(
                     student=student,

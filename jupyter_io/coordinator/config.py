@@ -227,6 +227,13 @@ class CoordinatorConfig(Configurable):
         help="Seconds before a class's idle stop or max session length that the lease JSON "
         "warns of it ('warnings', 'ends_at').",
     )
+    cohort_allowance_ttl = Float(
+        5.0,
+        config=True,
+        help="Seconds a class's allowances read on-chain are reused for its dashboard (one "
+        "batched read per class within them, however many instructors' tabs refresh); 0 "
+        "reads the ledger on every request.",
+    )
 
     @default("data_dir")
     def _data_dir_default(self) -> str:
@@ -287,7 +294,7 @@ class CoordinatorConfig(Configurable):
             raise TraitError(f"{proposal['trait'].name} must be at least 1")  # type: ignore[attr-defined]
         return value
 
-    @validate("offers_cache_ttl", "usage_ack_grace", "ping_rate")
+    @validate("offers_cache_ttl", "usage_ack_grace", "ping_rate", "cohort_allowance_ttl")
     def _validate_non_negative(self, proposal: dict[str, object]) -> float:
         value = float(proposal["value"])  # type: ignore[arg-type]
         if value < 0:

@@ -48,6 +48,7 @@ from ..signing import ReplayGuard
 from .ack_watch import AckWatch
 from .billing import Billing
 from .body_limits import BodyLimits
+from .cohort_allowances import AllowanceReader
 from .cohort_funding import cohort_funding_routes
 from .cohort_handlers import cohort_routes
 from .cohort_queue_handlers import queue_routes
@@ -114,6 +115,8 @@ class CoordinatorServer:
         #: The ledger's JSON-RPC URL ("" when free).
         self.solana_url = ""
         self.billing: Billing | None = None
+        #: The students' allowances read on-chain for the dashboards (escrow payments only).
+        self.allowances: AllowanceReader | None = None
         self.settlements: SettlementWorker | None = None
         self.ack_watch: AckWatch | None = None
         #: Classroom cohorts (:mod:`~jupyter_io.coordinator.cohorts`).
@@ -238,6 +241,15 @@ class CoordinatorServer:
         self.cohorts = cohorts = CohortService(
             store, leases, registry, self.index, public_url=lambda: self.url, log=self.log
         )
+        if self.billing is not None:
+            # The pool's figures on the dashboard: each student's allowance, read exactly.
+            self.allowances = allowances = AllowanceReader(
+                self.billing.pool,
+                self.billing.arbiter.pubkey(),
+                ttl=config.cohort_allowance_ttl,
+                log=self.log,
+            )
+            cohorts.allowances_of = allowances.read
         await cohorts.start()
         self.cohort_scheduling = scheduling = self._cohort_scheduling(cohorts)
         await scheduling.start()

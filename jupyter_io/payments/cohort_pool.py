@@ -37,7 +37,8 @@ Checks (pure, on exact on-chain bytes, each refusal naming the field):
 :func:`match_cohort_settlement` is the provider's check of a settlement it is asked to sign,
 :func:`match_cohort_funding` the student's of a funding.
 
-I/O: :class:`CohortPoolClient` (an :class:`~jupyter_io.payments.escrow.EscrowClient`).
+I/O: :class:`CohortPoolClient` (an :class:`~jupyter_io.payments.escrow.EscrowClient`);
+:meth:`CohortPoolClient.allowance_states` reads many allowances at once (a class's dashboard).
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 from solders.account import Account
 from solders.hash import Hash
@@ -113,6 +115,7 @@ from .token_accounts import (
 __all__ = [
     "DELEGATE_THRESHOLD",
     "FUNDING_SIGNATURES",
+    "MAX_ACCOUNTS_PER_CALL",
     "MAX_TRANSACTION_BYTES",
     "AllowanceGrant",
     "AllowanceState",
@@ -146,6 +149,8 @@ DELEGATE_THRESHOLD = 2
 FUNDING_SIGNATURES = 2
 #: Solana's limit on a serialized transaction (signatures included).
 MAX_TRANSACTION_BYTES = 1232
+#: Keys per ``getMultipleAccounts`` call: the bound of Solana's RPC (and the embedded ledger's).
+MAX_ACCOUNTS_PER_CALL = 100
 
 #: Where a cohort escrow's unspent remainder goes: the allowance, or (allowance reclaimed)
 #: the instructor's wallet.
@@ -899,6 +904,15 @@ class CohortPoolClient(EscrowClient):
     """Allowance and cohort-escrow operations over any Solana JSON-RPC endpoint; the plain
     escrow operations (``verify_escrow``, ``submit``...) are inherited."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Keys per ``getMultipleAccounts`` call of :meth:`allowance_states`.
+        self.max_accounts_per_call = MAX_ACCOUNTS_PER_CALL
+        #: Delegate multisigs verified as some allowance's [student, arbiter] 2-of-2, by
+        #: address: SPL Token can neither change nor close an initialized multisig, so what
+        #: was verified once stays so and :meth:`allowance_states` reads it only once.
+        self._delegates: dict[Pubkey, Account] = {}
+
     # -- reading ------------------------------------------------------------------------------
 
     def check_allowance(
@@ -942,6 +956,44 @@ class CohortPoolClient(EscrowClient):
             "reading an allowance", [terms.allowance, terms.delegate]
         )
         return self.check_allowance(terms, account, delegate)
+
+    async def allowance_states(
+        self, allowances: Sequence[AllowanceTerms]
+    ) -> list[AllowanceState | CohortPoolError | None]:
+        """Each allowance as it is on-chain, in order: its :class:`AllowanceState`, None (no
+        allowance), or the :class:`CohortPoolError` naming what is not as agreed (returned,
+        not raised: one bad allowance does not hide the others).
+
+        The accounts are read with ``getMultipleAccounts``, :attr:`max_accounts_per_call`
+        keys a call, the calls sent at once; a delegate verified before is not read again
+        (``_delegates``), so a funded class of N students costs ceil(N / 100) calls.
+        :class:`~jupyter_io.errors.PaymentError` if the RPC cannot be read."""
+        keys: list[Pubkey] = []
+        for terms in allowances:
+            keys.append(terms.allowance)
+            if terms.delegate not in self._delegates:
+                keys.append(terms.delegate)
+        keys = list(dict.fromkeys(keys))
+        step = max(1, self.max_accounts_per_call)
+        found = await asyncio.gather(
+            *(
+                self._accounts("reading allowances", keys[i : i + step])
+                for i in range(0, len(keys), step)
+            )
+        )
+        accounts = dict(zip(keys, itertools.chain.from_iterable(found), strict=True))
+        states: list[AllowanceState | CohortPoolError | None] = []
+        for terms in allowances:
+            delegate = self._delegates.get(terms.delegate) or accounts.get(terms.delegate)
+            try:
+                state = self.check_allowance(terms, accounts[terms.allowance], delegate)
+            except CohortPoolError as exc:
+                states.append(exc)
+                continue
+            if state is not None and delegate is not None:
+                self._delegates[terms.delegate] = delegate  # it passed delegate_problems
+            states.append(state)
+        return states
 
     # -- instructor ----------------------------------------------------------------------------
 
