@@ -104,6 +104,8 @@ def history_json(leases: list[LeaseInfo]) -> list[dict[str, Any]]:
                 "end_reason": info.end_reason,
                 "failure_reason": info.failure_reason,
                 "cohort": info.cohort,
+                "warnings": [dict(warning) for warning in info.warnings],
+                "ends_at": info.ends_at,
                 "escrow_offer": info.escrow.to_json() if info.escrow is not None else None,
                 "billing": billing.to_json() if billing is not None else None,
                 # Derived, for scripts:
