@@ -88,13 +88,16 @@ def pool_figures(
     ``allowance_lamports``: what the students can still spend, the sum of their spendable;
     ``held_lamports``: what their allowances hold (what a reclaim returns, rents aside);
     ``projected_run_out``: ``now + allowance_lamports / rate``, ``rate`` = ``spent_week`` /
-    max(seconds since ``week_start``, :data:`RUN_OUT_MIN_ELAPSED`); None when nothing was spent
-    this week (no pace to project), ``now`` when nothing is left."""
+    max(seconds since ``week_start``, :data:`RUN_OUT_MIN_ELAPSED`); None when no student has
+    an allowance or nothing was spent this week (no pace to project), ``now`` when nothing
+    is left."""
     blocks = [b for b in allowances.values() if b is not None]
     left = sum(int(b["spendable_lamports"]) for b in blocks)
     held = sum(int(b["amount_lamports"] or 0) for b in blocks)
     run_out: float | None = None
-    if left <= 0:
+    if not blocks:
+        run_out = None  # never funded (or all reclaimed): nothing to run out
+    elif left <= 0:
         run_out = now
     elif spent_week > 0:
         rate = spent_week / max(now - week_start, RUN_OUT_MIN_ELAPSED)

@@ -263,6 +263,11 @@ def test_the_instructor_dashboard_lists_the_student_and_follows_the_class(
         page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab", has_text="dashboard").click()
         page.wait_for_timeout(1_500)
         assert [t for t in asked if t > hidden_at + 6]
+        # The pool's figure is the allowance read on the ledger (the coordinator's read is
+        # kept 5 s: the top-up is older than that by now).
+        pool = dashboard.locator(".jio-Dashboard-pool")
+        pool.filter(has_text="pool left 0.25 SOL").wait_for(timeout=10_000)
+        assert "not reported" not in pool.inner_text()
     finally:
         page.context.close()
 
