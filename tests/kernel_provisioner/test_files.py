@@ -4,6 +4,8 @@ Jupyter Server starts it, the provisioner's file channel over the real tunnel.""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -216,6 +218,61 @@ async def test_magics_pull_a_large_file_and_push_one_again(
         await cells.run(kc, "%io push secret/key.txt")
         assert await files.wait_for(lambda: "secret/key.txt" in files.push_refused, 10)
         ex = await cells.run(kc, "import os; print(os.path.exists('secret/key.txt'))")
+        assert ex.stream() == "False\n"
+    finally:
+        kc.stop_channels()
+
+
+async def test_a_transfer_cut_mid_way_completes_after_the_resume(
+    provider_host: Any, kernelspecs: Any, proxy_to: Any, managers: Any, cells: Any, tmp_path: Path
+) -> None:
+    proxy = await proxy_to(provider_host)
+    spec = kernelspecs.install("io-remote-cut", proxy.url, provider_host.user_keypair_path)
+    nb = _notebook_dir(tmp_path)
+    km = await _start(spec, nb, managers)
+    files = _files(km)
+    assert files.endpoint is not None
+    content = os.urandom(24 * 1024 * 1024)
+    (nb / "weights.bin").write_bytes(content)
+    pushing = asyncio.ensure_future(files.push())
+    # Cut the connection once part of the file is on its way (a transfer records its
+    # bytes as its chunks are sent; there is no event for "some of it left").
+    deadline = asyncio.get_running_loop().time() + 30
+    while not any(t.bytes >= 4 * 1024 * 1024 for t in files.endpoint.active.values()):
+        assert asyncio.get_running_loop().time() < deadline, "the push never started"
+        await asyncio.sleep(0.005)
+    proxy.cut()
+    assert not pushing.done()
+    proxy.restore()
+    transfer = await asyncio.wait_for(pushing, 60)
+    assert transfer is not None and transfer.written == ["weights.bin"]
+    kc = await cells.connect(km)
+    try:
+        ex = await cells.run(
+            kc,
+            "import hashlib\nprint(hashlib.sha256(open('weights.bin', 'rb').read()).hexdigest())",
+        )
+        assert ex.stream() == hashlib.sha256(content).hexdigest() + "\n"
+    finally:
+        kc.stop_channels()
+
+
+async def test_the_provider_refuses_files_over_its_workspace_limit(
+    start_host: Any, kernelspecs: Any, managers: Any, cells: Any, tmp_path: Path
+) -> None:
+    host = start_host("--ProviderConfig.max_workspace_bytes=3000000")
+    spec = kernelspecs.install("io-remote-quota", host.url, host.user_keypair_path)
+    nb = _notebook_dir(tmp_path)
+    (nb / "dataset.bin").write_bytes(os.urandom(4_000_000))
+    km = await _start(spec, nb, managers)
+    files = _files(km)
+    assert files.endpoint is not None
+    [sync] = [t for t in files.endpoint.history if t.why == "sync"]
+    assert sync.written == [] and sync.bytes == 0  # refused before any content travelled
+    assert "over this host's limit of 3,000,000" in sync.refused[0][1]
+    kc = await cells.connect(km)
+    try:
+        ex = await cells.run(kc, "import os; print(os.path.exists('dataset.bin'))")
         assert ex.stream() == "False\n"
     finally:
         kc.stop_channels()
