@@ -63,6 +63,7 @@ from ..errors import AuthError, JupyterIOError, LeaseError
 from ..gpu_names import normalise_gpu_name
 from ..provider_link import End
 from .cohort_allowances import pool_figures
+from .cohort_tally import FinishedLeaseTally
 from .lease_timers import LeaseTimers
 from .leasing import LeaseGrant, LeaseService
 from .models import CohortState, LeaseState
@@ -190,6 +191,8 @@ class CohortService:
         self.clock = clock or leases.clock
         self.log = log or logging.getLogger("jupyter_io.coordinator")
         self.quota = QuotaWatch(self)
+        #: The term's spend on the dashboard, without reading every lease of the term.
+        self.tally = FinishedLeaseTally(store)
         #: ``(cohort_id, student)`` after a student was removed (their leases ended).
         self.removed_listeners: list[Callable[[str, str], None]] = []
         #: ``(cohort_id)`` after a cohort's term was ended (its leases ended).
@@ -634,9 +637,7 @@ class CohortService:
         return rows
 
     async def _spent_term(self, cohort: CohortRecord) -> int:
-        leases = await self.store.cohort_leases_since(cohort.id, cohort.created_at)
-        now = self._now()
-        return sum(lease_cost(lease, cohort.created_at, now) for lease in leases)
+        return await self.tally.cost_since(cohort.id, cohort.created_at, self._now())
 
     async def _end_leases(self, leases: list[LeaseRecord], reason: str) -> int:
         ended = 0

@@ -641,6 +641,28 @@ class CohortQueries(Aggregate):
                 usage[lease.user_pubkey] = usage.get(lease.user_pubkey, 0) + used
         return usage
 
+    async def cohort_finished_lease_ids(self, cohort_id: str, since: datetime) -> list[str]:
+        """Ids of the cohort's ended or failed leases whose service ended after ``since``
+        (one narrow read; a finished lease's times never change again, so callers may keep
+        what they computed of it: :mod:`~jupyter_io.coordinator.cohort_tally`)."""
+        query = sa.select(_leases.c.id).where(
+            _leases.c.cohort_id == cohort_id,
+            _leases.c.state.not_in(_LIVE),
+            _leases.c.end_of_service > _aware(since),
+        )
+        async with self._read() as conn:
+            return [str(row[0]) for row in await conn.execute(query)]
+
+    async def leases_by_ids(self, lease_ids: Iterable[str]) -> list[LeaseRecord]:
+        """The leases of ``lease_ids`` that exist (in no particular order; pass a few
+        hundred ids at a time)."""
+        ids = list(lease_ids)
+        if not ids:
+            return []
+        async with self._read() as conn:
+            rows = await conn.execute(sa.select(_leases).where(_leases.c.id.in_(ids)))
+            return [_lease_record(row) for row in rows]
+
     async def cohort_live_leases(
         self, cohort_id: str, *, student: str | None = None
     ) -> list[LeaseRecord]:
