@@ -957,6 +957,16 @@ class CohortPoolClient(EscrowClient):
         )
         return self.check_allowance(terms, account, delegate)
 
+    async def _many_accounts(self, what: str, keys: Sequence[Pubkey]) -> list[Account | None]:
+        """The accounts of any number of ``keys``, in order: :attr:`max_accounts_per_call` a
+        ``getMultipleAccounts`` call (a class of hundreds is more than one call may ask
+        for), the calls sent at once."""
+        step = max(1, self.max_accounts_per_call)
+        found = await asyncio.gather(
+            *(self._accounts(what, keys[i : i + step]) for i in range(0, len(keys), step))
+        )
+        return list(itertools.chain.from_iterable(found))
+
     async def allowance_states(
         self, allowances: Sequence[AllowanceTerms]
     ) -> list[AllowanceState | CohortPoolError | None]:
@@ -974,14 +984,8 @@ class CohortPoolClient(EscrowClient):
             if terms.delegate not in self._delegates:
                 keys.append(terms.delegate)
         keys = list(dict.fromkeys(keys))
-        step = max(1, self.max_accounts_per_call)
-        found = await asyncio.gather(
-            *(
-                self._accounts("reading allowances", keys[i : i + step])
-                for i in range(0, len(keys), step)
-            )
-        )
-        accounts = dict(zip(keys, itertools.chain.from_iterable(found), strict=True))
+        found = await self._many_accounts("reading allowances", keys)
+        accounts = dict(zip(keys, found, strict=True))
         states: list[AllowanceState | CohortPoolError | None] = []
         for terms in allowances:
             delegate = self._delegates.get(terms.delegate) or accounts.get(terms.delegate)
@@ -1008,7 +1012,8 @@ class CohortPoolClient(EscrowClient):
         for terms, _ in targets:
             keys += [terms.allowance, terms.delegate]
         accounts, _ = await asyncio.gather(
-            self._accounts("reading allowances", keys), self._rent_for([ACCOUNT_LEN, MULTISIG_LEN])
+            self._many_accounts("reading allowances", keys),
+            self._rent_for([ACCOUNT_LEN, MULTISIG_LEN]),
         )
         grants: list[AllowanceGrant] = []
         delegates_created: set[Pubkey] = set()
@@ -1067,7 +1072,7 @@ class CohortPoolClient(EscrowClient):
         """Revoke and close those of ``allowances`` that exist (the rest are skipped), up to
         ``batch`` per transaction; everything they hold comes back to the instructor."""
         keys = [t.allowance for t in allowances]
-        accounts = await self._accounts("reading allowances", keys) if keys else []
+        accounts = await self._many_accounts("reading allowances", keys)
         present = [(t, a) for t, a in zip(allowances, accounts, strict=True) if a is not None]
         receipts: list[ReclaimReceipt] = []
         for start in range(0, len(present), batch):

@@ -22,6 +22,7 @@ from jupyter_io.errors import InsufficientFunds
 from jupyter_io.payments.amounts import FEE_PER_SIGNATURE, LAMPORTS_PER_SOL
 from jupyter_io.payments.cohort_pool import (
     AllowanceGrant,
+    AllowanceState,
     AllowanceTerms,
     CohortPoolClient,
     CohortPoolError,
@@ -503,3 +504,26 @@ def test_the_student_matches_only_the_exact_funding_of_its_lease() -> None:
     )  # fmt: skip
     assert not match_cohort_funding(session, DEPOSIT, bytes(elsewhere))
     assert not match_cohort_funding(session, DEPOSIT, b"\x80garbage")
+
+
+async def test_a_class_larger_than_one_rpc_read_is_funded_read_and_reclaimed(
+    pool: Pool, chain: Chain
+) -> None:
+    # 101 students: 202 keys to plan the grants, 101 to reclaim, more than the 100 one
+    # getMultipleAccounts call takes (the ledger refused such a class's top-up and reclaim).
+    pool.students = [Keypair() for _ in range(101)]
+    terms = [pool.terms(i) for i in range(101)]
+    before = await chain.balance(pool.instructor.pubkey())
+    funded = await pool.pool.fund(
+        pool.instructor, await pool.pool.plan_grants([(t, 1_000_000) for t in terms])
+    )
+    states = await pool.pool.allowance_states(terms)
+    assert [(s.amount, s.spendable) for s in states if isinstance(s, AllowanceState)] == [
+        (1_000_000, 1_000_000)
+    ] * 101
+    receipts = await pool.pool.reclaim(pool.instructor, terms)
+    assert sum(len(r.closed) for r in receipts) == 101
+    assert await pool.pool.allowance_states(terms) == [None] * 101
+    fees = sum(r.fee for r in funded) + sum(r.fee for r in receipts)
+    lost = before - await chain.balance(pool.instructor.pubkey())
+    assert lost == fees + 101 * MULTISIG_LEN_RENT  # the delegates' one-time rent, no more
