@@ -221,6 +221,10 @@ async def test_magics_pull_a_large_file_and_push_one_again(
         assert ex.stream() == "False\n"
     finally:
         kc.stop_channels()
+    # What was held back for its size comes back when the session ends.
+    assert "other.bin" in files.held_back
+    await km.shutdown_kernel(now=True)
+    assert (nb / "other.bin").read_bytes() == b"o" * 5000
 
 
 async def test_a_transfer_cut_mid_way_completes_after_the_resume(
