@@ -63,12 +63,17 @@ def peek(parts: Sequence[Any], wanted: tuple[bytes, ...]) -> Peeked | None:
     """The message in ``parts`` (ZMQ frames: identities, delimiter, signature, header,
     parent header, metadata, content) if its ``msg_type`` is one of ``wanted``; else None,
     for most messages without parsing JSON."""
-    try:
-        index = list(parts).index(_DELIMITER)
-        header_raw = bytes(parts[index + 2])
+    try:  # the hot path (every iopub message): no copy, no JSON
+        index = parts.index(_DELIMITER)
+        header_raw = parts[index + 2]
     except (ValueError, IndexError):
         return None
-    if not any(w in header_raw for w in wanted):
+    if not isinstance(header_raw, bytes):
+        header_raw = bytes(header_raw)  # a view of a received frame, or a zmq.Frame
+    for w in wanted:
+        if w in header_raw:
+            break
+    else:
         return None
     header = _json(header_raw)
     msg_type = header.get("msg_type")
