@@ -383,7 +383,8 @@ def test_a_class_kernel_near_its_max_length_is_announced_in_a_notification(
     browser: Any, classroom: Classroom
 ) -> None:
     # A class whose sessions last at most a minute: the coordinator warns a minute before
-    # the end, that is from the start.
+    # the end, that is from the start. Its course environment (a requirement the provider's
+    # Python has already: built offline in seconds) is built before its first kernel.
     cohort = as_user(
         classroom.url,
         classroom.instructor,
@@ -393,6 +394,7 @@ def test_a_class_kernel_near_its_max_length_is_announced_in_a_notification(
         max_price_lamports_per_hour=LAMPORTS_PER_SOL,
         max_session_seconds=60,
         term_ends_at=time.time() + 86400,
+        requirements="ipykernel\n",
     )
     code = as_user(classroom.url, classroom.instructor, "create_code", cohort.id)
     as_user(classroom.url, classroom.student, "join", code.code)
@@ -410,7 +412,10 @@ def test_a_class_kernel_near_its_max_length_is_announced_in_a_notification(
             '.jio-CohortGpu[data-gpu="a100"]'
         )
         row.locator(".jio-CohortGpu-notebook").click()
-        page.locator(".Toastify__toast", has_text="is ready").first.wait_for(timeout=60_000)
+        ready = page.locator(".Toastify__toast", has_text="is ready").first
+        ready.wait_for(timeout=60_000)
+        # The provider's build is a stage of the start (kernel_provisioner/progress.py).
+        assert "launching ✓ · environment ✓ · ready ✓" in ready.inner_text()
         warning = page.locator(".Toastify__toast", has_text="A100 kernel:").first
         warning.wait_for(timeout=20_000)
         [session] = [
