@@ -132,6 +132,10 @@ class FileEndpoint:
         self.on_pull = on_pull
         #: Hears each offer received, before its content arrives.
         self.on_offer: Callable[[Transfer], None] | None = None
+        #: Why an offer is refused whole (None: take it), e.g. one this end never asked for.
+        self.refuse_offer: Callable[[Offer], str | None] | None = None
+        #: Why an incoming path is not written here (None: write it).
+        self.refuse_path: Callable[[str], str | None] | None = None
         self.log = log or logging.getLogger(__name__)
         #: path -> sha256 both ends agreed on at the last transfer of that path.
         self.baseline: dict[str, str] = {}
@@ -205,6 +209,12 @@ class FileEndpoint:
             for raw in requests[:1000]:
                 with contextlib.suppress(ProtocolError):
                     transfer.push_requests.append(check_path(raw))
+        refusal = self.refuse_offer(offer) if self.refuse_offer is not None else None
+        if refusal is not None:
+            self.log.warning("refused an offer of %d file(s): %s", len(offer.files), refusal)
+            transfer.refused = [(e.path, refusal) for e in offer.files] or [("", refusal)]
+            await self._finish_received(transfer, Done(offer.id, refused=tuple(transfer.refused)))
+            return
         if self.on_offer is not None:
             self.on_offer(transfer)
         incoming = Incoming(offer, self.store.held)
@@ -319,6 +329,9 @@ class FileEndpoint:
 
     def _place_one(self, entry: FileEntry, transfer: Transfer) -> None:
         path = entry.path
+        refusal = self.refuse_path(path) if self.refuse_path is not None else None
+        if refusal is not None:
+            raise UnsafePath(f"{path!r}: {refusal}")
         try:
             current = self._current(path)
         except UnsafePath:
@@ -477,6 +490,10 @@ class FileEndpoint:
         finally:
             os.close(fd)
         return sent
+
+    def expects(self, ident: str) -> bool:
+        """True while a pull this end asked for under ``ident`` awaits its offer."""
+        return ident in self._pulls
 
     async def request_pull(self, pull: Pull, timeout: float | None = None) -> Transfer:
         """Ask the other end for files (:class:`~jupyter_io.files.Pull`); return the

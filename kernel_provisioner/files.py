@@ -273,6 +273,15 @@ class NotebookFiles:
         )
         self.endpoint.hashes = self.hashes
         self.endpoint.on_offer = self._offered
+        endpoint = self.endpoint
+        # The provider sends files only in answer to a pull, and never where they could
+        # run on this machine by themselves (.git/hooks, a virtual environment's bin).
+        endpoint.refuse_offer = lambda offer: (
+            None
+            if offer.why == "pull" and endpoint.expects(offer.id)
+            else "this end asked for no files under that id"
+        )
+        endpoint.refuse_path = self.refuse_incoming
         self._sync = None
         client.on_files = self.endpoint.handle
         # Beside any gate and tap already there (the idle watch's): both hear every message.
@@ -402,6 +411,19 @@ class NotebookFiles:
         if not _msg_type_is(parts, b"execute_request") or not self.enabled:
             return None
         return self._before_execute()
+
+    def refuse_incoming(self, path: str) -> str | None:
+        """Why a file from the provider may not be written at ``path`` (None: it may):
+        inside a directory the scan never sends (``.git``, virtual environments,
+        ``node_modules``...), where a planted file could run here on its own."""
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            directory = "/".join(parts[:depth])
+            if parts[depth - 1] in DEFAULT_SKIP or os.path.isfile(
+                os.path.join(self.root, directory, "pyvenv.cfg")
+            ):
+                return f"{directory}/ is a directory files never travel to or from"
+        return None
 
     def _offered(self, transfer: Transfer) -> None:
         if transfer.push_requests:  # %io push in the kernel: before the next execution

@@ -12,7 +12,11 @@ from typing import Any
 
 import pytest
 from jupyter_client.manager import AsyncKernelManager
+from solders.keypair import Keypair
 
+from jupyter_io.files import FileEntry, Offer, chunk_digests, content_hash, parse_files_body
+from jupyter_io.protocol import FrameKind, decode_frame, encode_control
+from kernel_provisioner.connection import TunnelClient
 from kernel_provisioner.files import FilesOverCap, NotebookFiles
 from kernel_provisioner.provisioner import RemoteKernelProvisioner
 
@@ -280,3 +284,58 @@ async def test_the_provider_refuses_files_over_its_workspace_limit(
         assert ex.stream() == "False\n"
     finally:
         kc.stop_channels()
+
+
+async def test_the_kernel_cannot_plant_files_where_they_would_run_here(
+    remote_spec: str, managers: Any, cells: Any, tmp_path: Path
+) -> None:
+    nb = _notebook_dir(tmp_path)
+    (nb / ".git" / "hooks").mkdir(parents=True)
+    km = await _start(remote_spec, nb, managers)
+    files = _files(km)
+    kc = await cells.connect(km)
+    try:
+        ex = await cells.run(
+            kc,
+            "import os\n"
+            "for p in ['.git/hooks/pre-commit', 'node_modules/x.js', 'result.txt']:\n"
+            "    os.makedirs(os.path.dirname(p) or '.', exist_ok=True)\n"
+            "    open(p, 'w').write('echo pwned')\n",
+        )
+        assert ex.status == "ok"
+        assert await files.wait_for((nb / "result.txt").exists, 10)
+    finally:
+        kc.stop_channels()
+    assert not (nb / ".git" / "hooks" / "pre-commit").exists()
+    assert not (nb / "node_modules" / "x.js").exists()
+    [pull] = [t for t in files.endpoint.history if "result.txt" in t.written]  # type: ignore[union-attr]
+    assert sorted(p for p, _ in pull.refused) == [".git/hooks/pre-commit", "node_modules/x.js"]
+
+
+async def test_files_the_notebook_side_never_asked_for_are_refused(tmp_path: Path) -> None:
+    nb = _notebook_dir(tmp_path)
+    files = NotebookFiles(
+        str(nb),
+        max_bytes=0,
+        pull_max_size=1000,
+        store_root=str(tmp_path / "store"),
+        store_max_bytes=0,
+        window=1 << 20,
+    )
+    # A real client, never connected: its bridge keeps what the endpoint answers.
+    client = TunnelClient("ws://127.0.0.1:9/tunnel", Keypair(), outbound={}, inbound={})
+    files.attach(client)
+    assert files.endpoint is not None
+    content = b"print('pwned')\n"
+    sha = content_hash(chunk_digests(content))
+    offer = Offer("ab" * 16, (FileEntry("run_me.py", len(content), 0o755, sha),), "push")
+    await files.endpoint.handle(
+        decode_frame(encode_control(FrameKind.FILES, offer.to_body(), seq=1))
+    )
+    [done] = [
+        parse_files_body(f.body)
+        for f in map(decode_frame, client.tunnel.replay(0))
+        if f.kind is FrameKind.FILES
+    ]
+    assert done.refused == (("run_me.py", "this end asked for no files under that id"),)
+    assert not (nb / "run_me.py").exists()
