@@ -39,6 +39,7 @@ class StudentRow {
       this._idle,
       this._queued,
       this._left,
+      this._allowance,
       h('td', { class: 'jio-Dashboard-actions' }, topUp, ' ', revoke)
     );
   }
@@ -51,6 +52,17 @@ class StudentRow {
     setText(this._queued, row.queued ? `${row.queued} waiting` : '–');
     setText(this._left, gpuHours(row.quota_left_gpu_seconds));
     this.node.classList.toggle('jio-mod-out', row.quota_left_gpu_seconds <= 0);
+    const allowance = row.allowance;
+    setText(this._allowance, !allowance ? '–' : allowance.as_agreed ? sol(allowance.spendable_lamports) : 'not as agreed');
+    setAttr(
+      this._allowance,
+      'title',
+      !allowance
+        ? 'No allowance on-chain (not funded yet, reclaimed, or not reported)'
+        : allowance.as_agreed
+          ? `${sol(allowance.spendable_lamports)} spendable: ${sol(allowance.amount_lamports)} held, ${sol(allowance.delegated_lamports)} delegated`
+          : (allowance.problem ?? 'not as agreed')
+    );
   }
 
   readonly node: HTMLTableRowElement;
@@ -60,6 +72,7 @@ class StudentRow {
   private _idle = h('td', { class: 'jio-Dashboard-idle' });
   private _queued = h('td', { class: 'jio-Dashboard-queued' });
   private _left = h('td', { class: 'jio-Dashboard-left' });
+  private _allowance = h('td', { class: 'jio-Dashboard-allowance' });
 }
 
 /**
@@ -98,7 +111,7 @@ export class CohortDashboard extends Widget {
       h(
         'table',
         { class: 'jio-Dashboard-table' },
-        h('thead', {}, head('Student', 'GPU-h this week', 'Cost this week', 'Live kernels', 'Idle', 'Queue', 'GPU-h left', '')),
+        h('thead', {}, head('Student', 'GPU-h this week', 'Cost this week', 'Live kernels', 'Idle', 'Queue', 'GPU-h left', 'Allowance left', '')),
         this._rowsNode
       ),
       this._empty,

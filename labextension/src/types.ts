@@ -208,7 +208,21 @@ export interface IStudentUsage {
   /** When the week's quota resets (next Monday 00:00 UTC). */
   week_resets_at: number;
   joined_at: number | null;
-  allowance: { [key: string]: unknown } | null;
+  /** The student's allowance as the coordinator read it on-chain (dashboard rows only; null:
+   * none on-chain, or a coordinator without a pool). docs/cohorts.md, "The pool on the dashboard". */
+  allowance: IAllowance | null;
+}
+
+/** A student's allowance on-chain: what it holds and what their sessions can still draw. */
+export interface IAllowance {
+  address: string;
+  /** False when the account is not what the class agreed: nothing can be spent from it. */
+  as_agreed: boolean;
+  problem: string | null;
+  amount_lamports: number | null;
+  delegated_lamports: number | null;
+  /** min(amount, delegated): what the student's sessions can still draw. */
+  spendable_lamports: number;
 }
 
 /** One GPU type a cohort pays for, joined with the offers (`GET cohorts` → `gpus`). */

@@ -268,6 +268,7 @@ def test_the_instructor_dashboard_lists_the_student_and_follows_the_class(
         pool = dashboard.locator(".jio-Dashboard-pool")
         pool.filter(has_text="pool left 0.25 SOL").wait_for(timeout=10_000)
         assert "not reported" not in pool.inner_text()
+        assert row.locator(".jio-Dashboard-allowance").inner_text() == "0.25 SOL"
     finally:
         page.context.close()
 
