@@ -38,7 +38,7 @@ from jupyter_io.confine import HashCache, Scanned, scan
 from jupyter_io.content_store import ContentStore
 from jupyter_io.errors import JupyterIOError, KernelLaunchError
 from jupyter_io.file_endpoint import FileEndpoint, Transfer
-from jupyter_io.files import FileEntry, Pull, check_path, new_transfer_id
+from jupyter_io.files import FileEntry, Offer, Pull, check_path, new_transfer_id
 from jupyter_io.protocol import Channel
 
 if TYPE_CHECKING:
@@ -199,6 +199,8 @@ class NotebookFiles:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._settled = asyncio.Event()
         self._requested: asyncio.Future[Transfer | None] | None = None
+        #: Pulls awaiting their offer: id -> (paths asked or None, automatic?).
+        self._pulls_asked: dict[str, tuple[tuple[str, ...] | None, bool]] = {}
         #: ``%io push`` paths not sent: absent, kept back by the rules, not plain files.
         self.push_refused: list[str] = []
 
@@ -276,11 +278,7 @@ class NotebookFiles:
         endpoint = self.endpoint
         # The provider sends files only in answer to a pull, and never where they could
         # run on this machine by themselves (.git/hooks, a virtual environment's bin).
-        endpoint.refuse_offer = lambda offer: (
-            None
-            if offer.why == "pull" and endpoint.expects(offer.id)
-            else "this end asked for no files under that id"
-        )
+        endpoint.refuse_offer = self.refuse_offer
         endpoint.refuse_path = self.refuse_incoming
         self._sync = None
         client.on_files = self.endpoint.handle
@@ -366,13 +364,14 @@ class NotebookFiles:
         assert self.endpoint is not None
         wanted = None if paths is None else tuple(check_path(p) for p in paths)
         limit = self.pull_max_size if max_size is None else max_size
+        request = Pull(new_transfer_id(), wanted, limit)
         async with self._pull_lock:
             self._pull_queued = False
+            self._pulls_asked[request.id] = (wanted, max_size is None)
             try:
-                transfer = await self.endpoint.request_pull(
-                    Pull(new_transfer_id(), wanted, limit), timeout
-                )
+                transfer = await self.endpoint.request_pull(request, timeout)
             finally:
+                self._pulls_asked.pop(request.id, None)
                 self._transferred()
         if wanted is None:
             self.held_back = dict(transfer.held_back)
@@ -411,6 +410,25 @@ class NotebookFiles:
         if not _msg_type_is(parts, b"execute_request") or not self.enabled:
             return None
         return self._before_execute()
+
+    def refuse_offer(self, offer: Offer) -> str | None:
+        """Why an offer from the provider is refused whole (None: it is taken): one this
+        end did not ask for, files it did not name, or (an automatic pull) more than
+        ``max_bytes`` in all, which bounds what one execution can write here."""
+        endpoint = self.endpoint
+        asked = self._pulls_asked.get(offer.id)
+        if offer.why != "pull" or endpoint is None or not endpoint.expects(offer.id) or not asked:
+            return "this end asked for no files under that id"
+        paths, automatic = asked
+        if paths is not None and not {e.path for e in offer.files} <= set(paths):
+            return "the offer names files this pull did not ask for"
+        total = sum(e.size for e in offer.files)
+        if automatic and self.max_bytes > 0 and total > self.max_bytes:
+            return (
+                f"the provider offered {total:,} bytes after one execution, over files_max_bytes "
+                f"({self.max_bytes:,}); pull what you need by name"
+            )
+        return None
 
     def refuse_incoming(self, path: str) -> str | None:
         """Why a file from the provider may not be written at ``path`` (None: it may):

@@ -339,3 +339,45 @@ async def test_files_the_notebook_side_never_asked_for_are_refused(tmp_path: Pat
     ]
     assert done.refused == (("run_me.py", "this end asked for no files under that id"),)
     assert not (nb / "run_me.py").exists()
+
+
+@pytest.mark.parametrize(
+    ("asked", "offered", "size", "refusal"),
+    [
+        (["model.pt"], "notebook.ipynb", 10, "the offer names files this pull did not ask for"),
+        (None, "model.pt", 2_000_000, "over files_max_bytes (1,000,000)"),
+    ],
+)
+async def test_a_pull_takes_only_what_it_asked_for(
+    tmp_path: Path, asked: list[str] | None, offered: str, size: int, refusal: str
+) -> None:
+    nb = _notebook_dir(tmp_path)
+    files = NotebookFiles(
+        str(nb),
+        max_bytes=1_000_000,
+        pull_max_size=1000,
+        store_root=str(tmp_path / "store"),
+        store_max_bytes=0,
+        window=1 << 20,
+    )
+    client = TunnelClient("ws://127.0.0.1:9/tunnel", Keypair(), outbound={}, inbound={})
+    client.features = frozenset({"files"})  # as a WELCOME would say
+    files.attach(client)
+    endpoint = files.endpoint
+    assert endpoint is not None
+    pulling = asyncio.ensure_future(files.pull(asked, timeout=10))
+    sent: list[Any] = []
+    while not sent:  # the PULL is kept by the never-connected tunnel
+        await asyncio.sleep(0)
+        sent = [
+            parse_files_body(f.body)
+            for f in map(decode_frame, client.tunnel.replay(0))
+            if f.kind is FrameKind.FILES
+        ]
+    sha = content_hash(chunk_digests(b"x" * 10))
+    offer = Offer(sent[0].id, (FileEntry(offered, size, 0o644, sha),), "pull")
+    await endpoint.handle(decode_frame(encode_control(FrameKind.FILES, offer.to_body(), seq=1)))
+    transfer = await pulling
+    [(path, why)] = transfer.refused
+    assert path == offered and refusal in why and transfer.bytes == 0
+    assert not (nb / offered).exists() or offered == "notebook.ipynb"
