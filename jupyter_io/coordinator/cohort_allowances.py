@@ -9,6 +9,10 @@ not read again; its result is kept ``ttl`` seconds per cohort, and dashboards as
 share one read. A dashboard of 300 funded students refreshed every 10 s therefore costs 3
 calls per refresh, and nothing more for a second instructor's tab within ``ttl``.
 
+Keys are free and a roster may hold 5,000 students, so what all dashboards together may
+read is rationed (:class:`ReadBudget`, accounts a second): past it a dashboard gets the
+class's last read however old (its ``read_at`` says when), or none with the reason.
+
 :func:`allowance_json` is a row's ``allowance`` block, :func:`pool_figures` the dashboard's
 ``pool`` (``docs/cohorts.md``, "The pool on the dashboard").
 """
@@ -25,6 +29,7 @@ from typing import Any
 
 from solders.pubkey import Pubkey
 
+from ..errors import PaymentError
 from ..payments.cohort_pool import (
     AllowanceState,
     AllowanceTerms,
@@ -34,8 +39,10 @@ from ..payments.cohort_pool import (
 from .store import CohortRecord
 
 __all__ = [
+    "KEPT_ALLOWANCES",
     "RUN_OUT_MIN_ELAPSED",
     "AllowanceReader",
+    "ReadBudget",
     "allowance_json",
     "pool_figures",
 ]
@@ -43,6 +50,8 @@ __all__ = [
 #: The least time (seconds) this week's spend is spread over when projecting the run-out, so
 #: a few minutes into Monday one session does not read as the week's pace.
 RUN_OUT_MIN_ELAPSED = 3600.0
+#: Allowance blocks the reader keeps from earlier reads (a few MB), least recent dropped first.
+KEPT_ALLOWANCES = 20_000
 
 
 def allowance_json(
@@ -115,6 +124,31 @@ def pool_figures(
     }
 
 
+class ReadBudget:
+    """A token bucket of accounts read: ``rate`` a second on average, ``burst`` at once. A
+    read larger than ``burst`` goes once the bucket is full and overdraws it (a class of any
+    size stays readable); the next waits until it has refilled."""
+
+    def __init__(
+        self, rate: float, burst: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self._tokens = burst
+        self._at = clock()
+
+    def take(self, accounts: int) -> bool:
+        """Whether a read of ``accounts`` may go now (then they are spent)."""
+        now = self.clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < min(accounts, self.burst):
+            return False
+        self._tokens -= accounts
+        return True
+
+
 @dataclass(frozen=True, slots=True)
 class _Read:
     at: float  # the reader's clock
@@ -134,6 +168,7 @@ class AllowanceReader:
         arbiter: Pubkey,
         *,
         ttl: float = 5.0,
+        accounts_per_second: float = 2000.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         log: logging.Logger | None = None,
@@ -144,7 +179,10 @@ class AllowanceReader:
         self.clock = clock
         self.wall_clock = wall_clock
         self.log = log or logging.getLogger("jupyter_io.coordinator")
-        self._reads: dict[str, _Read] = {}
+        #: What every dashboard together may read (a 10 s burst).
+        self.budget = ReadBudget(accounts_per_second, 10 * accounts_per_second, clock=clock)
+        self._reads: dict[str, _Read] = {}  # oldest read first
+        self._kept = 0  # blocks in _reads
         self._flights: dict[str, tuple[frozenset[str], asyncio.Future[_Read]]] = {}
 
     async def read(
@@ -152,14 +190,25 @@ class AllowanceReader:
     ) -> tuple[dict[str, dict[str, Any] | None], float]:
         """Each of ``students``' allowance block (:func:`allowance_json`) and when the ledger
         was read (Unix seconds). :class:`~jupyter_io.errors.PaymentError` when the RPC
-        cannot be read."""
+        cannot be read, or the budget is spent and there is no earlier read."""
         wanted = frozenset(students)
         now = self.clock()
         cached = self._reads.get(cohort.id)
-        if cached is not None and now - cached.at < self.ttl and wanted <= cached.students:
-            return {s: cached.blocks[s] for s in students}, cached.read_at
+        if cached is not None and wanted <= cached.students:
+            if now - cached.at < self.ttl:
+                return {s: cached.blocks[s] for s in students}, cached.read_at
+        else:
+            cached = None
         flight = self._flights.get(cohort.id)
         if flight is None or not wanted <= flight[0]:
+            if not self.budget.take(len(wanted)):
+                if cached is not None:  # stale, and its read_at says so
+                    return {s: cached.blocks[s] for s in students}, cached.read_at
+                raise PaymentError(
+                    f"the coordinator reads at most {self.budget.rate:g} allowances a second "
+                    f"for dashboards and is at that pace now; the figures come back within "
+                    f"seconds"
+                )
             future: asyncio.Future[_Read] = asyncio.ensure_future(self._read(cohort, wanted))
             self._flights[cohort.id] = flight = (wanted, future)
             future.add_done_callback(functools.partial(self._landed, cohort.id))
@@ -168,7 +217,9 @@ class AllowanceReader:
 
     def forget(self, cohort_id: str) -> None:
         """Read ``cohort_id``'s allowances afresh next time (after a funding or a reclaim)."""
-        self._reads.pop(cohort_id, None)
+        read = self._reads.pop(cohort_id, None)
+        if read is not None:
+            self._kept -= len(read.blocks)
 
     def _landed(self, cohort_id: str, future: asyncio.Future[_Read]) -> None:
         flight = self._flights.get(cohort_id)
@@ -176,11 +227,14 @@ class AllowanceReader:
             del self._flights[cohort_id]
         if future.cancelled() or future.exception() is not None:
             return
-        # Expired entries go as new ones come: at most one per cohort read within ttl.
-        now = self.clock()
-        for key in [k for k, r in self._reads.items() if now - r.at >= self.ttl]:
-            del self._reads[key]
-        self._reads[cohort_id] = future.result()
+        # A class's last read is kept (served stale when the budget is spent), the least
+        # recently read going first past KEPT_ALLOWANCES blocks (a few hundred bytes each).
+        self._reads.pop(cohort_id, None)
+        self._reads[cohort_id] = read = future.result()
+        self._kept += len(read.blocks)
+        while self._kept > KEPT_ALLOWANCES and len(self._reads) > 1:
+            oldest = next(iter(self._reads))
+            self._kept -= len(self._reads.pop(oldest).blocks)
 
     async def _read(self, cohort: CohortRecord, students: frozenset[str]) -> _Read:
         at = self.clock()

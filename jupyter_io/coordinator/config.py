@@ -234,6 +234,12 @@ class CoordinatorConfig(Configurable):
         "batched read per class within them, however many instructors' tabs refresh); 0 "
         "reads the ledger on every request.",
     )
+    cohort_allowance_rate = Float(
+        2000.0,
+        config=True,
+        help="Allowances all class dashboards together may read on-chain a second (a 10 s "
+        "burst): past it a dashboard shows its class's last read, with when it was made.",
+    )
 
     @default("data_dir")
     def _data_dir_default(self) -> str:
@@ -294,7 +300,13 @@ class CoordinatorConfig(Configurable):
             raise TraitError(f"{proposal['trait'].name} must be at least 1")  # type: ignore[attr-defined]
         return value
 
-    @validate("offers_cache_ttl", "usage_ack_grace", "ping_rate", "cohort_allowance_ttl")
+    @validate(
+        "offers_cache_ttl",
+        "usage_ack_grace",
+        "ping_rate",
+        "cohort_allowance_ttl",
+        "cohort_allowance_rate",
+    )
     def _validate_non_negative(self, proposal: dict[str, object]) -> float:
         value = float(proposal["value"])  # type: ignore[arg-type]
         if value < 0:

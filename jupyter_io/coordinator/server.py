@@ -247,6 +247,7 @@ class CoordinatorServer:
                 self.billing.pool,
                 self.billing.arbiter.pubkey(),
                 ttl=config.cohort_allowance_ttl,
+                accounts_per_second=config.cohort_allowance_rate,
                 log=self.log,
             )
             cohorts.allowances_of = allowances.read

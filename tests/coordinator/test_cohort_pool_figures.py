@@ -20,7 +20,7 @@ from spl.token.instructions import approve_checked, revoke
 from spl.token.models import ApproveCheckedParams, RevokeParams
 
 from jupyter_io.cohorts import CohortSettings, new_cohort_id
-from jupyter_io.coordinator.cohort_allowances import RUN_OUT_MIN_ELAPSED
+from jupyter_io.coordinator.cohort_allowances import RUN_OUT_MIN_ELAPSED, ReadBudget
 from jupyter_io.payments.cohort_pool import AllowanceTerms
 from jupyter_io.payments.token_accounts import NATIVE_DECIMALS, NATIVE_MINT
 
@@ -165,6 +165,20 @@ async def test_the_dashboard_shows_each_allowance_as_it_is_on_chain(
         assert not allowance["as_agreed"] and allowance["spendable_lamports"] == 0
         assert str(stranger) in allowance["problem"] and "delegate" in allowance["problem"]
         assert board["pool"]["not_as_agreed"] == 1 and board["pool"]["allowance_lamports"] == 0
+
+        # All dashboards together read a budget of accounts a second: past it a class's last
+        # read is served (its read_at says when), and with none the figures are null.
+        server_reader.budget = ReadBudget(rate=0.001, burst=2)  # one read of 2 students
+        reads.clear()
+        fresh = await _board(instructor, cohort.id)
+        stale = await _board(instructor, cohort.id)
+        assert len(reads) == 1 and stale["pool"]["read_at"] == fresh["pool"]["read_at"]
+        assert stale["students"] == fresh["students"]
+        server_reader.forget(cohort.id)
+        board = await _board(instructor, cohort.id)
+        assert len(reads) == 1 and board["pool"]["allowance_lamports"] is None
+        assert "allowances a second" in board["pool"]["reason"]
+        assert all(row["allowance"] is None for row in board["students"])
     finally:
         instructor.close()
 
