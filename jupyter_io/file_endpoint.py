@@ -155,6 +155,8 @@ class FileEndpoint:
         # Chunks wait here for the worker; the sender's window (acks once stored) bounds it.
         self._chunks: asyncio.Queue[Frame] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
+        self._queued = 0
+        self._drained = asyncio.Event()
 
     # -- frames from the other end ---------------------------------------------------------
 
@@ -165,8 +167,14 @@ class FileEndpoint:
             # Stored by a worker, in order, while the tunnel goes on delivering the kernel's
             # messages that follow it (a kernel message never waits for a chunk's disk write).
             self._chunks.put_nowait(frame)
+            self._queued += len(frame.parts[-1]) if frame.parts else 0
             if self._worker is None or self._worker.done():
                 self._worker = asyncio.ensure_future(self._store_chunks())
+            while self._queued > 4 * max(self.window, CHUNK_SIZE):
+                # A sender ignoring its window: stop reading the tunnel until the worker
+                # catches up (TCP pushes back), rather than queue without bound.
+                self._drained.clear()
+                await self._drained.wait()
             return
         body = frame.body
         try:
@@ -240,10 +248,18 @@ class FileEndpoint:
                 self.log.exception("storing a file chunk failed")
             finally:
                 self._chunks.task_done()
+                self._queued -= len(frame.parts[-1]) if frame.parts else 0
+                self._drained.set()
             # The sender's window moves as what it sent is stored (small chunks: once the
             # queue is empty, not one ack each).
             if self._chunks.empty() or len(frame.parts[-1]) >= _THREAD_BYTES:
                 await self.bridge.send_ack()
+
+    @property
+    def queued_bytes(self) -> int:
+        """Chunk bytes received and not stored yet (at most 4 windows: then the tunnel
+        stops reading)."""
+        return self._queued
 
     async def flush(self) -> None:
         """Return once every chunk received so far is stored (and its transfer answered)."""

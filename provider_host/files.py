@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,17 +141,22 @@ def session_files(
 ) -> FileEndpoint:
     """The file channel of one session (see the module docstring)."""
     store = ContentStore(store_root, store_max_bytes)
-    check_space: Callable[[int], str | None] | None = None
-    if max_workspace_bytes > 0:
 
-        def check_space(incoming: int) -> str | None:
-            used = disk_usage(workspace)
-            if used + incoming <= max_workspace_bytes:
-                return None
+    def check_space(incoming: int) -> str | None:
+        if store_max_bytes > 0 and incoming > store_max_bytes:
             return (
-                f"the workspace would hold {used + incoming:,} bytes, over this host's limit "
-                f"of {max_workspace_bytes:,}; send fewer files (.jupyter-io-ignore)"
+                f"the offer needs {incoming:,} new bytes, over this host's store of "
+                f"{store_max_bytes:,} per user; send fewer files (.jupyter-io-ignore)"
             )
+        if max_workspace_bytes <= 0:
+            return None
+        used = disk_usage(workspace)
+        if used + incoming <= max_workspace_bytes:
+            return None
+        return (
+            f"the workspace would hold {used + incoming:,} bytes, over this host's limit "
+            f"of {max_workspace_bytes:,}; send fewer files (.jupyter-io-ignore)"
+        )
 
     endpoint: FileEndpoint
 

@@ -134,3 +134,22 @@ def test_a_scan_sends_plain_files_only(tmp_path: Path) -> None:
 def test_offer_round_trip() -> None:
     offer = Offer(ID, (), "sync")
     assert parse_files_body(offer.to_body()) == offer
+
+
+async def test_a_sender_ignoring_its_window_is_held_back(tmp_path: Path) -> None:
+    endpoint, _, root = _endpoint(tmp_path)
+    endpoint.window = 1024 * 1024
+    content = os.urandom(12 * 1024 * 1024)
+    digests = chunk_digests(content)
+    sha = content_hash(digests)
+    entry = {"path": "big.bin", "size": len(content), "mode": 0o644, "sha256": sha}
+    await endpoint.handle(_files_frame({"op": "offer", "id": ID, "files": [entry]}))
+    most = 0
+    for i, offset in enumerate(range(0, len(content), 1024 * 1024)):
+        parts = encode_chunk(ID, sha, offset, content[offset : offset + 1024 * 1024], digests[i])
+        # All sent at once, no ack awaited: the endpoint itself must stop taking them.
+        await endpoint.handle(Frame(FrameKind.FILE_CHUNK, seq=2 + i, parts=tuple(parts)))
+        most = max(most, endpoint.queued_bytes)
+    await endpoint.flush()
+    assert most <= 4 * 1024 * 1024 + 1024 * 1024
+    assert (root / "big.bin").read_bytes() == content
