@@ -40,7 +40,8 @@ async def test_challenge_names_the_host_and_a_fresh_nonce(host):
 
 async def test_welcome_opens_a_session_with_its_own_workspace(host, client, workspace_root):
     welcome = await client.connect()
-    assert set(welcome) == {"session", "received", "resumed", "kernel"}
+    assert set(welcome) == {"session", "received", "resumed", "kernel", "features"}
+    assert welcome["features"] == ["files"]  # this host speaks the file channel
     assert welcome["received"] == 0
     assert welcome["resumed"] is False
     assert welcome["kernel"] == {"state": "none", "generation": 0, "exit_code": None}
