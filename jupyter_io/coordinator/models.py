@@ -36,6 +36,7 @@ __all__ = [
     "CohortMember",
     "CohortReservation",
     "CohortState",
+    "GpuCheck",
     "Lease",
     "LeaseState",
     "Offer",
@@ -444,3 +445,24 @@ class CohortReservation(Base):
     count: Mapped[int] = mapped_column(sa.Integer)
     starts_at: Mapped[datetime]
     ends_at: Mapped[datetime]
+
+
+class GpuCheck(Base):
+    """One judged GPU challenge (:mod:`jupyter_io.coordinator.challenges`): which provider's
+    GPU (model, device index), when, whether it passed, why not, the seconds its commitment
+    took (None when it never came) and the matrix size ``n``."""
+
+    __tablename__ = "gpu_checks"
+    __table_args__ = (sa.Index(None, "provider_pubkey", "at"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    provider_pubkey: Mapped[str] = mapped_column(
+        sa.String(PUBKEY_LENGTH), sa.ForeignKey("providers.pubkey", ondelete="CASCADE")
+    )
+    gpu_model: Mapped[str] = mapped_column(sa.String(128))
+    gpu_index: Mapped[int] = mapped_column(sa.Integer)
+    at: Mapped[datetime]
+    ok: Mapped[bool] = mapped_column(sa.Boolean)
+    reason: Mapped[str] = mapped_column(sa.Text)
+    seconds: Mapped[float | None] = mapped_column(sa.Float)
+    n: Mapped[int] = mapped_column(sa.Integer)
