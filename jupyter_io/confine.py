@@ -134,13 +134,14 @@ def copy_fd(source: int, target: int, size: int) -> None:
 def place(
     root: str,
     path: str,
-    source: int,
+    source: int | bytes,
     size: int,
     mode: int,
     *,
     owner: tuple[int, int] | None = None,
 ) -> os.stat_result:
-    """Write ``size`` bytes of ``source`` as ``path`` beneath ``root``; return its stat.
+    """Write ``size`` bytes of ``source`` (a descriptor, read from offset 0, or the bytes
+    themselves) as ``path`` beneath ``root``; return its stat.
 
     The file is created beside its final name and renamed over it: a link planted under
     that name is replaced, never written through, and a reader never sees half a file.
@@ -161,7 +162,14 @@ def place(
             dir_fd=parent,
         )
         try:
-            copy_fd(source, fd, size)
+            if isinstance(source, int):
+                copy_fd(source, fd, size)
+            else:
+                if len(source) != size:
+                    raise OSError(f"{len(source)} bytes given for a file of {size}")
+                view = memoryview(source)
+                while view:
+                    view = view[os.write(fd, view) :]
             os.fchmod(fd, (mode & 0o755) | 0o600)
             if owner is not None:
                 os.fchown(fd, *owner)

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,26 @@ class ContentStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.partial / sha)
         return good
+
+    def put(self, sha: str, data: bytes) -> None:
+        """Keep ``data`` as whole object ``sha`` (the caller checked it hashes to ``sha``);
+        written beside its name and renamed, so a reader never sees part of it."""
+        final = self.objects / self._check(sha)
+        if final.exists():
+            return
+        temp = self.objects / f".{sha}.{secrets.token_hex(4)}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        os.close(fd)
+        os.replace(temp, final)
 
     def open(self, sha: str) -> int:
         """A read descriptor of whole object ``sha`` (marked used); FileNotFoundError."""

@@ -42,6 +42,7 @@ from .files import (
     Want,
     check_path,
     conflict_name,
+    content_hash,
     decode_chunk,
     encode_chunk,
     parse_files_body,
@@ -53,6 +54,12 @@ __all__ = ["FileEndpoint", "Transfer", "TransferFailed"]
 
 #: Chunks at least this large are hashed and written (read and hashed) in a thread.
 _THREAD_BYTES = 256 * 1024
+#: Objects that arrive whole in one chunk smaller than :data:`_THREAD_BYTES` wait in memory,
+#: at most this many bytes of them per endpoint (past it they go to the store as they
+#: arrive): each is placed from memory and written to the store only after the transfer's
+#: DONE, so a cold start creates one file per small file on its way, not two (the store's
+#: object, then the placed file), and the event loop never waits for a file's creation.
+_SMALL_BUDGET = 32 * 1024 * 1024
 
 
 class TransferFailed(JupyterIOError):
@@ -157,6 +164,10 @@ class FileEndpoint:
         self._worker: asyncio.Task[None] | None = None
         self._queued = 0
         self._drained = asyncio.Event()
+        #: Small whole objects (sha256 -> content, checked) not in the store yet.
+        self._small: dict[str, bytes] = {}
+        self._small_bytes = 0
+        self._keeping: asyncio.Task[None] | None = None
 
     # -- frames from the other end ---------------------------------------------------------
 
@@ -225,7 +236,7 @@ class FileEndpoint:
             return
         if self.on_offer is not None:
             self.on_offer(transfer)
-        incoming = Incoming(offer, self.store.held)
+        incoming = Incoming(offer, self._held)
         refusal = self.check_space(incoming.wanted_bytes) if self.check_space else None
         if refusal is not None:
             transfer.refused = [(e.path, refusal) for e in offer.files]
@@ -236,6 +247,12 @@ class FileEndpoint:
         await self.bridge.send_control(FrameKind.FILES, incoming.want().to_body())
         if incoming.complete:
             await self._place_all(offer.id)
+
+    def _held(self, sha: str, size: int) -> int:
+        data = self._small.get(sha)
+        if data is not None and len(data) == size:
+            return size
+        return self.store.held(sha, size)
 
     async def _store_chunks(self) -> None:
         while True:
@@ -274,8 +291,8 @@ class FileEndpoint:
             outcome = self._take_chunk(parts)
         if outcome is None:
             return
-        ident, transfer, whole, sha, failure = outcome
-        if failure is None and whole and not self.store.finish(sha):
+        ident, transfer, stored_whole, sha, failure = outcome
+        if failure is None and stored_whole and not self.store.finish(sha):
             failure = f"content {sha[:12]} does not match its sha256"
         if failure is not None:
             self._incoming.pop(ident, None)
@@ -288,9 +305,10 @@ class FileEndpoint:
             await self._place_all(ident)
 
     def _take_chunk(self, parts: Any) -> tuple[str, Transfer, bool, str, str | None] | None:
-        """Check and store one chunk: (transfer id, transfer, object whole?, object, why it
-        failed or None); None for a transfer that already failed. A chunk whose bytes do
-        not match its hash is a broken peer: :class:`ProtocolError`."""
+        """Check and store one chunk: (transfer id, transfer, object whole in the store's
+        partial objects?, object, why it failed or None); None for a transfer that already
+        failed. A chunk whose bytes do not match its hash is a broken peer:
+        :class:`ProtocolError`. A small object whole in this chunk is kept in memory."""
         chunk = decode_chunk(parts)
         found = self._incoming.get(chunk.id)
         if found is None:
@@ -298,6 +316,22 @@ class FileEndpoint:
         incoming, transfer, _ = found
         try:
             whole = incoming.accept(chunk)
+            size = len(chunk.data)
+            if (
+                whole
+                and chunk.offset == 0
+                and size < _THREAD_BYTES
+                and self._small_bytes + size <= _SMALL_BUDGET
+            ):
+                # The whole object: checked here as the store's finish() would check it.
+                if content_hash([chunk.digest]) != chunk.sha256:
+                    failure = f"content {chunk.sha256[:12]} does not match its sha256"
+                    return chunk.id, transfer, False, chunk.sha256, failure
+                if chunk.sha256 not in self._small:
+                    self._small[chunk.sha256] = bytes(chunk.data)
+                    self._small_bytes += size
+                transfer.bytes += size
+                return chunk.id, transfer, False, chunk.sha256, None
             self.store.write(chunk.sha256, chunk.offset, chunk.data, chunk.digest)
         except (ProtocolError, OSError) as exc:
             return chunk.id, transfer, False, chunk.sha256, f"transfer failed: {exc}"
@@ -317,6 +351,31 @@ class FileEndpoint:
             transfer.bytes,
         )
         await self._finish_received(transfer, done)
+        if self._small and (self._keeping is None or self._keeping.done()):
+            self._keeping = asyncio.ensure_future(self._keep_small())
+
+    async def _keep_small(self) -> None:
+        """Write the small objects held in memory to the store (after their transfer's
+        DONE: off the start's path), then forget them. One that cannot be written is
+        dropped: its content travels again when next offered."""
+        while self._small:
+            batch = dict(self._small)
+            try:
+                await asyncio.to_thread(self._put_all, batch)
+            finally:
+                for sha in batch:
+                    data = self._small.pop(sha, None)
+                    if data is not None:
+                        self._small_bytes -= len(data)
+            busy = {e.sha256 for found in self._incoming.values() for e in found[0].offer.files}
+            self.store.evict(keep=frozenset(batch) | busy)
+
+    def _put_all(self, batch: dict[str, bytes]) -> None:
+        for sha, data in batch.items():
+            try:
+                self.store.put(sha, data)
+            except OSError as exc:
+                self.log.warning("not keeping %s in the file store: %s", sha[:12], exc)
 
     def _place_sync(self, files: Iterable[FileEntry], transfer: Transfer) -> None:
         for entry in files:
@@ -375,11 +434,15 @@ class FileEndpoint:
                 path,
                 path if self.conflict == "aside" else aside,
             )
-        source = self.store.open(entry.sha256)
-        try:
-            info = place(self.root, target, source, entry.size, entry.mode, owner=self.owner)
-        finally:
-            os.close(source)
+        data = self._small.get(entry.sha256)
+        if data is not None and len(data) == entry.size:
+            info = place(self.root, target, data, entry.size, entry.mode, owner=self.owner)
+        else:
+            source = self.store.open(entry.sha256)
+            try:
+                info = place(self.root, target, source, entry.size, entry.mode, owner=self.owner)
+            finally:
+                os.close(source)
         self.hashes.put(target, info, entry.sha256)
         if target == path:
             self.baseline[path] = entry.sha256
@@ -533,7 +596,11 @@ class FileEndpoint:
             self.log.warning("file transfer failed: %s", task.exception())
 
     async def close(self) -> None:
-        """Stop background work and close partial objects (kept for a resume)."""
+        """Stop background work and close partial objects (kept for a resume); small
+        objects held in memory are written to the store first."""
+        if self._keeping is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(self._keeping), 30)
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(BaseException):
