@@ -30,6 +30,7 @@ __all__ = [
     "CLOSE_BAD_SIGNATURE",
     "CLOSE_PROTOCOL",
     "LINK_VERSION",
+    "MAX_DRIVER_INFORMATION",
     "MAX_HELLO_SIZE",
     "MAX_INT",
     "MAX_LEASE_ID_LENGTH",
@@ -45,6 +46,12 @@ __all__ = [
     "EnvironmentRefused",
     "ErrorMessage",
     "GetEnvironment",
+    "GpuChallenge",
+    "GpuCommitment",
+    "GpuOpening",
+    "GpuRefused",
+    "GpuReply",
+    "GpuReveal",
     "Heartbeat",
     "Hello",
     "Inventory",
@@ -646,8 +653,195 @@ class EnvironmentRefused(_Message):
         return {"type": self.type, "sha256": self.sha256, "reason": self.reason}
 
 
+# --------------------------------------------------------------------------------------------
+# The GPU challenge (docs/gpu-verification.md; the arithmetic is jupyter_io.gpu_challenge)
+
+_CHALLENGE_ID = re.compile(r"[0-9a-f]{32}")
+_HASH_HEX = re.compile(r"[0-9a-f]{64}")
+#: Largest driver listing a commitment may carry (the real file is about 600 bytes).
+MAX_DRIVER_INFORMATION = 4096
+
+
+def _challenge_id(body: Mapping[str, Any]) -> str:
+    value = body.get("id")
+    if not isinstance(value, str) or _CHALLENGE_ID.fullmatch(value) is None:
+        raise _fail(f"a GPU challenge 'id' must be 32 lowercase hex digits, not {value!r:.40}")
+    return value
+
+
+def _hash_hex(value: Any, what: str) -> bytes:
+    if not isinstance(value, str) or _HASH_HEX.fullmatch(value) is None:
+        raise _fail(f"{what} must be 64 lowercase hex digits")
+    return bytes.fromhex(value)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuChallenge(_Message):
+    """coordinator → provider: multiply the matrices of ``seed`` (size ``n``) on device
+    ``gpu_index`` and commit to the product (:mod:`jupyter_io.gpu_challenge`). Answer with
+    :class:`GpuCommitment` or :class:`GpuRefused`."""
+
+    type: ClassVar[str] = "gpu_challenge"
+    id: str
+    gpu_index: int
+    seed: bytes
+    n: int
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> GpuChallenge:
+        from .gpu_challenge import MAX_N, SEED_BYTES
+
+        seed = _hash_hex(body.get("seed"), "'seed'")
+        n = _int(body, "n", minimum=1)
+        if n > MAX_N or len(seed) != SEED_BYTES:
+            raise _fail(f"a GPU challenge's 'n' must be at most {MAX_N}")
+        return cls(_challenge_id(body), _int(body, "gpu_index"), seed, n)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "id": self.id,
+            "gpu_index": self.gpu_index,
+            "seed": self.seed.hex(),
+            "n": self.n,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GpuCommitment(_Message):
+    """provider → coordinator: the Merkle root over the product's rows, the device that
+    computed it, and (real GPUs) what NVML and the kernel driver say of that device."""
+
+    type: ClassVar[str] = "gpu_commitment"
+    id: str
+    root: bytes
+    device: str
+    simulated: bool
+    nvml_name: str | None = None
+    nvml_uuid: str | None = None
+    nvml_pci_bus_id: str | None = None
+    driver_information: str | None = None
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> GpuCommitment:
+        simulated = body.get("simulated")
+        if type(simulated) is not bool:
+            raise _fail("'simulated' must be true or false")
+        return cls(
+            _challenge_id(body),
+            _hash_hex(body.get("root"), "'root'"),
+            _str(body, "device", limit=64),
+            simulated,
+            _str(body, "nvml_name", optional=True, limit=128),
+            _str(body, "nvml_uuid", optional=True, limit=128),
+            _str(body, "nvml_pci_bus_id", optional=True, limit=64),
+            _str(body, "driver_information", optional=True, limit=MAX_DRIVER_INFORMATION),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "id": self.id,
+            "root": self.root.hex(),
+            "device": self.device,
+            "simulated": self.simulated,
+            "nvml_name": self.nvml_name,
+            "nvml_uuid": self.nvml_uuid,
+            "nvml_pci_bus_id": self.nvml_pci_bus_id,
+            "driver_information": self.driver_information,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GpuRefused(_Message):
+    """provider → coordinator: the challenge was not run, and why. ``code`` ``"busy"`` (a
+    lease holds the device: not a failure, asked again later) or ``"unable"``."""
+
+    type: ClassVar[str] = "gpu_refused"
+    id: str
+    code: str
+    reason: str
+
+    CODES: ClassVar[frozenset[str]] = frozenset({"busy", "unable"})
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> GpuRefused:
+        code = body.get("code")
+        if not isinstance(code, str) or code not in cls.CODES:
+            raise _fail(f"gpu_refused 'code' must be one of {sorted(cls.CODES)}")
+        return cls(_challenge_id(body), str(code), _str(body, "reason"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "id": self.id, "code": self.code, "reason": self.reason}
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReveal(_Message):
+    """coordinator → provider, after the commitment: open these rows of the product."""
+
+    type: ClassVar[str] = "gpu_reveal"
+    id: str
+    rows: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> GpuReveal:
+        from .gpu_challenge import MAX_N, MAX_OPEN_ROWS
+
+        rows = body.get("rows")
+        if (
+            not isinstance(rows, list)
+            or not 1 <= len(rows) <= MAX_OPEN_ROWS
+            or not all(type(i) is int and 0 <= i < MAX_N for i in rows)
+        ):
+            raise _fail(f"'rows' must list 1..{MAX_OPEN_ROWS} row indices")
+        return cls(_challenge_id(body), tuple(rows))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "id": self.id, "rows": list(self.rows)}
+
+
+@dataclass(frozen=True, slots=True)
+class GpuOpening(_Message):
+    """provider → coordinator: one opened row of the product (int32 little-endian, base64)
+    and its Merkle path (sibling hashes, leaf to root)."""
+
+    type: ClassVar[str] = "gpu_opening"
+    id: str
+    row: int
+    values: bytes
+    proof: tuple[bytes, ...]
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> GpuOpening:
+        text = _str(body, "values", limit=MAX_MESSAGE_SIZE)
+        try:
+            values = base64.b64decode(text, validate=True)
+        except ValueError:
+            raise _fail("'values' must be base64 of int32 little-endian entries") from None
+        proof = body.get("proof")
+        if not isinstance(proof, list) or len(proof) > 32:
+            raise _fail("'proof' must list at most 32 sibling hashes")
+        return cls(
+            _challenge_id(body),
+            _int(body, "row"),
+            values,
+            tuple(_hash_hex(item, "each of 'proof'") for item in proof),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "id": self.id,
+            "row": self.row,
+            "values": base64.b64encode(self.values).decode(),
+            "proof": [item.hex() for item in self.proof],
+        }
+
+
 #: A provider's answer to :class:`SignSettlement`.
 SettlementReply = SettlementSignature | SettlementRefused
+#: A provider's messages in a GPU challenge.
+GpuReply = GpuCommitment | GpuRefused | GpuOpening
 
 LinkMessage = (
     Challenge
@@ -665,6 +859,11 @@ LinkMessage = (
     | GetEnvironment
     | Environment
     | EnvironmentRefused
+    | GpuChallenge
+    | GpuCommitment
+    | GpuRefused
+    | GpuReveal
+    | GpuOpening
 )
 
 _PARSERS: dict[str, Callable[[Mapping[str, Any]], LinkMessage]] = {
@@ -685,6 +884,11 @@ _PARSERS: dict[str, Callable[[Mapping[str, Any]], LinkMessage]] = {
         GetEnvironment,
         Environment,
         EnvironmentRefused,
+        GpuChallenge,
+        GpuCommitment,
+        GpuRefused,
+        GpuReveal,
+        GpuOpening,
     )
 }
 

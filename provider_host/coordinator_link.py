@@ -11,7 +11,9 @@ challenge with the host's keypair, checks and pins the coordinator's key, sends 
   reports) in order; what is queued while the link is down waits for the next link, and the
   leases of queued ``ended`` events are still listed in that hello so the coordinator ends
   them rather than failing them;
-* hands ``dial``, ``end`` and ``sign_settlement`` to the host (:class:`LinkHost`);
+* hands ``dial``, ``end`` and ``sign_settlement`` to the host (:class:`LinkHost`), and
+  ``gpu_challenge`` / ``gpu_reveal`` to its ``gpu_challenge`` method when it has one
+  (:mod:`provider_host.challenge`);
 * fetches a course environment's requirements text for the host
   (:meth:`CoordinatorLink.environment`: ``get_environment``, answered by ``environment``
   or ``environment_refused``), checking the text against its hash.
@@ -51,6 +53,8 @@ from jupyter_io.provider_link import (
     EnvironmentRefused,
     ErrorMessage,
     GetEnvironment,
+    GpuChallenge,
+    GpuReveal,
     Heartbeat,
     Hello,
     Inventory,
@@ -429,6 +433,10 @@ class CoordinatorLink:
             self.host.settle(message)
         elif isinstance(message, (Environment, EnvironmentRefused)):
             self._answer_environment(message)
+        elif isinstance(message, (GpuChallenge, GpuReveal)):
+            answer = getattr(self.host, "gpu_challenge", None)  # hosts that answer challenges
+            if answer is not None:
+                answer(message)
         elif isinstance(message, ErrorMessage):
             self.log.warning("coordinator: %s: %s", message.code, message.message)
         else:

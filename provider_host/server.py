@@ -49,6 +49,7 @@ from websockets.http11 import Request, Response
 from jupyter_io.admission import HandshakeSlots
 from jupyter_io.daemon import capture_signals, is_loopback
 from jupyter_io.errors import ConfigError, KernelLaunchError, ProtocolError
+from jupyter_io.gpu_challenge import challenge_size
 from jupyter_io.identity import new_nonce
 from jupyter_io.leases import LeaseClaims
 from jupyter_io.ping import PING_SUFFIX, PingLimiter, parse_ping_path
@@ -64,6 +65,9 @@ from jupyter_io.protocol import (
 from jupyter_io.provider_link import (
     Dial,
     End,
+    GpuChallenge,
+    GpuReveal,
+    LinkMessage,
     OfferGroup,
     SessionEvent,
     SettlementRefused,
@@ -76,6 +80,7 @@ from jupyter_io.tls import untrusted_certificate
 from .allocation import GpuPool
 from .benchmark import measure_inventory
 from .cgroups import CgroupTree, prepare_cgroups
+from .challenge import CPU_MAX_N, ChallengeDevice, ChallengeResponder
 from .config import ProviderConfig
 from .coordinator_link import CoordinatorLink
 from .environments import EnvironmentCache
@@ -162,6 +167,8 @@ class ProviderServer:
         self.cgroups: CgroupTree | None = None
         #: Course environments (with a coordinator, after startup; None otherwise).
         self.environments: EnvironmentCache | None = None
+        #: Answers the coordinator's GPU challenges (with a coordinator, after startup).
+        self.challenges: ChallengeResponder | None = None
         #: Latency pings answered per address (None: ``ping_rate`` 0, none answered).
         self.pings = PingLimiter(rate=config.ping_rate) if config.ping_rate > 0 else None
 
@@ -310,6 +317,12 @@ class ProviderServer:
             tolerance_seconds=config.settle_tolerance_seconds,
             log=self.log,
         )
+        self.challenges = ChallengeResponder(
+            self._send_to_coordinator,
+            device_of=self._challenge_device,
+            busy=self._device_busy,
+            log=self.log,
+        )
         self.coordinator_link = CoordinatorLink(
             config.link_url(),
             self.host_keypair,
@@ -376,6 +389,8 @@ class ProviderServer:
         for ws in list(self._dialled):
             with contextlib.suppress(Exception):
                 await ws.close(CloseCode.GOING_AWAY, "provider shutting down")
+        if self.challenges is not None:
+            await self.challenges.close()
         if self.coordinator_link is not None:
             await self.coordinator_link.stop()
         background = list(self._background)
@@ -706,6 +721,35 @@ class ProviderServer:
             link.send(meter.report(self._keypair(), None))
             book.checkpoint()  # its seq moved on
         link.send(reply)
+
+    def gpu_challenge(self, message: GpuChallenge | GpuReveal) -> None:
+        """The coordinator challenges a device, or asks for rows of the product
+        (:mod:`provider_host.challenge`)."""
+        if self.challenges is not None and not self._closing:
+            self.challenges.handle(message)
+
+    def _send_to_coordinator(self, message: LinkMessage) -> None:
+        if self.coordinator_link is not None:
+            self.coordinator_link.send(message)
+
+    def _challenge_device(self, index: int) -> ChallengeDevice | None:
+        """Device ``index`` of an offer as the GPU challenge runs on it: real GPUs on CUDA,
+        simulated GPUs and CPU slots on torch's CPU."""
+        for group in self._offers:
+            if index in group.gpu_indices:
+                if group.simulated or group.gpu == CPU_LABEL:
+                    return ChallengeDevice(index, "cpu", True, CPU_MAX_N)
+                max_n = challenge_size(group.vram_bytes, fraction=0.95)
+                return ChallengeDevice(index, f"cuda:{index}", False, max_n)
+        return None
+
+    def _device_busy(self, index: int) -> bool:
+        """A session holds device ``index`` (or, for a CPU-run challenge, any session runs:
+        the challenge would take the CPU from its kernel)."""
+        device = self._challenge_device(index)
+        if device is not None and device.simulated:
+            return bool(self.sessions)
+        return bool(self._gpus.held_by_others([index]))
 
     async def _serve_dialled(self, message: Dial) -> None:
         url = message.url

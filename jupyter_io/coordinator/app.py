@@ -64,8 +64,16 @@ jupyter io coordinator --listen 0.0.0.0:8700 --certfile cert.pem --keyfile key.p
         "max-unfunded-leases": "CoordinatorConfig.max_unfunded_leases",
         "payments": "CoordinatorConfig.payments",
         "solana-url": "CoordinatorConfig.solana_url",
+        "gpu-check-interval": "CoordinatorConfig.gpu_check_interval",
     }
-    flags = dict(base_flags)
+    flags = {
+        **base_flags,
+        "gpu-checks": (
+            {"CoordinatorConfig": {"gpu_checks": True}},
+            "Challenge providers' GPUs at each link and at random idle times "
+            "(docs/gpu-verification.md).",
+        ),
+    }
     log_format = Unicode("[%(name)s %(asctime)s %(levelname)s] %(message)s", config=True)
 
     def start(self) -> None:

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from jupyter_core.paths import jupyter_data_dir
 from solders.keypair import Keypair
-from traitlets import Enum, Float, Integer, TraitError, Unicode, default, validate
+from traitlets import Bool, Enum, Float, Integer, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
 from ..daemon import parse_listen as _parse_listen
@@ -239,6 +239,40 @@ class CoordinatorConfig(Configurable):
         config=True,
         help="Allowances all class dashboards together may read on-chain a second (a 10 s "
         "burst): past it a dashboard shows its class's last read, with when it was made.",
+    )
+    gpu_checks = Bool(
+        False,
+        config=True,
+        help="Challenge providers' GPUs (docs/gpu-verification.md): at each link and at random "
+        "idle times; an offer that fails leaves the listing. Offers are listed unverified "
+        "until their first challenge.",
+    )
+    gpu_check_interval = Float(
+        3600.0,
+        config=True,
+        help="Mean seconds between challenges of idle GPUs (random gaps); 0: only at links.",
+    )
+    gpu_check_vectors = Integer(
+        16,
+        config=True,
+        help="Secret random vectors per challenge: a wrong row passes with chance 2**-k.",
+    )
+    gpu_check_rows = Integer(8, config=True, help="Rows of the product opened per challenge.")
+    gpu_check_max_n = Integer(
+        32768,
+        config=True,
+        help="Largest matrix size for a real GPU (the coordinator's check costs O(k n**2)).",
+    )
+    gpu_check_cpu_n = Integer(
+        1024, config=True, help="Matrix size for the CPU offer and simulated GPUs."
+    )
+    gpu_check_overhead = Float(
+        5.0,
+        config=True,
+        help="Seconds a commitment may take beyond the product itself (link, scheduling).",
+    )
+    gpu_check_reveal_timeout = Float(
+        60.0, config=True, help="Seconds a provider has to send the opened rows."
     )
 
     @default("data_dir")

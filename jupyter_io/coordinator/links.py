@@ -43,6 +43,9 @@ from ..provider_link import (
     EnvironmentRefused,
     ErrorMessage,
     GetEnvironment,
+    GpuCommitment,
+    GpuOpening,
+    GpuRefused,
     Heartbeat,
     Hello,
     LinkMessage,
@@ -157,6 +160,10 @@ class ProviderLinkSession:
             return None
         if isinstance(message, GetEnvironment):
             return self._environment(provider, message.sha256)
+        if isinstance(message, (GpuCommitment, GpuRefused, GpuOpening)):
+            if self.registry.gpu_replies is not None:
+                self.registry.gpu_replies(provider, message)
+            return None
         self._refuse(
             "protocol", f"a provider may not send {message.type!r} messages", CLOSE_PROTOCOL
         )

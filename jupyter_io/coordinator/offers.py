@@ -16,19 +16,26 @@ from typing import Any
 
 from ..payments.amounts import format_sol
 from .latency import ProbeDirectory
-from .scheduler import OfferIndex
+from .scheduler import Offer, OfferIndex
 
 __all__ = ["OffersCache", "format_offers_table", "offers_json"]
 
 
-def offers_json(index: OfferIndex, directory: ProbeDirectory | None = None) -> dict[str, Any]:
+def offers_json(
+    index: OfferIndex,
+    directory: ProbeDirectory | None = None,
+    verification: Callable[[Offer], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """``{"types": [...], "providers": [...]}`` as ``docs/coordinator-contract.md`` says.
 
     ``types`` per GPU model (``gpu`` is the model key a lease request can name, ``display``
     the name for people; ``available`` / ``total`` count GPUs; prices are lamports per
     GPU-hour over offers with a GPU free, ``None`` when none is); ``providers`` one row per
     provider offer, cheapest first within a model, with what to ping to measure it
-    (``probe_url``, ``via_relay``, ``relay_hop_ms``) when ``directory`` is given.
+    (``probe_url``, ``via_relay``, ``relay_hop_ms``) when ``directory`` is given, and its
+    GPU challenge verdict (``verified`` true/false/null, ``verified_at``) when
+    ``verification`` is (:meth:`GpuChallenges.fields
+    <jupyter_io.coordinator.challenges.GpuChallenges.fields>`).
     """
     offers = sorted(index, key=lambda o: (o.gpu_key, o.price_lamports_per_hour, o.provider))
     vram: dict[str, int] = {}
@@ -65,6 +72,7 @@ def offers_json(index: OfferIndex, directory: ProbeDirectory | None = None) -> d
             "simulated": offer.simulated,
             "reachable": offer.reachable_url is not None,
             **(directory.fields(offer) if directory is not None else {}),
+            **(verification(offer) if verification is not None else {}),
         }
         for offer in offers
     ]
@@ -81,9 +89,12 @@ class OffersCache:
         ttl: float = 2.0,
         monotonic: Callable[[], float] = time.monotonic,
         directory: ProbeDirectory | None = None,
+        verification: Callable[[Offer], dict[str, Any]] | None = None,
     ) -> None:
         self.index = index
         self.directory = directory
+        #: The GPU challenge verdict of an offer (set once the challenge service runs).
+        self.verification = verification
         self.ttl = ttl
         self.monotonic = monotonic
         self._body = b""
@@ -93,7 +104,7 @@ class OffersCache:
         """The JSON body, at most ``ttl`` seconds old."""
         now = self.monotonic()
         if now - self._built >= self.ttl:
-            body = offers_json(self.index, self.directory)
+            body = offers_json(self.index, self.directory, self.verification)
             self._body = json.dumps(body, separators=(",", ":")).encode()
             self._built = now
         return self._body

@@ -45,6 +45,7 @@ from ..errors import AuthError, ProtocolError
 from ..gpu_names import normalise_gpu_name
 from ..provider_link import (
     End,
+    GpuReply,
     Heartbeat,
     Hello,
     LinkMessage,
@@ -234,6 +235,11 @@ class Registry:
         self.creation_listeners: list[Callable[[LeaseRecord], None]] = []
         #: Gets each provider's answer to a ``sign_settlement`` (the settlement worker).
         self.settlement_replies: Callable[[str, SettlementReply], None] | None = None
+        #: Gets each provider's GPU challenge messages (the challenge service).
+        self.gpu_replies: Callable[[str, GpuReply], None] | None = None
+        #: Whether an offer (provider, GPU model) may be listed (None: all are; the
+        #: challenge service delists offers that failed a GPU challenge).
+        self.offer_listed: Callable[[str, str], bool] | None = None
         self._providers: dict[str, ProviderState] = {}
         self._pending: dict[str, float] = {}  # heartbeats since the last flush
         self._undelivered: dict[str, list[tuple[float, LinkMessage]]] = {}
@@ -786,7 +792,11 @@ class Registry:
             return
         region = state.region.strip() or _NO_REGION
         rel = state.reliability
+        listed = self.offer_listed
         for group in state.offers:
+            if listed is not None and not listed(state.pubkey, group.gpu_model):
+                self.index.remove(state.pubkey, group.gpu_model)
+                continue
             self.index.upsert(
                 Offer(
                     provider=state.pubkey,
@@ -804,6 +814,14 @@ class Registry:
                     reachable_url=state.reachable_url,
                 )
             )
+
+    def relist(self, pubkey: str) -> None:
+        """Put the provider's offers in the index again (after :attr:`offer_listed` changed
+        its answer for one of them)."""
+        state = self._providers.get(pubkey)
+        if state is not None:
+            self._reindex(state)
+            self._notify()
 
     def relay_hop_ms(self, pubkey: str) -> float | None:
         """The coordinator's latest round trip to ``pubkey`` over its link, ms (None while the

@@ -48,6 +48,7 @@ from ..signing import ReplayGuard
 from .ack_watch import AckWatch
 from .billing import Billing
 from .body_limits import BodyLimits
+from .challenges import ChallengeSettings, GpuChallenges
 from .cohort_allowances import AllowanceReader
 from .cohort_funding import cohort_funding_routes
 from .cohort_handlers import cohort_routes
@@ -123,6 +124,8 @@ class CoordinatorServer:
         self.cohorts: CohortService | None = None
         #: The cohorts' queue, reservations and time rules.
         self.cohort_scheduling: CohortScheduling | None = None
+        #: The GPU challenges (``gpu_checks`` on), else None.
+        self.gpu_checks: GpuChallenges | None = None
         self.should_exit = asyncio.Event()
         #: Set once :meth:`startup` is done and the ready line is out.
         self.started = asyncio.Event()
@@ -259,13 +262,21 @@ class CoordinatorServer:
             if self.ack_watch is not None:
                 await self.ack_watch.start()
             self.settlements.start()
+        if config.gpu_checks:
+            self.gpu_checks = GpuChallenges(registry, self._gpu_check_settings(), log=self.log)
+            self.gpu_checks.start()
         probes = ProbeDirectory(relay.base_url, registry.relay_hop_ms)
         self._services = services = Services(
             coordinator=keypair.pubkey(),
             registry=registry,
             leases=leases,
             relay=relay,
-            offers=OffersCache(self.index, ttl=config.offers_cache_ttl, directory=probes),
+            offers=OffersCache(
+                self.index,
+                ttl=config.offers_cache_ttl,
+                directory=probes,
+                verification=self.gpu_checks.fields if self.gpu_checks is not None else None,
+            ),
             probes=probes,
             pings=PingLimiter(rate=config.ping_rate) if config.ping_rate > 0 else None,
             replay_guard=ReplayGuard(config.request_max_skew),
@@ -319,6 +330,18 @@ class CoordinatorServer:
             self._print(f"jupyter-io coordinator ledger {self.solana_url}")
         self._print(f"{LISTENING_PREFIX}{self.url}")
         self.started.set()
+
+    def _gpu_check_settings(self) -> ChallengeSettings:
+        config = self.config
+        return ChallengeSettings(
+            interval=config.gpu_check_interval,
+            vectors=config.gpu_check_vectors,
+            rows=config.gpu_check_rows,
+            max_n=config.gpu_check_max_n,
+            cpu_n=config.gpu_check_cpu_n,
+            overhead=config.gpu_check_overhead,
+            reveal_timeout=config.gpu_check_reveal_timeout,
+        )
 
     async def _open_ledger(self) -> list[Any]:
         """With escrow payments: the embedded ledger (and its routes) or a remote client."""
@@ -385,6 +408,8 @@ class CoordinatorServer:
         last heartbeats; close the store. Leases are left as they are."""
         if self._http is not None:
             self._http.stop()
+        if self.gpu_checks is not None:
+            await self.gpu_checks.stop()
         if self.cohort_scheduling is not None:
             await self.cohort_scheduling.stop()
         if self.cohorts is not None:

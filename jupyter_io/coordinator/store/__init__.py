@@ -62,6 +62,7 @@ from .engine import (
     upgrade_database,
     upgrade_engine,
 )
+from .gpu_checks import GpuCheckQueries, GpuCheckRecord
 from .leases import LeaseQueries, LeaseRecord
 from .ledger_accounts import SqlLedgerStore
 from .providers import (
@@ -80,6 +81,8 @@ __all__ = [
     "CodeRefused",
     "CohortQueries",
     "CohortRecord",
+    "GpuCheckQueries",
+    "GpuCheckRecord",
     "LeaseQueries",
     "LeaseRecord",
     "LiveOffer",
@@ -103,7 +106,9 @@ __all__ = [
 ]
 
 
-class Store(ProviderQueries, LeaseQueries, SettlementQueries, CohortQueries):
+class Store(
+    ProviderQueries, LeaseQueries, SettlementQueries, CohortQueries, GpuCheckQueries
+):
     """Durable state of one coordinator (or of several sharing one PostgreSQL database).
 
     Create it with :meth:`Store.open` and :meth:`close` it when done (or use ``async with``).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
 import sqlalchemy as sa
 
@@ -17,7 +18,7 @@ from .engine import Aggregate, _when
 
 __all__ = ["GpuCheckQueries", "GpuCheckRecord"]
 
-_checks = GpuCheck.__table__
+_checks = cast(sa.Table, GpuCheck.__table__)
 
 
 @dataclass(frozen=True, slots=True)
