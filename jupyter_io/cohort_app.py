@@ -20,7 +20,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +47,7 @@ __all__ = [
     "CohortApp",
     "CohortCommand",
     "cohort_text",
+    "dashboard_text",
     "parse_utc_time",
     "reservation_text",
 ]
@@ -397,17 +398,62 @@ class CohortDashboardApp(CohortCommand):
             sys.stdout.write(self.talk(lambda c: c.dashboard_csv(cohort)))
             return
         board = self.talk(lambda c: c.dashboard(cohort))
-        rows = board.get("students") or []
-        lines = [f"{'student':<45} {'GPU-h':>7} {'cost SOL':>12} {'kernels':>7} {'left':>7}"]
-        for row in rows:
-            lines.append(
-                f"{row['student']:<45} {row['gpu_seconds_week'] / 3600:>7.2f} "
-                f"{format_sol(row['cost_lamports_week']):>12} {row['live_kernels']:>7} "
-                f"{row['quota_left_gpu_seconds'] / 3600:>7.2f}"
-            )
-        pool = board.get("pool") or {}
-        lines.append(f"spent this term: {format_sol(pool.get('spent_lamports_term') or 0)}")
-        self.show(board, "\n".join(lines))
+        self.show(board, dashboard_text(board, time.time()))
+
+
+def _allowance_text(allowance: Mapping[str, Any] | None) -> str:
+    """A row's allowance: what the student's sessions can still draw, as read on-chain."""
+    if allowance is None:
+        return "-"
+    if not allowance.get("as_agreed", True):
+        return "not as agreed"
+    return format_sol(int(allowance.get("spendable_lamports") or 0))
+
+
+def _run_out_text(pool: Mapping[str, Any], now: float) -> str:
+    if pool.get("allowance_lamports") is None:
+        return "not reported"
+    when = pool.get("projected_run_out")
+    if when is None:
+        return "no spending this week to project from"
+    if float(when) <= now:
+        return "now (nothing left to spend)"
+    return _utc(float(when))
+
+
+def dashboard_text(board: Mapping[str, Any], now: float) -> str:
+    """``jupyter io cohort dashboard`` as text: a row per student (this week's GPU-hours,
+    cost, kernels, quota left, allowance left on-chain), then the pool: what is left to
+    spend, what the allowances hold, the term's spend and the projected run-out."""
+    rows = board.get("students") or []
+    lines = [
+        f"{'student':<45} {'GPU-h':>7} {'cost SOL':>14} {'kernels':>7} {'left':>7} "
+        f"{'allowance':>16}"
+    ]
+    for row in rows:
+        lines.append(
+            f"{row['student']:<45} {row['gpu_seconds_week'] / 3600:>7.2f} "
+            f"{format_sol(row['cost_lamports_week']):>14} {row['live_kernels']:>7} "
+            f"{row['quota_left_gpu_seconds'] / 3600:>7.2f} "
+            f"{_allowance_text(row.get('allowance')):>16}"
+        )
+    pool = board.get("pool") or {}
+    left = pool.get("allowance_lamports")
+    if left is None:
+        reason = pool.get("reason") or "the coordinator did not read the allowances"
+        lines.append(f"pool left: not reported ({reason})")
+    else:
+        held = int(pool.get("held_lamports") or 0)
+        funded = int(pool.get("students_funded") or 0)
+        lines.append(
+            f"pool left: {format_sol(int(left))} spendable, {format_sol(held)} held in "
+            f"{funded} allowance(s)"
+        )
+        if pool.get("not_as_agreed"):
+            lines.append(f"allowances not as agreed: {pool['not_as_agreed']}")
+    lines.append(f"projected run-out: {_run_out_text(pool, now)}")
+    lines.append(f"spent this term: {format_sol(pool.get('spent_lamports_term') or 0)}")
+    return "\n".join(lines)
 
 
 def parse_utc_time(flag: str, text: str) -> float:

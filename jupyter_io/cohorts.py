@@ -587,11 +587,36 @@ CSV_COLUMNS: Sequence[str] = (
     "queued",
     "quota_left_gpu_hours",
     "joined_at",
+    "allowance_spendable_lamports",
+    "allowance_amount_lamports",
+    "allowance_delegated_lamports",
+    "allowance_problem",
 )
 
 
+def _allowance_cells(allowance: Mapping[str, Any] | None) -> list[object]:
+    """The allowance columns of a row: empty when the student has no allowance on-chain (or
+    the pool is not reported); a figure the coordinator could not read stays empty."""
+    if allowance is None:
+        return ["", "", "", ""]
+
+    def figure(key: str) -> object:
+        value = allowance.get(key)
+        return "" if value is None else int(value)
+
+    return [
+        figure("spendable_lamports"),
+        figure("amount_lamports"),
+        figure("delegated_lamports"),
+        allowance.get("problem") or "",
+    ]
+
+
 def dashboard_csv(rows: Iterable[StudentUsage]) -> str:
-    """The dashboard's rows as CSV (one per student, GPU-hours to 4 decimals)."""
+    """The dashboard's rows as CSV (one per student, GPU-hours to 4 decimals). The
+    ``allowance_*`` columns are the student's on-chain allowance as the dashboard read it
+    (payments contract section 6): what their sessions can still draw, what it holds, what
+    the delegate may still move, and why it is not as agreed; empty without an allowance."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
@@ -608,6 +633,7 @@ def dashboard_csv(rows: Iterable[StudentUsage]) -> str:
                 ""
                 if row.joined_at is None
                 else datetime.fromtimestamp(row.joined_at, tz=timezone.utc).isoformat(),
+                *_allowance_cells(row.allowance),
             ]
         )
     return out.getvalue()

@@ -145,3 +145,88 @@ async def test_reserve_lists_and_unreserves_gpus_for_a_lab_session(
     _, _, err = await cohort("unreserve", cid, made["id"], keypair=teacher_file, url=url,
                              ok=False)  # fmt: skip
     assert "has no reservation" in err
+
+
+async def test_the_dashboard_prints_the_pool_and_each_allowance_as_on_chain(
+    start_coordinator: Starter, tmp_path: Path
+) -> None:
+    """Text and CSV carry the pool's figures (left, held, run-out) and each student's
+    allowance, equal to what the ledger holds; a reclaimed student's allowance reads empty."""
+    from jupyter_io.payments.amounts import LAMPORTS_PER_SOL, format_sol
+    from jupyter_io.payments.cohort_pool import AllowanceTerms, CohortPoolClient
+
+    server = await start_coordinator(payments="escrow", cohort_allowance_ttl=0)
+    assert server.keypair is not None
+    teacher, ada, bob = Keypair(), Keypair(), Keypair()
+    teacher_file = write_keypair(teacher, tmp_path / "teacher.json")
+    url = server.url
+    async with CohortClient(url, teacher, timeout=30) as client:
+        view = await client.create(
+            name="pool", gpu_types=["T4"], max_price_lamports_per_hour=10**7,
+            term_ends_at=time.time() + 30 * 86400,
+        )  # fmt: skip
+        await client.add_students(view.id, [str(ada.pubkey()), str(bob.pubkey())])
+    cid = view.id
+    pool = CohortPoolClient.connect(server.solana_url)
+    try:
+        await pool.airdrop(teacher.pubkey(), LAMPORTS_PER_SOL)
+        # Before any fund: no allowance on-chain, nothing to run out.
+        _, out, _ = await cohort("dashboard", cid, keypair=teacher_file, url=url)
+        assert "pool left: 0 SOL spendable, 0 SOL held in 0 allowance(s)" in out
+        assert "projected run-out: no spending this week to project from" in out
+
+        await cohort("fund", cid, "--cap", "0.03", keypair=teacher_file, url=url)
+        await cohort("reclaim", cid, "--student", str(bob.pubkey()), keypair=teacher_file,
+                     url=url)  # fmt: skip
+        terms = AllowanceTerms(teacher.pubkey(), ada.pubkey(), server.keypair.pubkey(), cid)
+        state = await pool.allowance_state(terms)
+        assert state is not None and state.spendable == 30_000_000
+        assert await pool.allowance_state(
+            AllowanceTerms(teacher.pubkey(), bob.pubkey(), server.keypair.pubkey(), cid)
+        ) is None  # fmt: skip
+
+        _, out, _ = await cohort("dashboard", cid, keypair=teacher_file, url=url)
+        rows = {line.split()[0]: line for line in out.splitlines() if line[:1].isalnum()}
+        assert rows[str(ada.pubkey())].endswith(format_sol(state.spendable))
+        assert rows[str(bob.pubkey())].endswith(" -")
+        assert (
+            f"pool left: {format_sol(state.spendable)} spendable, "
+            f"{format_sol(state.amount)} held in 1 allowance(s)"
+        ) in out
+        assert "projected run-out: no spending this week to project from" in out
+
+        _, out, _ = await cohort("dashboard", cid, "--csv", keypair=teacher_file, url=url)
+        header, *lines = out.splitlines()
+        columns = header.split(",")
+        rows_csv = [dict(zip(columns, line.split(","), strict=True)) for line in lines]
+        ada_row, bob_row = sorted(rows_csv, key=lambda r: r["student"] != str(ada.pubkey()))
+        assert ada_row["allowance_spendable_lamports"] == str(state.spendable)
+        assert ada_row["allowance_amount_lamports"] == str(state.amount)
+        assert ada_row["allowance_delegated_lamports"] == str(state.delegated_amount)
+        assert bob_row["student"] == str(bob.pubkey())
+        assert bob_row["allowance_spendable_lamports"] == ""
+    finally:
+        await pool.close()
+
+    # A free coordinator has no pool: the text says so with the coordinator's reason.
+    free = await start_coordinator(payments="free", data_dir=str(tmp_path / "free"))
+    async with CohortClient(free.url, teacher, timeout=30) as client:
+        view = await client.create(
+            name="free", gpu_types=["T4"], max_price_lamports_per_hour=10**7,
+            term_ends_at=time.time() + 30 * 86400,
+        )  # fmt: skip
+    _, out, _ = await cohort("dashboard", view.id, keypair=teacher_file, url=free.url)
+    assert "pool left: not reported (" in out and "projected run-out: not reported" in out
+
+
+def test_the_dashboard_text_projects_the_run_out_from_the_pool() -> None:
+    from jupyter_io.cohort_app import dashboard_text
+
+    now = 1_800_000_000.0
+    pool = {"allowance_lamports": 5, "held_lamports": 7, "students_funded": 1,
+            "spent_lamports_term": 3, "projected_run_out": now + 86400}  # fmt: skip
+    text = dashboard_text({"students": [], "pool": pool}, now)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now + 86400))
+    assert f"projected run-out: {when}" in text
+    text = dashboard_text({"students": [], "pool": {**pool, "projected_run_out": now}}, now)
+    assert "projected run-out: now (nothing left to spend)" in text
