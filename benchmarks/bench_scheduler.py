@@ -11,6 +11,11 @@ offer decided side by side (interleaved) for the ratio.
 
     python benchmarks/bench_scheduler.py                 # 10k and 100k
     python benchmarks/bench_scheduler.py --sizes 100000 --decisions 5000
+    python benchmarks/bench_scheduler.py --min-reliability-share 0.3   # 30 % ask for >= 0.9
+
+``--min-reliability-share`` makes that share of requests ask for ``min_reliability=0.9`` and
+one offer in ten unmeasured (a newcomer); it draws from its own random stream, so the default
+run's marketplace and requests are unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import platform
 import random
 import statistics
 import time
+from dataclasses import replace
 from datetime import date
 
 from jupyter_io.coordinator.scheduler import (
@@ -135,14 +141,31 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run(size: int, decisions: int, updates_per_decision: int, baseline: int, seed: int) -> None:
+def run(
+    size: int,
+    decisions: int,
+    updates_per_decision: int,
+    baseline: int,
+    seed: int,
+    min_reliability_share: float = 0.0,
+) -> None:
     rng = random.Random(seed)
     offers = make_offers(size, rng)
+    extra = random.Random(seed + 1)  # its own stream: the default run stays as it was
+    if min_reliability_share:
+        offers = [
+            replace(o, reliability_measured=False) if extra.random() < 0.1 else o for o in offers
+        ]
     gc.collect()
     t0 = time.perf_counter()
     index = OfferIndex(offers)
     build_s = time.perf_counter() - t0
     requests = [make_request(rng) for _ in range(decisions)]
+    if min_reliability_share:
+        requests = [
+            replace(r, min_reliability=0.9) if extra.random() < min_reliability_share else r
+            for r in requests
+        ]
     keys = [(o.provider, o.gpu) for o in offers]
     for request in requests[:50]:  # warm the name caches, as a running coordinator has
         try:
@@ -218,10 +241,23 @@ def main() -> None:
     parser.add_argument("--updates-per-decision", type=int, default=3)
     parser.add_argument("--baseline", type=int, default=20, help="brute-force scans per size")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--min-reliability-share",
+        type=float,
+        default=0.0,
+        help="share of requests with min_reliability=0.9 (and 10 %% of offers unmeasured)",
+    )
     args = parser.parse_args()
     print(f"bench_scheduler {date.today()} python {platform.python_version()} {platform.node()}")
     for size in args.sizes:
-        run(size, args.decisions, args.updates_per_decision, args.baseline, args.seed)
+        run(
+            size,
+            args.decisions,
+            args.updates_per_decision,
+            args.baseline,
+            args.seed,
+            args.min_reliability_share,
+        )
 
 
 if __name__ == "__main__":

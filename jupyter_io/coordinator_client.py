@@ -595,12 +595,14 @@ class CoordinatorClient:
         max_latency_ms: float | None = None,
         latency_ms: Mapping[str, float] | None = None,
         cohort: str | None = None,
+        min_reliability: float | None = None,
     ) -> LeaseGrant:
         """Lease GPUs; :class:`LeaseError` with the coordinator's reason when none fits.
 
         ``latency_ms``: the round trips you measured to providers (``jupyter_io.latency``);
         the scheduler weighs them, and ``max_latency_ms`` only admits providers measured
-        within it."""
+        within it. ``min_reliability`` (0..1) only admits providers whose measured 30-day
+        reliability is at least that (never one with no record yet)."""
         body: dict[str, Any] = {
             "gpu": gpu,
             "min_vram_bytes": min_vram_bytes,
@@ -614,6 +616,8 @@ class CoordinatorClient:
             body["max_latency_ms"] = max_latency_ms
         if latency_ms:
             body["latency_ms"] = dict(latency_ms)
+        if min_reliability is not None:
+            body["min_reliability"] = min_reliability
         payload = await self._call("POST", "/api/v1/leases", body, sign=True)
         if "queued" in payload:
             raise LeaseQueued(QueuePlace.from_json(payload["queued"]))

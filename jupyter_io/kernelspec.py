@@ -148,10 +148,12 @@ def lease_kernel_json(
     max_session_hours: float = 0,
     max_latency_ms: float = 0,
     cohort: str = "",
+    min_reliability: float = 0,
 ) -> dict[str, Any]:
     """The kernel.json of a kernelspec whose kernels lease ``gpu`` through the coordinator
     at ``coordinator_url``. Empty options are left out (the provisioner's defaults: any
-    GPU, no cap, any region, the escrow hook's budget, no latency cap)."""
+    GPU, no cap, any region, the escrow hook's budget, no latency cap, no reliability
+    minimum)."""
     config: dict[str, Any] = {"coordinator_url": coordinator_url, "keypair_path": keypair_path}
     if gpu:
         config["gpu"] = gpu
@@ -165,6 +167,8 @@ def lease_kernel_json(
         config["max_session_hours"] = max_session_hours
     if max_latency_ms:
         config["max_latency_ms"] = max_latency_ms
+    if min_reliability:
+        config["min_reliability"] = min_reliability
     if cohort:
         config["cohort"] = cohort  # the class's pool pays (RemoteKernelProvisioner.cohort)
     return _spec(display_name, config)

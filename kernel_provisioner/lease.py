@@ -140,6 +140,8 @@ class LeaseTerms:
     max_latency_ms: float | None = None
     #: The cohort (class) whose pool pays (its allowance for this student), or None.
     cohort: str | None = None
+    #: Only providers measured at least this reliable over 30 days, 0..1 (None: any).
+    min_reliability: float | None = None
 
     def describe(self) -> str:
         """``RTX 4090, ≤ 0.5 SOL/h, region eu-west, ≤ 50 ms`` (for progress messages)."""
@@ -152,6 +154,8 @@ class LeaseTerms:
             parts.append(f"region {self.region}")
         if self.max_latency_ms is not None:
             parts.append(f"≤ {self.max_latency_ms:g} ms")
+        if self.min_reliability is not None:
+            parts.append(f"reliability ≥ {self.min_reliability:.0%}")
         if self.cohort:
             parts.append(f"paid by class {self.cohort}")
         return ", ".join(parts)
@@ -331,6 +335,7 @@ class KernelLease:
                 max_latency_ms=terms.max_latency_ms,
                 latency_ms=latencies,
                 cohort=terms.cohort,
+                min_reliability=terms.min_reliability,
             )
         except LeaseQueued as queued:
             grant = await self._wait_in_queue(queued.place)

@@ -197,6 +197,14 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         "lease, is at most this many ms (0: no cap; latency still counts in the choice). "
         "Only with coordinator_url.",
     )
+    min_reliability = Float(
+        0.0,
+        config=True,
+        help="Lease only from providers whose measured reliability over 30 days (sessions "
+        "completed x uptime, see docs/coordinator-contract.md) is at least this, 0..1, e.g. "
+        "0.95. 0: no minimum. A provider with no record yet (a newcomer) never meets one. "
+        "Only with coordinator_url.",
+    )
     probe_candidates = Int(
         DEFAULT_PROBES,
         config=True,
@@ -415,6 +423,15 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             raise ConfigError("usage_ack_interval must be positive (seconds)")
         return value
 
+    @validate("min_reliability")
+    def _check_min_reliability(self, proposal: Any) -> float:
+        value = float(proposal["value"])
+        if not 0 <= value <= 1:
+            raise ConfigError(
+                f"min_reliability must lie in 0..1 (0.95: 95 % of sessions completed), not {value}"
+            )
+        return value
+
     @validate("min_vram_gb", "max_session_hours")
     def _check_not_negative(self, proposal: Any) -> float:
         value = float(proposal["value"])
@@ -466,6 +483,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             region=self.region.strip() or None,
             max_latency_ms=self.max_latency_ms or None,
             cohort=self.cohort.strip() or None,
+            min_reliability=self.min_reliability or None,
         )
 
     @property

@@ -95,6 +95,7 @@ from .links import LinkConnection
 from .offers import OffersCache
 from .registry import Registry
 from .relay import Relay
+from .reliability import parse_min_reliability
 from .scheduler import LeaseRequest, NoCapacity
 from .settlement import SettlementWorker
 from .sockets import accept_upgrade, check_upgrade
@@ -313,7 +314,8 @@ class OffersHandler(_ApiHandler):
 
 class CandidatesHandler(_ApiHandler):
     """``GET /api/v1/offers/candidates?gpu=..&min_vram_bytes=..&gpus=..&max_price_lamports_per
-    _hour=..&region=..&limit=..``: the lease request's fields as query arguments."""
+    _hour=..&region=..&min_reliability=..&limit=..``: the lease request's fields as query
+    arguments."""
 
     def get(self) -> None:
         query: dict[str, Any] = {}
@@ -326,6 +328,8 @@ class CandidatesHandler(_ApiHandler):
                 value = self.get_query_argument(name, None)
                 if value:
                     query[name] = int(value)
+            if reliable := self.get_query_argument("min_reliability", None):
+                query["min_reliability"] = float(reliable)
             limit = int(self.get_query_argument("limit", str(DEFAULT_CANDIDATE_LIMIT)))
             if not 1 <= limit <= MAX_CANDIDATE_LIMIT:
                 raise ValueError(f"'limit' must be between 1 and {MAX_CANDIDATE_LIMIT}")
@@ -359,6 +363,7 @@ def _lease_request(body: Any) -> LeaseRequest:
         "region",
         "max_latency_ms",
         "latency_ms",
+        "min_reliability",
     }
     unknown = sorted(set(body) - known)
     if unknown:
@@ -386,6 +391,7 @@ def _lease_request(body: Any) -> LeaseRequest:
         max_price_lamports_per_hour=numbers["max_price_lamports_per_hour"],
         region=region or None,
         max_latency_ms=parse_max_latency(body.get("max_latency_ms")),
+        min_reliability=parse_min_reliability(body.get("min_reliability")),
     )
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "LeaseState",
     "Offer",
     "Provider",
+    "ProviderLink",
     "ProviderStatus",
     "SettlementKind",
     "SettlementRow",
@@ -194,6 +195,33 @@ class Provider(Base):
     link_generation: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
 
 
+class ProviderLink(Base):
+    """One link of a provider (to any coordinator sharing the database), for its reliability
+    record (:mod:`jupyter_io.coordinator.reliability`).
+
+    A row opens when the provider links (``linked_at``) and closes when the link ends:
+    ``closed_how`` ``"offline"`` (it said goodbye), ``"lost"`` (it went silent; ``closed_at``
+    is its last heartbeat) or ``"replaced"`` (it linked again while still online).
+    ``down_since`` is set on a link that follows a lost one: the previous last heartbeat, so
+    ``linked_at - down_since`` is the outage that loss caused.
+    """
+
+    __tablename__ = "provider_links"
+    __table_args__ = (
+        sa.Index(None, "provider_pubkey", "linked_at"),
+        sa.Index(None, "closed_at"),
+    )
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    provider_pubkey: Mapped[str] = mapped_column(
+        sa.String(PUBKEY_LENGTH), sa.ForeignKey("providers.pubkey", ondelete="CASCADE")
+    )
+    linked_at: Mapped[datetime]
+    closed_at: Mapped[datetime | None]
+    closed_how: Mapped[str | None] = mapped_column(sa.String(16))
+    down_since: Mapped[datetime | None]
+
+
 class Offer(Base):
     """One group of identical GPUs a provider offers at one price.
 
@@ -245,6 +273,8 @@ class Lease(Base):
         sa.Index(None, "provider_pubkey", "state"),
         sa.Index(None, "user_pubkey", "requested_at"),
         sa.Index(None, "state"),
+        # The reliability window reads the leases that ended in the last 30 days (0008).
+        sa.Index(None, "ended_at"),
     )
 
     id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)

@@ -18,7 +18,17 @@ from ..payments.amounts import format_sol
 from .latency import ProbeDirectory
 from .scheduler import Offer, OfferIndex
 
-__all__ = ["OffersCache", "format_offers_table", "offers_json"]
+__all__ = ["OffersCache", "format_offers_table", "offers_json", "reliability_json"]
+
+
+def reliability_json(offer: Offer) -> dict[str, Any] | None:
+    """An offer's ``reliability``: ``{"score", "sessions", "lost", "uptime", "since"}`` of its
+    provider's 30-day record, or None when the provider is not measured (no record)."""
+    if not offer.reliability_measured:
+        return None
+    if offer.reliability_detail is not None:
+        return dict(offer.reliability_detail)
+    return {"score": round(offer.reliability, 4)}
 
 
 def offers_json(
@@ -30,8 +40,10 @@ def offers_json(
 
     ``types`` per GPU model (``gpu`` is the model key a lease request can name, ``display``
     the name for people; ``available`` / ``total`` count GPUs; prices are lamports per
-    GPU-hour over offers with a GPU free, ``None`` when none is); ``providers`` one row per
-    provider offer, cheapest first within a model, with what to ping to measure it
+    GPU-hour over offers with a GPU free, ``None`` when none is; ``reliability`` the mean
+    score of its measured offers, ``None`` when none is measured); ``providers`` one row per
+    provider offer, cheapest first within a model, with its ``reliability``
+    (:func:`reliability_json`) and what to ping to measure it
     (``probe_url``, ``via_relay``, ``relay_hop_ms``) when ``directory`` is given, and its
     GPU challenge verdict (``verified`` true/false/null, ``verified_at``) when
     ``verification`` is (:meth:`GpuChallenges.fields
@@ -52,7 +64,9 @@ def offers_json(
             "price_min": row.price_min_lamports_per_hour,
             "price_median": row.price_median_lamports_per_hour,
             "regions": list(row.regions),
-            "reliability": round(row.mean_reliability, 4),
+            "reliability": (
+                None if row.mean_reliability is None else round(row.mean_reliability, 4)
+            ),
             "benchmark_tflops": row.best_benchmark_tflops,
             "simulated": row.simulated,
         }
@@ -67,7 +81,7 @@ def offers_json(
             "free": offer.gpus_free,
             "price_lamports_per_hour": offer.price_lamports_per_hour,
             "region": offer.region,
-            "reliability": round(offer.reliability, 4),
+            "reliability": reliability_json(offer),
             "benchmark_tflops": offer.benchmark_tflops,
             "simulated": offer.simulated,
             "reachable": offer.reachable_url is not None,
@@ -118,6 +132,15 @@ def _sol(lamports: int | None) -> str:
     return "-" if lamports is None else format_sol(lamports).removesuffix(" SOL")
 
 
+def _reliability(value: Any) -> str:
+    """A measured figure as a percentage; "not measured" for None (never 100 %)."""
+    if isinstance(value, dict):
+        value = value.get("score")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.0%}"
+    return "not measured"
+
+
 def _latency(row: dict[str, Any]) -> str:
     ms = row.get("latency_ms")
     if isinstance(ms, (int, float)):
@@ -128,7 +151,9 @@ def _latency(row: dict[str, Any]) -> str:
 def format_offers_table(body: dict[str, Any]) -> str:
     """A table of ``body["types"]`` for a terminal: one row per GPU type, prices in SOL per
     GPU-hour, ``(simulated)`` after simulated types, and the best round trip measured from
-    here when the body carries one (:func:`jupyter_io.latency.annotate_offers`). Says so when
+    here when the body carries one (:func:`jupyter_io.latency.annotate_offers`). RELIABILITY
+    is the mean 30-day score of the type's measured providers, "not measured" when none has
+    a record; a second table lists each provider's offer with its own record. Says so when
     nothing is on offer."""
     types = body.get("types") or []
     if not types:
@@ -153,7 +178,7 @@ def format_offers_table(body: dict[str, Any]) -> str:
                 _sol(row.get("price_min")),
                 _sol(row.get("price_median")),
                 ", ".join(row.get("regions") or []) or "-",
-                f"{row['reliability']:.2f}",
+                _reliability(row.get("reliability")),
                 "-" if tflops is None else f"{tflops:.1f}",
             )
             + ((_latency(row),) if measured else ())
@@ -170,4 +195,43 @@ def format_offers_table(body: dict[str, Any]) -> str:
     providers = body.get("providers") or []
     lines.append(f"{len(providers)} offer(s) from {len({p['provider'] for p in providers})} "
                  f"provider(s); prices per GPU-hour.")  # fmt: skip
+    if providers:
+        lines += ["", *_provider_lines(providers)]
     return "\n".join(lines)
+
+
+def _record(value: Any) -> str:
+    """A provider's 30-day record: "97% (31 sessions, 1 lost, up 99.5%)", or "not measured"."""
+    if not isinstance(value, dict) or "sessions" not in value:
+        return _reliability(value)
+    sessions = value["sessions"]
+    return (
+        f"{_reliability(value)} ({sessions} session{'' if sessions == 1 else 's'}, "
+        f"{value['lost']} lost, up {value['uptime']:.1%})"
+    )
+
+
+def _provider_lines(providers: list[dict[str, Any]]) -> list[str]:
+    """One line per provider offer, with its measured reliability (30 days)."""
+    header = ("PROVIDER", "GPU", "FREE", "SOL/h", "REGION", "RELIABILITY (30 days)")
+    rows = [header]
+    for row in providers:
+        key = str(row.get("provider", ""))
+        rows.append(
+            (
+                key[:8] + "…" if len(key) > 9 else key,
+                str(row.get("gpu", "")) + (" (simulated)" if row.get("simulated") else ""),
+                f"{row.get('free', 0)}/{row.get('count', 0)}",
+                _sol(row.get("price_lamports_per_hour")),
+                str(row.get("region") or "-"),
+                _record(row.get("reliability")),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return [
+        "  ".join(
+            cell.rjust(widths[i]) if i in (2, 3) else cell.ljust(widths[i])
+            for i, cell in enumerate(r)
+        ).rstrip()
+        for r in rows
+    ]

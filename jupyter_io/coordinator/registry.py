@@ -56,6 +56,7 @@ from ..provider_link import (
 )
 from ..signing import sign_welcome, verify_usage
 from .models import LeaseState
+from .reliability import UNMEASURED_RELIABILITY, WINDOW, ReliabilityBook
 from .scheduler import Offer, OfferIndex
 from .store import (
     LeaseRecord,
@@ -249,6 +250,10 @@ class Registry:
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._waiters = 0  # wait_for() callers: only then do heartbeats notify
+        #: Measured reliability of the providers watched here (30-day records), refreshed
+        #: when one links, when its lease ends, and every ``reliability_interval`` seconds.
+        self.reliability = ReliabilityBook(store, clock=clock, log=self.log)
+        self.reliability_interval = 60.0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -286,6 +291,7 @@ class Registry:
             state = self._providers.get(lease.provider_pubkey)
             if state is not None:
                 state.leases[lease.id] = TrackedLease.of(lease)
+        await self.reliability.refresh(self._providers)
         for state in self._providers.values():
             self._reindex(state)
         self.log.info(
@@ -299,6 +305,10 @@ class Registry:
             asyncio.create_task(self._every(self._sweep_period(), self.sweep), name="sweep"),
             asyncio.create_task(
                 self._every(self.reconcile_interval, self.reconcile), name="reconcile"
+            ),
+            asyncio.create_task(
+                self._every(self.reliability_interval, self.refresh_reliability),
+                name="reliability",
             ),
         ]
 
@@ -439,6 +449,7 @@ class Registry:
                 link_generation=record.link_generation,
             )
             self._providers[pubkey] = state
+            await self.reliability.refresh([pubkey])
             self._reindex(state)
             now = self.monotonic()
             for deadline, message in self._undelivered.pop(pubkey, ()):
@@ -561,6 +572,7 @@ class Registry:
         self.index.remove_provider(pubkey)
         if code in (1000, 1001) and not state.leases:
             del self._providers[pubkey]
+            self.reliability.forget(pubkey)
             self._spawn(self._goodbye(pubkey, state.link_generation))
         self.log.info("provider %s link closed (code %s)", pubkey, code)
         self._notify()
@@ -705,7 +717,26 @@ class Registry:
             self._lease_gone(lease.id, "failed: its provider was lost")
         self._notify()
 
+    async def refresh_reliability(self) -> None:
+        """Re-measure every provider watched here (the window rolls), re-index those whose
+        figure changed, and prune link records out of every window. The reliability task
+        runs this every ``reliability_interval``; tests may too."""
+        changed = await self.reliability.refresh(self._providers)
+        for pubkey in changed:
+            if (state := self._providers.get(pubkey)) is not None:
+                self._reindex(state)
+        await self.store.prune_provider_links(_utc(self.clock() - WINDOW - 86400))
+        if changed:
+            self._notify()
+
+    async def _refresh_reliability_of(self, pubkey: str) -> None:
+        if pubkey in await self.reliability.refresh([pubkey]):
+            if (state := self._providers.get(pubkey)) is not None:
+                self._reindex(state)
+            self._notify()
+
     def _drop(self, state: ProviderState, why: str) -> None:
+        self.reliability.forget(state.pubkey)
         self._providers.pop(state.pubkey, None)
         self._pending.pop(state.pubkey, None)
         self.index.remove_provider(state.pubkey)
@@ -744,6 +775,7 @@ class Registry:
                 state.sessions_ok += 1
             else:
                 state.sessions_failed += 1
+            self._spawn(self._refresh_reliability_of(pubkey))
         self._forget_lease(pubkey, lease_id)
         self._lease_gone(lease_id, reason)
         self._notify()
@@ -791,7 +823,9 @@ class Registry:
             self.index.remove_provider(state.pubkey)
             return
         region = state.region.strip() or _NO_REGION
-        rel = state.reliability
+        figure = self.reliability.get(state.pubkey)
+        rel = UNMEASURED_RELIABILITY if figure is None else figure.score
+        detail = None if figure is None else figure.to_json()
         listed = self.offer_listed
         for group in state.offers:
             if listed is not None and not listed(state.pubkey, group.gpu_model):
@@ -808,6 +842,8 @@ class Registry:
                     price_lamports_per_hour=group.price_lamports_per_hour,
                     region=region,
                     reliability=rel,
+                    reliability_measured=figure is not None,
+                    reliability_detail=detail,
                     load=state.load,
                     benchmark_tflops=group.benchmark_tflops,
                     simulated=group.simulated,

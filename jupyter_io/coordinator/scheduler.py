@@ -12,8 +12,9 @@ scan of every offer):
 1. An offer is **eligible** for a request when its GPU model matches (names compared after
    :func:`~jupyter_io.gpu_names.normalise_gpu_name`), it has at least the requested VRAM, at
    least ``gpus`` GPUs free, its price per GPU-hour is at most the cap, it is in the requested
-   region, and its latency to the requester is known and within ``max_latency_ms`` (when the
-   request sets one).
+   region, its latency to the requester is known and within ``max_latency_ms`` (when the
+   request sets one), and its provider's measured reliability is at least
+   ``min_reliability`` (when the request sets one; an unmeasured provider never is).
 2. The **candidates** are the first ``K`` eligible offers in the order
    ``(price_lamports_per_hour, provider, gpu_key)``: the cheapest ones, ties broken by the
    provider's public key. ``K`` is :data:`DEFAULT_CANDIDATES` (32) unless the caller says.
@@ -105,8 +106,12 @@ class Offer:
     """One provider's offer of one GPU model: what the scheduler chooses between.
 
     One offer per (provider, GPU model): a host with two models publishes two offers.
-    ``price_lamports_per_hour`` is per GPU-hour. ``reliability`` (0..1) is computed by the
-    coordinator from uptime and failed-session history; ``load`` (0..1) is the host's
+    ``price_lamports_per_hour`` is per GPU-hour. ``reliability`` (0..1) is the provider's
+    measured figure over 30 days (:mod:`jupyter_io.coordinator.reliability`), or
+    :data:`~jupyter_io.coordinator.reliability.UNMEASURED_RELIABILITY` with
+    ``reliability_measured`` False for a provider with no record (it never meets a
+    ``min_reliability``); ``reliability_detail`` is the figure's JSON for the offers API;
+    ``load`` (0..1) is the host's
     reported busyness; ``latency_ms`` is the round trip measured to the requester when known
     (a per-request measurement can also be passed to :func:`schedule`). ``simulated`` offers
     come from ``--simulate-gpu`` and must be labelled as such wherever they are shown.
@@ -125,6 +130,8 @@ class Offer:
     benchmark_tflops: float | None = None
     simulated: bool = False
     reachable_url: str | None = None
+    reliability_measured: bool = True
+    reliability_detail: Mapping[str, Any] | None = field(default=None, compare=False)
     gpu_key: str = field(init=False, repr=False, compare=False)
     """:func:`normalise_gpu_name` of ``gpu``, computed once."""
 
@@ -161,6 +168,8 @@ class LeaseRequest:
     ``gpu`` is any spelling of a model (``"rtx-4090"``); a memory size in it (``"A100 80GB"``)
     adds a VRAM minimum. Without ``gpu`` any model with ``min_vram_bytes`` qualifies.
     ``max_price_lamports_per_hour`` caps the price per GPU-hour, the unit offers are quoted in.
+    ``min_reliability`` (0..1) skips providers whose measured reliability is lower, and those
+    not measured at all (no record in the window: newcomers).
     """
 
     gpu: str | None = None
@@ -169,8 +178,11 @@ class LeaseRequest:
     max_price_lamports_per_hour: int | None = None
     region: str | None = None
     max_latency_ms: float | None = None
+    min_reliability: float | None = None
 
     def __post_init__(self) -> None:
+        if self.min_reliability is not None and not 0.0 <= self.min_reliability <= 1.0:
+            raise ValueError("min_reliability must lie in 0..1")
         if self.gpus < 1:
             raise ValueError(f"a lease needs at least one GPU, not {self.gpus}")
         if self.min_vram_bytes is not None and self.min_vram_bytes < 0:
@@ -194,7 +206,12 @@ class Weights:
     * ``price`` 0.4 — the user leases by price and set (or accepted) the cap; it dominates.
     * ``reliability`` 0.3 — a failed session wastes the user's setup and kernel state, which
       costs more than a modestly higher price; enough to beat a 1.5x dearer offer when the
-      cheaper one has failed half its sessions.
+      cheaper one has failed half its sessions. It is the measured 30-day figure
+      (:mod:`jupyter_io.coordinator.reliability`: completed sessions x uptime); a provider
+      with no record counts as ``UNMEASURED_RELIABILITY`` (0.9). Each 0.1 of reliability is
+      worth 0.03 of score: with no price cap, what a 7.5 % dearer offer loses against the
+      cheapest (0.4 x (1 - 1/1.075)), or about 9 ms of round trip near 0 ms
+      (0.2 x (1 - 1/(1 + 9/50))).
     * ``latency`` 0.2 — notebooks are interactive; every execute pays the round trip.
     * ``load`` 0.1 — a weak signal: hard capacity is already a filter (``gpus_free``), load
       only hints at CPU/network contention on a shared host.
@@ -304,7 +321,11 @@ def is_eligible(
         latency = _latency_of(offer, latencies)
         if latency is None or latency > request.max_latency_ms:
             return False
-    return True
+    return _reliable_enough(offer, request.min_reliability)
+
+
+def _reliable_enough(offer: Offer, minimum: float | None) -> bool:
+    return minimum is None or (offer.reliability_measured and offer.reliability >= minimum)
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,7 +419,8 @@ class GpuTypeSummary:
     price_min_lamports_per_hour: int | None
     price_median_lamports_per_hour: int | None
     regions: tuple[str, ...]
-    mean_reliability: float
+    mean_reliability: float | None
+    """Mean over the measured offers (None when no offer of the type is measured)."""
     best_benchmark_tflops: float | None
     simulated: bool
     """True when any offer of this type is simulated: show it as such."""
@@ -413,6 +435,7 @@ class _TypeStats:
         "display",
         "gpus_free",
         "gpus_total",
+        "measured",
         "offers",
         "regions",
         "reliability_micros",
@@ -425,7 +448,8 @@ class _TypeStats:
         self.gpus_total = 0
         self.gpus_free = 0
         # Integer micro-units: sums of floats drift after millions of heartbeats, ints do not.
-        self.reliability_micros = 0
+        self.reliability_micros = 0  # over measured offers
+        self.measured = 0
         self.simulated = 0
         self.regions: Counter[str] = Counter()
         self.available_prices = _SortedKeys()  # (price, provider) of offers with a GPU free
@@ -672,6 +696,7 @@ class OfferIndex:
         merged = iter(sources[0]) if len(sources) == 1 else heapq.merge(*sources)
         offers = self._offers
         gpus = request.gpus
+        minimum = request.min_reliability
         found = 0
         last: _Item | None = None
         for item in merged:
@@ -680,6 +705,8 @@ class OfferIndex:
                 return
             offer = offers[(provider, gpu_key)]
             if offer.gpus_free < gpus:
+                continue
+            if minimum is not None and not _reliable_enough(offer, minimum):
                 continue
             if max_latency is not None:
                 if provider in measured:
@@ -757,6 +784,17 @@ class OfferIndex:
                     f"{where}. Change or drop the region"
                 )
         unlimited = replace(request, max_latency_ms=None)
+        if request.min_reliability is not None and next(
+            self._walk(unlimited, None, None, 1, holds=False), None
+        ) is None:
+            anyone = replace(unlimited, min_reliability=None)
+            if next(self._walk(anyone, None, None, 1, holds=False), None) is not None:
+                return LeaseError(
+                    f"no available {what} has a measured reliability of at least "
+                    f"{request.min_reliability:.0%} (a provider with no record in the last "
+                    f"30 days is not measured and never meets a minimum); lower or drop "
+                    f"min_reliability"
+                )
         if next(self._walk(unlimited, None, None, 1, cohort), None) is None:
             free = next(self._walk(unlimited, None, None, 1, holds=False), None)
             if free is not None:
@@ -820,7 +858,9 @@ class OfferIndex:
                     price_min_lamports_per_hour=prices[0][0] if n else None,
                     price_median_lamports_per_hour=median,
                     regions=tuple(sorted(self._region_names[r] for r in s.regions)),
-                    mean_reliability=s.reliability_micros / s.offers / 1e6,
+                    mean_reliability=(
+                        s.reliability_micros / s.measured / 1e6 if s.measured else None
+                    ),
                     best_benchmark_tflops=s.benchmarks[-1][0] if len(s.benchmarks) else None,
                     simulated=s.simulated > 0,
                 )
@@ -916,7 +956,9 @@ class OfferIndex:
         if old is not None:
             stats.gpus_total -= old.gpus_total
             stats.gpus_free -= old.gpus_free
-            stats.reliability_micros -= round(old.reliability * 1e6)
+            if old.reliability_measured:
+                stats.measured -= 1
+                stats.reliability_micros -= round(old.reliability * 1e6)
             stats.simulated -= old.simulated
             if old.gpus_free and not (new and new.gpus_free):
                 stats.available_prices.remove((old.price_lamports_per_hour, old.provider))
@@ -927,7 +969,9 @@ class OfferIndex:
         if new is not None:
             stats.gpus_total += new.gpus_total
             stats.gpus_free += new.gpus_free
-            stats.reliability_micros += round(new.reliability * 1e6)
+            if new.reliability_measured:
+                stats.measured += 1
+                stats.reliability_micros += round(new.reliability * 1e6)
             stats.simulated += new.simulated
             if new.gpus_free and not (old and old.gpus_free):
                 stats.available_prices.add((new.price_lamports_per_hour, new.provider))

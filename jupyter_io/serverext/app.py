@@ -394,6 +394,7 @@ class JupyterIOExtension(ExtensionApp):
             max_price_per_hour=self.preferences.max_price_per_hour,
             region=self.preferences.region,
             max_latency_ms=self.preferences.max_latency_ms or 0,
+            min_reliability=self.preferences.min_reliability or 0,
         )
         if self.preferences.chosen_budget_hours is not None:
             config = spec["metadata"]["kernel_provisioner"]["config"]

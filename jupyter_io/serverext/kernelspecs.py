@@ -149,6 +149,7 @@ def gpu_kernelspecs(
             max_price_per_hour=preferences.max_price_per_hour,
             region=preferences.region,
             max_latency_ms=preferences.max_latency_ms or 0,
+            min_reliability=preferences.min_reliability or 0,
         )
         if preferences.chosen_budget_hours is not None:
             # The escrow's deposit covers the session budget (price * hours); unchosen, the

@@ -31,7 +31,13 @@ __all__ = ["MAX_BUDGET_HOURS", "Preferences", "PreferencesError", "PreferencesSt
 #: The longest session budget accepted, in hours (a month).
 MAX_BUDGET_HOURS = MAX_SESSION_HOURS
 _REGION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_FIELDS = ("max_price_per_hour", "region", "max_latency_ms", "session_budget_hours")
+_FIELDS = (
+    "max_price_per_hour",
+    "region",
+    "max_latency_ms",
+    "session_budget_hours",
+    "min_reliability",
+)
 #: The highest latency cap accepted, ms (a round trip of more is no interactive session).
 MAX_LATENCY_CAP_MS = 10_000.0
 #: Fields of the GET body that a client may send back; they are derived, so ignored.
@@ -57,6 +63,8 @@ class Preferences:
     region: str = ""
     #: Most round trip to accept, ms, as measured from this server (None: no cap).
     max_latency_ms: float | None = None
+    #: Least measured reliability (30 days, 0..1) to lease from (None: any, newcomers too).
+    min_reliability: float | None = None
     #: The session budget the user chose, in hours (None: the default).
     chosen_budget_hours: float | None = None
     #: The budget when the user chose none: the escrow hook's ``max_session_hours``.
@@ -83,6 +91,7 @@ class Preferences:
             "max_price_display": None if cap is None else f"{format_sol(cap)}/h",
             "region": self.region or None,
             "max_latency_ms": self.max_latency_ms,
+            "min_reliability": self.min_reliability,
             "session_budget_hours": self.session_budget_hours,
             "session_budget_default_hours": self.default_budget_hours,
             "session_budget_is_default": self.chosen_budget_hours is None,
@@ -97,6 +106,8 @@ class Preferences:
         }
         if self.max_latency_ms is not None:
             stored["max_latency_ms"] = self.max_latency_ms
+        if self.min_reliability is not None:
+            stored["min_reliability"] = self.min_reliability
         return stored
 
     def updated(self, body: Any) -> Preferences:
@@ -123,6 +134,8 @@ class Preferences:
             changes["max_latency_ms"] = _latency(body["max_latency_ms"])
         if "session_budget_hours" in body:
             changes["chosen_budget_hours"] = _budget(body["session_budget_hours"])
+        if "min_reliability" in body:
+            changes["min_reliability"] = _reliability(body["min_reliability"])
         return replace(self, **changes)
 
 
@@ -172,6 +185,17 @@ def _latency(value: Any) -> float | None:
             f"max_latency_ms must be more than 0 and at most {MAX_LATENCY_CAP_MS:g}, not {value!r}"
         )
     return ms
+
+
+def _reliability(value: Any) -> float | None:
+    if value is None or value == "" or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise PreferencesError(
+            f"min_reliability must be a number in 0..1 such as 0.95 (95 % of sessions "
+            f"completed over 30 days; null or 0 for any provider), not {value!r}"
+        )
+    return float(value)
 
 
 def _budget(value: Any) -> float | None:

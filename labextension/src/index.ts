@@ -39,10 +39,12 @@ function preferencesFrom(settings: ISettingRegistry.ISettings): IPreferencesUpda
   const region = String(settings.get('region').composite ?? '').trim();
   const budget = Number(settings.get('sessionBudgetHours').composite ?? 0);
   const latency = Number(settings.get('maxLatencyMs').composite ?? 0);
+  const reliable = Number(settings.get('minReliability').composite ?? 0);
   return {
     max_price_per_hour: price || null,
     region: region || null,
     max_latency_ms: latency > 0 ? latency : null,
+    min_reliability: reliable > 0 ? reliable : null,
     session_budget_hours: budget > 0 ? budget : null
   };
 }

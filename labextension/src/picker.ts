@@ -76,7 +76,12 @@ class GpuCard {
     show(this._badge, type.simulated);
     setText(this._price, priceText(type));
     setText(this._availability, `${type.available}/${type.total} free`);
-    setText(this._reliability, `reliability ${Math.round(type.reliability * 100)}%`);
+    setText(
+      this._reliability,
+      type.reliability === null
+        ? 'reliability not measured'
+        : `reliability ${Math.round(type.reliability * 100)}%`
+    );
     setText(
       this._perf,
       type.benchmark_tflops === null ? 'not measured' : `${type.benchmark_tflops.toFixed(1)} TFLOPS`
@@ -120,7 +125,9 @@ class GpuCard {
   private _availability = h('span', { class: 'jio-GpuCard-availability' });
   private _reliability = h('span', {
     class: 'jio-GpuCard-reliability',
-    title: 'Uptime and finished sessions of its providers'
+    title:
+      'Its measured providers over 30 days: sessions completed × uptime. ' +
+      'Not measured: no provider of this type has a record yet (new keys start unmeasured).'
   });
   private _perf = h('span', {
     class: 'jio-GpuCard-perf',
@@ -285,6 +292,7 @@ export class GpuPicker extends Widget {
       `cap ${prefs.max_price_display ?? 'none'}`,
       `region ${prefs.region ?? 'any'}`,
       `latency ${prefs.max_latency_ms ? `≤ ${ms(prefs.max_latency_ms)}` : 'any'}`,
+      `reliability ${prefs.min_reliability ? `≥ ${Math.round(prefs.min_reliability * 100)}%` : 'any'}`,
       `budget ${prefs.session_budget_hours ? hours(prefs.session_budget_hours) : 'none'}`
     ];
     setText(this._limitsText, parts.join(' · '));

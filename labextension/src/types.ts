@@ -19,7 +19,8 @@ export interface IGpuType {
   /** The dearest free offer's price (absent when the server cannot tell). */
   price_max?: number | null;
   regions: string[];
-  reliability: number;
+  /** Mean 30-day reliability of its measured providers, 0..1 (null: none measured yet). */
+  reliability: number | null;
   benchmark_tflops: number | null;
   simulated: boolean;
   /** The kernelspec that starts a kernel on this type (null: no GPU kernelspecs). */
@@ -35,6 +36,17 @@ export interface IGpuType {
   latency_state?: 'measured' | 'pending' | 'unreachable';
 }
 
+/** A provider's measured record over 30 days (docs/coordinator-contract.md). */
+export interface IReliability {
+  /** Sessions completed (weighted per user) × uptime, 0..1. */
+  score: number;
+  sessions: number;
+  lost: number;
+  uptime: number;
+  /** ISO time the evidence starts. */
+  since: string;
+}
+
 /** One provider's offer of one GPU type (`GET offers` → `providers`). */
 export interface IProviderOffer {
   provider: string;
@@ -44,7 +56,8 @@ export interface IProviderOffer {
   free: number;
   price_lamports_per_hour: number;
   region: string;
-  reliability: number;
+  /** Its provider's record, or null: not measured (no record yet, e.g. a new key). */
+  reliability: IReliability | null;
   benchmark_tflops: number | null;
   simulated: boolean;
   reachable: boolean;
@@ -60,6 +73,8 @@ export interface IPreferences {
   region: string | null;
   /** Most round trip accepted, ms (null: no cap). */
   max_latency_ms?: number | null;
+  /** Least measured reliability to lease from, 0..1 (null: any provider). */
+  min_reliability?: number | null;
   session_budget_hours: number | null;
 }
 
@@ -68,6 +83,7 @@ export interface IPreferencesUpdate {
   max_price_per_hour?: string | null;
   region?: string | null;
   max_latency_ms?: number | null;
+  min_reliability?: number | null;
   session_budget_hours?: number | null;
 }
 

@@ -35,6 +35,8 @@ def test_the_picker_lists_the_offers_of_a_running_coordinator(
     assert rtx.locator(".jio-GpuCard-price").inner_text() == "0.12 SOL/h"
     facts = rtx.locator(".jio-GpuCard-facts").inner_text()
     assert "1/1 free" in facts and "reliability" in facts and "eu-west" in facts
+    # Its provider has no record yet: said so, never "100%".
+    assert rtx.locator(".jio-GpuCard-reliability").inner_text() == "reliability not measured"
     assert rtx.locator(".jio-GpuCard-perf").inner_text() == "not measured"  # simulated
     assert rtx.get_attribute("data-kernel-name") == "jupyter-io-rtx-4090"
     a100 = picker.locator(CARD.format(gpu="a100"))

@@ -255,7 +255,10 @@ async def test_offers_are_aggregated_by_type_and_listed_per_provider(
     assert (rtx["available"], rtx["total"], rtx["offers"]) == (2, 3, 2)
     assert (rtx["price_min"], rtx["price_median"]) == (900_000, 1_000_000)
     assert rtx["regions"] == ["eu-west", "us-east"] and rtx["simulated"] is True
-    assert rtx["benchmark_tflops"] == 80.0 and rtx["reliability"] == 1.0
+    assert rtx["benchmark_tflops"] == 80.0
+    # Providers with no record yet: not measured, not 100 %.
+    assert rtx["reliability"] is None
+    assert all(p["reliability"] is None for p in body["providers"])
     assert types["a100"]["simulated"] is False
     rows = [
         (p["gpu"], p["free"], p["price_lamports_per_hour"], p["reachable"])
@@ -269,6 +272,7 @@ async def test_offers_are_aggregated_by_type_and_listed_per_provider(
     table = format_offers_table(body)
     assert "RTX 4090 (simulated)" in table and "0.0009" in table and "0.001" in table
     assert "A100 " in table and "A100 (simulated)" not in table
+    assert "not measured" in table and "100%" not in table
 
 
 def test_the_offers_body_is_cached_for_its_ttl() -> None:

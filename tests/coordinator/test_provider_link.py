@@ -15,7 +15,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from jupyter_io.coordinator.models import LeaseState, ProviderStatus
-from jupyter_io.coordinator.registry import Registry, reliability
+from jupyter_io.coordinator.registry import Registry
 from jupyter_io.coordinator.server import CoordinatorServer
 from jupyter_io.coordinator.store import OfferSpec, ProviderProfile, Store
 from jupyter_io.coordinator_client import CoordinatorClient
@@ -184,7 +184,13 @@ async def test_inventory_goes_to_the_store_and_one_offer_per_group_to_the_index(
         ("A100 80GB", 1, 1),
         ("NVIDIA GeForce RTX 4090", 2, 2),
     ]
-    assert all(o.reliability == pytest.approx(reliability(0, 1, 0)) == 0.8 for o in indexed)
+    # Measured (30-day record): one session, lost, and no outage: 0 %.
+    assert all(o.reliability_measured and o.reliability == 0.0 for o in indexed)
+    assert indexed[0].reliability_detail is not None
+    assert (indexed[0].reliability_detail["sessions"], indexed[0].reliability_detail["lost"]) == (
+        1,
+        1,
+    )
     assert all(o.simulated and o.region == "us-east" for o in indexed)
     assert indexed[1].benchmark_tflops == 82.5
     assert indexed[0].reachable_url == "ws://10.0.0.7:8765/tunnel"
@@ -266,7 +272,10 @@ async def test_a_silent_provider_is_lost_its_leases_fail_at_its_last_heartbeat(
     end = await again.next_message("end")
     assert end["lease"] == grant.lease  # its lease failed: stop the session
     (offer,) = coordinator.index.offers_of(provider.pubkey)
-    assert offer.reliability == pytest.approx(reliability(0, 1, 1))
+    # Its record came back with it: the session it lost and the outage until it relinked.
+    assert offer.reliability_measured and offer.reliability == 0.0
+    assert offer.reliability_detail is not None and offer.reliability_detail["lost"] == 1
+    assert offer.reliability_detail["uptime"] < 1.0
     assert offer.gpus_free == 2
 
 

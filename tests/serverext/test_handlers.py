@@ -139,6 +139,7 @@ async def test_preferences_are_validated_stored_and_applied_to_offers(
         "max_price_display": None,
         "region": None,
         "max_latency_ms": None,
+        "min_reliability": None,
         # No budget chosen: the default the escrow takes, said as such.
         "session_budget_hours": DEFAULT_SESSION_HOURS,
         "session_budget_default_hours": DEFAULT_SESSION_HOURS,

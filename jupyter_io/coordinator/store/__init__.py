@@ -73,6 +73,7 @@ from .providers import (
     ProviderQueries,
     ProviderRecord,
 )
+from .reliability import ReliabilityInputs, ReliabilityQueries
 from .settlements import SettlementQueries, SettlementRecord, UsageReport
 
 __all__ = [
@@ -92,6 +93,8 @@ __all__ = [
     "ProviderProfile",
     "ProviderQueries",
     "ProviderRecord",
+    "ReliabilityInputs",
+    "ReliabilityQueries",
     "ReservationRecord",
     "SettlementQueries",
     "SettlementRecord",
@@ -107,13 +110,15 @@ __all__ = [
 
 
 class Store(
-    ProviderQueries, LeaseQueries, SettlementQueries, CohortQueries, GpuCheckQueries
+    ProviderQueries, LeaseQueries, SettlementQueries, CohortQueries, ReliabilityQueries,
+    GpuCheckQueries,
 ):
     """Durable state of one coordinator (or of several sharing one PostgreSQL database).
 
     Create it with :meth:`Store.open` and :meth:`close` it when done (or use ``async with``).
     Its methods are its aggregates' queries (:class:`ProviderQueries`, :class:`LeaseQueries`,
-    :class:`SettlementQueries`, :class:`CohortQueries`), all on this one engine.
+    :class:`SettlementQueries`, :class:`CohortQueries`, :class:`ReliabilityQueries`), all on
+    this one engine.
     """
 
     @property

@@ -21,6 +21,7 @@ from ...errors import LeaseError
 from ..models import LIVE_LEASE_STATES, Lease, LeaseState, Offer, Provider, ProviderStatus
 from .engine import Aggregate, _aware, _when
 from .providers import OfferRecord, _check_pubkey, _close_online_stretch, _offer_record
+from .reliability import close_link
 
 __all__ = ["LeaseQueries", "LeaseRecord"]
 
@@ -450,6 +451,7 @@ class LeaseQueries(Aggregate):
                     times_lost=_providers.c.times_lost + 1,
                     **_close_online_stretch(provider, last_heartbeat),
                 )
+                await close_link(conn, pubkey, last_heartbeat, "lost")
             if changes:
                 await conn.execute(
                     sa.update(_providers).where(_providers.c.pubkey == pubkey).values(changes)

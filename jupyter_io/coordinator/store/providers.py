@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from ..models import LIVE_LEASE_STATES, Lease, Offer, Provider, ProviderStatus
 from .engine import Aggregate, _aware, _when
+from .reliability import close_link, open_links, outages_before_link
 
 __all__ = [
     "LiveOffer",
@@ -220,6 +221,7 @@ class ProviderQueries(Aggregate):
         online; its counters and ``first_seen`` are kept. Call :meth:`replace_offers` next."""
         at = _when(at)
         async with self._write() as conn:
+            outages = await outages_before_link(conn, [profile.pubkey])
             row = (
                 await conn.execute(
                     self._provider_upsert()
@@ -227,6 +229,7 @@ class ProviderQueries(Aggregate):
                     .returning(*_providers.c)
                 )
             ).one()
+            await open_links(conn, [profile.pubkey], at, outages)
         return _provider_record(row)
 
     async def upsert_providers(
@@ -245,7 +248,9 @@ class ProviderQueries(Aggregate):
 
         async def upsert() -> None:
             async with self._write() as conn:
+                outages = await outages_before_link(conn, sorted(latest))
                 await conn.execute(self._provider_upsert(), rows)
+                await open_links(conn, sorted(latest), at, outages)
 
         await self._retrying(upsert)
         return len(rows)
@@ -277,6 +282,7 @@ class ProviderQueries(Aggregate):
                     **_close_online_stretch(provider, last_heartbeat),
                 )
             )
+            await close_link(conn, pubkey, last_heartbeat, "offline")
         return True
 
     async def replace_offers(
