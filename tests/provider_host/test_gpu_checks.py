@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from provider_host.challenge import (
     ChallengeResponder,
     Product,
     commit_product,
+    driver_information,
     multiply,
     open_row,
     product_of,
@@ -212,3 +214,15 @@ async def test_a_provider_too_slow_for_its_model_is_listed_unverified_then_delis
     again = await asyncio.wait_for(checks.challenge(key, "RTX 4090", 0), DEFAULT_TIMEOUT)
     assert again is not None and again.ok is True
     assert (await offer_rows(coordinator))[(key, "RTX 4090")]["verified"] is True
+
+
+def test_the_host_finds_the_drivers_listing_of_nvmls_bus_id(tmp_path: Path) -> None:
+    listing = tmp_path / "0000:01:00.0"
+    listing.mkdir()
+    (listing / "information").write_text("Model: \t NVIDIA GeForce RTX 4090\n")
+    # NVML pads the PCI domain to eight digits; the driver's directory has four.
+    assert driver_information("00000000:01:00.0", root=str(tmp_path)) == (
+        "Model: \t NVIDIA GeForce RTX 4090\n"
+    )
+    assert driver_information("00000000:02:00.0", root=str(tmp_path)) is None
+    assert driver_information(None, root=str(tmp_path)) is None
