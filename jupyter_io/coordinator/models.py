@@ -165,10 +165,12 @@ class Provider(Base):
     PostgreSQL rule out HOT updates). Failure detection runs on the coordinator's in-memory
     copy of the heartbeats, not on this column.
 
-    Reliability counters, for the scheduler's score: ``sessions_ok`` / ``sessions_failed``
-    count leases that ended / failed; ``heartbeats_missed`` and ``times_lost`` grow each time
-    the provider is marked lost; ``online_seconds`` accumulates closed online stretches
-    (``online_since`` → last heartbeat) and ``online_since`` marks the open one.
+    Lifetime counters (the scheduler's reliability is the 30-day record instead, from the
+    leases and :class:`ProviderLink` rows: :mod:`jupyter_io.coordinator.reliability`):
+    ``sessions_ok`` / ``sessions_failed`` count leases that ended / failed;
+    ``heartbeats_missed`` and ``times_lost`` grow each time the provider is marked lost;
+    ``online_seconds`` accumulates closed online stretches (``online_since`` → last
+    heartbeat) and ``online_since`` marks the open one.
     """
 
     __tablename__ = "providers"

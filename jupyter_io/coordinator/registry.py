@@ -69,16 +69,12 @@ from .store import (
 )
 
 __all__ = [
-    "RELIABILITY_PRIOR",
     "ProviderState",
     "Registry",
     "RegistryStats",
     "TrackedLease",
-    "reliability",
 ]
 
-#: Sessions a new provider is credited with in :func:`reliability` (a prior, see there).
-RELIABILITY_PRIOR = 4
 #: Close code for a link the coordinator drops because the provider went quiet, or because
 #: the same provider linked again (RFC 6455 "going away" / normal).
 _CLOSE_LOST = 1001
@@ -87,18 +83,6 @@ _CLOSE_REPLACED = 1000
 _NO_REGION = "unknown"
 #: Load changes smaller than this are not worth re-indexing an offer for.
 _LOAD_STEP = 0.05
-
-
-def reliability(sessions_ok: int, sessions_failed: int, times_lost: int) -> float:
-    """How reliable a provider has been, 0..1, from its store counters.
-
-    ``(ok + P) / (ok + failed + lost + P)`` with ``P`` = :data:`RELIABILITY_PRIOR`: a new
-    provider starts at 1.0; each failed lease and each time it was lost lowers it, each lease
-    that ended well raises it back. The prior keeps one early failure from ruining a newcomer
-    (one failure: 0.8) while a long record dominates it.
-    """
-    good = sessions_ok + RELIABILITY_PRIOR
-    return good / (good + sessions_failed + times_lost)
 
 
 def _utc(seconds: float) -> datetime:
@@ -158,10 +142,6 @@ class ProviderState:
     @property
     def linked(self) -> bool:
         return self.link is not None
-
-    @property
-    def reliability(self) -> float:
-        return reliability(self.sessions_ok, self.sessions_failed, self.times_lost)
 
     def free_gpus(self, group: OfferRecord) -> int:
         """GPUs of ``group`` a new lease could get, counted as the store counts them."""

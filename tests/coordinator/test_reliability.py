@@ -146,6 +146,49 @@ async def test_leases_on_itself_do_not_count_towards_a_providers_record(tmp_path
         await store.close()
 
 
+async def test_the_store_records_outages_from_losses_not_goodbyes_within_the_window(
+    tmp_path: object,
+) -> None:
+    day = timedelta(days=1)
+    now = datetime.now(timezone.utc)
+    t0 = now - 10 * day
+    store = await Store.open(f"{tmp_path}/store.db")
+    try:
+        pubkey = str(Keypair().pubkey())
+        profile = ProviderProfile(pubkey, "rig")
+        await store.upsert_provider(profile, at=t0)
+        await store.record_heartbeats({pubkey: t0 + day})
+        assert await store.mark_provider_offline(pubkey, at=t0 + day)  # a goodbye: no outage
+        await store.upsert_provider(profile, at=t0 + 2 * day)
+        await store.record_heartbeats({pubkey: t0 + 3 * day})
+        await store.mark_provider_lost(pubkey, at=t0 + 3 * day + timedelta(seconds=15))
+        lost = await store.reliability_inputs([pubkey], since=now - 30 * day)
+        assert lost[pubkey].lost_since == t0 + 3 * day  # an outage running now
+        await store.upsert_provider(profile, at=t0 + 4 * day)  # back: the outage ends
+
+        await store.replace_offers(pubkey, [OfferSpec("RTX 4090", 24 << 30, 1, 1)])
+        old = await store.create_lease(
+            user_pubkey=str(Keypair().pubkey()), provider_pubkey=pubkey, gpu_model="RTX 4090"
+        )
+        await store.fail_lease(old.id, "lost long ago", at=now - 31 * day)  # out of the window
+
+        record = (await store.reliability_inputs([pubkey], since=now - 30 * day))[pubkey]
+        assert record.sessions == {} and record.lost_since is None
+        assert [(link.linked_at, link.closed_at, link.down_since) for link in record.links] == [
+            (t0, t0 + day, None),
+            (t0 + 2 * day, t0 + 3 * day, None),
+            (t0 + 4 * day, None, t0 + 3 * day),
+        ]
+        figure = measure(record.sessions, record.links, now=now)
+        assert figure is not None and figure.sessions == 0
+        # Up 1 + 1 + 6 days, down 1 (the loss); the day offline after the goodbye is neither.
+        assert figure.uptime == pytest.approx(8 / 9) and figure.score == pytest.approx(8 / 9)
+        # Links closed before any window are pruned; the open and recent ones stay.
+        assert await store.prune_provider_links(t0 + day + timedelta(seconds=1)) == 1
+    finally:
+        await store.close()
+
+
 def test_one_user_cannot_outvote_the_others() -> None:
     sessions = {
         "sockpuppet": SessionCounts(completed=50, lost=0),
