@@ -97,6 +97,8 @@ class Verdict:
     at: float | None = None
     reason: str = "not challenged yet"
     seconds: float | None = None
+    #: Read back from the store (not judged by this coordinator since its start).
+    restored: bool = False
 
 
 @dataclass(slots=True)
@@ -218,8 +220,29 @@ class GpuChallenges:
             idle += [(group.gpu_model, i) for i in group.gpu_indices if i not in held]
         return idle
 
+    def _link(self, pubkey: str) -> Any:
+        state = self.registry.provider(pubkey)
+        return None if state is None else state.link
+
+    async def restore(self, pubkey: str) -> None:
+        """Take the provider's latest stored verdict per GPU model where none is known here
+        (after a coordinator restart a failed offer stays delisted)."""
+        known = False
+        for check in reversed(await self.registry.store.gpu_checks(pubkey)):
+            key = (pubkey, normalise_gpu_name(check.gpu_model))
+            current = self.verdicts.get(key)
+            if current is None or (current.restored and current.at is not None):
+                self.verdicts[key] = Verdict(
+                    check.ok, check.at.timestamp(), check.reason, check.seconds, restored=True
+                )
+                known = True
+        if known:
+            self.registry.relist(pubkey)
+
     async def challenge_all(self, pubkey: str) -> list[Verdict]:
-        """Challenge each idle GPU of the provider in turn (at a link)."""
+        """Challenge each idle GPU of the provider in turn (at a link), after restoring its
+        stored verdicts (:meth:`restore`)."""
+        await self.restore(pubkey)
         verdicts = []
         for gpu, index in self.idle_gpus(pubkey):
             verdict = await self.challenge(pubkey, gpu, index)
@@ -292,6 +315,7 @@ class GpuChallenges:
         try:
             prepared = asyncio.ensure_future(asyncio.to_thread(verifier.prepare))
             sent = loop.time()
+            link = self._link(pubkey)
             if not self.registry.deliver(pubkey, GpuChallenge(challenge_id, index, seed, n), ttl=0):
                 prepared.cancel()
                 return None
@@ -299,6 +323,8 @@ class GpuChallenges:
                 answer = await asyncio.wait_for(asyncio.shield(pending.commitment), latest)
             except asyncio.TimeoutError:
                 await _settle(prepared)
+                if self._link(pubkey) is not link:
+                    return None  # the link dropped (or was replaced): no verdict
                 return False, f"too slow: no commitment within {latest:.2f} s (n = {n})", None
             hop = (self.registry.relay_hop_ms(pubkey) or 0.0) / 1000.0
             seconds = max(0.0, loop.time() - sent - hop)
@@ -319,6 +345,8 @@ class GpuChallenges:
                 await asyncio.wait_for(pending.opened.wait(), settings.reveal_timeout)
             except asyncio.TimeoutError:
                 await _settle(prepared)
+                if self._link(pubkey) is not link:
+                    return None
                 missing = len(rows) - len(pending.openings)
                 return False, f"{missing} opened row(s) never came", seconds
             await prepared

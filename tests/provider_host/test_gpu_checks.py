@@ -181,6 +181,13 @@ async def test_a_provider_that_lies_about_the_product_is_delisted_with_the_reaso
     assert store is not None
     (check,) = await store.gpu_checks(key)
     assert not check.ok and check.reason == verdict.reason
+    # A restarted coordinator's service reads the failure back: still not listed.
+    assert coordinator.registry is not None
+    fresh = GpuChallenges(coordinator.registry)
+    assert fresh.listed(key, "RTX 4090")
+    await fresh.restore(key)
+    assert not fresh.listed(key, "RTX 4090")
+    assert fresh.verdict(key, "RTX 4090").reason == verdict.reason
 
 
 async def test_a_provider_too_slow_for_its_model_is_listed_unverified_then_delisted(
