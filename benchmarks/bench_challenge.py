@@ -13,6 +13,7 @@ coordinator's check, for ``--n`` x ``--n`` matrices (4096 by default).
 
     python benchmarks/bench_challenge.py             # ~1 min on 2 cores
     python benchmarks/bench_challenge.py --n 2048 --repeat 3
+    python benchmarks/bench_challenge.py --device cuda:0 --n 16384 --no-loopback   # a GPU
 """
 
 from __future__ import annotations
@@ -47,26 +48,40 @@ def _best(label: str, runs: list[float]) -> str:
     return f"{label}: best {min(runs):.3f} s, median {sorted(runs)[len(runs) // 2]:.3f} s"
 
 
-def provider_side(n: int, repeat: int) -> tuple[list[float], list[float], list[float]]:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def provider_side(n: int, repeat: int, device: str) -> tuple[list[float], list[float], list[float]]:
     seed = os.urandom(32)
     products, hashes, floors = [], [], []
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
     for _ in range(repeat):
         started = time.perf_counter()
-        matrix = multiply(seed, n, "cpu")
+        matrix = multiply(seed, n, device)
+        _sync(device)
         products.append(time.perf_counter() - started)
         started = time.perf_counter()
         product_of(matrix)
         hashes.append(time.perf_counter() - started)
-        a, b = torch.rand(n, n), torch.rand(n, n)
+        del matrix
+        a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
+        _sync(device)
         started = time.perf_counter()
         a @ b
+        _sync(device)
         floors.append(time.perf_counter() - started)
+        del a, b
     return products, hashes, floors
 
 
-def coordinator_side(n: int, vectors: int, rows: int, repeat: int) -> dict[str, object]:
+def coordinator_side(
+    n: int, vectors: int, rows: int, repeat: int, device: str
+) -> dict[str, object]:
     seed = os.urandom(32)
-    product = product_of(multiply(seed, n, "cpu"))
+    product = product_of(multiply(seed, n, device))
     opened = [int(i) for i in np.random.default_rng().choice(n, rows, replace=False)]
     openings = {i: (open_row(product, i), merkle_proof(product.levels, i)) for i in opened}
     root = product.levels[-1][0]
@@ -143,6 +158,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-loopback", action="store_true")
+    parser.add_argument("--device", default="cpu", help="torch device of the provider side")
     args = parser.parse_args()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
@@ -159,14 +175,16 @@ def main() -> None:
     )
     n = args.n
     flops = 2.0 * n**3
-    products, hashes, floors = provider_side(n, args.repeat)
-    print(f"provider, n = {n} (CPU path):")
+    products, hashes, floors = provider_side(n, args.repeat, args.device)
+    if args.device.startswith("cuda"):
+        print(f"device {torch.cuda.get_device_name(args.device)}")
+    print(f"provider, n = {n} ({args.device}):")
     print(f"  {_best('generate A, B + float32 product', products)}"
           f" ({flops / min(products) / 1e9:.1f} GFLOP/s)")  # fmt: skip
     print(f"  {_best('hash rows into the Merkle tree', hashes)}")
     print(f"  {_best('floor: torch product of random matrices', floors)}"
           f" ({flops / min(floors) / 1e9:.1f} GFLOP/s)")  # fmt: skip
-    side = coordinator_side(n, args.vectors, args.rows, args.repeat)
+    side = coordinator_side(n, args.vectors, args.rows, args.repeat, args.device)
     print(f"coordinator, k = {args.vectors} vectors, {args.rows} rows opened:")
     print(f"  {_best('B @ R (streamed)', side['prepare'])}")  # type: ignore[arg-type]
     print(f"  {_best('Merkle paths + Freivalds per opened row, all', side['check'])}")  # type: ignore[arg-type]
