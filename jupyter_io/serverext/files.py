@@ -19,7 +19,7 @@ from tornado import web
 from ..errors import JupyterIOError
 from .handlers import URL_PREFIX, _Handler
 
-__all__ = ["PULL_TIMEOUT", "file_handlers", "kernel_files"]
+__all__ = ["PULL_TIMEOUT", "file_handlers", "kernel_files", "kernel_state"]
 
 #: Seconds a pull asked through the REST API may take.
 PULL_TIMEOUT = 600.0
@@ -32,6 +32,25 @@ def kernel_files(kernel_manager: Any, kernel_id: str) -> Any:
     except KeyError:
         return None
     return getattr(getattr(km, "provisioner", None), "files", None)
+
+
+def kernel_state(files: Any) -> dict[str, Any]:
+    """``files.status()`` with, on each incoming transfer in progress, what a progress bar
+    needs: ``paths`` (at most 100 of the files it carries) and ``total_bytes`` (content
+    bytes it will move in all, received so far included). Outgoing ones have neither."""
+    state: dict[str, Any] = files.status()
+    endpoint = getattr(files, "endpoint", None)
+    incoming = getattr(endpoint, "_incoming", None)
+    if not isinstance(incoming, dict):
+        return state
+    for transfer in state.get("active", []):
+        found = incoming.get(transfer.get("id"))
+        offer = getattr(found[0], "offer", None) if found else None
+        remaining = getattr(found[0], "wanted_bytes", None) if found else None
+        if offer is not None and isinstance(remaining, int):
+            transfer["paths"] = [entry.path for entry in offer.files[:100]]
+            transfer["total_bytes"] = transfer.get("bytes", 0) + remaining
+    return state
 
 
 class _FilesHandler(_Handler):
@@ -55,7 +74,7 @@ class FilesListHandler(_FilesHandler):
         for kernel_id in list(self.kernel_manager.list_kernel_ids()):
             files = kernel_files(self.kernel_manager, kernel_id)
             if files is not None:
-                rows.append({"kernel_id": kernel_id, **files.status()})
+                rows.append({"kernel_id": kernel_id, **kernel_state(files)})
         self.reply({"kernels": rows})
 
 
@@ -63,7 +82,7 @@ class FilesHandler(_FilesHandler):
     @web.authenticated
     @authorized
     async def get(self, kernel_id: str) -> None:
-        self.reply({"kernel_id": kernel_id, **self.files_of(kernel_id).status()})
+        self.reply({"kernel_id": kernel_id, **kernel_state(self.files_of(kernel_id))})
 
 
 class FilesPullHandler(_FilesHandler):
@@ -88,6 +107,8 @@ class FilesPullHandler(_FilesHandler):
             raise web.HTTPError(504, "the provider did not finish the transfer in time") from None
         except JupyterIOError as exc:
             raise web.HTTPError(409, str(exc)) from None
+        for path, _ in transfer.conflicts:  # it came, beside the local copy: not held back
+            files.held_back.pop(path, None)
         self.reply(transfer.to_json())
 
 

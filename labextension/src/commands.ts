@@ -17,4 +17,9 @@ export namespace CommandIDs {
   export const joinCohort = 'jupyter-io:join-cohort';
   /** Open a class's dashboard (instructors): args `{cohortId}` (default: the first taught). */
   export const openDashboard = 'jupyter-io:open-dashboard';
+  /** Bring files the remote kernel holds back (too large to come back on their own):
+   * args `{kernelId, paths}` (paths relative to the notebook's directory); from the file
+   * browser's context menu, the file clicked; without, every held-back file of the current
+   * kernel (or of every remote kernel). */
+  export const pullFiles = 'jupyter-io:pull-files';
 }

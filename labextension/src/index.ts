@@ -11,6 +11,7 @@ import { BudgetNotifier } from './budget';
 import { CohortModel, joinWithCode, WarningNotifier } from './cohorts';
 import { CommandIDs } from './commands';
 import { CohortDashboard, firstTaught } from './dashboard';
+import { FileMarks } from './files';
 import { parseSol, sol } from './format';
 import { errorMessage } from './handler';
 import { gpuIcon } from './icons';
@@ -81,6 +82,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     new WarningNotifier(model);
     new RoundTripNotifier(model);
     const picker = new GpuPicker({ model, commands, cohorts });
+    const files = new FileMarks({ app, model });
     app.shell.add(picker, 'left', { rank: 650 });
 
     const start = (command: string, args: Record<string, unknown>, kernelName: string) =>
@@ -206,6 +208,39 @@ const plugin: JupyterFrontEndPlugin<void> = {
         app.shell.activateById(dashboard.id);
       }
     });
+    commands.addCommand(CommandIDs.pullFiles, {
+      label: 'Pull from the remote kernel',
+      caption: 'Bring files the remote kernel holds back (too large to come back on their own)',
+      execute: async args => {
+        // From the file browser's context menu: the file right-clicked.
+        const node = args.fromMenu ? app.contextMenuHitTest(n => n.dataset?.jioPath !== undefined) : null;
+        if (node?.dataset.jioPath) {
+          return files.pull(node.dataset.jioPath);
+        }
+        const kernelId = typeof args.kernelId === 'string' ? args.kernelId : currentKernelId(app, labShell);
+        if (kernelId && Array.isArray(args.paths)) {
+          return files.pull(kernelId, args.paths.map(String));
+        }
+        let held = files.heldBack(kernelId);
+        if (held.length === 0) {
+          held = files.heldBack(); // the current widget is not a remote kernel's: all of them
+        }
+        if (held.length === 0) {
+          Notification.info('No remote kernel holds back a file: everything it wrote is here.', {
+            autoClose: 5000
+          });
+          return;
+        }
+        const byKernel = new Map<string, string[]>();
+        for (const [kernel, path] of held) {
+          byKernel.set(kernel, [...(byKernel.get(kernel) ?? []), path]);
+        }
+        await Promise.all([...byKernel].map(([kernel, paths]) => files.pull(kernel, paths)));
+      }
+    });
+    for (const selector of ['.jp-DirListing-item[data-jio-file="remote"]', '.jio-RemoteFile']) {
+      app.contextMenu.addItem({ command: CommandIDs.pullFiles, selector, rank: 0, args: { fromMenu: true } });
+    }
     if (palette) {
       for (const command of [
         CommandIDs.openPicker,
@@ -213,7 +248,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
         CommandIDs.airdrop,
         CommandIDs.topUp,
         CommandIDs.joinCohort,
-        CommandIDs.openDashboard
+        CommandIDs.openDashboard,
+        CommandIDs.pullFiles
       ]) {
         palette.addItem({ command, category: 'jupyter-io' });
       }
