@@ -6,7 +6,8 @@ benchmark shares), what ``jupyter io demo`` runs: a coordinator
 host linked to it offering two simulated GPUs (RTX 4090 at 0.12 SOL/h, A100 at 0.9 SOL/h),
 its key funded (it pays the settlements' fees), and JupyterLab with the jupyter_io extensions
 pointed at the coordinator and the user's wallet. The wallet gets :data:`USER_FUNDS` by
-airdrop, unless the test module says ``USER_FUNDS = 0`` (to see what an empty wallet does).
+airdrop, unless the test module says ``USER_FUNDS = 0`` (to see what an empty wallet does);
+a module's ``LAB_OPTIONS`` are added to Lab's command line.
 The coordinator accepts escrows that cover one second (``min_deposit_seconds=1``), so a test
 can give a session a budget of seconds. Lab runs with fresh Jupyter config/data/runtime
 dirs, a temporary workspaces dir, the news popup and update check off, and ``--allow-root``
@@ -90,7 +91,8 @@ def stack(
         backend.start_backend(
             user_funds=getattr(request.module, "USER_FUNDS", USER_FUNDS), min_deposit_seconds=1
         )
-        yield Stack(backend, backend.start_lab("lab"))
+        options = tuple(getattr(request.module, "LAB_OPTIONS", ()))
+        yield Stack(backend, backend.start_lab("lab", options=options))
     finally:
         backend.close()
 

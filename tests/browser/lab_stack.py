@@ -226,8 +226,15 @@ class Stack:
                 raise TimeoutError(f"GPUs not free: {types}")
             time.sleep(0.1)
 
-    def start_lab(self, name: str, extension: bool = True, keypair: Path | None = None) -> Lab:
-        """A JupyterLab named ``name``, leasing with ``keypair`` (default: the user's)."""
+    def start_lab(
+        self,
+        name: str,
+        extension: bool = True,
+        keypair: Path | None = None,
+        options: tuple[str, ...] = (),
+    ) -> Lab:
+        """A JupyterLab named ``name``, leasing with ``keypair`` (default: the user's);
+        ``options``: more command-line options (``--RemoteKernelProvisioner.x=y``)."""
         env = self._env(name)
         lab_root = self.root / name
         notebooks = lab_root / "notebooks"
@@ -263,6 +270,7 @@ class Stack:
             (config / "labconfig" / "page_config.json").write_text(
                 json.dumps({"disabledExtensions": {"jupyter-io": True}})
             )
+        argv += options
         if os.geteuid() == 0:
             argv.append("--allow-root")
         process, match = start_process(
