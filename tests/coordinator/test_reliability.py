@@ -115,8 +115,8 @@ async def test_lost_sessions_rank_below_completed_ones_and_a_minimum_skips_them(
         user.close()
 
 
-async def test_leases_on_itself_do_not_count_towards_a_providers_record(tmp_path: object) -> None:
-    store = await Store.open(f"{tmp_path}/store.db")
+async def test_leases_on_itself_do_not_count_towards_a_providers_record(store_url: str) -> None:
+    store = await Store.open(store_url)
     try:
         provider = Keypair()
         pubkey = str(provider.pubkey())
@@ -147,12 +147,12 @@ async def test_leases_on_itself_do_not_count_towards_a_providers_record(tmp_path
 
 
 async def test_the_store_records_outages_from_losses_not_goodbyes_within_the_window(
-    tmp_path: object,
+    store_url: str,
 ) -> None:
     day = timedelta(days=1)
     now = datetime.now(timezone.utc)
     t0 = now - 10 * day
-    store = await Store.open(f"{tmp_path}/store.db")
+    store = await Store.open(store_url)
     try:
         pubkey = str(Keypair().pubkey())
         profile = ProviderProfile(pubkey, "rig")
@@ -185,6 +185,16 @@ async def test_the_store_records_outages_from_losses_not_goodbyes_within_the_win
         assert figure.uptime == pytest.approx(8 / 9) and figure.score == pytest.approx(8 / 9)
         # Links closed before any window are pruned; the open and recent ones stay.
         assert await store.prune_provider_links(t0 + day + timedelta(seconds=1)) == 1
+        # Many providers linking at once (a coordinator's restart) open one link each and
+        # close the link they replace.
+        other = ProviderProfile(str(Keypair().pubkey()), "other")
+        assert await store.upsert_providers([profile, other], at=now) == 2
+        both = await store.reliability_inputs([pubkey, other.pubkey], since=now - 30 * day)
+        assert [(link.closed_at, link.down_since) for link in both[pubkey].links[-2:]] == [
+            (now, t0 + 3 * day),
+            (None, None),
+        ]
+        assert [link.linked_at for link in both[other.pubkey].links] == [now]
     finally:
         await store.close()
 
