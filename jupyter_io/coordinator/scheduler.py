@@ -26,8 +26,9 @@ something close to the cheapest offer, while reliability, load and latency shoul
 able to lift a slightly dearer, better provider over a flaky bargain. Bounding the candidates
 bounds the work of a decision (``K`` scores) however many offers are live: the index keeps
 offers sorted by price in *shelves* (one per GPU model, VRAM size, region and free-GPU tier;
-and per latency band for offers with a measured latency), and a decision merges the few
-shelves that can match and stops after ``K`` eligible offers.
+and per latency band for offers with a measured latency, and per reliability floor for
+measured providers), and a decision merges the few shelves that can match and stops after
+``K`` eligible offers.
 
 Updates (:meth:`OfferIndex.upsert`, :meth:`~OfferIndex.update`,
 :meth:`~OfferIndex.set_capacity`, :meth:`~OfferIndex.remove`) cost O(1) when the price,
@@ -56,6 +57,7 @@ __all__ = [
     "DEFAULT_CANDIDATES",
     "DEFAULT_WEIGHTS",
     "LATENCY_BANDS",
+    "RELIABILITY_FLOORS",
     "TIERS",
     "GpuTypeSummary",
     "LeaseRequest",
@@ -81,6 +83,12 @@ TIERS = (1, 2, 4, 8)
 #: sit on a shelf per band, so a request with ``max_latency_ms`` walks only the bands that
 #: can satisfy it instead of skipping every offer that is too far away.
 LATENCY_BANDS = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0, float("inf"))
+
+#: Reliability floors. A measured offer with a GPU free also sits on a shelf per floor it
+#: reaches, so a request with ``min_reliability`` walks the shelf of the highest floor at or
+#: below it instead of skipping every less reliable offer (a request that also sets
+#: ``max_latency_ms`` walks the latency shelves and filters reliability on the way).
+RELIABILITY_FLOORS = (0.8, 0.9, 0.95, 0.99)
 
 
 class NoCapacity(LeaseError):
@@ -458,10 +466,12 @@ class _TypeStats:
 
 _GroupKey = tuple[int, str]  # (vram_bytes, region key) within one GPU model
 # (gpu_key, vram_bytes, region key, tier, band). Two families of shelves share the dict:
-# capacity shelves have band _ANY_BAND; latency shelves a band index into LATENCY_BANDS.
+# capacity shelves have band _ANY_BAND; latency shelves a band index into LATENCY_BANDS;
+# reliability shelves _FLOOR_BAND - k for RELIABILITY_FLOORS[k].
 _ShelfKey = tuple[str, int, str, int, int]
 _Item = tuple[int, str, str]  # (price, provider, gpu_key): the order candidates come in
 _ANY_BAND = -1
+_FLOOR_BAND = -2
 
 
 def _places(offer: Offer, region: str) -> list[_ShelfKey]:
@@ -472,6 +482,13 @@ def _places(offer: Offer, region: str) -> list[_ShelfKey]:
     if offer.latency_ms is not None:
         band = bisect_left(LATENCY_BANDS, offer.latency_ms)
         places += [(gpu_key, vram, region, tier, band) for tier in tiers]
+    if offer.reliability_measured:
+        reached = bisect_right(RELIABILITY_FLOORS, offer.reliability)
+        places += [
+            (gpu_key, vram, region, tier, _FLOOR_BAND - k)
+            for k in range(reached)
+            for tier in tiers
+        ]
     return places
 
 
@@ -671,7 +688,12 @@ class OfferIndex:
         sources: list[Iterable[_Item]]
         measured: set[str] = set()
         tier = TIERS[bisect_right(TIERS, request.gpus) - 1]
-        if max_latency is None:
+        minimum = request.min_reliability
+        floor = bisect_right(RELIABILITY_FLOORS, minimum) if minimum is not None else 0
+        if max_latency is None and floor:
+            band = _FLOOR_BAND - (floor - 1)  # the highest floor at or below the minimum
+            keys = [(g, vram, region, tier, band) for g, vram, region in groups]
+        elif max_latency is None:
             keys = [(g, vram, region, tier, _ANY_BAND) for g, vram, region in groups]
         else:
             top = bisect_left(LATENCY_BANDS, max_latency)
@@ -696,7 +718,6 @@ class OfferIndex:
         merged = iter(sources[0]) if len(sources) == 1 else heapq.merge(*sources)
         offers = self._offers
         gpus = request.gpus
-        minimum = request.min_reliability
         found = 0
         last: _Item | None = None
         for item in merged:
@@ -933,7 +954,12 @@ class OfferIndex:
 
     def _move(self, old: Offer, new: Offer, region: str) -> None:
         """Move an offer between shelves when only its capacity or latency changed."""
-        if old.gpus_free == new.gpus_free and old.latency_ms == new.latency_ms:
+        if (
+            old.gpus_free == new.gpus_free
+            and old.latency_ms == new.latency_ms
+            and old.reliability == new.reliability
+            and old.reliability_measured == new.reliability_measured
+        ):
             return  # the heartbeat that changes nothing the shelves care about
         before = _places(old, region)
         after = _places(new, region)

@@ -462,7 +462,8 @@ def random_offer(rng: random.Random, provider: str) -> Offer:
         gpus_free=rng.randint(0, total),
         price_lamports_per_hour=rng.choice((0, rng.randrange(50), rng.randrange(10**6))),
         region=rng.choice(REGIONS),
-        reliability=rng.choice((0.5, 1.0, rng.random())),
+        reliability=rng.choice((0.5, 0.9, 1.0, rng.random())),
+        reliability_measured=rng.random() < 0.8,
         load=rng.random(),
         latency_ms=rng.choice((None, rng.uniform(0, 300))),
         benchmark_tflops=rng.choice((None, 80.0, 165.0)),
@@ -478,6 +479,7 @@ def random_request(rng: random.Random) -> LeaseRequest:
         max_price_lamports_per_hour=rng.choice((None, 0, rng.randrange(10**6))),
         region=rng.choice((None, None, *REGIONS, "mars")),
         max_latency_ms=rng.choice((None, None, 10.0, 50.0, 150.0, 400.0)),
+        min_reliability=rng.choice((None, None, 0.3, 0.8, 0.9, 0.93, 0.99, 1.0)),
     )
 
 
@@ -521,6 +523,7 @@ def test_indexed_decisions_equal_a_brute_force_scan(seed: int) -> None:
                     {"price_lamports_per_hour": rng.randrange(10**6)},
                     {"latency_ms": rng.choice((None, rng.uniform(0, 300)))},
                     {"reliability": rng.random(), "load": rng.random()},
+                    {"reliability_measured": rng.random() < 0.5},
                     {"region": rng.choice(REGIONS).upper()},
                 )
             )
@@ -571,8 +574,9 @@ def test_summary_equals_a_recount(seed: int) -> None:
             median = (prices[(n - 1) // 2] + prices[n // 2]) // 2
             assert row.price_median_lamports_per_hour == median
         assert set(row.regions) == {o.region for o in mine}
-        assert row.mean_reliability == pytest.approx(
-            sum(o.reliability for o in mine) / len(mine), abs=1e-6
+        measured = [o.reliability for o in mine if o.reliability_measured]
+        assert row.mean_reliability == (
+            pytest.approx(sum(measured) / len(measured), abs=1e-6) if measured else None
         )
         benchmarks = [o.benchmark_tflops for o in mine if o.benchmark_tflops is not None]
         assert row.best_benchmark_tflops == (max(benchmarks) if benchmarks else None)
