@@ -201,10 +201,11 @@ class ProviderLink(Base):
     """One link of a provider (to any coordinator sharing the database), for its reliability
     record (:mod:`jupyter_io.coordinator.reliability`).
 
-    A row opens when the provider links (``linked_at``) and closes when the link ends:
-    ``closed_how`` ``"offline"`` (it said goodbye), ``"lost"`` (it went silent; ``closed_at``
-    is its last heartbeat) or ``"replaced"`` (it linked again while still online).
-    ``down_since`` is set on a link that follows a lost one: the previous last heartbeat, so
+    A row opens when the provider links (``linked_at``) and closes when it stops being
+    online: ``closed_how`` ``"offline"`` (it said goodbye) or ``"lost"`` (it went silent;
+    ``closed_at`` is its last heartbeat). Linking again while online continues the open row,
+    and so does linking within a minute of a goodbye (the row reopens). ``down_since`` is set
+    on a link that follows a lost one: the previous last heartbeat, so
     ``linked_at - down_since`` is the outage that loss caused.
     """
 

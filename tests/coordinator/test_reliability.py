@@ -185,16 +185,20 @@ async def test_the_store_records_outages_from_losses_not_goodbyes_within_the_win
         assert figure.uptime == pytest.approx(8 / 9) and figure.score == pytest.approx(8 / 9)
         # Links closed before any window are pruned; the open and recent ones stay.
         assert await store.prune_provider_links(t0 + day + timedelta(seconds=1)) == 1
-        # Many providers linking at once (a coordinator's restart) open one link each and
-        # close the link they replace.
+        # Linking again while online continues the open link (a reconnect adds no row), and
+        # so does linking within a minute of a goodbye; many providers at once open one each.
+        minute = timedelta(minutes=1)
         other = ProviderProfile(str(Keypair().pubkey()), "other")
-        assert await store.upsert_providers([profile, other], at=now) == 2
+        assert await store.upsert_providers([profile, other], at=now - 2 * minute) == 2
+        await store.record_heartbeats({pubkey: now - minute})
+        assert await store.mark_provider_offline(pubkey, at=now - minute)
+        await store.upsert_provider(profile, at=now - minute + timedelta(seconds=30))
         both = await store.reliability_inputs([pubkey, other.pubkey], since=now - 30 * day)
-        assert [(link.closed_at, link.down_since) for link in both[pubkey].links[-2:]] == [
-            (now, t0 + 3 * day),
-            (None, None),
+        assert [(link.linked_at, link.closed_at) for link in both[pubkey].links] == [
+            (t0 + 2 * day, t0 + 3 * day),
+            (t0 + 4 * day, None),
         ]
-        assert [link.linked_at for link in both[other.pubkey].links] == [now]
+        assert [link.linked_at for link in both[other.pubkey].links] == [now - 2 * minute]
     finally:
         await store.close()
 

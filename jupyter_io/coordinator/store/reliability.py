@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import cast
+from datetime import datetime, timedelta
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -23,6 +23,7 @@ from ..reliability import LinkSpan, SessionCounts
 from .engine import Aggregate, _aware
 
 __all__ = [
+    "REJOIN_SECONDS",
     "ReliabilityInputs",
     "ReliabilityQueries",
     "close_link",
@@ -36,6 +37,8 @@ _providers = cast(sa.Table, Provider.__table__)
 
 #: Pubkeys per ``IN (...)`` list (SQLite's parameter limit is 32,766 on current builds).
 _CHUNK = 500
+#: A provider linking again this soon after a goodbye continues its last link (a restart).
+REJOIN_SECONDS = 60
 
 
 async def outages_before_link(conn: AsyncConnection, pubkeys: Sequence[str]) -> dict[str, datetime]:
@@ -54,20 +57,40 @@ async def outages_before_link(conn: AsyncConnection, pubkeys: Sequence[str]) -> 
 async def open_links(
     conn: AsyncConnection, pubkeys: Sequence[str], at: datetime, outages: dict[str, datetime]
 ) -> None:
-    """``pubkeys`` linked at ``at`` (their providers rows upserted): close their open links
-    (``replaced``) and open new ones, each carrying the outage it ends from ``outages``
-    (:func:`outages_before_link`)."""
+    """``pubkeys`` linked at ``at`` (their providers rows upserted): each gets an open link,
+    carrying the outage it ends from ``outages`` (:func:`outages_before_link`).
+
+    A provider whose link is still open (it linked again while online: a new connection, a
+    coordinator's restart) keeps that row, and one that said goodbye at most
+    :data:`REJOIN_SECONDS` ago reopens its last row: rows grow with outages and real
+    absences, not with reconnects, so a provider cannot fill the table by relinking."""
+    rejoin = at - timedelta(seconds=REJOIN_SECONDS)
+    reopen: list[int] = []
+    rows: list[dict[str, Any]] = []
     for start in range(0, len(pubkeys), _CHUNK):
         chunk = list(pubkeys[start : start + _CHUNK])
-        await conn.execute(
-            sa.update(_links)
-            .where(_links.c.provider_pubkey.in_(chunk), _links.c.closed_at.is_(None))
-            .values(closed_at=at, closed_how="replaced")
+        newest = (
+            sa.select(sa.func.max(_links.c.id))
+            .where(_links.c.provider_pubkey.in_(chunk))
+            .group_by(_links.c.provider_pubkey)
         )
-    if pubkeys:
-        await conn.execute(
-            sa.insert(_links),
-            [
+        query = sa.select(
+            _links.c.provider_pubkey, _links.c.id, _links.c.closed_at, _links.c.closed_how
+        ).where(_links.c.id.in_(newest))
+        latest = {row.provider_pubkey: row for row in await conn.execute(query)}
+        for pubkey in chunk:
+            row = latest.get(pubkey)
+            if row is not None and row.closed_at is None:
+                continue  # still open: this link continues it
+            if (
+                row is not None
+                and pubkey not in outages
+                and row.closed_how == "offline"
+                and row.closed_at >= rejoin
+            ):
+                reopen.append(row.id)
+                continue
+            rows.append(
                 {
                     "provider_pubkey": pubkey,
                     "linked_at": at,
@@ -75,9 +98,15 @@ async def open_links(
                     "closed_how": None,
                     "down_since": outages.get(pubkey),
                 }
-                for pubkey in pubkeys
-            ],
+            )
+    for start in range(0, len(reopen), _CHUNK):
+        await conn.execute(
+            sa.update(_links)
+            .where(_links.c.id.in_(reopen[start : start + _CHUNK]))
+            .values(closed_at=None, closed_how=None)
         )
+    if rows:
+        await conn.execute(sa.insert(_links), rows)
 
 
 async def close_link(conn: AsyncConnection, pubkey: str, at: datetime, how: str) -> None:

@@ -5,7 +5,7 @@ Revises: 0007
 Create Date: 2026-12-06
 
 Written out by hand (see 0001). ``provider_links`` holds one row per link of a provider
-(opened when it links, closed when it says goodbye, is lost or links again); a link after a
+(opened when it links, closed when it says goodbye or is lost); a link after a
 loss carries ``down_since``, the outage's start. With the leases that ended in the window
 (the new index on ``leases.ended_at``) they are a provider's record over a rolling 30 days
 (:mod:`jupyter_io.coordinator.reliability`). Links made before this revision have no row:
