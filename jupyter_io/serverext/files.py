@@ -37,7 +37,7 @@ def kernel_files(kernel_manager: Any, kernel_id: str) -> Any:
 def kernel_state(files: Any) -> dict[str, Any]:
     """``files.status()`` with, on each incoming transfer in progress, what a progress bar
     needs: ``paths`` (at most 100 of the files it carries) and ``total_bytes`` (content
-    bytes it will move in all, received so far included). Outgoing ones have neither."""
+    bytes it moves in all, what arrived included). Outgoing ones have neither."""
     state: dict[str, Any] = files.status()
     endpoint = getattr(files, "endpoint", None)
     incoming = getattr(endpoint, "_incoming", None)
@@ -46,10 +46,13 @@ def kernel_state(files: Any) -> dict[str, Any]:
     for transfer in state.get("active", []):
         found = incoming.get(transfer.get("id"))
         offer = getattr(found[0], "offer", None) if found else None
+        # Accepted so far + still wanted (both move as a chunk is accepted; ``bytes`` only
+        # once it is stored).
+        accepted = getattr(found[0], "received", None) if found else None
         remaining = getattr(found[0], "wanted_bytes", None) if found else None
-        if offer is not None and isinstance(remaining, int):
+        if offer is not None and isinstance(accepted, int) and isinstance(remaining, int):
             transfer["paths"] = [entry.path for entry in offer.files[:100]]
-            transfer["total_bytes"] = transfer.get("bytes", 0) + remaining
+            transfer["total_bytes"] = accepted + remaining
     return state
 
 
