@@ -11,6 +11,7 @@ the next cell runs (only a path the directory's ignore rules would send). ::
     %io pull model.pt          # a large file: back when this cell ends
     %io push data.csv          # the notebook's copy again, before the next cell
     %io status                 # the requests not yet served
+    %io journal status         # the state journal (jupyter_io.journal.kernel_ext)
 
 Load it with ``%load_ext jupyter_io.magics`` (the provider's Python must have jupyter_io).
 """
@@ -60,8 +61,13 @@ def load_ipython_extension(ipython: Any) -> None:
 
     def io(line: str) -> None:
         words = line.split()
+        if words and words[0] == "journal":  # the state journal (jupyter_io.journal)
+            from jupyter_io.journal.kernel_ext import journal_magic
+
+            print(journal_magic(words[1:]))
+            return
         if not words or words[0] not in ("pull", "push", "status"):
-            print("usage: %io pull PATH... | %io push PATH... | %io status")
+            print("usage: %io pull PATH... | %io push PATH... | %io status | %io journal ...")
             return
         if words[0] == "status":
             for item in _pending():
