@@ -14,6 +14,9 @@ user's side in its usage acknowledgements. Each report sets that party's *last a
 party reported, i.e. **idle when either party says idle**. So neither can keep a kernel alive
 at the other's cost by lying: a student whose client claims activity is stopped on the
 provider's word, a provider that claims activity to bill longer is stopped on the user's.
+A party's word covers only up to its report: activity another party reports *after* it is
+not contradicted (:func:`last_activity`), so a cell run just after a party's last report is
+not stopped on that stale report; a liar gains at most until the other's next report.
 Either can end the session anyway (the user ends the lease, the provider stops the kernel),
 so a false "idle" gains nothing. While neither party has reported ``idle_seconds`` the idle
 rule does not apply (older clients); the max length always does.
@@ -27,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -46,6 +49,7 @@ __all__ = [
     "CohortLimits",
     "SessionRules",
     "idle_reason",
+    "last_activity",
 ]
 
 #: The end reason of a cohort session that reached the cohort's max session length.
@@ -81,8 +85,22 @@ class _Watch:
     rules: SessionRules
     #: party -> Unix seconds of its reported last activity.
     activity: dict[str, float] = field(default_factory=dict)
+    #: party -> Unix seconds of its last report (the coordinator's clock).
+    reported: dict[str, float] = field(default_factory=dict)
     warnings: dict[str, dict[str, Any]] = field(default_factory=dict)
     ends_at: float | None = None
+
+
+def last_activity(activity: Mapping[str, float], reported: Mapping[str, float]) -> float:
+    """When the kernel last executed, from each party's reported last activity and the time
+    of its report: the latest activity no party contradicts. A party contradicts activity
+    at ``t`` when it said "idle since before ``t``" after ``t``; activity after a party's
+    last report is not contradicted by it (it has not spoken since). The earliest
+    report is never contradicted, so with every report current this is the earliest."""
+    for at in sorted(set(activity.values()), reverse=True):
+        if not any(other < at < reported.get(party, other) for party, other in activity.items()):
+            return at
+    return min(activity.values())
 
 
 #: The rules of a watch before they were read.
@@ -153,19 +171,22 @@ class CohortLimits:
         watch = self._watches.get(lease_id)
         if watch is None or not math.isfinite(idle_seconds) or idle_seconds < 0:
             return
-        watch.activity[party] = self.clock() - idle_seconds
+        now = self.clock()
+        watch.activity[party] = now - idle_seconds
+        watch.reported[party] = now
         # With the rules known the new state is computed at once (the lease JSON read
         # right after the report shows it); an end that is due runs in the timer's task.
         if watch.rules == _UNKNOWN or self._evaluate(lease_id, watch) is not None:
             self._timers.arm(lease_id, 0.0)
 
     def idle_seconds(self, lease_id: str) -> float | None:
-        """Seconds the lease has been idle by the earliest activity reported (None while
-        nobody reported)."""
+        """Seconds the lease has been idle by the parties' reports (:func:`last_activity`;
+        None while nobody reported)."""
         watch = self._watches.get(lease_id)
         if watch is None or not watch.activity:
             return None
-        return max(0.0, self.clock() - max(watch.started, min(watch.activity.values())))
+        last = last_activity(watch.activity, watch.reported)
+        return max(0.0, self.clock() - max(watch.started, last))
 
     def view(self, lease_id: str) -> dict[str, Any]:
         """The lease JSON's ``warnings`` and ``ends_at`` (the earliest end the rules set)."""
@@ -232,8 +253,9 @@ class CohortLimits:
         if rules.max_session:
             deadlines["max_length"] = watch.started + rules.max_session
         if rules.idle_timeout and watch.activity:
-            # Idle when either party says idle: the earliest last activity counts.
-            last = max(watch.started, min(watch.activity.values()))
+            # Idle when either party says idle: the earliest last activity counts, but a
+            # party's word covers only up to its report (last_activity).
+            last = max(watch.started, last_activity(watch.activity, watch.reported))
             deadlines["idle"] = last + rules.idle_timeout
         return deadlines
 

@@ -26,6 +26,7 @@ from jupyter_io.coordinator.cohort_limits import (
     CohortLimits,
     SessionRules,
     idle_reason,
+    last_activity,
 )
 from jupyter_io.coordinator.registry import Registry
 from jupyter_io.coordinator.scheduler import OfferIndex
@@ -114,11 +115,16 @@ async def test_idle_when_either_party_says_idle_a_lying_student_cannot_keep_it(r
         limits.watch(lease)
         await rig.next_check(lease.id)
         assert limits.view(lease.id) == {"warnings": [], "ends_at": None}  # nobody reported
+        ran = time.time()
         limits.activity(lease.id, PARTY_PROVIDER, 0)  # the provider: it ran a cell just now
 
         async def student_claims_activity() -> None:
+            tick = 0
             while True:  # the student's client keeps saying "busy"
                 limits.activity(lease.id, PARTY_USER, 0)
+                if tick % 2:  # the host reports on its interval: idle since that cell
+                    limits.activity(lease.id, PARTY_PROVIDER, time.time() - ran)
+                tick += 1
                 await asyncio.sleep(0.05)
 
         liar = asyncio.create_task(student_claims_activity())
@@ -130,6 +136,39 @@ async def test_idle_when_either_party_says_idle_a_lying_student_cannot_keep_it(r
         ended = await rig.store.get_lease(lease.id)
         assert ended is not None and ended.end_reason == idle_reason(0.8) and not ended.live
         assert limits.ended_idle == 1
+
+
+async def test_a_cell_run_after_a_party_s_last_report_is_not_stopped_on_it(rig: Rig) -> None:
+    """The student's last ack said idle 25 s of 30 (their acks come every 15 s); they run a
+    cell right after it, which the provider reports: the kernel is busy, and the student's
+    earlier word (idle since before that cell) no longer counts against it. Their next ack
+    counts again."""
+    async with watching(rig, SessionRules(idle_timeout=30, max_session=None), 10) as limits:
+        lease = await rig.active_lease(ago=100)
+        limits.watch(lease)
+        await rig.next_check(lease.id)
+        limits.activity(lease.id, PARTY_USER, 25)
+        assert limits.view(lease.id)["warnings"][0]["kind"] == "idle"
+        limits.activity(lease.id, PARTY_PROVIDER, 0)  # the cell the student just ran
+        view = limits.view(lease.id)
+        assert view["warnings"] == [] and view["ends_at"] == pytest.approx(time.time() + 30, 1)
+        assert limits.idle_seconds(lease.id) == pytest.approx(0, abs=1)
+        # A party's newer word counts again: the student says idle 29 s (a lie or a clock):
+        # the provider's activity is older than that report, so the earliest counts.
+        limits.activity(lease.id, PARTY_USER, 29)
+        assert limits.view(lease.id)["ends_at"] == pytest.approx(time.time() + 1, abs=1)
+        assert not rig.ended[lease.id].done()
+
+
+def test_last_activity_is_the_latest_no_party_contradicts() -> None:
+    # Both reports current: the earliest activity (either party's idle word suffices).
+    assert last_activity({"u": 10, "p": 50}, {"u": 60, "p": 60}) == 10
+    # The user last spoke at 40: activity the provider saw at 50 is after it.
+    assert last_activity({"u": 10, "p": 50}, {"u": 40, "p": 60}) == 50
+    # A liar's activity claim after the provider's last report stands until it reports.
+    assert last_activity({"u": 70, "p": 5}, {"u": 70, "p": 60}) == 70
+    assert last_activity({"u": 70, "p": 5}, {"u": 70, "p": 75}) == 5
+    assert last_activity({"p": 12}, {"p": 40}) == 12
 
 
 async def test_the_idle_warning_comes_first_and_activity_clears_it(rig: Rig) -> None:
