@@ -665,6 +665,7 @@ def _with(request: LeaseRequest, *, gpu: str, cap: int) -> LeaseRequest:
         max_price_lamports_per_hour=cap,
         region=request.region,
         max_latency_ms=request.max_latency_ms,
+        min_reliability=request.min_reliability,
     )
 
 
