@@ -35,6 +35,12 @@ class GpuPool:
         self._held[holder] = gpus
         return gpus
 
+    def next_free(self) -> tuple[int, ...] | None:
+        """What :meth:`acquire` would give now (None: nothing)."""
+        if not self._has_gpus:
+            return ()
+        return (self._free[0],) if self._free else None
+
     def release(self, holder: str) -> None:
         """Give ``holder``'s GPUs back (idempotent)."""
         for index in self._held.pop(holder, ()):

@@ -66,6 +66,10 @@ _flags: dict[Any, Any] = {
         {"ProviderConfig": {"benchmark": False}},
         "Publish no benchmark (skip the torch matmul measurement at startup).",
     ),
+    "no-warm-kernels": (
+        {"ProviderConfig": {"warm_kernels": False}},
+        "Start every kernel cold (keep no warm kernel per free slot).",
+    ),
     "no-environment-network": (
         {"ProviderConfig": {"environment_network": False}},
         "Build course environments without the network (pip sees only --environment-pip-arg "

@@ -322,6 +322,14 @@ class ProviderConfig(Configurable):
         "largest single file it may write); a bigger one is deleted and the start fails. "
         "0 = no limit.",
     )
+    warm_kernels = Bool(
+        True,
+        config=True,
+        help="Keep a sandboxed kernel started ahead of each free slot's next lease (each real "
+        "GPU, or one for a CPU host; per course environment), so a lease's kernel is already "
+        "up. It holds no key and runs nothing of a tenant's until claimed; costs one idle "
+        "kernel's memory per slot. False: every kernel starts cold.",
+    )
     benchmark = Bool(
         True,
         config=True,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from jupyter_io.protocol import Channel
 
 from .cgroups import SessionCgroup
 from .isolation import FORWARDED_SIGNALS, ResourceLimits, limits_preexec
+from .kernel_launcher import WARM_FLAG
 
 __all__ = ["KERNEL_PORTS", "KernelProcess", "kernel_endpoints"]
 
@@ -69,14 +71,19 @@ class _ProviderKernelSpecs(KernelSpecManager):
     imports it from here), whatever kernelspecs the host has installed, behind the
     sandbox's command prefix (if any)."""
 
-    def __init__(self, prefix: list[str], python: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, prefix: list[str], python: str | None = None, warm: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.prefix = prefix
         self.python = python or sys.executable
+        self.warm = warm
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
         # Lossless iopub: see provider_host.kernel_launcher.
         launch = [self.python, "-m", "provider_host.kernel_launcher", "-f", "{connection_file}"]
+        if self.warm:
+            launch.append(WARM_FLAG)
         return KernelSpec(
             argv=[*self.prefix, *launch],
             display_name="Python 3 (jupyter-io)",
@@ -112,12 +119,15 @@ class KernelProcess:
         owner: tuple[int, int] | None = None,
         cgroup: SessionCgroup | None = None,
         python: str | None = None,
+        warm: bool = False,
     ) -> None:
         """``sandbox`` is the command prefix that sandboxes the kernel
         (:meth:`provider_host.sandbox.Sandbox.argv`; None: run it directly as the host's
         user); ``owner`` the (uid, gid) it runs as there, which must read the connection
         file; ``cgroup`` the session's memory cgroup, which the process joins before exec;
-        ``python`` the interpreter (a course environment's; None: the host's own)."""
+        ``python`` the interpreter (a course environment's; None: the host's own); ``warm``:
+        a warm kernel (:mod:`provider_host.warm_pool`), which imports ipykernel and waits for
+        :meth:`claim` before it reads its connection file."""
         self.generation = generation
         self.runtime_dir = runtime_dir
         self.log = log
@@ -127,12 +137,13 @@ class KernelProcess:
         self._manager = _KernelManager(
             transport="ipc",
             connection_file=str(runtime_dir / "kernel.json"),
-            kernel_spec_manager=_ProviderKernelSpecs(sandbox or [], python),
+            kernel_spec_manager=_ProviderKernelSpecs(sandbox or [], python, warm),
             context=context,
             log=log,
             **{trait: KERNEL_PORTS[channel] for channel, trait in _PORT_TRAITS.items()},
         )
         self._manager.owner = owner
+        self.warm = warm
         self._process: subprocess.Popen[bytes] | None = None
         self._log_file: Path = runtime_dir / f"kernel-{generation}.log"
         self.exit_code: int | None = None
@@ -195,6 +206,9 @@ class KernelProcess:
                     ),
                     stdout=out,
                     stderr=subprocess.STDOUT,
+                    # A warm kernel's claim comes this way (kept open; jupyter_client closes
+                    # the pipe it makes by default).
+                    **({"stdin": subprocess.PIPE} if self.warm else {}),
                 )
             except Exception as exc:
                 raise KernelLaunchError(f"could not start the kernel: {exc}") from exc
@@ -206,6 +220,39 @@ class KernelProcess:
         if not isinstance(process, subprocess.Popen):
             raise KernelLaunchError("jupyter_client started no local kernel process")
         self._process = process
+
+    @property
+    def running(self) -> bool:
+        """True while the process started by :meth:`start` has not exited."""
+        return self._process is not None and self._process.poll() is None
+
+    async def claim(self, *, key: str, signature_scheme: str, env: dict[str, str]) -> None:
+        """Hand a warm kernel (started with ``warm=True``) to its tenant: write the connection
+        file with the tenant's ``key``, then tell the waiting process its environment; from
+        here it starts as a cold kernel does. Raises :class:`KernelLaunchError` when the
+        process is gone or the scheme is not supported."""
+        process = self._process
+        assert self.warm and process is not None and process.stdin is not None, "warm start()"
+        manager = self._manager
+        try:
+            manager.session.signature_scheme = signature_scheme
+        except TraitError:
+            raise KernelLaunchError(
+                f"unsupported signature_scheme {signature_scheme!r}; use 'hmac-sha256'"
+            ) from None
+        manager.session.key = key.encode()
+        # Written again: the one written at start held a throwaway key nobody reads.
+        manager._connection_file_written = False
+        manager.write_connection_file()
+        if manager.owner is not None:
+            os.chown(manager.connection_file, *manager.owner, follow_symlinks=False)
+        self.warm = False
+        claim = json.dumps({"env": env}).encode()
+        try:
+            # In a thread: a claim over the pipe's buffer waits until the process reads it.
+            await asyncio.to_thread(_write_and_close, process.stdin, claim)
+        except OSError as exc:  # BrokenPipeError: it died while warm
+            raise KernelLaunchError(f"the warm kernel is gone: {exc}") from None
 
     async def wait(self) -> int:
         """Wait until the kernel process ends; return its exit code (negative: signal).
@@ -253,6 +300,9 @@ class KernelProcess:
         """Kill the kernel and its process group now, wait for it, clean up its files."""
         self.killed = True
         self.kill_group()
+        if self._process is not None and self._process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._process.stdin.close()  # a warm kernel's, never claimed
         with contextlib.suppress(Exception):
             await self._manager.shutdown_kernel(now=True)
         if self._process is None:
@@ -269,6 +319,14 @@ class KernelProcess:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def _write_and_close(pipe: IO[bytes], data: bytes) -> None:
+    try:
+        pipe.write(data)
+    finally:
+        with contextlib.suppress(OSError):
+            pipe.close()
 
 
 async def _process_exited(process: subprocess.Popen[bytes]) -> None:

@@ -15,12 +15,13 @@ ending the sandbox; ignored dispositions survive exec, so the launcher restores 
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["WARM_FLAG", "main"]
 
 
 def _app_class() -> Any:
@@ -48,10 +49,50 @@ def _restore_signals() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+#: The launcher's flag for a warm kernel (see :func:`main`); taken off argv before the app.
+WARM_FLAG = "--warm"
+
+
+def _await_claim() -> bool:
+    """A warm kernel's wait: the host's claim is one JSON object on stdin, ``{"env": {...}}``,
+    the environment the tenant's kernel runs with; the connection file (with the tenant's
+    key) is written before it. True once claimed; False at EOF without one (discarded)."""
+    import json
+
+    data = sys.stdin.buffer.read()  # left open at EOF, as a cold kernel's stdin is
+    if not data:
+        return False
+    env = json.loads(data)["env"]
+    os.environ.clear()
+    os.environ.update(env)
+    return True
+
+
 def main() -> None:
-    """Launch the kernel (blocks until it exits)."""
+    """Launch the kernel (blocks until it exits).
+
+    With :data:`WARM_FLAG` (a warm kernel, :mod:`provider_host.warm_pool`), import the kernel
+    first, then wait for the host's claim (:func:`_await_claim`) before reading the
+    connection file: such a process never holds a key or runs code before its tenant's.
+    """
     _restore_signals()
-    _app_class().launch_instance()
+    warm = WARM_FLAG in sys.argv
+    if warm:
+        sys.argv.remove(WARM_FLAG)
+    app = _app_class()
+    if warm:
+        _preimport()
+        if not _await_claim():
+            return
+    app.launch_instance()
+
+
+def _preimport() -> None:
+    # What IPKernelApp.initialize() imports on its own; here before the claim, not after.
+    import importlib
+
+    for name in ("IPython.core.interactiveshell", "ipykernel.ipkernel", "ipykernel.zmqshell"):
+        importlib.import_module(name)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ from .sandbox import Sandbox, prepare_isolation
 from .session import ENVIRONMENT_FETCH_TIMEOUT, KernelSession
 from .settlement import SettlementBook
 from .usage import GpuUtilisation, UsageMeter
+from .warm_pool import WarmPool
 from .workspaces import wipe_orphaned_workspaces
 
 __all__ = ["JOINING_PREFIX", "LISTENING_PREFIX", "ProviderServer"]
@@ -171,6 +172,8 @@ class ProviderServer:
         self.challenges: ChallengeResponder | None = None
         #: Latency pings answered per address (None: ``ping_rate`` 0, none answered).
         self.pings = PingLimiter(rate=config.ping_rate) if config.ping_rate > 0 else None
+        #: Warm kernels, one per free slot (None: ``warm_kernels`` off), after startup.
+        self.warm: WarmPool | None = None
 
     # -- the whole life --------------------------------------------------------------------
 
@@ -228,6 +231,17 @@ class ProviderServer:
                 log=self.log,
             )
         self._context = zmq.asyncio.Context()
+        if config.warm_kernels:
+            self.warm = WarmPool(
+                config=config,
+                context=self._context,
+                gpu_indices=self.inventory.gpu_indices,
+                sandbox=self.sandbox,
+                cgroups=self.cgroups,
+                environments=self.environments,
+                log=self.log,
+            )
+            self.warm.start()
         #: Connections in their handshake (see :mod:`provider_host.preauth`).
         self.handshakes = HandshakeSlots(
             total=config.max_unauthenticated,
@@ -389,6 +403,8 @@ class ProviderServer:
         for ws in list(self._dialled):
             with contextlib.suppress(Exception):
                 await ws.close(CloseCode.GOING_AWAY, "provider shutting down")
+        if self.warm is not None:
+            await self.warm.close()
         if self.challenges is not None:
             await self.challenges.close()
         if self.coordinator_link is not None:
@@ -558,6 +574,12 @@ class ProviderServer:
 
     def _create_session(self, owner: Pubkey, claims: LeaseClaims | None = None) -> KernelSession:
         assert self._context is not None
+        env = None if claims is None else claims.env
+        warm = None
+        if self.warm is not None:
+            slot = self._gpus.next_free() if claims is None else self._real_gpus(claims)
+            if slot is not None:
+                warm = self.warm.take(slot, env)
         session = KernelSession(
             owner=owner,
             config=self.config,
@@ -572,6 +594,7 @@ class ProviderServer:
             environment=None if claims is None else claims.env,
             environments=self.environments,
             fetch_requirements=self._fetch_requirements,
+            warm=warm,
         )
         if claims is None:
             gpus = self._gpus.acquire(session.id)
@@ -586,6 +609,8 @@ class ProviderServer:
         except Exception:
             self.sessions.pop(session.id, None)
             self._gpus.release(session.id)
+            if self.warm is not None:
+                self.warm.release(gpus, env)
             if claims is not None and self.lease_gate is not None:
                 self.lease_gate.end(claims.lease_id)
                 self._report_session(claims.lease_id, "ended")
@@ -624,6 +649,8 @@ class ProviderServer:
     def _session_ended(self, session: KernelSession) -> None:
         self.sessions.pop(session.id, None)
         self._gpus.release(session.id)
+        if self.warm is not None:
+            self.warm.release(session.gpus, session.environment)
         lease_id = session.lease_id
         if lease_id is None or self._by_lease.get(lease_id) is not session:
             return

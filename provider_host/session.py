@@ -74,6 +74,7 @@ from .isolation import kernel_env
 from .kernel import KERNEL_PORTS, KernelProcess, kernel_endpoints
 from .sandbox import Sandbox
 from .userpool import SessionUser
+from .warm_pool import WarmKernel
 from .workspaces import create_workspace, disk_usage, remove_tree, remove_workspace
 
 __all__ = ["ENVIRONMENT_FETCH_TIMEOUT", "KernelSession"]
@@ -114,13 +115,19 @@ class KernelSession:
         environment: str | None = None,
         environments: EnvironmentCache | None = None,
         fetch_requirements: Callable[[str], Awaitable[str]] | None = None,
+        warm: WarmKernel | None = None,
     ) -> None:
         """``sandbox``: run each kernel in it (None: as the host's own user); ``cgroups``:
         give the session a memory cgroup there, which its kernels join (None: no limit).
         ``environment``: the sha256 of the course environment its kernels run in (the lease
         token's ``env``), built from ``environments`` with the text ``fetch_requirements``
-        gets (the coordinator's) before the first kernel starts; None: the host's Python."""
-        self.id = secrets.token_urlsafe(16)
+        gets (the coordinator's) before the first kernel starts; None: the host's Python.
+        ``warm``: a warm kernel (:meth:`provider_host.warm_pool.WarmPool.take`) whose id,
+        sandbox and process become the session's, claimed by the first LAUNCH."""
+        self.id = secrets.token_urlsafe(16) if warm is None else warm.id
+        self._warm = warm
+        #: True once the first LAUNCH claimed the warm kernel (it was not started cold).
+        self.warm_claimed = False
         self.owner = owner
         self.gpus = gpus
         #: The coordinator's lease this session serves (None without a coordinator).
@@ -182,26 +189,38 @@ class KernelSession:
         try:
             self._open()
         except BaseException:
+            if self._warm is not None:
+                self._warm.kernel.kill_group()  # its sandbox's files are removed below
             for sock in self._sockets.values():
                 sock.close(linger=0)
             self._remove_files()
             raise
 
     def _open(self) -> None:
-        users = self.sandbox.users if self.sandbox is not None else None
-        if users is not None:
-            self.user = users.acquire()
-        owner = None if self.user is None else (self.user.uid, self.user.gid)
-        if self._cgroups is not None:
-            self.cgroup = self._cgroups.create(self.id)
-        self._workspace_lock = create_workspace(self.workspace, owner)
-        runtime = Path(tempfile.mkdtemp(prefix="jio-"))
-        if len(str(runtime)) > _MAX_RUNTIME_DIR:
-            runtime.rmdir()
-            runtime = Path(tempfile.mkdtemp(prefix="jio-", dir="/tmp"))
-        self.runtime_dir = runtime
-        if owner is not None:
-            os.chown(runtime, *owner)  # mkdtemp made it 0700: the host (root) and the kernel
+        warm = self._warm
+        if warm is not None:  # its sandbox, fresh and never a tenant's, is this session's
+            self.user, self.cgroup, self.runtime_dir = warm.user, warm.cgroup, warm.runtime_dir
+            self._workspace_lock = warm.workspace_lock
+            if warm.environment is not None and warm.sha256 == self.environment:
+                self._environment, self._environment_hold = warm.environment, warm.environment_hold
+                warm.environment_hold = None
+            owner = None if self.user is None else (self.user.uid, self.user.gid)
+            runtime = warm.runtime_dir
+        else:
+            users = self.sandbox.users if self.sandbox is not None else None
+            if users is not None:
+                self.user = users.acquire()
+            owner = None if self.user is None else (self.user.uid, self.user.gid)
+            if self._cgroups is not None:
+                self.cgroup = self._cgroups.create(self.id)
+            self._workspace_lock = create_workspace(self.workspace, owner)
+            runtime = Path(tempfile.mkdtemp(prefix="jio-"))
+            if len(str(runtime)) > _MAX_RUNTIME_DIR:
+                runtime.rmdir()
+                runtime = Path(tempfile.mkdtemp(prefix="jio-", dir="/tmp"))
+            self.runtime_dir = runtime
+            if owner is not None:
+                os.chown(runtime, *owner)  # mkdtemp made it 0700: the host (root) and the kernel
         # Same filesystem (hard links) and same path length as the runtime directory.
         self._socket_dir = Path(tempfile.mkdtemp(prefix="jio-", dir=runtime.parent))
         endpoints = self._endpoints = kernel_endpoints(self._socket_dir)
@@ -313,6 +332,9 @@ class KernelSession:
             preparing.cancel()  # a build others wait for goes on; this session stops waiting
         try:
             async with self._kernel_lock:
+                warm, self._warm = self._warm, None
+                if warm is not None:  # never claimed
+                    await warm.discard()
                 await self._stop_kernel()
             if self.files is not None:
                 await self.files.close()
@@ -475,6 +497,22 @@ class KernelSession:
             self.log.warning("ignored environment variables the client may not set: %s", refused)
         assert self.runtime_dir is not None, "open() first"
         user = self.user
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            python = None if self._environment is None else str(self._environment.python)
+            refusal = warm.refusal(env, python)
+            if refusal is None:
+                try:
+                    await warm.claim(key=key, signature_scheme=scheme, env=env)
+                except KernelLaunchError as exc:
+                    refusal = str(exc)
+                else:
+                    self.warm_claimed = True
+                    warm.kernel.generation = generation
+                    self.log.info("kernel generation %d: warm, pid %d", generation, warm.kernel.pid)
+                    return warm.kernel, refused
+            self.log.info("warm kernel not used (%s): starting a cold one", refusal)
+            await warm.discard()
         sandbox = None
         environment = self._environment
         if self.sandbox is not None:
