@@ -270,6 +270,8 @@ class TunnelClient:
         self.features: frozenset[str] = frozenset()
         #: Handles FILES and FILE_CHUNK frames (the file channel); None: they are refused.
         self.on_files: Callable[[Frame], Awaitable[None]] | None = None
+        #: False: LAUNCH asks the host for a kernel without the state journal.
+        self.journal = True
 
     # -- state -----------------------------------------------------------------------------
 
@@ -358,7 +360,7 @@ class TunnelClient:
             # Kept by the tunnel like any frame sent while detached: the handshake sends it
             # behind HELLO, and the replay after WELCOME repeats it, which the host drops
             # as a duplicate (it acknowledges nothing before WELCOME).
-            body = _launch_body(*launch)
+            body = _launch_body(*launch, journal=self.journal)
             self._launch_answer = None
             self.tunnel.send_control(FrameKind.LAUNCH, body)
             self._pipelined_launch = body
@@ -752,7 +754,7 @@ class TunnelClient:
         within ``timeout`` seconds (the LAUNCH stays queued if the tunnel is down).
         """
         self._require_alive()
-        body = _launch_body(key, env)
+        body = _launch_body(key, env, journal=self.journal)
         pipelined, self._pipelined_launch = self._pipelined_launch, None
         if body != pipelined:  # else open() sent it already; its answer may even be here
             self._launch_answer = None
@@ -852,8 +854,11 @@ def _is_refusal(exc: BaseException) -> bool:
     )
 
 
-def _launch_body(key: str, env: Mapping[str, str]) -> dict[str, Any]:
-    return {"key": key, "signature_scheme": "hmac-sha256", "env": dict(env)}
+def _launch_body(key: str, env: Mapping[str, str], journal: bool = True) -> dict[str, Any]:
+    body: dict[str, Any] = {"key": key, "signature_scheme": "hmac-sha256", "env": dict(env)}
+    if not journal:
+        body["journal"] = False  # the kernelspec's opt-out (jupyter_io.journal)
+    return body
 
 
 def _describe(exc: BaseException) -> str:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import functools
+import shutil
 import signal
 import time
 import uuid
@@ -85,6 +86,7 @@ from .activity import KernelActivity
 from .connection import LOST_EXIT_CODE, KernelState, TunnelClient, tunnel_url
 from .facade import CHANNEL_PORT_NAMES, Facade
 from .files import NotebookFiles, default_store_root
+from .journal import LocalJournal, journal_dir
 from .lease import BudgetExhausted, KernelLease, LeaseTerms
 from .loop_thread import LoopThread
 from .progress import ProgressEvent, ProgressStep, report
@@ -275,6 +277,14 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         "settle its escrow (the provider co-signs), so that a process stopping with its "
         "kernels (Jupyter Server, the demo) leaves nothing to settle later; 0: do not wait.",
     )
+    journal = Bool(
+        True,
+        config=True,
+        help="Keep the state journal: after each cell that succeeds the kernel keeps the "
+        "variables it changed and they come back to this machine (Jupyter's data directory, "
+        "per kernel id), to be restored into a new kernel if the provider is lost "
+        "(docs/architecture.md, 'State journal'). False: the kernel keeps none.",
+    )
     sync_files = Bool(
         True,
         config=True,
@@ -380,6 +390,8 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         #: The notebook's directory as the kernel manager gave it (``cwd``), if any.
         self._cwd: str | None = None
         self._files: NotebookFiles | None = None
+        #: The state journal carried back from the kernel (``journal``; after a launch).
+        self._journal: LocalJournal | None = None
         #: Executions on the kernel, for a class's idle timeout (``docs/cohorts.md``).
         self._activity = KernelActivity()
 
@@ -717,6 +729,11 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         client = self._new_client(url, keypair, facade)
         if self._files is not None:
             self._files.attach(client)
+        client.journal = self.journal
+        if self.journal and self.kernel_id:
+            if self._journal is None:
+                self._journal = LocalJournal(journal_dir(str(self.kernel_id)), log=self.log)
+            self._journal.attach(client)  # after the files: routes its transfers past them
         self._activity.watch(client.bridge)
         self.log.info("jupyter-io: connecting to %s", self._where())
         try:
@@ -995,6 +1012,12 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         self._report(ProgressStep.ENVIRONMENT, progress.message, state=progress.state)
 
     @property
+    def state_journal(self) -> LocalJournal | None:
+        """The kernel's state journal on this machine (None: ``journal`` off, or before
+        the first launch); :func:`kernel_provisioner.journal.restore` takes it."""
+        return self._journal
+
+    @property
     def files(self) -> NotebookFiles | None:
         """The notebook directory's file channel (None: no cwd, or ``sync_files`` off)."""
         return self._files
@@ -1140,6 +1163,11 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         files, self._files = self._files, None
         if files is not None and client is not None and client.alive:
             await files.finish(self.files_timeout)
+        journal, self._journal = self._journal, None
+        if journal is not None:
+            await journal.close()
+            if not lost:  # kept only for a restore after a lost provider
+                await asyncio.to_thread(shutil.rmtree, journal.directory, True)
         if client is not None:
             if client.alive and not await client.end(self.end_timeout):
                 self.log.warning(

@@ -27,11 +27,15 @@ from jupyter_io.content_store import ContentStore
 from jupyter_io.errors import JupyterIOError, ProtocolError
 from jupyter_io.file_endpoint import FileEndpoint
 from jupyter_io.files import FileEntry, Pull, UnsafePath, check_path
+from jupyter_io.journal.snapshot import JOURNAL_DIR
 from jupyter_io.magics import REQUESTS_FILE
 
 from .workspaces import disk_usage
 
-__all__ = ["WORKSPACE_SKIP", "changed_files", "session_files", "take_requests"]
+__all__ = ["JOURNAL_PREFIX", "WORKSPACE_SKIP", "changed_files", "session_files", "take_requests"]
+
+#: Paths of the state journal (jupyter_io.journal) in a workspace.
+JOURNAL_PREFIX = JOURNAL_DIR + "/"
 
 #: Directories of a workspace never sent back unless pulled by name: the kernel's HOME
 #: state (the workspace is its HOME), caches and checkpoints.
@@ -162,6 +166,14 @@ def session_files(
 
     async def on_pull(pull: Pull) -> None:
         try:
+            if pull.paths is not None and all(p.startswith(JOURNAL_PREFIX) for p in pull.paths):
+                # The state journal's pull (kernel_provisioner.journal): its files only,
+                # leaving the kernel's %io requests to the notebook's own pull.
+                entries, _ = await asyncio.to_thread(
+                    changed_files, str(workspace), endpoint.baseline, endpoint.hashes, pull
+                )
+                await endpoint.send(entries, "pull", ident=pull.id)
+                return
             pulls, pushes = await asyncio.to_thread(take_requests, str(workspace))
             entries, held_back = await asyncio.to_thread(
                 changed_files, str(workspace), endpoint.baseline, endpoint.hashes, pull

@@ -21,7 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WARM_FLAG", "main"]
+__all__ = ["JOURNAL_EXTENSION", "WARM_FLAG", "main"]
+
+#: The IPython extension every provider kernel loads (the launch's ``journal`` option).
+JOURNAL_EXTENSION = "jupyter_io.journal.kernel_ext"
 
 
 def _app_class() -> Any:
@@ -35,6 +38,17 @@ def _app_class() -> Any:
         def init_iopub(self, context: zmq.Context[Any]) -> None:
             super().init_iopub(context)
             self.iopub_thread.socket.setsockopt(zmq.XPUB_NODROP, 1)
+
+        def init_extensions(self) -> None:
+            super().init_extensions()
+            # The state journal (jupyter_io.journal), unless the launch asked for none. A
+            # course environment's Python may lack jupyter_io: the kernel runs without it.
+            if os.environ.get("JUPYTER_IO_JOURNAL", "on") == "off" or self.shell is None:
+                return
+            try:
+                self.shell.extension_manager.load_extension(JOURNAL_EXTENSION)
+            except Exception as exc:
+                self.log.warning("the state journal is not running: %s", exc)
 
     return ProviderKernelApp
 

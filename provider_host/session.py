@@ -495,6 +495,8 @@ class KernelSession:
         )
         if refused:
             self.log.warning("ignored environment variables the client may not set: %s", refused)
+        if body.get("journal") is False:  # the kernelspec's opt-out of the state journal
+            env["JUPYTER_IO_JOURNAL"] = "off"
         assert self.runtime_dir is not None, "open() first"
         user = self.user
         warm, self._warm = self._warm, None

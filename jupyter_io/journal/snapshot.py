@@ -7,7 +7,7 @@ or a variable unchanged across cells, are stored and carried once. The manifest 
 object each name holds and which names could not be kept, with the cell that last assigned
 them::
 
-    {"version": 1, "seq": 7, "bytes": 10485912,
+    {"version": 1, "seq": 7, "covers": 7, "bytes": 10485912,
      "vars": {"w": {"sha256": "...", "kind": "torch", "size": 10485912, "cell": 3,
                     "device": "cpu"}},
      "missing": {"gen": {"cell": 4, "source": "gen = (i for i in range(3))",
@@ -38,6 +38,7 @@ __all__ = [
     "JOURNAL_DIR",
     "MANIFEST",
     "OBJECTS",
+    "QUEUED",
     "SKIPPED_NAMES",
     "Fingerprint",
     "Manifest",
@@ -53,6 +54,9 @@ __all__ = [
 JOURNAL_DIR = ".jupyter-io/journal"
 MANIFEST = "manifest.json"
 OBJECTS = "objects"
+#: Written by the kernel as it queues a snapshot: the number of snapshots queued so far. A
+#: manifest whose ``covers`` is lower is not the newest yet.
+QUEUED = "queued"
 
 #: IPython's own names in the user namespace, never journalled.
 SKIPPED_NAMES = frozenset(
@@ -186,6 +190,8 @@ class Manifest:
     seq: int = 0
     vars: dict[str, dict[str, Any]] = field(default_factory=dict)
     missing: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The kernel's count of queued snapshots this manifest includes (see :data:`QUEUED`).
+    covers: int = 0
 
     @property
     def total(self) -> int:
@@ -201,6 +207,7 @@ class Manifest:
         body = {
             "version": 1,
             "seq": self.seq,
+            "covers": self.covers,
             "bytes": self.total,
             "vars": self.vars,
             "missing": self.missing,
@@ -227,7 +234,7 @@ class Manifest:
                 or not isinstance(entry.get("size"), int)
             ):
                 raise ValueError(f"journal manifest entry {name!r} is malformed")
-        return cls(int(body.get("seq", 0)), vars_, missing)
+        return cls(int(body.get("seq", 0)), vars_, missing, int(body.get("covers", 0)))
 
     def write(self, directory: str) -> None:
         """Write ``manifest.json`` in ``directory`` by renaming a new file over it, so a
