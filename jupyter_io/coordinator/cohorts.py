@@ -63,14 +63,14 @@ from ..errors import AuthError, JupyterIOError, LeaseError
 from ..gpu_names import normalise_gpu_name
 from ..provider_link import End
 from .cohort_allowances import pool_figures
-from .cohort_tally import FinishedLeaseTally
+from .cohort_tally import FinishedLeaseTally, settled_cost
 from .lease_timers import LeaseTimers
 from .leasing import LeaseGrant, LeaseService
 from .models import CohortState, LeaseState
 from .registry import Registry
 from .scheduler import LeaseRequest, OfferIndex
 from .store import CodeRecord, CohortRecord, LeaseRecord, Store
-from .store.cohorts import gpu_seconds, lease_cost
+from .store.cohorts import gpu_seconds
 
 __all__ = [
     "QUOTA_WARNING_SECONDS",
@@ -433,7 +433,11 @@ class CohortService:
         now = self._now()
         since = week_start(now)
         week = await self.store.cohort_leases_since(cohort.id, since)
-        spent_week = sum(lease_cost(lease, since, now) for lease in week)
+        finished = [lease.id for lease in week if lease.funded and not lease.live]
+        settlements = await self.store.settlements_of(finished) if finished else {}
+        spent_week = sum(
+            settled_cost(lease, since, now, settlements.get(lease.id)) for lease in week
+        )
         spent = await self._spent_term(cohort)
         allowances: Mapping[str, dict[str, Any] | None] | None = None
         pool: dict[str, Any] = {
@@ -609,6 +613,9 @@ class CohortService:
         by_student: dict[str, list[LeaseRecord]] = {}
         for lease in leases:
             by_student.setdefault(lease.user_pubkey, []).append(lease)
+        # A finished funded lease cost what its settlement paid once that is done.
+        finished = [lease.id for lease in leases if lease.funded and not lease.live]
+        settlements = await self.store.settlements_of(finished) if finished else {}
         rows = []
         for student in students:
             mine = by_student.get(student, [])
@@ -624,7 +631,9 @@ class CohortService:
                 StudentUsage(
                     student=student,
                     gpu_seconds_week=used,
-                    cost_lamports_week=sum(lease_cost(lease, since, now) for lease in mine),
+                    cost_lamports_week=sum(
+                        settled_cost(lease, since, now, settlements.get(lease.id)) for lease in mine
+                    ),
                     live_kernels=len(live),
                     idle_seconds=idle,
                     queued=self.queued_of(cohort.id, student) if self.queued_of else 0,

@@ -127,3 +127,39 @@ async def test_a_lease_that_finishes_between_the_two_reads_counts_once(store: St
     now = at(1000)
     spent = await FinishedLeaseTally(store).cost_since(cohort.id, T0, now)
     assert spent == await full_read(store, cohort.id, now) == 390 * 1000
+
+
+async def test_a_funded_lease_costs_what_its_settlement_paid_once_it_is_done(store: Store) -> None:
+    """Billing counts fewer seconds than the lease was active when the provider reported
+    fewer (or the user acknowledged fewer): the pool paid the settled amount, on-chain, and
+    that is the term's spend. Until the settlement is done the observed cost stands, and is
+    not kept: the done amount replaces it."""
+    provider = new_key()
+    await store.upsert_provider(ProviderProfile(provider, "rig", "eu"), at=T0)
+    await store.replace_offers(provider, [OfferSpec("T4", 16 << 30, 8, 3_600_000)])
+    settings = CohortSettings(
+        name="lab", gpu_types=("T4",), max_price_lamports_per_hour=10**7,
+        term_ends_at=(T0 + timedelta(days=90)).timestamp(),
+    )  # fmt: skip
+    cohort = await store.create_cohort(
+        instructor=new_key(), settings=settings, cohort_id=new_cohort_id(), at=T0
+    )
+    made = await store.create_lease(
+        user_pubkey=new_key(), provider_pubkey=provider, gpu_model="T4", cohort_id=cohort.id,
+        at=at(0),
+    )  # fmt: skip
+    await store.record_escrow(
+        made.id, address=new_key(), deposit_lamports=10**9, signature=None, at=at(1)
+    )
+    await store.activate_lease(made.id, at=at(10))
+    await store.end_lease(made.id, "done", at=at(110))  # 100 s active: 100,000 observed
+    assert await store.enqueue_settlements(at=at(110)) == [made.id]
+    tally = FinishedLeaseTally(store)
+    now = at(1000)
+    assert await tally.cost_since(cohort.id, T0, now) == 100_000  # not settled yet
+    claimed = await store.claim_settlement(made.id, "me", until=at(200), at=at(120))
+    assert claimed
+    await store.finish_settlement(made.id, signature="sig", amount_lamports=97_000, at=at(130))
+    assert await tally.cost_since(cohort.id, T0, now) == 97_000  # 97 s billed and paid
+    assert await tally.cost_since(cohort.id, T0, now) == 97_000
+    assert tally.rows_read == 2  # read again once, then kept
