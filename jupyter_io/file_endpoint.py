@@ -186,11 +186,6 @@ class FileEndpoint:
                 # catches up (TCP pushes back), rather than queue without bound.
                 self._drained.clear()
                 await self._drained.wait()
-            if self._queued <= self.window and len(frame.parts[-1]) >= _THREAD_BYTES:
-                # The store keeps up: the sender's window moves as chunks arrive, so the
-                # window bounds only what is on its way (and ahead of a kernel message),
-                # and the next chunk travels while this one is hashed and written.
-                await self.bridge.send_ack()
             return
         body = frame.body
         try:
