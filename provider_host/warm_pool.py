@@ -164,6 +164,7 @@ class WarmPool:
         self._warm: dict[tuple[int, ...], WarmKernel] = {}
         self._arming: dict[tuple[int, ...], asyncio.Task[None]] = {}
         self._in_use: set[int] = set()
+        self._unclaimed: set[str] = set()  # ids of kernels made or being made, not yet taken
         self._closing = False
         self._disposing: set[asyncio.Task[Any]] = set()
 
@@ -177,6 +178,12 @@ class WarmPool:
     def warm(self, slot: tuple[int, ...]) -> WarmKernel | None:
         """The warm kernel waiting on ``slot``, if any."""
         return self._warm.get(slot)
+
+    def spare_workspaces(self) -> set[Path]:
+        """The workspaces of warm kernels no session has taken (being started included):
+        every other workspace under ``workspace_root`` is a session's."""
+        root = _workspace_root(self.config)
+        return {root / ident for ident in self._unclaimed}
 
     def take(self, gpus: tuple[int, ...], environment: str | None) -> WarmKernel | None:
         """The warm kernel for a new session on ``gpus`` whose lease names course environment
@@ -196,6 +203,7 @@ class WarmPool:
             else:
                 self._spawn(self._dispose(warm))
         if taken is not None:
+            self._unclaimed.discard(taken.id)
             self.stats.taken += 1
         if gpus == ():
             self._arm((), self._cached(environment))
@@ -263,6 +271,7 @@ class WarmPool:
         """Make a fresh sandbox (uid, workspace, runtime directory, cgroup) and start the
         kernel in it, exactly as a session's first kernel but waiting for its claim."""
         ident = secrets.token_urlsafe(16)
+        self._unclaimed.add(ident)
         users = self._sandbox.users if self._sandbox is not None else None
         user = users.acquire() if users is not None else None
         owner = None if user is None else (user.uid, user.gid)
@@ -322,6 +331,7 @@ class WarmPool:
             )
         except BaseException:
             _remove(workspace, lock, runtime, cgroup, user, self._sandbox, hold)
+            self._unclaimed.discard(ident)
             raise
         self.stats.armed += 1
         return WarmKernel(
@@ -352,6 +362,7 @@ class WarmPool:
             self._sandbox,
             warm.environment_hold,
         )
+        self._unclaimed.discard(warm.id)
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)

@@ -35,9 +35,10 @@ def claims_of(token: str) -> LeaseClaims:
     return LeaseClaims.from_json(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
 
 
-def workspaces(root: Path) -> list[Path]:
-    """The session workspaces under ``root``."""
-    return list(root.iterdir()) if root.exists() else []
+def workspaces(root: Path, *hosts: ProviderServer) -> list[Path]:
+    """The session workspaces under ``root`` (not those of ``hosts``' spare warm kernels)."""
+    spare = {path for host in hosts if host.warm for path in host.warm.spare_workspaces()}
+    return [path for path in root.iterdir() if path not in spare] if root.exists() else []
 
 
 async def refused(client: TunnelClient, *, resume: bool = False) -> Refused:
@@ -148,7 +149,7 @@ async def test_bad_tokens_are_refused_before_anything_exists(
     assert refusal.error is not None and refusal.error["code"] == "auth"
     assert "issued to user" in refusal.error["reason"]
     assert host.sessions == {} and other_host.sessions == {}
-    assert workspaces(workspace_root) == []
+    assert workspaces(workspace_root, host, other_host) == []
 
 
 async def test_a_lease_serves_one_session_and_users_cannot_reach_each_others_kernels(
@@ -196,7 +197,7 @@ async def test_a_lease_serves_one_session_and_users_cannot_reach_each_others_ker
         welcome = await b_client.connect(resume=True)
         assert welcome["resumed"] is True and welcome["session"] == b_session
         assert len(host.sessions) == 2
-        assert len(workspaces(workspace_root)) == 2
+        assert len(workspaces(workspace_root, host)) == 2
 
         # The coordinator ends Bob's lease: the host ends the session and refuses the token.
         session = host.sessions[b_session]
