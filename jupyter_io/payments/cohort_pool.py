@@ -44,8 +44,6 @@ I/O: :class:`CohortPoolClient` (an :class:`~jupyter_io.payments.escrow.EscrowCli
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,45 +58,39 @@ from solders.message import MessageV0, to_bytes_versioned
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 from solders.system_program import ID as SYSTEM_PROGRAM_ID
-from solders.system_program import (
-    CreateAccountWithSeedParams,
-    TransferParams,
-    create_account_with_seed,
-    transfer,
-)
 from spl.token.constants import TOKEN_PROGRAM_ID
 from spl.token.instructions import (
     approve_checked,
-    close_account,
     create_idempotent_associated_token_account,
     get_associated_token_address,
-    initialize_account3,
-    initialize_multisig2,
     revoke,
-    sync_native,
-    transfer_checked,
 )
-from spl.token.models import (
-    ApproveCheckedParams,
-    CloseAccountParams,
-    InitializeAccount3Params,
-    InitializeMultisig2Params,
-    RevokeParams,
-    SyncNativeParams,
-    TransferCheckedParams,
-)
+from spl.token.models import ApproveCheckedParams, RevokeParams
 
 from ..errors import InsufficientFunds
 from .amounts import FEE_PER_SIGNATURE, format_sol
 from .escrow import (
-    MULTISIG_THRESHOLD,
     EscrowClient,
     EscrowError,
     EscrowState,
     EscrowTerms,
     Signer,
-    escrow_seed,
-    multisig_seed,
+    close_escrow,
+    escrow_transfer,
+    opening_instructions,
+    provider_payout,
+)
+from .instructions import (
+    CREATE_WITH_SEED_TAG,
+    close_wsol,
+    compile_message,
+    create_multisig,
+    create_wsol_account,
+    derived_seed,
+    move_wsol,
+    pay_sol,
+    transfer_amounts,
+    wrap_sol,
 )
 from .token_accounts import (
     ACCOUNT_LEN,
@@ -107,9 +99,10 @@ from .token_accounts import (
     NATIVE_MINT,
     Multisig,
     TokenAccount,
-    TokenAccountState,
     decode_multisig,
     decode_token_account,
+    multisig_signer_problems,
+    wsol_account_problems,
 )
 
 __all__ = [
@@ -158,9 +151,6 @@ RemainderTo = Literal["allowance", "instructor"]
 
 _SEED_DOMAIN = b"jupyter-io/cohort/v1/"
 _Builder = Callable[[Hash], MessageV0]
-_TRANSFER_CHECKED = 12
-_SYSTEM_TRANSFER = (2).to_bytes(4, "little")
-_CREATE_WITH_SEED = (3).to_bytes(4, "little")
 
 
 class CohortPoolError(EscrowError):
@@ -170,8 +160,7 @@ class CohortPoolError(EscrowError):
 def _seed(kind: str, *parts: bytes) -> str:
     # Each part is length-prefixed: a cohort id cannot run into the keys that follow it.
     body = b"".join(len(p).to_bytes(2, "little") + p for p in parts)
-    digest = hashlib.sha256(_SEED_DOMAIN + kind.encode() + body).digest()
-    return f"jio-{kind[:2]}-" + base64.urlsafe_b64encode(digest).decode()[:25]
+    return derived_seed(_SEED_DOMAIN, kind, body)
 
 
 def allowance_seed(cohort_id: str, student: Pubkey, arbiter: Pubkey) -> str:
@@ -340,59 +329,26 @@ def _grant_instructions(grant: AllowanceGrant) -> list[Instruction]:
     instructor = terms.instructor
     instructions: list[Instruction] = []
     if grant.delegate_rent is not None:
-        instructions += [
-            create_account_with_seed(
-                CreateAccountWithSeedParams(
-                    from_pubkey=instructor,
-                    to_pubkey=terms.delegate,
-                    base=instructor,
-                    seed=delegate_seed(terms.student, terms.arbiter),
-                    lamports=grant.delegate_rent,
-                    space=MULTISIG_LEN,
-                    owner=TOKEN_PROGRAM_ID,
-                )
-            ),
-            initialize_multisig2(
-                InitializeMultisig2Params(
-                    program_id=TOKEN_PROGRAM_ID,
-                    multisig=terms.delegate,
-                    m=DELEGATE_THRESHOLD,
-                    signers=list(terms.delegate_signers),
-                )
-            ),
-        ]
+        instructions += create_multisig(
+            payer=instructor,
+            base=instructor,
+            seed=delegate_seed(terms.student, terms.arbiter),
+            address=terms.delegate,
+            rent=grant.delegate_rent,
+            threshold=DELEGATE_THRESHOLD,
+            signers=terms.delegate_signers,
+        )
     if grant.allowance_rent is not None:
-        instructions += [
-            create_account_with_seed(
-                CreateAccountWithSeedParams(
-                    from_pubkey=instructor,
-                    to_pubkey=terms.allowance,
-                    base=instructor,
-                    seed=allowance_seed(terms.cohort_id, terms.student, terms.arbiter),
-                    lamports=grant.allowance_rent + grant.lamports,
-                    space=ACCOUNT_LEN,
-                    owner=TOKEN_PROGRAM_ID,
-                )
-            ),
-            # A native account's amount is its lamports above the rent reserve: no SyncNative.
-            initialize_account3(
-                InitializeAccount3Params(
-                    program_id=TOKEN_PROGRAM_ID,
-                    account=terms.allowance,
-                    mint=NATIVE_MINT,
-                    owner=instructor,
-                )
-            ),
-        ]
+        instructions += create_wsol_account(
+            payer=instructor,
+            base=instructor,
+            seed=allowance_seed(terms.cohort_id, terms.student, terms.arbiter),
+            address=terms.allowance,
+            lamports=grant.allowance_rent + grant.lamports,
+            owner=instructor,
+        )
     elif grant.lamports > 0:
-        instructions += [
-            transfer(
-                TransferParams(
-                    from_pubkey=instructor, to_pubkey=terms.allowance, lamports=grant.lamports
-                )
-            ),
-            sync_native(SyncNativeParams(program_id=TOKEN_PROGRAM_ID, account=terms.allowance)),
-        ]
+        instructions += wrap_sol(payer=instructor, account=terms.allowance, lamports=grant.lamports)
     instructions.append(
         approve_checked(
             ApproveCheckedParams(
@@ -424,7 +380,7 @@ def fund_message(grants: Sequence[AllowanceGrant], *, blockhash: Hash) -> Messag
         if grant.lamports < 0 or grant.approve < 0:
             raise CohortPoolError("amounts must be non-negative lamports")
         instructions += _grant_instructions(grant)
-    return MessageV0.try_compile(instructor, instructions, [], blockhash)
+    return compile_message(instructor, instructions, blockhash)
 
 
 def reclaim_message(allowances: Sequence[AllowanceTerms], *, blockhash: Hash) -> MessageV0:
@@ -443,16 +399,9 @@ def reclaim_message(allowances: Sequence[AllowanceTerms], *, blockhash: Hash) ->
             revoke(
                 RevokeParams(program_id=TOKEN_PROGRAM_ID, account=terms.allowance, owner=instructor)
             ),
-            close_account(
-                CloseAccountParams(
-                    program_id=TOKEN_PROGRAM_ID,
-                    account=terms.allowance,
-                    dest=instructor,
-                    owner=instructor,
-                )
-            ),
+            close_wsol(account=terms.allowance, dest=instructor, owner=instructor),
         ]
-    return MessageV0.try_compile(instructor, instructions, [], blockhash)
+    return compile_message(instructor, instructions, blockhash)
 
 
 def transaction_size(message: MessageV0) -> int:
@@ -508,51 +457,10 @@ def funding_message(
     terms, allowance = session.escrow, session.allowance
     arbiter = terms.arbiter
     cosigners = list(allowance.delegate_signers)
-    instructions: list[Instruction] = []
-    if multisig_rent is not None:
-        instructions += [
-            create_account_with_seed(
-                CreateAccountWithSeedParams(
-                    from_pubkey=arbiter,
-                    to_pubkey=terms.multisig,
-                    base=terms.user,
-                    seed=multisig_seed(terms.provider, terms.arbiter),
-                    lamports=multisig_rent,
-                    space=MULTISIG_LEN,
-                    owner=TOKEN_PROGRAM_ID,
-                )
-            ),
-            initialize_multisig2(
-                InitializeMultisig2Params(
-                    program_id=TOKEN_PROGRAM_ID,
-                    multisig=terms.multisig,
-                    m=MULTISIG_THRESHOLD,
-                    signers=list(terms.signers),
-                )
-            ),
-        ]
-    instructions += [
-        create_account_with_seed(
-            CreateAccountWithSeedParams(
-                from_pubkey=arbiter,
-                to_pubkey=terms.escrow,
-                base=terms.user,
-                seed=escrow_seed(terms.provider, terms.arbiter, terms.session_id),
-                lamports=escrow_rent,
-                space=ACCOUNT_LEN,
-                owner=TOKEN_PROGRAM_ID,
-            )
-        ),
-        initialize_account3(
-            InitializeAccount3Params(
-                program_id=TOKEN_PROGRAM_ID,
-                account=terms.escrow,
-                mint=NATIVE_MINT,
-                owner=terms.multisig,
-            )
-        ),
-        _delegate_transfer(session, terms.escrow, deposit, cosigners),
-    ]
+    instructions = opening_instructions(
+        terms, payer=arbiter, lamports=escrow_rent, multisig_rent=multisig_rent
+    )
+    instructions.append(_delegate_transfer(session, terms.escrow, deposit, cosigners))
     if reimbursement > 0:
         instructions += [
             create_idempotent_associated_token_account(
@@ -560,40 +468,18 @@ def funding_message(
             ),
             _delegate_transfer(session, session.arbiter_wsol, reimbursement, cosigners),
         ]
-    return MessageV0.try_compile(arbiter, instructions, [], blockhash)
+    return compile_message(arbiter, instructions, blockhash)
 
 
 def _delegate_transfer(
     session: CohortSession, dest: Pubkey, amount: int, cosigners: list[Pubkey]
 ) -> Instruction:
-    return transfer_checked(
-        TransferCheckedParams(
-            program_id=TOKEN_PROGRAM_ID,
-            source=session.allowance.allowance,
-            mint=NATIVE_MINT,
-            dest=dest,
-            owner=session.allowance.delegate,
-            amount=amount,
-            decimals=NATIVE_DECIMALS,
-            signers=cosigners,
-        )
-    )
-
-
-def _escrow_transfer(
-    terms: EscrowTerms, dest: Pubkey, amount: int, cosigners: Sequence[Pubkey]
-) -> Instruction:
-    return transfer_checked(
-        TransferCheckedParams(
-            program_id=TOKEN_PROGRAM_ID,
-            source=terms.escrow,
-            mint=NATIVE_MINT,
-            dest=dest,
-            owner=terms.multisig,
-            amount=amount,
-            decimals=NATIVE_DECIMALS,
-            signers=list(cosigners),
-        )
+    return move_wsol(
+        source=session.allowance.allowance,
+        dest=dest,
+        owner=session.allowance.delegate,
+        amount=amount,
+        signers=cosigners,
     )
 
 
@@ -609,52 +495,20 @@ def _cohort_close(
 ) -> list[Instruction]:
     terms = session.escrow
     arbiter = terms.arbiter
-    instructions: list[Instruction] = []
-    if to_provider_wsol > 0:
-        if create_payout_for is not None:
-            instructions.append(
-                create_idempotent_associated_token_account(
-                    payer=create_payout_for, owner=terms.provider, mint=NATIVE_MINT
-                )
-            )
-        instructions.append(
-            _escrow_transfer(terms, terms.provider_wsol, to_provider_wsol, cosigners)
-        )
+    instructions = provider_payout(
+        terms, to_provider_wsol, cosigners, create_payout_for=create_payout_for
+    )
     if remainder > 0 and remainder_to == "allowance":
         instructions.append(
-            _escrow_transfer(terms, session.allowance.allowance, remainder, cosigners)
+            escrow_transfer(terms, session.allowance.allowance, remainder, cosigners)
         )
     # The escrow's rent (and, below, whatever is passed on) goes to the arbiter, who fronted
     # the rent; a native account closes with its balance.
-    instructions.append(
-        close_account(
-            CloseAccountParams(
-                program_id=TOKEN_PROGRAM_ID,
-                account=terms.escrow,
-                dest=arbiter,
-                owner=terms.multisig,
-                signers=list(cosigners),
-            )
-        )
-    )
+    instructions.append(close_escrow(terms, arbiter, cosigners))
     if remainder > 0 and remainder_to == "instructor":
-        instructions.append(
-            transfer(
-                TransferParams(
-                    from_pubkey=arbiter,
-                    to_pubkey=session.allowance.instructor,
-                    lamports=remainder,
-                )
-            )
-        )
+        instructions.append(pay_sol(arbiter, session.allowance.instructor, remainder))
     if provider_in_sol > 0:
-        instructions.append(
-            transfer(
-                TransferParams(
-                    from_pubkey=arbiter, to_pubkey=terms.provider, lamports=provider_in_sol
-                )
-            )
-        )
+        instructions.append(pay_sol(arbiter, terms.provider, provider_in_sol))
     return instructions
 
 
@@ -684,7 +538,7 @@ def cohort_settlement_message(
         provider_in_sol=0,
         cosigners=(terms.arbiter, terms.provider),
     )
-    return MessageV0.try_compile(terms.provider, instructions, [], blockhash)
+    return compile_message(terms.provider, instructions, blockhash)
 
 
 def cohort_refund_message(
@@ -714,7 +568,7 @@ def cohort_refund_message(
         provider_in_sol=provider_share - in_wsol,
         cosigners=(terms.user, terms.arbiter),
     )
-    return MessageV0.try_compile(terms.arbiter, instructions, [], blockhash)
+    return compile_message(terms.arbiter, instructions, blockhash)
 
 
 def match_cohort_settlement(
@@ -725,18 +579,11 @@ def match_cohort_settlement(
     then the whole message rebuilt around it and compared), to the allowance or the
     instructor, with or without creating the provider's wSOL account. What a provider checks
     before co-signing a cohort lease's settlement."""
-    remainders = {0}
     try:
         parsed = MessageV0.from_bytes(message)
     except ValueError:
         return False
-    for ix in parsed.instructions:
-        data = bytes(ix.data)
-        if len(data) == 10 and data[0] == _TRANSFER_CHECKED:
-            remainders.add(int.from_bytes(data[1:9], "little"))
-        elif len(data) == 12 and data[:4] == _SYSTEM_TRANSFER:
-            remainders.add(int.from_bytes(data[4:12], "little"))
-    for remainder in remainders:
+    for remainder in transfer_amounts(parsed):
         for to in ("allowance", "instructor"):
             for create in (True, False):
                 candidate = cohort_settlement_message(
@@ -766,7 +613,7 @@ def match_cohort_funding(session: CohortSession, deposit: int, message: bytes) -
     rents: set[int] = set()
     for ix in parsed.instructions:
         data = bytes(ix.data)
-        if keys[ix.program_id_index] != SYSTEM_PROGRAM_ID or data[:4] != _CREATE_WITH_SEED:
+        if keys[ix.program_id_index] != SYSTEM_PROGRAM_ID or data[:4] != CREATE_WITH_SEED_TAG:
             continue
         if len(data) < 44:
             return False
@@ -806,15 +653,8 @@ def match_cohort_refund(
         parsed = MessageV0.from_bytes(message)
     except ValueError:
         return False
-    remainders = {0}
-    for ix in parsed.instructions:
-        data = bytes(ix.data)
-        if len(data) == 10 and data[0] == _TRANSFER_CHECKED:
-            remainders.add(int.from_bytes(data[1:9], "little"))
-        elif len(data) == 12 and data[:4] == _SYSTEM_TRANSFER:
-            remainders.add(int.from_bytes(data[4:12], "little"))
     fee = FEE_PER_SIGNATURE * 2
-    for remainder in remainders:
+    for remainder in transfer_amounts(parsed):
         if remainder < max_remainder - fee:
             continue
         for to in ("allowance", "instructor"):
@@ -839,26 +679,13 @@ def match_cohort_refund(
 def delegate_problems(terms: AllowanceTerms, multisig: Multisig) -> list[str]:
     """What is wrong with the allowance's delegate, each naming its field; empty when it is
     exactly m = 2, n = 2, signers student and arbiter (each once, in that order or not)."""
-    problems: list[str] = []
-    if multisig.m != DELEGATE_THRESHOLD:
-        problems.append(f"threshold m = {multisig.m}, not {DELEGATE_THRESHOLD}")
-    if multisig.n != DELEGATE_THRESHOLD:
-        problems.append(f"n = {multisig.n} signers, not {DELEGATE_THRESHOLD}")
-    signers = list(multisig.signers[: multisig.n])
     roles = {terms.student: "student", terms.arbiter: "arbiter"}
-    for key in dict.fromkeys(signers):
-        count = signers.count(key)
-        if count > 1:
-            problems.append(
-                f"duplicate signer: {key} ({roles.get(key, 'a stranger')}) fills {count} slots, "
-                f"so its signature alone counts {count} times"
-            )
-        if key not in roles:
-            problems.append(f"extra signer: {key} is neither the student nor the arbiter")
-    for key, role in roles.items():
-        if key not in signers:
-            problems.append(f"the {role} {key} is not a signer")
-    return problems
+    return multisig_signer_problems(
+        multisig,
+        threshold=DELEGATE_THRESHOLD,
+        roles=roles,
+        stranger="neither the student nor the arbiter",
+    )
 
 
 def allowance_problems(terms: AllowanceTerms, token: TokenAccount, lamports: int) -> list[str]:
@@ -867,33 +694,25 @@ def allowance_problems(terms: AllowanceTerms, token: TokenAccount, lamports: int
     instructor, delegated to the [student, arbiter] multisig (or to no one, with nothing
     delegated: spent to the cap or revoked), with no close authority but the instructor, its
     amount backed by its lamports."""
-    problems: list[str] = []
-    if token.mint != NATIVE_MINT:
-        problems.append(f"wrong mint: {token.mint}, not wrapped SOL ({NATIVE_MINT})")
-    elif not token.is_native:
-        problems.append("is_native is unset: it is not a wrapped-SOL account")
-    if token.owner != terms.instructor:
-        problems.append(f"its owner is {token.owner}, not the instructor {terms.instructor}")
-    if token.state != TokenAccountState.INITIALIZED:
-        problems.append("its state is frozen")
+    authority: list[str] = []
     # No delegate with nothing delegated: spent to the cap (SPL Token clears the delegate
     # when its amount reaches 0) or revoked; nothing can be moved until a new approval.
     spent = token.delegate is None and token.delegated_amount == 0
     if token.delegate != terms.delegate and not spent:
-        problems.append(
+        authority.append(
             f"its delegate is {token.delegate}, not the student + arbiter multisig {terms.delegate}"
         )
     if token.close_authority is not None and token.close_authority != terms.instructor:
-        problems.append(
+        authority.append(
             f"it has a close authority ({token.close_authority}) other than the instructor"
         )
-    reserve = token.rent_exempt_reserve
-    if reserve is not None and token.amount + reserve > lamports:
-        problems.append(
-            f"its amount ({token.amount}) and rent reserve ({reserve}) exceed its "
-            f"{lamports} lamports"
-        )
-    return problems
+    return wsol_account_problems(
+        token,
+        lamports,
+        owner=terms.instructor,
+        owner_role="instructor",
+        authority_problems=authority,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1173,15 +992,13 @@ class CohortPoolClient(EscrowClient):
     ) -> tuple[EscrowState, RemainderTo, bool] | None:
         """The escrow (None: closed), where its remainder goes, and whether the provider
         needs its wSOL account created, for a settlement paying ``amount``."""
-        escrow, multisig, payout = await self._accounts(
-            f"settling cohort lease {session.escrow.session_id}",
-            [session.escrow.escrow, session.escrow.multisig, session.escrow.provider_wsol],
+        found = await self._escrow_to_close(
+            session.escrow, amount, f"settling cohort lease {session.escrow.session_id}"
         )
-        state = self._check_escrow(session.escrow, escrow, multisig)
-        if state is None:
+        if found is None:
             return None
-        self._check_amount(session.escrow, state, amount)
-        return state, await self.remainder_destination(session), payout is None
+        state, has_payout = found
+        return state, await self.remainder_destination(session), not has_payout
 
     async def settle_cohort(
         self, session: CohortSession, amount: int, *, arbiter: Signer, provider: Signer
@@ -1214,18 +1031,16 @@ class CohortPoolClient(EscrowClient):
         """For a refund: the escrow (None: closed), where the remainder goes, whether the
         provider has a wSOL account, and the remainder after the provider's share and the
         arbiter's fee."""
-        escrow, multisig, payout = await self._accounts(
-            f"refunding cohort lease {session.escrow.session_id}",
-            [session.escrow.escrow, session.escrow.multisig, session.escrow.provider_wsol],
+        found = await self._escrow_to_close(
+            session.escrow, provider_share, f"refunding cohort lease {session.escrow.session_id}"
         )
-        state = self._check_escrow(session.escrow, escrow, multisig)
-        if state is None:
+        if found is None:
             return None
-        self._check_amount(session.escrow, state, provider_share)
+        state, has_wsol = found
         fee = FEE_PER_SIGNATURE * 2
         remainder = max(0, state.amount - provider_share - fee)
         to = await self.remainder_destination(session)
-        return state, to, payout is not None, remainder
+        return state, to, has_wsol, remainder
 
     def refund_builder(
         self,

@@ -43,8 +43,6 @@ Start with ``async with EscrowClient.connect(url) as escrow: ...``.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -66,44 +64,39 @@ from solders.presigner import Presigner
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 from solders.system_program import ID as SYSTEM_PROGRAM_ID
-from solders.system_program import (
-    CreateAccountWithSeedParams,
-    TransferParams,
-    create_account_with_seed,
-    transfer,
-)
 from solders.transaction import VersionedTransaction
 from solders.transaction_status import TransactionStatus
 from spl.token.constants import TOKEN_PROGRAM_ID
 from spl.token.instructions import (
-    close_account,
     create_idempotent_associated_token_account,
     get_associated_token_address,
-    initialize_account3,
-    initialize_multisig2,
-    sync_native,
-    transfer_checked,
-)
-from spl.token.models import (
-    CloseAccountParams,
-    InitializeAccount3Params,
-    InitializeMultisig2Params,
-    SyncNativeParams,
-    TransferCheckedParams,
 )
 
 from ..errors import InsufficientFunds, PaymentError
 from .amounts import FEE_PER_SIGNATURE, format_sol
+from .instructions import (
+    CLOSE_ACCOUNT_TAG,
+    SYSTEM_TRANSFER_TAG,
+    TRANSFER_CHECKED_TAG,
+    close_wsol,
+    compile_message,
+    create_multisig,
+    create_wsol_account,
+    derived_seed,
+    move_wsol,
+    pay_sol,
+    wrap_sol,
+)
 from .token_accounts import (
     ACCOUNT_LEN,
     MULTISIG_LEN,
-    NATIVE_DECIMALS,
     NATIVE_MINT,
     Multisig,
     TokenAccount,
-    TokenAccountState,
     decode_multisig,
     decode_token_account,
+    multisig_signer_problems,
+    wsol_account_problems,
 )
 
 __all__ = [
@@ -118,9 +111,13 @@ __all__ = [
     "Signer",
     "TopUpReceipt",
     "TransactionFailed",
+    "close_escrow",
     "escrow_seed",
+    "escrow_transfer",
     "multisig_problems",
     "multisig_seed",
+    "opening_instructions",
+    "provider_payout",
     "refund_message",
     "settlement_message",
     "setup_message",
@@ -136,10 +133,6 @@ Signer = Keypair | Presigner
 
 _SEED_DOMAIN = b"jupyter-io/escrow/v1/"
 _VERIFIED_CACHE_SIZE = 10_000
-# Instruction tags: SPL Token's CloseAccount and TransferChecked, the System program's Transfer.
-_CLOSE_ACCOUNT = 9
-_TRANSFER_CHECKED = 12
-_SYSTEM_TRANSFER = (2).to_bytes(4, "little")
 _T = TypeVar("_T")
 _Build = Callable[[Hash], MessageV0]  # a message for a given blockhash
 
@@ -162,9 +155,7 @@ class TransactionFailed(PaymentError):
 
 
 def _seed(kind: str, *parts: bytes) -> str:
-    digest = hashlib.sha256(_SEED_DOMAIN + kind.encode() + b"".join(parts)).digest()
-    # 7 + 25 characters: the 32-byte limit of a seed; 25 base64url characters are 150 bits.
-    return f"jio-{kind[:2]}-" + base64.urlsafe_b64encode(digest).decode()[:25]
+    return derived_seed(_SEED_DOMAIN, kind, b"".join(parts))
 
 
 def multisig_seed(provider: Pubkey, arbiter: Pubkey) -> str:
@@ -303,53 +294,10 @@ def setup_message(
     ``multisig_rent`` None means the multisig already exists; otherwise it is created and
     initialised first, with that rent.
     """
-    user = terms.user
-    instructions: list[Instruction] = []
-    if multisig_rent is not None:
-        instructions += [
-            create_account_with_seed(
-                CreateAccountWithSeedParams(
-                    from_pubkey=user,
-                    to_pubkey=terms.multisig,
-                    base=user,
-                    seed=multisig_seed(terms.provider, terms.arbiter),
-                    lamports=multisig_rent,
-                    space=MULTISIG_LEN,
-                    owner=TOKEN_PROGRAM_ID,
-                )
-            ),
-            initialize_multisig2(
-                InitializeMultisig2Params(
-                    program_id=TOKEN_PROGRAM_ID,
-                    multisig=terms.multisig,
-                    m=MULTISIG_THRESHOLD,
-                    signers=list(terms.signers),
-                )
-            ),
-        ]
-    instructions += [
-        create_account_with_seed(
-            CreateAccountWithSeedParams(
-                from_pubkey=user,
-                to_pubkey=terms.escrow,
-                base=user,
-                seed=escrow_seed(terms.provider, terms.arbiter, terms.session_id),
-                lamports=escrow_rent + deposit,
-                space=ACCOUNT_LEN,
-                owner=TOKEN_PROGRAM_ID,
-            )
-        ),
-        # A native account's amount is its lamports above the rent reserve: no SyncNative.
-        initialize_account3(
-            InitializeAccount3Params(
-                program_id=TOKEN_PROGRAM_ID,
-                account=terms.escrow,
-                mint=NATIVE_MINT,
-                owner=terms.multisig,
-            )
-        ),
-    ]
-    return MessageV0.try_compile(user, instructions, [], blockhash)
+    instructions = opening_instructions(
+        terms, payer=terms.user, lamports=escrow_rent + deposit, multisig_rent=multisig_rent
+    )
+    return compile_message(terms.user, instructions, blockhash)
 
 
 def top_up_message(terms: EscrowTerms, lamports: int, *, blockhash: Hash) -> MessageV0:
@@ -359,17 +307,75 @@ def top_up_message(terms: EscrowTerms, lamports: int, *, blockhash: Hash) -> Mes
     Atomic: if the escrow is no longer a wSOL account (settled meanwhile), SyncNative fails
     and the transfer with it, so no lamport lands on a closed escrow's address.
     """
-    return MessageV0.try_compile(
-        terms.user,
-        [
-            transfer(
-                TransferParams(from_pubkey=terms.user, to_pubkey=terms.escrow, lamports=lamports)
-            ),
-            sync_native(SyncNativeParams(program_id=TOKEN_PROGRAM_ID, account=terms.escrow)),
-        ],
-        [],
-        blockhash,
+    instructions = wrap_sol(payer=terms.user, account=terms.escrow, lamports=lamports)
+    return compile_message(terms.user, instructions, blockhash)
+
+
+def opening_instructions(
+    terms: EscrowTerms, *, payer: Pubkey, lamports: int, multisig_rent: int | None
+) -> list[Instruction]:
+    """Create the escrow at the user's derived address with ``lamports`` (its rent plus
+    what it holds from the start) from ``payer``, owned by the 2-of-3 multisig; first, when
+    ``multisig_rent`` is not None, create and initialise that multisig with that rent. The
+    user's key is the base of both addresses, so the user signs."""
+    instructions: list[Instruction] = []
+    if multisig_rent is not None:
+        instructions += create_multisig(
+            payer=payer,
+            base=terms.user,
+            seed=multisig_seed(terms.provider, terms.arbiter),
+            address=terms.multisig,
+            rent=multisig_rent,
+            threshold=MULTISIG_THRESHOLD,
+            signers=terms.signers,
+        )
+    instructions += create_wsol_account(
+        payer=payer,
+        base=terms.user,
+        seed=escrow_seed(terms.provider, terms.arbiter, terms.session_id),
+        address=terms.escrow,
+        lamports=lamports,
+        owner=terms.multisig,
     )
+    return instructions
+
+
+def escrow_transfer(
+    terms: EscrowTerms, dest: Pubkey, amount: int, cosigners: Sequence[Pubkey]
+) -> Instruction:
+    """Move ``amount`` of the escrow's wSOL to the token account ``dest``; ``cosigners``
+    are the two of the multisig who sign."""
+    return move_wsol(
+        source=terms.escrow, dest=dest, owner=terms.multisig, amount=amount, signers=cosigners
+    )
+
+
+def provider_payout(
+    terms: EscrowTerms,
+    amount: int,
+    cosigners: Sequence[Pubkey],
+    *,
+    create_payout_for: Pubkey | None,
+) -> list[Instruction]:
+    """Pay ``amount`` of the escrow's wSOL into the provider's wSOL account, created first
+    (idempotently) at ``create_payout_for``'s expense when that is not None; nothing when
+    ``amount`` is 0."""
+    instructions: list[Instruction] = []
+    if amount > 0:
+        if create_payout_for is not None:
+            instructions.append(
+                create_idempotent_associated_token_account(
+                    payer=create_payout_for, owner=terms.provider, mint=NATIVE_MINT
+                )
+            )
+        instructions.append(escrow_transfer(terms, terms.provider_wsol, amount, cosigners))
+    return instructions
+
+
+def close_escrow(terms: EscrowTerms, dest: Pubkey, cosigners: Sequence[Pubkey]) -> Instruction:
+    """Close the escrow (two of the multisig, ``cosigners``, sign): its balance, wSOL and
+    rent alike, goes to ``dest``."""
+    return close_wsol(account=terms.escrow, dest=dest, owner=terms.multisig, signers=cosigners)
 
 
 def _move_and_close(
@@ -379,39 +385,8 @@ def _move_and_close(
     *,
     create_payout_for: Pubkey | None,
 ) -> list[Instruction]:
-    instructions: list[Instruction] = []
-    if amount > 0:
-        if create_payout_for is not None:
-            instructions.append(
-                create_idempotent_associated_token_account(
-                    payer=create_payout_for, owner=terms.provider, mint=NATIVE_MINT
-                )
-            )
-        instructions.append(
-            transfer_checked(
-                TransferCheckedParams(
-                    program_id=TOKEN_PROGRAM_ID,
-                    source=terms.escrow,
-                    mint=NATIVE_MINT,
-                    dest=terms.provider_wsol,
-                    owner=terms.multisig,
-                    amount=amount,
-                    decimals=NATIVE_DECIMALS,
-                    signers=list(cosigners),
-                )
-            )
-        )
-    instructions.append(
-        close_account(
-            CloseAccountParams(
-                program_id=TOKEN_PROGRAM_ID,
-                account=terms.escrow,
-                dest=terms.user,
-                owner=terms.multisig,
-                signers=list(cosigners),
-            )
-        )
-    )
+    instructions = provider_payout(terms, amount, cosigners, create_payout_for=create_payout_for)
+    instructions.append(close_escrow(terms, terms.user, cosigners))
     return instructions
 
 
@@ -439,7 +414,7 @@ def settlement_message(
         (terms.arbiter, terms.provider),
         create_payout_for=terms.provider if create_payout_account else None,
     )
-    return MessageV0.try_compile(payer, instructions, [], blockhash)
+    return compile_message(payer, instructions, blockhash)
 
 
 def refund_message(
@@ -465,14 +440,8 @@ def refund_message(
         instructions = _move_and_close(terms, provider_share, cosigners, create_payout_for=None)
     else:
         instructions = _move_and_close(terms, 0, cosigners, create_payout_for=None)
-        instructions.append(
-            transfer(
-                TransferParams(
-                    from_pubkey=terms.user, to_pubkey=terms.provider, lamports=provider_share
-                )
-            )
-        )
-    return MessageV0.try_compile(payer, instructions, [], blockhash)
+        instructions.append(pay_sol(terms.user, terms.provider, provider_share))
+    return compile_message(payer, instructions, blockhash)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,59 +455,33 @@ def multisig_problems(terms: EscrowTerms, multisig: Multisig) -> list[str]:
     The signers are compared as a list, not a set: SPL Token counts a signature once per
     slot its key fills, so a key listed twice is two of the ``m`` signatures by itself.
     """
-    problems: list[str] = []
-    if multisig.m != MULTISIG_THRESHOLD:
-        problems.append(f"threshold m = {multisig.m}, not {MULTISIG_THRESHOLD}")
-    if multisig.n != len(terms.signers):
-        problems.append(f"n = {multisig.n} signers, not {len(terms.signers)}")
-    signers = list(multisig.signers[: multisig.n])
     roles = {terms.user: "user", terms.provider: "provider", terms.arbiter: "arbiter"}
-    for key in dict.fromkeys(signers):
-        count = signers.count(key)
-        if count > 1:
-            who = roles.get(key, "a stranger")
-            problems.append(
-                f"duplicate signer: {key} ({who}) fills {count} slots, so its signature "
-                f"alone counts {count} times"
-            )
-        if key not in roles:
-            problems.append(f"extra signer: {key} is none of user, provider, arbiter")
-    for key, role in roles.items():
-        if key not in signers:
-            problems.append(f"the {role} {key} is not a signer")
-    return problems
+    return multisig_signer_problems(
+        multisig,
+        threshold=MULTISIG_THRESHOLD,
+        roles=roles,
+        stranger="none of user, provider, arbiter",
+    )
 
 
 def token_problems(terms: EscrowTerms, token: TokenAccount, lamports: int) -> list[str]:
     """What is wrong with the escrow's token account (``lamports``: the account's balance),
     each naming its field; empty when it is an initialized wrapped-SOL account owned by the
     multisig, with no delegate and no close authority, its amount backed by its lamports."""
-    problems: list[str] = []
-    if token.mint != NATIVE_MINT:
-        problems.append(f"wrong mint: {token.mint}, not wrapped SOL ({NATIVE_MINT})")
-    elif not token.is_native:
-        problems.append("is_native is unset: it is not a wrapped-SOL account")
-    if token.owner != terms.multisig:
-        problems.append(f"its owner is {token.owner}, not the multisig {terms.multisig}")
-    if token.state != TokenAccountState.INITIALIZED:
-        problems.append("its state is frozen")
+    authority: list[str] = []
     if token.delegate is not None or token.delegated_amount:
-        problems.append(
+        authority.append(
             f"it has a delegate ({token.delegate}, {token.delegated_amount} lamports "
             f"delegated), who could move funds alone"
         )
     if token.close_authority is not None and token.close_authority != terms.multisig:
-        problems.append(
+        authority.append(
             f"it has a close authority ({token.close_authority}) other than the multisig, "
             f"who could close it alone"
         )
-    reserve = token.rent_exempt_reserve
-    if reserve is not None and token.amount + reserve > lamports:
-        problems.append(
-            f"its amount ({token.amount}) and rent reserve ({reserve}) exceed its "
-            f"{lamports} lamports"
-        )
-    return problems
+    return wsol_account_problems(
+        token, lamports, owner=terms.multisig, owner_role="multisig", authority_problems=authority
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -898,12 +841,12 @@ class EscrowClient:
         for ix in message.instructions:
             program, data = keys[ix.program_id_index], bytes(ix.data)
             accounts = [keys[i] for i in bytes(ix.accounts)]
-            if program == TOKEN_PROGRAM_ID and data[:1] == bytes([_TRANSFER_CHECKED]):
+            if program == TOKEN_PROGRAM_ID and data[:1] == bytes([TRANSFER_CHECKED_TAG]):
                 if accounts[:3] == [terms.escrow, NATIVE_MINT, terms.provider_wsol]:
                     paid += int.from_bytes(data[1:9], "little")
-            elif program == TOKEN_PROGRAM_ID and data[:1] == bytes([_CLOSE_ACCOUNT]):
+            elif program == TOKEN_PROGRAM_ID and data[:1] == bytes([CLOSE_ACCOUNT_TAG]):
                 closed = closed or accounts[:1] == [terms.escrow]
-            elif program == SYSTEM_PROGRAM_ID and data[:4] == _SYSTEM_TRANSFER:
+            elif program == SYSTEM_PROGRAM_ID and data[:4] == SYSTEM_TRANSFER_TAG:
                 # From the user's refund, or (a cohort refund) from the closed escrow's
                 # lamports, passed on by the arbiter.
                 if accounts[:2] in ([terms.user, terms.provider], [terms.arbiter, terms.provider]):
@@ -1125,19 +1068,15 @@ class EscrowClient:
         self._check_parties(terms, {"arbiter": arbiter, "provider": provider})
         payer = fee_payer or terms.provider
         what = f"settling session {terms.session_id}"
-        create_payout = True
         if verified is not None and verified.address == terms.escrow:
-            state: EscrowState | None = verified
+            self._check_amount(terms, verified, amount)
+            state, create_payout = verified, True
         else:
-            (escrow, multisig, payout), _ = await asyncio.gather(
-                self._accounts(what, [terms.escrow, terms.multisig, terms.provider_wsol]),
-                self._latest_blockhash(),
-            )
-            state = self._check_escrow(terms, escrow, multisig)
-            create_payout = payout is None
-        if state is None:
-            return self._no_op(terms)
-        self._check_amount(terms, state, amount)
+            found = await self._escrow_to_close(terms, amount, what, prefetch_blockhash=True)
+            if found is None:
+                return self._no_op(terms)
+            state, has_payout = found
+            create_payout = not has_payout
 
         def build(blockhash: Hash) -> MessageV0:
             return settlement_message(
@@ -1177,14 +1116,10 @@ class EscrowClient:
         self._check_parties(terms, {"user": user, "arbiter": arbiter})
         payer = fee_payer or terms.user
         what = f"refunding session {terms.session_id}"
-        escrow, multisig, payout = await self._accounts(
-            what, [terms.escrow, terms.multisig, terms.provider_wsol]
-        )
-        state = self._check_escrow(terms, escrow, multisig)
-        if state is None:
+        found = await self._escrow_to_close(terms, provider_share, what)
+        if found is None:
             return self._no_op(terms)
-        self._check_amount(terms, state, provider_share)
-        has_wsol = payout is not None
+        state, has_wsol = found
 
         def build(blockhash: Hash) -> MessageV0:
             return refund_message(
@@ -1201,6 +1136,24 @@ class EscrowClient:
         return await self._close(
             terms, state, provider_share, build, [user, arbiter], payer, kind, what
         )
+
+    async def _escrow_to_close(
+        self, terms: EscrowTerms, amount: int, what: str, *, prefetch_blockhash: bool = False
+    ) -> tuple[EscrowState, bool] | None:
+        """The escrow as read and checked for a settlement or refund paying the provider
+        ``amount`` (:class:`EscrowError` if it holds less), and whether the provider has its
+        wSOL account; None when the escrow is closed. ``prefetch_blockhash``: fetch the
+        blockhash the message will need with the same round trip."""
+        reading = self._accounts(what, [terms.escrow, terms.multisig, terms.provider_wsol])
+        if prefetch_blockhash:
+            (escrow, multisig, payout), _ = await asyncio.gather(reading, self._latest_blockhash())
+        else:
+            escrow, multisig, payout = await reading
+        state = self._check_escrow(terms, escrow, multisig)
+        if state is None:
+            return None
+        self._check_amount(terms, state, amount)
+        return state, payout is not None
 
     async def _close(
         self,
@@ -1272,13 +1225,7 @@ class EscrowClient:
         (account,) = await self._accounts("reading the wSOL account", [address])
         if account is None:
             return None, 0
-        instructions = [
-            close_account(
-                CloseAccountParams(
-                    program_id=TOKEN_PROGRAM_ID, account=address, dest=owner, owner=owner
-                )
-            )
-        ]
+        instructions = [close_wsol(account=address, dest=owner, owner=owner)]
         returned = account.lamports
         if keep_account:
             instructions.append(
@@ -1288,7 +1235,7 @@ class EscrowClient:
             returned = token.amount if token is not None else 0
 
         def build(blockhash: Hash) -> MessageV0:
-            return MessageV0.try_compile(owner, instructions, [], blockhash)
+            return compile_message(owner, instructions, blockhash)
 
         signature = await self._submit_fresh(build, [provider], "unwrapping wSOL")
         return signature, returned

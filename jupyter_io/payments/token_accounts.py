@@ -7,6 +7,8 @@ ledger's JSON-RPC endpoint renders the same accounts for ``jsonParsed`` requests
 Call :func:`decode_token_account`, :func:`decode_mint` or :func:`decode_multisig` on an
 account's ``data``; they return ``None`` when the bytes are not that kind of account.
 :func:`native_mint_data` builds the wrapped-SOL mint that LiteSVM does not ship.
+:func:`multisig_signer_problems` and :func:`wsol_account_problems` are the field-by-field
+checks the escrow and the cohort allowances share.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ __all__ = [
     "decode_token_account",
     "mint_json",
     "multisig_json",
+    "multisig_signer_problems",
     "native_mint_data",
     "token_account_json",
     "ui_token_amount",
+    "wsol_account_problems",
 ]
 
 #: The wrapped-SOL mint (``So11111111111111111111111111111111111111112``).
@@ -156,6 +160,70 @@ def decode_multisig(data: bytes) -> Multisig | None:
         return None
     signers = tuple(Pubkey.from_bytes(data[3 + 32 * i : 35 + 32 * i]) for i in range(n))
     return Multisig(m=m, n=n, is_initialized=True, signers=signers)
+
+
+def multisig_signer_problems(
+    multisig: Multisig, *, threshold: int, roles: dict[Pubkey, str], stranger: str
+) -> list[str]:
+    """What keeps ``multisig`` from being exactly ``threshold``-of-``len(roles)`` of the keys
+    of ``roles`` (key -> role, e.g. "user"), each once, nothing else; a problem a line,
+    naming the field. ``stranger`` completes "extra signer: KEY is ...".
+
+    The signers are compared as a list, not a set: SPL Token counts a signature once per
+    slot its key fills, so a key listed twice is two of the ``m`` signatures by itself.
+    """
+    problems: list[str] = []
+    if multisig.m != threshold:
+        problems.append(f"threshold m = {multisig.m}, not {threshold}")
+    if multisig.n != len(roles):
+        problems.append(f"n = {multisig.n} signers, not {len(roles)}")
+    signers = list(multisig.signers[: multisig.n])
+    for key in dict.fromkeys(signers):
+        count = signers.count(key)
+        if count > 1:
+            who = roles.get(key, "a stranger")
+            problems.append(
+                f"duplicate signer: {key} ({who}) fills {count} slots, so its signature "
+                f"alone counts {count} times"
+            )
+        if key not in roles:
+            problems.append(f"extra signer: {key} is {stranger}")
+    for key, role in roles.items():
+        if key not in signers:
+            problems.append(f"the {role} {key} is not a signer")
+    return problems
+
+
+def wsol_account_problems(
+    token: TokenAccount,
+    lamports: int,
+    *,
+    owner: Pubkey,
+    owner_role: str,
+    authority_problems: list[str],
+) -> list[str]:
+    """What keeps ``token`` (an account holding ``lamports``) from being an initialized
+    wrapped-SOL account of ``owner`` (named "the ``owner_role``" in the text) with its amount
+    backed by its lamports, each naming its field, in the order mint, owner, state, then
+    ``authority_problems`` (the caller's delegate and close-authority findings), then the
+    amount."""
+    problems: list[str] = []
+    if token.mint != NATIVE_MINT:
+        problems.append(f"wrong mint: {token.mint}, not wrapped SOL ({NATIVE_MINT})")
+    elif not token.is_native:
+        problems.append("is_native is unset: it is not a wrapped-SOL account")
+    if token.owner != owner:
+        problems.append(f"its owner is {token.owner}, not the {owner_role} {owner}")
+    if token.state != TokenAccountState.INITIALIZED:
+        problems.append("its state is frozen")
+    problems += authority_problems
+    reserve = token.rent_exempt_reserve
+    if reserve is not None and token.amount + reserve > lamports:
+        problems.append(
+            f"its amount ({token.amount}) and rent reserve ({reserve}) exceed its "
+            f"{lamports} lamports"
+        )
+    return problems
 
 
 def native_mint_data() -> bytes:
