@@ -115,6 +115,7 @@ class LocalJournal:
         self._ids: dict[str, FileEndpoint] = {}
         self._pulling: asyncio.Task[None] | None = None
         self._again = False
+        self._sync_lock = asyncio.Lock()
         #: The newest complete manifest (None before the first).
         self.complete: Manifest | None = self._read_complete()
         #: Set whenever a new complete manifest is here.
@@ -193,6 +194,10 @@ class LocalJournal:
     async def sync(self, timeout: float | None = None) -> Manifest | None:
         """Bring the kernel's journal here, as of the snapshots it has queued so far (waits
         for the kernel's writer); return the newest complete manifest."""
+        async with self._sync_lock:  # one at a time: each pull places the same paths
+            return await self._sync(timeout)
+
+    async def _sync(self, timeout: float | None) -> Manifest | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout or self.timeout)
         delay = 0.02
@@ -200,12 +205,13 @@ class LocalJournal:
         while True:
             await self._pull([f"{JOURNAL_DIR}/{MANIFEST}", f"{JOURNAL_DIR}/{QUEUED}"])
             manifest, queued = await asyncio.to_thread(self._read_remote, remote)
-            if manifest is None:
-                return self.complete
-            if manifest.covers >= queued or loop.time() + delay > deadline:
+            covers = manifest.covers if manifest is not None else 0
+            if covers >= queued or loop.time() + delay > deadline:
                 break
             await asyncio.sleep(delay)  # the kernel's writer is at work: nothing to await
             delay = min(delay * 2, 0.5)
+        if manifest is None:
+            return self.complete
         if (
             self.complete is not None
             and manifest.seq == self.complete.seq
@@ -221,11 +227,10 @@ class LocalJournal:
 
     @staticmethod
     def _read_remote(remote: str) -> tuple[Manifest | None, int]:
-        try:
+        manifest: Manifest | None = None
+        with contextlib.suppress(FileNotFoundError):
             with open(os.path.join(remote, MANIFEST), encoding="utf-8") as f:
                 manifest = Manifest.parse(f.read())
-        except FileNotFoundError:
-            return None, 0
         try:
             with open(os.path.join(remote, QUEUED), encoding="ascii") as f:
                 queued = int(f.read(32) or 0)

@@ -95,17 +95,29 @@ class Journal:
         present: set[str] = set()
         excluded = self.excluded
         for name, value in list(self.shell.user_ns.items()):
+            old = prints.get(name)
+            if (
+                old is not None
+                and old[1] == id(value)
+                and old[0] != "torch"
+                and name not in mentioned
+                and name not in excluded
+            ):
+                present.add(name)  # the fast path: the same object, not named by the cell
+                continue
             if name in excluded or not is_user_variable(name, value):
                 continue
             present.add(name)
             fp = fingerprint(value)
-            if prints.get(name) == fp and (fp[0] == "torch" or name not in mentioned):
+            if old == fp and (fp[0] == "torch" or name not in mentioned):
                 continue
             prints[name] = fp
             changed[name] = (value, cell, source)
-        for name in [n for n in prints if n not in present]:
-            del prints[name]
-        if changed or present != set(self.manifest.vars) | set(self.manifest.missing):
+        removed = len(prints) != len(present)
+        if removed:
+            for name in [n for n in prints if n not in present]:
+                del prints[name]
+        if changed or removed:
             with self._lock:
                 self._pending.update(changed)
                 self._present = present
@@ -283,8 +295,11 @@ def journal_magic(words: list[str]) -> str:
         return journal.status()
     if verb in ("exclude", "include") and names:
         for name in names:
-            (journal.excluded.add if verb == "exclude" else journal.excluded.discard)(name)
-            journal._prints.pop(name, None)
+            if verb == "exclude":
+                journal.excluded.add(name)  # still seen: the next check drops it
+            else:
+                journal.excluded.discard(name)
+                journal._prints.pop(name, None)  # unseen: the next check keeps it
         journal.post_run_cell(_Resync())  # drop excluded names from the journal now
         return f"{verb}d: {', '.join(names)}"
     return "usage: %io journal on | off | status | exclude NAME... | include NAME..."
