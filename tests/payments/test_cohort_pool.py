@@ -15,8 +15,8 @@ from solders.keypair import Keypair
 from solders.message import MessageV0
 from solders.pubkey import Pubkey
 from spl.token.constants import TOKEN_PROGRAM_ID
-from spl.token.instructions import approve_checked, transfer_checked
-from spl.token.models import ApproveCheckedParams, TransferCheckedParams
+from spl.token.instructions import approve_checked
+from spl.token.models import ApproveCheckedParams
 
 from jupyter_io.errors import InsufficientFunds
 from jupyter_io.payments.amounts import FEE_PER_SIGNATURE, LAMPORTS_PER_SOL
@@ -38,6 +38,7 @@ from jupyter_io.payments.cohort_pool import (
     transaction_size,
 )
 from jupyter_io.payments.escrow import TransactionFailed
+from jupyter_io.payments.instructions import compile_message, move_wsol
 from jupyter_io.payments.token_accounts import (
     ACCOUNT_LEN,
     MULTISIG_LEN,
@@ -318,19 +319,10 @@ def _steal(
     payer: Pubkey,
     blockhash: Hash,
 ) -> MessageV0:
-    ix = transfer_checked(
-        TransferCheckedParams(
-            program_id=TOKEN_PROGRAM_ID,
-            source=terms.allowance,
-            mint=NATIVE_MINT,
-            dest=dest,
-            owner=terms.delegate,
-            amount=amount,
-            decimals=NATIVE_DECIMALS,
-            signers=signers,
-        )
+    ix = move_wsol(
+        source=terms.allowance, dest=dest, owner=terms.delegate, amount=amount, signers=signers
     )
-    return MessageV0.try_compile(payer, [ix], [], blockhash)
+    return compile_message(payer, [ix], blockhash)
 
 
 async def _wsol_account(pool: Pool, owner: Keypair) -> Pubkey:

@@ -21,21 +21,16 @@ from solders.message import MessageV0
 from solders.null_signer import NullSigner
 from solders.pubkey import Pubkey
 from solders.signature import Signature
-from solders.system_program import CreateAccountWithSeedParams, create_account_with_seed
 from solders.transaction import VersionedTransaction
 from spl.token.constants import TOKEN_PROGRAM_ID
 from spl.token.instructions import (
     close_account,
     create_idempotent_associated_token_account,
     get_associated_token_address,
-    initialize_account3,
-    initialize_multisig2,
     transfer_checked,
 )
 from spl.token.models import (
     CloseAccountParams,
-    InitializeAccount3Params,
-    InitializeMultisig2Params,
     TransferCheckedParams,
 )
 
@@ -51,6 +46,7 @@ from jupyter_io.payments.escrow import (
     settlement_message,
     setup_message,
 )
+from jupyter_io.payments.instructions import compile_message, create_multisig, create_wsol_account
 from jupyter_io.payments.token_accounts import ACCOUNT_LEN, MULTISIG_LEN, NATIVE_MINT
 
 from .conftest import Books, Chain, Parties
@@ -446,30 +442,16 @@ async def test_verify_refuses_an_escrow_that_is_not_as_agreed(
     user = parties.user
     rent = (await chain.client.get_minimum_balance_for_rent_exemption(ACCOUNT_LEN)).value
     blockhash = (await chain.client.get_latest_blockhash()).value.blockhash
-    fake = MessageV0.try_compile(
+    fake = compile_message(
         user.pubkey(),
-        [
-            create_account_with_seed(
-                CreateAccountWithSeedParams(
-                    from_pubkey=user.pubkey(),
-                    to_pubkey=terms.escrow,
-                    base=user.pubkey(),
-                    seed=escrow_seed(terms.provider, terms.arbiter, terms.session_id),
-                    lamports=rent + DEPOSIT,
-                    space=ACCOUNT_LEN,
-                    owner=TOKEN_PROGRAM_ID,
-                )
-            ),
-            initialize_account3(
-                InitializeAccount3Params(
-                    program_id=TOKEN_PROGRAM_ID,
-                    account=terms.escrow,
-                    mint=NATIVE_MINT,
-                    owner=user.pubkey(),
-                )
-            ),
-        ],
-        [],
+        create_wsol_account(
+            payer=user.pubkey(),
+            base=user.pubkey(),
+            seed=escrow_seed(terms.provider, terms.arbiter, terms.session_id),
+            address=terms.escrow,
+            lamports=rent + DEPOSIT,
+            owner=user.pubkey(),
+        ),
         blockhash,
     )
     await chain.escrow.submit(fake, [user])
@@ -479,30 +461,17 @@ async def test_verify_refuses_an_escrow_that_is_not_as_agreed(
     # Or a 1-of-3 "multisig" at the multisig's address (another triple), owning an escrow.
     sneaky = EscrowTerms(user.pubkey(), terms.provider, Keypair().pubkey(), "lease-sneaky")
     ms_rent = (await chain.client.get_minimum_balance_for_rent_exemption(MULTISIG_LEN)).value
-    weak = MessageV0.try_compile(
+    weak = compile_message(
         user.pubkey(),
-        [
-            create_account_with_seed(
-                CreateAccountWithSeedParams(
-                    from_pubkey=user.pubkey(),
-                    to_pubkey=sneaky.multisig,
-                    base=user.pubkey(),
-                    seed=multisig_seed(sneaky.provider, sneaky.arbiter),
-                    lamports=ms_rent,
-                    space=MULTISIG_LEN,
-                    owner=TOKEN_PROGRAM_ID,
-                )
-            ),
-            initialize_multisig2(
-                InitializeMultisig2Params(
-                    program_id=TOKEN_PROGRAM_ID,
-                    multisig=sneaky.multisig,
-                    m=1,
-                    signers=list(sneaky.signers),
-                )
-            ),
-        ],
-        [],
+        create_multisig(
+            payer=user.pubkey(),
+            base=user.pubkey(),
+            seed=multisig_seed(sneaky.provider, sneaky.arbiter),
+            address=sneaky.multisig,
+            rent=ms_rent,
+            threshold=1,
+            signers=sneaky.signers,
+        ),
         blockhash,
     )
     await chain.escrow.submit(weak, [user])
