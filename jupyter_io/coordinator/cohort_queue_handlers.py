@@ -21,7 +21,9 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from .cohort_queue import NotTicketOwner, TicketNotFound
+from solders.pubkey import Pubkey
+
+from .cohort_queue import NotTicketOwner, Ticket, TicketNotFound
 from .cohort_reservations import (
     MAX_RESERVATIONS_PER_COHORT,
     parse_reservation,
@@ -58,22 +60,31 @@ class _CohortApi(_ApiHandler):
 
 
 class QueueTicketHandler(_CohortApi):
+    def owned_ticket(self, cohort_id: str, ticket_id: str, user: Pubkey) -> Ticket | None:
+        """The signer's ticket ``ticket_id`` of this cohort; None after answering 403
+        (another student's) or 404 (unknown, or of another cohort)."""
+        try:
+            ticket = self.scheduling.queue.owned(ticket_id, str(user))
+            if ticket.cohort != cohort_id:
+                raise TicketNotFound(f"queue ticket {ticket_id} is not of class {cohort_id}")
+        except NotTicketOwner as exc:
+            self.fail(403, "forbidden", str(exc))
+            return None
+        except TicketNotFound as exc:
+            self.fail(404, "not_found", str(exc))
+            return None
+        return ticket
+
     def get(self, cohort_id: str, ticket_id: str) -> None:
         user = self.signed()
         if user is None:
             return
+        ticket = self.owned_ticket(cohort_id, ticket_id, user)
+        if ticket is None:
+            return
         scheduling = self.scheduling
         try:
-            ticket = scheduling.queue.owned(ticket_id, str(user))
-            if ticket.cohort != cohort_id:
-                raise TicketNotFound(f"queue ticket {ticket_id} is not of class {cohort_id}")
             body = scheduling.ticket_json(ticket, scheduling.max_session(cohort_id))
-        except NotTicketOwner as exc:
-            self.fail(403, "forbidden", str(exc))
-            return
-        except TicketNotFound as exc:
-            self.fail(404, "not_found", str(exc))
-            return
         except TicketGone as exc:
             self.fail(410, "gone", str(exc))
             return
@@ -83,18 +94,10 @@ class QueueTicketHandler(_CohortApi):
         user = self.signed(once=True)
         if user is None:
             return
-        scheduling = self.scheduling
-        try:
-            ticket = scheduling.queue.owned(ticket_id, str(user))
-            if ticket.cohort != cohort_id:
-                raise TicketNotFound(f"queue ticket {ticket_id} is not of class {cohort_id}")
-        except NotTicketOwner as exc:
-            self.fail(403, "forbidden", str(exc))
+        ticket = self.owned_ticket(cohort_id, ticket_id, user)
+        if ticket is None:
             return
-        except TicketNotFound as exc:
-            self.fail(404, "not_found", str(exc))
-            return
-        cancelled = scheduling.cancel(ticket)
+        cancelled = self.scheduling.cancel(ticket)
         self.send_json({"ticket": ticket.id, "state": ticket.state.value, "cancelled": cancelled})
 
 
