@@ -497,6 +497,8 @@ class KernelSession:
             self.log.warning("ignored environment variables the client may not set: %s", refused)
         if body.get("journal") is False:  # the kernelspec's opt-out of the state journal
             env["JUPYTER_IO_JOURNAL"] = "off"
+        elif self.config.max_workspace_bytes > 0:  # the journal lives in the workspace
+            env["JUPYTER_IO_JOURNAL_MAX_BYTES"] = str(self.config.max_workspace_bytes // 2)
         assert self.runtime_dir is not None, "open() first"
         user = self.user
         warm, self._warm = self._warm, None
