@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
@@ -148,6 +148,7 @@ MAX_ACCOUNTS_PER_CALL = 100
 #: Where a cohort escrow's unspent remainder goes: the allowance, or (allowance reclaimed)
 #: the instructor's wallet.
 RemainderTo = Literal["allowance", "instructor"]
+_REMAINDER_TO: tuple[RemainderTo, ...] = ("allowance", "instructor")
 
 _SEED_DOMAIN = b"jupyter-io/cohort/v1/"
 _Builder = Callable[[Hash], MessageV0]
@@ -583,18 +584,31 @@ def match_cohort_settlement(
         parsed = MessageV0.from_bytes(message)
     except ValueError:
         return False
-    for remainder in transfer_amounts(parsed):
-        for to in ("allowance", "instructor"):
-            for create in (True, False):
-                candidate = cohort_settlement_message(
-                    session,
-                    amount,
-                    remainder=remainder,
-                    remainder_to=to,
-                    blockhash=blockhash,
-                    create_payout_account=create,
-                )
-                if bytes(candidate) == message:
+
+    def build(remainder: int, to: RemainderTo, create: bool) -> MessageV0:
+        return cohort_settlement_message(
+            session,
+            amount,
+            remainder=remainder,
+            remainder_to=to,
+            blockhash=blockhash,
+            create_payout_account=create,
+        )
+
+    return _rebuilds(message, transfer_amounts(parsed), build)
+
+
+def _rebuilds(
+    message: bytes,
+    remainders: Iterable[int],
+    build: Callable[[int, RemainderTo, bool], MessageV0],
+) -> bool:
+    """True when ``build(remainder, to, flag)`` is ``message`` byte for byte for one of
+    ``remainders``, either destination of the remainder and either value of the flag."""
+    for remainder in remainders:
+        for to in _REMAINDER_TO:
+            for flag in (True, False):
+                if bytes(build(remainder, to, flag)) == message:
                     return True
     return False
 
@@ -654,22 +668,19 @@ def match_cohort_refund(
     except ValueError:
         return False
     fee = FEE_PER_SIGNATURE * 2
-    for remainder in transfer_amounts(parsed):
-        if remainder < max_remainder - fee:
-            continue
-        for to in ("allowance", "instructor"):
-            for has_wsol in (True, False):
-                candidate = cohort_refund_message(
-                    session,
-                    provider_share,
-                    remainder=remainder,
-                    remainder_to=to,
-                    provider_has_wsol_account=has_wsol,
-                    blockhash=parsed.recent_blockhash,
-                )
-                if bytes(candidate) == message:
-                    return True
-    return False
+    remainders = [r for r in transfer_amounts(parsed) if r >= max_remainder - fee]
+
+    def build(remainder: int, to: RemainderTo, has_wsol: bool) -> MessageV0:
+        return cohort_refund_message(
+            session,
+            provider_share,
+            remainder=remainder,
+            remainder_to=to,
+            provider_has_wsol_account=has_wsol,
+            blockhash=parsed.recent_blockhash,
+        )
+
+    return _rebuilds(message, remainders, build)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -86,6 +86,22 @@ def compile_message(
     return MessageV0.try_compile(payer, list(instructions), [], blockhash)
 
 
+def _create_token_program_account(
+    payer: Pubkey, base: Pubkey, seed: str, address: Pubkey, lamports: int, space: int
+) -> Instruction:
+    return create_account_with_seed(
+        CreateAccountWithSeedParams(
+            from_pubkey=payer,
+            to_pubkey=address,
+            base=base,
+            seed=seed,
+            lamports=lamports,
+            space=space,
+            owner=TOKEN_PROGRAM_ID,
+        )
+    )
+
+
 def create_multisig(
     *,
     payer: Pubkey,
@@ -99,17 +115,7 @@ def create_multisig(
     """Create the SPL multisig at ``address`` (derived from ``base`` and ``seed``; ``payer``
     pays ``rent``) and initialise it ``threshold``-of-``signers``, in that order."""
     return [
-        create_account_with_seed(
-            CreateAccountWithSeedParams(
-                from_pubkey=payer,
-                to_pubkey=address,
-                base=base,
-                seed=seed,
-                lamports=rent,
-                space=MULTISIG_LEN,
-                owner=TOKEN_PROGRAM_ID,
-            )
-        ),
+        _create_token_program_account(payer, base, seed, address, rent, MULTISIG_LEN),
         initialize_multisig2(
             InitializeMultisig2Params(
                 program_id=TOKEN_PROGRAM_ID,
@@ -135,17 +141,7 @@ def create_wsol_account(
     initialise it for ``owner``. A native account's amount is its lamports above the rent
     reserve: no SyncNative needed."""
     return [
-        create_account_with_seed(
-            CreateAccountWithSeedParams(
-                from_pubkey=payer,
-                to_pubkey=address,
-                base=base,
-                seed=seed,
-                lamports=lamports,
-                space=ACCOUNT_LEN,
-                owner=TOKEN_PROGRAM_ID,
-            )
-        ),
+        _create_token_program_account(payer, base, seed, address, lamports, ACCOUNT_LEN),
         initialize_account3(
             InitializeAccount3Params(
                 program_id=TOKEN_PROGRAM_ID,
