@@ -102,12 +102,15 @@ class LocalJournal:
         *,
         window: int = 2 * 1024**2,
         timeout: float = 120.0,
+        max_bytes: int = 8 * 1024**3,
         log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     ) -> None:
         self.directory = directory
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self.window = window
         self.timeout = timeout
+        #: Most bytes of objects a journal may name to be brought here.
+        self.max_bytes = max_bytes
         self.log = log or logging.getLogger(__name__)
         self.endpoint: FileEndpoint | None = None
         self._client: TunnelClient | None = None
@@ -153,6 +156,9 @@ class LocalJournal:
             return previous(frame)
 
         client.on_files = route
+        # A provider answers a journal pull with journal files only; anything else it offers
+        # is refused (it could only land in this directory, never run: see docs).
+        self.endpoint.refuse_path = _outside_journal
         tap = client.bridge.taps.get(Channel.SHELL)
         client.bridge.taps[Channel.SHELL] = _with_tap(self._tap, tap)
 
@@ -212,6 +218,11 @@ class LocalJournal:
             delay = min(delay * 2, 0.5)
         if manifest is None:
             return self.complete
+        if manifest.total > self.max_bytes:
+            raise JupyterIOError(
+                f"the kernel's journal names {manifest.total:,} bytes, over this machine's "
+                f"cap of {self.max_bytes:,} (journal_max_bytes); it was not brought back"
+            )
         if (
             self.complete is not None
             and manifest.seq == self.complete.seq
@@ -323,6 +334,12 @@ def _stage(source: str, staging: str) -> list[FileEntry]:
         f.write(text)
     paths.append(f"{JOURNAL_DIR}/{MANIFEST}")  # last: the objects it names are there first
     return [_file_entry(staging, p) for p in paths]
+
+
+def _outside_journal(path: str) -> str | None:
+    if path.startswith(JOURNAL_DIR + "/"):
+        return None
+    return "not a file of the state journal"
 
 
 def _listing(directory: str) -> set[str]:

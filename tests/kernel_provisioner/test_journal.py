@@ -5,13 +5,16 @@ into a kernel on a second provider, and what could not be kept is named with its
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from jupyter_core.paths import jupyter_data_dir
 
+from jupyter_io.errors import JupyterIOError
 from jupyter_io.journal.snapshot import JOURNAL_DIR, OBJECTS
 from kernel_provisioner.journal import LocalJournal, restore
 from kernel_provisioner.provisioner import RemoteKernelProvisioner
@@ -117,5 +120,26 @@ async def test_a_kernelspec_opts_out(
             "os.path.exists(os.path.expanduser('~/.jupyter-io/journal')))",
         )
         assert ex.stream().strip() == "False False"
+    finally:
+        kc.stop_channels()
+
+
+async def test_a_journal_over_the_local_cap_is_not_brought_back(
+    provider_host: Any, kernelspecs: Any, start_kernel: Any, cells: Any
+) -> None:
+    # The provider is not trusted with this machine's disk: a manifest naming more than the
+    # local cap is refused before any object is pulled.
+    spec = kernelspecs.install("io-jcap", provider_host.url, provider_host.user_keypair_path)
+    km = await start_kernel(spec)
+    kc = await cells.connect(km)
+    journal = _journal(km)
+    journal.max_bytes = 100_000
+    try:
+        await _run(cells, kc, "import numpy as np\nsmall = 1\nbig = np.zeros(50_000)")
+        with pytest.raises(JupyterIOError, match="over this machine's cap"):
+            await journal.sync(60)
+        objects = os.path.join(journal.directory, JOURNAL_DIR, OBJECTS)
+        assert not await asyncio.to_thread(os.path.exists, objects)
+        assert journal.complete is None
     finally:
         kc.stop_channels()
