@@ -104,6 +104,11 @@ def start_provider_host(
     host_path = write_keypair(host_key, tmp / "host.json")
     workspace = tmp / "workspace"
     workspace.mkdir(exist_ok=True)
+    if not any("warm" in arg for arg in extra_args):
+        # These tests tell a session's kernel by the processes new since it started; the
+        # spare warm kernel armed for the next lease would be one more (warm kernels are
+        # tested in tests/provider_host/test_warm_kernels.py and test_provisioner.py).
+        extra_args = [*extra_args, "--no-warm-kernels"]
     cmd = [
         sys.executable,
         "-m",

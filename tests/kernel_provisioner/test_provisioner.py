@@ -374,3 +374,20 @@ async def _assert_welcomed(info: dict[str, Any]) -> None:
     finally:
         sub.close()
         context.term()
+
+
+async def test_a_remote_kernel_started_through_jupyter_is_the_hosts_warm_kernel(
+    kernelspecs: Any, start_host: Any, start_kernel: Any, cells: Any
+) -> None:
+    # Warm kernels on (the host's default; this module's other hosts turn them off).
+    host = start_host("--ProviderConfig.warm_kernels=True", "--log-level=INFO")
+    name = kernelspecs.install("io-remote-warm", host.url, host.user_keypair_path)
+    km = await start_kernel(name)
+    kc = await cells.connect(km)
+    try:
+        assert (await cells.run(kc, "print(1)")).stream() == "1\n"
+    finally:
+        kc.stop_channels()
+    # The host's word that the first LAUNCH claimed the kernel it had started beforehand,
+    # whose pid the provisioner was told; the teardown checks that none outlives the host.
+    assert f"kernel generation 1: warm, pid {km.provisioner.kernel_pid}" in host.stderr()
