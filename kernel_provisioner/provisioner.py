@@ -285,6 +285,12 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         "per kernel id), to be restored into a new kernel if the provider is lost "
         "(docs/architecture.md, 'State journal'). False: the kernel keeps none.",
     )
+    journal_max_bytes = Int(
+        8 * 1024**3,
+        config=True,
+        help="Most bytes of variables a kernel's state journal may name to be brought to this "
+        "machine; a larger journal is not brought back (the kernel's own cap is lower).",
+    )
     sync_files = Bool(
         True,
         config=True,
@@ -732,7 +738,9 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         client.journal = self.journal
         if self.journal and self.kernel_id:
             if self._journal is None:
-                self._journal = LocalJournal(journal_dir(str(self.kernel_id)), log=self.log)
+                self._journal = LocalJournal(
+                    journal_dir(str(self.kernel_id)), max_bytes=self.journal_max_bytes, log=self.log
+                )
             self._journal.attach(client)  # after the files: routes its transfers past them
         self._activity.watch(client.bridge)
         self.log.info("jupyter-io: connecting to %s", self._where())
