@@ -394,6 +394,8 @@ class ProviderServer:
         self._closing = True
         if self._server is not None:
             self._server.server.close()  # no new TCP connections from here on
+        if self.warm is not None:
+            await self.warm.close()  # first: sessions that end re-arm no slot
         sessions = list(self.sessions.values())
         if sessions:
             await asyncio.gather(
@@ -403,8 +405,6 @@ class ProviderServer:
         for ws in list(self._dialled):
             with contextlib.suppress(Exception):
                 await ws.close(CloseCode.GOING_AWAY, "provider shutting down")
-        if self.warm is not None:
-            await self.warm.close()
         if self.challenges is not None:
             await self.challenges.close()
         if self.coordinator_link is not None:

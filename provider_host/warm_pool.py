@@ -219,12 +219,12 @@ class WarmPool:
                 self._arm(slot, self._cached(environment) if slot == gpus else None)
 
     async def close(self) -> None:
-        """Stop arming and kill every warm kernel, its sandbox's files removed."""
+        """Stop arming and kill every warm kernel no session took, its sandbox's files
+        removed. Call it before ending the sessions (their ends would arm slots again)."""
         self._closing = True
-        arming = list(self._arming.values())
-        for task in arming:
-            task.cancel()
-        await asyncio.gather(*arming, return_exceptions=True)
+        # Not cancelled: a start cut short could leave its process unknown to anyone; each
+        # arming disposes of its kernel itself once it sees the pool closing.
+        await asyncio.gather(*self._arming.values(), return_exceptions=True)
         warm, self._warm = list(self._warm.values()), {}
         await asyncio.gather(
             *(self._dispose(w) for w in warm), *self._disposing, return_exceptions=True

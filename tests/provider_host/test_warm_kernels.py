@@ -15,7 +15,7 @@ from jupyter_io.protocol import FrameKind
 from provider_host.server import ProviderServer
 from provider_host.warm_pool import WarmKernel, WarmPool, start_env_differs
 
-from .conftest import TunnelClient, pid_alive, wait_until
+from .conftest import TunnelClient, pid_alive, sandbox_processes, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -163,4 +163,17 @@ async def test_shutdown_kills_warm_kernels_and_removes_their_sandboxes(make_host
         assert not pid_alive(pid)
     for path in (spare.workspace, spare.runtime_dir, claimed.workspace):
         assert not path.exists()
+    assert os.listdir(host.config.workspace_root) == []
+
+
+async def test_shutdown_while_a_warm_kernel_starts_leaves_no_process(make_host):
+    host = await make_host()  # its slot is being armed as shutdown begins
+    await host.shutdown()
+    launchers = [
+        pid
+        for pid, argv in sandbox_processes(os.getpid())
+        if "provider_host.kernel_launcher" in argv
+    ]
+    assert launchers == []
+    assert host.warm is not None and host.warm.stats.armed == host.warm.stats.discarded
     assert os.listdir(host.config.workspace_root) == []
