@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import socket
 import sqlite3
@@ -533,3 +534,49 @@ def test_a_bad_solana_url_names_the_setting() -> None:
     with pytest.raises(TraitError, match="solana_url 'ftp://x' must be a Solana JSON-RPC URL"):
         CoordinatorConfig(solana_url="ftp://x")
     assert CoordinatorConfig().payments == "escrow"  # the default: never free by accident
+
+
+async def test_a_lease_of_two_gpus_costs_two_gpus_an_hour(
+    start_coordinator: Starter, providers: list[FakeProvider]
+) -> None:
+    """Offers are quoted per GPU-hour; a lease of N GPUs costs N times that: its deposit, its
+    billing and the price its token gives the provider (who co-signs by it) all say so."""
+    server = await start_coordinator(payments="escrow")
+    provider = FakeProvider(server.url, [gpu_offer(price=PRICE, count=2)])
+    providers.append(provider)
+    await provider.connect()
+    user = Keypair()
+    escrow = EscrowClient.connect(server.solana_url)
+    api = Api(server.url, user)
+    try:
+        await escrow.airdrop(user.pubkey(), LAMPORTS_PER_SOL)
+        code, grant = await api("POST", "/api/v1/leases", {"gpu": "RTX 4090", "gpus": 2})
+        assert code == 201 and grant["gpu_indices"] == [0, 1]
+        assert grant["price_lamports_per_hour"] == 2 * PRICE
+        assert grant["escrow"]["min_deposit_lamports"] == min_deposit(2 * PRICE, 60)
+        lease = grant["lease"]
+        arbiter = Pubkey.from_string(grant["escrow"]["arbiter"])
+        receipt = await escrow.open_escrow(
+            user, Pubkey.from_string(provider.pubkey), arbiter, lease, min_deposit(2 * PRICE, 60)
+        )
+        code, funded = await api(
+            "POST", f"/api/v1/leases/{lease}/escrow", {"signature": str(receipt.signature)}
+        )
+        assert code == 200, funded
+        claims = verify_token(
+            funded["token"],
+            coordinator=arbiter,
+            user=user.pubkey(),
+            provider=Pubkey.from_string(provider.pubkey),
+            now=funded["expires_at"] - 1,
+        )
+        assert claims.price_lamports_per_hour == 2 * PRICE
+        # Ten seconds of this lease are twenty GPU-seconds at PRICE per GPU-hour.
+        record = await server.store.get_lease(lease)  # type: ignore[union-attr]
+        assert record is not None and record.funded
+        started = record.requested_at
+        active = dataclasses.replace(record, state=LeaseState.ACTIVE, active_at=started)
+        assert meter(active, 0, now=started.timestamp() + 10).spent_lamports == 20 * 1_000
+    finally:
+        api.close()
+        await escrow.close()

@@ -165,22 +165,27 @@ def environment_sha256(requirements: str | None) -> str | None:
     return hashlib.sha256(requirements.encode()).hexdigest()
 
 
-def gpu_seconds(lease: LeaseRecord, since: datetime, now: datetime) -> int:
-    """GPU-seconds of service ``lease`` delivered between ``since`` and ``now``: its active
-    time (until its end of service, or ``now`` while live) within that window, times its
-    GPUs. A lease that never started delivered none."""
+def _active_seconds(lease: LeaseRecord, since: datetime, now: datetime) -> int:
+    """Seconds ``lease`` was active between ``since`` and ``now`` (until its end of service,
+    or ``now`` while live); none for a lease that never started."""
     if lease.active_at is None:
         return 0
     end = lease.end_of_service or lease.ended_at or now
     start = max(lease.active_at, since)
     stop = min(end, now)
-    seconds = math.floor((stop - start).total_seconds())
-    return max(0, seconds) * len(lease.gpu_indices)
+    return max(0, math.floor((stop - start).total_seconds()))
+
+
+def gpu_seconds(lease: LeaseRecord, since: datetime, now: datetime) -> int:
+    """GPU-seconds of service ``lease`` delivered between ``since`` and ``now``: its active
+    time within that window, times its GPUs."""
+    return _active_seconds(lease, since, now) * len(lease.gpu_indices)
 
 
 def lease_cost(lease: LeaseRecord, since: datetime, now: datetime) -> int:
-    """Lamports ``lease`` cost between ``since`` and ``now`` at its price per GPU-hour."""
-    return amount_for(lease.price_lamports_per_hour, gpu_seconds(lease, since, now))
+    """Lamports ``lease`` cost between ``since`` and ``now``: its active seconds at its price
+    (which is per hour of the whole lease, all its GPUs)."""
+    return amount_for(lease.price_lamports_per_hour, _active_seconds(lease, since, now))
 
 
 def _cohort_values(settings: CohortSettings) -> dict[str, Any]:

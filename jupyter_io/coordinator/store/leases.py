@@ -97,7 +97,9 @@ class LeaseQueries(Aggregate):
         The provider's row is locked while its free GPUs are counted and the lease is
         written, so two coordinators racing for the last GPU cannot both get it. Picks the
         cheapest group of that model with enough free GPUs (under ``max_price...`` if given)
-        and the lowest free indices; copies the group's price into the lease. The lease
+        and the lowest free indices; the lease's price is the group's price per GPU-hour times
+        ``gpu_count`` (what an hour of this lease costs: billing, deposits, the token's claims
+        and the provider's own check all read it so). The lease
         starts ``requested``: sign its token, then :meth:`activate_lease` once the kernel
         runs. ``cohort_id``: the cohort it runs for (checked by the caller).
 
@@ -150,7 +152,7 @@ class LeaseQueries(Aggregate):
                             provider_pubkey=provider_pubkey,
                             gpu_model=gpu_model,
                             gpu_indices=list(indices),
-                            price_lamports_per_hour=offer.price_lamports_per_hour,
+                            price_lamports_per_hour=offer.price_lamports_per_hour * len(indices),
                             state=LeaseState.REQUESTED.value,
                             requested_at=at,
                             token_expires_at=token_expires_at,
