@@ -34,10 +34,12 @@ CONTRACTS = (
     "jupyter_io.gpu_names",
     "jupyter_io.leases",
     "jupyter_io.queue_tickets",
+    "jupyter_io.gpu_challenge",
 )
 #: What a contract may import besides the standard library: its own package's error tree
-#: and the other contracts, and solders (keys and signatures).
-CONTRACT_IMPORTS = ("jupyter_io.errors", *CONTRACTS, "solders")
+#: and the other contracts, solders (keys and signatures) and numpy (pure arithmetic: the
+#: GPU challenge's matrices, computed the same way on both sides; a base dependency).
+CONTRACT_IMPORTS = ("jupyter_io.errors", *CONTRACTS, "solders", "numpy")
 
 #: (importer, imported): no module under the first may import one under the second.
 FORBIDDEN = [

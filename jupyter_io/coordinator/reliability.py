@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
+from .store.reliability import LinkSpan, SessionCounts
+
 if TYPE_CHECKING:
     from .store import Store
 
@@ -61,24 +63,6 @@ PER_USER_SESSIONS = 5
 #: The reliability the scheduler ranks an unmeasured provider with: as if it completed nine
 #: sessions in ten (behind a clean record, ahead of one that lost more than one in ten).
 UNMEASURED_RELIABILITY = 0.9
-
-
-@dataclass(frozen=True, slots=True)
-class SessionCounts:
-    """One user's sessions on one provider in the window."""
-
-    completed: int
-    lost: int
-
-
-@dataclass(frozen=True, slots=True)
-class LinkSpan:
-    """One link in (or overlapping) the window: ``closed_at`` None while it is open;
-    ``down_since`` the start of the outage before it (a loss), else None."""
-
-    linked_at: datetime
-    closed_at: datetime | None
-    down_since: datetime | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,13 +19,14 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..models import Lease, LeaseState, Provider, ProviderLink, ProviderStatus
-from ..reliability import LinkSpan, SessionCounts
 from .engine import Aggregate, _aware
 
 __all__ = [
     "REJOIN_SECONDS",
+    "LinkSpan",
     "ReliabilityInputs",
     "ReliabilityQueries",
+    "SessionCounts",
     "close_link",
     "open_links",
     "outages_before_link",
@@ -39,6 +40,24 @@ _providers = cast(sa.Table, Provider.__table__)
 _CHUNK = 500
 #: A provider linking again this soon after a goodbye continues its last link (a restart).
 REJOIN_SECONDS = 60
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCounts:
+    """One user's sessions on one provider in the window."""
+
+    completed: int
+    lost: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSpan:
+    """One link in (or overlapping) the window: ``closed_at`` None while it is open;
+    ``down_since`` the start of the outage before it (a loss), else None."""
+
+    linked_at: datetime
+    closed_at: datetime | None
+    down_since: datetime | None
 
 
 async def outages_before_link(conn: AsyncConnection, pubkeys: Sequence[str]) -> dict[str, datetime]:
