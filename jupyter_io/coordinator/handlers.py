@@ -20,9 +20,6 @@ Routes (``docs/coordinator-contract.md``; every REST error is
 ``POST /api/v1/leases/{id}/ack``      signed, owner only: the user acknowledges usage
 ``GET  /api/v1/providers/connect``    websocket: the provider link
 ``GET  /relay/{lease}``               websocket: the relay (``?side=client|provider``)
-``POST .../{id}/cohort-funding``      signed, the student: fund a cohort lease from
-                                      the allowance (:mod:`.cohort_funding`, its route
-                                      passed in by the server: it builds on this module)
 ``/api/v1/cohorts...``                classroom cohorts (:mod:`.cohort_handlers`)
 ``GET  .../{id}/queue/{ticket}``      signed, the ticket's student (a cohort's route, as
                                       the four below): its place and wait, the grant once
@@ -32,6 +29,10 @@ Routes (``docs/coordinator-contract.md``; every REST error is
 ``POST .../{id}/reservations``        signed once, instructors: hold GPUs for a window
                                       → 201 the reservation
 ``DELETE .../{id}/reservations/{r}``  signed once, instructors: delete a reservation
+``POST .../{id}/cohort-funding``      signed, the student: fund a cohort lease from
+                                      the allowance (:mod:`.cohort_funding`, its route
+                                      passed in by the server: it builds on this module)
+``GET  /relay/ping``                  the relay's latency ping (``jupyter_io.ping``)
 ====================================  ========================================================
 
 :func:`make_app` builds the application from a :class:`Services` bundle. Handlers parse,
