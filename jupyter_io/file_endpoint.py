@@ -56,9 +56,11 @@ __all__ = ["FileEndpoint", "Transfer", "TransferFailed"]
 _THREAD_BYTES = 256 * 1024
 #: Objects that arrive whole in one chunk smaller than :data:`_THREAD_BYTES` wait in memory,
 #: at most this many bytes of them per endpoint (past it they go to the store as they
-#: arrive): each is placed from memory and written to the store only after the transfer's
-#: DONE, so a cold start creates one file per small file on its way, not two (the store's
-#: object, then the placed file), and the event loop never waits for a file's creation.
+#: arrive): each is placed from memory and written to the store only once half of this is
+#: held, or when the endpoint closes, so a cold start creates one file per small file on
+#: its way, not two (the store's object, then the placed file), a restart soon after it
+#: does not wait behind the store's writes, and the event loop never waits for a file's
+#: creation.
 _SMALL_BUDGET = 32 * 1024 * 1024
 
 
@@ -351,11 +353,15 @@ class FileEndpoint:
             transfer.bytes,
         )
         await self._finish_received(transfer, done)
+        if self._small_bytes >= _SMALL_BUDGET // 2:
+            self._start_keeping()
+
+    def _start_keeping(self) -> None:
         if self._small and (self._keeping is None or self._keeping.done()):
             self._keeping = asyncio.ensure_future(self._keep_small())
 
     async def _keep_small(self) -> None:
-        """Write the small objects held in memory to the store (after their transfer's
+        """Write the small objects held in memory to the store (after their transfers'
         DONE: off the start's path), then forget them. One that cannot be written is
         dropped: its content travels again when next offered."""
         while self._small:
@@ -598,6 +604,7 @@ class FileEndpoint:
     async def close(self) -> None:
         """Stop background work and close partial objects (kept for a resume); small
         objects held in memory are written to the store first."""
+        self._start_keeping()
         if self._keeping is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(asyncio.shield(self._keeping), 30)
