@@ -167,6 +167,7 @@ class WarmPool:
         self._unclaimed: set[str] = set()  # ids of kernels made or being made, not yet taken
         self._closing = False
         self._disposing: set[asyncio.Task[Any]] = set()
+        self._watchers: set[asyncio.Task[None]] = set()
 
     # -- the host's calls -------------------------------------------------------------------
 
@@ -225,6 +226,8 @@ class WarmPool:
         # Not cancelled: a start cut short could leave its process unknown to anyone; each
         # arming disposes of its kernel itself once it sees the pool closing.
         await asyncio.gather(*self._arming.values(), return_exceptions=True)
+        for watcher in list(self._watchers):  # taken kernels' too: their sessions watch them
+            watcher.cancel()
         warm, self._warm = list(self._warm.values()), {}
         await asyncio.gather(
             *(self._dispose(w) for w in warm), *self._disposing, return_exceptions=True
@@ -266,6 +269,19 @@ class WarmPool:
             await self._dispose(warm)  # taken or closed while it started
             return
         self._warm[slot] = warm
+        watcher = asyncio.ensure_future(self._watch(slot, warm))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, slot: tuple[int, ...], warm: WarmKernel) -> None:
+        """Replace a spare that exits while it waits (killed, out of memory)."""
+        code = await warm.kernel.wait()
+        if self._warm.get(slot) is not warm:
+            return  # taken (its session watches it now) or discarded
+        del self._warm[slot]
+        self._log.warning("the warm kernel for slot %s exited (%d); arming another", slot, code)
+        await self._dispose(warm)
+        self._arm(slot, warm.sha256)
 
     async def _start(self, slot: tuple[int, ...], sha256: str | None) -> WarmKernel:
         """Make a fresh sandbox (uid, workspace, runtime directory, cgroup) and start the

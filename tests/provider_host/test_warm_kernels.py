@@ -149,6 +149,17 @@ async def test_each_gpu_slot_is_armed_pinned_to_its_gpu_and_rearmed_after_its_le
         assert not pid_alive(warm.kernel.pid)
 
 
+async def test_a_spare_that_dies_while_waiting_is_replaced(make_host, make_client):
+    host = await make_host()
+    dead = await _armed(host)
+    dead.kernel.kill_group()  # the OOM killer, or anyone
+    fresh = await _armed(host, old=dead.id)
+    assert fresh.kernel.running and not dead.workspace.exists()
+    client = make_client(host)
+    started = await _start(client)
+    assert started["pid"] == fresh.kernel.pid and host.sessions[client.session_id].warm_claimed
+
+
 async def test_shutdown_kills_warm_kernels_and_removes_their_sandboxes(make_host, make_client):
     host = await make_host()
     client = make_client(host)
