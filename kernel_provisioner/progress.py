@@ -64,6 +64,11 @@ class ProgressStep(str, enum.Enum):
     """The kernel runs and answers through the local facade."""
     FAILED = "failed"
     """The start failed; ``message`` says why."""
+    FAILOVER = "failover"
+    """The provider was lost and the kernel moves to another (``failover`` trait): ``phase``
+    ``lost`` (old provider, reason), then ``leased``/``escrowed``/``launching``/``ready`` of
+    the new lease, then ``done`` (old and new provider, ``restored`` and ``missing``
+    variables with their cells) or ``failed`` (the kernel is lost, as without failover)."""
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.manager import AsyncKernelManager, KernelManager
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from solders.keypair import Keypair
-from traitlets import Bool, CaselessStrEnum, Float, Int, Type, Unicode, Union, validate
+from traitlets import Bool, CaselessStrEnum, Float, Int, List, Type, Unicode, Union, validate
 
 from jupyter_io.coordinator_client import LeaseGrant
 from jupyter_io.errors import ConfigError, JupyterIOError, KernelLaunchError, PaymentError
@@ -85,6 +85,7 @@ from jupyter_io.usage_acks import DEFAULT_ACK_INTERVAL_S
 from .activity import KernelActivity
 from .connection import LOST_EXIT_CODE, KernelState, TunnelClient, tunnel_url
 from .facade import CHANNEL_PORT_NAMES, Facade
+from .failover import Failover
 from .files import NotebookFiles, default_store_root
 from .journal import LocalJournal, journal_dir
 from .lease import BudgetExhausted, KernelLease, LeaseTerms
@@ -285,6 +286,27 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         "per kernel id), to be restored into a new kernel if the provider is lost "
         "(docs/architecture.md, 'State journal'). False: the kernel keeps none.",
     )
+    failover = Bool(
+        False,
+        config=True,
+        help="When the provider is lost, lease the same GPU class again (or the next of "
+        "fallback_gpus, within max_price_per_hour) from another provider, start the kernel "
+        "there under the same kernel id and ports, push the notebook's files and restore the "
+        "state journal; the user is told what came back (docs/architecture.md, 'Failover'). "
+        "Needs coordinator_url. False: a lost provider ends the kernel and the lease is "
+        "refunded.",
+    )
+    fallback_gpus = List(
+        Unicode(),
+        config=True,
+        help="GPU classes a failover may lease, in order, when none of ``gpu`` is free.",
+    )
+    failover_timeout = Float(
+        60.0,
+        config=True,
+        help="Seconds a failover may wait for a lease from another provider, and then for "
+        "the journal's restore.",
+    )
     journal_max_bytes = Int(
         8 * 1024**3,
         config=True,
@@ -400,6 +422,8 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         self._journal: LocalJournal | None = None
         #: Executions on the kernel, for a class's idle timeout (``docs/cohorts.md``).
         self._activity = KernelActivity()
+        #: Moves the kernel to another provider when its own is lost (``failover``).
+        self._failover = Failover(self)
 
     @validate("provider_url")
     def _check_provider_url(self, proposal: Any) -> str:
@@ -714,6 +738,8 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         )
         assert self._facade is not None
         self.connection_info = self._connection_info()
+        if self._lease is not None:
+            self._failover.watch(client)
         return self.connection_info
 
     async def _ensure_session(
@@ -1069,10 +1095,15 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         code only once the provider reported EXITED, or once the provider is declared lost
         (:data:`~kernel_provisioner.connection.LOST_EXIT_CODE`). Nothing is sent remotely.
         """
+        if self._failover.running:
+            return None  # moving to another provider: not dead
         client = self._client
         if client is None or not self._launched:
             return self._last_exit_code if self._last_exit_code is not None else 0
-        return client.exit_code
+        code = client.exit_code
+        if code == LOST_EXIT_CODE and client.dead_reason and self._failover.pending(client):
+            return None  # lost a moment ago; the failover is starting
+        return code
 
     @_on_tunnel_loop()
     async def wait(self) -> int | None:
@@ -1153,6 +1184,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         coordinator told. Refunds of earlier leases still running in the background are
         awaited (as long again at most).
         """
+        await self._failover.stop()
         client = self._client
         if restart:
             if client is not None and not client.alive:
