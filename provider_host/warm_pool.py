@@ -50,6 +50,8 @@ _MAX_RUNTIME_DIR = 80
 # Read by the interpreter (or libc) once, at the process's start: a warm kernel started
 # without the tenant's value would not behave as a cold one with it.
 _READ_AT_START_PREFIXES = ("PYTHON", "LC_", "LD_", "MALLOC_")
+# Spares of a slot that may exit unused in a row before the slot waits for a lease's end.
+_MAX_DEATHS = 3
 _READ_AT_START = frozenset({"LANG", "LANGUAGE", "TZ", "PATH", "HOME", "TMPDIR", "PWD"})
 
 
@@ -168,6 +170,7 @@ class WarmPool:
         self._closing = False
         self._disposing: set[asyncio.Task[Any]] = set()
         self._watchers: set[asyncio.Task[None]] = set()
+        self._deaths: dict[tuple[int, ...], int] = {}  # spares in a row that exited unused
 
     # -- the host's calls -------------------------------------------------------------------
 
@@ -204,6 +207,7 @@ class WarmPool:
             else:
                 self._spawn(self._dispose(warm))
         if taken is not None:
+            self._deaths.pop(gpus, None)
             self._unclaimed.discard(taken.id)
             self.stats.taken += 1
         if gpus == ():
@@ -279,8 +283,12 @@ class WarmPool:
         if self._warm.get(slot) is not warm:
             return  # taken (its session watches it now) or discarded
         del self._warm[slot]
-        self._log.warning("the warm kernel for slot %s exited (%d); arming another", slot, code)
         await self._dispose(warm)
+        deaths = self._deaths[slot] = self._deaths.get(slot, 0) + 1
+        if deaths > _MAX_DEATHS:  # a crash loop (a broken interpreter): the next lease's end
+            self._log.warning("the warm kernels for slot %s keep exiting; not arming", slot)
+            return
+        self._log.warning("the warm kernel for slot %s exited (%d); arming another", slot, code)
         self._arm(slot, warm.sha256)
 
     async def _start(self, slot: tuple[int, ...], sha256: str | None) -> WarmKernel:
