@@ -654,6 +654,12 @@ class TunnelClient:
             await asyncio.sleep(min(delay, self.grace_period - elapsed))
             delay = min(delay * 2, _BACKOFF_MAX)
 
+    def declare_lost(self, reason: str) -> None:
+        """Declare the host lost on another party's word (the coordinator failed the lease
+        while this tunnel is down): :attr:`exit_code` turns LOST and waiters wake, without
+        waiting for the grace period."""
+        self._declare_dead(reason)
+
     def _declare_dead(self, reason: str) -> None:
         if self.dead_reason is None and not self.ended:
             self.dead_reason = reason

@@ -111,12 +111,38 @@ class Failover:
         self.task = None
 
     async def _watch(self, client: TunnelClient) -> None:
-        await client.wait_exited()
+        asking = asyncio.ensure_future(self._ask_coordinator(client))
+        try:
+            await client.wait_exited()
+        finally:
+            asking.cancel()
         if client.dead_reason is None or client.ended or client is not self.prov.tunnel:
             return  # the kernel exited, or the session was closed or ended on purpose
         self.task = asyncio.ensure_future(self._run(client))
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(self.task)
+
+    async def _ask_coordinator(self, client: TunnelClient) -> None:
+        """While ``client``'s tunnel is down, ask the coordinator every
+        ``failover_check_interval`` whether it failed the lease: a host that vanished
+        without a word (no refused connection, resumes timing out) is then lost as soon as
+        the coordinator misses its heartbeats, not after the whole grace period."""
+        prov = self.prov
+        lease = prov.lease
+        interval = max(0.1, prov.failover_check_interval)
+        while lease is not None and client.alive:
+            await client.wait_for(lambda: not client.connected or not client.alive, None)
+            await asyncio.sleep(interval)  # the coordinator's record changes on a timer
+            if client.connected or not client.alive:
+                continue
+            info = await lease.info()
+            if info is not None and info.state == "failed":
+                grant = lease.grant
+                client.declare_lost(
+                    f"the coordinator failed lease {grant.lease if grant else '?'}: it lost "
+                    f"the provider, and the tunnel is down"
+                )
+                return
 
     async def _run(self, old: TunnelClient) -> None:
         try:

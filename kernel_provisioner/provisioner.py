@@ -307,6 +307,13 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         help="Seconds a failover may wait for a lease from another provider, and then for "
         "the journal's restore.",
     )
+    failover_check_interval = Float(
+        2.0,
+        config=True,
+        help="With failover on: while the tunnel is down, ask the coordinator this often "
+        "whether it failed the lease (it misses the provider's heartbeats), and fail over "
+        "then rather than after the grace period.",
+    )
     journal_max_bytes = Int(
         8 * 1024**3,
         config=True,

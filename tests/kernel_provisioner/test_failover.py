@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from queue import Empty
 from typing import Any
@@ -174,3 +175,43 @@ async def test_without_another_provider_in_the_price_cap_the_kernel_is_lost_and_
         )  # fmt: skip
     finally:
         await chain.close()
+
+
+async def test_a_silent_host_is_lost_on_the_coordinators_word_and_a_fallback_gpu_takes_over(
+    start_market: Any, kernelspecs: Any, start_kernel: Any, cells: Any
+) -> None:
+    # The direct provider (the only A100) freezes: its connections neither answer nor are
+    # refused, so the tunnel alone would keep resuming for its 120 s grace period. The
+    # coordinator misses its heartbeats and fails the lease; asked while the tunnel is down,
+    # it is the word the failover acts on, and the fallback class (RTX 4090) takes over.
+    own = await fund_parties(start_market(*ESCROW_ARGS))
+    market = own.market
+    spec = kernelspecs.install_lease(
+        "failover-silent", own.url, market.user_keypair_path, gpu="A100",
+        fallback_gpus=["RTX 4090"], failover=True, failover_check_interval=0.5,
+        ping_interval=0.5, ping_timeout=1.0, connect_timeout=1.0, max_session_hours=0.1,
+        usage_ack_interval=ACK_INTERVAL,
+    )  # fmt: skip
+    km = await start_kernel(spec)
+    prov: Any = km.provisioner
+    assert prov.lease.grant.provider == market.direct.pubkey
+    assert prov.grace_period == 120
+    kc = await cells.connect(km)
+    try:
+        assert (await cells.run(kc, "z = 'kept'")).status == "ok"
+        assert (await prov.state_journal.sync(60)) is not None
+        frozen = time.monotonic()
+        market.direct.proc.send_signal(signal.SIGSTOP)
+        try:
+            await _alive_until(km, prov._failover.finished, 60)
+        finally:
+            market.direct.proc.send_signal(signal.SIGCONT)
+        log.warning("failover of a silent host: frozen -> ready %.2f s", time.monotonic() - frozen)
+        lost = next(e for e in prov.progress if e.details.get("phase") == "lost")
+        assert "the coordinator failed lease" in lost.details["reason"]
+        facts = prov._failover.done[-1]
+        assert facts["new_provider"] == market.relayed.pubkey and facts["gpu"] == "RTX 4090"
+        assert facts["restored"] == ["z"]
+        assert (await cells.run(kc, "print(z)", timeout=60)).stream() == "kept\n"
+    finally:
+        kc.stop_channels()
