@@ -38,7 +38,7 @@ from jupyter_io.latency import latencies
 from jupyter_io.payments.amounts import format_sol
 from jupyter_io.protocol import Channel
 
-from .connection import TunnelClient
+from .connection import LOST_EXIT_CODE, TunnelClient
 from .journal import RestoreResult, restore
 from .lease import KernelLease, LeaseRefused
 from .progress import ProgressStep
@@ -150,7 +150,13 @@ class Failover:
             self.finished.set()
         except (JupyterIOError, OSError) as exc:
             self._given_up.add(id(old))
-            self.prov._report(
+            prov = self.prov
+            if prov.tunnel is not old:
+                # It failed past the swap (the new provider did not start the kernel): no
+                # session is left, and poll() reports the kernel lost.
+                await prov._drop_session()
+                prov._last_exit_code = LOST_EXIT_CODE
+            prov._report(
                 ProgressStep.FAILOVER,
                 f"failover failed, the kernel is lost: {exc}",
                 phase="failed",

@@ -75,11 +75,17 @@ async def test_a_killed_provider_fails_over_with_the_same_kernel_and_both_leases
             assert (await cells.run(kc, code)).status == "ok"
         assert (await prov.state_journal.sync(60)) is not None
 
-        killed = time.monotonic()
+        killed, killed_at = time.monotonic(), time.time()
         market.relayed.proc.kill()  # SIGKILL: no goodbye to anyone
         asked = await _alive_until(km, prov._failover.finished, 90)
         took = time.monotonic() - killed
-        log.warning("failover: provider killed -> new kernel ready, state restored: %.2f s", took)
+        lost_at = next(e.at for e in prov.progress if e.details.get("phase") == "lost")
+        log.warning(
+            "failover: provider killed -> loss detected %.2f s -> new kernel ready, state "
+            "restored: %.2f s",
+            lost_at - killed_at,
+            took,
+        )
         assert asked > 0
         assert prov._failover.done, [e.message for e in prov.progress[-4:]]
         facts = prov._failover.done[-1]
