@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Callable, Coroutine
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 __all__ = ["LoopThread"]
@@ -28,6 +29,32 @@ _T = TypeVar("_T")
 
 #: Seconds :meth:`LoopThread.stop` waits for the thread to finish its loop's last tasks.
 STOP_TIMEOUT = 10.0
+
+
+class _ExitSafeExecutor(ThreadPoolExecutor):
+    """The loop's default executor (``asyncio.to_thread``), still working at interpreter
+    exit: by the time ``atexit`` handlers run (ending a session the application never shut
+    down, :mod:`kernel_provisioner.provisioner`), ``concurrent.futures`` refuses new work
+    ("cannot schedule new futures after shutdown"), so a cleanup that reads or removes files
+    in a thread would fail and leave the session to the provider's grace period. Then each
+    call runs on a daemon thread of its own."""
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        try:
+            return super().submit(fn, *args, **kwargs)
+        except RuntimeError:  # the executor or the interpreter is shutting down
+            future: Future[_T] = Future()
+
+            def work() -> None:
+                if not future.set_running_or_notify_cancel():
+                    return
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+            threading.Thread(target=work, name="io-remote exit work", daemon=True).start()
+            return future
 
 
 class LoopThread:
@@ -42,6 +69,7 @@ class LoopThread:
         self, name: str, on_stop: Callable[[], Coroutine[Any, Any, None]] | None = None
     ) -> None:
         self.loop = asyncio.new_event_loop()
+        self.loop.set_default_executor(_ExitSafeExecutor(thread_name_prefix=f"{name} io"))
         self._on_stop = on_stop
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)

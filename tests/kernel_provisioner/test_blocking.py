@@ -388,3 +388,22 @@ def test_the_loop_thread_runs_coroutines_passes_cancellation_on_and_stops_either
     assert not thread.alive and thread.loop.is_closed()
     with pytest.raises(RuntimeError):
         asyncio.run(thread.run(where()))
+
+
+def test_the_loop_threads_blocking_work_still_runs_once_its_executor_is_shut_down() -> None:
+    """At interpreter exit ``concurrent.futures`` refuses new work, yet the session ending
+    there (the provisioner's atexit END) reads and removes files in threads: the loop's
+    executor then runs each call on a thread of its own (``jupyter console``'s exit, where
+    this failed, is tested in test_console.py)."""
+    thread = LoopThread("exit-safe test")
+    try:
+        executor = thread.loop._default_executor  # type: ignore[attr-defined]
+        executor.shutdown(wait=True)  # what the interpreter's exit does to it
+
+        async def blocking() -> str:
+            return await asyncio.to_thread(lambda: threading.current_thread().name)
+
+        name = asyncio.run_coroutine_threadsafe(blocking(), thread.loop).result(10)
+        assert name == "io-remote exit work"
+    finally:
+        thread.stop()
