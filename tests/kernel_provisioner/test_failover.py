@@ -10,8 +10,11 @@ import asyncio
 import logging
 import signal
 import time
+from pathlib import Path
 from queue import Empty
 from typing import Any
+
+from jupyter_client.manager import AsyncKernelManager
 
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
 
@@ -53,7 +56,7 @@ async def _notice(kc: Any, timeout: float) -> str:
 
 
 async def test_a_killed_provider_fails_over_with_the_same_kernel_and_both_leases_paid(
-    start_market: Any, kernelspecs: Any, start_kernel: Any, cells: Any
+    start_market: Any, kernelspecs: Any, cells: Any, tmp_path: Path
 ) -> None:
     own = await fund_parties(start_market(*ESCROW_ARGS))
     chain = Ledger(own.solana_url)
@@ -62,7 +65,21 @@ async def test_a_killed_provider_fails_over_with_the_same_kernel_and_both_leases
         "failover", own.url, market.user_keypair_path, gpu="RTX 4090", failover=True,
         usage_ack_interval=ACK_INTERVAL,
     )  # fmt: skip
-    km = await start_kernel(spec)
+    notebook = tmp_path / "notebook"
+    notebook.mkdir()
+    (notebook / "data.txt").write_text("from the notebook's directory")
+    km = AsyncKernelManager(kernel_name=spec)
+    await asyncio.wait_for(km.start_kernel(cwd=str(notebook)), 60)
+    try:
+        await _fail_over_and_pay(own, chain, km, cells)
+    finally:
+        if km.has_kernel:
+            await asyncio.wait_for(km.shutdown_kernel(now=True), 60)
+        await chain.close()
+
+
+async def _fail_over_and_pay(own: Any, chain: Ledger, km: Any, cells: Any) -> None:
+    market = own.market
     prov: Any = km.provisioner
     kernel_id, info_before = km.kernel_id, dict(km.get_connection_info())
     first = prov.lease.grant
@@ -104,43 +121,44 @@ async def test_a_killed_provider_fails_over_with_the_same_kernel_and_both_leases
         assert phases == ["lost", "done"]
         got = await cells.run(kc, "print(n + 1, int(x.sum()))", timeout=60)
         assert got.stream() == "42 499500\n"
+        # The notebook's directory was pushed to the new provider, as at a start.
+        assert facts["files"] and "files were pushed" in text
+        got = await cells.run(kc, "print(open('data.txt').read())", timeout=60)
+        assert got.stream() == "from the notebook's directory\n"
     finally:
         kc.stop_channels()
 
     second = prov.lease.grant
     assert second.lease != first.lease and second.provider == market.direct.pubkey
     second_terms = own.terms(market.user.pubkey(), second.provider, second.lease)
-    try:
-        # The old lease: refunded past its last acknowledged second, in the background.
-        first_info = await settled(own, first.lease)
-        first_settlement = first_info.billing.settlement  # type: ignore[union-attr]
-        assert first_info.state == "failed"
-        assert first_settlement is not None and first_settlement.kind == "refund"
-        first_after = await chain.snapshot(first_terms)
-        assert first_after.escrow == 0
-        assert (
-            first_after.provider
-            + first_after.provider_wsol
-            - (first_during.provider + first_during.provider_wsol)
-            == first_settlement.amount_lamports
-        )
-        assert first_settlement.amount_lamports <= 120_000_000 * 60 // 3600
-        # The new lease: settled at shutdown, every lamport accounted for.
-        second_during = await chain.snapshot(second_terms)
-        await asyncio.wait_for(km.shutdown_kernel(), 30)
-        second_info = await settled(own, second.lease)
-        second_settlement = second_info.billing.settlement  # type: ignore[union-attr]
-        assert second_settlement is not None and second_settlement.kind == "settle"
-        second_after = await chain.snapshot(second_terms)
-        assert second_after.escrow == 0
-        await chain.assert_conserved(
-            second_terms, second_during, second_after,
-            paid_to_provider=second_settlement.amount_lamports,
-            signatures=[second_settlement.signature],
-        )  # fmt: skip
-        assert second_settlement.amount_lamports < LAMPORTS_PER_SOL
-    finally:
-        await chain.close()
+    # The old lease: refunded past its last acknowledged second, in the background.
+    first_info = await settled(own, first.lease)
+    first_settlement = first_info.billing.settlement  # type: ignore[union-attr]
+    assert first_info.state == "failed"
+    assert first_settlement is not None and first_settlement.kind == "refund"
+    first_after = await chain.snapshot(first_terms)
+    assert first_after.escrow == 0
+    assert (
+        first_after.provider
+        + first_after.provider_wsol
+        - (first_during.provider + first_during.provider_wsol)
+        == first_settlement.amount_lamports
+    )
+    assert first_settlement.amount_lamports <= 120_000_000 * 60 // 3600
+    # The new lease: settled at shutdown, every lamport accounted for.
+    second_during = await chain.snapshot(second_terms)
+    await asyncio.wait_for(km.shutdown_kernel(), 30)
+    second_info = await settled(own, second.lease)
+    second_settlement = second_info.billing.settlement  # type: ignore[union-attr]
+    assert second_settlement is not None and second_settlement.kind == "settle"
+    second_after = await chain.snapshot(second_terms)
+    assert second_after.escrow == 0
+    await chain.assert_conserved(
+        second_terms, second_during, second_after,
+        paid_to_provider=second_settlement.amount_lamports,
+        signatures=[second_settlement.signature],
+    )  # fmt: skip
+    assert second_settlement.amount_lamports < LAMPORTS_PER_SOL
 
 
 async def test_without_another_provider_in_the_price_cap_the_kernel_is_lost_and_refunded(
