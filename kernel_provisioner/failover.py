@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jupyter_client.asynchronous import AsyncKernelClient
 
@@ -42,9 +42,6 @@ from .connection import LOST_EXIT_CODE, TunnelClient
 from .journal import RestoreResult, restore
 from .lease import KernelLease, LeaseRefused
 from .progress import ProgressStep
-
-if TYPE_CHECKING:
-    from .provisioner import RemoteKernelProvisioner
 
 __all__ = ["Failover", "FailoverImpossible", "notice_text"]
 
@@ -60,7 +57,10 @@ class FailoverImpossible(JupyterIOError):
 class Failover:
     """The failover of one provisioner's kernel (see the module docstring)."""
 
-    def __init__(self, provisioner: RemoteKernelProvisioner) -> None:
+    def __init__(self, provisioner: Any) -> None:
+        """``provisioner``: the :class:`~kernel_provisioner.provisioner.RemoteKernelProvisioner`
+        whose kernel this fails over (typed Any: importing it here would close an import
+        circle; the failover drives its lease, session and report methods)."""
         self.prov = provisioner
         #: The failover under way (None: none).
         self.task: asyncio.Task[None] | None = None
