@@ -216,7 +216,7 @@ class TunnelClient:
         credentials: CredentialSource | None = None,
         grace_period: float = 120.0,
         connect_timeout: float = 10.0,
-        refused_limit: float | None = 5.0,
+        refused_limit: float | None = 3.0,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         ping_interval: float | None = 10.0,
         ping_timeout: float | None = 10.0,

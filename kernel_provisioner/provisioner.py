@@ -252,11 +252,15 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         60.0, config=True, help="Seconds the provider may take to start the kernel."
     )
     refused_limit = Float(
-        5.0,
+        3.0,
         config=True,
         help="Seconds of refused connections after which the provider counts as down "
         "(direct connections only: through the relay a refusal means the coordinator is "
-        "down, and the session keeps resuming for the grace period).",
+        "down, and the session keeps resuming for the grace period). A refusal means no "
+        "process listens on the host's port: its sessions lived in that process and its "
+        "kernels were its children, so waiting longer saves nothing (a restarted host "
+        "answers unknown_session). With the resume backoff (0.1 s doubling) 3 s declares "
+        "the loss at the attempt 3.1 s after the first refusal (5 s: 6.3 s).",
     )
     max_frame_size = Int(
         DEFAULT_MAX_FRAME_SIZE,
@@ -287,14 +291,14 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         "(docs/architecture.md, 'State journal'). False: the kernel keeps none.",
     )
     failover = Bool(
-        False,
+        True,
         config=True,
         help="When the provider is lost, lease the same GPU class again (or the next of "
         "fallback_gpus, within max_price_per_hour) from another provider, start the kernel "
         "there under the same kernel id and ports, push the notebook's files and restore the "
         "state journal; the user is told what came back (docs/architecture.md, 'Failover'). "
-        "Needs coordinator_url. False: a lost provider ends the kernel and the lease is "
-        "refunded.",
+        "Only with coordinator_url (a kernelspec naming its provider has no other to move to). "
+        "False: a lost provider ends the kernel and the lease is refunded.",
     )
     fallback_gpus = List(
         Unicode(),

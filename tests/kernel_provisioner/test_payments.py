@@ -162,11 +162,12 @@ class OwnMarket:
     paid: PaidMarket
     chain: Ledger
 
-    async def kernel(self, kernelspecs: Any, start_kernel: Any, name: str) -> Any:
-        """A started kernel leasing the relayed provider's RTX 4090."""
+    async def kernel(self, kernelspecs: Any, start_kernel: Any, name: str, **config: Any) -> Any:
+        """A started kernel leasing the relayed provider's RTX 4090 (``config``: more of the
+        provisioner's traits)."""
         market = self.paid.market
         spec = kernelspecs.install_lease(
-            name, self.paid.url, market.user_keypair_path, gpu="RTX 4090"
+            name, self.paid.url, market.user_keypair_path, gpu="RTX 4090", **config
         )
         return await start_kernel(spec)
 
@@ -702,7 +703,9 @@ async def test_a_lost_provider_is_paid_only_what_it_delivered_and_the_user_refun
 ) -> None:
     own, chain = own_market.paid, own_market.chain
     market = own.market
-    km = await own_market.kernel(kernelspecs, start_kernel, "paid-lost")
+    # Failover off: the market's other RTX 4090 would take the kernel over, and this tests
+    # the path where a lost provider ends the kernel and the user is refunded.
+    km = await own_market.kernel(kernelspecs, start_kernel, "paid-lost", failover=False)
     prov: Any = km.provisioner
     grant = prov.lease.grant
     assert grant.provider == market.relayed.pubkey
@@ -742,7 +745,8 @@ async def test_a_restart_after_a_lost_provider_pays_a_new_escrow_and_refunds_the
 ) -> None:
     own, chain = own_market.paid, own_market.chain
     market = own.market
-    km = await own_market.kernel(kernelspecs, start_kernel, "paid-relost")
+    # Failover off: the kernel is to die with its provider, and the restart pays anew.
+    km = await own_market.kernel(kernelspecs, start_kernel, "paid-relost", failover=False)
     prov: Any = km.provisioner
     first = prov.lease.grant
     first_terms = own.terms(market.user.pubkey(), first.provider, first.lease)
