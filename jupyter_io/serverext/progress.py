@@ -40,6 +40,21 @@ __all__ = ["TERMINAL_STEPS", "ProgressBoard", "ProgressLogFilter", "publish_prog
 #: Steps that end a start; a later step begins a new start (a restart).
 TERMINAL_STEPS = frozenset({"ready", "failed"})
 
+#: A failover's last event (``step`` ``failover``) ends it like ``ready`` (``phase`` ``done``:
+#: the kernel continues on another provider) or ``failed`` (``phase`` ``failed``).
+_FAILOVER_ENDS = {"done": "ready", "failed": "failed"}
+
+
+def _outcome(event: Mapping[str, Any]) -> str | None:
+    """``ready`` or ``failed`` when ``event`` ends a start (or a failover), else None."""
+    step = event["step"]
+    if step in TERMINAL_STEPS:
+        return str(step)
+    if step == "failover":
+        return _FAILOVER_ENDS.get(str(event.get("phase")))
+    return None
+
+
 _boards: weakref.WeakSet[ProgressBoard] = weakref.WeakSet()
 
 
@@ -62,14 +77,14 @@ class _Launch:
         """The events of the latest start: after the last terminal step before the end."""
         start = 0
         for i, event in enumerate(self.events[:-1]):
-            if event["step"] in TERMINAL_STEPS:
+            if _outcome(event) is not None:
                 start = i + 1
         return self.events[start:]
 
     def to_json(self) -> dict[str, Any]:
         events = self.current()
         last = events[-1]
-        state = last["step"] if last["step"] in TERMINAL_STEPS else "starting"
+        state = _outcome(last) or "starting"
         details: dict[str, Any] = {}
         # Later steps know more (the leased GPU and price); a restart that fails at once
         # (its budget spent, say) keeps what the kernel's earlier starts knew.
@@ -152,7 +167,10 @@ class ProgressBoard:
         """Each kernel's latest start (oldest first), optionally only those updated after
         ``since`` (Unix seconds): ``{"kernel_id", "state": "starting" | "ready" | "failed",
         "step", "message", "started_at", "updated_at", "gpu"?, "price_lamports_per_hour"?,
-        ..., "events": [...]}``."""
+        ..., "events": [...]}``. A failover is a start of its own: the ``failover`` event of
+        ``phase`` ``lost`` begins it, the new lease's steps follow, and the ``failover`` event
+        of ``phase`` ``done`` (``state`` ``ready``; ``old_provider``, ``new_provider``,
+        ``restored``, ``missing``: see docs/server-extension-api.md) or ``failed`` ends it."""
         with self._lock:
             found = [launch.to_json() for launch in self._launches.values()]
         if since is not None:

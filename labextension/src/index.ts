@@ -70,7 +70,16 @@ const plugin: JupyterFrontEndPlugin<void> = {
   ): void => {
     const model = new GpuModel();
     const { commands } = app;
-    new LaunchNotifier(model, commands);
+    new LaunchNotifier(model, commands, async (kernelId, code) => {
+      // The notebook's own kernel (the kernel id the progress event names), as one more client.
+      const kernel = app.serviceManager.kernels.connectTo({ model: { id: kernelId, name: '' } });
+      try {
+        const reply = await kernel.requestExecute({ code, stop_on_error: true }).done;
+        return reply.content.status;
+      } finally {
+        kernel.dispose();
+      }
+    });
     const topUp = (kernelId: string) => void commands.execute(CommandIDs.topUp, { kernelId });
     new BudgetNotifier({
       model,

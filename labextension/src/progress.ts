@@ -152,6 +152,76 @@ function title(model: GpuModel, launch: ILaunch): string {
   return `GPU kernel${where}${price}`;
 }
 
+/** A variable a failover did not restore, and the cell that made it (the state journal's). */
+export interface IMissingVariable {
+  name: string;
+  cell?: number | null;
+  source?: string;
+  why?: string;
+}
+
+/** The facts of a finished failover (the `failover` step of phase `done`), or null. */
+export function failoverFacts(
+  launch: ILaunch
+): { old: string; new: string; restored: string[]; missing: IMissingVariable[]; journal: string } | null {
+  const event = [...launch.events].reverse().find(e => e.step === 'failover' && e.phase === 'done');
+  if (!event) {
+    return null;
+  }
+  const restored = Array.isArray(event.restored) ? event.restored.map(String) : [];
+  const missing = Array.isArray(event.missing) ? (event.missing as IMissingVariable[]) : [];
+  return {
+    old: String(event.old_provider ?? '?'),
+    new: String(event.new_provider ?? '?'),
+    restored,
+    missing,
+    journal: String(event.journal ?? '')
+  };
+}
+
+/** A provider's key for a toast: `7xKX…q3Zp`. */
+function shortKey(key: string): string {
+  return key.length > 12 ? `${key.slice(0, 4)}…${key.slice(-4)}` : key;
+}
+
+/**
+ * The notice of a finished failover: `Provider 7xKX…q3Zp was lost; the kernel continues on
+ * 9aBc…d4Ef. Restored: model, df. Missing: x (cell [3]), y (cell [4]).`
+ */
+export function failoverText(launch: ILaunch): string | null {
+  const facts = failoverFacts(launch);
+  if (!facts) {
+    return null;
+  }
+  const restored =
+    facts.journal && facts.journal !== 'restored'
+      ? `Nothing restored (${facts.journal}).`
+      : `Restored: ${facts.restored.length ? facts.restored.join(', ') : 'nothing'}.`;
+  const missing = facts.missing.length
+    ? ' Missing: ' +
+      facts.missing
+        .map(m => `${m.name} (${typeof m.cell === 'number' ? `cell [${m.cell}]` : 'unknown cell'})`)
+        .join(', ') +
+      '.'
+    : '';
+  return `Provider ${shortKey(facts.old)} was lost; the kernel continues on provider ${shortKey(facts.new)}. ${restored}${missing}`;
+}
+
+/** The sources of the cells that made the missing variables, each once, in cell order. */
+export function missingCellSources(missing: IMissingVariable[]): string[] {
+  const seen = new Map<string, number>();
+  for (const item of missing) {
+    const source = (item.source ?? '').trim();
+    if (source && !seen.has(source)) {
+      seen.set(source, typeof item.cell === 'number' ? item.cell : Number.MAX_SAFE_INTEGER);
+    }
+  }
+  return [...seen.entries()].sort((a, b) => a[1] - b[1]).map(([source]) => source);
+}
+
+/** Runs code in a kernel; resolves to the reply's status (`ok`, `error`, ...). */
+export type RunCode = (kernelId: string, code: string) => Promise<string>;
+
 /**
  * Shows a notification per kernel start: it follows the steps (leasing → escrow →
  * launching → [environment] → ready) and ends as a success that closes by itself, or as an error that
@@ -159,9 +229,10 @@ function title(model: GpuModel, launch: ILaunch): string {
  * short and its ledger can airdrop).
  */
 export class LaunchNotifier {
-  constructor(model: GpuModel, commands: CommandRegistry) {
+  constructor(model: GpuModel, commands: CommandRegistry, runCode?: RunCode) {
     this._model = model;
     this._commands = commands;
+    this._runCode = runCode ?? null;
     model.changed.connect((_, change) => {
       if (change === 'launches') {
         this._update();
@@ -190,7 +261,13 @@ export class LaunchNotifier {
     let message: string;
     let type: Notification.TypeOptions;
     let autoClose: number | false;
-    if (launch.state === 'failed') {
+    const failover = failoverText(launch);
+    const moving = launch.events[0]?.step === 'failover' && launch.events[0]?.phase === 'lost';
+    if (failover !== null && launch.state === 'ready') {
+      message = failover;
+      type = 'warning';
+      autoClose = false;
+    } else if (launch.state === 'failed') {
       message = failureText(gpuName(this._model, launch) ?? 'GPU', launch.message);
       type = 'error';
       autoClose = false;
@@ -204,6 +281,10 @@ export class LaunchNotifier {
       autoClose = false;
     } else if (queueText(launch) !== null) {
       message = `In the class's queue for a ${title(this._model, launch)}: ${queueText(launch)} · ${stepLine(launch)}`;
+      type = 'in-progress';
+      autoClose = false;
+    } else if (moving) {
+      message = `Provider lost: moving the kernel to a ${title(this._model, launch)} · ${stepLine(launch)}`;
       type = 'in-progress';
       autoClose = false;
     } else {
@@ -224,6 +305,18 @@ export class LaunchNotifier {
         }
       ];
     }
+    const facts = failover !== null ? failoverFacts(launch) : null;
+    const sources = facts ? missingCellSources(facts.missing) : [];
+    if (facts && sources.length && this._runCode) {
+      const runCode = this._runCode;
+      options.actions = [
+        {
+          label: 'Re-run missing cells',
+          caption: `Run the ${sources.length} cell(s) that made ${facts.missing.map(m => m.name).join(', ')} in this kernel`,
+          callback: () => void this._rerun(launch.kernel_id, sources, runCode)
+        }
+      ];
+    }
     if (id === undefined || !Notification.update({ id, message, type, ...options })) {
       id = Notification.emit(message, type, options);
     }
@@ -234,7 +327,36 @@ export class LaunchNotifier {
     });
   }
 
+  /** Runs `sources` one after another in the kernel, stopping at the first that fails. */
+  private async _rerun(kernelId: string, sources: string[], runCode: RunCode): Promise<void> {
+    const id = Notification.emit(`Re-running ${sources.length} cell(s)…`, 'in-progress', { autoClose: false });
+    for (const [index, source] of sources.entries()) {
+      let status: string;
+      try {
+        status = await runCode(kernelId, source);
+      } catch (error) {
+        status = String(error);
+      }
+      if (status !== 'ok') {
+        Notification.update({
+          id,
+          message: `Re-running cell ${index + 1} of ${sources.length} failed (${status}): ${source.split('\n')[0]}`,
+          type: 'error',
+          autoClose: false
+        });
+        return;
+      }
+    }
+    Notification.update({
+      id,
+      message: `Re-ran ${sources.length} cell(s): the missing variables are back.`,
+      type: 'success',
+      autoClose: 5000
+    });
+  }
+
   private _model: GpuModel;
   private _commands: CommandRegistry;
+  private _runCode: RunCode | null;
   private _shown = new Map<string, { id: string; updatedAt: number; done: boolean }>();
 }
