@@ -7,7 +7,7 @@ io-remote provisioner with ``failover`` on (every other trait at its default) ma
 namespace of 100 MB of tensors (10 x 10 MB) and 1,000 small objects; once its journal is
 complete on the user's side, its provider host is SIGKILLed. Measured from the kill, with the
 provisioner's progress events: the loss detected (the tunnel's refused connections,
-``refused_limit`` 5 s), the new lease granted and its escrow verified, the kernel started on
+``refused_limit``, 3 s by default), the new lease granted and its escrow verified, the kernel started on
 the other provider (files pushed), the journal restored (push + load), and the total. The
 target is ≤ 10 s. Not a pass/fail test; record results in RESULTS.md.
 
@@ -119,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=1, help="kills, each on a fresh market")
     parser.add_argument(
-        "--refused-limit", type=float, help="the provisioner's refused_limit (default: 5 s)"
+        "--refused-limit", type=float, help="the provisioner's refused_limit (default: 3 s)"
     )
     args = parser.parse_args()
     limit = "" if args.refused_limit is None else f" --refused-limit {args.refused_limit:g}"
