@@ -188,28 +188,39 @@ class Stack:
         )  # fmt: skip
         self.processes.append(coordinator)
         self.coordinator_url = match.group(1)
-        provider_keypair = Keypair()
-        provider_key = write_keypair(provider_keypair, self.root / "provider.json")
-        # The provider pays the settlements' fees; the user escrows each session.
-        airdrop(self.solana_url, provider_keypair.pubkey(), LAMPORTS_PER_SOL)
-        (self.root / "workspace").mkdir()
-        provider, _ = start_process(
-            "provider",
-            [sys.executable, "-m", "provider_host", "--listen", "127.0.0.1:0",
-             "--keypair", str(provider_key), "--workspace", str(self.root / "workspace"),
-             "--coordinator", self.coordinator_url, "--region", "eu-west",
-             "--simulate-gpu", "RTX 4090:24", "--simulate-gpu", "A100:80",
-             "--gpu-price", "RTX 4090=0.12", "--gpu-price", "A100=0.9",
-             "--ProviderConfig.benchmark=False"],
-            re.compile(r"jupyter-io provider listening on"),
-            env,
-        )  # fmt: skip
-        self.processes.append(provider)
+        self.start_provider("provider", "workspace")
         user_keypair = Keypair()
         self.user_keypair = write_keypair(user_keypair, self.root / "user.json")
         if user_funds:
             airdrop(self.solana_url, user_keypair.pubkey(), user_funds)
         self.wait_for_free_gpus()
+
+    def start_provider(
+        self,
+        name: str,
+        workspace: str,
+        gpus: tuple[str, ...] = ("RTX 4090:24", "A100:80"),
+        prices: tuple[str, ...] = ("RTX 4090=0.12", "A100=0.9"),
+    ) -> tuple[Process, str]:
+        """A provider host linked to the coordinator, its key in ``{root}/{name}.json`` and
+        funded (it pays the settlements' fees): the process and its public key."""
+        provider_keypair = Keypair()
+        provider_key = write_keypair(provider_keypair, self.root / f"{name}.json")
+        airdrop(self.solana_url, provider_keypair.pubkey(), LAMPORTS_PER_SOL)
+        (self.root / workspace).mkdir()
+        options = [option for gpu in gpus for option in ("--simulate-gpu", gpu)]
+        options += [option for price in prices for option in ("--gpu-price", price)]
+        provider, _ = start_process(
+            name,
+            [sys.executable, "-m", "provider_host", "--listen", "127.0.0.1:0",
+             "--keypair", str(provider_key), "--workspace", str(self.root / workspace),
+             "--coordinator", self.coordinator_url, "--region", "eu-west", *options,
+             "--ProviderConfig.benchmark=False"],
+            re.compile(r"jupyter-io provider listening on"),
+            self._env("backend"),
+        )  # fmt: skip
+        self.processes.append(provider)
+        return provider, str(provider_keypair.pubkey())
 
     def offers(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.coordinator_url}/api/v1/offers", timeout=10) as r:

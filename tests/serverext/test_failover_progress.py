@@ -2,8 +2,8 @@
 
 The events are logged exactly as the provisioner logs them (``report`` on the server's
 logger, the ``done`` message from ``failover.notice_text``); the failover itself, with real
-provider hosts, is tests/kernel_provisioner/test_failover.py. A browser test of the Lab
-notice is still missing.
+provider hosts, is tests/kernel_provisioner/test_failover.py; Lab's notice of it,
+tests/browser/test_failover.py.
 """
 
 from __future__ import annotations
