@@ -3,7 +3,13 @@ import {
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
-import { ICommandPalette, ISessionContext, InputDialog, Notification } from '@jupyterlab/apputils';
+import {
+  ICommandPalette,
+  ISessionContext,
+  InputDialog,
+  Notification,
+  SemanticCommand
+} from '@jupyterlab/apputils';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 
@@ -18,7 +24,7 @@ import { gpuIcon } from './icons';
 import { GpuModel } from './model';
 import { GpuPicker, notifyError } from './picker';
 import { RoundTripNotifier } from './latency';
-import { LaunchNotifier } from './progress';
+import { IRerunResult, LaunchNotifier } from './progress';
 import { CostStatus } from './status';
 import { IPreferencesUpdate } from './types';
 
@@ -32,6 +38,60 @@ function currentKernelId(app: JupyterFrontEnd, labShell: ILabShell | null): stri
     | (object & { sessionContext?: ISessionContext })
     | null;
   return widget?.sessionContext?.session?.kernel?.id ?? null;
+}
+
+/** The parts of a notebook panel a re-run needs (typed here: no @jupyterlab/notebook dependency). */
+interface INotebookLike {
+  id: string;
+  sessionContext?: ISessionContext;
+  content?: {
+    widgets?: ReadonlyArray<{ model: { type: string; executionCount?: number | null } }>;
+    activeCellIndex: number;
+    deselectAll(): void;
+  };
+}
+
+/**
+ * Runs, in each open notebook whose kernel is `kernelId`, the code cells whose execution count
+ * is one of `cells`, one at a time in notebook order, with Lab's own run command (NotebookActions.run),
+ * so each output appears under its cell. Counts no such cell shows are `notFound` and nothing runs
+ * for them; the journal's recorded sources are never executed.
+ */
+async function rerunNotebookCells(
+  app: JupyterFrontEnd,
+  kernelId: string,
+  cells: number[]
+): Promise<IRerunResult> {
+  const wanted = new Set(cells);
+  const found = new Set<number>();
+  const ran: number[] = [];
+  for (const widget of app.shell.widgets('main')) {
+    const panel = widget as unknown as INotebookLike;
+    const notebook = panel.content;
+    if (panel.sessionContext?.session?.kernel?.id !== kernelId || !notebook?.widgets) {
+      continue;
+    }
+    const targets = notebook.widgets
+      .map((cell, index) => ({ index, count: cell.model.type === 'code' ? cell.model.executionCount : null }))
+      .filter(
+        (t): t is { index: number; count: number } =>
+          typeof t.count === 'number' && wanted.has(t.count)
+      );
+    for (const { index, count } of targets) {
+      found.add(count);
+      notebook.activeCellIndex = index;
+      notebook.deselectAll();
+      const ok = await app.commands.execute('notebook:run-cell', {
+        [SemanticCommand.WIDGET]: panel.id,
+        activate: false
+      });
+      if (ok === false) {
+        return { ran, notFound: cells.filter(c => !found.has(c)), failed: count };
+      }
+      ran.push(count);
+    }
+  }
+  return { ran, notFound: cells.filter(c => !found.has(c)), failed: null };
 }
 
 /** The settings as the server's preferences (empty values clear a preference). */
@@ -70,16 +130,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
   ): void => {
     const model = new GpuModel();
     const { commands } = app;
-    new LaunchNotifier(model, commands, async (kernelId, code) => {
-      // The notebook's own kernel (the kernel id the progress event names), as one more client.
-      const kernel = app.serviceManager.kernels.connectTo({ model: { id: kernelId, name: '' } });
-      try {
-        const reply = await kernel.requestExecute({ code, stop_on_error: true }).done;
-        return reply.content.status;
-      } finally {
-        kernel.dispose();
-      }
-    });
+    new LaunchNotifier(model, commands, (kernelId, cells) => rerunNotebookCells(app, kernelId, cells));
     const topUp = (kernelId: string) => void commands.execute(CommandIDs.topUp, { kernelId });
     new BudgetNotifier({
       model,

@@ -207,20 +207,33 @@ export function failoverText(launch: ILaunch): string | null {
   return `Provider ${shortKey(facts.old)} was lost; the kernel continues on provider ${shortKey(facts.new)}. ${restored}${missing}`;
 }
 
-/** The sources of the cells that made the missing variables, each once, in cell order. */
-export function missingCellSources(missing: IMissingVariable[]): string[] {
-  const seen = new Map<string, number>();
+/** The execution counts of the cells that made the missing variables, each once, in order. */
+export function missingCells(missing: IMissingVariable[]): number[] {
+  const cells = new Set<number>();
   for (const item of missing) {
-    const source = (item.source ?? '').trim();
-    if (source && !seen.has(source)) {
-      seen.set(source, typeof item.cell === 'number' ? item.cell : Number.MAX_SAFE_INTEGER);
+    if (typeof item.cell === 'number' && Number.isInteger(item.cell)) {
+      cells.add(item.cell);
     }
   }
-  return [...seen.entries()].sort((a, b) => a[1] - b[1]).map(([source]) => source);
+  return [...cells].sort((a, b) => a - b);
 }
 
-/** Runs code in a kernel; resolves to the reply's status (`ok`, `error`, ...). */
-export type RunCode = (kernelId: string, code: string) => Promise<string>;
+/** What re-running a failover's missing cells in the notebook did. */
+export interface IRerunResult {
+  /** The execution counts of the notebook's cells that ran (in order). */
+  ran: number[];
+  /** The counts no code cell of the kernel's notebook shows now (edited or re-run since): not run. */
+  notFound: number[];
+  /** The count of the cell that failed, if one did (the cells after it did not run). */
+  failed: number | null;
+}
+
+/**
+ * Runs, in the open notebook(s) of `kernelId`, the code cells whose execution count is one of
+ * `cells`, in notebook order, so their outputs appear under them. It runs the notebook's own
+ * cells, never a source the provider's journal recorded (a lost provider wrote that text).
+ */
+export type RerunCells = (kernelId: string, cells: number[]) => Promise<IRerunResult>;
 
 /**
  * Shows a notification per kernel start: it follows the steps (leasing → escrow →
@@ -229,10 +242,10 @@ export type RunCode = (kernelId: string, code: string) => Promise<string>;
  * short and its ledger can airdrop).
  */
 export class LaunchNotifier {
-  constructor(model: GpuModel, commands: CommandRegistry, runCode?: RunCode) {
+  constructor(model: GpuModel, commands: CommandRegistry, rerunCells?: RerunCells) {
     this._model = model;
     this._commands = commands;
-    this._runCode = runCode ?? null;
+    this._rerunCells = rerunCells ?? null;
     model.changed.connect((_, change) => {
       if (change === 'launches') {
         this._update();
@@ -306,14 +319,16 @@ export class LaunchNotifier {
       ];
     }
     const facts = failover !== null ? failoverFacts(launch) : null;
-    const sources = facts ? missingCellSources(facts.missing) : [];
-    if (facts && sources.length && this._runCode) {
-      const runCode = this._runCode;
+    const cells = facts ? missingCells(facts.missing) : [];
+    if (facts && cells.length && this._rerunCells) {
+      const rerunCells = this._rerunCells;
       options.actions = [
         {
           label: 'Re-run missing cells',
-          caption: `Run the ${sources.length} cell(s) that made ${facts.missing.map(m => m.name).join(', ')} in this kernel`,
-          callback: () => void this._rerun(launch.kernel_id, sources, runCode)
+          caption:
+            `Run the notebook's cell(s) ${cells.map(c => `[${c}]`).join(', ')} ` +
+            `that made ${facts.missing.map(m => m.name).join(', ')}`,
+          callback: () => void this._rerun(launch.kernel_id, cells, rerunCells)
         }
       ];
     }
@@ -327,36 +342,48 @@ export class LaunchNotifier {
     });
   }
 
-  /** Runs `sources` one after another in the kernel, stopping at the first that fails. */
-  private async _rerun(kernelId: string, sources: string[], runCode: RunCode): Promise<void> {
-    const id = Notification.emit(`Re-running ${sources.length} cell(s)…`, 'in-progress', { autoClose: false });
-    for (const [index, source] of sources.entries()) {
-      let status: string;
-      try {
-        status = await runCode(kernelId, source);
-      } catch (error) {
-        status = String(error);
-      }
-      if (status !== 'ok') {
-        Notification.update({
-          id,
-          message: `Re-running cell ${index + 1} of ${sources.length} failed (${status}): ${source.split('\n')[0]}`,
-          type: 'error',
-          autoClose: false
-        });
-        return;
-      }
-    }
-    Notification.update({
-      id,
-      message: `Re-ran ${sources.length} cell(s): the missing variables are back.`,
-      type: 'success',
-      autoClose: 5000
+  /** Runs the notebook's cells `cells` (execution counts) and says what ran and what was not found. */
+  private async _rerun(kernelId: string, cells: number[], rerunCells: RerunCells): Promise<void> {
+    const id = Notification.emit(`Re-running ${cells.length} cell(s)…`, 'in-progress', {
+      autoClose: false
     });
+    let result: IRerunResult;
+    try {
+      result = await rerunCells(kernelId, cells);
+    } catch (error) {
+      Notification.update({
+        id,
+        message: `Re-running the cells failed: ${String(error)}`,
+        type: 'error',
+        autoClose: false
+      });
+      return;
+    }
+    const list = (counts: number[]) => counts.map(c => `[${c}]`).join(', ');
+    const notFound = result.notFound.length
+      ? ` Not found in the notebook (edited or re-run since), not run: cell(s) ${list(result.notFound)}.`
+      : '';
+    if (result.failed !== null) {
+      Notification.update({
+        id,
+        message: `Re-running cell [${result.failed}] failed; the cells after it did not run.${notFound}`,
+        type: 'error',
+        autoClose: false
+      });
+    } else if (!result.ran.length) {
+      Notification.update({ id, message: `Re-ran no cell.${notFound}`, type: 'warning', autoClose: false });
+    } else {
+      Notification.update({
+        id,
+        message: `Re-ran ${result.ran.length} cell(s) of the notebook: ${list(result.ran)}.${notFound}`,
+        type: notFound ? 'warning' : 'success',
+        autoClose: notFound ? false : 5000
+      });
+    }
   }
 
   private _model: GpuModel;
   private _commands: CommandRegistry;
-  private _runCode: RunCode | null;
+  private _rerunCells: RerunCells | null;
   private _shown = new Map<string, { id: string; updatedAt: number; done: boolean }>();
 }

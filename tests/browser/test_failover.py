@@ -1,7 +1,8 @@
 """Failover as a Lab user sees it: the provider host under a notebook's GPU kernel is
 SIGKILLed, the kernel continues on a second provider, and Lab's notice names both providers,
 the variable restored and the one missing with its cell; its "Re-run missing cells" button
-brings that one back in the same kernel."""
+runs the notebook's own cell of that count (not the source the lost provider's journal
+recorded), whose output appears under it, and brings the variable back in the same kernel."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .conftest import CARD, open_picker
 pytest.importorskip("playwright.sync_api")
 
 NOTICE = ".Toastify__toast"
+OWN_CELL = "ran the notebook's own cell"
 
 
 def _type_cell(page: Any, code: str) -> None:
@@ -80,6 +82,13 @@ def test_a_killed_provider_moves_the_kernel_and_lab_offers_to_rerun_the_missing_
     (new_key,) = set(hosts) - {old_key}
     _journal_names(stack, kernel_id)
 
+    # The user edits cell [2] without running it: its count stays [2], its source is no longer
+    # the one the journal recorded. The re-run must run this text, the notebook's own.
+    cell = page.locator(".jp-NotebookPanel:visible .jp-CodeCell").nth(1)
+    cell.locator(".cm-content").click()
+    page.keyboard.press("ControlOrMeta+a")
+    page.keyboard.insert_text(f"g = (i * i for i in range(5)); print({OWN_CELL!r})")
+
     os.killpg(hosts[old_key].proc.pid, signal.SIGKILL)  # the host and its kernels, no word
 
     notice = page.locator(NOTICE, has_text="was lost; the kernel continues").first
@@ -92,7 +101,11 @@ def test_a_killed_provider_moves_the_kernel_and_lab_offers_to_rerun_the_missing_
     assert [k["id"] for k in stack.api("GET", "/api/kernels")] == [kernel_id]
 
     notice.locator("button", has_text="Re-run missing cells").click()
-    page.locator(NOTICE, has_text="Re-ran 1 cell(s)").first.wait_for(timeout=60_000)
+    page.locator(NOTICE, has_text="Re-ran 1 cell(s) of the notebook: [2]").first.wait_for(
+        timeout=60_000
+    )
+    # The notebook's cell ran (its output under it), not the journal's `g = ...` line.
+    cell.locator(".jp-OutputArea-output", has_text=OWN_CELL).wait_for(timeout=30_000)
     # The re-run made g again in the same kernel, next to the restored x.
     page.locator(".jp-NotebookPanel:visible .jp-Cell .cm-content").last.click()
     _type_cell(page, "print(x, sum(g))")
