@@ -256,6 +256,10 @@ class TunnelClient:
         self.dead_reason: str | None = None
         #: True once the host confirmed END (closed with 4010).
         self.ended = False
+        #: True when a resume was answered 410 Gone because the lease "is ended" (its user,
+        #: its budget or a class's rule ended it; a lost provider's lease "is failed"): the
+        #: session ended on purpose.
+        self.gone = False
         #: Number of times a dropped websocket was resumed.
         self.resumes = 0
         self._ws: ClientConnection | None = None
@@ -611,7 +615,10 @@ class TunnelClient:
                 refused_since = None
                 status = exc.response.status_code
                 if status in _FATAL_HTTP or (status == 401 and token_renewed):
-                    self._declare_dead(str(self._refused_upgrade(exc)))
+                    reason = str(self._refused_upgrade(exc))
+                    # "lease ... is ended" (not "is failed": a lost provider's lease)
+                    self.gone = status == 410 and " is ended" in reason
+                    self._declare_dead(reason)
                     return None
                 if status == 401:
                     # Most likely an expired token: one more try with a fresh one.

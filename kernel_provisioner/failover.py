@@ -45,6 +45,8 @@ from .progress import ProgressStep
 
 __all__ = ["Failover", "FailoverImpossible", "notice_text"]
 
+#: Seconds to ask the coordinator whether a lease whose session closed was ended on purpose.
+_INFO_TIMEOUT = 10.0
 #: Seconds between two lease requests while the coordinator still grants the lost provider.
 _RETRY_S = 1.0
 
@@ -87,6 +89,8 @@ class Failover:
     def pending(self, client: TunnelClient) -> bool:
         """``client``'s lost session will be (or is being) failed over."""
         ident = id(client)
+        if client.gone:  # the relay said the lease is over: ended on purpose, not lost
+            return False
         return self.enabled and (
             self.running or (ident in self._watched and ident not in self._given_up)
         )
@@ -116,11 +120,33 @@ class Failover:
             await client.wait_exited()
         finally:
             asking.cancel()
-        if client.dead_reason is None or client.ended or client is not self.prov.tunnel:
+        if (
+            client.dead_reason is None
+            or client.ended
+            or client.gone
+            or client is not self.prov.tunnel
+        ):
             return  # the kernel exited, or the session was closed or ended on purpose
+        if await self._ended_at_the_coordinator():
+            self._given_up.add(id(client))
+            return  # its user, its budget or a class's time rules ended it: not a loss
         self.task = asyncio.ensure_future(self._run(client))
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(self.task)
+
+    async def _ended_at_the_coordinator(self) -> bool:
+        """Whether the coordinator ended the lease (``ended``, not ``failed``): the user did
+        from elsewhere, the budget ran out, a class's idle, max-length or quota rule stopped
+        it. The provider then closed the session on purpose, and leasing again would undo
+        that. A coordinator that cannot say counts as not ended (a loss is failed over)."""
+        lease = self.prov.lease
+        if lease is None:
+            return False
+        try:
+            info = await asyncio.wait_for(lease.info(), _INFO_TIMEOUT)
+        except asyncio.TimeoutError:
+            return False
+        return info is not None and info.state == "ended"
 
     async def _ask_coordinator(self, client: TunnelClient) -> None:
         """While ``client``'s tunnel is down, ask the coordinator every
