@@ -273,9 +273,12 @@ async def test_an_abandoned_start_ends_its_lease(market: Any, kernelspecs: Any) 
 async def test_another_process_reattaches_to_a_relayed_lease(
     market: Any, kernelspecs: Any, start_kernel: Any, cells: Any, processes: Any
 ) -> None:
+    # Only the relayed provider's RTX 4090 is under this cap: the test is about the relay
+    # (without a cap, the scheduler's latency and reliability terms may prefer the direct one).
     name = kernelspecs.install_lease(
-        "reattach-rtx", market.coordinator.url, market.user_keypair_path, gpu="RTX 4090"
-    )
+        "reattach-rtx", market.coordinator.url, market.user_keypair_path, gpu="RTX 4090",
+        max_price_per_hour="0.15",
+    )  # fmt: skip
     km = await start_kernel(name)
     prov = km.provisioner
     kc = await cells.connect(km)
@@ -341,9 +344,12 @@ COUNTER = "import time\nfor i in range(30):\n    print(i, flush=True)\n    time.
 async def test_output_resumes_exactly_once_after_a_cut_in_front_of_the_relay(
     market: Any, kernelspecs: Any, start_kernel: Any, cells: Any
 ) -> None:
+    # Only the relayed provider's RTX 4090 is under this cap: the test is about the relay
+    # (without a cap, the scheduler's latency and reliability terms may prefer the direct one).
     name = kernelspecs.install_lease(
-        "cut-rtx", market.coordinator.url, market.user_keypair_path, gpu="RTX 4090"
-    )
+        "cut-rtx", market.coordinator.url, market.user_keypair_path, gpu="RTX 4090",
+        max_price_per_hour="0.15",
+    )  # fmt: skip
     km = await start_kernel(name)
     prov = km.provisioner
     tunnel = prov.tunnel
