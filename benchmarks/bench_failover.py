@@ -7,8 +7,8 @@ io-remote provisioner with ``failover`` on (every other trait at its default) ma
 namespace of 100 MB of tensors (10 x 10 MB) and 1,000 small objects; once its journal is
 complete on the user's side, its provider host is SIGKILLed. Measured from the kill, with the
 provisioner's progress events: the loss detected (the tunnel's refused connections,
-``refused_limit``, 3 s by default), the new lease granted and its escrow verified, the kernel started on
-the other provider (files pushed), the journal restored (push + load), and the total. The
+``refused_limit``, 3 s by default), the new lease granted and its escrow verified, the kernel
+started on the other provider (files pushed), the journal restored (push + load), and the total. The
 target is ≤ 10 s. Not a pass/fail test; record results in RESULTS.md.
 
     python benchmarks/bench_failover.py            # one kill, ~40 s
