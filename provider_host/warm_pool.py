@@ -273,6 +273,7 @@ class WarmPool:
             await self._dispose(warm)  # taken or closed while it started
             return
         self._warm[slot] = warm
+        self._log.info("warm kernel armed for slot %s, pid %d", list(slot), warm.kernel.pid)
         watcher = asyncio.ensure_future(self._watch(slot, warm))
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)

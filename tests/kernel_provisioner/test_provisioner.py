@@ -382,6 +382,14 @@ async def test_a_remote_kernel_started_through_jupyter_is_the_hosts_warm_kernel(
     # Warm kernels on (the host's default; this module's other hosts turn them off).
     host = start_host("--ProviderConfig.warm_kernels=True", "--log-level=INFO")
     name = kernelspecs.install("io-remote-warm", host.url, host.user_keypair_path)
+
+    # A lease that comes before the spare is armed gets a cold kernel (rightly): wait for it.
+    def armed() -> None:
+        deadline = time.monotonic() + 30
+        while "warm kernel armed" not in host.stderr() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the host's log, read by a thread of the fixture's
+
+    await asyncio.to_thread(armed)
     km = await start_kernel(name)
     kc = await cells.connect(km)
     try:
