@@ -4,7 +4,7 @@ import { Poll } from '@lumino/polling';
 import { ISignal, Signal } from '@lumino/signaling';
 
 import { CommandIDs } from './commands';
-import { h, placeChildren, setAttr, setText, show } from './dom';
+import { h, keyedNodes, placeChildren, setAttr, setText, show } from './dom';
 import { errorMessage, requestAPI } from './handler';
 import { GpuModel } from './model';
 import { ICohort, ICohortGpu, ICohorts } from './types';
@@ -223,22 +223,13 @@ class CohortCard {
     setText(this._facts, facts.join(' · '));
     show(this._dashboard, !student);
     show(this._gpuList, student);
-    const seen = new Set<string>();
-    const nodes = (cohort.gpus ?? []).map(gpu => {
-      seen.add(gpu.gpu);
-      let row = this._rows.get(gpu.gpu);
-      if (!row) {
-        row = new CohortGpuRow(this._commands, cohort.id, gpu.gpu);
-        this._rows.set(gpu.gpu, row);
-      }
-      row.update(gpu, cohort);
-      return row.node;
-    });
-    for (const key of [...this._rows.keys()]) {
-      if (!seen.has(key)) {
-        this._rows.delete(key);
-      }
-    }
+    const nodes = keyedNodes(
+      this._rows,
+      cohort.gpus ?? [],
+      gpu => gpu.gpu,
+      gpu => new CohortGpuRow(this._commands, cohort.id, gpu.gpu),
+      (row, gpu) => row.update(gpu, cohort)
+    );
     placeChildren(this._gpuList, nodes);
   }
 
@@ -277,22 +268,13 @@ export class CohortSection {
     const error = this._model.error;
     show(this._error, !!error);
     setText(this._error, error ? `Classes: ${error}` : '');
-    const seen = new Set<string>();
-    const nodes = this._model.cohorts.map(cohort => {
-      seen.add(cohort.id);
-      let card = this._cards.get(cohort.id);
-      if (!card) {
-        card = new CohortCard(this._commands, cohort.id);
-        this._cards.set(cohort.id, card);
-      }
-      card.update(cohort);
-      return card.node;
-    });
-    for (const id of [...this._cards.keys()]) {
-      if (!seen.has(id)) {
-        this._cards.delete(id);
-      }
-    }
+    const nodes = keyedNodes(
+      this._cards,
+      this._model.cohorts,
+      cohort => cohort.id,
+      cohort => new CohortCard(this._commands, cohort.id),
+      (card, cohort) => card.update(cohort)
+    );
     placeChildren(this._list, nodes);
   }
 

@@ -3,7 +3,7 @@ import { Poll } from '@lumino/polling';
 import { Widget } from '@lumino/widgets';
 
 import { CohortModel, gpuHours, teaches } from './cohorts';
-import { h, placeChildren, setAttr, setText, show } from './dom';
+import { h, keyedNodes, placeChildren, setAttr, setText, show } from './dom';
 import { duration, parseSol, shortKey, sol } from './format';
 import { errorMessage, requestAPI } from './handler';
 import { gpuIcon } from './icons';
@@ -190,25 +190,17 @@ export class CohortDashboard extends Widget {
     ];
     setText(this._pool, parts.join(' · '));
     setAttr(this._pool, 'title', pool.projected_run_out === null ? null : new Date(pool.projected_run_out * 1000).toString());
-    const seen = new Set<string>();
-    const nodes = data.students.map(student => {
-      seen.add(student.student);
-      let row = this._rows.get(student.student);
-      if (!row) {
-        row = new StudentRow(student.student, {
+    const nodes = keyedNodes(
+      this._rows,
+      data.students,
+      student => student.student,
+      student =>
+        new StudentRow(student.student, {
           revoke: s => void this._revoke(s),
           topUp: s => void this._topUp(s)
-        });
-        this._rows.set(student.student, row);
-      }
-      row.update(student);
-      return row.node;
-    });
-    for (const key of [...this._rows.keys()]) {
-      if (!seen.has(key)) {
-        this._rows.delete(key);
-      }
-    }
+        }),
+      (row, student) => row.update(student)
+    );
     placeChildren(this._rowsNode, nodes);
     show(this._empty, nodes.length === 0);
     setText(this._empty, 'No students yet: share a join code (`jupyter io cohort code`).');

@@ -57,3 +57,35 @@ export function placeChildren(parent: HTMLElement, nodes: Node[]): void {
     parent.lastChild!.remove();
   }
 }
+
+/**
+ * One view per key, kept across renders: the views of keys still in `items` are reused,
+ * missing ones are made with `make`, the others forgotten. Each view is brought up to date
+ * with `update`; returns the views' nodes in the items' order, for {@link placeChildren}.
+ */
+export function keyedNodes<T, V extends { readonly node: HTMLElement }>(
+  views: Map<string, V>,
+  items: readonly T[],
+  key: (item: T) => string,
+  make: (item: T) => V,
+  update: (view: V, item: T) => void
+): HTMLElement[] {
+  const seen = new Set<string>();
+  const nodes = items.map(item => {
+    const k = key(item);
+    seen.add(k);
+    let view = views.get(k);
+    if (!view) {
+      view = make(item);
+      views.set(k, view);
+    }
+    update(view, item);
+    return view.node;
+  });
+  for (const k of [...views.keys()]) {
+    if (!seen.has(k)) {
+      views.delete(k);
+    }
+  }
+  return nodes;
+}

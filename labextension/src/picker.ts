@@ -2,7 +2,7 @@ import { Notification } from '@jupyterlab/apputils';
 import { CommandRegistry } from '@lumino/commands';
 import { Widget } from '@lumino/widgets';
 
-import { h, placeChildren, setAttr, setText, show } from './dom';
+import { h, keyedNodes, placeChildren, setAttr, setText, show } from './dom';
 import { duration, gigabytes, hours, shortKey, sol, solShort } from './format';
 import { errorMessage } from './handler';
 import { gpuIcon } from './icons';
@@ -320,44 +320,26 @@ export class GpuPicker extends Widget {
     show(this._listNote, !!note);
     setText(this._listNote, note);
     this._listNote.classList.toggle('jio-Empty', !!offers && offers.types.length === 0);
-    const seen = new Set<string>();
-    const nodes = types.map(type => {
-      seen.add(type.gpu);
-      let card = this._cards.get(type.gpu);
-      if (!card) {
-        card = new GpuCard(type.gpu, this._commands);
-        this._cards.set(type.gpu, card);
-      }
-      card.update(type);
-      return card.node;
-    });
-    for (const gpu of [...this._cards.keys()]) {
-      if (!seen.has(gpu)) {
-        this._cards.delete(gpu);
-      }
-    }
+    const nodes = keyedNodes(
+      this._cards,
+      types,
+      type => type.gpu,
+      type => new GpuCard(type.gpu, this._commands),
+      (card, type) => card.update(type)
+    );
     placeChildren(this._listNode, nodes);
   }
 
   private _renderSessions(): void {
     const sessions = this._model.sessions;
     show(this._sessionsNode, sessions.length > 0);
-    const seen = new Set<string>();
-    const nodes = sessions.map(session => {
-      seen.add(session.kernel_id);
-      let row = this._rows.get(session.kernel_id);
-      if (!row) {
-        row = new SessionRow(session.kernel_id);
-        this._rows.set(session.kernel_id, row);
-      }
-      row.update(session, this._model);
-      return row.node;
-    });
-    for (const kernelId of [...this._rows.keys()]) {
-      if (!seen.has(kernelId)) {
-        this._rows.delete(kernelId);
-      }
-    }
+    const nodes = keyedNodes(
+      this._rows,
+      sessions,
+      session => session.kernel_id,
+      session => new SessionRow(session.kernel_id),
+      (row, session) => row.update(session, this._model)
+    );
     placeChildren(this._sessionList, nodes);
   }
 
