@@ -40,9 +40,12 @@ __all__ = [
     "Lease",
     "LeaseState",
     "Offer",
+    "OutboxMessage",
     "Provider",
+    "ProviderChange",
     "ProviderLink",
     "ProviderStatus",
+    "Replica",
     "SettlementKind",
     "SettlementRow",
     "SettlementState",
@@ -195,6 +198,9 @@ class Provider(Base):
     #: Grows by one each time the provider links (to any coordinator sharing the database):
     #: a coordinator marks it offline only if no newer link has been made since its own.
     link_generation: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    #: The replica (:class:`Replica`) holding the provider's latest link: set with
+    #: ``link_generation``, cleared when the provider goes offline or is lost.
+    replica_id: Mapped[str | None] = mapped_column(sa.String(64))
 
 
 class ProviderLink(Base):
@@ -499,3 +505,52 @@ class GpuCheck(Base):
     reason: Mapped[str] = mapped_column(sa.Text)
     seconds: Mapped[float | None] = mapped_column(sa.Float)
     n: Mapped[int] = mapped_column(sa.Integer)
+
+
+# BIGSERIAL on PostgreSQL; SQLite autoincrements only an INTEGER PRIMARY KEY.
+_SEQ = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class Replica(Base):
+    """A coordinator process sharing the database (:mod:`jupyter_io.coordinator.replicas`):
+    ``url`` is where providers reach it (a ``dial`` names it), ``last_seen`` its heartbeat
+    (every second), ``stopped_at`` set when it stopped cleanly."""
+
+    __tablename__ = "replicas"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    url: Mapped[str] = mapped_column(sa.String(2048))
+    started_at: Mapped[datetime]
+    last_seen: Mapped[datetime]
+    stopped_at: Mapped[datetime | None]
+
+
+class ProviderChange(Base):
+    """The change feed: provider ``pubkey``'s view (row, offers, live leases) changed.
+
+    Written only by database triggers (migration 0009), never by the coordinator's code, so
+    every writer feeds it; heartbeat flushes do not. Replicas poll it by ``seq``
+    (:meth:`~jupyter_io.coordinator.store.replicas.ReplicaQueries.changes_since`) and
+    re-read the providers it names."""
+
+    __tablename__ = "provider_changes"
+    __table_args__ = (sa.Index(None, "at"), {"sqlite_autoincrement": True})
+
+    seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
+    pubkey: Mapped[str] = mapped_column(sa.String(PUBKEY_LENGTH))
+    at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+
+
+class OutboxMessage(Base):
+    """The outbox: a provider-link message (``body``, its JSON text) for provider ``pubkey``
+    linked at another replica. The replica holding the link takes it (``DELETE ...
+    RETURNING``: exactly one sends it) until ``expires_at``."""
+
+    __tablename__ = "link_messages"
+    __table_args__ = (sa.Index(None, "pubkey"), sa.Index(None, "expires_at"))
+
+    id: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
+    pubkey: Mapped[str] = mapped_column(sa.String(PUBKEY_LENGTH))
+    body: Mapped[str] = mapped_column(sa.Text)
+    expires_at: Mapped[datetime]
+    created_at: Mapped[datetime]
