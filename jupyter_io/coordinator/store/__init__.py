@@ -31,10 +31,11 @@ One module per aggregate, each with its records and queries, all on one engine
 (:mod:`.engine`) and one Alembic history (``jupyter_io/coordinator/migrations``):
 :mod:`.providers` (providers and offers), :mod:`.leases` (leases, their escrows and
 acknowledgements), :mod:`.settlements` (settlements and usage reports), :mod:`.cohorts`
-(classroom cohorts: instructors, students, join codes, reservations), and
+(classroom cohorts: instructors, students, join codes, reservations),
 :mod:`.ledger_accounts` (the embedded ledger's accounts, tables of its own in the same
-database). :class:`Store` is the first three on one engine; import every name from this
-package.
+database), and :mod:`.replicas` (replicas sharing the database, the change feed and the
+outbox: :attr:`Store.replicas`). :class:`Store` is the first three on one engine; import
+every name from this package.
 """
 
 from __future__ import annotations
@@ -74,10 +75,12 @@ from .providers import (
     ProviderRecord,
 )
 from .reliability import ReliabilityInputs, ReliabilityQueries
+from .replicas import Change, OutboxRow, ProviderView, ReplicaQueries, ReplicaRecord
 from .settlements import SettlementQueries, SettlementRecord, UsageReport
 
 __all__ = [
     "MIGRATIONS_DIR",
+    "Change",
     "CodeRecord",
     "CodeRefused",
     "CohortQueries",
@@ -90,11 +93,15 @@ __all__ = [
     "MemberRecord",
     "OfferRecord",
     "OfferSpec",
+    "OutboxRow",
     "ProviderProfile",
     "ProviderQueries",
     "ProviderRecord",
+    "ProviderView",
     "ReliabilityInputs",
     "ReliabilityQueries",
+    "ReplicaQueries",
+    "ReplicaRecord",
     "ReservationRecord",
     "SettlementQueries",
     "SettlementRecord",
@@ -154,6 +161,15 @@ class Store(
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+    @property
+    def replicas(self) -> ReplicaQueries:
+        """The replicas sharing this database, the change feed and the outbox
+        (:class:`ReplicaQueries`)."""
+        queries = self.__dict__.get("_replica_queries")
+        if queries is None:
+            queries = self.__dict__["_replica_queries"] = ReplicaQueries(self._engine)
+        return queries
 
     @property
     def engine(self) -> AsyncEngine:

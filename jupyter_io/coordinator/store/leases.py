@@ -449,6 +449,7 @@ class LeaseQueries(Aggregate):
             if provider.status == ProviderStatus.ONLINE.value:
                 changes.update(
                     status=ProviderStatus.LOST.value,
+                    replica_id=None,
                     heartbeats_missed=_providers.c.heartbeats_missed + heartbeats_missed,
                     times_lost=_providers.c.times_lost + 1,
                     **_close_online_stretch(provider, last_heartbeat),

@@ -77,6 +77,9 @@ class ProviderRecord:
     #: How many times it linked so far (the latest link's number; see :meth:`Store.
     #: mark_provider_offline`).
     link_generation: int = 0
+    #: The replica holding its latest link (None: not linked, or linked by a coordinator
+    #: that does not name itself; see :mod:`jupyter_io.coordinator.replicas`).
+    replica_id: str | None = None
 
     @property
     def online(self) -> bool:
@@ -189,6 +192,7 @@ class ProviderQueries(Aggregate):
                 "status": ProviderStatus.ONLINE.value,
                 "last_heartbeat": excluded.last_heartbeat,
                 "link_generation": _providers.c.link_generation + 1,
+                "replica_id": excluded.replica_id,
                 # A provider that reconnects while still online keeps its open stretch.
                 "online_since": sa.case(
                     (
@@ -201,7 +205,9 @@ class ProviderQueries(Aggregate):
         )
 
     @staticmethod
-    def _provider_values(profile: ProviderProfile, at: datetime) -> dict[str, Any]:
+    def _provider_values(
+        profile: ProviderProfile, at: datetime, replica_id: str | None = None
+    ) -> dict[str, Any]:
         return {
             "pubkey": profile.pubkey,
             "display_name": profile.display_name,
@@ -212,20 +218,27 @@ class ProviderQueries(Aggregate):
             "last_heartbeat": at,
             "online_since": at,
             "link_generation": 1,
+            "replica_id": replica_id,
         }
 
     async def upsert_provider(
-        self, profile: ProviderProfile, *, at: datetime | None = None
+        self,
+        profile: ProviderProfile,
+        *,
+        at: datetime | None = None,
+        replica_id: str | None = None,
     ) -> ProviderRecord:
         """Register a provider that connected (or update one that reconnected) and mark it
-        online; its counters and ``first_seen`` are kept. Call :meth:`replace_offers` next."""
+        online; its counters and ``first_seen`` are kept. ``replica_id``: the replica that
+        holds this link (other replicas send it the provider's messages through it). Call
+        :meth:`replace_offers` next."""
         at = _when(at)
         async with self._write() as conn:
             outages = await outages_before_link(conn, [profile.pubkey])
             row = (
                 await conn.execute(
                     self._provider_upsert()
-                    .values(self._provider_values(profile, at))
+                    .values(self._provider_values(profile, at, replica_id))
                     .returning(*_providers.c)
                 )
             ).one()
@@ -279,6 +292,7 @@ class ProviderQueries(Aggregate):
                 .values(
                     status=ProviderStatus.OFFLINE.value,
                     last_heartbeat=last_heartbeat,
+                    replica_id=None,
                     **_close_online_stretch(provider, last_heartbeat),
                 )
             )
@@ -500,6 +514,7 @@ def _provider_from_mapping(mapping: Mapping[Any, Any]) -> ProviderRecord:
         times_lost=mapping["times_lost"],
         online_seconds=mapping["online_seconds"],
         link_generation=mapping["link_generation"],
+        replica_id=mapping["replica_id"],
     )
 
 
