@@ -55,6 +55,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "jupyter_io.coordinator.app.CoordinatorApp",
         "Run the marketplace coordinator: provider links, offers, leases, relay.",
     ),
+    "ledger": (
+        "jupyter_io.coordinator.ledger_app.LedgerApp",
+        "Serve the embedded Solana ledger on its own, for coordinator replicas sharing it.",
+    ),
     "wallet": (
         "jupyter_io.payments.wallet_app.WalletApp",
         "Your Solana wallet: address, balance, airdrop (on the embedded ledger).",

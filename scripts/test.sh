@@ -18,8 +18,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 #   chromium    the Lab browser tests drive Debian's /usr/bin/chromium with Playwright
 #               (Playwright's own browser download cannot work here)
 #   bubblewrap  the provider host runs every tenant's kernel in a bwrap sandbox
+#   haproxy     examples/haproxy/haproxy.cfg is tested in front of coordinator replicas
 #   nodejs      only when no `node` is on PATH (the editable install builds the Lab extension)
-ensure_apt postgresql chromium bubblewrap
+ensure_apt postgresql chromium bubblewrap haproxy
 ensure_node
 ensure_venv "provider,test"
 

@@ -1,0 +1,475 @@
+"""Replicas of one marketplace, as an operator runs them: real processes, one PostgreSQL.
+
+:class:`Cluster` is ``jupyter io ledger`` (the shared embedded ledger, a subprocess) plus N
+``jupyter io coordinator`` subprocesses on one fresh PostgreSQL database (the session's
+``postgres_server``), sharing one keypair (``--keypair``) and the ledger (``--solana-url``),
+each on a port of its own. Provider hosts (``python -m provider_host``, as the provisioner's
+end-to-end tests run them) are given the comma-separated list of every replica's URL; users
+lease through the same list. :meth:`Replica.kill` is ``kill -9``; :meth:`Cluster.heal`
+brings every dead replica back on its port.
+
+The ``cluster`` fixture is one cluster for the whole session (starting three coordinators
+costs seconds on two cores), healed before each test; tests must leave no lease running.
+What the database says (who holds a provider's link, a settlement's claim) is read with
+:meth:`Cluster.query`.
+
+The suite runs with ``--import-mode=importlib``: test modules reach the helpers here through
+the fixtures (``cluster``, ``start_ledger``, ``kernels``) or by relative import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psutil
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+from solders.keypair import Keypair
+from solders.pubkey import Pubkey
+from sqlalchemy.engine import make_url
+
+from jupyter_io.identity import write_keypair
+from jupyter_io.payments.escrow import EscrowClient
+
+from ...kernel_provisioner.conftest import (
+    KernelSpecs,
+    ProviderHost,
+    free_port,
+    get_json,
+    start_provider_host,
+    stop_provider_host,
+)
+from ..conftest import PostgresServer
+
+#: ``jupyter io ...`` through the package's entry point (no console script needed).
+JUPYTER_IO = [sys.executable, "-c", "from jupyter_io.app import main; main()"]
+LEDGER_READY = "jupyter-io ledger listening on "
+COORDINATOR_READY = "jupyter-io coordinator listening on "
+#: Bound on a process's start (three coordinators start at once on two busy cores).
+START_TIMEOUT = 45.0
+#: Replicas in the session's cluster.
+REPLICAS = 3
+#: Every replica's flags: escrow payments on the shared ledger, heartbeats every 0.5 s,
+#: settlements retried briskly, escrows accepted from one second's worth, offers uncached.
+REPLICA_ARGS = (
+    "--payments", "escrow",
+    "--heartbeat-interval", "0.5",
+    "--heartbeat-misses", "6",
+    "--CoordinatorConfig.flush_interval=0.2",
+    "--CoordinatorConfig.offers_cache_ttl=0",
+    "--CoordinatorConfig.settle_retry_interval=0.2",
+    "--CoordinatorConfig.min_deposit_seconds=1",
+)  # fmt: skip
+#: Provider flags: no benchmark before linking, relink briskly after a replica's death.
+PROVIDER_ARGS = ("--no-benchmark", "--ProviderConfig.link_backoff_max=0.5")
+
+
+class _Output:
+    """Drain a process's stdout and stderr on threads; :meth:`wait_line` for a prefix."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._found: dict[str, str] = {}
+        self._changed = threading.Condition()
+        for pipe in (proc.stdout, proc.stderr):
+            threading.Thread(target=self._read, args=(pipe,), daemon=True).start()
+        self._open = 2
+
+    def _read(self, pipe: Any) -> None:
+        for line in pipe:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._open -= 1
+            self._changed.notify_all()
+
+    def wait_line(self, prefix: str, timeout: float) -> str | None:
+        """The rest of the first line starting with ``prefix`` (None: exited or too slow)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    if line.startswith(prefix):
+                        return line[len(prefix) :].strip()
+                left = deadline - time.monotonic()
+                if left <= 0 or self._open == 0:
+                    return None
+                self._changed.wait(left)
+
+    def tail(self, n: int = 60) -> str:
+        return "".join(self.lines[-n:])
+
+
+def _spawn(args: list[str]) -> tuple[subprocess.Popen[str], _Output]:
+    proc = subprocess.Popen(
+        [*JUPYTER_IO, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    return proc, _Output(proc)
+
+
+def _terminate(proc: subprocess.Popen[str] | None, timeout: float = 15.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@dataclass
+class LedgerProcess:
+    """A running ``jupyter io ledger``; :attr:`url` is its JSON-RPC URL."""
+
+    data_dir: Path
+    proc: subprocess.Popen[str] | None = None
+    output: _Output | None = None
+    url: str = ""
+    port: int = 0
+
+    def start(self) -> None:
+        listen = f"127.0.0.1:{self.port}"
+        self.proc, self.output = _spawn(
+            ["ledger", "--listen", listen, "--data-dir", str(self.data_dir)]
+        )
+        found = self.output.wait_line(LEDGER_READY, START_TIMEOUT)
+        if found is None:
+            _terminate(self.proc)
+            pytest.fail(f"jupyter io ledger did not start:\n{self.output.tail()}")
+        self.url = found
+        self.port = int(urlsplit(found).port or 0)
+
+    def stop(self) -> None:
+        _terminate(self.proc)
+
+    def escrow(self) -> EscrowClient:
+        """A ledger client (close it after use)."""
+        return EscrowClient.connect(self.url)
+
+    async def airdrop(self, *pubkeys: Pubkey | str, lamports: int) -> None:
+        async with self.escrow() as escrow:
+            for pubkey in pubkeys:
+                key = Pubkey.from_string(pubkey) if isinstance(pubkey, str) else pubkey
+                await escrow.airdrop(key, lamports)
+
+
+def start_ledger(data_dir: Path) -> LedgerProcess:
+    """``jupyter io ledger`` on a free loopback port with its accounts in ``data_dir``."""
+    ledger = LedgerProcess(data_dir)
+    ledger.start()
+    return ledger
+
+
+@dataclass
+class Replica:
+    """One ``jupyter io coordinator`` of a cluster; it keeps its port across restarts."""
+
+    name: str
+    port: int
+    args: list[str]
+    data_dir: Path
+    proc: subprocess.Popen[str] | None = None
+    output: _Output | None = None
+    #: When :meth:`kill` sent SIGKILL (monotonic), or None.
+    killed_at: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def spawn(self) -> None:
+        self.killed_at = None
+        listen = f"127.0.0.1:{self.port}"
+        self.proc, self.output = _spawn(
+            ["coordinator", "--listen", listen, "--data-dir", str(self.data_dir), *self.args]
+        )
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        assert self.output is not None
+        if self.output.wait_line(COORDINATOR_READY, timeout) is None:
+            _terminate(self.proc)
+            pytest.fail(f"replica {self.name} did not start:\n{self.output.tail()}")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """``kill -9``: no goodbye to providers, relays, the database or the ledger."""
+        assert self.proc is not None and self.alive, f"replica {self.name} is not running"
+        self.killed_at = time.monotonic()
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        _terminate(self.proc)
+
+    def status(self) -> dict[str, Any]:
+        return get_json(f"{self.url}/api/v1/status")  # type: ignore[no-any-return]
+
+    def tail(self) -> str:
+        return self.output.tail() if self.output is not None else ""
+
+
+@dataclass
+class Cluster:
+    """A ledger and N replicas on one PostgreSQL database (see the module docstring)."""
+
+    root: Path
+    db_url: str
+    keypair_path: Path
+    ledger: LedgerProcess
+    replicas: list[Replica]
+    providers: list[ProviderHost] = field(default_factory=list)
+
+    @property
+    def urls(self) -> list[str]:
+        return [r.url for r in self.replicas]
+
+    @property
+    def coordinator_url(self) -> str:
+        """Every replica, as clients take them: ``http://a:1,http://b:2,...``."""
+        return ",".join(self.urls)
+
+    @property
+    def alive(self) -> list[Replica]:
+        return [r for r in self.replicas if r.alive]
+
+    def replica_at(self, url: str) -> Replica:
+        """The replica whose port ``url`` names (a tunnel or relay URL, say)."""
+        port = urlsplit(url).port
+        for replica in self.replicas:
+            if replica.port == port:
+                return replica
+        raise AssertionError(f"{url} names no replica of {self.urls}")
+
+    def heal(self) -> None:
+        """Start every replica that is not running (killed by a test), on its port."""
+        dead = [r for r in self.replicas if not r.alive]
+        for replica in dead:
+            replica.spawn()
+        for replica in dead:
+            replica.wait_ready()
+
+    def stop(self) -> None:
+        for host in self.providers:
+            with contextlib.suppress(Exception):
+                stop_provider_host(host)
+        self.providers.clear()
+        for replica in self.replicas:
+            replica.stop()
+        self.ledger.stop()
+
+    # -- providers --------------------------------------------------------------------------
+
+    def start_provider(
+        self, tmp: Path, *args: str, public: bool = False, coordinator: str | None = None
+    ) -> ProviderHost:
+        """A provider host (``python -m provider_host``) given ``coordinator`` (default: every
+        replica's URL); ``public``: clients reach it directly, else through a relay. Returns
+        once a replica lists its offers."""
+        extra = [*PROVIDER_ARGS, "--coordinator", coordinator or self.coordinator_url, *args]
+        listen = "127.0.0.1:0"
+        if public:
+            listen = f"127.0.0.1:{free_port()}"
+            extra += ["--public-url", f"ws://{listen}/tunnel"]
+        host = start_provider_host(tmp, extra, listen)
+        self.providers.append(host)
+        try:
+            self.wait_offered(host.pubkey)
+        except TimeoutError as exc:
+            pytest.fail(f"{exc}\nprovider:\n{host.stderr()}")
+        return host
+
+    def wait_offered(self, pubkey: str, timeout: float = 30.0) -> Replica:
+        """Poll the live replicas' offers (no event to await across processes) until one
+        lists ``pubkey``; that replica."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for replica in self.alive:
+                with contextlib.suppress(OSError):
+                    rows = get_json(f"{replica.url}/api/v1/offers")["providers"]
+                    if any(row["provider"] == pubkey for row in rows):
+                        return replica
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"provider {pubkey} offered by no replica in {timeout} s")
+            time.sleep(0.05)
+
+    def stop_provider(self, host: ProviderHost) -> None:
+        with contextlib.suppress(ValueError):
+            self.providers.remove(host)
+        stop_provider_host(host)
+
+    # -- the database -----------------------------------------------------------------------
+
+    async def query(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        """Rows of one read on the cluster's database (asyncpg, a connection of its own)."""
+        import asyncpg
+
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            return [dict(row) for row in await conn.fetch(sql, *args, timeout=10)]
+        finally:
+            await conn.close()
+
+    @property
+    def dsn(self) -> str:
+        return (
+            make_url(self.db_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        )
+
+    async def link_holder(self, pubkey: str) -> Replica | None:
+        """The live replica holding ``pubkey``'s provider link, by the database's word
+        (``providers.replica_id`` → ``replicas.url``), or None."""
+        rows = await self.query(
+            "SELECT r.url FROM providers p JOIN replicas r ON r.id = p.replica_id "
+            "WHERE p.pubkey = $1",
+            pubkey,
+        )
+        if not rows:
+            return None
+        replica = self.replica_at(rows[0]["url"])
+        return replica if replica.alive else None
+
+    async def wait_link_holder(
+        self, pubkey: str, timeout: float, *, other_than: Replica | None = None
+    ) -> Replica:
+        """Poll until a live replica (not ``other_than``) holds ``pubkey``'s link."""
+        deadline = time.monotonic() + timeout
+        while True:
+            holder = await self.link_holder(pubkey)
+            if holder is not None and holder is not other_than:
+                return holder
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"provider {pubkey} linked to no live replica "
+                    f"{'but ' + other_than.name + ' ' if other_than else ''}within {timeout} s "
+                    f"(database says {holder.name if holder else None})"
+                )
+            await asyncio.sleep(0.05)
+
+    # -- users ------------------------------------------------------------------------------
+
+    def user(self, tmp: Path) -> tuple[Keypair, Path]:
+        """A fresh user keypair and its file (fund it with :meth:`LedgerProcess.airdrop`)."""
+        key = Keypair()
+        return key, write_keypair(key, tmp / f"user-{key.pubkey()}.json")
+
+    def arbiter(self) -> Pubkey:
+        """The marketplace's arbiter (every replica's, one keypair)."""
+        info = get_json(f"{self.alive[0].url}/api/v1/info")
+        return Pubkey.from_string(info["arbiter"])
+
+
+def start_cluster(root: Path, server: PostgresServer, n: int = REPLICAS) -> Cluster:
+    """A ledger and ``n`` replicas on a fresh database of ``server`` (started at once)."""
+    database = f"replicas_{uuid.uuid4().hex[:12]}"
+    server.execute(f'CREATE DATABASE "{database}"')
+    db_url = server.url_for(database)
+    keypair_path = write_keypair(Keypair(), root / "coordinator-keypair.json")
+    ledger = start_ledger(root / "ledger")
+    args = [
+        "--db", db_url, "--keypair", str(keypair_path), "--solana-url", ledger.url,
+        *REPLICA_ARGS,
+    ]  # fmt: skip
+    replicas = [Replica(f"r{i}", free_port(), args, root / f"replica{i}") for i in range(n)]
+    cluster = Cluster(root, db_url, keypair_path, ledger, replicas)
+    try:
+        # One first, so the schema's migration is not raced three times over; then the rest.
+        replicas[0].spawn()
+        replicas[0].wait_ready()
+        cluster.heal()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def replica_cluster(
+    tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresServer
+) -> Iterator[Cluster]:
+    """The session's cluster (use ``cluster``, which heals it first)."""
+    cluster = start_cluster(tmp_path_factory.mktemp("replicas"), postgres_server)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        database = make_url(cluster.db_url).database
+        with contextlib.suppress(Exception):
+            postgres_server.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+@pytest.fixture
+def cluster(replica_cluster: Cluster) -> Iterator[Cluster]:
+    """The session's cluster with every replica running; the test's providers are stopped
+    after it."""
+    replica_cluster.heal()
+    before = list(replica_cluster.providers)
+    yield replica_cluster
+    for host in [h for h in replica_cluster.providers if h not in before]:
+        with contextlib.suppress(Exception):
+            replica_cluster.stop_provider(host)
+
+
+@pytest.fixture
+def ledger_process(tmp_path: Path) -> Iterator[LedgerProcess]:
+    """A ``jupyter io ledger`` of the test's own, stopped after it."""
+    ledger = start_ledger(tmp_path / "ledger")
+    try:
+        yield ledger
+    finally:
+        ledger.stop()
+
+
+@pytest.fixture
+def kernelspecs(jupyter_env: Path) -> KernelSpecs:
+    """io-remote kernelspecs on the JUPYTER_PATH of an isolated Jupyter environment."""
+    return KernelSpecs(jupyter_env / "share" / "jupyter")
+
+
+@pytest.fixture
+async def kernels() -> AsyncIterator[Callable[[str], AsyncKernelManager]]:
+    """Kernel managers; teardown shuts down what is still running (ends its lease)."""
+    made: list[AsyncKernelManager] = []
+
+    def make(name: str) -> AsyncKernelManager:
+        km = AsyncKernelManager(kernel_name=name)
+        made.append(km)
+        return km
+
+    yield make
+    for km in made:
+        with contextlib.suppress(Exception):
+            if km.has_kernel:
+                await asyncio.wait_for(km.shutdown_kernel(now=True), 30)
+
+
+def provider_connections(host: ProviderHost) -> set[int]:
+    """Remote ports of the provider process's established TCP connections."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return {
+            c.raddr.port
+            for c in psutil.Process(host.proc.pid).net_connections(kind="tcp")
+            if c.status == psutil.CONN_ESTABLISHED and c.raddr
+        }
+    return set()
