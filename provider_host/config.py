@@ -28,6 +28,7 @@ from solders.pubkey import Pubkey
 from traitlets import Bool, Enum, Float, Integer, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
+from jupyter_io.coordinator_urls import parse_coordinator_urls
 from jupyter_io.daemon import parse_listen as _parse_listen
 from jupyter_io.daemon import server_ssl_context
 from jupyter_io.errors import ConfigError
@@ -240,9 +241,11 @@ class ProviderConfig(Configurable):
     coordinator_url = Unicode(
         "",
         config=True,
-        help="The marketplace coordinator to join, http(s)://HOST:PORT. When set, the host "
-        "links to it (outbound: works behind NAT), publishes its inventory, and admits only "
-        "clients holding a lease token the coordinator signed; the allow-list is not used.",
+        help="The marketplace coordinator to join, http(s)://HOST:PORT, or its replicas as a "
+        "comma-separated list (http://a:8700,http://b:8700), or one load-balancer name. When "
+        "set, the host links to one of them (outbound: works behind NAT; the next one when a "
+        "link fails or drops), publishes its inventory, and admits only clients holding a "
+        "lease token the coordinator signed; the allow-list is not used.",
     )
     coordinator_pubkey = Unicode(
         "",
@@ -362,13 +365,11 @@ class ProviderConfig(Configurable):
     @validate("coordinator_url")
     def _validate_coordinator_url(self, proposal: dict[str, object]) -> str:
         value = str(proposal["value"]).strip()
-        if value:
-            parts = urlsplit(value)
-            if parts.scheme not in ("http", "https", "ws", "wss") or not parts.netloc:
-                raise TraitError(
-                    f"coordinator_url {value!r} must look like http://HOST:PORT (https:// with TLS)"
-                )
-        return value
+        try:
+            urls = parse_coordinator_urls(value, schemes=("http", "https", "ws", "wss"))
+        except ConfigError as exc:
+            raise TraitError(str(exc)) from None
+        return ",".join(urls)
 
     @validate("public_url")
     def _validate_public_url(self, proposal: dict[str, object]) -> str:
@@ -465,14 +466,19 @@ class ProviderConfig(Configurable):
         """A server TLS context when ``certfile`` is set, else None (plain ws://)."""
         return server_ssl_context(self.certfile, self.keyfile, serves="wss://")
 
+    def coordinator_urls(self) -> tuple[str, ...]:
+        """The configured coordinator URLs, in order (() without a coordinator)."""
+        return parse_coordinator_urls(self.coordinator_url, schemes=("http", "https", "ws", "wss"))
+
+    def link_urls(self) -> list[str]:
+        """The ``ws(s)://`` URL of the provider link of each configured coordinator URL
+        (:class:`provider_host.coordinator_link.CoordinatorLink` rotates through them)."""
+        return [_link_url(url) for url in self.coordinator_urls()]
+
     def link_url(self) -> str:
-        """The ``ws(s)://`` URL of the coordinator's provider link ("" without a coordinator)."""
-        if not self.coordinator_url:
-            return ""
-        parts = urlsplit(self.coordinator_url)
-        scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-        path = parts.path.rstrip("/") + LINK_PATH
-        return urlunsplit((scheme, parts.netloc, path, "", ""))
+        """The ``ws(s)://`` URL of the first coordinator's provider link ("" without one)."""
+        urls = self.link_urls()
+        return urls[0] if urls else ""
 
     def settlements_path(self, host: Pubkey) -> Path:
         """The file of ``host``'s settlement records (:class:`provider_host.settlement.
@@ -541,6 +547,13 @@ class ProviderConfig(Configurable):
                 (v for v in (self.max_file_size, self.max_workspace_bytes) if v > 0), default=0
             ),
         )
+
+
+def _link_url(coordinator_url: str) -> str:
+    parts = urlsplit(coordinator_url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    path = parts.path.rstrip("/") + LINK_PATH
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
 def _parse_price(text: str, what: str) -> int:

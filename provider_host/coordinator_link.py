@@ -18,10 +18,17 @@ challenge with the host's keypair, checks and pins the coordinator's key, sends 
   (:meth:`CoordinatorLink.environment`: ``get_environment``, answered by ``environment``
   or ``environment_refused``), checking the text against its hash.
 
-When the link drops it links again with exponential backoff (0.1 s doubling to
-``backoff_max``), listing the hosted leases so the coordinator keeps them live; sessions and
-kernels are not touched meanwhile. Messages are the coordinator's own typed classes
-(:mod:`jupyter_io.provider_link`).
+When the link drops it links again, listing the hosted leases so the coordinator keeps them
+live; sessions and kernels are not touched meanwhile. Given several coordinator URLs
+(replicas on one database, ``docs/coordinator-contract.md`` section 5), it starts at a random
+one (providers spread over the replicas) and moves to the next one after every failed
+attempt or dropped link, waiting 0.1 s between attempts for a whole round of the list, then
+doubling the wait per round up to ``backoff_max``; so when a replica dies its providers are
+linked to another within a fraction of a second (well inside the 10 s the contract allows).
+Every replica must present the same coordinator key (the one pinned). A ``dial`` is followed
+only to a relay on one of the configured coordinators or on the linked one's host
+(:func:`jupyter_io.coordinator_urls.dial_refusal`). Messages are the coordinator's own typed
+classes (:mod:`jupyter_io.provider_link`).
 
 Call :meth:`CoordinatorLink.start` once the host listens, and :meth:`CoordinatorLink.stop`
 when it shuts down (after ending its sessions, so their last reports go out first).
@@ -33,8 +40,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -43,6 +51,7 @@ from solders.pubkey import Pubkey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from jupyter_io.coordinator_urls import dial_refusal
 from jupyter_io.errors import AuthError, KernelLaunchError, ProtocolError
 from jupyter_io.identity import new_nonce
 from jupyter_io.provider_link import (
@@ -108,13 +117,14 @@ class _Refused(Exception):
 class CoordinatorLink:
     """One provider's link to its coordinator (see the module docstring).
 
-    ``url`` is the ``ws(s)://`` URL of the provider link; ``coordinator`` the key to insist
-    on (None: pin the first one that welcomes this host).
+    ``url`` is the ``ws(s)://`` URL of the provider link, or the provider-link URLs of the
+    coordinator's replicas (a sequence, or one text separating them with commas);
+    ``coordinator`` the key to insist on (None: pin the first one that welcomes this host).
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         keypair: Keypair,
         host: LinkHost,
         *,
@@ -125,7 +135,13 @@ class CoordinatorLink:
         ping_timeout: float | None = 10.0,
         log: logging.Logger | None = None,
     ) -> None:
-        self.url = url
+        urls = url.split(",") if isinstance(url, str) else list(url)
+        #: The provider-link URLs, in the configured order.
+        self.urls: tuple[str, ...] = tuple(u.strip() for u in urls if u.strip())
+        if not self.urls:
+            raise ValueError("CoordinatorLink needs at least one URL")
+        # Where to start: a random replica, so providers spread over them.
+        self._index = random.randrange(len(self.urls))
         self.keypair = keypair
         self.host = host
         #: The coordinator's key, once pinned (or as configured).
@@ -176,6 +192,11 @@ class CoordinatorLink:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    @property
+    def url(self) -> str:
+        """The provider-link URL this link uses now (the next attempt's, while it is down)."""
+        return self.urls[self._index]
 
     @property
     def connection(self) -> ClientConnection | None:
@@ -268,6 +289,7 @@ class CoordinatorLink:
 
     async def _run(self) -> None:
         delay = _FIRST_BACKOFF
+        attempts = 0  # in this round of the URLs
         while not self._stopping.is_set():
             links = self.links
             try:
@@ -287,12 +309,16 @@ class CoordinatorLink:
             except Exception as exc:  # never stop relinking: the kernels depend on it
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self.log.exception("coordinator link to %s failed", self.url)
-            self._notify()
             if self.links > links:
-                delay = _FIRST_BACKOFF  # it was up: come back fast
+                delay, attempts = _FIRST_BACKOFF, 0  # it was up: come back fast
+            # The next attempt goes to the next replica: this one failed or dropped the link.
+            self._index = (self._index + 1) % len(self.urls)
+            self._notify()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
-            delay = min(delay * 2, self.backoff_max)
+            attempts += 1
+            if attempts >= len(self.urls):  # a whole round failed: wait longer
+                delay, attempts = min(delay * 2, self.backoff_max), 0
 
     @property
     def _given_url(self) -> str:
@@ -426,6 +452,12 @@ class CoordinatorLink:
             self.log.warning("ignoring a malformed message from the coordinator: %s", exc)
             return
         if isinstance(message, Dial):
+            refusal = dial_refusal(
+                message.url, message.lease, coordinators=self.urls, linked=self.url
+            )
+            if refusal is not None:
+                self.log.warning("ignoring the coordinator's %s", refusal)
+                return
             self.host.dial(message)
         elif isinstance(message, End):
             self.host.end_lease(message)

@@ -338,7 +338,7 @@ class ProviderServer:
             log=self.log,
         )
         self.coordinator_link = CoordinatorLink(
-            config.link_url(),
+            config.link_urls(),
             self.host_keypair,
             self,
             coordinator=pinned,
