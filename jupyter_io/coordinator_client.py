@@ -30,14 +30,25 @@ price), :class:`~jupyter_io.errors.AuthError` for 401/403,
 coordinator says so within a second or two: ``https://`` to a plain-HTTP server and
 ``http://`` to a TLS one name the scheme to use (:mod:`jupyter_io.tls`), and a server whose
 answers are not a coordinator's (Jupyter's own port, say) is named as not one.
+
+A coordinator run as several replicas on one database is given as a list of URLs (a sequence,
+or one text separating them with commas: ``"http://a:8700,http://b:8700"``) or as one name
+behind a load balancer. The client sticks to the URL that answered last, and moves to the next
+one only when a request cannot have reached a coordinator: the connection was refused, the
+name did not resolve, the host was unreachable or the connection timed out before it was
+made, or (for GET and DELETE, which may be repeated) it closed before any answer. A POST
+whose connection broke after it was sent, or that timed out waiting for its answer, is never
+sent again (it may have been applied): it raises :class:`CoordinatorError`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import json
-from collections.abc import Mapping
+import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -47,7 +58,9 @@ from solders.message import MessageV0
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
+from .coordinator_urls import parse_coordinator_urls
 from .errors import (
     AuthError,
     ConfigError,
@@ -528,32 +541,51 @@ class PaymentsInfo:
 
 
 class CoordinatorClient:
-    """Talks to one coordinator. ``keypair`` signs lease requests (not needed for
-    :meth:`info` and :meth:`offers`). ``ca_certs`` trusts a private CA for https. Call
-    :meth:`close` when done (or use ``async with``)."""
+    """Talks to one coordinator, given as one URL or as its replicas' URLs (see the module
+    docstring). ``keypair`` signs lease requests (not needed for :meth:`info` and
+    :meth:`offers`). ``ca_certs`` trusts a private CA for https. Call :meth:`close` when
+    done (or use ``async with``)."""
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         keypair: Keypair | None = None,
         *,
         timeout: float = 30.0,
         ca_certs: str | None = None,
     ) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError(
-                f"coordinator URL {url!r} must look like http://HOST:PORT (https:// with TLS)"
-            )
-        self.url = url.rstrip("/")
-        self._base_path = parts.path.rstrip("/")
+        #: The coordinator's URLs, in the order given.
+        self.urls = parse_coordinator_urls(url, what="coordinator URL")
+        if not self.urls:
+            raise ConfigError("no coordinator URL given; e.g. http://HOST:8700")
+        self._index = 0
         self.keypair = keypair
         self.timeout = timeout
         self.ca_certs = ca_certs
         self._http = AsyncHTTPClient(force_instance=True)
-        #: True once the server answered like a jupyter-io coordinator (its scheme and
-        #: identity need no more checking).
-        self._peer_known = False
+        #: The URLs that answered like a jupyter-io coordinator (their scheme and identity
+        #: need no more checking).
+        self._known: set[str] = set()
+
+    @property
+    def url(self) -> str:
+        """The URL requests go to now: the one that answered last."""
+        return self.urls[self._index]
+
+    @property
+    def _base_path(self) -> str:
+        return urlsplit(self.url).path.rstrip("/")
+
+    @property
+    def _peer_known(self) -> bool:
+        return self.url in self._known
+
+    @_peer_known.setter
+    def _peer_known(self, known: bool) -> None:
+        if known:
+            self._known.add(self.url)
+        else:
+            self._known.discard(self.url)
 
     def close(self) -> None:
         self._http.close()
@@ -817,6 +849,30 @@ class CoordinatorClient:
     async def _call(
         self, method: str, path: str, body: Any = None, *, sign: bool = False
     ) -> dict[str, Any]:
+        """``method path`` at the current URL, or at the next ones while it cannot have
+        reached a coordinator there (see the module docstring)."""
+        start = self._index
+        failures: list[str] = []
+        last = _NotDelivered("no URL")
+        for step in range(len(self.urls)):
+            self._index = (start + step) % len(self.urls)
+            try:
+                return await self._call_once(method, path, body, sign=sign)
+            except _NotDelivered as exc:
+                named = self.url in exc.reason
+                failures.append(exc.reason if named else f"{self.url}: {exc.reason}")
+                last = exc
+        self._index = start
+        if len(self.urls) == 1:
+            raise CoordinatorError(last.reason, last.status) from None
+        raise CoordinatorError(
+            f"none of the coordinator's {len(self.urls)} URLs could be reached: "
+            + "; ".join(failures)
+        ) from None
+
+    async def _call_once(
+        self, method: str, path: str, body: Any = None, *, sign: bool = False
+    ) -> dict[str, Any]:
         data: bytes | None
         if body is None:
             data = None if method in ("GET", "DELETE") else b""
@@ -848,10 +904,21 @@ class CoordinatorClient:
             response: HTTPResponse = await (
                 fetch if self._peer_known else dial_checked(self.url, fetch)
             )
-        except (OSError, SchemeMismatch) as exc:
+        except (OSError, HTTPClientError, SchemeMismatch) as exc:
+            status = exc.code if isinstance(exc, HTTPClientError) else None
+            if _not_sent(exc) or (method in _REPEATABLE and _no_answer(exc)):
+                reason = await self._unreachable(exc) if status is None else str(exc)
+                raise _NotDelivered(reason, status) from None
+            if _no_answer(exc):
+                raise CoordinatorError(
+                    f"the coordinator at {self.url} closed the connection before answering "
+                    f"{method} {path}; it may have acted on it, so it was not sent again: "
+                    f"check (your leases, say) before you repeat it",
+                    status,
+                ) from None
+            if status is not None:  # a timeout after the request went out
+                raise CoordinatorError(str(exc), status) from None
             raise CoordinatorError(await self._unreachable(exc)) from None
-        except HTTPClientError as exc:  # pragma: no cover - raise_error=False
-            raise CoordinatorError(str(exc), exc.code) from None
         if response.code == 599:
             raise CoordinatorError(await self._unreachable(response.error))
         payload = _json(response)
@@ -881,6 +948,48 @@ class CoordinatorClient:
         if response.code == 402 or code == "ledger_unreachable":
             raise CoordinatorPaymentError(message, response.code, code)
         raise CoordinatorError(message, response.code, code)
+
+
+#: Methods the coordinator's API lets a client repeat (reads, and idempotent ends).
+_REPEATABLE = frozenset({"GET", "DELETE"})
+#: Connection errors that mean nothing was sent: nothing listens, no route, no such name.
+_NOT_SENT_ERRNOS = frozenset(
+    {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL}
+)
+
+
+class _NotDelivered(Exception):
+    """The request cannot have reached a coordinator at this URL (or, GET and DELETE, was
+    not answered there): the next URL may be tried."""
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+def _not_sent(exc: BaseException) -> bool:
+    """True when ``exc`` came before the request was sent: a refused connection, an unknown
+    name, an unreachable host, a timeout while connecting."""
+    if isinstance(exc, (ConnectionRefusedError, socket.gaierror)):
+        return True
+    if isinstance(exc, HTTPTimeoutError):
+        return "while connecting" in str(exc)
+    if isinstance(exc, OSError) and exc.errno in _NOT_SENT_ERRNOS:
+        return True
+    # asyncio reports every address it tried in one OSError ("Multiple exceptions: ...").
+    text = str(exc)
+    return (
+        type(exc) is OSError
+        and exc.errno is None
+        and text.startswith("Multiple exceptions")
+        and f"[Errno {errno.ECONNREFUSED}]" in text
+    )
+
+
+def _no_answer(exc: BaseException) -> bool:
+    """True when the connection closed before an answer (the request may have been read)."""
+    return isinstance(exc, (HTTPStreamClosedError, ConnectionResetError, BrokenPipeError))
 
 
 def _json(response: HTTPResponse) -> Any:

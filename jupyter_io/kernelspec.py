@@ -107,7 +107,16 @@ def validate_provider_url(url: str) -> str:
 
 def validate_coordinator_url(url: str) -> str:
     """Return ``url`` without a trailing slash if it is an ``http://`` or ``https://`` URL
-    with a host; else ConfigError."""
+    with a host, or a comma-separated list of such URLs (a coordinator's replicas) without
+    spaces; else ConfigError naming the entry at fault."""
+    if "," in url:
+        entries = [entry.strip() for entry in url.split(",")]
+        if not all(entries):
+            raise ConfigError(
+                f"coordinator URL list {url!r} has an empty entry; separate the replicas' "
+                f"URLs with single commas, e.g. http://a:8700,http://b:8700"
+            )
+        return ",".join(dict.fromkeys(validate_coordinator_url(entry) for entry in entries))
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise ConfigError(
