@@ -22,7 +22,10 @@ token, carried in HELLO, and for the coordinator's relay the ``X-JIO-Lease-Token
 its token before resuming. Through the relay a refused connection means the *coordinator* is
 down, not the provider (``refused_limit=None`` then), and the relay's HTTP refusals say
 whether resuming still makes sense: 403, 404 and 410 (the lease is gone) end the session, a
-401 asks for a fresh token once.
+401 asks for a fresh token once. A relayed tunnel may be given ``alternates``: the same relay
+path on the coordinator's other replicas (:func:`jupyter_io.coordinator_urls.relay_urls`);
+when a resume cannot reach the relay it uses (refused, timed out, dropped, or answered 5xx),
+the next one goes to the next of them, so a tunnel whose relay died resumes through another.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import enum
 import errno
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -222,10 +225,17 @@ class TunnelClient:
         ping_timeout: float | None = 10.0,
         log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
         on_progress: Callable[[Progress], None] | None = None,
+        alternates: Sequence[str] = (),
     ) -> None:
         """``on_progress`` hears each PROGRESS frame (a step of the start the provider works
-        on before STARTED, e.g. building a course environment)."""
+        on before STARTED, e.g. building a course environment). ``alternates``: other URLs
+        of the same tunnel (a relayed lease's relay on the coordinator's other replicas) a
+        resume moves to when it cannot reach the current one."""
         self.url = tunnel_url(url)
+        #: Where this tunnel may connect, :attr:`url` first (it moves along on resumes).
+        self.urls: tuple[str, ...] = tuple(
+            dict.fromkeys([self.url, *(tunnel_url(u) for u in alternates)])
+        )
         self.on_progress = on_progress
         # Set by a PROGRESS frame: when the launch's own timeout starts counting again
         # (after the step's timeout while it runs, from its end once it is over).
@@ -624,6 +634,8 @@ class TunnelClient:
                     # Most likely an expired token: one more try with a fresh one.
                     self._stale_token = token_renewed = True
                 self.log.info("resume refused: %s", self._refused_upgrade(exc))
+                if status >= 500:  # a proxy whose coordinator behind it is gone
+                    self._next_url()
             except TunnelError as exc:
                 refused_since = None
                 self.log.info("resume refused: %s", exc)
@@ -645,6 +657,7 @@ class TunnelClient:
                 else:
                     refused_since = None
                 self.log.debug("resume attempt failed: %s", _describe(exc))
+                self._next_url()
             else:
                 if welcome.get("resumed") is False:
                     await ws.close()
@@ -660,6 +673,13 @@ class TunnelClient:
                 return None
             await asyncio.sleep(min(delay, self.grace_period - elapsed))
             delay = min(delay * 2, _BACKOFF_MAX)
+
+    def _next_url(self) -> None:
+        """Move the next resume to the next of :attr:`urls` (nothing with only one)."""
+        if len(self.urls) > 1:
+            index = self.urls.index(self.url) if self.url in self.urls else -1
+            self.url = self.urls[(index + 1) % len(self.urls)]
+            self.log.info("tunnel session %s: resuming through %s", self.session_id, self.url)
 
     def declare_lost(self, reason: str) -> None:
         """Declare the host lost on another party's word (the coordinator failed the lease

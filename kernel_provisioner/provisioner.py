@@ -64,6 +64,7 @@ from solders.keypair import Keypair
 from traitlets import Bool, CaselessStrEnum, Float, Int, List, Type, Unicode, Union, validate
 
 from jupyter_io.coordinator_client import LeaseGrant
+from jupyter_io.coordinator_urls import parse_coordinator_urls, relay_urls
 from jupyter_io.errors import ConfigError, JupyterIOError, KernelLaunchError, PaymentError
 from jupyter_io.files import DEFAULT_WINDOW
 from jupyter_io.identity import DEFAULT_KEYPAIR_PATH, load_keypair, parse_pubkey
@@ -165,7 +166,9 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         "",
         config=True,
         help="The marketplace coordinator's http(s)://HOST:PORT: lease a GPU there (gpu, "
-        "min_vram_gb, max_price_per_hour, region) instead of naming a provider.",
+        "min_vram_gb, max_price_per_hour, region) instead of naming a provider. Its replicas "
+        "may be listed, comma-separated (http://a:8700,http://b:8700): requests move to the "
+        "next when one cannot be reached, and a relayed tunnel resumes through another's relay.",
     )
     gpu = Unicode(
         "",
@@ -447,15 +450,16 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
 
     @validate("coordinator_url")
     def _check_coordinator_url(self, proposal: Any) -> str:
-        url = str(proposal["value"]).strip().rstrip("/")
-        if url:
-            parts = urlsplit(url)
+        value = str(proposal["value"]).strip()
+        entries = [entry.strip().rstrip("/") for entry in value.split(",")] if value else []
+        for entry in entries:
+            parts = urlsplit(entry)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConfigError(
-                    f"coordinator_url {url!r} must be an http:// or https:// URL, e.g. "
-                    f"http://127.0.0.1:8700"
+                    f"coordinator_url {entry!r} must be an http:// or https:// URL, e.g. "
+                    f"http://127.0.0.1:8700 (several replicas: separate them with commas)"
                 )
-        return url
+        return ",".join(parse_coordinator_urls(entries, what="coordinator_url"))
 
     @validate("max_price_per_hour")
     def _check_max_price(self, proposal: Any) -> str | float | int:
@@ -1033,6 +1037,8 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         grant = lease.grant if lease is not None else None
         host = grant.provider if grant is not None else self.provider_pubkey
         relay = grant is not None and grant.relay
+        # A relayed tunnel resumes through another replica's relay when its own dies.
+        alternates = relay_urls(url, parse_coordinator_urls(self.coordinator_url))[1:]
         return TunnelClient(
             url,
             keypair,
@@ -1050,6 +1056,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             ping_timeout=self.ping_timeout,
             log=self.log,
             on_progress=self._provider_progress,
+            alternates=alternates if relay else (),
         )
 
     def _provider_progress(self, progress: Progress) -> None:
