@@ -235,7 +235,8 @@ class CohortDesk:
         except CohortRequestError as exc:
             raise CohortError(str(exc), 400) from None
         coordinator, code = target.coordinator, target.code
-        if coordinator and coordinator.rstrip("/") != self.coordinator_url:
+        # Any of the coordinator's replicas' URLs names this coordinator.
+        if coordinator and coordinator.rstrip("/") not in self.coordinator_url.split(","):
             raise CohortError(
                 f"this join link is for the coordinator at {coordinator}, but this Jupyter "
                 f"server leases from {self.coordinator_url}; ask the instructor for a code of "
