@@ -9,18 +9,29 @@ coordinator then names rows (``gpu_reveal``) it sends each with its Merkle path
 (``gpu_opening``). A device a lease holds is never challenged (``gpu_refused``, ``busy``);
 nor is one while another challenge runs.
 
-Real GPUs run on ``cuda:<index>`` (NVML's order: set ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` where
-CUDA's default order differs). Simulated GPUs and the ``cpu (no GPU)`` offer run the same
-protocol on torch's CPU and say ``simulated``; their identity is not checked.
+Real GPUs run on ``cuda:<index>`` with torch (NVML's order: set
+``CUDA_DEVICE_ORDER=PCI_BUS_ID`` where CUDA's default order differs). Simulated GPUs and the
+``cpu (no GPU)`` offer run the same protocol with numpy on the CPU and say ``simulated``;
+their identity is not checked.
+
+The work never runs on the host's event loop: every product, hash and opened row is computed
+in the responder's own worker thread (numpy's and torch's kernels release the GIL), and what
+the work imports (numpy; torch where the host offers a real GPU) is imported once, in that
+thread, when the host starts (:meth:`ChallengeResponder.warm_up`, awaited before the host
+links to the coordinator). Importing torch holds the GIL for up to seconds while its shared
+libraries load: done at the first challenge, on a linked host, it held up the heartbeats.
+Only the link messages (commitment, openings, refusals) are sent from the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import importlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +63,7 @@ __all__ = [
     "nvml_identity",
     "open_row",
     "product_of",
+    "warm_up",
 ]
 
 #: Seconds a product is kept for the coordinator's reveal.
@@ -86,8 +98,11 @@ class Product:
 
 
 def multiply(seed: bytes, n: int, device: str) -> Any:
-    """``A @ B`` for ``seed`` and ``n``, generated and multiplied on ``device`` (a float32
-    torch tensor there). Blocking: run it in a thread."""
+    """``A @ B`` for ``seed`` and ``n``, generated and multiplied on ``device``: a float32
+    numpy array for ``"cpu"``, a float32 torch tensor there for a CUDA device. Blocking:
+    run it in a thread."""
+    if device == "cpu":
+        return _multiply_numpy(seed, n)
     import torch
 
     dev = torch.device(device)
@@ -110,15 +125,42 @@ def multiply(seed: bytes, n: int, device: str) -> Any:
     return a @ b
 
 
-def product_of(matrix: Any, seconds: float = 0.0) -> Product:
-    """The :class:`Product` of a computed matrix: its rows hashed into a Merkle tree."""
-    import torch
+def _multiply_numpy(seed: bytes, n: int) -> Any:
+    import numpy as np
 
+    cols = np.arange(n, dtype=np.int64)[None, :]
+    step = max(1, (1 << 22) // n)
+
+    def generate(which: str) -> Any:
+        out = np.empty((n, n), dtype=np.float32)
+        for start in range(0, n, step):
+            rows = np.arange(start, min(n, start + step), dtype=np.int64)[:, None]
+            out[start : start + len(rows)] = matrix_rows(seed, which, n, rows, cols)
+        return out
+
+    a = generate("A")
+    b = generate("B")
+    return a @ b
+
+
+def _int32_rows(block: Any) -> Any:
+    """Rows of a product (numpy array or torch tensor, any device) as a little-endian int32
+    numpy array."""
+    if hasattr(block, "cpu"):  # a torch tensor
+        import torch
+
+        block = block.to(torch.int32).cpu().numpy()
+    return block.astype("<i4")
+
+
+def product_of(matrix: Any, seconds: float = 0.0) -> Product:
+    """The :class:`Product` of a computed matrix (numpy array or torch tensor): its rows
+    hashed into a Merkle tree."""
     n = int(matrix.shape[0])
     step = max(1, (1 << 22) // n)
     leaves: list[bytes] = []
     for start in range(0, n, step):
-        block = matrix[start : start + step].to(torch.int32).cpu().numpy().astype("<i4")
+        block = _int32_rows(matrix[start : start + step])
         leaves.extend(row_leaf(start + i, row.tobytes()) for i, row in enumerate(block))
     return Product(n, merkle_levels(leaves), matrix, seconds)
 
@@ -134,10 +176,22 @@ def commit_product(seed: bytes, n: int, device: str) -> Product:
 
 def open_row(product: Product, index: int) -> bytes:
     """Row ``index`` of the product as int32 little-endian bytes."""
-    import torch
+    return bytes(_int32_rows(product.matrix[index : index + 1]).tobytes())
 
-    row = product.matrix[index].to(torch.int32).cpu().numpy().astype("<i4")
-    return bytes(row.tobytes())
+
+def warm_up(devices: Iterable[str]) -> None:
+    """Import what computing on ``devices`` needs (numpy; torch, and CUDA's context, for a
+    CUDA device), so that no challenge pays for it. Blocking: run it in the worker thread.
+    A missing library is left for the challenge to report (``unable``)."""
+    importlib.import_module("numpy")
+    cuda = sorted({d for d in devices if d.startswith("cuda")})
+    if cuda:
+        try:
+            torch = importlib.import_module("torch")
+            for device in cuda:
+                torch.zeros(1, device=device)  # creates the device's CUDA context
+        except Exception:  # no torch, no CUDA: each challenge says why
+            return
 
 
 def nvml_identity(index: int) -> GpuIdentity | None:
@@ -209,6 +263,23 @@ class ChallengeResponder:
         self._running = False
         self._kept: dict[str, tuple[float, Product]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: The one thread all the work runs in (never the event loop's).
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gpu-challenge")
+        self._warm: asyncio.Future[None] | None = None
+
+    def warm_up(self, devices: Iterable[str]) -> asyncio.Future[None]:
+        """Start importing, in the worker thread, what challenges on ``devices`` (torch
+        device names) need (:func:`warm_up`); returns a future to await before linking.
+        Every challenge waits for it before its work starts."""
+        if self._warm is None:
+            loop = asyncio.get_running_loop()
+            self._warm = loop.run_in_executor(self._worker, warm_up, tuple(devices))
+        return self._warm
+
+    async def _in_worker(self, call: Callable[..., Any], *args: Any) -> Any:
+        if self._warm is not None:
+            await asyncio.shield(self._warm)  # no import of its own mid-challenge
+        return await asyncio.get_running_loop().run_in_executor(self._worker, call, *args)
 
     def handle(self, message: GpuChallenge | GpuReveal) -> None:
         """Start answering ``message`` in the background."""
@@ -231,6 +302,7 @@ class ChallengeResponder:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._kept.clear()
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
     async def _answer(self, challenge: GpuChallenge) -> None:
         device = self.device_of(challenge.gpu_index)
@@ -252,7 +324,7 @@ class ChallengeResponder:
             return
         self._running = True
         try:
-            product = await asyncio.to_thread(
+            product = await self._in_worker(
                 self.compute, challenge.seed, challenge.n, device.torch_device
             )
         except Exception as exc:
@@ -263,8 +335,9 @@ class ChallengeResponder:
             self._running = False
         self._forget_stale()
         self._kept[challenge.id] = (time.monotonic(), product)
-        identity = None if device.simulated else nvml_identity(device.index)
-        listing = None if identity is None else driver_information(identity.pci_bus_id)
+        identity, listing = None, None
+        if not device.simulated:
+            identity, listing = await self._in_worker(self.identify, device.index)
         self.committed += 1
         self.send(self.commitment(challenge.id, product, device, identity, listing))
         self.log.info(
@@ -303,14 +376,20 @@ class ChallengeResponder:
         for index in reveal.rows:
             if not 0 <= index < product.n:
                 continue
-            values = await asyncio.to_thread(self.row, product, index)
+            values = await self._in_worker(self.row, product, index)
             self.send(GpuOpening(reveal.id, index, values, tuple(self.proof(product, index))))
 
     # The work itself, one method each (a test double of a lying provider overrides them).
 
     def compute(self, seed: bytes, n: int, device: str) -> Product:
-        """The product and its tree (blocking; called in a worker thread)."""
+        """The product and its tree (blocking; called in the worker thread)."""
         return commit_product(seed, n, device)
+
+    def identify(self, index: int) -> tuple[GpuIdentity | None, str | None]:
+        """What NVML and the kernel driver say of device ``index`` (blocking)."""
+        identity = nvml_identity(index)
+        listing = None if identity is None else driver_information(identity.pci_bus_id)
+        return identity, listing
 
     def row(self, product: Product, index: int) -> bytes:
         """Row ``index`` of the product, int32 little-endian (blocking)."""

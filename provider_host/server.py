@@ -109,6 +109,8 @@ LISTENING_PREFIX = "jupyter-io provider listening on "
 JOINING_PREFIX = "jupyter-io provider joining coordinator "
 #: Where the latency ping is answered (``jupyter_io.ping``).
 PING_PATH = TUNNEL_PATH + PING_SUFFIX
+#: Seconds the link waits for the GPU challenge's imports (torch: seconds on a cold disk).
+_WARM_UP_TIMEOUT = 120.0
 
 
 def _make_private_dir(path: str) -> None:
@@ -362,8 +364,19 @@ class ProviderServer:
         self.settlements.load()
 
     async def _join(self) -> None:
-        """Benchmark (when asked), then link to the coordinator."""
+        """Benchmark (when asked), then link to the coordinator: once what the GPU challenge
+        needs is imported (in its worker thread: torch's import would otherwise hold up the
+        link's heartbeats at the first challenge)."""
         assert self.inventory is not None and self.coordinator_link is not None
+        warm: asyncio.Future[None] | None = None
+        if self.challenges is not None:
+            devices = {
+                device.torch_device
+                for offer in self._offers
+                for index in offer.gpu_indices
+                if (device := self._challenge_device(index)) is not None
+            }
+            warm = self.challenges.warm_up(devices)
         if self.config.benchmark:
             offers_cpu = any(offer.gpu == CPU_LABEL for offer in self._offers)
             self.benchmarks = await measure_inventory(self.inventory, offers_cpu=offers_cpu)
@@ -374,6 +387,9 @@ class ProviderServer:
                     cpu_slots=self.config.max_sessions,
                     benchmarks=self.benchmarks,
                 )
+        if warm is not None:
+            with contextlib.suppress(Exception):  # a failure is each challenge's to report
+                await asyncio.wait_for(asyncio.shield(warm), _WARM_UP_TIMEOUT)
         if not self._closing:
             self.coordinator_link.start()
 

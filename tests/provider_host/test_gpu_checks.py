@@ -11,17 +11,23 @@ coordinator and the host are the real ones.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from solders.keypair import Keypair
 
 from jupyter_io.coordinator.challenges import GpuChallenges
 from jupyter_io.coordinator.server import CoordinatorServer
 from jupyter_io.coordinator_client import CoordinatorClient
 from jupyter_io.gpu_challenge import matrix_rows
+from jupyter_io.identity import write_keypair
 from provider_host import server as host_module
 from provider_host.challenge import (
     ChallengeResponder,
@@ -32,9 +38,9 @@ from provider_host.challenge import (
     open_row,
     product_of,
 )
-from provider_host.server import ProviderServer
+from provider_host.server import LISTENING_PREFIX, ProviderServer
 
-from .conftest import DEFAULT_TIMEOUT, CoordinatorStarter, HostFactory
+from .conftest import DEFAULT_TIMEOUT, CoordinatorStarter, HostFactory, free_port
 
 torch = pytest.importorskip("torch")  # imported here: not in a worker thread mid-test
 
@@ -233,3 +239,98 @@ def test_the_host_finds_the_drivers_listing_of_nvmls_bus_id(tmp_path: Path) -> N
     )
     assert driver_information("00000000:02:00.0", root=str(tmp_path)) is None
     assert driver_information(None, root=str(tmp_path)) is None
+
+
+# Stands in for torch's first import on a busy or cold machine: loading its shared libraries
+# holds the GIL (0.2-0.6 s measured here on a warm page cache, seconds on a cold one). One C
+# call (no bytecode boundary, so no GIL hand-off) for ~1.5 s, then an import error.
+_SLOW_TORCH = """
+import time
+_started = time.perf_counter()
+sum(range(1_000_000))
+_per = (time.perf_counter() - _started) / 1_000_000
+sum(range(int(1.5 / max(_per, 1e-9))))
+raise ImportError("a stand-in for torch's slow import")
+"""
+
+
+async def test_heartbeats_keep_their_time_while_a_challenge_computes(
+    start_coordinator: CoordinatorStarter,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    jupyter_env: Path,
+) -> None:
+    """A provider process linked with 0.1 s heartbeats is challenged on its simulated GPU
+    with a product that takes it most of a second; the coordinator's clock on its heartbeats
+    shows no gap beyond jitter from the challenge's sending to its verdict. Its ``torch``
+    holds the GIL for 1.5 s when imported: before the challenge's work moved to its own
+    thread, importing only numpy on the CPU path and whatever a GPU needs before the link,
+    the first challenge imported torch on the host mid-link and stalled its heartbeats."""
+    interval = 0.1
+    coordinator = await start_coordinator(
+        gpu_checks=True,
+        gpu_check_interval=0.0,
+        gpu_check_cpu_n=2048,
+        gpu_check_overhead=60.0,
+        heartbeat_interval=interval,
+        heartbeat_misses=100,  # the measure is the gaps, not the loss rule
+    )
+    registry, checks = coordinator.registry, checks_of(coordinator)
+    assert registry is not None
+    beats: list[float] = []
+    spans: list[tuple[float, float]] = []
+    heartbeat, challenge = registry.heartbeat, checks.challenge
+
+    def record_beat(*args: Any) -> None:
+        beats.append(time.monotonic())
+        heartbeat(*args)
+
+    async def record_span(*args: Any) -> Any:
+        started = time.monotonic()
+        try:
+            return await challenge(*args)
+        finally:
+            spans.append((started, time.monotonic()))
+
+    monkeypatch.setattr(registry, "heartbeat", record_beat)
+    monkeypatch.setattr(checks, "challenge", record_span)
+    standin = tmp_path / "standin"
+    standin.mkdir()
+    (standin / "torch.py").write_text(_SLOW_TORCH)
+    path = os.pathsep.join(p for p in (str(standin), os.environ.get("PYTHONPATH")) if p)
+    port, keypair = free_port(), Keypair()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "provider_host",
+        "--coordinator", coordinator.url,
+        "--listen", f"127.0.0.1:{port}",
+        "--public-url", f"ws://127.0.0.1:{port}/tunnel",
+        "--keypair", str(write_keypair(keypair, tmp_path / "provider.json")),
+        "--workspace", str(tmp_path / "ws"),
+        "--simulate-gpu", "RTX 4090:24",
+        "--max-sessions", "1",
+        "--no-benchmark",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": path},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        while not (await asyncio.wait_for(proc.stdout.readline(), 30)).startswith(
+            LISTENING_PREFIX.encode()
+        ):
+            pass
+        await registry.wait_for(lambda: checks.judged >= 1 and len(spans) >= 1, 60)
+        ((started, ended),) = spans
+        assert ended - started > 0.4, "the challenge was too quick to measure anything"
+        await registry.wait_for(lambda: beats[-1] > ended, 10)  # the beat that closes the span
+        # From the challenge's sending (at the link, before the first beat) to the first
+        # beat after its verdict: every interval between two events.
+        points = [started, *(t for t in beats if started < t <= ended)]
+        points.append(next(t for t in beats if t > ended))
+        gaps = [b - a for a, b in itertools.pairwise(points)]
+        assert max(gaps) < interval + 0.4, f"heartbeat gaps {gaps} during the challenge"
+        assert len(gaps) >= 4  # the challenge spanned several beats
+        assert checks.verdict(str(keypair.pubkey()), "RTX 4090").ok is True
+    finally:
+        proc.kill()
+        await proc.wait()
