@@ -12,8 +12,9 @@ settlement (it refuses one more than its ``settle_tolerance_seconds`` short of i
 metering). A kernel whose tunnel is cut for longer than that loses its lease; a shorter cut
 is acknowledged after the resume (the count runs from READY).
 
-:class:`AckWatch` keeps one timer per active funded lease, armed at activation (and for
-every such lease when the coordinator starts), due ``timeout`` after the last
+:class:`AckWatch` keeps one timer per active funded lease whose provider is linked here,
+armed at activation and when the provider links (a restarted coordinator's, or another
+replica's provider moving here: :mod:`~jupyter_io.coordinator.jobs`), due ``timeout`` after the last
 acknowledgement (or the activation); when it fires and nothing newer came, the lease ends
 with :data:`~jupyter_io.usage_acks.NOT_ACKNOWLEDGED`: the provider is sent ``end`` and the
 settlement worker, woken by the registry, settles it.
@@ -28,6 +29,7 @@ from datetime import datetime, timezone
 
 from ..provider_link import End
 from ..usage_acks import NOT_ACKNOWLEDGED
+from .jobs import LinkWatch, owned_here
 from .lease_timers import LeaseTimers
 from .models import LeaseState
 from .registry import Registry
@@ -65,16 +67,20 @@ class AckWatch:
         #: Leases this watch ended (for ``GET /api/v1/status`` and tests).
         self.ended = 0
         self._timers = LeaseTimers(self._check, what="acknowledgement check", log=self.log)
+        self._links = LinkWatch(store, registry, self.watch, log=self.log)
 
     async def start(self) -> None:
-        """Watch every lease that becomes active, and the active funded ones now (a
-        restarted coordinator's too)."""
+        """Watch every lease that becomes active, and the active funded ones of each
+        provider that links here (a restarted coordinator's too)."""
         self.registry.activation_listeners.append(self.watch)
+        self._links.start()
         for lease in await self.store.funded_active_leases():
-            self.watch(lease)
+            if owned_here(self.registry, lease.provider_pubkey):
+                self.watch(lease)
 
     async def stop(self) -> None:
         """Cancel the timers and wait for an end in progress."""
+        await self._links.stop()
         await self._timers.stop()
 
     def watch(self, lease: LeaseRecord) -> None:
@@ -95,6 +101,8 @@ class AckWatch:
         lease = await self.store.get_lease(lease_id)
         if lease is None or lease.state is not LeaseState.ACTIVE:
             return
+        if not owned_here(self.registry, lease.provider_pubkey):
+            return  # its provider moved: the replica holding its link watches it now
         last = _last_heard(lease)
         if last is not None and self.clock() - last < self.timeout:
             self.watch(lease)  # acknowledged meanwhile

@@ -11,7 +11,9 @@ the handlers call; it decides nothing about scheduling and moves no funds on its
   that says how many seconds are billed: min(reported, observed, covered by the deposit,
   acknowledged by the user + ``ack_grace``); :func:`acknowledge` records the user's
   acknowledgements (``POST /leases/{id}/ack``);
-* the budget watch: one timer per active funded lease, due when its deposit runs out or
+* the budget watch: one timer per active funded lease whose provider is linked here (armed
+  at activation and when the provider links: with several replicas the one holding the
+  link watches, :mod:`~jupyter_io.coordinator.jobs`), due when its deposit runs out or
   ``escrow_check_interval`` has passed, whichever is first; each check re-reads the escrow
   on-chain. A spent deposit ends the lease ("budget exhausted"); an escrow that is no longer
   intact (closed, changed, or holding less than verified) ends it ("escrow no longer
@@ -65,6 +67,7 @@ from ..payments.escrow import (
 )
 from ..provider_link import End
 from ..usage_acks import DEFAULT_ACK_GRACE_S, UsageAck, ack_bound, check_ack
+from .jobs import LinkWatch, owned_here
 from .lease_timers import LeaseTimers
 from .models import LeaseState, SettlementKind, SettlementState
 from .registry import Registry
@@ -237,17 +240,22 @@ class Billing:
         #: Called after the budget watch ended a lease (the settlement worker wakes up).
         self.on_budget_exhausted: Callable[[str], None] | None = None
         self._timers = LeaseTimers(self._check_budget, what="budget check", log=self.log)
+        self._links = LinkWatch(store, registry, self.watch, log=self.log)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Watch the budget of every active funded lease (after a restart too)."""
+        """Watch the budget of each active funded lease whose provider links here (after a
+        restart: as its provider links again), and of each lease that becomes active."""
         self.registry.activation_listeners.append(self.watch)
+        self._links.start()
         for lease in await self.store.funded_active_leases():
-            self.watch(lease)
+            if owned_here(self.registry, lease.provider_pubkey):
+                self.watch(lease)
 
     async def stop(self) -> None:
         """Cancel the budget timers and wait for an end in progress."""
+        await self._links.stop()
         await self._timers.stop()
 
     # -- the ledger ------------------------------------------------------------------------
@@ -452,6 +460,8 @@ class Billing:
         lease = await self.store.get_lease(lease_id)
         if lease is None or not lease.live:
             return
+        if not owned_here(self.registry, lease.provider_pubkey):
+            return  # its provider moved: the replica holding its link watches it now
         broken = await self.escrow_broken(lease)
         if broken is not None:
             await self.end_not_intact(lease, broken)

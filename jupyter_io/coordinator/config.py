@@ -221,6 +221,13 @@ class CoordinatorConfig(Configurable):
         "are answered 429 queue_full (docs/cohorts.md). Each student waits with at most as "
         "many as the kernels the class lets them run.",
     )
+    jobs_interval = Float(
+        2.0,
+        config=True,
+        help="Seconds between a replica's tries for the leadership of the replicas sharing a "
+        "PostgreSQL database, and between the leader's passes over it (providers whose "
+        "heartbeats stopped, leases past their claim window whose replica is gone).",
+    )
     cohort_warning_seconds = Float(
         60.0,
         config=True,
@@ -314,6 +321,7 @@ class CoordinatorConfig(Configurable):
         "escrow_check_interval",
         "solana_timeout",
         "usage_ack_timeout",
+        "jobs_interval",
     )
     def _validate_positive_float(self, proposal: dict[str, object]) -> float:
         value = float(proposal["value"])  # type: ignore[arg-type]

@@ -58,6 +58,7 @@ from .cohorts import CohortService
 from .config import CoordinatorConfig
 from .embedded_ledger import EmbeddedLedger
 from .handlers import BODY_LIMITS, MAX_BODY_SIZE, RELAY_PREFIX, Services, make_app
+from .jobs import LeaderJobs, Leadership
 from .latency import ProbeDirectory
 from .leasing import LeaseService
 from .ledger_rpc import ledger_handlers
@@ -126,6 +127,9 @@ class CoordinatorServer:
         self.cohort_scheduling: CohortScheduling | None = None
         #: The GPU challenges (``gpu_checks`` on), else None.
         self.gpu_checks: GpuChallenges | None = None
+        #: Who leads the replicas' jobs, and the leader's passes (:mod:`.jobs`).
+        self.leadership: Leadership | None = None
+        self.jobs: LeaderJobs | None = None
         self.should_exit = asyncio.Event()
         #: Set once :meth:`startup` is done and the ready line is out.
         self.started = asyncio.Event()
@@ -183,6 +187,9 @@ class CoordinatorServer:
             self.store = None
             raise
         ws_base = self.url.replace("http", "ws", 1) + RELAY_PREFIX
+        self.leadership = leadership = Leadership(
+            store, interval=config.jobs_interval, log=self.log
+        )
         self.registry = registry = Registry(
             store,
             self.index,
@@ -224,6 +231,7 @@ class CoordinatorServer:
                 self.billing,
                 retry_interval=config.settle_retry_interval,
                 retry_max=config.settle_retry_max,
+                leadership=leadership,
                 log=self.log,
             )
         self.leases = leases = LeaseService(
@@ -241,6 +249,17 @@ class CoordinatorServer:
         )
         await registry.start()
         await leases.start()
+        await leadership.start()
+        self.jobs = LeaderJobs(
+            store,
+            registry,
+            leadership,
+            pending=leases.pending,
+            escrow=self.escrow is not None,
+            interval=config.jobs_interval,
+            log=self.log,
+        )
+        self.jobs.start()
         self.cohorts = cohorts = CohortService(
             store, leases, registry, self.index, public_url=lambda: self.url, log=self.log
         )
@@ -410,6 +429,8 @@ class CoordinatorServer:
             self._http.stop()
         if self.gpu_checks is not None:
             await self.gpu_checks.stop()
+        if self.jobs is not None:
+            await self.jobs.stop()
         if self.cohort_scheduling is not None:
             await self.cohort_scheduling.stop()
         if self.cohorts is not None:
@@ -439,6 +460,8 @@ class CoordinatorServer:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._http.close_all_connections(), 5)
             self._http = None
+        if self.leadership is not None:
+            await self.leadership.stop()  # another replica leads within its interval
         if self.store is not None:
             await self.store.close()
             self.store = None

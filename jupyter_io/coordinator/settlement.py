@@ -7,9 +7,15 @@ every coordinator; each pass (every ``retry_interval``, and at once when a lease
 provider links or a provider answers):
 
 1. queue what is missing (first attempt ``final_report_grace`` later, once the provider's
-   last usage report is in), then take the due rows, claiming each atomically
-   (:meth:`~jupyter_io.coordinator.store.Store.claim_settlement`): of several coordinators
-   sharing the database one works on a row at a time;
+   last usage report is in), then take the due rows this replica owns, claiming each
+   atomically (:meth:`~jupyter_io.coordinator.store.Store.claim_settlement`): of several
+   coordinators sharing the database one works on a row at a time. A replica owns the rows
+   of the providers linked to it (the provider co-signs over its link; so a row is not
+   bounced between replicas that cannot settle it), and of a provider whose link closed here
+   while it is watched for its loss window; the leader
+   (:class:`~jupyter_io.coordinator.jobs.Leadership`) owns those of providers the database
+   shows linked nowhere (offline, lost, or silent for the loss window), to find their
+   escrows refunded or closed;
 2. read the escrow on-chain. Closed: if the transaction this row last submitted (its
    signature is noted before sending) landed and closed it, the row is ``done`` with what
    that transaction paid; otherwise (the user's refund not reported yet, a tampered escrow
@@ -34,7 +40,8 @@ provider links or a provider answers):
    user refunds through ``POST /leases/{id}/refund`` and the next pass sees the escrow closed.
 
 A restarted coordinator picks the pending rows up where they were (a shutdown releases its
-claims; a crashed coordinator's claims expire after ``claim_ttl``). :attr:`SettlementWorker.
+claims; a crashed coordinator's claims expire after ``claim_ttl``, and the replica its
+provider links to next takes them). :attr:`SettlementWorker.
 stats` counts what this process did (``GET /api/v1/status`` shows it).
 """
 
@@ -60,6 +67,7 @@ from ..payments.cohort_pool import cohort_settlement_message
 from ..payments.escrow import EscrowError, TransactionFailed, settlement_message
 from ..provider_link import SettlementRefused, SettlementReply, SignSettlement
 from .billing import Billing
+from .jobs import Leadership, owned_here
 from .models import SettlementKind
 from .registry import Registry
 from .store import LeaseRecord, SettlementRecord, Store
@@ -137,10 +145,14 @@ class SettlementWorker:
         reply_timeout: float = 10.0,
         claim_ttl: float = 60.0,
         final_report_grace: float = 1.0,
+        leadership: Leadership | None = None,
         log: logging.Logger | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        #: Whether this replica leads (settles the rows of providers linked nowhere); None:
+        #: the only coordinator.
+        self.leadership = leadership
         self.registry = registry
         self.billing = billing
         self.escrow = billing.escrow
@@ -248,7 +260,14 @@ class SettlementWorker:
             loop.call_later(self.final_report_grace + 0.01, self.wake)
         if self._relinked:
             await self._reset_backoff(now)
-        for row in await self.store.due_settlements(self.owner, at=_utc(now)):
+        registry = self.registry
+        live_since = _utc(now - registry.loss_window - registry.flush_interval)
+        due = await self.store.due_settlements_with_providers(
+            self.owner, live_since=live_since, at=_utc(now)
+        )
+        for row, provider, linked_somewhere in due:
+            if not self.owns(provider, linked_somewhere):
+                continue  # the replica holding its link settles it
             claimed = await self.store.claim_settlement(
                 row.lease_id, self.owner, until=_utc(now + self.claim_ttl), at=_utc(now)
             )
@@ -256,6 +275,15 @@ class SettlementWorker:
                 await self._attempt(claimed, self.backoff(row))
         self.stats.pending = await self.store.pending_settlements()
         return self.stats.pending
+
+    def owns(self, provider: str, linked_somewhere: bool) -> bool:
+        """Whether this replica settles the rows of ``provider`` (see the module docstring);
+        ``linked_somewhere``: the database shows it online and heartbeating."""
+        if owned_here(self.registry, provider):
+            return True
+        if linked_somewhere:
+            return False
+        return self.leadership is None or self.leadership.is_leader("settlements")
 
     async def _reset_backoff(self, now: float) -> None:
         """Make the pending rows of the providers that linked since the last pass due now

@@ -426,39 +426,109 @@ class LeaseQueries(Aggregate):
             provider = await self._lock_provider(conn, pubkey)
             if provider is None:
                 return []
-            last_heartbeat: datetime = provider.last_heartbeat
-            why = reason or (
-                f"provider {pubkey} was lost: no heartbeat since {last_heartbeat.isoformat()}"
+            return await self._lose(conn, provider, at, reason, heartbeats_missed)
+
+    async def mark_silent_provider_lost(
+        self,
+        pubkey: str,
+        *,
+        silent_since: datetime,
+        at: datetime | None = None,
+        heartbeats_missed: int = 3,
+    ) -> list[LeaseRecord] | None:
+        """:meth:`mark_provider_lost`, only if the provider is still ``online`` with no
+        heartbeat stored since ``silent_since``, checked under its row lock in the same
+        transaction: one that heartbeated meanwhile (through any coordinator), said goodbye,
+        or was marked lost already is left alone and None returned. Else returns the leases it
+        failed (maybe ``[]``). For a sweep that finds silent providers in the database, which
+        several coordinators may run at once: only one of them marks each provider lost."""
+        at = _when(at)
+        async with self._write() as conn:
+            provider = await self._lock_provider(conn, pubkey)
+            if (
+                provider is None
+                or provider.status != ProviderStatus.ONLINE.value
+                or _aware(provider.last_heartbeat) >= _aware(silent_since)
+            ):
+                return None
+            return await self._lose(conn, provider, at, None, heartbeats_missed)
+
+    async def overdue_requested_leases(
+        self,
+        *,
+        requested_before: datetime,
+        funded_before: datetime | None,
+        limit: int = 500,
+    ) -> list[LeaseRecord]:
+        """Leases still ``requested`` that missed their claim window, oldest first: unfunded
+        ones requested before ``requested_before``, and (with ``funded_before``: escrow
+        payments) funded ones whose escrow was verified before ``funded_before`` and whose
+        session never started. With ``funded_before`` None (free payments) every requested
+        lease requested before ``requested_before``. End each with :meth:`end_lease`
+        (``only_requested``, and ``only_unfunded`` for an unfunded one)."""
+        requested = _leases.c.requested_at < _aware(requested_before)
+        if funded_before is None:
+            late = requested
+        else:
+            late = sa.or_(
+                sa.and_(_leases.c.escrow_address.is_(None), requested),
+                sa.and_(
+                    _leases.c.escrow_address.is_not(None),
+                    _leases.c.funded_at < _aware(funded_before),
+                ),
             )
-            failed = (
-                await conn.execute(
-                    sa.update(_leases)
-                    .where(_leases.c.provider_pubkey == pubkey, _leases.c.state.in_(_LIVE))
-                    .values(
-                        state=LeaseState.FAILED.value,
-                        ended_at=at,
-                        end_of_service=last_heartbeat,
-                        failure_reason=why,
-                    )
-                    .returning(*_leases.c)
+        query = (
+            sa.select(_leases)
+            .where(_leases.c.state == LeaseState.REQUESTED.value, late)
+            .order_by(_leases.c.requested_at, _leases.c.id)
+            .limit(limit)
+        )
+        async with self._read() as conn:
+            return [_lease_record(row) for row in await conn.execute(query)]
+
+    async def _lose(
+        self,
+        conn: Any,
+        provider: sa.Row[Any],
+        at: datetime,
+        reason: str | None,
+        heartbeats_missed: int,
+    ) -> list[LeaseRecord]:
+        """The body of :meth:`mark_provider_lost`, its provider row locked in ``conn``."""
+        pubkey = provider.pubkey
+        last_heartbeat: datetime = provider.last_heartbeat
+        why = reason or (
+            f"provider {pubkey} was lost: no heartbeat since {last_heartbeat.isoformat()}"
+        )
+        failed = (
+            await conn.execute(
+                sa.update(_leases)
+                .where(_leases.c.provider_pubkey == pubkey, _leases.c.state.in_(_LIVE))
+                .values(
+                    state=LeaseState.FAILED.value,
+                    ended_at=at,
+                    end_of_service=last_heartbeat,
+                    failure_reason=why,
                 )
-            ).all()
-            changes: dict[str, Any] = {}
-            if failed:
-                changes["sessions_failed"] = _providers.c.sessions_failed + len(failed)
-            if provider.status == ProviderStatus.ONLINE.value:
-                changes.update(
-                    status=ProviderStatus.LOST.value,
-                    replica_id=None,
-                    heartbeats_missed=_providers.c.heartbeats_missed + heartbeats_missed,
-                    times_lost=_providers.c.times_lost + 1,
-                    **_close_online_stretch(provider, last_heartbeat),
-                )
-                await close_link(conn, pubkey, last_heartbeat, "lost")
-            if changes:
-                await conn.execute(
-                    sa.update(_providers).where(_providers.c.pubkey == pubkey).values(changes)
-                )
+                .returning(*_leases.c)
+            )
+        ).all()
+        changes: dict[str, Any] = {}
+        if failed:
+            changes["sessions_failed"] = _providers.c.sessions_failed + len(failed)
+        if provider.status == ProviderStatus.ONLINE.value:
+            changes.update(
+                status=ProviderStatus.LOST.value,
+                replica_id=None,
+                heartbeats_missed=_providers.c.heartbeats_missed + heartbeats_missed,
+                times_lost=_providers.c.times_lost + 1,
+                **_close_online_stretch(provider, last_heartbeat),
+            )
+            await close_link(conn, pubkey, last_heartbeat, "lost")
+        if changes:
+            await conn.execute(
+                sa.update(_providers).where(_providers.c.pubkey == pubkey).values(changes)
+            )
         return sorted((_lease_record(row) for row in failed), key=lambda lease: lease.id)
 
 

@@ -20,6 +20,8 @@ from ..models import (
     LIVE_LEASE_STATES,
     Lease,
     LeaseState,
+    Provider,
+    ProviderStatus,
     SettlementKind,
     SettlementRow,
     SettlementState,
@@ -34,6 +36,7 @@ _LIVE = tuple(state.value for state in LIVE_LEASE_STATES)
 _leases = cast(sa.Table, Lease.__table__)
 _usage = cast(sa.Table, UsageReportRow.__table__)
 _settlements = cast(sa.Table, SettlementRow.__table__)
+_providers = cast(sa.Table, Provider.__table__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +177,37 @@ class SettlementQueries(Aggregate):
         )
         async with self._read() as conn:
             return [_settlement_record(row) for row in await conn.execute(query)]
+
+    async def due_settlements_with_providers(
+        self,
+        owner: str,
+        *,
+        live_since: datetime,
+        at: datetime | None = None,
+        limit: int = 100,
+    ) -> list[tuple[SettlementRecord, str, bool]]:
+        """:meth:`due_settlements`, each with its lease's provider and whether the database
+        shows that provider linked somewhere: ``online`` with a heartbeat stored since
+        ``live_since`` (the replica holding its link settles it; see
+        :class:`~jupyter_io.coordinator.settlement.SettlementWorker`)."""
+        at = _when(at)
+        linked = sa.and_(
+            _providers.c.status == ProviderStatus.ONLINE.value,
+            _providers.c.last_heartbeat >= _aware(live_since),
+        )
+        query = (
+            sa.select(_settlements, _leases.c.provider_pubkey, linked.label("provider_linked"))
+            .join(_leases, _leases.c.id == _settlements.c.lease_id)
+            .join(_providers, _providers.c.pubkey == _leases.c.provider_pubkey)
+            .where(_settlements.c.next_attempt_at <= at, _claimable(owner, at))
+            .order_by(_settlements.c.next_attempt_at, _settlements.c.lease_id)
+            .limit(limit)
+        )
+        async with self._read() as conn:
+            return [
+                (_settlement_record(row), row.provider_pubkey, bool(row.provider_linked))
+                for row in await conn.execute(query)
+            ]
 
     async def pending_settlements(self) -> int:
         """How many settlements are still pending (anyone's)."""
