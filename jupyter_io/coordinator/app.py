@@ -51,6 +51,7 @@ jupyter io coordinator --listen 0.0.0.0:8700 --certfile cert.pem --keyfile key.p
         **base_aliases,
         "listen": "CoordinatorConfig.listen",
         "public-url": "CoordinatorConfig.public_url",
+        "replica-url": "CoordinatorConfig.replica_url",
         "db": "CoordinatorConfig.db",
         "data-dir": "CoordinatorConfig.data_dir",
         "keypair": "CoordinatorConfig.keypair_path",

@@ -88,6 +88,21 @@ class CoordinatorConfig(Configurable):
         help="Seconds between re-reads of the live leases from the database (several "
         "coordinators sharing one database see each other's leases this often).",
     )
+    replica_url = Unicode(
+        "",
+        config=True,
+        help="With several coordinators on one PostgreSQL database: the http(s)://HOST:PORT "
+        "providers reach THIS replica at directly (not a load balancer's name), which the dials "
+        "to its relay name so a provider linked at another replica connects back here; "
+        "default: the listening address (0.0.0.0 becomes this host's name).",
+    )
+    feed_interval = Float(
+        0.2,
+        config=True,
+        help="Seconds between reads of the database's change feed by a replica (PostgreSQL): "
+        "how soon offers and leases changed by other replicas reach its scheduler, and how "
+        "soon it sends the dials and ends other replicas left for providers linked to it.",
+    )
     token_ttl = Float(
         3600.0,
         config=True,
@@ -307,10 +322,22 @@ class CoordinatorConfig(Configurable):
                 )
         return value
 
+    @validate("replica_url")
+    def _validate_replica_url(self, proposal: dict[str, object]) -> str:
+        value = str(proposal["value"]).strip().rstrip("/")
+        parts = urlsplit(value)
+        if value and (parts.scheme not in ("http", "https") or not parts.netloc):
+            raise TraitError(
+                f"replica_url {value!r} must be this replica's own http(s)://HOST:PORT, "
+                f"e.g. http://10.0.0.5:8700"
+            )
+        return value
+
     @validate(
         "heartbeat_interval",
         "flush_interval",
         "reconcile_interval",
+        "feed_interval",
         "token_ttl",
         "claim_window",
         "relay_pair_timeout",

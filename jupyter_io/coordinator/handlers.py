@@ -97,6 +97,7 @@ from .offers import OffersCache
 from .registry import Registry
 from .relay import Relay
 from .reliability import parse_min_reliability
+from .replicas import ReplicaService
 from .scheduler import LeaseRequest, NoCapacity
 from .settlement import SettlementWorker
 from .sockets import accept_upgrade, check_upgrade
@@ -162,6 +163,8 @@ class Services:
     probes: ProbeDirectory | None = None
     #: The relay ping's rate limit (None: pings are not answered).
     pings: PingLimiter | None = field(default_factory=PingLimiter)
+    #: This process as a replica on a shared PostgreSQL (None: it follows no change feed).
+    replica: ReplicaService | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,6 +290,7 @@ class StatusHandler(_ApiHandler):
         stats = registry.stats
         relay = self.services.relay
         worker = self.services.settlements
+        replica = self.services.replica
         self.send_json(
             {
                 "providers_linked": registry.linked_count(),
@@ -303,6 +307,7 @@ class StatusHandler(_ApiHandler):
                 "relay_pairs": relay.stats.pairs,
                 "uptime_s": round(time.monotonic() - stats.started, 3),
                 "settlements": None if worker is None else worker.stats.to_json(),
+                "replica": None if replica is None else replica.status_json(),
             }
         )
 

@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -53,6 +53,7 @@ from ..provider_link import (
     SettlementReply,
     Usage,
     Welcome,
+    parse_message,
 )
 from ..signing import sign_welcome, verify_usage
 from .models import LeaseState
@@ -64,6 +65,7 @@ from .store import (
     OfferSpec,
     ProviderProfile,
     ProviderRecord,
+    ProviderView,
     Store,
     UsageReport,
 )
@@ -83,6 +85,8 @@ _CLOSE_REPLACED = 1000
 _NO_REGION = "unknown"
 #: Load changes smaller than this are not worth re-indexing an offer for.
 _LOAD_STEP = 0.05
+#: Seconds between full reconciles while the change feed runs (a safety net only).
+_RECONCILE_WITH_FEED = 300.0
 
 
 def _utc(seconds: float) -> datetime:
@@ -138,6 +142,11 @@ class ProviderState:
     restored: bool = False
     #: The store's number of the link held here (:attr:`ProviderRecord.link_generation`).
     link_generation: int = 0
+    #: Linked at another replica sharing the database (:mod:`.replicas`): scheduled here,
+    #: its messages go through the outbox, its loss is not this replica's to detect.
+    elsewhere: bool = False
+    #: The replica holding its latest link, as the store said at the last refresh.
+    replica_id: str | None = None
 
     @property
     def linked(self) -> bool:
@@ -208,6 +217,17 @@ class Registry:
         self.activation_listeners: list[Callable[[LeaseRecord], None]] = []
         #: Called with the provider's key when a provider links here.
         self.link_listeners: list[Callable[[str], None]] = []
+        #: Called with the provider's key when its link here closes.
+        self.unlink_listeners: list[Callable[[str], None]] = []
+        #: This replica's id (:class:`~jupyter_io.coordinator.replicas.ReplicaService`
+        #: sets it; stored with each link it holds), and whether the change feed and the
+        #: outbox run: then providers linked at other replicas are in the index too
+        #: (:meth:`refresh`), and :meth:`deliver` posts to the outbox.
+        self.replica_id: str | None = None
+        self.replicated = False
+        #: The change feed's position the view loaded by :meth:`start` is current at.
+        self.view_seq = 0
+        self._refresh_later: set[str] = set()
         #: Called with each verified usage report (a cohort's idle watch reads
         #: ``idle_seconds``).
         self.usage_listeners: list[Callable[[Usage], None]] = []
@@ -244,6 +264,8 @@ class Registry:
 
     async def start(self) -> None:
         """Rebuild the index from the store, then start the flush and sweep tasks."""
+        if self.replicated:  # before the load: changes made during it are read again
+            self.view_seq = await self.store.replicas.last_seq()
         offers = await self.store.load_live_offers()
         leases = await self.store.live_leases()
         now = self.monotonic()
@@ -253,6 +275,7 @@ class Registry:
             records[live.offer.provider_pubkey] = live.provider
             groups.setdefault(live.offer.provider_pubkey, []).append(live.offer)
         for pubkey, record in records.items():
+            elsewhere = self.replicated and record.replica_id not in (None, self.replica_id)
             self._providers[pubkey] = ProviderState(
                 pubkey=pubkey,
                 name=record.display_name,
@@ -265,7 +288,10 @@ class Registry:
                 times_lost=record.times_lost,
                 last_seen=now,  # a full window to reconnect after the restart
                 last_beat=record.last_heartbeat.timestamp(),
-                restored=True,
+                restored=not elsewhere,
+                link_generation=record.link_generation,
+                elsewhere=elsewhere,
+                replica_id=record.replica_id,
             )
         for lease in leases:
             state = self._providers.get(lease.provider_pubkey)
@@ -280,12 +306,17 @@ class Registry:
             len(self._providers),
             len(leases),
         )
+        # With the change feed, leases made or ended elsewhere arrive through refresh();
+        # the full scan stays as a rare safety net.
+        reconcile_every = (
+            max(self.reconcile_interval, _RECONCILE_WITH_FEED)
+            if self.replicated
+            else self.reconcile_interval
+        )
         self._tasks = [
             asyncio.create_task(self._every(self.flush_interval, self.flush), name="flush"),
             asyncio.create_task(self._every(self._sweep_period(), self.sweep), name="sweep"),
-            asyncio.create_task(
-                self._every(self.reconcile_interval, self.reconcile), name="reconcile"
-            ),
+            asyncio.create_task(self._every(reconcile_every, self.reconcile), name="reconcile"),
             asyncio.create_task(
                 self._every(self.reliability_interval, self.refresh_reliability),
                 name="reliability",
@@ -334,6 +365,15 @@ class Registry:
 
     def linked_count(self) -> int:
         return sum(1 for state in self._providers.values() if state.link is not None)
+
+    def linked_here(self, pubkey: str) -> bool:
+        """Whether provider ``pubkey`` holds a link to this coordinator now."""
+        state = self._providers.get(pubkey)
+        return state is not None and state.link is not None
+
+    def linked_keys(self) -> list[str]:
+        """Public keys of the providers linked here."""
+        return [key for key, state in self._providers.items() if state.link is not None]
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
         """Wait until ``predicate()`` holds, re-checking after every change the registry makes
@@ -386,7 +426,7 @@ class Registry:
             profile = ProviderProfile(
                 pubkey, inventory.name, inventory.region, inventory.reachable_url
             )
-            record = await self.store.upsert_provider(profile, at=at)
+            record = await self.store.upsert_provider(profile, at=at, replica_id=self.replica_id)
             offers = await self.store.replace_offers(pubkey, specs, at=at)
             live = await self.store.live_leases(provider_pubkey=pubkey)
             # Billing of a session the provider lost stops at its last heartbeat before now.
@@ -435,6 +475,9 @@ class Registry:
             for deadline, message in self._undelivered.pop(pubkey, ()):
                 if deadline > now:
                     follow_up.append(message)
+            if self.replicated:  # dials and ends other replicas left for it
+                for row in await self.store.replicas.take_messages([pubkey]):
+                    follow_up.append(parse_message(row.body))
             self.stats.links += 1
         self.log.info(
             "provider %s linked (%s, %d offer group(s), %d live lease(s) kept)",
@@ -550,6 +593,7 @@ class Registry:
             return
         state.link = None
         self.index.remove_provider(pubkey)
+        self._call_listeners(self.unlink_listeners, pubkey)
         if code in (1000, 1001) and not state.leases:
             del self._providers[pubkey]
             self.reliability.forget(pubkey)
@@ -576,11 +620,17 @@ class Registry:
 
     def deliver(self, pubkey: str, message: LinkMessage, *, ttl: float) -> bool:
         """Send ``message`` to a provider now if it is linked here, else when it links within
-        ``ttl`` seconds. Returns whether it was sent now."""
+        ``ttl`` seconds: with replicas, through the outbox (the replica holding its link, or
+        the next one it links to within ``ttl``, sends it; ``ttl=0``: only if linked here).
+        Returns whether it was sent now."""
         state = self._providers.get(pubkey)
         if state is not None and state.link is not None:
             state.link.send(message)
             return True
+        if self.replicated:
+            if ttl > 0:
+                self._spawn(self.store.replicas.post_message(pubkey, message.to_json(), ttl))
+            return False
         queue = self._undelivered.setdefault(pubkey, [])
         now = self.monotonic()
         queue[:] = [(deadline, m) for deadline, m in queue if deadline > now]
@@ -613,10 +663,12 @@ class Registry:
         now = self.monotonic()
         window = self.loss_window
         for state in list(self._providers.values()):
-            if now - state.last_seen > window:
+            if not state.elsewhere and now - state.last_seen > window:
                 await self._check_silent(state.pubkey)
         wall = self.clock()
         for state in list(self._providers.values()):
+            if state.elsewhere:
+                continue  # its replica expires its leases
             for lease in list(state.leases.values()):
                 if (
                     lease.state is LeaseState.REQUESTED
@@ -660,6 +712,141 @@ class Registry:
             self.deliver(pubkey, End(lease_id, why), ttl=0)
             self.lease_over(pubkey, lease_id, ok=record.state is LeaseState.ENDED, reason=why)
 
+    # -- replicas: the change feed and the outbox -------------------------------------------
+
+    async def refresh(self, pubkeys: Collection[str]) -> None:
+        """Bring these providers' view in line with the store (the change feed named them).
+
+        One batch of queries whatever their number. A provider linked at another replica is
+        indexed as :attr:`ProviderState.elsewhere` (its offers and live leases as stored); one
+        the store no longer has online leaves the index; for one linked here the leases made
+        or ended elsewhere hold or free their GPUs, and an ended one's ``end`` is sent to the
+        provider. A provider whose link is being set up here is refreshed on the next call.
+        """
+        keys = set(pubkeys) | self._refresh_later
+        self._refresh_later = set()
+        keys -= self._busy(keys)
+        if not keys:
+            return
+        views = await self.store.replicas.provider_views(keys)
+        busy = self._busy(keys)  # links made while the views were read
+        vanished: list[tuple[str, str]] = []
+        fresh: list[str] = []
+        for pubkey in sorted(keys - busy):
+            if self._apply_view(pubkey, views.get(pubkey), vanished):
+                fresh.append(pubkey)
+        if fresh:
+            await self.reliability.refresh(fresh)
+            for pubkey in fresh:
+                if (state := self._providers.get(pubkey)) is not None:
+                    self._reindex(state)
+        for pubkey, lease_id in vanished:
+            # Made here after the views were read, or really over: ask the store.
+            record = await self.store.get_lease(lease_id)
+            if record is None or record.live:
+                continue
+            holder = self._providers.get(pubkey)
+            if holder is None or lease_id not in holder.leases:
+                continue
+            why = f"lease {record.state.value} (by another coordinator)"
+            if holder.link is not None:
+                self.deliver(pubkey, End(lease_id, why), ttl=0)
+                self.lease_over(pubkey, lease_id, ok=record.state is LeaseState.ENDED, reason=why)
+            else:
+                self._forget_lease(pubkey, lease_id)
+                self._lease_gone(lease_id, why)
+        self._notify()
+
+    def _busy(self, keys: Collection[str]) -> set[str]:
+        busy = {k for k in keys if (lock := self._locks.get(k)) is not None and lock.locked()}
+        self._refresh_later |= busy
+        return busy
+
+    def _apply_view(
+        self, pubkey: str, view: ProviderView | None, vanished: list[tuple[str, str]]
+    ) -> bool:
+        """Apply one provider's stored view; True when it (re)joined the index as linked
+        elsewhere (its reliability is to be measured)."""
+        state = self._providers.get(pubkey)
+        record = None if view is None else view.provider
+        if state is not None and state.link is not None:
+            if record is not None and record.link_generation > state.link_generation:
+                # It linked again at another replica: this link is stale.
+                state.link.close(_CLOSE_REPLACED, "linked again at another coordinator")
+                state.link = None
+                self._call_listeners(self.unlink_listeners, pubkey)
+            else:
+                self._sync_leases(state, view, vanished)
+                return False
+        if view is None or record is None or not record.online:
+            if state is not None:
+                self._drop(state, "not online in the store")
+                for lease_id in list(state.leases):  # failed or ended with their provider
+                    self._lease_gone(lease_id, "its provider is no longer online")
+            return False
+        if (
+            state is not None
+            and not state.elsewhere
+            and record.link_generation == state.link_generation
+            and record.replica_id in (None, self.replica_id)
+        ):
+            self._sync_leases(state, view, vanished)  # its link here closed: still watched
+            return False
+        known = {} if state is None else state.leases
+        leases = {lease.id: TrackedLease.of(lease) for lease in view.leases}
+        vanished += [(pubkey, lease_id) for lease_id in known if lease_id not in leases]
+        for lease_id in known.keys() - leases.keys():
+            leases[lease_id] = known[lease_id]  # until the store confirms it is over
+        self.index.remove_provider(pubkey)  # offer groups may have gone
+        new = ProviderState(
+            pubkey=pubkey,
+            name=record.display_name,
+            region=record.region,
+            reachable_url=record.reachable_url,
+            offers=view.offers,
+            leases=leases,
+            sessions_ok=record.sessions_ok,
+            sessions_failed=record.sessions_failed,
+            times_lost=record.times_lost,
+            last_seen=self.monotonic(),
+            last_beat=record.last_heartbeat.timestamp(),
+            link_generation=record.link_generation,
+            elsewhere=True,
+            replica_id=record.replica_id,
+        )
+        self._providers[pubkey] = new
+        if state is None or not state.elsewhere:
+            return True
+        self._reindex(new)
+        return False
+
+    def _sync_leases(
+        self, state: ProviderState, view: ProviderView | None, vanished: list[tuple[str, str]]
+    ) -> None:
+        stored = {} if view is None else {lease.id: lease for lease in view.leases}
+        vanished += [(state.pubkey, i) for i in state.leases if i not in stored]
+        added = False
+        for lease_id, lease in stored.items():
+            if lease_id not in state.leases:
+                state.leases[lease_id] = TrackedLease.of(lease)
+                added = True
+        if added:
+            self._reindex(state)
+
+    def send_outbox(self, rows: Collection[Any]) -> int:
+        """Send messages taken from the outbox (rows with ``pubkey`` and ``body``) to the
+        providers linked here; a row whose provider is no longer linked here is posted again
+        for its next link (a minute). Returns how many were sent."""
+        sent = 0
+        for row in rows:
+            message = parse_message(row.body)
+            if self.linked_here(row.pubkey):
+                self.deliver(row.pubkey, message, ttl=0)
+                sent += 1
+            else:
+                self._spawn(self.store.replicas.post_message(row.pubkey, row.body, 60.0))
+        return sent
+
     async def _check_silent(self, pubkey: str) -> None:
         async with self._lock(pubkey):
             state = self._providers.get(pubkey)
@@ -674,6 +861,8 @@ class Registry:
             if stored_beat > max(state.last_beat, wall - self.loss_window):
                 # Another coordinator flushed a fresher heartbeat: it is linked there.
                 self._drop(state, "linked to another coordinator")
+                if self.replicated:
+                    self._refresh_later.add(pubkey)  # back in the index as linked elsewhere
                 return
             beat = self._pending.pop(pubkey, None)
             if beat is not None:
@@ -799,7 +988,7 @@ class Registry:
 
     def _reindex(self, state: ProviderState) -> None:
         """Put the provider's offers in the index as they are now (or take them out)."""
-        if state.link is None and not state.restored:
+        if state.link is None and not state.restored and not state.elsewhere:
             self.index.remove_provider(state.pubkey)
             return
         region = state.region.strip() or _NO_REGION

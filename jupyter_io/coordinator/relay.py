@@ -8,7 +8,9 @@ For a provider nobody can reach directly (behind NAT, the demo's default), the l
    raw stream;
 2. the relay numbers the connection and sends the provider a ``dial`` over its link
    (:meth:`Registry.deliver <jupyter_io.coordinator.registry.Registry.deliver>`: at once, or
-   when it links again) naming ``/relay/{lease}?side=provider&conn=N``;
+   when it links again; through the outbox when it is linked at another replica sharing
+   the database) naming ``/relay/{lease}?side=provider&conn=N`` at THIS replica's own
+   address (:attr:`Relay.dial_url`), since only this replica holds the waiting client;
 3. the provider connects there, signed; the handler checks the signature and that the
    connection waits for this provider (:meth:`Relay.expects`), upgrades, and calls
    :meth:`Relay.open_provider`, which pairs the two. If no provider arrives within
@@ -190,6 +192,7 @@ class Relay:
         registry: Registry,
         *,
         base_url: str,
+        dial_url: str | None = None,
         pair_timeout: float = 10.0,
         handshake_timeout: float = 10.0,
         max_message_size: int = 65 << 20,
@@ -197,6 +200,9 @@ class Relay:
     ) -> None:
         #: ``ws://HOST:PORT/relay`` (``wss://`` with TLS): where clients and providers connect.
         self.base_url = base_url.rstrip("/")
+        #: The same relay at this replica's own address (default: ``base_url``): dials name
+        #: it, so a provider linked at another replica connects to the one holding the client.
+        self.dial_url = (dial_url or base_url).rstrip("/")
         self.registry = registry
         self.pair_timeout = pair_timeout
         #: Seconds from the pairing to the provider's WELCOME.
@@ -217,7 +223,7 @@ class Relay:
 
     def provider_url(self, lease_id: str, conn: int) -> str:
         """Where the provider connects to serve client connection ``conn``."""
-        return f"{self.base_url}/{quote(lease_id, safe='')}?side=provider&conn={conn}"
+        return f"{self.dial_url}/{quote(lease_id, safe='')}?side=provider&conn={conn}"
 
     # -- pairing ---------------------------------------------------------------------------
 

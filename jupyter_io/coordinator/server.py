@@ -65,6 +65,7 @@ from .ledger_rpc import ledger_handlers
 from .offers import OffersCache
 from .registry import Registry
 from .relay import Relay
+from .replicas import ReplicaService
 from .scheduler import OfferIndex
 from .settlement import SettlementWorker
 from .store import SqlLedgerStore, Store
@@ -109,6 +110,8 @@ class CoordinatorServer:
         self.index = OfferIndex()
         self.registry: Registry | None = None
         self.relay: Relay | None = None
+        #: This process as a replica of the coordinators sharing the database.
+        self.replica: ReplicaService | None = None
         self.leases: LeaseService | None = None
         #: The embedded ledger (escrow payments with no ``solana_url``), else None.
         self.ledger: EmbeddedLedger | None = None
@@ -201,9 +204,22 @@ class CoordinatorServer:
             reconcile_interval=config.reconcile_interval,
             log=self.log,
         )
+        # On PostgreSQL a replica of the marketplace: it follows the change feed (every
+        # provider schedulable here, wherever linked) and the outbox. On SQLite (one process)
+        # it only prunes the feed.
+        replica_url = config.replica_url or _url(bound[0], bound[1], ssl_context is not None)
+        self.replica = ReplicaService(
+            store,
+            registry,
+            url=replica_url,
+            feed_interval=config.feed_interval,
+            follow=store.dialect == "postgresql",
+            log=self.log,
+        )
         self.relay = relay = Relay(
             registry,
             base_url=ws_base,
+            dial_url=replica_url.replace("http", "ws", 1) + RELAY_PREFIX,
             pair_timeout=config.relay_pair_timeout,
             handshake_timeout=config.hello_timeout,
             max_message_size=config.relay_max_message_size,
@@ -248,6 +264,7 @@ class CoordinatorServer:
             log=self.log,
         )
         await registry.start()
+        await self.replica.start()
         await leases.start()
         await leadership.start()
         self.jobs = LeaderJobs(
@@ -312,6 +329,7 @@ class CoordinatorServer:
             settlements=self.settlements,
             cohorts=cohorts,
             cohort_scheduling=scheduling,
+            replica=self.replica if self.replica.follow else None,
         )
         #: Per-endpoint body limits, answered 413 before a body is read.
         self.body_limits = limits = BodyLimits(
@@ -443,6 +461,8 @@ class CoordinatorServer:
             await self.ack_watch.stop()
         if self.billing is not None:
             await self.billing.stop()
+        if self.replica is not None:
+            await self.replica.stop()  # before the links close: they link again elsewhere
         if self.relay is not None:
             await self.relay.close_all(1001, "coordinator restarting; reconnect")
         if self.registry is not None:

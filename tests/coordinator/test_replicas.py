@@ -1,0 +1,186 @@
+"""Several real coordinators (replicas) on one real PostgreSQL behave as one marketplace:
+each schedules on every provider whatever replica it is linked to (the change feed), a lease
+made or ended through any replica reaches the provider's (capacity, ``end``), a relayed
+client at one replica meets a provider linked at another (the outbox carries the dial, which
+names the client's replica), and the feed loses no change committed out of order."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import cast
+
+import pytest
+import sqlalchemy as sa
+from solders.keypair import Keypair
+from websockets.asyncio.client import connect
+
+from jupyter_io.coordinator.models import Provider, ProviderStatus
+from jupyter_io.coordinator.registry import Registry
+from jupyter_io.coordinator.replicas import ReplicaService
+from jupyter_io.coordinator.scheduler import OfferIndex
+from jupyter_io.coordinator.server import CoordinatorServer
+from jupyter_io.coordinator.store import Store
+from jupyter_io.coordinator_client import CoordinatorClient
+
+from .conftest import WAIT, FakeProvider, Starter, gpu_offer
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.parametrize("store_url", ["postgresql"], indirect=True),
+]
+
+#: Every replica-to-replica effect here must take less than this (the feed runs every 0.2 s).
+SOON = 2.0
+
+
+async def replicas(
+    start_coordinator: Starter, store_url: str, tmp_path: Path, count: int
+) -> list[CoordinatorServer]:
+    """``count`` replicas on one database and one keypair; the full reconcile that used to
+    carry leases between coordinators is pushed out of every test's reach."""
+    return [
+        await start_coordinator(
+            db=store_url, data_dir=str(tmp_path / "shared"), reconcile_interval=600.0
+        )
+        for _ in range(count)
+    ]
+
+
+def registry(server: CoordinatorServer) -> Registry:
+    assert server.registry is not None
+    return server.registry
+
+
+async def test_a_provider_linked_at_one_replica_is_leased_through_another_within_a_second(
+    store_url: str, start_coordinator: Starter, providers: list[FakeProvider], tmp_path: Path
+) -> None:
+    one, two = await replicas(start_coordinator, store_url, tmp_path, 2)
+    provider = FakeProvider(one.url)
+    providers.append(provider)
+    await provider.connect()
+    linked = time.monotonic()
+    seen = registry(two)
+    await seen.wait_for(lambda: seen.index.offers_of(provider.pubkey) != [], SOON)
+    assert time.monotonic() - linked < 1.0
+    state = seen.provider(provider.pubkey)
+    assert state is not None and state.elsewhere and state.link is None
+
+    async with CoordinatorClient(two.url, Keypair(), timeout=WAIT) as user:
+        grant = await user.request_lease("RTX 4090")
+        assert grant.provider == provider.pubkey
+        status = await user._call("GET", "/api/v1/status")
+    replica = status["replica"]
+    assert two.replica is not None and one.replica is not None
+    assert (replica["id"], replica["url"]) == (two.replica.id, two.url)
+    assert (replica["providers_known"], replica["linked_here"]) == (1, 0)
+    assert replica["last_seq"] > 0 and replica["view_lag_ms"] < 1000
+    assert {r["id"] for r in replica["replicas"]} == {one.replica.id, two.replica.id}
+
+
+async def test_a_lease_made_at_one_replica_holds_the_gpu_at_the_provider_s_and_an_end_at_a_third_stops_it(  # noqa: E501
+    store_url: str, start_coordinator: Starter, providers: list[FakeProvider], tmp_path: Path
+) -> None:
+    home, maker, ender = await replicas(start_coordinator, store_url, tmp_path, 3)
+    provider = FakeProvider(home.url, [gpu_offer(count=1)])
+    providers.append(provider)
+    await provider.connect()
+    await registry(maker).wait_for(
+        lambda: registry(maker).provider(provider.pubkey) is not None, SOON
+    )
+
+    async with CoordinatorClient(maker.url, Keypair(), timeout=WAIT) as user:
+        grant = await user.request_lease("RTX 4090")
+        held = registry(home)
+        await held.wait_for(
+            lambda: [o.gpus_free for o in held.index.offers_of(provider.pubkey)] == [0],
+            SOON,
+        )
+        state = held.provider(provider.pubkey)
+        assert state is not None and grant.lease in state.leases
+
+        async with CoordinatorClient(ender.url, user.keypair, timeout=WAIT) as same_user:
+            await same_user.end_lease(grant.lease)
+    end = await provider.next_message("end", timeout=SOON)
+    assert end["lease"] == grant.lease
+    await held.wait_for(
+        lambda: [o.gpus_free for o in held.index.offers_of(provider.pubkey)] == [1], SOON
+    )
+
+
+async def test_a_relayed_client_at_one_replica_meets_its_provider_linked_at_another(
+    store_url: str, start_coordinator: Starter, providers: list[FakeProvider], tmp_path: Path
+) -> None:
+    home, other = await replicas(start_coordinator, store_url, tmp_path, 2)
+    provider = FakeProvider(home.url, [gpu_offer()])  # no reachable URL: relayed
+    providers.append(provider)
+    await provider.connect()
+    await registry(other).wait_for(
+        lambda: registry(other).provider(provider.pubkey) is not None, SOON
+    )
+    async with CoordinatorClient(other.url, Keypair(), timeout=WAIT) as user:
+        grant = await user.request_lease("RTX 4090")
+    assert grant.relay and grant.tunnel_url.startswith(other.url.replace("http", "ws", 1))
+
+    async with connect(
+        grant.tunnel_url, additional_headers=grant.relay_headers(), open_timeout=WAIT
+    ) as client:
+        # The dial reaches the provider through its own replica's link, and names the
+        # replica holding the client.
+        dial = await provider.next_message("dial", timeout=SOON)
+        assert dial["lease"] == grant.lease
+        assert dial["url"].startswith(other.url.replace("http", "ws", 1) + "/relay/")
+        async with connect(
+            dial["url"], additional_headers=provider.relay_headers(dial["url"]), open_timeout=WAIT
+        ) as provider_side:
+            await client.send(b"\x00hello")
+            assert await asyncio.wait_for(provider_side.recv(), WAIT) == b"\x00hello"
+    assert other.relay is not None and other.relay.stats.pairs == 1
+
+
+async def test_the_feed_reads_again_a_change_committed_after_a_later_one(
+    store_url: str,
+) -> None:
+    store = await Store.open(store_url)
+    try:
+        view = Registry(store, OfferIndex(), coordinator=Keypair().pubkey())
+        clock = [0.0]
+        feed = ReplicaService(
+            store, view, url="http://r", hole_timeout=5.0, monotonic=lambda: clock[0]
+        )
+        early, late, rolled_back = (str(Keypair().pubkey()) for _ in range(3))
+        providers = cast(sa.Table, Provider.__table__)
+
+        def row(pubkey: str) -> dict[str, object]:
+            now = sa.func.now()
+            return {
+                "pubkey": pubkey,
+                "status": ProviderStatus.ONLINE.value,
+                "first_seen": now,
+                "last_heartbeat": now,
+                "replica_id": "elsewhere",
+            }
+
+        async with store.engine.connect() as slow, store.engine.connect() as aborted:
+            slow_tx = await slow.begin()
+            await slow.execute(sa.insert(providers).values(row(early)))  # draws the lower number
+            aborted_tx = await aborted.begin()
+            await aborted.execute(sa.insert(providers).values(row(rolled_back)))
+            async with store.engine.begin() as fast:
+                await fast.execute(sa.insert(providers).values(row(late)))  # committed first
+            await feed.poll()
+            assert view.provider(late) is not None and view.provider(early) is None
+            assert len(feed.holes) == 2  # early's and rolled_back's numbers
+            await slow_tx.commit()
+            await aborted_tx.rollback()
+
+        clock[0] = 1.0
+        await feed.poll()  # the hole filled: read again
+        assert view.provider(early) is not None
+        assert len(feed.holes) == 1  # the rolled-back number, never to fill
+        clock[0] = 7.0
+        await feed.poll()  # given up on after hole_timeout
+        assert feed.holes == {}
+    finally:
+        await store.close()
