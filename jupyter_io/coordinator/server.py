@@ -248,6 +248,8 @@ class CoordinatorServer:
                 retry_interval=config.settle_retry_interval,
                 retry_max=config.settle_retry_max,
                 leadership=leadership,
+                # Its claims are the replica's: freed once the replica stops beating.
+                owner=self.replica.id if self.replica.follow else None,
                 log=self.log,
             )
         self.leases = leases = LeaseService(

@@ -40,8 +40,9 @@ provider links or a provider answers):
    user refunds through ``POST /leases/{id}/refund`` and the next pass sees the escrow closed.
 
 A restarted coordinator picks the pending rows up where they were (a shutdown releases its
-claims; a crashed coordinator's claims expire after ``claim_ttl``, and the replica its
-provider links to next takes them). :attr:`SettlementWorker.
+claims; a crashed coordinator's claims expire after ``claim_ttl``, or, a replica's, once it
+has not beaten for :data:`~jupyter_io.coordinator.store.settlements.DEAD_REPLICA_S`; the
+replica its provider links to next takes them). :attr:`SettlementWorker.
 stats` counts what this process did (``GET /api/v1/status`` shows it).
 """
 
@@ -146,6 +147,7 @@ class SettlementWorker:
         claim_ttl: float = 60.0,
         final_report_grace: float = 1.0,
         leadership: Leadership | None = None,
+        owner: str | None = None,
         log: logging.Logger | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -167,8 +169,9 @@ class SettlementWorker:
         self.final_report_grace = final_report_grace
         self.log = log or logging.getLogger("jupyter_io.coordinator")
         self.clock = clock
-        #: This process's name in ``claimed_by`` (replicas share a key, not a claim).
-        self.owner = f"coordinator-{secrets.token_hex(8)}"
+        #: This process's name in ``claimed_by`` (replicas share a key, not a claim): its
+        #: replica id on PostgreSQL, so a replica that stopped beating loses its claims.
+        self.owner = owner or f"coordinator-{secrets.token_hex(8)}"
         self.stats = WorkerStats()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 import sqlalchemy as sa
@@ -22,6 +22,7 @@ from ..models import (
     LeaseState,
     Provider,
     ProviderStatus,
+    Replica,
     SettlementKind,
     SettlementRow,
     SettlementState,
@@ -29,7 +30,11 @@ from ..models import (
 )
 from .engine import Aggregate, _aware, _when
 
-__all__ = ["SettlementQueries", "SettlementRecord", "UsageReport"]
+__all__ = ["DEAD_REPLICA_S", "SettlementQueries", "SettlementRecord", "UsageReport"]
+
+#: Seconds without a beat after which a replica's settlement claims are free to take: a
+#: replica beats every second, and one killed (SIGKILL, a lost machine) never releases them.
+DEAD_REPLICA_S = 5.0
 
 _LIVE = tuple(state.value for state in LIVE_LEASE_STATES)
 
@@ -37,6 +42,7 @@ _leases = cast(sa.Table, Lease.__table__)
 _usage = cast(sa.Table, UsageReportRow.__table__)
 _settlements = cast(sa.Table, SettlementRow.__table__)
 _providers = cast(sa.Table, Provider.__table__)
+_replicas = cast(sa.Table, Replica.__table__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,13 +464,21 @@ class SettlementQueries(Aggregate):
 
 
 def _claimable(owner: str, at: datetime) -> sa.ColumnElement[bool]:
-    """A pending settlement nobody else holds a live claim on."""
+    """A pending settlement nobody else holds a live claim on (a claim of a replica that
+    stopped, or has not beaten for :data:`DEAD_REPLICA_S`, is no longer live)."""
+    dead = sa.select(_replicas.c.id).where(
+        sa.or_(
+            _replicas.c.stopped_at.is_not(None),
+            _replicas.c.last_seen < at - timedelta(seconds=DEAD_REPLICA_S),
+        )
+    )
     return sa.and_(
         _settlements.c.state == SettlementState.PENDING.value,
         sa.or_(
             _settlements.c.claimed_until.is_(None),
             _settlements.c.claimed_until < at,
             _settlements.c.claimed_by == owner,
+            _settlements.c.claimed_by.in_(dead),
         ),
     )
 
