@@ -23,6 +23,12 @@ rule does not apply (older clients); the max length always does.
 
 One :class:`~jupyter_io.coordinator.lease_timers.LeaseTimers` timer per watched lease, due at
 its next warning or end; a report re-arms it. No polling.
+
+With several coordinator replicas a lease is watched where it became active, by every replica
+that started while it was active, and by the replica its provider links to (a moved provider's
+leases keep their rules). Each replica ends it on what it knows (the parties' idle reports
+reach the replica they were sent to: the provider's the one holding its link, the user's any);
+the end is conditional on the lease being live, so it ends once.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..provider_link import End
+from .jobs import LinkWatch
 from .lease_timers import LeaseTimers
 from .models import LeaseState
 from .registry import Registry
@@ -132,6 +139,7 @@ class CohortLimits:
         self.log = log or logging.getLogger("jupyter_io.coordinator")
         self._watches: dict[str, _Watch] = {}
         self._timers = LeaseTimers(self._check, what="cohort time rules", log=self.log)
+        self._links = LinkWatch(store, registry, self.watch, log=self.log)
         #: Leases ended for idling / for the max length.
         self.ended_idle = 0
         self.ended_max_length = 0
@@ -143,6 +151,7 @@ class CohortLimits:
         restart: the idle clock restarts at the restart, the max length does not)."""
         self.registry.activation_listeners.append(self.watch)
         self.registry.lease_listeners.append(self._gone)
+        self._links.start()
         for lease in await self.store.live_leases():
             self.watch(lease)
 
@@ -153,6 +162,7 @@ class CohortLimits:
         ):
             if fn in listeners:
                 listeners.remove(fn)  # type: ignore[arg-type]
+        await self._links.stop()
         await self._timers.stop()
 
     def watch(self, lease: LeaseRecord) -> None:

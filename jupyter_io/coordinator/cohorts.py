@@ -64,6 +64,7 @@ from ..gpu_names import normalise_gpu_name
 from ..provider_link import End
 from .cohort_allowances import pool_figures
 from .cohort_tally import FinishedLeaseTally, settled_cost
+from .jobs import LinkWatch, owned_here
 from .lease_timers import LeaseTimers
 from .leasing import LeaseGrant, LeaseService
 from .models import CohortState, LeaseState
@@ -73,6 +74,7 @@ from .store import CodeRecord, CohortRecord, LeaseRecord, Store
 from .store.cohorts import gpu_seconds
 
 __all__ = [
+    "QUOTA_RECHECK_SECONDS",
     "QUOTA_WARNING_SECONDS",
     "CohortEnded",
     "CohortError",
@@ -89,6 +91,9 @@ __all__ = [
 
 #: Seconds before the quota runs out that a lease's JSON warns of it.
 QUOTA_WARNING_SECONDS = 60.0
+#: Seconds between two looks at a lease over quota whose provider is linked at another
+#: replica (which ends it).
+QUOTA_RECHECK_SECONDS = 5.0
 
 
 class CohortError(JupyterIOError):
@@ -683,11 +688,14 @@ class QuotaWatch:
 
     One :class:`~jupyter_io.coordinator.lease_timers.LeaseTimers` timer per active cohort
     lease, due when the student's quota left, used at the rate of all their active leases
-    of the cohort (GPUs per second), reaches zero; armed at activation (and for every such
-    lease when the coordinator starts) and re-armed when the quota changes. When it fires
-    the usage is measured again from the store: still within quota (a lease ended meanwhile,
-    a new week began, the quota was raised) re-arms; otherwise every live lease of that
-    student in the cohort ends with :data:`~jupyter_io.cohorts.QUOTA_USED_UP`.
+    of the cohort (GPUs per second), reaches zero; armed at activation, when the coordinator
+    starts and when the lease's provider links here, and re-armed when the quota changes.
+    When it fires the usage is measured again from the store: still within quota (a lease
+    ended meanwhile, a new week began, the quota was raised) re-arms; otherwise every live
+    lease of that student in the cohort ends with :data:`~jupyter_io.cohorts.QUOTA_USED_UP`,
+    by the replica holding the link of the lease's provider (:mod:`~.jobs`; another replica
+    watching it only shows when it runs out, and looks again :data:`QUOTA_RECHECK_SECONDS`
+    later).
     """
 
     def __init__(self, service: CohortService) -> None:
@@ -697,8 +705,10 @@ class QuotaWatch:
         self.ended = 0
         #: When each watched lease's student runs out of quota at the current rate (Unix).
         self._runs_out: dict[str, float] = {}
+        self._links = LinkWatch(service.store, service.registry, self.watch, log=service.log)
 
     async def start(self) -> None:
+        self._links.start()
         self.service.registry.activation_listeners.append(self.watch)
         self.service.leases.notices.append(self.notice)
         for lease in await self.service.store.live_leases():
@@ -710,6 +720,7 @@ class QuotaWatch:
             self.service.registry.activation_listeners.remove(self.watch)
         with contextlib.suppress(ValueError):
             self.service.leases.notices.remove(self.notice)
+        await self._links.stop()
         await self._timers.stop()
 
     def forget(self, lease_id: str) -> None:
@@ -773,6 +784,11 @@ class QuotaWatch:
             else:
                 self._runs_out.pop(lease_id, None)
             self._timers.arm(lease_id, due)
+            return
+        if not owned_here(service.registry, lease.provider_pubkey):
+            # The replica holding the provider's link ends it (or the provider is lost).
+            self._runs_out[lease_id] = now.timestamp()
+            self._timers.arm(lease_id, QUOTA_RECHECK_SECONDS)
             return
         live = await store.cohort_live_leases(cohort.id, student=student)
         ended = await service._end_leases(live, QUOTA_USED_UP)

@@ -11,7 +11,9 @@ Two coordinators in this process on one real PostgreSQL database, with short int
 * a lease left unfunded by a replica that was shut down is ended by the leader when its
   claim window is over (the provider, linked to the leader now, is told to end it);
 * a provider whose heartbeats stopped in the database while its replica is gone is marked
-  lost once, its live lease failed at its last heartbeat.
+  lost once, its live lease failed at its last heartbeat;
+* a paid lease's acknowledgement watch moves with its provider's link: the replica the
+  provider links to next ends the lease its user stopped acknowledging.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from jupyter_io.coordinator.server import CoordinatorServer
 from jupyter_io.coordinator_client import NOT_FUNDED_IN_TIME, CoordinatorClient
 from jupyter_io.payments.amounts import LAMPORTS_PER_SOL
 from jupyter_io.payments.escrow import EscrowClient, EscrowTerms
+from jupyter_io.usage_acks import NOT_ACKNOWLEDGED
 
 from .conftest import WAIT, FakeProvider, Starter, gpu_offer
 
@@ -265,4 +268,46 @@ async def test_a_provider_silent_in_the_database_with_its_replica_gone_is_lost_o
         await fresh.close()
     finally:
         api.close()
+        await provider.close()
+
+
+async def test_the_replica_a_provider_links_to_next_watches_its_paid_leases(
+    store_url: str, start_coordinator: Starter
+) -> None:
+    leader = await start_coordinator(
+        db=store_url, payments="escrow", jobs_interval=JOBS, usage_ack_timeout=4.0
+    )
+    first = await start_coordinator(
+        db=store_url,
+        payments="escrow",
+        jobs_interval=JOBS,
+        usage_ack_timeout=4.0,
+        solana_url=leader.solana_url,
+    )
+    provider = FakeProvider(first.url, [gpu_offer(price=PRICE)])
+    await provider.connect()
+    user = Escrows(first, leader.solana_url)
+    try:
+        await user.escrow.airdrop(user.user.pubkey(), LAMPORTS_PER_SOL)
+        lease = await user.lease(provider)
+        await provider.session(lease, "active")
+        registry = first.registry
+        assert registry is not None
+        await registry.wait_for(
+            lambda: registry.provider(provider.pubkey).leases[lease].state  # type: ignore[union-attr]
+            is LeaseState.ACTIVE,
+            WAIT,
+        )
+        await first.shutdown()  # its watch goes with it; the user never acknowledges
+        moved = FakeProvider(leader.url, [gpu_offer(price=PRICE)], keypair=provider.keypair)
+        await moved.connect(sessions=[lease])
+        end = await moved.next_message("end")
+        assert end["lease"] == lease and end["reason"] == NOT_ACKNOWLEDGED
+        assert leader.store is not None and leader.ack_watch is not None
+        record = await leader.store.get_lease(lease)
+        assert record is not None and record.end_reason == NOT_ACKNOWLEDGED
+        assert leader.ack_watch.ended == 1
+        await moved.close()
+    finally:
+        await user.close()
         await provider.close()
