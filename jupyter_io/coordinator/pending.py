@@ -25,7 +25,9 @@ pass), :meth:`~PendingLeases.add` once stored and :meth:`~PendingLeases.unreserv
 attempt is over (stored or not), :meth:`~PendingLeases.funded` after a verified escrow,
 :meth:`~PendingLeases.discard` when the lease starts or ends, and ends the leases
 :meth:`~PendingLeases.due` returns, at :meth:`~PendingLeases.next_deadline`. Counts are this
-coordinator's: replicas sharing one database each apply them.
+coordinator's: replicas sharing one database each apply them. The window of a lease whose
+replica died before it ended is kept by the leader of the replicas, from the database
+(:meth:`~jupyter_io.coordinator.jobs.LeaderJobs.sweep_claims`).
 """
 
 from __future__ import annotations
