@@ -200,7 +200,7 @@ async def test_killed_holding_a_settlement_claim_another_replica_settles_it_once
         await client.connect()
         await client.launch()
         await client.wait_ready()
-        _, reply = await client.execute("import time; time.sleep(1.5)")
+        _, reply = await client.execute("import time; time.sleep(1.0)")
         assert reply is not None and reply["content"]["status"] == "ok"
         holder = await cluster.wait_link_holder(host.pubkey, 10)
 
