@@ -72,7 +72,11 @@ jupyter io coordinator --listen 0.0.0.0:8700 --certfile cert.pem --keyfile key.p
         "gpu-checks": (
             {"CoordinatorConfig": {"gpu_checks": True}},
             "Challenge providers' GPUs at each link and at random idle times "
-            "(docs/gpu-verification.md).",
+            "(docs/gpu-verification.md; the default).",
+        ),
+        "no-gpu-checks": (
+            {"CoordinatorConfig": {"gpu_checks": False}},
+            "Do not challenge providers' GPUs: offers are listed on their providers' word.",
         ),
     }
     log_format = Unicode("[%(name)s %(asctime)s %(levelname)s] %(message)s", config=True)

@@ -263,11 +263,11 @@ class CoordinatorConfig(Configurable):
         "burst): past it a dashboard shows its class's last read, with when it was made.",
     )
     gpu_checks = Bool(
-        False,
+        True,
         config=True,
         help="Challenge providers' GPUs (docs/gpu-verification.md): at each link and at random "
         "idle times; an offer that fails leaves the listing. Offers are listed unverified "
-        "until their first challenge.",
+        "until their first challenge. --no-gpu-checks turns them off.",
     )
     gpu_check_interval = Float(
         3600.0,

@@ -113,6 +113,9 @@ class ProviderLinkSession:
         #: pong; None until measured, or when the last ping went unanswered): the relay's
         #: hop to the provider, which users add to their ping of the relay.
         self.round_trip_ms: float | None = None
+        #: Messages sent before the welcome (the registry may address this link while the
+        #: hello is still being stored: a GPU challenge, a dial): sent right after it.
+        self._before_welcome: list[str] | None = []
 
     def open(self) -> None:
         """Send the challenge."""
@@ -120,7 +123,11 @@ class ProviderLinkSession:
 
     def send(self, message: LinkMessage) -> None:
         """Send a coordinator → provider message (``dial``, ``end``, ``sign_settlement``)."""
-        if not self._closing:
+        if self._closing:
+            return
+        if self._before_welcome is not None:
+            self._before_welcome.append(message.to_json())
+        else:
             self.port.send(message.to_json())
 
     def close(self, code: int, reason: str) -> None:
@@ -185,8 +192,11 @@ class ProviderLinkSession:
             return
         self.provider = str(key)
         self.port.send(welcome.to_json())
+        early, self._before_welcome = self._before_welcome or [], None
         for message in follow_up:
             self.send(message)
+        for text in early:
+            self.port.send(text)
 
     async def _usage(self, provider: str, usage: Usage) -> None:
         try:

@@ -44,7 +44,10 @@ from websockets.exceptions import ConnectionClosed
 from jupyter_io.coordinator.config import CoordinatorConfig
 from jupyter_io.coordinator.server import CoordinatorServer
 from jupyter_io.coordinator_client import CoordinatorClient
+from jupyter_io.gpu_challenge import GpuIdentity
+from jupyter_io.provider_link import GpuChallenge, GpuReveal, LinkMessage, parse_message
 from jupyter_io.signing import sign_provider_hello, sign_request, sign_usage
+from provider_host.challenge import CPU_MAX_N, ChallengeDevice, ChallengeResponder
 
 POSTGRES_URL_ENV = "JUPYTER_IO_TEST_POSTGRES_URL"
 BACKENDS = ("sqlite", "postgresql")
@@ -226,9 +229,25 @@ class LinkRefused(Exception):
         self.reason = reason
 
 
+class _FakeGpuAnswers(ChallengeResponder):
+    """The real responder, computing on the CPU for every offer of a :class:`FakeProvider`;
+    for an offer it calls real, NVML and the driver listing name the offered model."""
+
+    def identify(self, index: int) -> tuple[GpuIdentity | None, str | None]:
+        name = self.names.get(index, "")
+        return GpuIdentity(name, None, None), f"Model: \t {name}\n"
+
+    names: dict[int, str]
+
+
 class FakeProvider:
     """A provider's side of the link over a real websocket (no kernels): says hello,
-    heartbeats, reports sessions and usage, and records what the coordinator sends."""
+    heartbeats, reports sessions and usage, and records what the coordinator sends.
+
+    GPU challenges are answered honestly on the CPU (the real responder of
+    :mod:`provider_host.challenge`) and not recorded, unless :attr:`answer_challenges` is
+    false; the coordinators of these tests keep them small (``gpu_check_*_n`` = 64).
+    """
 
     def __init__(
         self,
@@ -262,6 +281,10 @@ class FakeProvider:
         self._beats: asyncio.Task[None] | None = None
         #: Lease ids the automatic heartbeats list as hosted.
         self.hosted: set[str] = set()
+        #: Answer the coordinator's GPU challenges (else they are recorded like the rest).
+        self.answer_challenges = True
+        self._challenges: _FakeGpuAnswers | None = None
+        self._challenges_ws: ClientConnection | None = None
 
     async def connect(
         self,
@@ -322,9 +345,36 @@ class FakeProvider:
     async def _read(self, ws: ClientConnection) -> None:
         try:
             async for text in ws:
-                await self.messages.put(json.loads(text))
+                message = json.loads(text)
+                if self.answer_challenges and message.get("type") in (
+                    "gpu_challenge",
+                    "gpu_reveal",
+                ):
+                    self._answer_challenge(ws, text)
+                else:
+                    await self.messages.put(message)
         except ConnectionClosed:
             pass
+
+    def _answer_challenge(self, ws: ClientConnection, text: str | bytes) -> None:
+        message = parse_message(text)
+        assert isinstance(message, (GpuChallenge, GpuReveal))
+        if self._challenges is None or self._challenges_ws is not ws:
+            self._challenges_ws = ws
+            devices: dict[int, ChallengeDevice] = {}
+            names: dict[int, str] = {}
+            for offer in self.inventory["offers"]:
+                for index in offer["gpu_indices"]:
+                    devices[index] = ChallengeDevice(index, "cpu", offer["simulated"], CPU_MAX_N)
+                    names[index] = offer["gpu"]
+
+            def send(answer: LinkMessage) -> None:
+                task = asyncio.ensure_future(ws.send(answer.to_json()))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+            self._challenges = _FakeGpuAnswers(send, device_of=devices.get, busy=lambda _: False)
+            self._challenges.names = names
+        self._challenges.handle(message)
 
     async def next_message(self, kind: str | None = None, timeout: float = WAIT) -> dict[str, Any]:
         """The next message from the coordinator (of type ``kind`` if given)."""
@@ -381,6 +431,9 @@ class FakeProvider:
 
     async def close(self, code: int = 1000) -> None:
         self.stop_heartbeats()
+        if self._challenges is not None:
+            await self._challenges.close()
+            self._challenges = None
         if self.ws is not None:
             await self.ws.close(code)
             self.ws = None
@@ -416,6 +469,9 @@ async def start_coordinator(tmp_path: Path) -> AsyncIterator[Starter]:
         traits.setdefault("heartbeat_misses", 3)
         traits.setdefault("flush_interval", 0.2)
         traits.setdefault("payments", "free")  # test_billing.py is about payments
+        # GPU challenges (on by default) of the smallest size: cheap for every link.
+        traits.setdefault("gpu_check_cpu_n", 64)
+        traits.setdefault("gpu_check_max_n", 64)
         config = CoordinatorConfig(**traits)
         server = CoordinatorServer(config, stdout=_Discard())
         await server.startup()

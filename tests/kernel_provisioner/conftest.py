@@ -287,6 +287,11 @@ def start_coordinator_process(
     free (``payments=free``) unless ``args`` name the payments mode.
     """
     extra = ["--CoordinatorConfig.offers_cache_ttl=0", *args]
+    if not any("gpu_check" in arg for arg in args):  # challenges on, of the smallest size
+        extra += [
+            "--CoordinatorConfig.gpu_check_cpu_n=64",
+            "--CoordinatorConfig.gpu_check_max_n=64",
+        ]
     if not any(arg.startswith(("--CoordinatorConfig.payments", "--payments")) for arg in args):
         # Tests not about payments lease for free; traitlets refuses a trait given twice.
         extra.insert(1, "--CoordinatorConfig.payments=free")

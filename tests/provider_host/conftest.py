@@ -487,6 +487,9 @@ async def start_coordinator(tmp_path: Path) -> AsyncIterator[CoordinatorStarter]
         traits.setdefault("heartbeat_misses", 3)
         traits.setdefault("flush_interval", 0.2)
         traits.setdefault("payments", "free")  # not about payments (test_settlement.py is)
+        # GPU challenges (on by default) of the smallest size: cheap for every link.
+        traits.setdefault("gpu_check_cpu_n", 64)
+        traits.setdefault("gpu_check_max_n", 64)
         server = CoordinatorServer(CoordinatorConfig(**traits), stdout=io.StringIO())
         await server.startup()
         servers.append(server)

@@ -78,7 +78,7 @@ async def running_market(
             heartbeat_interval=0.5,
             flush_interval=0.2,
             offers_cache_ttl=0,
-            **coordinator_traits,
+            **{"gpu_check_cpu_n": 64, "gpu_check_max_n": 64, **coordinator_traits},
         ),
         stdout=io.StringIO(),
     )
