@@ -40,6 +40,7 @@ from jupyter_io.errors import JupyterIOError
 from jupyter_io.file_endpoint import FileEndpoint, Transfer
 from jupyter_io.files import CHUNK_SIZE, FileEntry, Pull, content_hash, new_transfer_id
 from jupyter_io.journal.snapshot import JOURNAL_DIR, MANIFEST, OBJECTS, QUEUED, Manifest
+from jupyter_io.journal.vetting import vet
 from jupyter_io.protocol import Channel, Frame, FrameKind
 
 from .connection import TunnelClient
@@ -103,9 +104,14 @@ class LocalJournal:
         window: int = 2 * 1024**2,
         timeout: float = 120.0,
         max_bytes: int = 8 * 1024**3,
+        trust_previous_provider: bool = False,
         log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     ) -> None:
         self.directory = directory
+        #: Push every object into the next kernel, even those whose pickles name code (see
+        #: :func:`jupyter_io.journal.vetting.vet`): only if the provider that wrote the
+        #: journal is trusted not to have forged them.
+        self.trust_previous_provider = trust_previous_provider
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self.window = window
         self.timeout = timeout
@@ -300,7 +306,7 @@ class LocalJournal:
         if client is None or "files" not in client.features:
             raise JupyterIOError("the new kernel's host does not speak the file channel")
         staging = os.path.join(self.directory, ".push")
-        entries = await asyncio.to_thread(_stage, source, staging)
+        entries = await asyncio.to_thread(_stage, source, staging, self.trust_previous_provider)
         store = ContentStore(os.path.join(self.directory, ".store"), _STORE_BYTES)
         endpoint = FileEndpoint(client.bridge, staging, store, window=self.window, log=self.log)
         ident = new_transfer_id()
@@ -316,12 +322,15 @@ class LocalJournal:
         return transfer.bytes
 
 
-def _stage(source: str, staging: str) -> list[FileEntry]:
+def _stage(source: str, staging: str, trusted: bool = False) -> list[FileEntry]:
     """Lay out ``source``'s complete journal under ``staging`` as the workspace has it and
-    list its files."""
+    list its files. Unless ``trusted``, objects whose pickles name anything but data
+    constructors are left out (:func:`_hold_back`)."""
     with open(os.path.join(source, COMPLETE), encoding="utf-8") as f:
         text = f.read()
     manifest = Manifest.parse(text)
+    if not trusted and _hold_back(source, manifest):
+        text = manifest.to_json()
     shutil.rmtree(staging, ignore_errors=True)
     objects = os.path.join(staging, JOURNAL_DIR, OBJECTS)
     os.makedirs(objects, mode=0o700)
@@ -334,6 +343,27 @@ def _stage(source: str, staging: str) -> list[FileEntry]:
         f.write(text)
     paths.append(f"{JOURNAL_DIR}/{MANIFEST}")  # last: the objects it names are there first
     return [_file_entry(staging, p) for p in paths]
+
+
+def _hold_back(source: str, manifest: Manifest) -> bool:
+    """Move the variables whose objects may not be loaded into a kernel the writer did not
+    run (:func:`jupyter_io.journal.vetting.vet`, read here without unpickling) from the
+    manifest's ``vars`` to its ``missing``, with the cell that made them and why; True when
+    any was."""
+    verdicts: dict[tuple[str, str], str | None] = {}
+    held = False
+    for name, entry in list(manifest.vars.items()):
+        key = (entry["sha256"], entry["kind"])
+        if key not in verdicts:
+            path = os.path.join(source, JOURNAL_DIR, OBJECTS, key[0])
+            with open(path, "rb") as f:
+                verdicts[key] = vet(key[1], f.read())
+        why = verdicts[key]
+        if why is not None:
+            del manifest.vars[name]
+            manifest.missing[name] = {"cell": entry.get("cell"), "source": "", "why": why}
+            held = True
+    return held
 
 
 def _outside_journal(path: str) -> str | None:

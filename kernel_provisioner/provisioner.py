@@ -327,6 +327,16 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         help="Most bytes of variables a kernel's state journal may name to be brought to this "
         "machine; a larger journal is not brought back (the kernel's own cap is lower).",
     )
+    journal_trust_previous_provider = Bool(
+        False,
+        config=True,
+        help="At a failover, load every object of the state journal into the new kernel, as "
+        "the lost provider's kernel wrote it. False: objects whose pickles name anything but "
+        "data constructors (functions and classes defined in the notebook, other libraries' "
+        "objects, a forged os.system) are not restored and the notice offers to re-run their "
+        "cells, since a hostile provider could forge a pickle that runs code in the next "
+        "kernel (docs/architecture.md, 'Failover').",
+    )
     sync_files = Bool(
         True,
         config=True,
@@ -780,7 +790,10 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         if self.journal and self.kernel_id:
             if self._journal is None:
                 self._journal = LocalJournal(
-                    journal_dir(str(self.kernel_id)), max_bytes=self.journal_max_bytes, log=self.log
+                    journal_dir(str(self.kernel_id)),
+                    max_bytes=self.journal_max_bytes,
+                    trust_previous_provider=self.journal_trust_previous_provider,
+                    log=self.log,
                 )
             self._journal.attach(client)  # after the files: routes its transfers past them
         self._activity.watch(client.bridge)

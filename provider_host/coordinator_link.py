@@ -23,8 +23,9 @@ live; sessions and kernels are not touched meanwhile. Given several coordinator 
 (replicas on one database, ``docs/coordinator-contract.md`` section 5), it starts at a random
 one (providers spread over the replicas) and moves to the next one after every failed
 attempt or dropped link, waiting 0.1 s between attempts for a whole round of the list, then
-doubling the wait per round up to ``backoff_max``; so when a replica dies its providers are
-linked to another within a fraction of a second (well inside the 10 s the contract allows).
+doubling the wait per round up to ``backoff_max`` (and to no more than 1 s for the first
+10 s after a link drops); so when a replica dies its providers are linked to another within
+a fraction of a second (well inside the 10 s the contract allows).
 Every replica must present the same coordinator key (the one pinned). A ``dial`` is followed
 only to a relay on one of the configured coordinators or on the linked one's host
 (:func:`jupyter_io.coordinator_urls.dial_refusal`). Messages are the coordinator's own typed
@@ -75,13 +76,17 @@ from jupyter_io.provider_link import (
 from jupyter_io.signing import sign_provider_hello, verify_welcome
 from jupyter_io.tls import SchemeMismatch, dial_checked, scheme_mismatch, untrusted_certificate
 
-__all__ = ["MAX_OUTBOX", "CoordinatorLink", "LinkHost"]
+__all__ = ["MAX_OUTBOX", "RELINK_BUDGET", "CoordinatorLink", "LinkHost"]
 
 #: Messages kept for the coordinator while the link is down (oldest dropped beyond).
 MAX_OUTBOX = 10_000
 #: Largest message accepted from the coordinator.
 _MAX_MESSAGE = 1 << 20
 _FIRST_BACKOFF = 0.1
+#: Seconds after a link drops within which the provider must be linked again (issue 17's
+#: budget for a replica's death); meanwhile no wait between attempts exceeds RELINK_WAIT.
+RELINK_BUDGET = 10.0
+RELINK_WAIT = 1.0
 
 
 class LinkHost(Protocol):
@@ -288,8 +293,10 @@ class CoordinatorLink:
     # -- the link --------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         delay = _FIRST_BACKOFF
         attempts = 0  # in this round of the URLs
+        dropped_at: float | None = None  # when the last link ended
         while not self._stopping.is_set():
             links = self.links
             try:
@@ -311,11 +318,15 @@ class CoordinatorLink:
                 self.log.exception("coordinator link to %s failed", self.url)
             if self.links > links:
                 delay, attempts = _FIRST_BACKOFF, 0  # it was up: come back fast
+                dropped_at = loop.time()
             # The next attempt goes to the next replica: this one failed or dropped the link.
             self._index = (self._index + 1) % len(self.urls)
             self._notify()
+            wait = delay
+            if dropped_at is not None and loop.time() - dropped_at < RELINK_BUDGET:
+                wait = min(delay, RELINK_WAIT)  # keep trying often within the budget
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+                await asyncio.wait_for(self._stopping.wait(), wait)
             attempts += 1
             if attempts >= len(self.urls):  # a whole round failed: wait longer
                 delay, attempts = min(delay * 2, self.backoff_max), 0

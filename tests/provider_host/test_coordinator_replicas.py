@@ -23,7 +23,7 @@ from jupyter_io.coordinator.server import LISTENING_PREFIX, CoordinatorServer
 from jupyter_io.identity import write_keypair
 from jupyter_io.provider_link import Dial
 
-from .conftest import DEFAULT_TIMEOUT, HostFactory
+from .conftest import DEFAULT_TIMEOUT, CoordinatorStarter, HostFactory
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -156,3 +156,26 @@ async def test_a_dial_to_a_host_no_coordinator_is_on_is_not_followed(
         for server in (evil, replica):
             server.close()
             await server.wait_closed()
+
+
+async def test_within_10_s_of_a_drop_the_link_tries_at_least_every_second(
+    start_coordinator: CoordinatorStarter, make_host: HostFactory, tmp_path: Path
+) -> None:
+    """Every replica down for 6.5 s, then one back: linked again before the 10 s are out
+    (the plain backoff, 0.1 s doubling to 5 s, would next try at 11.3 s)."""
+    replica = await start_coordinator()
+    host = await make_host(
+        coordinator_url=replica.url,
+        keypair_path=str(write_keypair(Keypair(), tmp_path / "host.json")),
+        benchmark=False,
+        allow=[],
+    )
+    link = host.coordinator_link
+    assert link is not None and link.backoff_max == 5.0
+    await asyncio.wait_for(link.wait_linked(), DEFAULT_TIMEOUT)
+    await replica.shutdown()
+    dropped_at = time.monotonic()
+    await asyncio.sleep(6.5)  # the outage itself, not a wait for an event
+    await start_coordinator(listen=replica.url.removeprefix("http://"))
+    await asyncio.wait_for(link.wait_linked(2), RELINK_BUDGET_S - 6.5)
+    assert time.monotonic() - dropped_at < RELINK_BUDGET_S
