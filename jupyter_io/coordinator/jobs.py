@@ -157,6 +157,19 @@ class Leadership:
             event = self._changed
             await asyncio.wait_for(event.wait(), max(0.0, deadline - loop.time()))
 
+    def to_json(self, jobs: JobStats | None = None) -> dict[str, Any]:
+        """For ``GET /api/v1/status``: whether this replica leads, how often it took and lost
+        the lead, and what its leader passes did (``jobs``)."""
+        body: dict[str, Any] = {"leader": self._leader, "gained": self.gained, "lost": self.lost}
+        if jobs is not None:
+            body["jobs"] = {
+                "passes": jobs.passes,
+                "providers_lost": jobs.providers_lost,
+                "leases_failed": jobs.leases_failed,
+                "leases_expired": jobs.leases_expired,
+            }
+        return body
+
     @property
     def connection(self) -> Any:
         """The dedicated connection holding (or trying for) the lock (PostgreSQL; tests)."""

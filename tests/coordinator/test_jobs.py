@@ -67,6 +67,7 @@ async def test_one_replica_leads_and_another_takes_over_when_its_connection_dies
     store, _, leader, _ = _parts(first)
     _, _, other, _ = _parts(second)
     assert leader.is_leader() and not other.is_leader()
+    assert leader.to_json()["leader"] is True and other.to_json()["leader"] is False
 
     # The server ends the leader's session, as it does for a replica that died.
     pid = leader.connection.get_server_pid()
