@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +41,11 @@ from jupyter_client.manager import AsyncKernelManager
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from sqlalchemy.engine import make_url
+from tornado import web
+from tornado.httpclient import AsyncHTTPClient
+from tornado.httpserver import HTTPServer
+from tornado.iostream import StreamClosedError
+from tornado.netutil import bind_sockets
 
 from jupyter_io.identity import write_keypair
 from jupyter_io.payments.escrow import EscrowClient
@@ -180,6 +186,103 @@ def start_ledger(data_dir: Path) -> LedgerProcess:
     return ledger
 
 
+class LedgerGate:
+    """The replicas' way to the ledger: a JSON-RPC pass-through on a thread of its own that
+    can hold the next ``sendTransaction`` (:meth:`hold`) and, once the test has done what it
+    wanted meanwhile (kill the replica that sent it), forward it late or drop it
+    (:meth:`release`), as a network that delivered a request after its sender died would."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        #: Set when a held ``sendTransaction`` arrived; :attr:`forwarded` when it went on.
+        self.held = threading.Event()
+        self.forwarded = threading.Event()
+        #: The ledger's answer to the held request, once forwarded.
+        self.answer: bytes | None = None
+        self._holding = False
+        self._decision: asyncio.Future[bool] | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._server: HTTPServer | None = None
+        self.port = int(self._call(self._start()))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    async def _start(self) -> int:
+        gate = self
+
+        class Handler(web.RequestHandler):
+            def check_xsrf_cookie(self) -> None:
+                return None
+
+            async def post(self) -> None:
+                body = self.request.body
+                if gate._holding and b'"sendTransaction"' in body:
+                    gate._holding = False
+                    gate._decision = asyncio.get_running_loop().create_future()
+                    gate.held.set()
+                    if not await gate._decision:
+                        self.request.connection.close()  # type: ignore[union-attr]
+                        return
+                    gate.answer = await gate._forward(body)
+                    gate.forwarded.set()
+                    with contextlib.suppress(StreamClosedError):
+                        self.finish(gate.answer)  # its sender is gone: nobody reads this
+                    return
+                self.set_header("Content-Type", "application/json")
+                self.finish(await gate._forward(body))
+
+        sockets = bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
+        self._server = HTTPServer(web.Application([(r"/.*", Handler)]))
+        self._server.add_sockets(sockets)
+        return int(sockets[0].getsockname()[1])
+
+    async def _forward(self, body: bytes) -> bytes:
+        response = await AsyncHTTPClient().fetch(
+            self.upstream, method="POST", body=body, raise_error=False, request_timeout=30,
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        return bytes(response.body or b"")
+
+    def hold(self) -> None:
+        """Hold the next ``sendTransaction`` (only that one)."""
+        self.held.clear()
+        self.forwarded.clear()
+        self.answer = None
+
+        async def arm() -> None:
+            self._holding = True
+
+        self._call(arm())
+
+    def release(self, *, forward: bool) -> None:
+        """Let the held request go on to the ledger (``forward``) or drop it."""
+
+        async def decide() -> None:
+            self._holding = False
+            if self._decision is not None and not self._decision.done():
+                self._decision.set_result(forward)
+
+        self._call(decide())
+
+    def close(self) -> None:
+        self.release(forward=False)
+
+        async def stop() -> None:
+            if self._server is not None:
+                self._server.stop()
+
+        self._call(stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
 @dataclass
 class Replica:
     """One ``jupyter io coordinator`` of a cluster; it keeps its port across restarts."""
@@ -239,6 +342,8 @@ class Cluster:
     db_url: str
     keypair_path: Path
     ledger: LedgerProcess
+    #: Between the replicas and the ledger (their ``--solana-url``).
+    gate: LedgerGate
     replicas: list[Replica]
     providers: list[ProviderHost] = field(default_factory=list)
 
@@ -278,6 +383,7 @@ class Cluster:
         self.providers.clear()
         for replica in self.replicas:
             replica.stop()
+        self.gate.close()
         self.ledger.stop()
 
     # -- providers --------------------------------------------------------------------------
@@ -338,6 +444,12 @@ class Cluster:
             make_url(self.db_url).set(drivername="postgresql").render_as_string(hide_password=False)
         )
 
+    async def replica_named(self, replica_id: str) -> Replica:
+        """The replica whose id (``replicas.id``, as in ``settlements.claimed_by``) this is."""
+        rows = await self.query("SELECT url FROM replicas WHERE id = $1", replica_id)
+        assert rows, f"no replica {replica_id!r} in the database"
+        return self.replica_at(rows[0]["url"])
+
     async def link_holder(self, pubkey: str) -> Replica | None:
         """The live replica holding ``pubkey``'s provider link, by the database's word
         (``providers.replica_id`` → ``replicas.url``), or None."""
@@ -388,12 +500,13 @@ def start_cluster(root: Path, server: PostgresServer, n: int = REPLICAS) -> Clus
     db_url = server.url_for(database)
     keypair_path = write_keypair(Keypair(), root / "coordinator-keypair.json")
     ledger = start_ledger(root / "ledger")
+    gate = LedgerGate(ledger.url)
     args = [
-        "--db", db_url, "--keypair", str(keypair_path), "--solana-url", ledger.url,
+        "--db", db_url, "--keypair", str(keypair_path), "--solana-url", gate.url,
         *REPLICA_ARGS,
     ]  # fmt: skip
     replicas = [Replica(f"r{i}", free_port(), args, root / f"replica{i}") for i in range(n)]
-    cluster = Cluster(root, db_url, keypair_path, ledger, replicas)
+    cluster = Cluster(root, db_url, keypair_path, ledger, gate, replicas)
     try:
         # One first, so the schema's migration is not raced three times over; then the rest.
         replicas[0].spawn()

@@ -4,8 +4,10 @@ shared ledger, real provider hosts and real kernels; one replica is killed with 
 * mid-session: the provider linked to it re-links to another replica within 10 s, the user's
   lease stays the same live lease and its kernel keeps its state, and the lease is settled
   once at the end with every lamport accounted for on-chain;
-* mid-settlement: it dies holding the claim on a lease's settlement (waiting for the
-  provider's co-signature); another replica settles that lease, exactly once;
+* mid-settlement: it dies holding the claim on a lease's settlement, waiting for the
+  provider's co-signature, or after sending the settlement, whose transaction reaches the
+  ledger only after its death; another replica settles that lease, or records the payment
+  that landed, exactly once;
 * mid-relay: a relayed tunnel through its relay resumes through another replica's relay and a
   cell printing a counter across the kill loses no line and repeats none.
 """
@@ -13,10 +15,12 @@ shared ledger, real provider hosts and real kernels; one replica is killed with 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,33 +161,31 @@ async def test_killed_mid_session_the_provider_relinks_and_the_lease_lives_on(
 # -- mid-settlement ---------------------------------------------------------------------------
 
 
-async def _claim_held(cluster: Cluster, lease_id: str, timeout: float) -> str:
-    """Poll the settlements table until one owner holds the lease's claim over two reads
-    0.2 s apart (a replica that claims only to find the provider elsewhere lets go at
-    once); that owner."""
-    deadline = time.monotonic() + timeout
-    last: str | None = None
-    while True:
-        rows = await cluster.query(
-            "SELECT claimed_by, state FROM settlements WHERE lease_id = $1", lease_id
-        )
-        owner = rows[0]["claimed_by"] if rows else None
-        if owner is not None and owner == last:
-            return str(owner)
-        last = owner
-        assert time.monotonic() < deadline, f"no claim held on {lease_id}'s settlement: {rows}"
-        await asyncio.sleep(0.2)
+@dataclass
+class Session:
+    """A funded lease on a direct provider whose kernel ran a second of work, ended by its
+    user at a replica that does not hold the provider's link."""
+
+    host: ProviderHost
+    user: Keypair
+    chain: Ledger
+    lease: str
+    terms: EscrowTerms
+    #: The books before the escrow was opened, and the escrow's setup transaction.
+    before: Any
+    setup: str
+    #: The replica holding the provider's link when the lease ended.
+    holder: Replica
+    client: TunnelClient
 
 
-async def test_killed_holding_a_settlement_claim_another_replica_settles_it_once(
-    cluster: Cluster, tmp_path: Path
-) -> None:
+@contextlib.asynccontextmanager
+async def _session(cluster: Cluster, tmp_path: Path) -> AsyncIterator[Session]:
     host = cluster.start_provider(tmp_path / "host", *GPU, public=True)
     user, _ = await _fund(cluster, tmp_path, host)
     chain = Ledger(cluster.ledger.url)
     api = CoordinatorClient(cluster.coordinator_url, user, timeout=15)
     client: TunnelClient | None = None
-    stopped = False
     try:
         grant = await api.request_lease(gpu="RTX 4090")
         assert grant.provider == host.pubkey and grant.escrow is not None
@@ -203,46 +205,106 @@ async def test_killed_holding_a_settlement_claim_another_replica_settles_it_once
         _, reply = await client.execute("import time; time.sleep(1.0)")
         assert reply is not None and reply["content"]["status"] == "ok"
         holder = await cluster.wait_link_holder(host.pubkey, 10)
-
-        # Frozen, the provider cannot co-sign: the replica settling its lease holds the
-        # claim while it waits for the signature. The lease is ended at another replica.
-        host.proc.send_signal(signal.SIGSTOP)
-        stopped = True
-        other = next(r for r in cluster.alive if r is not holder)
-        ender = CoordinatorClient(other.url, user, timeout=15)
-        try:
-            assert (await ender.end_lease(grant.lease)).state == "ended"
-        finally:
-            ender.close()
-        owner = await _claim_held(cluster, grant.lease, 10)
-        holder.kill()
-        host.proc.send_signal(signal.SIGCONT)
-        stopped = False
-        log.warning("replica %s killed holding the claim of %s (%s)",
-                    holder.name, grant.lease, owner)  # fmt: skip
-
-        await cluster.wait_link_holder(host.pubkey, RELINK_WITHIN, other_than=holder)
-        info = await _settled(cluster, user, grant.lease, SETTLE_WITHIN)
-        took = time.monotonic() - (holder.killed_at or 0.0)
-        log.warning("settled by another replica %.2f s after the kill", took)
-        rows = await cluster.query(
-            "SELECT state, signature, claimed_by FROM settlements WHERE lease_id = $1",
-            grant.lease,
-        )
-        assert len(rows) == 1 and rows[0]["state"] == "done" and rows[0]["claimed_by"] is None
-        assert info.billing is not None and info.billing.settlement is not None
-        assert rows[0]["signature"] == info.billing.settlement.signature
-        # Exactly once, on-chain: one settlement closed the escrow; nothing else moved.
-        paid = await _books_balance(chain, terms, before, info, str(receipt.signature))
-        assert await chain.escrow.wsol_balance(terms.provider) == paid
-        assert info.billing.billed_seconds >= 1 and paid == info.billing.spent_lamports
+        yield Session(host, user, chain, grant.lease, terms, before, str(receipt.signature),
+                      holder, client)  # fmt: skip
     finally:
-        if stopped:
-            host.proc.send_signal(signal.SIGCONT)
         if client is not None:
             await client.disconnect()
         api.close()
         await chain.close()
+
+
+async def _end_elsewhere(cluster: Cluster, session: Session) -> None:
+    """End the lease at a replica other than the one holding the provider's link."""
+    other = next(r for r in cluster.alive if r is not session.holder)
+    ender = CoordinatorClient(other.url, session.user, timeout=15)
+    try:
+        assert (await ender.end_lease(session.lease)).state == "ended"
+    finally:
+        ender.close()
+
+
+async def _claim(cluster: Cluster, lease_id: str, timeout: float) -> tuple[Replica, str | None]:
+    """Poll the settlements table until one replica holds the lease's claim over two reads
+    0.2 s apart; that replica, and the settlement signature the row notes (if any)."""
+    deadline = time.monotonic() + timeout
+    last: str | None = None
+    while True:
+        rows = await cluster.query(
+            "SELECT claimed_by, signature FROM settlements WHERE lease_id = $1", lease_id
+        )
+        owner = rows[0]["claimed_by"] if rows else None
+        if owner is not None and owner == last:
+            return await cluster.replica_named(owner), rows[0]["signature"]
+        last = owner
+        assert time.monotonic() < deadline, f"no claim held on {lease_id}'s settlement: {rows}"
+        await asyncio.sleep(0.2)
+
+
+async def _settled_once(cluster: Cluster, session: Session, killed: Replica) -> LeaseInfo:
+    """Another replica finishes the settlement; one transaction closed the escrow, the
+    provider holds exactly what the row says it was paid, the books balance."""
+    await cluster.wait_link_holder(session.host.pubkey, RELINK_WITHIN, other_than=killed)
+    info = await _settled(cluster, session.user, session.lease, SETTLE_WITHIN)
+    took = time.monotonic() - (killed.killed_at or 0.0)
+    log.warning("settled by another replica %.2f s after the kill", took)
+    rows = await cluster.query(
+        "SELECT state, signature, claimed_by FROM settlements WHERE lease_id = $1",
+        session.lease,
+    )
+    assert len(rows) == 1 and rows[0]["state"] == "done" and rows[0]["claimed_by"] is None
+    assert info.billing is not None and info.billing.settlement is not None
+    assert rows[0]["signature"] == info.billing.settlement.signature
+    chain = session.chain
+    paid = await _books_balance(chain, session.terms, session.before, info, session.setup)
+    assert await chain.escrow.wsol_balance(session.terms.provider) == paid
+    assert info.billing.billed_seconds >= 1 and paid == info.billing.spent_lamports
+    return info
+
+
+async def test_killed_holding_a_settlement_claim_another_replica_settles_it_once(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    async with _session(cluster, tmp_path) as session:
+        host = session.host
+        # Frozen, the provider cannot co-sign: the replica settling its lease holds the
+        # claim while it waits for the signature.
+        host.proc.send_signal(signal.SIGSTOP)
+        try:
+            await _end_elsewhere(cluster, session)
+            claimant, noted = await _claim(cluster, session.lease, 10)
+            assert claimant is session.holder and noted is None
+            claimant.kill()
+        finally:
+            host.proc.send_signal(signal.SIGCONT)
+        log.warning("replica %s killed holding the claim of %s", claimant.name, session.lease)
+        await _settled_once(cluster, session, claimant)
+
+
+async def test_killed_after_sending_its_settlement_another_replica_records_it_paid_once(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # The replica co-signed and sent the settlement; the transaction reaches the ledger only
+    # after the replica died. The replica that takes the claim over must find the escrow
+    # closed by the transaction the row noted, and record that payment: not pay again, not
+    # call the escrow lost.
+    async with _session(cluster, tmp_path) as session:
+        gate = cluster.gate
+        gate.hold()
+        try:
+            await _end_elsewhere(cluster, session)
+            assert await asyncio.to_thread(gate.held.wait, 20), "no settlement was sent"
+            claimant, noted = await _claim(cluster, session.lease, 10)
+            assert claimant is session.holder and noted is not None
+            claimant.kill()
+            gate.release(forward=True)
+            assert await asyncio.to_thread(gate.forwarded.wait, 20)
+        finally:
+            gate.release(forward=False)
+        log.warning("replica %s killed, its settlement %s landed after", claimant.name, noted)
+        info = await _settled_once(cluster, session, claimant)
+        assert info.billing is not None and info.billing.settlement is not None
+        assert info.billing.settlement.signature == noted, "the transaction that landed"
 
 
 # -- mid-relay --------------------------------------------------------------------------------
