@@ -179,3 +179,34 @@ async def test_within_10_s_of_a_drop_the_link_tries_at_least_every_second(
     await start_coordinator(listen=replica.url.removeprefix("http://"))
     await asyncio.wait_for(link.wait_linked(2), RELINK_BUDGET_S - 6.5)
     assert time.monotonic() - dropped_at < RELINK_BUDGET_S
+
+
+async def test_every_replica_must_present_the_pinned_key(
+    start_coordinator: CoordinatorStarter, make_host: HostFactory, tmp_path: Path
+) -> None:
+    """A listed URL whose coordinator holds another key is refused, however the list is
+    ordered: the key the first welcome pinned (or coordinator_pubkey) is insisted on at
+    every replica, so one wrong entry cannot take the provider over."""
+    replica = await start_coordinator()
+    stranger = await start_coordinator(data_dir=str(tmp_path / "another-coordinator"))
+    assert replica.keypair is not None
+    host = await make_host(
+        coordinator_url=f"{stranger.url},{replica.url}",
+        coordinator_pubkey=str(replica.keypair.pubkey()),
+        keypair_path=str(write_keypair(Keypair(), tmp_path / "host.json")),
+        benchmark=False,
+        allow=[],
+    )
+    link = host.coordinator_link
+    assert link is not None
+    await asyncio.wait_for(link.wait_linked(), DEFAULT_TIMEOUT)
+    assert link.url.startswith(replica.url.replace("http://", "ws://"))
+    await replica.shutdown()  # only the stranger is left
+    await asyncio.wait_for(
+        link.wait_for(lambda: "presents coordinator key" in (link.last_error or "")),
+        DEFAULT_TIMEOUT,
+    )
+    assert not link.linked.is_set() and link.links == 1
+    assert link.coordinator == replica.keypair.pubkey()
+    assert stranger.registry is not None and host.host_keypair is not None
+    assert stranger.registry.provider(str(host.host_keypair.pubkey())) is None
