@@ -326,15 +326,19 @@ class GpuChallenges:
                 if self._link(pubkey) is not link:
                     return None  # the link dropped (or was replaced): no verdict
                 return False, f"too slow: no commitment within {latest:.2f} s (n = {n})", None
+            # The link's round trip is the provider's due for the upper bound, not for the
+            # lower: a stale or inflated measure (taken under load) must not make an honest,
+            # quick answer look "faster than any" card, so that bound sees the whole time.
+            elapsed = loop.time() - sent
             hop = (self.registry.relay_hop_ms(pubkey) or 0.0) / 1000.0
-            seconds = max(0.0, loop.time() - sent - hop)
+            seconds = max(0.0, elapsed - hop)
             if isinstance(answer, GpuRefused):
                 await _settle(prepared)
                 if answer.code == "busy":
                     return None
                 return False, f"the provider could not run the challenge: {answer.reason}", None
             assert isinstance(answer, GpuCommitment)
-            problem = self._judge_commitment(answer, gpu, simulated, seconds, earliest, n)
+            problem = self._judge_commitment(answer, gpu, simulated, elapsed, earliest, n)
             if problem is not None:
                 await _settle(prepared)
                 return False, problem, seconds

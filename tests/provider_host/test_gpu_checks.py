@@ -229,6 +229,20 @@ async def test_a_provider_too_slow_for_its_model_is_listed_unverified_then_delis
     assert (await offer_rows(coordinator))[(key, "RTX 4090")]["verified"] is True
 
 
+async def test_a_quick_honest_answer_passes_whatever_the_links_round_trip_measured(
+    coordinator: CoordinatorServer, market_host: HostFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The round trip the link measured last (here 5 s: one taken while the machine was
+    # loaded) is taken off the time for the upper bound only; the lower bound ("faster than
+    # any card of the model") sees the whole time, so a small product answered at once passes.
+    assert coordinator.registry is not None
+    monkeypatch.setattr(coordinator.registry, "relay_hop_ms", lambda pubkey: 5000.0)
+    host = await market_host(simulate_gpu=["RTX 4090:24"])
+    await judged(coordinator, 1)
+    verdict = checks_of(coordinator).verdict(pubkey(host), "RTX 4090")
+    assert verdict.ok is True, verdict.reason
+
+
 def test_the_host_finds_the_drivers_listing_of_nvmls_bus_id(tmp_path: Path) -> None:
     listing = tmp_path / "0000:01:00.0"
     listing.mkdir()
