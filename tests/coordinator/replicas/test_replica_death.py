@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from jupyter_client.manager import AsyncKernelManager
@@ -341,8 +342,16 @@ async def test_killed_mid_relay_the_tunnel_resumes_through_another_relay_losing_
         log.warning("relay %s killed mid-cell: the cell ended %.2f s later", relay.name, took)
         assert ex.status == "ok"
         assert ex.stream() == "".join(f"{i}\n" for i in range(COUNT)), "lost or repeated"
+        # It resumed through another replica's relay: the same path on a live replica.
+        assert prov.tunnel is not None
+        moved_to = cluster.replica_at(prov.tunnel.url)
+        assert moved_to is not relay and moved_to.alive
+        assert urlsplit(prov.tunnel.url).path == urlsplit(grant.tunnel_url).path
         assert (await Cells.run(kc, "print(n + 1)", timeout=30)).stream() == "42\n"
         assert prov.lease.grant.lease == grant.lease
         assert not prov._failover.done, "a relay's death is no provider's loss"
     finally:
         kc.stop_channels()
+    stopping = time.monotonic()
+    await asyncio.wait_for(km.shutdown_kernel(), 30)
+    log.warning("shutdown after the relay moved: %.2f s", time.monotonic() - stopping)
