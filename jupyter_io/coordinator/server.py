@@ -394,7 +394,8 @@ class CoordinatorServer:
             if config.db.startswith("postgres"):
                 self.log.warning(
                     "the embedded ledger runs in this coordinator process: replicas sharing "
-                    "the database must share a real ledger instead (set solana_url)"
+                    "the database must share one ledger instead: --solana-url a cluster's RPC, "
+                    "or one `jupyter io ledger` for a local or test deployment"
                 )
             assert self.store is not None, "the store opens before the ledger"
             # In the coordinator's own database: one file (or server) to back up, and a
