@@ -76,7 +76,9 @@ async def test_a_notebook_reads_data_and_pulls_its_model(
             execute = _message("execute_request", {"code": code, "silent": False}, session)
             await ws.send(_encode(execute, "shell"))
             out = ""
-            while True:
+            replied = idle = False
+            # The reply (shell) and the output (iopub) travel apart: both, up to idle.
+            while not (replied and idle):
                 channel, msg = _decode(await asyncio.wait_for(ws.recv(), 60))
                 if msg["parent_header"].get("msg_id") != execute["header"]["msg_id"]:
                     continue
@@ -84,7 +86,9 @@ async def test_a_notebook_reads_data_and_pulls_its_model(
                     out += msg["content"]["text"]
                 if channel == "shell":
                     assert msg["content"]["status"] == "ok", msg["content"]
-                    break
+                    replied = True
+                if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                    idle = True
         assert out == "1,2\n"
 
         # 5000 bytes is over this kernelspec's files_pull_max_size: held back, listed.
