@@ -378,6 +378,9 @@ class NotebookFiles:
         else:
             for path in transfer.written:
                 self.held_back.pop(path, None)
+            # A file both ends changed came back too, beside the local copy: not held back.
+            for path, _ in transfer.conflicts:
+                self.held_back.pop(path, None)
         if transfer.written or transfer.conflicts:
             self.log.info(
                 "jupyter-io: from the kernel: %s%s",

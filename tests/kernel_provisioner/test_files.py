@@ -381,3 +381,34 @@ async def test_a_pull_takes_only_what_it_asked_for(
     [(path, why)] = transfer.refused
     assert path == offered and refusal in why and transfer.bytes == 0
     assert not (nb / offered).exists() or offered == "notebook.ipynb"
+
+
+async def test_a_pulled_file_in_conflict_is_no_longer_held_back(
+    kernelspecs: Any, provider_host: Any, managers: Any, cells: Any, tmp_path: Path
+) -> None:
+    nb = _notebook_dir(tmp_path)
+    spec = kernelspecs.install(
+        "io-remote-held-conflict",
+        provider_host.url,
+        provider_host.user_keypair_path,
+        files_pull_max_size=1000,
+    )
+    km = await _start(spec, nb, managers)
+    files = _files(km)
+    kc = await cells.connect(km)
+    try:
+        # The kernel rewrites data.csv past files_pull_max_size: held back, not pulled.
+        ex = await cells.run(kc, "open('data.csv', 'w').write('r' * 5000)")
+        assert ex.status == "ok", ex.reply
+        assert await files.wait_for(lambda: "data.csv" in files.held_back, 10)
+        # The user saves it here too; pulled by name, both copies are kept, and it is
+        # no longer listed as waiting on the provider.
+        (nb / "data.csv").write_text("local\n")
+        transfer = await files.pull(["data.csv"], timeout=30)
+        assert transfer.conflicts == [("data.csv", "data.remote-conflict.csv")]
+        assert (nb / "data.remote-conflict.csv").read_text() == "r" * 5000
+        assert (nb / "data.csv").read_text() == "local\n"
+        assert "data.csv" not in files.held_back
+        assert files.status()["held_back"] == []
+    finally:
+        kc.stop_channels()
