@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import cast
 
@@ -21,7 +22,7 @@ from jupyter_io.coordinator.registry import Registry
 from jupyter_io.coordinator.replicas import ReplicaService
 from jupyter_io.coordinator.scheduler import OfferIndex
 from jupyter_io.coordinator.server import CoordinatorServer
-from jupyter_io.coordinator.store import Store
+from jupyter_io.coordinator.store import OfferSpec, ProviderProfile, Store
 from jupyter_io.coordinator_client import CoordinatorClient
 
 from .conftest import WAIT, FakeProvider, Starter, gpu_offer
@@ -33,6 +34,7 @@ pytestmark = [
 
 #: Every replica-to-replica effect here must take less than this (the feed runs every 0.2 s).
 SOON = 2.0
+SECOND = timedelta(seconds=1)
 
 
 async def replicas(
@@ -182,5 +184,31 @@ async def test_the_feed_reads_again_a_change_committed_after_a_later_one(
         clock[0] = 7.0
         await feed.poll()  # given up on after hole_timeout
         assert feed.holes == {}
+    finally:
+        await store.close()
+
+
+async def test_every_write_a_scheduler_sees_feeds_the_feed_and_heartbeat_flushes_do_not(
+    store_url: str,
+) -> None:
+    store = await Store.open(store_url)
+    try:
+        pubkey = str(Keypair().pubkey())
+        feed = store.replicas
+
+        async def named() -> list[str]:
+            return [change.pubkey for change in await feed.changes_since(0)]
+
+        await store.upsert_provider(ProviderProfile(pubkey), replica_id="r-1")
+        await store.replace_offers(pubkey, [OfferSpec("RTX 4090", 1, 1, 100)])
+        written = len(await named())
+        assert written >= 2 and set(await named()) == {pubkey}
+        for beat in range(1, 4):
+            await store.record_heartbeats({pubkey: datetime.now(timezone.utc) + beat * SECOND})
+        assert len(await named()) == written  # flushes never feed it
+        await store.mark_provider_lost(pubkey)
+        assert len(await named()) == written + 1
+        record = await store.get_provider(pubkey)
+        assert record is not None and record.replica_id is None  # lost: linked nowhere
     finally:
         await store.close()
