@@ -35,6 +35,10 @@ CONTRACTS = (
     "jupyter_io.leases",
     "jupyter_io.queue_tickets",
     "jupyter_io.gpu_challenge",
+    "jupyter_io.coordinator_urls",
+    "jupyter_io.cohorts",
+    "jupyter_io.files",
+    "jupyter_io.ping",
 )
 #: What a contract may import besides the standard library: its own package's error tree
 #: and the other contracts, solders (keys and signatures) and numpy (pure arithmetic: the
