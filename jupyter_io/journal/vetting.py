@@ -18,9 +18,12 @@ objects whose every imported name is a data constructor on :data:`ALLOWED_GLOBAL
   before it cannot be read statically and is refused; so are the extension registry
   (``EXT1/2/4``) and persistent ids outside torch's archive.
 
+A tensor inside a container is pickled by torch with its storage as
+``torch.storage._load_from_bytes(<a nested archive>)``: the loader is allowed only when called
+on a bytes constant, which is then read the same way (:func:`_vet_storage`).
+
 Anything else (a function or class defined in the notebook, which cloudpickle carries by
-value; a tensor inside a container, whose storage torch pickles as a nested legacy archive;
-an object of any other library) is *not restored*: :func:`vet` says which name stopped it,
+value; an object of any other library) is *not restored*: :func:`vet` says which name stopped it,
 and the failover notice offers to re-run the cell that made it. Allowing a name is a promise
 that calling it with any arguments, or setting any state on what it returns, runs no code
 but that of allowed names; add names with that in mind.
@@ -33,7 +36,7 @@ import io
 import pickletools
 import re
 import zipfile
-from typing import Any
+from typing import IO, Any
 
 __all__ = ["ALLOWED_GLOBALS", "TORCH_GLOBALS", "pickle_globals", "vet"]
 
@@ -174,8 +177,11 @@ TORCH_GLOBALS = frozenset(
         "collections.OrderedDict",
     }
 )
-#: The names a journal object's pickle may import without being held back.
-ALLOWED_GLOBALS = frozenset(_BUILTINS | _STDLIB | _NUMPY | _PANDAS | TORCH_GLOBALS)
+#: The names a journal object's pickle may import without being held back (torch's storage
+#: loader only as :func:`_scan` lets it be used: on a bytes constant read the same way).
+ALLOWED_GLOBALS = frozenset(
+    _BUILTINS | _STDLIB | _NUMPY | _PANDAS | TORCH_GLOBALS | {"torch.storage._load_from_bytes"}
+)
 
 _STRINGS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE"} | {
     "BINUNICODE",
@@ -194,36 +200,70 @@ class _Refused(Exception):
     pass
 
 
-def pickle_globals(data: bytes, *, persistent_ids: bool = False) -> list[str]:
+def pickle_globals(data: bytes | IO[bytes], *, persistent_ids: bool = False) -> list[str]:
     """The ``module.name`` of every global ``data``'s pickle imports, in order, read from
     its opcodes (nothing is unpickled). Raises ValueError for what cannot be read
     statically: a ``STACK_GLOBAL`` whose names are not constants pushed just before it, the
     extension registry, persistent ids (unless ``persistent_ids``: torch's archive),
-    or a malformed pickle."""
+    ``torch.storage._load_from_bytes`` called other than on a bytes constant, or a
+    malformed pickle. A file is read up to its pickle's ``STOP``."""
+    return _scan(data, persistent_ids)[0]
+
+
+class _Global:
+    """A global the pickle pushed (kept to follow torch's storage loader)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+_LOADER = "torch.storage._load_from_bytes"
+_BYTES = {"SHORT_BINBYTES", "BINBYTES", "BINBYTES8"}
+
+
+def _scan(
+    data: bytes | IO[bytes], persistent_ids: bool, frames: bool = True
+) -> tuple[list[str], list[bytes]]:
+    """``(globals imported, payloads torch's storage loader is called on)``. Without
+    ``frames`` a ``FRAME`` is refused (in a file of several pickles an unpickler reads a
+    whole frame, so a frame running past ``STOP`` would hide where the next pickle starts)."""
     names: list[str] = []
+    payloads: list[bytes] = []
     proto = 0  # below 3 the unpickler renames Python 2 imports (fix_imports), as here
     memo: dict[int, Any] = {}
     # Values of the ops since the last one that did more than push one value: the stack's
-    # top entries as far as they are known (a str, or None for anything else).
+    # top entries as far as they are known (a str, a _Global, bytes, or None for the rest).
     pushed: list[Any] = []
+    # After the loader is pushed the only ops allowed are a bytes constant, TUPLE1, REDUCE:
+    # it is called on those bytes, which are then read the same way (_vet_storage).
+    expect: str | None = None
     try:
         for op, arg, _ in pickletools.genops(data):
             name = op.name
             if name == "PROTO":
                 proto = int(str(arg))
+            elif name == "FRAME" and not frames:
+                raise _Refused("a frame in a file of several pickles")
             if name in _NO_STACK_EFFECT:
                 continue
             if name == "MEMOIZE" or name in _MEMO_PUTS:
                 key = len(memo) if name == "MEMOIZE" else int(str(arg))
                 memo[key] = pushed[-1] if pushed else None
-            elif name in _STRINGS:
+                continue
+            if expect is not None:
+                if expect != name and not (expect == "BYTES" and name in _BYTES):
+                    raise _Refused(f"{_LOADER} on anything but a bytes constant")
+                if name in _BYTES:
+                    payloads.append(bytes(arg))  # type: ignore[arg-type]
+                expect = {"BYTES": "TUPLE1", "TUPLE1": "REDUCE"}.get(expect)
+            if name in _STRINGS:
                 pushed.append(str(arg))
             elif name in _MEMO_GETS:
                 pushed.append(memo.get(int(str(arg))))
             elif name in ("GLOBAL", "INST"):
                 module, _, attr = str(arg).partition(" ")
                 names.append(_imported(module, attr, proto))
-                pushed = [*pushed, None] if name == "GLOBAL" else []
+                pushed = [*pushed, _Global(names[-1])] if name == "GLOBAL" else []
             elif name == "MARK":
                 pushed = []  # the unpickler starts a new stack above the mark
             elif name == "STACK_GLOBAL":
@@ -231,7 +271,7 @@ def pickle_globals(data: bytes, *, persistent_ids: bool = False) -> list[str]:
                 if not isinstance(pair[0], str) or not isinstance(pair[1], str):
                     raise _Refused("an import whose name is computed")
                 names.append(_imported(pair[0], pair[1], proto))
-                pushed = [None]
+                pushed = [_Global(names[-1])]
             elif name in ("EXT1", "EXT2", "EXT4"):
                 raise _Refused("the pickle extension registry")
             elif name in ("PERSID", "BINPERSID") and not persistent_ids:
@@ -240,11 +280,15 @@ def pickle_globals(data: bytes, *, persistent_ids: bool = False) -> list[str]:
                 pushed.append(None)  # a constant or an empty container
             else:
                 pushed = []
+            if pushed and isinstance(pushed[-1], _Global) and pushed[-1].name == _LOADER:
+                expect = "BYTES"
+        if expect is not None:
+            raise _Refused(f"{_LOADER} left uncalled")
     except _Refused as exc:
         raise ValueError(str(exc)) from None
     except Exception as exc:  # genops: truncated or unknown opcodes
         raise ValueError(f"not a readable pickle ({exc})") from None
-    return names
+    return names, payloads
 
 
 def _imported(module: str, attr: str, proto: int) -> str:
@@ -266,16 +310,48 @@ def _first_refused(names: list[str], allowed: frozenset[str]) -> str | None:
     return None
 
 
-def _vet_pickle(data: bytes) -> str | None:
+def _vet_pickled(
+    data: bytes | IO[bytes],
+    allowed: frozenset[str],
+    *,
+    persistent_ids: bool = False,
+    frames: bool = True,
+    depth: int = 0,
+) -> str | None:
     try:
-        names = pickle_globals(data)
+        names, payloads = _scan(data, persistent_ids, frames)
     except ValueError as exc:
         return f"the previous provider's pickle uses {exc}"
-    refused = _first_refused(names, ALLOWED_GLOBALS)
-    return None if refused is None else f"the previous provider's pickle references {refused}"
+    refused = _first_refused(names, allowed)
+    if refused is not None:
+        return f"the previous provider's pickle references {refused}"
+    for payload in payloads:
+        why = _vet_storage(payload, depth + 1)
+        if why is not None:
+            return why
+    return None
 
 
-def _vet_torch(data: bytes) -> str | None:
+def _vet_storage(payload: bytes, depth: int) -> str | None:
+    """What ``torch.storage._load_from_bytes`` loads (``torch.load`` of the bytes, not
+    weights-only): a torch archive, or the legacy format: five pickles in a row (magic
+    number, protocol, system information, the storage with its persistent id, the storage
+    keys), then raw data. How torch pickles a tensor inside a container."""
+    if depth > 1:
+        return f"the previous provider's pickle nests {_LOADER}"
+    if payload.startswith(b"PK\x03\x04"):
+        return _vet_torch(payload, depth)
+    stream = io.BytesIO(payload)
+    for index in range(5):
+        why = _vet_pickled(
+            stream, TORCH_GLOBALS, persistent_ids=index == 3, frames=False, depth=depth
+        )
+        if why is not None:
+            return why
+    return None
+
+
+def _vet_torch(data: bytes, depth: int = 0) -> str | None:
     if not data.startswith(b"PK\x03\x04"):  # torch.load reads anything else as legacy pickles
         return "the previous provider's tensor is not a torch archive"
     try:
@@ -291,12 +367,7 @@ def _vet_torch(data: bytes) -> str | None:
             pickled = archive.read(f"{prefix}/data.pkl")
     except (zipfile.BadZipFile, KeyError, OSError, EOFError) as exc:
         return f"the previous provider's tensor is not a torch archive ({exc})"
-    try:
-        names = pickle_globals(pickled, persistent_ids=True)
-    except ValueError as exc:
-        return f"the previous provider's tensor pickle uses {exc}"
-    refused = _first_refused(names, TORCH_GLOBALS)
-    return None if refused is None else f"the previous provider's pickle references {refused}"
+    return _vet_pickled(pickled, TORCH_GLOBALS, persistent_ids=True, depth=depth)
 
 
 def vet(kind: str, data: bytes) -> str | None:
@@ -310,5 +381,5 @@ def vet(kind: str, data: bytes) -> str | None:
     if kind == "torch":
         return _vet_torch(data)
     if kind == "pickle":
-        return _vet_pickle(data)
+        return _vet_pickled(data, ALLOWED_GLOBALS)
     return f"the previous provider's object is of an unknown kind {kind!r}"

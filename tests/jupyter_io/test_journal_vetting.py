@@ -140,9 +140,20 @@ def test_tensors_in_the_journals_format_pass_and_forged_archives_do_not() -> Non
         forged = _torch_archive({**records, f"{prefix}/{extra}": b""})
         assert f"holds '{prefix}/{extra}'" in (vet("torch", forged) or "")
     assert "not a torch archive" in (vet("torch", evil) or "")
-    # A tensor inside a container is pickled by torch as a nested legacy archive: held back.
-    saved = serialise({"w": torch.ones(2)})
-    assert "torch.storage._load_from_bytes" in (vet(saved.kind, saved.data) or "")
+    # A tensor inside a container is pickled with its storage as a nested legacy archive
+    # (torch.storage._load_from_bytes on bytes): read the same way, it passes...
+    saved = serialise({"w": torch.ones(2), "b": [torch.arange(3)[1:]]})
+    assert saved.kind == "pickle" and vet(saved.kind, saved.data) is None
+    # ...and a forged one is held back, as is the loader called on anything but a constant.
+    legacy = b"".join(
+        pickle.dumps(part, protocol=2) for part in (1, 1001, {}, _Call(os.system, "true"), [])
+    )
+    nested = pickle.dumps({"w": _Call(torch.storage._load_from_bytes, legacy)}, protocol=5)
+    assert vet("pickle", nested) == (
+        f"the previous provider's pickle references {os.system.__module__}.system"
+    )
+    built = pickle.dumps(_Call(torch.storage._load_from_bytes, bytearray(legacy)), protocol=5)
+    assert "on anything but a bytes constant" in (vet("pickle", built) or "")
 
 
 def test_numpy_objects_must_be_npy_arrays() -> None:

@@ -5,8 +5,9 @@ Before a failover pushes them into a kernel on another provider, the user's side
 pickle's imports without unpickling it and holds back every object that names anything but
 data constructors (:mod:`jupyter_io.journal.vetting`): a forged object whose pickle would
 call ``os.system`` is not restored and its command never runs; plain data (dicts of lists,
-numpy arrays, tensors) comes back; a function defined in the notebook is reported with its
-cell, to be re-run. Real provider hosts, real ipykernels, the provisioner's file channel.
+numpy arrays, tensors, tensors inside a dict) comes back; a function defined in the notebook
+is reported with its cell, to be re-run. Real provider hosts, real ipykernels, the
+provisioner's file channel.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from kernel_provisioner.provisioner import RemoteKernelProvisioner
 
 CELLS = [
     "import numpy as np, torch\nd = {'a': [1, 2], 'b': ['x']}",
-    "a = np.arange(1_000, dtype=np.float32)\nt = torch.arange(6.0).reshape(2, 3)",
+    "a = np.arange(1_000, dtype=np.float32)\nt = torch.arange(6.0).reshape(2, 3)\n"
+    "sd = {'w': t[0], 'b': [torch.ones(2)]}",
     "def f(x):\n    return x + 1",
 ]
-CHECK = "print(d, float(a.sum()), t.tolist())"
+CHECK = "print(d, float(a.sum()), t.tolist(), sd['w'].tolist(), sd['b'][0].tolist())"
 
 
 class _Forged:
@@ -76,7 +78,7 @@ async def test_a_forged_journal_object_is_not_restored_and_its_code_never_runs(
             await _run(cells, kc, code)
         expected = (await _run(cells, kc, CHECK)).stream()
         manifest = await journal.sync(60)
-        assert manifest is not None and set(manifest.vars) == {"a", "d", "f", "t"}
+        assert manifest is not None and set(manifest.vars) == {"a", "d", "f", "sd", "t"}
         assert manifest.vars["f"]["cell"] == 3
     finally:
         kc.stop_channels()
@@ -89,7 +91,7 @@ async def test_a_forged_journal_object_is_not_restored_and_its_code_never_runs(
         result = await restore(_journal(km2), kc2, source=journal.directory, timeout=60)
         marker = "import os\nprint(os.path.exists(os.path.expanduser('~/pwned-by-the-journal')))"
         assert (await _run(cells, kc2, marker)).stream() == "False\n"
-        assert result.restored == ["a", "d", "t"]
+        assert result.restored == ["a", "d", "sd", "t"]
         missing = {m["name"]: m for m in result.missing}
         assert set(missing) == {"evil", "f"}
         assert missing["evil"]["why"] == (
