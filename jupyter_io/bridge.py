@@ -156,6 +156,10 @@ class Bridge:
         self._ack_wanted = asyncio.Event()
         self._latest: Connection | None = None
         self._high_water = tunnel.max_unacked_bytes // 2
+        #: Loop time of the last kernel message (a DATA frame of any channel but the
+        #: heartbeat's) sent or received: bulk senders keep out of its way
+        #: (:meth:`kernel_quiet`).
+        self.kernel_at = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -255,6 +259,13 @@ class Bridge:
             except ConnectionClosed:
                 self.detach(ws)
 
+    def kernel_quiet(self, seconds: float) -> bool:
+        """True when no kernel message (heartbeats aside) went either way in the last
+        ``seconds``: a bulk sender may then use its whole window, and otherwise keeps to
+        the least it needs so that the kernel's messages find the tunnel and both ends'
+        CPUs free."""
+        return asyncio.get_running_loop().time() - self.kernel_at >= seconds
+
     async def wait_window(self, limit: int) -> None:
         """Return once at most ``limit`` bytes of sent frames await acknowledgement: a bulk
         sender keeps at most that much queued ahead of the kernel's next message."""
@@ -283,6 +294,8 @@ class Bridge:
         events: Callable[[int], int] = raw.getsockopt  # type: ignore[assignment]
         gate = self.gates.get(channel)
         held: list[bytes] | None = None
+        loop = asyncio.get_running_loop()
+        kernel = channel is not Channel.HB
         try:
             while True:
                 if held is None:
@@ -294,6 +307,8 @@ class Bridge:
                     parts, held = held, None
                 burst = [send_data(channel, parts)]
                 size = len(burst[0])
+                if kernel:
+                    self.kernel_at = loop.time()
                 # EVENTS before each recv: a message-less socket costs no zmq.Again raised.
                 while (
                     len(burst) < _BURST and size < _BURST_BYTES and events(zmq.EVENTS) & zmq.POLLIN
@@ -343,6 +358,7 @@ class Bridge:
         receive = self.tunnel.receive
         tunnel = self.tunnel
         inbound = self.inbound
+        loop = asyncio.get_running_loop()
         try:
             async for message in ws:
                 if isinstance(message, str):
@@ -357,6 +373,8 @@ class Bridge:
                 if frame is None:
                     continue
                 if frame.kind is FrameKind.DATA:
+                    if frame.channel is not Channel.HB:
+                        self.kernel_at = loop.time()
                     sock = inbound.get(frame.channel)
                     if sock is None:
                         raise ProtocolError(f"no {frame.channel.name} channel in this direction")

@@ -16,9 +16,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
+import re
 import secrets
 import stat
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -35,6 +39,8 @@ __all__ = [
     "scan",
 ]
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_HASHES_VERSION = 2
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ = CHUNK_SIZE
 
@@ -102,10 +108,50 @@ def open_beneath(root: str, path: str) -> tuple[int, os.stat_result]:
     return fd, info
 
 
+#: Files of at least this many bytes are hashed by several threads, each its own stripe of
+#: chunks (sha256 and pread release the GIL): the digests are per chunk, so the stripes are
+#: independent and the result is the same as one pass.
+_PARALLEL_BYTES = 16 * CHUNK_SIZE
+_HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _hash_chunks(fd: int, first: int, last: int, out: list[bytes]) -> None:
+    """sha256 of chunks ``first``..``last - 1`` of ``fd`` into ``out`` (same indices)."""
+    for index in range(first, last):
+        block = os.pread(fd, CHUNK_SIZE, index * CHUNK_SIZE)
+        out[index] = hashlib.sha256(block).digest()
+
+
 def hash_fd(fd: int) -> tuple[str, list[bytes]]:
     """The :func:`~jupyter_io.files.content_hash` of everything in ``fd`` from offset 0, and
-    its chunks' sha256 digests."""
-    digests: list[bytes] = []
+    its chunks' sha256 digests. A large file is hashed by up to four threads at once."""
+    size = os.fstat(fd).st_size
+    if size >= _PARALLEL_BYTES and _HASH_THREADS > 1:
+        count = -(-size // CHUNK_SIZE)
+        digests = [b""] * count
+        bounds = [count * i // _HASH_THREADS for i in range(_HASH_THREADS + 1)]
+        failures: list[BaseException] = []
+
+        def stripe(i: int) -> None:
+            try:
+                _hash_chunks(fd, bounds[i], bounds[i + 1], digests)
+            except BaseException as exc:  # re-raised below, in the caller's thread
+                failures.append(exc)
+
+        workers = [
+            threading.Thread(target=stripe, args=(i,), daemon=True) for i in range(1, _HASH_THREADS)
+        ]
+        for worker in workers:
+            worker.start()
+        stripe(0)
+        for worker in workers:
+            worker.join()
+        if failures:
+            raise failures[0]
+        if os.fstat(fd).st_size == size:
+            return content_hash(digests), digests
+        # The file changed size meanwhile: hash what it holds now, in one pass.
+    digests = []
     offset = 0
     while True:
         block = os.pread(fd, CHUNK_SIZE, offset)
@@ -134,14 +180,16 @@ def copy_fd(source: int, target: int, size: int) -> None:
 def place(
     root: str,
     path: str,
-    source: int | bytes,
+    source: int | bytes | str,
     size: int,
     mode: int,
     *,
     owner: tuple[int, int] | None = None,
 ) -> os.stat_result:
     """Write ``size`` bytes of ``source`` (a descriptor, read from offset 0, or the bytes
-    themselves) as ``path`` beneath ``root``; return its stat.
+    themselves) as ``path`` beneath ``root``; return its stat. A ``str`` source is the
+    absolute path of a file of ``size`` bytes that is *moved* there (renamed: no copy; it
+    must be on the same filesystem, else :class:`OSError` and nothing changed).
 
     The file is created beside its final name and renamed over it: a link planted under
     that name is replaced, never written through, and a reader never sees half a file.
@@ -155,14 +203,21 @@ def place(
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
                 raise UnsafePath(f"{path!r} is a directory here; the file is not written")
-        fd = os.open(
-            temp,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-            dir_fd=parent,
-        )
+        if isinstance(source, str):
+            os.rename(source, temp, dst_dir_fd=parent)
+            fd = os.open(temp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        else:
+            fd = os.open(
+                temp,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=parent,
+            )
         try:
-            if isinstance(source, int):
+            if isinstance(source, str):
+                if os.fstat(fd).st_size != size:
+                    raise OSError(f"{source} holds other than {size} bytes")
+            elif isinstance(source, int):
                 copy_fd(source, fd, size)
             else:
                 if len(source) != size:
@@ -177,6 +232,11 @@ def place(
         finally:
             os.close(fd)
         os.replace(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
+        # The rename changed its ctime: the stat a later scan compares with is this one.
+        with contextlib.suppress(OSError):
+            final = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            if final.st_ino == info.st_ino:
+                info = final
         return info
     except BaseException:
         with contextlib.suppress(OSError):
@@ -195,6 +255,8 @@ class Scanned:
     mode: int
     mtime_ns: int
     ino: int
+    #: Changes with any write, and no tool sets it back (unlike mtime).
+    ctime_ns: int = 0
 
 
 def scan(
@@ -236,28 +298,87 @@ def scan(
                 if refused is not None:
                     refused.append((rel, "has other hard links; not sent"))
                 continue
-            yield Scanned(rel, info.st_size, info.st_mode & 0o777, info.st_mtime_ns, info.st_ino)
+            yield Scanned(
+                rel,
+                info.st_size,
+                info.st_mode & 0o777,
+                info.st_mtime_ns,
+                info.st_ino,
+                info.st_ctime_ns,
+            )
 
 
 class HashCache:
     """Content hashes of files by path (and their chunk digests), recomputed only when
-    size, mtime or inode changed."""
+    size, mtime, inode or ctime changed."""
 
     def __init__(self) -> None:
-        self._known: dict[str, tuple[int, int, int, str, list[bytes] | None]] = {}
+        self._known: dict[str, tuple[int, int, int, int, str, list[bytes] | None]] = {}
+        #: True when something was hashed since the last :meth:`save` or :meth:`load`.
+        self.dirty = False
+
+    def save(self, path: str, *, settle_ns: int = 2_000_000_000) -> None:
+        """Keep the hashes in the file ``path`` (JSON, 0600, written beside it and renamed)
+        for a later :meth:`load`, e.g. by the next session of the same directory. Files
+        modified within ``settle_ns`` of now are left out: a change within the clock's
+        granularity keeps size and mtime alike ("racily clean", as git says)."""
+        horizon = time.time_ns() - settle_ns
+        files = {
+            name: [size, mtime, ino, ctime, sha]
+            for name, (size, mtime, ino, ctime, sha, _) in self._known.items()
+            if mtime < horizon and ctime < horizon
+        }
+        directory = os.path.dirname(path)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        temp = f"{path}.{secrets.token_hex(4)}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"version": _HASHES_VERSION, "files": files}, f, separators=(",", ":"))
+            os.replace(temp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        self.dirty = False
+
+    def load(self, path: str) -> int:
+        """Take the hashes :meth:`save` kept in ``path`` (what is malformed is skipped; a
+        missing or unreadable file gives none); the number taken. A hash is used only while
+        its file's size, mtime and inode are still those it was taken with."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                kept = json.load(f)
+            files = kept.get("files") if kept.get("version") == _HASHES_VERSION else None
+        except (OSError, ValueError, AttributeError):
+            return 0
+        taken = 0
+        for name, item in files.items() if isinstance(files, dict) else ():
+            if (
+                isinstance(item, list)
+                and len(item) == 5
+                and all(type(x) is int for x in item[:4])
+                and isinstance(item[4], str)
+                and _SHA256.fullmatch(item[4])
+                and name not in self._known
+            ):
+                self._known[name] = (item[0], item[1], item[2], item[3], item[4], None)
+                taken += 1
+        return taken
 
     def get(self, item: Scanned) -> str | None:
         known = self._known.get(item.path)
-        if known is not None and known[:3] == (item.size, item.mtime_ns, item.ino):
-            return known[3]
+        if known is not None and known[:4] == (item.size, item.mtime_ns, item.ino, item.ctime_ns):
+            return known[4]
         return None
 
     def digests(self, path: str, info: os.stat_result, sha: str) -> list[bytes] | None:
         """The chunk digests of ``path`` as hashed, if it is still that file with ``sha``."""
         known = self._known.get(path)
-        if known is None or known[:4] != (info.st_size, info.st_mtime_ns, info.st_ino, sha):
+        key = (info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns, sha)
+        if known is None or known[:5] != key:
             return None
-        return known[4]
+        return known[5]
 
     def put(
         self,
@@ -266,10 +387,18 @@ class HashCache:
         sha: str,
         digests: list[bytes] | None = None,
     ) -> None:
+        self.dirty = True
         if isinstance(info, Scanned):
-            self._known[path] = (info.size, info.mtime_ns, info.ino, sha, digests)
+            self._known[path] = (info.size, info.mtime_ns, info.ino, info.ctime_ns, sha, digests)
         else:
-            self._known[path] = (info.st_size, info.st_mtime_ns, info.st_ino, sha, digests)
+            self._known[path] = (
+                info.st_size,
+                info.st_mtime_ns,
+                info.st_ino,
+                info.st_ctime_ns,
+                sha,
+                digests,
+            )
 
     def hash(self, root: str, item: Scanned) -> str:
         """The file's sha256 (cached); :class:`UnsafePath`/:class:`OSError` as

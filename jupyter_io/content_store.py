@@ -141,6 +141,11 @@ class ContentStore:
         os.close(fd)
         os.replace(temp, final)
 
+    def path(self, sha: str) -> str:
+        """Where whole object ``sha`` lies (whether or not it is there): a caller that
+        moves it out takes it from the store."""
+        return str(self.objects / self._check(sha))
+
     def open(self, sha: str) -> int:
         """A read descriptor of whole object ``sha`` (marked used); FileNotFoundError."""
         path = self.objects / self._check(sha)

@@ -31,6 +31,7 @@ from .errors import JupyterIOError, ProtocolError
 from .files import (
     CHUNK_SIZE,
     DEFAULT_WINDOW,
+    Chunk,
     Done,
     FileEntry,
     Incoming,
@@ -62,6 +63,18 @@ _THREAD_BYTES = 256 * 1024
 #: does not wait behind the store's writes, and the event loop never waits for a file's
 #: creation.
 _SMALL_BUDGET = 32 * 1024 * 1024
+#: Objects at least this large may be moved into place (:attr:`FileEndpoint.move_large`).
+_MOVE_BYTES = 64 * 1024 * 1024
+#: A kernel message within this many seconds (either way) makes a transfer yield: it keeps
+#: at most one chunk unacknowledged instead of its window, so the kernel's messages never
+#: queue behind more than one chunk and the transfer's CPU (hashing, framing on both ends)
+#: leaves room for the kernel's round trip.
+KERNEL_QUIET = 0.25
+#: ... that is, it sends its next chunk once at most this much awaits acknowledgement (room
+#: for the kernel's own small frames, not for a chunk) ...
+_YIELD_WINDOW = 64 * 1024
+#: ... and at most this many bytes a second (:attr:`FileEndpoint.busy_rate`).
+BUSY_RATE = 32 * 1024 * 1024
 
 
 class TransferFailed(JupyterIOError):
@@ -162,7 +175,7 @@ class FileEndpoint:
         #: Transfers in progress (sent or received), by id.
         self.active: dict[str, Transfer] = {}
         # Chunks wait here for the worker; the sender's window (acks once stored) bounds it.
-        self._chunks: asyncio.Queue[Frame] = asyncio.Queue()
+        self._chunks: asyncio.Queue[tuple[Frame, asyncio.Future[Chunk] | None]] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._queued = 0
         self._drained = asyncio.Event()
@@ -170,6 +183,17 @@ class FileEndpoint:
         self._small: dict[str, bytes] = {}
         self._small_bytes = 0
         self._keeping: asyncio.Task[None] | None = None
+        self._placing = asyncio.Lock()
+        #: Place objects of :data:`_MOVE_BYTES` or more by moving them out of the store
+        #: rather than copying them (the notebook's side: its store is for resuming, and a
+        #: gigabyte's copy is a second of disk; the provider keeps its store whole, so a
+        #: second session re-sends nothing).
+        self.move_large = False
+        self._placements: set[asyncio.Task[None]] = set()
+        #: Bytes a second a transfer may send while the kernel is talking (see
+        #: :data:`KERNEL_QUIET`); at full speed once it has been quiet that long.
+        self.busy_rate = BUSY_RATE
+        self._paced_until = 0.0
 
     # -- frames from the other end ---------------------------------------------------------
 
@@ -179,7 +203,14 @@ class FileEndpoint:
         if frame.kind is FrameKind.FILE_CHUNK:
             # Stored by a worker, in order, while the tunnel goes on delivering the kernel's
             # messages that follow it (a kernel message never waits for a chunk's disk write).
-            self._chunks.put_nowait(frame)
+            parts = frame.parts
+            checking = None
+            if len(parts) == 2 and len(parts[1]) >= _THREAD_BYTES:
+                # Its hash is checked in a thread from now on, beside the chunks before it
+                # being written: checking and writing overlap (the worker takes them in order).
+                loop = asyncio.get_running_loop()
+                checking = loop.run_in_executor(None, decode_chunk, parts)
+            self._chunks.put_nowait((frame, checking))
             self._queued += len(frame.parts[-1]) if frame.parts else 0
             if self._worker is None or self._worker.done():
                 self._worker = asyncio.ensure_future(self._store_chunks())
@@ -248,7 +279,11 @@ class FileEndpoint:
         self.active[offer.id] = transfer
         await self.bridge.send_control(FrameKind.FILES, incoming.want().to_body())
         if incoming.complete:
-            await self._place_all(offer.id)
+            # Placed beside the tunnel, not on its path: the frames after this offer (a
+            # LAUNCH, the kernel's messages) go on while its files are written.
+            placing = asyncio.ensure_future(self._place_all(offer.id))
+            self._placements.add(placing)
+            placing.add_done_callback(self._placed)
 
     def _held(self, sha: str, size: int) -> int:
         data = self._small.get(sha)
@@ -258,9 +293,9 @@ class FileEndpoint:
 
     async def _store_chunks(self) -> None:
         while True:
-            frame = await self._chunks.get()
+            frame, checking = await self._chunks.get()
             try:
-                await self._on_chunk(frame)
+                await self._on_chunk(frame, checking)
             except ProtocolError as exc:  # a broken peer: its transfer times out there
                 self.log.warning("dropping a file chunk: %s", exc)
             except Exception:
@@ -281,14 +316,23 @@ class FileEndpoint:
         return self._queued
 
     async def flush(self) -> None:
-        """Return once every chunk received so far is stored (and its transfer answered)."""
+        """Return once every chunk received so far is stored, and every offer received so
+        far whose content was all here is placed (and its transfer answered)."""
         await self._chunks.join()
+        while self._placements:
+            await asyncio.wait(set(self._placements))
 
-    async def _on_chunk(self, frame: Frame) -> None:
+    def _placed(self, task: asyncio.Task[None]) -> None:
+        self._placements.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.warning("placing received files failed: %s", task.exception())
+
+    async def _on_chunk(self, frame: Frame, checking: asyncio.Future[Chunk] | None) -> None:
         parts = frame.parts
-        if len(parts) == 2 and len(parts[1]) >= _THREAD_BYTES:
-            # Hashed and written in a thread: the event loop goes on reading the websocket.
-            outcome = await asyncio.to_thread(self._take_chunk, parts)
+        if checking is not None:
+            # Checked, then written in a thread: the event loop goes on reading the websocket.
+            chunk = await checking
+            outcome = await asyncio.to_thread(self._take_chunk, parts, chunk)
         else:
             outcome = self._take_chunk(parts)
         if outcome is None:
@@ -306,12 +350,16 @@ class FileEndpoint:
         if incoming.complete:
             await self._place_all(ident)
 
-    def _take_chunk(self, parts: Any) -> tuple[str, Transfer, bool, str, str | None] | None:
+    def _take_chunk(
+        self, parts: Any, chunk: Chunk | None = None
+    ) -> tuple[str, Transfer, bool, str, str | None] | None:
         """Check and store one chunk: (transfer id, transfer, object whole in the store's
         partial objects?, object, why it failed or None); None for a transfer that already
         failed. A chunk whose bytes do not match its hash is a broken peer:
-        :class:`ProtocolError`. A small object whole in this chunk is kept in memory."""
-        chunk = decode_chunk(parts)
+        :class:`ProtocolError`. A small object whole in this chunk is kept in memory.
+        ``chunk``: ``parts`` already checked (:func:`~jupyter_io.files.decode_chunk`)."""
+        if chunk is None:
+            chunk = decode_chunk(parts)
         found = self._incoming.get(chunk.id)
         if found is None:
             return None  # a transfer already failed; its remaining chunks are dropped
@@ -343,7 +391,8 @@ class FileEndpoint:
     async def _place_all(self, ident: str) -> None:
         incoming, transfer, _ = self._incoming.pop(ident)
         offer = incoming.offer
-        await asyncio.to_thread(self._place_sync, offer.files, transfer)
+        async with self._placing:  # one transfer's files at a time, in arrival order
+            await asyncio.to_thread(self._place_sync, offer.files, transfer)
         self.store.evict(keep=frozenset(e.sha256 for e in offer.files))
         done = Done(
             ident,
@@ -384,9 +433,14 @@ class FileEndpoint:
                 self.log.warning("not keeping %s in the file store: %s", sha[:12], exc)
 
     def _place_sync(self, files: Iterable[FileEntry], transfer: Transfer) -> None:
+        files = list(files)
+        uses: dict[str, int] = {}
+        for entry in files:
+            uses[entry.sha256] = uses.get(entry.sha256, 0) + 1
         for entry in files:
             try:
-                self._place_one(entry, transfer)
+                movable = self.move_large and uses[entry.sha256] == 1
+                self._place_one(entry, transfer, movable)
             except (UnsafePath, OSError) as exc:
                 self.log.warning("not writing %s: %s", entry.path, exc)
                 transfer.refused.append((entry.path, str(exc)))
@@ -398,7 +452,9 @@ class FileEndpoint:
         except FileNotFoundError:
             return None
         try:
-            item = Scanned(path, info.st_size, info.st_mode, info.st_mtime_ns, info.st_ino)
+            item = Scanned(
+                path, info.st_size, info.st_mode, info.st_mtime_ns, info.st_ino, info.st_ctime_ns
+            )
             known = self.hashes.get(item)
             if known is not None:
                 return known
@@ -408,7 +464,7 @@ class FileEndpoint:
         finally:
             os.close(fd)
 
-    def _place_one(self, entry: FileEntry, transfer: Transfer) -> None:
+    def _place_one(self, entry: FileEntry, transfer: Transfer, movable: bool = False) -> None:
         path = entry.path
         refusal = self.refuse_path(path) if self.refuse_path is not None else None
         if refusal is not None:
@@ -441,9 +497,21 @@ class FileEndpoint:
                 path if self.conflict == "aside" else aside,
             )
         data = self._small.get(entry.sha256)
+        info = None
         if data is not None and len(data) == entry.size:
             info = place(self.root, target, data, entry.size, entry.mode, owner=self.owner)
-        else:
+        elif movable and entry.size >= _MOVE_BYTES:
+            # Moved out of the store, not copied (the store no longer holds it).
+            with contextlib.suppress(OSError):  # another filesystem: copied below
+                info = place(
+                    self.root,
+                    target,
+                    self.store.path(entry.sha256),
+                    entry.size,
+                    entry.mode,
+                    owner=self.owner,
+                )
+        if info is None:
             source = self.store.open(entry.sha256)
             try:
                 info = place(self.root, target, source, entry.size, entry.mode, owner=self.owner)
@@ -563,9 +631,19 @@ class FileEndpoint:
             return encode_chunk(ident, sha, offset, data, digest)
 
         try:
+            bridge = self.bridge
+            loop = asyncio.get_running_loop()
             while offset < end:
-                await self.bridge.wait_window(self.window)
                 size = min(CHUNK_SIZE, end - offset)
+                if size < _THREAD_BYTES or bridge.kernel_quiet(KERNEL_QUIET):
+                    await bridge.wait_window(self.window)
+                else:
+                    # The kernel is talking: one chunk at a time, at most busy_rate.
+                    await bridge.wait_window(_YIELD_WINDOW)
+                    pause = self._paced_until - loop.time()
+                    if pause > 0:
+                        await asyncio.sleep(pause)
+                    self._paced_until = max(self._paced_until, loop.time()) + size / self.busy_rate
                 parts = (
                     await asyncio.to_thread(read, offset) if size >= _THREAD_BYTES else read(offset)
                 )
@@ -612,9 +690,9 @@ class FileEndpoint:
             self._worker.cancel()
             with contextlib.suppress(BaseException):
                 await self._worker
-        for task in list(self._tasks):
+        for task in [*self._tasks, *self._placements]:
             task.cancel()
-        for task in list(self._tasks):
+        for task in [*self._tasks, *self._placements]:
             with contextlib.suppress(BaseException):
                 await task
         self.store.close()

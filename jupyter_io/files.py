@@ -71,9 +71,10 @@ __all__ = [
 
 #: Largest chunk of content in one FILE_CHUNK frame.
 CHUNK_SIZE = 1024 * 1024
-#: Default bytes of file frames a sender lets await acknowledgement before it sends more:
-#: a kernel message queued behind a transfer waits behind at most this much.
-DEFAULT_WINDOW = 2 * 1024 * 1024
+#: Default bytes of file frames a sender lets await acknowledgement before it sends more,
+#: while the kernel is quiet; while kernel messages flow a sender keeps one chunk in flight
+#: (:data:`jupyter_io.file_endpoint.KERNEL_QUIET`), so they never queue behind more.
+DEFAULT_WINDOW = 16 * 1024 * 1024
 #: Most entries one offer (or want) may list; an offer must also fit a control frame.
 MAX_ENTRIES = 5000
 #: Longest relative path (UTF-8 bytes) and longest component accepted.

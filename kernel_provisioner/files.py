@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -184,6 +185,11 @@ class NotebookFiles:
         self.log = log or logging.getLogger(__name__)
         self.store = ContentStore(store_root, store_max_bytes)
         self.hashes = HashCache()
+        #: Where this directory's hashes are kept between sessions (the local store's
+        #: ``hashes/``): a new session of an unchanged directory hashes nothing again.
+        key = hashlib.sha256(self.root.encode()).hexdigest()[:32]
+        self.hash_file = os.path.join(store_root, "hashes", f"{key}.json")
+        self._hashes_loaded = False
         self.endpoint: FileEndpoint | None = None
         #: The last scan's refusals (links, devices, hard links): (path, why).
         self.refused: list[tuple[str, str]] = []
@@ -242,8 +248,20 @@ class NotebookFiles:
         return files
 
     def check(self) -> None:
-        """Scan once before the session opens, so a start over the cap fails first."""
+        """Scan once before the session opens, so a start over the cap fails first (and
+        take the hashes an earlier session of this directory kept)."""
+        if not self._hashes_loaded:
+            self._hashes_loaded = True
+            self.hashes.load(self.hash_file)
         self.scan()
+
+    def _keep_hashes(self) -> None:
+        """Save the hashes for the next session when something was hashed (blocking)."""
+        if self.hashes.dirty:
+            try:
+                self.hashes.save(self.hash_file)
+            except OSError as exc:
+                self.log.warning("jupyter-io: not keeping the files' hashes: %s", exc)
 
     def _changed(self) -> list[FileEntry]:
         """Files whose content differs from what both ends last agreed on (blocking)."""
@@ -274,6 +292,9 @@ class NotebookFiles:
             log=self.log,
         )
         self.endpoint.hashes = self.hashes
+        # Large files pulled here are moved out of the local store into place, not copied:
+        # that store is for resuming a cut transfer, the provider's keeps what travelled.
+        self.endpoint.move_large = True
         self.endpoint.on_offer = self._offered
         endpoint = self.endpoint
         # The provider sends files only in answer to a pull, and never where they could
@@ -338,6 +359,7 @@ class NotebookFiles:
                 if self._inflight.get(entry.path) == entry.sha256:
                     del self._inflight[entry.path]
             self._transferred()
+        await asyncio.to_thread(self._keep_hashes)
         self.log.info(
             "jupyter-io: %s: %d file(s), %d bytes travelled in %.2f s",
             why,

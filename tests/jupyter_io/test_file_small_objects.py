@@ -82,6 +82,7 @@ async def test_small_files_are_placed_first_and_kept_after(tmp_path: Path) -> No
     entry = {"path": first_path, "size": len(first), "mode": 0o644, "sha256": sha}
     body = {"op": "offer", "id": "cd" * 16, "files": [entry]}
     await second.handle(decode_frame(encode_control(FrameKind.FILES, body, seq=1)))
+    await second.flush()  # the placement runs beside the tunnel
     [want, done2] = _sent(tunnel2)
     assert isinstance(want, Want) and want.want == ()
     assert isinstance(done2, Done) and done2.written == (first_path,)
