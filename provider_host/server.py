@@ -777,7 +777,7 @@ class ProviderServer:
 
     def _challenge_device(self, index: int) -> ChallengeDevice | None:
         """Device ``index`` of an offer as the GPU challenge runs on it: real GPUs on CUDA,
-        simulated GPUs and CPU slots on torch's CPU."""
+        simulated GPUs and CPU slots on the CPU (numpy)."""
         for group in self._offers:
             if index in group.gpu_indices:
                 if group.simulated or group.gpu == CPU_LABEL:

@@ -1,5 +1,5 @@
 """GPU challenges between a real coordinator and real provider hosts on loopback (the CPU
-path: simulated GPUs and the CPU offer multiply with torch on the CPU and say so).
+path: simulated GPUs and the CPU offer multiply with numpy on the CPU and say so).
 
 An honest host passes and its offers show ``verified: true``; hosts that lie (a wrong
 product, a product of a smaller matrix, rows that are not the committed ones, no answer in
