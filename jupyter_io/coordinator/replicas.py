@@ -108,7 +108,8 @@ class ReplicaService:
         self.last_seq = 0
         #: Numbers skipped over, with the monotonic time each was first missed.
         self.holes: dict[int, float] = {}
-        #: Milliseconds from a change's commit (the database's clock) to this view.
+        #: Milliseconds from a change's write (the database's clock) to this view, for the
+        #: last 1000 changes (``feed_p99_ms`` in the status).
         self.propagation_ms: collections.deque[float] = collections.deque(maxlen=1000)
         self._caught_up = monotonic()
         self._live: list[tuple[str, str, datetime]] = []
@@ -240,6 +241,7 @@ class ReplicaService:
             "view_lag_ms": round(self.view_lag_ms(), 1),
             "last_seq": self.last_seq,
             "holes": len(self.holes),
+            "feed_p99_ms": _p99(self.propagation_ms),
             "providers_known": len(self.registry.providers()),
             "linked_here": self.registry.linked_count(),
             "replicas": [
@@ -247,3 +249,11 @@ class ReplicaService:
                 for rid, url, seen in self._live
             ],
         }
+
+
+def _p99(samples: collections.deque[float]) -> float | None:
+    """The 99th percentile of the recent commit-to-view delays (None before any change)."""
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    return round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 1)

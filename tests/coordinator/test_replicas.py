@@ -78,6 +78,7 @@ async def test_a_provider_linked_at_one_replica_is_leased_through_another_within
     assert (replica["id"], replica["url"]) == (two.replica.id, two.url)
     assert (replica["providers_known"], replica["linked_here"]) == (1, 0)
     assert replica["last_seq"] > 0 and replica["view_lag_ms"] < 1000
+    assert 0 <= replica["feed_p99_ms"] < 1000
     assert {r["id"] for r in replica["replicas"]} == {one.replica.id, two.replica.id}
 
 
