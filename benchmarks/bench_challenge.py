@@ -1,8 +1,9 @@
 """What a GPU challenge costs (issue 16 part 5), on the CPU path: the provider's side and the
 coordinator's check, for ``--n`` x ``--n`` matrices (4096 by default).
 
-1. **Provider** (:mod:`provider_host.challenge`, torch on the CPU, as for a simulated GPU or
-   the CPU offer): generating A and B from the seed, the float32 product, hashing the rows
+1. **Provider** (:mod:`provider_host.challenge`, numpy on the CPU as for a simulated GPU or
+   the CPU offer since 2026-12-06 21:30 UTC, torch before; torch with ``--device cuda:N``):
+   generating A and B from the seed, the float32 product, hashing the rows
    into the Merkle tree; beside it the floor: torch's float32 product of two random matrices
    of the same size (the work the challenge exists to prove).
 2. **Coordinator** (:class:`jupyter_io.gpu_challenge.Verifier`): ``B @ R`` for ``--vectors``
