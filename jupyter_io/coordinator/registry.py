@@ -21,10 +21,14 @@ the durable :class:`~jupyter_io.coordinator.store.Store` and the scheduler's
 
 The lease service calls :meth:`lease_created`, :meth:`lease_over` and :meth:`resync` to keep
 capacity exact; the relay subscribes to :attr:`lease_listeners` to close the sockets of
-leases that end. With several coordinators on one PostgreSQL, a coordinator only schedules on
-providers linked to it (and, right after its start, on those the store says are online); before
-marking a provider lost it re-reads the store, so a provider heartbeating through another
-coordinator is never failed by this one.
+leases that end. With several coordinators (replicas) on one PostgreSQL,
+:class:`~jupyter_io.coordinator.replicas.ReplicaService` feeds :meth:`refresh` from the
+database's change feed: providers linked at other replicas are indexed too
+(:attr:`ProviderState.elsewhere`), leases made or ended elsewhere hold or free their GPUs, and
+:meth:`deliver` leaves messages for providers linked elsewhere in the outbox. Without it (a
+SQLite coordinator) only providers linked here (and, right after its start, those the store
+says are online) are scheduled. Before marking a provider lost a coordinator re-reads the
+store, so a provider heartbeating through another coordinator is never failed by this one.
 """
 
 from __future__ import annotations
