@@ -121,6 +121,7 @@ class Leadership:
         #: ``time.monotonic()`` before which this replica does not try for the lock again
         #: (after losing it: a replica whose connection dropped lets a healthy one lead).
         self._cool_down = 0.0
+        self._failing = False  # the last try failed (logged once per streak)
 
     @property
     def postgres(self) -> bool:
@@ -195,8 +196,19 @@ class Leadership:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._connection_lost(f"{type(exc).__name__}: {exc}")
+            why = f"{type(exc).__name__}: {exc}"
+            if not self._leader and not self._failing:
+                self.log.warning(
+                    "cannot try for the leadership of the coordinator replicas (%s); retrying "
+                    "every %g s",
+                    why,
+                    self.interval,
+                )
+            self._failing = True
+            self._connection_lost(why)
             await self._close()
+        else:
+            self._failing = False
 
     async def _connect(self) -> None:
         import asyncpg
