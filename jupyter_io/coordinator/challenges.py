@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import secrets
 import time
@@ -141,7 +142,10 @@ class GpuChallenges:
     # -- wiring ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Hook into the registry (links, replies, listing) and start the random challenges."""
+        """Hook into the registry (links, replies, listing) and start the random challenges.
+        Imports numpy now (at startup), not on the event loop at the first challenge, where
+        loading its libraries would hold up every link's messages for a moment."""
+        importlib.import_module("numpy")
         registry = self.registry
         registry.gpu_replies = self.reply
         registry.offer_listed = self.listed
