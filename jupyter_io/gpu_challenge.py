@@ -237,9 +237,16 @@ class Verifier:
     vectors: Any
     ops: OpCount = field(default_factory=OpCount)
     _bv: Any = None
+    _stopped: bool = False
+
+    def stop(self) -> None:
+        """Make a :meth:`prepare` running in another thread return after its current block
+        (a challenge abandoned: refused, unanswered, its link gone)."""
+        self._stopped = True
 
     def prepare(self) -> None:
-        """Compute ``B @ vectors`` (exact: float64 holds every integer involved)."""
+        """Compute ``B @ vectors`` (exact: float64 holds every integer involved); returns
+        early, unprepared, once :meth:`stop` is called."""
         import numpy as np
 
         n = self.n
@@ -248,6 +255,8 @@ class Verifier:
         bv = np.empty((n, r.shape[1]), dtype=np.float64)
         step = max(1, _BLOCK_ENTRIES // n)
         for start in range(0, n, step):
+            if self._stopped:
+                return
             stop = min(n, start + step)
             rows = np.arange(start, stop, dtype=np.int64)[:, None]
             block = matrix_rows(self.seed, "B", n, rows, cols).astype(np.float64)

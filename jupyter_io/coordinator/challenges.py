@@ -88,6 +88,10 @@ class ChallengeSettings:
     reveal_timeout: float = 60.0
     #: Take a failed offer out of the listing.
     delist: bool = True
+    #: Challenges run at once, all providers together (each may take a worker thread for
+    #: the O(k n**2) check): what many providers linking at once, or one relinking again and
+    #: again, can cost the coordinator.
+    concurrency: int = 2
 
 
 @dataclass(slots=True)
@@ -110,6 +114,8 @@ class _Pending:
     rows: frozenset[int] = frozenset()
     openings: dict[int, GpuOpening] = field(default_factory=dict)
     opened: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The provider's link closed while the challenge was pending.
+    dropped: bool = False
 
 
 class GpuChallenges:
@@ -135,6 +141,7 @@ class GpuChallenges:
         self.judged = 0
         self._pending: dict[str, _Pending] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._slots = asyncio.Semaphore(max(1, self.settings.concurrency))
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._rng = secrets.SystemRandom()
@@ -150,6 +157,7 @@ class GpuChallenges:
         registry.gpu_replies = self.reply
         registry.offer_listed = self.listed
         registry.link_listeners.append(self._linked)
+        registry.unlink_listeners.append(self._unlinked)
         if self.settings.interval > 0:
             self._loop_task = asyncio.create_task(self._random_challenges(), name="gpu-checks")
 
@@ -158,6 +166,8 @@ class GpuChallenges:
         registry = self.registry
         if self._linked in registry.link_listeners:
             registry.link_listeners.remove(self._linked)
+        if self._unlinked in registry.unlink_listeners:
+            registry.unlink_listeners.remove(self._unlinked)
         registry.gpu_replies = None
         tasks = list(self._tasks) + ([self._loop_task] if self._loop_task else [])
         for task in tasks:
@@ -207,6 +217,16 @@ class GpuChallenges:
     def _linked(self, pubkey: str) -> None:
         if self.settings.at_join:
             self._spawn(self.challenge_all(pubkey))
+
+    def _unlinked(self, pubkey: str) -> None:
+        """The provider's link closed: its pending challenges end at once, without a
+        verdict, and their checks stop (no O(k n**2) work for an answer that cannot come)."""
+        for pending in self._pending.values():
+            if pending.pubkey == pubkey:
+                pending.dropped = True
+                if not pending.commitment.done():
+                    pending.commitment.cancel()
+                pending.opened.set()
 
     # -- challenging -----------------------------------------------------------------------
 
@@ -259,7 +279,7 @@ class GpuChallenges:
         verdict (stored, and applied to the listing), or None when none was reached (not
         linked, busy, coordinator stopping)."""
         lock = self._locks.setdefault(pubkey, asyncio.Lock())
-        async with lock:
+        async with lock, self._slots:
             group = self.registry.group_of(pubkey, gpu)
             if group is None:
                 return None
@@ -325,8 +345,14 @@ class GpuChallenges:
                 return None
             try:
                 answer = await asyncio.wait_for(asyncio.shield(pending.commitment), latest)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not pending.dropped or (task is not None and task.cancelling()):
+                    raise
+                await _settle(prepared, verifier)
+                return None  # the link closed: no verdict
             except asyncio.TimeoutError:
-                await _settle(prepared)
+                await _settle(prepared, verifier)
                 if self._link(pubkey) is not link:
                     return None  # the link dropped (or was replaced): no verdict
                 return False, f"too slow: no commitment within {latest:.2f} s (n = {n})", None
@@ -337,14 +363,14 @@ class GpuChallenges:
             hop = (self.registry.relay_hop_ms(pubkey) or 0.0) / 1000.0
             seconds = max(0.0, elapsed - hop)
             if isinstance(answer, GpuRefused):
-                await _settle(prepared)
+                await _settle(prepared, verifier)
                 if answer.code == "busy":
                     return None
                 return False, f"the provider could not run the challenge: {answer.reason}", None
             assert isinstance(answer, GpuCommitment)
             problem = self._judge_commitment(answer, gpu, simulated, elapsed, earliest, n)
             if problem is not None:
-                await _settle(prepared)
+                await _settle(prepared, verifier)
                 return False, problem, seconds
             rows = self._rng.sample(range(n), min(settings.rows, n))
             pending.rows = frozenset(rows)
@@ -352,11 +378,14 @@ class GpuChallenges:
             try:
                 await asyncio.wait_for(pending.opened.wait(), settings.reveal_timeout)
             except asyncio.TimeoutError:
-                await _settle(prepared)
+                await _settle(prepared, verifier)
                 if self._link(pubkey) is not link:
                     return None
                 missing = len(rows) - len(pending.openings)
                 return False, f"{missing} opened row(s) never came", seconds
+            if pending.dropped:
+                await _settle(prepared, verifier)
+                return None
             await prepared
             for row in rows:
                 opening = pending.openings[row]
@@ -377,6 +406,7 @@ class GpuChallenges:
             )
         finally:
             self._pending.pop(challenge_id, None)
+            verifier.stop()  # a no-op once prepared; else (stopping) its thread ends soon
 
     @staticmethod
     def _judge_commitment(
@@ -423,7 +453,9 @@ class GpuChallenges:
             self.log.error("GPU challenge failed", exc_info=task.exception())
 
 
-async def _settle(task: asyncio.Future[Any]) -> None:
-    # The verifier's thread cannot be interrupted; wait for it so no work outlives the call.
+async def _settle(task: asyncio.Future[Any], verifier: Verifier) -> None:
+    # Stop the verifier's thread (it ends after its current block) and wait for it, so no
+    # work outlives the call.
+    verifier.stop()
     with contextlib.suppress(Exception, asyncio.CancelledError):
         await task
