@@ -2,19 +2,21 @@
 
 :class:`Cluster` is ``jupyter io ledger`` (the shared embedded ledger, a subprocess) plus N
 ``jupyter io coordinator`` subprocesses on one fresh PostgreSQL database (the session's
-``postgres_server``), sharing one keypair (``--keypair``) and the ledger (``--solana-url``),
-each on a port of its own. Provider hosts (``python -m provider_host``, as the provisioner's
+``postgres_server``), sharing one keypair (``--keypair``) and the ledger (``--solana-url``,
+through a :class:`LedgerGate` that can hold a settlement transaction), each on a port of its
+own. Provider hosts (``python -m provider_host``, as the provisioner's
 end-to-end tests run them) are given the comma-separated list of every replica's URL; users
 lease through the same list. :meth:`Replica.kill` is ``kill -9``; :meth:`Cluster.heal`
 brings every dead replica back on its port.
 
-The ``cluster`` fixture is one cluster for the whole session (starting three coordinators
-costs seconds on two cores), healed before each test; tests must leave no lease running.
+The ``cluster`` fixture is one cluster shared by this directory's tests (starting three
+coordinators costs seconds on two cores), healed before each test and stopped after the
+directory's last; tests must leave no lease running.
 What the database says (who holds a provider's link, a settlement's claim) is read with
 :meth:`Cluster.query`.
 
 The suite runs with ``--import-mode=importlib``: test modules reach the helpers here through
-the fixtures (``cluster``, ``start_ledger``, ``kernels``) or by relative import.
+the fixtures (``cluster``, ``ledger_process``, ``kernels``) or by relative import.
 """
 
 from __future__ import annotations
@@ -272,6 +274,8 @@ class LedgerGate:
         self._call(decide())
 
     def close(self) -> None:
+        if self._loop.is_closed() or not self._thread.is_alive():
+            return
         self.release(forward=False)
 
         async def stop() -> None:
@@ -518,31 +522,66 @@ def start_cluster(root: Path, server: PostgresServer, n: int = REPLICAS) -> Clus
     return cluster
 
 
+#: The clusters this session started, stopped once the last test of this directory ran.
+_RUNNING: list[Cluster] = []
+_HERE = Path(__file__).resolve().parent
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """The session's cluster serves this directory's tests only: stop its processes when
+    the next test is elsewhere, rather than keep three coordinators busy all session."""
+    if nextitem is not None and _HERE in Path(nextitem.path).resolve().parents:
+        return
+    while _RUNNING:
+        _RUNNING.pop().stop()
+
+
+class _Clusters:
+    """The session's clusters: one runs at a time, started when a test asks for it."""
+
+    def __init__(self, tmp: pytest.TempPathFactory, server: PostgresServer) -> None:
+        self.tmp = tmp
+        self.server = server
+        self.started: list[Cluster] = []
+
+    def running(self) -> Cluster:
+        if not _RUNNING:  # none yet, or stopped after the directory's last test so far
+            cluster = start_cluster(self.tmp.mktemp("replicas"), self.server)
+            self.started.append(cluster)
+            _RUNNING.append(cluster)
+        return _RUNNING[-1]
+
+    def close(self) -> None:
+        for cluster in self.started:
+            cluster.stop()
+            database = make_url(cluster.db_url).database
+            with contextlib.suppress(Exception):
+                self.server.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
-def replica_cluster(
+def replica_clusters(
     tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresServer
-) -> Iterator[Cluster]:
-    """The session's cluster (use ``cluster``, which heals it first)."""
-    cluster = start_cluster(tmp_path_factory.mktemp("replicas"), postgres_server)
+) -> Iterator[_Clusters]:
+    """The session's clusters (use ``cluster``)."""
+    clusters = _Clusters(tmp_path_factory, postgres_server)
     try:
-        yield cluster
+        yield clusters
     finally:
-        cluster.stop()
-        database = make_url(cluster.db_url).database
-        with contextlib.suppress(Exception):
-            postgres_server.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        clusters.close()
 
 
 @pytest.fixture
-def cluster(replica_cluster: Cluster) -> Iterator[Cluster]:
-    """The session's cluster with every replica running; the test's providers are stopped
-    after it."""
-    replica_cluster.heal()
-    before = list(replica_cluster.providers)
-    yield replica_cluster
-    for host in [h for h in replica_cluster.providers if h not in before]:
+def cluster(replica_clusters: _Clusters) -> Iterator[Cluster]:
+    """The running cluster with every replica up (one is started for this directory's
+    tests, stopped after its last); the test's providers are stopped after it."""
+    running = replica_clusters.running()
+    running.heal()
+    before = list(running.providers)
+    yield running
+    for host in [h for h in running.providers if h not in before]:
         with contextlib.suppress(Exception):
-            replica_cluster.stop_provider(host)
+            running.stop_provider(host)
 
 
 @pytest.fixture

@@ -200,9 +200,12 @@ async def _session(cluster: Cluster, tmp_path: Path) -> AsyncIterator[Session]:
         funded = await api.fund_lease(grant.lease, str(receipt.signature))
         assert funded.token is not None
         client = TunnelClient(funded.tunnel_url, user, token=funded.token)
-        await client.connect()
-        await client.launch()
-        await client.wait_ready()
+        try:
+            await client.connect()
+            await client.launch()
+            await client.wait_ready()
+        except (AssertionError, TimeoutError, asyncio.TimeoutError) as exc:
+            raise AssertionError(f"no kernel on the provider: {exc!r}\n{host.stderr()}") from exc
         _, reply = await client.execute("import time; time.sleep(1.0)")
         assert reply is not None and reply["content"]["status"] == "ok"
         holder = await cluster.wait_link_holder(host.pubkey, 10)
