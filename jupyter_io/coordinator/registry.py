@@ -861,19 +861,26 @@ class Registry:
             if record is None or not record.online:
                 self._drop(state, "not online in the store")
                 return
-            stored_beat = record.last_heartbeat.timestamp()
-            if stored_beat > max(state.last_beat, wall - self.loss_window):
-                # Another coordinator flushed a fresher heartbeat: it is linked there.
-                self._drop(state, "linked to another coordinator")
-                if self.replicated:
-                    self._refresh_later.add(pubkey)  # back in the index as linked elsewhere
+            # A heartbeat stored after this one came through another coordinator.
+            newest_here = max(state.last_beat, wall - self.loss_window)
+            if record.last_heartbeat.timestamp() > newest_here:
+                self._linked_elsewhere(state)
                 return
             beat = self._pending.pop(pubkey, None)
             if beat is not None:
                 await self.store.record_heartbeats({pubkey: _utc(beat)})
-            failed = await self.store.mark_provider_lost(
-                pubkey, at=_utc(wall), heartbeats_missed=self.heartbeat_misses
+            # Conditional: a heartbeat another coordinator stores between the read above and
+            # this write (the provider relinked there just now) leaves it online.
+            lost = await self.store.mark_silent_provider_lost(
+                pubkey,
+                silent_since=_utc(newest_here + 0.001),
+                at=_utc(wall),
+                heartbeats_missed=self.heartbeat_misses,
             )
+            if lost is None:
+                self._linked_elsewhere(state)
+                return
+            failed = lost
             self._drop(state, "lost")
             self.stats.providers_lost += 1
             if state.link is not None:
@@ -889,6 +896,12 @@ class Registry:
         for lease in failed:
             self._lease_gone(lease.id, "failed: its provider was lost")
         self._notify()
+
+    def _linked_elsewhere(self, state: ProviderState) -> None:
+        """Another coordinator stored a fresher heartbeat: the provider is linked there."""
+        self._drop(state, "linked to another coordinator")
+        if self.replicated:
+            self._refresh_later.add(state.pubkey)  # back in the index as linked elsewhere
 
     async def refresh_reliability(self) -> None:
         """Re-measure every provider watched here (the window rolls), re-index those whose

@@ -4,7 +4,9 @@ the new one (issue 12.4: a second demo's coordinator stopping broke the first de
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from solders.keypair import Keypair
@@ -61,3 +63,47 @@ async def test_a_provider_that_moved_stays_online_when_its_old_coordinator_shuts
     )
     record = await new_home.store.get_provider(new_link.pubkey)
     assert record is not None and record.status is ProviderStatus.OFFLINE
+
+
+async def test_a_heartbeat_stored_elsewhere_while_a_loss_is_decided_keeps_the_provider_online(
+    start_coordinator: Starter, providers: list[FakeProvider], store_url: str, tmp_path: Path
+) -> None:
+    """The provider falls silent here and, just as this coordinator has read its stored record
+    (still stale), another coordinator it relinked to stores a fresh heartbeat: the loss is
+    decided in the database, on the stored heartbeat, so it stays online with its lease."""
+    # The leader's database sweep (which would find it silent too) is kept out of the way.
+    home = await start_coordinator(db=store_url, data_dir=str(tmp_path / "a"), jobs_interval=600)
+    registry, store = home.registry, home.store
+    assert registry is not None and store is not None
+    link = FakeProvider(home.url)
+    providers.append(link)
+    await link.connect(heartbeats=False)
+    await registry.wait_for(lambda: registry.provider(link.pubkey) is not None, WAIT)
+    async with CoordinatorClient(home.url, Keypair(), timeout=WAIT) as user:
+        grant = await user.request_lease("RTX 4090")
+
+    read = store.get_provider
+    beaten: list[datetime] = []
+
+    async def read_then_beat_elsewhere(pubkey: str) -> Any:
+        record = await read(pubkey)
+        if pubkey == link.pubkey and not beaten:  # the other coordinator's flush lands now
+            beaten.append(datetime.now(timezone.utc))
+            await store.record_heartbeats({pubkey: beaten[0]})
+        return record
+
+    store.get_provider = read_then_beat_elsewhere  # type: ignore[method-assign]
+
+    def decided() -> bool:
+        state = registry.provider(link.pubkey)
+        gone = state is None or state.elsewhere
+        return registry.stats.providers_lost > 0 or (bool(beaten) and gone)
+
+    await registry.wait_for(decided, WAIT)
+    store.get_provider = read  # type: ignore[method-assign]
+
+    record = await store.get_provider(link.pubkey)
+    assert record is not None and record.status is ProviderStatus.ONLINE, record
+    assert record.times_lost == 0 and registry.stats.providers_lost == 0
+    lease = await store.get_lease(grant.lease)
+    assert lease is not None and lease.live, lease
