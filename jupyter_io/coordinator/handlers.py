@@ -75,6 +75,7 @@ from .billing import (
 from .cohort_queue import QueueFull, TooManyTickets
 from .cohort_scheduling import CohortScheduling, TicketGone
 from .cohorts import CohortError, CohortNotFound, CohortService, TooManyKernels
+from .jobs import LeaderJobs, Leadership
 from .latency import (
     DEFAULT_CANDIDATE_LIMIT,
     MAX_CANDIDATE_LIMIT,
@@ -165,6 +166,9 @@ class Services:
     pings: PingLimiter | None = field(default_factory=PingLimiter)
     #: This process as a replica on a shared PostgreSQL (None: it follows no change feed).
     replica: ReplicaService | None = None
+    #: The leader jobs' lock and passes (None: not started), for the status.
+    leadership: Leadership | None = None
+    jobs: LeaderJobs | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,6 +312,13 @@ class StatusHandler(_ApiHandler):
                 "uptime_s": round(time.monotonic() - stats.started, 3),
                 "settlements": None if worker is None else worker.stats.to_json(),
                 "replica": None if replica is None else replica.status_json(),
+                "leader_jobs": (
+                    None
+                    if self.services.leadership is None
+                    else self.services.leadership.to_json(
+                        None if self.services.jobs is None else self.services.jobs.stats
+                    )
+                ),
             }
         )
 

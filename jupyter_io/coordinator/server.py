@@ -329,6 +329,8 @@ class CoordinatorServer:
             payments=config.payments,
             solana_url=self.solana_url,
             settlements=self.settlements,
+            leadership=self.leadership,
+            jobs=self.jobs,
             cohorts=cohorts,
             cohort_scheduling=scheduling,
             replica=self.replica if self.replica.follow else None,

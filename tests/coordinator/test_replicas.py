@@ -80,6 +80,11 @@ async def test_a_provider_linked_at_one_replica_is_leased_through_another_within
     assert replica["last_seq"] > 0 and replica["view_lag_ms"] < 1000
     assert 0 <= replica["feed_p99_ms"] < 1000
     assert {r["id"] for r in replica["replicas"]} == {one.replica.id, two.replica.id}
+    # One of them runs the leader jobs, and each says whether it is the one.
+    async with CoordinatorClient(one.url, Keypair(), timeout=WAIT) as user:
+        first = await user._call("GET", "/api/v1/status")
+    leads = [first["leader_jobs"]["leader"], status["leader_jobs"]["leader"]]
+    assert sorted(leads) == [False, True], leads
 
 
 async def test_a_lease_made_at_one_replica_holds_the_gpu_at_the_provider_s_and_an_end_at_a_third_stops_it(  # noqa: E501
