@@ -167,7 +167,8 @@ def load_object(kind: str, data: bytes, device: str | None = None) -> Any:
     if kind == "torch":
         import torch
 
-        value = torch.load(io.BytesIO(data), weights_only=False)
+        # Only tensors are kept in this kind: the restricted loader runs no pickled code.
+        value = torch.load(io.BytesIO(data), weights_only=True)
         if device and device != "cpu":
             try:
                 value = value.to(device)

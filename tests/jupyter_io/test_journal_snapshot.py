@@ -162,3 +162,32 @@ def test_what_is_a_user_variable() -> None:
     assert is_user_variable("mine", mine) and is_user_variable("x", 1)
     assert serialise(torch.ones(3)).kind == "torch"
     assert serialise(np.ones(3)).kind == "numpy"
+
+
+class _Planted:
+    """What a hostile provider could write as a "torch" journal object: torch.save pickles
+    any object, and this one's unpickling runs code (it would create ``marker``)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def test_a_torch_object_is_loaded_without_running_pickled_code(tmp_path: Path) -> None:
+    import io
+
+    from jupyter_io.journal.snapshot import load_object
+
+    weights = torch.nn.Parameter(torch.arange(6.0).reshape(2, 3))
+    kept = serialise(weights)
+    back = load_object(kept.kind, kept.data)
+    assert torch.equal(back, weights) and isinstance(back, torch.nn.Parameter)
+
+    marker = tmp_path / "ran"
+    forged = io.BytesIO()
+    torch.save(_Planted(marker), forged)
+    with pytest.raises(Exception, match=r"[Ww]eights only load failed"):
+        load_object("torch", forged.getvalue())
+    assert not marker.exists()
