@@ -240,6 +240,8 @@ async def bench_bulk(spec: str, tmp: Path, ctx: zmq.asyncio.Context, size: int) 
                 gb / pushed.seconds),
             Row("3 bulk", f"pull {gb:,.0f} MB: hash on the provider + send + place", "MB/s",
                 None, gb / pull_total, "≥200 MB/s", gb / pull_total >= 200),
+            Row("3 bulk", "  of which the transfer (offer → placed here)", "MB/s", None,
+                gb / pulled.seconds),
             Row("3 bulk", "  floor: loopback TCP copy, 2 processes (sendfile)", "MB/s", None,
                 floor_tcp),
             Row("3 bulk", "  floor: websockets bulk, 1 MB messages, 2 processes", "MB/s", None,
