@@ -51,7 +51,7 @@ from .files import (
 )
 from .protocol import Frame, FrameKind
 
-__all__ = ["FileEndpoint", "Transfer", "TransferFailed"]
+__all__ = ["BUSY_RATE", "KERNEL_QUIET", "FileEndpoint", "Transfer", "TransferFailed"]
 
 #: Chunks at least this large are hashed and written (read and hashed) in a thread.
 _THREAD_BYTES = 256 * 1024
@@ -70,9 +70,10 @@ _MOVE_BYTES = 64 * 1024 * 1024
 #: queue behind more than one chunk and the transfer's CPU (hashing, framing on both ends)
 #: leaves room for the kernel's round trip.
 KERNEL_QUIET = 0.25
-#: ... that is, it sends its next chunk once at most this much awaits acknowledgement (room
-#: for the kernel's own small frames, not for a chunk) ...
-_YIELD_WINDOW = 64 * 1024
+#: ... that is, it sends its next chunk once at most this much awaits acknowledgement: room
+#: for the kernel's own frames (a transfer must not starve behind a kernel streaming
+#: output), not for a second chunk ...
+_YIELD_WINDOW = 256 * 1024
 #: ... and at most this many bytes a second (:attr:`FileEndpoint.busy_rate`).
 BUSY_RATE = 32 * 1024 * 1024
 

@@ -159,7 +159,7 @@ async def test_a_transfer_yields_to_the_kernel_and_takes_its_window_when_quiet(
     assert transfer.bytes == 8 * MiB
     assert transfer.written == ["busy.bin"]
     # One chunk at a time (with room for the kernel's small frames), paced at busy_rate.
-    assert max(unacked for _, unacked in ends.sent) <= CHUNK_SIZE + 64 * 1024 + 4096
+    assert max(unacked for _, unacked in ends.sent) <= CHUNK_SIZE + 256 * 1024 + 4096
     assert took >= 7 * CHUNK_SIZE / sender.busy_rate
 
     # Quiet: the window is used (several chunks in flight), no pacing.
