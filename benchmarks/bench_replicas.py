@@ -490,6 +490,7 @@ async def sample_step(
 # Lease starts across replicas, and the double-booking check
 
 
+LOCK_WAITS = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
 DOUBLE_BOOKED = """
 SELECT l.provider_pubkey, g.idx, count(*) AS n
 FROM leases l, json_array_elements_text(l.gpu_indices::json) AS g(idx)
@@ -532,12 +533,14 @@ async def lease_starts(
         ended += 1
 
     commit_ms: list[float] = []
+    lock_waits: list[int] = []
 
     async def check() -> None:
         nonlocal snapshots
         while not stop.is_set():
             double.extend(await pg.fetch(DOUBLE_BOOKED, model))
             snapshots += 1
+            lock_waits.append(int(await pg.fetchval(LOCK_WAITS)))
             # A transaction with an id: its commit waits for the WAL's flush (fsync), as a
             # lease's does.
             t0 = time.perf_counter()
@@ -574,6 +577,8 @@ async def lease_starts(
         "max_ms": max(times, default=float("nan")),
         "snapshots": snapshots,
         "double_booked": len(double),
+        "lock_waits_mean": statistics.fmean(lock_waits) if lock_waits else 0.0,
+        "lock_waits_max": max(lock_waits, default=0),
         "commit_p50_ms": p(commit_ms, 0.5),
         "commit_p99_ms": p(commit_ms, 0.99),
         "commit_max_ms": max(commit_ms, default=float("nan")),
@@ -978,7 +983,8 @@ async def main(args: argparse.Namespace) -> None:
             print(
                 f"  a bare commit on the database meanwhile (every 50 ms): p50 "
                 f"{result['commit_p50_ms']:.1f} ms, p99 {result['commit_p99_ms']:.1f} ms, max "
-                f"{result['commit_max_ms']:.1f} ms"
+                f"{result['commit_max_ms']:.1f} ms; sessions waiting for a lock: mean "
+                f"{result['lock_waits_mean']:.2f}, most {result['lock_waits_max']}"
             )
             print_staleness("during the lease starts", staleness)
             sizes = []
@@ -1028,7 +1034,7 @@ async def main(args: argparse.Namespace) -> None:
         if args.no_feed:
             return
         rows = await feed_transport(
-            pg_url, postmaster, args.feed_seconds, args.feed_writers, 20_000
+            pg_url, postmaster, args.feed_seconds, args.feed_writers, args.feed_registered
         )
         alone, base = rows[0], rows[1]
         print(
@@ -1112,12 +1118,14 @@ if __name__ == "__main__":
     parser.add_argument("--pool-providers", type=int, default=12)
     parser.add_argument("--feed-seconds", type=float, default=8.0)
     parser.add_argument("--feed-writers", type=int, default=8)
+    parser.add_argument("--feed-registered", type=int, default=20_000)
     parser.add_argument("--no-feed", action="store_true", help="skip the transport benchmark")
     args = parser.parse_args()
     if args.role == "generator":
         asyncio.run(generator(args))
     else:
         if args.quick:
-            args.providers, args.rates, args.seconds = 400, [2000], 6.0
-            args.lease_seconds, args.feed_seconds, args.background = 8.0, 3.0, 400.0
+            args.replicas, args.providers, args.rates, args.seconds = 2, 200, [2000], 5.0
+            args.lease_seconds, args.feed_seconds, args.background = 6.0, 2.0, 400.0
+            args.pool_providers, args.feed_registered = 4, 5000
         asyncio.run(main(args))
