@@ -365,8 +365,9 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
     files_window = Int(
         DEFAULT_WINDOW,
         config=True,
-        help="Most bytes of file transfer in flight on the tunnel: a kernel message waits "
-        "behind at most this much of a transfer.",
+        help="Most bytes of file transfer awaiting acknowledgement while the kernel is quiet. "
+        "While it talks a transfer keeps one chunk in flight (at most 32 MiB/s), so a kernel "
+        "message never waits behind more than one chunk.",
     )
     files_timeout = Float(
         300.0,

@@ -182,8 +182,9 @@ class ProviderConfig(Configurable):
     file_window = Integer(
         DEFAULT_WINDOW,
         config=True,
-        help="Most bytes of file transfer frames awaiting acknowledgement at once: a kernel "
-        "message waits behind at most this much of a transfer.",
+        help="Most bytes of file transfer awaiting acknowledgement while the kernel is quiet. "
+        "While it talks a transfer keeps one chunk in flight (at most 32 MiB/s), so a kernel "
+        "message never waits behind more than one chunk.",
     )
     workspace_check_interval = Float(
         5.0, config=True, help="Seconds between measurements of a workspace's size."
