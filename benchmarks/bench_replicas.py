@@ -956,7 +956,19 @@ async def main(args: argparse.Namespace) -> None:
             cpu0 = [cpu_seconds(x.pid) for x in replicas]
             pg_cpu0 = postgres_cpu(postmaster)
             t_phase = time.perf_counter()
+            lags: list[float] = []
+            watching = asyncio.Event()
+
+            async def watch_lag() -> None:
+                while not watching.is_set():
+                    for x in replicas:
+                        lags.append((await x.client.status())["replica"]["view_lag_ms"])
+                    await asyncio.sleep(0.5)
+
+            watcher = asyncio.create_task(watch_lag())
             result, staleness = await run_probes(replicas, probes, users, leases)
+            watching.set()
+            await watcher
             t_phase = time.perf_counter() - t_phase
             lease_cpu = sum(cpu_seconds(x.pid) for x in replicas) - sum(cpu0) - sum(base) * t_phase
             lease_pg = postgres_cpu(postmaster) - pg_cpu0 - base_pg * t_phase
@@ -987,6 +999,10 @@ async def main(args: argparse.Namespace) -> None:
                 f"{result['lock_waits_mean']:.2f}, most {result['lock_waits_max']}"
             )
             print_staleness("during the lease starts", staleness)
+            print(
+                f"  the replicas' own view_lag_ms meanwhile (every 0.5 s): p50 {p(lags, 0.5):.0f}, "
+                f"p99 {p(lags, 0.99):.0f}, max {max(lags, default=float('nan')):.0f}"
+            )
             sizes = []
             for table in ("providers", "offers", "leases", "provider_changes", "replicas"):
                 row = await pg.fetchrow(
