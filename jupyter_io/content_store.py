@@ -121,6 +121,36 @@ class ContentStore:
                 os.unlink(self.partial / sha)
         return good
 
+    def finish_as(self, key: str, sha: str) -> bool:
+        """Make the partial object ``key`` (a streamed file's per-transfer key) whole object
+        ``sha`` if its content hashes to ``sha``; else delete it. Returns whether it is
+        whole now (already held under ``sha``: the partial one is dropped)."""
+        self._check(sha)
+        writer = self._writers.pop(self._check(key), None)
+        if writer is None:
+            try:
+                writer = self._open(key, os.stat(self.partial / key).st_size)
+            except FileNotFoundError:
+                return False
+            self._writers.pop(key, None)
+        try:
+            good = content_hash(writer.digests) == sha
+        finally:
+            os.close(writer.fd)
+        if good and not (self.objects / sha).exists():
+            os.replace(self.partial / key, self.objects / sha)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.partial / key)
+        return good
+
+    def discard(self, key: str) -> None:
+        """Close and delete the partial object ``key`` (a streamed file that will not be
+        placed: torn, refused, or its transfer failed)."""
+        self.close(self._check(key))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.partial / key)
+
     def put(self, sha: str, data: bytes) -> None:
         """Keep ``data`` as whole object ``sha`` (the caller checked it hashes to ``sha``);
         written beside its name and renamed, so a reader never sees part of it."""

@@ -39,6 +39,7 @@ from .files import (
     Outgoing,
     Pull,
     Resolution,
+    Seal,
     UnsafePath,
     Want,
     check_path,
@@ -242,6 +243,11 @@ class FileEndpoint:
             waiter_done = self._dones.pop(message.id, None)
             if waiter_done is not None and not waiter_done.done():
                 waiter_done.set_result(message)
+        elif isinstance(message, Seal):
+            # In order behind the chunks it seals: the worker takes it after them.
+            self._chunks.put_nowait((frame, None))
+            if self._worker is None or self._worker.done():
+                self._worker = asyncio.ensure_future(self._store_chunks())
         elif isinstance(message, Pull):
             if self.on_pull is None:
                 await self._send_done(Done(message.id, refused=(("", "pulls go the other way"),)))
@@ -303,11 +309,13 @@ class FileEndpoint:
                 self.log.exception("storing a file chunk failed")
             finally:
                 self._chunks.task_done()
-                self._queued -= len(frame.parts[-1]) if frame.parts else 0
+                if frame.kind is FrameKind.FILE_CHUNK and frame.parts:
+                    self._queued -= len(frame.parts[-1])
                 self._drained.set()
             # The sender's window moves as what it sent is stored (small chunks: once the
             # queue is empty, not one ack each).
-            if self._chunks.empty() or len(frame.parts[-1]) >= _THREAD_BYTES:
+            big = frame.kind is FrameKind.FILE_CHUNK and len(frame.parts[-1]) >= _THREAD_BYTES
+            if self._chunks.empty() or big:
                 await self.bridge.send_ack()
 
     @property
@@ -328,7 +336,44 @@ class FileEndpoint:
         if not task.cancelled() and task.exception() is not None:
             self.log.warning("placing received files failed: %s", task.exception())
 
+    async def _on_seal(self, seal: Seal) -> None:
+        found = self._incoming.get(seal.id)
+        if found is None:
+            return  # a transfer already failed
+        incoming, transfer, _ = found
+        try:
+            discard = incoming.seal(seal)
+        except ProtocolError as exc:
+            await self._fail(incoming, transfer, f"transfer failed: {exc}")
+            return
+        for key in discard:
+            self.store.discard(key)
+        for key, sha in list(incoming.sealed.items()):
+            moved = await asyncio.to_thread(self.store.finish_as, key, sha)
+            if not moved:
+                path = next(e.path for e in incoming.offer.files if e.sha256 == key)
+                del incoming.sealed[key]
+                incoming.torn.append((path, f"the stored chunks do not hash to {sha[:12]}"))
+        for path, why in incoming.torn:
+            self.log.warning("not writing %s: %s", path, why)
+        if incoming.complete:
+            await self._place_all(seal.id)
+
+    async def _fail(self, incoming: Incoming, transfer: Transfer, failure: str) -> None:
+        """Fail a received transfer: nothing more of it is written or placed."""
+        self._incoming.pop(transfer.id, None)
+        for entry in incoming.offer.files:
+            if entry.stream:
+                self.store.discard(entry.sha256)
+        transfer.refused = [("", failure)]
+        await self._finish_received(transfer, Done(transfer.id, refused=tuple(transfer.refused)))
+
     async def _on_chunk(self, frame: Frame, checking: asyncio.Future[Chunk] | None) -> None:
+        if frame.kind is FrameKind.FILES:
+            message = parse_files_body(frame.body)
+            assert isinstance(message, Seal)
+            await self._on_seal(message)
+            return
         parts = frame.parts
         if checking is not None:
             # Checked, then written in a thread: the event loop goes on reading the websocket.
@@ -339,15 +384,17 @@ class FileEndpoint:
         if outcome is None:
             return
         ident, transfer, stored_whole, sha, failure = outcome
-        if failure is None and stored_whole and not self.store.finish(sha):
-            failure = f"content {sha[:12]} does not match its sha256"
-        if failure is not None:
-            self._incoming.pop(ident, None)
-            self.store.close(sha)
-            transfer.refused = [("", failure)]
-            await self._finish_received(transfer, Done(ident, refused=tuple(transfer.refused)))
+        found = self._incoming.get(ident)
+        if found is None:
             return
-        incoming = self._incoming[ident][0]
+        incoming = found[0]
+        if failure is None and stored_whole and not incoming.is_stream(sha):
+            if not self.store.finish(sha):
+                failure = f"content {sha[:12]} does not match its sha256"
+        if failure is not None:
+            self.store.close(sha)
+            await self._fail(incoming, transfer, failure)
+            return
         if incoming.complete:
             await self._place_all(ident)
 
@@ -371,6 +418,7 @@ class FileEndpoint:
             if (
                 whole
                 and chunk.offset == 0
+                and not incoming.is_stream(chunk.sha256)
                 and size < _THREAD_BYTES
                 and self._small_bytes + size <= _SMALL_BUDGET
             ):
@@ -391,10 +439,11 @@ class FileEndpoint:
 
     async def _place_all(self, ident: str) -> None:
         incoming, transfer, _ = self._incoming.pop(ident)
-        offer = incoming.offer
+        files = incoming.entries()  # streamed ones under their sealed, checked hash
+        transfer.refused.extend(incoming.torn)
         async with self._placing:  # one transfer's files at a time, in arrival order
-            await asyncio.to_thread(self._place_sync, offer.files, transfer)
-        self.store.evict(keep=frozenset(e.sha256 for e in offer.files))
+            await asyncio.to_thread(self._place_sync, files, transfer)
+        self.store.evict(keep=frozenset(e.sha256 for e in files))
         done = Done(
             ident,
             tuple(transfer.written),
@@ -556,6 +605,7 @@ class FileEndpoint:
         within ``reply_timeout`` (counted afresh for each chunk acknowledged)."""
         outgoing = Outgoing(entries, why, ident)
         transfer = Transfer(outgoing.id, "sent", why, files=len(outgoing.files))
+        streamed: dict[str, str] = {}  # path -> content hash, of streamed files sent whole
         self.active[outgoing.id] = transfer
         start = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -579,17 +629,30 @@ class FileEndpoint:
                 paths: dict[str, str] = {}
                 for entry in outgoing.files:
                     paths.setdefault(entry.sha256, entry.path)
+                sealed: list[tuple[str, str | None, str | None]] = []
                 for sha, offset, end in outgoing.plan(want):
-                    transfer.bytes += await self._send_object(
-                        outgoing.id, paths[sha], sha, offset, end
-                    )
+                    if sha in outgoing.streams:
+                        sent_bytes, content, torn = await self._stream_object(
+                            outgoing.id, paths[sha], sha, end
+                        )
+                        transfer.bytes += sent_bytes
+                        sealed.append((sha, content, torn))
+                        if content is not None:
+                            streamed[paths[sha]] = content
+                    else:
+                        transfer.bytes += await self._send_object(
+                            outgoing.id, paths[sha], sha, offset, end
+                        )
+                if outgoing.streams:
+                    seal = Seal(outgoing.id, tuple(sealed))
+                    await self.bridge.send_control(FrameKind.FILES, seal.to_body())
                 done = await self._await(done_waiter)
         finally:
             self._wants.pop(outgoing.id, None)
             self._dones.pop(outgoing.id, None)
             self.active.pop(outgoing.id, None)
         assert isinstance(done, Done)
-        sent = {e.path: e.sha256 for e in outgoing.files}
+        sent = {e.path: streamed.get(e.path, e.sha256) for e in outgoing.files}
         for path in done.written:
             if path in sent:
                 self.baseline[path] = sent[path]
@@ -632,19 +695,9 @@ class FileEndpoint:
             return encode_chunk(ident, sha, offset, data, digest)
 
         try:
-            bridge = self.bridge
-            loop = asyncio.get_running_loop()
             while offset < end:
                 size = min(CHUNK_SIZE, end - offset)
-                if size < _THREAD_BYTES or bridge.kernel_quiet(KERNEL_QUIET):
-                    await bridge.wait_window(self.window)
-                else:
-                    # The kernel is talking: one chunk at a time, at most busy_rate.
-                    await bridge.wait_window(_YIELD_WINDOW)
-                    pause = self._paced_until - loop.time()
-                    if pause > 0:
-                        await asyncio.sleep(pause)
-                    self._paced_until = max(self._paced_until, loop.time()) + size / self.busy_rate
+                await self._pace(size)
                 parts = (
                     await asyncio.to_thread(read, offset) if size >= _THREAD_BYTES else read(offset)
                 )
@@ -654,6 +707,77 @@ class FileEndpoint:
         finally:
             os.close(fd)
         return sent
+
+    async def _stream_object(
+        self, ident: str, path: str, key: str, size: int
+    ) -> tuple[int, str | None, str | None]:
+        """Send streamed object ``key`` (``path``, ``size`` bytes when offered) reading each
+        chunk once: hashed as it is read, the content hash known at its end. Returns (bytes
+        sent, content hash or None, why it is torn or None): torn when the file's size,
+        mtime or ctime moved while it was read (or it came short), since then what was sent
+        may mix two versions; the receiver then discards it."""
+        try:
+            fd, before = open_beneath(self.root, path)
+        except (UnsafePath, OSError) as exc:
+            raise TransferFailed(f"cannot read {path}: {exc}") from exc
+        digests: list[bytes] = []
+        sent = 0
+        torn: str | None = None
+
+        def read(offset: int) -> list[bytes] | None:
+            data = os.pread(fd, min(CHUNK_SIZE, size - offset), offset)
+            if len(data) != min(CHUNK_SIZE, size - offset):
+                return None
+            parts = encode_chunk(ident, key, offset, data)
+            digests.append(bytes(parts[0][-32:]))
+            return parts
+
+        try:
+            if before.st_size != size:
+                torn = f"{path} changed between its offer and its read"
+            offset = 0
+            while torn is None and offset < size:
+                chunk = min(CHUNK_SIZE, size - offset)
+                await self._pace(chunk)
+                parts = (
+                    await asyncio.to_thread(read, offset)
+                    if chunk >= _THREAD_BYTES
+                    else read(offset)
+                )
+                if parts is None:
+                    torn = f"{path} shrank while it was sent"
+                    break
+                await self.bridge.send_chunk(parts)
+                offset += chunk
+                sent += chunk
+            after = os.fstat(fd)
+            if torn is None and (
+                (after.st_size, after.st_mtime_ns, after.st_ctime_ns)
+                != (before.st_size, before.st_mtime_ns, before.st_ctime_ns)
+            ):
+                torn = f"{path} changed while it was sent"
+        finally:
+            os.close(fd)
+        if torn is not None:
+            self.log.warning("%s; the other end discards it", torn)
+            return sent, None, torn
+        content = content_hash(digests)
+        self.hashes.put(path, before, content, digests)  # unchanged since: not hashed again
+        return sent, content, None
+
+    async def _pace(self, size: int) -> None:
+        """Wait until a chunk of ``size`` may be sent (see :data:`KERNEL_QUIET`)."""
+        bridge = self.bridge
+        if size < _THREAD_BYTES or bridge.kernel_quiet(KERNEL_QUIET):
+            await bridge.wait_window(self.window)
+            return
+        # The kernel is talking: one chunk at a time, at most busy_rate.
+        loop = asyncio.get_running_loop()
+        await bridge.wait_window(_YIELD_WINDOW)
+        pause = self._paced_until - loop.time()
+        if pause > 0:
+            await asyncio.sleep(pause)
+        self._paced_until = max(self._paced_until, loop.time()) + size / self.busy_rate
 
     def expects(self, ident: str) -> bool:
         """True while a pull this end asked for under ``ident`` awaits its offer."""

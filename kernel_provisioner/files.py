@@ -386,7 +386,7 @@ class NotebookFiles:
         assert self.endpoint is not None
         wanted = None if paths is None else tuple(check_path(p) for p in paths)
         limit = self.pull_max_size if max_size is None else max_size
-        request = Pull(new_transfer_id(), wanted, limit)
+        request = Pull(new_transfer_id(), wanted, limit, stream=True)
         async with self._pull_lock:
             self._pull_queued = False
             self._pulls_asked[request.id] = (wanted, max_size is None)

@@ -26,7 +26,7 @@ from jupyter_io.confine import HashCache, open_beneath, open_parent, scan
 from jupyter_io.content_store import ContentStore
 from jupyter_io.errors import JupyterIOError, ProtocolError
 from jupyter_io.file_endpoint import FileEndpoint
-from jupyter_io.files import FileEntry, Pull, UnsafePath, check_path
+from jupyter_io.files import STREAM_MIN, FileEntry, Pull, UnsafePath, check_path
 from jupyter_io.journal.snapshot import JOURNAL_DIR
 from jupyter_io.magics import REQUESTS_FILE
 
@@ -71,13 +71,17 @@ def changed_files(
     baseline: dict[str, str],
     hashes: HashCache,
     pull: Pull,
+    stream_min: int = STREAM_MIN,
 ) -> tuple[list[FileEntry], list[tuple[str, int]]]:
     """The workspace's files to send for ``pull``, and those held back for their size.
 
     ``pull.paths`` given: those files whatever their size (missing ones are left out).
     Otherwise every file whose content differs from ``baseline`` and is at most
     ``pull.max_size``; larger changed files are returned as held back ``(path, size)``.
-    Blocking (it hashes what changed): call it in a thread.
+    When the pull takes streams (``pull.stream``), a file of ``stream_min`` bytes or more
+    whose hash is not known is not hashed here but offered as a streamed entry (hashed as
+    it is sent: one read of it, not two). Blocking (it hashes what changed): call it in a
+    thread.
     """
     wanted = None if pull.paths is None else set(pull.paths)
     entries: list[FileEntry] = []
@@ -89,6 +93,9 @@ def changed_files(
             known = hashes.get(item)
             if known is None or known != baseline.get(item.path):
                 held_back.append((item.path, item.size))
+            continue
+        if pull.stream and item.size >= stream_min and hashes.get(item) is None:
+            entries.append(FileEntry(item.path, item.size, item.mode, "0" * 64, stream=True))
             continue
         try:
             sha = hashes.hash(root, item)
@@ -179,7 +186,7 @@ def session_files(
                 changed_files, str(workspace), endpoint.baseline, endpoint.hashes, pull
             )
             if pulls:  # %io pull in the kernel: these whatever their size
-                asked = Pull(pull.id, tuple(pulls), 0)
+                asked = Pull(pull.id, tuple(pulls), 0, pull.stream)
                 extra, _ = await asyncio.to_thread(
                     changed_files, str(workspace), endpoint.baseline, endpoint.hashes, asked
                 )
