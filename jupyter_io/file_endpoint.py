@@ -77,6 +77,9 @@ KERNEL_QUIET = 0.25
 _YIELD_WINDOW = 256 * 1024
 #: ... and at most this many bytes a second (:attr:`FileEndpoint.busy_rate`).
 BUSY_RATE = 32 * 1024 * 1024
+#: A streamed file's first look waits until its last change is this old (nanoseconds), so
+#: that any write during the stream moves its mtime or ctime (see ``_stream_object``).
+_SETTLED_NS = 50_000_000
 
 
 class TransferFailed(JupyterIOError):
@@ -723,6 +726,18 @@ class FileEndpoint:
         digests: list[bytes] = []
         sent = 0
         torn: str | None = None
+        try:
+            # A write's timestamps come from a coarse clock (a few ms a tick): were the file
+            # written in the tick of this first look, a write in that same tick would keep
+            # size, mtime and ctime alike. Looking once its last change is older than any
+            # tick, a write from now on moves them.
+            age = time.time_ns() - before.st_ctime_ns
+            if age < _SETTLED_NS:
+                await asyncio.sleep((_SETTLED_NS - age) / 1e9)
+                before = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
 
         def read(offset: int) -> list[bytes] | None:
             data = os.pread(fd, min(CHUNK_SIZE, size - offset), offset)
@@ -732,21 +747,28 @@ class FileEndpoint:
             digests.append(bytes(parts[0][-32:]))
             return parts
 
+        # The next chunk is read and hashed in a thread while this one waits for the window
+        # and goes out: the disk (a file the kernel just wrote is partly out of the page
+        # cache) and sha256 overlap the sending.
+        ahead: asyncio.Future[list[bytes] | None] | None = None
         try:
+            with contextlib.suppress(OSError, AttributeError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             if before.st_size != size:
                 torn = f"{path} changed between its offer and its read"
+            else:
+                ahead = asyncio.ensure_future(asyncio.to_thread(read, 0))
             offset = 0
-            while torn is None and offset < size:
-                chunk = min(CHUNK_SIZE, size - offset)
-                await self._pace(chunk)
-                parts = (
-                    await asyncio.to_thread(read, offset)
-                    if chunk >= _THREAD_BYTES
-                    else read(offset)
-                )
+            while ahead is not None:
+                parts = await asyncio.shield(ahead)  # never cancelled mid-read: see finally
+                ahead = None
                 if parts is None:
                     torn = f"{path} shrank while it was sent"
                     break
+                chunk = min(CHUNK_SIZE, size - offset)
+                if offset + chunk < size:
+                    ahead = asyncio.ensure_future(asyncio.to_thread(read, offset + chunk))
+                await self._pace(chunk)
                 await self.bridge.send_chunk(parts)
                 offset += chunk
                 sent += chunk
@@ -757,6 +779,9 @@ class FileEndpoint:
             ):
                 torn = f"{path} changed while it was sent"
         finally:
+            if ahead is not None:  # its thread still reads the descriptor
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(ahead)
             os.close(fd)
         if torn is not None:
             self.log.warning("%s; the other end discards it", torn)

@@ -359,14 +359,16 @@ def parse_files_body(body: Mapping[str, Any]) -> FilesMessage:
     ident = _check_id(body.get("id"))
     if op == FileOp.OFFER:
         files = tuple(FileEntry.parse(e) for e in _list(body, "files"))
+        why = body.get("why", "push")
+        if not isinstance(why, str) or len(why) > 16:
+            raise ProtocolError("FILES offer 'why' must be a short string")
         if len({e.path for e in files}) != len(files):
             raise ProtocolError("FILES offer names a path twice")
         for entry in files:
             if entry.stream and entry.sha256 != stream_key(ident, entry.path):
                 raise ProtocolError(f"FILES offer streams {entry.path!r} under a key not its own")
-        why = body.get("why", "push")
-        if not isinstance(why, str) or len(why) > 16:
-            raise ProtocolError("FILES offer 'why' must be a short string")
+            if entry.stream and why != "pull":
+                raise ProtocolError("FILES offer streams a file outside an answer to a pull")
         return Offer(ident, files, why)
     if op == FileOp.WANT:
         wants = []

@@ -223,6 +223,13 @@ async def test_a_stream_key_must_be_the_transfers_own(tmp_path: Path) -> None:
     await endpoint.handle(decode_frame(encode_control(FrameKind.FILES, offer, seq=1)))
     [done] = _sent(tunnel)
     assert isinstance(done, Done) and "under a key not its own" in done.refused[0][1]
+    # Streams answer pulls only: a push (the provider's inbound side) hashes first.
+    ident = "cd" * 16
+    entry |= {"sha256": stream_key(ident, "a.bin")}
+    offer = {"op": "offer", "id": ident, "why": "push", "files": [entry]}
+    await endpoint.handle(decode_frame(encode_control(FrameKind.FILES, offer, seq=2)))
+    [_, done] = _sent(tunnel)
+    assert isinstance(done, Done) and "outside an answer to a pull" in done.refused[0][1]
     await endpoint.close()
 
 
