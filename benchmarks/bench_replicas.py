@@ -490,7 +490,11 @@ async def sample_step(
 # Lease starts across replicas, and the double-booking check
 
 
-LOCK_WAITS = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+LOCK_WAITS = """
+SELECT a.query, (SELECT b.query FROM pg_stat_activity b
+                 WHERE b.pid = (pg_blocking_pids(a.pid))[1]) AS blocker
+FROM pg_stat_activity a WHERE a.wait_event_type = 'Lock'
+"""
 DOUBLE_BOOKED = """
 SELECT l.provider_pubkey, g.idx, count(*) AS n
 FROM leases l, json_array_elements_text(l.gpu_indices::json) AS g(idx)
@@ -534,13 +538,18 @@ async def lease_starts(
 
     commit_ms: list[float] = []
     lock_waits: list[int] = []
+    waiting_for: dict[str, int] = {}
 
     async def check() -> None:
         nonlocal snapshots
         while not stop.is_set():
             double.extend(await pg.fetch(DOUBLE_BOOKED, model))
             snapshots += 1
-            lock_waits.append(int(await pg.fetchval(LOCK_WAITS)))
+            waiting = await pg.fetch(LOCK_WAITS)
+            lock_waits.append(len(waiting))
+            for row in waiting:
+                key = f"{row['query'][:70]} <- {(row['blocker'] or '?')[:70]}"
+                waiting_for[key] = waiting_for.get(key, 0) + 1
             # A transaction with an id: its commit waits for the WAL's flush (fsync), as a
             # lease's does.
             t0 = time.perf_counter()
@@ -579,6 +588,7 @@ async def lease_starts(
         "double_booked": len(double),
         "lock_waits_mean": statistics.fmean(lock_waits) if lock_waits else 0.0,
         "lock_waits_max": max(lock_waits, default=0),
+        "waiting_for": sorted(waiting_for.items(), key=lambda kv: -kv[1])[:4],
         "commit_p50_ms": p(commit_ms, 0.5),
         "commit_p99_ms": p(commit_ms, 0.99),
         "commit_max_ms": max(commit_ms, default=float("nan")),
@@ -998,6 +1008,8 @@ async def main(args: argparse.Namespace) -> None:
                 f"{result['commit_max_ms']:.1f} ms; sessions waiting for a lock: mean "
                 f"{result['lock_waits_mean']:.2f}, most {result['lock_waits_max']}"
             )
+            for query, n in result["waiting_for"]:
+                print(f"    waited {n} times: {' '.join(query.split())}")
             print_staleness("during the lease starts", staleness)
             print(
                 f"  the replicas' own view_lag_ms meanwhile (every 0.5 s): p50 {p(lags, 0.5):.0f}, "
