@@ -35,6 +35,7 @@ from typing import Any
 from jupyter_core.paths import jupyter_data_dir
 
 from jupyter_io.bridge import Tap
+from jupyter_io.confine import hash_fd, open_beneath
 from jupyter_io.content_store import ContentStore
 from jupyter_io.errors import JupyterIOError
 from jupyter_io.file_endpoint import FileEndpoint, Transfer
@@ -302,47 +303,131 @@ class LocalJournal:
         """Send the complete journal kept in ``source`` (a :func:`journal_dir`) into this
         session's workspace; return the bytes that travelled. FileNotFoundError when
         ``source`` holds no complete journal."""
-        client = self._client
-        if client is None or "files" not in client.features:
+        async with self._sync_lock:
+            return await self._send(await self._stage(source))
+
+    async def _stage(self, source: str) -> _Staged:
+        """Read and vet ``source``'s complete journal for a push (see :func:`_stage`); hold
+        :attr:`_sync_lock` from here until :meth:`_send` returned: no pull of this journal
+        changes its directory meanwhile, so what is sent is what was vetted."""
+        if self._client is None or "files" not in self._client.features:
             raise JupyterIOError("the new kernel's host does not speak the file channel")
         staging = os.path.join(self.directory, ".push")
-        entries = await asyncio.to_thread(_stage, source, staging, self.trust_previous_provider)
+        return await asyncio.to_thread(_stage, source, staging, self.trust_previous_provider)
+
+    async def _send(self, staged: _Staged) -> int:
+        """Send what :meth:`_stage` laid out: the objects from where they are kept, then the
+        manifest (last: the objects it names are there first)."""
+        client = self._client
+        if client is None:
+            raise JupyterIOError("the new kernel's host does not speak the file channel")
         store = ContentStore(os.path.join(self.directory, ".store"), _STORE_BYTES)
-        endpoint = FileEndpoint(client.bridge, staging, store, window=self.window, log=self.log)
-        ident = new_transfer_id()
-        self._ids[ident] = endpoint
+        sent = 0
         try:
-            transfer = await endpoint.send(entries, "push", ident=ident)
+            for root, entries in (
+                (staged.source, staged.objects),
+                (staged.staging, [staged.manifest]),
+            ):
+                if not entries:
+                    continue
+                endpoint = FileEndpoint(
+                    client.bridge, root, store, window=self.window, log=self.log
+                )
+                if root == staged.source:
+                    for path, info, sha, digests in staged.hashed:
+                        endpoint.hashes.put(path, info, sha, digests)  # read once, not again
+                ident = new_transfer_id()
+                self._ids[ident] = endpoint
+                try:
+                    transfer = await endpoint.send(entries, "push", ident=ident)
+                finally:
+                    self._ids.pop(ident, None)
+                    await endpoint.close()
+                if transfer.refused:
+                    raise JupyterIOError(
+                        f"the new kernel's host refused the journal: {transfer.refused}"
+                    )
+                sent += transfer.bytes
         finally:
-            self._ids.pop(ident, None)
-            await endpoint.close()
-            await asyncio.to_thread(shutil.rmtree, staging, True)
-        if transfer.refused:
-            raise JupyterIOError(f"the new kernel's host refused the journal: {transfer.refused}")
-        return transfer.bytes
+            store.close()
+            await asyncio.to_thread(shutil.rmtree, staged.staging, True)
+        return sent
 
 
-def _stage(source: str, staging: str, trusted: bool = False) -> list[FileEntry]:
-    """Lay out ``source``'s complete journal under ``staging`` as the workspace has it and
-    list its files. Unless ``trusted``, objects whose pickles name anything but data
-    constructors are left out (:func:`_hold_back`)."""
+#: What the kernel imports to load objects of each kind, and the libraries a pickle may name
+#: that take long enough to import to be worth starting early (:func:`restore`).
+_KIND_MODULES = {"torch": "torch", "numpy": "numpy"}
+_PICKLE_MODULES = ("numpy", "pandas", "torch")
+
+
+@dataclass
+class _Staged:
+    """A journal ready to be pushed (:func:`_stage`)."""
+
+    #: The journal's directory; ``objects`` are read there, beneath it, as they are sent.
+    source: str
+    objects: list[FileEntry]
+    #: Where the (vetted) manifest was written, and its entry.
+    staging: str
+    manifest: FileEntry
+    #: (path, stat, content hash, chunk digests) of each file listed, as it was read.
+    hashed: list[tuple[str, os.stat_result, str, list[bytes]]]
+    #: Libraries the kernel will import to load the objects (a hint: imported early).
+    modules: list[str]
+
+
+def _stage(source: str, staging: str, trusted: bool = False) -> _Staged:
+    """List ``source``'s complete journal for a push, as the workspace has it: its objects
+    stay where they are kept (their paths beneath ``source`` are those of the workspace)
+    and only the manifest is written under ``staging``. Unless ``trusted``, objects whose
+    pickles name anything but data constructors are left out (:func:`_hold_back`). Each
+    object is opened beneath ``source`` as the file channel sends it (a link, or a file
+    with other hard links, is refused), and read once: its content hash and chunk digests
+    are those the channel sends."""
     with open(os.path.join(source, COMPLETE), encoding="utf-8") as f:
         text = f.read()
     manifest = Manifest.parse(text)
     if not trusted and _hold_back(source, manifest):
         text = manifest.to_json()
+    kinds = {entry["sha256"]: entry["kind"] for entry in manifest.vars.values()}
+    modules = {_KIND_MODULES[k] for k in kinds.values() if k in _KIND_MODULES}
+    objects: list[FileEntry] = []
+    hashed = []
+    for sha in sorted(kinds):
+        path = f"{JOURNAL_DIR}/{OBJECTS}/{sha}"
+        fd, info = open_beneath(source, path)
+        try:
+            if info.st_size <= CHUNK_SIZE:
+                data = os.pread(fd, info.st_size + 1, 0)
+                digests = [hashlib.sha256(data).digest()] if data else []
+                if kinds[sha] == "pickle":
+                    modules.update(m for m in _PICKLE_MODULES if m.encode() in data)
+                # One chunk: its digest is the sha256 the object is named by (checked as the
+                # pull did), for free.
+                changed = len(data) != info.st_size or (bool(data) and digests[0].hex() != sha)
+            else:
+                digests = hash_fd(fd)[1]
+                after = os.fstat(fd)
+                changed = (after.st_size, after.st_mtime_ns) != (info.st_size, info.st_mtime_ns)
+        finally:
+            os.close(fd)
+        if changed:
+            raise JupyterIOError(f"journal object {sha[:12]} changed since it was brought back")
+        entry = FileEntry(path, info.st_size, 0o600, content_hash(digests))
+        objects.append(entry)
+        hashed.append((path, info, entry.sha256, digests))
     shutil.rmtree(staging, ignore_errors=True)
-    objects = os.path.join(staging, JOURNAL_DIR, OBJECTS)
-    os.makedirs(objects, mode=0o700)
-    paths = []
-    for sha in sorted(manifest.objects()):
-        src = os.path.join(source, JOURNAL_DIR, OBJECTS, sha)
-        shutil.copyfile(src, os.path.join(objects, sha))  # the channel sends no hard link
-        paths.append(f"{JOURNAL_DIR}/{OBJECTS}/{sha}")
+    os.makedirs(os.path.join(staging, JOURNAL_DIR), mode=0o700)
     with open(os.path.join(staging, JOURNAL_DIR, MANIFEST), "w", encoding="utf-8") as f:
         f.write(text)
-    paths.append(f"{JOURNAL_DIR}/{MANIFEST}")  # last: the objects it names are there first
-    return [_file_entry(staging, p) for p in paths]
+    return _Staged(
+        source,
+        objects,
+        staging,
+        _file_entry(staging, f"{JOURNAL_DIR}/{MANIFEST}"),
+        hashed,
+        sorted(modules),
+    )
 
 
 def _hold_back(source: str, manifest: Manifest) -> bool:
@@ -409,11 +494,25 @@ async def restore(
     """Push the journal kept in ``source`` (default: ``journal``'s own directory) into the
     kernel ``journal`` is attached to, and load its variables there through
     ``kernel_client`` (a started :class:`jupyter_client.AsyncKernelClient` of that kernel).
-    The load runs silently: no cell in the notebook's history, no output."""
+    The load runs silently: no cell in the notebook's history, no output. The objects are
+    sent from where ``source`` keeps them (only those the vetting let through, then the
+    vetted manifest), and the kernel imports the libraries the load will need (torch,
+    numpy, pandas) while they travel."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     result = RestoreResult()
-    result.pushed_bytes = await journal.push(source or journal.directory)
+    async with journal._sync_lock:  # see LocalJournal._stage
+        staged = await journal._stage(source or journal.directory)
+        if staged.modules:
+            # The kernel imports the libraries the load needs (torch: seconds) while the
+            # objects travel, instead of after; an import that fails only costs its time.
+            kernel_client.execute(
+                "",
+                silent=True,
+                store_history=False,
+                user_expressions={m: f"__import__({m!r}).__name__" for m in staged.modules},
+            )
+        result.pushed_bytes = await journal._send(staged)
     loaded = loop.time()
     result.push_s = loaded - start
     msg_id = kernel_client.execute(

@@ -91,6 +91,11 @@ async def test_a_forged_journal_object_is_not_restored_and_its_code_never_runs(
         result = await restore(_journal(km2), kc2, source=journal.directory, timeout=60)
         marker = "import os\nprint(os.path.exists(os.path.expanduser('~/pwned-by-the-journal')))"
         assert (await _run(cells, kc2, marker)).stream() == "False\n"
+        # The push sends the objects from where they are kept here, beside the forged one
+        # and f's: only those the vetting let through reach the new workspace.
+        pushed = "print(sorted(os.listdir(os.path.expanduser('~/" + JOURNAL_DIR + "/objects'))))"
+        vetted = {manifest.vars[n]["sha256"] for n in ("a", "d", "sd", "t")}
+        assert (await _run(cells, kc2, pushed)).stream() == f"{sorted(vetted)}\n"
         assert result.restored == ["a", "d", "sd", "t"]
         missing = {m["name"]: m for m in result.missing}
         assert set(missing) == {"evil", "f"}
