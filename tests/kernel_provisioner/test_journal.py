@@ -11,12 +11,14 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from jupyter_core.paths import jupyter_data_dir
 
 from jupyter_io.errors import JupyterIOError
-from jupyter_io.journal.snapshot import JOURNAL_DIR, OBJECTS
-from kernel_provisioner.journal import LocalJournal, restore
+from jupyter_io.files import UnsafePath
+from jupyter_io.journal.snapshot import JOURNAL_DIR, OBJECTS, Manifest, serialise
+from kernel_provisioner.journal import COMPLETE, LocalJournal, _stage, restore
 from kernel_provisioner.provisioner import RemoteKernelProvisioner
 
 CELLS = [
@@ -150,3 +152,39 @@ async def test_a_journal_over_the_local_cap_is_not_brought_back(
         assert journal.complete is None
     finally:
         kc.stop_channels()
+
+
+def test_the_push_reads_each_object_beneath_the_journal_once_and_checks_it(tmp_path: Path) -> None:
+    # The push sends the objects from where the journal keeps them (no copy): each is opened
+    # as the file channel opens what it sends, so a link planted there (to a file of the
+    # user's) is refused rather than followed, and a one-chunk object must hold what its
+    # name says. The listing is what the channel sends: the vetted objects, then the manifest.
+    source = tmp_path / "journal"
+    objects = source / JOURNAL_DIR / OBJECTS
+    objects.mkdir(parents=True)
+    kept = serialise(np.arange(4))
+    (objects / kept.sha256).write_bytes(kept.data)
+    manifest = Manifest(1, {"a": {"sha256": kept.sha256, "kind": "numpy", "size": len(kept.data)}})
+    (source / COMPLETE).write_text(manifest.to_json())
+    staged = _stage(str(source), str(tmp_path / "staging"))
+    assert [e.path for e in staged.objects] == [f"{JOURNAL_DIR}/{OBJECTS}/{kept.sha256}"]
+    assert staged.manifest.path == f"{JOURNAL_DIR}/manifest.json"
+    assert staged.modules == ["numpy"]
+    assert sorted(p.name for p in (tmp_path / "staging").rglob("*") if p.is_file()) == [
+        "manifest.json"
+    ]
+
+    secret = tmp_path / "secret.npy"
+    secret.write_bytes(kept.data)
+    (objects / kept.sha256).unlink()
+    (objects / kept.sha256).symlink_to(secret)
+    with pytest.raises(UnsafePath, match="link"):
+        _stage(str(source), str(tmp_path / "staging"))
+    (objects / kept.sha256).unlink()
+    os.link(secret, objects / kept.sha256)
+    with pytest.raises(UnsafePath, match="hard links"):
+        _stage(str(source), str(tmp_path / "staging"))
+    (objects / kept.sha256).unlink()
+    (objects / kept.sha256).write_bytes(serialise(np.arange(5)).data)
+    with pytest.raises(JupyterIOError, match="changed since it was brought back"):
+        _stage(str(source), str(tmp_path / "staging"))
