@@ -353,7 +353,9 @@ class FileEndpoint:
             return
         for key in discard:
             self.store.discard(key)
-        for key, sha in list(incoming.sealed.items()):
+        for key, sha in [
+            (k, incoming.sealed[k]) for k, _, _ in seal.sealed if k in incoming.sealed
+        ]:
             moved = await asyncio.to_thread(self.store.finish_as, key, sha)
             if not moved:
                 path = next(e.path for e in incoming.offer.files if e.sha256 == key)

@@ -20,11 +20,15 @@ from websockets.asyncio.server import ServerConnection, serve
 from jupyter_io.bridge import Bridge
 from jupyter_io.confine import HashCache, scan
 from jupyter_io.content_store import ContentStore
+from jupyter_io.errors import ProtocolError
 from jupyter_io.file_endpoint import FileEndpoint
 from jupyter_io.files import (
     CHUNK_SIZE,
+    Chunk,
     Done,
     FileEntry,
+    Incoming,
+    Offer,
     Pull,
     Seal,
     Want,
@@ -251,3 +255,26 @@ def test_the_provider_streams_large_unhashed_files_to_a_pull_that_takes_them(
     # Its hash known (unchanged since it was last hashed): the hash-first offer again.
     [known] = changed_files(str(tmp_path), {}, hashes, pull, CHUNK_SIZE)[0]
     assert not known.stream and known.sha256 == entries[0].sha256
+
+
+def test_a_seal_must_follow_its_whole_stream() -> None:
+    # The contract alone: a seal before the object's last chunk, or twice, fails the transfer.
+    content = os.urandom(CHUNK_SIZE + 10)
+    key = stream_key(ID, "m.pt")
+    offer = Offer(ID, (FileEntry("m.pt", len(content), 0o644, key, True),), "pull")
+    incoming = Incoming(offer, lambda sha, size: size)  # "held" is never asked of a stream
+    assert incoming.want().want == ((key, 0),)
+    digests = chunk_digests(content)
+    incoming.accept(Chunk(ID, key, 0, content[:CHUNK_SIZE], digests[0]))
+    sha = content_hash(digests)
+    with pytest.raises(ProtocolError, match="before its last chunk"):
+        incoming.seal(Seal(ID, ((key, sha, None),)))
+    incoming = Incoming(offer, lambda sha, size: 0)
+    incoming.accept(Chunk(ID, key, 0, content[:CHUNK_SIZE], digests[0]))
+    assert not incoming.complete
+    incoming.accept(Chunk(ID, key, CHUNK_SIZE, content[CHUNK_SIZE:], digests[1]))
+    assert not incoming.complete  # whole, not sealed: nothing may be placed yet
+    assert incoming.seal(Seal(ID, ((key, sha, None),))) == []
+    assert incoming.complete and incoming.entries()[0].sha256 == sha
+    with pytest.raises(ProtocolError, match="not an unsealed stream"):
+        incoming.seal(Seal(ID, ((key, sha, None),)))
