@@ -130,8 +130,9 @@ class FrameKind(enum.IntEnum):
     meet it."""
     FILES = 12
     """Either way: a message of the file channel (:mod:`jupyter_io.files`): ``{"op": "offer"
-    | "want" | "done" | "pull", "id", ...}``. Sent only to a host whose WELCOME lists
-    ``"files"`` in its ``features``."""
+    | "want" | "done" | "pull" | "seal", "id", ...}`` (``seal``: a streamed file's whole
+    digest after its last chunk, only to a pull that asked for streams). Sent only to a host
+    whose WELCOME lists ``"files"`` in its ``features``."""
     FILE_CHUNK = 13
     """Either way: content of a file transfer, two parts: a header
     (:data:`jupyter_io.files.CHUNK_HEADER`) and up to 1 MiB of bytes."""
