@@ -171,6 +171,8 @@ class RegistryStats:
 
     heartbeats: int = 0
     heartbeats_flushed: int = 0
+    #: Heartbeats a flush left for the next one (their rows were locked by a transaction).
+    heartbeats_deferred: int = 0
     flushes: int = 0
     flush_seconds: float = 0.0
     providers_lost: int = 0
@@ -644,22 +646,26 @@ class Registry:
     # -- heartbeats and loss -----------------------------------------------------------------
 
     async def flush(self) -> int:
-        """Write the heartbeats received since the last flush, in one statement."""
+        """Write the heartbeats received since the last flush without waiting on row locks
+        (:meth:`Store.flush_heartbeats`); those of providers whose rows another transaction
+        held stay pending for the next flush. Returns how many were written."""
         if not self._pending:
             return 0
         batch, self._pending = self._pending, {}
         started = time.perf_counter()
+        kept = batch  # kept for the next flush unless written
         try:
-            await self.store.record_heartbeats({k: _utc(v) for k, v in batch.items()})
-        except Exception:
-            for pubkey, beat in batch.items():  # keep them for the next try
+            done = await self.store.flush_heartbeats({k: _utc(v) for k, v in batch.items()})
+            kept = {pubkey: batch[pubkey] for pubkey in done.skipped if pubkey in batch}
+        finally:
+            for pubkey, beat in kept.items():
                 self._pending[pubkey] = max(beat, self._pending.get(pubkey, beat))
-            raise
         self.stats.flushes += 1
-        self.stats.heartbeats_flushed += len(batch)
+        self.stats.heartbeats_flushed += len(batch) - len(kept)
+        self.stats.heartbeats_deferred += len(kept)
         self.stats.flush_seconds += time.perf_counter() - started
         self._notify()
-        return len(batch)
+        return len(batch) - len(kept)
 
     async def sweep(self) -> None:
         """Mark providers silent for the loss window lost; end requested leases whose token
@@ -706,7 +712,7 @@ class Registry:
             self._reindex(state)
         for pubkey, lease_id in vanished:
             # Made here after the snapshot, or really over: ask the store about this one.
-            record = await self.store.get_lease(lease_id)
+            record = await self.store.replicas.lease(lease_id)  # the feed's own pool
             if record is None or record.live:
                 continue
             holder = self._providers.get(pubkey)
@@ -740,7 +746,9 @@ class Registry:
             if self._apply_view(pubkey, views.get(pubkey), vanished):
                 fresh.append(pubkey)
         if fresh:
-            await self.reliability.refresh(fresh)
+            # Read through the feed's own connections (lease transactions waiting on row
+            # locks can spend the main pool's for seconds).
+            await self.reliability.refresh(fresh, queries=self.store.replicas.reliability)
             for pubkey in fresh:
                 if (state := self._providers.get(pubkey)) is not None:
                     self._reindex(state)

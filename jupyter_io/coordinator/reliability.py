@@ -43,6 +43,7 @@ from .store.reliability import LinkSpan, SessionCounts
 
 if TYPE_CHECKING:
     from .store import Store
+    from .store.reliability import ReliabilityQueries
 
 __all__ = [
     "PER_USER_SESSIONS",
@@ -183,15 +184,17 @@ class ReliabilityBook:
             return datetime.now(timezone.utc)
         return datetime.fromtimestamp(self._clock(), tz=timezone.utc)
 
-    async def refresh(self, pubkeys: Iterable[str]) -> set[str]:
-        """Re-read the records of ``pubkeys`` (one read of the store); returns those whose
-        figure changed."""
+    async def refresh(
+        self, pubkeys: Iterable[str], *, queries: ReliabilityQueries | None = None
+    ) -> set[str]:
+        """Re-read the records of ``pubkeys`` (one read of the store, or of ``queries``: the
+        change feed passes its own connections'); returns those whose figure changed."""
         wanted = sorted(set(pubkeys))
         if not wanted:
             return set()
         now = self._now()
         since = now - timedelta(seconds=self.window)
-        inputs = await self.store.reliability_inputs(wanted, since=since)
+        inputs = await (queries or self.store).reliability_inputs(wanted, since=since)
         changed: set[str] = set()
         for pubkey in wanted:
             record = inputs.get(pubkey)

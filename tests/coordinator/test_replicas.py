@@ -218,3 +218,93 @@ async def test_every_write_a_scheduler_sees_feeds_the_feed_and_heartbeat_flushes
         assert record is not None and record.replica_id is None  # lost: linked nowhere
     finally:
         await store.close()
+
+
+async def test_a_heartbeat_flush_skips_a_row_a_lease_transaction_holds_and_writes_it_next_time(
+    store_url: str,
+) -> None:
+    store = await Store.open(store_url)
+    try:
+        view = Registry(store, OfferIndex(), coordinator=Keypair().pubkey())
+        held, free = (str(Keypair().pubkey()) for _ in range(2))
+        t0 = datetime.now(timezone.utc).replace(microsecond=0)
+        await store.upsert_providers([ProviderProfile(held), ProviderProfile(free)], at=t0)
+        beat = (t0 + 5 * SECOND).timestamp()
+        view._pending = {held: beat, free: beat}
+        providers = cast(sa.Table, Provider.__table__)
+
+        async def stored(pubkey: str) -> float:
+            record = await store.get_provider(pubkey)
+            assert record is not None
+            return record.last_heartbeat.timestamp()
+
+        async with store.engine.connect() as lease:
+            transaction = await lease.begin()  # a lease transaction's provider row lock
+            await lease.execute(
+                sa.select(providers).where(providers.c.pubkey == held).with_for_update()
+            )
+            # Not behind the lock: the other row is written, the held one kept for later.
+            assert await asyncio.wait_for(view.flush(), timeout=5) == 1
+            assert view._pending == {held: beat}
+            assert await stored(free) == pytest.approx(beat, abs=1e-5)
+            await transaction.rollback()
+        assert await stored(held) == pytest.approx(t0.timestamp())
+        assert await asyncio.wait_for(view.flush(), timeout=5) == 1  # the next flush: delayed
+        assert await stored(held) == pytest.approx(beat, abs=1e-5)
+        assert view._pending == {}
+        assert (view.stats.heartbeats_flushed, view.stats.heartbeats_deferred) == (2, 1)
+    finally:
+        await store.close()
+
+
+async def test_the_feed_advances_while_lock_waiters_hold_every_pooled_connection(
+    store_url: str,
+) -> None:
+    store = await Store.open(store_url, pool_size=2, max_overflow=0)
+    other = await Store.open(store_url, migrate=False)
+    waiters: list[asyncio.Task[None]] = []
+    try:
+        view = Registry(store, OfferIndex(), coordinator=Keypair().pubkey())
+        feed = ReplicaService(store, view, url="http://r")
+        locked, changed, newcomer = (str(Keypair().pubkey()) for _ in range(3))
+        for pubkey in (locked, changed):
+            await other.upsert_provider(ProviderProfile(pubkey), replica_id="r-other")
+        await feed.poll()
+        assert view.provider(changed) is not None
+        providers = cast(sa.Table, Provider.__table__)
+        lock = sa.select(providers).where(providers.c.pubkey == locked).with_for_update()
+
+        async def wait_for_the_lock() -> None:
+            async with store.engine.begin() as conn:
+                await conn.execute(lock)
+
+        async with other.engine.connect() as holder:
+            transaction = await holder.begin()
+            await holder.execute(lock)
+            waiters = [asyncio.create_task(wait_for_the_lock()) for _ in range(2)]
+            waiting = sa.text(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+            deadline = time.monotonic() + 10
+            async with other.engine.connect() as probe:
+                while (await probe.scalar(waiting)) < 2:
+                    assert time.monotonic() < deadline, "the lock waiters never queued"
+                    await asyncio.sleep(0.02)
+            assert store.engine.sync_engine.pool.checkedout() == 2  # the main pool is spent
+
+            await other.replace_offers(changed, [OfferSpec("RTX 4090", 1, 1, 100)])
+            await other.upsert_provider(ProviderProfile(newcomer), replica_id="r-other")
+            await other.replace_offers(newcomer, [OfferSpec("RTX 5090", 1, 1, 100)])
+            # The old feed, on the main pool, waited here for a connection (30 s pool timeout).
+            await asyncio.wait_for(feed.poll(), timeout=10)
+            state = view.provider(changed)
+            assert state is not None and [o.gpu_model for o in state.offers] == ["RTX 4090"]
+            assert [o.gpu for o in view.index.offers_of(newcomer)] == ["RTX 5090"]
+            await transaction.rollback()
+        await asyncio.wait_for(asyncio.gather(*waiters), timeout=10)
+    finally:
+        for task in waiters:
+            task.cancel()
+        await other.close()
+        await store.close()

@@ -79,6 +79,7 @@ from .replicas import Change, OutboxRow, ProviderView, ReplicaQueries, ReplicaRe
 from .settlements import SettlementQueries, SettlementRecord, UsageReport
 
 __all__ = [
+    "FEED_POOL",
     "MIGRATIONS_DIR",
     "Change",
     "CodeRecord",
@@ -115,6 +116,10 @@ __all__ = [
     "upgrade_database",
 ]
 
+#: The pool of the change feed's own engine on PostgreSQL (:attr:`Store.replicas`): the feed
+#: pass, the replica's beat and the prune, each one connection at a time.
+FEED_POOL: dict[str, Any] = {"pool_size": 2, "max_overflow": 2}
+
 
 class Store(
     ProviderQueries, LeaseQueries, SettlementQueries, CohortQueries, ReliabilityQueries,
@@ -150,10 +155,15 @@ class Store(
         except BaseException:
             await engine.dispose()
             raise
-        return cls(engine)
+        store = cls(engine)
+        store.__dict__["_engine_kw"] = engine_kw
+        return store
 
     async def close(self) -> None:
         """Close every pooled connection. The store cannot be used afterwards."""
+        feed = self.__dict__.pop("_feed_engine", None)
+        if feed is not None:
+            await feed.dispose()
         await self._engine.dispose()
 
     async def __aenter__(self) -> Store:
@@ -168,7 +178,15 @@ class Store(
         (:class:`ReplicaQueries`)."""
         queries = self.__dict__.get("_replica_queries")
         if queries is None:
-            queries = self.__dict__["_replica_queries"] = ReplicaQueries(self._engine)
+            feed = None
+            if self._postgres:
+                # The change feed and the replica's beat get a small pool of their own: lease
+                # transactions waiting on provider row locks can take every connection of the
+                # main pool, and the view must keep moving meanwhile.
+                kw = {**self.__dict__.get("_engine_kw", {}), **FEED_POOL}
+                feed = self.__dict__["_feed_engine"] = make_engine(self._engine.url, **kw)
+            queries = ReplicaQueries(self._engine, feed_engine=feed)
+            self.__dict__["_replica_queries"] = queries
         return queries
 
     @property

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import sqlalchemy as sa
 
@@ -22,6 +22,8 @@ from .engine import Aggregate, _aware, _when
 from .reliability import close_link, open_links, outages_before_link
 
 __all__ = [
+    "HEARTBEAT_FLUSH_ROWS",
+    "HeartbeatFlush",
     "LiveOffer",
     "OfferRecord",
     "OfferSpec",
@@ -175,6 +177,19 @@ class LiveOffer:
 
 # --------------------------------------------------------------------------------------------
 # Queries
+
+
+#: Providers per transaction of a PostgreSQL heartbeat flush (:meth:`ProviderQueries.
+#: flush_heartbeats`): each transaction's row locks last one statement of this many rows.
+HEARTBEAT_FLUSH_ROWS = 2000
+
+
+class HeartbeatFlush(NamedTuple):
+    """What :meth:`ProviderQueries.flush_heartbeats` did: ``updated`` rows written, and the
+    providers ``skipped`` because another transaction held their rows (flush them again)."""
+
+    updated: int
+    skipped: frozenset[str]
 
 
 class ProviderQueries(Aggregate):
@@ -369,6 +384,39 @@ class ProviderQueries(Aggregate):
 
         return await self._retrying(flush)
 
+    async def flush_heartbeats(
+        self, batch: Mapping[str, datetime], *, rows: int = 0
+    ) -> HeartbeatFlush:
+        """Store the latest heartbeat times like :meth:`record_heartbeats`, without waiting
+        for other transactions: the periodic flush of a busy coordinator.
+
+        On PostgreSQL the batch goes in transactions of at most ``rows`` providers
+        (:data:`HEARTBEAT_FLUSH_ROWS` by default), each locking only the rows no other
+        transaction holds (``FOR UPDATE SKIP LOCKED``), so a flush never queues behind a
+        lease transaction's row lock (``FOR NO KEY UPDATE SKIP LOCKED``), and holds its own
+        for one short statement. The
+        providers whose rows were locked come back in :attr:`HeartbeatFlush.skipped`,
+        unwritten: flush them again next time (a heartbeat is delayed, never lost). On SQLite
+        (one writer at a time anyway) this is :meth:`record_heartbeats`.
+        """
+        if not self._postgres or not batch:
+            return HeartbeatFlush(await self.record_heartbeats(batch), frozenset())
+        rows = rows or HEARTBEAT_FLUSH_ROWS
+        items = sorted(batch.items())
+        updated = 0
+        skipped: set[str] = set()
+        for start in range(0, len(items), rows):
+            chunk = items[start : start + rows]
+            params = {
+                "pubkeys": [pubkey for pubkey, _ in chunk],
+                "beats": [_aware(beat) for _, beat in chunk],
+            }
+            async with self._write() as conn:
+                result = (await conn.execute(_PG_HEARTBEATS_SKIP_LOCKED, params)).one()
+            updated += int(result.updated)
+            skipped.update(result.skipped)
+        return HeartbeatFlush(updated, frozenset(skipped))
+
     async def stale_providers(self, before: datetime) -> list[str]:
         """Public keys of providers still marked online whose last heartbeat is older than
         ``before``: after a coordinator restart, the ones to watch (or mark lost)."""
@@ -446,6 +494,35 @@ _PG_HEARTBEATS = sa.text(
     UPDATE providers AS p SET last_heartbeat = hb.beat
     FROM unnest(CAST(:pubkeys AS text[]), CAST(:beats AS timestamptz[])) AS hb(pubkey, beat)
     WHERE p.pubkey = hb.pubkey AND p.last_heartbeat < hb.beat
+    """
+)
+# The same without waiting: lock the batch's rows that no other transaction holds (a lease
+# transaction's FOR UPDATE, another flush), update those, and name the known providers whose
+# rows were skipped (unknown providers are neither updated nor skipped). NO KEY UPDATE is the
+# lock the UPDATE takes anyway: a foreign key check (FOR KEY SHARE, a lease or offer insert)
+# neither blocks it nor waits for it.
+_PG_HEARTBEATS_SKIP_LOCKED = sa.text(
+    """
+    WITH hb AS (
+        SELECT * FROM unnest(CAST(:pubkeys AS text[]), CAST(:beats AS timestamptz[]))
+            AS hb(pubkey, beat)
+    ), locked AS (
+        SELECT p.pubkey FROM providers AS p
+        WHERE p.pubkey = ANY(CAST(:pubkeys AS text[]))
+        ORDER BY p.pubkey
+        FOR NO KEY UPDATE SKIP LOCKED
+    ), written AS (
+        UPDATE providers AS p SET last_heartbeat = hb.beat
+        FROM locked JOIN hb ON hb.pubkey = locked.pubkey
+        WHERE p.pubkey = locked.pubkey AND p.last_heartbeat < hb.beat
+        RETURNING p.pubkey
+    )
+    SELECT
+        (SELECT count(*) FROM written) AS updated,
+        ARRAY(
+            SELECT pubkey FROM providers WHERE pubkey = ANY(CAST(:pubkeys AS text[]))
+            EXCEPT SELECT pubkey FROM locked
+        ) AS skipped
     """
 )
 _SQLITE_HEARTBEATS = sa.text(

@@ -12,6 +12,7 @@ migration 0009) is read with :meth:`~ReplicaQueries.changes_since`; the outbox
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,6 +20,7 @@ from typing import NamedTuple, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..models import (
     LIVE_LEASE_STATES,
@@ -32,6 +34,7 @@ from ..models import (
 from .engine import Aggregate, _when
 from .leases import LeaseRecord, _lease_record
 from .providers import OfferRecord, ProviderRecord, _offer_record, _provider_record
+from .reliability import ReliabilityQueries
 
 __all__ = ["Change", "OutboxRow", "ProviderView", "ReplicaQueries", "ReplicaRecord"]
 
@@ -85,7 +88,30 @@ class ReplicaRecord:
 
 
 class ReplicaQueries(Aggregate):
-    """The replicas table, the change feed and the outbox (see the module docstring)."""
+    """The replicas table, the change feed and the outbox (see the module docstring).
+
+    With ``feed_engine`` (PostgreSQL: :attr:`Store.replicas
+    <jupyter_io.coordinator.store.Store.replicas>` gives it a small pool of its own), what
+    the feed pass and the beat do (register, beat, live, the feed, the views, the outbox's
+    take, the prune, :meth:`lease`) goes through it, so it never waits for a connection of
+    the main pool; none of it waits on a provider row lock either (:attr:`reliability`: the
+    same for the reliability records of providers the feed brings in). Posting to the outbox and
+    :meth:`stop` stay on the main engine.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, feed_engine: AsyncEngine | None = None) -> None:
+        super().__init__(engine)
+        self._feed_engine = feed_engine or engine
+        self._feed_writer = self._writer if feed_engine is None else feed_engine
+        #: Reliability records read through the feed's engine (for providers the feed
+        #: brings into a replica's view).
+        self.reliability = ReliabilityQueries(self._feed_engine)
+
+    def _feed_read(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
+        return self._feed_engine.connect()
+
+    def _feed_write(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
+        return self._feed_writer.begin()
 
     # -- replicas ---------------------------------------------------------------------------
 
@@ -99,7 +125,7 @@ class ReplicaQueries(Aggregate):
             set_={"url": url, "last_seen": at, "stopped_at": None},
         )
         values = {"id": replica_id, "url": url, "started_at": at, "last_seen": at}
-        async with self._write() as conn:
+        async with self._feed_write() as conn:
             await conn.execute(statement.values(values))
 
     async def beat(self, replica_id: str, *, at: datetime | None = None) -> bool:
@@ -108,7 +134,7 @@ class ReplicaQueries(Aggregate):
         statement = (
             sa.update(_replicas).where(_replicas.c.id == replica_id).values(last_seen=_when(at))
         )
-        async with self._write() as conn:
+        async with self._feed_write() as conn:
             return bool((await conn.execute(statement)).rowcount)
 
     async def stop(self, replica_id: str, *, at: datetime | None = None) -> None:
@@ -138,12 +164,12 @@ class ReplicaQueries(Aggregate):
             .where(_replicas.c.stopped_at.is_(None), _replicas.c.last_seen >= since)
             .order_by(_replicas.c.started_at, _replicas.c.id)
         )
-        async with self._read() as conn:
+        async with self._feed_read() as conn:
             return [(row.id, row.url, row.last_seen) for row in await conn.execute(query)]
 
     async def get_replica(self, replica_id: str) -> ReplicaRecord | None:
         """One replica's row, or None."""
-        async with self._read() as conn:
+        async with self._feed_read() as conn:
             row = (
                 await conn.execute(sa.select(_replicas).where(_replicas.c.id == replica_id))
             ).first()
@@ -156,7 +182,7 @@ class ReplicaQueries(Aggregate):
     async def last_seq(self) -> int:
         """The newest change's ``seq`` (0 for none): read it before loading a full view, then
         follow the feed from it."""
-        async with self._read() as conn:
+        async with self._feed_read() as conn:
             return int(await conn.scalar(sa.select(sa.func.max(_changes.c.seq))) or 0)
 
     async def changes_since(
@@ -174,7 +200,7 @@ class ReplicaQueries(Aggregate):
             .order_by(_changes.c.seq)
             .limit(limit)
         )
-        async with self._read() as conn:
+        async with self._feed_read() as conn:
             return [Change(row.seq, row.pubkey, row.at) for row in await conn.execute(query)]
 
     async def provider_views(self, pubkeys: Collection[str]) -> dict[str, ProviderView]:
@@ -183,7 +209,7 @@ class ReplicaQueries(Aggregate):
         keys = sorted(set(pubkeys))
         if not keys:
             return {}
-        async with self._read() as conn:
+        async with self._feed_read() as conn:
             providers = (
                 await conn.execute(
                     sa.select(_providers).where(self._any(_providers.c.pubkey, keys))
@@ -214,6 +240,12 @@ class ReplicaQueries(Aggregate):
                 view.leases.append(lease)
         return views
 
+    async def lease(self, lease_id: str) -> LeaseRecord | None:
+        """One lease as stored, or None (the feed asks this of a lease gone from a view)."""
+        async with self._feed_read() as conn:
+            row = (await conn.execute(sa.select(_leases).where(_leases.c.id == lease_id))).first()
+        return None if row is None else _lease_record(row)
+
     def _any(self, column: sa.ColumnElement[str], keys: list[str]) -> sa.ColumnElement[bool]:
         # One array parameter on PostgreSQL (one plan, no parameter limit); IN on SQLite.
         if self._postgres:
@@ -242,7 +274,7 @@ class ReplicaQueries(Aggregate):
     async def message_targets(self, *, at: datetime | None = None) -> set[str]:
         """Providers with unexpired messages waiting (the outbox is small: this is cheap)."""
         query = sa.select(_outbox.c.pubkey).where(_outbox.c.expires_at > _when(at)).distinct()
-        async with self._read() as conn:
+        async with self._feed_read() as conn:
             return set((await conn.scalars(query)).all())
 
     async def take_messages(
@@ -257,7 +289,7 @@ class ReplicaQueries(Aggregate):
             .where(self._any(_outbox.c.pubkey, sorted(pubkeys)), _outbox.c.expires_at > _when(at))
             .returning(_outbox.c.id, _outbox.c.pubkey, _outbox.c.body)
         )
-        async with self._write() as conn:
+        async with self._feed_write() as conn:
             rows = (await conn.execute(statement)).all()
         return sorted((OutboxRow(row.id, row.pubkey, row.body) for row in rows), key=_by_id)
 
@@ -270,7 +302,7 @@ class ReplicaQueries(Aggregate):
         seen for a day. Any replica may run it (each statement is idempotent). Returns
         ``(changes, messages)`` deleted."""
         at = _when(at)
-        async with self._write() as conn:
+        async with self._feed_write() as conn:
             changes = await conn.execute(
                 sa.delete(_changes).where(_changes.c.at < _when(changes_before))
             )
