@@ -197,6 +197,10 @@ def downgrade() -> None:
     op.drop_table("link_messages")
     op.drop_index(op.f("ix_provider_changes_at"), table_name="provider_changes")
     op.drop_table("provider_changes")
-    with op.batch_alter_table("providers") as batch:
-        batch.drop_column("replica_id")
+    if op.get_context().dialect.name == "sqlite":
+        # SQLite's own DROP COLUMN (3.35+): a batch copy of ``providers`` would trip the
+        # foreign keys of the leases that point at it (as in 0005's upgrade).
+        op.execute("ALTER TABLE providers DROP COLUMN replica_id")
+    else:
+        op.drop_column("providers", "replica_id")
     op.drop_table("replicas")
