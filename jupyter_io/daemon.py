@@ -1,12 +1,15 @@
-"""What every jupyter-io daemon needs: a listen address and graceful signal handling.
+"""What every jupyter-io daemon needs: a listen address, graceful signal handling, one life.
 
-The coordinator and the provider host both parse ``HOST:PORT`` with :func:`parse_listen`
-and turn SIGINT/SIGTERM into a graceful shutdown with :func:`capture_signals` (restoring the
-previous handlers afterwards, as uvicorn does).
+The coordinator, the provider host and the ledger parse ``HOST:PORT`` with
+:func:`parse_listen`, turn SIGINT/SIGTERM into a graceful shutdown with
+:func:`capture_signals` (restoring the previous handlers afterwards, as uvicorn does), and
+share :class:`Daemon`'s life: :meth:`~Daemon.startup` → :meth:`~Daemon.main_loop` →
+:meth:`~Daemon.shutdown`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import signal
@@ -18,7 +21,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["capture_signals", "is_loopback", "parse_listen", "server_ssl_context"]
+__all__ = ["Daemon", "capture_signals", "is_loopback", "parse_listen", "server_ssl_context"]
 
 _LOOPBACK = ("127.", "::1", "localhost")
 
@@ -95,3 +98,48 @@ def server_ssl_context(certfile: str, keyfile: str, *, serves: str) -> ssl.SSLCo
             f"cannot load TLS certificate {certfile!r} / key {keyfile!r}: {exc}"
         ) from None
     return context
+
+
+class Daemon:
+    """A daemon's life, uvicorn's shape: :meth:`run` (blocking) or :meth:`serve` runs
+    :meth:`startup`, :meth:`main_loop` until :meth:`request_exit` or SIGINT/SIGTERM, then
+    :meth:`shutdown`. Subclasses set :attr:`log`, :attr:`should_exit` and ``_loop`` (the
+    running loop, in their ``startup``) and implement ``startup`` and ``shutdown``; tests
+    call those two directly."""
+
+    log: logging.Logger
+    should_exit: asyncio.Event
+    _loop: asyncio.AbstractEventLoop | None
+
+    async def startup(self) -> None:
+        raise NotImplementedError
+
+    async def shutdown(self) -> None:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM (blocking)."""
+        asyncio.run(self.serve())
+
+    async def serve(self) -> None:
+        """startup → main_loop → shutdown, with SIGINT/SIGTERM captured meanwhile."""
+        with self.capture_signals():
+            await self.startup()
+            try:
+                await self.main_loop()
+            finally:
+                await self.shutdown()
+
+    async def main_loop(self) -> None:
+        """Wait until asked to exit."""
+        await self.should_exit.wait()
+
+    def request_exit(self) -> None:
+        """Ask :meth:`main_loop` to return (safe from signal handlers and other threads)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.should_exit.set)
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
+        """Turn SIGINT/SIGTERM into :meth:`request_exit`; restore the old handlers after."""
+        return capture_signals(self.request_exit, self.log)

@@ -47,7 +47,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.http11 import Request, Response
 
 from jupyter_io.admission import HandshakeSlots
-from jupyter_io.daemon import capture_signals, is_loopback
+from jupyter_io.daemon import Daemon, is_loopback
 from jupyter_io.errors import ConfigError, KernelLaunchError, ProtocolError
 from jupyter_io.gpu_challenge import challenge_size
 from jupyter_io.identity import new_nonce
@@ -122,7 +122,7 @@ def _reason(text: str) -> str:
     return text.encode()[:120].decode(errors="ignore")
 
 
-class ProviderServer:
+class ProviderServer(Daemon):
     """Lifecycle of the provider host (see the module docstring)."""
 
     def __init__(
@@ -178,19 +178,6 @@ class ProviderServer:
         self.warm: WarmPool | None = None
 
     # -- the whole life --------------------------------------------------------------------
-
-    def run(self) -> None:
-        """Serve until SIGINT/SIGTERM (blocking)."""
-        asyncio.run(self.serve())
-
-    async def serve(self) -> None:
-        """startup → main_loop → shutdown, with SIGINT/SIGTERM captured meanwhile."""
-        with self.capture_signals():
-            await self.startup()
-            try:
-                await self.main_loop()
-            finally:
-                await self.shutdown()
 
     async def startup(self) -> None:
         """Load identity and allow-list, probe devices, listen, print the listening line.
@@ -393,16 +380,6 @@ class ProviderServer:
         if not self._closing:
             self.coordinator_link.start()
 
-    async def main_loop(self) -> None:
-        """Wait until asked to exit."""
-        await self.should_exit.wait()
-
-    def request_exit(self) -> None:
-        """Ask :meth:`main_loop` to return (safe from signal handlers and other threads)."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self.should_exit.set)
-
     async def shutdown(self) -> None:
         """Stop accepting, end every session (kernels killed, 1001, workspaces removed); with a
         coordinator, send the sessions' last usage reports and ``ended`` events, then close
@@ -441,10 +418,6 @@ class ProviderServer:
             self._context.destroy(linger=0)
             self._context = None
         self.log.info("provider host stopped")
-
-    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
-        """Turn SIGINT/SIGTERM into :meth:`request_exit`; restore the old handlers after."""
-        return capture_signals(self.request_exit, self.log)
 
     # -- connections -----------------------------------------------------------------------
 

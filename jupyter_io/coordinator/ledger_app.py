@@ -39,7 +39,7 @@ from traitlets.config import Configurable
 
 from .. import __version__
 from ..app import IOCommand
-from ..daemon import capture_signals, is_loopback, parse_listen, server_ssl_context
+from ..daemon import Daemon, is_loopback, parse_listen, server_ssl_context
 from ..data_lock import DataDirBusy, DataDirLock
 from ..errors import ConfigError
 from .embedded_ledger import EmbeddedLedger
@@ -106,7 +106,7 @@ class LedgerConfig(Configurable):
         return Path(self.data_dir).expanduser() / LEDGER_FILE
 
 
-class LedgerServer:
+class LedgerServer(Daemon):
     """The ledger's lifecycle: :meth:`startup` (lock the data directory, open the accounts,
     listen, print the ready line), :meth:`main_loop` (until :meth:`request_exit` or a
     signal), :meth:`shutdown` (stop accepting, finish the request in flight, close the
@@ -129,19 +129,6 @@ class LedgerServer:
         self._http: HTTPServer | None = None
         self._lock: DataDirLock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-
-    def run(self) -> None:
-        """Serve until SIGINT/SIGTERM (blocking)."""
-        asyncio.run(self.serve())
-
-    async def serve(self) -> None:
-        """startup → main_loop → shutdown, with SIGINT/SIGTERM captured meanwhile."""
-        with capture_signals(self.request_exit, self.log):
-            await self.startup()
-            try:
-                await self.main_loop()
-            finally:
-                await self.shutdown()
 
     async def startup(self) -> None:
         """Raises :class:`~jupyter_io.errors.ConfigError` for a bad listen address, TLS files,
@@ -198,16 +185,6 @@ class LedgerServer:
         where = "in memory only" if config.memory else str(config.ledger_path())
         self.log.info("ledger accounts: %s", where)
         print(f"{LISTENING_PREFIX}{self.url}", file=self.stdout, flush=True)
-
-    async def main_loop(self) -> None:
-        """Wait until asked to exit."""
-        await self.should_exit.wait()
-
-    def request_exit(self) -> None:
-        """Ask :meth:`main_loop` to return (safe from signal handlers and other threads)."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self.should_exit.set)
 
     async def shutdown(self) -> None:
         """Stop accepting, close open connections, close the accounts (already durable)."""

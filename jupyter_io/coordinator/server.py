@@ -40,7 +40,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from ..admission import HandshakeSlots
-from ..daemon import capture_signals, is_loopback
+from ..daemon import Daemon, is_loopback
 from ..errors import ConfigError
 from ..payments.escrow import EscrowClient
 from ..ping import PingLimiter
@@ -90,7 +90,7 @@ MAX_HEADER_SIZE = 16 * 1024
 LISTENING_PREFIX = "jupyter-io coordinator listening on "
 
 
-class CoordinatorServer:
+class CoordinatorServer(Daemon):
     """Lifecycle of the coordinator (see the module docstring)."""
 
     def __init__(
@@ -142,19 +142,6 @@ class CoordinatorServer:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- the whole life --------------------------------------------------------------------
-
-    def run(self) -> None:
-        """Serve until SIGINT/SIGTERM (blocking)."""
-        asyncio.run(self.serve())
-
-    async def serve(self) -> None:
-        """startup → main_loop → shutdown, with SIGINT/SIGTERM captured meanwhile."""
-        with self.capture_signals():
-            await self.startup()
-            try:
-                await self.main_loop()
-            finally:
-                await self.shutdown()
 
     async def startup(self) -> None:
         """Load identity, open the store, rebuild state, listen, print the ready line.
@@ -435,16 +422,6 @@ class CoordinatorServer:
         self.leases.notices.append(scheduling.notice)
         return scheduling
 
-    async def main_loop(self) -> None:
-        """Wait until asked to exit."""
-        await self.should_exit.wait()
-
-    def request_exit(self) -> None:
-        """Ask :meth:`main_loop` to return (safe from signal handlers and other threads)."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self.should_exit.set)
-
     async def shutdown(self) -> None:
         """Stop accepting; close relayed connections and provider links (1001); flush the
         last heartbeats; close the store. Leases are left as they are."""
@@ -497,10 +474,6 @@ class CoordinatorServer:
             await self.ledger.close()  # after the last request it served
             self.ledger = None
         self.log.info("coordinator stopped")
-
-    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
-        """Turn SIGINT/SIGTERM into :meth:`request_exit`; restore the old handlers after."""
-        return capture_signals(self.request_exit, self.log)
 
     def _print(self, line: str) -> None:
         print(line, file=self.stdout, flush=True)
