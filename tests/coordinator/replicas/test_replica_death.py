@@ -89,6 +89,23 @@ async def _settled(cluster: Cluster, user: Keypair, lease_id: str, timeout: floa
         await asyncio.sleep(0.1)
 
 
+async def _billed(cluster: Cluster, user: Keypair, lease_id: str, seconds: int) -> None:
+    """Poll until the replica the provider moved to has metered ``seconds`` of service (both
+    the provider's reports and the user's acknowledgements): a session of under a second
+    bills nothing, and the test is about what is paid after the move."""
+    deadline = time.monotonic() + 30
+    while True:
+        billing = (await _lease(cluster, user, lease_id)).billing
+        if (
+            billing is not None
+            and min(billing.reported_seconds, billing.acknowledged_seconds) >= seconds
+        ):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"lease {lease_id} not billed {seconds} s in 30 s: {billing}")
+        await asyncio.sleep(0.2)
+
+
 async def _books_balance(
     chain: Ledger, terms: EscrowTerms, during: Any, info: LeaseInfo, *signatures: str
 ) -> int:
@@ -148,6 +165,7 @@ async def test_killed_mid_session_the_provider_relinks_and_the_lease_lives_on(
             assert await km.is_alive()
             assert prov.lease.grant.lease == grant.lease
             assert not prov._failover.done, "a replica's death is no provider's loss"
+            await _billed(cluster, user, grant.lease, seconds=2)
         finally:
             kc.stop_channels()
         await asyncio.wait_for(km.shutdown_kernel(), 30)
