@@ -411,18 +411,24 @@ class Cluster:
             pytest.fail(f"{exc}\nprovider:\n{host.stderr()}")
         return host
 
-    def wait_offered(self, pubkey: str, timeout: float = 30.0) -> Replica:
-        """Poll the live replicas' offers (no event to await across processes) until one
-        lists ``pubkey``; that replica."""
+    def wait_offered(self, pubkey: str, timeout: float = 30.0) -> None:
+        """Poll the live replicas' offers (no event to await across processes) until every
+        one lists ``pubkey``: the replica it linked to at once, the others once their change
+        feed brought it (a lease asked of a replica before then is rightly refused)."""
         deadline = time.monotonic() + timeout
         while True:
+            missing = []
             for replica in self.alive:
+                rows: list[dict[str, Any]] = []
                 with contextlib.suppress(OSError):
                     rows = get_json(f"{replica.url}/api/v1/offers")["providers"]
-                    if any(row["provider"] == pubkey for row in rows):
-                        return replica
+                if not any(row["provider"] == pubkey for row in rows):
+                    missing.append(replica)
+            if not missing:
+                return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"provider {pubkey} offered by no replica in {timeout} s")
+                names = ", ".join(replica.name for replica in missing)
+                raise TimeoutError(f"provider {pubkey} not offered by {names} in {timeout} s")
             time.sleep(0.05)
 
     def stop_provider(self, host: ProviderHost) -> None:
