@@ -302,6 +302,8 @@ class StatusHandler(_ApiHandler):
                 "offers": len(registry.index),
                 "heartbeats": stats.heartbeats,
                 "heartbeats_flushed": stats.heartbeats_flushed,
+                # Heartbeats whose row a lease transaction held: written by the next flush.
+                "heartbeats_deferred": stats.heartbeats_deferred,
                 "flushes": stats.flushes,
                 "flush_seconds": round(stats.flush_seconds, 6),
                 "providers_lost": stats.providers_lost,
