@@ -169,6 +169,14 @@ class GpuChallenges:
         if self._unlinked in registry.unlink_listeners:
             registry.unlink_listeners.remove(self._unlinked)
         registry.gpu_replies = None
+        # Every pending challenge ends now, without a verdict, whatever it is waiting for (a
+        # cancellation alone could be lost in a wait that completes at the same moment, and
+        # the challenge then waited out its reveal timeout, holding up the shutdown).
+        for pending in self._pending.values():
+            pending.dropped = True
+            if not pending.commitment.done():
+                pending.commitment.cancel()
+            pending.opened.set()
         tasks = list(self._tasks) + ([self._loop_task] if self._loop_task else [])
         for task in tasks:
             task.cancel()

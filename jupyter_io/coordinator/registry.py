@@ -910,6 +910,7 @@ class Registry:
         self._drop(state, "linked to another coordinator")
         if self.replicated:
             self._refresh_later.add(state.pubkey)  # back in the index as linked elsewhere
+        self._notify()
 
     async def refresh_reliability(self) -> None:
         """Re-measure every provider watched here (the window rolls), re-index those whose
