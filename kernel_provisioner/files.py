@@ -9,7 +9,10 @@ notebook's directory). It
   skipping :data:`DEFAULT_SKIP` (version control, virtual environments, node_modules,
   caches, checkpoints), and refuses a start over ``max_bytes`` naming the biggest files;
 - mirrors it into the session's workspace (:meth:`NotebookFiles.start_sync`, run beside the
-  kernel's start); the provider's per-user store makes content it holds travel never;
+  kernel's start, reusing the check's scan); the provider's per-user store makes content it
+  holds travel never, and a restart of an unchanged directory sends nothing at all (no
+  offer: the session's workspace holds what both ends last agreed on). What each start
+  spent on the files is :attr:`NotebookFiles.start_times` (logged at debug level);
 - holds each execute_request until local edits made since the last transfer have been sent
   (a gate on the facade's shell channel), so the kernel reads what the user saved;
 - after each execute_reply, pulls back what the kernel created or changed, files up to
@@ -28,7 +31,9 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +50,14 @@ from jupyter_io.protocol import Channel
 if TYPE_CHECKING:
     from .connection import TunnelClient
 
-__all__ = ["DEFAULT_SKIP", "IGNORE_FILE", "FilesOverCap", "IgnoreRules", "NotebookFiles"]
+__all__ = [
+    "DEFAULT_SKIP",
+    "IGNORE_FILE",
+    "FilesOverCap",
+    "IgnoreRules",
+    "NotebookFiles",
+    "StartTimes",
+]
 
 #: Directory names never sent, wherever they are.
 DEFAULT_SKIP = frozenset(
@@ -70,6 +82,56 @@ DEFAULT_SKIP = frozenset(
 IGNORE_FILE = ".jupyter-io-ignore"
 
 _DELIMITER = b"<IDS|MSG>"
+#: A start's sync reuses the check's scan when it is at most this old (seconds): a restart,
+#: or a session opened straight after it. An edit made since is sent before the first
+#: execution all the same (the shell gate pushes what changed).
+_SCAN_REUSE_S = 2.0
+
+
+@dataclass
+class StartTimes:
+    """What one kernel start spent on the notebook's files (seconds, ``time.monotonic``).
+
+    ``check`` (the scan before the session opens, refusing a start over the cap) is on the
+    start's path; the sync runs beside the kernel's launch, and only ``waited`` of it (the
+    launch's wait for the sync once the kernel was up) is on the path, so ``on_path`` is
+    what the files added to the start."""
+
+    #: The check's scan (and, on a first start, loading the kept hashes).
+    check: float = 0.0
+    #: The sync's scan (0 when it reused the check's) and comparison with what both ends
+    #: agreed on (hashing what changed).
+    scan: float = 0.0
+    #: Offer → DONE (the want round trip, the content, the provider's placement); 0 when
+    #: nothing was offered (a restart of an unchanged directory).
+    transfer: float = 0.0
+    #: The whole sync, from :meth:`NotebookFiles.start_sync` to its end.
+    sync: float = 0.0
+    #: How long the launch waited for the sync after the kernel was up.
+    waited: float = 0.0
+    #: Files offered, and content bytes that travelled.
+    files: int = 0
+    bytes: int = 0
+    #: Whether an offer was sent at all.
+    offered: bool = False
+
+    @property
+    def on_path(self) -> float:
+        """Seconds the files added to the start (the check, then the wait for the sync)."""
+        return self.check + self.waited
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "check_ms": round(self.check * 1000, 2),
+            "scan_ms": round(self.scan * 1000, 2),
+            "transfer_ms": round(self.transfer * 1000, 2),
+            "sync_ms": round(self.sync * 1000, 2),
+            "waited_ms": round(self.waited * 1000, 2),
+            "on_path_ms": round(self.on_path * 1000, 2),
+            "files": self.files,
+            "bytes": self.bytes,
+            "offered": self.offered,
+        }
 
 
 class FilesOverCap(KernelLaunchError):
@@ -209,6 +271,15 @@ class NotebookFiles:
         self._pulls_asked: dict[str, tuple[tuple[str, ...] | None, bool]] = {}
         #: ``%io push`` paths not sent: absent, kept back by the rules, not plain files.
         self.push_refused: list[str] = []
+        #: What the last start spent on the files (None before the first check).
+        self.start_times: StartTimes | None = None
+        #: The check's scan (when it was taken, the files) for the sync to reuse.
+        self._scanned: tuple[float, list[Scanned]] | None = None
+        #: Whether this session's workspace was synced once (a restart then offers only
+        #: what changed, and nothing when nothing did).
+        self._synced_once = False
+        #: The hashes being kept for the next session (a thread's save).
+        self._keeping: asyncio.Future[None] | None = None
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait (at most ``timeout`` s) until ``predicate()`` holds, checked after each
@@ -249,26 +320,35 @@ class NotebookFiles:
 
     def check(self) -> None:
         """Scan once before the session opens, so a start over the cap fails first (and
-        take the hashes an earlier session of this directory kept)."""
+        take the hashes an earlier session of this directory kept); the start's sync
+        reuses this scan. Starts a new :attr:`start_times`."""
+        started = time.monotonic()
+        times = self.start_times = StartTimes()
+        self._scanned = None
         if not self._hashes_loaded:
             self._hashes_loaded = True
             self.hashes.load(self.hash_file)
-        self.scan()
+        try:
+            files = self.scan()
+        finally:
+            times.check = time.monotonic() - started
+        self._scanned = (time.monotonic(), files)
 
     def _keep_hashes(self) -> None:
         """Save the hashes for the next session when something was hashed (blocking)."""
         if self.hashes.dirty:
             try:
                 self.hashes.save(self.hash_file)
-            except OSError as exc:
+            except (OSError, RuntimeError) as exc:  # RuntimeError: a placement added one
                 self.log.warning("jupyter-io: not keeping the files' hashes: %s", exc)
 
-    def _changed(self) -> list[FileEntry]:
-        """Files whose content differs from what both ends last agreed on (blocking)."""
+    def _changed(self, scanned: list[Scanned] | None = None) -> list[FileEntry]:
+        """Files whose content differs from what both ends last agreed on (blocking);
+        ``scanned``: a scan just taken (else the directory is scanned now)."""
         endpoint = self.endpoint
         assert endpoint is not None
         entries = []
-        for item in self.scan():
+        for item in self.scan() if scanned is None else scanned:
             try:
                 sha = self.hashes.hash(self.root, item)
             except (OSError, JupyterIOError):
@@ -302,6 +382,7 @@ class NotebookFiles:
         endpoint.refuse_offer = self.refuse_offer
         endpoint.refuse_path = self.refuse_incoming
         self._sync = None
+        self._synced_once = False  # a new session: a new, empty workspace
         client.on_files = self.endpoint.handle
         # Beside any gate and tap already there (the idle watch's): both hear every message.
         gate, tap = client.bridge.gates.get(Channel.SHELL), client.bridge.taps.get(Channel.SHELL)
@@ -316,14 +397,26 @@ class NotebookFiles:
 
     def start_sync(self) -> asyncio.Task[Transfer | None]:
         """Mirror the directory now (in the background; :meth:`wait_synced` waits). The
-        first execute_request waits for it."""
-        self._sync = asyncio.ensure_future(self._push("sync"))
+        first execute_request waits for it. A restart of the session offers only what
+        changed since the last transfer: nothing (no message at all) when nothing did."""
+        self._sync = asyncio.ensure_future(self._timed_sync())
         return self._sync
+
+    async def _timed_sync(self) -> Transfer | None:
+        times = self.start_times
+        if times is None:
+            times = self.start_times = StartTimes()
+        started = time.monotonic()
+        try:
+            return await self._push("sync", times)
+        finally:
+            times.sync = time.monotonic() - started
 
     async def wait_synced(self, timeout: float) -> Transfer | None:
         """The start's transfer, once done; :class:`KernelLaunchError` when it failed."""
         if self._sync is None:
             return None
+        started = time.monotonic()
         try:
             transfer = await asyncio.wait_for(asyncio.shield(self._sync), timeout)
         except asyncio.TimeoutError:
@@ -332,6 +425,12 @@ class NotebookFiles:
             ) from None
         except JupyterIOError as exc:
             raise KernelLaunchError(f"sending the notebook's files failed: {exc}") from exc
+        finally:
+            times = self.start_times
+            if times is not None:
+                times.waited = time.monotonic() - started
+        if times is not None and self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("jupyter-io: the files at this start: %s", json.dumps(times.to_json()))
         if transfer is not None and transfer.refused:
             self.log.warning(
                 "jupyter-io: the provider did not take %d file(s): %s",
@@ -340,26 +439,47 @@ class NotebookFiles:
             )
         return transfer
 
-    async def _push(self, why: str) -> Transfer | None:
+    async def _push(self, why: str, times: StartTimes | None = None) -> Transfer | None:
         if not self.enabled:
             return None
         assert self.endpoint is not None
         async with self._push_lock:  # one scan at a time; the transfers may overlap
-            entries = await asyncio.to_thread(self._changed)
-            if not entries and why != "sync":
+            started = time.monotonic()
+            scanned = None
+            if why == "sync" and self._scanned is not None:
+                taken, files = self._scanned
+                self._scanned = None  # once: a later push scans afresh
+                if started - taken <= _SCAN_REUSE_S:
+                    scanned = files
+            entries = await asyncio.to_thread(self._changed, scanned)
+            if times is not None:
+                times.scan = time.monotonic() - started
+                times.files = len(entries)
+            # A sync offers even nothing on a session's first start (so both ends have
+            # agreed once); a restart of an unchanged directory sends nothing at all.
+            if not entries and (why != "sync" or self._synced_once):
                 return None
             for entry in entries:
                 self._inflight[entry.path] = entry.sha256
         try:
             # Content already on its way (a large push still running) is not offered again:
             # an execution waits only for edits no transfer carries yet.
+            offered = time.monotonic()
             transfer = await self.endpoint.send(entries, why)
+            if times is not None:
+                times.offered = True
+                times.transfer = time.monotonic() - offered
+                times.bytes = transfer.bytes
+            if why == "sync":
+                self._synced_once = True
         finally:
             for entry in entries:
                 if self._inflight.get(entry.path) == entry.sha256:
                     del self._inflight[entry.path]
             self._transferred()
-        await asyncio.to_thread(self._keep_hashes)
+        if self.hashes.dirty and (self._keeping is None or self._keeping.done()):
+            # Kept for the next session, off the start's path (awaited by close()).
+            self._keeping = asyncio.ensure_future(asyncio.to_thread(self._keep_hashes))
         self.log.info(
             "jupyter-io: %s: %d file(s), %d bytes travelled in %.2f s",
             why,
@@ -426,6 +546,9 @@ class NotebookFiles:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        if self._keeping is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(self._keeping), 10)
         if self.endpoint is not None:
             await self.endpoint.close()
 

@@ -136,9 +136,9 @@ async def test_a_second_session_re_sends_nothing(
     first = _files(km).endpoint
     assert first is not None
     assert first.bytes_sent >= 3 * 1024 * 1024  # this user's store was empty: all of it
+    sent = first.bytes_sent
     await km.restart_kernel(now=True)
-    assert first.bytes_sent == first.history[-1].bytes + first.history[0].bytes
-    assert first.history[-1].bytes == 0  # a restart: the workspace and the store hold it
+    assert first.bytes_sent == sent  # a restart: the workspace and the store hold it
     await km.shutdown_kernel(now=True)
 
     km2 = await _start(remote_spec, nb, managers)
@@ -158,6 +158,66 @@ async def test_a_second_session_re_sends_nothing(
     try:
         ex = await cells.run(kc, "import os; print(os.path.getsize('weights.bin'))")
         assert ex.stream() == f"{3 * 1024 * 1024}\n"
+    finally:
+        kc.stop_channels()
+
+
+async def test_a_restart_of_an_unchanged_directory_sends_nothing(
+    remote_spec: str, managers: Any, cells: Any, tmp_path: Path
+) -> None:
+    """A restart scans the notebook's directory once (the check's scan is the sync's) and,
+    when nothing changed, sends no file channel message at all; one changed file is offered
+    alone, and an edit made after the restart still reaches the kernel before it runs."""
+    nb = _notebook_dir(tmp_path)
+    for i in range(50):
+        (nb / "sub" / f"part{i:02d}.csv").write_text(f"{i}\n")
+    km = await _start(remote_spec, nb, managers)
+    files = _files(km)
+    endpoint = files.endpoint
+    assert endpoint is not None
+    client = km.provisioner._client  # type: ignore[union-attr]
+    assert client is not None
+    sent: list[dict[str, Any]] = []
+    send_control = client.bridge.send_control
+
+    async def spy(kind: FrameKind, body: dict[str, Any]) -> None:
+        if kind is FrameKind.FILES:
+            sent.append(body)
+        await send_control(kind, body)
+
+    client.bridge.send_control = spy
+    scans = 0
+    scan = files.scan
+
+    def counted() -> Any:
+        nonlocal scans
+        scans += 1
+        return scan()
+
+    files.scan = counted  # type: ignore[method-assign]
+    transfers = len(endpoint.history)
+
+    await km.restart_kernel(now=True)
+    assert sent == [] and len(endpoint.history) == transfers  # not even an empty offer
+    assert scans == 1  # the check's scan, reused by the sync
+    times = files.start_times
+    assert times is not None and not times.offered and times.files == 0
+    assert times.on_path == times.check + times.waited and times.check > 0
+
+    # One file changed before the next restart: offered alone.
+    (nb / "sub" / "part07.csv").write_text("seven\n")
+    await km.restart_kernel(now=True)
+    offers = [b for b in sent if b.get("op") == "offer"]
+    assert [[e["path"] for e in b["files"]] for b in offers] == [["sub/part07.csv"]]
+    assert files.start_times is not None and files.start_times.offered
+    kc = await cells.connect(km)
+    try:
+        ex = await cells.run(kc, "print(open('sub/part07.csv').read(), end='')")
+        assert ex.stream() == "seven\n"
+        # Saved after the restart's scan: sent before the execution that reads it.
+        (nb / "sub" / "part08.csv").write_text("eight\n")
+        ex = await cells.run(kc, "print(open('sub/part08.csv').read(), end='')")
+        assert ex.stream() == "eight\n"
     finally:
         kc.stop_channels()
 
