@@ -65,6 +65,18 @@ def test_check_path_refuses_the_escapes() -> None:
     assert check_path("e\u0301") == "\u00e9"  # NFC: one file, one name
 
 
+def test_check_path_refuses_every_control_character_and_only_those() -> None:
+    for code in [*range(32), 0x7F]:
+        with pytest.raises(UnsafePath, match="control character"):
+            check_path(f"a{chr(code)}b")
+    with pytest.raises(UnsafePath, match="backslash"):
+        check_path("a\\b")
+    for code in range(32, 0x7F):
+        if chr(code) not in "/\\":
+            assert check_path(f"a{chr(code)}b") == f"a{chr(code)}b"
+    assert check_path("\u0080\u00e9\u2028x") == "\u0080\u00e9\u2028x"  # not ASCII controls
+
+
 @given(hostile_json())
 def test_files_bodies_raise_only_protocol_errors(body: object) -> None:
     if not isinstance(body, dict):
