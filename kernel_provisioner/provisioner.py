@@ -449,6 +449,10 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         self._activity = KernelActivity()
         #: Moves the kernel to another provider when its own is lost (``failover``).
         self._failover = Failover(self)
+        #: Why this kernel's restarts are refused for good (its lease's budget ran out):
+        #: Jupyter's restarter tries again up to its ``restart_limit``, and every try must
+        #: be refused the same way, without leasing or paying anew.
+        self._exhausted: str | None = None
 
     @validate("provider_url")
     def _check_provider_url(self, proposal: Any) -> str:
@@ -704,6 +708,8 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             self._key = str(uuid.uuid4())
         self._independent = bool(kwargs.get("independent", False))
         try:
+            if self.connection_info and self._exhausted is not None:
+                raise BudgetExhausted(self._exhausted)  # refused already: over for good
             if self.connection_info and self._lease is not None:
                 await self._check_budget(self._lease)  # a restart: is the lease still paid?
             await self._check_files()
@@ -720,19 +726,29 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             if files is not None:
                 await files.wait_synced(self.files_timeout)
         except JupyterIOError as exc:
-            self._report(ProgressStep.FAILED, str(exc))
             if not self.connection_info:
+                self._report(ProgressStep.FAILED, str(exc))
                 # A first launch failed: no kernel manager will clean up after us, and
                 # nobody has the facade's ports yet. End the session (and the lease)
                 # rather than leak them.
                 await self.cleanup(restart=False)
-            elif isinstance(exc, BudgetExhausted):
-                # Over for good, and Jupyter Server drops a kernel whose restart failed
-                # without calling cleanup(): release the facade and the session now (a
-                # facade left to the garbage collector blocks in zmq's Context.term()).
-                await self.cleanup(restart=False)
-            elif self._client is not None and not self._client.alive:
-                await self._drop_session()
+            else:
+                try:
+                    if isinstance(exc, BudgetExhausted):
+                        # Over for good, and Jupyter Server drops a kernel whose restart
+                        # failed without calling cleanup(): release the facade and the
+                        # session now (a facade left to the garbage collector blocks in
+                        # zmq's Context.term()).
+                        self._exhausted = str(exc)
+                        await self.cleanup(restart=False)
+                    elif self._client is not None and not self._client.alive:
+                        await self._drop_session()
+                finally:
+                    # A failed restart is reported once its cleanup is done, as it fails:
+                    # a client told may shut the kernel down at once, and jupyter_client's
+                    # shutdown fails (InvalidStateError, HTTP 500) while the restart it
+                    # races is still pending.
+                    self._report(ProgressStep.FAILED, str(exc))
             if isinstance(exc, (KernelLaunchError, ConfigError)):
                 raise  # a bad keypair file stays a ConfigError: the fix is in the config
             raise KernelLaunchError(str(exc)) from exc

@@ -832,6 +832,13 @@ async def test_a_spent_budget_ends_the_kernel_and_no_restart_leases_again(
         # Over for good: the facade is released now (Jupyter Server drops such a kernel
         # without cleanup(); a facade left to the garbage collector blocks in term()).
         assert prov._facade is None and prov.tunnel is None
+        # The auto-restarter tries again (up to its restart_limit): every try is refused
+        # the same way, at once, and none leases or pays.
+        with pytest.raises(BudgetExhausted) as again:
+            await asyncio.wait_for(km.restart_kernel(now=True), 5)
+        assert str(again.value) == message
+        assert _steps(prov).count("leased") == 1 and _steps(prov).count("escrowed") == 1
+        assert market.status()["live_leases"] == 0
 
         # The spent deposit went to the provider, exactly what was billed.
         info = await settled(paid, grant.lease)
