@@ -30,6 +30,7 @@ import os
 import secrets
 import shutil
 import time
+import urllib.error
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,13 +132,19 @@ def page(browser: Any, stack: Stack) -> Iterator[Any]:
         yield page
     finally:
         context.close()
-        for kernel in stack.api("GET", "/api/kernels"):
-            stack.api("DELETE", f"/api/kernels/{kernel['id']}")
-        # Pending kernels shut down after the DELETE's answer: wait until they are gone (and
-        # their leases ended), so the next test finds every GPU free.
-        deadline = time.monotonic() + 60
-        while stack.api("GET", "/api/kernels") and time.monotonic() < deadline:
-            time.sleep(0.2)
+        try:
+            for kernel in stack.api("GET", "/api/kernels"):
+                stack.api("DELETE", f"/api/kernels/{kernel['id']}")
+            # Pending kernels shut down after the DELETE's answer: wait until they are gone
+            # (and their leases ended), so the next test finds every GPU free.
+            deadline = time.monotonic() + 60
+            while stack.api("GET", "/api/kernels") and time.monotonic() < deadline:
+                time.sleep(0.2)
+        except urllib.error.HTTPError as error:
+            # What the server answered and what its processes last logged: a failed shutdown
+            # is otherwise a bare "500" in a CI log.
+            body = error.read().decode(errors="replace")[:2000]
+            raise AssertionError(f"{error}: {body}\n{stack.logs()}") from error
 
 
 #: The GPU picker's sidebar tab, and one GPU type's card in it.
