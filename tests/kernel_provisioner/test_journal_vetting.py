@@ -21,7 +21,8 @@ from typing import Any
 
 from jupyter_io.journal.snapshot import JOURNAL_DIR, OBJECTS
 from kernel_provisioner.journal import COMPLETE, LocalJournal, restore
-from kernel_provisioner.provisioner import RemoteKernelProvisioner
+
+from .test_journal import _journal, _run
 
 CELLS = [
     "import numpy as np, torch\nd = {'a': [1, 2], 'b': ['x']}",
@@ -40,20 +41,6 @@ class _Forged:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (os.system, (self.command,))
-
-
-def _journal(km: Any) -> LocalJournal:
-    provisioner = km.provisioner
-    assert isinstance(provisioner, RemoteKernelProvisioner)
-    journal = provisioner.state_journal
-    assert journal is not None and journal.enabled
-    return journal
-
-
-async def _run(cells: Any, kc: Any, code: str) -> Any:
-    ex = await cells.run(kc, code, timeout=60)
-    assert ex.reply["content"]["status"] == "ok", ex.reply["content"]
-    return ex
 
 
 def _forge(journal: LocalJournal, name: str, data: bytes) -> None:
