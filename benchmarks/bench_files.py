@@ -207,7 +207,7 @@ async def bench_starts(
     empty.mkdir()
     small = tmp / "small"
     make_small_files(small)
-    cold_empty, cold_files, warm_files, copies, ratios = [], [], [], [], []
+    cold_empty, cold_files, warm_files, copies, ratios, warm_ratios = [], [], [], [], [], []
     restart_empty, restart_files, restart_pairs = [], [], []
     own: dict[str, list[dict[str, float]]] = {"cold": [], "warm": [], "restart": []}
     clock = OwnTimes()  # taken back at the end (a failed run ends the process)
@@ -257,6 +257,7 @@ async def bench_starts(
             assert files_of(km).endpoint.history[0].bytes == 0  # type: ignore[union-attr]
             if counted:
                 warm_files.append(warm)
+                warm_ratios.append((warm - took[empty]) / copied)
                 own["warm"].append(own_ms(km, clock))
         finally:
             await stop(km, client)
@@ -289,6 +290,8 @@ async def bench_starts(
             ms(ce), ms(wf)),
         Row("2 same", "  added by the unchanged files", "ms", None, ms(wf - ce), "≤100 ms",
             wf - ce <= 0.1),
+        Row("2 same", "  added / copytree in the same round, median (1,000 creations)", "x",
+            None, med(warm_ratios)),
         own_row("warm", "on_path_ms", "files on the start's path (check + wait for the sync)"),
         own_row("warm", "transfer_ms", "of which offer → done (placement from the store)"),
         Row("2 same", f"restart (same session) → kernel_info, median of {pairs} pairs", "ms",
