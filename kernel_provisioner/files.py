@@ -275,6 +275,8 @@ class NotebookFiles:
         self.start_times: StartTimes | None = None
         #: The check's scan (when it was taken, the files) for the sync to reuse.
         self._scanned: tuple[float, list[Scanned]] | None = None
+        #: A check began :attr:`start_times` that no sync has taken yet.
+        self._checked = False
         #: Whether this session's workspace was synced once (a restart then offers only
         #: what changed, and nothing when nothing did).
         self._synced_once = False
@@ -324,6 +326,7 @@ class NotebookFiles:
         reuses this scan. Starts a new :attr:`start_times`."""
         started = time.monotonic()
         times = self.start_times = StartTimes()
+        self._checked = True
         self._scanned = None
         if not self._hashes_loaded:
             self._hashes_loaded = True
@@ -404,8 +407,9 @@ class NotebookFiles:
 
     async def _timed_sync(self) -> Transfer | None:
         times = self.start_times
-        if times is None:
+        if times is None or not self._checked:  # a sync with no check before it (failover)
             times = self.start_times = StartTimes()
+        self._checked = False
         started = time.monotonic()
         try:
             return await self._push("sync", times)
