@@ -21,6 +21,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,6 @@ from .errors import JupyterIOError, ProtocolError
 from .files import (
     CHUNK_SIZE,
     DEFAULT_WINDOW,
-    Chunk,
     Done,
     FileEntry,
     Incoming,
@@ -79,9 +79,70 @@ _YIELD_WINDOW = 256 * 1024
 BUSY_RATE = 32 * 1024 * 1024
 #: A streamed file is asked of the disk this far ahead of its reads (bytes, in steps of it).
 _READ_AHEAD = 8 * 1024 * 1024
+#: Chunks a sender has read (and hashed) ahead of the one it sends: reading waits neither
+#: for the window nor for the event loop's turn, nor the sending for one thread hop a chunk.
+_CHUNKS_AHEAD = 4
 #: A streamed file's first look waits until its last change is this old (nanoseconds), so
 #: that any write during the stream moves its mtime or ctime (see ``_stream_object``).
 _SETTLED_NS = 50_000_000
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """What storing one chunk did: its transfer, why the transfer fails (None: it goes on),
+    and whether the transfer is complete with it."""
+
+    ident: str
+    failure: str | None
+    complete: bool = False
+
+
+class _Reader:
+    """``read(offset)`` for each of ``offsets``, in order on ``thread``, at most
+    :data:`_CHUNKS_AHEAD` ahead of the caller's :meth:`next`. :meth:`close` before the
+    descriptor ``read`` uses is closed: it waits for the read under way."""
+
+    def __init__(
+        self, thread: ThreadPoolExecutor, read: Callable[[int], Any], offsets: Iterable[int]
+    ) -> None:
+        self._thread = thread
+        self._read = read
+        self._offsets = iter(offsets)
+        self._pending: deque[Future[Any]] = deque()
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self._pending) < _CHUNKS_AHEAD:
+            offset = next(self._offsets, None)
+            if offset is None:
+                return
+            self._pending.append(self._thread.submit(self._read, offset))
+
+    async def next(self) -> Any:
+        """What the next read returned (or raised)."""
+        # Shielded: a cancelled sender must not cancel the wrapped read (close waits for it).
+        result = await asyncio.shield(asyncio.wrap_future(self._pending[0]))
+        self._pending.popleft()
+        self._fill()
+        return result
+
+    async def close(self) -> None:
+        running = [f for f in self._pending if not f.cancel()]  # the rest never start
+        self._pending.clear()
+        cancelled = False
+        for future in running:
+            waiter = asyncio.wrap_future(future)
+            while not waiter.done():
+                try:
+                    await asyncio.shield(waiter)
+                except asyncio.CancelledError:
+                    cancelled = True  # the read still uses the descriptor: wait for it
+                except Exception:
+                    break  # the read failed: it is over
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # retrieved: its sender has failed already
+        if cancelled:
+            raise asyncio.CancelledError
 
 
 class TransferFailed(JupyterIOError):
@@ -182,10 +243,22 @@ class FileEndpoint:
         #: Transfers in progress (sent or received), by id.
         self.active: dict[str, Transfer] = {}
         # Chunks wait here for the worker; the sender's window (acks once stored) bounds it.
-        self._chunks: asyncio.Queue[tuple[Frame, asyncio.Future[Chunk] | None]] = asyncio.Queue()
+        self._chunks: asyncio.Queue[tuple[Frame, asyncio.Future[_Stored | None] | None]] = (
+            asyncio.Queue()
+        )
         self._worker: asyncio.Task[None] | None = None
         self._queued = 0
         self._drained = asyncio.Event()
+        #: Every write to the store of what arrives (chunks, finishing, discarding) runs on
+        #: this one thread, in arrival order: a chunk is checked and written in one hop from
+        #: the moment it arrives, the next ones queue behind it, and no descriptor of a
+        #: partial object is closed while a write to it runs.
+        self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="jupyter-io-store")
+        #: Chunks queued but not handed to the store thread yet (small ones, taken on the
+        #: event loop, and the large ones behind them): while any wait, later ones wait too.
+        self._deferred = 0
+        #: Reads (and hashes) of the chunks being sent, in order, ahead of the sending.
+        self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="jupyter-io-read")
         #: Small whole objects (sha256 -> content, checked) not in the store yet.
         self._small: dict[str, bytes] = {}
         self._small_bytes = 0
@@ -211,13 +284,16 @@ class FileEndpoint:
             # Stored by a worker, in order, while the tunnel goes on delivering the kernel's
             # messages that follow it (a kernel message never waits for a chunk's disk write).
             parts = frame.parts
-            checking = None
-            if len(parts) == 2 and len(parts[1]) >= _THREAD_BYTES:
-                # Its hash is checked in a thread from now on, beside the chunks before it
-                # being written: checking and writing overlap (the worker takes them in order).
-                loop = asyncio.get_running_loop()
-                checking = loop.run_in_executor(None, decode_chunk, parts)
-            self._chunks.put_nowait((frame, checking))
+            storing = None
+            if len(parts) == 2 and len(parts[1]) >= _THREAD_BYTES and not self._deferred:
+                # Checked and written on the store thread from now on, behind the chunks
+                # before it: the worker only waits for each in turn and acknowledges it.
+                storing = asyncio.get_running_loop().run_in_executor(
+                    self._store_thread, self._take_chunk, parts
+                )
+            else:
+                self._deferred += 1
+            self._chunks.put_nowait((frame, storing))
             self._queued += len(frame.parts[-1]) if frame.parts else 0
             if self._worker is None or self._worker.done():
                 self._worker = asyncio.ensure_future(self._store_chunks())
@@ -305,9 +381,11 @@ class FileEndpoint:
 
     async def _store_chunks(self) -> None:
         while True:
-            frame, checking = await self._chunks.get()
+            frame, storing = await self._chunks.get()
             try:
-                await self._on_chunk(frame, checking)
+                if storing is None and frame.kind is FrameKind.FILE_CHUNK:
+                    self._deferred -= 1
+                await self._on_chunk(frame, storing)
             except ProtocolError as exc:  # a broken peer: its transfer times out there
                 self.log.warning("dropping a file chunk: %s", exc)
             except Exception:
@@ -352,11 +430,11 @@ class FileEndpoint:
             await self._fail(incoming, transfer, f"transfer failed: {exc}")
             return
         for key in discard:
-            self.store.discard(key)
+            await self._in_store(self.store.discard, key)
         for key, sha in [
             (k, incoming.sealed[k]) for k, _, _ in seal.sealed if k in incoming.sealed
         ]:
-            moved = await asyncio.to_thread(self.store.finish_as, key, sha)
+            moved = await self._in_store(self.store.finish_as, key, sha)
             if not moved:
                 path = next(e.path for e in incoming.offer.files if e.sha256 == key)
                 del incoming.sealed[key]
@@ -371,54 +449,52 @@ class FileEndpoint:
         self._incoming.pop(transfer.id, None)
         for entry in incoming.offer.files:
             if entry.stream:
-                self.store.discard(entry.sha256)
+                await self._in_store(self.store.discard, entry.sha256)
         transfer.refused = [("", failure)]
         await self._finish_received(transfer, Done(transfer.id, refused=tuple(transfer.refused)))
 
-    async def _on_chunk(self, frame: Frame, checking: asyncio.Future[Chunk] | None) -> None:
+    async def _in_store(self, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)`` on the store thread, behind the chunks handed to it."""
+        return await asyncio.get_running_loop().run_in_executor(self._store_thread, call, *args)
+
+    async def _on_chunk(self, frame: Frame, storing: asyncio.Future[_Stored | None] | None) -> None:
         if frame.kind is FrameKind.FILES:
             message = parse_files_body(frame.body)
             assert isinstance(message, Seal)
             await self._on_seal(message)
             return
         parts = frame.parts
-        if checking is not None:
-            # Checked, then written in a thread: the event loop goes on reading the websocket.
-            chunk = await checking
-            outcome = await asyncio.to_thread(self._take_chunk, parts, chunk)
+        if storing is not None:
+            outcome = await storing
+        elif len(parts) == 2 and len(parts[1]) >= _THREAD_BYTES:
+            outcome = await self._in_store(self._take_chunk, parts)
         else:
+            # Small: taken here (no thread hop). Nothing is on the store thread now: what
+            # came before is stored, what came after waits for this (``_deferred``).
             outcome = self._take_chunk(parts)
         if outcome is None:
             return
-        ident, transfer, stored_whole, sha, failure = outcome
-        found = self._incoming.get(ident)
+        found = self._incoming.get(outcome.ident)
         if found is None:
             return
-        incoming = found[0]
-        if failure is None and stored_whole and not incoming.is_stream(sha):
-            if not self.store.finish(sha):
-                failure = f"content {sha[:12]} does not match its sha256"
-        if failure is not None:
-            self.store.close(sha)
-            await self._fail(incoming, transfer, failure)
+        if outcome.failure is not None:
+            await self._fail(found[0], found[1], outcome.failure)
             return
-        if incoming.complete:
-            await self._place_all(ident)
+        if outcome.complete:
+            await self._place_all(outcome.ident)
 
-    def _take_chunk(
-        self, parts: Any, chunk: Chunk | None = None
-    ) -> tuple[str, Transfer, bool, str, str | None] | None:
-        """Check and store one chunk: (transfer id, transfer, object whole in the store's
-        partial objects?, object, why it failed or None); None for a transfer that already
-        failed. A chunk whose bytes do not match its hash is a broken peer:
-        :class:`ProtocolError`. A small object whole in this chunk is kept in memory.
-        ``chunk``: ``parts`` already checked (:func:`~jupyter_io.files.decode_chunk`)."""
-        if chunk is None:
-            chunk = decode_chunk(parts)
+    def _take_chunk(self, parts: Any) -> _Stored | None:
+        """Check and store one chunk (on the store thread, or the event loop while nothing
+        is on that thread); None for a transfer that already failed. A chunk whose bytes do
+        not match its hash is a broken peer: :class:`ProtocolError`. A small object whole in
+        this chunk is kept in memory; an object whole in the store is finished (checked
+        against its name) here."""
+        chunk = decode_chunk(parts)
         found = self._incoming.get(chunk.id)
         if found is None:
             return None  # a transfer already failed; its remaining chunks are dropped
         incoming, transfer, _ = found
+        sha = chunk.sha256
         try:
             whole = incoming.accept(chunk)
             size = len(chunk.data)
@@ -430,19 +506,23 @@ class FileEndpoint:
                 and self._small_bytes + size <= _SMALL_BUDGET
             ):
                 # The whole object: checked here as the store's finish() would check it.
-                if content_hash([chunk.digest]) != chunk.sha256:
-                    failure = f"content {chunk.sha256[:12]} does not match its sha256"
-                    return chunk.id, transfer, False, chunk.sha256, failure
-                if chunk.sha256 not in self._small:
-                    self._small[chunk.sha256] = bytes(chunk.data)
+                if content_hash([chunk.digest]) != sha:
+                    return _Stored(chunk.id, f"content {sha[:12]} does not match its sha256")
+                if sha not in self._small:
+                    self._small[sha] = bytes(chunk.data)
                     self._small_bytes += size
                 transfer.bytes += size
-                return chunk.id, transfer, False, chunk.sha256, None
-            self.store.write(chunk.sha256, chunk.offset, chunk.data, chunk.digest)
+                return _Stored(chunk.id, None, incoming.complete)
+            self.store.write(sha, chunk.offset, chunk.data, chunk.digest)
+            transfer.bytes += len(chunk.data)
+            if whole and not incoming.is_stream(sha) and not self.store.finish(sha):
+                return _Stored(chunk.id, f"content {sha[:12]} does not match its sha256")
         except (ProtocolError, OSError) as exc:
-            return chunk.id, transfer, False, chunk.sha256, f"transfer failed: {exc}"
-        transfer.bytes += len(chunk.data)
-        return chunk.id, transfer, whole, chunk.sha256, None
+            self.store.close(sha)
+            return _Stored(chunk.id, f"transfer failed: {exc}")
+        # Whether the transfer is complete is decided here, after this chunk is stored:
+        # the chunks behind it may be accepted on this thread before the worker looks.
+        return _Stored(chunk.id, None, incoming.complete)
 
     async def _place_all(self, ident: str) -> None:
         incoming, transfer, _ = self._incoming.pop(ident)
@@ -450,7 +530,7 @@ class FileEndpoint:
         transfer.refused.extend(incoming.torn)
         async with self._placing:  # one transfer's files at a time, in arrival order
             await asyncio.to_thread(self._place_sync, files, transfer)
-        self.store.evict(keep=frozenset(e.sha256 for e in files))
+        await self._in_store(self.store.evict, frozenset(e.sha256 for e in files))
         done = Done(
             ident,
             tuple(transfer.written),
@@ -701,17 +781,26 @@ class FileEndpoint:
             digest = digests[index] if digests is not None and index < len(digests) else None
             return encode_chunk(ident, sha, offset, data, digest)
 
+        if end - offset < _THREAD_BYTES:  # one small chunk: no thread hop
+            try:
+                await self._pace(end - offset)
+                await self.bridge.send_chunk(read(offset))
+            finally:
+                os.close(fd)
+            return end - offset
+        reader: _Reader | None = None
         try:
+            reader = _Reader(self._read_thread, read, range(offset, end, CHUNK_SIZE))
             while offset < end:
                 size = min(CHUNK_SIZE, end - offset)
+                parts = await reader.next()
                 await self._pace(size)
-                parts = (
-                    await asyncio.to_thread(read, offset) if size >= _THREAD_BYTES else read(offset)
-                )
                 await self.bridge.send_chunk(parts)
                 offset += size
                 sent += size
         finally:
+            if reader is not None:
+                await reader.close()
             os.close(fd)
         return sent
 
@@ -756,25 +845,22 @@ class FileEndpoint:
             digests.append(bytes(parts[0][-32:]))
             return parts
 
-        # The next chunk is read and hashed in a thread while this one waits for the window
-        # and goes out: the disk (a file the kernel just wrote is partly out of the page
-        # cache) and sha256 overlap the sending.
-        ahead: asyncio.Future[list[bytes] | None] | None = None
+        # The next chunks are read and hashed on the read thread while this one waits for
+        # the window and goes out: the disk (a file the kernel just wrote is partly out of
+        # the page cache) and sha256 overlap the sending.
+        reader: _Reader | None = None
         try:
             if before.st_size != size:
                 torn = f"{path} changed between its offer and its read"
             else:
-                ahead = asyncio.ensure_future(asyncio.to_thread(read, 0))
+                reader = _Reader(self._read_thread, read, range(0, size, CHUNK_SIZE))
             offset = 0
-            while ahead is not None:
-                parts = await asyncio.shield(ahead)  # never cancelled mid-read: see finally
-                ahead = None
+            while reader is not None and torn is None and offset < size:
+                parts = await reader.next()
                 if parts is None:
                     torn = f"{path} shrank while it was sent"
                     break
                 chunk = min(CHUNK_SIZE, size - offset)
-                if offset + chunk < size:
-                    ahead = asyncio.ensure_future(asyncio.to_thread(read, offset + chunk))
                 await self._pace(chunk)
                 await self.bridge.send_chunk(parts)
                 offset += chunk
@@ -786,9 +872,8 @@ class FileEndpoint:
             ):
                 torn = f"{path} changed while it was sent"
         finally:
-            if ahead is not None:  # its thread still reads the descriptor
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(ahead)
+            if reader is not None:
+                await reader.close()  # its thread may still read the descriptor
             os.close(fd)
         if torn is not None:
             self.log.warning("%s; the other end discards it", torn)
@@ -852,4 +937,7 @@ class FileEndpoint:
         for task in [*self._tasks, *self._placements]:
             with contextlib.suppress(BaseException):
                 await task
+        for thread in (self._store_thread, self._read_thread):
+            thread.shutdown(wait=False, cancel_futures=True)
+            await asyncio.to_thread(thread.shutdown)  # the write or read under way ends
         self.store.close()
