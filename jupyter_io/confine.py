@@ -325,7 +325,8 @@ class HashCache:
         horizon = time.time_ns() - settle_ns
         files = {
             name: [size, mtime, ino, ctime, sha]
-            for name, (size, mtime, ino, ctime, sha, _) in self._known.items()
+            # A copy: a placement thread may add an entry while this runs.
+            for name, (size, mtime, ino, ctime, sha, _) in list(self._known.items())
             if mtime < horizon and ctime < horizon
         }
         directory = os.path.dirname(path)

@@ -342,7 +342,7 @@ class NotebookFiles:
         if self.hashes.dirty:
             try:
                 self.hashes.save(self.hash_file)
-            except (OSError, RuntimeError) as exc:  # RuntimeError: a placement added one
+            except OSError as exc:
                 self.log.warning("jupyter-io: not keeping the files' hashes: %s", exc)
 
     def _changed(self, scanned: list[Scanned] | None = None) -> list[FileEntry]:
