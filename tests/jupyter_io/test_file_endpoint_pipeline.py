@@ -146,3 +146,42 @@ async def test_a_sender_reads_chunks_ahead_of_the_window(
         await sending
     assert len(reads) <= ahead + 1  # nothing read after the transfer ended
     await endpoint.close()
+
+
+async def test_a_stream_failing_mid_pipeline_leaves_nothing(tmp_path: Path) -> None:
+    # Chunks queue on the store thread while the event loop learns that one before them
+    # failed the transfer: the discard of the stream's partial object runs behind them on
+    # that thread, and they find the transfer gone, so nothing is placed or kept (and no
+    # descriptor is closed under a write). The next transfer goes through.
+    endpoint, tunnel = _endpoint(tmp_path / "local", tmp_path / "store")
+    content = os.urandom(6 * CHUNK_SIZE)
+    key = stream_key(ID, "model.pt")
+    entry = {"path": "model.pt", "size": len(content), "mode": 0o644, "sha256": key}
+    offer = {"op": "offer", "id": ID, "why": "pull", "files": [entry | {"stream": True}]}
+    await _control(endpoint, offer, 1)
+    offsets = [0, CHUNK_SIZE, 3 * CHUNK_SIZE, 2 * CHUNK_SIZE, 4 * CHUNK_SIZE, 5 * CHUNK_SIZE]
+    for i, offset in enumerate(offsets):  # the third one out of order
+        parts = tuple(encode_chunk(ID, key, offset, content[offset : offset + CHUNK_SIZE]))
+        await endpoint.handle(Frame(FrameKind.FILE_CHUNK, seq=2 + i, parts=parts))
+    sha = content_hash(chunk_digests(content))
+    await _control(endpoint, Seal(ID, ((key, sha, None),)).to_body(), 9)
+    await asyncio.wait_for(endpoint.flush(), 20)
+    [_, done] = _sent(tunnel)
+    assert isinstance(done, Done) and done.written == ()
+    assert "expected" in done.refused[0][1]
+    assert not (tmp_path / "local" / "model.pt").exists()
+    assert os.listdir(endpoint.store.partial) == [] and os.listdir(endpoint.store.objects) == []
+
+    ident = "cd" * 16
+    key = stream_key(ident, "model.pt")
+    entry |= {"sha256": key}
+    await _control(endpoint, {**offer, "id": ident, "files": [entry | {"stream": True}]}, 10)
+    for i, offset in enumerate(range(0, len(content), CHUNK_SIZE)):
+        parts = tuple(encode_chunk(ident, key, offset, content[offset : offset + CHUNK_SIZE]))
+        await endpoint.handle(Frame(FrameKind.FILE_CHUNK, seq=11 + i, parts=parts))
+    await _control(endpoint, Seal(ident, ((key, sha, None),)).to_body(), 20)
+    await asyncio.wait_for(endpoint.flush(), 20)
+    done = _sent(tunnel)[-1]
+    assert isinstance(done, Done) and done.written == ("model.pt",)
+    assert (tmp_path / "local" / "model.pt").read_bytes() == content
+    await endpoint.close()
