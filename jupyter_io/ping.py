@@ -201,14 +201,17 @@ class PingLimiter:
         #: Pings refused so far (for counters and tests).
         self.refused = 0
 
+    def _slot(self, address: str) -> int:
+        digest = hashlib.blake2b(address_key(address), digest_size=4, key=self._key).digest()
+        return int.from_bytes(digest, "little") & self._mask
+
     def allow(self, address: str, now: float) -> bool:
         """True when a ping from ``address`` at ``now`` may be answered (it takes a token)."""
         total = min(
             self.total_rate, self._total_tokens + (now - self._total_stamp) * self.total_rate
         )
         self._total_stamp = now
-        digest = hashlib.blake2b(address_key(address), digest_size=4, key=self._key).digest()
-        slot = int.from_bytes(digest, "little") & self._mask
+        slot = self._slot(address)
         tokens = min(self.burst, self._tokens[slot] + (now - self._stamps[slot]) * self.rate)
         self._stamps[slot] = now
         if tokens < 1.0 or total < 1.0:
