@@ -19,8 +19,6 @@ from typing import Any
 import pytest
 import zmq
 import zmq.asyncio
-from websockets.asyncio.client import connect
-from websockets.asyncio.server import ServerConnection, serve
 
 from jupyter_io import confine, file_endpoint
 from jupyter_io.bridge import Bridge
@@ -33,8 +31,10 @@ from jupyter_io.files import (
     chunk_digests,
     content_hash,
 )
-from jupyter_io.protocol import Channel, Frame, FrameKind, Tunnel, decode_frame, encode_control
+from jupyter_io.protocol import Channel, FrameKind, Tunnel, decode_frame, encode_control
 from kernel_provisioner.files import NotebookFiles
+
+from .file_links import linked_endpoints
 
 MiB = 1024 * 1024
 
@@ -60,65 +60,36 @@ async def ends(tmp_path: Path) -> AsyncIterator[_Ends]:
     pumped.connect("inproc://kernel-in")
     delivered.bind("inproc://kernel-out")
     drain.connect("inproc://kernel-out")
-    endpoints: dict[str, FileEndpoint] = {}
-
-    def route(name: str) -> Any:
-        def on_control(frame: Frame) -> Any:
-            if frame.kind in (FrameKind.FILES, FrameKind.FILE_CHUNK):
-                return endpoints[name].handle(frame)
-            return None
-
-        return on_control
-
-    a = Bridge(Tunnel(), outbound={Channel.SHELL: pumped}, inbound={}, on_control=route("a"))
-    b = Bridge(Tunnel(), outbound={}, inbound={Channel.SHELL: delivered}, on_control=route("b"))
-    for name, bridge in (("a", a), ("b", b)):
-        (tmp_path / name).mkdir()
-        endpoints[name] = FileEndpoint(
-            bridge, str(tmp_path / name), ContentStore(tmp_path / f"store-{name}"), window=8 * MiB
-        )
-    ready = asyncio.Event()
-
-    async def handler(ws: ServerConnection) -> None:
-        await b.attach(ws, 0)
-        ready.set()
-        await b.serve(ws)
 
     async def drained() -> None:
         while True:
             await drain.recv_multipart()
 
-    out = _Ends()
-    out.sender, out.receiver = endpoints["a"], endpoints["b"]
-    out.kernel_in, out.kernel_out = feed, drain
-    out.sent = []
-    loop = asyncio.get_running_loop()
-    original = a.send_chunk
+    async with linked_endpoints(
+        tmp_path,
+        a_outbound={Channel.SHELL: pumped},
+        b_inbound={Channel.SHELL: delivered},
+        window=8 * MiB,
+    ) as (a, b):
+        out = _Ends()
+        out.sender, out.receiver = a, b
+        out.kernel_in, out.kernel_out = feed, drain
+        out.sent = []
+        loop = asyncio.get_running_loop()
+        original = a.bridge.send_chunk
 
-    async def watched(parts: Any) -> None:
-        await original(parts)
-        out.sent.append((loop.time(), a.tunnel.unacked_bytes))
+        async def watched(parts: Any) -> None:
+            await original(parts)
+            out.sent.append((loop.time(), a.bridge.tunnel.unacked_bytes))
 
-    a.send_chunk = watched  # type: ignore[method-assign]
-    sink = asyncio.create_task(drained())
-    async with serve(handler, "127.0.0.1", 0, compression=None, max_size=None) as server:
-        port = server.sockets[0].getsockname()[1]
-        async with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:
-            await a.attach(ws, 0)
-            serving = asyncio.create_task(a.serve(ws))
-            a.start()
-            await asyncio.wait_for(ready.wait(), 10)
-            try:
-                yield out
-            finally:
-                serving.cancel()
-                sink.cancel()
-                for task in (serving, sink):
-                    with contextlib.suppress(BaseException):
-                        await task
-                await a.stop()
-                for endpoint in endpoints.values():
-                    await endpoint.close()
+        a.bridge.send_chunk = watched  # type: ignore[method-assign]
+        sink = asyncio.create_task(drained())
+        try:
+            yield out
+        finally:
+            sink.cancel()
+            with contextlib.suppress(BaseException):
+                await sink
     for sock in socks:
         sock.close(linger=0)
     ctx.term()

@@ -7,15 +7,12 @@ the lying sender), real :class:`ContentStore` on disk, real files."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import connect
-from websockets.asyncio.server import ServerConnection, serve
 
 from jupyter_io.bridge import Bridge
 from jupyter_io.confine import HashCache, scan
@@ -41,6 +38,8 @@ from jupyter_io.files import (
 from jupyter_io.protocol import Frame, FrameKind, Tunnel, decode_frame, encode_control
 from provider_host.files import changed_files
 
+from .file_links import linked_endpoints
+
 ID = "ab" * 16
 SIZE = 3 * CHUNK_SIZE + 12345  # four chunks, the last one short
 
@@ -54,59 +53,21 @@ class _Pair:
 
 @pytest.fixture
 async def pair(tmp_path: Path) -> AsyncIterator[_Pair]:
-    endpoints: dict[str, FileEndpoint] = {}
+    async with linked_endpoints(tmp_path) as (a, b):
+        out = _Pair()
+        out.sender, out.receiver = a, b
+        original = a.bridge.send_chunk
+        count = 0
 
-    def route(name: str) -> Any:
-        def on_control(frame: Frame) -> Any:
-            if frame.kind in (FrameKind.FILES, FrameKind.FILE_CHUNK):
-                return endpoints[name].handle(frame)
-            return None
+        async def watched(parts: Any) -> None:
+            nonlocal count
+            await original(parts)
+            if out.after_chunk is not None:
+                out.after_chunk(count)
+            count += 1
 
-        return on_control
-
-    a = Bridge(Tunnel(), outbound={}, inbound={}, on_control=route("a"))
-    b = Bridge(Tunnel(), outbound={}, inbound={}, on_control=route("b"))
-    for name, bridge in (("a", a), ("b", b)):
-        (tmp_path / name).mkdir()
-        endpoints[name] = FileEndpoint(
-            bridge, str(tmp_path / name), ContentStore(tmp_path / f"store-{name}")
-        )
-    out = _Pair()
-    out.sender, out.receiver = endpoints["a"], endpoints["b"]
-    original = a.send_chunk
-    count = 0
-
-    async def watched(parts: Any) -> None:
-        nonlocal count
-        await original(parts)
-        if out.after_chunk is not None:
-            out.after_chunk(count)
-        count += 1
-
-    a.send_chunk = watched  # type: ignore[method-assign]
-    ready = asyncio.Event()
-
-    async def handler(ws: ServerConnection) -> None:
-        await b.attach(ws, 0)
-        ready.set()
-        await b.serve(ws)
-
-    async with serve(handler, "127.0.0.1", 0, compression=None, max_size=None) as server:
-        port = server.sockets[0].getsockname()[1]
-        async with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:
-            await a.attach(ws, 0)
-            serving = asyncio.create_task(a.serve(ws))
-            a.start()
-            await asyncio.wait_for(ready.wait(), 10)
-            try:
-                yield out
-            finally:
-                serving.cancel()
-                with contextlib.suppress(BaseException):
-                    await serving
-                await a.stop()
-                for endpoint in endpoints.values():
-                    await endpoint.close()
+        a.bridge.send_chunk = watched  # type: ignore[method-assign]
+        yield out
 
 
 def _stored(store: ContentStore) -> tuple[list[str], list[str]]:
