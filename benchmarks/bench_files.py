@@ -467,33 +467,32 @@ async def bench_bulk(spec: str, tmp: Path, ctx: zmq.asyncio.Context, size: int) 
         pushed = await files.push()
         push_total = time.perf_counter() - t0
         assert pushed is not None and pushed.bytes == size, pushed
-        ex = await client.execute(
-            f"import os\nassert os.path.getsize('push.bin') == {size}\n"
-            f"with open('pull.bin', 'wb') as f:\n"
-            f"    b = os.urandom(1 << 20)\n"
-            f"    for _ in range({size // MB}): f.write(b)\n"
-        )
+
+        async def written_then_pulled(name: str, after: str = "") -> tuple[Any, float]:
+            """The kernel writes ``name`` (``size`` bytes, then ``after``); pulled by name."""
+            ex = await client.execute(
+                f"import os\nwith open({name!r}, 'wb') as f:\n"
+                f"    b = os.urandom(1 << 20)\n"
+                f"    for _ in range({size // MB}): f.write(b)\n{after}"
+            )
+            assert ex.status == "ok", ex
+            await files.wait_for(lambda: name in files.held_back, 60)
+            t0 = time.perf_counter()
+            transfer = await files.pull([name], timeout=600)
+            seconds = time.perf_counter() - t0
+            assert transfer.bytes == size and (nb / name).stat().st_size == size, transfer
+            return transfer, seconds
+
+        ex = await client.execute(f"import os\nassert os.path.getsize('push.bin') == {size}")
         assert ex.status == "ok", ex
-        await files.wait_for(lambda: "pull.bin" in files.held_back, 60)
-        t0 = time.perf_counter()
-        pulled = await files.pull(["pull.bin"], timeout=600)
-        pull_total = time.perf_counter() - t0
-        assert pulled.bytes == size and (nb / "pull.bin").stat().st_size == size, pulled
+        pulled, pull_total = await written_then_pulled("pull.bin")
         # The same out of the provider's page cache (written back, then dropped), as a file
         # the kernel wrote is when the session's memory cgroup bounds its page cache.
-        ex = await client.execute(
-            f"with open('cold.bin', 'wb') as f:\n"
-            f"    b = os.urandom(1 << 20)\n"
-            f"    for _ in range({size // MB}): f.write(b)\n"
-            f"    f.flush(); os.fsync(f.fileno())\n"
-            f"    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)\n"
+        cold, cold_total = await written_then_pulled(
+            "cold.bin",
+            "    f.flush(); os.fsync(f.fileno())\n"
+            "    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)\n",
         )
-        assert ex.status == "ok", ex
-        await files.wait_for(lambda: "cold.bin" in files.held_back, 60)
-        t0 = time.perf_counter()
-        cold = await files.pull(["cold.bin"], timeout=600)
-        cold_total = time.perf_counter() - t0
-        assert cold.bytes == size and (nb / "cold.bin").stat().st_size == size, cold
         # Again after the product's transfers: the other sessions' load moves it 2-3x.
         floor_hashed.append(await measure_hashed_floor(big, tmp / "hashed.bin"))
         best = max(floor_hashed)
